@@ -1,0 +1,3 @@
+from waymark.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The catalog: SQLAlchemy models, sessions and Alembic migrations."""

@@ -1,0 +1,107 @@
+"""The catalog's tables (SQLAlchemy 2, portable SQL: SQLite now, PostgreSQL later).
+
+Two layers are stored apart, as DESIGN.md draws them:
+
+- the checkpoint tree: ``vms`` (with ``current_checkpoint_id``: Now's parent), ``checkpoints``;
+- the image graph: ``images`` (one row per qcow2/raw file, ``parent_id`` = backing file),
+  ``disks`` (each disk's active image) and ``frozen_images`` (per checkpoint and disk, the
+  image that was active when it was taken).
+
+``intents`` is the journal: an operation's file steps are written here before any file changes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(99), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(String(16), default="off")
+    # hardware configuration (waymark.checkpoints.config.VmConfig as JSON); restored by apply
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    checkpoint_type: Mapped[str] = mapped_column(String(16))
+    checkpoint_dir: Mapped[str] = mapped_column(Text)
+    max_checkpoints: Mapped[int] = mapped_column(Integer)
+    # Now's parent; no foreign key (checkpoints also point at vms)
+    current_checkpoint_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"), index=True)
+    # not unique: several VMs may pin one base file
+    path: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(8))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("images.id"), nullable=True)
+    # a file the user brought: never written, merged into, moved or deleted
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    virtual_size: Mapped[int] = mapped_column(BigInteger)
+    # for a pinned image: the length of its own backing chain (the user's files below it)
+    chain_length: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Disk(Base):
+    __tablename__ = "disks"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"), index=True)
+    # the writable leaf the VM uses now; None for a pass-through disk
+    active_image_id: Mapped[str | None] = mapped_column(ForeignKey("images.id"), nullable=True)
+    passthrough_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"), index=True)
+    name: Mapped[str] = mapped_column(String(99))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(16))
+    requested_type: Mapped[str] = mapped_column(String(16))
+    fallback_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    memory_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    skipped_disks: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class FrozenImage(Base):
+    __tablename__ = "frozen_images"
+
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"), primary_key=True)
+    disk_id: Mapped[str] = mapped_column(ForeignKey("disks.id"), primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id"), index=True)
+
+
+class Intent(Base):
+    __tablename__ = "intents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vm_id: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    steps: Mapped[list[Any]] = mapped_column(JSON)
+    next_step: Mapped[int] = mapped_column(Integer, default=0)
+    # pending -> committed | rolled_back
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,1 @@
+"""The checkpoint tree and the image-graph planner: pure code, no I/O."""

@@ -1,0 +1,87 @@
+"""Compaction planner: the next file step that makes the image graph match the tree.
+
+Pure code. The graph is given as :class:`ImageNode` values; the planner returns one step at a
+time (the executor journals and runs it, then asks again), so a crash between steps leaves a
+graph the planner simply continues from.
+
+For every image U that no checkpoint freezes, that is not active and not pinned:
+
+- no child: :class:`Drop` U;
+- one child K: merge in the cheaper direction by allocated bytes: :class:`CommitDown` (K's
+  clusters into U, K's role moves to U's file, K is then dropped) when K holds fewer bytes,
+  else :class:`PullUp` (U's clusters into K, K's backing becomes U's backing, U is dropped);
+- two or more children: keep U as shared space.
+
+Every step keeps the content of each referenced image's whole chain unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageNode:
+    id: str
+    parent_id: str | None
+    referenced: bool  # active, frozen by a checkpoint, or pinned
+    pinned: bool
+    allocated: int  # bytes allocated in this file alone
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Delete unreferenced, childless ``image``."""
+
+    image: str
+
+
+@dataclass(frozen=True)
+class CommitDown:
+    """Commit ``child`` into its unreferenced parent ``image``; the child's role moves to it."""
+
+    image: str
+    child: str
+
+
+@dataclass(frozen=True)
+class PullUp:
+    """Pull unreferenced ``image`` into its only ``child``; the child skips over it."""
+
+    image: str
+    child: str
+
+
+Step = Drop | CommitDown | PullUp
+
+
+def children_of(nodes: Sequence[ImageNode]) -> dict[str, list[ImageNode]]:
+    kids: dict[str, list[ImageNode]] = {n.id: [] for n in nodes}
+    for node in nodes:
+        if node.parent_id is not None and node.parent_id in kids:
+            kids[node.parent_id].append(node)
+    return kids
+
+
+def next_step(nodes: Sequence[ImageNode]) -> Step | None:
+    """The next compaction step, or None when the graph is compact. Deterministic."""
+    kids = children_of(nodes)
+    for node in sorted(nodes, key=lambda n: n.id):
+        if node.referenced or node.pinned:
+            continue
+        below = kids[node.id]
+        if not below:
+            return Drop(node.id)
+        if len(below) == 1:
+            child = below[0]
+            if child.allocated <= node.allocated:
+                return CommitDown(node.id, child.id)
+            return PullUp(node.id, child.id)
+    return None
+
+
+def shared(nodes: Sequence[ImageNode]) -> set[str]:
+    """Unreferenced images kept because two or more children share them."""
+    kids = children_of(nodes)
+    return {n.id for n in nodes if not n.referenced and not n.pinned and len(kids[n.id]) > 1}

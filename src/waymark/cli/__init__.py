@@ -1,0 +1,1 @@
+"""The command-line face: parses, calls ops, prints. Nothing below ops."""

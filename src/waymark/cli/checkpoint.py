@@ -1,0 +1,132 @@
+"""``waymark checkpoint``: take, list, inspect, apply and rename checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from waymark.checkpoints import tree
+from waymark.cli.main import face
+from waymark.cli.output import emit, interactive, json_option
+from waymark.errors import ConsentRequired, InvalidInput
+from waymark.ops import checkpoints, views
+from waymark.units import human
+
+
+@click.group()
+def checkpoint() -> None:
+    """Checkpoints: a VM's disks and configuration at a point in time."""
+
+
+@checkpoint.command("create")
+@click.argument("vm_ref", metavar="VM")
+@click.option("--name", help="1-99 characters (default: 'VM - (date - time)').")
+@json_option
+def create(vm_ref: str, name: str | None, as_json: bool) -> None:
+    """Take a checkpoint of a VM (Hyper-V's Checkpoint-VM)."""
+    ctx = face().ctx
+    ckpt_id = checkpoints.create(ctx, vm_ref, name)
+    data = views.checkpoint_show(ctx, vm_ref, ckpt_id)
+    emit(as_json, data, [f"Created checkpoint {data['name']!r} ({ckpt_id[:12]}, {data['kind']})."])
+
+
+@checkpoint.command("list")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def list_(vm_ref: str, as_json: bool) -> None:
+    """The checkpoint tree, with Now under the current checkpoint."""
+    data = views.checkpoint_list(face().ctx, vm_ref)
+    lines = [f"Checkpoints of {data['vm_name']}:"]
+    lines += views.checkpoint_tree(data) if data["checkpoints"] else ["Now  (no checkpoints)"]
+    lines += ["", tree.LEGEND]
+    emit(as_json, data, lines)
+
+
+def _show_lines(d: dict[str, Any]) -> list[str]:
+    lines = [f"Checkpoint {d['name']}  ({d['id']})",
+             f"  VM: {d['vm_name']}   taken: {d['created_at']}   kind: {d['kind']}"
+             f"   requested: {d['requested_type']}",
+             f"  holds memory: {'yes' if d['has_memory'] else 'no'}   current: "
+             f"{'yes' if d['is_current'] else 'no'}   parent: {d['parent_id'] or '-'}",
+             f"  space: {human(d['allocated_bytes'])} own, {human(d['shared_bytes'])} shared, "
+             f"chain depth {d['chain_depth']}",
+             f"  configuration: {d['configuration']['memory_mib']} MiB, "
+             f"{d['configuration']['cpus']} CPU(s)"]
+    if d["fallback_reason"]:
+        lines.append(f"  fell back: {d['fallback_reason']}")
+    lines += [f"  disk {x['disk_id'][:12]}: {x['frozen_image']}" for x in d["disks"]]
+    lines += [f"  not captured: {s['path']} ({s['reason']})" for s in d["skipped_disks"]]
+    return lines
+
+
+@checkpoint.command("show")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("ckpt_ref", metavar="CKPT")
+@json_option
+def show(vm_ref: str, ckpt_ref: str, as_json: bool) -> None:
+    """One checkpoint: when, what kind, its disks, configuration and space."""
+    data = views.checkpoint_show(face().ctx, vm_ref, ckpt_ref)
+    emit(as_json, data, _show_lines(data))
+
+
+def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
+                 ) -> checkpoints.ApplyMode:
+    if checkpoint_first and discard_current:
+        raise InvalidInput("--checkpoint-first and --discard-current exclude each other.",
+                           hint="Choose one.")
+    if checkpoint_first:
+        return checkpoints.ApplyMode.CHECKPOINT_FIRST
+    if discard_current:
+        return checkpoints.ApplyMode.DISCARD_CURRENT
+    consent = ConsentRequired(
+        "applying a checkpoint discards the VM's current state.",
+        hint="Add --checkpoint-first (checkpoint Now, then apply) or --discard-current.")
+    if not interactive():
+        raise consent
+    click.echo(f"Apply checkpoint {target!r}? The VM's current state will be lost.\n"
+               "  [c] Create Checkpoint and Apply\n  [a] Apply (cannot be undone)\n  [x] Cancel")
+    answer = click.prompt("Choice", type=click.Choice(["c", "a", "x"]), default="x")
+    if answer == "x":
+        raise click.exceptions.Abort()
+    return (checkpoints.ApplyMode.CHECKPOINT_FIRST if answer == "c"
+            else checkpoints.ApplyMode.DISCARD_CURRENT)
+
+
+@checkpoint.command("apply")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("ckpt_ref", metavar="CKPT")
+@click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply.")
+@click.option("--discard-current", is_flag=True, help="Apply; the current state is lost.")
+@json_option
+def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: bool,
+          as_json: bool) -> None:
+    """Return the VM to a checkpoint (Hyper-V's Restore-VMSnapshot)."""
+    ctx = face().ctx
+    target = views.checkpoint_show(ctx, vm_ref, ckpt_ref)
+    mode = _choose_mode(checkpoint_first, discard_current, target["name"])
+    result = checkpoints.apply(ctx, vm_ref, target["id"], mode)
+    data = {"checkpoint_id": result.checkpoint_id, "state": result.state,
+            "safety_checkpoint_id": result.safety_checkpoint_id,
+            "detached_disks": result.detached_disks, "kept_disks": result.kept_disks}
+    lines = [f"Applied checkpoint {target['name']!r}; the VM is {result.state}."]
+    if result.safety_checkpoint_id:
+        lines.insert(0, f"Checkpointed Now first ({result.safety_checkpoint_id[:12]}).")
+    lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
+              for d in result.detached_disks]
+    lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
+              for d in result.kept_disks]
+    emit(as_json, data, lines)
+
+
+@checkpoint.command("rename")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("ckpt_ref", metavar="CKPT")
+@click.argument("new_name")
+@json_option
+def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
+    """Rename a checkpoint (1-99 characters)."""
+    ctx = face().ctx
+    ckpt_id = checkpoints.rename(ctx, vm_ref, ckpt_ref, new_name)
+    data = views.checkpoint_show(ctx, vm_ref, ckpt_id)
+    emit(as_json, data, [f"Renamed checkpoint {ckpt_id[:12]} to {data['name']!r}."])

@@ -1,0 +1,84 @@
+"""``waymark``: the root command, its global options, and the error boundary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from waymark import __version__
+from waymark.config import Settings
+from waymark.errors import WaymarkError
+from waymark.ops.context import Context
+
+
+class Face:
+    """Per-invocation state: settings now, the (lazily opened) ops context when needed."""
+
+    def __init__(self, home: str | None) -> None:
+        self._home = home
+        self._ctx: Context | None = None
+
+    @property
+    def ctx(self) -> Context:
+        if self._ctx is None:
+            self._ctx = Context.open(Settings.from_env(self._home))
+        return self._ctx
+
+
+def face() -> Face:
+    obj = click.get_current_context().find_root().obj
+    assert isinstance(obj, Face)
+    return obj
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", metavar="DIR", envvar="WAYMARK_HOME",
+              help="Waymark's data folder (default $XDG_DATA_HOME/waymark).")
+@click.option("-v", "--verbose", count=True, help="Log more (-vv: every command run).")
+@click.version_option(__version__, prog_name="waymark")
+@click.pass_context
+def cli(click_ctx: click.Context, home: str | None, verbose: int) -> None:
+    """Waymark: Hyper-V style checkpoints for QEMU/KVM virtual machines."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    click_ctx.obj = Face(home)
+
+
+def _register() -> None:
+    from waymark.cli import checkpoint, vm
+
+    cli.add_command(vm.vm)
+    cli.add_command(checkpoint.checkpoint)
+
+
+_register()
+
+
+def _report(err: WaymarkError, as_json: bool) -> None:
+    if as_json:
+        payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
+                                   "kind": type(err).__name__, "exit_code": err.exit_code}
+        click.echo(json.dumps(payload, indent=2))
+    click.echo(f"error: {err.message}", err=True)
+    if err.hint:
+        click.echo(err.hint, err=True)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except WaymarkError as err:
+        _report(err, "--json" in sys.argv[1:])
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Cancelled; nothing changed.", err=True)
+        sys.exit(1)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)

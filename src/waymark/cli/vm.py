@@ -1,0 +1,164 @@
+"""``waymark vm``: define, inspect, change and delete VMs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from waymark.checkpoints.hardware import CHECKPOINT_TYPES
+from waymark.cli.main import face
+from waymark.cli.output import emit, interactive, json_option
+from waymark.errors import ConsentRequired
+from waymark.ops import views, vms
+from waymark.units import human, parse_size
+
+TYPES = click.Choice(CHECKPOINT_TYPES)
+
+
+def _memory(value: str | None) -> int | None:
+    return None if value is None else parse_size(value, what="memory size", default_unit="M")
+
+
+@click.group()
+def vm() -> None:
+    """Virtual machines: their hardware, disks and checkpoint settings."""
+
+
+@vm.command("create")
+@click.argument("name")
+@click.option("--memory", default="512M", show_default=True, help="Memory (M, G suffixes).")
+@click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--disk", "disks", multiple=True, metavar="SIZE|PATH[,passthrough=on]",
+              help="A new disk of SIZE, or an existing qcow2/raw file (never written: it "
+                   "becomes the read-only base of an overlay). Repeatable.")
+@click.option("--kernel", metavar="FILE", help="Boot this kernel directly.")
+@click.option("--initrd", metavar="FILE")
+@click.option("--append", metavar="CMDLINE", help="Kernel command line.")
+@click.option("--checkpoint-type", type=TYPES, default="production", show_default=True)
+@click.option("--checkpoint-dir", metavar="DIR", help="Folder for checkpoint files.")
+@click.option("--max-checkpoints", type=int, default=vms.DEFAULT_MAX_CHECKPOINTS,
+              show_default=True)
+@json_option
+def create(name: str, memory: str, cpus: int, disks: tuple[str, ...], kernel: str | None,
+           initrd: str | None, append: str | None, checkpoint_type: str,
+           checkpoint_dir: str | None, max_checkpoints: int, as_json: bool) -> None:
+    """Define a new VM (it is off)."""
+    specs = [vms.DiskSpec.parse(d) for d in disks]
+    ctx = face().ctx
+    vm_id = vms.create(ctx, name, memory=_memory(memory) or 0, cpus=cpus, disks=specs,
+                       kernel=kernel, initrd=initrd, append=append,
+                       checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
+                       max_checkpoints=max_checkpoints)
+    shown = views.vm_show(ctx, vm_id)
+    emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}) with {len(specs)} disk(s)."])
+
+
+@vm.command("list")
+@json_option
+def list_(as_json: bool) -> None:
+    """List VMs."""
+    rows = views.vm_list(face().ctx)
+    lines = [f"{'NAME':<24} {'STATE':<8} {'MEMORY':>8} {'CPUS':>4} {'CHECKPOINTS':>11}  ID"]
+    lines += [f"{r['name']:<24} {r['state']:<8} {r['memory_mib']:>6}M {r['cpus']:>4} "
+              f"{r['checkpoints']:>11}  {r['id'][:12]}" for r in rows]
+    emit(as_json, rows, lines if rows else ["No VMs yet. Create one with: waymark vm create"])
+
+
+def _disk_line(d: dict[str, Any]) -> str:
+    if d["passthrough"]:
+        return f"  {d['id'][:12]}  pass-through  {d['path']}  (not captured by checkpoints)"
+    base = f"  base {d['base_image']} (pinned)" if d["base_pinned"] else ""
+    return (f"  {d['id'][:12]}  {human(d['virtual_size'])}  active {d['active_image']}  "
+            f"depth {d['chain_depth']}{base}")
+
+
+@vm.command("show")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def show(vm_ref: str, as_json: bool) -> None:
+    """Show a VM's configuration, disks and checkpoint settings."""
+    data = views.vm_show(face().ctx, vm_ref)
+    lines = [f"VM {data['name']}  ({data['id']})", f"  state: {data['state']}",
+             f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
+             f"machine: {data['machine']}",
+             f"  checkpoint type: {data['checkpoint_type']}   limit: {data['max_checkpoints']}"
+             f"   folder: {data['checkpoint_dir']}",
+             f"  checkpoints: {data['checkpoint_count']}, holding "
+             f"{human(data['checkpoint_space_bytes'])}"]
+    if data["kernel"]:
+        lines.append(f"  kernel: {data['kernel']}  initrd: {data['initrd']}  "
+                     f"append: {data['append']}")
+    lines.append("disks:")
+    lines += [_disk_line(d) for d in data["disks"]] or ["  (none)"]
+    if data["detached_disks"]:
+        lines.append("detached disks (files kept):")
+        lines += [_disk_line(d) for d in data["detached_disks"]]
+    emit(as_json, data, lines)
+
+
+@vm.command("set")
+@click.argument("vm_ref", metavar="VM")
+@click.option("--memory")
+@click.option("--cpus", type=click.IntRange(1, 64))
+@click.option("--checkpoint-type", type=TYPES)
+@click.option("--checkpoint-dir", metavar="DIR")
+@click.option("--max-checkpoints", type=int)
+@json_option
+def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
+         checkpoint_dir: str | None, max_checkpoints: int | None, as_json: bool) -> None:
+    """Change a VM's settings."""
+    ctx = face().ctx
+    vms.set_settings(ctx, vm_ref, memory=_memory(memory), cpus=cpus,
+                     checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
+                     max_checkpoints=max_checkpoints)
+    data = views.vm_show(ctx, vm_ref)
+    emit(as_json, data, [f"Updated VM {data['name']}."])
+
+
+@vm.command("delete")
+@click.argument("vm_ref", metavar="VM")
+@click.option("--yes", is_flag=True, help="Also delete its checkpoints and disk images.")
+@json_option
+def delete(vm_ref: str, yes: bool, as_json: bool) -> None:
+    """Delete a VM with its checkpoints and the files Waymark made (your own files stay)."""
+    ctx = face().ctx
+    data = views.vm_show(ctx, vm_ref)
+    try:
+        vms.delete(ctx, vm_ref, yes=yes)
+    except ConsentRequired as err:
+        if not interactive():
+            raise
+        click.confirm(f"{err.message} Delete it?", abort=True)
+        vms.delete(ctx, vm_ref, yes=True)
+    emit(as_json, {"deleted": data["id"], "name": data["name"]},
+         [f"Deleted VM {data['name']}."])
+
+
+@vm.group("disk")
+def disk() -> None:
+    """Attach and detach disks."""
+
+
+@disk.command("add")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("spec", metavar="SIZE|PATH[,passthrough=on]")
+@json_option
+def disk_add(vm_ref: str, spec: str, as_json: bool) -> None:
+    """Attach a new disk of SIZE, or an existing image file (kept read-only)."""
+    ctx = face().ctx
+    disk_id = vms.add_disk(ctx, vm_ref, vms.DiskSpec.parse(spec))
+    data = views.vm_show(ctx, vm_ref)
+    shown = next(d for d in data["disks"] if d["id"] == disk_id)
+    emit(as_json, shown, [f"Attached disk {disk_id[:12]} to {data['name']}."])
+
+
+@disk.command("remove")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("disk_ref", metavar="DISK")
+@json_option
+def disk_remove(vm_ref: str, disk_ref: str, as_json: bool) -> None:
+    """Detach a disk; its files are kept (see them in vm show)."""
+    removed = vms.remove_disk(face().ctx, vm_ref, disk_ref)
+    emit(as_json, {"detached": removed.id},
+         [f"Detached disk {removed.id[:12]}; its files are kept."])

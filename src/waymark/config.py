@@ -1,0 +1,33 @@
+"""Waymark's own settings, read once at the edge (the CLI, later the server)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from waymark.errors import InvalidInput
+
+DEFAULT_LOCK_TIMEOUT = 10.0
+
+
+def default_home() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "waymark"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    # seconds a command waits for another command holding the same VM
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+
+    @classmethod
+    def from_env(cls, home: str | None = None) -> Settings:
+        chosen = home or os.environ.get("WAYMARK_HOME") or str(default_home())
+        raw = os.environ.get("WAYMARK_LOCK_TIMEOUT", str(DEFAULT_LOCK_TIMEOUT))
+        try:
+            timeout = float(raw)
+        except ValueError as err:
+            raise InvalidInput(f"WAYMARK_LOCK_TIMEOUT={raw!r} is not a number of seconds.") from err
+        return cls(home=Path(chosen).expanduser().absolute(), lock_timeout=timeout)

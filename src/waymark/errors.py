@@ -1,0 +1,87 @@
+"""Waymark's one error root.
+
+Every failure Waymark reports is a :class:`WaymarkError`. Each class carries the process exit
+code the CLI returns and the HTTP status the API will return, and every message says what to do
+next. Third-party errors are translated at the adapter that meets them (``raise ... from err``).
+
+The tree (exit code, HTTP status)::
+
+    WaymarkError (1, 500)
+    ├── InvalidInput (2, 400)          bad arguments: names, sizes, options
+    │   └── ConsentRequired (2, 409)   an operation that discards data needs --yes / a choice
+    ├── NotFound (3, 404)              unknown VM, checkpoint, disk, file
+    ├── Ambiguous (4, 409)             a reference matches several objects (candidates listed)
+    ├── Conflict (5, 409)              the object exists, or its state forbids the operation
+    │   └── LimitReached (6, 409)      the per-VM checkpoint limit
+    ├── ImageError (8, 422)            a disk image is unreadable, of a wrong format, or broken
+    ├── ToolError (9, 500)             qemu-img or another tool failed
+    │   └── ToolMissing (69, 500)      a needed program is not installed (names the apt package)
+    ├── StorageError (73, 507)         the home folder or a file system cannot be written
+    └── Busy (75, 423)                 another command holds the VM; retry later
+"""
+
+from __future__ import annotations
+
+
+class WaymarkError(Exception):
+    """Root of every error Waymark raises on purpose."""
+
+    exit_code = 1
+    http_status = 500
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n{hint}")
+
+
+class InvalidInput(WaymarkError):
+    exit_code = 2
+    http_status = 400
+
+
+class ConsentRequired(InvalidInput):
+    http_status = 409
+
+
+class NotFound(WaymarkError):
+    exit_code = 3
+    http_status = 404
+
+
+class Ambiguous(WaymarkError):
+    exit_code = 4
+    http_status = 409
+
+
+class Conflict(WaymarkError):
+    exit_code = 5
+    http_status = 409
+
+
+class LimitReached(Conflict):
+    exit_code = 6
+
+
+class ImageError(WaymarkError):
+    exit_code = 8
+    http_status = 422
+
+
+class ToolError(WaymarkError):
+    exit_code = 9
+    http_status = 500
+
+
+class ToolMissing(ToolError):
+    exit_code = 69
+
+
+class StorageError(WaymarkError):
+    exit_code = 73
+    http_status = 507
+
+
+class Busy(WaymarkError):
+    exit_code = 75
+    http_status = 423

@@ -1,0 +1,1 @@
+"""Disk images: the only package that runs qemu-img."""

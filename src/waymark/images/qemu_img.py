@@ -1,0 +1,148 @@
+"""The only place that runs ``qemu-img``.
+
+Argv lists, ``LC_ALL=C``, ``--output=json`` wherever qemu-img has it, and an explicit ``-f``/``-F``
+on every image we open, so a raw file can never be probed into another format. Never call these
+on an image a running QEMU has open (a later issue routes those through QMP block jobs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from waymark import process
+from waymark.errors import ImageError, NotFound, ToolError
+
+FORMATS = ("qcow2", "raw")
+
+
+class ImageInfo(BaseModel):
+    """One entry of ``qemu-img info --output=json``."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    filename: str
+    format: str
+    virtual_size: int = Field(alias="virtual-size")
+    actual_size: int = Field(default=0, alias="actual-size")
+    backing_filename: str | None = Field(default=None, alias="backing-filename")
+    full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")
+    backing_format: str | None = Field(default=None, alias="backing-filename-format")
+
+
+class MapExtent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    start: int
+    length: int
+    depth: int
+    data: bool
+    zero: bool
+
+
+def _qemu_img(*args: str, what: str) -> str:
+    return process.run(["qemu-img", *args], what=what).stdout
+
+
+def create(path: Path, *, size: int | None = None, backing: Path | None = None,
+           backing_fmt: str | None = None) -> None:
+    """Create a qcow2 image: a new base of ``size`` bytes, or an overlay on ``backing``.
+
+    An overlay is created without opening its backing chain beyond the first image (qemu-img
+    reads only the backing file's size), so it costs the same whatever the disk size.
+    """
+    argv = ["create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        if backing_fmt is None:
+            raise ValueError("backing_fmt is required with backing")
+        argv += ["-F", backing_fmt, "-b", str(backing)]
+    argv.append(str(path))
+    if size is not None:
+        argv.append(str(size))
+    _qemu_img(*argv, what=f"creating {path}")
+
+
+def probe_format(path: Path) -> str:
+    """The format of a file a user brings; only qcow2 and raw are accepted."""
+    if not path.is_file():
+        raise NotFound(f"disk image {path} does not exist.",
+                       hint="Give the path of an existing qcow2 or raw image file.")
+    try:
+        out = _qemu_img("info", "-U", "--output=json", str(path), what=f"reading {path}")
+    except ToolError as err:
+        raise ImageError(f"{path} is not a readable disk image: {err.message}",
+                         hint="Give a qcow2 or raw image file.") from err
+    fmt = str(json.loads(out).get("format", "?"))
+    if fmt not in FORMATS:
+        raise ImageError(f"{path} is a {fmt} image; Waymark takes qcow2 or raw.",
+                         hint=f"Convert it first: qemu-img convert -O qcow2 {path} NEW.qcow2")
+    return fmt
+
+
+def chain(path: Path, fmt: str) -> list[ImageInfo]:
+    """``qemu-img info --backing-chain``: the image, then its backing files down to the base.
+
+    A missing backing file or a loop in the chain raises ImageError.
+    """
+    try:
+        out = _qemu_img("info", "-U", "--backing-chain", "--output=json", "-f", fmt, str(path),
+                        what=f"reading the backing chain of {path}")
+    except ToolError as err:
+        raise ImageError(f"the backing chain of {path} is broken: {err.message}",
+                         hint="Repair or replace the image (qemu-img rebase), then retry.") from err
+    try:
+        return [ImageInfo.model_validate(entry) for entry in json.loads(out)]
+    except (ValidationError, ValueError) as err:
+        raise ImageError(f"qemu-img info gave unexpected output for {path}: {err}") from err
+
+
+def info(path: Path, fmt: str) -> ImageInfo:
+    return chain(path, fmt)[0]
+
+
+def commit(top: Path, base: Path) -> None:
+    """Write ``top``'s own clusters into ``base`` (its direct backing file); ``top`` is kept."""
+    _qemu_img("commit", "-q", "-f", "qcow2", "-d", "-b", str(base), str(top),
+              what=f"merging {top} into {base}")
+
+
+def rebase(path: Path, backing: Path | None, backing_fmt: str | None, *, unsafe: bool) -> None:
+    """Point ``path`` at a new backing file.
+
+    Safe mode (``unsafe=False``) first copies into ``path`` every cluster where the old and new
+    chains differ, so the image's content never changes, even if interrupted; ``unsafe`` only
+    rewrites the header, for when both chains are known to hold the same content.
+    """
+    argv = ["rebase", "-q", "-f", "qcow2"]
+    if unsafe:
+        argv.append("-u")
+    if backing is None:
+        argv += ["-b", ""]
+    else:
+        if backing_fmt is None:
+            raise ValueError("backing_fmt is required with backing")
+        argv += ["-F", backing_fmt, "-b", str(backing)]
+    argv.append(str(path))
+    _qemu_img(*argv, what=f"rebasing {path}")
+
+
+def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2") -> None:
+    """Copy the whole chain of ``src`` into one standalone image ``dst``."""
+    _qemu_img("convert", "-q", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst),
+              what=f"copying {src} to {dst}")
+
+
+def allocation_map(path: Path, fmt: str) -> list[MapExtent]:
+    out = _qemu_img("map", "--output=json", "-f", fmt, str(path), what=f"mapping {path}")
+    return [MapExtent.model_validate(e) for e in json.loads(out)]
+
+
+def check(path: Path, fmt: str) -> None:
+    """``qemu-img check``: raises ImageError when the image has errors or leaks."""
+    try:
+        _qemu_img("check", "-q", "-f", fmt, str(path), what=f"checking {path}")
+    except ToolError as err:
+        raise ImageError(f"{path} failed its consistency check: {err.message}",
+                         hint=f"Inspect it with: qemu-img check -f {fmt} {path}") from err

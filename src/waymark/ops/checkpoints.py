@@ -1,0 +1,205 @@
+"""Checkpoint use cases: create, apply, rename (this issue: VMs that are off)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
+from waymark.checkpoints import tree
+from waymark.checkpoints.hardware import HardwareConfig
+from waymark.errors import Conflict, LimitReached
+from waymark.ops import compact, lookup
+from waymark.ops.context import Context
+from waymark.ops.journal import commit_handler, now
+from waymark.ops.vms import new_id
+
+DISK_ONLY = "disk-only"
+
+
+def _refuse_disabled(vm_row: Vm) -> None:
+    if vm_row.checkpoint_type == "disabled":
+        raise Conflict(f"checkpoints are disabled for VM {vm_row.name!r}.",
+                       hint=f"Enable them with: waymark vm set {vm_row.name} "
+                            "--checkpoint-type production")
+
+
+def _check_limit(session: Session, vm_row: Vm, adding: int = 1) -> None:
+    count = lookup.checkpoint_count(session, vm_row.id)
+    if count + adding > vm_row.max_checkpoints:
+        raise LimitReached(
+            f"VM {vm_row.name!r} has {count} checkpoints, its limit is {vm_row.max_checkpoints}.",
+            hint=f"Delete some, or raise the limit: waymark vm set {vm_row.name} "
+                 f"--max-checkpoints {vm_row.max_checkpoints + 10}")
+
+
+def _vm_ref(ctx: Context, ref: str) -> tuple[str, str]:
+    with ctx.catalog.session() as session:
+        row = lookup.vm(session, ref)
+        return row.id, row.name
+
+
+def create(ctx: Context, vm_ref: str, name: str | None = None) -> str:
+    """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes."""
+    vm_id, vm_name = _vm_ref(ctx, vm_ref)
+    with ctx.vm_locked(vm_id, vm_name):
+        return _create_locked(ctx, vm_id, name)
+
+
+def _create_locked(ctx: Context, vm_id: str, name: str | None) -> str:
+    created = now()
+    with ctx.catalog.session() as session:
+        vm_row = session.get_one(Vm, vm_id)
+        _refuse_disabled(vm_row)
+        _check_limit(session, vm_row)
+        label = tree.clean_name(name) if name is not None else tree.default_name(vm_row.name,
+                                                                                 created)
+        params, steps = _plan_create(ctx, session, vm_row, label)
+    ctx.journal.run(vm_id, "checkpoint_create", params, steps)
+    return str(params["checkpoint"]["id"])
+
+
+def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    checkpoint_id = new_id()
+    hardware = lookup.hardware(vm_row)
+    disks = lookup.disks(session, vm_row.id)
+    images = lookup.images(session, vm_row.id)
+    frozen, overlays, steps, skipped = [], [], [], []
+    for disk_id in hardware.disks:
+        disk = disks[disk_id]
+        if disk.active_image_id is None:
+            skipped.append({"id": disk.id, "path": disk.passthrough_path,
+                            "reason": "pass-through disks are not captured"})
+            continue
+        active = images[disk.active_image_id]
+        frozen.append({"disk_id": disk_id, "image_id": active.id})
+        row, step = _overlay(ctx, disk_id, active)
+        overlays.append(row)
+        steps.append(step)
+    record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
+              "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,
+              "requested_type": vm_row.checkpoint_type, "fallback_reason": None,
+              "config": hardware.dump(), "memory_path": None, "skipped_disks": skipped}
+    description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
+                   "configuration": hardware.dump(), "frozen_images": frozen}
+    steps.append({"op": "write_file", "path": str(Path(vm_row.checkpoint_dir) /
+                                                 f"{checkpoint_id}.json"),
+                  "text": json.dumps(description, indent=2, sort_keys=True)})
+    return {"checkpoint": record, "frozen": frozen, "overlays": overlays}, steps
+
+
+def _overlay(ctx: Context, disk_id: str, base: Image) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new active image for ``disk_id`` on ``base``: its catalog row and its file step."""
+    overlay_id = new_id()
+    path = ctx.disk_folder(base.vm_id) / f"{overlay_id}.qcow2"
+    row = {"id": overlay_id, "vm_id": base.vm_id, "path": str(path), "format": "qcow2",
+           "parent_id": base.id, "pinned": False, "virtual_size": base.virtual_size,
+           "chain_length": 1, "disk_id": disk_id}
+    step = {"op": "create_image", "path": str(path), "backing": base.path,
+            "backing_fmt": base.format}
+    return row, step
+
+
+def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
+    """New active images: insert them and make each its disk's active image."""
+    for row in overlays:
+        fields = {k: v for k, v in row.items() if k != "disk_id"}
+        session.add(Image(**fields, created_at=now()))
+        session.flush()
+        session.get_one(Disk, row["disk_id"]).active_image_id = row["id"]
+
+
+@commit_handler("checkpoint_create")
+def _commit_create(session: Session, params: dict[str, Any]) -> None:
+    record = params["checkpoint"]
+    session.add(Checkpoint(**record, created_at=now()))
+    session.flush()
+    for row in params["frozen"]:
+        session.add(FrozenImage(checkpoint_id=record["id"], **row))
+    _add_overlays(session, params["overlays"])
+    session.get_one(Vm, record["vm_id"]).current_checkpoint_id = record["id"]
+
+
+class ApplyMode(enum.Enum):
+    CHECKPOINT_FIRST = "checkpoint-first"
+    DISCARD_CURRENT = "discard-current"
+
+
+@dataclass
+class ApplyResult:
+    checkpoint_id: str
+    safety_checkpoint_id: str | None = None
+    detached_disks: list[str] = field(default_factory=list)
+    kept_disks: list[str] = field(default_factory=list)
+    state: str = "off"
+
+
+def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyResult:
+    """Return the VM to checkpoint ``ckpt_ref``: its disks and configuration as they were."""
+    vm_id, vm_name = _vm_ref(ctx, vm_ref)
+    with ctx.vm_locked(vm_id, vm_name):
+        with ctx.catalog.session() as session:
+            vm_row = session.get_one(Vm, vm_id)
+            target = lookup.checkpoint(session, vm_row, ckpt_ref).id
+            if mode is ApplyMode.CHECKPOINT_FIRST:
+                _refuse_disabled(vm_row)
+                _check_limit(session, vm_row)
+        safety = _create_locked(ctx, vm_id, None) if mode is ApplyMode.CHECKPOINT_FIRST else None
+        with ctx.catalog.session() as session:
+            params, steps, result = _plan_apply(ctx, session, vm_id, target)
+        result.safety_checkpoint_id = safety
+        ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
+        compact.run(ctx, vm_id)
+        return result
+
+
+def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
+                ) -> tuple[dict[str, Any], list[dict[str, Any]], ApplyResult]:
+    vm_row = session.get_one(Vm, vm_id)
+    target = session.get_one(Checkpoint, target_id)
+    now_hw, then_hw = lookup.hardware(vm_row), HardwareConfig.load(target.config)
+    frozen = lookup.frozen(session, target_id)
+    disks, images = lookup.disks(session, vm_id), lookup.images(session, vm_id)
+    result = ApplyResult(target_id, state="saved" if target.memory_path else "off")
+    result.detached_disks = [d for d in now_hw.disks if d not in then_hw.disks]
+    overlays, steps, kept = [], [], []
+    for disk_id, image_id in frozen.items():
+        base = images[image_id]
+        current = disks[disk_id].active_image_id
+        if disk_id not in now_hw.disks and current is not None:
+            kept.append({"id": new_id(), "vm_id": vm_id, "active_image_id": current,
+                         "passthrough_path": None})
+        row, step = _overlay(ctx, disk_id, base)
+        overlays.append(row)
+        steps.append(step)
+    result.kept_disks = [str(k["id"]) for k in kept]
+    params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
+              "overlays": overlays, "kept": kept, "state": result.state}
+    return params, steps, result
+
+
+@commit_handler("checkpoint_apply")
+def _commit_apply(session: Session, params: dict[str, Any]) -> None:
+    for row in params["kept"]:  # a detached disk's own data stays, as a detached disk
+        session.add(Disk(**row, created_at=now()))
+    _add_overlays(session, params["overlays"])
+    vm_row = session.get_one(Vm, params["vm"])
+    vm_row.config = params["config"]
+    vm_row.current_checkpoint_id = params["checkpoint"]
+    vm_row.state = params["state"]
+    compact.mark(session, params["vm"])
+
+
+def rename(ctx: Context, vm_ref: str, ckpt_ref: str, new_name: str) -> str:
+    vm_id, vm_name = _vm_ref(ctx, vm_ref)
+    label = tree.clean_name(new_name)
+    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+        row = lookup.checkpoint(session, session.get_one(Vm, vm_id), ckpt_ref)
+        row.name = label
+        return row.id

@@ -1,0 +1,121 @@
+"""Compaction: reclaim images no checkpoint and no disk needs (DESIGN.md: compaction).
+
+The planner (pure) names the next step; this module journals it as one intent, runs it, and asks
+again, until the graph is compact. A crash anywhere leaves pending intents plus the ``compact``
+marker intent, and the next command on the VM continues from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from waymark.catalog.models import Disk, FrozenImage, Image, Intent
+from waymark.checkpoints import planner
+from waymark.ops import journal, lookup
+from waymark.ops.context import Context
+from waymark.ops.journal import commit_handler, now
+
+log = logging.getLogger(__name__)
+
+MARKER = "compact"
+
+
+def allocated(path: str) -> int:
+    """Bytes the file itself holds on disk (qemu-img's ``actual-size``)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def referenced_ids(session: Session, vm_id: str) -> set[str]:
+    active = session.scalars(select(Disk.active_image_id).where(Disk.vm_id == vm_id))
+    frozen = session.scalars(
+        select(FrozenImage.image_id).join(Image, Image.id == FrozenImage.image_id)
+        .where(Image.vm_id == vm_id))
+    return {i for i in active if i is not None} | set(frozen)
+
+
+def graph(session: Session, vm_id: str) -> list[planner.ImageNode]:
+    refs = referenced_ids(session, vm_id)
+    return [planner.ImageNode(i.id, i.parent_id, i.id in refs or i.pinned, i.pinned,
+                              0 if i.pinned else allocated(i.path))
+            for i in lookup.images(session, vm_id).values()]
+
+
+def _steps(session: Session, step: planner.Step) -> list[dict[str, Any]]:
+    image = session.get_one(Image, step.image)
+    if isinstance(step, planner.Drop):
+        return [{"op": "delete_file", "path": image.path}]
+    child = session.get_one(Image, step.child)
+    if isinstance(step, planner.CommitDown):
+        grandchildren = session.scalars(select(Image).where(Image.parent_id == child.id))
+        return [{"op": "commit", "top": child.path, "base": image.path}] + [
+            {"op": "rebase", "path": g.path, "backing": image.path, "backing_fmt": image.format,
+             "unsafe": True} for g in grandchildren]
+    base = session.get(Image, image.parent_id) if image.parent_id else None
+    return [{"op": "rebase", "path": child.path, "backing": base.path if base else None,
+             "backing_fmt": base.format if base else None, "unsafe": False}]
+
+
+_KINDS = {planner.Drop: "drop", planner.CommitDown: "commit_down", planner.PullUp: "pull_up"}
+
+
+def mark(session: Session, vm_id: str) -> None:
+    """Record, in the caller's transaction, that the VM's graph needs compacting."""
+    journal.add(session, vm_id, MARKER, {}, [])
+
+
+def run(ctx: Context, vm_id: str) -> int:
+    """Compact until nothing is left to do; returns the number of steps taken."""
+    taken = 0
+    while True:
+        with ctx.catalog.session() as session:
+            step = planner.next_step(graph(session, vm_id))
+            if step is None:
+                break
+            params = {"image": step.image, "child": getattr(step, "child", None)}
+            steps = _steps(session, step)
+        log.info("compaction: %s %s", _KINDS[type(step)], params)
+        ctx.journal.run(vm_id, _KINDS[type(step)], params, steps)
+        taken += 1
+    with ctx.catalog.session() as session:
+        session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
+                                             Intent.status == "pending")
+                        .values(status="committed", updated_at=now()))
+    return taken
+
+
+@commit_handler("drop")
+def _commit_drop(session: Session, params: dict[str, Any]) -> None:
+    image = session.get(Image, params["image"])
+    if image is not None:
+        session.delete(image)
+
+
+@commit_handler("commit_down")
+def _commit_down(session: Session, params: dict[str, Any]) -> None:
+    """The child's roles (active, frozen, backing of its children) move to the merged file."""
+    into, child = params["image"], params["child"]
+    session.execute(update(Disk).where(Disk.active_image_id == child)
+                    .values(active_image_id=into))
+    session.execute(update(FrozenImage).where(FrozenImage.image_id == child)
+                    .values(image_id=into))
+    session.execute(update(Image).where(Image.parent_id == child, Image.id != into)
+                    .values(parent_id=into))
+
+
+@commit_handler("pull_up")
+def _commit_pull_up(session: Session, params: dict[str, Any]) -> None:
+    image = session.get_one(Image, params["image"])
+    session.get_one(Image, params["child"]).parent_id = image.parent_id
+
+
+def owned_files(session: Session, vm_id: str) -> list[Path]:
+    return [Path(i.path) for i in lookup.images(session, vm_id).values() if not i.pinned]

@@ -1,0 +1,81 @@
+"""Runs the journal's file steps. Each step is idempotent: running it again after a crash
+(whether the crash came before, during or after its first run) leaves the same files.
+
+Steps are plain JSON dicts, so the journal can store them:
+
+- ``create_image {path, size?, backing?, backing_fmt?}``: a new qcow2 (undo: delete it)
+- ``write_file {path, text}``: a durable small file (undo: delete it)
+- ``delete_file {path}``
+- ``prune_dirs {path}``: remove the empty folders of a tree
+- ``commit {top, base}``: ``top``'s own clusters into ``base``; ``top`` unchanged
+- ``rebase {path, backing, backing_fmt, unsafe}``: content-preserving unless ``unsafe``
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from waymark import durable
+from waymark.images import qemu_img
+
+Step = dict[str, Any]
+UNDOABLE = frozenset({"create_image", "write_file"})
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    durable.fsync_dir(path.parent)
+
+
+def _opt_path(value: Any) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _prune_empty(root: Path) -> None:
+    """Remove ``root`` and the folders below it that are empty; keep anything with a file."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
+        durable.fsync_dir(root.parent)
+
+
+def run(step: Step) -> None:
+    op = step["op"]
+    path = Path(step["path"]) if "path" in step else None
+    if op == "create_image" and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qemu_img.create(path, size=step.get("size"), backing=_opt_path(step.get("backing")),
+                        backing_fmt=step.get("backing_fmt"))
+        _fsync_file(path)
+    elif op == "write_file" and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_bytes(path, str(step["text"]).encode())
+    elif op == "delete_file" and path is not None:
+        durable.remove(path)
+    elif op == "prune_dirs" and path is not None:
+        _prune_empty(path)
+    elif op == "commit":
+        qemu_img.commit(Path(step["top"]), Path(step["base"]))
+        _fsync_file(Path(step["base"]))
+    elif op == "rebase" and path is not None:
+        qemu_img.rebase(path, _opt_path(step.get("backing")), step.get("backing_fmt"),
+                        unsafe=bool(step.get("unsafe")))
+        _fsync_file(path)
+    else:
+        raise ValueError(f"unknown journal step {step!r}")
+
+
+def undo(step: Step) -> None:
+    """Remove what an undoable step made (it may have been only half made)."""
+    if step["op"] in UNDOABLE:
+        durable.remove(Path(step["path"]))

@@ -1,0 +1,143 @@
+"""The intent journal: write what you will do, do it step by step, then commit.
+
+An intent is a row of ``intents``: a kind, its parameters, a list of file steps (see
+:mod:`waymark.ops.executor`) and ``next_step``. Two shapes are used:
+
+- *prepare, then commit* (checkpoint create, apply, VM create): every step makes a new file
+  nobody references yet; the catalog change is the kind's commit handler, run in the same
+  transaction that marks the intent committed. A failure undoes the new files: nothing changed.
+- *commit, then finish* (compaction, VM delete): the catalog change is made in the transaction
+  that writes the intent; the steps then only remove or merge files nothing needs any more, and
+  a failure leaves the intent pending, to be finished by the next command.
+
+Between steps the process may be killed at any point: :func:`Journal.drive` picks up at
+``next_step`` and runs the rest (steps are idempotent).
+
+``WAYMARK_FAILPOINT=N`` (tests only) SIGKILLs this process just before the N-th journal point
+(each step and each commit is one point, counted from 0 across the whole command).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from waymark.catalog.db import Catalog
+from waymark.catalog.models import Intent
+from waymark.errors import StorageError, WaymarkError
+from waymark.ops import executor
+
+log = logging.getLogger(__name__)
+
+CommitFn = Callable[[Session, dict[str, Any]], None]
+_HANDLERS: dict[str, CommitFn] = {}
+_points_passed = 0
+
+
+def commit_handler(kind: str) -> Callable[[CommitFn], CommitFn]:
+    """Register the catalog change that commits intents of ``kind``."""
+
+    def register(fn: CommitFn) -> CommitFn:
+        _HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+def failpoint() -> None:
+    global _points_passed
+    target = os.environ.get("WAYMARK_FAILPOINT")
+    if target is not None and int(target) == _points_passed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _points_passed += 1
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
+        steps: Sequence[executor.Step]) -> Intent:
+    """Write an intent in the caller's transaction (for *commit, then finish*)."""
+    intent = Intent(vm_id=vm_id, kind=kind, params=params, steps=list(steps), next_step=0,
+                    status="pending", created_at=now(), updated_at=now())
+    session.add(intent)
+    session.flush()
+    return intent
+
+
+class Journal:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def run(self, vm_id: str, kind: str, params: dict[str, Any],
+            steps: Sequence[executor.Step]) -> None:
+        """Journal a *prepare, then commit* intent and drive it to the end."""
+        try:
+            with self.catalog.session() as session:
+                intent_id = add(session, vm_id, kind, params, steps).id
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+        self.drive(intent_id)
+
+    def pending(self, vm_id: str | None = None) -> list[Intent]:
+        with self.catalog.session() as session:
+            query = select(Intent).where(Intent.status == "pending").order_by(Intent.id)
+            if vm_id is not None:
+                query = query.where(Intent.vm_id == vm_id)
+            return list(session.scalars(query))
+
+    def drive(self, intent_id: int) -> None:
+        """Run the intent's remaining steps, then its commit."""
+        with self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            kind, params, steps, done = intent.kind, intent.params, intent.steps, intent.next_step
+        try:
+            for index in range(done, len(steps)):
+                failpoint()
+                executor.run(steps[index])
+                self._advance(intent_id, index + 1)
+            failpoint()
+            self._commit(intent_id, kind, params)
+        except WaymarkError as err:
+            self._failed(intent_id, err)
+            raise
+
+    def _advance(self, intent_id: int, next_step: int) -> None:
+        try:
+            with self.catalog.session() as session:
+                intent = session.get_one(Intent, intent_id)
+                intent.next_step, intent.updated_at = next_step, now()
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+
+    def _commit(self, intent_id: int, kind: str, params: dict[str, Any]) -> None:
+        try:
+            with self.catalog.session() as session:
+                handler = _HANDLERS.get(kind)
+                if handler is not None:
+                    handler(session, params)
+                intent = session.get_one(Intent, intent_id)
+                intent.status, intent.updated_at = "committed", now()
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+
+    def _failed(self, intent_id: int, err: WaymarkError) -> None:
+        """Undo a *prepare* intent's new files; leave any other intent pending for retry."""
+        with self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            intent.error, intent.updated_at = err.message, now()
+            if not all(step["op"] in executor.UNDOABLE for step in intent.steps):
+                return
+            for step in reversed(intent.steps):
+                executor.undo(step)
+            intent.status = "rolled_back"
+            log.info("rolled back intent %s (%s): %s", intent_id, intent.kind, err.message)

@@ -1,0 +1,79 @@
+"""Catalog lookups shared by the use cases: resolve references, load a VM's pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
+from waymark.checkpoints import tree
+from waymark.checkpoints.hardware import HardwareConfig
+from waymark.errors import Ambiguous, NotFound
+
+
+def vm(session: Session, ref: str) -> Vm:
+    """The VM named ``ref``, or whose id starts with ``ref``."""
+    found = session.scalars(select(Vm).where(Vm.name == ref)).first()
+    if found is not None:
+        return found
+    matches = list(session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))) if ref else []
+    if not matches:
+        raise NotFound(f"no VM is named {ref!r} or has an id starting with it.",
+                       hint="List them with: waymark vm list")
+    if len(matches) > 1:
+        listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in matches)
+        raise Ambiguous(f"{len(matches)} VMs match {ref!r}:\n{listing}",
+                        hint="Name one by its name or a longer id prefix.")
+    return matches[0]
+
+
+def checkpoints(session: Session, vm_id: str) -> list[Checkpoint]:
+    query = select(Checkpoint).where(Checkpoint.vm_id == vm_id)
+    return list(session.scalars(query.order_by(Checkpoint.created_at, Checkpoint.id)))
+
+
+def nodes(rows: Sequence[Checkpoint]) -> list[tree.Node]:
+    return [tree.Node(c.id, c.name, c.parent_id, c.created_at, c.memory_path is not None)
+            for c in rows]
+
+
+def checkpoint(session: Session, vm_row: Vm, ref: str) -> Checkpoint:
+    rows = checkpoints(session, vm_row.id)
+    node = tree.resolve(nodes(rows), ref, owner=vm_row.name)
+    return next(c for c in rows if c.id == node.id)
+
+
+def checkpoint_count(session: Session, vm_id: str) -> int:
+    query = select(func.count()).select_from(Checkpoint).where(Checkpoint.vm_id == vm_id)
+    return int(session.scalar(query) or 0)
+
+
+def disks(session: Session, vm_id: str) -> dict[str, Disk]:
+    return {d.id: d for d in session.scalars(select(Disk).where(Disk.vm_id == vm_id))}
+
+
+def images(session: Session, vm_id: str) -> dict[str, Image]:
+    return {i.id: i for i in session.scalars(select(Image).where(Image.vm_id == vm_id))}
+
+
+def frozen(session: Session, checkpoint_id: str) -> dict[str, str]:
+    """disk id -> frozen image id of one checkpoint."""
+    query = select(FrozenImage).where(FrozenImage.checkpoint_id == checkpoint_id)
+    return {f.disk_id: f.image_id for f in session.scalars(query)}
+
+
+def hardware(vm_row: Vm) -> HardwareConfig:
+    return HardwareConfig.load(vm_row.config)
+
+
+def disk(session: Session, vm_row: Vm, ref: str) -> Disk:
+    found = [d for d in disks(session, vm_row.id).values() if ref and d.id.startswith(ref.lower())]
+    if not found:
+        raise NotFound(f"VM {vm_row.name!r} has no disk whose id starts with {ref!r}.",
+                       hint=f"See its disks with: waymark vm show {vm_row.name}")
+    if len(found) > 1:
+        raise Ambiguous(f"several disks of {vm_row.name!r} match {ref!r}.",
+                        hint="Give a longer id prefix.")
+    return found[0]

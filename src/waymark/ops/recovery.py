@@ -1,0 +1,39 @@
+"""Finish what dead commands left: pending intents, then any compaction they started."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from waymark.errors import WaymarkError
+from waymark.ops import compact, locks
+from waymark.ops.context import Context
+
+log = logging.getLogger(__name__)
+
+
+def recover_vm(ctx: Context, vm_id: str) -> None:
+    """Drive the VM's pending intents in order, then compact. The caller holds the VM lock."""
+    pending = ctx.journal.pending(vm_id)
+    if not pending:
+        return
+    for intent in pending:
+        if intent.kind != compact.MARKER:
+            log.warning("finishing an interrupted %s (journal intent %s)", intent.kind, intent.id)
+            ctx.journal.drive(intent.id)
+    if any(intent.kind == compact.MARKER for intent in pending):
+        compact.run(ctx, vm_id)
+
+
+def recover_all(ctx: Context) -> None:
+    """Recover every VM whose lock is free (a held lock means its command is alive)."""
+    for vm_id in sorted({intent.vm_id for intent in ctx.journal.pending()}):
+        fd = locks.try_hold(ctx.home, vm_id)
+        if fd is None:
+            continue
+        try:
+            recover_vm(ctx, vm_id)
+        except WaymarkError as err:
+            log.warning("could not finish an interrupted operation on VM %s: %s", vm_id, err)
+        finally:
+            os.close(fd)

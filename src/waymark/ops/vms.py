@@ -1,0 +1,282 @@
+"""VM definitions: create, set, delete, attach and detach disks."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Vm
+from waymark.checkpoints import tree
+from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig
+from waymark.errors import Conflict, ConsentRequired, InvalidInput, NotFound
+from waymark.images import qemu_img
+from waymark.ops import compact, journal, lookup
+from waymark.ops.context import Context
+from waymark.ops.journal import commit_handler, now
+from waymark.units import parse_size
+
+DEFAULT_MAX_CHECKPOINTS = 50
+MAX_CHECKPOINTS_CEILING = 1000
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """What ``--disk`` asked for: a new image of ``size`` bytes, or a file at ``path``."""
+
+    size: int | None = None
+    path: Path | None = None
+    passthrough: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> DiskSpec:
+        if re.fullmatch(r"\s*\d+\s*[KMGT]?(I?B)?\s*", text, re.IGNORECASE):
+            return cls(size=parse_size(text, what="disk size"))
+        path, _, opts = text.partition(",")
+        passthrough = False
+        for opt in filter(None, opts.split(",")):
+            if opt not in ("passthrough=on", "passthrough=off"):
+                raise InvalidInput(f"unknown disk option {opt!r} in {text!r}.",
+                                   hint="The only option is passthrough=on.")
+            passthrough = opt == "passthrough=on"
+        if not path:
+            raise InvalidInput("a --disk is empty.", hint="Give a size (10G) or a file path.")
+        return cls(path=Path(path).expanduser().absolute(), passthrough=passthrough)
+
+
+def check_type(value: str) -> str:
+    if value not in CHECKPOINT_TYPES:
+        raise InvalidInput(f"unknown checkpoint type {value!r}.",
+                           hint=f"Use one of: {', '.join(CHECKPOINT_TYPES)}.")
+    return value
+
+
+def check_limit(value: int) -> int:
+    if not 1 <= value <= MAX_CHECKPOINTS_CEILING:
+        raise InvalidInput(f"--max-checkpoints {value} is out of range.",
+                           hint=f"Give 1 to {MAX_CHECKPOINTS_CEILING}.")
+    return value
+
+
+def check_boot_file(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser().absolute()
+    if not path.is_file():
+        raise NotFound(f"{option} {path} does not exist.",
+                       hint=f"Give an existing file to {option}.")
+    return str(path)
+
+
+def _image_row(vm_id: str, path: Path, fmt: str, size: int, *, parent: str | None = None,
+               pinned: bool = False, chain_length: int = 1) -> dict[str, Any]:
+    return {"id": path.stem if not pinned else new_id(), "vm_id": vm_id, "path": str(path),
+            "format": fmt, "parent_id": parent, "pinned": pinned, "virtual_size": size,
+            "chain_length": chain_length}
+
+
+def _owned_paths(session: Session) -> set[str]:
+    return set(session.scalars(select(Image.path).where(Image.pinned.is_(False))))
+
+
+def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(disk row, image rows, file steps) for one ``--disk``; nothing is written here."""
+    disk: dict[str, Any] = {"id": new_id(), "vm_id": vm_id, "active_image_id": None,
+                            "passthrough_path": None}
+    if spec.passthrough and spec.path is not None:
+        if not spec.path.exists():
+            raise NotFound(f"pass-through device {spec.path} does not exist.",
+                           hint="Give an existing block device or file.")
+        disk["passthrough_path"] = str(spec.path)
+        return disk, [], []
+    folder = ctx.disk_folder(vm_id)
+    if spec.size is not None:
+        path = folder / f"{new_id()}.qcow2"
+        row = _image_row(vm_id, path, "qcow2", spec.size)
+        disk["active_image_id"] = row["id"]
+        return disk, [row], [{"op": "create_image", "path": str(path), "size": spec.size}]
+    assert spec.path is not None
+    if str(spec.path) in _owned_paths(session) or ctx.home in spec.path.parents:
+        raise InvalidInput(f"{spec.path} is a file Waymark manages.",
+                           hint="Export a checkpoint (a later command) to get a standalone copy.")
+    fmt = qemu_img.probe_format(spec.path)
+    chain = qemu_img.chain(spec.path, fmt)
+    base = _image_row(vm_id, spec.path, fmt, chain[0].virtual_size, pinned=True,
+                      chain_length=len(chain))
+    overlay_path = folder / f"{new_id()}.qcow2"
+    overlay = _image_row(vm_id, overlay_path, "qcow2", base["virtual_size"], parent=base["id"])
+    disk["active_image_id"] = overlay["id"]
+    step = {"op": "create_image", "path": str(overlay_path), "backing": str(spec.path),
+            "backing_fmt": fmt}
+    return disk, [base, overlay], [step]
+
+
+def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskSpec],
+           kernel: str | None = None, initrd: str | None = None, append: str | None = None,
+           checkpoint_type: str = "production", checkpoint_dir: str | None = None,
+           max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS) -> str:
+    """Define a VM (it is off); returns its id."""
+    name = tree.clean_name(name, what="VM name")
+    check_type(checkpoint_type)
+    check_limit(max_checkpoints)
+    vm_id = new_id()
+    hardware = HardwareConfig(memory_mib=memory >> 20, cpus=cpus,
+                              kernel=check_boot_file(kernel, "--kernel"),
+                              initrd=check_boot_file(initrd, "--initrd"), append=append)
+    disk_rows: list[dict[str, Any]] = []
+    image_rows: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    with ctx.catalog.session() as session:
+        if session.scalars(select(Vm).where(Vm.name == name)).first() is not None:
+            raise Conflict(f"a VM named {name!r} already exists.", hint="Choose another name.")
+        for spec in disks:
+            disk, images, disk_steps = plan_disk(ctx, session, vm_id, spec)
+            disk_rows.append(disk)
+            image_rows += images
+            steps += disk_steps
+    hardware.disks = [d["id"] for d in disk_rows]
+    folder = checkpoint_dir or str(ctx.vm_folder(vm_id) / "checkpoints")
+    vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
+              "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
+              "checkpoint_dir": str(Path(folder).expanduser().absolute())}
+    with ctx.vm_locked(vm_id, name):
+        ctx.journal.run(vm_id, "vm_create",
+                        {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
+    return vm_id
+
+
+def _insert_images(session: Session, rows: list[dict[str, Any]]) -> None:
+    for row in rows:  # parents first: rows are listed base before overlay
+        session.add(Image(**row, created_at=now()))
+        session.flush()
+
+
+@commit_handler("vm_create")
+def _commit_create(session: Session, params: dict[str, Any]) -> None:
+    try:
+        session.add(Vm(**params["vm"], created_at=now()))
+        session.flush()
+    except IntegrityError as err:
+        raise Conflict(f"a VM named {params['vm']['name']!r} already exists.",
+                       hint="Choose another name.") from err
+    _insert_images(session, params["images"])
+    for row in params["disks"]:
+        session.add(Disk(**row, created_at=now()))
+
+
+def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int | None = None,
+                 checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
+                 max_checkpoints: int | None = None) -> None:
+    with ctx.catalog.session() as session:
+        row = lookup.vm(session, ref)
+        vm_id, vm_name = row.id, row.name
+    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+        row = session.get_one(Vm, vm_id)
+        hardware = lookup.hardware(row)
+        if memory is not None:
+            hardware.memory_mib = memory >> 20
+        if cpus is not None:
+            hardware.cpus = cpus
+        row.config = HardwareConfig.model_validate(hardware.dump()).dump()
+        if checkpoint_type is not None:
+            row.checkpoint_type = check_type(checkpoint_type)
+        if max_checkpoints is not None:
+            row.max_checkpoints = check_limit(max_checkpoints)
+        if checkpoint_dir is not None:
+            if lookup.checkpoint_count(session, vm_id):
+                raise Conflict(f"VM {vm_name!r} has checkpoints; its checkpoint folder can change "
+                               "only while it has none.",
+                               hint="Delete its checkpoints first, or keep the folder.")
+            row.checkpoint_dir = str(Path(checkpoint_dir).expanduser().absolute())
+
+
+def delete(ctx: Context, ref: str, *, yes: bool) -> None:
+    """Remove the VM, its checkpoints and every file Waymark created for it (pinned files stay)."""
+    with ctx.catalog.session() as session:
+        row = lookup.vm(session, ref)
+        vm_id, vm_name = row.id, row.name
+    with ctx.vm_locked(vm_id, vm_name):
+        _delete_locked(ctx, vm_id, vm_name, yes=yes)
+
+
+def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None:
+    with ctx.catalog.session() as session:
+        row = session.get_one(Vm, vm_id)
+        count = lookup.checkpoint_count(session, vm_id)
+        owned = compact.owned_files(session, vm_id)
+        if (count or owned) and not yes:
+            raise ConsentRequired(
+                f"VM {vm_name!r} has {count} checkpoint(s) and {len(owned)} disk image(s) "
+                "Waymark created; deleting it deletes them.",
+                hint=f"Confirm with: waymark vm delete {vm_name} --yes")
+        files = [str(p) for p in owned] + [
+            str(Path(row.checkpoint_dir) / f"{c.id}.json")
+            for c in lookup.checkpoints(session, vm_id)]
+        _delete_rows(session, vm_id)
+        steps = [{"op": "delete_file", "path": f} for f in files]
+        steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
+        journal.add(session, vm_id, "vm_delete", {}, steps)
+    for intent in ctx.journal.pending(vm_id):
+        ctx.journal.drive(intent.id)
+
+
+def _delete_rows(session: Session, vm_id: str) -> None:
+    checkpoint_ids = select(Checkpoint.id).where(Checkpoint.vm_id == vm_id)
+    session.execute(sql_delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(checkpoint_ids)))
+    session.execute(update(Checkpoint).where(Checkpoint.vm_id == vm_id).values(parent_id=None))
+    session.execute(sql_delete(Checkpoint).where(Checkpoint.vm_id == vm_id))
+    session.execute(sql_delete(Disk).where(Disk.vm_id == vm_id))
+    session.execute(sql_delete(Image).where(Image.vm_id == vm_id))
+    session.execute(sql_delete(Intent).where(Intent.vm_id == vm_id, Intent.status != "pending"))
+    session.execute(sql_delete(Vm).where(Vm.id == vm_id))
+
+
+def add_disk(ctx: Context, ref: str, spec: DiskSpec) -> str:
+    with ctx.catalog.session() as session:
+        row = lookup.vm(session, ref)
+        vm_id, vm_name = row.id, row.name
+    with ctx.vm_locked(vm_id, vm_name):
+        with ctx.catalog.session() as session:
+            disk, images, steps = plan_disk(ctx, session, vm_id, spec)
+        ctx.journal.run(vm_id, "disk_add", {"disk": disk, "images": images}, steps)
+    return str(disk["id"])
+
+
+@commit_handler("disk_add")
+def _commit_disk_add(session: Session, params: dict[str, Any]) -> None:
+    _insert_images(session, params["images"])
+    disk = Disk(**params["disk"], created_at=now())
+    session.add(disk)
+    row = session.get_one(Vm, disk.vm_id)
+    hardware = HardwareConfig.load(row.config)
+    hardware.disks.append(disk.id)
+    row.config = hardware.dump()
+
+
+def remove_disk(ctx: Context, ref: str, disk_ref: str) -> Disk:
+    """Detach a disk: the VM stops using it; its files stay (listed as detached)."""
+    with ctx.catalog.session() as session:
+        row = lookup.vm(session, ref)
+        vm_id, vm_name = row.id, row.name
+    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+        row = session.get_one(Vm, vm_id)
+        disk = lookup.disk(session, row, disk_ref)
+        hardware = lookup.hardware(row)
+        if disk.id not in hardware.disks:
+            raise Conflict(f"disk {disk.id[:12]} is already detached from {vm_name!r}.",
+                           hint=f"See its disks with: waymark vm show {vm_name}")
+        hardware.disks.remove(disk.id)
+        row.config = hardware.dump()
+        return disk

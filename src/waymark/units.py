@@ -1,0 +1,30 @@
+"""Sizes as users write them (512M, 20G) and as we print them."""
+
+from __future__ import annotations
+
+import re
+
+from waymark.errors import InvalidInput
+
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, *, what: str = "size", default_unit: str = "") -> int:
+    """Bytes from ``512M``/``20G``/``4096``; a bare number is in ``default_unit``."""
+    match = _SIZE.match(text)
+    if match is None or int(match.group(1)) <= 0:
+        raise InvalidInput(f"invalid {what} {text!r}.",
+                           hint="Write a positive number with an optional K, M, G or T suffix, "
+                                "e.g. 512M or 20G.")
+    unit = (match.group(2) or default_unit).upper()
+    return int(match.group(1)) * _SUFFIX[unit]
+
+
+def human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

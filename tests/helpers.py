@@ -1,0 +1,85 @@
+"""Helpers for tests: run the real CLI, write into images with qemu-io, hash disk content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUIRED = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
+
+
+def require_tools() -> None:
+    """A missing tool fails the test run with the command that installs it (no silent skip)."""
+    missing = [f"{tool} (apt-get install -y {pkg})" for tool, pkg in REQUIRED.items()
+               if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError("missing tools: " + ", ".join(missing))
+
+
+@dataclass
+class Result:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def ok(self) -> Result:
+        assert self.returncode == 0, f"waymark {self.args} failed ({self.returncode}):\n" \
+                                     f"{self.stdout}\n{self.stderr}"
+        return self
+
+
+class Waymark:
+    """Runs ``python -m waymark`` as a user would, against one home folder."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WAYMARK_")}
+        env["WAYMARK_HOME"] = str(self.home)
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 120) -> Result:
+        argv = [sys.executable, "-m", "waymark", *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env or self.env(),
+                              input=input if input is not None else "", timeout=timeout,
+                              check=False)
+        return Result(list(args), proc.returncode, proc.stdout, proc.stderr)
+
+    def __call__(self, *args: str) -> Result:
+        return self.run(*args).ok()
+
+    def json(self, *args: str) -> Any:
+        return self.run(*args, "--json").ok().json()
+
+
+def qemu_io_write(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None:
+    subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P {pattern} {offset} {length}",
+                    str(path)], check=True, capture_output=True)
+
+
+def content_sha256(path: Path | str, fmt: str = "qcow2") -> str:
+    """sha256 of the disk as the guest sees it: the whole chain, flattened to raw."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "flat.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(path),
+                        str(flat)], check=True, capture_output=True)
+        return file_sha256(flat)
+
+
+def file_sha256(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
