@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The Waymark tour (make demo): a VM's disk, two checkpoints, a failed "upgrade", going back.
+# Real qcow2 images and qemu-io; a throwaway home folder unless DEMO_HOME is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export WAYMARK_HOME="${DEMO_HOME:-$(mktemp -d /tmp/waymark-demo.XXXXXX)}"
+wm() { printf '$ waymark'; printf ' %q' "$@"; echo; .venv/bin/waymark "$@"; echo; }
+disk() { .venv/bin/waymark vm show demo --json | .venv/bin/python -c \
+  'import json,sys; print(json.load(sys.stdin)["disks"][0]["active_image"])'; }
+io() {
+  echo "  (qemu-io: $1)"
+  out=$(qemu-io -f qcow2 -c "$1" "$(disk)")
+  echo "  $out" | sed -n 1p
+  if grep -qi "fail" <<<"$out"; then echo "demo: unexpected disk content" >&2; exit 1; fi
+}
+
+echo "Waymark home: $WAYMARK_HOME"; echo
+wm vm create demo --memory 256M --disk 64M
+io "write -P 0x11 0 4M"                         # the system as it works today
+wm checkpoint create demo --name "before upgrade"
+io "write -P 0x22 0 4M"                         # the upgrade...
+wm checkpoint create demo --name "after upgrade"
+io "write -P 0x66 1M 1M"                        # ...and what broke afterwards
+wm vm set demo --memory 512M
+wm checkpoint list demo
+wm checkpoint apply demo "before upgrade" --checkpoint-first
+echo "The disk is back as it was before the upgrade:"
+io "read -P 0x11 0 4M"
+wm vm show demo
+wm checkpoint list demo
+echo "Done. Everything lives in $WAYMARK_HOME (catalog.db, vms/<id>/disks, vms/<id>/checkpoints)."
