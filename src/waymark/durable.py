@@ -15,6 +15,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file written by someone else (qemu-img, a copy) durable, with its directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically: readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from waymark.errors import ToolError, ToolMissing
+from waymark.errors import StorageError, ToolError, ToolMissing
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,53 @@ def run(argv: Sequence[str], *, what: str) -> Completed:
     ``what`` says in words what the command was doing, for the error message.
     """
     argv = (which(argv[0]), *argv[1:])
-    env = {**os.environ, "LC_ALL": "C"}
     log.debug("run: %s", " ".join(argv))
     try:
-        proc = subprocess.run(  # noqa: PLW1510 - return code checked below
-            argv, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent
+        proc = subprocess.run(  # noqa: PLW1510 - return code checked by _checked
+            argv, capture_output=True, text=True, env=_env(),
+            preexec_fn=_die_with_parent,
         )
     except OSError as err:
         raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
-    if proc.returncode != 0:
-        detail = proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}"
-        raise ToolError(f"{os.path.basename(argv[0])} failed while {what}: {detail}")
-    return Completed(tuple(argv), proc.stdout, proc.stderr)
+    return _checked(Completed(tuple(argv), proc.stdout, proc.stderr), proc.returncode, what)
+
+
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def run_progress(argv: Sequence[str], *, what: str, on_progress: Callable[[float], None]
+                 ) -> Completed:
+    """Run a qemu-img command given ``-p``, reporting each ``(x/100%)`` it prints as x/100."""
+    argv = (which(argv[0]), *argv[1:])
+    log.debug("run: %s", " ".join(argv))
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=_env(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+    except OSError as err:
+        raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
+    assert proc.stdout is not None and proc.stderr is not None
+    buffer = b""
+    while chunk := os.read(proc.stdout.fileno(), 4096):
+        buffer += chunk
+        *done, buffer = re.split(rb"[\r\n]", buffer)
+        for piece in done:
+            if match := _PERCENT.search(piece):
+                on_progress(float(match.group(1)) / 100)
+    stderr = proc.stderr.read().decode(errors="replace")
+    code = proc.wait()
+    return _checked(Completed(tuple(argv), "", stderr), code, what)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "LC_ALL": "C"}
+
+
+def _checked(done: Completed, returncode: int, what: str) -> Completed:
+    if returncode == 0:
+        return done
+    detail = done.stderr.strip() or done.stdout.strip() or f"exit code {returncode}"
+    message = f"{os.path.basename(done.argv[0])} failed while {what}: {detail}"
+    if "No space left on device" in detail:
+        raise StorageError(message, hint="Free space on that file system, then run the command "
+                                         "again: nothing was lost and it resumes where it stopped.")
+    raise ToolError(message)

@@ -1,4 +1,13 @@
-from waymark.checkpoints.planner import CommitDown, Drop, ImageNode, PullUp, next_step, shared
+from waymark.checkpoints.planner import (
+    CommitDown,
+    Drop,
+    ImageNode,
+    PullUp,
+    after,
+    next_step,
+    plan,
+    shared,
+)
 
 
 def img(id_: str, parent: str | None, *, ref: bool = False, pinned: bool = False,
@@ -26,3 +35,16 @@ def test_shared_image_and_pinned_image_are_kept() -> None:
              img("k1", "u", ref=True), img("k2", "u", ref=True)]
     assert next_step(graph) is None
     assert shared(graph) == {"u"}
+
+
+def test_plan_ends_compact_and_keeps_referenced_images() -> None:
+    graph = [img("p", None, pinned=True), img("a", "p", alloc=50), img("b", "a", alloc=5),
+             img("c", "b", ref=True, alloc=1), img("d", "c", alloc=0), img("e", "c", ref=True)]
+    steps = plan(graph)
+    final = graph
+    for step in steps:
+        final = after(final, step)
+    assert next_step(final) is None
+    assert {n.id for n in final if n.referenced} >= {"p"}
+    assert len([n for n in final if n.referenced]) == 3  # pinned + the two referenced roles
+    assert all(n.referenced or n.pinned for n in final)

@@ -18,7 +18,7 @@ Every step keeps the content of each referenced image's whole chain unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,38 @@ def shared(nodes: Sequence[ImageNode]) -> set[str]:
     """Unreferenced images kept because two or more children share them."""
     kids = children_of(nodes)
     return {n.id for n in nodes if not n.referenced and not n.pinned and len(kids[n.id]) > 1}
+
+
+def after(nodes: Sequence[ImageNode], step: Step) -> list[ImageNode]:
+    """The graph as it will be once ``step`` is done (sizes estimated: a merge adds up)."""
+    by_id = {n.id: n for n in nodes}
+    image = by_id[step.image]
+    if isinstance(step, Drop):
+        return [n for n in nodes if n.id != step.image]
+    child = by_id[step.child]
+    merged = image.allocated + child.allocated
+
+    def moved(node: ImageNode) -> ImageNode:
+        if isinstance(step, PullUp):
+            if node.id == child.id:
+                return replace(node, parent_id=image.parent_id, allocated=merged)
+            return node
+        if node.id == image.id:  # CommitDown: the merged file takes the child's role
+            return replace(node, referenced=child.referenced, allocated=merged)
+        if node.id == child.id:
+            return replace(node, referenced=False)
+        if node.parent_id == child.id:
+            return replace(node, parent_id=image.id)
+        return node
+
+    return [moved(n) for n in nodes]
+
+
+def plan(nodes: Sequence[ImageNode]) -> list[Step]:
+    """Every step compaction will take, in order (for progress: the executor re-plans)."""
+    steps: list[Step] = []
+    current = list(nodes)
+    while (step := next_step(current)) is not None:
+        steps.append(step)
+        current = after(current, step)
+    return steps

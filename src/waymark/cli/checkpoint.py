@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
 from waymark.checkpoints import tree
 from waymark.cli.main import face
-from waymark.cli.output import emit, interactive, json_option
+from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import checkpoints, views
+from waymark.ops import bundles, checkpoints, deletion, views
 from waymark.units import human
 
 
@@ -130,3 +131,45 @@ def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
     ckpt_id = checkpoints.rename(ctx, vm_ref, ckpt_ref, new_name)
     data = views.checkpoint_show(ctx, vm_ref, ckpt_id)
     emit(as_json, data, [f"Renamed checkpoint {ckpt_id[:12]} to {data['name']!r}."])
+
+
+@checkpoint.command("delete")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("pattern")
+@click.option("--subtree", is_flag=True, help="Also delete every checkpoint below it.")
+@click.option("--yes", is_flag=True, help="Delete every match of a pattern without asking.")
+@json_option
+def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, as_json: bool) -> None:
+    """Delete checkpoints (Hyper-V's Remove-VMSnapshot); their disk layers are merged away.
+
+    PATTERN is a name or id prefix, or a glob over names ('Experiment*'). Now's disk state is
+    never lost, even when its parent goes.
+    """
+    ctx = face().ctx
+    matches = deletion.matching(ctx, vm_ref, pattern)
+    if len(matches) > 1 and not yes and interactive():
+        click.echo(f"{pattern!r} matches {len(matches)} checkpoints:")
+        for match in matches:
+            click.echo(f"  {match.id[:12]}  {match.name}")
+        click.confirm("Delete them all" + (" with their subtrees" if subtree else "") + "?",
+                      abort=True)
+        yes = True
+    done = deletion.delete_checkpoints(ctx, vm_ref, pattern, subtree=subtree, yes=yes,
+                                       report=StepProgress())
+    data = {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints]}
+    emit(as_json, data, [f"Deleted checkpoint {m.name!r} ({m.id[:12]})."
+                         for m in done.checkpoints])
+
+
+@checkpoint.command("export")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("ckpt_ref", metavar="CKPT")
+@click.argument("dest", metavar="DEST_DIR", type=click.Path(path_type=Path))
+@json_option
+def export(vm_ref: str, ckpt_ref: str, dest: Path, as_json: bool) -> None:
+    """Export a checkpoint as a standalone VM bundle (Hyper-V's Export-VMSnapshot)."""
+    manifest = bundles.export(face().ctx, vm_ref, ckpt_ref, dest.absolute(),
+                              on_progress=fraction_progress("exporting"))
+    emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest},
+         [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
+          f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

@@ -49,10 +49,11 @@ def cli(click_ctx: click.Context, home: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from waymark.cli import checkpoint, vm
+    from waymark.cli import check, checkpoint, vm
 
     cli.add_command(vm.vm)
     cli.add_command(checkpoint.checkpoint)
+    cli.add_command(check.check)
 
 
 _register()

@@ -32,3 +32,32 @@ def warn(message: str) -> None:
 
 def interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+class StepProgress:
+    """A progress line on stderr for multi-step work: ``[2/3] merging a into b  43%``.
+
+    On a terminal the line is redrawn in place; otherwise each step is printed once when it
+    starts, so logs stay readable.
+    """
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last: tuple[int, int] | None = None
+
+    def __call__(self, number: int, total: int, what: str, fraction: float) -> None:
+        percent = int(fraction * 100)
+        if self.tty:
+            width = 30
+            bar = "#" * (percent * width // 100)
+            click.echo(f"\r[{number}/{total}] [{bar:<{width}}] {percent:3d}%  {what}\033[K",
+                       err=True, nl=fraction >= 1.0 and number == total)
+        elif self.last != (number, total):
+            click.echo(f"[{number}/{total}] {what}", err=True)
+        self.last = (number, total)
+
+
+def fraction_progress(what: str) -> Callable[[float], None]:
+    """A one-step progress line (``exporting  43%``) for a qemu-img copy."""
+    line = StepProgress()
+    return lambda fraction: line(1, 1, what, fraction)

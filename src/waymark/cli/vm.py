@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.cli.main import face
-from waymark.cli.output import emit, interactive, json_option
+from waymark.cli.output import emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired
-from waymark.ops import views, vms
+from waymark.ops import bundles, views, vms
 from waymark.units import human, parse_size
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
@@ -162,3 +163,16 @@ def disk_remove(vm_ref: str, disk_ref: str, as_json: bool) -> None:
     removed = vms.remove_disk(face().ctx, vm_ref, disk_ref)
     emit(as_json, {"detached": removed.id},
          [f"Detached disk {removed.id[:12]}; its files are kept."])
+
+
+@vm.command("import")
+@click.argument("bundle", metavar="BUNDLE_DIR", type=click.Path(path_type=Path))
+@click.option("--name", help="Name of the new VM (default: the exported VM's name).")
+@json_option
+def import_(bundle: Path, name: str | None, as_json: bool) -> None:
+    """Create a new VM (new id, new files) from an exported bundle, after verifying it."""
+    ctx = face().ctx
+    vm_id = bundles.import_bundle(ctx, bundle.absolute(), name,
+                                  on_progress=fraction_progress("importing"))
+    data = views.vm_show(ctx, vm_id)
+    emit(as_json, data, [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."])

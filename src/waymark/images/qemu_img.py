@@ -8,6 +8,7 @@ on an image a running QEMU has open (a later issue routes those through QMP bloc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,8 +43,20 @@ class MapExtent(BaseModel):
     zero: bool
 
 
+Progress = Callable[[float], None] | None
+
+
 def _qemu_img(*args: str, what: str) -> str:
     return process.run(["qemu-img", *args], what=what).stdout
+
+
+def _qemu_img_p(args: list[str], *, what: str, on_progress: Progress) -> None:
+    """A long qemu-img command; with ``on_progress``, run with ``-p`` and report fractions."""
+    if on_progress is None:
+        _qemu_img(*args, what=what)
+        return
+    process.run_progress(["qemu-img", args[0], "-p", *args[1:]], what=what,
+                         on_progress=on_progress)
 
 
 def create(path: Path, *, size: int | None = None, backing: Path | None = None,
@@ -102,20 +115,21 @@ def info(path: Path, fmt: str) -> ImageInfo:
     return chain(path, fmt)[0]
 
 
-def commit(top: Path, base: Path) -> None:
+def commit(top: Path, base: Path, on_progress: Progress = None) -> None:
     """Write ``top``'s own clusters into ``base`` (its direct backing file); ``top`` is kept."""
-    _qemu_img("commit", "-q", "-f", "qcow2", "-d", "-b", str(base), str(top),
-              what=f"merging {top} into {base}")
+    _qemu_img_p(["commit", "-f", "qcow2", "-d", "-b", str(base), str(top)],
+                what=f"merging {top} into {base}", on_progress=on_progress)
 
 
-def rebase(path: Path, backing: Path | None, backing_fmt: str | None, *, unsafe: bool) -> None:
+def rebase(path: Path, backing: Path | None, backing_fmt: str | None, *, unsafe: bool,
+           on_progress: Progress = None) -> None:
     """Point ``path`` at a new backing file.
 
     Safe mode (``unsafe=False``) first copies into ``path`` every cluster where the old and new
     chains differ, so the image's content never changes, even if interrupted; ``unsafe`` only
     rewrites the header, for when both chains are known to hold the same content.
     """
-    argv = ["rebase", "-q", "-f", "qcow2"]
+    argv = ["rebase", "-f", "qcow2"]
     if unsafe:
         argv.append("-u")
     if backing is None:
@@ -125,13 +139,14 @@ def rebase(path: Path, backing: Path | None, backing_fmt: str | None, *, unsafe:
             raise ValueError("backing_fmt is required with backing")
         argv += ["-F", backing_fmt, "-b", str(backing)]
     argv.append(str(path))
-    _qemu_img(*argv, what=f"rebasing {path}")
+    _qemu_img_p(argv, what=f"rebasing {path}", on_progress=on_progress)
 
 
-def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2") -> None:
+def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2",
+            on_progress: Progress = None) -> None:
     """Copy the whole chain of ``src`` into one standalone image ``dst``."""
-    _qemu_img("convert", "-q", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst),
-              what=f"copying {src} to {dst}")
+    _qemu_img_p(["convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)],
+                what=f"copying {src} to {dst}", on_progress=on_progress)
 
 
 def allocation_map(path: Path, fmt: str) -> list[MapExtent]:

@@ -14,7 +14,7 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, LimitReached
-from waymark.ops import compact, lookup
+from waymark.ops import compact, lookup, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.ops.vms import new_id
@@ -155,7 +155,7 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyRes
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
         result.safety_checkpoint_id = safety
         ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
-        compact.run(ctx, vm_id)
+        recovery.recover_vm(ctx, vm_id)
         return result
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +74,42 @@ def mark(session: Session, vm_id: str) -> None:
     journal.add(session, vm_id, MARKER, {}, [])
 
 
-def run(ctx: Context, vm_id: str) -> int:
+Reporter = Callable[[int, int, str, float], None]
+"""Progress of a compaction: (step number from 1, steps planned, what, fraction of that step)."""
+
+
+def _describe(session: Session, step: planner.Step) -> str:
+    name = Path(session.get_one(Image, step.image).path).name
+    if isinstance(step, planner.Drop):
+        return f"removing {name}"
+    child = Path(session.get_one(Image, step.child).path).name
+    if isinstance(step, planner.CommitDown):
+        return f"merging {child} into {name}"
+    return f"merging {name} into {child}"
+
+
+def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
     """Compact until nothing is left to do; returns the number of steps taken."""
     taken = 0
     while True:
         with ctx.catalog.session() as session:
-            step = planner.next_step(graph(session, vm_id))
+            nodes = graph(session, vm_id)
+            step = planner.next_step(nodes)
             if step is None:
                 break
-            params = {"image": step.image, "child": getattr(step, "child", None)}
-            steps = _steps(session, step)
-        log.info("compaction: %s %s", _KINDS[type(step)], params)
-        ctx.journal.run(vm_id, _KINDS[type(step)], params, steps)
-        taken += 1
+            total = taken + len(planner.plan(nodes))
+            params = {"image": step.image, "child": getattr(step, "child", None),
+                      "direction": _KINDS[type(step)]}
+            steps, what = _steps(session, step), _describe(session, step)
+        log.info("compaction: %s", what)
+        number = taken + 1
+        progress = None if report is None else partial(report, number, total, what)
+        if progress is not None:
+            progress(0.0)
+        ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress)
+        if progress is not None:
+            progress(1.0)
+        taken = number
     with ctx.catalog.session() as session:
         session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
                                              Intent.status == "pending")

@@ -5,6 +5,7 @@ Steps are plain JSON dicts, so the journal can store them:
 
 - ``create_image {path, size?, backing?, backing_fmt?}``: a new qcow2 (undo: delete it)
 - ``write_file {path, text}``: a durable small file (undo: delete it)
+- ``convert {path, src, src_fmt}``: a standalone qcow2 copy of ``src``'s chain (undo: delete)
 - ``delete_file {path}``
 - ``prune_dirs {path}``: remove the empty folders of a tree
 - ``commit {top, base}``: ``top``'s own clusters into ``base``; ``top`` unchanged
@@ -13,7 +14,6 @@ Steps are plain JSON dicts, so the journal can store them:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,7 @@ from waymark import durable
 from waymark.images import qemu_img
 
 Step = dict[str, Any]
-UNDOABLE = frozenset({"create_image", "write_file"})
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    durable.fsync_dir(path.parent)
+UNDOABLE = frozenset({"create_image", "write_file", "convert"})
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -49,14 +40,15 @@ def _prune_empty(root: Path) -> None:
         durable.fsync_dir(root.parent)
 
 
-def run(step: Step) -> None:
+def run(step: Step, on_progress: qemu_img.Progress = None) -> None:
+    """Run one step; long ones report their fraction done to ``on_progress``."""
     op = step["op"]
     path = Path(step["path"]) if "path" in step else None
     if op == "create_image" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.create(path, size=step.get("size"), backing=_opt_path(step.get("backing")),
                         backing_fmt=step.get("backing_fmt"))
-        _fsync_file(path)
+        durable.fsync_file(path)
     elif op == "write_file" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         durable.write_bytes(path, str(step["text"]).encode())
@@ -65,12 +57,16 @@ def run(step: Step) -> None:
     elif op == "prune_dirs" and path is not None:
         _prune_empty(path)
     elif op == "commit":
-        qemu_img.commit(Path(step["top"]), Path(step["base"]))
-        _fsync_file(Path(step["base"]))
+        qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
+        durable.fsync_file(Path(step["base"]))
     elif op == "rebase" and path is not None:
         qemu_img.rebase(path, _opt_path(step.get("backing")), step.get("backing_fmt"),
-                        unsafe=bool(step.get("unsafe")))
-        _fsync_file(path)
+                        unsafe=bool(step.get("unsafe")), on_progress=on_progress)
+        durable.fsync_file(path)
+    elif op == "convert" and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        qemu_img.convert(Path(step["src"]), step["src_fmt"], path, on_progress=on_progress)
+        durable.fsync_file(path)
     else:
         raise ValueError(f"unknown journal step {step!r}")
 

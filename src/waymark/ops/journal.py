@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.errors import StorageError, WaymarkError
+from waymark.images import qemu_img
 from waymark.ops import executor
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,14 @@ class Journal:
         self.catalog = catalog
 
     def run(self, vm_id: str, kind: str, params: dict[str, Any],
-            steps: Sequence[executor.Step]) -> None:
+            steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None) -> None:
         """Journal a *prepare, then commit* intent and drive it to the end."""
         try:
             with self.catalog.session() as session:
                 intent_id = add(session, vm_id, kind, params, steps).id
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
-        self.drive(intent_id)
+        self.drive(intent_id, on_progress)
 
     def pending(self, vm_id: str | None = None) -> list[Intent]:
         with self.catalog.session() as session:
@@ -95,7 +96,7 @@ class Journal:
                 query = query.where(Intent.vm_id == vm_id)
             return list(session.scalars(query))
 
-    def drive(self, intent_id: int) -> None:
+    def drive(self, intent_id: int, on_progress: qemu_img.Progress = None) -> None:
         """Run the intent's remaining steps, then its commit."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
@@ -103,7 +104,7 @@ class Journal:
         try:
             for index in range(done, len(steps)):
                 failpoint()
-                executor.run(steps[index])
+                executor.run(steps[index], on_progress)
                 self._advance(intent_id, index + 1)
             failpoint()
             self._commit(intent_id, kind, params)

@@ -12,17 +12,21 @@ from waymark.ops.context import Context
 log = logging.getLogger(__name__)
 
 
-def recover_vm(ctx: Context, vm_id: str) -> None:
-    """Drive the VM's pending intents in order, then compact. The caller holds the VM lock."""
+def recover_vm(ctx: Context, vm_id: str, report: compact.Reporter | None = None) -> None:
+    """Drive the VM's pending intents in order, then compact. The caller holds the VM lock.
+
+    Also how an operation finishes its own *commit, then finish* intents (``report`` shows the
+    compaction's progress).
+    """
     pending = ctx.journal.pending(vm_id)
     if not pending:
         return
     for intent in pending:
         if intent.kind != compact.MARKER:
-            log.warning("finishing an interrupted %s (journal intent %s)", intent.kind, intent.id)
+            log.info("finishing %s (journal intent %s)", intent.kind, intent.id)
             ctx.journal.drive(intent.id)
     if any(intent.kind == compact.MARKER for intent in pending):
-        compact.run(ctx, vm_id)
+        compact.run(ctx, vm_id, report)
 
 
 def recover_all(ctx: Context) -> None:

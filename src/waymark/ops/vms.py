@@ -18,7 +18,7 @@ from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig
 from waymark.errors import Conflict, ConsentRequired, InvalidInput, NotFound
 from waymark.images import qemu_img
-from waymark.ops import compact, journal, lookup
+from waymark.ops import compact, journal, lookup, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.units import parse_size
@@ -228,8 +228,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         steps = [{"op": "delete_file", "path": f} for f in files]
         steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
         journal.add(session, vm_id, "vm_delete", {}, steps)
-    for intent in ctx.journal.pending(vm_id):
-        ctx.journal.drive(intent.id)
+    recovery.recover_vm(ctx, vm_id)
 
 
 def _delete_rows(session: Session, vm_id: str) -> None:

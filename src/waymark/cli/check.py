@@ -1,0 +1,33 @@
+"""``waymark check``: find (and with --repair fix) what the catalog and the files disagree on."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from waymark.cli.main import face
+from waymark.cli.output import emit, json_option
+from waymark.ops import check as checking
+
+
+@click.command("check")
+@click.argument("vm_ref", metavar="[VM]", required=False)
+@click.option("--repair", is_flag=True,
+              help="Fix what is safe: finish or roll back interrupted operations, remove "
+                   "unreferenced files Waymark made. Never deletes data anything needs.")
+@json_option
+def check(vm_ref: str | None, repair: bool, as_json: bool) -> None:
+    """Compare the catalog, the image files and the journal. Exit 0 only when all is clean."""
+    findings = checking.run(face().ctx, vm_ref, repair=repair)
+    open_ = [f for f in findings if f.repaired is None]
+    lines = []
+    for f in findings:
+        state = f"REPAIRED ({f.repaired})" if f.repaired else f.kind.upper()
+        lines.append(f"{state}  [{f.vm}] {f.path}\n    {f.detail}")
+        if not f.repaired:
+            lines.append(f"    fix: {f.fix}")
+    lines.append("All clean." if not open_ else f"{len(open_)} problem(s) left.")
+    emit(as_json, {"clean": not open_, "findings": checking.as_dicts(findings)}, lines)
+    if open_:
+        sys.exit(1)

@@ -1,0 +1,162 @@
+"""Export a checkpoint as a standalone VM bundle, and import a bundle as a new VM.
+
+A bundle is a folder (Hyper-V's Export-VMSnapshot)::
+
+    manifest.json         what is in it, with the sha256 of every other file (written last)
+    configuration.json    the VM's hardware as the checkpoint recorded it
+    disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
+    memory.state          the memory state, for a checkpoint that holds one
+
+A bundle without a manifest is incomplete (an export was interrupted) and is refused, as is one
+whose files do not match their checksums: import verifies everything before it changes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from waymark import durable
+from waymark.catalog.models import Vm
+from waymark.checkpoints import tree
+from waymark.checkpoints.hardware import HardwareConfig
+from waymark.errors import Conflict, ImageError, InvalidInput, NotFound
+from waymark.images import qemu_img
+from waymark.ops import lookup
+from waymark.ops.context import Context
+from waymark.ops.vms import check_limit, check_type, new_id
+
+FORMAT, VERSION = "waymark-bundle", 1
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _empty_destination(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise Conflict(f"{dest} exists and is not an empty folder.",
+                       hint="Give a new or empty folder to export into.")
+    dest.mkdir(parents=True, exist_ok=True)
+
+
+def export(ctx: Context, vm_ref: str, ckpt_ref: str, dest: Path,
+           on_progress: qemu_img.Progress = None) -> dict[str, Any]:
+    """Write checkpoint ``ckpt_ref`` of ``vm_ref`` as a bundle in ``dest``; returns the manifest."""
+    with ctx.catalog.session() as session:
+        vm_row = lookup.vm(session, vm_ref)
+        vm_id, vm_name = vm_row.id, vm_row.name
+    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+        vm_row = session.get_one(Vm, vm_id)
+        row = lookup.checkpoint(session, vm_row, ckpt_ref)
+        images, frozen = lookup.images(session, vm_id), lookup.frozen(session, row.id)
+        _empty_destination(dest)
+        (dest / "disks").mkdir()
+        hardware = HardwareConfig.load(row.config)
+        disks, keys = [], {}
+        for number, disk_id in enumerate(d for d in hardware.disks if d in frozen):
+            image = images[frozen[disk_id]]
+            key, rel = f"disk{number}", f"disks/disk{number}.qcow2"
+            qemu_img.convert(Path(image.path), image.format, dest / rel,
+                             on_progress=on_progress)
+            durable.fsync_file(dest / rel)
+            disks.append({"key": key, "file": rel, "virtual_size": image.virtual_size})
+            keys[disk_id] = key
+        if row.memory_path:
+            shutil.copyfile(row.memory_path, dest / "memory.state")
+            durable.fsync_file(dest / "memory.state")
+        hardware.disks = [keys[d] for d in hardware.disks if d in keys]
+        durable.write_bytes(dest / "configuration.json",
+                            json.dumps(hardware.dump(), indent=2).encode())
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "exported_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "source": {"vm_id": vm_id, "vm_name": vm_name, "checkpoint_id": row.id,
+                       "checkpoint_name": row.name, "kind": row.kind},
+            "vm": {"name": vm_name, "checkpoint_type": vm_row.checkpoint_type,
+                   "max_checkpoints": vm_row.max_checkpoints},
+            "disks": disks, "skipped_disks": row.skipped_disks,
+            "memory": "memory.state" if row.memory_path else None,
+            "files": {str(p.relative_to(dest)): sha256(p)
+                      for p in sorted(dest.rglob("*")) if p.is_file()},
+        }
+    durable.write_bytes(dest / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def read_bundle(bundle: Path) -> dict[str, Any]:
+    """The manifest of a complete, intact bundle; ImageError names any damage."""
+    manifest_path = bundle / MANIFEST
+    if not manifest_path.is_file():
+        raise NotFound(f"{bundle} is not a complete Waymark bundle (no {MANIFEST}).",
+                       hint="Export the checkpoint again: waymark checkpoint export VM CKPT DIR")
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise ImageError(f"{manifest_path} is not valid JSON: {err}") from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ImageError(f"{bundle} is not a version {VERSION} Waymark bundle.")
+    for rel, digest in manifest["files"].items():
+        path = (bundle / rel).resolve()
+        if bundle.resolve() not in path.parents:
+            raise ImageError(f"the bundle's manifest names a file outside it: {rel}")
+        if not path.is_file():
+            raise ImageError(f"the bundle is missing {rel}.", hint="Export it again.")
+        if sha256(path) != digest:
+            raise ImageError(f"{rel} in {bundle} does not match its checksum: the bundle is "
+                             "damaged. Nothing was imported.", hint="Export it again.")
+    for disk in manifest["disks"]:
+        if disk["file"] not in manifest["files"]:
+            raise ImageError(f"the bundle's disk {disk['file']} has no checksum.")
+        info = qemu_img.info(bundle / disk["file"], "qcow2")
+        if info.backing_filename:
+            raise ImageError(f"{disk['file']} has a backing file; bundle disks stand alone.")
+    return manifest
+
+
+def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
+                  on_progress: qemu_img.Progress = None) -> str:
+    """A new VM (new id, new file names) from a verified bundle; returns its id."""
+    manifest = read_bundle(bundle)
+    vm_name = tree.clean_name(name or manifest["vm"]["name"], what="VM name")
+    hardware = HardwareConfig.load(json.loads((bundle / "configuration.json").read_text()))
+    vm_id = new_id()
+    keys, disks, images, steps = {}, [], [], []
+    for disk in manifest["disks"]:
+        image_id, disk_id = new_id(), new_id()
+        path = ctx.disk_folder(vm_id) / f"{image_id}.qcow2"
+        keys[disk["key"]] = disk_id
+        images.append({"id": image_id, "vm_id": vm_id, "path": str(path), "format": "qcow2",
+                       "parent_id": None, "pinned": False,
+                       "virtual_size": disk["virtual_size"], "chain_length": 1})
+        disks.append({"id": disk_id, "vm_id": vm_id, "active_image_id": image_id,
+                      "passthrough_path": None})
+        steps.append({"op": "convert", "path": str(path), "src": str(bundle / disk["file"]),
+                      "src_fmt": "qcow2"})
+    if set(hardware.disks) != set(keys):
+        raise ImageError("the bundle's configuration and its disks disagree.")
+    hardware.disks = [keys[k] for k in hardware.disks]
+    with ctx.catalog.session() as session:
+        if session.scalars(select(Vm).where(Vm.name == vm_name)).first() is not None:
+            raise Conflict(f"a VM named {vm_name!r} already exists.",
+                           hint="Import under another name with --name NEW_NAME.")
+    settings = manifest["vm"]
+    vm_row = {"id": vm_id, "name": vm_name, "state": "off", "config": hardware.dump(),
+              "checkpoint_type": check_type(settings["checkpoint_type"]),
+              "max_checkpoints": check_limit(int(settings["max_checkpoints"])),
+              "checkpoint_dir": str(ctx.vm_folder(vm_id) / "checkpoints")}
+    if manifest.get("memory"):
+        raise InvalidInput("this bundle holds a memory state; importing it needs the running-VM "
+                           "support of a later Waymark release.")
+    with ctx.vm_locked(vm_id, vm_name):
+        ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
+                        steps, on_progress)
+    return vm_id
