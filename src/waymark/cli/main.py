@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
 from waymark import __version__
-from waymark.config import Settings
 from waymark.errors import WaymarkError
-from waymark.ops.context import Context
+
+if TYPE_CHECKING:
+    from waymark.ops.context import Context
 
 
 class Face:
@@ -25,6 +27,9 @@ class Face:
     @property
     def ctx(self) -> Context:
         if self._ctx is None:
+            from waymark.config import Settings
+            from waymark.ops.context import Context
+
             self._ctx = Context.open(Settings.from_env(self._home))
         return self._ctx
 
@@ -35,7 +40,35 @@ def face() -> Face:
     return obj
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Loads a command group's module only when that group runs, so ``--help`` stays fast."""
+
+    COMMANDS: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "vm": ("waymark.cli.vm", "vm", "Virtual machines: hardware, disks, checkpoint settings."),
+        "checkpoint": ("waymark.cli.checkpoint", "checkpoint",
+                       "Checkpoints: take, list, apply, rename, delete, export."),
+        "check": ("waymark.cli.check", "check",
+                  "Compare the catalog, the files and the journal; --repair."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.COMMANDS:
+            return None
+        module, attr, _ = self.COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", metavar="DIR", envvar="WAYMARK_HOME",
               help="Waymark's data folder (default $XDG_DATA_HOME/waymark).")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv: every command run).")
@@ -46,17 +79,6 @@ def cli(click_ctx: click.Context, home: str | None, verbose: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     click_ctx.obj = Face(home)
-
-
-def _register() -> None:
-    from waymark.cli import check, checkpoint, vm
-
-    cli.add_command(vm.vm)
-    cli.add_command(checkpoint.checkpoint)
-    cli.add_command(check.check)
-
-
-_register()
 
 
 def _report(err: WaymarkError, as_json: bool) -> None:
@@ -71,7 +93,7 @@ def _report(err: WaymarkError, as_json: bool) -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="waymark", standalone_mode=False)
     except WaymarkError as err:
         _report(err, "--json" in sys.argv[1:])
         sys.exit(err.exit_code)

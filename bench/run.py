@@ -1,0 +1,138 @@
+"""Benchmarks: each prints our time, a reference measured in the same run, and their ratio.
+
+    .venv/bin/python bench/run.py [--runs N] [--only NAME]
+
+Medians of N runs (default 3); the machine is shared and noisy, so compare ratios, not seconds.
+
+- create:  `checkpoint create` with a 100 GiB (sparse) disk vs a 1 GiB disk (ratio ~1: O(1)).
+- delete:  delete C in base <- U (1 GiB written, frozen by C) <- K (16 MiB, active), against
+           `qemu-img commit` of K into U (target <= 1.2x) and `qemu-img rebase -b base K`
+           (target: at least 10x faster).
+- list:    `checkpoint list` with 50 checkpoints, and `waymark --help` (target < 300 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+WAYMARK = [sys.executable, "-m", "waymark"]
+
+
+def sh(*argv: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_of(runs: int, setup: Callable[[], object], measure: Callable[[], object]) -> float:
+    samples = []
+    for _ in range(runs):
+        setup()
+        samples.append(timed(measure))
+    return statistics.median(samples)
+
+
+class Home:
+    def __init__(self, root: Path) -> None:
+        self.path = root / "home"
+        self.env = {**os.environ, "WAYMARK_HOME": str(self.path)}
+
+    def reset(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def wm(self, *args: str) -> str:
+        return sh(*WAYMARK, *args, env=self.env)
+
+    def active(self, vm: str) -> str:
+        return str(json.loads(self.wm("vm", "show", vm, "--json"))["disks"][0]["active_image"])
+
+
+def bench_create(root: Path, runs: int) -> None:
+    home = Home(root)
+    results = {}
+    for size in ("1G", "100G"):
+        def setup(size: str = size) -> None:
+            home.reset()
+            home.wm("vm", "create", "b", "--disk", size)
+        results[size] = median_of(runs, setup, lambda: home.wm("checkpoint", "create", "b"))
+    ratio = results["100G"] / results["1G"]
+    print(f"create: 1 GiB {results['1G'] * 1000:.0f} ms, 100 GiB {results['100G'] * 1000:.0f} ms"
+          f"  ratio {ratio:.2f} (target ~1)")
+
+
+def _delete_setup(home: Home) -> None:
+    """base (frozen by A) <- U (1 GiB written, frozen by C) <- K (16 MiB written, active)."""
+    home.reset()
+    home.wm("vm", "create", "b", "--disk", "2G")
+    home.wm("checkpoint", "create", "b", "--name", "A")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1G", home.active("b"))
+    home.wm("checkpoint", "create", "b", "--name", "C")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 9 0 16M", home.active("b"))
+
+
+def _chain(home: Home) -> tuple[str, str, str]:
+    k = home.active("b")
+    u = json.loads(sh("qemu-img", "info", "--output=json", "-f", "qcow2", k))["backing-filename"]
+    base = json.loads(sh("qemu-img", "info", "--output=json", "-f", "qcow2", u))[
+        "backing-filename"]
+    return base, u, k
+
+
+def bench_delete(root: Path, runs: int) -> None:
+    home = Home(root)
+    ours = median_of(runs, lambda: _delete_setup(home),
+                     lambda: home.wm("checkpoint", "delete", "b", "C"))
+    commit = median_of(runs, lambda: _delete_setup(home), lambda: sh(
+        "qemu-img", "commit", "-q", "-f", "qcow2", "-d", "-b", _chain(home)[1], _chain(home)[2]))
+    rebase = median_of(max(1, runs // 2), lambda: _delete_setup(home), lambda: sh(
+        "qemu-img", "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", _chain(home)[0],
+        _chain(home)[2]))
+    print(f"delete: waymark {ours * 1000:.0f} ms, qemu-img commit {commit * 1000:.0f} ms "
+          f"(ratio {ours / commit:.2f}, target <= 1.2), qemu-img rebase {rebase * 1000:.0f} ms "
+          f"(speed-up {rebase / ours:.1f}x, target >= 10)")
+
+
+def bench_list(root: Path, runs: int) -> None:
+    home = Home(root)
+    home.reset()
+    home.wm("vm", "create", "b", "--disk", "64M")
+    for i in range(50):
+        home.wm("checkpoint", "create", "b", "--name", f"c{i}")
+    listing = median_of(runs * 3, lambda: None, lambda: home.wm("checkpoint", "list", "b"))
+    helping = median_of(runs * 3, lambda: None, lambda: home.wm("--help"))
+    python = median_of(runs * 3, lambda: None, lambda: sh(sys.executable, "-c", "pass"))
+    print(f"list: checkpoint list (50) {listing * 1000:.0f} ms, --help {helping * 1000:.0f} ms "
+          f"(target < 300 ms; bare python startup {python * 1000:.0f} ms)")
+
+
+BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", choices=sorted(BENCHES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+        for name, bench in BENCHES.items():
+            if args.only in (None, name):
+                bench(Path(tmp), args.runs)
+
+
+if __name__ == "__main__":
+    main()
