@@ -27,5 +27,12 @@ wm checkpoint apply demo "before upgrade" --checkpoint-first
 echo "The disk is back as it was before the upgrade:"
 io "read -P 0x11 0 4M"
 wm vm show demo
+wm checkpoint create demo --name "Experiment 1"
+wm checkpoint create demo --name "Experiment 2"
 wm checkpoint list demo
+wm checkpoint delete demo 'Experiment*' --yes   # their disk layers are merged away
+wm checkpoint export demo "after upgrade" "$WAYMARK_HOME/export-after-upgrade"
+wm vm import "$WAYMARK_HOME/export-after-upgrade" --name demo-clone
+wm vm list
+wm check
 echo "Done. Everything lives in $WAYMARK_HOME (catalog.db, vms/<id>/disks, vms/<id>/checkpoints)."

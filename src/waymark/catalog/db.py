@@ -73,6 +73,15 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any exception."""
-        with self._sessions.begin() as session:
-            yield session
+        """One transaction: committed on success, rolled back on any exception.
+
+        Database failures (a full disk, a lock held too long) become StorageError.
+        """
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as err:
+            raise StorageError(f"the catalog could not be written: {err.orig}",
+                               hint="Free space on the file system of the Waymark home, then "
+                                    "run the command again: an interrupted operation resumes "
+                                    "where it stopped.") from err
