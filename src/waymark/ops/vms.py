@@ -62,6 +62,17 @@ def check_type(value: str) -> str:
     return value
 
 
+MIN_MEMORY = 16 << 20
+
+
+def check_memory(value: int) -> int:
+    """Memory in bytes -> MiB: whole MiB, at least 16."""
+    if value < MIN_MEMORY or value % (1 << 20):
+        raise InvalidInput(f"memory of {value} bytes is not a whole number of MiB of at least 16.",
+                           hint="Give e.g. --memory 512M or --memory 2G.")
+    return value >> 20
+
+
 def check_limit(value: int) -> int:
     if not 1 <= value <= MAX_CHECKPOINTS_CEILING:
         raise InvalidInput(f"--max-checkpoints {value} is out of range.",
@@ -99,6 +110,9 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         if not spec.path.exists():
             raise NotFound(f"pass-through device {spec.path} does not exist.",
                            hint="Give an existing block device or file.")
+        if spec.path.is_dir():
+            raise InvalidInput(f"pass-through target {spec.path} is a folder.",
+                               hint="Give a block device or a file.")
         disk["passthrough_path"] = str(spec.path)
         return disk, [], []
     folder = ctx.disk_folder(vm_id)
@@ -132,7 +146,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
     vm_id = new_id()
-    hardware = HardwareConfig(memory_mib=memory >> 20, cpus=cpus,
+    hardware = HardwareConfig(memory_mib=check_memory(memory), cpus=cpus,
                               kernel=check_boot_file(kernel, "--kernel"),
                               initrd=check_boot_file(initrd, "--initrd"), append=append)
     disk_rows: list[dict[str, Any]] = []
@@ -186,7 +200,7 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
         row = session.get_one(Vm, vm_id)
         hardware = lookup.hardware(row)
         if memory is not None:
-            hardware.memory_mib = memory >> 20
+            hardware.memory_mib = check_memory(memory)
         if cpus is not None:
             hardware.cpus = cpus
         row.config = HardwareConfig.model_validate(hardware.dump()).dump()
