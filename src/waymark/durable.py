@@ -38,6 +38,6 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def remove(path: Path) -> None:
     """Remove ``path`` if it exists (idempotent) and make the removal durable."""
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         path.unlink()
         fsync_dir(path.parent)

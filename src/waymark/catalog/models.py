@@ -93,6 +93,8 @@ class FrozenImage(Base):
 
 class Intent(Base):
     __tablename__ = "intents"
+    # ids are never reused, even after a VM's history is deleted
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     vm_id: Mapped[str] = mapped_column(String(32), index=True)

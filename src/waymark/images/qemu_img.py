@@ -63,8 +63,8 @@ def create(path: Path, *, size: int | None = None, backing: Path | None = None,
            backing_fmt: str | None = None) -> None:
     """Create a qcow2 image: a new base of ``size`` bytes, or an overlay on ``backing``.
 
-    An overlay is created without opening its backing chain beyond the first image (qemu-img
-    reads only the backing file's size), so it costs the same whatever the disk size.
+    qemu-img opens the backing chain (headers only) to learn its size, so an overlay costs the
+    same whatever the disk size, and a chain with a missing file fails here.
     """
     argv = ["create", "-q", "-f", "qcow2"]
     if backing is not None:

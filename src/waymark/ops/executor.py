@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from waymark import durable
+from waymark.errors import StorageError
 from waymark.images import qemu_img
 
 Step = dict[str, Any]
@@ -42,6 +43,16 @@ def _prune_empty(root: Path) -> None:
 
 def run(step: Step, on_progress: qemu_img.Progress = None) -> None:
     """Run one step; long ones report their fraction done to ``on_progress``."""
+    try:
+        _run(step, on_progress)
+    except OSError as err:
+        raise StorageError(f"could not {step['op'].replace('_', ' ')} "
+                           f"{err.filename or step.get('path', '')}: {err.strerror}",
+                           hint="Fix the folder (space, permissions, path), then run the "
+                                "command again.") from err
+
+
+def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     op = step["op"]
     path = Path(step["path"]) if "path" in step else None
     if op == "create_image" and path is not None:

@@ -25,7 +25,8 @@ def recover_vm(ctx: Context, vm_id: str, report: compact.Reporter | None = None)
         if intent.kind != compact.MARKER:
             log.info("finishing %s (journal intent %s)", intent.kind, intent.id)
             ctx.journal.drive(intent.id)
-    if any(intent.kind == compact.MARKER for intent in pending):
+    # re-read: a commit driven just now may have left a compaction marker of its own
+    if any(intent.kind == compact.MARKER for intent in ctx.journal.pending(vm_id)):
         compact.run(ctx, vm_id, report)
 
 

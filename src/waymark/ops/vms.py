@@ -80,6 +80,18 @@ def check_limit(value: int) -> int:
     return value
 
 
+def check_folder(value: str) -> str:
+    """An absolute folder path that exists or can be made (no file where a folder must be)."""
+    path = Path(value).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InvalidInput(f"{probe} is a file, so the folder {path} cannot be made.",
+                           hint="Give a folder path.")
+    return str(path)
+
+
 def check_boot_file(value: str | None, option: str) -> str | None:
     if value is None:
         return None
@@ -164,7 +176,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     folder = checkpoint_dir or str(ctx.vm_folder(vm_id) / "checkpoints")
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
               "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
-              "checkpoint_dir": str(Path(folder).expanduser().absolute())}
+              "checkpoint_dir": check_folder(folder)}
     with ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
                         {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
@@ -213,7 +225,7 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
                 raise Conflict(f"VM {vm_name!r} has checkpoints; its checkpoint folder can change "
                                "only while it has none.",
                                hint="Delete its checkpoints first, or keep the folder.")
-            row.checkpoint_dir = str(Path(checkpoint_dir).expanduser().absolute())
+            row.checkpoint_dir = check_folder(checkpoint_dir)
 
 
 def delete(ctx: Context, ref: str, *, yes: bool) -> None:
