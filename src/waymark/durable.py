@@ -27,13 +27,22 @@ def fsync_file(path: Path) -> None:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically: readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        remove(tmp)
+        raise
     fsync_dir(path.parent)
+
+
+def temp_path(path: Path) -> Path:
+    """Where :func:`write_bytes` stages ``path`` (left behind only by a killed process)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def remove(path: Path) -> None:

@@ -301,8 +301,9 @@ def test_kill_checkpoint_create_at_every_point(wm: Waymark, tmp_path: Path) -> N
     points, seen, problems = sweep(wm, tmp_path, ["checkpoint", "create", "v", "--name", "C"],
                          outcome_create)
     assert points == [2 + 1 + 1]  # one overlay per disk, the description file, the commit
-    # the intent is journaled before the first point, and recovery rolls it forward
-    assert seen == ["done"] * sum(points)
+    # every point comes before the commit: an operation that did not commit did not happen, so
+    # recovery rolls it back (its new files removed)
+    assert seen == ["not done"] * sum(points)
     assert_recovery_finished(problems)
 
 
@@ -319,7 +320,8 @@ def test_kill_apply_discard_current_at_every_point(wm: Waymark, tmp_path: Path) 
     points, seen, problems = sweep(wm, tmp_path, command, outcome)
     # the apply (an overlay per disk + commit), then compaction drops each replaced image
     assert points == [3, 2, 2]
-    assert seen == ["done"] * sum(points)
+    # killed before the apply commits: rolled back; after it: recovery finishes the compaction
+    assert seen == ["not done"] * points[0] + ["done"] * sum(points[1:])
     assert_recovery_finished(problems)
 
 
@@ -330,10 +332,11 @@ def test_kill_apply_checkpoint_first_at_every_point(wm: Waymark, tmp_path: Path)
     command = ["checkpoint", "apply", "v", "A", "--checkpoint-first"]
     points, seen, problems = sweep(wm, tmp_path, command, outcome, disks=1)
     assert points == [3, 2, 2]  # safety checkpoint, apply, the drop of the replaced image
-    # Each journaled operation is all-or-nothing and rolled forward: killed while taking the
-    # safety checkpoint, that checkpoint is finished but the apply never started (Now is
-    # unchanged and safe); killed any later, the apply is finished too.
-    assert seen == ["safety checkpoint only"] * points[0] + ["done"] * sum(points[1:])
+    # Each journaled operation is all-or-nothing: killed while taking the safety checkpoint,
+    # nothing happened; killed before the apply commits, the safety checkpoint exists and Now is
+    # unchanged (safe); killed later, recovery finishes the apply's compaction.
+    assert seen == (["not done"] * points[0] + ["safety checkpoint only"] * points[1]
+                    + ["done"] * points[2])
     assert_recovery_finished(problems)
 
 
@@ -345,7 +348,7 @@ def test_kill_vm_create_at_every_point(wm: Waymark, tmp_path: Path) -> None:
     sweeper.freeze()
     command = ["vm", "create", "new", "--disk", "4M"]
     points = sweeper.points(command)
-    assert points == [2]
+    assert points == [3]  # the VM folder, the disk image, the commit
     outcomes = []
     for n in range(sum(points)):
         killed = sweeper.kill_at(command, n)
@@ -368,7 +371,7 @@ def test_kill_vm_create_at_every_point(wm: Waymark, tmp_path: Path) -> None:
         assert disk["virtual_size"] == 4 * MIB
         assert content_sha256(disk["active_image"]) == hashlib.sha256(bytes(4 * MIB)).hexdigest()
         outcomes.append("done")
-    assert outcomes == ["done"] * sum(points)
+    assert outcomes == ["not done"] * sum(points)  # every point comes before the commit
     sweeper.past_the_end(command, sum(points))
 
 

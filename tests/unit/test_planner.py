@@ -48,3 +48,20 @@ def test_plan_ends_compact_and_keeps_referenced_images() -> None:
     assert {n.id for n in final if n.referenced} >= {"p"}
     assert len([n for n in final if n.referenced]) == 3  # pinned + the two referenced roles
     assert all(n.referenced or n.pinned for n in final)
+
+
+def test_unreferenced_only_child_is_dropped_not_merged_forever() -> None:
+    graph = [img("a", None, ref=True, alloc=100), img("b", "a", alloc=100),
+             img("c", "b", alloc=100)]
+    assert next_step(graph) == Drop("c")
+    assert [type(s) for s in plan(graph)] == [Drop, Drop]
+
+
+def test_chain_of_shared_images_collapses() -> None:
+    graph = [img("a", None, ref=True), img("u", "a", alloc=10), img("k", "u", alloc=5),
+             img("r1", "k", ref=True), img("r2", "k", ref=True)]
+    final = graph
+    for step in plan(graph):
+        final = after(final, step)
+    assert sorted(n.id for n in final if not n.referenced) == ["u"]
+    assert shared(final) == {"u"}

@@ -6,6 +6,7 @@ kept portable so a URL can later point several hosts at one PostgreSQL catalog.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,11 +32,21 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB free for us: SQLite then fails with vaguer errors (disk I/O error)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < (1 << 20)
+
+
 class Catalog:
     """The catalog of one Waymark home."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.home: Path | None = None
         self.engine: Engine = create_engine(url)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -44,9 +55,13 @@ class Catalog:
     @classmethod
     def open(cls, home: Path) -> Catalog:
         catalog = cls(f"sqlite:///{home / 'catalog.db'}")
+        catalog.home = home
         try:
             catalog.migrate()
         except (OperationalError, sqlite3.Error) as err:
+            if _nearly_full(home):
+                raise StorageError(f"cannot open the catalog in {home}: its file system is full.",
+                                   hint="Free space there, then run the command again.") from err
             raise StorageError(f"cannot open the catalog in {home}: {err}",
                                hint="Check that the folder is writable, or pick another "
                                     "--home.") from err
@@ -81,7 +96,9 @@ class Catalog:
             with self._sessions.begin() as session:
                 yield session
         except OperationalError as err:
-            raise StorageError(f"the catalog could not be written: {err.orig}",
+            full = self.home is not None and _nearly_full(self.home)
+            raise StorageError("the catalog could not be written: "
+                               + ("its file system is full" if full else str(err.orig)),
                                hint="Free space on the file system of the Waymark home, then "
                                     "run the command again: an interrupted operation resumes "
                                     "where it stopped.") from err

@@ -65,14 +65,18 @@ def children_of(nodes: Sequence[ImageNode]) -> dict[str, list[ImageNode]]:
 
 
 def next_step(nodes: Sequence[ImageNode]) -> Step | None:
-    """The next compaction step, or None when the graph is compact. Deterministic."""
+    """The next compaction step, or None when the graph is compact. Deterministic.
+
+    Drops come before merges: an unreferenced only child is dropped, never merged (merging it
+    would leave the same shape behind).
+    """
     kids = children_of(nodes)
-    for node in sorted(nodes, key=lambda n: n.id):
-        if node.referenced or node.pinned:
-            continue
-        below = kids[node.id]
-        if not below:
+    loose = sorted((n for n in nodes if not n.referenced and not n.pinned), key=lambda n: n.id)
+    for node in loose:
+        if not kids[node.id]:
             return Drop(node.id)
+    for node in loose:
+        below = kids[node.id]
         if len(below) == 1:
             child = below[0]
             if child.allocated <= node.allocated:

@@ -156,6 +156,7 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
     if manifest.get("memory"):
         raise InvalidInput("this bundle holds a memory state; importing it needs the running-VM "
                            "support of a later Waymark release.")
+    steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
     with ctx.vm_locked(vm_id, vm_name):
         ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
                         steps, on_progress)

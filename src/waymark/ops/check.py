@@ -34,7 +34,7 @@ from waymark.images import qemu_img
 from waymark.ops import locks, lookup, recovery
 from waymark.ops.context import Context
 
-OURS = re.compile(r"^[0-9a-f]{32}\.(qcow2|json|state)$")
+OURS = re.compile(r"^\.?[0-9a-f]{32}\.(qcow2|json|state)(\.tmp)?$")
 
 
 @dataclass
@@ -106,7 +106,8 @@ def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Fi
     found: dict[str, Finding] = {}
     for vm_id, folder, only_ours in folders:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
-            if str(path) in known or str(path) in found or path.name.startswith("."):
+            hidden = path.name.startswith(".") and not OURS.match(path.name)
+            if str(path) in known or str(path) in found or hidden:
                 continue
             if only_ours and not OURS.match(path.name):
                 continue

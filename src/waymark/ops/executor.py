@@ -3,6 +3,7 @@
 
 Steps are plain JSON dicts, so the journal can store them:
 
+- ``make_dir {path}``: a new VM's folder (undo: remove it and what is under it if all empty)
 - ``create_image {path, size?, backing?, backing_fmt?}``: a new qcow2 (undo: delete it)
 - ``write_file {path, text}``: a durable small file (undo: delete it)
 - ``convert {path, src, src_fmt}``: a standalone qcow2 copy of ``src``'s chain (undo: delete)
@@ -22,7 +23,7 @@ from waymark.errors import StorageError
 from waymark.images import qemu_img
 
 Step = dict[str, Any]
-UNDOABLE = frozenset({"create_image", "write_file", "convert"})
+UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert"})
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -55,7 +56,9 @@ def run(step: Step, on_progress: qemu_img.Progress = None) -> None:
 def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     op = step["op"]
     path = Path(step["path"]) if "path" in step else None
-    if op == "create_image" and path is not None:
+    if op == "make_dir" and path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    elif op == "create_image" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.create(path, size=step.get("size"), backing=_opt_path(step.get("backing")),
                         backing_fmt=step.get("backing_fmt"))
@@ -84,5 +87,8 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
 
 def undo(step: Step) -> None:
     """Remove what an undoable step made (it may have been only half made)."""
-    if step["op"] in UNDOABLE:
+    if step["op"] == "make_dir":
+        _prune_empty(Path(step["path"]))
+    elif step["op"] in UNDOABLE:
         durable.remove(Path(step["path"]))
+        durable.remove(durable.temp_path(Path(step["path"])))

@@ -10,8 +10,9 @@ An intent is a row of ``intents``: a kind, its parameters, a list of file steps 
   that writes the intent; the steps then only remove or merge files nothing needs any more, and
   a failure leaves the intent pending, to be finished by the next command.
 
-Between steps the process may be killed at any point: :func:`Journal.drive` picks up at
-``next_step`` and runs the rest (steps are idempotent).
+The process may be killed at any point. Recovery (the next command) rolls a *prepare* intent
+back — an operation that did not commit did not happen — and drives any other intent from
+``next_step`` to its end (its steps are idempotent).
 
 ``WAYMARK_FAILPOINT=N`` (tests only) SIGKILLs this process just before the N-th journal point
 (each step and each commit is one point, counted from 0 across the whole command).
@@ -19,6 +20,7 @@ Between steps the process may be killed at any point: :func:`Journal.drive` pick
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -132,13 +134,40 @@ class Journal:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
     def _failed(self, intent_id: int, err: WaymarkError) -> None:
-        """Undo a *prepare* intent's new files; leave any other intent pending for retry."""
+        """Undo a *prepare* intent's new files; leave any other intent pending for retry.
+
+        The files go first: recording the failure may itself fail (a full disk), and then
+        recovery rolls the intent back again (undo is idempotent).
+        """
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
+            kind, steps = intent.kind, intent.steps
+        if is_prepare(steps):
+            self.roll_back(intent_id, kind, steps, err.message)
+            return
+        with contextlib.suppress(StorageError), self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
             intent.error, intent.updated_at = err.message, now()
-            if not all(step["op"] in executor.UNDOABLE for step in intent.steps):
-                return
-            for step in reversed(intent.steps):
-                executor.undo(step)
-            intent.status = "rolled_back"
-            log.info("rolled back intent %s (%s): %s", intent_id, intent.kind, err.message)
+
+    def roll_back(self, intent_id: int, kind: str, steps: list[executor.Step],
+                  reason: str) -> None:
+        for step in reversed(steps):
+            executor.undo(step)
+        with self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            intent.status, intent.error, intent.updated_at = "rolled_back", reason, now()
+        log.info("rolled back intent %s (%s): %s", intent_id, kind, reason)
+
+    def finish(self, intent: Intent) -> None:
+        """Recovery of a dead command's intent: a *prepare* intent that did not commit did not
+        happen (its new files are removed); any other intent is driven to its end."""
+        if is_prepare(intent.steps):
+            self.roll_back(intent.id, intent.kind, intent.steps,
+                           "interrupted before it committed")
+        else:
+            self.drive(intent.id)
+
+
+def is_prepare(steps: Sequence[executor.Step]) -> bool:
+    """Every step only makes a new file: the intent can be undone until it commits."""
+    return bool(steps) and all(step["op"] in executor.UNDOABLE for step in steps)

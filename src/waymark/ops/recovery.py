@@ -24,7 +24,7 @@ def recover_vm(ctx: Context, vm_id: str, report: compact.Reporter | None = None)
     for intent in pending:
         if intent.kind != compact.MARKER:
             log.info("finishing %s (journal intent %s)", intent.kind, intent.id)
-            ctx.journal.drive(intent.id)
+            ctx.journal.finish(intent)
     # re-read: a commit driven just now may have left a compaction marker of its own
     if any(intent.kind == compact.MARKER for intent in ctx.journal.pending(vm_id)):
         compact.run(ctx, vm_id, report)

@@ -177,6 +177,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
               "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
               "checkpoint_dir": check_folder(folder)}
+    steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
     with ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
                         {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)

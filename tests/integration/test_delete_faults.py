@@ -1,0 +1,249 @@
+"""Fault injection for ``checkpoint delete`` and the compaction it starts.
+
+``WAYMARK_FAILPOINT=N`` SIGKILLs waymark just before its N-th journal point (each step of each
+intent, and each intent's commit). The sweep counts the points of one delete from the intents it
+journals, then kills a fresh copy of the same starting state at every point and checks that the
+next command finishes the work: the deleted checkpoints are gone, every other checkpoint and Now
+keep their exact content, no intent stays pending, no file is stray or missing, and
+``waymark check`` is clean. A second test kills waymark while ``qemu-img commit`` runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import Waymark, content_sha256, qemu_io_write
+
+KIB, MIB = 1 << 10, 1 << 20
+VM = "faulty"
+
+
+def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(home / "catalog.db")
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def vm_id(home: Path) -> str:
+    ((found,),) = query(home, "SELECT id FROM vms WHERE name = ?", VM)
+    return str(found)
+
+
+def active_path(home: Path) -> str:
+    ((path,),) = query(home, "SELECT i.path FROM disks d JOIN images i "
+                             "ON i.id = d.active_image_id JOIN vms v ON v.id = d.vm_id "
+                             "WHERE v.name = ?", VM)
+    return str(path)
+
+
+def frozen_paths(home: Path) -> dict[str, str]:
+    rows = query(home, "SELECT f.checkpoint_id, i.path FROM frozen_images f "
+                       "JOIN images i ON i.id = f.image_id")
+    return {ckpt: path for ckpt, path in rows}
+
+
+def write(wm: Waymark, offset: int, length: int, pattern: int) -> None:
+    qemu_io_write(Path(active_path(wm.home)), "qcow2", offset, length, pattern)
+
+
+def checkpoint(wm: Waymark, name: str, expected: dict[str, str]) -> str:
+    data = wm.json("checkpoint", "create", VM, "--name", name)
+    expected[data["id"]] = content_sha256(data["disks"][0]["frozen_image"])
+    return str(data["id"])
+
+
+def assert_recovered(wm: Waymark, expected: dict[str, str], parents: dict[str, str | None],
+                     current: str, now: str, label: str) -> None:
+    """The state after the delete, once the next command (which recovers) has run."""
+    listing = wm.json("checkpoint", "list", VM)
+    assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == parents, label
+    assert listing["current_id"] == current, label
+    frozen = frozen_paths(wm.home)
+    assert set(frozen) == set(parents), label
+    for ckpt, path in frozen.items():
+        assert content_sha256(path) == expected[ckpt], f"{label}: checkpoint {ckpt} changed"
+    assert content_sha256(active_path(wm.home)) == now, f"{label}: Now's disk changed"
+    assert query(wm.home, "SELECT kind, next_step FROM intents WHERE status = 'pending'") == [], \
+        label
+    home, vid = wm.home, vm_id(wm.home)
+    owned = {p for (p,) in query(home, "SELECT path FROM images WHERE vm_id = ? AND pinned = 0",
+                                 vid)}
+    files = {str(p) for p in (home / "vms" / vid / "disks").iterdir()}
+    assert files == owned, f"{label}: stray {files - owned}, missing {owned - files}"
+    configs = {p.name for p in (home / "vms" / vid / "checkpoints").iterdir()}
+    assert configs == {f"{c}.json" for c in parents}, label
+    check = wm.run("check", "--json")
+    assert check.returncode == 0, f"{label}: waymark check found {check.stdout}"
+    assert check.json()["findings"] == [], label
+
+
+def test_delete_survives_a_kill_at_every_journal_point(wm: Waymark, tmp_path: Path) -> None:
+    # A <- Exp1 <- Exp2 <- B <- B2, and Exp1 <- Exp3 <- Now: deleting 'Exp*' leaves a shared
+    # image (Exp1's), a commit down with a rebase of a grandchild (Exp2's image takes B's
+    # role, B2's image is relinked), a pull up (Now's big image swallows Exp3's) and drops.
+    expected: dict[str, str] = {}
+    wm("vm", "create", VM, "--disk", "4M")
+    write(wm, 0, 64 * KIB, 0x01)
+    a = checkpoint(wm, "A", expected)
+    write(wm, 64 * KIB, 128 * KIB, 0x02)
+    exp1 = checkpoint(wm, "Exp1", expected)
+    write(wm, 256 * KIB, 128 * KIB, 0x03)
+    exp2 = checkpoint(wm, "Exp2", expected)
+    write(wm, 512 * KIB, 64 * KIB, 0x04)
+    b = checkpoint(wm, "B", expected)
+    write(wm, 768 * KIB, 64 * KIB, 0x05)
+    b2 = checkpoint(wm, "B2", expected)
+    wm("checkpoint", "apply", VM, "Exp1", "--discard-current")
+    write(wm, MIB, 64 * KIB, 0x06)
+    exp3 = checkpoint(wm, "Exp3", expected)
+    write(wm, 2 * MIB, 192 * KIB, 0x07)
+    write(wm, 64 * KIB, 64 * KIB, 0x08)
+    now = content_sha256(active_path(wm.home))
+    doomed = {exp1, exp2, exp3}
+    parents: dict[str, str | None] = {a: None, b: a, b2: b}
+    saved = tmp_path / "saved"
+    shutil.copytree(wm.home, saved)
+
+    def restore() -> None:
+        shutil.rmtree(wm.home)
+        shutil.copytree(saved, wm.home)  # the same path: image paths are absolute
+
+    # the reference run: count the journal points the delete goes through
+    ((last_intent,),) = query(wm.home, "SELECT max(id) FROM intents")
+    done = wm.run("checkpoint", "delete", VM, "Exp*", "--yes", "--json", timeout=60).ok()
+    assert {d["id"] for d in done.json()["deleted"]} == doomed
+    rows = query(wm.home, "SELECT kind, steps FROM intents WHERE id > ?", last_intent)
+    kinds = [kind for kind, _ in rows]
+    assert {"checkpoint_files_delete", "commit_down", "pull_up", "drop"} <= set(kinds), kinds
+    points = sum(len(sqlite_json(steps)) + 1 for kind, steps in rows if kind != "compact")
+    assert points >= 10, rows  # several merges, each a few points
+    assert_recovered(wm, expected, parents, a, now, "reference run")
+    files_after = len(list((wm.home / "vms" / vm_id(wm.home) / "disks").iterdir()))
+
+    for n in itertools.count():
+        restore()
+        killed = wm.run("checkpoint", "delete", VM, "Exp*", "--yes",
+                        env=wm.env(WAYMARK_FAILPOINT=str(n)), timeout=60)
+        if killed.returncode == 0:
+            break
+        label = f"killed at journal point {n}"
+        assert killed.returncode == -signal.SIGKILL, f"{label}: {killed.stderr}"
+        assert n < points, f"{label}: the delete has more journal points than it journals"
+        # the tree changed in one transaction before any file step
+        left = {c for (c,) in query(wm.home, "SELECT id FROM checkpoints")}
+        assert left == set(parents), label
+        assert query(wm.home, "SELECT count(*) FROM intents WHERE status = 'pending' "
+                              "AND kind = 'compact'") == [(1,)], label
+        assert_recovered(wm, expected, parents, a, now, label)
+        assert len(list((wm.home / "vms" / vm_id(wm.home) / "disks").iterdir())) == files_after
+    assert n == points, f"the delete exited 0 after {n} kill points, its journal counts {points}"
+    assert_recovered(wm, expected, parents, a, now, f"failpoint {n} not reached")
+
+
+def sqlite_json(text: str) -> list[Any]:
+    value = json.loads(text)
+    assert isinstance(value, list)
+    return value
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append((int(entry.name), cmdline))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_kill_during_a_long_qemu_img_commit(wm: Waymark, tmp_path: Path) -> None:
+    """U (136 MiB, frozen by C) <- K (120 MiB elsewhere, active): deleting C commits K into U.
+
+    waymark is killed while ``qemu-img commit`` is part-way (the commit is paused with SIGSTOP
+    once U has grown, so the moment does not depend on disk speed); the qemu-img child must die
+    with it, and the next command must finish the merge with no data lost.
+    """
+    try:
+        expected: dict[str, str] = {}
+        wm("vm", "create", VM, "--disk", "256M")
+        write(wm, 0, 64 * KIB, 0x0A)
+        a = checkpoint(wm, "A", expected)
+        write(wm, 0, 136 * MIB, 0x0B)
+        c = checkpoint(wm, "C", expected)
+        u = frozen_paths(wm.home)[c]
+        write(wm, 136 * MIB, 120 * MIB, 0x0C)
+        k = active_path(wm.home)
+        now = content_sha256(k)
+        u_size = Path(u).stat().st_size
+
+        log = (tmp_path / "delete.log").open("w")
+        proc = subprocess.Popen([sys.executable, "-m", "waymark", "checkpoint", "delete", VM,
+                                 "C"], env=wm.env(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log)
+        try:
+            qemu = _catch_commit(proc, Path(u), u_size)
+        finally:
+            proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        log.close()
+        deadline = time.monotonic() + 2
+        while _alive(qemu) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(qemu), "qemu-img outlived the waymark that started it"
+        grown = Path(u).stat().st_size - u_size
+        assert 0 < grown < 120 * MIB, f"the commit was not part-way ({grown} bytes)"
+        assert query(wm.home, "SELECT kind FROM intents WHERE status = 'pending' "
+                              "ORDER BY id") == [("compact",), ("commit_down",)]
+
+        assert_recovered(wm, expected, {a: None}, a, now, "after the kill during a commit")
+        assert active_path(wm.home) == u  # the merged file took K's role
+        assert not Path(k).exists()
+    finally:
+        shutil.rmtree(wm.home, ignore_errors=True)  # 256 MiB of data: not left in /tmp
+
+
+def _catch_commit(proc: subprocess.Popen[bytes], u: Path, u_size: int) -> int:
+    """Wait for waymark's ``qemu-img commit`` child, and pause it once it has written into U."""
+    deadline = time.monotonic() + 60
+    qemu = None
+    while qemu is None:
+        assert proc.poll() is None, "waymark ended before its qemu-img commit was seen"
+        assert time.monotonic() < deadline, "no qemu-img commit started"
+        qemu = next((p for p, cmd in _children(proc.pid) if "qemu-img" in cmd and
+                     " commit " in cmd), None)
+    os.kill(qemu, signal.SIGSTOP)
+    while u.stat().st_size < u_size + 4 * MIB:
+        assert _alive(qemu), "qemu-img commit finished before it could be paused"
+        assert time.monotonic() < deadline, "qemu-img commit made no progress"
+        os.kill(qemu, signal.SIGCONT)
+        time.sleep(0.002)
+        os.kill(qemu, signal.SIGSTOP)
+    return qemu
