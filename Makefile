@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := qemu-utils python3-venv
+# qemu-utils: qemu-img/qemu-io; qemu-system-x86: VMs; the rest build the test guest
+APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv
 
 .PHONY: demo test lint check bench deps clean
 
@@ -13,6 +14,7 @@ deps: $(STAMP)
 .apt-stamp:
 	@missing=""; \
 	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages:$$missing"; \

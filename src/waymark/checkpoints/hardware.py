@@ -14,6 +14,15 @@ CPU_MODEL = "qemu64"
 CHECKPOINT_TYPES = ("disabled", "production", "productiononly", "standard")
 
 
+class Nic(BaseModel):
+    """A virtio NIC: user-mode networking (optional host port forwards) or a host bridge."""
+
+    kind: str = "user"  # user | bridge
+    bridge: str | None = None
+    mac: str
+    forwards: list[str] = Field(default_factory=list)  # hostfwd rules, e.g. tcp::2222-:22
+
+
 class HardwareConfig(BaseModel):
     """Hardware of a VM. ``disks`` lists the attached disk ids, in bus order."""
 
@@ -25,6 +34,7 @@ class HardwareConfig(BaseModel):
     initrd: str | None = None
     append: str | None = None
     disks: list[str] = Field(default_factory=list)
+    nics: list[Nic] = Field(default_factory=list)
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> HardwareConfig:

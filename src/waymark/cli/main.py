@@ -49,6 +49,7 @@ class LazyGroup(click.Group):
                        "Checkpoints: take, list, apply, rename, delete, export."),
         "check": ("waymark.cli.check", "check",
                   "Compare the catalog, the files and the journal; --repair."),
+        "guest": ("waymark.cli.guest", "guest", "The self-contained test and demo guest."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -40,17 +40,21 @@ def vm() -> None:
 @click.option("--checkpoint-dir", metavar="DIR", help="Folder for checkpoint files.")
 @click.option("--max-checkpoints", type=int, default=vms.DEFAULT_MAX_CHECKPOINTS,
               show_default=True)
+@click.option("--nic", "nics", multiple=True, metavar="user[,hostfwd=R]|bridge=BR|none",
+              help="A virtio NIC (default: one user-mode NIC). Repeatable.")
 @json_option
 def create(name: str, memory: str, cpus: int, disks: tuple[str, ...], kernel: str | None,
            initrd: str | None, append: str | None, checkpoint_type: str,
-           checkpoint_dir: str | None, max_checkpoints: int, as_json: bool) -> None:
+           checkpoint_dir: str | None, max_checkpoints: int, nics: tuple[str, ...],
+           as_json: bool) -> None:
     """Define a new VM (it is off)."""
     specs = [vms.DiskSpec.parse(d) for d in disks]
+    nic_list = None if not nics else [n for n in map(vms.parse_nic, nics) if n is not None]
     ctx = face().ctx
     vm_id = vms.create(ctx, name, memory=_memory(memory) or 0, cpus=cpus, disks=specs,
                        kernel=kernel, initrd=initrd, append=append,
                        checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
-                       max_checkpoints=max_checkpoints)
+                       max_checkpoints=max_checkpoints, nics=nic_list)
     shown = views.vm_show(ctx, vm_id)
     emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}) with {len(specs)} disk(s)."])
 
@@ -176,3 +180,13 @@ def import_(bundle: Path, name: str | None, as_json: bool) -> None:
                                   on_progress=fraction_progress("importing"))
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."])
+
+
+def _add_power_commands() -> None:
+    from waymark.cli import power
+
+    for command in power.COMMANDS:
+        vm.add_command(command)
+
+
+_add_power_commands()

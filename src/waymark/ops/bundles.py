@@ -30,7 +30,7 @@ from waymark.errors import Conflict, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
 from waymark.ops import lookup
 from waymark.ops.context import Context
-from waymark.ops.vms import check_limit, check_type, new_id
+from waymark.ops.vms import check_limit, check_type, new_id, new_mac
 
 FORMAT, VERSION = "waymark-bundle", 1
 MANIFEST = "manifest.json"
@@ -144,6 +144,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
     if set(hardware.disks) != set(keys):
         raise ImageError("the bundle's configuration and its disks disagree.")
     hardware.disks = [keys[k] for k in hardware.disks]
+    for nic in hardware.nics:  # a clone is a new machine on the network
+        nic.mac = new_mac()
     with ctx.catalog.session() as session:
         if session.scalars(select(Vm).where(Vm.name == vm_name)).first() is not None:
             raise Conflict(f"a VM named {vm_name!r} already exists.",

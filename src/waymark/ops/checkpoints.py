@@ -14,7 +14,7 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, LimitReached
-from waymark.ops import compact, lookup, recovery
+from waymark.ops import compact, liveness, lookup, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.ops.vms import new_id
@@ -52,6 +52,7 @@ def create(ctx: Context, vm_ref: str, name: str | None = None) -> str:
 
 
 def _create_locked(ctx: Context, vm_id: str, name: str | None) -> str:
+    liveness.require_offline(ctx, vm_id, "taking a checkpoint")
     created = now()
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
@@ -144,6 +145,7 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyRes
     """Return the VM to checkpoint ``ckpt_ref``: its disks and configuration as they were."""
     vm_id, vm_name = _vm_ref(ctx, vm_ref)
     with ctx.vm_locked(vm_id, vm_name):
+        liveness.require_offline(ctx, vm_id, "applying a checkpoint")
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
             target = lookup.checkpoint(session, vm_row, ckpt_ref).id

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from waymark.catalog.models import Disk, FrozenImage, Image, Intent
+from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import planner
 from waymark.ops import journal, lookup
 from waymark.ops.context import Context
@@ -89,7 +89,14 @@ def _describe(session: Session, step: planner.Step) -> str:
 
 
 def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
-    """Compact until nothing is left to do; returns the number of steps taken."""
+    """Compact until nothing is left to do; returns the number of steps taken.
+
+    Never while QEMU has the images open: the marker stays until the VM is off.
+    """
+    with ctx.catalog.session() as session:
+        vm_row = session.get(Vm, vm_id)
+        if vm_row is not None and vm_row.state in ("running", "paused"):
+            return 0
     taken = 0
     while True:
         with ctx.catalog.session() as session:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
 from waymark.checkpoints import tree
 from waymark.errors import ConsentRequired, NotFound
-from waymark.ops import compact, journal, lookup, recovery
+from waymark.ops import compact, journal, liveness, lookup, recovery
 from waymark.ops.context import Context
 
 GLOB_CHARS = frozenset("*?[")
@@ -70,6 +70,7 @@ def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool
         vm_row = lookup.vm(session, vm_ref)
         vm_id, vm_name = vm_row.id, vm_row.name
     with ctx.vm_locked(vm_id, vm_name):
+        liveness.require_offline(ctx, vm_id, "deleting checkpoints")
         with ctx.catalog.session() as session:
             removed = _remove_from_tree(session, session.get_one(Vm, vm_id),
                                         [m.id for m in targets], subtree=subtree)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, Image, Vm
 from waymark.checkpoints import planner, tree
-from waymark.ops import compact, lookup
+from waymark.ops import compact, liveness, lookup
 from waymark.ops.context import Context
 
 KIND_HAS_MEMORY = "standard"
@@ -118,8 +118,10 @@ def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
 
 def vm_show(ctx: Context, vm_ref: str) -> dict[str, Any]:
     with ctx.catalog.session() as session:
-        row = lookup.vm(session, vm_ref)
-        return _vm(session, row)
+        vm_id = lookup.vm(session, vm_ref).id
+    liveness.reconcile(ctx, vm_id)
+    with ctx.catalog.session() as session:
+        return _vm(session, session.get_one(Vm, vm_id))
 
 
 def _vm(session: Session, row: Vm) -> dict[str, Any]:
@@ -143,6 +145,10 @@ def _vm(session: Session, row: Vm) -> dict[str, Any]:
 
 
 def vm_list(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as session:
+        ids = list(session.scalars(select(Vm.id)))
+    for vm_id in ids:
+        liveness.reconcile(ctx, vm_id)
     with ctx.catalog.session() as session:
         rows = session.scalars(select(Vm).order_by(Vm.name))
         return [{"id": r.id, "name": r.name, "state": r.state,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -15,10 +16,10 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import tree
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig
+from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, InvalidInput, NotFound
 from waymark.images import qemu_img
-from waymark.ops import compact, journal, lookup, recovery
+from waymark.ops import compact, journal, liveness, lookup, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.units import parse_size
@@ -53,6 +54,29 @@ class DiskSpec:
         if not path:
             raise InvalidInput("a --disk is empty.", hint="Give a size (10G) or a file path.")
         return cls(path=Path(path).expanduser().absolute(), passthrough=passthrough)
+
+
+def new_mac() -> str:
+    """A locally administered MAC in QEMU's 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
+def parse_nic(text: str) -> Nic | None:
+    """``user[,hostfwd=RULE...]``, ``bridge=BR`` or ``none`` (no NIC)."""
+    kind, *opts = text.split(",")
+    if kind == "none" and not opts:
+        return None
+    if kind == "user":
+        rules = [o.removeprefix("hostfwd=") for o in opts if o.startswith("hostfwd=")]
+        if len(rules) != len(opts):
+            raise InvalidInput(f"unknown NIC option in {text!r}.",
+                               hint="Use --nic user[,hostfwd=tcp::2222-:22] or --nic bridge=BR.")
+        return Nic(kind="user", mac=new_mac(), forwards=rules)
+    if kind.startswith("bridge=") and len(kind) > 7 and not opts:
+        return Nic(kind="bridge", bridge=kind[7:], mac=new_mac())
+    raise InvalidInput(f"invalid --nic {text!r}.",
+                       hint="Use --nic user[,hostfwd=tcp::2222-:22], --nic bridge=BR or "
+                            "--nic none.")
 
 
 def check_type(value: str) -> str:
@@ -152,7 +176,7 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
 def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskSpec],
            kernel: str | None = None, initrd: str | None = None, append: str | None = None,
            checkpoint_type: str = "production", checkpoint_dir: str | None = None,
-           max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS) -> str:
+           max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None) -> str:
     """Define a VM (it is off); returns its id."""
     name = tree.clean_name(name, what="VM name")
     check_type(checkpoint_type)
@@ -160,7 +184,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     vm_id = new_id()
     hardware = HardwareConfig(memory_mib=check_memory(memory), cpus=cpus,
                               kernel=check_boot_file(kernel, "--kernel"),
-                              initrd=check_boot_file(initrd, "--initrd"), append=append)
+                              initrd=check_boot_file(initrd, "--initrd"), append=append,
+                              nics=[Nic(mac=new_mac())] if nics is None else nics)
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
@@ -209,7 +234,20 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
     with ctx.catalog.session() as session:
         row = lookup.vm(session, ref)
         vm_id, vm_name = row.id, row.name
-    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+    with ctx.vm_locked(vm_id, vm_name):
+        if (memory is not None or cpus is not None) and \
+                liveness.reconcile(ctx, vm_id) in (*liveness.LIVE_STATES, "saved"):
+            changed = " and ".join(n for n, v in (("--memory", memory), ("--cpus", cpus)) if v)
+            raise Conflict(f"VM {vm_name!r} is not off: {changed} take effect only after a "
+                           "power cycle.", hint=f"Stop it first: waymark vm stop {vm_name}")
+        _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
+                    max_checkpoints)
+
+
+def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus: int | None,
+                checkpoint_type: str | None, checkpoint_dir: str | None,
+                max_checkpoints: int | None) -> None:
+    with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         hardware = lookup.hardware(row)
         if memory is not None:
@@ -239,6 +277,7 @@ def delete(ctx: Context, ref: str, *, yes: bool) -> None:
 
 
 def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None:
+    liveness.require_offline(ctx, vm_id, "deleting the VM")
     with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         count = lookup.checkpoint_count(session, vm_id)
@@ -274,6 +313,7 @@ def add_disk(ctx: Context, ref: str, spec: DiskSpec) -> str:
         row = lookup.vm(session, ref)
         vm_id, vm_name = row.id, row.name
     with ctx.vm_locked(vm_id, vm_name):
+        liveness.require_offline(ctx, vm_id, "adding a disk")
         with ctx.catalog.session() as session:
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
         ctx.journal.run(vm_id, "disk_add", {"disk": disk, "images": images}, steps)
@@ -296,7 +336,13 @@ def remove_disk(ctx: Context, ref: str, disk_ref: str) -> Disk:
     with ctx.catalog.session() as session:
         row = lookup.vm(session, ref)
         vm_id, vm_name = row.id, row.name
-    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+    with ctx.vm_locked(vm_id, vm_name):
+        liveness.require_offline(ctx, vm_id, "removing a disk")
+        return _detach(ctx, vm_id, vm_name, disk_ref)
+
+
+def _detach(ctx: Context, vm_id: str, vm_name: str, disk_ref: str) -> Disk:
+    with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         disk = lookup.disk(session, row, disk_ref)
         hardware = lookup.hardware(row)

@@ -1,0 +1,102 @@
+"""``waymark vm start|stop|save|pause|resume|status|console``: running VMs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from waymark.cli import console as terminal
+from waymark.cli.main import face
+from waymark.cli.output import emit, json_option
+from waymark.ops import liveness, lookup, machines
+
+
+def _console(vm_ref: str) -> None:
+    ctx = face().ctx
+    with ctx.catalog.session() as session:
+        row = lookup.vm(session, vm_ref)
+        vm_id, name = row.id, row.name
+    asyncio.run(terminal.attach(liveness.run_files(ctx, vm_id).console, name))
+
+
+@click.command("start")
+@click.argument("vm_ref", metavar="VM")
+@click.option("--console", "attach", is_flag=True, help="Attach to the serial console.")
+@click.option("--discard-saved-state", is_flag=True,
+              help="Boot fresh, throwing the saved memory state away.")
+@json_option
+def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -> None:
+    """Boot the VM, or resume a saved VM exactly where it was."""
+    ctx = face().ctx
+    accelerator = asyncio.run(machines.start(ctx, vm_ref, discard_saved=discard_saved_state))
+    data = asyncio.run(machines.status(ctx, vm_ref, ask_agent=False))
+    emit(as_json, data, [f"Started {data['name']} (pid {data['pid']}, {accelerator})."])
+    if attach:
+        _console(vm_ref)
+
+
+@click.command("stop")
+@click.argument("vm_ref", metavar="VM")
+@click.option("--force", is_flag=True, help="Power off at once (like pulling the plug).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
+@json_option
+def stop(vm_ref: str, force: bool, timeout: float, as_json: bool) -> None:
+    """Shut the guest down cleanly (guest agent, else ACPI power button)."""
+    how = asyncio.run(machines.stop(face().ctx, vm_ref, force=force, timeout=timeout))
+    emit(as_json, {"state": "off", "how": how}, [f"Stopped {vm_ref}: {how}."])
+
+
+@click.command("save")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def save(vm_ref: str, as_json: bool) -> None:
+    """Save memory and device state to a file; the VM stops (Hyper-V's Save)."""
+    data = asyncio.run(machines.save(face().ctx, vm_ref))
+    emit(as_json, data, [f"Saved {vm_ref} ({data['bytes'] >> 20} MiB of state, guest paused "
+                         f"{data['seconds']} s). Start it to resume where it was."])
+
+
+@click.command("pause")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def pause(vm_ref: str, as_json: bool) -> None:
+    """Pause the guest's CPUs (it keeps its memory)."""
+    asyncio.run(machines.pause(face().ctx, vm_ref))
+    emit(as_json, {"state": "paused"}, [f"Paused {vm_ref}."])
+
+
+@click.command("resume")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def resume(vm_ref: str, as_json: bool) -> None:
+    """Resume a paused guest."""
+    asyncio.run(machines.resume(face().ctx, vm_ref))
+    emit(as_json, {"state": "running"}, [f"Resumed {vm_ref}."])
+
+
+@click.command("status")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def status(vm_ref: str, as_json: bool) -> None:
+    """State, process, accelerator, uptime, and whether the guest agent answers."""
+    d = asyncio.run(machines.status(face().ctx, vm_ref))
+    lines = [f"{d['name']}: {d['state']}"]
+    if d["pid"]:
+        lines.append(f"  pid {d['pid']}, {d['accelerator']}, up {d['uptime_seconds']} s, "
+                     f"guest agent {'answers' if d['agent'] else 'does not answer'}")
+    if d.get("last_exit"):
+        lines.append(f"  last stop: {d['last_exit']['reason']} at {d['last_exit']['at']}")
+        lines += [f"    | {line}" for line in d["last_exit"]["log"]]
+    lines.append(f"  serial log: {d['serial_log']}")
+    emit(as_json, d, lines)
+
+
+@click.command("console")
+@click.argument("vm_ref", metavar="VM")
+def console(vm_ref: str) -> None:
+    """Attach to the serial console; detach with Ctrl-]."""
+    _console(vm_ref)
+
+
+COMMANDS = (start, stop, save, pause, resume, status, console)

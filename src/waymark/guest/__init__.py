@@ -1,0 +1,1 @@
+"""The guest side: the test guest builder and (later) the guest agent client."""

@@ -1,0 +1,78 @@
+"""The QEMU guest agent, through the same ``qemu.qmp`` client as QMP.
+
+The agent speaks QMP without a greeting or capabilities negotiation; a session starts with
+``guest-sync-delimited`` so that a reply left over from an earlier client is never taken for
+ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from waymark.errors import ToolError
+
+log = logging.getLogger(__name__)
+
+
+class AgentUnavailable(ToolError):
+    """The guest agent did not answer (not installed, not started, or the guest is busy)."""
+
+
+class Agent:
+    def __init__(self, client: QMPClient, label: str) -> None:
+        self.client = client
+        self.label = label
+
+    async def command(self, name: str, timeout: float, **arguments: Any) -> Any:
+        log.debug("agent %s: %s %s", self.label, name, arguments)
+        try:
+            return await asyncio.wait_for(self.client.execute(name, arguments or None), timeout)
+        except ExecuteError as err:
+            raise ToolError(f"the guest agent of {self.label} refused {name}: "
+                            f"{err.error.error.desc}") from err
+        except (QMPError, TimeoutError, OSError) as err:
+            raise AgentUnavailable(f"the guest agent of {self.label} did not answer {name} "
+                                   f"within {timeout:g} s.") from err
+
+    async def sync(self, timeout: float) -> None:
+        token = random.randrange(1, 2**31)
+        got = await self.command("guest-sync-delimited", timeout, id=token)
+        if got != token:
+            raise AgentUnavailable(f"the guest agent of {self.label} answered out of turn.")
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        await self.command("guest-ping", timeout)
+
+    async def shutdown(self) -> None:
+        """Ask the guest to power off. The agent never answers a successful shutdown."""
+        with suppress(AgentUnavailable):
+            await self.command("guest-shutdown", 2.0, mode="powerdown")
+
+
+@asynccontextmanager
+async def connect(socket: Path, label: str, timeout: float = 3.0) -> AsyncIterator[Agent]:
+    """An agent session, synchronised; AgentUnavailable when nothing answers in time."""
+    client = QMPClient(f"{label}-agent")
+    client.await_greeting = False
+    client.negotiate = False
+    try:
+        await asyncio.wait_for(client.connect(str(socket)), timeout)
+    except (ConnectError, OSError, TimeoutError) as err:
+        raise AgentUnavailable(f"cannot reach the guest agent socket of {label}: {err}") from err
+    try:
+        agent = Agent(client, label)
+        await agent.sync(timeout)
+        yield agent
+    finally:
+        # disconnect() re-raises what ended the connection (EOF after ``quit``, a guest that
+        # powered off): the session is over either way
+        with suppress(QMPError, EOFError, OSError):
+            await client.disconnect()

@@ -1,0 +1,1 @@
+"""QEMU processes: command lines, the accelerator probe, and the QMP facade."""

@@ -1,0 +1,91 @@
+"""The QMP facade: one connection to a running QEMU, through the QEMU project's ``qemu.qmp``.
+
+Errors become :class:`~waymark.errors.ToolError` with QEMU's own message; waiting is done on
+QMP events with a timeout, never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from waymark.errors import ToolError
+
+log = logging.getLogger(__name__)
+
+
+class Qmp:
+    def __init__(self, client: QMPClient, label: str) -> None:
+        self.client = client
+        self.label = label
+
+    async def command(self, name: str, **arguments: Any) -> Any:
+        log.debug("qmp %s: %s %s", self.label, name, arguments)
+        try:
+            return await self.client.execute(name, arguments or None)
+        except ExecuteError as err:
+            desc = err.error.error.desc
+            raise ToolError(f"QEMU refused {name} for {self.label}: {desc}") from err
+        except QMPError as err:
+            raise ToolError(f"lost the QMP connection to {self.label} during {name}: {err}") \
+                from err
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Hand ``fd`` to QEMU under ``name`` (SCM_RIGHTS + ``getfd``)."""
+        self.client.send_fd_scm(fd)
+        await self.command("getfd", fdname=name)
+
+    @asynccontextmanager
+    async def events(self, *names: str) -> AsyncIterator[EventListener]:
+        with self.client.listener(names) as listener:
+            yield listener
+
+    async def wait_event(self, listener: EventListener, timeout: float, what: str,
+                         match: Any = None) -> dict[str, Any]:
+        """The next event of ``listener`` for which ``match(event)`` holds, within ``timeout``.
+
+        Fails at once if QEMU closes the connection (it exited) instead of waiting it out.
+        """
+        async def first() -> dict[str, Any]:
+            while True:
+                event = dict(await listener.get())
+                if match is None or match(event):
+                    return event
+
+        async def closed() -> None:
+            while self.client.runstate == Runstate.RUNNING:
+                await self.client.runstate_changed()
+
+        waiter, watcher = asyncio.ensure_future(first()), asyncio.ensure_future(closed())
+        done, pending = await asyncio.wait({waiter, watcher}, timeout=timeout,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if waiter in done:
+            return waiter.result()
+        if watcher in done:
+            raise ToolError(f"QEMU of {self.label} exited before {what}.")
+        raise ToolError(f"{self.label}: {what} did not happen within {timeout:g} s.")
+
+
+@asynccontextmanager
+async def connect(socket: Path, label: str, timeout: float = 5.0) -> AsyncIterator[Qmp]:
+    """A QMP session to the QEMU listening on ``socket``."""
+    client = QMPClient(label)
+    try:
+        await asyncio.wait_for(client.connect(str(socket)), timeout)
+    except (ConnectError, OSError, TimeoutError) as err:
+        raise ToolError(f"cannot reach QEMU of {label} at {socket}: {err}") from err
+    try:
+        yield Qmp(client, label)
+    finally:
+        # disconnect() re-raises what ended the connection (EOF after ``quit``, a guest that
+        # powered off): the session is over either way
+        with suppress(QMPError, EOFError, OSError):
+            await client.disconnect()
