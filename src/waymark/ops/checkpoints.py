@@ -38,16 +38,9 @@ def _check_limit(session: Session, vm_row: Vm, adding: int = 1) -> None:
                  f"--max-checkpoints {vm_row.max_checkpoints + 10}")
 
 
-def _vm_ref(ctx: Context, ref: str) -> tuple[str, str]:
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, ref)
-        return row.id, row.name
-
-
 def create(ctx: Context, vm_ref: str, name: str | None = None) -> str:
     """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes."""
-    vm_id, vm_name = _vm_ref(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(vm_ref) as (vm_id, _):
         return _create_locked(ctx, vm_id, name)
 
 
@@ -143,8 +136,7 @@ class ApplyResult:
 
 def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyResult:
     """Return the VM to checkpoint ``ckpt_ref``: its disks and configuration as they were."""
-    vm_id, vm_name = _vm_ref(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(vm_ref) as (vm_id, _):
         liveness.require_offline(ctx, vm_id, "applying a checkpoint")
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
@@ -199,9 +191,8 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
 
 
 def rename(ctx: Context, vm_ref: str, ckpt_ref: str, new_name: str) -> str:
-    vm_id, vm_name = _vm_ref(ctx, vm_ref)
     label = tree.clean_name(new_name)
-    with ctx.vm_locked(vm_id, vm_name), ctx.catalog.session() as session:
+    with ctx.locked(vm_ref) as (vm_id, _), ctx.catalog.session() as session:
         row = lookup.checkpoint(session, session.get_one(Vm, vm_id), ckpt_ref)
         row.name = label
         return row.id

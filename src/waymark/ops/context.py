@@ -51,6 +51,22 @@ class Context:
     def disk_folder(self, vm_id: str) -> Path:
         return self.vm_folder(vm_id) / "disks"
 
+    def identify(self, vm_ref: str) -> tuple[str, str]:
+        """(id, name) of the VM ``vm_ref`` names."""
+        from waymark.ops import lookup
+
+        with self.catalog.session() as session:
+            row = lookup.vm(session, vm_ref)
+            return row.id, row.name
+
+    @contextmanager
+    def locked(self, vm_ref: str) -> Iterator[tuple[str, str]]:
+        """Resolve ``vm_ref``, hold its lock and finish its unfinished intents; yields
+        (id, name)."""
+        vm_id, name = self.identify(vm_ref)
+        with self.vm_locked(vm_id, name):
+            yield vm_id, name
+
     @contextmanager
     def vm_locked(self, vm_id: str, vm_name: str) -> Iterator[None]:
         """Hold the VM's lock and finish its unfinished intents first."""

@@ -66,10 +66,7 @@ def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool
         listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in targets)
         raise ConsentRequired(f"{pattern!r} matches {len(targets)} checkpoints:\n{listing}",
                               hint="Add --yes to delete them all.")
-    with ctx.catalog.session() as session:
-        vm_row = lookup.vm(session, vm_ref)
-        vm_id, vm_name = vm_row.id, vm_row.name
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(vm_ref) as (vm_id, _):
         liveness.require_offline(ctx, vm_id, "deleting checkpoints")
         with ctx.catalog.session() as session:
             removed = _remove_from_tree(session, session.get_one(Vm, vm_id),

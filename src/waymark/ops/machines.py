@@ -60,12 +60,6 @@ def saved_state(ctx: Context, vm_id: str) -> SavedState:
     return SavedState(ctx.vm_folder(vm_id) / "saved")
 
 
-def _label(ctx: Context, vm_ref: str) -> tuple[str, str]:
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, vm_ref)
-        return row.id, row.name
-
-
 def _chains(ctx: Context, vm_id: str, hardware: HardwareConfig) -> tuple[cmdline.DiskChain, ...]:
     """Each attached disk's chain from the catalog; a missing file is a clear error here."""
     with ctx.catalog.session() as session:
@@ -140,8 +134,7 @@ def _set_state(ctx: Context, vm_id: str, state: str) -> None:
 
 async def start(ctx: Context, vm_ref: str, *, discard_saved: bool = False) -> str:
     """Boot the VM, or resume it exactly where it was saved. Returns the accelerator used."""
-    vm_id, name = _label(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, name):
+    with ctx.locked(vm_ref) as (vm_id, name):
         state = liveness.reconcile(ctx, vm_id)
         if state in liveness.LIVE_STATES:
             raise Conflict(f"VM {name!r} is already {state}.",
@@ -212,7 +205,7 @@ async def _incoming(machine: qmp.Qmp, state: Path) -> None:
 
 async def _live(ctx: Context, vm_ref: str, *allowed: str) -> tuple[str, str, cmdline.RunFiles]:
     """The VM (its lock held by the caller) when its state is one of ``allowed``."""
-    vm_id, name = _label(ctx, vm_ref)
+    vm_id, name = ctx.identify(vm_ref)
     state = liveness.reconcile(ctx, vm_id)
     if state not in allowed:
         verb = "start" if state in ("off", "saved") else "resume"
@@ -221,8 +214,7 @@ async def _live(ctx: Context, vm_ref: str, *allowed: str) -> tuple[str, str, cmd
 
 
 async def pause(ctx: Context, vm_ref: str) -> None:
-    vm_id, name = _label(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, name):
+    with ctx.locked(vm_ref) as (vm_id, name):
         _, _, run = await _live(ctx, vm_ref, "running")
         async with qmp.connect(run.qmp, name) as machine:
             await machine.command("stop")
@@ -230,8 +222,7 @@ async def pause(ctx: Context, vm_ref: str) -> None:
 
 
 async def resume(ctx: Context, vm_ref: str) -> None:
-    vm_id, name = _label(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, name):
+    with ctx.locked(vm_ref) as (vm_id, name):
         _, _, run = await _live(ctx, vm_ref, "paused")
         async with qmp.connect(run.qmp, name) as machine:
             await machine.command("cont")
@@ -240,8 +231,7 @@ async def resume(ctx: Context, vm_ref: str) -> None:
 
 async def save(ctx: Context, vm_ref: str) -> dict[str, Any]:
     """Hyper-V's Save: memory and device state to a file, then QEMU exits."""
-    vm_id, name = _label(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, name):
+    with ctx.locked(vm_ref) as (vm_id, name):
         _, _, run = await _live(ctx, vm_ref, "running", "paused")
         with ctx.catalog.session() as session:
             hardware = lookup.hardware(session.get_one(Vm, vm_id))
@@ -289,8 +279,7 @@ def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
 
 async def stop(ctx: Context, vm_ref: str, *, force: bool, timeout: float = 60.0) -> str:
     """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
-    vm_id, name = _label(ctx, vm_ref)
-    with ctx.vm_locked(vm_id, name):
+    with ctx.locked(vm_ref) as (vm_id, name):
         _, _, run = await _live(ctx, vm_ref, "running", "paused")
         how = "powered off"
         if not force:
@@ -322,7 +311,7 @@ async def _shutdown(run: cmdline.RunFiles, name: str, timeout: float) -> str:
 
 
 async def status(ctx: Context, vm_ref: str, *, ask_agent: bool = True) -> dict[str, Any]:
-    vm_id, name = _label(ctx, vm_ref)
+    vm_id, name = ctx.identify(vm_ref)
     state = liveness.reconcile(ctx, vm_id)
     run = liveness.run_files(ctx, vm_id)
     found = liveness.find(run)

@@ -231,10 +231,7 @@ def _commit_create(session: Session, params: dict[str, Any]) -> None:
 def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None) -> None:
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, ref)
-        vm_id, vm_name = row.id, row.name
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(ref) as (vm_id, vm_name):
         if (memory is not None or cpus is not None) and \
                 liveness.reconcile(ctx, vm_id) in (*liveness.LIVE_STATES, "saved"):
             changed = " and ".join(n for n, v in (("--memory", memory), ("--cpus", cpus)) if v)
@@ -269,10 +266,7 @@ def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus
 
 def delete(ctx: Context, ref: str, *, yes: bool) -> None:
     """Remove the VM, its checkpoints and every file Waymark created for it (pinned files stay)."""
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, ref)
-        vm_id, vm_name = row.id, row.name
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(ref) as (vm_id, vm_name):
         _delete_locked(ctx, vm_id, vm_name, yes=yes)
 
 
@@ -309,10 +303,7 @@ def _delete_rows(session: Session, vm_id: str) -> None:
 
 
 def add_disk(ctx: Context, ref: str, spec: DiskSpec) -> str:
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, ref)
-        vm_id, vm_name = row.id, row.name
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(ref) as (vm_id, _):
         liveness.require_offline(ctx, vm_id, "adding a disk")
         with ctx.catalog.session() as session:
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
@@ -333,10 +324,7 @@ def _commit_disk_add(session: Session, params: dict[str, Any]) -> None:
 
 def remove_disk(ctx: Context, ref: str, disk_ref: str) -> Disk:
     """Detach a disk: the VM stops using it; its files stay (listed as detached)."""
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, ref)
-        vm_id, vm_name = row.id, row.name
-    with ctx.vm_locked(vm_id, vm_name):
+    with ctx.locked(ref) as (vm_id, vm_name):
         liveness.require_offline(ctx, vm_id, "removing a disk")
         return _detach(ctx, vm_id, vm_name, disk_ref)
 
