@@ -3,22 +3,19 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# qemu-utils: qemu-img/qemu-io; qemu-system-x86: VMs; the rest build the test guest
-APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv
 
 .PHONY: demo test lint check bench deps clean
 
 deps: $(STAMP)
 
-# Debian packages: installed only when a program is missing.
+# Debian packages, installed only when one is missing: qemu-utils (qemu-img, qemu-io),
+# qemu-system-x86 (VMs), kmod + e2fsprogs + qemu-ga's libraries (building the test guest).
+APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
+	libglib2.0-0 libnuma1 libudev1 liburing2
 .apt-stamp:
-	@missing=""; \
-	command -v qemu-img >/dev/null || missing="$$missing qemu-utils"; \
-	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
-	/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
-	if [ -n "$$missing" ]; then \
-	  echo "Installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 	@touch $@
 

@@ -15,11 +15,20 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, ExecuteError, Message, QMPClient, QMPError
 
 from waymark.errors import ToolError
 
 log = logging.getLogger(__name__)
+
+
+class _AgentClient(QMPClient):
+    """QMP framing, minus the 0xFF sentinel the agent sends before a ``guest-sync-delimited``
+    reply (it marks where stale output ends; ``qemu.qmp`` would take it for bad JSON)."""
+
+    async def _do_recv(self) -> Message:
+        line = await self._readline()
+        return Message(line.lstrip(b"\xff"), eager=True)
 
 
 class AgentUnavailable(ToolError):
@@ -60,7 +69,7 @@ class Agent:
 @asynccontextmanager
 async def connect(socket: Path, label: str, timeout: float = 3.0) -> AsyncIterator[Agent]:
     """An agent session, synchronised; AgentUnavailable when nothing answers in time."""
-    client = QMPClient(f"{label}-agent")
+    client = _AgentClient(f"{label}-agent")
     client.await_greeting = False
     client.negotiate = False
     try:

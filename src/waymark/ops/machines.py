@@ -97,7 +97,7 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
     run.folder.mkdir(parents=True, exist_ok=True)
     liveness.clean(run)
     durable.remove(run.folder / "last_exit.json")
-    chosen = accel.accelerator(ctx.home / "run")
+    chosen = accel.accelerator(ctx.home / "run", hardware.kernel)
     launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
                             incoming=incoming)
     with open(run.serial_log, "ab") as log:

@@ -158,7 +158,7 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         disk["active_image_id"] = row["id"]
         return disk, [row], [{"op": "create_image", "path": str(path), "size": spec.size}]
     assert spec.path is not None
-    if str(spec.path) in _owned_paths(session) or ctx.home in spec.path.parents:
+    if str(spec.path) in _owned_paths(session) or ctx.home / "vms" in spec.path.parents:
         raise InvalidInput(f"{spec.path} is a file Waymark manages.",
                            hint="Export a checkpoint (a later command) to get a standalone copy.")
     fmt = qemu_img.probe_format(spec.path)

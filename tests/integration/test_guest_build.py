@@ -1,0 +1,254 @@
+"""The test guest: built from Debian packages, cached, and booted once under real QEMU (TCG).
+
+The guest is built into a folder that survives between runs (``$WAYMARK_TEST_GUEST`` or
+``/var/tmp/waymark-test-guest``), so only the first run downloads packages. The boot test writes
+to a throwaway overlay: the cached data disk is never written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from waymark.cli.main import LazyGroup, cli
+from waymark.guest import build as builder
+from waymark.guest import scripts
+from waymark.guest.build import GuestImage
+
+GUEST_DIR = Path(os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest"))
+BOOT_TIMEOUT = 40.0
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    return builder.build(GUEST_DIR)
+
+
+def _initrd_names(initrd: Path) -> set[str]:
+    """Entry names of a gzipped newc cpio archive."""
+    data, offset = gzip.decompress(initrd.read_bytes()), 0
+    names: set[str] = set()
+    while True:
+        assert data[offset:offset + 6] == b"070701", f"bad cpio header at {offset}"
+        size = int(data[offset + 54:offset + 62], 16)
+        name_size = int(data[offset + 94:offset + 102], 16)
+        name = data[offset + 110:offset + 110 + name_size - 1].decode()
+        if name == "TRAILER!!!":
+            return names
+        names.add(name)
+        offset += 110 + name_size
+        offset += -offset % 4 + size
+        offset += -offset % 4
+
+
+def test_build_outputs(guest: GuestImage) -> None:
+    assert guest.kernel.read_bytes()[0x202:0x206] == b"HdrS"  # a bzImage
+    names = _initrd_names(guest.initrd)
+    assert {"init", "bin/busybox", "bin/sh", "sbin/shutdown", "usr/sbin/qemu-ga", "dev/console",
+            "etc/modules", "etc/acpi/PWRF/00000080"} <= names
+    assert any(name.endswith("libglib-2.0.so.0") for name in names)
+    modules = {name for name in names if name.startswith("lib/modules/")}
+    assert {f"lib/modules/{m}.ko" for m in builder.MODULES} <= modules
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", "qcow2",
+                                      str(guest.disk)], capture_output=True, check=True).stdout)
+    assert info["virtual-size"] == 256 * 1024 * 1024
+
+
+def test_second_build_is_cached(guest: GuestImage) -> None:
+    outputs = (guest.kernel, guest.initrd, guest.disk)
+    before = [path.stat().st_mtime_ns for path in outputs]
+    again = builder.build(GUEST_DIR)
+    assert not again.rebuilt
+    assert again.inputs_hash == guest.inputs_hash
+    assert [path.stat().st_mtime_ns for path in outputs] == before
+
+
+def test_missing_record_rebuilds_from_cached_debs(guest: GuestImage, tmp_path: Path) -> None:
+    """A build that never wrote inputs.json (interrupted) is redone, without downloading."""
+    dest = tmp_path / "guest"
+    shutil.copytree(GUEST_DIR / "debs", dest / "debs")
+    for name in (builder.KERNEL_NAME, builder.INITRD_NAME):
+        (dest / name).write_bytes(b"half")
+    messages: list[str] = []
+    rebuilt = builder.build(dest, log=messages.append)
+    assert rebuilt.rebuilt and rebuilt.inputs_hash == guest.inputs_hash
+    assert not any(message.startswith("Downloading") for message in messages)
+    assert rebuilt.initrd.stat().st_size > 1_000_000
+    assert rebuilt.disk.name == builder.disk_name() and rebuilt.disk.is_file()
+    assert not (dest / ".work").exists()
+
+
+def test_inputs_hash_follows_the_guest_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
+    versions = {"busybox-static": "1"}
+    first = builder.inputs_hash(versions)
+    monkeypatch.setitem(scripts.SCRIPTS, "init", "#!/bin/sh\n")
+    assert builder.inputs_hash(versions) != first
+
+
+def test_rebuild_keeps_the_data_disk(guest: GuestImage, tmp_path: Path) -> None:
+    """VMs use the data disk in place as their base: a rebuild must not replace it."""
+    dest = tmp_path / "guest"
+    shutil.copytree(GUEST_DIR / "debs", dest / "debs")
+    disk = dest / builder.disk_name()
+    shutil.copyfile(guest.disk, disk)
+    before = disk.stat().st_mtime_ns
+    assert builder.build(dest, force=True).disk == disk
+    assert disk.stat().st_mtime_ns == before
+
+
+def test_compressed_modules_are_unpacked_for_busybox_insmod(tmp_path: Path) -> None:
+    plain = b"\x7fELF" + bytes(range(256)) * 8
+    (tmp_path / "virtio-x.ko.xz").write_bytes(lzma.compress(plain))
+    (tmp_path / "y.ko.gz").write_bytes(gzip.compress(plain))
+    for name, module in (("virtio_x", "virtio-x.ko.xz"), ("y", "y.ko.gz")):
+        unpacked = builder._plain_module(tmp_path / module, tmp_path / "plain")
+        assert unpacked.name == f"{name}.ko"
+        assert unpacked.read_bytes() == plain
+
+
+def test_cli_prints_the_paths(guest: GuestImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LazyGroup.COMMANDS, "guest", ("waymark.cli.guest", "guest", "Guest."))
+    result = CliRunner().invoke(cli, ["guest", "build", "--dest", str(GUEST_DIR), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["kernel"], data["initrd"], data["disk"]) == (
+        str(guest.kernel), str(guest.initrd), str(guest.disk))
+    text = CliRunner().invoke(cli, ["guest", "build", "--dest", str(GUEST_DIR)])
+    assert "waymark vm create NAME --kernel" in text.stdout
+
+
+# --- booting it ------------------------------------------------------------------------------
+
+class Machine:
+    """One QEMU process with the guest, its serial log, agent socket and QMP socket."""
+
+    def __init__(self, guest: GuestImage, folder: Path) -> None:
+        self.folder = folder
+        self.serial = folder / "serial.log"
+        overlay = folder / "overlay.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        str(guest.disk), str(overlay)], check=True)
+        self.overlay = overlay
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self._argv(guest), stdout=subprocess.DEVNULL,
+                                     stderr=(folder / "qemu.err").open("wb"))
+
+    def _argv(self, guest: GuestImage) -> list[str]:
+        f = self.folder
+        return [
+            "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc-q35-7.2", "-cpu", "qemu64",
+            "-m", "256", "-nodefaults", "-display", "none",
+            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.append,
+            "-chardev", f"file,id=ser0,path={self.serial}", "-serial", "chardev:ser0",
+            "-blockdev", "driver=qcow2,node-name=data0,file.driver=file,"
+                         f"file.filename={self.overlay}",
+            "-device", "virtio-blk-pci,drive=data0",
+            "-chardev", f"socket,id=qga0,path={f / 'qga.sock'},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vs0",
+            "-device", "virtserialport,bus=vs0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-qmp", f"unix:{f / 'qmp.sock'},server=on,wait=off",
+        ]
+
+    def console(self) -> str:
+        try:
+            return self.serial.read_bytes().decode(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, what: str, check: Callable[[str], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (found := check(self.console())) or self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert found, f"no {what} after {timeout} s; QEMU {self.proc.poll()}; console tail:\n" \
+                      f"{self.console()[-2000:]}\n{(self.folder / 'qemu.err').read_text()}"
+        return found
+
+    def counters(self) -> list[int]:
+        after_ready = self.console().partition("\nREADY ")[2]
+        return [int(n) for n in re.findall(r"^COUNTER (\d+)$", after_ready, re.MULTILINE)]
+
+
+@pytest.fixture
+def machine(guest: GuestImage, tmp_path: Path) -> Iterator[Machine]:
+    vm = Machine(guest, tmp_path)
+    yield vm
+    if vm.proc.poll() is None:
+        vm.proc.kill()
+        vm.proc.wait()
+
+
+def _agent(path: Path, command: str) -> Any:
+    """One guest agent command, after guest-sync-delimited drops any stale bytes (0xFF mark)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b'{"execute": "guest-sync-delimited", "arguments": {"id": 4242}}\n')
+        buffer = b""
+        while b"\n" not in buffer.partition(b"\xff")[2]:
+            buffer += sock.recv(4096)
+        assert json.loads(buffer.partition(b"\xff")[2]) == {"return": 4242}
+        sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+        reply = sock.makefile("rb").readline()
+    return json.loads(reply)
+
+
+def _qmp(path: Path, command: str) -> Any:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        stream = sock.makefile("rwb")
+        assert "QMP" in json.loads(stream.readline())
+        replies = []
+        for execute in ("qmp_capabilities", command):
+            stream.write(json.dumps({"execute": execute}).encode() + b"\n")
+            stream.flush()
+            while "return" not in (reply := json.loads(stream.readline())):
+                assert "error" not in reply, reply
+            replies.append(reply)
+    return replies[-1]
+
+
+def _ext4(image: Path, folder: Path, *command: str) -> str:
+    raw = folder / "data.raw"
+    if not raw.exists():
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)],
+                       check=True)
+    return subprocess.run([*command, str(raw)], capture_output=True, text=True, check=True).stdout
+
+
+def test_guest_boots_counts_logs_and_powers_off(machine: Machine, guest: GuestImage) -> None:
+    cached_disk = guest.disk.stat().st_mtime_ns
+    ready = machine.wait_for("READY line", lambda text: re.search(
+        r"^READY [0-9a-f-]{36}$", text, re.MULTILINE), BOOT_TIMEOUT)
+    print(f"READY after {time.monotonic() - machine.started:.1f} s: {ready.group(0)}")
+    assert _agent(machine.folder / "qga.sock", "guest-ping") == {"return": {}}
+    machine.wait_for("COUNTER 11", lambda _text: len(machine.counters()) >= 11, 15)
+    counters = machine.counters()
+    assert counters == list(range(1, len(counters) + 1))
+
+    assert _qmp(machine.folder / "qmp.sock", "system_powerdown") == {"return": {}}
+    assert machine.proc.wait(timeout=20) == 0
+    assert "\nSHUTDOWN poweroff\n" in machine.console()
+
+    state = _ext4(machine.overlay, machine.folder, "dumpe2fs", "-h")
+    assert re.search(r"^Filesystem state:\s+clean$", state, re.MULTILINE), state
+    log = _ext4(machine.overlay, machine.folder, "debugfs", "-R", "cat /log.txt")
+    lines = log.splitlines()
+    assert log.endswith("\n") and len(lines) >= 2
+    assert lines == [f"LINE {n}" for n in range(1, len(lines) + 1)]
+    assert guest.disk.stat().st_mtime_ns == cached_disk  # only the overlay was written
