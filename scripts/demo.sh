@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The Waymark tour (make demo): a VM's disk, two checkpoints, a failed "upgrade", going back.
-# Real qcow2 images and qemu-io; a throwaway home folder unless DEMO_HOME is set.
+# The Waymark tour (make demo): a real guest booted, saved and resumed; then two checkpoints, a
+# failed "upgrade", going back, deleting, exporting. Real QEMU, qcow2 images and qemu-io; a
+# throwaway home folder unless DEMO_HOME is set; the guest is cached in GUEST_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WAYMARK_HOME="${DEMO_HOME:-$(mktemp -d /tmp/waymark-demo.XXXXXX)}"
 wm() { printf '$ waymark'; printf ' %q' "$@"; echo; .venv/bin/waymark "$@"; echo; }
 disk() { .venv/bin/waymark vm show demo --json | .venv/bin/python -c \
-  'import json,sys; print(json.load(sys.stdin)["disks"][0]["active_image"])'; }
+  'import json,sys; print(json.load(sys.stdin)["disks"][1]["active_image"])'; }
+field() { .venv/bin/python -c "import json,sys; print(json.load(open('$1'))['$2'])"; }
 io() {
   echo "  (qemu-io: $1)"
   out=$(qemu-io -f qcow2 -c "$1" "$(disk)")
@@ -15,7 +17,20 @@ io() {
 }
 
 echo "Waymark home: $WAYMARK_HOME"; echo
-wm vm create demo --memory 256M --disk 64M
+GUEST_CACHE="${GUEST_CACHE:-/var/tmp/waymark-guest}"
+.venv/bin/waymark guest build --dest "$GUEST_CACHE" --json > "$WAYMARK_HOME/guest.json"
+# disk 0: the guest's own ext4 data disk (pinned, never written); disk 1: a scratch disk
+wm vm create demo --memory 256M --kernel "$(field "$WAYMARK_HOME/guest.json" kernel)" \
+  --initrd "$(field "$WAYMARK_HOME/guest.json" initrd)" --append console=ttyS0 \
+  --disk "$(field "$WAYMARK_HOME/guest.json" disk)" --disk 64M
+wm vm start demo
+sleep 5
+wm vm status demo
+echo "The guest's serial console (last lines):"; tail -n 3 "$(.venv/bin/waymark vm status demo --json \
+  | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["serial_log"])')"; echo
+wm vm save demo                                  # memory to a file; QEMU exits
+wm vm start demo                                 # resumes exactly where it was
+wm vm stop demo                                  # a clean shutdown through the guest agent
 io "write -P 0x11 0 4M"                         # the system as it works today
 wm checkpoint create demo --name "before upgrade"
 io "write -P 0x22 0 4M"                         # the upgrade...

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any
 
 from waymark import process
 from waymark.errors import ImageError, NotFound, ToolError
@@ -19,28 +19,40 @@ from waymark.errors import ImageError, NotFound, ToolError
 FORMATS = ("qcow2", "raw")
 
 
-class ImageInfo(BaseModel):
+@dataclass(frozen=True)
+class ImageInfo:
     """One entry of ``qemu-img info --output=json``."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
 
     filename: str
     format: str
-    virtual_size: int = Field(alias="virtual-size")
-    actual_size: int = Field(default=0, alias="actual-size")
-    backing_filename: str | None = Field(default=None, alias="backing-filename")
-    full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")
-    backing_format: str | None = Field(default=None, alias="backing-filename-format")
+    virtual_size: int
+    actual_size: int = 0
+    backing_filename: str | None = None
+    full_backing_filename: str | None = None
+    backing_format: str | None = None
+
+    @classmethod
+    def parse(cls, entry: dict[str, Any]) -> ImageInfo:
+        return cls(filename=str(entry["filename"]), format=str(entry["format"]),
+                   virtual_size=int(entry["virtual-size"]),
+                   actual_size=int(entry.get("actual-size", 0)),
+                   backing_filename=entry.get("backing-filename"),
+                   full_backing_filename=entry.get("full-backing-filename"),
+                   backing_format=entry.get("backing-filename-format"))
 
 
-class MapExtent(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+@dataclass(frozen=True)
+class MapExtent:
     start: int
     length: int
     depth: int
     data: bool
     zero: bool
+
+    @classmethod
+    def parse(cls, entry: dict[str, Any]) -> MapExtent:
+        return cls(int(entry["start"]), int(entry["length"]), int(entry["depth"]),
+                   bool(entry["data"]), bool(entry["zero"]))
 
 
 Progress = Callable[[float], None] | None
@@ -106,8 +118,8 @@ def chain(path: Path, fmt: str) -> list[ImageInfo]:
         raise ImageError(f"the backing chain of {path} is broken: {err.message}",
                          hint="Repair or replace the image (qemu-img rebase), then retry.") from err
     try:
-        return [ImageInfo.model_validate(entry) for entry in json.loads(out)]
-    except (ValidationError, ValueError) as err:
+        return [ImageInfo.parse(entry) for entry in json.loads(out)]
+    except (KeyError, TypeError, ValueError) as err:
         raise ImageError(f"qemu-img info gave unexpected output for {path}: {err}") from err
 
 
@@ -151,7 +163,7 @@ def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2",
 
 def allocation_map(path: Path, fmt: str) -> list[MapExtent]:
     out = _qemu_img("map", "--output=json", "-f", fmt, str(path), what=f"mapping {path}")
-    return [MapExtent.model_validate(e) for e in json.loads(out)]
+    return [MapExtent.parse(e) for e in json.loads(out)]
 
 
 def check(path: Path, fmt: str) -> None:

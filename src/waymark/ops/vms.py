@@ -251,7 +251,7 @@ def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus
             hardware.memory_mib = check_memory(memory)
         if cpus is not None:
             hardware.cpus = cpus
-        row.config = HardwareConfig.model_validate(hardware.dump()).dump()
+        row.config = hardware.dump()
         if checkpoint_type is not None:
             row.checkpoint_type = check_type(checkpoint_type)
         if max_checkpoints is not None:
