@@ -107,7 +107,8 @@ class Journal:
             for index in range(done, len(steps)):
                 failpoint()
                 executor.run(steps[index], on_progress)
-                self._advance(intent_id, index + 1)
+                if index + 1 < len(steps):  # the commit records the last one
+                    self._advance(intent_id, index + 1)
             failpoint()
             self._commit(intent_id, kind, params)
         except WaymarkError as err:
@@ -129,7 +130,8 @@ class Journal:
                 if handler is not None:
                     handler(session, params)
                 intent = session.get_one(Intent, intent_id)
-                intent.status, intent.updated_at = "committed", now()
+                intent.status, intent.next_step, intent.updated_at = "committed", \
+                    len(intent.steps), now()
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
