@@ -135,7 +135,7 @@ def _set_state(ctx: Context, vm_id: str, state: str) -> None:
 async def start(ctx: Context, vm_ref: str, *, discard_saved: bool = False) -> str:
     """Boot the VM, or resume it exactly where it was saved. Returns the accelerator used."""
     with ctx.locked(vm_ref) as (vm_id, name):
-        state = liveness.reconcile(ctx, vm_id)
+        state = await settle(ctx, vm_id, name)
         if state in liveness.LIVE_STATES:
             raise Conflict(f"VM {name!r} is already {state}.",
                            hint=f"See it with: waymark vm status {name}")
@@ -203,10 +203,28 @@ async def _incoming(machine: qmp.Qmp, state: Path) -> None:
                          f"({event['data']['status']}).", hint=DISCARD_HINT)
 
 
+async def settle(ctx: Context, vm_id: str, name: str) -> str:
+    """Reconcile, and notice a guest that powered itself off: QEMU runs with -no-shutdown, so
+    it waits in the ``shutdown`` run state; that is a clean stop, not a crash."""
+    state = liveness.reconcile(ctx, vm_id)
+    run = liveness.run_files(ctx, vm_id)
+    if state not in liveness.LIVE_STATES:
+        return state
+    with contextlib.suppress(ToolError):
+        async with qmp.connect(run.qmp, name) as machine:
+            status = (await machine.command("query-status"))["status"]
+        if status == "shutdown":
+            await _kill(run, name)
+            liveness.record_exit(run, "shut down by the guest")
+            _set_state(ctx, vm_id, "off")
+            return "off"
+    return state
+
+
 async def _live(ctx: Context, vm_ref: str, *allowed: str) -> tuple[str, str, cmdline.RunFiles]:
     """The VM (its lock held by the caller) when its state is one of ``allowed``."""
     vm_id, name = ctx.identify(vm_ref)
-    state = liveness.reconcile(ctx, vm_id)
+    state = await settle(ctx, vm_id, name)
     if state not in allowed:
         verb = "start" if state in ("off", "saved") else "resume"
         raise Conflict(f"VM {name!r} is {state}.", hint=f"Try: waymark vm {verb} {name}")
@@ -312,7 +330,7 @@ async def _shutdown(run: cmdline.RunFiles, name: str, timeout: float) -> str:
 
 async def status(ctx: Context, vm_ref: str, *, ask_agent: bool = True) -> dict[str, Any]:
     vm_id, name = ctx.identify(vm_ref)
-    state = liveness.reconcile(ctx, vm_id)
+    state = await settle(ctx, vm_id, name)
     run = liveness.run_files(ctx, vm_id)
     found = liveness.find(run)
     out: dict[str, Any] = {"name": name, "id": vm_id, "state": state,
