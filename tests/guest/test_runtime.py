@@ -203,7 +203,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waymark]:
 @pytest.fixture(scope="module")
 def image(home: Waymark) -> dict[str, str]:
     """kernel, initrd, disk and append of the test guest, built once and cached."""
-    built: dict[str, str] = home.json("guest", "build", "--dest", str(GUEST_DIR))
+    # a first build downloads Debian packages: give it time
+    built: dict[str, str] = home.run("guest", "build", "--dest", str(GUEST_DIR), "--json",
+                                     timeout=1800).ok().json()
     return built
 
 
@@ -305,7 +307,7 @@ def test_save_then_start_resumes_the_memory(vm: Guest) -> None:
 
 def test_clean_stop_leaves_a_complete_data_file(vm: Guest, tmp_path: Path) -> None:
     vm.ensure_running()
-    vm.wait_counter_above(vm.mark(), 0)
+    wait_for("COUNTER 11 (two LINE records)", lambda: counters(vm.since())[-1:] >= [11], 20.0)
     pid = vm.status()["pid"]
     mark = vm.mark()
     out = vm.wm.json("vm", "stop", vm.name)
@@ -377,6 +379,19 @@ def test_stop_force_powers_off(vm: Guest) -> None:
     status = vm.status()
     assert status["state"] == "off" and status["pid"] is None
     assert status["last_exit"]["reason"] == "powered off"
+
+
+def test_stop_force_on_a_saved_vm_discards_its_state(vm: Guest) -> None:
+    """Hyper-V's "Delete Saved State": the VM is off and the next start boots fresh."""
+    vm.ensure_running()
+    vm.wm("vm", "save", vm.name)
+    out = vm.wm.json("vm", "stop", vm.name, "--force")
+    assert out == {"state": "off", "how": "saved state discarded"}
+    assert vm.status()["state"] == "off" and "saved_state" not in vm.status()
+    assert not list((vm.wm.home / "vms").glob("*/saved/state.bin"))
+    mark = vm.mark()
+    vm.wm("vm", "start", vm.name)
+    vm.wait_ready(mark)
 
 
 def test_two_starts_at_once_run_one_qemu(vm: Guest) -> None:

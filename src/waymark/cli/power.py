@@ -38,7 +38,9 @@ def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -
 
 @click.command("stop")
 @click.argument("vm_ref", metavar="VM")
-@click.option("--force", is_flag=True, help="Power off at once (like pulling the plug).")
+@click.option("--force", is_flag=True,
+              help="Power off at once (like pulling the plug); on a saved VM, discard its "
+                   "saved state.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")
 @json_option
 def stop(vm_ref: str, force: bool, timeout: float, as_json: bool) -> None:

@@ -44,16 +44,17 @@ class SavedState:
     def meta(self) -> Path:
         return self.folder / "saved.json"
 
-    def load(self) -> dict[str, Any]:
+    def load(self, name: str) -> dict[str, Any]:
         try:
             meta: dict[str, Any] = json.loads(self.meta.read_text())
         except (OSError, ValueError) as err:
             raise ImageError(f"the saved state's description {self.meta} is missing or "
-                             "damaged.", hint=DISCARD_HINT) from err
+                             "damaged.", hint=discard_hint(name)) from err
         return meta
 
 
-DISCARD_HINT = "Start it fresh, losing the saved memory: waymark vm start VM --discard-saved-state"
+def discard_hint(name: str) -> str:
+    return f"Start it fresh, losing the saved memory: waymark vm start {name} --discard-saved-state"
 
 
 def saved_state(ctx: Context, vm_id: str) -> SavedState:
@@ -158,23 +159,24 @@ def _discard_saved(ctx: Context, vm_id: str) -> None:
         durable.remove(path)
 
 
-def _verified_saved(ctx: Context, vm_id: str) -> tuple[SavedState, HardwareConfig]:
+def _verified_saved(ctx: Context, vm_id: str, name: str) -> tuple[SavedState, HardwareConfig]:
     saved = saved_state(ctx, vm_id)
-    meta = saved.load()
+    meta = saved.load(name)
     if not saved.state.is_file():
-        raise ImageError(f"the saved memory state {saved.state} is missing.", hint=DISCARD_HINT)
+        raise ImageError(f"the saved memory state {saved.state} is missing.",
+                         hint=discard_hint(name))
     if bundles.sha256(saved.state) != meta.get("sha256"):
         raise ImageError(f"the saved memory state {saved.state} is damaged (its checksum does "
-                         "not match).", hint=DISCARD_HINT)
+                         "not match).", hint=discard_hint(name))
     return saved, HardwareConfig.load(meta["hardware"])
 
 
 async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
-    saved, hardware = _verified_saved(ctx, vm_id)
+    saved, hardware = _verified_saved(ctx, vm_id, name)
     run = _launch(ctx, vm_id, name, hardware, incoming=True)
     try:
         async with qmp.connect(run.qmp, name) as machine:
-            await _incoming(machine, saved.state)
+            await _incoming(machine, saved.state, name)
             await machine.command("cont")
     except WaymarkError:
         await _kill(run, name)
@@ -189,7 +191,7 @@ def _migration_done(event: dict[str, Any]) -> bool:
     return event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
 
 
-async def _incoming(machine: qmp.Qmp, state: Path) -> None:
+async def _incoming(machine: qmp.Qmp, state: Path, name: str) -> None:
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
     with open(state, "rb") as handle:
@@ -200,7 +202,7 @@ async def _incoming(machine: qmp.Qmp, state: Path) -> None:
                                          _migration_done)
     if event["data"]["status"] != "completed":
         raise ImageError(f"QEMU could not load the saved state {state} "
-                         f"({event['data']['status']}).", hint=DISCARD_HINT)
+                         f"({event['data']['status']}).", hint=discard_hint(name))
 
 
 async def settle(ctx: Context, vm_id: str, name: str) -> str:
@@ -259,9 +261,9 @@ async def save(ctx: Context, vm_ref: str) -> dict[str, Any]:
             paused_at = time.monotonic()
             await machine.command("stop")
             await _outgoing(machine, saved.state.with_suffix(".tmp"))
+            pause = time.monotonic() - paused_at  # stop until QEMU has written the state
             digest = _commit_state(saved, hardware)
             _set_state(ctx, vm_id, "saved")
-            pause = time.monotonic() - paused_at
         await _kill(run, name)
         return {"state_file": str(saved.state), "sha256": digest,
                 "bytes": saved.state.stat().st_size, "seconds": round(pause, 3)}
@@ -298,6 +300,9 @@ def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
 async def stop(ctx: Context, vm_ref: str, *, force: bool, timeout: float = 60.0) -> str:
     """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
     with ctx.locked(vm_ref) as (vm_id, name):
+        if force and liveness.reconcile(ctx, vm_id) == "saved":
+            _discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
+            return "saved state discarded"
         _, _, run = await _live(ctx, vm_ref, "running", "paused")
         how = "powered off"
         if not force:

@@ -234,9 +234,12 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
     with ctx.locked(ref) as (vm_id, vm_name):
         if (memory is not None or cpus is not None) and \
                 liveness.reconcile(ctx, vm_id) in (*liveness.LIVE_STATES, "saved"):
-            changed = " and ".join(n for n, v in (("--memory", memory), ("--cpus", cpus)) if v)
-            raise Conflict(f"VM {vm_name!r} is not off: {changed} take effect only after a "
-                           "power cycle.", hint=f"Stop it first: waymark vm stop {vm_name}")
+            changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
+            verb = "takes" if len(changed) == 1 else "take"
+            raise Conflict(f"VM {vm_name!r} is not off: {' and '.join(changed)} {verb} effect "
+                           "only after a power cycle.",
+                           hint=f"Stop it first: waymark vm stop {vm_name} (a saved VM: "
+                                f"waymark vm stop {vm_name} --force discards its saved state)")
         _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
                     max_checkpoints)
 
