@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -83,3 +84,12 @@ def content_sha256(path: Path | str, fmt: str = "qcow2") -> str:
 
 def file_sha256(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Read the catalog of ``home`` directly (tests check what the CLI does not print)."""
+    con = sqlite3.connect(home / "catalog.db")
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
 
 MIB = 1 << 20
 CLUSTER = 64 * 1024  # qcow2's default cluster size: every write below is cluster-aligned
@@ -44,14 +43,6 @@ def own_clusters(path: str) -> set[int]:
             owned |= set(range(extent["start"] // CLUSTER,
                                (extent["start"] + extent["length"]) // CLUSTER))
     return owned
-
-
-def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(home / "catalog.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def assert_no_orphans(home: Path, vm_id: str) -> None:

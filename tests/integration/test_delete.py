@@ -8,24 +8,15 @@ Now kept their exact content, and that no image file was orphaned or lost.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
 
 MIB = 1 << 20
 KIB = 1 << 10
 DELETE_TIMEOUT = 15
-
-
-def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(home / "catalog.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 class Vm:

@@ -15,25 +15,16 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, content_sha256, qemu_io_write
+from tests.helpers import Waymark, content_sha256, qemu_io_write, query
 
 KIB, MIB = 1 << 10, 1 << 20
 VM = "faulty"
-
-
-def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(home / "catalog.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def vm_id(home: Path) -> str:

@@ -13,28 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
 
 MIB = 1 << 20
 KILLED = -9
 # The compaction marker intent has no steps and is never driven (compaction marks it committed
 # in one UPDATE), so it holds no journal point.
 MARKER = "compact"
-
-
-def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(home / "catalog.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def intents(home: Path) -> list[tuple[Any, ...]]:

@@ -9,7 +9,6 @@ by the next command once the filler is gone.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
 
 KIB, MIB = 1 << 10, 1 << 20
 VM = "tight"
@@ -34,14 +33,6 @@ def small_home(tmp_path: Path) -> Iterator[Waymark]:
         done = subprocess.run(["umount", str(home)], check=False, capture_output=True)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(home)], check=True)
-
-
-def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(home / "catalog.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def active_path(home: Path) -> str:

@@ -24,7 +24,6 @@ import fnmatch
 import hashlib
 import json
 import shutil
-import sqlite3
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import content_sha256, qemu_io_write
+from tests.helpers import content_sha256, qemu_io_write, query
 from waymark.config import Settings
 from waymark.errors import NotFound
 from waymark.ops import checkpoints, deletion, views, vms
@@ -121,14 +120,6 @@ OPS = st.sampled_from(KINDS).flatmap(BUILD.__getitem__)
 
 def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(bytes(data)).hexdigest()
-
-
-def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(home / "catalog.db")
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
 
 
 def data_bytes(path: Path) -> int:
