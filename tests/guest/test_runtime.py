@@ -394,6 +394,23 @@ def test_stop_force_on_a_saved_vm_discards_its_state(vm: Guest) -> None:
     vm.wait_ready(mark)
 
 
+def test_apply_on_a_saved_vm_discards_the_saved_state(vm: Guest) -> None:
+    """The saved memory belongs to disks the apply replaces: --checkpoint-first cannot keep it
+    yet and is refused before anything changes; --discard-current drops it with Now."""
+    vm.ensure_off()
+    vm.wm("checkpoint", "create", vm.name, "--name", "before-save")
+    vm.ensure_running()
+    vm.wm("vm", "save", vm.name)
+    refused = vm.wm.run("checkpoint", "apply", vm.name, "before-save", "--checkpoint-first")
+    assert refused.returncode == 5 and "saved" in refused.stderr, refused
+    assert vm.status()["state"] == "saved"
+    assert len(vm.wm.json("checkpoint", "list", vm.name)["checkpoints"]) == 1
+    vm.wm("checkpoint", "apply", vm.name, "before-save", "--discard-current")
+    assert vm.status()["state"] == "off"
+    assert not list((vm.wm.home / "vms").glob("*/saved/*"))
+    vm.wm("checkpoint", "delete", vm.name, "before-save")
+
+
 def test_two_starts_at_once_run_one_qemu(vm: Guest) -> None:
     vm.ensure_off()
     mark = vm.mark()

@@ -14,7 +14,7 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, LimitReached
-from waymark.ops import compact, liveness, lookup, recovery
+from waymark.ops import compact, journal, liveness, lookup, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.ops.vms import new_id
@@ -142,8 +142,7 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyRes
             vm_row = session.get_one(Vm, vm_id)
             target = lookup.checkpoint(session, vm_row, ckpt_ref).id
             if mode is ApplyMode.CHECKPOINT_FIRST:
-                _refuse_disabled(vm_row)
-                _check_limit(session, vm_row)
+                _can_checkpoint_first(session, vm_row)
         safety = _create_locked(ctx, vm_id, None) if mode is ApplyMode.CHECKPOINT_FIRST else None
         with ctx.catalog.session() as session:
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
@@ -151,6 +150,17 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyRes
         ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
         recovery.recover_vm(ctx, vm_id)
         return result
+
+
+def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
+    """Fail before anything changes when the safety checkpoint could not be taken whole."""
+    _refuse_disabled(vm_row)
+    _check_limit(session, vm_row)
+    if vm_row.state == "saved":
+        raise Conflict(f"VM {vm_row.name!r} is saved, and a checkpoint cannot hold its saved "
+                       "memory yet (that comes with live checkpoints).",
+                       hint="Start and stop it first, or apply with --discard-current (its saved "
+                            "state is then discarded).")
 
 
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
@@ -173,8 +183,11 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
         overlays.append(row)
         steps.append(step)
     result.kept_disks = [str(k["id"]) for k in kept]
+    saved = ctx.vm_folder(vm_id) / "saved"  # Now's saved memory no longer fits its disks
+    discard = [str(saved / n) for n in ("state.bin", "saved.json")] if vm_row.state == "saved" \
+        else []
     params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
-              "overlays": overlays, "kept": kept, "state": result.state}
+              "overlays": overlays, "kept": kept, "state": result.state, "discard": discard}
     return params, steps, result
 
 
@@ -187,6 +200,9 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
     vm_row.config = params["config"]
     vm_row.current_checkpoint_id = params["checkpoint"]
     vm_row.state = params["state"]
+    if params.get("discard"):
+        journal.add(session, params["vm"], "saved_state_discard", {},
+                    [{"op": "delete_file", "path": path} for path in params["discard"]])
     compact.mark(session, params["vm"])
 
 
