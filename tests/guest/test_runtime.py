@@ -394,21 +394,43 @@ def test_stop_force_on_a_saved_vm_discards_its_state(vm: Guest) -> None:
     vm.wait_ready(mark)
 
 
-def test_apply_on_a_saved_vm_discards_the_saved_state(vm: Guest) -> None:
-    """The saved memory belongs to disks the apply replaces: --checkpoint-first cannot keep it
-    yet and is refused before anything changes; --discard-current drops it with Now."""
+def test_a_saved_vms_checkpoint_holds_its_memory(vm: Guest) -> None:
+    """Checkpoint a saved VM (with --checkpoint-first, before applying an older checkpoint):
+    it holds the saved memory; applying it leaves the VM saved, and start resumes there."""
     vm.ensure_off()
     vm.wm("checkpoint", "create", vm.name, "--name", "before-save")
     vm.ensure_running()
+    time.sleep(1.0)
     vm.wm("vm", "save", vm.name)
-    refused = vm.wm.run("checkpoint", "apply", vm.name, "before-save", "--checkpoint-first")
-    assert refused.returncode == 5 and "saved" in refused.stderr, refused
-    assert vm.status()["state"] == "saved"
-    assert len(vm.wm.json("checkpoint", "list", vm.name)["checkpoints"]) == 1
-    vm.wm("checkpoint", "apply", vm.name, "before-save", "--discard-current")
-    assert vm.status()["state"] == "off"
+    saved_at = counters(vm.since())[-1]
+    done = vm.wm.json("checkpoint", "apply", vm.name, "before-save", "--checkpoint-first")
+    assert vm.status()["state"] == "off"  # before-save is disk-only: Now's memory went with Now
     assert not list((vm.wm.home / "vms").glob("*/saved/*"))
-    vm.wm("checkpoint", "delete", vm.name, "before-save")
+    safety = vm.wm.json("checkpoint", "show", vm.name, done["safety_checkpoint_id"][:12])
+    assert safety["has_memory"] and safety["kind"] == "standard"
+    listing = vm.wm.run("checkpoint", "list", vm.name).ok().stdout
+    assert "▶" in listing and "■" in listing
+    vm.wm("checkpoint", "apply", vm.name, safety["id"], "--discard-current")
+    assert vm.status()["state"] == "saved"
+    mark = vm.mark()
+    vm.wm("vm", "start", vm.name)
+    after = vm.wait_counter_above(mark, saved_at)
+    assert saved_at < after[0] <= saved_at + 3, (saved_at, after[:3])
+    assert readies(vm.since(mark)) == []
+    vm.wm("vm", "stop", vm.name, "--force")
+    # exported, the memory travels with the checkpoint: the imported VM is saved and resumes
+    bundle = vm.wm.home / "bundle-with-memory"
+    vm.wm("checkpoint", "export", vm.name, safety["id"], str(bundle))
+    assert (bundle / "memory.state").is_file()
+    vm.wm("vm", "import", str(bundle), "--name", "clone")
+    clone = Guest(vm.wm, "clone")
+    assert clone.status()["state"] == "saved"
+    vm.wm("vm", "start", "clone")
+    resumed = clone.wait_counter_above(0, saved_at)
+    assert saved_at < resumed[0] <= saved_at + 3 and readies(clone.since()) == []
+    vm.wm("vm", "stop", "clone", "--force")
+    vm.wm("vm", "delete", "clone", "--yes")
+    vm.wm("checkpoint", "delete", vm.name, "*", "--yes")
 
 
 def test_two_starts_at_once_run_one_qemu(vm: Guest) -> None:

@@ -80,6 +80,7 @@ class Checkpoint(Base):
     fallback_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     memory_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    memory_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     skipped_disks: Mapped[list[Any]] = mapped_column(JSON)
 
 
@@ -102,6 +103,8 @@ class Intent(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     steps: Mapped[list[Any]] = mapped_column(JSON)
     next_step: Mapped[int] = mapped_column(Integer, default=0)
+    # prepare: rolled back if it did not commit; finish: driven to its end (ops/journal.py)
+    shape: Mapped[str] = mapped_column(String(8), server_default="prepare")
     # pending -> committed | rolled_back
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

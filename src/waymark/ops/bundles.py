@@ -26,7 +26,7 @@ from waymark import durable
 from waymark.catalog.models import Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
-from waymark.errors import Conflict, ImageError, InvalidInput, NotFound
+from waymark.errors import Conflict, ImageError, NotFound
 from waymark.images import qemu_img
 from waymark.ops import lookup
 from waymark.ops.context import Context
@@ -119,6 +119,17 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
+def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[str, Any],
+                       hardware: dict[str, Any]) -> list[dict[str, Any]]:
+    saved = ctx.vm_folder(vm_id) / "saved"
+    meta = {"sha256": manifest["files"][manifest["memory"]], "hardware": hardware,
+            "imported_from": manifest["source"]}
+    return [{"op": "copy_file", "src": str(bundle / manifest["memory"]),
+             "path": str(saved / "state.bin")},
+            {"op": "write_file", "path": str(saved / "saved.json"),
+             "text": json.dumps(meta, indent=2)}]
+
+
 def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
                   on_progress: qemu_img.Progress = None) -> str:
     """A new VM (new id, new file names) from a verified bundle; returns its id."""
@@ -152,9 +163,9 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
               "checkpoint_type": check_type(settings["checkpoint_type"]),
               "max_checkpoints": check_limit(int(settings["max_checkpoints"])),
               "checkpoint_dir": str(ctx.vm_folder(vm_id) / "checkpoints")}
-    if manifest.get("memory"):
-        raise InvalidInput("this bundle holds a memory state; importing it needs the running-VM "
-                           "support of a later Waymark release.")
+    if manifest.get("memory"):  # a standard checkpoint: the new VM is saved and resumes
+        vm_row["state"] = "saved"
+        steps += _saved_state_steps(ctx, vm_id, bundle, manifest, hardware.dump())
     steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
     with ctx.vm_locked(vm_id, vm_name):
         ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},

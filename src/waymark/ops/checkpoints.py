@@ -14,7 +14,7 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, LimitReached
-from waymark.ops import compact, journal, liveness, lookup, recovery
+from waymark.ops import compact, journal, liveness, lookup, machines, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.ops.vms import new_id
@@ -79,13 +79,29 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
               "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,
               "requested_type": vm_row.checkpoint_type, "fallback_reason": None,
-              "config": hardware.dump(), "memory_path": None, "skipped_disks": skipped}
+              "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
+              "skipped_disks": skipped}
+    if vm_row.state == "saved":
+        steps.append(_keep_saved_memory(ctx, vm_row, record))
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
     steps.append({"op": "write_file", "path": str(Path(vm_row.checkpoint_dir) /
                                                  f"{checkpoint_id}.json"),
                   "text": json.dumps(description, indent=2, sort_keys=True)})
     return {"checkpoint": record, "frozen": frozen, "overlays": overlays}, steps
+
+
+def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict[str, Any]:
+    """A saved VM's checkpoint holds its saved memory state (Hyper-V's green triangle): it is
+    a standard checkpoint, whatever type was asked for. Returns the copy step."""
+    meta = machines.saved_state(ctx, vm_row.id).load(vm_row.name)
+    memory = Path(vm_row.checkpoint_dir) / f"{record['id']}.state"
+    record.update(kind="standard", memory_path=str(memory), memory_sha256=meta["sha256"],
+                  config=meta["hardware"])
+    if vm_row.checkpoint_type != "standard":
+        record["fallback_reason"] = "the VM was saved: the checkpoint holds its saved memory"
+    return {"op": "copy_file", "src": str(machines.saved_state(ctx, vm_row.id).state),
+            "path": str(memory)}
 
 
 def _overlay(ctx: Context, disk_id: str, base: Image) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -152,15 +168,20 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyRes
         return result
 
 
+def _install_memory(saved: machines.SavedState, target: Checkpoint) -> list[dict[str, Any]]:
+    """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it)."""
+    if not target.memory_path:
+        return []
+    meta = {"sha256": target.memory_sha256, "hardware": target.config,
+            "from_checkpoint": target.id}
+    return [{"op": "copy_file", "src": target.memory_path, "path": str(saved.state)},
+            {"op": "write_file", "path": str(saved.meta), "text": json.dumps(meta, indent=2)}]
+
+
 def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
     """Fail before anything changes when the safety checkpoint could not be taken whole."""
     _refuse_disabled(vm_row)
     _check_limit(session, vm_row)
-    if vm_row.state == "saved":
-        raise Conflict(f"VM {vm_row.name!r} is saved, and a checkpoint cannot hold its saved "
-                       "memory yet (that comes with live checkpoints).",
-                       hint="Start and stop it first, or apply with --discard-current (its saved "
-                            "state is then discarded).")
 
 
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
@@ -183,11 +204,12 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
         overlays.append(row)
         steps.append(step)
     result.kept_disks = [str(k["id"]) for k in kept]
-    saved = ctx.vm_folder(vm_id) / "saved"  # Now's saved memory no longer fits its disks
-    discard = [str(saved / n) for n in ("state.bin", "saved.json")] if vm_row.state == "saved" \
-        else []
+    saved = machines.saved_state(ctx, vm_id)  # Now's saved memory no longer fits its disks
+    discard = [str(saved.state), str(saved.meta)] \
+        if vm_row.state == "saved" and not target.memory_path else []
     params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
-              "overlays": overlays, "kept": kept, "state": result.state, "discard": discard}
+              "overlays": overlays, "kept": kept, "state": result.state, "discard": discard,
+              "install": _install_memory(saved, target)}
     return params, steps, result
 
 
@@ -203,6 +225,8 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
     if params.get("discard"):
         journal.add(session, params["vm"], "saved_state_discard", {},
                     [{"op": "delete_file", "path": path} for path in params["discard"]])
+    if params.get("install"):
+        journal.add(session, params["vm"], "saved_state_install", {}, params["install"])
     compact.mark(session, params["vm"])
 
 

@@ -113,7 +113,8 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
         progress = None if report is None else partial(report, number, total, what)
         if progress is not None:
             progress(0.0)
-        ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress)
+        # a merge only removes or merges what nothing needs: always finished, never undone
+        ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
         if progress is not None:
             progress(1.0)
         taken = number

@@ -7,6 +7,7 @@ Steps are plain JSON dicts, so the journal can store them:
 - ``create_image {path, size?, backing?, backing_fmt?}``: a new qcow2 (undo: delete it)
 - ``write_file {path, text}``: a durable small file (undo: delete it)
 - ``convert {path, src, src_fmt}``: a standalone qcow2 copy of ``src``'s chain (undo: delete)
+- ``copy_file {path, src}``: a durable copy (or hard link) of ``src`` (undo: delete)
 - ``delete_file {path}``
 - ``prune_dirs {path}``: remove the empty folders of a tree
 - ``commit {top, base}``: ``top``'s own clusters into ``base``; ``top`` unchanged
@@ -15,6 +16,8 @@ Steps are plain JSON dicts, so the journal can store them:
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from waymark.errors import StorageError
 from waymark.images import qemu_img
 
 Step = dict[str, Any]
-UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert"})
+UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert", "copy_file"})
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -40,6 +43,21 @@ def _prune_empty(root: Path) -> None:
     if not any(root.iterdir()):
         root.rmdir()
         durable.fsync_dir(root.parent)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a durable copy of ``src``: a hard link when both share a file system
+    (memory states are never written in place, so sharing the inode is safe), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = durable.temp_path(dst)
+    durable.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    durable.fsync_file(tmp)
+    os.replace(tmp, dst)
+    durable.fsync_dir(dst.parent)
 
 
 def run(step: Step, on_progress: qemu_img.Progress = None) -> None:
@@ -77,6 +95,8 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
         qemu_img.rebase(path, _opt_path(step.get("backing")), step.get("backing_fmt"),
                         unsafe=bool(step.get("unsafe")), on_progress=on_progress)
         durable.fsync_file(path)
+    elif op == "copy_file" and path is not None:
+        _copy(Path(step["src"]), path)
     elif op == "convert" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.convert(Path(step["src"]), step["src_fmt"], path, on_progress=on_progress)

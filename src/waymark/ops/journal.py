@@ -1,7 +1,7 @@
 """The intent journal: write what you will do, do it step by step, then commit.
 
 An intent is a row of ``intents``: a kind, its parameters, a list of file steps (see
-:mod:`waymark.ops.executor`) and ``next_step``. Two shapes are used:
+:mod:`waymark.ops.executor`) and ``next_step``. Its ``shape`` says which of two kinds it is:
 
 - *prepare, then commit* (checkpoint create, apply, VM create): every step makes a new file
   nobody references yet; the catalog change is the kind's commit handler, run in the same
@@ -68,10 +68,10 @@ def now() -> datetime:
 
 
 def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
-        steps: Sequence[executor.Step]) -> Intent:
-    """Write an intent in the caller's transaction (for *commit, then finish*)."""
+        steps: Sequence[executor.Step], shape: str = "finish") -> Intent:
+    """Write an intent in the caller's transaction (by default *commit, then finish*)."""
     intent = Intent(vm_id=vm_id, kind=kind, params=params, steps=list(steps), next_step=0,
-                    status="pending", created_at=now(), updated_at=now())
+                    shape=shape, status="pending", created_at=now(), updated_at=now())
     session.add(intent)
     session.flush()
     return intent
@@ -82,11 +82,14 @@ class Journal:
         self.catalog = catalog
 
     def run(self, vm_id: str, kind: str, params: dict[str, Any],
-            steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None) -> None:
-        """Journal a *prepare, then commit* intent and drive it to the end."""
+            steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None,
+            shape: str = "prepare") -> None:
+        """Journal an intent (by default *prepare, then commit*) and drive it to the end."""
+        if shape == "prepare" and not all(step["op"] in executor.UNDOABLE for step in steps):
+            raise ValueError(f"{kind}: a prepare intent may only make new files")
         try:
             with self.catalog.session() as session:
-                intent_id = add(session, vm_id, kind, params, steps).id
+                intent_id = add(session, vm_id, kind, params, steps, shape).id
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
         self.drive(intent_id, on_progress)
@@ -143,8 +146,8 @@ class Journal:
         """
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
-            kind, steps = intent.kind, intent.steps
-        if is_prepare(steps):
+            kind, steps, shape = intent.kind, intent.steps, intent.shape
+        if shape == "prepare":
             self.roll_back(intent_id, kind, steps, err.message)
             return
         with contextlib.suppress(StorageError), self.catalog.session() as session:
@@ -163,13 +166,8 @@ class Journal:
     def finish(self, intent: Intent) -> None:
         """Recovery of a dead command's intent: a *prepare* intent that did not commit did not
         happen (its new files are removed); any other intent is driven to its end."""
-        if is_prepare(intent.steps):
+        if intent.shape == "prepare":
             self.roll_back(intent.id, intent.kind, intent.steps,
                            "interrupted before it committed")
         else:
             self.drive(intent.id)
-
-
-def is_prepare(steps: Sequence[executor.Step]) -> bool:
-    """Every step only makes a new file: the intent can be undone until it commits."""
-    return bool(steps) and all(step["op"] in executor.UNDOABLE for step in steps)

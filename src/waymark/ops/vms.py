@@ -284,9 +284,13 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
                 f"VM {vm_name!r} has {count} checkpoint(s) and {len(owned)} disk image(s) "
                 "Waymark created; deleting it deletes them.",
                 hint=f"Confirm with: waymark vm delete {vm_name} --yes")
-        files = [str(p) for p in owned] + [
-            str(Path(row.checkpoint_dir) / f"{c.id}.json")
-            for c in lookup.checkpoints(session, vm_id)]
+        checkpoints = lookup.checkpoints(session, vm_id)
+        files = [str(p) for p in owned]
+        files += [str(Path(row.checkpoint_dir) / f"{c.id}.json") for c in checkpoints]
+        files += [c.memory_path for c in checkpoints if c.memory_path]
+        folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
+        files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
+        files += [str(folder / "run" / n) for n in ("serial.log", "last_exit.json")]
         _delete_rows(session, vm_id)
         steps = [{"op": "delete_file", "path": f} for f in files]
         steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})

@@ -1,0 +1,29 @@
+"""Memory states in checkpoints carry their sha256; intents say their shape.
+
+Revision ID: 0002
+Revises: 0001
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("checkpoints") as batch:
+        batch.add_column(sa.Column("memory_sha256", sa.String(64), nullable=True))
+    with op.batch_alter_table("intents") as batch:
+        # prepare: undone if it did not commit; finish: always driven to its end
+        batch.add_column(sa.Column("shape", sa.String(8), nullable=False,
+                                   server_default="prepare"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("intents") as batch:
+        batch.drop_column("shape")
+    with op.batch_alter_table("checkpoints") as batch:
+        batch.drop_column("memory_sha256")
