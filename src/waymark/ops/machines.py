@@ -233,20 +233,21 @@ async def _live(ctx: Context, vm_ref: str, *allowed: str) -> tuple[str, str, cmd
     return vm_id, name, liveness.run_files(ctx, vm_id)
 
 
-async def pause(ctx: Context, vm_ref: str) -> None:
+async def _cpus(ctx: Context, vm_ref: str, before: str, command: str, after: str) -> None:
+    """Stop or restart the guest's CPUs (QMP ``stop``/``cont``); memory stays in QEMU."""
     with ctx.locked(vm_ref) as (vm_id, name):
-        _, _, run = await _live(ctx, vm_ref, "running")
+        _, _, run = await _live(ctx, vm_ref, before)
         async with qmp.connect(run.qmp, name) as machine:
-            await machine.command("stop")
-        _set_state(ctx, vm_id, "paused")
+            await machine.command(command)
+        _set_state(ctx, vm_id, after)
+
+
+async def pause(ctx: Context, vm_ref: str) -> None:
+    await _cpus(ctx, vm_ref, "running", "stop", "paused")
 
 
 async def resume(ctx: Context, vm_ref: str) -> None:
-    with ctx.locked(vm_ref) as (vm_id, name):
-        _, _, run = await _live(ctx, vm_ref, "paused")
-        async with qmp.connect(run.qmp, name) as machine:
-            await machine.command("cont")
-        _set_state(ctx, vm_id, "running")
+    await _cpus(ctx, vm_ref, "paused", "cont", "running")
 
 
 async def save(ctx: Context, vm_ref: str) -> dict[str, Any]:
