@@ -455,23 +455,14 @@ def test_two_starts_at_once_run_one_qemu(vm: Guest) -> None:
 
 # --- bad input, on VMs of their own (none of them boots) --------------------------------------
 
-def test_start_with_a_missing_disk_image(home: Waymark, image: dict[str, str],
-                                         tmp_path: Path) -> None:
-    copy = tmp_path / "disk-copy.qcow2"
-    shutil.copyfile(image["disk"], copy)
-    vm = create(home, "nodisk", image, disk=str(copy))
+@pytest.mark.parametrize(("part", "fragments"), [("disk", ()), ("kernel", ("--kernel",))])
+def test_start_with_a_missing_file(home: Waymark, image: dict[str, str], tmp_path: Path,
+                                   part: str, fragments: tuple[str, ...]) -> None:
+    """A VM whose disk image or kernel file vanished fails to start, naming the file."""
+    copy = tmp_path / f"{part}-copy"
+    shutil.copyfile(image[part], copy)
+    vm = create(home, f"no{part}", image, **{part: str(copy)})
     copy.unlink()
     failed = home.run("vm", "start", vm.name)
-    assert_clear_error(failed, str(copy))
-    assert vm.state() == "off" and vm.qemus() == []
-
-
-def test_start_with_a_missing_kernel(home: Waymark, image: dict[str, str],
-                                     tmp_path: Path) -> None:
-    copy = tmp_path / "vmlinuz-copy"
-    shutil.copyfile(image["kernel"], copy)
-    vm = create(home, "nokernel", image, kernel=str(copy))
-    copy.unlink()
-    failed = home.run("vm", "start", vm.name)
-    assert_clear_error(failed, "--kernel", str(copy))
+    assert_clear_error(failed, *fragments, str(copy))
     assert vm.state() == "off" and vm.qemus() == []
