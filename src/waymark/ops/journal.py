@@ -14,8 +14,14 @@ The process may be killed at any point. Recovery (the next command) rolls a *pre
 back — an operation that did not commit did not happen — and drives any other intent from
 ``next_step`` to its end (its steps are idempotent).
 
+A *live* prepare intent (:meth:`Journal.prepared`) has a part outside the files: after its
+steps, QEMU is told to use the new files (a live checkpoint's disk switch). Once QEMU writes
+to them, rolling back would lose data, so such a kind registers a :func:`resolver` that asks
+QEMU what happened and either amends the parameters to commit (forward) or says roll back.
+
 ``WAYMARK_FAILPOINT=N`` (tests only) SIGKILLs this process just before the N-th journal point
-(each step and each commit is one point, counted from 0 across the whole command).
+(each step and each commit is one point, counted from 0 across the whole command, and so is each
+stage of a live part); see :func:`failpoint`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +48,9 @@ from waymark.ops import executor
 log = logging.getLogger(__name__)
 
 CommitFn = Callable[[Session, dict[str, Any]], None]
+ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 _HANDLERS: dict[str, CommitFn] = {}
+_RESOLVERS: dict[str, ResolveFn] = {}
 _points_passed = 0
 
 
@@ -55,12 +64,30 @@ def commit_handler(kind: str) -> Callable[[CommitFn], CommitFn]:
     return register
 
 
-def failpoint() -> None:
+def resolver(kind: str) -> Callable[[ResolveFn], ResolveFn]:
+    """Register how recovery settles a *live* intent of ``kind`` whose file steps were done:
+    the function returns the parameters to commit with, or None to roll back."""
+
+    def register(fn: ResolveFn) -> ResolveFn:
+        _RESOLVERS[kind] = fn
+        return fn
+
+    return register
+
+
+def failpoint(label: str = "step") -> None:
+    """A journal point: tests kill the process here (``WAYMARK_FAILPOINT`` = its number or its
+    label) and list the points a run passes (``WAYMARK_FAILPOINT_LOG`` = a file that gets one
+    ``<number> <label>`` line per point)."""
     global _points_passed
-    target = os.environ.get("WAYMARK_FAILPOINT")
-    if target is not None and int(target) == _points_passed:
-        os.kill(os.getpid(), signal.SIGKILL)
+    index = _points_passed
     _points_passed += 1
+    trace = os.environ.get("WAYMARK_FAILPOINT_LOG")
+    if trace:
+        with open(trace, "a") as out:
+            out.write(f"{index} {label}\n")
+    if os.environ.get("WAYMARK_FAILPOINT") in (str(index), label):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def now() -> datetime:
@@ -77,14 +104,27 @@ def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
     return intent
 
 
+@dataclass
+class LiveIntent:
+    """The body's handle on a live intent: its parameters, which it may amend and save."""
+
+    journal: Journal
+    intent_id: int
+    params: dict[str, Any]
+
+    def save(self) -> None:
+        self.journal.store_params(self.intent_id, self.params)
+
+
 class Journal:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
     def run(self, vm_id: str, kind: str, params: dict[str, Any],
             steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None,
-            shape: str = "prepare") -> None:
-        """Journal an intent (by default *prepare, then commit*) and drive it to the end."""
+            shape: str = "prepare", commit: bool = True) -> int:
+        """Journal an intent (by default *prepare, then commit*) and drive it to the end (or,
+        without ``commit``, through its steps only)."""
         if shape == "prepare" and not all(step["op"] in executor.UNDOABLE for step in steps):
             raise ValueError(f"{kind}: a prepare intent may only make new files")
         try:
@@ -92,7 +132,45 @@ class Journal:
                 intent_id = add(session, vm_id, kind, params, steps, shape).id
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
-        self.drive(intent_id, on_progress)
+        self.drive(intent_id, on_progress, commit)
+        return intent_id
+
+    def store_params(self, intent_id: int, params: dict[str, Any]) -> None:
+        try:
+            with self.catalog.session() as session:
+                intent = session.get_one(Intent, intent_id)
+                intent.params, intent.updated_at = dict(params), now()
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+
+    def intent(self, intent_id: int) -> Intent:
+        with self.catalog.session() as session:
+            return session.get_one(Intent, intent_id)
+
+    @contextlib.contextmanager
+    def prepared(self, vm_id: str, kind: str, params: dict[str, Any],
+                 steps: Sequence[executor.Step]) -> Iterator[LiveIntent]:
+        """A *live* prepare intent: its file steps run, then the body does the live part and may
+        amend the parameters (:meth:`LiveIntent.save` makes an amendment durable for
+        recovery's resolver), then the intent commits with them.
+
+        If the body fails, the intent is settled as recovery would settle it (the kind's
+        resolver asks QEMU whether the live part took effect), then the error goes on.
+        """
+        if kind not in _RESOLVERS:
+            raise ValueError(f"{kind}: a live intent needs a resolver")
+        intent_id = self.run(vm_id, kind, params, steps, commit=False)
+        self._advance(intent_id, len(steps))  # the live part may begin: resolve, not undo
+        try:
+            yield LiveIntent(self, intent_id, params)
+        except BaseException:
+            try:
+                self.finish(self.intent(intent_id))
+            except WaymarkError as err:  # still pending: the next command settles it
+                log.warning("could not settle live intent %s yet: %s", intent_id, err)
+            raise
+        failpoint("commit")
+        self._commit(intent_id, kind, params)
 
     def pending(self, vm_id: str | None = None) -> list[Intent]:
         with self.catalog.session() as session:
@@ -101,19 +179,21 @@ class Journal:
                 query = query.where(Intent.vm_id == vm_id)
             return list(session.scalars(query))
 
-    def drive(self, intent_id: int, on_progress: qemu_img.Progress = None) -> None:
+    def drive(self, intent_id: int, on_progress: qemu_img.Progress = None,
+              commit: bool = True) -> None:
         """Run the intent's remaining steps, then its commit."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
             kind, params, steps, done = intent.kind, intent.params, intent.steps, intent.next_step
         try:
             for index in range(done, len(steps)):
-                failpoint()
+                failpoint(f"step:{steps[index]['op']}")
                 executor.run(steps[index], on_progress)
                 if index + 1 < len(steps):  # the commit records the last one
                     self._advance(intent_id, index + 1)
-            failpoint()
-            self._commit(intent_id, kind, params)
+            if commit:
+                failpoint("commit")
+                self._commit(intent_id, kind, params)
         except WaymarkError as err:
             self._failed(intent_id, err)
             raise
@@ -166,6 +246,14 @@ class Journal:
     def finish(self, intent: Intent) -> None:
         """Recovery of a dead command's intent: a *prepare* intent that did not commit did not
         happen (its new files are removed); any other intent is driven to its end."""
+        resolve = _RESOLVERS.get(intent.kind)
+        if intent.shape == "prepare" and resolve is not None \
+                and intent.next_step == len(intent.steps):
+            amended = resolve(dict(intent.params))
+            if amended is not None:
+                log.info("completing live intent %s (%s)", intent.id, intent.kind)
+                self._commit(intent.id, intent.kind, amended)
+                return
         if intent.shape == "prepare":
             self.roll_back(intent.id, intent.kind, intent.steps,
                            "interrupted before it committed")
