@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -82,6 +82,10 @@ class Checkpoint(Base):
     memory_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     memory_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     skipped_disks: Mapped[list[Any]] = mapped_column(JSON)
+    # a live standard checkpoint: the guest's CPUs stopped (QMP STOP to RESUME)
+    pause_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # a live production checkpoint: the guest's file systems frozen (freeze to thaw)
+    freeze_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class FrozenImage(Base):

@@ -23,13 +23,24 @@ def checkpoint() -> None:
 @checkpoint.command("create")
 @click.argument("vm_ref", metavar="VM")
 @click.option("--name", help="1-99 characters (default: 'VM - (date - time)').")
+@click.option("--type", "wanted", type=click.Choice(["standard", "production", "productiononly"]),
+              help="This checkpoint's type, instead of the VM's checkpoint type.")
 @json_option
-def create(vm_ref: str, name: str | None, as_json: bool) -> None:
-    """Take a checkpoint of a VM (Hyper-V's Checkpoint-VM)."""
+def create(vm_ref: str, name: str | None, wanted: str | None, as_json: bool) -> None:
+    """Take a checkpoint of a VM (Hyper-V's Checkpoint-VM), live if it runs.
+
+    standard: memory, devices and disks (applying it resumes the VM there). production: disks
+    only, the guest's file systems quiesced through its agent (falls back to standard when
+    that fails; productiononly fails instead). A VM that is off gets its disks.
+    """
     ctx = face().ctx
-    ckpt_id = checkpoints.create(ctx, vm_ref, name)
+    ckpt_id = checkpoints.create(ctx, vm_ref, name, wanted)
     data = views.checkpoint_show(ctx, vm_ref, ckpt_id)
-    emit(as_json, data, [f"Created checkpoint {data['name']!r} ({ckpt_id[:12]}, {data['kind']})."])
+    lines = [f"Created checkpoint {data['name']!r} ({ckpt_id[:12]}, {data['kind']})."]
+    if data["fallback_reason"]:
+        lines.append(f"It is {data['kind']}, not {data['requested_type']}: "
+                     f"{data['fallback_reason']}.")
+    emit(as_json, data, lines)
 
 
 @checkpoint.command("list")
@@ -56,6 +67,10 @@ def _show_lines(d: dict[str, Any]) -> list[str]:
              f"{d['configuration']['cpus']} CPU(s)"]
     if d["fallback_reason"]:
         lines.append(f"  fell back: {d['fallback_reason']}")
+    if d["pause_seconds"] is not None:
+        lines.append(f"  guest paused: {d['pause_seconds'] * 1000:.0f} ms (taken live)")
+    if d["freeze_seconds"] is not None:
+        lines.append(f"  file systems frozen: {d['freeze_seconds'] * 1000:.0f} ms")
     lines += [f"  disk {x['disk_id'][:12]}: {x['frozen_image']}" for x in d["disks"]]
     lines += [f"  not captured: {s['path']} ({s['reason']})" for s in d["skipped_disks"]]
     return lines
@@ -99,14 +114,21 @@ def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
 @click.argument("ckpt_ref", metavar="CKPT")
 @click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply.")
 @click.option("--discard-current", is_flag=True, help="Apply; the current state is lost.")
+@click.option("--start", is_flag=True,
+              help="Start the VM afterwards (a standard checkpoint resumes where it was taken).")
 @json_option
 def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: bool,
-          as_json: bool) -> None:
-    """Return the VM to a checkpoint (Hyper-V's Restore-VMSnapshot)."""
+          start: bool, as_json: bool) -> None:
+    """Return the VM to a checkpoint (Hyper-V's Restore-VMSnapshot).
+
+    A running VM is turned off first (checkpointed live first with --checkpoint-first).
+    Applying a standard checkpoint leaves the VM saved (vm start resumes it exactly there);
+    any other leaves it off.
+    """
     ctx = face().ctx
     target = views.checkpoint_show(ctx, vm_ref, ckpt_ref)
     mode = _choose_mode(checkpoint_first, discard_current, target["name"])
-    result = checkpoints.apply(ctx, vm_ref, target["id"], mode)
+    result = checkpoints.apply(ctx, vm_ref, target["id"], mode, start=start)
     data = {"checkpoint_id": result.checkpoint_id, "state": result.state,
             "safety_checkpoint_id": result.safety_checkpoint_id,
             "detached_disks": result.detached_disks, "kept_disks": result.kept_disks}

@@ -29,7 +29,7 @@ def _console(vm_ref: str) -> None:
 def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -> None:
     """Boot the VM, or resume a saved VM exactly where it was."""
     ctx = face().ctx
-    accelerator = asyncio.run(machines.start(ctx, vm_ref, discard_saved=discard_saved_state))
+    accelerator = asyncio.run(machines.start(ctx, vm_ref, fresh=discard_saved_state))
     data = asyncio.run(machines.status(ctx, vm_ref, ask_agent=False))
     emit(as_json, data, [f"Started {data['name']} (pid {data['pid']}, {accelerator})."])
     if attach:

@@ -72,17 +72,23 @@ def _qemu_img_p(args: list[str], *, what: str, on_progress: Progress) -> None:
 
 
 def create(path: Path, *, size: int | None = None, backing: Path | None = None,
-           backing_fmt: str | None = None) -> None:
+           backing_fmt: str | None = None, unsafe: bool = False) -> None:
     """Create a qcow2 image: a new base of ``size`` bytes, or an overlay on ``backing``.
 
     qemu-img opens the backing chain (headers only) to learn its size, so an overlay costs the
-    same whatever the disk size, and a chain with a missing file fails here.
+    same whatever the disk size, and a chain with a missing file fails here. ``unsafe`` (``-u``,
+    which needs ``size``) does not open the backing file: the way to put an overlay on the
+    image a running QEMU holds locked.
     """
     argv = ["create", "-q", "-f", "qcow2"]
     if backing is not None:
         if backing_fmt is None:
             raise ValueError("backing_fmt is required with backing")
         argv += ["-F", backing_fmt, "-b", str(backing)]
+        if unsafe:
+            if size is None:
+                raise ValueError("an unsafe overlay needs its size")
+            argv.append("-u")
     argv.append(str(path))
     if size is not None:
         argv.append(str(size))

@@ -31,7 +31,7 @@ from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Vm
 from waymark.errors import WaymarkError
 from waymark.images import qemu_img
-from waymark.ops import locks, lookup, recovery
+from waymark.ops import liveness, locks, lookup, recovery
 from waymark.ops.context import Context
 
 OURS = re.compile(r"^\.?[0-9a-f]{32}\.(qcow2|json|state)(\.tmp)?$")
@@ -47,13 +47,18 @@ class Finding:
     repaired: str | None = None
 
 
-def _image_findings(vm_name: str, image: Image, images: dict[str, Image]) -> list[Finding]:
+def _image_findings(vm_name: str, image: Image, images: dict[str, Image],
+                    in_use: bool = False) -> list[Finding]:
+    """What is wrong with one image; ``in_use``: a running QEMU writes it, so only its
+    existence can be checked (its content is QEMU's until the VM stops)."""
     path = Path(image.path)
     if not path.exists():
         return [Finding(vm_name, "missing-file", image.path,
                         "the catalog needs this image but the file is gone",
                         "restore the file from a backup (Waymark will not invent its data), or "
                         f"delete the checkpoints that need it: waymark checkpoint list {vm_name}")]
+    if in_use:
+        return []
     if image.pinned:
         try:
             qemu_img.chain(path, image.format)
@@ -219,8 +224,9 @@ def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
             if vm_row.id not in vm_ids:
                 continue
             images = lookup.images(session, vm_row.id)
+            in_use = _written_by_qemu(ctx, session, vm_row.id)
             for image in images.values():
-                findings += _image_findings(vm_row.name, image, images)
+                findings += _image_findings(vm_row.name, image, images, image.id in in_use)
             findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
         findings += _stray_findings(ctx, session, vm_ids)
         if repair:
@@ -230,6 +236,14 @@ def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
                 elif finding.kind == "missing-config":
                     _repair_config(session, finding)
     return findings
+
+
+def _written_by_qemu(ctx: Context, session: Session, vm_id: str) -> set[str]:
+    """The active images of a VM whose QEMU runs."""
+    if liveness.find(liveness.run_files(ctx, vm_id)) is None:
+        return set()
+    return {d.active_image_id for d in lookup.disks(session, vm_id).values()
+            if d.active_image_id is not None}
 
 
 def as_dicts(findings: list[Finding]) -> list[dict[str, str | None]]:

@@ -14,12 +14,13 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, LimitReached
-from waymark.ops import compact, journal, liveness, lookup, machines, recovery
+from waymark.ops import compact, journal, live, liveness, lookup, machines, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.ops.vms import new_id
+from waymark.qemu import qmp
 
-DISK_ONLY = "disk-only"
+DISK_ONLY = live.DISK_ONLY
 
 
 def _refuse_disabled(vm_row: Vm) -> None:
@@ -38,14 +39,20 @@ def _check_limit(session: Session, vm_row: Vm, adding: int = 1) -> None:
                  f"--max-checkpoints {vm_row.max_checkpoints + 10}")
 
 
-def create(ctx: Context, vm_ref: str, name: str | None = None) -> str:
-    """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes."""
+def create(ctx: Context, vm_ref: str, name: str | None = None,
+           wanted: str | None = None) -> str:
+    """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes.
+
+    ``wanted`` overrides the VM's checkpoint type for this one checkpoint. A running or paused
+    VM is checkpointed live (:mod:`waymark.ops.live`); an off one gets its disks; a saved one
+    its disks and its saved memory.
+    """
     with ctx.locked(vm_ref) as (vm_id, _):
-        return _create_locked(ctx, vm_id, name)
+        return _create_locked(ctx, vm_id, name, wanted)
 
 
-def _create_locked(ctx: Context, vm_id: str, name: str | None) -> str:
-    liveness.require_offline(ctx, vm_id, "taking a checkpoint")
+def _create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
+    state = qmp.run_sync(machines.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
     created = now()
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
@@ -53,12 +60,18 @@ def _create_locked(ctx: Context, vm_id: str, name: str | None) -> str:
         _check_limit(session, vm_row)
         label = tree.clean_name(name) if name is not None else tree.default_name(vm_row.name,
                                                                                  created)
-        params, steps = _plan_create(ctx, session, vm_row, label)
-    ctx.journal.run(vm_id, "checkpoint_create", params, steps)
+        wanted = wanted or vm_row.checkpoint_type
+        params, steps = _plan_create(ctx, session, vm_row, label, state)
+        params["checkpoint"]["requested_type"] = wanted
+    if state not in liveness.LIVE_STATES:
+        ctx.journal.run(vm_id, "checkpoint_create", params, steps)
+    else:
+        with ctx.journal.prepared(vm_id, "checkpoint_create", params, steps) as intent:
+            qmp.run_sync(live.capture(intent, wanted))
     return str(params["checkpoint"]["id"])
 
 
-def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str
+def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: str
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     checkpoint_id = new_id()
     hardware = lookup.hardware(vm_row)
@@ -73,7 +86,7 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str
             continue
         active = images[disk.active_image_id]
         frozen.append({"disk_id": disk_id, "image_id": active.id})
-        row, step = _overlay(ctx, disk_id, active)
+        row, step = _overlay(ctx, disk_id, active, unsafe=state in liveness.LIVE_STATES)
         overlays.append(row)
         steps.append(step)
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
@@ -81,14 +94,20 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str
               "requested_type": vm_row.checkpoint_type, "fallback_reason": None,
               "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
               "skipped_disks": skipped}
-    if vm_row.state == "saved":
+    extra: dict[str, Any] = {}
+    if state == "saved":
         steps.append(_keep_saved_memory(ctx, vm_row, record))
+    elif state in liveness.LIVE_STATES:
+        memory = Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.state"
+        steps.append({"op": "claim_file", "path": str(memory)})
+        extra["live"] = live.plan(liveness.run_files(ctx, vm_row.id), vm_row.name, state,
+                                  frozen, overlays, memory)
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
     steps.append({"op": "write_file", "path": str(Path(vm_row.checkpoint_dir) /
                                                  f"{checkpoint_id}.json"),
                   "text": json.dumps(description, indent=2, sort_keys=True)})
-    return {"checkpoint": record, "frozen": frozen, "overlays": overlays}, steps
+    return {"checkpoint": record, "frozen": frozen, "overlays": overlays, **extra}, steps
 
 
 def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict[str, Any]:
@@ -104,15 +123,19 @@ def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict
             "path": str(memory)}
 
 
-def _overlay(ctx: Context, disk_id: str, base: Image) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A new active image for ``disk_id`` on ``base``: its catalog row and its file step."""
+def _overlay(ctx: Context, disk_id: str, base: Image, unsafe: bool = False
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new active image for ``disk_id`` on ``base``: its catalog row and its file step
+    (``unsafe`` when a running QEMU holds ``base`` locked: qemu-img must not open it)."""
     overlay_id = new_id()
     path = ctx.disk_folder(base.vm_id) / f"{overlay_id}.qcow2"
     row = {"id": overlay_id, "vm_id": base.vm_id, "path": str(path), "format": "qcow2",
            "parent_id": base.id, "pinned": False, "virtual_size": base.virtual_size,
            "chain_length": 1, "disk_id": disk_id}
-    step = {"op": "create_image", "path": str(path), "backing": base.path,
-            "backing_fmt": base.format}
+    step: dict[str, Any] = {"op": "create_image", "path": str(path), "backing": base.path,
+                            "backing_fmt": base.format}
+    if unsafe:
+        step.update(unsafe=True, size=base.virtual_size)
     return row, step
 
 
@@ -150,21 +173,33 @@ class ApplyResult:
     state: str = "off"
 
 
-def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode) -> ApplyResult:
-    """Return the VM to checkpoint ``ckpt_ref``: its disks and configuration as they were."""
-    with ctx.locked(vm_ref) as (vm_id, _):
-        liveness.require_offline(ctx, vm_id, "applying a checkpoint")
+def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode,
+          start: bool = False) -> ApplyResult:
+    """Return the VM to checkpoint ``ckpt_ref``: its disks and configuration as they were.
+
+    A running or paused VM is turned off first (Hyper-V does the same), after the safety
+    checkpoint with ``CHECKPOINT_FIRST``, which is taken live. A standard checkpoint leaves the
+    VM saved, any other off; ``start`` then starts (resumes) it at once.
+    """
+    with ctx.locked(vm_ref) as (vm_id, name):
+        state = qmp.run_sync(machines.settle(ctx, vm_id, name))
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
             target = lookup.checkpoint(session, vm_row, ckpt_ref).id
             if mode is ApplyMode.CHECKPOINT_FIRST:
                 _can_checkpoint_first(session, vm_row)
-        safety = _create_locked(ctx, vm_id, None) if mode is ApplyMode.CHECKPOINT_FIRST else None
+        safety = _create_locked(ctx, vm_id, None, None) \
+            if mode is ApplyMode.CHECKPOINT_FIRST else None
+        if state in liveness.LIVE_STATES:
+            qmp.run_sync(machines.power_off(ctx, vm_id, name, "turned off to apply a checkpoint"))
         with ctx.catalog.session() as session:
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
         result.safety_checkpoint_id = safety
         ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
         recovery.recover_vm(ctx, vm_id)
+        if start:
+            qmp.run_sync(machines.start_locked(ctx, vm_id, name))
+            result.state = "running"
         return result
 
 

@@ -4,7 +4,10 @@
 Steps are plain JSON dicts, so the journal can store them:
 
 - ``make_dir {path}``: a new VM's folder (undo: remove it and what is under it if all empty)
-- ``create_image {path, size?, backing?, backing_fmt?}``: a new qcow2 (undo: delete it)
+- ``create_image {path, size?, backing?, backing_fmt?, unsafe?}``: a new qcow2 (undo: delete
+  it); ``unsafe`` overlays a backing file a running QEMU holds locked
+- ``claim_file {path}``: nothing yet; a file the operation's live part writes (QEMU's memory
+  state), removed with its temporary file on undo
 - ``write_file {path, text}``: a durable small file (undo: delete it)
 - ``convert {path, src, src_fmt}``: a standalone qcow2 copy of ``src``'s chain (undo: delete)
 - ``copy_file {path, src}``: a durable copy (or hard link) of ``src`` (undo: delete)
@@ -26,7 +29,8 @@ from waymark.errors import StorageError
 from waymark.images import qemu_img
 
 Step = dict[str, Any]
-UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert", "copy_file"})
+UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert", "copy_file",
+                      "claim_file"})
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -79,8 +83,10 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     elif op == "create_image" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.create(path, size=step.get("size"), backing=_opt_path(step.get("backing")),
-                        backing_fmt=step.get("backing_fmt"))
+                        backing_fmt=step.get("backing_fmt"), unsafe=bool(step.get("unsafe")))
         durable.fsync_file(path)
+    elif op == "claim_file" and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     elif op == "write_file" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         durable.write_bytes(path, str(step["text"]).encode())

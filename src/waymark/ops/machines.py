@@ -133,26 +133,41 @@ def _set_state(ctx: Context, vm_id: str, state: str) -> None:
         session.get_one(Vm, vm_id).state = state
 
 
-async def start(ctx: Context, vm_ref: str, *, discard_saved: bool = False) -> str:
-    """Boot the VM, or resume it exactly where it was saved. Returns the accelerator used."""
+async def start(ctx: Context, vm_ref: str, *, fresh: bool = False) -> str:
+    """Boot the VM, or resume it exactly where it was saved (``fresh``: boot, discarding the
+    saved state). Returns the accelerator used."""
     with ctx.locked(vm_ref) as (vm_id, name):
-        state = await settle(ctx, vm_id, name)
-        if state in liveness.LIVE_STATES:
-            raise Conflict(f"VM {name!r} is already {state}.",
-                           hint=f"See it with: waymark vm status {name}")
-        if state == "saved" and discard_saved:
-            _discard_saved(ctx, vm_id)
-            state = "off"
-        if state == "saved":
-            return await _resume_saved(ctx, vm_id, name)
-        with ctx.catalog.session() as session:
-            hardware = lookup.hardware(session.get_one(Vm, vm_id))
-        run = _launch(ctx, vm_id, name, hardware, incoming=False)
-        _set_state(ctx, vm_id, "running")
-        return str(json.loads(run.runtime.read_text())["accelerator"])
+        return await start_locked(ctx, vm_id, name, fresh=fresh)
 
 
-def _discard_saved(ctx: Context, vm_id: str) -> None:
+async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = False) -> str:
+    """:func:`start`, for a caller that holds the VM's lock."""
+    state = await settle(ctx, vm_id, name)
+    if state in liveness.LIVE_STATES:
+        raise Conflict(f"VM {name!r} is already {state}.",
+                       hint=f"See it with: waymark vm status {name}")
+    if state == "saved" and fresh:
+        discard_saved(ctx, vm_id)
+        state = "off"
+    if state == "saved":
+        return await _resume_saved(ctx, vm_id, name)
+    with ctx.catalog.session() as session:
+        hardware = lookup.hardware(session.get_one(Vm, vm_id))
+    run = _launch(ctx, vm_id, name, hardware, incoming=False)
+    _set_state(ctx, vm_id, "running")
+    return str(json.loads(run.runtime.read_text())["accelerator"])
+
+
+async def power_off(ctx: Context, vm_id: str, name: str, reason: str) -> None:
+    """Turn a running or paused VM off at once (its lock held by the caller)."""
+    run = liveness.run_files(ctx, vm_id)
+    await _kill(run, name)
+    liveness.record_exit(run, reason)
+    _set_state(ctx, vm_id, "off")
+
+
+def discard_saved(ctx: Context, vm_id: str) -> None:
+    """Hyper-V's "Delete Saved State": the VM is off; its saved memory is gone."""
     saved = saved_state(ctx, vm_id)
     _set_state(ctx, vm_id, "off")
     for path in (saved.state, saved.meta):
@@ -240,6 +255,8 @@ async def _cpus(ctx: Context, vm_ref: str, before: str, command: str, after: str
         async with qmp.connect(run.qmp, name) as machine:
             await machine.command(command)
         _set_state(ctx, vm_id, after)
+        for path in (run.paused_state, run.paused_meta):  # the guest runs: its memory changes
+            durable.remove(path)
 
 
 async def pause(ctx: Context, vm_ref: str) -> None:
@@ -261,7 +278,11 @@ async def save(ctx: Context, vm_ref: str) -> dict[str, Any]:
         async with qmp.connect(run.qmp, name) as machine:
             paused_at = time.monotonic()
             await machine.command("stop")
-            await _outgoing(machine, saved.state.with_suffix(".tmp"))
+            if run.paused_state.is_file():  # a checkpoint already wrote this paused memory
+                durable.remove(saved.state.with_suffix(".tmp"))
+                os.link(run.paused_state, saved.state.with_suffix(".tmp"))
+            else:
+                await _outgoing(machine, saved.state.with_suffix(".tmp"))
             pause = time.monotonic() - paused_at  # stop until QEMU has written the state
             digest = _commit_state(saved, hardware)
             _set_state(ctx, vm_id, "saved")
@@ -302,7 +323,7 @@ async def stop(ctx: Context, vm_ref: str, *, force: bool, timeout: float = 60.0)
     """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
     with ctx.locked(vm_ref) as (vm_id, name):
         if force and liveness.reconcile(ctx, vm_id) == "saved":
-            _discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
+            discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
             return "saved state discarded"
         _, _, run = await _live(ctx, vm_ref, "running", "paused")
         how = "powered off"
@@ -311,9 +332,7 @@ async def stop(ctx: Context, vm_ref: str, *, force: bool, timeout: float = 60.0)
                 raise Conflict(f"VM {name!r} is paused: a paused guest cannot shut down.",
                                hint=f"Resume it first, or: waymark vm stop {name} --force")
             how = await _shutdown(run, name, timeout)
-        await _kill(run, name)
-        liveness.record_exit(run, how)
-        _set_state(ctx, vm_id, "off")
+        await power_off(ctx, vm_id, name, how)
         return how
 
 

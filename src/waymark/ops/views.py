@@ -58,6 +58,7 @@ def _checkpoint(session: Session, row: Checkpoint, space: Space) -> dict[str, An
         "created_at": rfc3339(row.created_at), "kind": row.kind,
         "has_memory": row.memory_path is not None, "requested_type": row.requested_type,
         "fallback_reason": row.fallback_reason, "skipped_disks": row.skipped_disks,
+        "pause_seconds": row.pause_seconds, "freeze_seconds": row.freeze_seconds,
         "allocated_bytes": sum(space.allocated(i) for i in frozen.values()),
         "shared_bytes": sum(space.shared_below(i) for i in frozen.values()),
         "chain_depth": max((space.depth(i) for i in frozen.values()), default=0),

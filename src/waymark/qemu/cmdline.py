@@ -74,6 +74,15 @@ class RunFiles:
     def runtime(self) -> Path:
         return self.folder / "runtime.json"
 
+    @property
+    def paused_state(self) -> Path:
+        """The memory state of a paused VM that a checkpoint left in ``postmigrate``."""
+        return self.folder / "paused.state"
+
+    @property
+    def paused_meta(self) -> Path:
+        return self.folder / "paused.json"
+
 
 @dataclass(frozen=True)
 class Launch:

@@ -7,17 +7,19 @@ QMP events with a timeout, never by polling.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from waymark.errors import ToolError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Qmp:
@@ -72,6 +74,23 @@ class Qmp:
         if watcher in done:
             raise ToolError(f"QEMU of {self.label} exited before {what}.")
         raise ToolError(f"{self.label}: {what} did not happen within {timeout:g} s.")
+
+
+def run_sync(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end from synchronous code, even inside a running event loop (recovery
+    runs wherever a VM lock is taken, async commands included): then on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, work).result()
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """An event's own timestamp (seconds since the epoch, from QEMU's clock)."""
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
 
 
 @asynccontextmanager
