@@ -102,6 +102,11 @@ def show(vm_ref: str, as_json: bool) -> None:
     emit(as_json, data, lines)
 
 
+DISCARD_SAVED = click.option(
+    "--discard-saved-state", is_flag=True,
+    help="A saved VM: change its hardware anyway; its saved memory is lost.")
+
+
 @vm.command("set")
 @click.argument("vm_ref", metavar="VM")
 @click.option("--memory")
@@ -109,14 +114,16 @@ def show(vm_ref: str, as_json: bool) -> None:
 @click.option("--checkpoint-type", type=TYPES)
 @click.option("--checkpoint-dir", metavar="DIR")
 @click.option("--max-checkpoints", type=int)
+@DISCARD_SAVED
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
-         checkpoint_dir: str | None, max_checkpoints: int | None, as_json: bool) -> None:
-    """Change a VM's settings."""
+         checkpoint_dir: str | None, max_checkpoints: int | None, discard_saved_state: bool,
+         as_json: bool) -> None:
+    """Change a VM's settings (memory and CPUs only while it is off)."""
     ctx = face().ctx
     vms.set_settings(ctx, vm_ref, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
-                     max_checkpoints=max_checkpoints)
+                     max_checkpoints=max_checkpoints, discard_saved=discard_saved_state)
     data = views.vm_show(ctx, vm_ref)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 
@@ -148,11 +155,12 @@ def disk() -> None:
 @disk.command("add")
 @click.argument("vm_ref", metavar="VM")
 @click.argument("spec", metavar="SIZE|PATH[,passthrough=on]")
+@DISCARD_SAVED
 @json_option
-def disk_add(vm_ref: str, spec: str, as_json: bool) -> None:
+def disk_add(vm_ref: str, spec: str, discard_saved_state: bool, as_json: bool) -> None:
     """Attach a new disk of SIZE, or an existing image file (kept read-only)."""
     ctx = face().ctx
-    disk_id = vms.add_disk(ctx, vm_ref, vms.DiskSpec.parse(spec))
+    disk_id = vms.add_disk(ctx, vm_ref, vms.DiskSpec.parse(spec), discard_saved_state)
     data = views.vm_show(ctx, vm_ref)
     shown = next(d for d in data["disks"] if d["id"] == disk_id)
     emit(as_json, shown, [f"Attached disk {disk_id[:12]} to {data['name']}."])
@@ -161,10 +169,11 @@ def disk_add(vm_ref: str, spec: str, as_json: bool) -> None:
 @disk.command("remove")
 @click.argument("vm_ref", metavar="VM")
 @click.argument("disk_ref", metavar="DISK")
+@DISCARD_SAVED
 @json_option
-def disk_remove(vm_ref: str, disk_ref: str, as_json: bool) -> None:
+def disk_remove(vm_ref: str, disk_ref: str, discard_saved_state: bool, as_json: bool) -> None:
     """Detach a disk; its files are kept (see them in vm show)."""
-    removed = vms.remove_disk(face().ctx, vm_ref, disk_ref)
+    removed = vms.remove_disk(face().ctx, vm_ref, disk_ref, discard_saved_state)
     emit(as_json, {"detached": removed.id},
          [f"Detached disk {removed.id[:12]}; its files are kept."])
 

@@ -19,7 +19,7 @@ from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, InvalidInput, NotFound
 from waymark.images import qemu_img
-from waymark.ops import compact, journal, liveness, lookup, recovery
+from waymark.ops import compact, journal, liveness, lookup, machines, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.units import parse_size
@@ -230,18 +230,37 @@ def _commit_create(session: Session, params: dict[str, Any]) -> None:
 
 def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
-                 max_checkpoints: int | None = None) -> None:
+                 max_checkpoints: int | None = None, discard_saved: bool = False) -> None:
     with ctx.locked(ref) as (vm_id, vm_name):
-        if (memory is not None or cpus is not None) and \
-                liveness.reconcile(ctx, vm_id) in (*liveness.LIVE_STATES, "saved"):
+        discard = False
+        if memory is not None or cpus is not None:
+            if memory is not None:
+                check_memory(memory)
             changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
-            verb = "takes" if len(changed) == 1 else "take"
-            raise Conflict(f"VM {vm_name!r} is not off: {' and '.join(changed)} {verb} effect "
-                           "only after a power cycle.",
-                           hint=f"Stop it first: waymark vm stop {vm_name} (a saved VM: "
-                                f"waymark vm stop {vm_name} --force discards its saved state)")
+            discard = _hardware_change(ctx, vm_id, vm_name, " and ".join(changed),
+                                       discard_saved)
         _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
                     max_checkpoints)
+        if discard:
+            machines.discard_saved(ctx, vm_id)
+
+
+def _hardware_change(ctx: Context, vm_id: str, vm_name: str, what: str,
+                     discard_saved: bool) -> bool:
+    """Memory, CPUs and disks change only while the VM is off: a running QEMU has its hardware,
+    and a saved memory state restores only onto the hardware it was saved with. Returns
+    whether the caller must discard the saved state (after its change is known to be valid).
+    """
+    state = liveness.reconcile(ctx, vm_id)
+    if state in liveness.LIVE_STATES:
+        raise Conflict(f"VM {vm_name!r} is {state}: {what} takes effect only after a power "
+                       "cycle.", hint=f"Stop it first: waymark vm stop {vm_name}")
+    if state == "saved" and not discard_saved:
+        raise Conflict(f"VM {vm_name!r} is saved, and its saved memory restores only onto the "
+                       f"hardware it was saved with: {what} would make it unusable.",
+                       hint="Add --discard-saved-state to change it anyway (the saved memory "
+                            f"is lost), or start {vm_name} and shut it down first.")
+    return state == "saved"
 
 
 def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus: int | None,
@@ -309,11 +328,13 @@ def _delete_rows(session: Session, vm_id: str) -> None:
     session.execute(sql_delete(Vm).where(Vm.id == vm_id))
 
 
-def add_disk(ctx: Context, ref: str, spec: DiskSpec) -> str:
-    with ctx.locked(ref) as (vm_id, _):
-        liveness.require_offline(ctx, vm_id, "adding a disk")
+def add_disk(ctx: Context, ref: str, spec: DiskSpec, discard_saved: bool = False) -> str:
+    with ctx.locked(ref) as (vm_id, vm_name):
+        discard = _hardware_change(ctx, vm_id, vm_name, "adding a disk", discard_saved)
         with ctx.catalog.session() as session:
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
+        if discard:
+            machines.discard_saved(ctx, vm_id)
         ctx.journal.run(vm_id, "disk_add", {"disk": disk, "images": images}, steps)
     return str(disk["id"])
 
@@ -329,11 +350,14 @@ def _commit_disk_add(session: Session, params: dict[str, Any]) -> None:
     row.config = hardware.dump()
 
 
-def remove_disk(ctx: Context, ref: str, disk_ref: str) -> Disk:
+def remove_disk(ctx: Context, ref: str, disk_ref: str, discard_saved: bool = False) -> Disk:
     """Detach a disk: the VM stops using it; its files stay (listed as detached)."""
     with ctx.locked(ref) as (vm_id, vm_name):
-        liveness.require_offline(ctx, vm_id, "removing a disk")
-        return _detach(ctx, vm_id, vm_name, disk_ref)
+        discard = _hardware_change(ctx, vm_id, vm_name, "removing a disk", discard_saved)
+        disk = _detach(ctx, vm_id, vm_name, disk_ref)
+        if discard:
+            machines.discard_saved(ctx, vm_id)
+        return disk
 
 
 def _detach(ctx: Context, vm_id: str, vm_name: str, disk_ref: str) -> Disk:
