@@ -11,6 +11,9 @@ What the guest does, and which lines tests rely on (on the first serial port, ``
 * ``LINE <n>`` appended to ``/data/log.txt`` about once a second, each followed by ``sync``
   (the numbering continues from the file's last line, so a restored disk continues its own);
 * ``SHUTDOWN <action>`` when the agent's ``guest-shutdown`` or the ACPI power button stops it.
+
+``waymark.agent=off`` on the kernel command line boots it without its guest agent (the
+fallbacks of production checkpoints are tested that way).
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ link_ports() {
 }
 
 start_agent() {
+    if grep -qw waymark.agent=off /proc/cmdline; then
+        echo "NOTE: waymark.agent=off on the kernel command line; the guest agent is not started"
+        return
+    fi
     if ! ls /sys/class/virtio-ports/vport* >/dev/null 2>&1 || ! wait_for 50 link_ports; then
         echo "NOTE: no org.qemu.guest_agent.0 port; the guest agent is not started"
         return
