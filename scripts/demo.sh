@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The Waymark tour (make demo): a real guest booted, saved and resumed; then two checkpoints, a
-# failed "upgrade", going back, deleting, exporting. Real QEMU, qcow2 images and qemu-io; a
+# The Waymark tour (make demo): a real guest booted, saved, resumed and checkpointed live; then
+# two checkpoints, a failed "upgrade", going back, deleting, exporting, and back to running. Real QEMU, qcow2 images and qemu-io; a
 # throwaway home folder unless DEMO_HOME is set; the guest is cached in GUEST_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,9 @@ echo "The guest's serial console (last lines):"; tail -n 3 "$(.venv/bin/waymark 
   | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["serial_log"])')"; echo
 wm vm save demo                                  # memory to a file; QEMU exits
 wm vm start demo                                 # resumes exactly where it was
+wm checkpoint create demo --name "live, with memory" --type standard   # the guest barely pauses
+wm checkpoint create demo --name "live, quiesced" --type production    # frozen through the agent
+wm checkpoint show demo "live, with memory"
 wm vm stop demo                                  # a clean shutdown through the guest agent
 io "write -P 0x11 0 4M"                         # the system as it works today
 wm checkpoint create demo --name "before upgrade"
@@ -49,5 +52,8 @@ wm checkpoint delete demo 'Experiment*' --yes   # their disk layers are merged a
 wm checkpoint export demo "after upgrade" "$WAYMARK_HOME/export-after-upgrade"
 wm vm import "$WAYMARK_HOME/export-after-upgrade" --name demo-clone
 wm vm list
+wm checkpoint apply demo "live, with memory" --discard-current --start  # running where it was
+wm vm status demo
+wm vm stop demo --force
 wm check
 echo "Done. Everything lives in $WAYMARK_HOME (catalog.db, vms/<id>/disks, vms/<id>/checkpoints)."

@@ -59,6 +59,10 @@ STREAM_END_TIMEOUT = 60.0
 RESUME_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 10.0
 FD_NAME = "waymark-checkpoint"
+# the guest's final pause QEMU aims for (ms), raised every DOWNTIME_PATIENCE seconds of a
+# migration that does not converge (QEMU's own default is 300 ms)
+DOWNTIME_STEPS = (20, 100, 300, 1000, 5000)
+DOWNTIME_PATIENCE = 5.0
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling")
@@ -225,7 +229,8 @@ async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> float:
     """Migrate the guest into ``memory`` (complete when this returns); the STOP event's time."""
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
-    await machine.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    await machine.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40,
+                                                        "downtime-limit": DOWNTIME_STEPS[0]})
     tmp = durable.temp_path(memory)
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(OSError):
@@ -254,8 +259,12 @@ async def _stream(machine: qmp.Qmp, drain: _Drain, name: str) -> float:
     try:
         async with machine.events("MIGRATION", "STOP") as listener:
             await machine.command("migrate", uri=f"fd:{FD_NAME}")
-            event = await machine.wait_event(listener, MIGRATION_TIMEOUT,
-                                             "writing the memory state", note)
+            patience = asyncio.ensure_future(_converge(machine))
+            try:
+                event = await machine.wait_event(listener, MIGRATION_TIMEOUT,
+                                                 "writing the memory state", note)
+            finally:
+                patience.cancel()
     except WaymarkError:
         with contextlib.suppress(ToolError):
             await machine.command("closefd", fdname=FD_NAME)  # the pipe ends: no reader waits
@@ -266,6 +275,15 @@ async def _stream(machine: qmp.Qmp, drain: _Drain, name: str) -> float:
     await asyncio.wait_for(drain.done, STREAM_END_TIMEOUT)
     stops = [qmp.event_time(e) for e in seen if e["event"] == "STOP"]
     return stops[0] if stops else qmp.event_time(event)
+
+
+async def _converge(machine: qmp.Qmp) -> None:
+    """Allow a longer final pause the longer the guest keeps dirtying memory faster than it is
+    written: QEMU stops the guest only once the rest fits in the downtime limit."""
+    for limit in DOWNTIME_STEPS[1:]:
+        await asyncio.sleep(DOWNTIME_PATIENCE)
+        with contextlib.suppress(ToolError):  # the migration may just have ended
+            await machine.command("migrate-set-parameters", **{"downtime-limit": limit})
 
 
 def _seal(memory: Path) -> str:
