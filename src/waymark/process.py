@@ -81,12 +81,17 @@ def run_progress(argv: Sequence[str], *, what: str, on_progress: Callable[[float
         raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
     assert proc.stdout is not None and proc.stderr is not None
     buffer = b""
-    while chunk := os.read(proc.stdout.fileno(), 4096):
-        buffer += chunk
-        *done, buffer = re.split(rb"[\r\n]", buffer)
-        for piece in done:
-            if match := _PERCENT.search(piece):
-                on_progress(float(match.group(1)) / 100)
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            buffer += chunk
+            *done, buffer = re.split(rb"[\r\n]", buffer)
+            for piece in done:
+                if match := _PERCENT.search(piece):
+                    on_progress(float(match.group(1)) / 100)
+    except BaseException:  # the caller gave up (a cancelled job): the tool stops too
+        proc.kill()
+        proc.wait()
+        raise
     stderr = proc.stderr.read().decode(errors="replace")
     code = proc.wait()
     return _checked(Completed(tuple(argv), "", stderr), code, what)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import planner
-from waymark.ops import journal, lookup
+from waymark.ops import journal, lookup, merges
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
+from waymark.qemu import cmdline
+from waymark.qemu.cmdline import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +54,67 @@ def graph(session: Session, vm_id: str) -> list[planner.ImageNode]:
             for i in lookup.images(session, vm_id).values()]
 
 
-def _steps(session: Session, step: planner.Step) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class LiveVm:
+    """A VM whose QEMU has its disks' live chains open: ``chains`` maps every image of a live
+    chain to its disk's active image."""
+
+    run: RunFiles
+    name: str
+    chains: dict[str, str]
+
+
+def live_chains(session: Session, vm_id: str) -> dict[str, str]:
+    images = lookup.images(session, vm_id)
+    hardware = lookup.hardware(session.get_one(Vm, vm_id))
+    disks = lookup.disks(session, vm_id)
+    chains: dict[str, str] = {}
+    for disk_id in hardware.disks:
+        active = disks[disk_id].active_image_id
+        image = images.get(active) if active else None
+        while image is not None:
+            chains[image.id] = str(active)
+            image = images.get(image.parent_id) if image.parent_id else None
+    return chains
+
+
+def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[dict[str, Any]]:
     image = session.get_one(Image, step.image)
     if isinstance(step, planner.Drop):
-        return [{"op": "delete_file", "path": image.path}]
+        release = [merges.release_step(live.run, live.name, image.id)] if live else []
+        return [*release, {"op": "delete_file", "path": image.path}]
     child = session.get_one(Image, step.child)
+    root = live.chains.get(child.id) if live else None
     if isinstance(step, planner.CommitDown):
         grandchildren = session.scalars(select(Image).where(Image.parent_id == child.id))
-        return [{"op": "commit", "top": child.path, "base": image.path}] + [
+        if live and root:
+            first = merges.commit_step(live.run, live.name, root=cmdline.node_name(root),
+                                       top=child, base=image, active=root == child.id)
+        else:
+            first = {"op": "commit", "top": child.path, "base": image.path}
+        return [first] + [  # QEMU relinks the child in its chain itself
             {"op": "rebase", "path": g.path, "backing": image.path, "backing_fmt": image.format,
-             "unsafe": True} for g in grandchildren]
+             "unsafe": True} for g in grandchildren if not (live and g.id in live.chains)]
     base = session.get(Image, image.parent_id) if image.parent_id else None
+    if live and root:
+        return [merges.stream_step(live.run, live.name, into=child, gone=image, base=base)]
     return [{"op": "rebase", "path": child.path, "backing": base.path if base else None,
              "backing_fmt": base.format if base else None, "unsafe": False}]
+
+
+def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
+    """Whether merges may run now, and the VM's QEMU for them (None: the VM is off). They wait
+    while a live VM's block layer is inactive (a paused VM checkpointed in ``postmigrate``)."""
+    with ctx.catalog.session() as session:
+        vm_row = session.get(Vm, vm_id)
+        if vm_row is None or vm_row.state not in ("running", "paused"):
+            return True, None
+        name = vm_row.name
+    run = RunFiles(ctx.vm_folder(vm_id) / "run")
+    if not merges.usable(run, name):
+        return False, None
+    with ctx.catalog.session() as session:
+        return True, LiveVm(run, name, live_chains(session, vm_id))
 
 
 _KINDS = {planner.Drop: "drop", planner.CommitDown: "commit_down", planner.PullUp: "pull_up"}
@@ -91,14 +142,14 @@ def _describe(session: Session, step: planner.Step) -> str:
 def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
     """Compact until nothing is left to do; returns the number of steps taken.
 
-    Never while QEMU has the images open: the marker stays until the VM is off.
+    A running VM's live chains are merged by its QEMU (:mod:`waymark.ops.merges`); when its
+    block layer is inactive the marker stays for a later command.
     """
-    with ctx.catalog.session() as session:
-        vm_row = session.get(Vm, vm_id)
-        if vm_row is not None and vm_row.state in ("running", "paused"):
-            return 0
     taken = 0
     while True:
+        ready, live = _live(ctx, vm_id)
+        if not ready:
+            return taken
         with ctx.catalog.session() as session:
             nodes = graph(session, vm_id)
             step = planner.next_step(nodes)
@@ -107,7 +158,8 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
             total = taken + len(planner.plan(nodes))
             params = {"image": step.image, "child": getattr(step, "child", None),
                       "direction": _KINDS[type(step)]}
-            steps, what = _steps(session, step), _describe(session, step)
+            steps = _steps(session, step, live)
+            what = _describe(session, step)
         log.info("compaction: %s", what)
         number = taken + 1
         progress = None if report is None else partial(report, number, total, what)

@@ -15,12 +15,15 @@ Steps are plain JSON dicts, so the journal can store them:
 - ``prune_dirs {path}``: remove the empty folders of a tree
 - ``commit {top, base}``: ``top``'s own clusters into ``base``; ``top`` unchanged
 - ``rebase {path, backing, backing_fmt, unsafe}``: content-preserving unless ``unsafe``
+- ``qmp_commit``, ``qmp_stream``, ``qmp_release``: the same through a running QEMU
+  (:mod:`waymark.ops.merges`)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,9 @@ from waymark.errors import StorageError
 from waymark.images import qemu_img
 
 Step = dict[str, Any]
+# Steps done by a running QEMU (``qmp_commit``, ``qmp_stream``, ``qmp_release``), registered by
+# :mod:`waymark.ops.merges`; each falls back to qemu-img when that QEMU is gone.
+LIVE_OPS: dict[str, Callable[[Step, qemu_img.Progress], None]] = {}
 UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert", "copy_file",
                       "claim_file"})
 
@@ -107,6 +113,8 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.convert(Path(step["src"]), step["src_fmt"], path, on_progress=on_progress)
         durable.fsync_file(path)
+    elif op in LIVE_OPS:
+        LIVE_OPS[op](step, on_progress)
     else:
         raise ValueError(f"unknown journal step {step!r}")
 

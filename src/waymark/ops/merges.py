@@ -1,0 +1,207 @@
+"""Live merges: compaction steps on the images a running QEMU has open, done by QEMU's own block
+jobs (never qemu-img on an image QEMU holds, never reading those files directly).
+
+:mod:`waymark.ops.compact` plans exactly as offline (the cheaper direction by allocated bytes);
+for a running or paused VM a step on an image of a disk's *live chain* (its active image and
+everything below it) becomes:
+
+- ``CommitDown(U, K)``, K the active image: an active ``block-commit`` (top K, base U), then
+  ``job-complete`` once it is READY: QEMU pivots the disk onto U.
+- ``CommitDown(U, K)``, K below the active image: an intermediate ``block-commit`` (``top-node`` K,
+  ``base-node`` U); QEMU rewrites the backing link of K's child.
+- ``PullUp(U, K)``: ``block-stream`` into K with U's parent as base; QEMU rewrites K's backing
+  link.
+- ``Drop(U)``: ``blockdev-del`` of U's node if QEMU still holds it, then the file.
+
+Images outside every live chain (other branches) are merged with qemu-img as offline: QEMU does
+not have them open.
+
+Each live step also knows its offline equivalent. When QEMU is gone (it crashed mid-merge, or the
+VM was stopped before the next command resumed the merge) the step is redone with qemu-img. That
+is correct because a half-done job never changes what any referenced chain reads: a partial
+commit has copied some of K's clusters into U, which only K's chain reads, through K; a partial
+stream has copied U's clusters into K unchanged. When QEMU still runs after Waymark died, its job
+may still be running (waited for), READY (completed), concluded (dismissed) or gone: the step is
+done once the image it takes out of the chain is no longer in any disk's chain.
+
+Progress is the job's ``current-progress / total-progress``. A progress callback that raises
+(a cancelled Waymark job) cancels QEMU's job first, which leaves every image as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from waymark import durable
+from waymark.errors import ToolError
+from waymark.images import qemu_img
+from waymark.ops import executor, liveness
+from waymark.qemu import cmdline, qmp
+
+POLL = 0.05
+JOB_TIMEOUT = 24 * 3600.0
+Progress = Callable[[float], None] | None
+
+
+def usable(run: cmdline.RunFiles, name: str) -> bool:
+    """QEMU runs this VM and its block layer is active (not left ``postmigrate`` by a
+    checkpoint of a paused VM, where block jobs cannot write)."""
+    if liveness.find(run) is None:
+        return False
+
+    async def status() -> str:
+        async with qmp.connect(run.qmp, name) as machine:
+            return str((await machine.command("query-status"))["status"])
+
+    try:
+        return qmp.run_sync(status()) in ("running", "paused")
+    except ToolError:
+        return False
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+def commit_step(run: cmdline.RunFiles, name: str, *, root: str, top: Any, base: Any,
+                active: bool) -> executor.Step:
+    """K (``top``) into U (``base``) by QEMU; ``root`` is the disk's active node."""
+    return {"op": "qmp_commit", "run": str(run.folder), "name": name, "root": root,
+            "top": top.path, "base": base.path, "top_node": cmdline.node_name(top.id),
+            "base_node": cmdline.node_name(base.id), "active": active,
+            "job": f"wm-commit-{top.id[:12]}"}
+
+
+def stream_step(run: cmdline.RunFiles, name: str, *, into: Any, gone: Any,
+                base: Any | None) -> executor.Step:
+    """``gone``'s clusters into ``into``, whose backing becomes ``base``."""
+    return {"op": "qmp_stream", "run": str(run.folder), "name": name, "path": into.path,
+            "node": cmdline.node_name(into.id), "gone": gone.path,
+            "base_node": cmdline.node_name(base.id) if base else None,
+            "backing": base.path if base else None, "backing_fmt": base.format if base else None,
+            "job": f"wm-stream-{into.id[:12]}"}
+
+
+def release_step(run: cmdline.RunFiles, name: str, image_id: str) -> executor.Step:
+    return {"op": "qmp_release", "run": str(run.folder), "name": name,
+            "node": cmdline.node_name(image_id)}
+
+
+def _qemu(step: executor.Step) -> tuple[cmdline.RunFiles, str] | None:
+    run = cmdline.RunFiles(Path(step["run"]))
+    return (run, step["name"]) if liveness.find(run) is not None else None
+
+
+def _commit(step: executor.Step, on_progress: Progress) -> None:
+    found = _qemu(step)
+    if found is None:
+        qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
+        durable.fsync_file(Path(step["base"]))
+        return
+    arguments = {"device": step["root"], "base-node": step["base_node"], "auto-dismiss": False}
+    if not step["active"]:
+        arguments["top-node"] = step["top_node"]
+    qmp.run_sync(_job(*found, step["job"], "block-commit", arguments, step["top"], on_progress))
+
+
+def _stream(step: executor.Step, on_progress: Progress) -> None:
+    found = _qemu(step)
+    if found is None:
+        backing = Path(step["backing"]) if step["backing"] else None
+        qemu_img.rebase(Path(step["path"]), backing, step["backing_fmt"], unsafe=False,
+                        on_progress=on_progress)
+        durable.fsync_file(Path(step["path"]))
+        return
+    arguments: dict[str, Any] = {"device": step["node"], "auto-dismiss": False}
+    if step["base_node"]:
+        arguments["base-node"] = step["base_node"]
+    qmp.run_sync(_job(*found, step["job"], "block-stream", arguments, step["gone"], on_progress))
+
+
+def _release(step: executor.Step, on_progress: Progress) -> None:
+    found = _qemu(step)
+    if found is not None:
+        qmp.run_sync(_blockdev_del(*found, step["node"]))
+
+
+async def _blockdev_del(run: cmdline.RunFiles, name: str, node: str) -> None:
+    async with qmp.connect(run.qmp, name) as machine:
+        nodes = {n["node-name"] for n in await machine.command("query-named-block-nodes",
+                                                               flat=True)}
+        if node in nodes:  # its file node goes with it
+            await machine.command("blockdev-del", **{"node-name": node})
+
+
+executor.LIVE_OPS.update(qmp_commit=_commit, qmp_stream=_stream, qmp_release=_release)
+
+
+# --- QEMU's block jobs ------------------------------------------------------------------------
+
+async def _chains(machine: qmp.Qmp) -> set[str]:
+    """Every file in any disk's chain, as QEMU sees it now."""
+    files: set[str] = set()
+    for device in await machine.command("query-block"):
+        image = device.get("inserted", {}).get("image")
+        while image:
+            files.add(image["filename"])
+            image = image.get("backing-image")
+    return files
+
+
+async def _find(machine: qmp.Qmp, job: str) -> dict[str, Any] | None:
+    for found in await machine.command("query-jobs"):
+        if found["id"] == job:
+            return dict(found)
+    return None
+
+
+async def _job(run: cmdline.RunFiles, name: str, job: str, command: str,
+               arguments: dict[str, Any], leaves: str, on_progress: Progress) -> None:
+    """Run (or resume) QEMU job ``job`` until ``leaves`` is out of every chain."""
+    async with qmp.connect(run.qmp, name) as machine:
+        if await _find(machine, job) is None:
+            if leaves not in await _chains(machine):
+                return  # QEMU finished it before Waymark died
+            await machine.command(command, **{"job-id": job, **arguments})
+        try:
+            await _follow(machine, job, on_progress)
+        except BaseException:
+            await _abandon(machine, job)
+            raise
+
+
+async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + JOB_TIMEOUT
+    while loop.time() < deadline:
+        found = await _find(machine, job)
+        if found is None:
+            raise ToolError(f"QEMU's job {job} of {machine.label} vanished.")
+        if found.get("total-progress") and on_progress is not None:
+            on_progress(found["current-progress"] / found["total-progress"])
+        if found["status"] == "ready":
+            await machine.command("job-complete", id=job)
+        elif found["status"] == "concluded":
+            await machine.command("job-dismiss", id=job)
+            if found.get("error"):
+                raise ToolError(f"QEMU's {job} of {machine.label} failed: {found['error']}")
+            return
+        await asyncio.sleep(POLL)
+    raise ToolError(f"QEMU's job {job} of {machine.label} did not end.")
+
+
+async def _abandon(machine: qmp.Qmp, job: str) -> None:
+    """Cancel QEMU's job (a cancelled commit or stream changes no chain's content)."""
+    try:
+        found = await _find(machine, job)
+        if found is None:
+            return
+        if found["status"] != "concluded":
+            await machine.command("job-cancel", id=job)
+        while (found := await _find(machine, job)) is not None and found["status"] != "concluded":
+            await asyncio.sleep(POLL)
+        if found is not None:
+            await machine.command("job-dismiss", id=job)
+    except ToolError:
+        pass  # QEMU is gone: nothing runs any more
