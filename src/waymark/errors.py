@@ -17,7 +17,8 @@ The tree (exit code, HTTP status)::
     ├── ToolError (9, 500)             qemu-img or another tool failed
     │   └── ToolMissing (69, 500)      a needed program is not installed (names the apt package)
     ├── StorageError (73, 507)         the home folder or a file system cannot be written
-    └── Busy (75, 423)                 another command holds the VM; retry later
+    ├── Busy (75, 423)                 another command holds the VM; retry later
+    └── Cancelled (10, 409)            a job was cancelled on request
 """
 
 from __future__ import annotations
@@ -85,3 +86,10 @@ class StorageError(WaymarkError):
 class Busy(WaymarkError):
     exit_code = 75
     http_status = 423
+
+
+class Cancelled(WaymarkError):
+    """A job stopped because someone asked it to (``waymark job cancel``)."""
+
+    exit_code = 10
+    http_status = 409

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import StorageError
 
-HEAD = "0003"
+HEAD = "0004"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -83,6 +83,13 @@ class Catalog:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as conn:
+            # pysqlite runs DDL outside any transaction unless told BEGIN itself: without this,
+            # a migration that fails halfway would leave half a schema behind
+            dbapi = conn.connection.dbapi_connection
+            if isinstance(dbapi, sqlite3.Connection):
+                dbapi.isolation_level = None
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                dbapi.isolation_level = ""
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 

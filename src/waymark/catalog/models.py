@@ -37,6 +37,10 @@ class Vm(Base):
     max_checkpoints: Mapped[int] = mapped_column(Integer)
     # Now's parent; no foreign key (checkpoints also point at vms)
     current_checkpoint_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Hyper-V's AutomaticCheckpointsEnabled: a checkpoint at each start, deleted after a clean
+    # shutdown; the one taken at the last start (no foreign key: it may be deleted by hand)
+    automatic_checkpoints: Mapped[bool] = mapped_column(Boolean, default=False)
+    automatic_checkpoint_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Image(Base):
@@ -114,3 +118,27 @@ class Intent(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    """A long operation (a merge, an export) with its progress; see :mod:`waymark.ops.jobs`."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # queued -> running -> completed | failed | cancelled
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    step: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the process running it, and that process's start time (a recycled pid is not it)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    worker_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -11,7 +11,7 @@ from waymark.checkpoints import tree
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import bundles, checkpoints, deletion, views
+from waymark.ops import checkpoints, deletion, jobs, views
 from waymark.units import human
 
 
@@ -155,13 +155,19 @@ def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
     emit(as_json, data, [f"Renamed checkpoint {ckpt_id[:12]} to {data['name']!r}."])
 
 
+NO_WAIT = click.option("--no-wait", is_flag=True,
+                       help="Return at once; a background job does the work (waymark job wait).")
+
+
 @checkpoint.command("delete")
 @click.argument("vm_ref", metavar="VM")
 @click.argument("pattern")
 @click.option("--subtree", is_flag=True, help="Also delete every checkpoint below it.")
 @click.option("--yes", is_flag=True, help="Delete every match of a pattern without asking.")
+@NO_WAIT
 @json_option
-def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, as_json: bool) -> None:
+def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
+           as_json: bool) -> None:
     """Delete checkpoints (Hyper-V's Remove-VMSnapshot); their disk layers are merged away.
 
     PATTERN is a name or id prefix, or a glob over names ('Experiment*'). Now's disk state is
@@ -177,21 +183,33 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, as_json: bool) -
                       abort=True)
         yes = True
     done = deletion.delete_checkpoints(ctx, vm_ref, pattern, subtree=subtree, yes=yes,
-                                       report=StepProgress())
-    data = {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints]}
-    emit(as_json, data, [f"Deleted checkpoint {m.name!r} ({m.id[:12]})."
-                         for m in done.checkpoints])
+                                       report=StepProgress(), wait=not no_wait)
+    if no_wait:
+        jobs.spawn(ctx, done.job)
+    data = {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
+            "job": done.job}
+    lines = [f"Deleted checkpoint {m.name!r} ({m.id[:12]})." for m in done.checkpoints]
+    if no_wait:
+        lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")
+    emit(as_json, data, lines)
 
 
 @checkpoint.command("export")
 @click.argument("vm_ref", metavar="VM")
 @click.argument("ckpt_ref", metavar="CKPT")
 @click.argument("dest", metavar="DEST_DIR", type=click.Path(path_type=Path))
+@NO_WAIT
 @json_option
-def export(vm_ref: str, ckpt_ref: str, dest: Path, as_json: bool) -> None:
+def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool) -> None:
     """Export a checkpoint as a standalone VM bundle (Hyper-V's Export-VMSnapshot)."""
-    manifest = bundles.export(face().ctx, vm_ref, ckpt_ref, dest.absolute(),
-                              on_progress=fraction_progress("exporting"))
-    emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest},
+    ctx = face().ctx
+    job_id = jobs.submit_export(ctx, vm_ref, ckpt_ref, dest.absolute(), run_here=not no_wait)
+    if no_wait:
+        jobs.spawn(ctx, job_id)
+        emit(as_json, {"bundle": str(dest.absolute()), "job": job_id},
+             [f"Exporting in job {job_id[:12]}: waymark job wait {job_id[:12]}"])
+        return
+    manifest = jobs.export_now(ctx, job_id, fraction_progress("exporting"))
+    emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job": job_id},
          [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
           f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

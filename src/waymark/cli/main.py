@@ -50,6 +50,7 @@ class LazyGroup(click.Group):
         "check": ("waymark.cli.check", "check",
                   "Compare the catalog, the files and the journal; --repair."),
         "guest": ("waymark.cli.guest", "guest", "The self-contained test and demo guest."),
+        "job": ("waymark.cli.job", "job", "Long operations (merges, exports): list, wait, cancel."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

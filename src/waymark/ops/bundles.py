@@ -13,6 +13,7 @@ whose files do not match their checksums: import verifies everything before it c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -41,10 +42,27 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _empty_destination(dest: Path) -> None:
+def remove_partial(dest: Path) -> None:
+    """Remove the files an interrupted export wrote into ``dest`` (only the bundle's own names:
+    the folder was empty when the export began), so it can be redone."""
+    if not dest.is_dir() or (dest / MANIFEST).exists():
+        return
+    for path in [*(dest / "disks").glob("disk*.qcow2"), dest / "memory.state",
+                 dest / "configuration.json"]:
+        durable.remove(path)
+        durable.remove(durable.temp_path(path))
+    with contextlib.suppress(OSError):
+        (dest / "disks").rmdir()
+
+
+def require_empty(dest: Path) -> None:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise Conflict(f"{dest} exists and is not an empty folder.",
                        hint="Give a new or empty folder to export into.")
+
+
+def _empty_destination(dest: Path) -> None:
+    require_empty(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
 

@@ -266,8 +266,9 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
 
 
 def rename(ctx: Context, vm_ref: str, ckpt_ref: str, new_name: str) -> str:
+    """A name is one row: renaming needs no VM lock, so it never waits for a merge."""
     label = tree.clean_name(new_name)
-    with ctx.locked(vm_ref) as (vm_id, _), ctx.catalog.session() as session:
-        row = lookup.checkpoint(session, session.get_one(Vm, vm_id), ckpt_ref)
+    with ctx.catalog.session() as session:
+        row = lookup.checkpoint(session, lookup.vm(session, vm_ref), ckpt_ref)
         row.name = label
         return row.id

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import planner
+from waymark.errors import Cancelled
 from waymark.ops import journal, lookup, merges
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
@@ -92,14 +93,17 @@ def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[di
                                        top=child, base=image, active=root == child.id)
         else:
             first = {"op": "commit", "top": child.path, "base": image.path}
+        first["abandonable"] = True  # a partial commit: only K's chain reads U, through K
         return [first] + [  # QEMU relinks the child in its chain itself
             {"op": "rebase", "path": g.path, "backing": image.path, "backing_fmt": image.format,
              "unsafe": True} for g in grandchildren if not (live and g.id in live.chains)]
     base = session.get(Image, image.parent_id) if image.parent_id else None
     if live and root:
-        return [merges.stream_step(live.run, live.name, into=child, gone=image, base=base)]
-    return [{"op": "rebase", "path": child.path, "backing": base.path if base else None,
-             "backing_fmt": base.format if base else None, "unsafe": False}]
+        pull = merges.stream_step(live.run, live.name, into=child, gone=image, base=base)
+    else:
+        pull = {"op": "rebase", "path": child.path, "backing": base.path if base else None,
+                "backing_fmt": base.format if base else None, "unsafe": False}
+    return [{**pull, "abandonable": True}]  # a partial pull copies U's clusters unchanged
 
 
 def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
@@ -165,16 +169,30 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
         progress = None if report is None else partial(report, number, total, what)
         if progress is not None:
             progress(0.0)
-        # a merge only removes or merges what nothing needs: always finished, never undone
-        ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
+        # a merge only removes or merges what nothing needs: always finished, never undone,
+        # except that a cancelled job abandons it mid-copy (see ``abandonable``)
+        try:
+            ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
+        except Cancelled:
+            _unmark(ctx, vm_id)  # the rest waits for the next delete or check --repair
+            raise
         if progress is not None:
             progress(1.0)
         taken = number
+    _unmark(ctx, vm_id)
+    return taken
+
+
+def _unmark(ctx: Context, vm_id: str) -> None:
     with ctx.catalog.session() as session:
         session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
                                              Intent.status == "pending")
                         .values(status="committed", updated_at=now()))
-    return taken
+
+
+def pending_steps(session: Session, vm_id: str) -> int:
+    """How many merge steps the VM's image graph is from compact."""
+    return len(planner.plan(graph(session, vm_id)))
 
 
 @commit_handler("drop")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from waymark.catalog.db import Catalog
 from waymark.config import Settings
-from waymark.errors import StorageError
+from waymark.errors import Busy, StorageError
 from waymark.ops import locks
 from waymark.ops.journal import Journal
 
@@ -68,11 +68,29 @@ class Context:
             yield vm_id, name
 
     @contextmanager
-    def vm_locked(self, vm_id: str, vm_name: str) -> Iterator[None]:
-        """Hold the VM's lock and finish its unfinished intents first."""
-        with locks.held(self.home, vm_id, timeout=self.settings.lock_timeout,
-                        label=f"VM {vm_name!r}"):
+    def vm_locked(self, vm_id: str, vm_name: str, timeout: float | None = None
+                  ) -> Iterator[None]:
+        """Hold the VM's lock and finish its unfinished intents first. When it stays busy, the
+        error names the job that holds it, if a job does."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(locks.held(
+                    self.home, vm_id, label=f"VM {vm_name!r}",
+                    timeout=self.settings.lock_timeout if timeout is None else timeout))
+            except Busy as err:
+                raise self._busy(vm_id, vm_name, err) from None
             from waymark.ops import recovery
 
             recovery.recover_vm(self, vm_id)
             yield
+
+    def _busy(self, vm_id: str, vm_name: str, err: Busy) -> Busy:
+        from waymark.ops import jobs
+
+        job = jobs.holding(self, vm_id)
+        if job is None:
+            return err
+        return Busy(f"VM {vm_name!r} is busy: job {job.id[:12]} ({job.kind}, "
+                    f"{job.progress:.0%}) holds it.",
+                    hint=f"Wait for it: waymark job wait {job.id[:12]} (or cancel it: "
+                         f"waymark job cancel {job.id[:12]})")

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
 from waymark.checkpoints import tree
 from waymark.errors import ConsentRequired, NotFound
-from waymark.ops import compact, journal, liveness, lookup, recovery
+from waymark.ops import compact, jobs, journal, liveness, lookup, recovery
 from waymark.ops.context import Context
 
 GLOB_CHARS = frozenset("*?[")
@@ -53,11 +53,14 @@ def matching(ctx: Context, vm_ref: str, pattern: str) -> list[Match]:
 @dataclass
 class Deleted:
     checkpoints: list[Match]
+    job: str
 
 
 def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool, yes: bool,
-                       report: compact.Reporter | None = None) -> Deleted:
-    """Delete what ``pattern`` matches (with their descendants if ``subtree``), then compact.
+                       report: compact.Reporter | None = None, wait: bool = True) -> Deleted:
+    """Delete what ``pattern`` matches (with their descendants if ``subtree``), then compact,
+    as a merge job (``Deleted.job``) that this call runs, or, without ``wait``, leaves to a
+    worker the caller starts (:func:`waymark.ops.jobs.spawn`).
 
     Several matches need ``yes``: the caller shows them and asks first.
     """
@@ -71,8 +74,10 @@ def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool
         with ctx.catalog.session() as session:
             removed = _remove_from_tree(session, session.get_one(Vm, vm_id),
                                         [m.id for m in targets], subtree=subtree)
-        recovery.recover_vm(ctx, vm_id, report)
-    return Deleted(removed)
+        job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
+                          run_here=wait)
+        recovery.recover_vm(ctx, vm_id, report, merge=wait)
+    return Deleted(removed, job)
 
 
 def _remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: bool

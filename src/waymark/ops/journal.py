@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
-from waymark.errors import StorageError, WaymarkError
+from waymark.errors import Cancelled, StorageError, WaymarkError
 from waymark.images import qemu_img
 from waymark.ops import executor
 
@@ -185,6 +185,7 @@ class Journal:
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
             kind, params, steps, done = intent.kind, intent.params, intent.steps, intent.next_step
+        index = done
         try:
             for index in range(done, len(steps)):
                 failpoint(f"step:{steps[index]['op']}")
@@ -194,6 +195,12 @@ class Journal:
             if commit:
                 failpoint("commit")
                 self._commit(intent_id, kind, params)
+        except Cancelled as err:
+            if index < len(steps) and steps[index].get("abandonable"):
+                self._close(intent_id, "cancelled", err.message)
+            else:
+                self._failed(intent_id, err)
+            raise
         except WaymarkError as err:
             self._failed(intent_id, err)
             raise
@@ -238,10 +245,15 @@ class Journal:
                   reason: str) -> None:
         for step in reversed(steps):
             executor.undo(step)
+        self._close(intent_id, "rolled_back", reason)
+        log.info("rolled back intent %s (%s): %s", intent_id, kind, reason)
+
+    def _close(self, intent_id: int, status: str, reason: str) -> None:
+        """End an intent that will not commit: ``rolled_back``, or ``cancelled`` (stopped in an
+        ``abandonable`` step, one whose partial work changes no content anyone reads)."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
-            intent.status, intent.error, intent.updated_at = "rolled_back", reason, now()
-        log.info("rolled back intent %s (%s): %s", intent_id, kind, reason)
+            intent.status, intent.error, intent.updated_at = status, reason, now()
 
     def finish(self, intent: Intent) -> None:
         """Recovery of a dead command's intent: a *prepare* intent that did not commit did not

@@ -14,12 +14,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("checkpoints") as batch:
-        batch.add_column(sa.Column("memory_sha256", sa.String(64), nullable=True))
-    with op.batch_alter_table("intents") as batch:
-        # prepare: undone if it did not commit; finish: always driven to its end
-        batch.add_column(sa.Column("shape", sa.String(8), nullable=False,
-                                   server_default="prepare"))
+    # plain ADD COLUMN: a batch (copy-and-move) table rebuild would drop tables other rows
+    # point at, which SQLite refuses with foreign keys on
+    op.add_column("checkpoints", sa.Column("memory_sha256", sa.String(64), nullable=True))
+    # prepare: undone if it did not commit; finish: always driven to its end
+    op.add_column("intents", sa.Column("shape", sa.String(8), nullable=False,
+                                       server_default="prepare"))
 
 
 def downgrade() -> None:

@@ -14,9 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("checkpoints") as batch:
-        batch.add_column(sa.Column("pause_seconds", sa.Float, nullable=True))
-        batch.add_column(sa.Column("freeze_seconds", sa.Float, nullable=True))
+    op.add_column("checkpoints", sa.Column("pause_seconds", sa.Float, nullable=True))
+    op.add_column("checkpoints", sa.Column("freeze_seconds", sa.Float, nullable=True))
 
 
 def downgrade() -> None:

@@ -1,0 +1,107 @@
+"""``waymark job``: long operations (merges, exports) with their progress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from waymark.cli.main import face
+from waymark.cli.output import StepProgress, emit, json_option
+from waymark.errors import Cancelled, WaymarkError
+from waymark.ops import jobs, lookup
+
+
+@click.group()
+def job() -> None:
+    """Long operations: merges after a delete, exports."""
+
+
+def _line(d: dict[str, Any]) -> str:
+    where = f"  {d['vm_name']}" if d["vm_name"] else ""
+    step = f"  {d['step']}" if d["step"] and d["status"] in jobs.UNFINISHED else ""
+    return f"{d['id'][:12]}  {d['kind']:<7} {d['state']:<10} {d['progress']:>5.0%}{where}{step}"
+
+
+@job.command("list")
+@click.option("--vm", "vm_ref", metavar="VM", help="Only this VM's jobs.")
+@click.option("--all", "everything", is_flag=True, help="Every finished job too.")
+@json_option
+def list_(vm_ref: str | None, everything: bool, as_json: bool) -> None:
+    """Unfinished jobs and the last finished ones."""
+    ctx = face().ctx
+    vm_id = None
+    if vm_ref is not None:
+        with ctx.catalog.session() as session:
+            vm_id = lookup.vm(session, vm_ref).id
+    rows = jobs.listing(ctx, vm_id, everything=everything)
+    emit(as_json, rows, [_line(r) for r in rows] or ["No jobs."])
+
+
+@job.command("show")
+@click.argument("job_ref", metavar="JOB")
+@json_option
+def show(job_ref: str, as_json: bool) -> None:
+    """One job: its kind, state, progress and result."""
+    d = jobs.show(face().ctx, job_ref)
+    lines = [f"Job {d['id']}  ({d['kind']}{', VM ' + d['vm_name'] if d['vm_name'] else ''})",
+             f"  state: {d['state']}   progress: {d['progress']:.0%}   step: {d['step'] or '-'}",
+             f"  created: {d['created_at']}   started: {d['started_at'] or '-'}   "
+             f"finished: {d['finished_at'] or '-'}"]
+    if d["error"]:
+        lines.append(f"  error: {d['error']}")
+    emit(as_json, d, lines)
+
+
+def watch(job_id: str) -> dict[str, Any]:
+    """Wait for a job with a progress bar; its final description."""
+    bar = StepProgress()
+
+    def draw(d: dict[str, Any]) -> None:
+        if d["status"] == "running":
+            bar(1, 1, d["step"] or d["kind"], min(d["progress"], 0.999))
+
+    done = jobs.wait(face().ctx, job_id, draw)
+    if done["status"] == "completed":
+        bar(1, 1, done["step"] or done["kind"], 1.0)
+    return done
+
+
+def ended(d: dict[str, Any]) -> None:
+    """Exit like the job ended: its error when it failed or was cancelled."""
+    if d["status"] == "cancelled":
+        raise Cancelled(f"job {d['id'][:12]} was cancelled.",
+                        hint="Every checkpoint is as it was; merges left undone wait for the "
+                             "next delete or: waymark check --repair")
+    if d["status"] == "failed":
+        raise WaymarkError(f"job {d['id'][:12]} failed: {d['error']}",
+                           hint=f"See: waymark job show {d['id'][:12]}")
+
+
+@job.command("wait")
+@click.argument("job_ref", metavar="JOB")
+@json_option
+def wait(job_ref: str, as_json: bool) -> None:
+    """Wait for a job to end, with its progress (carries on a job whose process died)."""
+    d = watch(job_ref)
+    emit(as_json, d, [f"Job {d['id'][:12]} {d['status']}."])
+    ended(d)
+
+
+@job.command("cancel")
+@click.argument("job_ref", metavar="JOB")
+@json_option
+def cancel(job_ref: str, as_json: bool) -> None:
+    """Stop a job: a merge stops mid-copy without changing any checkpoint."""
+    d = jobs.cancel(face().ctx, job_ref)
+    emit(as_json, d, [f"Job {d['id'][:12]}: cancel requested ({d['status']})."])
+
+
+@job.command("run", hidden=True)
+@click.argument("job_ref", metavar="JOB")
+@json_option
+def run(job_ref: str, as_json: bool) -> None:
+    """The detached worker of a --no-wait job."""
+    d = jobs.run(face().ctx, job_ref)
+    emit(as_json, d, [f"Job {d['id'][:12]} {d['status']}."])
+    ended(d)
