@@ -79,7 +79,9 @@ class LazyGroup(click.Group):
 def cli(click_ctx: click.Context, home: str | None, verbose: int) -> None:
     """Waymark: Hyper-V style checkpoints for QEMU/KVM virtual machines."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # by default only warnings show, in the CLI's own "warning: ..." form
+    logging.basicConfig(level=level, format="warning: %(message)s" if verbose == 0
+                        else "%(levelname)s %(name)s: %(message)s")
     click_ctx.obj = Face(home)
 
 

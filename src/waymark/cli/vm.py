@@ -88,6 +88,7 @@ def show(vm_ref: str, as_json: bool) -> None:
              f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
              f"machine: {data['machine']}",
              f"  checkpoint type: {data['checkpoint_type']}   limit: {data['max_checkpoints']}"
+             f"   automatic: {'on' if data['automatic_checkpoints'] else 'off'}"
              f"   folder: {data['checkpoint_dir']}",
              f"  checkpoints: {data['checkpoint_count']}, holding "
              f"{human(data['checkpoint_space_bytes'])}"]
@@ -114,16 +115,20 @@ DISCARD_SAVED = click.option(
 @click.option("--checkpoint-type", type=TYPES)
 @click.option("--checkpoint-dir", metavar="DIR")
 @click.option("--max-checkpoints", type=int)
+@click.option("--automatic-checkpoints", type=click.Choice(["on", "off"]),
+              help="A checkpoint at each start, deleted after a clean shutdown.")
 @DISCARD_SAVED
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
-         checkpoint_dir: str | None, max_checkpoints: int | None, discard_saved_state: bool,
-         as_json: bool) -> None:
+         checkpoint_dir: str | None, max_checkpoints: int | None,
+         automatic_checkpoints: str | None, discard_saved_state: bool, as_json: bool) -> None:
     """Change a VM's settings (memory and CPUs only while it is off)."""
     ctx = face().ctx
     vms.set_settings(ctx, vm_ref, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
-                     max_checkpoints=max_checkpoints, discard_saved=discard_saved_state)
+                     max_checkpoints=max_checkpoints, discard_saved=discard_saved_state,
+                     automatic_checkpoints=None if automatic_checkpoints is None
+                     else automatic_checkpoints == "on")
     data = views.vm_show(ctx, vm_ref)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 

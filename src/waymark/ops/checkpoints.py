@@ -48,10 +48,11 @@ def create(ctx: Context, vm_ref: str, name: str | None = None,
     its disks and its saved memory.
     """
     with ctx.locked(vm_ref) as (vm_id, _):
-        return _create_locked(ctx, vm_id, name, wanted)
+        return create_locked(ctx, vm_id, name, wanted)
 
 
-def _create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
+def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
+    """:func:`create`, for a caller that holds the VM's lock."""
     state = qmp.run_sync(machines.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
     created = now()
     with ctx.catalog.session() as session:
@@ -188,7 +189,7 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode,
             target = lookup.checkpoint(session, vm_row, ckpt_ref).id
             if mode is ApplyMode.CHECKPOINT_FIRST:
                 _can_checkpoint_first(session, vm_row)
-        safety = _create_locked(ctx, vm_id, None, None) \
+        safety = create_locked(ctx, vm_id, None, None) \
             if mode is ApplyMode.CHECKPOINT_FIRST else None
         if state in liveness.LIVE_STATES:
             qmp.run_sync(machines.power_off(ctx, vm_id, name, "turned off to apply a checkpoint"))

@@ -72,7 +72,7 @@ def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool
     with ctx.locked(vm_ref) as (vm_id, _):
         liveness.reconcile(ctx, vm_id)  # a running VM merges live, through its QEMU
         with ctx.catalog.session() as session:
-            removed = _remove_from_tree(session, session.get_one(Vm, vm_id),
+            removed = remove_from_tree(session, session.get_one(Vm, vm_id),
                                         [m.id for m in targets], subtree=subtree)
         job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
                           run_here=wait)
@@ -80,8 +80,10 @@ def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool
     return Deleted(removed, job)
 
 
-def _remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: bool
-                      ) -> list[Match]:
+def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: bool
+                     ) -> list[Match]:
+    """The tree change of a delete, in the caller's transaction (files and merges follow as
+    journal intents)."""
     rows = lookup.checkpoints(session, vm_row.id)
     nodes = lookup.nodes(rows)
     doomed: list[str] = []

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,19 @@ from waymark.catalog.models import Image, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
-from waymark.ops import bundles, liveness, lookup
+from waymark.ops import bundles, liveness, lookup, recovery
 from waymark.ops.context import Context
 from waymark.qemu import accel, cmdline, qmp
+
+# Called under the VM's lock before a VM that is off boots; a returned text is a warning.
+BOOT_HOOKS: list[Callable[[Context, str], str | None]] = []
+# Called when a guest shut down cleanly (not a crash, not a forced power-off).
+CLEAN_STOP_HOOKS: list[Callable[[Context, str], None]] = []
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
 QUIT_TIMEOUT = 10.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,11 @@ async def _kill(run: cmdline.RunFiles, label: str) -> None:
     liveness.clean(run)
 
 
+def _clean_stop(ctx: Context, vm_id: str) -> None:
+    for hook in CLEAN_STOP_HOOKS:
+        hook(ctx, vm_id)
+
+
 def _set_state(ctx: Context, vm_id: str, state: str) -> None:
     with ctx.catalog.session() as session:
         session.get_one(Vm, vm_id).state = state
@@ -151,6 +164,9 @@ async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = Fal
         state = "off"
     if state == "saved":
         return await _resume_saved(ctx, vm_id, name)
+    for hook in BOOT_HOOKS:
+        if (warning := hook(ctx, vm_id)) is not None:
+            log.warning("%s", warning)
     with ctx.catalog.session() as session:
         hardware = lookup.hardware(session.get_one(Vm, vm_id))
     run = _launch(ctx, vm_id, name, hardware, incoming=False)
@@ -234,6 +250,7 @@ async def settle(ctx: Context, vm_id: str, name: str) -> str:
             await _kill(run, name)
             liveness.record_exit(run, "shut down by the guest")
             _set_state(ctx, vm_id, "off")
+            _clean_stop(ctx, vm_id)
             return "off"
     return state
 
@@ -333,6 +350,9 @@ async def stop(ctx: Context, vm_ref: str, *, force: bool, timeout: float = 60.0)
                                hint=f"Resume it first, or: waymark vm stop {name} --force")
             how = await _shutdown(run, name, timeout)
         await power_off(ctx, vm_id, name, how)
+        if not force:
+            _clean_stop(ctx, vm_id)
+            recovery.recover_vm(ctx, vm_id)  # we hold the lock: finish what the hooks left
         return how
 
 

@@ -2,6 +2,6 @@
 
 
 def load() -> None:
-    from waymark.ops import checkpoints, compact, vms
+    from waymark.ops import automatic, checkpoints, compact, live, merges, vms
 
-    del checkpoints, compact, vms
+    del automatic, checkpoints, compact, live, merges, vms

@@ -136,6 +136,8 @@ def _vm(session: Session, row: Vm) -> dict[str, Any]:
         **{k: v for k, v in hardware.dump().items() if k != "disks"},
         "checkpoint_type": row.checkpoint_type, "checkpoint_dir": row.checkpoint_dir,
         "max_checkpoints": row.max_checkpoints,
+        "automatic_checkpoints": row.automatic_checkpoints,
+        "automatic_checkpoint_id": row.automatic_checkpoint_id,
         "current_checkpoint_id": row.current_checkpoint_id,
         "checkpoint_count": lookup.checkpoint_count(session, row.id),
         "checkpoint_space_bytes": held,

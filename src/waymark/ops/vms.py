@@ -230,7 +230,8 @@ def _commit_create(session: Session, params: dict[str, Any]) -> None:
 
 def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
-                 max_checkpoints: int | None = None, discard_saved: bool = False) -> None:
+                 max_checkpoints: int | None = None, discard_saved: bool = False,
+                 automatic_checkpoints: bool | None = None) -> None:
     with ctx.locked(ref) as (vm_id, vm_name):
         discard = False
         if memory is not None or cpus is not None:
@@ -241,6 +242,9 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
                                        discard_saved)
         _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
                     max_checkpoints)
+        if automatic_checkpoints is not None:
+            with ctx.catalog.session() as session:
+                session.get_one(Vm, vm_id).automatic_checkpoints = automatic_checkpoints
         if discard:
             machines.discard_saved(ctx, vm_id)
 
