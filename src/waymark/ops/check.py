@@ -12,6 +12,8 @@ Findings (each names the command that fixes it):
 - ``missing-config``: a checkpoint's configuration file is gone; repair rewrites it from the
   catalog.
 - ``unfinished-intent``: a journal intent that recovery could not finish; repair drives it again.
+- ``uncompacted``: merges left undone (a cancelled merge job): no data is at risk, the images
+  only take space and depth; repair runs them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Vm
 from waymark.errors import WaymarkError
 from waymark.images import qemu_img
-from waymark.ops import liveness, locks, lookup, recovery
+from waymark.ops import compact, liveness, locks, lookup, recovery
 from waymark.ops.context import Context
 
 OURS = re.compile(r"^\.?[0-9a-f]{32}\.(qcow2|json|state)(\.tmp)?$")
@@ -205,7 +207,10 @@ def run(ctx: Context, vm_ref: str | None, *, repair: bool) -> list[Finding]:
                 held[vm_id] = fd
                 if repair:
                     _finish_intents(ctx, vm_id)
-        return _findings(ctx, set(held), names, repair)
+        found = _findings(ctx, set(held), names, repair)
+        if repair:
+            _merge_uncompacted(ctx, found)
+        return found
     finally:
         for fd in held.values():
             os.close(fd)
@@ -228,6 +233,7 @@ def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
             for image in images.values():
                 findings += _image_findings(vm_row.name, image, images, image.id in in_use)
             findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
+            findings += _compaction_findings(ctx, session, vm_row)
         findings += _stray_findings(ctx, session, vm_ids)
         if repair:
             for finding in findings:
@@ -236,6 +242,31 @@ def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
                 elif finding.kind == "missing-config":
                     _repair_config(session, finding)
     return findings
+
+
+def _compaction_findings(ctx: Context, session: Session, vm_row: Vm) -> list[Finding]:
+    left = compact.pending_steps(session, vm_row.id)
+    if not left or any(i.kind == compact.MARKER for i in ctx.journal.pending(vm_row.id)):
+        return []
+    return [Finding(vm_row.name, "uncompacted", str(ctx.vm_folder(vm_row.id)),
+                    f"{left} merge step(s) left undone (a merge job was cancelled)",
+                    "waymark check --repair runs them (so does the next checkpoint delete)")]
+
+
+def _merge_uncompacted(ctx: Context, findings: list[Finding]) -> None:
+    with ctx.catalog.session() as session:
+        names = {v.name: v.id for v in session.scalars(select(Vm))}
+    for finding in findings:
+        if finding.kind != "uncompacted" or finding.vm not in names:
+            continue
+        vm_id = names[finding.vm]
+        with ctx.catalog.session() as session:
+            compact.mark(session, vm_id)
+        try:
+            recovery.recover_vm(ctx, vm_id)
+            finding.repaired = "merged"
+        except WaymarkError as err:
+            finding.detail += f"; merging failed: {err.message}"
 
 
 def _written_by_qemu(ctx: Context, session: Session, vm_id: str) -> set[str]:
