@@ -34,10 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from guestlog import SerialLog
+
 WAYMARK = [sys.executable, "-m", "waymark"]
 GUEST_DIR = os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest")
 READY = re.compile(rb"^READY [0-9a-f-]{36}\r?$", re.MULTILINE)
-COUNTER = re.compile(rb"^COUNTER (\d+)\r?$", re.MULTILINE)
 TIMEOUT = 120.0
 DD_MIB = 512
 
@@ -54,7 +55,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> 
         time.sleep(0.02)
 
 
-class Guest:
+class Guest(SerialLog):
     """One VM of the test guest in its own home."""
 
     def __init__(self, root: Path, memory: str, image: dict[str, Any]) -> None:
@@ -71,20 +72,6 @@ class Guest:
 
     def json(self, *args: str) -> Any:
         return json.loads(self.wm(*args, "--json"))
-
-    def log(self, mark: int = 0) -> bytes:
-        try:
-            return self.serial.read_bytes()[mark:]
-        except FileNotFoundError:
-            return b""
-
-    def mark(self) -> int:
-        return len(self.log())
-
-    def last_counter(self, mark: int = 0) -> int:
-        text = self.log(mark)
-        found = COUNTER.findall(text[:text.rfind(b"\n") + 1])
-        return int(found[-1]) if found else 0
 
     def boot(self) -> float:
         """Seconds from `vm start` to READY."""
