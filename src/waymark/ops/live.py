@@ -113,12 +113,14 @@ async def capture(intent: LiveIntent, wanted: str) -> None:
                       else await _production(intent, run, machine))
             if reason is None:
                 return
+            reason = reason.rstrip(".")
             if wanted == "productiononly":
+                fix = (f"Resume it first (waymark vm resume {name})" if live["paused"]
+                       else "Make sure qemu-guest-agent runs in the guest")
                 raise Conflict(f"a production checkpoint of {name!r} is not possible: {reason}. "
                                "Nothing was created (the type is productiononly).",
-                               hint="Make sure qemu-guest-agent runs in the guest, or take a "
-                                    f"standard one: waymark checkpoint create {name} "
-                                    "--type standard")
+                               hint=f"{fix}, or take a standard one: waymark checkpoint create "
+                                    f"{name} --type standard")
         record["fallback_reason"] = reason
         await _standard(intent, run, machine)
 
