@@ -52,7 +52,7 @@ from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.ops import bundles, journal, liveness
 from waymark.ops.journal import LiveIntent, failpoint
-from waymark.qemu import cmdline, qmp
+from waymark.qemu import blockjobs, cmdline, qmp
 
 MIGRATION_TIMEOUT = 600.0
 STREAM_END_TIMEOUT = 60.0
@@ -343,11 +343,7 @@ async def _settle_qemu(run: cmdline.RunFiles, live: dict[str, Any]) -> bool:
         switched = any(s.overlay in tops for s in switches)
         await _stop_migration(machine)
         if not switched:
-            nodes = {n["node-name"] for n in
-                     await machine.command("query-named-block-nodes", flat=True)}
-            for switch in switches:  # its file node goes with it
-                if switch.overlay in nodes:
-                    await machine.command("blockdev-del", **{"node-name": switch.overlay})
+            await blockjobs.delete_nodes(machine, [s.overlay for s in switches])
         status = (await machine.command("query-status"))["status"]
         if status == "postmigrate" and not live["paused"]:
             await machine.command("cont")

@@ -30,7 +30,6 @@ Progress is the job's ``current-progress / total-progress``. A progress callback
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,8 @@ from waymark import durable
 from waymark.errors import ToolError
 from waymark.images import qemu_img
 from waymark.ops import executor, liveness
-from waymark.qemu import cmdline, qmp
+from waymark.qemu import blockjobs, cmdline, qmp
 
-POLL = 0.05
-JOB_TIMEOUT = 24 * 3600.0
 Progress = Callable[[float], None] | None
 
 
@@ -127,10 +124,7 @@ def _release(step: executor.Step, on_progress: Progress) -> None:
 
 async def _blockdev_del(run: cmdline.RunFiles, name: str, node: str) -> None:
     async with qmp.connect(run.qmp, name) as machine:
-        nodes = {n["node-name"] for n in await machine.command("query-named-block-nodes",
-                                                               flat=True)}
-        if node in nodes:  # its file node goes with it
-            await machine.command("blockdev-del", **{"node-name": node})
+        await blockjobs.delete_nodes(machine, [node])
 
 
 executor.LIVE_OPS.update(qmp_commit=_commit, qmp_stream=_stream, qmp_release=_release)
@@ -149,59 +143,12 @@ async def _chains(machine: qmp.Qmp) -> set[str]:
     return files
 
 
-async def _find(machine: qmp.Qmp, job: str) -> dict[str, Any] | None:
-    for found in await machine.command("query-jobs"):
-        if found["id"] == job:
-            return dict(found)
-    return None
-
-
 async def _job(run: cmdline.RunFiles, name: str, job: str, command: str,
                arguments: dict[str, Any], leaves: str, on_progress: Progress) -> None:
     """Run (or resume) QEMU job ``job`` until ``leaves`` is out of every chain."""
     async with qmp.connect(run.qmp, name) as machine:
-        if await _find(machine, job) is None:
+        if await blockjobs.find(machine, job) is None:
             if leaves not in await _chains(machine):
                 return  # QEMU finished it before Waymark died
             await machine.command(command, **{"job-id": job, **arguments})
-        try:
-            await _follow(machine, job, on_progress)
-        except BaseException:
-            await _abandon(machine, job)
-            raise
-
-
-async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + JOB_TIMEOUT
-    while loop.time() < deadline:
-        found = await _find(machine, job)
-        if found is None:
-            raise ToolError(f"QEMU's job {job} of {machine.label} vanished.")
-        if found.get("total-progress") and on_progress is not None:
-            on_progress(found["current-progress"] / found["total-progress"])
-        if found["status"] == "ready":
-            await machine.command("job-complete", id=job)
-        elif found["status"] == "concluded":
-            await machine.command("job-dismiss", id=job)
-            if found.get("error"):
-                raise ToolError(f"QEMU's {job} of {machine.label} failed: {found['error']}")
-            return
-        await asyncio.sleep(POLL)
-    raise ToolError(f"QEMU's job {job} of {machine.label} did not end.")
-
-
-async def _abandon(machine: qmp.Qmp, job: str) -> None:
-    """Cancel QEMU's job (a cancelled commit or stream changes no chain's content)."""
-    try:
-        found = await _find(machine, job)
-        if found is None:
-            return
-        if found["status"] != "concluded":
-            await machine.command("job-cancel", id=job)
-        while (found := await _find(machine, job)) is not None and found["status"] != "concluded":
-            await asyncio.sleep(POLL)
-        if found is not None:
-            await machine.command("job-dismiss", id=job)
-    except ToolError:
-        pass  # QEMU is gone: nothing runs any more
+        await blockjobs.follow(machine, job, on_progress)
