@@ -1,8 +1,9 @@
-"""Durable file writes: temp file + fsync + rename + directory fsync."""
+"""Durable file writes (temp file + fsync + rename + directory fsync), and file checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -50,3 +51,9 @@ def remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         path.unlink()
         fsync_dir(path.parent)
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256, hex."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

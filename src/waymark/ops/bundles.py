@@ -14,32 +14,22 @@ whose files do not match their checksums: import verifies everything before it c
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from waymark import durable
 from waymark.catalog.models import Vm
-from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound
 from waymark.images import qemu_img
-from waymark.ops import lookup
+from waymark.ops import lookup, vms
 from waymark.ops.context import Context
-from waymark.ops.vms import check_limit, check_type, new_id, new_mac
 
 FORMAT, VERSION = "waymark-bundle", 1
 MANIFEST = "manifest.json"
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def remove_partial(dest: Path) -> None:
@@ -100,7 +90,7 @@ def export(ctx: Context, vm_ref: str, ckpt_ref: str, dest: Path,
                    "max_checkpoints": vm_row.max_checkpoints},
             "disks": disks, "skipped_disks": row.skipped_disks,
             "memory": "memory.state" if row.memory_path else None,
-            "files": {str(p.relative_to(dest)): sha256(p)
+            "files": {str(p.relative_to(dest)): durable.sha256(p)
                       for p in sorted(dest.rglob("*")) if p.is_file()},
         }
     durable.write_bytes(dest / MANIFEST, json.dumps(manifest, indent=2).encode())
@@ -125,7 +115,7 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
             raise ImageError(f"the bundle's manifest names a file outside it: {rel}")
         if not path.is_file():
             raise ImageError(f"the bundle is missing {rel}.", hint="Export it again.")
-        if sha256(path) != digest:
+        if durable.sha256(path) != digest:
             raise ImageError(f"{rel} in {bundle} does not match its checksum: the bundle is "
                              "damaged. Nothing was imported.", hint="Export it again.")
     for disk in manifest["disks"]:
@@ -152,40 +142,15 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
                   on_progress: qemu_img.Progress = None) -> str:
     """A new VM (new id, new file names) from a verified bundle; returns its id."""
     manifest = read_bundle(bundle)
-    vm_name = tree.clean_name(name or manifest["vm"]["name"], what="VM name")
     hardware = HardwareConfig.load(json.loads((bundle / "configuration.json").read_text()))
-    vm_id = new_id()
-    keys, disks, images, steps = {}, [], [], []
-    for disk in manifest["disks"]:
-        image_id, disk_id = new_id(), new_id()
-        path = ctx.disk_folder(vm_id) / f"{image_id}.qcow2"
-        keys[disk["key"]] = disk_id
-        images.append({"id": image_id, "vm_id": vm_id, "path": str(path), "format": "qcow2",
-                       "parent_id": None, "pinned": False,
-                       "virtual_size": disk["virtual_size"], "chain_length": 1})
-        disks.append({"id": disk_id, "vm_id": vm_id, "active_image_id": image_id,
-                      "passthrough_path": None})
-        steps.append({"op": "convert", "path": str(path), "src": str(bundle / disk["file"]),
-                      "src_fmt": "qcow2"})
-    if set(hardware.disks) != set(keys):
-        raise ImageError("the bundle's configuration and its disks disagree.")
-    hardware.disks = [keys[k] for k in hardware.disks]
-    for nic in hardware.nics:  # a clone is a new machine on the network
-        nic.mac = new_mac()
-    with ctx.catalog.session() as session:
-        if session.scalars(select(Vm).where(Vm.name == vm_name)).first() is not None:
-            raise Conflict(f"a VM named {vm_name!r} already exists.",
-                           hint="Import under another name with --name NEW_NAME.")
-    settings = manifest["vm"]
-    vm_row = {"id": vm_id, "name": vm_name, "state": "off", "config": hardware.dump(),
-              "checkpoint_type": check_type(settings["checkpoint_type"]),
-              "max_checkpoints": check_limit(int(settings["max_checkpoints"])),
-              "checkpoint_dir": str(ctx.vm_folder(vm_id) / "checkpoints")}
-    if manifest.get("memory"):  # a standard checkpoint: the new VM is saved and resumes
-        vm_row["state"] = "saved"
-        steps += _saved_state_steps(ctx, vm_id, bundle, manifest, hardware.dump())
-    steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
-    with ctx.vm_locked(vm_id, vm_name):
-        ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
-                        steps, on_progress)
-    return vm_id
+    copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"])
+              for d in manifest["disks"]]
+
+    def memory(vm_id: str, dumped: dict[str, Any]) -> list[dict[str, Any]]:
+        if not manifest.get("memory"):
+            return []
+        return _saved_state_steps(ctx, vm_id, bundle, manifest, dumped)
+
+    return vms.create_from_copies(
+        ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
+        on_progress, rename_hint="Import under another name with --name NEW_NAME.")

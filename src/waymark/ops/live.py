@@ -50,7 +50,7 @@ from waymark import durable
 from waymark.errors import Conflict, ToolError, WaymarkError
 from waymark.guest import guard
 from waymark.images import qemu_img
-from waymark.ops import bundles, journal, liveness
+from waymark.ops import journal, liveness
 from waymark.ops.journal import LiveIntent, failpoint
 from waymark.qemu import blockjobs, cmdline, qmp
 
@@ -291,7 +291,7 @@ async def _converge(machine: qmp.Qmp) -> None:
 def _seal(memory: Path) -> str:
     durable.fsync_file(memory)
     durable.fsync_dir(memory.parent)
-    return bundles.sha256(memory)
+    return durable.sha256(memory)
 
 
 def _link(src: Path, dst: Path) -> None:

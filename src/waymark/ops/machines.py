@@ -25,7 +25,7 @@ from waymark.catalog.models import Image, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
-from waymark.ops import bundles, liveness, lookup, recovery
+from waymark.ops import liveness, lookup, recovery
 from waymark.ops.context import Context
 from waymark.qemu import accel, cmdline, qmp
 
@@ -196,7 +196,7 @@ def _verified_saved(ctx: Context, vm_id: str, name: str) -> tuple[SavedState, Ha
     if not saved.state.is_file():
         raise ImageError(f"the saved memory state {saved.state} is missing.",
                          hint=discard_hint(name))
-    if bundles.sha256(saved.state) != meta.get("sha256"):
+    if durable.sha256(saved.state) != meta.get("sha256"):
         raise ImageError(f"the saved memory state {saved.state} is damaged (its checksum does "
                          "not match).", hint=discard_hint(name))
     return saved, HardwareConfig.load(meta["hardware"])
@@ -327,7 +327,7 @@ def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
     """Make the written state durable, then describe it; the description is written last."""
     tmp = saved.state.with_suffix(".tmp")
     durable.fsync_file(tmp)
-    digest = bundles.sha256(tmp)
+    digest = durable.sha256(tmp)
     tmp.replace(saved.state)
     durable.fsync_dir(saved.folder)
     meta = {"sha256": digest, "hardware": hardware.dump(),

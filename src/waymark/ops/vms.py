@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
-from waymark.errors import Conflict, ConsentRequired, InvalidInput, NotFound
+from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
 from waymark.ops import compact, journal, liveness, lookup, machines, recovery
 from waymark.ops.context import Context
@@ -375,3 +376,60 @@ def _detach(ctx: Context, vm_id: str, vm_name: str, disk_ref: str) -> Disk:
         hardware.disks.remove(disk.id)
         row.config = hardware.dump()
         return disk
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A disk of a new VM made as a standalone copy of ``src``'s chain (its ``key`` is the
+    name the source's configuration gives the disk)."""
+
+    key: str
+    src: Path
+    src_fmt: str
+    virtual_size: int
+
+
+ExtraSteps = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
+
+
+def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies: list[Copy],
+                       settings: dict[str, Any], extra: ExtraSteps | None = None,
+                       on_progress: qemu_img.Progress = None,
+                       rename_hint: str = "Choose another name.") -> str:
+    """A new VM (new id, new MACs) whose disks are copies (an import, a restore as a new VM).
+
+    ``settings`` gives checkpoint_type and max_checkpoints; ``extra(vm_id, hardware)`` may add
+    file steps (a saved memory state: the new VM is then saved). Returns the id.
+    """
+    vm_name = tree.clean_name(name, what="VM name")
+    vm_id = new_id()
+    keys, disks, images, steps = {}, [], [], []
+    for copy in copies:
+        image_id, disk_id = new_id(), new_id()  # an image's id is its file's name
+        path = ctx.disk_folder(vm_id) / f"{image_id}.qcow2"
+        keys[copy.key] = disk_id
+        images.append(_image_row(vm_id, path, "qcow2", copy.virtual_size))
+        disks.append({"id": disk_id, "vm_id": vm_id, "active_image_id": image_id,
+                      "passthrough_path": None})
+        steps.append({"op": "convert", "path": str(path), "src": str(copy.src),
+                      "src_fmt": copy.src_fmt})
+    if set(hardware.disks) != set(keys):
+        raise ImageError("the source's configuration and its disks disagree.")
+    hardware.disks = [keys[k] for k in hardware.disks]
+    for nic in hardware.nics:  # a clone is a new machine on the network
+        nic.mac = new_mac()
+    with ctx.catalog.session() as session:
+        if session.scalars(select(Vm).where(Vm.name == vm_name)).first() is not None:
+            raise Conflict(f"a VM named {vm_name!r} already exists.", hint=rename_hint)
+    vm_row = {"id": vm_id, "name": vm_name, "state": "off", "config": hardware.dump(),
+              "checkpoint_type": check_type(settings["checkpoint_type"]),
+              "max_checkpoints": check_limit(int(settings["max_checkpoints"])),
+              "checkpoint_dir": str(ctx.vm_folder(vm_id) / "checkpoints")}
+    more = extra(vm_id, hardware.dump()) if extra is not None else []
+    if more:
+        vm_row["state"] = "saved"
+    steps = [{"op": "make_dir", "path": str(ctx.vm_folder(vm_id))}, *steps, *more]
+    with ctx.vm_locked(vm_id, vm_name):
+        ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
+                        steps, on_progress)
+    return vm_id
