@@ -47,6 +47,8 @@ class LazyGroup(click.Group):
         "vm": ("waymark.cli.vm", "vm", "Virtual machines: hardware, disks, checkpoint settings."),
         "checkpoint": ("waymark.cli.checkpoint", "checkpoint",
                        "Checkpoints: take, list, apply, rename, delete, export."),
+        "backup": ("waymark.cli.backup", "backup",
+                   "Backups to external storage: repo init, run, list, verify, restore."),
         "check": ("waymark.cli.check", "check",
                   "Compare the catalog, the files and the journal; --repair."),
         "guest": ("waymark.cli.guest", "guest", "The self-contained test and demo guest."),

@@ -30,7 +30,7 @@ def _refuse_disabled(vm_row: Vm) -> None:
                             "--checkpoint-type production")
 
 
-def _check_limit(session: Session, vm_row: Vm, adding: int = 1) -> None:
+def require_room(session: Session, vm_row: Vm, adding: int = 1) -> None:
     count = lookup.checkpoint_count(session, vm_row.id)
     if count + adding > vm_row.max_checkpoints:
         raise LimitReached(
@@ -58,7 +58,7 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
         _refuse_disabled(vm_row)
-        _check_limit(session, vm_row)
+        require_room(session, vm_row)
         label = tree.clean_name(name) if name is not None else tree.default_name(vm_row.name,
                                                                                  created)
         wanted = wanted or vm_row.checkpoint_type
@@ -217,7 +217,7 @@ def _install_memory(saved: machines.SavedState, target: Checkpoint) -> list[dict
 def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
     """Fail before anything changes when the safety checkpoint could not be taken whole."""
     _refuse_disabled(vm_row)
-    _check_limit(session, vm_row)
+    require_room(session, vm_row)
 
 
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str

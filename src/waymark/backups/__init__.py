@@ -1,0 +1,1 @@
+"""Backups to external storage: the repository format and its points."""

@@ -1,0 +1,217 @@
+"""A backup repository: a folder on external storage (NFS, a USB disk) that outlives the host.
+
+Layout (every path relative, so the folder can be moved or mounted elsewhere)::
+
+    waymark-repository.json              what this folder is (format, version, id)
+    lock                                 held by a run, so two runs never interleave
+    vms/<vm-id>/disks/<disk-id>/<point-id>.qcow2
+    vms/<vm-id>/points/<point-id>.json   the point's manifest
+
+A point's disk file is plain qcow2: a full backup has no backing file; an incremental's backing
+file is the previous point's file of the same disk, named relatively (``<point-id>.qcow2`` in the
+same folder). So a disk restores with stock qemu-img and no Waymark::
+
+    qemu-img convert -O qcow2 vms/<vm-id>/disks/<disk-id>/<point-id>.qcow2 restored.qcow2
+
+A point exists once its manifest does: its files are written under temporary names, fsynced,
+checksummed and renamed first, and the manifest (sha256 of every file, the VM's configuration,
+consistency, why a full backup was taken) is written last, durably. Files no manifest names are
+what a killed run left; the next run removes them under the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from waymark import durable
+from waymark.errors import Ambiguous, Busy, Conflict, NotFound, StorageError, WaymarkError
+from waymark.images import qemu_img
+
+FORMAT, VERSION = "waymark-backup-repository", 1
+MARKER = "waymark-repository.json"
+POINT_FORMAT = "waymark-backup-point"
+LOCK_POLL = 0.1
+
+
+def new_point_id() -> str:
+    """Sorts by time: ``20261130T021500Z-1a2b3c4d``."""
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Repository:
+    root: Path
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: Path) -> Repository:
+        path = path.absolute()
+        if (path / MARKER).exists():
+            raise Conflict(f"{path} is already a backup repository.",
+                           hint=f"Use it: waymark backup run VM --repo {path}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise Conflict(f"{path} exists and is not an empty folder.",
+                           hint="Give a new or empty folder on the backup storage.")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "vms").mkdir()
+            durable.write_bytes(path / MARKER, json.dumps(
+                {"format": FORMAT, "version": VERSION, "id": uuid.uuid4().hex,
+                 "created_at": now()}, indent=2).encode())
+        except OSError as err:
+            raise StorageError(f"cannot create a repository in {path}: {err.strerror}.",
+                               hint="Check that the backup storage is mounted and writable.") \
+                from err
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: Path) -> Repository:
+        path = path.absolute()
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except FileNotFoundError as err:
+            raise NotFound(f"{path} is not a Waymark backup repository.",
+                           hint=f"Create one with: waymark backup repo init {path} (or check "
+                                "that the backup storage is mounted)") from err
+        except (OSError, ValueError) as err:
+            raise StorageError(f"cannot read {path / MARKER}: {err}.") from err
+        if marker.get("format") != FORMAT or marker.get("version") != VERSION:
+            raise Conflict(f"{path} holds an unknown repository format {marker.get('format')!r} "
+                           f"version {marker.get('version')!r}.",
+                           hint="Use a Waymark version that knows it.")
+        return cls(path)
+
+    @contextmanager
+    def locked(self, timeout: float) -> Iterator[None]:
+        """Hold the repository's lock; Busy after ``timeout`` seconds."""
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise Busy(f"another backup run holds the repository {self.root}.",
+                                   hint="Retry when it finishes.") from None
+                    time.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- paths --------------------------------------------------------------------------------
+
+    def disk_file(self, vm_id: str, disk_id: str, point_id: str) -> Path:
+        return self.root / "vms" / vm_id / "disks" / disk_id / f"{point_id}.qcow2"
+
+    def manifest_file(self, vm_id: str, point_id: str) -> Path:
+        return self.root / "vms" / vm_id / "points" / f"{point_id}.json"
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    # --- points -------------------------------------------------------------------------------
+
+    def points(self, vm_id: str | None = None) -> list[dict[str, Any]]:
+        """Every point's manifest (of one VM), oldest first."""
+        folders = [self.root / "vms" / vm_id] if vm_id else sorted((self.root / "vms").iterdir())
+        found = []
+        for folder in folders:
+            for path in sorted((folder / "points").glob("*.json")):
+                try:
+                    found.append(json.loads(path.read_text()))
+                except (OSError, ValueError) as err:
+                    raise StorageError(f"the point manifest {path} is unreadable: {err}.",
+                                       hint=f"Run: waymark backup verify --repo {self.root}") \
+                        from err
+        return sorted(found, key=lambda m: (m["created_at"], m["id"]))
+
+    def point(self, ref: str, vm_id: str | None = None) -> dict[str, Any]:
+        """One point by id or id prefix; with ``vm_id`` and ``ref`` ``latest``, its newest."""
+        points = self.points(vm_id)
+        if ref == "latest":
+            if not points:
+                raise NotFound(f"no backup point in {self.root} for that VM.",
+                               hint=f"Take one: waymark backup run VM --repo {self.root}")
+            return points[-1]
+        matches = [p for p in points if p["id"].startswith(ref)]
+        if not matches:
+            raise NotFound(f"no backup point {ref!r} in {self.root}.",
+                           hint=f"List them: waymark backup list --repo {self.root}")
+        if len(matches) > 1:
+            raise Ambiguous(f"{ref!r} names {len(matches)} points.",
+                            hint="Give more of the id: " + ", ".join(p["id"] for p in matches))
+        return matches[0]
+
+    def chain(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+        """The point and every point it needs, newest first."""
+        by_id = {p["id"]: p for p in self.points(manifest["vm"]["id"])}
+        chain = [manifest]
+        while chain[-1].get("parent"):
+            parent = by_id.get(chain[-1]["parent"])
+            if parent is None:
+                raise StorageError(f"point {chain[-1]['id']} needs point "
+                                   f"{chain[-1]['parent']}, which is missing.",
+                                   hint="Restore an older full point, or the missing files.")
+            chain.append(parent)
+        return chain
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        path = self.manifest_file(manifest["vm"]["id"], manifest["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_bytes(path, json.dumps({"format": POINT_FORMAT, **manifest},
+                                             indent=2).encode())
+
+    def seal(self, tmp: Path, final: Path) -> dict[str, Any]:
+        """Make a written disk file durable under its final name; its size and sha256."""
+        durable.fsync_file(tmp)
+        digest = durable.sha256(tmp)
+        os.replace(tmp, final)
+        durable.fsync_dir(final.parent)
+        return {"file": self.relative(final), "bytes": final.stat().st_size, "sha256": digest}
+
+    def remove_partial(self) -> list[Path]:
+        """Remove disk files no manifest names (a killed run's); call under the lock."""
+        named = {p_file["file"] for m in self.points() for p_file in m["disks"]}
+        removed = []
+        for path in sorted((self.root / "vms").glob("*/disks/*/*")):
+            if self.relative(path) not in named:
+                durable.remove(path)
+                removed.append(path)
+        return removed
+
+    # --- checking -----------------------------------------------------------------------------
+
+    def problems(self, manifest: dict[str, Any]) -> list[str]:
+        """What is wrong with a point's own files (its checksums, then qemu-img check)."""
+        found = []
+        for disk in manifest["disks"]:
+            path = self.root / disk["file"]
+            if not path.is_file():
+                found.append(f"{disk['file']}: missing")
+                continue
+            if durable.sha256(path) != disk["sha256"]:
+                found.append(f"{disk['file']}: sha256 does not match the manifest (damaged)")
+                continue
+            try:
+                qemu_img.check(path, "qcow2")
+            except WaymarkError as err:
+                found.append(f"{disk['file']}: {err.message}")
+        return found
+
+
+def now() -> str:
+    """The time stamp manifests use (UTC, RFC 3339)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,136 @@
+"""``waymark backup``: backups to a repository on external storage (docs/backups.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from waymark.cli.main import face
+from waymark.cli.output import StepProgress, emit, json_option
+from waymark.errors import InvalidInput, WaymarkError
+from waymark.ops import backups, checkpoints
+from waymark.units import human
+
+REPO = click.option("--repo", "repo", required=True, metavar="PATH",
+                    type=click.Path(path_type=Path), help="The backup repository's folder.")
+
+
+@click.group()
+def backup() -> None:
+    """Backups to external storage: run, list, verify, restore."""
+
+
+@backup.group("repo")
+def repo_group() -> None:
+    """Backup repositories."""
+
+
+@repo_group.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def repo_init(path: Path, as_json: bool) -> None:
+    """Make PATH (a new or empty folder on the backup storage) a repository."""
+    root = backups.init_repo(path)
+    emit(as_json, {"repository": str(root)},
+         [f"Initialized backup repository {root}. Back up into it with: "
+          f"waymark backup run VM --repo {root}"])
+
+
+def _reporter() -> backups.Report:
+    line = StepProgress()
+    return lambda what, fraction: line(1, 1, what, fraction)
+
+
+@backup.command("run")
+@click.argument("vm_refs", metavar="VM...", nargs=-1, required=True)
+@REPO
+@click.option("--full", is_flag=True, help="A full backup (this release takes only full ones).")
+@json_option
+def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None:
+    """Back up VMs (running ones live, application-consistent when their agent answers)."""
+    del full  # every point is full for now; the flag is kept for scripts
+    outcomes = backups.run(face().ctx, list(vm_refs), repo, _reporter())
+    data = [{"vm": o.vm, "ok": o.error is None, "error": o.error,
+             "point": backups.summary(o.point) if o.point else None} for o in outcomes]
+    lines = []
+    for o in outcomes:
+        if o.point is None:
+            lines.append(f"{o.vm}: FAILED: {o.error}")
+            continue
+        s = backups.summary(o.point)
+        lines.append(f"{o.vm}: point {s['id']} ({s['kind']}: {s['reason']}; {s['consistency']}; "
+                     f"{human(s['bytes'])})")
+    emit(as_json, data, lines)
+    failed = [o.vm for o in outcomes if o.error]
+    if failed:
+        raise WaymarkError(f"the backup of {', '.join(failed)} failed (see above).",
+                           hint="Fix what the message says, then run it again; the other VMs' "
+                                "points are safe.")
+
+
+@backup.command("list")
+@click.argument("vm_ref", metavar="[VM]", required=False)
+@REPO
+@json_option
+def list_(vm_ref: str | None, repo: Path, as_json: bool) -> None:
+    """Points in time: full or incremental, size, consistency."""
+    rows = backups.listing(repo, vm_ref)
+    lines = [f"{r['id']}  {r['vm_name']:<16} {r['kind']:<11} {human(r['bytes']):>9}  "
+             f"{r['consistency'].split(':')[0]}" for r in rows]
+    emit(as_json, rows, lines or ["No backup points."])
+
+
+@backup.command("verify")
+@click.argument("vm_ref", metavar="[VM]", required=False)
+@REPO
+@click.option("--point", "point_ref", metavar="ID", help="Only this point.")
+@json_option
+def verify(vm_ref: str | None, repo: Path, point_ref: str | None, as_json: bool) -> None:
+    """Re-read every file of the points: checksums and qemu-img check."""
+    rows = backups.verify(repo, vm_ref, point_ref)
+    lines = [f"{r['id']}  {r['vm_name']}: " + ("ok" if not r["problems"]
+                                                 else "DAMAGED: " + "; ".join(r["problems"]))
+             for r in rows]
+    emit(as_json, rows, lines or ["No backup points."])
+    damaged = [r["id"] for r in rows if r["problems"]]
+    if damaged:
+        raise WaymarkError(f"{len(damaged)} point(s) are damaged: {', '.join(damaged)}.",
+                           hint="Do not restore them; take a new backup, or restore another "
+                                "point.")
+
+
+@backup.command("restore")
+@click.argument("vm_ref", metavar="VM")
+@REPO
+@click.option("--point", "point_ref", metavar="ID", help="Default: the newest point.")
+@click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then restore.")
+@click.option("--discard-current", is_flag=True, help="Restore; the current state is lost.")
+@click.option("--as-new", "new_name", metavar="NAME", help="Restore as a new VM instead.")
+@json_option
+def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bool,
+            discard_current: bool, new_name: str | None, as_json: bool) -> None:
+    """Restore a point into its VM (off; its checkpoints stay) or as a new VM."""
+    ctx = face().ctx
+    if new_name is not None:
+        if checkpoint_first or discard_current:
+            raise InvalidInput("--as-new leaves the original VM alone: drop --checkpoint-first "
+                               "and --discard-current.")
+        vm_id = backups.restore_as_new(ctx, repo, vm_ref, point_ref, new_name, _reporter())
+        emit(as_json, {"vm_id": vm_id, "name": new_name},
+             [f"Restored as new VM {new_name} ({vm_id[:12]}). Start it with: "
+              f"waymark vm start {new_name}"])
+        return
+    if checkpoint_first == discard_current:
+        raise InvalidInput("restoring into the VM replaces its current disks.",
+                           hint="Add --checkpoint-first (keep Now as a checkpoint) or "
+                                "--discard-current, or restore elsewhere with --as-new NAME.")
+    mode = (checkpoints.ApplyMode.CHECKPOINT_FIRST if checkpoint_first
+            else checkpoints.ApplyMode.DISCARD_CURRENT)
+    done: dict[str, Any] = backups.restore(ctx, repo, vm_ref, point_ref, mode, _reporter())
+    lines = [f"Restored point {done['point']} into {vm_ref}; Now is under the new checkpoint "
+             f"'Restored from {done['point']}'."]
+    if done["safety_checkpoint_id"]:
+        lines.insert(0, f"Checkpointed Now first ({done['safety_checkpoint_id'][:12]}).")
+    emit(as_json, done, lines)
