@@ -192,6 +192,13 @@ class Repository:
                 removed.append(path)
         return removed
 
+    def remove_point(self, manifest: dict[str, Any]) -> None:
+        """The manifest first (the point stops existing), then its files; call under the
+        lock, and only for a point no other point needs."""
+        durable.remove(self.manifest_file(manifest["vm"]["id"], manifest["id"]))
+        for disk in manifest["disks"]:
+            durable.remove(self.root / disk["file"])
+
     # --- checking -----------------------------------------------------------------------------
 
     def problems(self, manifest: dict[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from waymark.backups import retention
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, json_option
 from waymark.errors import InvalidInput, WaymarkError
@@ -134,3 +135,34 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
     if done["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({done['safety_checkpoint_id'][:12]}).")
     emit(as_json, done, lines)
+
+
+def keep_options(fn: Any) -> Any:
+    for flag, what in (("--keep-monthly", "the newest point of each of the last N months"),
+                       ("--keep-weekly", "the newest point of each of the last N weeks"),
+                       ("--keep-daily", "the newest point of each of the last N days"),
+                       ("--keep-last", "the newest N points")):
+        fn = click.option(flag, type=click.IntRange(0), default=0, help=f"Keep {what}.")(fn)
+    return fn
+
+
+def policy(keep_last: int, keep_daily: int, keep_weekly: int,
+           keep_monthly: int) -> retention.Policy:
+    return retention.Policy(keep_last, keep_daily, keep_weekly, keep_monthly)
+
+
+@backup.command("prune")
+@click.argument("vm_ref", metavar="[VM]", required=False)
+@REPO
+@keep_options
+@click.option("--dry-run", is_flag=True, help="Only say what would go.")
+@json_option
+def prune(vm_ref: str | None, repo: Path, keep_last: int, keep_daily: int, keep_weekly: int,
+          keep_monthly: int, dry_run: bool, as_json: bool) -> None:
+    """Remove the points no --keep rule keeps (a kept point keeps what it needs)."""
+    removed = backups.prune(face().ctx, repo, policy(keep_last, keep_daily, keep_weekly,
+                                                      keep_monthly), vm_ref, dry_run)
+    verb = "Would remove" if dry_run else "Removed"
+    emit(as_json, {"removed": removed, "dry_run": dry_run},
+         [f"{verb} point {r['id']} of {r['vm_name']} ({human(r['bytes'])})." for r in removed]
+         or ["Nothing to remove."])

@@ -21,15 +21,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from waymark import durable
+from waymark.backups import retention
 from waymark.backups.repository import Repository, new_point_id, now
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
-from waymark.errors import Conflict, ImageError, NotFound, WaymarkError
+from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
 from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.ops import checkpoints, compact, liveness, lookup, machines, merges, recovery, vms
@@ -249,6 +251,37 @@ def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = N
     points = [repo.point(point_ref, vm_id)] if point_ref else repo.points(vm_id)
     return [{"id": p["id"], "vm_name": p["vm"]["name"], "problems": repo.problems(p)}
             for p in points]
+
+
+# --- retention --------------------------------------------------------------------------------
+
+def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_ref: str | None = None,
+          dry_run: bool = False) -> list[dict[str, Any]]:
+    """Remove the points ``policy`` does not keep (per VM), and what only they needed.
+
+    A point's manifest goes first (it stops existing), then its files. Every point a kept point
+    needs is kept, so no kept point ever loses a parent.
+    """
+    if policy.empty():
+        raise InvalidInput("prune needs at least one --keep-... rule (it would delete every "
+                           "point).", hint="For example: --keep-last 7 --keep-weekly 4")
+    repo = Repository.open(repo_path)
+    removed: list[dict[str, Any]] = []
+    with repo.locked(ctx.settings.lock_timeout):
+        vm_ids = [_repo_vm(repo, vm_ref)] if vm_ref else sorted(
+            {p["vm"]["id"] for p in repo.points()})
+        for vm_id in vm_ids:
+            points = repo.points(vm_id)
+            kept = retention.keep([retention.Point(
+                p["id"], datetime.fromisoformat(p["created_at"].replace("Z", "+00:00")),
+                p["parent"]) for p in points], policy)
+            for point in points:
+                if point["id"] in kept:
+                    continue
+                removed.append(summary(point))
+                if not dry_run:
+                    repo.remove_point(point)
+    return removed
 
 
 # --- restoring --------------------------------------------------------------------------------
