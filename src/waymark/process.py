@@ -15,6 +15,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from waymark.errors import StorageError, ToolError, ToolMissing
 
@@ -110,3 +111,24 @@ def _checked(done: Completed, returncode: int, what: str) -> Completed:
         raise StorageError(message, hint="Free space on that file system, then run the command "
                                          "again: nothing was lost and it resumes where it stopped.")
     raise ToolError(message)
+
+
+def start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the
+    pid, it names one process for good (a recycled pid has another start time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def identity() -> tuple[int, int | None]:
+    """This process, as (pid, start time)."""
+    return os.getpid(), start_time(os.getpid())
+
+
+def alive(pid: int | None, start: int | None) -> bool:
+    """The process (pid, start time) still runs."""
+    return pid is not None and start is not None and start_time(pid) == start

@@ -142,3 +142,25 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Schedule(Base):
+    """A backup schedule (:mod:`waymark.ops.schedules`)."""
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(99), primary_key=True)
+    vms: Mapped[list[Any]] = mapped_column(JSON)  # VM ids
+    repo: Mapped[str] = mapped_column(Text)
+    every: Mapped[str] = mapped_column(String(8))  # daily | weekly | monthly
+    at: Mapped[str] = mapped_column(String(5))  # HH:MM, the host's local time
+    day: Mapped[int | None] = mapped_column(Integer, nullable=True)  # weekday 0-6 | 1-28
+    full_every: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    keep: Mapped[dict[str, Any]] = mapped_column(JSON)  # retention after each run
+    next_due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # the process running it now (pid, start time): a claim that dies with its process
+    claimed_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    claimed_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

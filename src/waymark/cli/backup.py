@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from waymark.backups import retention
+from waymark.backups import retention, timing
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, json_option
 from waymark.errors import InvalidInput, WaymarkError
-from waymark.ops import backups, checkpoints
+from waymark.ops import backups, checkpoints, schedules
 from waymark.units import human
 
 REPO = click.option("--repo", "repo", required=True, metavar="PATH",
@@ -166,3 +166,81 @@ def prune(vm_ref: str | None, repo: Path, keep_last: int, keep_daily: int, keep_
     emit(as_json, {"removed": removed, "dry_run": dry_run},
          [f"{verb} point {r['id']} of {r['vm_name']} ({human(r['bytes'])})." for r in removed]
          or ["Nothing to remove."])
+
+
+@backup.group("schedule")
+def schedule() -> None:
+    """Scheduled backups (run them from cron or a systemd timer: waymark backup run-due)."""
+
+
+@schedule.command("add")
+@click.argument("name")
+@click.option("--vm", "vm_refs", metavar="VM", multiple=True, required=True)
+@REPO
+@click.option("--daily", metavar="HH:MM", help="Every day at HH:MM (this host's time).")
+@click.option("--weekly", nargs=2, metavar="DAY HH:MM", help="Every week: e.g. sun 03:00.")
+@click.option("--monthly", nargs=2, metavar="N HH:MM", help="Every month on day N (1-28).")
+@click.option("--full-every", type=click.IntRange(1), metavar="N",
+              help="Every Nth run is a full backup (for incremental backups, to come).")
+@keep_options
+@json_option
+def schedule_add(name: str, vm_refs: tuple[str, ...], repo: Path, daily: str | None,
+                 weekly: tuple[str, str] | None, monthly: tuple[str, str] | None,
+                 full_every: int | None, keep_last: int, keep_daily: int, keep_weekly: int,
+                 keep_monthly: int, as_json: bool) -> None:
+    """Back up VMs into a repository on a schedule, then apply the --keep rules."""
+    chosen = [(k, v) for k, v in (("daily", daily), ("weekly", weekly), ("monthly", monthly))
+              if v]
+    if len(chosen) != 1:
+        raise InvalidInput("give exactly one of --daily, --weekly, --monthly.",
+                           hint="For example: --daily 02:30")
+    every, value = chosen[0]
+    day = None
+    at = value if isinstance(value, str) else value[1]
+    if every == "weekly":
+        day = timing.parse_weekday(value[0])
+    elif every == "monthly":
+        if not str(value[0]).isdigit():
+            raise InvalidInput(f"{value[0]!r} is not a day of the month.", hint="Give 1 to 28.")
+        day = timing.check_month_day(int(value[0]))
+    d = schedules.add(face().ctx, name, list(vm_refs), repo, every, at, day, full_every,
+                      policy(keep_last, keep_daily, keep_weekly, keep_monthly))
+    emit(as_json, d, [f"Scheduled {d['name']}: next run {d['next_due_at']}. Make sure something "
+                      "runs 'waymark backup run-due' regularly (cron, a systemd timer)."])
+
+
+@schedule.command("list")
+@json_option
+def schedule_list(as_json: bool) -> None:
+    """The schedules, when each runs next and how its last run went."""
+    rows = schedules.listing(face().ctx)
+    lines = [f"{r['name']:<20} {r['every']:<8} {r['at']}  next {r['next_due_at']}  last "
+             f"{r['last_run_at'] or '-'}{'  (running)' if r['running'] else ''}" for r in rows]
+    emit(as_json, rows, lines or ["No backup schedules."])
+
+
+@schedule.command("remove")
+@click.argument("name")
+@json_option
+def schedule_remove(name: str, as_json: bool) -> None:
+    """Remove a schedule (its points stay in the repository)."""
+    schedules.remove(face().ctx, name)
+    emit(as_json, {"removed": name}, [f"Removed schedule {name}."])
+
+
+@backup.command("run-due")
+@json_option
+def run_due(as_json: bool) -> None:
+    """Run the schedules that are due (a missed slot runs once); for cron or systemd timers."""
+    runs = schedules.run_due(face().ctx, _reporter())
+    lines = []
+    for r in runs:
+        lines += [f"{r['schedule']}: {v['vm']}: " + (f"point {v['point']}" if v["point"]
+                                                      else f"FAILED: {v['error']}")
+                  for v in r["vms"]]
+        if r.get("error"):
+            lines.append(f"{r['schedule']}: FAILED: {r['error']}")
+    emit(as_json, runs, lines or ["Nothing is due."])
+    if any(r.get("error") or any(v["error"] for v in r["vms"]) for r in runs):
+        raise WaymarkError("some scheduled backups failed (see above).",
+                           hint="See: waymark backup schedule list")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from waymark import process
 from waymark.catalog.models import Job, Vm
 from waymark.errors import Cancelled, NotFound, WaymarkError
 from waymark.ops import bundles, compact, lookup
@@ -53,27 +53,12 @@ WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long 
 
 # --- processes --------------------------------------------------------------------------------
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None
-
-
-def _me() -> tuple[int, int | None]:
-    return os.getpid(), _start_time(os.getpid())
-
-
 def worker_alive(job: Job) -> bool:
-    return job.worker_pid is not None and job.worker_start is not None \
-        and _start_time(job.worker_pid) == job.worker_start
+    return process.alive(job.worker_pid, job.worker_start)
 
 
 def mine(job: Job) -> bool:
-    return (job.worker_pid, job.worker_start) == _me()
+    return (job.worker_pid, job.worker_start) == process.identity()
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -82,7 +67,7 @@ def submit(ctx: Context, vm_id: str | None, kind: str, params: dict[str, Any],
            *, run_here: bool) -> str:
     """A new queued job; ``run_here``: this process will run it (a waiting command)."""
     job_id = uuid.uuid4().hex
-    pid, start = _me() if run_here else (None, None)
+    pid, start = process.identity() if run_here else (None, None)
     with ctx.catalog.session() as session:
         session.add(Job(id=job_id, vm_id=vm_id, kind=kind, params=params, status="queued",
                         progress=0.0, worker_pid=pid, worker_start=start,
@@ -150,7 +135,7 @@ def _update(ctx: Context, job_id: str, **fields: Any) -> None:
 
 
 def _claim(ctx: Context, job_id: str) -> None:
-    pid, start = _me()
+    pid, start = process.identity()
     _update(ctx, job_id, status="running", worker_pid=pid, worker_start=start,
             started_at=now())
 
@@ -239,7 +224,7 @@ def merge_now(ctx: Context, job_id: str, echo: compact.Reporter | None = None) -
     if vm_row is None or vm_id is None:
         _finish(ctx, job_id, "completed", result={"merge_steps": 0})
         return
-    pid, start = _me()
+    pid, start = process.identity()
     _update(ctx, job_id, worker_pid=pid, worker_start=start)
     from waymark.ops import recovery
 
@@ -307,11 +292,11 @@ def run(ctx: Context, job_ref: str) -> dict[str, Any]:
 
 def spawn(ctx: Context, job_id: str) -> None:
     """Hand the job to a detached ``waymark job run`` worker."""
-    process = subprocess.Popen(
+    worker = subprocess.Popen(
         [sys.executable, "-m", "waymark", "--home", str(ctx.home), "job", "run", job_id],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True)
-    _update(ctx, job_id, worker_pid=process.pid, worker_start=_start_time(process.pid))
+    _update(ctx, job_id, worker_pid=worker.pid, worker_start=process.start_time(worker.pid))
 
 
 def revive(ctx: Context) -> None:

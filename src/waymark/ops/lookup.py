@@ -29,6 +29,12 @@ def vm(session: Session, ref: str) -> Vm:
     return matches[0]
 
 
+def vm_name(session: Session, vm_id: str) -> str:
+    """A VM's name, or its id when it no longer exists."""
+    row = session.get(Vm, vm_id)
+    return row.name if row is not None else vm_id
+
+
 def checkpoints(session: Session, vm_id: str) -> list[Checkpoint]:
     query = select(Checkpoint).where(Checkpoint.vm_id == vm_id)
     return list(session.scalars(query.order_by(Checkpoint.created_at, Checkpoint.id)))
