@@ -3,8 +3,10 @@ the module-scoped fixtures that build the guest once and power every VM off at t
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +116,23 @@ class Guest:
 
     def active_image(self) -> str:
         return str(self.wm.json("vm", "show", self.name)["disks"][0]["active_image"])
+
+    def qmp_command(self, command: str, **arguments: Any) -> Any:
+        """One QMP command on the running QEMU's monitor, for what the CLI does not show (run
+        it only while no Waymark command talks to the VM: the monitor takes one client)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10.0)
+            sock.connect(str(self.qmp))
+            replies = sock.makefile("rb")
+            json.loads(replies.readline())  # the greeting
+            for name, args in (("qmp_capabilities", {}), (command, arguments)):
+                sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+                reply = json.loads(replies.readline())
+                while "return" not in reply and "error" not in reply:  # an event
+                    reply = json.loads(replies.readline())
+                if "error" in reply:
+                    raise AssertionError(f"QMP {name} of {self.name}: {reply['error']}")
+            return reply["return"]
 
     # --- driving it ---------------------------------------------------------------------------
 

@@ -48,11 +48,12 @@ class MapExtent:
     depth: int
     data: bool
     zero: bool
+    present: bool = True  # allocated in some layer (false: reads as zero from nowhere)
 
     @classmethod
     def parse(cls, entry: dict[str, Any]) -> MapExtent:
         return cls(int(entry["start"]), int(entry["length"]), int(entry["depth"]),
-                   bool(entry["data"]), bool(entry["zero"]))
+                   bool(entry["data"]), bool(entry["zero"]), bool(entry.get("present", True)))
 
 
 Progress = Callable[[float], None] | None

@@ -327,11 +327,14 @@ def resolve(params: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _holds_data(path: str) -> bool:
+    """Whether QEMU wrote into the overlay: data, or zeroes and discards (which a qcow2 overlay
+    records as zero clusters of its own). When that cannot be read, assume it did: going forward
+    keeps the file, going back would delete what might be the guest's writes."""
     try:
-        return any(e.data and e.depth == 0
+        return any(e.depth == 0 and e.present and (e.data or e.zero)
                    for e in qemu_img.allocation_map(Path(path), "qcow2"))
     except WaymarkError:
-        return False
+        return Path(path).exists()
 
 
 async def _settle_qemu(run: cmdline.RunFiles, live: dict[str, Any]) -> bool:
