@@ -44,8 +44,9 @@ LOCK_POLL = 0.1
 
 
 def new_point_id() -> str:
-    """Sorts by time: ``20261130T021500Z-1a2b3c4d``."""
-    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+    """Sorts by time, to the millisecond: ``20261130T021500123Z-1a2b3c4d``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{stamp}Z-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -124,19 +125,31 @@ class Repository:
 
     # --- points -------------------------------------------------------------------------------
 
-    def points(self, vm_id: str | None = None) -> list[dict[str, Any]]:
-        """Every point's manifest (of one VM), oldest first."""
+    def _manifests(self, vm_id: str | None) -> Iterator[Path]:
         folders = [self.root / "vms" / vm_id] if vm_id else sorted((self.root / "vms").iterdir())
-        found = []
         for folder in folders:
-            for path in sorted((folder / "points").glob("*.json")):
-                try:
-                    found.append(json.loads(path.read_text()))
-                except (OSError, ValueError) as err:
-                    raise StorageError(f"the point manifest {path} is unreadable: {err}.",
-                                       hint=f"Run: waymark backup verify --repo {self.root}") \
-                        from err
+            yield from sorted((folder / "points").glob("*.json"))
+
+    def points(self, vm_id: str | None = None) -> list[dict[str, Any]]:
+        """Every readable point's manifest (of one VM), oldest first (an unreadable one is
+        left out here and reported by :meth:`unreadable`)."""
+        found = []
+        for path in self._manifests(vm_id):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
         return sorted(found, key=lambda m: (m["created_at"], m["id"]))
+
+    def unreadable(self, vm_id: str | None = None) -> list[str]:
+        """Manifests that cannot be read (damaged storage): their points are lost."""
+        bad = []
+        for path in self._manifests(vm_id):
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                bad.append(f"{self.relative(path)}: unreadable ({err})")
+        return bad
 
     def point(self, ref: str, vm_id: str | None = None) -> dict[str, Any]:
         """One point by id or id prefix; with ``vm_id`` and ``ref`` ``latest``, its newest."""
@@ -220,5 +233,5 @@ class Repository:
 
 
 def now() -> str:
-    """The time stamp manifests use (UTC, RFC 3339)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The time stamp manifests use (UTC, RFC 3339, microseconds: points sort by it)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

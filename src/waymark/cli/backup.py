@@ -9,8 +9,8 @@ import click
 
 from waymark.backups import retention, timing
 from waymark.cli.main import face
-from waymark.cli.output import StepProgress, emit, json_option
-from waymark.errors import InvalidInput, WaymarkError
+from waymark.cli.output import StepProgress, emit, fail_after, json_option
+from waymark.errors import ImageError, InvalidInput, WaymarkError
 from waymark.ops import backups, checkpoints, schedules
 from waymark.units import human
 
@@ -64,11 +64,14 @@ def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None
         lines.append(f"{o.vm}: point {s['id']} ({s['kind']}: {s['reason']}; {s['consistency']}; "
                      f"{human(s['bytes'])})")
     emit(as_json, data, lines)
-    failed = [o.vm for o in outcomes if o.error]
-    if failed:
-        raise WaymarkError(f"the backup of {', '.join(failed)} failed (see above).",
-                           hint="Fix what the message says, then run it again; the other VMs' "
-                                "points are safe.")
+    failed = [o for o in outcomes if o.failure is not None]
+    if failed:  # exit as the first failure would (73 for a full backup storage, ...)
+        first = failed[0].failure
+        assert first is not None
+        fail_after(as_json, type(first)(
+            f"the backup of {', '.join(o.vm for o in failed)} failed: {first.message}",
+            hint=first.hint or "Fix what the message says, then run it again; the other VMs' "
+                               "points are safe."))
 
 
 @backup.command("list")
@@ -97,9 +100,9 @@ def verify(vm_ref: str | None, repo: Path, point_ref: str | None, as_json: bool)
     emit(as_json, rows, lines or ["No backup points."])
     damaged = [r["id"] for r in rows if r["problems"]]
     if damaged:
-        raise WaymarkError(f"{len(damaged)} point(s) are damaged: {', '.join(damaged)}.",
-                           hint="Do not restore them; take a new backup, or restore another "
-                                "point.")
+        fail_after(as_json, ImageError(
+            f"{len(damaged)} point(s) are damaged: {', '.join(damaged)}.",
+            hint="Do not restore them; take a new backup, or restore another point."))
 
 
 @backup.command("restore")
@@ -242,5 +245,5 @@ def run_due(as_json: bool) -> None:
             lines.append(f"{r['schedule']}: FAILED: {r['error']}")
     emit(as_json, runs, lines or ["Nothing is due."])
     if any(r.get("error") or any(v["error"] for v in r["vms"]) for r in runs):
-        raise WaymarkError("some scheduled backups failed (see above).",
-                           hint="See: waymark backup schedule list")
+        fail_after(as_json, WaymarkError("some scheduled backups failed (see above).",
+                                         hint="See: waymark backup schedule list"))

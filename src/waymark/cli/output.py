@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+
+from waymark.errors import WaymarkError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,3 +63,12 @@ def fraction_progress(what: str) -> Callable[[float], None]:
     """A one-step progress line (``exporting  43%``) for a qemu-img copy."""
     line = StepProgress()
     return lambda fraction: line(1, 1, what, fraction)
+
+
+def fail_after(as_json: bool, err: WaymarkError) -> NoReturn:
+    """End a command that already emitted its result with the failure's exit code; with
+    ``--json`` stdout stays one JSON document (the message goes to stderr only)."""
+    if as_json:
+        click.echo(f"error: {err.message}", err=True)
+        sys.exit(err.exit_code)
+    raise err

@@ -34,6 +34,8 @@ def before_boot(ctx: Context, vm_id: str) -> str | None:
         vm_row = session.get_one(Vm, vm_id)
         if not vm_row.automatic_checkpoints:
             return None
+        # one from an earlier run that was kept (a crash, a forced stop) is the user's now
+        vm_row.automatic_checkpoint_id = None
         name, count, limit = vm_row.name, lookup.checkpoint_count(session, vm_id), \
             vm_row.max_checkpoints
         disabled = vm_row.checkpoint_type == "disabled"

@@ -54,7 +54,11 @@ def init_repo(path: Path) -> Path:
 class Outcome:
     vm: str
     point: dict[str, Any] | None = None
-    error: str | None = None
+    failure: WaymarkError | None = None
+
+    @property
+    def error(self) -> str | None:
+        return None if self.failure is None else self.failure.message
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def run(ctx: Context, vm_refs: list[str], repo_path: Path, report: Report = None
             try:
                 outcomes.append(Outcome(ref, point=_backup(ctx, repo, ref, report)))
             except WaymarkError as err:
-                outcomes.append(Outcome(ref, error=err.message))
+                outcomes.append(Outcome(ref, failure=err))
     return outcomes
 
 
@@ -249,8 +253,12 @@ def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = N
     repo = Repository.open(repo_path)
     vm_id = _repo_vm(repo, vm_ref) if vm_ref else None
     points = [repo.point(point_ref, vm_id)] if point_ref else repo.points(vm_id)
-    return [{"id": p["id"], "vm_name": p["vm"]["name"], "problems": repo.problems(p)}
+    rows = [{"id": p["id"], "vm_name": p["vm"]["name"], "problems": repo.problems(p)}
             for p in points]
+    if point_ref is None:
+        rows += [{"id": bad.split(":")[0], "vm_name": None, "problems": [bad]}
+                 for bad in repo.unreadable(vm_id)]
+    return rows
 
 
 # --- retention --------------------------------------------------------------------------------
@@ -326,8 +334,10 @@ def restore(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | None,
                            hint=f"Stop it first: waymark vm stop {name}"
                                 + (" --force (discards its saved state)" if state == "saved"
                                    else ""))
-        safety = checkpoints.create_locked(ctx, vm_id, None, None) \
-            if mode is checkpoints.ApplyMode.CHECKPOINT_FIRST else None
+        first = mode is checkpoints.ApplyMode.CHECKPOINT_FIRST
+        with ctx.catalog.session() as session:  # room for both, before anything changes
+            checkpoints.require_room(session, session.get_one(Vm, vm_id), 2 if first else 1)
+        safety = checkpoints.create_locked(ctx, vm_id, None, None) if first else None
         params, steps = _plan_restore(ctx, repo, vm_id, point)
         ctx.journal.run(vm_id, "backup_restore", params, steps,
                         _progress(report, "restoring"))

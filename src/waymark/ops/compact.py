@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import planner
 from waymark.errors import Cancelled
-from waymark.ops import journal, lookup, merges
+from waymark.ops import journal, liveness, lookup, merges
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.qemu import cmdline
@@ -94,9 +94,12 @@ def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[di
         else:
             first = {"op": "commit", "top": child.path, "base": image.path}
         first["abandonable"] = True  # a partial commit: only K's chain reads U, through K
-        return [first] + [  # QEMU relinks the child in its chain itself
-            {"op": "rebase", "path": g.path, "backing": image.path, "backing_fmt": image.format,
-             "unsafe": True} for g in grandchildren if not (live and g.id in live.chains)]
+        return [first] + [
+            # a child QEMU has open is relinked by QEMU's commit (by qemu-img if QEMU is gone)
+            merges.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
+            else {"op": "rebase", "path": g.path, "backing": image.path,
+                  "backing_fmt": image.format, "unsafe": True}
+            for g in grandchildren]
     base = session.get(Image, image.parent_id) if image.parent_id else None
     if live and root:
         pull = merges.stream_step(live.run, live.name, into=child, gone=image, base=base)
@@ -115,6 +118,9 @@ def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
             return True, None
         name = vm_row.name
     run = RunFiles(ctx.vm_folder(vm_id) / "run")
+    if liveness.find(run) is None:  # QEMU died (mid-merge, maybe): the files are free now
+        liveness.reconcile(ctx, vm_id)
+        return True, None
     if not merges.usable(run, name):
         return False, None
     with ctx.catalog.session() as session:
@@ -167,17 +173,17 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
         log.info("compaction: %s", what)
         number = taken + 1
         progress = None if report is None else partial(report, number, total, what)
-        if progress is not None:
-            progress(0.0)
         # a merge only removes or merges what nothing needs: always finished, never undone,
         # except that a cancelled job abandons it mid-copy (see ``abandonable``)
         try:
+            if progress is not None:
+                progress(0.0)
             ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
+            if progress is not None:
+                progress(1.0)
         except Cancelled:
             _unmark(ctx, vm_id)  # the rest waits for the next delete or check --repair
             raise
-        if progress is not None:
-            progress(1.0)
         taken = number
     _unmark(ctx, vm_id)
     return taken

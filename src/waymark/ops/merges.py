@@ -30,6 +30,7 @@ Progress is the job's ``current-progress / total-progress``. A progress callback
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from waymark.images import qemu_img
 from waymark.ops import executor, liveness
 from waymark.qemu import blockjobs, cmdline, qmp
 
+log = logging.getLogger(__name__)
 Progress = Callable[[float], None] | None
 
 
@@ -80,6 +82,13 @@ def stream_step(run: cmdline.RunFiles, name: str, *, into: Any, gone: Any,
             "job": f"wm-stream-{into.id[:12]}"}
 
 
+def relink_step(run: cmdline.RunFiles, name: str, child: Any, base: Any) -> executor.Step:
+    """``child`` (in a live chain) now backed by ``base``: QEMU's commit already wrote the link
+    when QEMU runs; when it is gone the commit was redone by qemu-img, and so is this."""
+    return {"op": "qmp_relink", "run": str(run.folder), "name": name, "path": child.path,
+            "backing": base.path, "backing_fmt": base.format}
+
+
 def release_step(run: cmdline.RunFiles, name: str, image_id: str) -> executor.Step:
     return {"op": "qmp_release", "run": str(run.folder), "name": name,
             "node": cmdline.node_name(image_id)}
@@ -90,30 +99,57 @@ def _qemu(step: executor.Step) -> tuple[cmdline.RunFiles, str] | None:
     return (run, step["name"]) if liveness.find(run) is not None else None
 
 
-def _commit(step: executor.Step, on_progress: Progress) -> None:
+def _live_or_offline(step: executor.Step, live: Callable[[cmdline.RunFiles, str], None],
+                     offline: Callable[[], None]) -> None:
+    """The step through QEMU; with qemu-img when QEMU is gone, also when it dies midway (a
+    half-done job changed nothing any chain reads)."""
     found = _qemu(step)
-    if found is None:
-        qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
-        durable.fsync_file(Path(step["base"]))
-        return
+    if found is not None:
+        try:
+            live(*found)
+            return
+        except ToolError:
+            if _qemu(step) is not None:
+                raise
+            log.warning("QEMU of %s died during a merge: finishing it with qemu-img", found[1])
+    offline()
+
+
+def _commit(step: executor.Step, on_progress: Progress) -> None:
     arguments = {"device": step["root"], "base-node": step["base_node"], "auto-dismiss": False}
     if not step["active"]:
         arguments["top-node"] = step["top_node"]
-    qmp.run_sync(_job(*found, step["job"], "block-commit", arguments, step["top"], on_progress))
+
+    def offline() -> None:
+        qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
+        durable.fsync_file(Path(step["base"]))
+
+    _live_or_offline(step, lambda run, name: qmp.run_sync(_job(
+        run, name, step["job"], "block-commit", arguments, step["top"], on_progress)), offline)
 
 
 def _stream(step: executor.Step, on_progress: Progress) -> None:
-    found = _qemu(step)
-    if found is None:
+    arguments: dict[str, Any] = {"device": step["node"], "auto-dismiss": False}
+    if step["base_node"]:
+        arguments["base-node"] = step["base_node"]
+
+    def offline() -> None:
         backing = Path(step["backing"]) if step["backing"] else None
         qemu_img.rebase(Path(step["path"]), backing, step["backing_fmt"], unsafe=False,
                         on_progress=on_progress)
         durable.fsync_file(Path(step["path"]))
-        return
-    arguments: dict[str, Any] = {"device": step["node"], "auto-dismiss": False}
-    if step["base_node"]:
-        arguments["base-node"] = step["base_node"]
-    qmp.run_sync(_job(*found, step["job"], "block-stream", arguments, step["gone"], on_progress))
+
+    _live_or_offline(step, lambda run, name: qmp.run_sync(_job(
+        run, name, step["job"], "block-stream", arguments, step["gone"], on_progress)), offline)
+
+
+def _relink(step: executor.Step, on_progress: Progress) -> None:
+    def offline() -> None:
+        qemu_img.rebase(Path(step["path"]), Path(step["backing"]), step["backing_fmt"],
+                        unsafe=True)
+        durable.fsync_file(Path(step["path"]))
+
+    _live_or_offline(step, lambda run, name: None, offline)
 
 
 def _release(step: executor.Step, on_progress: Progress) -> None:
@@ -127,7 +163,8 @@ async def _blockdev_del(run: cmdline.RunFiles, name: str, node: str) -> None:
         await blockjobs.delete_nodes(machine, [node])
 
 
-executor.LIVE_OPS.update(qmp_commit=_commit, qmp_stream=_stream, qmp_release=_release)
+executor.LIVE_OPS.update(qmp_commit=_commit, qmp_stream=_stream, qmp_relink=_relink,
+                         qmp_release=_release)
 
 
 # --- QEMU's block jobs ------------------------------------------------------------------------
