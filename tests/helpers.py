@@ -10,6 +10,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,3 +95,17 @@ def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return con.execute(sql, args).fetchall()
     finally:
         con.close()
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted on ``folder`` (a full file system on demand), unmounted after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                   check=True)
+    try:
+        yield folder
+    finally:
+        done = subprocess.run(["umount", str(folder)], check=False, capture_output=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=True)

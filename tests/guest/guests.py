@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ BOOT_TIMEOUT = 60.0  # TCG on a busy 2-core machine; a boot normally takes a few
 READY_RE = re.compile(r"^READY [0-9a-f-]{36}$", re.MULTILINE)
 COUNTER_RE = re.compile(r"^COUNTER (\d+)$", re.MULTILINE)
 LIVE = ("running", "paused")
+STARTED = "--- waymark: starting"  # what Waymark writes into the serial log at each start
 
 T = TypeVar("T")
 
@@ -186,3 +188,38 @@ def create(wm: Waymark, name: str, image: dict[str, str], **paths: str) -> Guest
     wm("vm", "create", name, "--kernel", files["kernel"], "--initrd", files["initrd"],
        "--disk", files["disk"], "--memory", "256M", "--append", files["append"])
     return Guest(wm, name)
+
+
+# --- a guest's data disk, read offline --------------------------------------------------------
+
+def flatten(image: str, dest: Path) -> Path:
+    """The disk as the guest sees it (its whole backing chain) as a raw file; ``-U`` because a
+    running QEMU may hold the chain locked (a frozen image never changes)."""
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, str(dest)], check=True,
+                   capture_output=True)
+    return dest
+
+
+def fs_features(raw: Path) -> list[str]:
+    out = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True,
+                         check=True).stdout
+    found = re.search(r"^Filesystem features:\s+(.*)$", out, re.MULTILINE)
+    assert found, out
+    return found.group(1).split()
+
+
+def log_lines(raw: Path) -> list[str]:
+    """The lines of the guest's /data/log.txt in a flattened copy, its journal replayed first
+    (e2fsck changes the copy only)."""
+    fsck = subprocess.run(["e2fsck", "-fy", str(raw)], capture_output=True, text=True,
+                          check=False)
+    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr
+    log = subprocess.run(["debugfs", "-R", "cat /log.txt", str(raw)], capture_output=True,
+                         text=True, check=True).stdout
+    assert log.endswith("\n"), repr(log[-200:])
+    return log.splitlines()
+
+
+def numbered(lines: list[str]) -> bool:
+    """``LINE 1`` to ``LINE N``: no gap, no duplicate."""
+    return lines == [f"LINE {n}" for n in range(1, len(lines) + 1)]

@@ -15,18 +15,26 @@ the guest never stops counting, and no checkpoint appears.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.guest.guests import Guest, assert_clear_error, counters, create, readies, wait_for
+from tests.guest.guests import (
+    STARTED,
+    Guest,
+    assert_clear_error,
+    counters,
+    create,
+    flatten,
+    fs_features,
+    log_lines,
+    numbered,
+    readies,
+    wait_for,
+)
 from tests.helpers import Waymark
-
-STARTED = "--- waymark: starting"  # what Waymark writes into the serial log at each start
 
 
 @pytest.fixture(scope="module")
@@ -87,41 +95,10 @@ def assert_backed_up_whole(guest: Guest, repo: Path) -> None:
         assert not [n for n in nodes if n.startswith("wb")], nodes
 
 
-def flatten(image: str, dest: Path) -> Path:
-    """The disk as the guest sees it (its whole chain) as a raw file."""
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, str(dest)], check=True,
-                   capture_output=True)
-    return dest
-
-
-def fs_features(raw: Path) -> list[str]:
-    out = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True,
-                         check=True).stdout
-    found = re.search(r"^Filesystem features:\s+(.*)$", out, re.MULTILINE)
-    assert found, out
-    return found.group(1).split()
-
-
-def log_lines(raw: Path) -> list[str]:
-    """The lines of the guest's /data/log.txt in a flattened copy (e2fsck changes the copy)."""
-    fsck = subprocess.run(["e2fsck", "-fy", str(raw)], capture_output=True, text=True,
-                          check=False)
-    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr
-    log = subprocess.run(["debugfs", "-R", "cat /log.txt", str(raw)], capture_output=True,
-                         text=True, check=True).stdout
-    assert log.endswith("\n"), repr(log[-200:])
-    return log.splitlines()
-
-
 def point_raw(repo: Path, point: dict[str, Any], dest: Path) -> Path:
     """The point's disk, restored with stock qemu-img, as a raw file."""
     (disk,) = point["disks"]
     return flatten(str(repo / disk["file"]), dest)
-
-
-def numbered(lines: list[str]) -> bool:
-    """``LINE 1`` to ``LINE N``: no gap, no duplicate."""
-    return lines == [f"LINE {n}" for n in range(1, len(lines) + 1)]
 
 
 def kept_running(guest: Guest, mark: int, above: int) -> list[int]:

@@ -16,9 +16,7 @@ multiple of five (the append blocks).
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,20 @@ from typing import Any
 import pytest
 
 from tests.guest.guests import (
+    STARTED,
     Guest,
     assert_clear_error,
     counters,
     create,
+    flatten,
+    fs_features,
+    log_lines,
+    numbered,
     processes_naming,
     readies,
     wait_for,
 )
 from tests.helpers import Waymark
-
-STARTED = "--- waymark: starting"  # what Waymark writes into the serial log at each start
 
 
 @pytest.fixture(scope="module")
@@ -102,39 +103,6 @@ def resumes_at(text: str) -> int:
 
 def consecutive(seen: list[int]) -> bool:
     return seen == list(range(seen[0], seen[0] + len(seen)))
-
-
-def flatten(image: str, dest: Path) -> Path:
-    """The disk as the guest sees it (its whole backing chain) as a raw file; ``-U`` because a
-    running QEMU may hold the chain locked (a frozen image never changes)."""
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, str(dest)], check=True,
-                   capture_output=True)
-    return dest
-
-
-def fs_features(raw: Path) -> list[str]:
-    out = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True,
-                         check=True).stdout
-    found = re.search(r"^Filesystem features:\s+(.*)$", out, re.MULTILINE)
-    assert found, out
-    return found.group(1).split()
-
-
-def log_lines(raw: Path) -> list[str]:
-    """The lines of the guest's /data/log.txt in a flattened copy, its journal replayed first
-    (e2fsck changes the copy only)."""
-    fsck = subprocess.run(["e2fsck", "-fy", str(raw)], capture_output=True, text=True,
-                          check=False)
-    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr
-    log = subprocess.run(["debugfs", "-R", "cat /log.txt", str(raw)], capture_output=True,
-                         text=True, check=True).stdout
-    assert log.endswith("\n"), repr(log[-200:])
-    return log.splitlines()
-
-
-def numbered(lines: list[str]) -> bool:
-    """``LINE 1`` to ``LINE N``: no gap, no duplicate."""
-    return lines == [f"LINE {n}" for n in range(1, len(lines) + 1)]
 
 
 def disk_lines(image: str, tmp: Path, name: str) -> list[str]:

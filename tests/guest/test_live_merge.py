@@ -181,18 +181,7 @@ def assert_only_live_steps(steps: list[dict[str, Any]]) -> None:
 
 def qmp(vm: Guest, command: str, **arguments: Any) -> Any:
     """One QMP command on the VM's monitor (only while no Waymark command is connected)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(15.0)
-        sock.connect(str(vm.qmp))
-        replies = sock.makefile("rb")
-        json.loads(replies.readline())  # the greeting
-        for name, args in (("qmp_capabilities", {}), (command, arguments)):
-            sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-            reply = json.loads(replies.readline())
-            while "return" not in reply and "error" not in reply:  # an event
-                reply = json.loads(replies.readline())
-            assert "error" not in reply, f"QMP {name}: {reply['error']}"
-        return reply["return"]
+    return vm.qmp_command(command, **arguments)
 
 
 def qemu_chains(vm: Guest) -> list[list[str]]:

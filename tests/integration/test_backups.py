@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Result, Waymark, content_sha256, file_sha256, qemu_io_write, query
+from tests.helpers import Result, Waymark, content_sha256, file_sha256, qemu_io_write, query, tmpfs
 
 KIB, MIB = 1 << 10, 1 << 20
 EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_IMAGE, EXIT_STORAGE = 2, 3, 5, 8, 73
@@ -641,15 +641,8 @@ def _copying_big(repo: Path, earlier: list[dict[str, Any]]) -> bool:
 @pytest.fixture
 def small_repo(tmp_path: Path) -> Iterator[Path]:
     """A folder on a 20 MiB tmpfs (unmounted at the end)."""
-    mount = tmp_path / "usb"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "usb", "20m") as mount:
         yield mount / "repo"
-    finally:
-        done = subprocess.run(["umount", str(mount)], check=False, capture_output=True)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def free_bytes(path: Path) -> int:

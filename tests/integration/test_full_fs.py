@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query, tmpfs
 
 KIB, MIB = 1 << 10, 1 << 20
 VM = "tight"
@@ -24,15 +24,8 @@ VM = "tight"
 
 @pytest.fixture
 def small_home(tmp_path: Path) -> Iterator[Waymark]:
-    home = tmp_path / "home"
-    home.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(home)], check=True)
-    try:
+    with tmpfs(tmp_path / "home", "24m") as home:
         yield Waymark(home)
-    finally:
-        done = subprocess.run(["umount", str(home)], check=False, capture_output=True)
-        if done.returncode != 0:
-            subprocess.run(["umount", "-l", str(home)], check=True)
 
 
 def active_path(home: Path) -> str:

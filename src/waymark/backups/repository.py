@@ -21,19 +21,17 @@ what a killed run left; the next run removes them under the lock.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable
+from waymark import durable, filelock
 from waymark.errors import Ambiguous, Busy, Conflict, NotFound, StorageError, WaymarkError
 from waymark.images import qemu_img
 
@@ -93,24 +91,11 @@ class Repository:
                            hint="Use a Waymark version that knows it.")
         return cls(path)
 
-    @contextmanager
-    def locked(self, timeout: float) -> Iterator[None]:
+    def locked(self, timeout: float) -> AbstractContextManager[None]:
         """Hold the repository's lock; Busy after ``timeout`` seconds."""
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise Busy(f"another backup run holds the repository {self.root}.",
-                                   hint="Retry when it finishes.") from None
-                    time.sleep(LOCK_POLL)
-            yield
-        finally:
-            os.close(fd)
+        return filelock.held(self.root / "lock", timeout=timeout, busy=lambda: Busy(
+            f"another backup run holds the repository {self.root}.",
+            hint="Retry when it finishes."))
 
     # --- paths --------------------------------------------------------------------------------
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+from waymark import filelock
 from waymark.errors import Busy
 
 _POLL = 0.05
@@ -25,27 +24,12 @@ def _lock_path(home: Path, key: str) -> Path:
     return folder / f"{key}.lock"
 
 
-@contextmanager
-def held(home: Path, key: str, *, timeout: float, label: str) -> Iterator[None]:
+def held(home: Path, key: str, *, timeout: float, label: str
+         ) -> AbstractContextManager[None]:
     """Hold the lock ``key``; wait up to ``timeout`` seconds, then raise Busy."""
-    fd = os.open(_lock_path(home, key), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise Busy(
-                        f"{label} is busy: another waymark command has held it for "
-                        f"{timeout:g} s.",
-                        hint="Retry when it finishes (or raise WAYMARK_LOCK_TIMEOUT).",
-                    ) from None
-                time.sleep(_POLL)
-        yield
-    finally:
-        os.close(fd)
+    return filelock.held(_lock_path(home, key), timeout=timeout, busy=lambda: Busy(
+        f"{label} is busy: another waymark command has held it for {timeout:g} s.",
+        hint="Retry when it finishes (or raise WAYMARK_LOCK_TIMEOUT)."))
 
 
 def try_hold(home: Path, key: str) -> int | None:
