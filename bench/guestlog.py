@@ -1,5 +1,5 @@
 """The test guest's serial log as the benchmarks read it (shared by bench/runtime.py and
-bench/live.py)."""
+bench/harness.py, the base of bench/live.py, bench/merge.py and bench/backup.py)."""
 
 from __future__ import annotations
 

@@ -40,36 +40,32 @@ homes go to a temporary folder in $BENCH_DIR (default /var/tmp). Every VM is pow
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import signal
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
-from guestlog import SerialLog
+from harness import (
+    READY,
+    VM,
+    Guest,
+    Home,
+    Row,
+    drop_cached,
+    median,
+    mib,
+    reporter,
+    row,
+    scratch_root,
+    seconds,
+    sh,
+    table,
+    test_guest_image,
+    timed,
+)
 from libvirt_ref import available, libvirt_snapshot_pause
 
 from waymark.guest.build import GuestImage
 
-T = TypeVar("T")
-
-WAYMARK = [sys.executable, "-m", "waymark"]
-GUEST_DIR = os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest")
-VM = "b"
-READY = re.compile(rb"^READY [0-9a-f-]{36}\r?$", re.MULTILINE)
-BOOT_TIMEOUT = 180.0  # TCG on a shared, noisy machine
-COMMAND_TIMEOUT = 900.0
-SETTLE_COUNTER = 10  # as bench/runtime.py and bench/libvirt_ref.py
 DD_MIB = 512
 DISK_SIZES = ("1G", "100G")
 PAUSE_TARGET = 0.5  # ours / reference
@@ -80,122 +76,24 @@ DISK_ONLY_FACTOR = 3  # applies of a disk-only checkpoint are cheap and noisy: 3
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def sh(*argv: str, env: dict[str, str] | None = None) -> str:
-    """stdout of ``argv``; a RuntimeError with its stderr when it fails."""
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False,
-                          timeout=COMMAND_TIMEOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
-                           f"{done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
-
-def timed(fn: Callable[[], T]) -> tuple[float, T]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no {what} within {timeout:g} s")
-        time.sleep(0.05)
-
-
-def progress(message: str) -> None:
-    print(f"[live] {message}", file=sys.stderr, flush=True)
+progress = reporter("live")
 
 
 def dd_write_bandwidth(folder: Path) -> float:
     """Bytes per second of a direct 512 MiB write into ``folder``."""
     target = folder / "dd-bench.tmp"
     try:
-        seconds, _ = timed(lambda: sh("dd", "if=/dev/zero", f"of={target}", "bs=1M",
-                                      f"count={DD_MIB}", "oflag=direct"))
-        return DD_MIB * 2**20 / seconds
+        took, _ = timed(lambda: sh("dd", "if=/dev/zero", f"of={target}", "bs=1M",
+                                   f"count={DD_MIB}", "oflag=direct"))
+        return DD_MIB * 2**20 / took
     finally:
         target.unlink(missing_ok=True)
 
 
 def dd_read_bandwidth(path: Path) -> float:
     """Bytes per second of a direct (page cache bypassed) read of the whole file."""
-    seconds, _ = timed(lambda: sh("dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct"))
-    return path.stat().st_size / seconds
-
-
-def drop_cached(path: Path) -> None:
-    """Evict ``path``'s clean pages from the page cache (that file only)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def median(values: Iterable[float]) -> float:
-    return statistics.median(values)
-
-
-# --- a Waymark home and the test guest -------------------------------------------------------
-
-class Home:
-    """A Waymark home; :meth:`close` powers off every VM made in it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("WAYMARK_")},
-                    "WAYMARK_HOME": str(path)}
-        self.vms: list[str] = []
-
-    def wm(self, *args: str) -> str:
-        return sh(*WAYMARK, *args, env=self.env)
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.wm(*args, "--json"))
-
-    def create_vm(self, name: str, image: dict[str, Any], *options: str) -> None:
-        self.vms.append(name)
-        self.wm("vm", "create", name, "--kernel", image["kernel"], "--initrd", image["initrd"],
-                "--append", image["append"], *options)
-
-    def stop(self, name: str) -> None:
-        """``vm stop --force``: powers off a live VM, discards a saved state; no error if off."""
-        subprocess.run([*WAYMARK, "vm", "stop", name, "--force"], env=self.env,
-                       capture_output=True, check=False, timeout=COMMAND_TIMEOUT)
-
-    def close(self) -> None:
-        for name in self.vms:
-            self.stop(name)
-
-
-class Guest(SerialLog):
-    """The test guest as VM ``b`` of ``home``, with ``memory`` of memory."""
-
-    def __init__(self, home: Home, memory: str, image: dict[str, Any]) -> None:
-        self.home = home
-        home.create_vm(VM, image, "--disk", image["disk"], "--memory", memory)
-        self.memory_mib = int(home.json("vm", "show", VM)["memory_mib"])
-        self.serial = Path(home.json("vm", "status", VM)["serial_log"])
-        self.accelerator = "?"
-
-    def wait_counting(self, above: int, mark: int = 0, timeout: float = 60.0) -> None:
-        wait_for(f"COUNTER above {above}", lambda: self.last_counter(mark) > above, timeout)
-
-    def boot(self) -> None:
-        mark = self.mark()
-        self.accelerator = self.home.json("vm", "start", VM)["accelerator"]
-        wait_for("READY", lambda: READY.search(self.log(mark)) is not None, BOOT_TIMEOUT)
-        self.wait_counting(SETTLE_COUNTER - 1, mark)
-
-    def wait_agent(self) -> None:
-        wait_for("guest agent", lambda: bool(self.home.json("vm", "status", VM)["agent"]),
-                 BOOT_TIMEOUT)
-
-    def stop(self) -> None:
-        self.home.stop(VM)
+    took, _ = timed(lambda: sh("dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct"))
+    return path.stat().st_size / took
 
 
 # --- the measurements ------------------------------------------------------------------------
@@ -335,28 +233,6 @@ def bench_disk_only(root: Path, image: dict[str, Any], runs: int) -> dict[str, l
 
 # --- the table -------------------------------------------------------------------------------
 
-Row = tuple[str, str, str, str, str, str, str, str]
-HEADER: Row = ("measure", "guest", "ours", "ours min-max", "reference", "ratio", "target",
-               "result")
-
-
-def seconds(value: float) -> str:
-    return f"{value * 1000:.0f} ms" if value < 1.0 else f"{value:.2f} s"
-
-
-def mib(value: float) -> str:
-    return f"{value / 2**20:.0f} MiB"
-
-
-def row(measure: str, guest: str, values: list[float], reference: str = "-",
-        ratio: float | None = None, target: str = "-", ok: bool | None = None,
-        fmt: Callable[[float], str] = seconds) -> Row:
-    """One line: the median of ``values`` (ours), their range, the reference and the ratio."""
-    return (measure, guest, fmt(median(values)), f"{fmt(min(values))}-{fmt(max(values))}",
-            reference, "-" if ratio is None else f"{ratio:.2f}", target,
-            "" if ok is None else "PASS" if ok else "FAIL")
-
-
 def pause_row(r: SizeResult) -> Row:
     pauses = [s.pause for s in r.standard]
     if r.reference is None:
@@ -407,15 +283,6 @@ def disk_only_row(walls: dict[str, list[float]]) -> Row:
                low <= ratio <= high)
 
 
-def table(rows: list[Row]) -> str:
-    grid = [HEADER, *rows]
-    widths = [max(len(line[i]) for line in grid) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-             for line in grid]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def report(results: list[SizeResult], disk_walls: dict[str, list[float]], runs: int) -> None:
     rows = [line for r in results for line in standard_rows(r)]
     rows += [line for r in results for line in production_rows(r)]
@@ -429,19 +296,6 @@ def report(results: list[SizeResult], disk_walls: dict[str, list[float]], runs: 
 
 
 # --- command line ----------------------------------------------------------------------------
-
-@contextmanager
-def exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises SystemExit, so the clean-up in ``finally`` blocks runs."""
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
 
 def libvirt_usable(wanted: bool) -> bool:
     if not wanted:
@@ -462,10 +316,8 @@ def main() -> None:
                         help="Compare the pause with state size / dd write bandwidth instead.")
     args = parser.parse_args()
     use_libvirt = libvirt_usable(not args.no_libvirt)
-    image = json.loads(sh(*WAYMARK, "guest", "build", "--dest", GUEST_DIR, "--json"))
-    with exit_on_sigterm(), \
-            tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        root = Path(tmp)
+    image = test_guest_image()
+    with scratch_root() as root:
         results = [bench_size(root, size, image, args.runs, use_libvirt)
                    for size in args.sizes.split(",")]
         disk_walls = bench_disk_only(root, image, args.runs)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Waymark tour (make demo): a real guest booted, saved, resumed and checkpointed live; then
-# two checkpoints, a failed "upgrade", going back, deleting, exporting, and back to running. Real QEMU, qcow2 images and qemu-io; a
+# two checkpoints, a failed "upgrade", going back, deleting, exporting, a backup and its restore as
+# a new VM, and back to running. Real QEMU, qcow2 images and qemu-io; a
 # throwaway home folder unless DEMO_HOME is set; the guest is cached in GUEST_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,11 @@ wm checkpoint delete demo 'Experiment*' --yes   # their disk layers are merged a
 wm checkpoint export demo "after upgrade" "$WAYMARK_HOME/export-after-upgrade"
 wm vm import "$WAYMARK_HOME/export-after-upgrade" --name demo-clone
 wm vm list
+wm backup repo init "$WAYMARK_HOME/usb-backups"     # stands for a folder on external storage
+wm backup run demo demo-clone --repo "$WAYMARK_HOME/usb-backups"
+wm backup list --repo "$WAYMARK_HOME/usb-backups"
+wm backup verify --repo "$WAYMARK_HOME/usb-backups"
+wm backup restore demo --repo "$WAYMARK_HOME/usb-backups" --as-new demo-restored
 wm checkpoint apply demo "live, with memory" --discard-current --start  # running where it was
 wm vm status demo
 wm vm stop demo --force

@@ -40,8 +40,15 @@ def repo_init(path: Path, as_json: bool) -> None:
 
 
 def _reporter() -> backups.Report:
-    line = StepProgress()
-    return lambda what, fraction: line(1, 1, what, fraction)
+    """A progress line per disk (``[2/2] disk 1a2b3c  40%``): each new disk is one more step."""
+    line, seen = StepProgress(), []
+
+    def report(what: str, fraction: float) -> None:
+        if what not in seen:
+            seen.append(what)
+        line(seen.index(what) + 1, len(seen), what, fraction)
+
+    return report
 
 
 @backup.command("run")
