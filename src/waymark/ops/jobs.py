@@ -29,6 +29,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,24 @@ PROGRESS_EVERY = 0.1
 UNFINISHED = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled")
 WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long as it takes
+WORKERLESS_GRACE = 60.0  # a --no-wait command starts its worker within milliseconds
 
 
 # --- processes --------------------------------------------------------------------------------
 
 def worker_alive(job: Job) -> bool:
     return process.alive(job.worker_pid, job.worker_start)
+
+
+def orphaned(job: Job) -> bool:
+    """Unfinished with nobody running it: its process died, or (a ``--no-wait`` command killed
+    before it started the worker) it never had one for :data:`WORKERLESS_GRACE` seconds."""
+    if job.status not in UNFINISHED:
+        return False
+    if job.worker_pid is None:
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        return (now() - created).total_seconds() > WORKERLESS_GRACE
+    return not worker_alive(job)
 
 
 def mine(job: Job) -> bool:
@@ -92,8 +105,8 @@ def show(ctx: Context, ref: str) -> dict[str, Any]:
 def describe(session: Session, job: Job) -> dict[str, Any]:
     vm_row = session.get(Vm, job.vm_id) if job.vm_id else None
     state = job.status
-    if state in UNFINISHED and job.worker_pid is not None and not worker_alive(job):
-        state = f"{state} (its process died; the next command on the VM carries it on)"
+    if orphaned(job):
+        state = f"{state} (nobody runs it; the next command on the VM carries it on)"
     return {"id": job.id, "kind": job.kind, "vm_id": job.vm_id,
             "vm_name": vm_row.name if vm_row else None, "status": job.status,
             "state": state, "progress": round(job.progress, 4), "step": job.step,
@@ -304,8 +317,7 @@ def revive(ctx: Context) -> None:
     command on their VM)."""
     with ctx.catalog.session() as session:
         dead = [j.id for j in session.scalars(select(Job).where(
-            Job.kind == "export", Job.status.in_(UNFINISHED), Job.worker_pid.is_not(None)))
-            if not worker_alive(j)]
+            Job.kind == "export", Job.status.in_(UNFINISHED))) if orphaned(j)]
     for job_id in dead:
         log.info("restarting export job %s: its worker died", job_id)
         spawn(ctx, job_id)
@@ -341,8 +353,7 @@ def _carry_on_if_orphaned(ctx: Context, job_ref: str) -> None:
     """A job whose process died is carried on by the one waiting for it."""
     with ctx.catalog.session() as session:
         job = find(session, job_ref)
-        orphan = job.status in UNFINISHED and job.worker_pid is not None \
-            and not worker_alive(job)
+        orphan = orphaned(job)
         job_id, kind = job.id, job.kind
     if orphan:
         log.info("carrying on job %s: its process died", job_id)
