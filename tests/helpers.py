@@ -109,3 +109,10 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
         done = subprocess.run(["umount", str(folder)], check=False, capture_output=True)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def own_bytes(path: Path) -> int:
+    """The guest bytes a qcow2 file holds itself (not through its backing file)."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-U", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["present"])

@@ -93,3 +93,13 @@ class Cancelled(WaymarkError):
 
     exit_code = 10
     http_status = 409
+
+
+def tool_failed(message: str) -> WaymarkError:
+    """The error for a failed tool or QEMU job: a full file system is a StorageError (exit 73)
+    with what to do, anything else a ToolError."""
+    if "No space left on device" in message:
+        return StorageError(message, hint="Free space on that file system, then run the "
+                                          "command again: nothing was lost and it resumes "
+                                          "where it stopped.")
+    return ToolError(message)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from waymark.errors import StorageError, ToolError, ToolMissing
+from waymark.errors import ToolError, ToolMissing, tool_failed
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # Debian package that ships each program we run, named in ToolMissing errors.
-PACKAGES = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
+PACKAGES = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
+            "qemu-storage-daemon": "qemu-system-common"}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -67,6 +68,18 @@ def run(argv: Sequence[str], *, what: str) -> Completed:
     return _checked(Completed(tuple(argv), proc.stdout, proc.stderr), proc.returncode, what)
 
 
+def start(argv: Sequence[str], *, what: str) -> subprocess.Popen[bytes]:
+    """Start a long-lived helper (its stderr piped, for the error message); it dies with us."""
+    argv = (which(argv[0]), *argv[1:])
+    log.debug("start: %s", " ".join(argv))
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=_env(),
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509
+    except OSError as err:
+        raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
+
+
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -106,11 +119,7 @@ def _checked(done: Completed, returncode: int, what: str) -> Completed:
     if returncode == 0:
         return done
     detail = done.stderr.strip() or done.stdout.strip() or f"exit code {returncode}"
-    message = f"{os.path.basename(done.argv[0])} failed while {what}: {detail}"
-    if "No space left on device" in detail:
-        raise StorageError(message, hint="Free space on that file system, then run the command "
-                                         "again: nothing was lost and it resumes where it stopped.")
-    raise ToolError(message)
+    raise tool_failed(f"{os.path.basename(done.argv[0])} failed while {what}: {detail}")
 
 
 def start_time(pid: int) -> int | None:

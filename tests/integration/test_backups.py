@@ -27,7 +27,16 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Result, Waymark, content_sha256, file_sha256, qemu_io_write, query, tmpfs
+from tests.helpers import (
+    Result,
+    Waymark,
+    content_sha256,
+    file_sha256,
+    own_bytes,
+    qemu_io_write,
+    query,
+    tmpfs,
+)
 
 KIB, MIB = 1 << 10, 1 << 20
 EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_IMAGE, EXIT_STORAGE = 2, 3, 5, 8, 73
@@ -59,9 +68,9 @@ def init_repo(wm: Waymark, path: Path) -> Path:
     return path
 
 
-def backup(wm: Waymark, repo: Path, *vms: str) -> list[dict[str, Any]]:
+def backup(wm: Waymark, repo: Path, *vms: str, full: bool = False) -> list[dict[str, Any]]:
     """``backup run`` that must succeed: one summary per VM."""
-    rows = wm.json("backup", "run", *vms, "--repo", str(repo))
+    rows = wm.json("backup", "run", *vms, "--repo", str(repo), *(["--full"] if full else []))
     assert [r["vm"] for r in rows] == list(vms) and all(r["ok"] for r in rows), rows
     return [r["point"] for r in rows]
 
@@ -237,7 +246,7 @@ def test_a_point_is_listed_and_its_manifest_matches_its_files(wm: Waymark,
     assert [r["id"] for r in rows] == [point["id"]]
     (row,) = rows
     assert row["kind"] == "full" and row["parent"] is None, row
-    assert row["reason"] == "the first backup of this VM", row
+    assert row["reason"] == "the first backup of this VM in this repository", row
     assert row["consistency"].startswith("consistent"), row
     assert (row["vm_name"], row["vm_id"]) == (VM, backed_up["vm_id"]), row
     assert row["virtual_bytes"] == 8 * MIB and 0 < row["bytes"] < 8 * MIB, row
@@ -262,11 +271,20 @@ def test_a_point_is_listed_and_its_manifest_matches_its_files(wm: Waymark,
     assert wm.json("vm", "show", VM)["checkpoint_count"] == 2
     verify_ok(wm, repo)
 
+    # the next point is incremental: only the 128 KiB written since, on the first point's file
     second = backup(wm, repo, VM)[0]
-    assert second["reason"] == "this release takes full backups only", second
-    assert second["kind"] == "full" and second["parent"] is None, second
+    assert second["kind"] == "incremental" and second["parent"] == point["id"], second
+    assert second["reason"] == f"the changes since point {point['id']}", second
     assert listed(wm, repo) == {point["id"], second["id"]}
     assert point_content(repo, second) == backed_up["changed"]
+    (small,) = manifests(repo)[second["id"]]["disks"]
+    assert small["dirty_bytes"] == 128 * KIB, small
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(repo / small["file"])],
+        check=True, capture_output=True, text=True).stdout)
+    assert info["backing-filename"] == f"{point['id']}.qcow2", info
+    assert own_bytes(repo / small["file"]) <= 1.1 * small["dirty_bytes"]
+    verify_ok(wm, repo)
 
 
 def test_restore_as_new_vm_has_the_points_content(wm: Waymark, backed_up: dict[str, Any]
@@ -457,7 +475,9 @@ def test_a_moved_repository_still_lists_verifies_and_restores(
 def test_a_damaged_point_is_named_by_verify_and_refused_by_restore(
         wm: Waymark, backed_up: dict[str, Any]) -> None:
     repo, point = backed_up["repo"], backed_up["point"]
-    (good,) = backup(wm, repo, VM)  # a second, sound point
+    (needs_it,) = backup(wm, repo, VM)  # an incremental on the point about to be damaged
+    (good,) = backup(wm, repo, VM, full=True)  # a second, sound and self-sufficient point
+    assert good["kind"] == "full" and good["reason"] == "--full was asked", good
     (disk,) = manifests(repo)[point["id"]]["disks"]
     flip_middle_byte(repo / disk["file"])
 
@@ -479,9 +499,10 @@ def test_a_damaged_point_is_named_by_verify_and_refused_by_restore(
 
     home, repo_files = tree_files(wm.home), tree_files(repo)
     vms, tree = wm.json("vm", "list"), wm.json("checkpoint", "list", VM)
-    for how in (("--as-new", "from-damaged"), ("--discard-current",), ("--checkpoint-first",)):
-        refused = wm.run("backup", "restore", VM, "--repo", str(repo), "--point", point["id"],
-                         *how)
+    for ref, how in ((point["id"], ("--as-new", "from-damaged")),
+                     (point["id"], ("--discard-current",)),
+                     (needs_it["id"], ("--checkpoint-first",))):  # damaged through its parent
+        refused = wm.run("backup", "restore", VM, "--repo", str(repo), "--point", ref, *how)
         assert_error(refused, EXIT_IMAGE, point["id"], disk["file"], "damaged")
         assert tree_files(wm.home) == home, f"{how}: the refused restore changed the home"
         assert tree_files(repo) == repo_files

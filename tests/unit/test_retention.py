@@ -33,12 +33,12 @@ def test_weekly_and_monthly_keep_one_per_period() -> None:
     assert monthly == {"p069", "p058"}  # the newest of March (day 69) and of February (day 58)
 
 
-def test_a_kept_incremental_keeps_its_parents() -> None:
-    points = [Point("full", START), Point("inc1", START + timedelta(days=1), "full"),
-              Point("inc2", START + timedelta(days=2), "inc1"),
-              Point("full2", START + timedelta(days=3))]
+def test_a_kept_incremental_does_not_keep_its_parents() -> None:
+    """Prune merges a removed parent into its child, so the policy alone decides."""
+    points = [Point("full", START), Point("inc1", START + timedelta(days=1)),
+              Point("inc2", START + timedelta(days=2)), Point("full2", START + timedelta(days=3))]
     assert keep(points, Policy(last=1)) == {"full2"}
-    assert keep(points, Policy(daily=2)) == {"full2", "inc2", "inc1", "full"}
+    assert keep(points, Policy(daily=2)) == {"full2", "inc2"}
 
 
 @given(st.lists(st.integers(0, 400), min_size=0, max_size=40, unique=True),

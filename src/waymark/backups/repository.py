@@ -33,6 +33,7 @@ from typing import Any
 
 from waymark import durable, filelock
 from waymark.errors import Ambiguous, Busy, Conflict, NotFound, StorageError, WaymarkError
+from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 
 FORMAT, VERSION = "waymark-backup-repository", 1
@@ -50,6 +51,7 @@ def new_point_id() -> str:
 @dataclass(frozen=True)
 class Repository:
     root: Path
+    id: str  # the repository's own id (names the VMs' change-tracking bitmaps for it)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -62,17 +64,18 @@ class Repository:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise Conflict(f"{path} exists and is not an empty folder.",
                            hint="Give a new or empty folder on the backup storage.")
+        repo_id = uuid.uuid4().hex
         try:
             path.mkdir(parents=True, exist_ok=True)
             (path / "vms").mkdir()
             durable.write_bytes(path / MARKER, json.dumps(
-                {"format": FORMAT, "version": VERSION, "id": uuid.uuid4().hex,
+                {"format": FORMAT, "version": VERSION, "id": repo_id,
                  "created_at": now()}, indent=2).encode())
         except OSError as err:
             raise StorageError(f"cannot create a repository in {path}: {err.strerror}.",
                                hint="Check that the backup storage is mounted and writable.") \
                 from err
-        return cls(path)
+        return cls(path, repo_id)
 
     @classmethod
     def open(cls, path: Path) -> Repository:
@@ -89,7 +92,7 @@ class Repository:
             raise Conflict(f"{path} holds an unknown repository format {marker.get('format')!r} "
                            f"version {marker.get('version')!r}.",
                            hint="Use a Waymark version that knows it.")
-        return cls(path)
+        return cls(path, str(marker["id"]))
 
     def locked(self, timeout: float) -> AbstractContextManager[None]:
         """Hold the repository's lock; Busy after ``timeout`` seconds."""
@@ -104,6 +107,9 @@ class Repository:
 
     def manifest_file(self, vm_id: str, point_id: str) -> Path:
         return self.root / "vms" / vm_id / "points" / f"{point_id}.json"
+
+    def merge_file(self, vm_id: str) -> Path:
+        return self.root / "vms" / vm_id / "merging.json"
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
@@ -181,7 +187,10 @@ class Repository:
         return {"file": self.relative(final), "bytes": final.stat().st_size, "sha256": digest}
 
     def remove_partial(self) -> list[Path]:
-        """Remove disk files no manifest names (a killed run's); call under the lock."""
+        """Finish an interrupted merge, then remove disk files no manifest names (a killed
+        run's); call under the lock."""
+        for intent in sorted((self.root / "vms").glob("*/merging.json")):
+            self._merge(json.loads(intent.read_text()))
         named = {p_file["file"] for m in self.points() for p_file in m["disks"]}
         removed = []
         for path in sorted((self.root / "vms").glob("*/disks/*/*")):
@@ -196,6 +205,48 @@ class Repository:
         durable.remove(self.manifest_file(manifest["vm"]["id"], manifest["id"]))
         for disk in manifest["disks"]:
             durable.remove(self.root / disk["file"])
+
+    def merge_away(self, gone: dict[str, Any], child: dict[str, Any]) -> None:
+        """Remove point ``gone``, whose ``child`` (an incremental) needs it: the child's files
+        take gone's place in the chain, so the child ends self-sufficient (full when gone was).
+
+        Crash-safe through an intent file (``vms/<vm>/merging.json``, finished by
+        :meth:`remove_partial`): gone's manifest goes first (it stops being a point), then
+        per disk the child's clusters are committed into gone's file (``qemu-img commit -d``:
+        the child's file is untouched, so repeating it is harmless) and that file is renamed
+        over the child's, atomically; the child's manifest is rewritten last. Call under the
+        lock.
+        """
+        intent = {"gone": gone, "child": child["id"]}
+        durable.write_bytes(self.merge_file(gone["vm"]["id"]), json.dumps(intent).encode())
+        self._merge(intent)
+
+    def _merge(self, intent: dict[str, Any]) -> None:
+        gone, vm_id = intent["gone"], intent["gone"]["vm"]["id"]
+        failpoint("merge-intent")
+        durable.remove(self.manifest_file(vm_id, gone["id"]))
+        child = json.loads(self.manifest_file(vm_id, intent["child"]).read_text())
+        below = {d["disk_id"]: self.root / d["file"] for d in gone["disks"]}
+        disks = []
+        for disk in child["disks"]:
+            mine, under = self.root / disk["file"], below.pop(disk["disk_id"], None)
+            if under is not None and under.exists():
+                qemu_img.commit(mine, under)
+                durable.fsync_file(under)
+                failpoint("merge-committed")
+                os.replace(under, mine)
+                durable.fsync_dir(mine.parent)
+            disks.append({**disk, "bytes": mine.stat().st_size, "sha256": durable.sha256(mine)})
+        merged = {**child, "parent": gone["parent"], "disks": disks,
+                  "merged": [*child.get("merged", []), gone["id"]]}
+        if gone["parent"] is None:
+            merged.update(kind="full", reason=f"{child['reason']}; made full by retention, "
+                                              f"which merged point {gone['id']} into it")
+        failpoint("merge-renamed")
+        self.write_manifest(merged)
+        for leftover in below.values():
+            durable.remove(leftover)
+        durable.remove(self.merge_file(vm_id))
 
     # --- checking -----------------------------------------------------------------------------
 

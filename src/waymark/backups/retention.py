@@ -4,8 +4,10 @@
 - ``keep_daily N`` / ``keep_weekly N`` / ``keep_monthly N``: for each of the newest N days (ISO
   weeks, months, in UTC) that have points, the newest point of that period.
 
-A point is kept when any rule keeps it, and so is every point a kept point needs (the earlier
-points of its chain: an incremental is only usable with its parents). Everything else goes.
+A point is kept when any rule keeps it; everything else goes. A kept incremental does not keep
+its parents: pruning merges a removed parent into its child
+(:meth:`waymark.backups.repository.Repository.merge_away`), so keeping the newest points never
+needs a new full backup.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ class Policy:
 class Point:
     id: str
     created_at: datetime
-    parent: str | None = None
 
 
 def _newest_per_period(points: Sequence[Point], count: int,
@@ -54,16 +55,10 @@ def _week(when: datetime) -> tuple[int, ...]:
 
 
 def keep(points: Sequence[Point], policy: Policy) -> set[str]:
-    """The ids of the points ``policy`` keeps (with everything they need)."""
+    """The ids of the points ``policy`` keeps."""
     newest = sorted(points, key=lambda p: (p.created_at, p.id), reverse=True)
     kept = {p.id for p in newest[:policy.last]}
     kept |= _newest_per_period(points, policy.daily, lambda w: (w.year, w.month, w.day))
     kept |= _newest_per_period(points, policy.weekly, _week)
     kept |= _newest_per_period(points, policy.monthly, lambda w: (w.year, w.month))
-    parents = {p.id: p.parent for p in points}
-    for point_id in list(kept):
-        parent = parents.get(point_id)
-        while parent is not None and parent not in kept:
-            kept.add(parent)
-            parent = parents.get(parent)
     return kept

@@ -164,3 +164,17 @@ class Schedule(Base):
     claimed_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     claimed_start: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class BackupBase(Base):
+    """What a VM's change-tracking bitmaps for one backup repository count from
+    (:mod:`waymark.ops.backups`): the point they were cleared at, or None while a run that
+    cleared them has not finished (its next backup is then full)."""
+
+    __tablename__ = "backup_bases"
+
+    vm_id: Mapped[str] = mapped_column(String(32), ForeignKey("vms.id", ondelete="CASCADE"),
+                                       primary_key=True)
+    repo_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    point_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -54,12 +54,13 @@ def _reporter() -> backups.Report:
 @backup.command("run")
 @click.argument("vm_refs", metavar="VM...", nargs=-1, required=True)
 @REPO
-@click.option("--full", is_flag=True, help="A full backup (this release takes only full ones).")
+@click.option("--full", is_flag=True,
+              help="A full point even when an incremental one is possible.")
 @json_option
 def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None:
-    """Back up VMs (running ones live, application-consistent when their agent answers)."""
-    del full  # every point is full for now; the flag is kept for scripts
-    outcomes = backups.run(face().ctx, list(vm_refs), repo, _reporter())
+    """Back up VMs (running ones live, application-consistent when their agent answers):
+    incremental when it can be proven correct, else full, saying why."""
+    outcomes = backups.run(face().ctx, list(vm_refs), repo, _reporter(), full=full)
     data = [{"vm": o.vm, "ok": o.error is None, "error": o.error,
              "point": backups.summary(o.point) if o.point else None} for o in outcomes]
     lines = []

@@ -173,6 +173,32 @@ def allocation_map(path: Path, fmt: str) -> list[MapExtent]:
     return [MapExtent.parse(e) for e in json.loads(out)]
 
 
+def bitmaps(path: Path) -> list[dict[str, Any]]:
+    """The persistent dirty bitmaps of a qcow2 image no process has open: ``name``,
+    ``granularity`` and ``flags`` (``in-use`` there means inconsistent: its QEMU was killed)."""
+    out = _qemu_img("info", "--output=json", "-f", "qcow2", str(path),
+                    what=f"reading the bitmaps of {path}")
+    data = json.loads(out).get("format-specific", {}).get("data", {})
+    return list(data.get("bitmaps", []))
+
+
+def bitmap(path: Path, name: str, *, add: int | None = None, remove: bool = False,
+           merge_from: Path | None = None) -> None:
+    """Change one persistent bitmap of a qcow2 image no process has open, in one qemu-img run:
+    ``remove`` it, or ``add`` it (with that granularity) and/or merge the same-named bitmap of
+    ``merge_from`` into it."""
+    argv = ["bitmap", "-f", "qcow2"]
+    if remove:
+        argv.append("--remove")
+    if add is not None:
+        argv += ["--add", "-g", str(add)]
+    if merge_from is not None:
+        argv += ["--merge", name, "-b", str(merge_from), "-F", "qcow2"]
+    if len(argv) == 3:
+        raise ValueError("bitmap needs add, remove or merge_from")
+    _qemu_img(*argv, str(path), name, what=f"changing bitmap {name} of {path}")
+
+
 def check(path: Path, fmt: str) -> None:
     """``qemu-img check``: raises ImageError when the image has errors or leaks."""
     try:

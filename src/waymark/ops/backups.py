@@ -1,26 +1,31 @@
 """Backups to a repository on external storage (:mod:`waymark.backups.repository`): run, list,
-verify, restore to the VM or as a new VM.
+verify, prune, restore to the VM or as a new VM.
 
 A backup reads the VM's disks as they are now (Now, not a checkpoint) and never creates a
-checkpoint the user sees:
+checkpoint the user sees. Every disk is copied by QEMU's ``blockdev-backup``, all disks started in
+one ``transaction`` so the point is one instant across them (QEMU copies a block before the guest
+overwrites it): a running or paused VM through its own QEMU, one that is off or saved through a
+``qemu-storage-daemon`` holding its disks (:mod:`waymark.qemu.storage`; nothing runs the guest).
+With the guest agent the file systems are frozen for just that instant (the freeze guard of live
+checkpoints: thawed whatever happens), making the point application-consistent,
+crash-consistent otherwise.
 
-- a VM that is off or saved: ``qemu-img convert`` of each disk's chain (nothing writes it; a
-  saved VM's disks are crash-consistent, its memory is not backed up);
-- a running or paused VM: QEMU's own ``blockdev-backup`` (``sync: full``) of every disk, all
-  started in one ``transaction``, so the point is one instant across disks (QEMU copies a block
-  before the guest overwrites it); with the guest agent the file systems are frozen for just that
-  instant (the freeze guard of live checkpoints: thawed whatever happens), making the point
-  application-consistent, crash-consistent otherwise.
-
-This release takes full backups only: each point says why in ``reason``. (Incrementals from
-persistent dirty bitmaps come next; the repository format already chains points.)
+Incremental points: each disk carries a persistent dirty bitmap per repository
+(:mod:`waymark.qemu.bitmaps`, which also makes it follow checkpoints and merges). A full point
+adds (or re-adds) it in the same transaction as its ``sync: full`` jobs; an incremental copies
+what it marks (``sync: incremental``, cleared by QEMU on success only) into a file whose backing
+file is the previous point's. The catalog (``backup_bases``) records the point the bitmaps count
+from, set to nothing while a run is under way: an incremental is taken only when that point is
+the repository's newest of the VM, every disk has a consistent bitmap and the disks are the
+same; otherwise the point is full and its ``reason`` says why (:func:`_full_reason`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,20 +33,21 @@ from typing import Any
 from waymark import durable
 from waymark.backups import retention
 from waymark.backups.repository import Repository, new_point_id, now
-from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
+from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
+from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.ops import checkpoints, compact, liveness, lookup, machines, merges, recovery, vms
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler
-from waymark.qemu import blockjobs, cmdline, qmp
+from waymark.ops.journal import now as stamp
+from waymark.qemu import bitmaps, blockjobs, cmdline, qmp, storage
 
 Report = Callable[[str, float], None] | None  # (what, fraction of it done)
 JOB_PREFIX, NODE_PREFIX = "wm-backup-", "wb"
-FULL_ONLY = "this release takes full backups only"
 
 
 def init_repo(path: Path) -> Path:
@@ -63,12 +69,16 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Target:
-    """One disk being backed up: where QEMU or qemu-img writes it, where it ends."""
+    """One disk being backed up: where QEMU writes it, where it ends."""
 
     disk_id: str
     image: Image
     tmp: Path
     final: Path
+
+    @property
+    def source(self) -> str:
+        return cmdline.node_name(self.image.id)
 
     @property
     def node(self) -> str:
@@ -79,22 +89,48 @@ class Target:
         return f"{JOB_PREFIX}{self.disk_id[:12]}"
 
 
-def run(ctx: Context, vm_refs: list[str], repo_path: Path, report: Report = None
-        ) -> list[Outcome]:
-    """Back up each VM into the repository; one failing VM does not stop the others."""
+@dataclass
+class Run:
+    """One VM's backup as it goes: what it reads, and what it decided."""
+
+    ctx: Context
+    repo: Repository
+    vm_id: str
+    name: str
+    state: str
+    targets: list[Target]
+    latest: dict[str, Any] | None  # the VM's newest point in the repository
+    base: BackupBase | None  # what the catalog says the bitmaps count from
+    asked_full: str | None
+    report: Report
+    parent: dict[str, Any] | None = None
+    reason: str | None = None
+    dirty: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bitmap(self) -> str:
+        return bitmaps.name(self.repo.id)
+
+
+def run(ctx: Context, vm_refs: list[str], repo_path: Path, report: Report = None, *,
+        full: bool = False, full_every: int | None = None) -> list[Outcome]:
+    """Back up each VM into the repository; one failing VM does not stop the others.
+    ``full`` forces full points; ``full_every`` N makes every Nth point of a chain full."""
     repo = Repository.open(repo_path)
     outcomes = []
     with repo.locked(ctx.settings.lock_timeout):
         repo.remove_partial()
         for ref in vm_refs:
             try:
-                outcomes.append(Outcome(ref, point=_backup(ctx, repo, ref, report)))
+                point = _backup(ctx, repo, ref, report, full, full_every)
+                outcomes.append(Outcome(ref, point=point))
             except WaymarkError as err:
                 outcomes.append(Outcome(ref, failure=err))
     return outcomes
 
 
-def _backup(ctx: Context, repo: Repository, vm_ref: str, report: Report) -> dict[str, Any]:
+def _backup(ctx: Context, repo: Repository, vm_ref: str, report: Report, full: bool,
+            full_every: int | None) -> dict[str, Any]:
     with ctx.locked(vm_ref) as (vm_id, name):
         state = qmp.run_sync(machines.settle(ctx, vm_id, name))
         point_id = new_point_id()
@@ -105,24 +141,43 @@ def _backup(ctx: Context, repo: Repository, vm_ref: str, report: Report) -> dict
             settings = {"id": vm_id, "name": name, "config": hardware.dump(),
                         "checkpoint_type": vm_row.checkpoint_type,
                         "max_checkpoints": vm_row.max_checkpoints}
+            base = session.get(BackupBase, (vm_id, repo.id))
+            if base is not None:
+                session.expunge(base)
+        earlier = repo.points(vm_id) if (repo.root / "vms" / vm_id).is_dir() else []
+        latest = earlier[-1] if earlier else None
+        asked = "--full was asked" if full else None
+        if latest is not None and full_every and len(repo.chain(latest)) >= full_every:
+            asked = f"the schedule takes a full point every {full_every}"
+        job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report)
         try:
-            if state in liveness.LIVE_STATES:
-                consistency = _live(ctx, vm_id, name, state, targets, report)
-            else:
-                consistency = _offline(state, targets, report)
+            consistency = qmp.run_sync(_copy(job, hardware))
             disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
+                      **({"dirty_bytes": job.dirty[t.disk_id]} if job.parent else {}),
                       **repo.seal(t.tmp, t.final)} for t in targets]
         except BaseException:
             for target in targets:
                 durable.remove(target.tmp)
             raise
-        earlier = repo.points(vm_id) if (repo.root / "vms" / vm_id).is_dir() else []
-        manifest = {"id": point_id, "created_at": now(), "kind": "full", "parent": None,
-                    "reason": "the first backup of this VM" if not earlier else FULL_ONLY,
+        parent = job.parent["id"] if job.parent else None
+        manifest = {"id": point_id, "created_at": now(),
+                    "kind": "incremental" if parent else "full", "parent": parent,
+                    "reason": job.reason or f"the changes since point {parent}",
                     "consistency": consistency, "vm_state": state, "vm": settings,
                     "disks": disks}
         repo.write_manifest(manifest)
+        _set_base(ctx, vm_id, repo.id, point_id)
         return manifest
+
+
+def _set_base(ctx: Context, vm_id: str, repo_id: str, point_id: str | None) -> None:
+    with ctx.catalog.session() as session:
+        row = session.get(BackupBase, (vm_id, repo_id))
+        if row is None:
+            session.add(BackupBase(vm_id=vm_id, repo_id=repo_id, point_id=point_id,
+                                   updated_at=stamp()))
+        else:
+            row.point_id, row.updated_at = point_id, stamp()
 
 
 def _targets(session: Any, repo: Repository, vm_row: Vm, hardware: HardwareConfig,
@@ -142,49 +197,109 @@ def _targets(session: Any, repo: Repository, vm_row: Vm, hardware: HardwareConfi
     return targets
 
 
+def _full_reason(job: Run, tracked: dict[str, list[bitmaps.Bitmap]]) -> str | None:
+    """Why this point cannot be incremental (None: it can, and is proven correct)."""
+    latest = job.latest
+    if latest is None:
+        return "the first backup of this VM in this repository"
+    if job.asked_full:
+        return job.asked_full
+    if job.base is None:
+        return "no backup of this VM to this repository has been taken on this host"
+    if job.base.point_id is None:
+        return "the previous backup run did not finish"
+    if job.base.point_id != latest["id"]:
+        return (f"the newest point {latest['id']} is not the one change tracking counts from "
+                f"({job.base.point_id})")
+    before = {d["disk_id"]: d["virtual_size"] for d in latest["disks"]}
+    if before != {t.disk_id: t.image.virtual_size for t in job.targets}:
+        return f"the VM's disks were added, removed or resized since point {latest['id']}"
+    for target in job.targets:
+        found = [b for b in tracked.get(target.source, []) if b["name"] == job.bitmap]
+        disk = f"disk {target.disk_id[:12]}"
+        if not found:
+            return (f"{disk} has no change tracking since point {latest['id']} (a checkpoint "
+                    "was applied or a backup restored since)")
+        if found[0].get("inconsistent"):
+            return (f"{disk}'s change tracking is inconsistent: its QEMU stopped without saving "
+                    "it (killed or crashed)")
+    return None
+
+
 def _progress(report: Report, what: str) -> qemu_img.Progress:
     return None if report is None else (lambda fraction: report(what, fraction))
 
 
-def _offline(state: str, targets: list[Target], report: Report) -> str:
-    for target in targets:
-        qemu_img.convert(Path(target.image.path), target.image.format, target.tmp,
-                         on_progress=_progress(report, f"disk {target.disk_id[:12]}"))
-    if state == "saved":
-        return "crash-consistent: the VM is saved (its memory is not in the backup)"
-    return "consistent: the VM was off"
+@contextlib.asynccontextmanager
+async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
+    """The QEMU that reads the disks: the VM's own, or a storage daemon when it is off."""
+    if job.state in liveness.LIVE_STATES:
+        run = liveness.run_files(job.ctx, job.vm_id)
+        if not merges.usable(run, job.name):
+            raise Conflict(f"VM {job.name!r} is paused just after a memory checkpoint, when "
+                           "QEMU cannot read its disks.",
+                           hint=f"Resume it (waymark vm resume {job.name}) or save it, then "
+                                "back it up.")
+        async with qmp.connect(run.qmp, job.name) as machine:
+            yield machine
+        return
+    wanted = {t.disk_id for t in job.targets}
+    chains = [c for c in machines.disk_chains(job.ctx, job.vm_id, hardware)
+              if c.disk_id in wanted]
+    async with storage.serving(chains, job.name) as machine:
+        yield machine
 
 
-def _live(ctx: Context, vm_id: str, name: str, state: str, targets: list[Target],
-          report: Report) -> str:
-    run = liveness.run_files(ctx, vm_id)
-    if not merges.usable(run, name):
-        raise Conflict(f"VM {name!r} is paused just after a memory checkpoint, when QEMU cannot "
-                       "read its disks.", hint=f"Resume it (waymark vm resume {name}) or save it, "
-                                               "then back it up.")
-    for target in targets:
-        qemu_img.create(target.tmp, size=target.image.virtual_size)
-    return qmp.run_sync(_copy_live(run, name, state == "paused", targets, report))
-
-
-async def _copy_live(run: cmdline.RunFiles, name: str, paused: bool, targets: list[Target],
-                     report: Report) -> str:
-    async with qmp.connect(run.qmp, name) as machine:
+async def _copy(job: Run, hardware: HardwareConfig) -> str:
+    """Decide full or incremental, then copy every disk; the point's consistency."""
+    async with _qemu(job, hardware) as machine:
         await _clear_leftovers(machine)
+        tracked = await bitmaps.on_nodes(machine)
+        job.reason = _full_reason(job, tracked)
+        job.parent = None if job.reason else job.latest
+        _create_targets(job)
         try:
-            for target in targets:
-                await machine.command("blockdev-add", driver="qcow2", **{
+            for target in job.targets:
+                await machine.command("blockdev-add", driver="qcow2", backing=None, **{
                     "node-name": target.node,
                     "file": {"driver": "file", "filename": str(target.tmp)}})
-            consistency = await _start(machine, run, name, paused, targets)
-            for target in targets:
-                await blockjobs.follow(machine, target.job,
-                                       _progress(report, f"disk {target.disk_id[:12]}"))
+            _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
+            if job.parent is None:
+                await _drop_bitmaps(machine, job, tracked)
+            consistency = await _start(machine, job)
+            failpoint("backup-started")
+            for target in job.targets:
+                done = await blockjobs.follow(
+                    machine, target.job, _progress(job.report, f"disk {target.disk_id[:12]}"))
+                # an incremental job's total: its bitmap as the job froze it
+                job.dirty[target.disk_id] = int(done.get("total-progress", 0))
         finally:
-            for target in targets:
+            for target in job.targets:
                 await blockjobs.abandon(machine, target.job)
-            await blockjobs.delete_nodes(machine, [t.node for t in targets])
+            await blockjobs.delete_nodes(machine, [t.node for t in job.targets])
     return consistency
+
+
+def _create_targets(job: Run) -> None:
+    """Each disk's new file: standalone for a full point, on the parent's file otherwise
+    (named relatively: the repository can move)."""
+    for target in job.targets:
+        if job.parent is None:
+            qemu_img.create(target.tmp, size=target.image.virtual_size)
+            continue
+        below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
+        qemu_img.create(target.tmp, size=target.image.virtual_size,
+                        backing=Path(Path(below["file"]).name), backing_fmt="qcow2",
+                        unsafe=True)
+
+
+async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitmaps.Bitmap]]
+                        ) -> None:
+    """Before a full point: this repository's old bitmaps go (re-added with the jobs)."""
+    for target in job.targets:
+        if any(b["name"] == job.bitmap for b in tracked.get(target.source, [])):
+            await machine.command("block-dirty-bitmap-remove", node=target.source,
+                                  name=job.bitmap)
 
 
 async def _clear_leftovers(machine: qmp.Qmp) -> None:
@@ -198,18 +313,36 @@ async def _clear_leftovers(machine: qmp.Qmp) -> None:
                                            and n["drv"] == "qcow2"])
 
 
-async def _start(machine: qmp.Qmp, run: cmdline.RunFiles, name: str, paused: bool,
-                 targets: list[Target]) -> str:
+def _actions(job: Run) -> list[dict[str, Any]]:
+    actions = []
+    for target in job.targets:
+        data = {"job-id": target.job, "device": target.source, "target": target.node,
+                "auto-dismiss": False}
+        if job.parent is None:
+            actions += [bitmaps.add_action(target.source, job.bitmap),
+                        {"type": "blockdev-backup", "data": {**data, "sync": "full"}}]
+        else:
+            actions.append({"type": "blockdev-backup", "data": {
+                **data, "sync": "incremental", "bitmap": job.bitmap,
+                "bitmap-mode": "on-success"}})
+    return actions
+
+
+async def _start(machine: qmp.Qmp, job: Run) -> str:
     """Start every disk's backup job at one instant, frozen for it when the agent answers."""
-    actions = [{"type": "blockdev-backup", "data": {
-        "job-id": t.job, "device": cmdline.node_name(t.image.id), "target": t.node,
-        "sync": "full", "auto-dismiss": False}} for t in targets]
-    if paused:
+    actions = _actions(job)
+    if job.state not in liveness.LIVE_STATES:
+        await machine.command("transaction", actions=actions)
+        if job.state == "saved":
+            return "crash-consistent: the VM is saved (its memory is not in the backup)"
+        return "consistent: the VM was off"
+    if job.state == "paused":
         await machine.command("transaction", actions=actions)
         return "crash-consistent: the VM was paused (its agent cannot quiesce it)"
+    run = liveness.run_files(job.ctx, job.vm_id)
     started = False
     try:
-        async with guard.frozen(run.agent, name):
+        async with guard.frozen(run.agent, job.name):
             await machine.command("transaction", actions=actions)
             started = True
     except guard.FreezeFailed as err:
@@ -265,10 +398,11 @@ def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = N
 
 def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_ref: str | None = None,
           dry_run: bool = False) -> list[dict[str, Any]]:
-    """Remove the points ``policy`` does not keep (per VM), and what only they needed.
+    """Remove the points ``policy`` does not keep (per VM), oldest first.
 
-    A point's manifest goes first (it stops existing), then its files. Every point a kept point
-    needs is kept, so no kept point ever loses a parent.
+    A point no other point needs goes at once (its manifest first, then its files). One whose
+    child needs it is merged into the child (:meth:`Repository.merge_away`): the child becomes
+    self-sufficient before the point goes, so no kept point ever loses a parent.
     """
     if policy.empty():
         raise InvalidInput("prune needs at least one --keep-... rule (it would delete every "
@@ -276,20 +410,28 @@ def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_ref: str |
     repo = Repository.open(repo_path)
     removed: list[dict[str, Any]] = []
     with repo.locked(ctx.settings.lock_timeout):
+        repo.remove_partial()  # finishes an interrupted merge first
         vm_ids = [_repo_vm(repo, vm_ref)] if vm_ref else sorted(
             {p["vm"]["id"] for p in repo.points()})
         for vm_id in vm_ids:
             points = repo.points(vm_id)
             kept = retention.keep([retention.Point(
-                p["id"], datetime.fromisoformat(p["created_at"].replace("Z", "+00:00")),
-                p["parent"]) for p in points], policy)
-            for point in points:
-                if point["id"] in kept:
-                    continue
+                p["id"], datetime.fromisoformat(p["created_at"].replace("Z", "+00:00")))
+                for p in points], policy)
+            for point_id in [p["id"] for p in points if p["id"] not in kept]:
+                point = repo.point(point_id, vm_id)  # as earlier merges left it
                 removed.append(summary(point))
                 if not dry_run:
-                    repo.remove_point(point)
+                    _remove(repo, point)
     return removed
+
+
+def _remove(repo: Repository, point: dict[str, Any]) -> None:
+    child = next((p for p in repo.points(point["vm"]["id"]) if p["parent"] == point["id"]), None)
+    if child is None:
+        repo.remove_point(point)
+    else:
+        repo.merge_away(point, child)
 
 
 # --- restoring --------------------------------------------------------------------------------
@@ -307,16 +449,19 @@ def _verified(repo: Repository, point: dict[str, Any]) -> list[dict[str, Any]]:
 
 def restore_as_new(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | None,
                    new_name: str, report: Report = None) -> str:
-    """A new VM (new id, new MACs) from a point; returns its id."""
+    """A new VM (new id, new MACs) from a point; returns its id. Holds the repository's lock
+    (repository first, then VM, as a run): a prune does not merge the chain it reads."""
     repo = Repository.open(repo_path)
-    point = repo.point(point_ref or "latest", _repo_vm(repo, vm_ref))
-    _verified(repo, point)
-    hardware = HardwareConfig.load(point["vm"]["config"])
-    copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"])
-              for d in point["disks"]]
-    hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
-    return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
-                                  _progress(report, "restoring"))
+    with repo.locked(ctx.settings.lock_timeout):
+        repo.remove_partial()
+        point = repo.point(point_ref or "latest", _repo_vm(repo, vm_ref))
+        _verified(repo, point)
+        hardware = HardwareConfig.load(point["vm"]["config"])
+        copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"])
+                  for d in point["disks"]]
+        hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
+        return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
+                                      _progress(report, "restoring"))
 
 
 def restore(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | None,
@@ -325,7 +470,8 @@ def restore(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | None,
     checkpoint of Now first. The tree stays; the restored disks become a new root checkpoint,
     "Restored from <point>", with Now under it."""
     repo = Repository.open(repo_path)
-    with ctx.locked(vm_ref) as (vm_id, name):
+    with repo.locked(ctx.settings.lock_timeout), ctx.locked(vm_ref) as (vm_id, name):
+        repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
         state = qmp.run_sync(machines.settle(ctx, vm_id, name))
@@ -386,8 +532,6 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
 
 @commit_handler("backup_restore")
 def _commit_restore(session: Any, params: dict[str, Any]) -> None:
-    from waymark.ops.journal import now as stamp
-
     for row in params["images"]:
         session.add(Image(**row, created_at=stamp()))
     for disk_id in params["new_disks"]:  # the VM lost that disk since the backup

@@ -89,6 +89,8 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
         frozen.append({"disk_id": disk_id, "image_id": active.id})
         row, step = _overlay(ctx, disk_id, active, unsafe=state in liveness.LIVE_STATES)
         overlays.append(row)
+        if state not in liveness.LIVE_STATES:  # (live: in QEMU's switch transaction)
+            step["bitmaps_from"] = active.path  # backup change tracking follows Now
         steps.append(step)
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
               "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,

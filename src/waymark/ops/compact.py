@@ -79,6 +79,12 @@ def live_chains(session: Session, vm_id: str) -> dict[str, str]:
     return chains
 
 
+def _is_active(session: Session, image_id: str) -> bool:
+    """Whether the image is a disk's active one (after an offline commit into its base, the
+    base takes that role, and the backup change tracking with it)."""
+    return session.scalar(select(Disk.id).where(Disk.active_image_id == image_id)) is not None
+
+
 def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[dict[str, Any]]:
     image = session.get_one(Image, step.image)
     if isinstance(step, planner.Drop):
@@ -94,7 +100,9 @@ def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[di
         else:
             first = {"op": "commit", "top": child.path, "base": image.path}
         first["abandonable"] = True  # a partial commit: only K's chain reads U, through K
-        return [first] + [
+        carry = ([{"op": "carry_bitmaps", "src": child.path, "path": image.path}]
+                 if first["op"] == "commit" and _is_active(session, child.id) else [])
+        return [first, *carry] + [
             # a child QEMU has open is relinked by QEMU's commit (by qemu-img if QEMU is gone)
             merges.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
             else {"op": "rebase", "path": g.path, "backing": image.path,

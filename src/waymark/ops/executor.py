@@ -4,8 +4,9 @@
 Steps are plain JSON dicts, so the journal can store them:
 
 - ``make_dir {path}``: a new VM's folder (undo: remove it and what is under it if all empty)
-- ``create_image {path, size?, backing?, backing_fmt?, unsafe?}``: a new qcow2 (undo: delete
-  it); ``unsafe`` overlays a backing file a running QEMU holds locked
+- ``create_image {path, size?, backing?, backing_fmt?, unsafe?, bitmaps_from?}``: a new qcow2
+  (undo: delete it); ``unsafe`` overlays a backing file a running QEMU holds locked;
+  ``bitmaps_from``: the image whose change-tracking bitmaps it takes over (a checkpoint)
 - ``claim_file {path}``: nothing yet; a file the operation's live part writes (QEMU's memory
   state), removed with its temporary file on undo
 - ``write_file {path, text}``: a durable small file (undo: delete it)
@@ -15,6 +16,8 @@ Steps are plain JSON dicts, so the journal can store them:
 - ``prune_dirs {path}``: remove the empty folders of a tree
 - ``commit {top, base}``: ``top``'s own clusters into ``base``; ``top`` unchanged
 - ``rebase {path, backing, backing_fmt, unsafe}``: content-preserving unless ``unsafe``
+- ``carry_bitmaps {src, path}``: ``path``'s change-tracking bitmaps become copies of ``src``'s
+  (:func:`waymark.qemu.bitmaps.carry_files`; the image becoming a disk's active one)
 - ``qmp_commit``, ``qmp_stream``, ``qmp_release``: the same through a running QEMU
   (:mod:`waymark.ops.merges`)
 """
@@ -30,6 +33,7 @@ from typing import Any
 from waymark import durable
 from waymark.errors import StorageError
 from waymark.images import qemu_img
+from waymark.qemu import bitmaps
 
 Step = dict[str, Any]
 # Steps done by a running QEMU (``qmp_commit``, ``qmp_stream``, ``qmp_release``), registered by
@@ -90,6 +94,8 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.create(path, size=step.get("size"), backing=_opt_path(step.get("backing")),
                         backing_fmt=step.get("backing_fmt"), unsafe=bool(step.get("unsafe")))
+        if step.get("bitmaps_from"):
+            bitmaps.carry_files(Path(step["bitmaps_from"]), path)
         durable.fsync_file(path)
     elif op == "claim_file" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,23 +106,33 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
         durable.remove(path)
     elif op == "prune_dirs" and path is not None:
         _prune_empty(path)
-    elif op == "commit":
+    elif op == "copy_file" and path is not None:
+        _copy(Path(step["src"]), path)
+    elif op in LIVE_OPS:
+        LIVE_OPS[op](step, on_progress)
+    elif not _run_image(step, path, on_progress):
+        raise ValueError(f"unknown journal step {step!r}")
+
+
+def _run_image(step: Step, path: Path | None, on_progress: qemu_img.Progress) -> bool:
+    """The steps that change images; False for an op that is not one of them."""
+    op = step["op"]
+    if op == "commit":
         qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
         durable.fsync_file(Path(step["base"]))
     elif op == "rebase" and path is not None:
         qemu_img.rebase(path, _opt_path(step.get("backing")), step.get("backing_fmt"),
                         unsafe=bool(step.get("unsafe")), on_progress=on_progress)
         durable.fsync_file(path)
-    elif op == "copy_file" and path is not None:
-        _copy(Path(step["src"]), path)
     elif op == "convert" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.convert(Path(step["src"]), step["src_fmt"], path, on_progress=on_progress)
         durable.fsync_file(path)
-    elif op in LIVE_OPS:
-        LIVE_OPS[op](step, on_progress)
+    elif op == "carry_bitmaps" and path is not None:
+        bitmaps.carry_files(Path(step["src"]), path)
     else:
-        raise ValueError(f"unknown journal step {step!r}")
+        return False
+    return True
 
 
 def undo(step: Step) -> None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +40,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.errors import Cancelled, StorageError, WaymarkError
+from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 from waymark.ops import executor
 
@@ -51,7 +50,6 @@ CommitFn = Callable[[Session, dict[str, Any]], None]
 ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 _HANDLERS: dict[str, CommitFn] = {}
 _RESOLVERS: dict[str, ResolveFn] = {}
-_points_passed = 0
 
 
 def commit_handler(kind: str) -> Callable[[CommitFn], CommitFn]:
@@ -73,21 +71,6 @@ def resolver(kind: str) -> Callable[[ResolveFn], ResolveFn]:
         return fn
 
     return register
-
-
-def failpoint(label: str = "step") -> None:
-    """A journal point: tests kill the process here (``WAYMARK_FAILPOINT`` = its number or its
-    label) and list the points a run passes (``WAYMARK_FAILPOINT_LOG`` = a file that gets one
-    ``<number> <label>`` line per point)."""
-    global _points_passed
-    index = _points_passed
-    _points_passed += 1
-    trace = os.environ.get("WAYMARK_FAILPOINT_LOG")
-    if trace:
-        with open(trace, "a") as out:
-            out.write(f"{index} {label}\n")
-    if os.environ.get("WAYMARK_FAILPOINT") in (str(index), label):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def now() -> datetime:

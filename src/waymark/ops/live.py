@@ -48,11 +48,12 @@ from typing import Any
 
 from waymark import durable
 from waymark.errors import Conflict, ToolError, WaymarkError
+from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.ops import journal, liveness
-from waymark.ops.journal import LiveIntent, failpoint
-from waymark.qemu import blockjobs, cmdline, qmp
+from waymark.ops.journal import LiveIntent
+from waymark.qemu import bitmaps, blockjobs, cmdline, qmp
 
 MIGRATION_TIMEOUT = 600.0
 STREAM_END_TIMEOUT = 60.0
@@ -101,6 +102,8 @@ async def capture(intent: LiveIntent, wanted: str) -> None:
     live, record = intent.params["live"], intent.params["checkpoint"]
     run, name = cmdline.RunFiles(Path(live["run"])), live["name"]
     async with qmp.connect(run.qmp, name) as machine:
+        if _reuses_paused_state(live, run):
+            await _carry_inactive(machine, live, None)  # before QEMU opens the overlays
         for switch in _switches(live):
             await machine.command("blockdev-add", driver="qcow2", backing=None, **{
                 "node-name": switch.overlay,
@@ -152,13 +155,15 @@ async def _standard(intent: LiveIntent, run: cmdline.RunFiles, machine: qmp.Qmp)
     intent.save()
     memory = Path(live["memory"])
     pause = None
-    if live["paused"] and run.paused_state.is_file():  # memory unchanged since that migration
+    if _reuses_paused_state(live, run):  # memory unchanged since that migration
         _link(run.paused_state, memory)
-        await _switch(machine, live)
+        await _switch(machine, live, carry=False)  # the bitmaps were carried before
     else:
+        tracked = await bitmaps.on_nodes(machine)
         stopped = await _migrate(machine, memory, live["name"])
         failpoint("migrated")
-        await _switch(machine, live)
+        await _switch(machine, live, carry=False)
+        await _carry_inactive(machine, live, tracked)
         failpoint("switched")
         if not live["paused"]:
             pause = await _resume(machine) - stopped
@@ -169,10 +174,43 @@ async def _standard(intent: LiveIntent, run: cmdline.RunFiles, machine: qmp.Qmp)
                   pause_seconds=_rounded(pause))
 
 
-async def _switch(machine: qmp.Qmp, live: dict[str, Any]) -> None:
-    await machine.command("transaction", actions=[
-        {"type": "blockdev-snapshot", "data": {"node": s.top, "overlay": s.overlay}}
-        for s in _switches(live)])
+async def _switch(machine: qmp.Qmp, live: dict[str, Any], carry: bool = True) -> None:
+    """Every disk onto its overlay at one instant; with ``carry`` the change-tracking bitmaps
+    of backups follow onto the overlays in the same transaction (:mod:`waymark.qemu.bitmaps`).
+    """
+    switches = _switches(live)
+    actions = [{"type": "blockdev-snapshot", "data": {"node": s.top, "overlay": s.overlay}}
+               for s in switches]
+    if carry:
+        tracked = await bitmaps.on_nodes(machine)
+        for s in switches:
+            actions += bitmaps.onto_overlay(tracked, s.top, s.overlay)
+    await machine.command("transaction", actions=actions)
+
+
+def _reuses_paused_state(live: dict[str, Any], run: cmdline.RunFiles) -> bool:
+    """A paused VM already migrated into ``paused.state``: QEMU's block layer is inactive."""
+    return bool(live["paused"]) and run.paused_state.is_file()
+
+
+async def _carry_inactive(machine: qmp.Qmp, live: dict[str, Any],
+                          tracked: dict[str, list[bitmaps.Bitmap]] | None) -> None:
+    """The bitmaps onto the overlay files while QEMU's nodes are inactive (after a migration
+    into a memory state; the guest is stopped): their bitmaps are in the files (QEMU dropped
+    them from memory) and the files are unlocked, so qemu-img copies them, and QEMU reads them
+    when it opens or reactivates the overlays. ``tracked``: the bitmaps seen before the
+    migration (one qemu-img run per bitmap, inside the guest's pause); None: read them from
+    the files (a paused VM whose memory was saved earlier: done before the overlays are
+    opened)."""
+    if tracked is not None and not any(tracked.get(s.top) for s in _switches(live)):
+        return  # no backup tracks these disks: nothing to add to the pause
+    nodes = await machine.command("query-named-block-nodes", flat=True)
+    files = {n["node-name"]: Path(n["file"]) for n in nodes}
+    for s in _switches(live):
+        if tracked is None:
+            bitmaps.carry_files(files[s.top], Path(s.path))
+        else:
+            bitmaps.copy_files(files[s.top], Path(s.path), tracked.get(s.top, []))
 
 
 async def _resume(machine: qmp.Qmp) -> float:

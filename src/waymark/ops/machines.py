@@ -69,7 +69,8 @@ def saved_state(ctx: Context, vm_id: str) -> SavedState:
     return SavedState(ctx.vm_folder(vm_id) / "saved")
 
 
-def _chains(ctx: Context, vm_id: str, hardware: HardwareConfig) -> tuple[cmdline.DiskChain, ...]:
+def disk_chains(ctx: Context, vm_id: str, hardware: HardwareConfig
+                ) -> tuple[cmdline.DiskChain, ...]:
     """Each attached disk's chain from the catalog; a missing file is a clear error here."""
     with ctx.catalog.session() as session:
         disks, images = lookup.disks(session, vm_id), lookup.images(session, vm_id)
@@ -101,7 +102,7 @@ def _check_boot_files(hardware: HardwareConfig) -> None:
 def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
             incoming: bool) -> cmdline.RunFiles:
     _check_boot_files(hardware)
-    chains = _chains(ctx, vm_id, hardware)
+    chains = disk_chains(ctx, vm_id, hardware)
     run = liveness.run_files(ctx, vm_id)
     run.folder.mkdir(parents=True, exist_ok=True)
     liveness.clean(run)

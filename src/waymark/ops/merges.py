@@ -6,7 +6,8 @@ for a running or paused VM a step on an image of a disk's *live chain* (its acti
 everything below it) becomes:
 
 - ``CommitDown(U, K)``, K the active image: an active ``block-commit`` (top K, base U), then
-  ``job-complete`` once it is READY: QEMU pivots the disk onto U.
+  ``job-complete`` once it is READY: QEMU pivots the disk onto U. Just before, U's backup
+  change-tracking bitmaps become copies of K's (:mod:`waymark.qemu.bitmaps`).
 - ``CommitDown(U, K)``, K below the active image: an intermediate ``block-commit`` (``top-node`` K,
   ``base-node`` U); QEMU rewrites the backing link of K's child.
 - ``PullUp(U, K)``: ``block-stream`` into K with U's parent as base; QEMU rewrites K's backing
@@ -31,7 +32,7 @@ Progress is the job's ``current-progress / total-progress``. A progress callback
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from waymark import durable
 from waymark.errors import ToolError
 from waymark.images import qemu_img
 from waymark.ops import executor, liveness
-from waymark.qemu import blockjobs, cmdline, qmp
+from waymark.qemu import bitmaps, blockjobs, cmdline, qmp
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None] | None
@@ -123,9 +124,15 @@ def _commit(step: executor.Step, on_progress: Progress) -> None:
     def offline() -> None:
         qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
         durable.fsync_file(Path(step["base"]))
+        if step["active"]:  # the base becomes the disk's active image
+            bitmaps.carry_files(Path(step["top"]), Path(step["base"]))
+
+    async def carry(machine: qmp.Qmp) -> None:
+        await bitmaps.replace_live(machine, step["top_node"], step["base_node"])
 
     _live_or_offline(step, lambda run, name: qmp.run_sync(_job(
-        run, name, step["job"], "block-commit", arguments, step["top"], on_progress)), offline)
+        run, name, step["job"], "block-commit", arguments, step["top"], on_progress,
+        carry if step["active"] else None)), offline)
 
 
 def _stream(step: executor.Step, on_progress: Progress) -> None:
@@ -181,11 +188,14 @@ async def _chains(machine: qmp.Qmp) -> set[str]:
 
 
 async def _job(run: cmdline.RunFiles, name: str, job: str, command: str,
-               arguments: dict[str, Any], leaves: str, on_progress: Progress) -> None:
-    """Run (or resume) QEMU job ``job`` until ``leaves`` is out of every chain."""
+               arguments: dict[str, Any], leaves: str, on_progress: Progress,
+               before_complete: Callable[[qmp.Qmp], Awaitable[None]] | None = None) -> None:
+    """Run (or resume) QEMU job ``job`` until ``leaves`` is out of every chain;
+    ``before_complete`` runs before QEMU pivots an active commit."""
     async with qmp.connect(run.qmp, name) as machine:
         if await blockjobs.find(machine, job) is None:
             if leaves not in await _chains(machine):
                 return  # QEMU finished it before Waymark died
             await machine.command(command, **{"job-id": job, **arguments})
-        await blockjobs.follow(machine, job, on_progress)
+        hook = None if before_complete is None else (lambda: before_complete(machine))
+        await blockjobs.follow(machine, job, on_progress, hook)

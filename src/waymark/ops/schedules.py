@@ -113,10 +113,10 @@ def _run_one(ctx: Context, name: str, due: datetime, report: backups.Report) -> 
     with ctx.catalog.session() as session:
         row = session.get_one(Schedule, name)
         vms, repo, keep = list(row.vms), Path(row.repo), retention.Policy(**row.keep)
-        every, at, day = row.every, timing.parse_at(row.at), row.day
+        every, at, day, full_every = row.every, timing.parse_at(row.at), row.day, row.full_every
     result: dict[str, Any] = {"schedule": name, "due_at": rfc3339(due), "vms": []}
     try:
-        outcomes = backups.run(ctx, vms, repo, report)
+        outcomes = backups.run(ctx, vms, repo, report, full_every=full_every)
         with ctx.catalog.session() as session:
             names = {v: lookup.vm_name(session, v) for v in vms}
         result["vms"] = [{"vm": names.get(o.vm, o.vm), "vm_id": o.vm,

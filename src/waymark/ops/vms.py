@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Vm
+from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Intent, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
@@ -330,6 +330,7 @@ def _delete_rows(session: Session, vm_id: str) -> None:
     session.execute(sql_delete(Disk).where(Disk.vm_id == vm_id))
     session.execute(sql_delete(Image).where(Image.vm_id == vm_id))
     session.execute(sql_delete(Intent).where(Intent.vm_id == vm_id, Intent.status != "pending"))
+    session.execute(sql_delete(BackupBase).where(BackupBase.vm_id == vm_id))
     session.execute(sql_delete(Vm).where(Vm.id == vm_id))
 
 

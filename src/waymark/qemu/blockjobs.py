@@ -8,15 +8,16 @@ polled with ``query-jobs`` (``current-progress / total-progress``) every :data:`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from waymark.errors import ToolError
+from waymark.errors import ToolError, tool_failed
 from waymark.qemu import qmp
 
 POLL = 0.05
 JOB_TIMEOUT = 24 * 3600.0
 Progress = Callable[[float], None] | None
+BeforeComplete = Callable[[], Awaitable[None]] | None
 
 
 async def find(machine: qmp.Qmp, job: str) -> dict[str, Any] | None:
@@ -26,17 +27,21 @@ async def find(machine: qmp.Qmp, job: str) -> dict[str, Any] | None:
     return None
 
 
-async def follow(machine: qmp.Qmp, job: str, on_progress: Progress) -> None:
-    """Until the job concludes: complete it when READY, dismiss it, raise its error. If
-    ``on_progress`` raises (a cancelled Waymark job), QEMU's job is cancelled first."""
+async def follow(machine: qmp.Qmp, job: str, on_progress: Progress,
+                 before_complete: BeforeComplete = None) -> dict[str, Any]:
+    """Until the job concludes: complete it when READY (``before_complete`` first), dismiss
+    it, raise its error; the job as it concluded (``total-progress``: the bytes it had to
+    copy). If ``on_progress`` raises (a cancelled Waymark job), QEMU's job is cancelled
+    first."""
     try:
-        await _follow(machine, job, on_progress)
+        return await _follow(machine, job, on_progress, before_complete)
     except BaseException:
         await abandon(machine, job)
         raise
 
 
-async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress) -> None:
+async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress,
+                  before_complete: BeforeComplete) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + JOB_TIMEOUT
     while loop.time() < deadline:
@@ -46,12 +51,14 @@ async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress) -> None:
         if found.get("total-progress") and on_progress is not None:
             on_progress(found["current-progress"] / found["total-progress"])
         if found["status"] == "ready":
+            if before_complete is not None:
+                await before_complete()
             await machine.command("job-complete", id=job)
         elif found["status"] == "concluded":
             await machine.command("job-dismiss", id=job)
             if found.get("error"):
-                raise ToolError(f"QEMU's {job} of {machine.label} failed: {found['error']}")
-            return
+                raise tool_failed(f"QEMU's {job} of {machine.label} failed: {found['error']}")
+            return found
         await asyncio.sleep(POLL)
     raise ToolError(f"QEMU's job {job} of {machine.label} did not end.")
 

@@ -96,7 +96,9 @@ class Launch:
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _blockdevs(chain: DiskChain) -> list[str]:
+def blockdevs(chain: DiskChain) -> list[str]:
+    """The ``-blockdev`` arguments of one disk: every layer its own node, the active one
+    writable."""
     if chain.passthrough is not None:
         driver = "host_device" if chain.passthrough.startswith("/dev/") else "file"
         raw = {"driver": "raw", "node-name": f"p{chain.disk_id[:24]}",
@@ -154,7 +156,7 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
     if hw.append:
         args += ["-append", hw.append]
     for chain in launch.disks:
-        args += _blockdevs(chain) + _disk_device(chain)
+        args += blockdevs(chain) + _disk_device(chain)
     for number, nic in enumerate(hw.nics):
         args += _nic(number, nic)
     if launch.incoming:

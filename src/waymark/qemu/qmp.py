@@ -27,7 +27,7 @@ class Qmp:
         self.client = client
         self.label = label
 
-    async def command(self, name: str, **arguments: Any) -> Any:
+    async def command(self, name: str, /, **arguments: Any) -> Any:
         log.debug("qmp %s: %s %s", self.label, name, arguments)
         try:
             return await self.client.execute(name, arguments or None)

@@ -1,0 +1,78 @@
+"""A QEMU with no guest for the disks of a VM that is off: ``qemu-storage-daemon`` with the VM's
+chains as block nodes (named as in the VM's own QEMU, the active image writable) and a QMP
+monitor. Backups of stopped VMs then use QEMU's block jobs and dirty bitmaps exactly as for
+running ones. Nothing writes the disks' content; on ``quit`` the daemon writes its persistent
+bitmaps back into the images. Killed (with Waymark), it leaves them marked in-use, which only
+makes the next backup full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from waymark import process
+from waymark.errors import ToolError
+from waymark.qemu import cmdline, qmp
+
+START_TIMEOUT = 10.0
+QUIT_TIMEOUT = 30.0
+
+
+def argv(chains: Sequence[cmdline.DiskChain], socket: Path) -> list[str]:
+    args = ["qemu-storage-daemon"]
+    for chain in chains:
+        args += ["--blockdev" if a == "-blockdev" else a for a in cmdline.blockdevs(chain)]
+    return [*args, "--chardev", f"socket,id=qmp0,path={socket},server=on,wait=off",
+            "--monitor", "chardev=qmp0"]
+
+
+@contextlib.asynccontextmanager
+async def serving(chains: Sequence[cmdline.DiskChain], label: str) -> AsyncIterator[qmp.Qmp]:
+    """A QMP session to a storage daemon holding ``chains``; it quits cleanly on exit. Its
+    socket lives in a private temporary folder (a socket path must stay under 108 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="waymark-") as folder:
+        async with _serving(chains, Path(folder) / "qmp.sock", label) as machine:
+            yield machine
+
+
+@contextlib.asynccontextmanager
+async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
+                   ) -> AsyncIterator[qmp.Qmp]:
+    daemon = process.start(argv(chains, socket), what=f"opening the disks of {label}")
+    try:
+        await _listening(daemon, socket, label)
+        async with qmp.connect(socket, label) as machine:
+            yield machine
+            with contextlib.suppress(ToolError):  # the reply may be lost as it exits
+                await machine.command("quit")
+        code = await asyncio.to_thread(daemon.wait, QUIT_TIMEOUT)
+        if code != 0:
+            raise ToolError(f"qemu-storage-daemon for {label} exited with {code}: "
+                            f"{_stderr(daemon)}")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+async def _listening(daemon: subprocess.Popen[bytes], socket: Path, label: str
+                     ) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT
+    while not socket.exists():
+        if daemon.poll() is not None:
+            raise ToolError(f"qemu-storage-daemon could not open the disks of {label}: "
+                            f"{_stderr(daemon)}")
+        if loop.time() > deadline:
+            raise ToolError(f"qemu-storage-daemon for {label} did not start.")
+        await asyncio.sleep(0.02)
+
+
+def _stderr(daemon: subprocess.Popen[bytes]) -> str:
+    assert daemon.stderr is not None
+    return daemon.stderr.read().decode(errors="replace").strip() or "(no message)"
