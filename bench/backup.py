@@ -1,6 +1,7 @@
-"""Backup benchmarks on the real test guest (TCG): full backup throughput, VM off and running.
+"""Backup benchmarks on the real test guest (TCG): full backup throughput, VM off and running;
+an incremental point against the full one.
 
-    .venv/bin/python bench/backup.py [--runs N] [--mib N]
+    .venv/bin/python bench/backup.py [--runs N] [--mib N] [--only full|incremental]
 
 Medians of N runs (default 3), each against a reference measured in the same run of this script;
 the machine is shared and noisy, so compare ratios, not seconds. One VM of the test guest with a
@@ -39,6 +40,32 @@ of both chains written back and dropped from the page cache first (posix_fadvise
 only), as for data written long ago; the repository is removed after each run. Also shown: the
 bytes each wrote, and the consistency the points recorded.
 
+Incremental (`--only incremental`; VM off, before the guest is booted), per run on a new
+repository: the full point, timed as above, then 16 MiB of writes spread over the scratch disk
+(256 writes of 64 KiB, one cluster each, at distinct pseudo-random cluster-aligned offsets: a
+fixed seed, plus the run's number; a new pattern each run), in one qemu-io process that opens
+the disk's active image through QEMU's block layer, so the disk's dirty bitmap records them:
+
+    qemu-io -f qcow2 -c "write -P P OFFSET 64k" ... (256 -c) SCRATCH_ACTIVE
+
+then the incremental point, timed the same way (the wall clock around `waymark backup run b
+--repo R --json`, caches dropped first). Targets, from the issue ("incremental after 16 MiB of
+writes on a 1 GiB disk"): incremental/full <= 0.10 in time, and the incremental's own data
+(`qemu-img map --output=json` of each of its files alone: the extents present at depth 0,
+summed over the VM's disks) <= 1.1x the bytes written, and <= 1.1x the `dirty_bytes` its
+manifest records. The point's `kind` must be "incremental": a full one stops the benchmark with
+the `reason` it gave. Informational: the time of `qemu-img convert` of both chains after the
+writes (the full copy a tool without change tracking makes), the incremental's file sizes, the
+manifest's dirty_bytes against the bytes written, and one more incremental point right after,
+with nothing written (what an incremental costs whatever it copies: start-up, the storage
+daemon, sealing, the manifest). Each run's repository leaves its persistent bitmap (2 KiB for
+1 GiB) on the disks: they are kept.
+
+virtnbdbackup (libvirt's incremental backup tool) is not a reference here: Debian 12 packages it
+(`apt-cache policy virtnbdbackup`: 1.9.15-1 in bookworm main), but it is not installed and it
+needs a libvirt domain with checkpoints. The references are Waymark's own full backup and
+qemu-img convert.
+
 The guest is built (or reused) in $WAYMARK_TEST_GUEST or /var/tmp/waymark-test-guest; the home
 and the repositories go to a temporary folder in $BENCH_DIR (default /var/tmp). The VM is
 powered off (`vm stop --force`) and every folder removed at the end, also when a run fails or
@@ -49,13 +76,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness import (
+    MIB,
     Guest,
     Row,
     data_bytes,
@@ -76,8 +105,13 @@ from harness import (
 
 from waymark import durable
 
+T = TypeVar("T")
+
 MEMORY = "256M"
 TARGET = 0.9
+INCREMENTAL_TIME = 0.10  # incremental/full, in time
+INCREMENTAL_DATA = 1.1  # the incremental's own data over the bytes written (and dirty_bytes)
+WRITES, WRITE_SIZE, SEED = 256, 64 << 10, 20260412  # 16 MiB in clusters of 64 KiB
 
 say = reporter("backup")
 
@@ -105,40 +139,48 @@ def seal(path: Path) -> str:
     return durable.sha256(path)
 
 
+def backup_run(guest: Guest, repo: Path) -> dict[str, Any]:
+    """`waymark backup run VM --repo R --json`: the point's summary (kind, reason, bytes, ...)."""
+    out = guest.home.json("backup", "run", guest.name, "--repo", str(repo))
+    if not out[0]["ok"]:
+        raise RuntimeError(f"backup run failed: {out[0]['error']}")
+    point: dict[str, Any] = out[0]["point"]
+    return point
+
+
+def convert(actives: list[Path], targets: list[Path], running: bool) -> None:
+    """The reference: qemu-img convert of each chain, one after the other."""
+    for active, target in zip(actives, targets, strict=True):
+        sh("qemu-img", "convert", *(["-U"] if running else []), "-f", "qcow2", "-O",
+           "qcow2", str(active), str(target))
+
+
+def measure(files: list[Path], fn: Callable[[], T]) -> tuple[float, T]:
+    """``fn`` timed, with ``files`` written back and dropped from the page cache first."""
+    for path in files:
+        drop_cached(path)
+    return timed(fn)
+
+
 def one_run(guest: Guest, repo: Path, actives: list[Path], running: bool, ours_first: bool
             ) -> Sample:
-    home = guest.home
-    home.wm("backup", "repo", "init", str(repo))
+    guest.home.wm("backup", "repo", "init", str(repo))
     files = [f for active in actives for f in chain_files(active, running)]
     references = [repo / f"ref-{n}.qcow2" for n in range(len(actives))]
 
-    def ours() -> dict[str, Any]:
-        out = home.json("backup", "run", guest.name, "--repo", str(repo))
-        if not out[0]["ok"]:
-            raise RuntimeError(f"backup run failed: {out[0]['error']}")
-        point: dict[str, Any] = out[0]["point"]
-        return point
-
-    def reference() -> None:
-        for active, target in zip(actives, references, strict=True):
-            sh("qemu-img", "convert", *(["-U"] if running else []), "-f", "qcow2", "-O",
-               "qcow2", str(active), str(target))
-
-    def measure(fn: Callable[[], Any]) -> tuple[float, Any]:
-        for path in files:
-            drop_cached(path)
-        return timed(fn)
+    def ours() -> tuple[float, dict[str, Any]]:
+        return measure(files, lambda: backup_run(guest, repo))
 
     def referenced() -> tuple[float, float]:
-        took_ref, _ = measure(reference)
+        took_ref, _ = measure(files, lambda: convert(actives, references, running))
         return took_ref, timed(lambda: [seal(r) for r in references])[0]
 
     if ours_first:
-        took, point = measure(ours)
+        took, point = ours()
         took_ref, sealed = referenced()
     else:
         took_ref, sealed = referenced()
-        took, point = measure(ours)
+        took, point = ours()
     sample = Sample(took, took_ref, sealed, int(point["bytes"]),
                     sum(r.stat().st_size for r in references), str(point["consistency"]))
     shutil.rmtree(repo)
@@ -178,28 +220,157 @@ def rows(state: str, samples: list[Sample], amount: int) -> list[Row]:
                 median(s.ours_bytes / s.reference_bytes for s in samples), fmt=mib)]
 
 
+# --- incremental ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Incremental:
+    full: float
+    incremental: float
+    idle: float  # one more incremental, nothing written since (informational)
+    convert: float  # qemu-img convert of both chains after the writes (informational)
+    written: int  # by qemu-io
+    own: int  # the incremental's files alone: extents present at depth 0
+    dirty: int  # the manifest's dirty_bytes, summed over the disks
+    files: int  # the incremental's file sizes
+    reason: str
+
+
+def own_bytes(path: Path) -> int:
+    """What a point's file holds itself, not its backing files: `qemu-img map` extents present
+    at depth 0."""
+    extents = json.loads(sh("qemu-img", "map", "--output=json", "-f", "qcow2", str(path)))
+    return sum(e["length"] for e in extents if e["depth"] == 0 and e.get("present", e["data"]))
+
+
+def scatter_writes(image: Path, size: int, run: int) -> int:
+    """WRITES writes of WRITE_SIZE at distinct pseudo-random aligned offsets of ``image`` (a
+    fixed seed, plus ``run``), in one qemu-io; the bytes written."""
+    offsets = random.Random(SEED + run).sample(range(size // WRITE_SIZE), WRITES)
+    pattern = 0x20 + run % 0xD0
+    commands = [f"write -P {pattern} {n * WRITE_SIZE} {WRITE_SIZE}" for n in sorted(offsets)]
+    sh("qemu-io", "-f", "qcow2", *(arg for c in commands for arg in ("-c", c)), str(image))
+    return WRITES * WRITE_SIZE
+
+
+def incremental_run(guest: Guest, repo: Path, actives: list[Path], scratch_size: int,
+                    run: int) -> Incremental:
+    home = guest.home
+    home.wm("backup", "repo", "init", str(repo))
+    files = [f for active in actives for f in chain_files(active, False)]
+    took_full, full = measure(files, lambda: backup_run(guest, repo))
+    if full["kind"] != "full":
+        raise RuntimeError(f"the first point of a new repository is {full['kind']!r}: "
+                           f"{full['reason']}")
+    written = scatter_writes(actives[1], scratch_size, run)
+    took, point = measure(files, lambda: backup_run(guest, repo))
+    if point["kind"] != "incremental":
+        raise RuntimeError(f"the point after {mib(written)} of writes is {point['kind']!r}, not "
+                           f"incremental; its reason: {point['reason']}")
+    manifest = json.loads((repo / "vms" / point["vm_id"] / "points" / f"{point['id']}.json"
+                           ).read_text())
+    own = sum(own_bytes(repo / d["file"]) for d in manifest["disks"])
+    dirty = sum(int(d["dirty_bytes"]) for d in manifest["disks"])
+    took_idle, idle = measure(files, lambda: backup_run(guest, repo))
+    if idle["kind"] != "incremental":
+        raise RuntimeError(f"the point with nothing written since the last is {idle['kind']!r}, "
+                           f"not incremental; its reason: {idle['reason']}")
+    references = [repo / f"ref-{n}.qcow2" for n in range(len(actives))]
+    took_ref, _ = measure(files, lambda: convert(actives, references, False))
+    shutil.rmtree(repo)
+    return Incremental(took_full, took, took_idle, took_ref, written, own, dirty,
+                       int(point["bytes"]), str(point["reason"]))
+
+
+def bench_incremental(guest: Guest, root: Path, runs: int, scratch_size: int
+                      ) -> list[Incremental]:
+    actives = [guest.active_image(0), guest.active_image(1)]
+    samples = []
+    for run in range(runs):
+        say(f"incremental: run {run + 1}/{runs}")
+        samples.append(incremental_run(guest, root / f"repo-incremental-{run}", actives,
+                                       scratch_size, run))
+    return samples
+
+
+def mib2(value: float) -> str:
+    return f"{value / MIB:.2f} MiB"
+
+
+def incremental_rows(samples: list[Incremental]) -> list[Row]:
+    time_ratio = median(s.incremental / s.full for s in samples)
+    written_ratio = median(s.own / s.written for s in samples)
+    dirty_ratio = median(s.own / s.dirty for s in samples)
+    times = [s.incremental for s in samples]
+    own = [float(s.own) for s in samples]
+    convert_s = seconds(median(s.convert for s in samples))
+    return [
+        row("incremental: wall time", "off", times,
+            f"{seconds(median(s.full for s in samples))} full backup run", time_ratio,
+            f"<= {INCREMENTAL_TIME:.2f}", time_ratio <= INCREMENTAL_TIME),
+        row("  vs qemu-img convert", "off", times, f"{convert_s} qemu-img convert",
+            median(s.incremental / s.convert for s in samples)),
+        row("incremental, nothing written", "off", [s.idle for s in samples],
+            f"{seconds(median(s.full for s in samples))} full backup run",
+            median(s.idle / s.full for s in samples)),
+        row("full backup: wall time", "off", [s.full for s in samples],
+            f"{convert_s} qemu-img convert", median(s.full / s.convert for s in samples)),
+        row("incremental: own data / written", "off", own,
+            f"{mib2(median(s.written for s in samples))} written (qemu-io)", written_ratio,
+            f"<= {INCREMENTAL_DATA}", written_ratio <= INCREMENTAL_DATA, fmt=mib2),
+        row("incremental: own data / dirty_bytes", "off", own,
+            f"{mib2(median(s.dirty for s in samples))} dirty_bytes", dirty_ratio,
+            f"<= {INCREMENTAL_DATA}", dirty_ratio <= INCREMENTAL_DATA, fmt=mib2),
+        row("  dirty_bytes / written", "off", [float(s.dirty) for s in samples],
+            f"{mib2(median(s.written for s in samples))} written (qemu-io)",
+            median(s.dirty / s.written for s in samples), fmt=mib2),
+        row("  file bytes / written", "off", [float(s.files) for s in samples],
+            f"{mib2(median(s.written for s in samples))} written (qemu-io)",
+            median(s.files / s.written for s in samples), fmt=mib2)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=512,
                         help="MiB of data written into the scratch disk (1 GiB or this size).")
+    parser.add_argument("--only", choices=("full", "incremental"),
+                        help="Only the full backups (off and running) or only the incremental "
+                             "one (off); both by default.")
     args = parser.parse_args()
+    full, incremental = args.only in (None, "full"), args.only in (None, "incremental")
     image = test_guest_image()
+    scratch_mib = max(1024, args.mib)
     with scratch_home() as home:
-        guest = Guest(home, MEMORY, image, f"{max(1024, args.mib)}M")
+        root = home.path.parent
+        guest = Guest(home, MEMORY, image, f"{scratch_mib}M")
         qemu_io_write(guest.active_image(1), 0, args.mib, 7)
-        off, amount_off = bench_state(guest, home.path.parent, args.runs, running=False)
-        say("booting the guest")
-        guest.boot()
-        guest.wait_agent()
-        live, amount_live = bench_state(guest, home.path.parent, args.runs, running=True)
-    print(f"backup benchmarks, medians of {args.runs}, {guest.accelerator} (wall clock through "
-          f"the CLI; {mib(amount_off)} of data off, {mib(amount_live)} running):")
-    print(table([*rows("off", off, amount_off), *rows("running", live, amount_live)]))
-    for state, samples in (("off", off), ("running", live)):
-        consistencies = "; ".join(sorted({s.consistency for s in samples}))
-        print(f"VM {state}: the points recorded {consistencies}")
+        if full:
+            off, amount_off = bench_state(guest, root, args.runs, running=False)
+        if incremental:
+            amount_incr = sum(data_bytes(a) for a in (guest.active_image(0),
+                                                      guest.active_image(1)))
+            incr = bench_incremental(guest, root, args.runs, scratch_mib * MIB)
+        if full:
+            say("booting the guest")
+            guest.boot()
+            guest.wait_agent()
+            live, amount_live = bench_state(guest, root, args.runs, running=True)
+    if full:
+        print(f"backup benchmarks, medians of {args.runs}, {guest.accelerator} (wall clock "
+              f"through the CLI; {mib(amount_off)} of data off, {mib(amount_live)} running):")
+        print(table([*rows("off", off, amount_off), *rows("running", live, amount_live)]))
+        for state, samples in (("off", off), ("running", live)):
+            consistencies = "; ".join(sorted({s.consistency for s in samples}))
+            print(f"VM {state}: the points recorded {consistencies}")
+    if incremental:
+        print(f"incremental backup, medians of {args.runs}, VM off (wall clock through the CLI; "
+              f"{mib(amount_incr)} of data in both disks before the first run, a "
+              f"{mib(scratch_mib * MIB)} scratch disk, {WRITES} writes of "
+              f"{WRITE_SIZE >> 10} KiB between the full and the incremental point):")
+        print(table(incremental_rows(incr)))
+        print(f"every point after the writes was kind 'incremental' (the last one's reason: "
+              f"{incr[-1].reason!r})")
 
 
 if __name__ == "__main__":
