@@ -55,6 +55,9 @@ wm vm import "$WAYMARK_HOME/export-after-upgrade" --name demo-clone
 wm vm list
 wm backup repo init "$WAYMARK_HOME/usb-backups"     # stands for a folder on external storage
 wm backup run demo demo-clone --repo "$WAYMARK_HOME/usb-backups"
+io "write -P 0x77 2M 256k"                      # Now moves on; a checkpoint does not break tracking
+wm checkpoint create demo --name "after the first backup"
+wm backup run demo --repo "$WAYMARK_HOME/usb-backups"   # incremental: only what changed
 wm backup list --repo "$WAYMARK_HOME/usb-backups"
 wm backup verify --repo "$WAYMARK_HOME/usb-backups"
 wm backup restore demo --repo "$WAYMARK_HOME/usb-backups" --as-new demo-restored
