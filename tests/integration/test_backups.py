@@ -496,6 +496,11 @@ def test_a_damaged_point_is_named_by_verify_and_refused_by_restore(
     only = wm.run("backup", "verify", VM, "--point", point["id"], "--repo", str(repo))
     assert_error(only, None, point["id"])
     verify_ok(wm, repo, "--point", good["id"])
+    # a point's verify covers the points it needs: the incremental is damaged through its parent
+    through = wm.run("backup", "verify", "--repo", str(repo), "--point", needs_it["id"], "--json")
+    rows = {r["id"]: r["problems"] for r in json_documents(through.stdout)[0]}
+    assert through.returncode != 0 and set(rows) == {point["id"], needs_it["id"]}, through
+    assert rows[needs_it["id"]] == [] and disk["file"] in rows[point["id"]][0], rows
 
     home, repo_files = tree_files(wm.home), tree_files(repo)
     vms, tree = wm.json("vm", "list"), wm.json("checkpoint", "list", VM)

@@ -382,16 +382,28 @@ def _repo_vm(repo: Repository, ref: str) -> str:
 
 def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = None
            ) -> list[dict[str, Any]]:
-    """Re-read every file of the chosen points: one entry per point, with its problems."""
+    """Re-read every file of the chosen points (with ``point_ref``: that point and every point
+    it needs): one entry per point, with its problems, a missing parent among them."""
     repo = Repository.open(repo_path)
     vm_id = _repo_vm(repo, vm_ref) if vm_ref else None
-    points = [repo.point(point_ref, vm_id)] if point_ref else repo.points(vm_id)
-    rows = [{"id": p["id"], "vm_name": p["vm"]["name"], "problems": repo.problems(p)}
+    known = {p["id"]: p for p in repo.points(vm_id)}
+    points = _needed(known, repo.point(point_ref, vm_id)) if point_ref else list(known.values())
+    rows = [{"id": p["id"], "vm_name": p["vm"]["name"],
+             "problems": repo.problems(p) + ([f"needs point {p['parent']}, which is missing"]
+                                            if p["parent"] and p["parent"] not in known else [])}
             for p in points]
     if point_ref is None:
         rows += [{"id": bad.split(":")[0], "vm_name": None, "problems": [bad]}
                  for bad in repo.unreadable(vm_id)]
     return rows
+
+
+def _needed(known: dict[str, dict[str, Any]], point: dict[str, Any]) -> list[dict[str, Any]]:
+    """The point and the points it needs that exist, oldest first."""
+    chain = [point]
+    while chain[-1]["parent"] in known:
+        chain.append(known[chain[-1]["parent"]])
+    return chain[::-1]
 
 
 # --- retention --------------------------------------------------------------------------------
