@@ -117,6 +117,13 @@ def assert_dirty_bytes(repo: Path, expected: dict[str, int]) -> None:
     assert found == expected, "the manifests' dirty_bytes (left) are not the written clusters"
 
 
+def assert_sound(wm: Waymark, repo: Path, contents: dict[str, str]) -> None:
+    """Every point holds its content, verifies, and no stray file is left."""
+    assert_contents(repo, contents)
+    verify_ok(wm, repo)
+    assert_tidy(repo)
+
+
 def assert_contents(repo: Path, contents: dict[str, str]) -> None:
     """Every point listed in ``contents`` (and no other) holds its content."""
     assert set(manifests(repo)) == set(contents)
@@ -224,9 +231,7 @@ def test_change_tracking_follows_checkpoint_create_and_an_active_commit(
     inc2 = taken(wm, repo, contents)
     assert_incremental(repo, inc2, inc1, clusters(big, tiny, last), dirty)
 
-    assert_contents(repo, contents)
-    verify_ok(wm, repo)
-    assert_tidy(repo)
+    assert_sound(wm, repo, contents)
     assert restored(wm, repo, inc2["id"], "copy") == contents[inc2["id"]]
     assert [c["name"] for c in wm.json("checkpoint", "list", VM)["checkpoints"]] == ["A"]
     assert_clean(wm)
@@ -266,9 +271,7 @@ def test_an_apply_or_full_makes_a_full_point_and_the_next_is_incremental(
     after_full = taken(wm, repo, contents)
     assert_incremental(repo, after_full, asked, clusters(change), dirty)
 
-    assert_contents(repo, contents)
-    verify_ok(wm, repo)
-    assert_tidy(repo)
+    assert_sound(wm, repo, contents)
     assert_clean(wm)
     assert_dirty_bytes(repo, dirty)
 
@@ -302,9 +305,7 @@ def test_a_run_killed_after_its_jobs_started_makes_the_next_one_full(wm: Waymark
     change = write(wm, 4 * MIB, 64 * KIB, 0x03)
     then = taken(wm, repo, contents)
     assert_incremental(repo, then, after, clusters(change), dirty)
-    assert_contents(repo, contents)
-    verify_ok(wm, repo)
-    assert_tidy(repo)
+    assert_sound(wm, repo, contents)
     assert_clean(wm)
     assert_dirty_bytes(repo, dirty)
 
@@ -332,9 +333,7 @@ def test_prune_merges_the_removed_points_into_the_kept_ones(wm: Waymark, tmp_pat
     assert kept[d["id"]]["kind"] == "incremental" and kept[d["id"]]["parent"] == c["id"]
     assert kept[d["id"]] == before[d["id"]], "D (on C, which keeps its id) was changed"
     assert info(repo / disk_of(repo, d)["file"])["backing-filename"] == f"{c['id']}.qcow2"
-    assert_contents(repo, contents)
-    verify_ok(wm, repo)
-    assert_tidy(repo)
+    assert_sound(wm, repo, contents)
 
     change = write(wm, 7 * MIB, 64 * KIB, 0x0E)
     e = taken(wm, repo, contents)
@@ -379,7 +378,5 @@ def test_a_prune_killed_mid_merge_is_finished_by_the_next_command(
     assert kept[b["id"]]["merged"] == [a["id"]], kept[b["id"]]
     assert "backing-filename" not in info(repo / disk_of(repo, b)["file"])
     assert kept[c["id"]]["parent"] == b["id"], kept[c["id"]]
-    assert_contents(repo, contents)
-    verify_ok(wm, repo)
-    assert_tidy(repo)
+    assert_sound(wm, repo, contents)
     assert_dirty_bytes(repo, dirty)
