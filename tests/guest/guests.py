@@ -3,13 +3,15 @@ the module-scoped fixtures that build the guest once and power every VM off at t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import re
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -181,6 +183,49 @@ class Guest:
             self.wm("vm", "stop", self.name, "--force")
         assert self.state() == "off"
         assert self.qemus() == []
+
+
+# --- the guest agent -------------------------------------------------------------------------
+
+def _agent_call(sock: socket.socket, replies: Any, name: str, **arguments: Any) -> Any:
+    sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
+    while True:  # skip what an earlier client left unread
+        try:
+            reply = json.loads(replies.readline())
+        except ValueError:
+            continue
+        if "error" in reply:
+            raise AssertionError(f"guest agent {name}: {reply['error']}")
+        if name != "guest-sync" or reply.get("return") == arguments["id"]:
+            return reply["return"]
+
+
+def _agent_exec_once(vm: Guest, path: str, args: Sequence[str]) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5.0)
+        sock.connect(str(vm.run_dir / "qga.sock"))
+        replies = sock.makefile("rb")
+        _agent_call(sock, replies, "guest-sync", id=random.randrange(1 << 30))
+        pid = _agent_call(sock, replies, "guest-exec", path=path, arg=list(args),
+                          **{"capture-output": True})["pid"]
+        deadline = time.monotonic() + 20.0
+        while not (status := _agent_call(sock, replies, "guest-exec-status", pid=pid))["exited"]:
+            assert time.monotonic() < deadline, f"{path} in the guest did not exit"
+            time.sleep(0.2)
+        return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+
+
+def agent_exec(vm: Guest, path: str, *args: str, timeout: float = 30.0) -> str:
+    """Run a program in the guest through its agent (retried until the agent answers); its
+    output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _agent_exec_once(vm, path, args)
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def create(wm: Waymark, name: str, image: dict[str, str], **paths: str) -> Guest:

@@ -33,13 +33,10 @@ QMP, holding the VM, as behind a very slow disk), then ``SIGCONT``. No image is 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -52,6 +49,7 @@ import pytest
 
 from tests.guest.guests import (
     Guest,
+    agent_exec,
     assert_clear_error,
     counters,
     gone,
@@ -200,47 +198,6 @@ def qemu_chains(vm: Guest) -> list[list[str]]:
 def assert_qemu_matches_catalog(vm: Guest) -> None:
     assert qmp(vm, "query-jobs") == [], "a QEMU block job is left over"
     assert qemu_chains(vm) == catalog_chains(vm)
-
-
-def _agent_call(sock: socket.socket, replies: Any, name: str, **arguments: Any) -> Any:
-    sock.sendall(json.dumps({"execute": name, "arguments": arguments}).encode())
-    while True:  # skip what an earlier client left unread
-        try:
-            reply = json.loads(replies.readline())
-        except ValueError:
-            continue
-        if "error" in reply:
-            raise AssertionError(f"guest agent {name}: {reply['error']}")
-        if name != "guest-sync" or reply.get("return") == arguments["id"]:
-            return reply["return"]
-
-
-def _agent_exec_once(vm: Guest, path: str) -> str:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5.0)
-        sock.connect(str(vm.run_dir / "qga.sock"))
-        replies = sock.makefile("rb")
-        _agent_call(sock, replies, "guest-sync", id=random.randrange(1 << 30))
-        pid = _agent_call(sock, replies, "guest-exec", path=path,
-                          **{"capture-output": True})["pid"]
-        deadline = time.monotonic() + 20.0
-        while not (status := _agent_call(sock, replies, "guest-exec-status", pid=pid))["exited"]:
-            assert time.monotonic() < deadline, f"{path} in the guest did not exit"
-            time.sleep(0.2)
-        return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
-
-
-def agent_exec(vm: Guest, path: str, timeout: float = 30.0) -> str:
-    """Run a program in the guest through its agent (retried until the agent answers); its
-    output."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return _agent_exec_once(vm, path)
-        except (OSError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def assert_guest_without_io_errors(vm: Guest, mark: int) -> None:

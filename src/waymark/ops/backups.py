@@ -219,7 +219,8 @@ def _full_reason(job: Run, tracked: dict[str, list[bitmaps.Bitmap]]) -> str | No
         disk = f"disk {target.disk_id[:12]}"
         if not found:
             return (f"{disk} has no change tracking since point {latest['id']} (a checkpoint "
-                    "was applied or a backup restored since)")
+                    "was applied or a backup restored since, or its QEMU was killed or crashed "
+                    "before it first saved it)")
         if found[0].get("inconsistent"):
             return (f"{disk}'s change tracking is inconsistent: its QEMU stopped without saving "
                     "it (killed or crashed)")

@@ -94,8 +94,8 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         qemu_img.create(path, size=step.get("size"), backing=_opt_path(step.get("backing")),
                         backing_fmt=step.get("backing_fmt"), unsafe=bool(step.get("unsafe")))
-        if step.get("bitmaps_from"):
-            bitmaps.carry_files(Path(step["bitmaps_from"]), path)
+        if step.get("bitmaps_from"):  # (a re-run re-creates the file: never a stale bitmap)
+            bitmaps.onto_new_file(Path(step["bitmaps_from"]), path)
         durable.fsync_file(path)
     elif op == "claim_file" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

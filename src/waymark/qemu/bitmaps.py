@@ -87,9 +87,15 @@ async def replace_live(machine: qmp.Qmp, src_node: str, dst_node: str) -> None:
 
 def carry_files(src: Path, dst: Path) -> None:
     """Offline: ``dst``'s bitmaps become copies of ``src``'s consistent ones (no process may
-    have either open). ``in-use`` on a closed image means its QEMU was killed: not carried."""
+    have either open)."""
     for stale in _ours(qemu_img.bitmaps(dst)):
         qemu_img.bitmap(dst, stale["name"], remove=True)
+    onto_new_file(src, dst)
+
+
+def onto_new_file(src: Path, dst: Path) -> None:
+    """Offline, ``dst`` just created (it has no bitmap): copies of ``src``'s consistent ones.
+    ``in-use`` on a closed image means its QEMU was killed: not carried."""
     copy_files(src, dst, [b for b in _ours(qemu_img.bitmaps(src))
                           if "in-use" not in b.get("flags", [])])
 
