@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import StorageError
 
-HEAD = "0006"
+HEAD = "0007"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

@@ -41,6 +41,9 @@ class Vm(Base):
     # shutdown; the one taken at the last start (no foreign key: it may be deleted by hand)
     automatic_checkpoints: Mapped[bool] = mapped_column(Boolean, default=False)
     automatic_checkpoint_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # where its settings came from at creation (waymark.profiles): {"template", "profile",
+    # "sources": {setting: "vm" | "profile P" | "template T" | "default"}}; None: before 0007
+    origin: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Image(Base):
@@ -178,3 +181,36 @@ class BackupBase(Base):
     repo_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     point_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Profile(Base):
+    """A hardware profile (VMM's ``New-SCHardwareProfile``): settings copied into the VMs
+    created with it (:mod:`waymark.profiles`); None = not set by this profile."""
+
+    __tablename__ = "profiles"
+
+    name: Mapped[str] = mapped_column(String(99), primary_key=True)
+    cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    checkpoint_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    max_checkpoints: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    automatic_checkpoints: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Template(Base):
+    """A VM template (VMM's ``New-SCVMTemplate``): a profile, boot files and read-only disk
+    images in ``folder`` (``disks``: file, format, virtual_size, sha256 each)."""
+
+    __tablename__ = "templates"
+
+    name: Mapped[str] = mapped_column(String(99), primary_key=True)
+    profile_name: Mapped[str | None] = mapped_column(ForeignKey("profiles.name"), nullable=True)
+    checkpoint_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    kernel: Mapped[str | None] = mapped_column(Text, nullable=True)
+    initrd: Mapped[str | None] = mapped_column(Text, nullable=True)
+    append: Mapped[str | None] = mapped_column(Text, nullable=True)
+    folder: Mapped[str] = mapped_column(Text)
+    disks: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -53,6 +53,10 @@ class LazyGroup(click.Group):
                   "Compare the catalog, the files and the journal; --repair."),
         "guest": ("waymark.cli.guest", "guest", "The self-contained test and demo guest."),
         "job": ("waymark.cli.job", "job", "Long operations (merges, exports): list, wait, cancel."),
+        "profile": ("waymark.cli.library", "profile",
+                    "Hardware profiles: settings new VMs and templates copy."),
+        "template": ("waymark.cli.library", "template",
+                     "VM templates: a profile, boot files and read-only disk images."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

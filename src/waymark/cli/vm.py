@@ -10,8 +10,8 @@ import click
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.cli.main import face
 from waymark.cli.output import emit, fraction_progress, interactive, json_option
-from waymark.errors import ConsentRequired
-from waymark.ops import bundles, views, vms
+from waymark.errors import ConsentRequired, InvalidInput
+from waymark.ops import bundles, templates, views, vms
 from waymark.units import human, parse_size
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
@@ -28,35 +28,52 @@ def vm() -> None:
 
 @vm.command("create")
 @click.argument("name")
-@click.option("--memory", default="512M", show_default=True, help="Memory (M, G suffixes).")
-@click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--template", metavar="T", help="Create it from a template: its disks (linked "
+                                              "clones), boot files, profile and settings.")
+@click.option("--profile", metavar="P", help="A hardware profile (overrides the template's).")
+@click.option("--full-copy", is_flag=True,
+              help="The template's disks as standalone copies, not linked clones.")
+@click.option("--memory", help="Memory (M, G suffixes)  [default: profile, else 512M]")
+@click.option("--cpus", type=click.IntRange(1, 64), help="[default: profile, else 1]")
 @click.option("--disk", "disks", multiple=True, metavar="SIZE|PATH[,passthrough=on]",
               help="A new disk of SIZE, or an existing qcow2/raw file (never written: it "
                    "becomes the read-only base of an overlay). Repeatable.")
 @click.option("--kernel", metavar="FILE", help="Boot this kernel directly.")
 @click.option("--initrd", metavar="FILE")
 @click.option("--append", metavar="CMDLINE", help="Kernel command line.")
-@click.option("--checkpoint-type", type=TYPES, default="production", show_default=True)
+@click.option("--checkpoint-type", type=TYPES,
+              help="[default: profile, else template, else production]")
 @click.option("--checkpoint-dir", metavar="DIR", help="Folder for checkpoint files.")
-@click.option("--max-checkpoints", type=int, default=vms.DEFAULT_MAX_CHECKPOINTS,
-              show_default=True)
+@click.option("--max-checkpoints", type=int, help="[default: profile, else 50]")
+@click.option("--automatic-checkpoints", type=click.Choice(["on", "off"]),
+              help="[default: profile, else off]")
 @click.option("--nic", "nics", multiple=True, metavar="user[,hostfwd=R]|bridge=BR|none",
               help="A virtio NIC (default: one user-mode NIC). Repeatable.")
 @json_option
-def create(name: str, memory: str, cpus: int, disks: tuple[str, ...], kernel: str | None,
-           initrd: str | None, append: str | None, checkpoint_type: str,
-           checkpoint_dir: str | None, max_checkpoints: int, nics: tuple[str, ...],
-           as_json: bool) -> None:
-    """Define a new VM (it is off)."""
+def create(name: str, template: str | None, profile: str | None, full_copy: bool,
+           memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,
+           initrd: str | None, append: str | None, checkpoint_type: str | None,
+           checkpoint_dir: str | None, max_checkpoints: int | None,
+           automatic_checkpoints: str | None, nics: tuple[str, ...], as_json: bool) -> None:
+    """Define a new VM (it is off). Each setting comes from its option, else the hardware
+    profile, else the template, else the default; `vm show` says which."""
+    if full_copy and template is None:
+        raise InvalidInput("--full-copy copies a template's disks.",
+                           hint="Add --template T, or leave --full-copy out.")
     specs = [vms.DiskSpec.parse(d) for d in disks]
     nic_list = None if not nics else [n for n in map(vms.parse_nic, nics) if n is not None]
     ctx = face().ctx
-    vm_id = vms.create(ctx, name, memory=_memory(memory) or 0, cpus=cpus, disks=specs,
-                       kernel=kernel, initrd=initrd, append=append,
-                       checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
-                       max_checkpoints=max_checkpoints, nics=nic_list)
+    explicit = {"memory": _memory(memory), "cpus": cpus, "checkpoint_type": checkpoint_type,
+                "max_checkpoints": max_checkpoints,
+                "automatic_checkpoints": None if automatic_checkpoints is None
+                else automatic_checkpoints == "on"}
+    vm_id = templates.new_vm(ctx, name, explicit=explicit, template=template, profile=profile,
+                             disks=specs, full_copy=full_copy, kernel=kernel, initrd=initrd,
+                             append=append, checkpoint_dir=checkpoint_dir, nics=nic_list)
     shown = views.vm_show(ctx, vm_id)
-    emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}) with {len(specs)} disk(s)."])
+    source = f" from template {template}" if template else ""
+    emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}){source} with "
+                          f"{len(shown['disks'])} disk(s)."])
 
 
 @vm.command("list")
@@ -87,7 +104,8 @@ def show(vm_ref: str, as_json: bool) -> None:
     lines = [f"VM {data['name']}  ({data['id']})", f"  state: {data['state']}",
              f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
              f"machine: {data['machine']}",
-             f"  checkpoint type: {data['checkpoint_type']}   limit: {data['max_checkpoints']}"
+             f"  checkpoint type: {data['checkpoint_type']}{_from(data, 'checkpoint_type')}"
+             f"   limit: {data['max_checkpoints']}"
              f"   automatic: {'on' if data['automatic_checkpoints'] else 'off'}"
              f"   folder: {data['checkpoint_dir']}",
              f"  checkpoints: {data['checkpoint_count']}, holding "
@@ -101,6 +119,11 @@ def show(vm_ref: str, as_json: bool) -> None:
         lines.append("detached disks (files kept):")
         lines += [_disk_line(d) for d in data["detached_disks"]]
     emit(as_json, data, lines)
+
+
+def _from(data: dict[str, Any], key: str) -> str:
+    source = data["settings_source"].get(key)
+    return f" (from {source})" if source and source != "vm" else ""
 
 
 DISCARD_SAVED = click.option(

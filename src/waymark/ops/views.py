@@ -138,6 +138,10 @@ def _vm(session: Session, row: Vm) -> dict[str, Any]:
         "max_checkpoints": row.max_checkpoints,
         "automatic_checkpoints": row.automatic_checkpoints,
         "automatic_checkpoint_id": row.automatic_checkpoint_id,
+        "template": (row.origin or {}).get("template"),
+        "profile": (row.origin or {}).get("profile"),
+        # where each setting came from at creation: vm | profile P | template T | default
+        "settings_source": (row.origin or {}).get("sources", {}),
         "current_checkpoint_id": row.current_checkpoint_id,
         "checkpoint_count": lookup.checkpoint_count(session, row.id),
         "checkpoint_space_bytes": held,

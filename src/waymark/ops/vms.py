@@ -40,6 +40,7 @@ class DiskSpec:
     size: int | None = None
     path: Path | None = None
     passthrough: bool = False
+    copy: bool = False  # a standalone copy of ``path`` (a template's full copy), not an overlay
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
@@ -163,6 +164,12 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         raise InvalidInput(f"{spec.path} is a file Waymark manages.",
                            hint="Export a checkpoint (a later command) to get a standalone copy.")
     fmt = qemu_img.probe_format(spec.path)
+    if spec.copy:
+        path = folder / f"{new_id()}.qcow2"
+        row = _image_row(vm_id, path, "qcow2", qemu_img.info(spec.path, fmt).virtual_size)
+        disk["active_image_id"] = row["id"]
+        return disk, [row], [{"op": "convert", "path": str(path), "src": str(spec.path),
+                              "src_fmt": fmt}]
     chain = qemu_img.chain(spec.path, fmt)
     base = _image_row(vm_id, spec.path, fmt, chain[0].virtual_size, pinned=True,
                       chain_length=len(chain))
@@ -177,8 +184,10 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
 def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskSpec],
            kernel: str | None = None, initrd: str | None = None, append: str | None = None,
            checkpoint_type: str = "production", checkpoint_dir: str | None = None,
-           max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None) -> str:
-    """Define a VM (it is off); returns its id."""
+           max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None,
+           automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None) -> str:
+    """Define a VM (it is off); returns its id. ``origin``: where its settings came from
+    (:func:`waymark.ops.templates.new_vm`)."""
     name = tree.clean_name(name, what="VM name")
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
@@ -202,7 +211,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     folder = checkpoint_dir or str(ctx.vm_folder(vm_id) / "checkpoints")
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
               "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
-              "checkpoint_dir": check_folder(folder)}
+              "checkpoint_dir": check_folder(folder),
+              "automatic_checkpoints": automatic_checkpoints, "origin": origin}
     steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
     with ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
@@ -243,11 +253,24 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
                                        discard_saved)
         _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
                     max_checkpoints)
-        if automatic_checkpoints is not None:
-            with ctx.catalog.session() as session:
-                session.get_one(Vm, vm_id).automatic_checkpoints = automatic_checkpoints
+        with ctx.catalog.session() as session:
+            row = session.get_one(Vm, vm_id)
+            if automatic_checkpoints is not None:
+                row.automatic_checkpoints = automatic_checkpoints
+            _own(row, {"memory_mib": memory, "cpus": cpus, "checkpoint_type": checkpoint_type,
+                       "max_checkpoints": max_checkpoints,
+                       "automatic_checkpoints": automatic_checkpoints})
         if discard:
             machines.discard_saved(ctx, vm_id)
+
+
+def _own(row: Vm, changed: dict[str, Any]) -> None:
+    """The settings just set become the VM's own (no longer its profile's or template's)."""
+    if row.origin is None:
+        return
+    sources = {**row.origin.get("sources", {}),
+               **{key: "vm" for key, value in changed.items() if value is not None}}
+    row.origin = {**row.origin, "sources": sources}
 
 
 def _hardware_change(ctx: Context, vm_id: str, vm_name: str, what: str,

@@ -1,0 +1,174 @@
+"""``waymark profile`` and ``waymark template``: hardware profiles and VM templates
+(:mod:`waymark.ops.profiles`, :mod:`waymark.ops.templates`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from waymark.checkpoints.hardware import CHECKPOINT_TYPES
+from waymark.cli.main import face
+from waymark.cli.output import emit, fraction_progress, json_option
+from waymark.ops import profiles, templates
+from waymark.units import parse_size
+
+TYPES = click.Choice(CHECKPOINT_TYPES)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _settings_options(command: F) -> F:
+    for option in reversed([
+            click.option("--cpus", type=click.IntRange(1, 64)),
+            click.option("--memory", help="Memory (M, G suffixes)."),
+            click.option("--checkpoint-type", type=TYPES),
+            click.option("--max-checkpoints", type=int),
+            click.option("--automatic-checkpoints", type=click.Choice(["on", "off"]))]):
+        command = option(command)
+    return command
+
+
+def _settings(cpus: int | None, memory: str | None, checkpoint_type: str | None,
+              max_checkpoints: int | None, automatic_checkpoints: str | None) -> dict[str, Any]:
+    return {"cpus": cpus, "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
+            "memory": None if memory is None else parse_size(memory, what="memory"),
+            "automatic_checkpoints": None if automatic_checkpoints is None
+            else automatic_checkpoints == "on"}
+
+
+def _profile_lines(p: dict[str, Any]) -> list[str]:
+    def shown(key: str) -> str:
+        value = p[key]
+        if value is None:
+            return "-"
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    return [f"{p['name']:<20} cpus {shown('cpus'):>3}  memory {shown('memory_mib'):>6}M  "
+            f"type {shown('checkpoint_type'):<14} limit {shown('max_checkpoints'):>3}  "
+            f"automatic {shown('automatic_checkpoints')}"]
+
+
+@click.group()
+def profile() -> None:
+    """Hardware profiles: settings that new VMs and templates copy."""
+
+
+@profile.command("create")
+@click.argument("name")
+@_settings_options
+@json_option
+def profile_create(name: str, as_json: bool, **options: Any) -> None:
+    """A new hardware profile (unset settings fall through to the template or default)."""
+    p = profiles.create(face().ctx, name, _settings(**options))
+    emit(as_json, p, [f"Created hardware profile {p['name']}.", *_profile_lines(p)])
+
+
+@profile.command("set")
+@click.argument("name")
+@_settings_options
+@json_option
+def profile_set(name: str, as_json: bool, **options: Any) -> None:
+    """Change a profile (VMs created from it earlier keep their settings)."""
+    p = profiles.update(face().ctx, name, _settings(**options))
+    emit(as_json, p, [f"Updated hardware profile {p['name']}.", *_profile_lines(p)])
+
+
+@profile.command("show")
+@click.argument("name")
+@json_option
+def profile_show(name: str, as_json: bool) -> None:
+    p = profiles.show(face().ctx, name)
+    emit(as_json, p, [*_profile_lines(p), f"  used by templates: "
+                                          f"{', '.join(p['templates']) or '(none)'}"])
+
+
+@profile.command("list")
+@json_option
+def profile_list(as_json: bool) -> None:
+    rows = profiles.listing(face().ctx)
+    emit(as_json, rows, [line for p in rows for line in _profile_lines(p)]
+         or ["No hardware profiles yet. Create one with: waymark profile create NAME"])
+
+
+@profile.command("delete")
+@click.argument("name")
+@json_option
+def profile_delete(name: str, as_json: bool) -> None:
+    profiles.delete(face().ctx, name)
+    emit(as_json, {"deleted": name}, [f"Deleted hardware profile {name}."])
+
+
+@click.group()
+def template() -> None:
+    """VM templates: a hardware profile, boot files and read-only disk images."""
+
+
+def _template_lines(t: dict[str, Any]) -> list[str]:
+    lines = [f"{t['name']}: profile {t['profile'] or '-'}, checkpoint type "
+             f"{t['checkpoint_type'] or '-'}, {len(t['disks'])} disk(s), "
+             f"VMs linked: {', '.join(t['vms']) or '(none)'}"]
+    return lines + [f"  disk {d['file']}  from {d['source']}" for d in t["disks"]]
+
+
+@template.command("create")
+@click.argument("name")
+@click.option("--profile", metavar="P", help="The hardware profile VMs made from it use.")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="IMAGE",
+              type=click.Path(path_type=Path),
+              help="A qcow2 or raw image, copied into the template. Repeatable.")
+@click.option("--kernel", metavar="FILE")
+@click.option("--initrd", metavar="FILE")
+@click.option("--append", metavar="CMDLINE")
+@click.option("--checkpoint-type", type=TYPES)
+@json_option
+def template_create(name: str, profile: str | None, disks: tuple[Path, ...], kernel: str | None,
+                    initrd: str | None, append: str | None, checkpoint_type: str | None,
+                    as_json: bool) -> None:
+    """A new template; its images are copied and made read-only."""
+    line = fraction_progress(f"copying the disks of template {name}")
+    t = templates.create(face().ctx, name, profile=profile,
+                         disks=[p.expanduser().absolute() for p in disks], kernel=kernel,
+                         initrd=initrd, append=append, checkpoint_type=checkpoint_type,
+                         report=lambda _what, fraction: line(fraction))
+    emit(as_json, t, [f"Created template {t['name']}. Make a VM from it with: "
+                      f"waymark vm create NAME --template {t['name']}"])
+
+
+@template.command("set")
+@click.argument("name")
+@click.option("--profile", metavar="P")
+@click.option("--checkpoint-type", type=TYPES)
+@click.option("--append", metavar="CMDLINE")
+@json_option
+def template_set(name: str, profile: str | None, checkpoint_type: str | None,
+                 append: str | None, as_json: bool) -> None:
+    """Change a template's settings (never its images; existing VMs keep theirs)."""
+    t = templates.update(face().ctx, name, profile=profile, checkpoint_type=checkpoint_type,
+                         append=append)
+    emit(as_json, t, [f"Updated template {t['name']}.", *_template_lines(t)])
+
+
+@template.command("show")
+@click.argument("name")
+@json_option
+def template_show(name: str, as_json: bool) -> None:
+    t = templates.show(face().ctx, name)
+    emit(as_json, t, _template_lines(t))
+
+
+@template.command("list")
+@json_option
+def template_list(as_json: bool) -> None:
+    rows = templates.listing(face().ctx)
+    emit(as_json, rows, [line for t in rows for line in _template_lines(t)]
+         or ["No templates yet. Create one with: waymark template create NAME --disk IMAGE"])
+
+
+@template.command("delete")
+@click.argument("name")
+@json_option
+def template_delete(name: str, as_json: bool) -> None:
+    templates.delete(face().ctx, name)
+    emit(as_json, {"deleted": name}, [f"Deleted template {name}."])
