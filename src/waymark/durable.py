@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -57,3 +58,19 @@ def sha256(path: Path) -> str:
     """The file's sha256, hex."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a durable copy of ``src``: a hard link when both share a file system
+    (for files never written in place, such as memory states, sharing the inode is safe), else
+    a copy; made under a temporary name and renamed, so ``dst`` is whole or absent."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dst)
+    remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)

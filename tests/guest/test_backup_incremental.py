@@ -280,6 +280,27 @@ def test_live_checkpoint_and_its_active_commit_keep_backups_incremental(
     chain.finish(tmp_path)
 
 
+def test_memory_checkpoints_of_a_paused_vm_keep_backups_incremental(
+        vm: Guest, repo: Path, tmp_path: Path) -> None:
+    """Standard checkpoints of a paused VM between backups. The first migrates the memory, which
+    leaves QEMU's nodes inactive (their bitmaps only in the files, copied by qemu-img); the next
+    ones reuse that memory, with an inactive top (copied from its file before QEMU opens the
+    overlay) and then an active one (QEMU opened it since: copied in the transaction). After
+    the resume the next point is incremental and every point restores exactly."""
+    files = ready(vm)
+    chain = Chain(repo)
+    chain.backup(vm, files, None)
+    chain.write(vm, files, "p1", 4)
+    vm.wm("vm", "pause", vm.name)
+    for number in range(3):
+        checkpoint(vm, f"paused-{number}", "standard")
+    vm.wm("vm", "resume", vm.name)
+    chain.write(vm, files, "p2", 4)
+    chain.backup(vm, files, "incremental")
+    assert_clean(vm.wm, repo)
+    chain.finish(tmp_path)
+
+
 def kill_and_start(vm: Guest) -> None:
     """kill -9 of the VM's QEMU, then ``vm start`` (to READY)."""
     (pid,) = vm.qemus()

@@ -173,11 +173,12 @@ def allocation_map(path: Path, fmt: str) -> list[MapExtent]:
     return [MapExtent.parse(e) for e in json.loads(out)]
 
 
-def bitmaps(path: Path) -> list[dict[str, Any]]:
-    """The persistent dirty bitmaps of a qcow2 image no process has open: ``name``,
-    ``granularity`` and ``flags`` (``in-use`` there means inconsistent: its QEMU was killed)."""
-    out = _qemu_img("info", "--output=json", "-f", "qcow2", str(path),
-                    what=f"reading the bitmaps of {path}")
+def bitmaps(path: Path, *, shared: bool = False) -> list[dict[str, Any]]:
+    """The persistent dirty bitmaps of a qcow2 image: ``name``, ``granularity`` and ``flags``
+    (``in-use``: a QEMU has the image open, or was killed while it had). ``shared`` (``-U``)
+    reads an image a QEMU may hold open."""
+    out = _qemu_img("info", *(["-U"] if shared else []), "--output=json", "-f", "qcow2",
+                    str(path), what=f"reading the bitmaps of {path}")
     data = json.loads(out).get("format-specific", {}).get("data", {})
     return list(data.get("bitmaps", []))
 

@@ -24,8 +24,6 @@ Steps are plain JSON dicts, so the journal can store them:
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,21 +55,6 @@ def _prune_empty(root: Path) -> None:
     if not any(root.iterdir()):
         root.rmdir()
         durable.fsync_dir(root.parent)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a durable copy of ``src``: a hard link when both share a file system
-    (memory states are never written in place, so sharing the inode is safe), else a copy."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = durable.temp_path(dst)
-    durable.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    durable.fsync_file(tmp)
-    os.replace(tmp, dst)
-    durable.fsync_dir(dst.parent)
 
 
 def run(step: Step, on_progress: qemu_img.Progress = None) -> None:
@@ -107,7 +90,7 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     elif op == "prune_dirs" and path is not None:
         _prune_empty(path)
     elif op == "copy_file" and path is not None:
-        _copy(Path(step["src"]), path)
+        durable.link_or_copy(Path(step["src"]), path)
     elif op in LIVE_OPS:
         LIVE_OPS[op](step, on_progress)
     elif not _run_image(step, path, on_progress):

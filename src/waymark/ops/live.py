@@ -156,8 +156,10 @@ async def _standard(intent: LiveIntent, run: cmdline.RunFiles, machine: qmp.Qmp)
     memory = Path(live["memory"])
     pause = None
     if _reuses_paused_state(live, run):  # memory unchanged since that migration
-        _link(run.paused_state, memory)
-        await _switch(machine, live, carry=False)  # the bitmaps were carried before
+        durable.link_or_copy(run.paused_state, memory)
+        # bitmaps of tops QEMU opened since that migration (active) follow in the transaction;
+        # those of inactive tops were copied from their files before the overlays were opened
+        await _switch(machine, live)
     else:
         tracked = await bitmaps.on_nodes(machine)
         stopped = await _migrate(machine, memory, live["name"])
@@ -207,8 +209,8 @@ async def _carry_inactive(machine: qmp.Qmp, live: dict[str, Any],
     nodes = await machine.command("query-named-block-nodes", flat=True)
     files = {n["node-name"]: Path(n["file"]) for n in nodes}
     for s in _switches(live):
-        if tracked is None:
-            bitmaps.carry_files(files[s.top], Path(s.path))
+        if tracked is None:  # (an active top's bitmaps are in-use in its file: skipped here)
+            bitmaps.onto_new_file(files[s.top], Path(s.path), shared=True)
         else:
             bitmaps.copy_files(files[s.top], Path(s.path), tracked.get(s.top, []))
 
@@ -332,17 +334,9 @@ def _seal(memory: Path) -> str:
     return durable.sha256(memory)
 
 
-def _link(src: Path, dst: Path) -> None:
-    durable.remove(dst)
-    try:
-        os.link(src, dst)
-    except OSError:
-        durable.write_bytes(dst, src.read_bytes())
-
-
 def keep_paused_state(run: cmdline.RunFiles, memory: Path, digest: str) -> None:
     """A paused VM left in ``postmigrate`` keeps its state for the next save or checkpoint."""
-    _link(memory, run.paused_state)
+    durable.link_or_copy(memory, run.paused_state)
     durable.write_bytes(run.paused_meta, json.dumps({"sha256": digest}).encode())
 
 

@@ -297,8 +297,7 @@ async def save(ctx: Context, vm_ref: str) -> dict[str, Any]:
             paused_at = time.monotonic()
             await machine.command("stop")
             if run.paused_state.is_file():  # a checkpoint already wrote this paused memory
-                durable.remove(saved.state.with_suffix(".tmp"))
-                os.link(run.paused_state, saved.state.with_suffix(".tmp"))
+                durable.link_or_copy(run.paused_state, saved.state.with_suffix(".tmp"))
             else:
                 await _outgoing(machine, saved.state.with_suffix(".tmp"))
             pause = time.monotonic() - paused_at  # stop until QEMU has written the state

@@ -70,8 +70,11 @@ def copy_actions(src_node: str, found: list[Bitmap], dst_node: str) -> list[dict
 def onto_overlay(tracked: dict[str, list[Bitmap]], top: str, overlay: str
                  ) -> list[dict[str, Any]]:
     """For a checkpoint's ``transaction``, after the ``blockdev-snapshot`` of ``top``: QEMU keeps
-    the guest's requests drained from that action to the end, so no write falls between."""
-    return copy_actions(top, tracked.get(top, []), overlay)
+    the guest's requests drained from that action to the end, so no write falls between. A
+    bitmap the overlay already has (copied from the file before QEMU opened it) is left."""
+    present = {b["name"] for b in tracked.get(overlay, [])}
+    return copy_actions(top, [b for b in tracked.get(top, []) if b["name"] not in present],
+                        overlay)
 
 
 async def replace_live(machine: qmp.Qmp, src_node: str, dst_node: str) -> None:
@@ -93,10 +96,11 @@ def carry_files(src: Path, dst: Path) -> None:
     onto_new_file(src, dst)
 
 
-def onto_new_file(src: Path, dst: Path) -> None:
-    """Offline, ``dst`` just created (it has no bitmap): copies of ``src``'s consistent ones.
-    ``in-use`` on a closed image means its QEMU was killed: not carried."""
-    copy_files(src, dst, [b for b in _ours(qemu_img.bitmaps(src))
+def onto_new_file(src: Path, dst: Path, *, shared: bool = False) -> None:
+    """``dst`` just created (it has no bitmap): copies of ``src``'s bitmaps that are stored
+    whole in the file. ``in-use`` means a QEMU has ``src`` open (with ``shared``: its bitmaps
+    live in that QEMU's memory) or was killed (inconsistent): not copied."""
+    copy_files(src, dst, [b for b in _ours(qemu_img.bitmaps(src, shared=shared))
                           if "in-use" not in b.get("flags", [])])
 
 
