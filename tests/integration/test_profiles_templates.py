@@ -497,7 +497,12 @@ def test_template_create_killed_after_the_copy_leaves_nothing_listed(
     assert {p.name for p in (wm.home / "templates" / leftover).iterdir()} == {"disk0.qcow2"}
     assert_error(wm.run("vm", "create", "x", "--template", "t1"), EXIT_NOT_FOUND,
                  "no template 't1'")
-    assert_clean(wm)
+    # check names the leftover folder (and only it); the next create removes it
+    checked = wm.run("check", "--json")
+    assert checked.returncode != 0, checked
+    findings = checked.json()["findings"]
+    assert [(f["kind"], Path(f["path"]).name) for f in findings] == \
+        [("stray-file", leftover)], findings
 
     again = wm.json("template", "create", "t1", "--disk", str(source))
     assert templates_folder(wm.home) == {kept_dir, Path(again["folder"]).name, "lock"}
@@ -509,7 +514,31 @@ def test_template_create_killed_after_the_copy_leaves_nothing_listed(
     assert_clean(wm)
 
 
-# --- 6. races (known bugs) --------------------------------------------------------------------
+def test_check_finds_damaged_template_images_and_repairs_leftover_folders(
+        wm: Waymark, tmp_path: Path) -> None:
+    source = image(tmp_path / "src.qcow2", "8M", (0, 64 * KIB, 0x61))
+    made = wm.json("template", "create", "t", "--disk", str(source))
+    stray = wm.home / "templates" / ("0" * 32 + ".partial")
+    stray.mkdir()
+    (stray / "disk0.qcow2").write_bytes(b"half a copy")
+    disk = Path(made["folder"]) / "disk0.qcow2"
+    os.chmod(disk, 0o644)
+    with disk.open("r+b") as f:  # one flipped byte in the image's data
+        f.seek(disk.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    checked = wm.run("check", "--json")
+    assert checked.returncode != 0, checked
+    kinds = {(f["kind"], f["path"]) for f in checked.json()["findings"]}
+    assert kinds == {("image-error", str(disk)), ("stray-file", str(stray))}, kinds
+    repaired = wm.run("check", "--repair", "--json")
+    rows = {f["path"]: f["repaired"] for f in repaired.json()["findings"]}
+    assert rows == {str(stray): "removed", str(disk): None}, rows  # data is never invented
+    assert not stray.exists() and disk.exists()
+
+
+# --- 6. races between commands --------------------------------------------------------------------
 
 BLOCKED = "wait_for_partner"  # the kernel's wait of open() on a FIFO nobody reads yet
 

@@ -14,6 +14,9 @@ Findings (each names the command that fixes it):
 - ``unfinished-intent``: a journal intent that recovery could not finish; repair drives it again.
 - ``uncompacted``: merges left undone (a cancelled merge job): no data is at risk, the images
   only take space and depth; repair runs them.
+- Templates (``templates/``, :mod:`waymark.ops.templates`): a template image that is gone or
+  does not match its recorded sha256 is ``missing-file``/``image-error`` (never repaired); a
+  folder no template names (a killed ``template create``) is ``stray-file``, removed by repair.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from waymark import durable
-from waymark.catalog.models import Checkpoint, Image, Vm
-from waymark.errors import WaymarkError
+from waymark.catalog.models import Checkpoint, Image, Template, Vm
+from waymark.errors import Busy, WaymarkError
 from waymark.images import qemu_img
-from waymark.ops import compact, liveness, locks, lookup, recovery
+from waymark.ops import compact, liveness, locks, lookup, profiles, recovery
 from waymark.ops.context import Context
 
 OURS = re.compile(r"^\.?[0-9a-f]{32}\.(qcow2|json|state)(\.tmp)?$")
@@ -208,6 +211,8 @@ def run(ctx: Context, vm_ref: str | None, *, repair: bool) -> list[Finding]:
                 if repair:
                     _finish_intents(ctx, vm_id)
         found = _findings(ctx, set(held), names, repair)
+        if vm_ref is None:
+            found += _templates(ctx, repair)
         if repair:
             _merge_uncompacted(ctx, found)
         return found
@@ -242,6 +247,48 @@ def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
                 elif finding.kind == "missing-config":
                     _repair_config(session, finding)
     return findings
+
+
+def _templates(ctx: Context, repair: bool) -> list[Finding]:
+    """The templates' findings, under their lock (skipped while a template command holds
+    it: a template being made has a folder and no row yet)."""
+    if not (ctx.home / "templates").is_dir():
+        return []
+    try:
+        with profiles.locked(ctx, timeout=0.0), ctx.catalog.session() as session:
+            found = _template_findings(ctx, session)
+            for finding in found:
+                if repair and finding.kind == "stray-file":
+                    shutil.rmtree(finding.path)
+                    finding.repaired = "removed"
+            return found
+    except Busy:
+        return []
+
+
+def _template_findings(ctx: Context, session: Session) -> list[Finding]:
+    """Every template's images are there and whole; every folder is a template's."""
+    found = []
+    folders = set()
+    for row in session.scalars(select(Template)):
+        folders.add(Path(row.folder).name)
+        for disk in row.disks:
+            path = Path(row.folder) / disk["file"]
+            if not path.is_file():
+                found.append(Finding(f"template {row.name}", "missing-file", str(path),
+                                     "a template image is gone", "Restore the file, or delete "
+                                     f"the template: waymark template delete {row.name}"))
+            elif durable.sha256(path) != disk["sha256"]:
+                found.append(Finding(f"template {row.name}", "image-error", str(path),
+                                     "the template image does not match its sha256",
+                                     "Restore the file, or make the template again"))
+    root = ctx.home / "templates"
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.is_dir() and folder.name not in folders:
+            found.append(Finding("templates", "stray-file", str(folder),
+                                 "a folder no template names (an interrupted template create)",
+                                 "waymark check --repair removes it"))
+    return found
 
 
 def _compaction_findings(ctx: Context, session: Session, vm_row: Vm) -> list[Finding]:

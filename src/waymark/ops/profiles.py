@@ -20,12 +20,13 @@ from waymark.ops.journal import now
 FIELDS = ("cpus", "memory_mib", "checkpoint_type", "max_checkpoints", "automatic_checkpoints")
 
 
-def locked(ctx: Context) -> AbstractContextManager[None]:
+def locked(ctx: Context, timeout: float | None = None) -> AbstractContextManager[None]:
     """The lock of profiles and templates: held by whatever adds, deletes or uses one (a
     template's creation and deletion, creating a VM from it, deleting a profile)."""
     folder = ctx.home / "templates"
     folder.mkdir(parents=True, exist_ok=True)
-    return filelock.held(folder / "lock", timeout=ctx.settings.lock_timeout,
+    wait = ctx.settings.lock_timeout if timeout is None else timeout
+    return filelock.held(folder / "lock", timeout=wait,
                          busy=lambda: Busy("another command is changing templates or profiles.",
                                            hint="Retry when it finishes."))
 
