@@ -578,6 +578,17 @@ def test_waymark_killed_mid_merge_is_carried_on_by_the_next_command(vm: Guest, t
                               tmp_path))
 
 
+def assert_job_completes_losing_nothing(vm: Guest, job: str, record: dict[str, Shas],
+                                        now_scratch: str, left: set[str]) -> None:
+    """``job wait`` carries the merge job on to completed; every checkpoint's content and
+    Now's are intact, and the checkpoints ``left`` remain."""
+    waited = vm.wm.run("job", "wait", job, "--json", timeout=300)
+    assert_nothing_lost(vm, record, now_scratch)
+    assert names(vm) == left
+    shown = vm.wm.json("job", "show", job)
+    assert waited.returncode == 0 and shown["status"] == "completed", (waited, shown)
+
+
 def test_qemu_crash_after_waymark_was_killed_the_merge_is_redone_offline(vm: Guest) -> None:
     """The waiting delete SIGKILLed before its first live commit (an intermediate commit of the
     data disk, whose child is in the live chain), then QEMU SIGKILLed: the next command redoes
@@ -592,12 +603,7 @@ def test_qemu_crash_after_waymark_was_killed_the_merge_is_redone_offline(vm: Gue
     job = unfinished_job(vm)
     assert any(s["op"] == "qmp_commit" and not s["active"] for s in merge_steps(vm, since))
     crash(vm)
-    waited = vm.wm.run("job", "wait", job, "--json", timeout=300)
-
-    assert_nothing_lost(vm, record, now_scratch)
-    assert names(vm) == {"q0", "q2", "q3"}
-    shown = vm.wm.json("job", "show", job)
-    assert waited.returncode == 0 and shown["status"] == "completed", (waited, shown)
+    assert_job_completes_losing_nothing(vm, job, record, now_scratch, {"q0", "q2", "q3"})
     mark = vm.boot()
     vm.wait_counter_above(mark, 5)
     assert_guest_without_io_errors(vm, mark)
@@ -613,12 +619,7 @@ def test_qemu_killed_mid_merge_the_merge_is_redone_offline(vm: Guest) -> None:
     job = delete(vm, "k3", no_wait=True)
     wait_mid_step(vm, job, k3)
     crash(vm)
-    waited = vm.wm.run("job", "wait", job, "--json", timeout=300)
-
-    assert_nothing_lost(vm, record, now_scratch)
-    assert names(vm) == {"k0", "k1", "k2"}
-    shown = vm.wm.json("job", "show", job)
-    assert waited.returncode == 0 and shown["status"] == "completed", (waited, shown)
+    assert_job_completes_losing_nothing(vm, job, record, now_scratch, {"k0", "k1", "k2"})
 
 
 # --- 3. jobs: progress, --no-wait, wait, cancel -------------------------------------------------

@@ -117,6 +117,13 @@ def assert_dirty_bytes(repo: Path, expected: dict[str, int]) -> None:
     assert found == expected, "the manifests' dirty_bytes (left) are not the written clusters"
 
 
+def fresh(wm: Waymark, tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, int]]:
+    """VM ``web`` (8 MiB, 1 MiB written), a new repository, and the empty records of the points'
+    contents and dirty bytes."""
+    make_vm(wm, VM, "8M", (0, MIB, 0x01))
+    return init_repo(wm, tmp_path / "repo"), {}, {}
+
+
 def assert_sound(wm: Waymark, repo: Path, contents: dict[str, str]) -> None:
     """Every point holds its content, verifies, and no stray file is left."""
     assert_contents(repo, contents)
@@ -168,10 +175,7 @@ def chain_of_four(wm: Waymark, repo: Path, vm: str) -> tuple[list[dict[str, Any]
 # --- 1. a chain -------------------------------------------------------------------------------
 
 def test_a_chain_of_incrementals_holds_each_points_content(wm: Waymark, tmp_path: Path) -> None:
-    make_vm(wm, VM, "8M", (0, MIB, 0x01))
-    repo = init_repo(wm, tmp_path / "repo")
-    contents: dict[str, str] = {}
-    dirty: dict[str, int] = {}
+    repo, contents, dirty = fresh(wm, tmp_path)
     full = taken(wm, repo, contents)
     assert_full(repo, full, "the first backup of this VM in this repository")
     assert bitmap_name(repo) in bitmaps_of(active(wm))
@@ -203,10 +207,7 @@ def test_a_chain_of_incrementals_holds_each_points_content(wm: Waymark, tmp_path
 
 def test_change_tracking_follows_checkpoint_create_and_an_active_commit(
         wm: Waymark, tmp_path: Path) -> None:
-    make_vm(wm, VM, "8M", (0, MIB, 0x01))
-    repo = init_repo(wm, tmp_path / "repo")
-    contents: dict[str, str] = {}
-    dirty: dict[str, int] = {}
+    repo, contents, dirty = fresh(wm, tmp_path)
     full = taken(wm, repo, contents)
 
     # a checkpoint between two writes: the bitmap goes onto the new overlay
@@ -242,10 +243,7 @@ def test_change_tracking_follows_checkpoint_create_and_an_active_commit(
 
 def test_an_apply_or_full_makes_a_full_point_and_the_next_is_incremental(
         wm: Waymark, tmp_path: Path) -> None:
-    make_vm(wm, VM, "8M", (0, MIB, 0x01))
-    repo = init_repo(wm, tmp_path / "repo")
-    contents: dict[str, str] = {}
-    dirty: dict[str, int] = {}
+    repo, contents, dirty = fresh(wm, tmp_path)
     taken(wm, repo, contents)
     wm("checkpoint", "create", VM, "--name", "A")
     write(wm, 2 * MIB, 128 * KIB, 0x02)
@@ -280,10 +278,7 @@ def test_an_apply_or_full_makes_a_full_point_and_the_next_is_incremental(
 
 def test_a_run_killed_after_its_jobs_started_makes_the_next_one_full(wm: Waymark,
                                                                       tmp_path: Path) -> None:
-    make_vm(wm, VM, "8M", (0, MIB, 0x01))
-    repo = init_repo(wm, tmp_path / "repo")
-    contents: dict[str, str] = {}
-    dirty: dict[str, int] = {}
+    repo, contents, dirty = fresh(wm, tmp_path)
     first = taken(wm, repo, contents)
     write(wm, 2 * MIB, 256 * KIB, 0x02)
     files = disk_files(repo)
@@ -351,10 +346,7 @@ def test_a_prune_killed_mid_merge_is_finished_by_the_next_command(
         wm: Waymark, tmp_path: Path, label: str, finisher: str) -> None:
     """Killed while merging A into B (A, B, C kept as the last 2): the next ``backup prune``
     or ``backup run`` (both under the repository's lock) finishes the merge."""
-    make_vm(wm, VM, "8M", (0, MIB, 0x01))
-    repo = init_repo(wm, tmp_path / "repo")
-    contents: dict[str, str] = {}
-    dirty: dict[str, int] = {}
+    repo, contents, dirty = fresh(wm, tmp_path)
     a = taken(wm, repo, contents)
     write(wm, 2 * MIB, 128 * KIB, 0x02)
     b = taken(wm, repo, contents)
