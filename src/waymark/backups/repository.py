@@ -159,12 +159,16 @@ class Repository:
                             hint="Give more of the id: " + ", ".join(p["id"] for p in matches))
         return matches[0]
 
-    def chain(self, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-        """The point and every point it needs, newest first."""
+    def chain(self, manifest: dict[str, Any], *, missing_ok: bool = False
+              ) -> list[dict[str, Any]]:
+        """The point and every point it needs, newest first; a missing one is a StorageError,
+        or with ``missing_ok`` where the chain ends."""
         by_id = {p["id"]: p for p in self.points(manifest["vm"]["id"])}
         chain = [manifest]
         while chain[-1].get("parent"):
             parent = by_id.get(chain[-1]["parent"])
+            if parent is None and missing_ok:
+                break
             if parent is None:
                 raise StorageError(f"point {chain[-1]['id']} needs point "
                                    f"{chain[-1]['parent']}, which is missing.",

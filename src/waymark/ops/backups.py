@@ -388,7 +388,8 @@ def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = N
     repo = Repository.open(repo_path)
     vm_id = _repo_vm(repo, vm_ref) if vm_ref else None
     known = {p["id"]: p for p in repo.points(vm_id)}
-    points = _needed(known, repo.point(point_ref, vm_id)) if point_ref else list(known.values())
+    points = (repo.chain(repo.point(point_ref, vm_id), missing_ok=True)[::-1] if point_ref
+              else list(known.values()))
     rows = [{"id": p["id"], "vm_name": p["vm"]["name"],
              "problems": repo.problems(p) + ([f"needs point {p['parent']}, which is missing"]
                                             if p["parent"] and p["parent"] not in known else [])}
@@ -397,14 +398,6 @@ def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = N
         rows += [{"id": bad.split(":")[0], "vm_name": None, "problems": [bad]}
                  for bad in repo.unreadable(vm_id)]
     return rows
-
-
-def _needed(known: dict[str, dict[str, Any]], point: dict[str, Any]) -> list[dict[str, Any]]:
-    """The point and the points it needs that exist, oldest first."""
-    chain = [point]
-    while chain[-1]["parent"] in known:
-        chain.append(known[chain[-1]["parent"]])
-    return chain[::-1]
 
 
 # --- retention --------------------------------------------------------------------------------
