@@ -663,15 +663,17 @@ class Sampler(threading.Thread):
 
 def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
     """``delete --no-wait`` of a checkpoint whose 256 MiB child layer is committed into it:
-    progress only increases, through at least five values, some fed by QEMU's job offsets in
-    the middle of the copy; ``job wait`` ends ``completed``. Then ``job cancel`` in the middle
-    of another 256 MiB commit: every checkpoint exact, ``check`` reports ``uncompacted``,
-    ``check --repair`` merges (live).
+    progress only increases, through at least five values; ``job wait`` ends ``completed``.
+    Then ``job cancel`` in the middle of another 256 MiB commit, after the job reported a value
+    fed by QEMU's job offsets inside that copy (:func:`wait_mid_step`; the cancel landing
+    mid-copy proves the value was not the copy's end): every checkpoint exact, ``check``
+    reports ``uncompacted``, ``check --repair`` merges (live).
 
-    The five values are counted by a reader of the job's row (what ``job show`` prints) every
-    few milliseconds: QEMU commits 256 MiB in 0.3 to 0.5 s here and the row is written at most
-    every 0.1 s, so 3 to 5 values fall inside the copy (plus each step's start and end), while
-    ``job show`` itself, about 0.8 s per command, sees only two (one running, then completed).
+    The values are counted by a reader of the job's row (what ``job show`` prints) every few
+    milliseconds: QEMU commits 256 MiB in 0.2 to 0.5 s here and the row is written at most
+    every 0.1 s, so 0 to 5 values fall inside the first copy (besides its start and end: the
+    first half cannot demand one, the second half holds the copy to see one), while ``job
+    show`` itself, about 0.8 s per command, sees only two (one running, then completed).
     Both counts are printed."""
     record: dict[str, Shas] = {}
     held, now_scratch = pairs(vm, "p", 4, record)
@@ -697,7 +699,7 @@ def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
     assert progress == sorted(progress), sampler.rows
     assert [p for _, p in shown] == sorted(p for _, p in shown), shown
     assert len(set(progress)) >= 5, sampler.rows
-    assert len(in_copy) >= 3, f"no progress from QEMU's offsets during the copy: {sampler.rows}"
+    assert len(in_copy) >= 2, f"the merge step of {held['p1']} was not seen: {sampler.rows}"
     assert sampler.rows[-1][:2] == ("completed", 1.0)
     assert_qemu_matches_catalog(vm)
 
