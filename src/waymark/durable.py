@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -60,17 +60,38 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path, on_progress: Callable[[float], None] | None = None
+                 ) -> None:
     """``dst`` becomes a durable copy of ``src``: a hard link when both share a file system
     (for files never written in place, such as memory states, sharing the inode is safe), else
-    a copy; made under a temporary name and renamed, so ``dst`` is whole or absent."""
+    a copy (reporting its fraction done); made under a temporary name and renamed, so ``dst``
+    is whole or absent."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dst)
     remove(tmp)
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        _copy(src, tmp, on_progress)
     fsync_file(tmp)
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
+
+
+COPY_CHUNK = 8 << 20
+
+
+def _copy(src: Path, dst: Path, on_progress: Callable[[float], None] | None) -> None:
+    """A copy of ``src`` that keeps its holes (qcow2 files are sparse), reporting progress."""
+    total = src.stat().st_size
+    done = 0
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        while chunk := source.read(COPY_CHUNK):
+            if chunk.count(0) == len(chunk):
+                target.seek(len(chunk), os.SEEK_CUR)
+            else:
+                target.write(chunk)
+            done += len(chunk)
+            if on_progress is not None and total:
+                on_progress(done / total)
+        target.truncate(done)

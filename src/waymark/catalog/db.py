@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import StorageError
 
-HEAD = "0007"
+HEAD = "0008"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

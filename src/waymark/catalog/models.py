@@ -214,3 +214,15 @@ class Template(Base):
     folder: Mapped[str] = mapped_column(Text)
     disks: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StoredVm(Base):
+    """A VM this host stored in a library (:mod:`waymark.ops.library`): it is no longer here,
+    and commands that name it say where it went."""
+
+    __tablename__ = "stored_vms"
+
+    vm_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(99), index=True)
+    library: Mapped[str] = mapped_column(Text)
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,5 +1,6 @@
-"""``waymark profile`` and ``waymark template``: hardware profiles and VM templates
-(:mod:`waymark.ops.profiles`, :mod:`waymark.ops.templates`)."""
+"""``waymark profile``, ``waymark template`` and ``waymark library``: hardware profiles, VM
+templates and library shares (:mod:`waymark.ops.profiles`, :mod:`waymark.ops.templates`,
+:mod:`waymark.ops.library`; ``vm store`` and ``vm deploy`` are in :mod:`waymark.cli.vm`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import click
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.cli.main import face
 from waymark.cli.output import emit, fraction_progress, json_option
+from waymark.ops import library as library_ops
 from waymark.ops import profiles, templates
-from waymark.units import parse_size
+from waymark.units import human, parse_size
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -172,3 +174,38 @@ def template_list(as_json: bool) -> None:
 def template_delete(name: str, as_json: bool) -> None:
     templates.delete(face().ctx, name)
     emit(as_json, {"deleted": name}, [f"Deleted template {name}."])
+
+
+@click.group()
+def library() -> None:
+    """Library shares: where stored VMs wait, with their checkpoints, to be deployed."""
+
+
+@library.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def library_init(path: Path, as_json: bool) -> None:
+    """Make an empty folder (on any mounted share) a library."""
+    made = library_ops.init(path)
+    emit(as_json, made, [f"Created the library {made['library']}.",
+                         f"Store a VM in it: waymark vm store VM --library {made['library']}"])
+
+
+@library.command("list")
+@click.option("--library", "library_path", required=True, metavar="PATH",
+              type=click.Path(path_type=Path), help="The library share's folder.")
+@json_option
+def library_list(library_path: Path, as_json: bool) -> None:
+    """The VMs a library holds, each with its checkpoint tree (read-only)."""
+    held = library_ops.listing(face().ctx, library_path)
+    lines = []
+    for v in held["vms"]:
+        if v["status"] != "stored" or "checkpoints" not in v:
+            lines.append(f"{v['name']}  ({v['status']}: {v.get('claim') or 'no manifest'})")
+            continue
+        clash = f"  (not deployable here: {v['clash']})" if v["clash"] else ""
+        lines.append(f"{v['name']}  {v['state']}  {len(v['checkpoints'])} checkpoint(s)  "
+                     f"{human(v['bytes'])}  stored {v['stored_at']} from "
+                     f"{v['source']['host']}  [{v['id'][:12]}]{clash}")
+        lines += [f"    {line}" for line in library_ops.tree_lines(v)]
+    emit(as_json, held, lines or [f"The library {held['library']} is empty."])

@@ -55,6 +55,8 @@ class LazyGroup(click.Group):
         "job": ("waymark.cli.job", "job", "Long operations (merges, exports): list, wait, cancel."),
         "profile": ("waymark.cli.library", "profile",
                     "Hardware profiles: settings new VMs and templates copy."),
+        "library": ("waymark.cli.library", "library",
+                    "Library shares: stored VMs and their checkpoints (vm store, vm deploy)."),
         "template": ("waymark.cli.library", "template",
                      "VM templates: a profile, boot files and read-only disk images."),
     }

@@ -9,9 +9,9 @@ import click
 
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.cli.main import face
-from waymark.cli.output import emit, fraction_progress, interactive, json_option
+from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import bundles, templates, views, vms
+from waymark.ops import bundles, library, templates, views, vms
 from waymark.units import human, parse_size
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
@@ -227,3 +227,31 @@ def _add_power_commands() -> None:
 
 
 _add_power_commands()
+
+
+LIBRARY = click.option("--library", "library_path", required=True, metavar="PATH",
+                       type=click.Path(path_type=Path), help="The library share's folder.")
+
+
+@vm.command("store")
+@click.argument("vm_ref", metavar="VM")
+@LIBRARY
+@json_option
+def store(vm_ref: str, library_path: Path, as_json: bool) -> None:
+    """Move a VM that is off or saved, with its checkpoints, into a library share."""
+    done = library.store(face().ctx, vm_ref, library_path, StepProgress())
+    emit(as_json, done, [f"Stored VM {done['vm']} with {done['checkpoints']} checkpoint(s) in "
+                         f"{done['library']} ({done['files']} files, {human(done['bytes'])}).",
+                         f"Bring it back with: waymark vm deploy {done['vm']} --library "
+                         f"{done['library']}"])
+
+
+@vm.command("deploy")
+@click.argument("name")
+@LIBRARY
+@json_option
+def deploy(name: str, library_path: Path, as_json: bool) -> None:
+    """Bring a VM stored in a library back onto this host, checkpoints intact."""
+    done = library.deploy(face().ctx, name, library_path, StepProgress())
+    emit(as_json, done, [f"Deployed VM {done['vm']} ({done['state']}) with "
+                         f"{done['checkpoints']} checkpoint(s) from {done['library']}."])

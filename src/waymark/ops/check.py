@@ -103,7 +103,10 @@ def _known_paths(session: Session) -> set[str]:
                for v in session.scalars(select(Vm))
                for c in lookup.checkpoints(session, v.id)}
     memory = {c.memory_path for c in session.scalars(select(Checkpoint)) if c.memory_path}
-    return images | configs | memory
+    hardware = [v.config for v in session.scalars(select(Vm))]
+    hardware += [c.config for c in session.scalars(select(Checkpoint))]
+    boot = {path for h in hardware for path in (h.get("kernel"), h.get("initrd")) if path}
+    return images | configs | memory | boot
 
 
 def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Finding]:

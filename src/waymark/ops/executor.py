@@ -12,6 +12,8 @@ Steps are plain JSON dicts, so the journal can store them:
 - ``write_file {path, text}``: a durable small file (undo: delete it)
 - ``convert {path, src, src_fmt}``: a standalone qcow2 copy of ``src``'s chain (undo: delete)
 - ``copy_file {path, src}``: a durable copy (or hard link) of ``src`` (undo: delete)
+- ``write_manifest {path, root, doc}``: ``doc`` plus the sha256 and size of every file under
+  ``root`` (by relative path), written durably (undo: delete)
 - ``delete_file {path}``
 - ``prune_dirs {path}``: remove the empty folders of a tree
 - ``commit {top, base}``: ``top``'s own clusters into ``base``; ``top`` unchanged
@@ -24,6 +26,7 @@ Steps are plain JSON dicts, so the journal can store them:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ Step = dict[str, Any]
 # :mod:`waymark.ops.merges`; each falls back to qemu-img when that QEMU is gone.
 LIVE_OPS: dict[str, Callable[[Step, qemu_img.Progress], None]] = {}
 UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert", "copy_file",
-                      "claim_file"})
+                      "claim_file", "write_manifest"})
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -90,11 +93,21 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     elif op == "prune_dirs" and path is not None:
         _prune_empty(path)
     elif op == "copy_file" and path is not None:
-        durable.link_or_copy(Path(step["src"]), path)
+        durable.link_or_copy(Path(step["src"]), path, on_progress)
+    elif op == "write_manifest" and path is not None:
+        _write_manifest(path, Path(step["root"]), step["doc"])
     elif op in LIVE_OPS:
         LIVE_OPS[op](step, on_progress)
     elif not _run_image(step, path, on_progress):
         raise ValueError(f"unknown journal step {step!r}")
+
+
+def _write_manifest(path: Path, root: Path, doc: dict[str, Any]) -> None:
+    files = {str(p.relative_to(root.parent)): {"sha256": durable.sha256(p),
+                                               "size": p.stat().st_size}
+             for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    durable.write_bytes(path, json.dumps({**doc, "files": files}, indent=2).encode())
 
 
 def _run_image(step: Step, path: Path | None, on_progress: qemu_img.Progress) -> bool:

@@ -47,6 +47,8 @@ from waymark.ops import executor
 log = logging.getLogger(__name__)
 
 CommitFn = Callable[[Session, dict[str, Any]], None]
+# Progress of a multi-step intent: (step number from 1, steps, the step, fraction of that step)
+StepReport = Callable[[int, int, "executor.Step", float], None]
 ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 _HANDLERS: dict[str, CommitFn] = {}
 _RESOLVERS: dict[str, ResolveFn] = {}
@@ -87,6 +89,15 @@ def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
     return intent
 
 
+def _step_progress(report: StepReport | None, index: int, steps: list[executor.Step]
+                   ) -> qemu_img.Progress:
+    if report is None:
+        return None
+    number, step = index + 1, steps[index]
+    report(number, len(steps), step, 0.0)
+    return lambda fraction: report(number, len(steps), step, fraction)
+
+
 @dataclass
 class LiveIntent:
     """The body's handle on a live intent: its parameters, which it may amend and save."""
@@ -105,9 +116,11 @@ class Journal:
 
     def run(self, vm_id: str, kind: str, params: dict[str, Any],
             steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None,
-            shape: str = "prepare", commit: bool = True) -> int:
+            shape: str = "prepare", commit: bool = True, report: StepReport | None = None
+            ) -> int:
         """Journal an intent (by default *prepare, then commit*) and drive it to the end (or,
-        without ``commit``, through its steps only)."""
+        without ``commit``, through its steps only). Progress goes to ``on_progress`` (each
+        step's fraction) or ``report`` (which step, and its fraction)."""
         if shape == "prepare" and not all(step["op"] in executor.UNDOABLE for step in steps):
             raise ValueError(f"{kind}: a prepare intent may only make new files")
         try:
@@ -115,7 +128,7 @@ class Journal:
                 intent_id = add(session, vm_id, kind, params, steps, shape).id
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
-        self.drive(intent_id, on_progress, commit)
+        self.drive(intent_id, on_progress, commit, report)
         return intent_id
 
     def store_params(self, intent_id: int, params: dict[str, Any]) -> None:
@@ -163,7 +176,7 @@ class Journal:
             return list(session.scalars(query))
 
     def drive(self, intent_id: int, on_progress: qemu_img.Progress = None,
-              commit: bool = True) -> None:
+              commit: bool = True, report: StepReport | None = None) -> None:
         """Run the intent's remaining steps, then its commit."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
@@ -172,7 +185,7 @@ class Journal:
         try:
             for index in range(done, len(steps)):
                 failpoint(f"step:{steps[index]['op']}")
-                executor.run(steps[index], on_progress)
+                executor.run(steps[index], _step_progress(report, index, steps) or on_progress)
                 if index + 1 < len(steps):  # the commit records the last one
                     self._advance(intent_id, index + 1)
             if commit:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
+from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Ambiguous, NotFound
@@ -20,13 +20,25 @@ def vm(session: Session, ref: str) -> Vm:
         return found
     matches = list(session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))) if ref else []
     if not matches:
-        raise NotFound(f"no VM is named {ref!r} or has an id starting with it.",
-                       hint="List them with: waymark vm list")
+        raise _stored(session, ref) or NotFound(
+            f"no VM is named {ref!r} or has an id starting with it.",
+            hint="List them with: waymark vm list")
     if len(matches) > 1:
         listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in matches)
         raise Ambiguous(f"{len(matches)} VMs match {ref!r}:\n{listing}",
                         hint="Name one by its name or a longer id prefix.")
     return matches[0]
+
+
+def _stored(session: Session, ref: str) -> NotFound | None:
+    """The error for a VM this host stored in a library: it cannot be used until deployed."""
+    row = session.scalars(select(StoredVm).where(
+        (StoredVm.name == ref) | StoredVm.vm_id.startswith(ref.lower() or "-"))).first()
+    if row is None:
+        return None
+    return NotFound(f"VM {row.name!r} is stored in the library {row.library}: it cannot be "
+                    "started, changed or checkpointed until it is deployed.",
+                    hint=f"Deploy it: waymark vm deploy {row.name} --library {row.library}")
 
 
 def vm_name(session: Session, vm_id: str) -> str:

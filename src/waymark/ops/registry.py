@@ -2,6 +2,6 @@
 
 
 def load() -> None:
-    from waymark.ops import automatic, checkpoints, compact, live, merges, vms
+    from waymark.ops import automatic, checkpoints, compact, library, live, merges, vms
 
-    del automatic, checkpoints, compact, live, merges, vms
+    del automatic, checkpoints, compact, library, live, merges, vms

@@ -338,14 +338,14 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
         files += [str(folder / "run" / n) for n in ("serial.log", "last_exit.json")]
-        _delete_rows(session, vm_id)
+        delete_rows(session, vm_id)
         steps = [{"op": "delete_file", "path": f} for f in files]
         steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
         journal.add(session, vm_id, "vm_delete", {}, steps)
     recovery.recover_vm(ctx, vm_id)
 
 
-def _delete_rows(session: Session, vm_id: str) -> None:
+def delete_rows(session: Session, vm_id: str) -> None:
     checkpoint_ids = select(Checkpoint.id).where(Checkpoint.vm_id == vm_id)
     session.execute(sql_delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(checkpoint_ids)))
     session.execute(update(Checkpoint).where(Checkpoint.vm_id == vm_id).values(parent_id=None))

@@ -1,0 +1,1 @@
+"""The library share (:mod:`waymark.library.share`)."""
