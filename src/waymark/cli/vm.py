@@ -156,6 +156,16 @@ def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str
     emit(as_json, data, [f"Updated VM {data['name']}."])
 
 
+@vm.command("rename")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("new_name")
+@json_option
+def rename(vm_ref: str, new_name: str, as_json: bool) -> None:
+    """Give a VM a new name (its id, files and checkpoints stay)."""
+    vm_id = vms.rename(face().ctx, vm_ref, new_name)
+    emit(as_json, {"id": vm_id, "name": new_name}, [f"Renamed VM {vm_ref} to {new_name}."])
+
+
 @vm.command("delete")
 @click.argument("vm_ref", metavar="VM")
 @click.option("--yes", is_flag=True, help="Also delete its checkpoints and disk images.")

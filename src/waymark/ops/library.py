@@ -117,7 +117,8 @@ def _store_plan(ctx: Context, session: Session, library: Library, vm_id: str
     """(prepare steps, finish steps, checkpoint count)."""
     vm_row = session.get_one(Vm, vm_id)
     folder = library.folder(vm_id)
-    steps: list[Step] = [{"op": "write_file", "path": str(folder / CLAIM),
+    steps: list[Step] = [{"op": "make_dir", "path": str(folder)},  # undone: gone if empty
+                         {"op": "write_file", "path": str(folder / CLAIM),
                           "text": claim_text("store", ctx.home)}]
     images = _images_parents_first(lookup.images(session, vm_id))
     for image in images:

@@ -264,6 +264,17 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
             machines.discard_saved(ctx, vm_id)
 
 
+def rename(ctx: Context, ref: str, new_name: str) -> str:
+    """Give the VM a new name (Hyper-V's Rename-VM); its id, files and checkpoints stay."""
+    new_name = tree.clean_name(new_name, what="VM name")
+    with ctx.locked(ref) as (vm_id, _), ctx.catalog.session() as session:
+        clash = session.scalars(select(Vm).where(Vm.name == new_name, Vm.id != vm_id)).first()
+        if clash is not None:
+            raise Conflict(f"a VM named {new_name!r} already exists.", hint="Choose another name.")
+        session.get_one(Vm, vm_id).name = new_name
+        return vm_id
+
+
 def _own(row: Vm, changed: dict[str, Any]) -> None:
     """The settings just set become the VM's own (no longer its profile's or template's)."""
     if row.origin is None:
