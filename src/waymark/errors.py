@@ -18,6 +18,9 @@ The tree (exit code, HTTP status)::
     │   └── ToolMissing (69, 500)      a needed program is not installed (names the apt package)
     ├── StorageError (73, 507)         the home folder or a file system cannot be written
     ├── Busy (75, 423)                 another command holds the VM; retry later
+    │   └── TooManyAttempts (75, 429)  repeated failed sign-ins: wait before trying again
+    ├── Forbidden (77, 403)            the caller's role or grants do not allow it
+    │   └── Unauthenticated (77, 401)  no valid session, token or password
     └── Cancelled (10, 409)            a job was cancelled on request
 """
 
@@ -86,6 +89,19 @@ class StorageError(WaymarkError):
 class Busy(WaymarkError):
     exit_code = 75
     http_status = 423
+
+
+class TooManyAttempts(Busy):
+    http_status = 429
+
+
+class Forbidden(WaymarkError):
+    exit_code = 77
+    http_status = 403
+
+
+class Unauthenticated(Forbidden):
+    http_status = 401
 
 
 class Cancelled(WaymarkError):

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import StorageError
 
-HEAD = "0008"
+HEAD = "0009"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

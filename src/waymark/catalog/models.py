@@ -44,6 +44,9 @@ class Vm(Base):
     # where its settings came from at creation (waymark.profiles): {"template", "profile",
     # "sources": {setting: "vm" | "profile P" | "template T" | "default"}}; None: before 0007
     origin: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # the user who created it through the API (a self-service user's own VM); None: an
+    # administrator's or the CLI's (no foreign key: users may be removed)
+    owner_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
 
 
 class Image(Base):
@@ -226,3 +229,57 @@ class StoredVm(Base):
     name: Mapped[str] = mapped_column(String(99), index=True)
     library: Mapped[str] = mapped_column(Text)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class User(Base):
+    """A person or script using the API (:mod:`waymark.auth`): one role, a password hash
+    (argon2id), grants for the VMs and templates in their scope."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Grant(Base):
+    """What a user may do to one VM (or every VM: ``object_id`` ``*``) or which template they
+    may create VMs from (``permissions`` empty)."""
+
+    __tablename__ = "grants"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    object_kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # vm | template
+    object_id: Mapped[str] = mapped_column(String(99), primary_key=True)
+    permissions: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """A script's credential: ``wm_<id>_<secret>``, shown once; only the secret's sha256 is
+    kept (it is random, 256 bits: a slow hash adds nothing)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(99))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie's sha256 (the cookie itself is never stored) and the
+    CSRF token its writes must carry."""
+
+    __tablename__ = "web_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -57,6 +57,9 @@ class LazyGroup(click.Group):
                     "Hardware profiles: settings new VMs and templates copy."),
         "library": ("waymark.cli.library", "library",
                     "Library shares: stored VMs and their checkpoints (vm store, vm deploy)."),
+        "token": ("waymark.cli.users", "token", "API tokens for scripts: create, revoke, list."),
+        "user": ("waymark.cli.users", "user",
+                 "API users, roles and grants: add, passwd, remove, list, grant, revoke."),
         "template": ("waymark.cli.library", "template",
                      "VM templates: a profile, boot files and read-only disk images."),
     }

@@ -196,7 +196,7 @@ def _document(ctx: Context, session: Session, vm_row: Vm, images: list[Image],
                "current_checkpoint_id": vm_row.current_checkpoint_id,
                "automatic_checkpoints": vm_row.automatic_checkpoints,
                "automatic_checkpoint_id": vm_row.automatic_checkpoint_id,
-               "origin": vm_row.origin},
+               "origin": vm_row.origin, "owner_id": vm_row.owner_id},
         "images": [{"id": i.id, "file": _image_file(i.id), "parent_id": i.parent_id,
                     "virtual_size": i.virtual_size, "pinned_from": i.path if i.pinned else None}
                    for i in images],

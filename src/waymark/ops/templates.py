@@ -20,11 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from waymark import durable, profiles
-from waymark.catalog.models import Image, Profile, Template
+from waymark.catalog.models import Grant, Image, Profile, Template
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import Nic
 from waymark.errors import Conflict, NotFound
@@ -181,6 +182,8 @@ def delete(ctx: Context, name: str) -> None:
                                hint="Delete them first (VMs made with --full-copy do not "
                                     "count).")
             folder = Path(row.folder)
+            session.execute(sql_delete(Grant).where(Grant.object_kind == "template",
+                                                    Grant.object_id == name))
             session.delete(row)
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -15,7 +15,16 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Intent, Vm
+from waymark.catalog.models import (
+    BackupBase,
+    Checkpoint,
+    Disk,
+    FrozenImage,
+    Grant,
+    Image,
+    Intent,
+    Vm,
+)
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
@@ -350,6 +359,8 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
         files += [str(folder / "run" / n) for n in ("serial.log", "last_exit.json")]
         delete_rows(session, vm_id)
+        session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
+                                                Grant.object_id == vm_id))
         steps = [{"op": "delete_file", "path": f} for f in files]
         steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
         journal.add(session, vm_id, "vm_delete", {}, steps)

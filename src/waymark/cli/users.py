@@ -1,0 +1,140 @@
+"""``waymark user`` and ``waymark token``: who may use the API, and their scripts' tokens
+(:mod:`waymark.ops.users`). Local commands: whoever runs the CLI on the host owns the catalog."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from waymark.auth.policy import ROLES, VM_PERMISSIONS
+from waymark.cli.main import face
+from waymark.cli.output import emit, json_option
+from waymark.errors import InvalidInput
+from waymark.ops import users
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            raise InvalidInput("no password on standard input.",
+                               hint="Pipe it in: printf '%s\\n' \"$PASSWORD\" | waymark ...")
+        return line
+    if not sys.stdin.isatty():
+        raise InvalidInput("a password is needed and there is no terminal to ask on.",
+                           hint="Give it on standard input with --password-stdin.")
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+PASSWORD_STDIN = click.option("--password-stdin", is_flag=True,
+                              help="Read the password from standard input (one line).")
+
+
+def _user_lines(u: dict[str, Any]) -> list[str]:
+    lines = [f"{u['name']:<24} {u['role']:<16} {u['id'][:12]}"]
+    lines += [f"    {g['kind']} {g['object'][:12] if g['kind'] == 'vm' else g['object']}: "
+              f"{', '.join(g['permissions']) or '(use)'}" for g in u["grants"]]
+    return lines
+
+
+@click.group()
+def user() -> None:
+    """API users: add, passwd, remove, list, grant, revoke."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@PASSWORD_STDIN
+@json_option
+def user_add(name: str, role: str, password_stdin: bool, as_json: bool) -> None:
+    """Add a user (the first one is usually an administrator)."""
+    made = users.add(face().ctx, name, role, _password(password_stdin))
+    emit(as_json, made, [f"Added user {made['name']} ({made['role']})."])
+
+
+@user.command("passwd")
+@click.argument("name")
+@PASSWORD_STDIN
+def user_passwd(name: str, password_stdin: bool) -> None:
+    """Set a user's password (their web sessions end)."""
+    users.set_password(face().ctx, name, _password(password_stdin))
+    click.echo(f"Changed the password of {name}; their sessions were signed out.")
+
+
+@user.command("remove")
+@click.argument("name")
+def user_remove(name: str) -> None:
+    """Remove a user with their tokens, sessions and grants."""
+    users.remove(face().ctx, name)
+    click.echo(f"Removed user {name}.")
+
+
+@user.command("list")
+@json_option
+def user_list(as_json: bool) -> None:
+    """Users, their roles and grants."""
+    rows = users.listing(face().ctx)
+    emit(as_json, rows, [line for u in rows for line in _user_lines(u)] or
+         ["No users yet. Add the first: waymark user add NAME --role administrator"])
+
+
+@user.command("grant")
+@click.argument("name")
+@click.option("--vm", metavar="VM", help="A VM (name or id), or '*' for every VM.")
+@click.option("--template", metavar="T", help="A template they may create VMs from.")
+@click.option("--permission", "permissions", multiple=True, type=click.Choice(VM_PERMISSIONS))
+@json_option
+def user_grant(name: str, vm: str | None, template: str | None, permissions: tuple[str, ...],
+               as_json: bool) -> None:
+    """Grant permissions on a VM, or the use of a template (replaces an earlier grant)."""
+    shown = users.grant(face().ctx, name, vm=vm, template=template, permissions=list(permissions))
+    emit(as_json, shown, _user_lines(shown))
+
+
+@user.command("revoke")
+@click.argument("name")
+@click.option("--vm", metavar="VM")
+@click.option("--template", metavar="T")
+@json_option
+def user_revoke(name: str, vm: str | None, template: str | None, as_json: bool) -> None:
+    """Take back a grant."""
+    shown = users.revoke(face().ctx, name, vm=vm, template=template)
+    emit(as_json, shown, _user_lines(shown))
+
+
+@click.group()
+def token() -> None:
+    """API tokens for scripts: create (shown once), revoke, list."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--user", "user_name", required=True, help="Whose token it is.")
+@json_option
+def token_create(name: str, user_name: str, as_json: bool) -> None:
+    """A new token; it is shown now and never again (only its hash is kept)."""
+    made = users.create_token(face().ctx, user_name, name)
+    emit(as_json, made, [made["token"],
+                         f"(token {made['id']} for {user_name}: keep it now, it is not shown "
+                         "again)"])
+
+
+@token.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its id: it stops working at once."""
+    users.revoke_token(face().ctx, token_id)
+    click.echo(f"Revoked token {token_id}.")
+
+
+@token.command("list")
+@click.option("--user", "user_name")
+@json_option
+def token_list(user_name: str | None, as_json: bool) -> None:
+    """Tokens (ids, owners, last use; never the secrets)."""
+    rows = users.tokens(face().ctx, user_name)
+    emit(as_json, rows, [f"{t['id']}  {t['user']:<20} {t['name']:<20} last used "
+                         f"{t['last_used_at'] or 'never'}" for t in rows] or ["No tokens."])
