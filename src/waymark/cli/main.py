@@ -60,6 +60,8 @@ class LazyGroup(click.Group):
         "token": ("waymark.cli.users", "token", "API tokens for scripts: create, revoke, list."),
         "user": ("waymark.cli.users", "user",
                  "API users, roles and grants: add, passwd, remove, list, grant, revoke."),
+        "serve": ("waymark.cli.serve", "serve",
+                  "Serve the REST API and run the backup schedules."),
         "template": ("waymark.cli.library", "template",
                      "VM templates: a profile, boot files and read-only disk images."),
     }

@@ -1,0 +1,150 @@
+"""Sign-in, users, grants and API tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+
+from waymark.api.security import COOKIE, CallerDep, ContextDep, require
+from waymark.errors import Unauthenticated
+from waymark.ops import users
+
+router = APIRouter(tags=["accounts"])
+Role = Literal["administrator", "self-service", "backup-operator", "read-only"]
+Permission = Literal["start-stop", "checkpoint", "checkpoint-restore-only", "backup-run",
+                     "backup-restore"]
+
+
+class Login(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+@router.post("/auth/login")
+def login(body: Login, request: Request, response: Response, ctx: ContextDep
+          ) -> dict[str, Any]:
+    """Sign in: a session cookie (HttpOnly, SameSite=Strict) and the CSRF token its writes
+    must send in ``X-CSRF-Token``. Repeated failures are refused for a while (429)."""
+    limiter = request.app.state.limiter
+    keys = (f"user:{body.name}", f"addr:{request.client.host if request.client else '-'}")
+    limiter.check(*keys)
+    try:
+        cookie, csrf = users.login(ctx, body.name, body.password)
+    except Unauthenticated:
+        limiter.failed(*keys)
+        raise
+    response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", max_age=int(
+                            users.SESSION_LIFETIME.total_seconds()), path="/")
+    return {"user": body.name, "csrf_token": csrf}
+
+
+@router.post("/auth/logout")
+def logout(request: Request, response: Response, caller: CallerDep, ctx: ContextDep
+           ) -> dict[str, Any]:
+    """End this session (its cookie stops working at once)."""
+    cookie = request.cookies.get(COOKIE)
+    if cookie:
+        users.logout(ctx, cookie)
+    response.delete_cookie(COOKIE, path="/")
+    return {"signed_out": caller.who.name}
+
+
+@router.get("/auth/me")
+def me(caller: CallerDep) -> dict[str, Any]:
+    who = caller.who
+    return {"id": who.user_id, "name": who.name, "role": who.role, "via": caller.via,
+            "csrf_token": caller.csrf,
+            "grants": {vm: sorted(p) for vm, p in who.vm_grants.items()},
+            "templates": sorted(who.templates)}
+
+
+class NewUser(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    role: Role
+    password: str = Field(min_length=1, max_length=1024)
+
+
+@router.get("/users")
+def user_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+    require(caller.who, "user.manage")
+    return users.listing(ctx)
+
+
+@router.post("/users", status_code=201)
+def user_add(body: NewUser, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "user.manage")
+    return users.add(ctx, body.name, body.role, body.password)
+
+
+@router.delete("/users/{name}")
+def user_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "user.manage")
+    users.remove(ctx, name)
+    return {"removed": name}
+
+
+class Password(BaseModel):
+    password: str = Field(min_length=1, max_length=1024)
+
+
+@router.put("/users/{name}/password")
+def user_password(name: str, body: Password, caller: CallerDep, ctx: ContextDep
+                  ) -> dict[str, Any]:
+    """Administrators set anyone's; every user their own (their sessions end)."""
+    if name != caller.who.name:
+        require(caller.who, "user.manage")
+    users.set_password(ctx, name, body.password)
+    return {"changed": name}
+
+
+class NewGrant(BaseModel):
+    vm: str | None = Field(default=None, max_length=99)
+    template: str | None = Field(default=None, max_length=99)
+    permissions: list[Permission] = Field(default_factory=list, max_length=5)
+
+
+@router.post("/users/{name}/grants")
+def grant_add(name: str, body: NewGrant, caller: CallerDep, ctx: ContextDep
+              ) -> dict[str, Any]:
+    require(caller.who, "user.manage")
+    return users.grant(ctx, name, vm=body.vm, template=body.template,
+                       permissions=list(body.permissions))
+
+
+@router.delete("/users/{name}/grants")
+def grant_remove(name: str, caller: CallerDep, ctx: ContextDep, vm: str | None = None,
+                 template: str | None = None) -> dict[str, Any]:
+    require(caller.who, "user.manage")
+    return users.revoke(ctx, name, vm=vm, template=template)
+
+
+class NewToken(BaseModel):
+    name: str = Field(min_length=1, max_length=99)
+    user: str | None = Field(default=None, max_length=64,
+                             description="Administrators only: whose token (default: yours).")
+
+
+@router.get("/tokens")
+def token_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+    """Your tokens (administrators: everyone's); never the secrets."""
+    return users.tokens(ctx, None if caller.who.admin else caller.who.name)
+
+
+@router.post("/tokens", status_code=201)
+def token_create(body: NewToken, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """A new token, shown in this response only."""
+    owner = body.user or caller.who.name
+    if owner != caller.who.name:
+        require(caller.who, "user.manage")
+    require(caller.who, "token.own")
+    return users.create_token(ctx, owner, body.name)
+
+
+@router.delete("/tokens/{token_id}")
+def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
+    return {"revoked": token_id}
+

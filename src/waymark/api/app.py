@@ -1,0 +1,73 @@
+"""The FastAPI application: routes under ``/api``, one JSON error shape, OpenAPI at
+``/api/openapi.json``.
+
+Every error is ``{"error": {"code", "message", "details"}}`` with the status its
+:class:`~waymark.errors.WaymarkError` class carries; bad input (a body or query that does not
+validate) is 400, never 500. Handlers are plain functions: FastAPI runs them in worker threads,
+and each uses the catalog through its own short sessions, as the CLI does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from waymark import __version__
+from waymark.api import accounts, checkpoints, jobs, security, vms
+from waymark.errors import WaymarkError
+from waymark.ops.context import Context
+
+log = logging.getLogger(__name__)
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def _code(err: WaymarkError) -> str:
+    name = type(err).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def _waymark_error(request: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, WaymarkError)
+    if err.http_status >= 500:
+        log.warning("%s %s failed: %s", request.method, request.url.path, err.message)
+    return JSONResponse(error_body(_code(err), err.message, {"hint": err.hint} if err.hint
+                                   else None), status_code=err.http_status)
+
+
+def _invalid(request: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, RequestValidationError)
+    problems = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
+                for e in err.errors()]
+    return JSONResponse(error_body("invalid_input", "the request is not valid: " + "; ".join(
+        f"{p['where']}: {p['problem']}" for p in problems), {"problems": problems}),
+        status_code=400)
+
+
+def _http(request: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+    return JSONResponse(error_body(code, str(err.detail)), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+def create_app(ctx: Context) -> FastAPI:
+    app = FastAPI(title="Waymark", version=__version__, openapi_url="/api/openapi.json",
+                  docs_url="/api/docs", redoc_url=None,
+                  description="Hyper-V style checkpoints and backups for QEMU/KVM VMs.")
+    app.state.ctx = ctx
+    app.state.limiter = security.LoginLimiter()
+    app.add_exception_handler(WaymarkError, _waymark_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
+    for module in (accounts, vms, checkpoints, jobs):
+        app.include_router(module.router, prefix="/api")
+    return app

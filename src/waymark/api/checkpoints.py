@@ -1,0 +1,88 @@
+"""Checkpoints of one VM: tree, create, show, apply, rename, delete (a merge job)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from waymark.api.security import CallerDep, ContextDep, vm_for
+from waymark.ops import checkpoints, deletion, jobs, views
+
+router = APIRouter(tags=["checkpoints"])
+
+
+@router.get("/vms/{vm}/checkpoints")
+def tree(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """The checkpoint tree (``current_id``: Now's parent)."""
+    row = vm_for(ctx, caller.who, "checkpoint.view", vm)
+    return views.checkpoint_list(ctx, row.id)
+
+
+class NewCheckpoint(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=99)
+    type: Literal["production", "productiononly", "standard"] | None = Field(
+        default=None, description="This checkpoint's type (default: the VM's).")
+
+
+@router.post("/vms/{vm}/checkpoints", status_code=201)
+def create(vm: str, caller: CallerDep, ctx: ContextDep, body: NewCheckpoint | None = None
+           ) -> dict[str, Any]:
+    row = vm_for(ctx, caller.who, "checkpoint.create", vm)
+    wanted = body or NewCheckpoint()
+    ckpt_id = checkpoints.create(ctx, row.id, wanted.name, wanted.type)
+    return views.checkpoint_show(ctx, row.id, ckpt_id)
+
+
+@router.get("/vms/{vm}/checkpoints/{ckpt}")
+def show(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    row = vm_for(ctx, caller.who, "checkpoint.view", vm)
+    return views.checkpoint_show(ctx, row.id, ckpt)
+
+
+class Apply(BaseModel):
+    mode: Literal["checkpoint_first", "discard_current"] = Field(
+        description="Hyper-V's choice: 'Create Checkpoint and Apply' or 'Apply' (Now is "
+                    "lost).")
+    start: bool = Field(default=False, description="Start (resume) the VM afterwards.")
+
+
+@router.post("/vms/{vm}/checkpoints/{ckpt}/apply")
+def apply(vm: str, ckpt: str, body: Apply, caller: CallerDep, ctx: ContextDep
+          ) -> dict[str, Any]:
+    row = vm_for(ctx, caller.who, "checkpoint.apply", vm)
+    target = views.checkpoint_show(ctx, row.id, ckpt)["id"]
+    mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
+        else checkpoints.ApplyMode.DISCARD_CURRENT
+    result = checkpoints.apply(ctx, row.id, target, mode, start=body.start)
+    return {"applied": result.checkpoint_id, "safety_checkpoint": result.safety_checkpoint_id,
+            "state": result.state, "detached_disks": result.detached_disks,
+            "kept_disks": result.kept_disks}
+
+
+class Rename(BaseModel):
+    name: str = Field(min_length=1, max_length=99)
+
+
+@router.patch("/vms/{vm}/checkpoints/{ckpt}")
+def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
+           ) -> dict[str, Any]:
+    row = vm_for(ctx, caller.who, "checkpoint.rename", vm)
+    ckpt_id = checkpoints.rename(ctx, row.id, ckpt, body.name)
+    return views.checkpoint_show(ctx, row.id, ckpt_id)
+
+
+@router.delete("/vms/{vm}/checkpoints/{ckpt}", status_code=202)
+def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool = False
+           ) -> dict[str, Any]:
+    """Delete one checkpoint (``subtree``: with everything below it). It leaves the tree at
+    once; its disk layers are merged away by the returned job (follow it: GET
+    /api/jobs/{id})."""
+    row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
+    target = views.checkpoint_show(ctx, row.id, ckpt)["id"]
+    done = deletion.delete_checkpoints(ctx, row.id, target, subtree=subtree, yes=True,
+                                       wait=False)
+    jobs.spawn(ctx, done.job)
+    return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
+            "job": done.job}

@@ -1,0 +1,125 @@
+"""Who is calling: an API token (``Authorization: Bearer wm_...``) or a session cookie, whose
+writes must carry the session's CSRF token (``X-CSRF-Token``); and the scope checks every
+endpoint makes on the server (:mod:`waymark.auth.policy`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from waymark.auth import policy
+from waymark.auth.policy import Decision, Principal
+from waymark.catalog.models import Vm
+from waymark.errors import Forbidden, NotFound, TooManyAttempts, Unauthenticated
+from waymark.ops import users
+from waymark.ops.context import Context
+
+COOKIE = "waymark_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    who: Principal
+    via: str  # token | session
+    csrf: str | None = None
+
+
+def context(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def caller(request: Request) -> Caller:
+    """The authenticated caller, or 401; a cookie-authenticated write without the session's
+    CSRF token is 403 (a page on another site can send the cookie, not the header)."""
+    ctx = context(request)
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return Caller(users.by_token(ctx, header[7:].strip()), "token")
+    cookie = request.cookies.get(COOKIE)
+    if not cookie:
+        raise Unauthenticated("sign in, or send an API token (Authorization: Bearer ...).",
+                              hint="POST /api/auth/login, or: waymark token create NAME --user U")
+    who, csrf = users.by_session(ctx, cookie)
+    if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
+        raise Forbidden(f"this request needs the session's CSRF token in {CSRF_HEADER}.",
+                        hint="Read it from GET /api/auth/me (csrf_token) after signing in.")
+    return Caller(who, "session", csrf)
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+ContextDep = Annotated[Context, Depends(context)]
+
+
+def require(who: Principal, action: str) -> None:
+    if policy.decide(who, action) is not Decision.ALLOW:
+        raise Forbidden(f"your role ({who.role}) may not do this ({action}).")
+
+
+def no_vm(ref: str) -> NotFound:
+    return NotFound(f"no VM is named {ref!r} or has an id starting with it.",
+                    hint="List the VMs you may see: GET /api/vms")
+
+
+def visible_vms(session: Session, who: Principal) -> list[Vm]:
+    return [v for v in session.scalars(select(Vm).order_by(Vm.name))
+            if policy.in_scope(who, v.id, v.owner_id)]
+
+
+def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
+    """The VM ``ref`` names among those the caller may see (404 otherwise, as for a VM that
+    does not exist), if ``action`` is allowed on it (403 otherwise)."""
+    with ctx.catalog.session() as session:
+        found = [v for v in visible_vms(session, who) if v.name == ref] or \
+            [v for v in visible_vms(session, who) if ref and v.id.startswith(ref.lower())]
+        if len(found) != 1:
+            raise no_vm(ref)
+        row = found[0]
+        session.expunge(row)
+    decision = policy.decide_vm(who, action, row.id, row.owner_id)
+    if decision is Decision.HIDE:
+        raise no_vm(ref)
+    if decision is Decision.DENY:
+        raise Forbidden(f"you may not do this to VM {row.name!r} ({action}).",
+                        hint="Ask an administrator for the permission.")
+    return row
+
+
+class LoginLimiter:
+    """At most ``limit`` failed sign-ins per user name and per client address in ``window``
+    seconds; then 429 until the oldest failure leaves the window."""
+
+    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, moment: float) -> deque[float]:
+        seen = self._failures.setdefault(key, deque())
+        while seen and seen[0] <= moment - self.window:
+            seen.popleft()
+        return seen
+
+    def check(self, *keys: str) -> None:
+        moment = time.monotonic()
+        with self._lock:
+            for key in keys:
+                seen = self._recent(key, moment)
+                if len(seen) >= self.limit:
+                    wait = int(seen[0] + self.window - moment) + 1
+                    raise TooManyAttempts(f"too many failed sign-ins; try again in {wait} s.")
+
+    def failed(self, *keys: str) -> None:
+        moment = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._recent(key, moment).append(moment)

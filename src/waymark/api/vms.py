@@ -1,0 +1,132 @@
+"""VMs: list, create from a template, show, change, power, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from waymark.api.security import CallerDep, ContextDep, require, vm_for
+from waymark.auth import policy
+from waymark.auth.policy import Decision
+from waymark.catalog.models import Vm
+from waymark.errors import Forbidden, NotFound
+from waymark.ops import machines, templates, views
+from waymark.ops import vms as vm_ops
+from waymark.ops.context import Context
+from waymark.units import parse_size
+
+router = APIRouter(tags=["vms"])
+CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
+
+
+@router.get("/vms")
+def vm_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+    """The VMs the caller may see."""
+    with ctx.catalog.session() as session:
+        owners = {v.id: v.owner_id for v in session.query(Vm)}
+    return [row for row in views.vm_list(ctx)
+            if row["id"] in owners and policy.in_scope(caller.who, row["id"], owners[row["id"]])]
+
+
+class NewVm(BaseModel):
+    name: str = Field(min_length=1, max_length=99)
+    template: str = Field(min_length=1, max_length=99)
+    profile: str | None = Field(default=None, max_length=99)
+    full_copy: bool = False
+    memory: str | None = Field(default=None, max_length=16, examples=["512M"])
+    cpus: int | None = Field(default=None, ge=1, le=64)
+    checkpoint_type: CheckpointType | None = None
+    max_checkpoints: int | None = Field(default=None, ge=1, le=1000)
+    automatic_checkpoints: bool | None = None
+
+
+@router.post("/vms", status_code=201)
+def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """A VM from a template (self-service users: a template granted to them); the caller owns
+    it."""
+    require(caller.who, "vm.create")
+    if policy.may_use_template(caller.who, body.template) is not Decision.ALLOW:
+        raise NotFound(f"no template {body.template!r}.",  # as for one that does not exist
+                       hint="List the templates you may use: GET /api/templates")
+    if body.profile is not None and not caller.who.admin:
+        raise Forbidden("only administrators choose a hardware profile; the template's is used.")
+    explicit = {"memory": parse_size(body.memory, what="memory") if body.memory else None,
+                "cpus": body.cpus, "checkpoint_type": body.checkpoint_type,
+                "max_checkpoints": body.max_checkpoints,
+                "automatic_checkpoints": body.automatic_checkpoints}
+    vm_id = templates.new_vm(ctx, body.name, explicit=explicit, template=body.template,
+                             profile=body.profile, disks=[], full_copy=body.full_copy)
+    with ctx.catalog.session() as session:
+        session.get_one(Vm, vm_id).owner_id = caller.who.user_id
+    return views.vm_show(ctx, vm_id)
+
+
+@router.get("/vms/{vm}")
+def vm_show(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    row = vm_for(ctx, caller.who, "vm.view", vm)
+    return views.vm_show(ctx, row.id)
+
+
+class VmSettings(BaseModel):
+    memory: str | None = Field(default=None, max_length=16)
+    cpus: int | None = Field(default=None, ge=1, le=64)
+    checkpoint_type: CheckpointType | None = None
+    max_checkpoints: int | None = Field(default=None, ge=1, le=1000)
+    automatic_checkpoints: bool | None = None
+    discard_saved_state: bool = False
+
+
+@router.patch("/vms/{vm}")
+def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    row = vm_for(ctx, caller.who, "vm.set", vm)
+    vm_ops.set_settings(ctx, row.id, memory=parse_size(body.memory, what="memory")
+                        if body.memory else None, cpus=body.cpus,
+                        checkpoint_type=body.checkpoint_type,
+                        max_checkpoints=body.max_checkpoints,
+                        discard_saved=body.discard_saved_state,
+                        automatic_checkpoints=body.automatic_checkpoints)
+    return views.vm_show(ctx, row.id)
+
+
+@router.delete("/vms/{vm}")
+def vm_delete(vm: str, caller: CallerDep, ctx: ContextDep, yes: bool = False
+              ) -> dict[str, Any]:
+    """Delete the VM with its checkpoints and the files Waymark made (``yes`` confirms)."""
+    row = vm_for(ctx, caller.who, "vm.delete", vm)
+    vm_ops.delete(ctx, row.id, yes=yes)
+    return {"deleted": row.id, "name": row.name}
+
+
+class PowerOptions(BaseModel):
+    force: bool = Field(default=False, description="stop: power off instead of shutting down")
+    timeout: float = Field(default=60.0, gt=0, le=3600, description="stop: seconds to wait")
+    discard_saved_state: bool = Field(default=False, description="start: boot fresh")
+
+
+def _power(ctx: Context, vm_id: str, action: str, options: PowerOptions) -> Any:
+    if action == "start":
+        return machines.start(ctx, vm_id, fresh=options.discard_saved_state)
+    if action == "stop":
+        return machines.stop(ctx, vm_id, force=options.force, timeout=options.timeout)
+    return {"save": machines.save, "pause": machines.pause, "resume": machines.resume}[action](
+        ctx, vm_id)
+
+
+def _power_route(action: str, summary: str) -> None:
+    def handler(vm: str, caller: CallerDep, ctx: ContextDep,
+                body: PowerOptions | None = None) -> dict[str, Any]:
+        row = vm_for(ctx, caller.who, "vm.power", vm)
+        asyncio.run(_power(ctx, row.id, action, body or PowerOptions()))
+        return {**views.vm_show(ctx, row.id), "action": action}
+
+    router.add_api_route(f"/vms/{{vm}}/{action}", handler, methods=["POST"], summary=summary,
+                         name=f"vm_{action}")
+
+
+for _action, _summary in (("start", "Start (a saved VM resumes where it was saved)"),
+                          ("stop", "Shut down (force: power off)"), ("save", "Save"),
+                          ("pause", "Pause"), ("resume", "Resume")):
+    _power_route(_action, _summary)

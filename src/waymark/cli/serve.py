@@ -1,0 +1,77 @@
+"""``waymark serve``: the REST API (:mod:`waymark.api`), the backup schedules, and recovery of
+what dead commands left (done when the home is opened)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from waymark.cli.main import face
+from waymark.errors import InvalidInput, WaymarkError
+
+if TYPE_CHECKING:
+    from waymark.ops.context import Context
+
+log = logging.getLogger(__name__)
+SCHEDULE_EVERY = 30.0
+# an API request waits this long for a VM another request or command holds, then gets 409
+API_LOCK_TIMEOUT = 2.0
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidInput(f"--listen {listen!r} is not HOST:PORT.",
+                           hint="For example --listen 127.0.0.1:8080 (or [::1]:8080).")
+    return host.strip("[]"), int(port)
+
+
+def _schedules(ctx: Context, stop: threading.Event) -> None:
+    """Run due backup schedules every half minute until ``stop``."""
+    from waymark.ops import schedules
+
+    while not stop.wait(SCHEDULE_EVERY):
+        try:
+            for run in schedules.run_due(ctx):
+                log.info("schedule %s ran: %s", run["schedule"], run)
+        except WaymarkError as err:
+            log.warning("backup schedules: %s", err.message)
+
+
+@click.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Address to serve on (loopback by default).")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TLS certificate (PEM); with --key, the API is served over HTTPS.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TLS private key (PEM).")
+@click.option("--no-schedules", is_flag=True, help="Do not run backup schedules here.")
+def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) -> None:
+    """Serve the REST API (OpenAPI at /api/openapi.json) and run the backup schedules."""
+    import uvicorn
+
+    from waymark.api.app import create_app
+
+    host, port = _address(listen)
+    if (cert is None) != (key is None):
+        raise InvalidInput("--cert and --key go together.", hint="Give both, or neither.")
+    ctx = face().ctx
+    if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
+        ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
+    stop = threading.Event()
+    if not no_schedules:
+        threading.Thread(target=_schedules, args=(ctx, stop), name="schedules", daemon=True).start()
+    click.echo(f"Waymark API on {'https' if cert else 'http'}://{listen}/api "
+               f"(home {ctx.home})", err=True)
+    try:
+        uvicorn.run(create_app(ctx), host=host, port=port, log_level="warning",
+                    ssl_certfile=str(cert) if cert else None,
+                    ssl_keyfile=str(key) if key else None)
+    finally:
+        stop.set()
