@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from waymark import __version__
-from waymark.api import accounts, checkpoints, jobs, security, vms
+from waymark.api import accounts, backups, checkpoints, jobs, library, security, vms
 from waymark.errors import WaymarkError
 from waymark.ops.context import Context
 
@@ -68,6 +68,6 @@ def create_app(ctx: Context) -> FastAPI:
     app.add_exception_handler(WaymarkError, _waymark_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
-    for module in (accounts, vms, checkpoints, jobs):
+    for module in (accounts, vms, checkpoints, backups, jobs, library):
         app.include_router(module.router, prefix="/api")
     return app

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api.security import CallerDep, ContextDep, vm_for
-from waymark.ops import checkpoints, deletion, jobs, views
+from waymark.ops import checkpoints, deletion, jobs, locations, views
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -86,3 +88,26 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
     jobs.spawn(ctx, done.job)
     return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
             "job": done.job}
+
+
+class Export(BaseModel):
+    location: str = Field(min_length=1, max_length=64, description="A registered export folder.")
+    folder: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,98}$",
+                               description="The bundle's folder in it (default: VM, "
+                                           "checkpoint and time).")
+
+
+@router.post("/vms/{vm}/checkpoints/{ckpt}/export", status_code=202)
+def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
+           ) -> dict[str, Any]:
+    """Write the checkpoint as a standalone bundle into a registered export folder, as a job
+    (follow it: GET /api/jobs/{id})."""
+    row = vm_for(ctx, caller.who, "checkpoint.export", vm)
+    target = views.checkpoint_show(ctx, row.id, ckpt)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    folder = body.folder or re.sub(r"[^A-Za-z0-9._-]", "_",
+                                   f"{row.name}-{target['name']}-{stamp}")
+    dest = locations.path(ctx, body.location, "export") / folder
+    job_id = jobs.submit_export(ctx, row.id, target["id"], dest, run_here=False)
+    jobs.spawn(ctx, job_id)
+    return {"job": job_id, "location": body.location, "folder": folder}

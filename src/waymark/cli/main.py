@@ -53,6 +53,8 @@ class LazyGroup(click.Group):
                   "Compare the catalog, the files and the journal; --repair."),
         "guest": ("waymark.cli.guest", "guest", "The self-contained test and demo guest."),
         "job": ("waymark.cli.job", "job", "Long operations (merges, exports): list, wait, cancel."),
+        "location": ("waymark.cli.location", "location",
+                     "Named folders (repositories, export folders, libraries) for API users."),
         "profile": ("waymark.cli.library", "profile",
                     "Hardware profiles: settings new VMs and templates copy."),
         "library": ("waymark.cli.library", "library",

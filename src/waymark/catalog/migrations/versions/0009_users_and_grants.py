@@ -1,4 +1,4 @@
-"""Users, roles, grants, API tokens and web sessions; who owns a VM.
+"""Users, roles, grants, API tokens and web sessions; who owns a VM; registered locations.
 
 Revision ID: 0009
 Revises: 0008
@@ -50,6 +50,13 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     )
+    op.create_table(
+        "locations",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
     with op.batch_alter_table("vms") as batch:
         batch.add_column(sa.Column("owner_id", sa.String(32), nullable=True))
         batch.create_index("ix_vms_owner_id", ["owner_id"])
@@ -59,6 +66,7 @@ def downgrade() -> None:
     with op.batch_alter_table("vms") as batch:
         batch.drop_index("ix_vms_owner_id")
         batch.drop_column("owner_id")
+    op.drop_table("locations")
     op.drop_table("web_sessions")
     op.drop_table("api_tokens")
     op.drop_table("grants")

@@ -1,0 +1,186 @@
+"""Hardware profiles, templates, registered locations and library shares. Templates are
+visible to everyone in scope (self-service users: the ones granted to them); the rest is
+administrators' (read-only users may read profiles)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from waymark.api.security import CallerDep, ContextDep, require, vm_for
+from waymark.auth import policy
+from waymark.auth.policy import Decision
+from waymark.errors import NotFound
+from waymark.ops import library, locations, profiles, templates
+from waymark.units import parse_size
+
+router = APIRouter(tags=["library"])
+CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
+
+
+class ProfileSettings(BaseModel):
+    cpus: int | None = Field(default=None, ge=1, le=64)
+    memory: str | None = Field(default=None, max_length=16, examples=["1G"])
+    checkpoint_type: CheckpointType | None = None
+    max_checkpoints: int | None = Field(default=None, ge=1, le=1000)
+    automatic_checkpoints: bool | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"cpus": self.cpus, "checkpoint_type": self.checkpoint_type,
+                "max_checkpoints": self.max_checkpoints,
+                "automatic_checkpoints": self.automatic_checkpoints,
+                "memory": parse_size(self.memory, what="memory") if self.memory else None}
+
+
+class NewProfile(ProfileSettings):
+    name: str = Field(min_length=1, max_length=99)
+
+
+@router.get("/profiles")
+def profile_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+    require(caller.who, "profile.view")
+    return profiles.listing(ctx)
+
+
+@router.post("/profiles", status_code=201)
+def profile_create(body: NewProfile, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "profile.manage")
+    return profiles.create(ctx, body.name, body.settings())
+
+
+@router.patch("/profiles/{name}")
+def profile_set(name: str, body: ProfileSettings, caller: CallerDep, ctx: ContextDep
+                ) -> dict[str, Any]:
+    require(caller.who, "profile.manage")
+    return profiles.update(ctx, name, body.settings())
+
+
+@router.delete("/profiles/{name}")
+def profile_delete(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "profile.manage")
+    profiles.delete(ctx, name)
+    return {"deleted": name}
+
+
+def _template_view(t: dict[str, Any], admin: bool) -> dict[str, Any]:
+    """Non-administrators see a template's settings, not its host paths or users."""
+    if admin:
+        return t
+    return {k: t[k] for k in ("name", "profile", "checkpoint_type")} | {
+        "disks": [{"virtual_size": d.get("virtual_size")} for d in t["disks"]]}
+
+
+@router.get("/templates")
+def template_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+    """The templates the caller may create VMs from (administrators: all)."""
+    who = caller.who
+    return [_template_view(t, who.admin) for t in templates.listing(ctx)
+            if policy.may_use_template(who, t["name"]) is Decision.ALLOW
+            or who.role == "read-only"]
+
+
+@router.get("/templates/{name}")
+def template_show(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    who = caller.who
+    if policy.may_use_template(who, name) is not Decision.ALLOW and who.role != "read-only":
+        raise NotFound(f"no template {name!r}.", hint="List them: GET /api/templates")
+    return _template_view(templates.show(ctx, name), who.admin)
+
+
+class NewTemplate(BaseModel):
+    name: str = Field(min_length=1, max_length=99)
+    profile: str | None = Field(default=None, max_length=99)
+    disks: list[str] = Field(min_length=1, max_length=16, description="Host paths of images.")
+    kernel: str | None = Field(default=None, max_length=4096)
+    initrd: str | None = Field(default=None, max_length=4096)
+    append: str | None = Field(default=None, max_length=4096)
+    checkpoint_type: CheckpointType | None = None
+
+
+@router.post("/templates", status_code=201)
+def template_create(body: NewTemplate, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "template.manage")
+    return templates.create(ctx, body.name, profile=body.profile,
+                            disks=[Path(d) for d in body.disks], kernel=body.kernel,
+                            initrd=body.initrd, append=body.append,
+                            checkpoint_type=body.checkpoint_type)
+
+
+class TemplateSettings(BaseModel):
+    profile: str | None = Field(default=None, max_length=99)
+    checkpoint_type: CheckpointType | None = None
+    append: str | None = Field(default=None, max_length=4096)
+
+
+@router.patch("/templates/{name}")
+def template_set(name: str, body: TemplateSettings, caller: CallerDep, ctx: ContextDep
+                 ) -> dict[str, Any]:
+    require(caller.who, "template.manage")
+    return templates.update(ctx, name, profile=body.profile,
+                            checkpoint_type=body.checkpoint_type, append=body.append)
+
+
+@router.delete("/templates/{name}")
+def template_delete(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "template.manage")
+    templates.delete(ctx, name)
+    return {"deleted": name}
+
+
+@router.get("/locations")
+def location_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+    """Named folders; non-administrators see names and kinds, never paths."""
+    rows = locations.listing(ctx)
+    return rows if caller.who.admin else [{"name": r["name"], "kind": r["kind"]} for r in rows]
+
+
+class NewLocation(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["repository", "export", "library"]
+    path: str = Field(min_length=1, max_length=4096)
+
+
+@router.post("/locations", status_code=201)
+def location_add(body: NewLocation, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "location.manage")
+    return locations.add(ctx, body.name, body.kind, Path(body.path))
+
+
+@router.delete("/locations/{name}")
+def location_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    require(caller.who, "location.manage")
+    locations.remove(ctx, name)
+    return {"removed": name}
+
+
+@router.get("/library/{name}")
+def library_list(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """What the registered library ``name`` holds, each VM with its checkpoint tree."""
+    require(caller.who, "library.manage")
+    return library.listing(ctx, locations.path(ctx, name, "library"))
+
+
+class Store(BaseModel):
+    library: str = Field(min_length=1, max_length=64)
+
+
+@router.post("/vms/{vm}/store")
+def vm_store(vm: str, body: Store, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Move the VM (off or saved) with its checkpoints into a library."""
+    require(caller.who, "library.manage")
+    row = vm_for(ctx, caller.who, "vm.view", vm)
+    return library.store(ctx, row.id, locations.path(ctx, body.library, "library"))
+
+
+class Deploy(BaseModel):
+    vm: str = Field(min_length=1, max_length=99, description="The stored VM's name or id.")
+
+
+@router.post("/library/{name}/deploy", status_code=201)
+def vm_deploy(name: str, body: Deploy, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Bring a stored VM back onto this host, checkpoints intact."""
+    require(caller.who, "library.manage")
+    return library.deploy(ctx, body.vm, locations.path(ctx, name, "library"))
