@@ -178,7 +178,7 @@ def test_repo_init_only_where_nothing_is(wm: Waymark, tmp_path: Path) -> None:
 
     before = tree_files(new)
     again = wm.run("backup", "repo", "init", str(new))
-    assert_error(again, EXIT_CONFLICT, str(new), "already a backup repository")
+    assert_error(again, EXIT_CONFLICT, str(new), "already a Waymark backup repository")
     assert tree_files(new) == before
 
     busy = tmp_path / "busy"

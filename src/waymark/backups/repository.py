@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, filelock
-from waymark.errors import Ambiguous, Busy, Conflict, NotFound, StorageError, WaymarkError
+from waymark import durable, filelock, shares
+from waymark.errors import Ambiguous, Busy, NotFound, StorageError, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 
@@ -58,40 +58,15 @@ class Repository:
     @classmethod
     def init(cls, path: Path) -> Repository:
         path = path.absolute()
-        if (path / MARKER).exists():
-            raise Conflict(f"{path} is already a backup repository.",
-                           hint=f"Use it: waymark backup run VM --repo {path}")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise Conflict(f"{path} exists and is not an empty folder.",
-                           hint="Give a new or empty folder on the backup storage.")
-        repo_id = uuid.uuid4().hex
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "vms").mkdir()
-            durable.write_bytes(path / MARKER, json.dumps(
-                {"format": FORMAT, "version": VERSION, "id": repo_id,
-                 "created_at": now()}, indent=2).encode())
-        except OSError as err:
-            raise StorageError(f"cannot create a repository in {path}: {err.strerror}.",
-                               hint="Check that the backup storage is mounted and writable.") \
-                from err
-        return cls(path, repo_id)
+        return cls(path, shares.create(
+            path, MARKER, FORMAT, VERSION, what="Waymark backup repository",
+            use_hint=f"Use it: waymark backup run VM --repo {path}"))
 
     @classmethod
     def open(cls, path: Path) -> Repository:
         path = path.absolute()
-        try:
-            marker = json.loads((path / MARKER).read_text())
-        except FileNotFoundError as err:
-            raise NotFound(f"{path} is not a Waymark backup repository.",
-                           hint=f"Create one with: waymark backup repo init {path} (or check "
-                                "that the backup storage is mounted)") from err
-        except (OSError, ValueError) as err:
-            raise StorageError(f"cannot read {path / MARKER}: {err}.") from err
-        if marker.get("format") != FORMAT or marker.get("version") != VERSION:
-            raise Conflict(f"{path} holds an unknown repository format {marker.get('format')!r} "
-                           f"version {marker.get('version')!r}.",
-                           hint="Use a Waymark version that knows it.")
+        marker = shares.read(path, MARKER, FORMAT, VERSION, what="Waymark backup repository",
+                             create_hint=f"Create one with: waymark backup repo init {path}")
         return cls(path, str(marker["id"]))
 
     def locked(self, timeout: float) -> AbstractContextManager[None]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import socket
-import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, filelock
+from waymark import durable, filelock, shares
 from waymark.errors import Ambiguous, Busy, Conflict, ImageError, NotFound, StorageError
 
 FORMAT, VERSION = "waymark-library", 1
@@ -75,38 +74,15 @@ class Library:
     @classmethod
     def init(cls, path: Path) -> Library:
         path = path.absolute()
-        if (path / MARKER).exists():
-            raise Conflict(f"{path} is already a Waymark library.",
-                           hint=f"Store a VM in it: waymark vm store VM --library {path}")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise Conflict(f"{path} exists and is not an empty folder.",
-                           hint="Give a new or empty folder on the library share.")
-        library_id = uuid.uuid4().hex
-        try:
-            (path / "vms").mkdir(parents=True)
-            durable.write_bytes(path / MARKER, json.dumps(
-                {"format": FORMAT, "version": VERSION, "id": library_id, "created_at": now()},
-                indent=2).encode())
-        except OSError as err:
-            raise StorageError(f"cannot create a library in {path}: {err.strerror}.",
-                               hint="Check that the share is mounted and writable.") from err
-        return cls(path, library_id)
+        return cls(path, shares.create(
+            path, MARKER, FORMAT, VERSION, what="Waymark library",
+            use_hint=f"Store a VM in it: waymark vm store VM --library {path}"))
 
     @classmethod
     def open(cls, path: Path) -> Library:
         path = path.absolute()
-        try:
-            marker = json.loads((path / MARKER).read_text())
-        except FileNotFoundError as err:
-            raise NotFound(f"{path} is not a Waymark library.",
-                           hint=f"Create one with: waymark library init {path} (or check that "
-                                "the share is mounted)") from err
-        except (OSError, ValueError) as err:
-            raise StorageError(f"cannot read {path / MARKER}: {err}.") from err
-        if marker.get("format") != FORMAT or marker.get("version") != VERSION:
-            raise Conflict(f"{path} holds an unknown library format {marker.get('format')!r} "
-                           f"version {marker.get('version')!r}.",
-                           hint="Use a Waymark version that knows it.")
+        marker = shares.read(path, MARKER, FORMAT, VERSION, what="Waymark library",
+                             create_hint=f"Create one with: waymark library init {path}")
         return cls(path, str(marker["id"]))
 
     def locked(self, timeout: float) -> AbstractContextManager[None]:
