@@ -17,7 +17,7 @@ The tree (exit code, HTTP status)::
     ├── ToolError (9, 500)             qemu-img or another tool failed
     │   └── ToolMissing (69, 500)      a needed program is not installed (names the apt package)
     ├── StorageError (73, 507)         the home folder or a file system cannot be written
-    ├── Busy (75, 423)                 another command holds the VM; retry later
+    ├── Busy (75, 409)                 another command or job holds the VM; retry later
     │   └── TooManyAttempts (75, 429)  repeated failed sign-ins: wait before trying again
     ├── Forbidden (77, 403)            the caller's role or grants do not allow it
     │   └── Unauthenticated (77, 401)  no valid session, token or password
@@ -88,7 +88,7 @@ class StorageError(WaymarkError):
 
 class Busy(WaymarkError):
     exit_code = 75
-    http_status = 423
+    http_status = 409
 
 
 class TooManyAttempts(Busy):

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from waymark.api.security import COOKIE, CallerDep, ContextDep, require
+from waymark.auth import policy
 from waymark.errors import Unauthenticated
 from waymark.ops import users
 
@@ -148,3 +149,9 @@ def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str,
     users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
     return {"revoked": token_id}
 
+
+
+@router.get("/roles")
+def roles(caller: CallerDep) -> dict[str, Any]:
+    """The roles and the per-VM permissions a grant may name."""
+    return {"roles": list(policy.ROLES), "vm_permissions": list(policy.VM_PERMISSIONS)}
