@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from waymark.api.security import COOKIE, CallerDep, ContextDep, require
 from waymark.auth import policy
 from waymark.errors import Unauthenticated
-from waymark.ops import users
+from waymark.ops import audit, users
 
 router = APIRouter(tags=["accounts"])
 Role = Literal["administrator", "self-service", "backup-operator", "read-only"]
@@ -28,6 +28,7 @@ def login(body: Login, request: Request, response: Response, ctx: ContextDep
           ) -> dict[str, Any]:
     """Sign in: a session cookie (HttpOnly, SameSite=Strict) and the CSRF token its writes
     must send in ``X-CSRF-Token``. Repeated failures are refused for a while (429)."""
+    request.state.login_name = body.name  # for the audit log
     limiter = request.app.state.limiter
     keys = (f"user:{body.name}", f"addr:{request.client.host if request.client else '-'}")
     limiter.check(*keys)
@@ -155,3 +156,12 @@ def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str,
 def roles(caller: CallerDep) -> dict[str, Any]:
     """The roles and the per-VM permissions a grant may name."""
     return {"roles": list(policy.ROLES), "vm_permissions": list(policy.VM_PERMISSIONS)}
+
+
+@router.get("/audit")
+def audit_log(caller: CallerDep, ctx: ContextDep, user: str | None = None,
+              outcome: Literal["ok", "denied", "failed"] | None = None,
+              limit: int = Query(default=100, ge=1, le=10000)) -> list[dict[str, Any]]:
+    """Who did what, newest first (administrators)."""
+    require(caller.who, "audit.view")
+    return audit.listing(ctx, user=user, outcome=outcome, limit=limit)

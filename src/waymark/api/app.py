@@ -10,16 +10,19 @@ and each uses the catalog through its own short sessions, as the CLI does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from waymark import __version__
 from waymark.api import accounts, backups, checkpoints, jobs, library, security, vms
 from waymark.errors import WaymarkError
+from waymark.ops import audit
 from waymark.ops.context import Context
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,17 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None
 
 
 def _code(err: WaymarkError) -> str:
+    fixed = getattr(err, "code", None)
+    if isinstance(fixed, str):
+        return fixed
     name = type(err).__name__
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 def _waymark_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, WaymarkError)
+    request.state.error = err.message
+    request.state.refused = isinstance(err, security.OutOfScope)
     if err.http_status >= 500:
         log.warning("%s %s failed: %s", request.method, request.url.path, err.message)
     return JSONResponse(error_body(_code(err), err.message, {"hint": err.hint} if err.hint
@@ -59,6 +67,46 @@ def _http(request: Request, err: Exception) -> JSONResponse:
                         headers=getattr(err, "headers", None))
 
 
+PREFIX = "/api"
+SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+REFUSED = frozenset({401, 403, 404, 429})
+
+
+async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                   ) -> Response:
+    """Record every request that changes something and every refused one."""
+    response = await call_next(request)
+    if request.method in SAFE and response.status_code not in REFUSED:
+        return response
+    caller = getattr(request.state, "caller", None)
+    entry = audit.Entry(
+        method=request.method, status=response.status_code,
+        action=f"{request.method} {_route(request)}",
+        refused=getattr(request.state, "refused", False),
+        user=caller.who.name if caller else getattr(request.state, "login_name", None),
+        role=caller.who.role if caller else None,
+        via=caller.via if caller else ("password" if request.url.path == "/api/auth/login"
+                                        else "none"),
+        client=request.client.host if request.client else None,
+        target=dict(request.scope.get("path_params") or {}),
+        message=getattr(request.state, "error", None))
+    try:
+        await run_in_threadpool(audit.record, request.app.state.ctx, entry)
+    except WaymarkError as err:  # the request's outcome stands; say it was not recorded
+        log.error("could not write the audit log: %s", err.message)
+    return response
+
+
+def _route(request: Request) -> str:
+    """The route's path template (``/api/vms/{vm}``), or the path when none matched (routers
+    are included under :data:`PREFIX`; the matched route names its path below it)."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return request.url.path
+    return path if path.startswith(PREFIX + "/") else PREFIX + path
+
+
 def create_app(ctx: Context) -> FastAPI:
     app = FastAPI(title="Waymark", version=__version__, openapi_url="/api/openapi.json",
                   docs_url="/api/docs", redoc_url=None,
@@ -68,6 +116,7 @@ def create_app(ctx: Context) -> FastAPI:
     app.add_exception_handler(WaymarkError, _waymark_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
+    app.middleware("http")(_audited)
     for module in (accounts, vms, checkpoints, backups, jobs, library):
-        app.include_router(module.router, prefix="/api")
+        app.include_router(module.router, prefix=PREFIX)
     return app

@@ -41,6 +41,12 @@ def context(request: Request) -> Context:
 def caller(request: Request) -> Caller:
     """The authenticated caller, or 401; a cookie-authenticated write without the session's
     CSRF token is 403 (a page on another site can send the cookie, not the header)."""
+    found = _authenticate(request)
+    request.state.caller = found  # for the audit log
+    return found
+
+
+def _authenticate(request: Request) -> Caller:
     ctx = context(request)
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
@@ -51,6 +57,7 @@ def caller(request: Request) -> Caller:
                               hint="POST /api/auth/login, or: waymark token create NAME --user U")
     who, csrf = users.by_session(ctx, cookie)
     if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
+        request.state.caller = Caller(who, "session", csrf)  # (a refusal names who)
         raise Forbidden(f"this request needs the session's CSRF token in {CSRF_HEADER}.",
                         hint="Read it from GET /api/auth/me (csrf_token) after signing in.")
     return Caller(who, "session", csrf)
@@ -65,8 +72,15 @@ def require(who: Principal, action: str) -> None:
         raise Forbidden(f"your role ({who.role}) may not do this ({action}).")
 
 
+class OutOfScope(NotFound):
+    """A 404 for an object the caller may not see: to them the same as one that does not
+    exist (same code, same message); the audit log records it as a refusal."""
+
+    code = "not_found"
+
+
 def no_vm(ref: str) -> NotFound:
-    return NotFound(f"no VM is named {ref!r} or has an id starting with it.",
+    return OutOfScope(f"no VM is named {ref!r} or has an id starting with it.",
                     hint="List the VMs you may see: GET /api/vms")
 
 
@@ -82,7 +96,8 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
         found = [v for v in visible_vms(session, who) if v.name == ref] or \
             [v for v in visible_vms(session, who) if ref and v.id.startswith(ref.lower())]
         if len(found) != 1:
-            raise no_vm(ref)
+            raise no_vm(ref) if _exists(session, ref) else NotFound(no_vm(ref).message,
+                                                                    hint=no_vm(ref).hint)
         row = found[0]
         session.expunge(row)
     decision = policy.decide_vm(who, action, row.id, row.owner_id)
@@ -92,6 +107,11 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
         raise Forbidden(f"you may not do this to VM {row.name!r} ({action}).",
                         hint="Ask an administrator for the permission.")
     return row
+
+
+def _exists(session: Session, ref: str) -> bool:
+    return session.scalars(select(Vm.id).where(
+        (Vm.name == ref) | Vm.id.startswith(ref.lower() or "-"))).first() is not None
 
 
 class LoginLimiter:

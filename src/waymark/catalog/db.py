@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import StorageError
 
-HEAD = "0009"
+HEAD = "0010"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

@@ -295,3 +295,24 @@ class Location(Base):
     kind: Mapped[str] = mapped_column(String(16))  # repository | export | library
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """Who did what to which object, when, from where, and the result: every API request that
+    changes something and every refused one (:mod:`waymark.ops.audit`)."""
+
+    __tablename__ = "audit"
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    user: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    role: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    via: Mapped[str] = mapped_column(String(16))  # token | session | password | none
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str] = mapped_column(String(8))
+    action: Mapped[str] = mapped_column(Text)  # the route: "POST /api/vms/{vm}/checkpoints"
+    target: Mapped[dict[str, Any]] = mapped_column(JSON)  # the path's parameters
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(8))  # ok | denied | failed
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -47,6 +47,8 @@ class LazyGroup(click.Group):
         "vm": ("waymark.cli.vm", "vm", "Virtual machines: hardware, disks, checkpoint settings."),
         "checkpoint": ("waymark.cli.checkpoint", "checkpoint",
                        "Checkpoints: take, list, apply, rename, delete, export."),
+        "audit": ("waymark.cli.users", "audit",
+                  "The API's audit log: who did what, when, from where, with what result."),
         "backup": ("waymark.cli.backup", "backup",
                    "Backups to external storage: repo init, run, list, verify, restore."),
         "check": ("waymark.cli.check", "check",

@@ -138,3 +138,21 @@ def token_list(user_name: str | None, as_json: bool) -> None:
     rows = users.tokens(face().ctx, user_name)
     emit(as_json, rows, [f"{t['id']}  {t['user']:<20} {t['name']:<20} last used "
                          f"{t['last_used_at'] or 'never'}" for t in rows] or ["No tokens."])
+
+
+@click.command()
+@click.option("--user", "user_name", help="Only this user's entries.")
+@click.option("--outcome", type=click.Choice(["ok", "denied", "failed"]))
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@json_option
+def audit(user_name: str | None, outcome: str | None, limit: int, as_json: bool) -> None:
+    """The API's audit log, newest first: who did what to which object, from where, and how
+    it ended."""
+    from waymark.ops import audit as audit_ops
+
+    rows = audit_ops.listing(face().ctx, user=user_name, outcome=outcome, limit=limit)
+    emit(as_json, rows, [f"{r['at']}  {r['user'] or '-':<16} {r['client'] or '-':<15} "
+                         f"{r['status']} {r['outcome']:<6} {r['action']} "
+                         f"{' '.join(f'{k}={v}' for k, v in r['target'].items())}"
+                         + (f"  ({r['message']})" if r["message"] else "")
+                         for r in rows] or ["The audit log is empty."])
