@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from waymark.api.security import CallerDep, ContextDep, vm_for
 from waymark.auth import policy
@@ -42,16 +48,75 @@ def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
     return job
 
 
+def job_list_for(ctx: Context, who: Principal, everything: bool) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as session:
+        owners = {v.id: v.owner_id for v in session.query(Vm)}
+    return [j for j in jobs.listing(ctx, everything=everything)
+            if who.admin or (j["vm_id"] in owners
+                             and policy.in_scope(who, j["vm_id"], owners[j["vm_id"]]))]
+
+
 @router.get("/jobs")
 def job_list(caller: CallerDep, ctx: ContextDep, everything: bool = False
              ) -> list[dict[str, Any]]:
     """Unfinished jobs and the last finished ones in the caller's scope."""
-    with ctx.catalog.session() as session:
-        owners = {v.id: v.owner_id for v in session.query(Vm)}
-    who = caller.who
-    return [_shown(who, j) for j in jobs.listing(ctx, everything=everything)
-            if who.admin or (j["vm_id"] in owners
-                             and policy.in_scope(who, j["vm_id"], owners[j["vm_id"]]))]
+    return [_shown(caller.who, j) for j in job_list_for(ctx, caller.who, everything)]
+
+
+POLL = 0.2
+KEEPALIVE = 15.0
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _changes(ctx: Context, who: Principal, job_id: str | None) -> AsyncIterator[str]:
+    """Server-sent events: each job's state whenever its status, progress or step changes;
+    for one job, ``end`` once it finished; a comment line every :data:`KEEPALIVE` s. The
+    catalog is read in a worker thread; the wait between reads holds none."""
+    seen: dict[str, tuple[Any, ...]] = {}
+    quiet_since = time.monotonic()
+    while True:
+        if job_id:
+            rows = [await run_in_threadpool(_job, ctx, who, job_id, "job.view")]
+        else:
+            rows = await run_in_threadpool(job_list_for, ctx, who, False)
+        for job in rows:
+            key = (job["status"], job["progress"], job["step"])
+            if seen.get(job["id"]) != key:
+                seen[job["id"]] = key
+                quiet_since = time.monotonic()
+                yield _event("job", _shown(who, job))
+        if job_id and rows[0]["status"] in jobs.FINISHED:
+            yield _event("end", {"id": rows[0]["id"], "status": rows[0]["status"]})
+            return
+        if time.monotonic() - quiet_since > KEEPALIVE:
+            quiet_since = time.monotonic()
+            yield ": keep-alive\n\n"
+        await asyncio.sleep(POLL)
+
+
+STREAM = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/jobs/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+def job_events_all(caller: CallerDep, ctx: ContextDep) -> StreamingResponse:
+    """Server-sent events for every job in the caller's scope (a ``job`` event whenever one
+    changes)."""
+    return StreamingResponse(_changes(ctx, caller.who, None), media_type="text/event-stream",
+                             headers=STREAM)
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+def job_events(job_id: str, caller: CallerDep, ctx: ContextDep) -> StreamingResponse:
+    """Server-sent events for one job: a ``job`` event at each change of its status,
+    progress or step (progress only grows), then ``end``."""
+    first = _job(ctx, caller.who, job_id, "job.view")  # 404 / 403 before the stream starts
+    return StreamingResponse(_changes(ctx, caller.who, first["id"]),
+                             media_type="text/event-stream", headers=STREAM)
 
 
 @router.get("/jobs/{job_id}")
