@@ -57,10 +57,7 @@ def apply(vm: str, ckpt: str, body: Apply, caller: CallerDep, ctx: ContextDep
     target = views.checkpoint_show(ctx, row.id, ckpt)["id"]
     mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
         else checkpoints.ApplyMode.DISCARD_CURRENT
-    result = checkpoints.apply(ctx, row.id, target, mode, start=body.start)
-    return {"applied": result.checkpoint_id, "safety_checkpoint": result.safety_checkpoint_id,
-            "state": result.state, "detached_disks": result.detached_disks,
-            "kept_disks": result.kept_disks}
+    return checkpoints.apply(ctx, row.id, target, mode, start=body.start).view()
 
 
 class Rename(BaseModel):

@@ -15,7 +15,6 @@ from waymark.catalog.models import Vm
 from waymark.errors import Forbidden, NotFound
 from waymark.ops import machines, templates, views
 from waymark.ops import vms as vm_ops
-from waymark.ops.context import Context
 from waymark.units import parse_size
 
 router = APIRouter(tags=["vms"])
@@ -103,24 +102,26 @@ def vm_delete(vm: str, caller: CallerDep, ctx: ContextDep, yes: bool = False
 class PowerOptions(BaseModel):
     force: bool = Field(default=False, description="stop: power off instead of shutting down")
     timeout: float = Field(default=60.0, gt=0, le=3600, description="stop: seconds to wait")
-    discard_saved_state: bool = Field(default=False, description="start: boot fresh")
+    fresh: bool = Field(default=False, description="start: boot fresh, discarding a saved "
+                                                   "state")
 
 
-def _power(ctx: Context, vm_id: str, action: str, options: PowerOptions) -> Any:
-    if action == "start":
-        return machines.start(ctx, vm_id, fresh=options.discard_saved_state)
-    if action == "stop":
-        return machines.stop(ctx, vm_id, force=options.force, timeout=options.timeout)
-    return {"save": machines.save, "pause": machines.pause, "resume": machines.resume}[action](
-        ctx, vm_id)
+HOST_PATHS = ("serial_log", "saved_state", "state_file")
 
 
 def _power_route(action: str, summary: str) -> None:
     def handler(vm: str, caller: CallerDep, ctx: ContextDep,
                 body: PowerOptions | None = None) -> dict[str, Any]:
         row = vm_for(ctx, caller.who, "vm.power", vm)
-        asyncio.run(_power(ctx, row.id, action, body or PowerOptions()))
-        return {**views.vm_show(ctx, row.id), "action": action}
+        options = body or PowerOptions()
+        chosen: dict[str, Any] = {}
+        if action == "start":
+            chosen = {"fresh": options.fresh}
+        elif action == "stop":
+            chosen = {"force": options.force, "timeout": options.timeout}
+        data = asyncio.run(machines.act(ctx, row.id, action, **chosen))
+        return data if caller.who.admin else {k: v for k, v in data.items()
+                                              if k not in HOST_PATHS}
 
     router.add_api_route(f"/vms/{{vm}}/{action}", handler, methods=["POST"], summary=summary,
                          name=f"vm_{action}")

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from waymark.checkpoints import tree
+from waymark.cli.job import ended, follow
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
@@ -33,10 +34,13 @@ def create(vm_ref: str, name: str | None, wanted: str | None, as_json: bool) -> 
     only, the guest's file systems quiesced through its agent (falls back to standard when
     that fails; productiononly fails instead). A VM that is off gets its disks.
     """
-    ctx = face().ctx
-    ckpt_id = checkpoints.create(ctx, vm_ref, name, wanted)
-    data = views.checkpoint_show(ctx, vm_ref, ckpt_id)
-    lines = [f"Created checkpoint {data['name']!r} ({ckpt_id[:12]}, {data['kind']})."]
+    remote = face().remote
+    if remote is not None:
+        data = remote.checkpoint_create(vm_ref, name, wanted)
+    else:
+        ctx = face().ctx
+        data = views.checkpoint_show(ctx, vm_ref, checkpoints.create(ctx, vm_ref, name, wanted))
+    lines = [f"Created checkpoint {data['name']!r} ({data['id'][:12]}, {data['kind']})."]
     if data["fallback_reason"]:
         lines.append(f"It is {data['kind']}, not {data['requested_type']}: "
                      f"{data['fallback_reason']}.")
@@ -48,7 +52,9 @@ def create(vm_ref: str, name: str | None, wanted: str | None, as_json: bool) -> 
 @json_option
 def list_(vm_ref: str, as_json: bool) -> None:
     """The checkpoint tree, with Now under the current checkpoint."""
-    data = views.checkpoint_list(face().ctx, vm_ref)
+    remote = face().remote
+    data = remote.checkpoint_list(vm_ref) if remote is not None \
+        else views.checkpoint_list(face().ctx, vm_ref)
     lines = [f"Checkpoints of {data['vm_name']}:"]
     lines += views.checkpoint_tree(data) if data["checkpoints"] else ["Now  (no checkpoints)"]
     lines += ["", tree.LEGEND]
@@ -82,8 +88,14 @@ def _show_lines(d: dict[str, Any]) -> list[str]:
 @json_option
 def show(vm_ref: str, ckpt_ref: str, as_json: bool) -> None:
     """One checkpoint: when, what kind, its disks, configuration and space."""
-    data = views.checkpoint_show(face().ctx, vm_ref, ckpt_ref)
-    emit(as_json, data, _show_lines(data))
+    emit(as_json, data := _shown(vm_ref, ckpt_ref), _show_lines(data))
+
+
+def _shown(vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
+    remote = face().remote
+    if remote is not None:
+        return remote.checkpoint_show(vm_ref, ckpt_ref)
+    return views.checkpoint_show(face().ctx, vm_ref, ckpt_ref)
 
 
 def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
@@ -125,20 +137,20 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     Applying a standard checkpoint leaves the VM saved (vm start resumes it exactly there);
     any other leaves it off.
     """
-    ctx = face().ctx
-    target = views.checkpoint_show(ctx, vm_ref, ckpt_ref)
+    target = _shown(vm_ref, ckpt_ref)
     mode = _choose_mode(checkpoint_first, discard_current, target["name"])
-    result = checkpoints.apply(ctx, vm_ref, target["id"], mode, start=start)
-    data = {"checkpoint_id": result.checkpoint_id, "state": result.state,
-            "safety_checkpoint_id": result.safety_checkpoint_id,
-            "detached_disks": result.detached_disks, "kept_disks": result.kept_disks}
-    lines = [f"Applied checkpoint {target['name']!r}; the VM is {result.state}."]
-    if result.safety_checkpoint_id:
-        lines.insert(0, f"Checkpointed Now first ({result.safety_checkpoint_id[:12]}).")
+    remote = face().remote
+    if remote is not None:
+        data = remote.checkpoint_apply(vm_ref, target["id"], mode.name.lower(), start)
+    else:
+        data = checkpoints.apply(face().ctx, vm_ref, target["id"], mode, start=start).view()
+    lines = [f"Applied checkpoint {target['name']!r}; the VM is {data['state']}."]
+    if data["safety_checkpoint_id"]:
+        lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
     lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
-              for d in result.detached_disks]
+              for d in data["detached_disks"]]
     lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
-              for d in result.kept_disks]
+              for d in data["kept_disks"]]
     emit(as_json, data, lines)
 
 
@@ -149,10 +161,14 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
 @json_option
 def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
     """Rename a checkpoint (1-99 characters)."""
-    ctx = face().ctx
-    ckpt_id = checkpoints.rename(ctx, vm_ref, ckpt_ref, new_name)
-    data = views.checkpoint_show(ctx, vm_ref, ckpt_id)
-    emit(as_json, data, [f"Renamed checkpoint {ckpt_id[:12]} to {data['name']!r}."])
+    remote = face().remote
+    if remote is not None:
+        data = remote.checkpoint_rename(vm_ref, ckpt_ref, new_name)
+    else:
+        ctx = face().ctx
+        data = views.checkpoint_show(ctx, vm_ref,
+                                     checkpoints.rename(ctx, vm_ref, ckpt_ref, new_name))
+    emit(as_json, data, [f"Renamed checkpoint {data['id'][:12]} to {data['name']!r}."])
 
 
 NO_WAIT = click.option("--no-wait", is_flag=True,
@@ -173,6 +189,9 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
     PATTERN is a name or id prefix, or a glob over names ('Experiment*'). Now's disk state is
     never lost, even when its parent goes.
     """
+    if face().remote is not None:
+        _delete_remote(vm_ref, pattern, subtree, no_wait, as_json)
+        return
     ctx = face().ctx
     matches = deletion.matching(ctx, vm_ref, pattern)
     if len(matches) > 1 and not yes and interactive():
@@ -192,6 +211,25 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
     if no_wait:
         lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")
     emit(as_json, data, lines)
+
+
+def _delete_remote(vm_ref: str, ref: str, subtree: bool, no_wait: bool, as_json: bool) -> None:
+    """Delete through the server: one checkpoint (patterns are matched on the host), then, but
+    with --no-wait, follow its merge job to the end as the local command does."""
+    remote = face().remote
+    assert remote is not None
+    if deletion.is_pattern(ref):
+        raise InvalidInput(f"{ref!r} is a pattern; through --server, name one checkpoint.",
+                           hint="Delete by pattern on the host.")
+    data = remote.checkpoint_delete(vm_ref, ref, subtree)
+    lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]})." for m in data["deleted"]]
+    if no_wait:
+        lines.append(f"Merging in job {data['job'][:12]}: waymark job wait {data['job'][:12]}")
+        emit(as_json, data, lines)
+        return
+    done = follow(data["job"])
+    emit(as_json, data, lines)
+    ended(done)
 
 
 @checkpoint.command("export")

@@ -29,12 +29,17 @@ def _line(d: dict[str, Any]) -> str:
 @json_option
 def list_(vm_ref: str | None, everything: bool, as_json: bool) -> None:
     """Unfinished jobs and the last finished ones."""
-    ctx = face().ctx
-    vm_id = None
-    if vm_ref is not None:
-        with ctx.catalog.session() as session:
-            vm_id = lookup.vm(session, vm_ref).id
-    rows = jobs.listing(ctx, vm_id, everything=everything)
+    remote = face().remote
+    if remote is not None:
+        rows = [r for r in remote.job_list(everything) if vm_ref is None
+                or vm_ref == r["vm_name"] or (r["vm_id"] or "-").startswith(vm_ref)]
+    else:
+        ctx = face().ctx
+        vm_id = None
+        if vm_ref is not None:
+            with ctx.catalog.session() as session:
+                vm_id = lookup.vm(session, vm_ref).id
+        rows = jobs.listing(ctx, vm_id, everything=everything)
     emit(as_json, rows, [_line(r) for r in rows] or ["No jobs."])
 
 
@@ -43,7 +48,8 @@ def list_(vm_ref: str | None, everything: bool, as_json: bool) -> None:
 @json_option
 def show(job_ref: str, as_json: bool) -> None:
     """One job: its kind, state, progress and result."""
-    d = jobs.show(face().ctx, job_ref)
+    remote = face().remote
+    d = remote.job_show(job_ref) if remote is not None else jobs.show(face().ctx, job_ref)
     lines = [f"Job {d['id']}  ({d['kind']}{', VM ' + d['vm_name'] if d['vm_name'] else ''})",
              f"  state: {d['state']}   progress: {d['progress']:.0%}   step: {d['step'] or '-'}",
              f"  created: {d['created_at']}   started: {d['started_at'] or '-'}   "
@@ -53,15 +59,18 @@ def show(job_ref: str, as_json: bool) -> None:
     emit(as_json, d, lines)
 
 
-def watch(job_id: str) -> dict[str, Any]:
-    """Wait for a job with a progress bar; its final description."""
+def follow(job_id: str) -> dict[str, Any]:
+    """Wait for a job (here, or on the --server) with a progress bar; its final
+    description."""
     bar = StepProgress()
 
     def draw(d: dict[str, Any]) -> None:
         if d["status"] == "running":
             bar(1, 1, d["step"] or d["kind"], min(d["progress"], 0.999))
 
-    done = jobs.wait(face().ctx, job_id, draw)
+    remote = face().remote
+    done = remote.job_wait(job_id, draw) if remote is not None \
+        else jobs.wait(face().ctx, job_id, draw)
     if done["status"] == "completed":
         bar(1, 1, done["step"] or done["kind"], 1.0)
     return done
@@ -83,7 +92,7 @@ def ended(d: dict[str, Any]) -> None:
 @json_option
 def wait(job_ref: str, as_json: bool) -> None:
     """Wait for a job to end, with its progress (carries on a job whose process died)."""
-    d = watch(job_ref)
+    d = follow(job_ref)
     emit(as_json, d, [f"Job {d['id'][:12]} {d['status']}."])
     ended(d)
 
@@ -93,7 +102,8 @@ def wait(job_ref: str, as_json: bool) -> None:
 @json_option
 def cancel(job_ref: str, as_json: bool) -> None:
     """Stop a job: a merge stops mid-copy without changing any checkpoint."""
-    d = jobs.cancel(face().ctx, job_ref)
+    remote = face().remote
+    d = remote.job_cancel(job_ref) if remote is not None else jobs.cancel(face().ctx, job_ref)
     emit(as_json, d, [f"Job {d['id'][:12]}: cancel requested ({d['status']})."])
 
 

@@ -11,21 +11,41 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import click
 
 from waymark import __version__
-from waymark.errors import WaymarkError
+from waymark.errors import InvalidInput, WaymarkError
 
 if TYPE_CHECKING:
+    from waymark.client import Client
     from waymark.ops.context import Context
 
 
 class Face:
-    """Per-invocation state: settings now, the (lazily opened) ops context when needed."""
+    """Per-invocation state: settings now, the (lazily opened) ops context when needed, or,
+    with ``--server``, a client of that server's API (:mod:`waymark.client`)."""
 
-    def __init__(self, home: str | None) -> None:
+    def __init__(self, home: str | None, server: str | None = None,
+                 token: str | None = None) -> None:
         self._home = home
         self._ctx: Context | None = None
+        self.server, self.token = server, token
+        self._client: Client | None = None
+
+    @property
+    def remote(self) -> Client | None:
+        """The server's client when ``--server`` (or ``WAYMARK_SERVER``) is given."""
+        if self.server is None:
+            return None
+        if self._client is None:
+            from waymark.client import Client
+
+            self._client = Client(self.server, self.token)
+        return self._client
 
     @property
     def ctx(self) -> Context:
+        if self.server is not None:
+            path = click.get_current_context().command_path
+            raise InvalidInput(f"'{path}' works only on the Waymark host, not through --server.",
+                               hint="Run it there, or without --server / WAYMARK_SERVER.")
         if self._ctx is None:
             from waymark.config import Settings
             from waymark.ops.context import Context
@@ -90,16 +110,21 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", metavar="DIR", envvar="WAYMARK_HOME",
               help="Waymark's data folder (default $XDG_DATA_HOME/waymark).")
+@click.option("--server", metavar="URL", envvar="WAYMARK_SERVER",
+              help="Act on this Waymark server's API instead of the local home.")
+@click.option("--token", metavar="TOKEN", envvar="WAYMARK_TOKEN",
+              help="The API token for --server (waymark token create).")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv: every command run).")
 @click.version_option(__version__, prog_name="waymark")
 @click.pass_context
-def cli(click_ctx: click.Context, home: str | None, verbose: int) -> None:
+def cli(click_ctx: click.Context, home: str | None, server: str | None, token: str | None,
+        verbose: int) -> None:
     """Waymark: Hyper-V style checkpoints for QEMU/KVM virtual machines."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     # by default only warnings show, in the CLI's own "warning: ..." form
     logging.basicConfig(level=level, format="warning: %(message)s" if verbose == 0
                         else "%(levelname)s %(name)s: %(message)s")
-    click_ctx.obj = Face(home)
+    click_ctx.obj = Face(home, server, token)
 
 
 def _report(err: WaymarkError, as_json: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import click
 
@@ -20,6 +21,14 @@ def _console(vm_ref: str) -> None:
     asyncio.run(terminal.attach(liveness.run_files(ctx, vm_id).console, name))
 
 
+def _act(vm_ref: str, action: str, **options: Any) -> dict[str, Any]:
+    """The action here, or on the server given with --server."""
+    remote = face().remote
+    if remote is not None:
+        return remote.vm_power(vm_ref, action, **options)
+    return asyncio.run(machines.act(face().ctx, vm_ref, action, **options))
+
+
 @click.command("start")
 @click.argument("vm_ref", metavar="VM")
 @click.option("--console", "attach", is_flag=True, help="Attach to the serial console.")
@@ -28,10 +37,8 @@ def _console(vm_ref: str) -> None:
 @json_option
 def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -> None:
     """Boot the VM, or resume a saved VM exactly where it was."""
-    ctx = face().ctx
-    accelerator = asyncio.run(machines.start(ctx, vm_ref, fresh=discard_saved_state))
-    data = asyncio.run(machines.status(ctx, vm_ref, ask_agent=False))
-    emit(as_json, data, [f"Started {data['name']} (pid {data['pid']}, {accelerator})."])
+    data = _act(vm_ref, "start", fresh=discard_saved_state)
+    emit(as_json, data, [f"Started {data['name']} (pid {data['pid']}, {data['accelerator']})."])
     if attach:
         _console(vm_ref)
 
@@ -45,8 +52,8 @@ def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -
 @json_option
 def stop(vm_ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Shut the guest down cleanly (guest agent, else ACPI power button)."""
-    how = asyncio.run(machines.stop(face().ctx, vm_ref, force=force, timeout=timeout))
-    emit(as_json, {"state": "off", "how": how}, [f"Stopped {vm_ref}: {how}."])
+    data = _act(vm_ref, "stop", force=force, timeout=timeout)
+    emit(as_json, data, [f"Stopped {vm_ref}: {data['how']}."])
 
 
 @click.command("save")
@@ -54,7 +61,7 @@ def stop(vm_ref: str, force: bool, timeout: float, as_json: bool) -> None:
 @json_option
 def save(vm_ref: str, as_json: bool) -> None:
     """Save memory and device state to a file; the VM stops (Hyper-V's Save)."""
-    data = asyncio.run(machines.save(face().ctx, vm_ref))
+    data = _act(vm_ref, "save")
     emit(as_json, data, [f"Saved {vm_ref} ({data['bytes'] >> 20} MiB of state, guest paused "
                          f"{data['seconds']} s). Start it to resume where it was."])
 
@@ -64,8 +71,7 @@ def save(vm_ref: str, as_json: bool) -> None:
 @json_option
 def pause(vm_ref: str, as_json: bool) -> None:
     """Pause the guest's CPUs (it keeps its memory)."""
-    asyncio.run(machines.pause(face().ctx, vm_ref))
-    emit(as_json, {"state": "paused"}, [f"Paused {vm_ref}."])
+    emit(as_json, _act(vm_ref, "pause"), [f"Paused {vm_ref}."])
 
 
 @click.command("resume")
@@ -73,8 +79,7 @@ def pause(vm_ref: str, as_json: bool) -> None:
 @json_option
 def resume(vm_ref: str, as_json: bool) -> None:
     """Resume a paused guest."""
-    asyncio.run(machines.resume(face().ctx, vm_ref))
-    emit(as_json, {"state": "running"}, [f"Resumed {vm_ref}."])
+    emit(as_json, _act(vm_ref, "resume"), [f"Resumed {vm_ref}."])
 
 
 @click.command("status")

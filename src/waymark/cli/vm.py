@@ -80,7 +80,8 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
 @json_option
 def list_(as_json: bool) -> None:
     """List VMs."""
-    rows = views.vm_list(face().ctx)
+    remote = face().remote
+    rows = remote.vm_list() if remote is not None else views.vm_list(face().ctx)
     lines = [f"{'NAME':<24} {'STATE':<8} {'MEMORY':>8} {'CPUS':>4} {'CHECKPOINTS':>11}  ID"]
     lines += [f"{r['name']:<24} {r['state']:<8} {r['memory_mib']:>6}M {r['cpus']:>4} "
               f"{r['checkpoints']:>11}  {r['id'][:12]}" for r in rows]
@@ -100,7 +101,8 @@ def _disk_line(d: dict[str, Any]) -> str:
 @json_option
 def show(vm_ref: str, as_json: bool) -> None:
     """Show a VM's configuration, disks and checkpoint settings."""
-    data = views.vm_show(face().ctx, vm_ref)
+    remote = face().remote
+    data = remote.vm_show(vm_ref) if remote is not None else views.vm_show(face().ctx, vm_ref)
     lines = [f"VM {data['name']}  ({data['id']})", f"  state: {data['state']}",
              f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
              f"machine: {data['machine']}",

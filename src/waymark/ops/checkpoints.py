@@ -175,6 +175,12 @@ class ApplyResult:
     kept_disks: list[str] = field(default_factory=list)
     state: str = "off"
 
+    def view(self) -> dict[str, Any]:
+        """What ``checkpoint apply --json`` and the API answer."""
+        return {"checkpoint_id": self.checkpoint_id, "state": self.state,
+                "safety_checkpoint_id": self.safety_checkpoint_id,
+                "detached_disks": self.detached_disks, "kept_disks": self.kept_disks}
+
 
 def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode,
           start: bool = False) -> ApplyResult:

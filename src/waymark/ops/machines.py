@@ -400,3 +400,25 @@ async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:
     except WaymarkError:
         return False
     return True
+
+
+POWER_ACTIONS = ("start", "stop", "save", "pause", "resume")
+
+
+async def act(ctx: Context, vm_ref: str, action: str, *, force: bool = False,
+              timeout: float = 60.0, fresh: bool = False) -> dict[str, Any]:
+    """One power action; what ``vm <action> --json`` and the API answer."""
+    if action == "start":
+        await start(ctx, vm_ref, fresh=fresh)
+        return await status(ctx, vm_ref, ask_agent=False)
+    if action == "stop":
+        return {"state": "off", "how": await stop(ctx, vm_ref, force=force, timeout=timeout)}
+    if action == "save":
+        return await save(ctx, vm_ref)
+    if action == "pause":
+        await pause(ctx, vm_ref)
+        return {"state": "paused"}
+    if action == "resume":
+        await resume(ctx, vm_ref)
+        return {"state": "running"}
+    raise ValueError(f"unknown power action {action!r}")
