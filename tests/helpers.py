@@ -6,10 +6,13 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,3 +119,62 @@ def own_bytes(path: Path) -> int:
     out = subprocess.run(["qemu-img", "map", "--output=json", "-U", str(path)], check=True,
                          capture_output=True, text=True).stdout
     return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["present"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def served(wm: Waymark, timeout: float = 30.0) -> Iterator[tuple[str, str]]:
+    """A real ``waymark serve`` on a free loopback port over ``wm``'s home, with an
+    administrator's API token: yields (base URL, token); stopped at the end."""
+    wm.run("user", "add", "root-admin", "--role", "administrator", "--password-stdin",
+           input="test-password\n").ok()
+    token = wm.json("token", "create", "tests", "--user", "root-admin")["token"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
+                             f"127.0.0.1:{port}", "--no-schedules"], env=wm.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/openapi.json", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"waymark serve did not come up: {proc.stderr}") from None
+                time.sleep(0.1)
+        yield url, token
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class RemoteWaymark(Waymark):
+    """The real CLI against a real ``waymark serve`` on the same home: the commands that work
+    through ``--server`` go through it (WAYMARK_SERVER, WAYMARK_TOKEN); the rest (creating VMs
+    from files, check, ...) run on the host as a user there would."""
+
+    REMOTE = frozenset({
+        ("vm", "list"), ("vm", "show"), ("vm", "start"), ("vm", "stop"), ("vm", "save"),
+        ("vm", "pause"), ("vm", "resume"), ("checkpoint", "create"), ("checkpoint", "list"),
+        ("checkpoint", "show"), ("checkpoint", "apply"), ("checkpoint", "rename"),
+        ("checkpoint", "delete"), ("job", "list"), ("job", "show"), ("job", "wait"),
+        ("job", "cancel")})
+
+    def __init__(self, home: Path, url: str, token: str) -> None:
+        super().__init__(home)
+        self.url, self.token = url, token
+        self.remote_calls = 0
+
+    def run(self, *args: str, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 120) -> Result:
+        if tuple(args[:2]) in self.REMOTE and env is None:
+            self.remote_calls += 1
+            env = self.env(WAYMARK_SERVER=self.url, WAYMARK_TOKEN=self.token)
+        return super().run(*args, env=env, input=input, timeout=timeout)

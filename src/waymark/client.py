@@ -89,9 +89,11 @@ class Client:
         return dict(self.call("PATCH", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}",
                               {"name": name}))
 
-    def checkpoint_delete(self, vm: str, ckpt: str, subtree: bool = False) -> dict[str, Any]:
-        return dict(self.call("DELETE", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}",
-                              params={"subtree": subtree}))
+    def checkpoint_delete(self, vm: str, match: str, subtree: bool = False, yes: bool = False
+                          ) -> dict[str, Any]:
+        """Delete what ``match`` names (a name, id prefix or glob); its merge job runs on."""
+        return dict(self.call("DELETE", f"/vms/{_p(vm)}/checkpoints",
+                              params={"match": match, "subtree": subtree, "yes": yes}))
 
     # --- jobs ---------------------------------------------------------------------------------
 

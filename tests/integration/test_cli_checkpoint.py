@@ -1,4 +1,6 @@
-"""``waymark checkpoint``: create, list, show, apply and rename, via the real CLI."""
+"""``waymark checkpoint``: create, list, show, apply and rename, via the real CLI; every test
+runs twice: on the host, and a second time with the checkpoint, VM and job commands going
+through a real ``waymark serve`` (``--server``), with the same output and exit codes."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
 
 KIB = 1024
@@ -16,6 +20,9 @@ DEFAULT_NAME = re.compile(r"^(?P<vm>.*) - \((?P<stamp>\d{4}-\d\d-\d\d - \d\d:\d\
 ENTRY_KEYS = {"id", "name", "parent_id", "created_at", "kind", "has_memory", "requested_type",
               "fallback_reason", "skipped_disks", "allocated_bytes", "shared_bytes",
               "chain_depth"}
+
+
+pytestmark = pytest.mark.also_served
 
 
 def make_image(path: Path, fmt: str, size: str = "1M") -> Path:

@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
 
 MIB = 1 << 20
@@ -122,6 +124,7 @@ def build_chain(vm: Vm, names: list[str]) -> dict[str, str]:
     return ids
 
 
+@pytest.mark.also_served
 def test_deleting_a_middle_checkpoint_reparents_its_children(wm: Waymark) -> None:
     vm = Vm(wm, "middle")
     ids = build_chain(vm, ["A", "B", "C"])
@@ -143,6 +146,7 @@ def test_deleting_a_middle_checkpoint_reparents_its_children(wm: Waymark) -> Non
     vm.assert_no_orphans()
 
 
+@pytest.mark.also_served
 def test_deleting_the_current_checkpoint_moves_now_up(wm: Waymark) -> None:
     vm = Vm(wm, "current")
     ids = build_chain(vm, ["A", "B"])
@@ -160,6 +164,7 @@ def test_deleting_the_current_checkpoint_moves_now_up(wm: Waymark) -> None:
     assert len(vm.files()) == 2  # A's frozen base and Now's active image
 
 
+@pytest.mark.also_served
 def test_subtree_delete_keeps_nows_disk(wm: Waymark) -> None:
     vm = Vm(wm, "subtree")
     ids = build_chain(vm, ["A", "B", "C"])
@@ -184,6 +189,7 @@ def test_subtree_delete_keeps_nows_disk(wm: Waymark) -> None:
     vm.assert_no_orphans()
 
 
+@pytest.mark.also_served
 def test_subtree_delete_of_a_branch_without_now(wm: Waymark) -> None:
     """Deleting a branch Now is not on leaves a chain of images nothing references: all go.
 
@@ -218,6 +224,7 @@ def test_subtree_delete_of_a_branch_without_now(wm: Waymark) -> None:
     assert len(vm.files()) == 2
 
 
+@pytest.mark.also_served
 def test_glob_needs_yes_and_exact_references(wm: Waymark) -> None:
     vm = Vm(wm, "glob")
     ids = build_chain(vm, ["Keep", "Exp1", "Exp2", "Experiment 3"])
@@ -246,6 +253,7 @@ def test_glob_needs_yes_and_exact_references(wm: Waymark) -> None:
     vm.assert_no_orphans()
 
 
+@pytest.mark.also_served
 def test_plain_reference_matches_one_checkpoint(wm: Waymark) -> None:
     vm = Vm(wm, "refs")
     build_chain(vm, ["dup", "dup"])

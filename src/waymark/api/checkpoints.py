@@ -87,6 +87,19 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
             "job": done.job}
 
 
+@router.delete("/vms/{vm}/checkpoints", status_code=202)
+def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
+                    subtree: bool = False, yes: bool = False) -> dict[str, Any]:
+    """Delete every checkpoint ``match`` names: a name, an id prefix, or a glob over names
+    (``Experiment*``, Hyper-V's ``Remove-VMSnapshot -Name``); several matches need ``yes``
+    (409 lists them otherwise). Their merges run in the returned job."""
+    row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
+    done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False)
+    jobs.spawn(ctx, done.job)
+    return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
+            "job": done.job}
+
+
 class Export(BaseModel):
     location: str = Field(min_length=1, max_length=64, description="A registered export folder.")
     folder: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,98}$",

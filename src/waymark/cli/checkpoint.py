@@ -190,7 +190,7 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
     never lost, even when its parent goes.
     """
     if face().remote is not None:
-        _delete_remote(vm_ref, pattern, subtree, no_wait, as_json)
+        _delete_remote(vm_ref, pattern, subtree, yes, no_wait, as_json)
         return
     ctx = face().ctx
     matches = deletion.matching(ctx, vm_ref, pattern)
@@ -213,15 +213,19 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
     emit(as_json, data, lines)
 
 
-def _delete_remote(vm_ref: str, ref: str, subtree: bool, no_wait: bool, as_json: bool) -> None:
-    """Delete through the server: one checkpoint (patterns are matched on the host), then, but
-    with --no-wait, follow its merge job to the end as the local command does."""
+def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
+                   as_json: bool) -> None:
+    """Delete through the server; but with --no-wait, follow the merge job to its end as the
+    local command does."""
     remote = face().remote
     assert remote is not None
-    if deletion.is_pattern(ref):
-        raise InvalidInput(f"{ref!r} is a pattern; through --server, name one checkpoint.",
-                           hint="Delete by pattern on the host.")
-    data = remote.checkpoint_delete(vm_ref, ref, subtree)
+    try:
+        data = remote.checkpoint_delete(vm_ref, pattern, subtree, yes)
+    except ConsentRequired as err:
+        if not interactive():
+            raise
+        click.confirm(f"{err.message}\nDelete them all?", abort=True)
+        data = remote.checkpoint_delete(vm_ref, pattern, subtree, True)
     lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]})." for m in data["deleted"]]
     if no_wait:
         lines.append(f"Merging in job {data['job'][:12]}: waymark job wait {data['job'][:12]}")
