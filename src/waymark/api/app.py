@@ -1,5 +1,5 @@
-"""The FastAPI application: routes under ``/api``, one JSON error shape, OpenAPI at
-``/api/openapi.json``.
+"""The FastAPI application: the API under ``/api`` (one JSON error shape, OpenAPI at
+``/api/openapi.json``) and the web portal at ``/`` (:mod:`waymark.web`).
 
 Every error is ``{"error": {"code", "message", "details"}}`` with the status its
 :class:`~waymark.errors.WaymarkError` class carries; bad input (a body or query that does not
@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -24,6 +25,7 @@ from waymark.api import accounts, backups, checkpoints, jobs, library, security,
 from waymark.errors import WaymarkError
 from waymark.ops import audit
 from waymark.ops.context import Context
+from waymark.web import pages
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +121,6 @@ def create_app(ctx: Context) -> FastAPI:
     app.middleware("http")(_audited)
     for module in (accounts, vms, checkpoints, backups, jobs, library):
         app.include_router(module.router, prefix=PREFIX)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(pages.HERE / "static")), name="static")
     return app

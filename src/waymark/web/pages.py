@@ -1,0 +1,186 @@
+"""Server-rendered pages (Jinja2) with a little plain JavaScript (``static/app.js``: no build
+step, no CDN). Pages show only what the signed-in user may see and offer only the actions they
+may take; every action is a call of the JSON API, which checks again on the server.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+
+from waymark.api.security import COOKIE, vm_for
+from waymark.auth import policy
+from waymark.auth.policy import Decision, Principal
+from waymark.catalog.models import BackupBase, Vm
+from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
+from waymark.ops import liveness, locations, users, views
+from waymark.ops.context import Context
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+router = APIRouter(include_in_schema=False)
+CHECKPOINT_ACTIONS = ("checkpoint.create", "checkpoint.apply", "checkpoint.rename",
+                      "checkpoint.export", "checkpoint.delete")
+DEEP_CHAIN = 8  # reads go through every layer: warn from this depth on
+
+
+def _ctx(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def _signed_in(request: Request) -> tuple[Principal, str] | None:
+    cookie = request.cookies.get(COOKIE)
+    if not cookie:
+        return None
+    try:
+        return users.by_session(_ctx(request), cookie)
+    except Unauthenticated:
+        return None
+
+
+def _page(request: Request, name: str, who: Principal | None, csrf: str | None,
+          status: int = 200, **data: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, {"who": who, "csrf": csrf, **data},
+                                      status_code=status)
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+
+
+@router.get("/")
+def home(request: Request) -> Response:
+    return RedirectResponse("/vms" if _signed_in(request) else "/login", status_code=303)
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/vms") -> Response:
+    return _page(request, "login.html", None, None, next=_safe_next(next), error=None)
+
+
+def _safe_next(target: str) -> str:
+    """Only a path on this site (never //evil.example or a scheme)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/vms"
+
+
+@router.post("/login")
+def login(request: Request, name: str = Form(max_length=64), password: str = Form(max_length=1024),
+          next: str = Form(default="/vms", max_length=512)) -> Response:
+    limiter = request.app.state.limiter
+    keys = (f"user:{name}", f"addr:{request.client.host if request.client else '-'}")
+    request.state.login_name = name
+    try:
+        limiter.check(*keys)
+        cookie, _ = users.login(_ctx(request), name, password)
+    except Unauthenticated as err:
+        limiter.failed(*keys)
+        return _page(request, "login.html", None, None, 401, next=_safe_next(next),
+                     error=err.message)
+    except TooManyAttempts as err:
+        return _page(request, "login.html", None, None, 429, next=_safe_next(next),
+                     error=err.message)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/",
+                        max_age=int(users.SESSION_LIFETIME.total_seconds()))
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    cookie = request.cookies.get(COOKIE)
+    if cookie:
+        users.logout(_ctx(request), cookie)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+def _last_backups(ctx: Context) -> dict[str, str]:
+    with ctx.catalog.session() as session:
+        rows = session.scalars(select(BackupBase).where(BackupBase.point_id.is_not(None)))
+        latest: dict[str, str] = {}
+        for row in rows:
+            stamp = views.rfc3339(row.updated_at)
+            latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
+        return latest
+
+
+def _uptime(ctx: Context, vm: dict[str, Any]) -> float | None:
+    if vm["state"] not in liveness.LIVE_STATES:
+        return None
+    found = liveness.find(liveness.run_files(ctx, vm["id"]))
+    started = found.runtime.get("started_at") if found else None
+    return round(time.time() - started) if started else None
+
+
+@router.get("/vms")
+def vm_list(request: Request) -> Response:
+    signed = _signed_in(request)
+    if signed is None:
+        return _to_login(request)
+    who, csrf = signed
+    ctx = _ctx(request)
+    backups = _last_backups(ctx)
+    with ctx.catalog.session() as session:
+        owners = {v.id: v.owner_id for v in session.scalars(select(Vm))}
+    rows = []
+    for vm in views.vm_list(ctx):
+        owner = owners.get(vm["id"])
+        if not policy.in_scope(who, vm["id"], owner):
+            continue
+        shown = views.vm_show(ctx, vm["id"])
+        rows.append({**vm, "uptime": _uptime(ctx, vm), "last_backup": backups.get(vm["id"]),
+                     "space": shown["checkpoint_space_bytes"],
+                     "power": policy.decide_vm(who, "vm.power", vm["id"], owner)
+                     is Decision.ALLOW})
+    return _page(request, "vms.html", who, csrf, vms=rows)
+
+
+def _allowed(who: Principal, vm_id: str, owner: str | None) -> dict[str, bool]:
+    return {a.split(".")[1]: policy.decide_vm(who, a, vm_id, owner) is Decision.ALLOW
+            for a in (*CHECKPOINT_ACTIONS, "vm.power", "vm.set")}
+
+
+def _tree(listing: dict[str, Any]) -> list[dict[str, Any]]:
+    """Nested nodes, oldest first at each level (newest at the bottom), Now last under the
+    current checkpoint (or at the top level when there is none)."""
+    kids: dict[str | None, list[dict[str, Any]]] = {}
+    for c in listing["checkpoints"]:
+        kids.setdefault(c["parent_id"], []).append(c)
+
+    def build(parent: str | None) -> list[dict[str, Any]]:
+        nodes = [{**c, "now": False, "children": build(c["id"])} for c in kids.get(parent, [])]
+        if parent == listing["current_id"]:
+            nodes.append({"now": True, "children": []})
+        return nodes
+
+    return build(None)
+
+
+@router.get("/vms/{vm}")
+def vm_page(vm: str, request: Request) -> Response:
+    signed = _signed_in(request)
+    if signed is None:
+        return _to_login(request)
+    who, csrf = signed
+    ctx = _ctx(request)
+    try:
+        row = vm_for(ctx, who, "vm.view", vm)
+    except WaymarkError as err:
+        return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
+    shown = views.vm_show(ctx, row.id)
+    listing = views.checkpoint_list(ctx, row.id)
+    exports = [loc["name"] for loc in locations.listing(ctx) if loc["kind"] == "export"]
+    depth = max((d["chain_depth"] for d in shown["disks"]), default=0)
+    biggest = max([c["allocated_bytes"] for c in listing["checkpoints"]] + [1])
+    return _page(request, "vm.html", who, csrf, vm=shown, tree=_tree(listing),
+                 checkpoints=listing["checkpoints"], may=_allowed(who, row.id, row.owner_id),
+                 exports=exports, depth=depth, deep=depth >= DEEP_CHAIN, biggest=biggest)

@@ -1,0 +1,260 @@
+// Waymark's portal: plain JavaScript, no build step. Every action calls the JSON API with the
+// session's CSRF token; the server checks every permission again.
+"use strict";
+
+const csrf = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
+
+function notice(text, isError) {
+  const box = document.getElementById("notice");
+  if (!box) return;
+  box.textContent = text;
+  box.className = isError ? "error" : "ok";
+}
+
+async function api(method, path, body) {
+  const options = { method, headers: { "X-CSRF-Token": csrf() }, credentials: "same-origin" };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const message = data.error ? data.error.message : `HTTP ${response.status}`;
+    notice(message, true);
+    throw new Error(message);
+  }
+  return data;
+}
+
+const enc = encodeURIComponent;
+const WORDS = { merge: "Merging", export: "Exporting", backup: "Backing up" };
+
+// --- live job status (server-sent events) ----------------------------------------------------
+function followJobs() {
+  if (!csrf() || !window.EventSource) return;
+  const source = new EventSource("/api/jobs/events");
+  source.addEventListener("job", (event) => {
+    const job = JSON.parse(event.data);
+    if (!job.vm_id) return;
+    const word = WORDS[job.kind] || job.kind;
+    const text = job.status === "running" || job.status === "queued"
+      ? `${word} ${Math.floor(job.progress * 100)}%`
+      : `${word} ${job.status}${job.status === "completed" ? " (100%)" : ""}`;
+    document.querySelectorAll(`[data-vm-status="${job.vm_id}"]`).forEach((el) => {
+      el.textContent = text;
+      el.dataset.jobStatus = job.status;
+      el.dataset.progress = job.progress;
+    });
+  });
+  window.addEventListener("beforeunload", () => source.close());
+}
+
+// --- VM list: power buttons ------------------------------------------------------------------
+function powerButtons() {
+  document.querySelectorAll("button[data-power]").forEach((button) => {
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        await api("POST", `/api/vms/${enc(button.dataset.vmName)}/${button.dataset.power}`, {});
+        location.reload();
+      } catch (err) {
+        button.disabled = false;
+      }
+    });
+  });
+}
+
+// --- the checkpoint tree: keyboard navigation and menus --------------------------------------
+function visibleItems(tree) {
+  return [...tree.querySelectorAll('[role="treeitem"]')].filter((item) =>
+    !item.parentElement.closest('[role="treeitem"][aria-expanded="false"]'));
+}
+
+function focusItem(tree, item) {
+  tree.querySelectorAll('[role="treeitem"]').forEach((el) => { el.tabIndex = -1; });
+  item.tabIndex = 0;
+  item.focus();
+}
+
+function setupTree(tree, openMenu) {
+  const items = visibleItems(tree);
+  if (items.length) items[0].tabIndex = 0;
+  tree.addEventListener("click", (event) => {
+    const item = event.target.closest('[role="treeitem"]');
+    if (item) focusItem(tree, item);
+  });
+  tree.addEventListener("keydown", (event) => {
+    const item = event.target.closest('[role="treeitem"]');
+    if (!item) return;
+    const list = visibleItems(tree);
+    const at = list.indexOf(item);
+    const key = event.key;
+    if (key === "ArrowDown" && at < list.length - 1) focusItem(tree, list[at + 1]);
+    else if (key === "ArrowUp" && at > 0) focusItem(tree, list[at - 1]);
+    else if (key === "Home") focusItem(tree, list[0]);
+    else if (key === "End") focusItem(tree, list[list.length - 1]);
+    else if (key === "ArrowRight" && item.getAttribute("aria-expanded") === "false") {
+      item.setAttribute("aria-expanded", "true");
+    } else if (key === "ArrowLeft" && item.getAttribute("aria-expanded") === "true") {
+      item.setAttribute("aria-expanded", "false");
+    } else if (key === "ArrowLeft") {
+      const parent = item.parentElement.closest('[role="treeitem"]');
+      if (parent) focusItem(tree, parent);
+    } else if ((key === "Enter" || key === "ContextMenu" || (key === "F10" && event.shiftKey))
+               && item.dataset.ckpt) {
+      openMenu(item, item);
+    } else return;
+    event.preventDefault();
+  });
+  tree.addEventListener("contextmenu", (event) => {
+    const item = event.target.closest('[role="treeitem"][data-ckpt]');
+    if (!item) return;
+    event.preventDefault();
+    openMenu(item, item);
+  });
+  tree.querySelectorAll(".menu-button").forEach((button) => {
+    button.addEventListener("click", (event) => {
+      event.stopPropagation();
+      openMenu(button.closest('[role="treeitem"]'), button);
+    });
+  });
+}
+
+function setupMenu(menu, run) {
+  let current = null;
+  let returnTo = null;
+  const entries = () => [...menu.querySelectorAll('[role="menuitem"]')];
+  const close = () => {
+    menu.hidden = true;
+    if (returnTo) returnTo.focus();
+  };
+  const open = (item, anchor) => {
+    if (!entries().length) return;
+    current = item;
+    returnTo = item;
+    const box = anchor.getBoundingClientRect();
+    menu.style.left = `${box.left + window.scrollX}px`;
+    menu.style.top = `${box.bottom + window.scrollY}px`;
+    menu.hidden = false;
+    entries()[0].focus();
+  };
+  menu.addEventListener("keydown", (event) => {
+    const list = entries();
+    const at = list.indexOf(document.activeElement);
+    if (event.key === "ArrowDown") list[(at + 1) % list.length].focus();
+    else if (event.key === "ArrowUp") list[(at - 1 + list.length) % list.length].focus();
+    else if (event.key === "Escape" || event.key === "Tab") close();
+    else return;
+    event.preventDefault();
+  });
+  menu.addEventListener("click", (event) => {
+    const entry = event.target.closest('[role="menuitem"]');
+    if (!entry) return;
+    menu.hidden = true;
+    run(entry.dataset.act, current);
+  });
+  document.addEventListener("click", (event) => {
+    if (!menu.hidden && !menu.contains(event.target)) menu.hidden = true;
+  });
+  return open;
+}
+
+function ask(dialog, setup) {
+  return new Promise((resolve) => {
+    setup(dialog);
+    const done = (value) => {
+      dialog.close();
+      resolve(value);
+    };
+    dialog.querySelectorAll("button").forEach((button) => {
+      button.onclick = () => done(button.value);
+    });
+    dialog.oncancel = () => resolve("cancel");
+    dialog.showModal();
+    dialog.querySelector("input, select, button").focus();
+  });
+}
+
+function human(bytes) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let value = Number(bytes);
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return `${unit ? value.toFixed(1) : value} ${units[unit]}`;
+}
+
+function subtreeBytes(item) {
+  return [item, ...item.querySelectorAll("[data-ckpt]")]
+    .reduce((sum, el) => sum + Number(el.dataset.bytes || 0), 0);
+}
+
+function vmPage() {
+  const page = document.getElementById("vm");
+  if (!page) return;
+  const vm = enc(page.dataset.vm);
+  const base = `/api/vms/${vm}/checkpoints`;
+  const after = (message) => { notice(message, false); setTimeout(() => location.reload(), 300); };
+  const actions = {
+    async apply(item) {
+      const mode = await ask(document.getElementById("apply-dialog"), (d) => {
+        d.querySelector(".target").textContent = item.dataset.name;
+      });
+      if (mode === "cancel") return;
+      await api("POST", `${base}/${item.dataset.ckpt}/apply`, { mode });
+      after(`Applied ${item.dataset.name}.`);
+    },
+    async rename(item) {
+      const input = document.getElementById("rename-input");
+      const answer = await ask(document.getElementById("rename-dialog"), () => {
+        input.value = item.dataset.name;
+      });
+      if (answer !== "rename") return;
+      await api("PATCH", `${base}/${item.dataset.ckpt}`, { name: input.value });
+      after(`Renamed to ${input.value}.`);
+    },
+    async export(item) {
+      const select = document.getElementById("export-location");
+      const answer = await ask(document.getElementById("export-dialog"), () => {});
+      if (answer !== "export") return;
+      const done = await api("POST", `${base}/${item.dataset.ckpt}/export`,
+                             { location: select.value });
+      notice(`Exporting into ${done.location}/${done.folder}.`, false);
+    },
+    async delete(item, subtree) {
+      const answer = await ask(document.getElementById("delete-dialog"), (d) => {
+        d.querySelector(".target").textContent = item.dataset.name;
+        d.querySelector(".subtree-note").textContent = subtree ? " and every checkpoint below it" : "";
+        d.querySelector(".frees").textContent = human(subtree ? subtreeBytes(item) : item.dataset.bytes);
+      });
+      if (answer !== "delete") return;
+      const done = await api("DELETE", `${base}/${item.dataset.ckpt}${subtree ? "?subtree=true" : ""}`);
+      notice(`Deleted ${item.dataset.name}; merging in job ${done.job.slice(0, 12)}.`, false);
+      item.remove();
+    },
+  };
+  const open = setupMenu(document.getElementById("ckpt-menu"), (act, item) => {
+    const task = act === "delete-subtree" ? actions.delete(item, true) : actions[act](item);
+    task.catch(() => {});
+  });
+  const tree = page.querySelector('[role="tree"]');
+  if (tree) setupTree(tree, open);
+  const take = document.getElementById("checkpoint");
+  if (take) {
+    take.addEventListener("click", async () => {
+      take.disabled = true;
+      try {
+        const made = await api("POST", base, {});
+        after(`Created checkpoint ${made.name}.`);
+      } catch (err) {
+        take.disabled = false;
+      }
+    });
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  powerButtons();
+  vmPage();
+  followJobs();
+});
