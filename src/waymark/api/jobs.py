@@ -71,10 +71,12 @@ def _event(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _changes(ctx: Context, who: Principal, job_id: str | None) -> AsyncIterator[str]:
+async def _changes(ctx: Context, who: Principal, job_id: str | None,
+                   until_idle: bool = False) -> AsyncIterator[str]:
     """Server-sent events: each job's state whenever its status, progress or step changes;
-    for one job, ``end`` once it finished; a comment line every :data:`KEEPALIVE` s. The
-    catalog is read in a worker thread; the wait between reads holds none."""
+    for one job, ``end`` once it finished (``until_idle``: once no job is unfinished); a
+    comment line every :data:`KEEPALIVE` s. The catalog is read in a worker thread; the wait
+    between reads holds none."""
     seen: dict[str, tuple[Any, ...]] = {}
     quiet_since = time.monotonic()
     while True:
@@ -91,6 +93,9 @@ async def _changes(ctx: Context, who: Principal, job_id: str | None) -> AsyncIte
         if job_id and rows[0]["status"] in jobs.FINISHED:
             yield _event("end", {"id": rows[0]["id"], "status": rows[0]["status"]})
             return
+        if until_idle and all(j["status"] in jobs.FINISHED for j in rows):
+            yield _event("end", {"idle": True})
+            return
         if time.monotonic() - quiet_since > KEEPALIVE:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
@@ -102,11 +107,12 @@ STREAM = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @router.get("/jobs/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def job_events_all(caller: CallerDep, ctx: ContextDep) -> StreamingResponse:
+def job_events_all(caller: CallerDep, ctx: ContextDep, until_idle: bool = False
+                   ) -> StreamingResponse:
     """Server-sent events for every job in the caller's scope (a ``job`` event whenever one
-    changes)."""
-    return StreamingResponse(_changes(ctx, caller.who, None), media_type="text/event-stream",
-                             headers=STREAM)
+    changes; with ``until_idle``, ``end`` once none is unfinished, and the stream closes)."""
+    return StreamingResponse(_changes(ctx, caller.who, None, until_idle),
+                             media_type="text/event-stream", headers=STREAM)
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,

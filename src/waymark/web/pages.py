@@ -14,12 +14,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
+from waymark.api import jobs as job_api
 from waymark.api.security import COOKIE, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
-from waymark.ops import liveness, locations, users, views
+from waymark.ops import jobs, liveness, locations, users, views
 from waymark.ops.context import Context
 
 HERE = Path(__file__).parent
@@ -47,7 +48,10 @@ def _signed_in(request: Request) -> tuple[Principal, str] | None:
 
 def _page(request: Request, name: str, who: Principal | None, csrf: str | None,
           status: int = 200, **data: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, {"who": who, "csrf": csrf, **data},
+    running = who is not None and any(
+        j["status"] in jobs.UNFINISHED for j in job_api.job_list_for(_ctx(request), who, False))
+    return templates.TemplateResponse(request, name, {"who": who, "csrf": csrf,
+                                                      "jobs_running": running, **data},
                                       status_code=status)
 
 

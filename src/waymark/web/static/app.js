@@ -31,9 +31,13 @@ const enc = encodeURIComponent;
 const WORDS = { merge: "Merging", export: "Exporting", backup: "Backing up" };
 
 // --- live job status (server-sent events) ----------------------------------------------------
+// The stream is open while jobs run (the page says so when it is drawn, or it just started
+// one); the server ends it once none is unfinished, so nothing is left hanging.
+let source = null;
+
 function followJobs() {
-  if (!csrf() || !window.EventSource) return;
-  const source = new EventSource("/api/jobs/events");
+  if (source || !csrf() || !window.EventSource) return;
+  source = new EventSource("/api/jobs/events?until_idle=true");
   source.addEventListener("job", (event) => {
     const job = JSON.parse(event.data);
     if (!job.vm_id) return;
@@ -47,7 +51,10 @@ function followJobs() {
       el.dataset.progress = job.progress;
     });
   });
-  window.addEventListener("beforeunload", () => source.close());
+  source.addEventListener("end", () => {
+    source.close();
+    source = null;
+  });
 }
 
 // --- VM list: power buttons ------------------------------------------------------------------
@@ -220,6 +227,7 @@ function vmPage() {
       const done = await api("POST", `${base}/${item.dataset.ckpt}/export`,
                              { location: select.value });
       notice(`Exporting into ${done.location}/${done.folder}.`, false);
+      followJobs();
     },
     async delete(item, subtree) {
       const answer = await ask(document.getElementById("delete-dialog"), (d) => {
@@ -231,6 +239,7 @@ function vmPage() {
       const done = await api("DELETE", `${base}/${item.dataset.ckpt}${subtree ? "?subtree=true" : ""}`);
       notice(`Deleted ${item.dataset.name}; merging in job ${done.job.slice(0, 12)}.`, false);
       item.remove();
+      followJobs();
     },
   };
   const open = setupMenu(document.getElementById("ckpt-menu"), (act, item) => {
@@ -256,5 +265,5 @@ function vmPage() {
 document.addEventListener("DOMContentLoaded", () => {
   powerButtons();
   vmPage();
-  followJobs();
+  if (document.body.dataset.jobsRunning === "1") followJobs();
 });
