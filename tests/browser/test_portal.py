@@ -143,6 +143,8 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         delete.get_by_role("button", name="Delete").click()
         status = page.locator("p.job-status")
         expect(status).to_contain_text("100%", timeout=30000)
+        expect(status).to_have_attribute("data-job-status", "completed")
+        expect(page.locator("body")).to_have_attribute("data-streaming", "0")  # stream ended
         assert [c["name"] for c in wm.json("checkpoint", "list", "web")["checkpoints"]] == \
             [first, "known good"]
 

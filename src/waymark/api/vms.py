@@ -75,15 +75,20 @@ class VmSettings(BaseModel):
     checkpoint_type: CheckpointType | None = None
     max_checkpoints: int | None = Field(default=None, ge=1, le=1000)
     automatic_checkpoints: bool | None = None
+    checkpoint_dir: str | None = Field(default=None, max_length=4096,
+                                       description="Administrators only: a host folder.")
     discard_saved_state: bool = False
 
 
 @router.patch("/vms/{vm}")
 def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "vm.set", vm)
+    if body.checkpoint_dir is not None and not caller.who.admin:
+        raise Forbidden("only administrators choose host folders.")
     vm_ops.set_settings(ctx, row.id, memory=parse_size(body.memory, what="memory")
                         if body.memory else None, cpus=body.cpus,
                         checkpoint_type=body.checkpoint_type,
+                        checkpoint_dir=body.checkpoint_dir,
                         max_checkpoints=body.max_checkpoints,
                         discard_saved=body.discard_saved_state,
                         automatic_checkpoints=body.automatic_checkpoints)

@@ -19,8 +19,9 @@ from waymark.api.security import COOKIE, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
+from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
-from waymark.ops import jobs, liveness, locations, users, views
+from waymark.ops import backups, jobs, liveness, locations, users, views
 from waymark.ops.context import Context
 
 HERE = Path(__file__).parent
@@ -149,8 +150,27 @@ def vm_list(request: Request) -> Response:
 
 
 def _allowed(who: Principal, vm_id: str, owner: str | None) -> dict[str, bool]:
-    return {a.split(".")[1]: policy.decide_vm(who, a, vm_id, owner) is Decision.ALLOW
-            for a in (*CHECKPOINT_ACTIONS, "vm.power", "vm.set")}
+    """What the page may offer: ``create`` ... ``delete`` (checkpoints), ``power``, ``set``,
+    ``backup_view``, ``backup_run``, ``backup_restore``."""
+    actions = (*CHECKPOINT_ACTIONS, "vm.power", "vm.set", "backup.view", "backup.run",
+               "backup.restore")
+    return {a.split(".")[1] if a.startswith(("checkpoint.", "vm.")) else a.replace(".", "_"):
+            policy.decide_vm(who, a, vm_id, owner) is Decision.ALLOW for a in actions}
+
+
+def _points(ctx: Context, vm_id: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The registered repositories, and this VM's points in them (newest first)."""
+    names, points = [], []
+    for loc in locations.listing(ctx):
+        if loc["kind"] != "repository":
+            continue
+        names.append(loc["name"])
+        try:
+            found = backups.listing(Path(loc["path"]))
+        except WaymarkError:
+            continue  # an unmounted repository: listed, without points
+        points += [{**p, "repository": loc["name"]} for p in found if p["vm_id"] == vm_id]
+    return names, sorted(points, key=lambda p: p["created_at"], reverse=True)
 
 
 def _tree(listing: dict[str, Any]) -> list[dict[str, Any]]:
@@ -182,9 +202,12 @@ def vm_page(vm: str, request: Request) -> Response:
         return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
     shown = views.vm_show(ctx, row.id)
     listing = views.checkpoint_list(ctx, row.id)
+    may = _allowed(who, row.id, row.owner_id)
+    repositories, points = _points(ctx, row.id) if may["backup_view"] else ([], [])
     exports = [loc["name"] for loc in locations.listing(ctx) if loc["kind"] == "export"]
     depth = max((d["chain_depth"] for d in shown["disks"]), default=0)
     biggest = max([c["allocated_bytes"] for c in listing["checkpoints"]] + [1])
     return _page(request, "vm.html", who, csrf, vm=shown, tree=_tree(listing),
-                 checkpoints=listing["checkpoints"], may=_allowed(who, row.id, row.owner_id),
-                 exports=exports, depth=depth, deep=depth >= DEEP_CHAIN, biggest=biggest)
+                 checkpoints=listing["checkpoints"], may=may, exports=exports, depth=depth,
+                 deep=depth >= DEEP_CHAIN, biggest=biggest, repositories=repositories,
+                 points=points, types=CHECKPOINT_TYPES)

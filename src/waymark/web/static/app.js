@@ -38,6 +38,7 @@ let source = null;
 function followJobs() {
   if (source || !csrf() || !window.EventSource) return;
   source = new EventSource("/api/jobs/events?until_idle=true");
+  document.body.dataset.streaming = "1";
   source.addEventListener("job", (event) => {
     const job = JSON.parse(event.data);
     if (!job.vm_id) return;
@@ -51,9 +52,15 @@ function followJobs() {
       el.dataset.progress = job.progress;
     });
   });
-  source.addEventListener("end", () => {
+  // After "end" the server closes the response; the browser then reports an error (and would
+  // reconnect): only then is the stream closed here, so no request is cut short.
+  let ended = false;
+  source.addEventListener("end", () => { ended = true; });
+  source.addEventListener("error", () => {
+    if (!ended) return;
     source.close();
     source = null;
+    document.body.dataset.streaming = "0";
   });
 }
 
@@ -262,7 +269,65 @@ function vmPage() {
   }
 }
 
+// --- forms and buttons that call the API ------------------------------------------------------
+// <form data-api-method="POST" data-api-path="/api/users"> sends its fields as JSON (numbers
+// from number inputs, booleans from checkboxes, arrays from multiple selects and repeated
+// checkboxes, empty fields left out), then reloads the page (or goes to data-api-next).
+// <button data-api-method="DELETE" data-api-path="..." data-confirm="..."> does one call.
+function formBody(form) {
+  const body = {};
+  for (const el of form.elements) {
+    if (!el.name || el.disabled) continue;
+    if (el.type === "checkbox" && el.dataset.list !== undefined) {
+      body[el.name] = body[el.name] || [];
+      if (el.checked) body[el.name].push(el.value);
+    } else if (el.type === "checkbox") body[el.name] = el.checked;
+    else if (el.multiple) body[el.name] = [...el.selectedOptions].map((o) => o.value);
+    else if (el.value === "") continue;
+    else if (el.type === "number") body[el.name] = Number(el.value);
+    else body[el.name] = el.value;
+  }
+  return body;
+}
+
+function apiForms() {
+  document.querySelectorAll("form[data-api-path]").forEach((form) => {
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const submit = form.querySelector('[type="submit"]');
+      if (submit) submit.disabled = true;
+      try {
+        const done = await api(form.dataset.apiMethod || "POST", form.dataset.apiPath,
+                               formBody(form));
+        if (form.dataset.apiShow) {
+          notice(`${form.dataset.apiShow}: ${done[form.dataset.apiShowKey || "token"]}`, false);
+          if (submit) submit.disabled = false;
+          return;
+        }
+        if (form.dataset.apiFollow) followJobs();
+        setTimeout(() => { location.href = form.dataset.apiNext || location.href; }, 200);
+      } catch (err) {
+        if (submit) submit.disabled = false;
+      }
+    });
+  });
+  document.querySelectorAll("button[data-api-path]").forEach((button) => {
+    button.addEventListener("click", async () => {
+      if (button.dataset.confirm && !window.confirm(button.dataset.confirm)) return;
+      button.disabled = true;
+      try {
+        await api(button.dataset.apiMethod || "POST", button.dataset.apiPath,
+                  button.dataset.apiBody ? JSON.parse(button.dataset.apiBody) : undefined);
+        setTimeout(() => location.reload(), 200);
+      } catch (err) {
+        button.disabled = false;
+      }
+    });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  apiForms();
   powerButtons();
   vmPage();
   if (document.body.dataset.jobsRunning === "1") followJobs();
