@@ -195,3 +195,43 @@ def test_a_restore_only_user_sees_one_vm_and_no_delete(site: tuple[Waymark, str]
         browser.close()
         assert watch.problems == [], "\n".join(watch.problems)
     assert wm.json("checkpoint", "list", "web") == before
+
+
+def test_administration_pages(site: tuple[Waymark, str]) -> None:
+    """Users, grants and the audit log on /admin (a grant made through its form reaches the
+    catalog; a token made there is shown once); profiles, templates and locations on /library;
+    a non-administrator gets 403 on both."""
+    from playwright.sync_api import expect, sync_playwright
+
+    wm, url = site
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright)
+        watch = Watch(page)
+        sign_in(page, url, ADMIN, ADMIN_PASSWORD)
+        page.get_by_role("link", name="Administration").click()
+        users = page.get_by_role("table", name="Users")
+        expect(users).to_contain_text("restorer")
+        expect(users).to_contain_text("checkpoint-restore-only")
+        page.get_by_label("User", exact=True).select_option("restorer")
+        page.get_by_label("VM").select_option("db")
+        page.get_by_label("start-stop").check()
+        reloaded(page, page.get_by_role("button", name="Grant").click)
+        granted = next(u for u in wm.json("user", "list") if u["name"] == "restorer")["grants"]
+        db_id = wm.json("vm", "show", "db")["id"]
+        assert {"kind": "vm", "object": db_id, "permissions": ["start-stop"]} in granted
+        expect(page.get_by_role("table", name="Audit log")).to_contain_text(
+            "POST /api/users/{name}/grants")
+        page.get_by_label("New token for you, named").fill("from-the-portal")
+        page.get_by_role("button", name="Create token").click()
+        expect(page.locator("#notice")).to_contain_text("wm_")
+        page.get_by_role("link", name="Library").click()
+        expect(page.get_by_role("table", name="Locations")).to_be_visible()
+        browser.close()
+        assert watch.problems == [], "\n".join(watch.problems)
+
+        browser, page = browser_page(playwright)
+        sign_in(page, url, "restorer", "restorer-pass")
+        for path in ("/admin", "/library"):
+            response = page.goto(f"{url}{path}")
+            assert response is not None and response.status == 403
+        browser.close()

@@ -21,7 +21,8 @@ from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
-from waymark.ops import backups, jobs, liveness, locations, users, views
+from waymark.ops import audit, backups, jobs, library, liveness, locations, profiles, users, views
+from waymark.ops import templates as templates_ops
 from waymark.ops.context import Context
 
 HERE = Path(__file__).parent
@@ -47,11 +48,11 @@ def _signed_in(request: Request) -> tuple[Principal, str] | None:
         return None
 
 
-def _page(request: Request, name: str, who: Principal | None, csrf: str | None,
+def _page(request: Request, template: str, who: Principal | None, csrf: str | None,
           status: int = 200, **data: Any) -> HTMLResponse:
     running = who is not None and any(
         j["status"] in jobs.UNFINISHED for j in job_api.job_list_for(_ctx(request), who, False))
-    return templates.TemplateResponse(request, name, {"who": who, "csrf": csrf,
+    return templates.TemplateResponse(request, template, {"who": who, "csrf": csrf,
                                                       "jobs_running": running, **data},
                                       status_code=status)
 
@@ -146,7 +147,11 @@ def vm_list(request: Request) -> Response:
                      "space": shown["checkpoint_space_bytes"],
                      "power": policy.decide_vm(who, "vm.power", vm["id"], owner)
                      is Decision.ALLOW})
-    return _page(request, "vms.html", who, csrf, vms=rows)
+    usable = [t["name"] for t in templates_ops.listing(ctx)
+              if policy.may_use_template(who, t["name"]) is Decision.ALLOW]
+    may_create = policy.decide(who, "vm.create") is Decision.ALLOW and bool(usable)
+    return _page(request, "vms.html", who, csrf, vms=rows, templates=usable,
+                 may_create=may_create)
 
 
 def _allowed(who: Principal, vm_id: str, owner: str | None) -> dict[str, bool]:
@@ -211,3 +216,57 @@ def vm_page(vm: str, request: Request) -> Response:
                  checkpoints=listing["checkpoints"], may=may, exports=exports, depth=depth,
                  deep=depth >= DEEP_CHAIN, biggest=biggest, repositories=repositories,
                  points=points, types=CHECKPOINT_TYPES)
+
+
+def _admin_page(request: Request) -> tuple[Principal, str] | Response:
+    """The signed-in administrator, or the response to send instead."""
+    signed = _signed_in(request)
+    if signed is None:
+        return _to_login(request)
+    who, csrf = signed
+    if not who.admin:
+        return _page(request, "error.html", who, csrf, 403,
+                     error="Only administrators may open this page.")
+    return signed
+
+
+@router.get("/admin")
+def admin(request: Request) -> Response:
+    signed = _admin_page(request)
+    if isinstance(signed, Response):
+        return signed
+    who, csrf = signed
+    ctx = _ctx(request)
+    vms = views.vm_list(ctx)
+    return _page(request, "admin.html", who, csrf, users=users.listing(ctx),
+                 tokens=users.tokens(ctx), audit=audit.listing(ctx, limit=200), vms=vms,
+                 vm_names={v["id"]: v["name"] for v in vms}, templates=templates_ops.listing(ctx),
+                 roles=policy.ROLES, permissions=policy.VM_PERMISSIONS)
+
+
+@router.get("/library")
+def library_page(request: Request) -> Response:
+    signed = _admin_page(request)
+    if isinstance(signed, Response):
+        return signed
+    who, csrf = signed
+    ctx = _ctx(request)
+    return _page(request, "library.html", who, csrf, profiles=profiles.listing(ctx),
+                 templates=templates_ops.listing(ctx), locations=locations.listing(ctx),
+                 types=CHECKPOINT_TYPES)
+
+
+@router.get("/library/{name}")
+def library_share(name: str, request: Request) -> Response:
+    signed = _admin_page(request)
+    if isinstance(signed, Response):
+        return signed
+    who, csrf = signed
+    ctx = _ctx(request)
+    try:
+        held = library.listing(ctx, locations.path(ctx, name, "library"))
+    except WaymarkError as err:
+        return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
+    for vm in held["vms"]:
+        vm["tree"] = _tree(vm) if "checkpoints" in vm else []
+    return _page(request, "share.html", who, csrf, share=name, held=held)

@@ -277,7 +277,7 @@ function vmPage() {
 function formBody(form) {
   const body = {};
   for (const el of form.elements) {
-    if (!el.name || el.disabled) continue;
+    if (!el.name || el.disabled || el.name.startsWith("_")) continue;
     if (el.type === "checkbox" && el.dataset.list !== undefined) {
       body[el.name] = body[el.name] || [];
       if (el.checked) body[el.name].push(el.value);
@@ -297,8 +297,10 @@ function apiForms() {
       const submit = form.querySelector('[type="submit"]');
       if (submit) submit.disabled = true;
       try {
-        const done = await api(form.dataset.apiMethod || "POST", form.dataset.apiPath,
-                               formBody(form));
+        // "{_field}" in the path is the value of the form's field "_field" (not sent)
+        const path = form.dataset.apiPath.replace(/\{(_\w+)\}/g,
+          (_, name) => enc(form.elements[name].value));
+        const done = await api(form.dataset.apiMethod || "POST", path, formBody(form));
         if (form.dataset.apiShow) {
           notice(`${form.dataset.apiShow}: ${done[form.dataset.apiShowKey || "token"]}`, false);
           if (submit) submit.disabled = false;
