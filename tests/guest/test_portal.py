@@ -2,7 +2,8 @@
 Chromium against ``waymark serve`` on a free loopback port, over a home where the test guest
 runs under QEMU.
 
-An administrator signs in and, on the running VM's page: takes a checkpoint (live), then
+An administrator signs in, opens the running guest's serial console (its counter lines arrive
+live) and, on the VM's page: takes a checkpoint (live), then
 (after something is written in the guest) applies it with "Create Checkpoint and Apply" and
 sees both checkpoints and Now in their places; deletes the safety checkpoint and watches the
 merge reach 100%; renames the first; backs the VM up to a registered repository and restores
@@ -52,6 +53,7 @@ def test_the_portal_drives_a_running_guest(home: Waymark, image: dict[str, str],
         browser, page = browser_page(playwright)
         watch = Watch(page)
         sign_in(page, url, ADMIN, ADMIN_PASSWORD)
+        console_is_live(page)
         first_id = checkpoint_apply_delete_rename(page, vm)
         backup_and_restore_as_new(page, wm)
         browser.close()
@@ -59,6 +61,23 @@ def test_the_portal_drives_a_running_guest(home: Waymark, image: dict[str, str],
         restore_only_view(playwright, url, first_id)
     vm.ensure_off()
     assert wm.run("check").returncode == 0
+
+
+def console_is_live(page: Any) -> None:
+    """From the VM list, the console of the running guest: its counter lines arrive live;
+    following can be stopped, which ends the stream."""
+    from playwright.sync_api import expect
+
+    page.locator('tr:has(a:text-is("portal")) >> role=link[name="Console"]').click()
+    output = page.get_by_label("Serial console output")
+    expect(output).to_contain_text("COUNTER", timeout=30000)
+    seen = output.inner_text().count("COUNTER")
+    page.wait_for_function(
+        "([n]) => document.getElementById('console-output').textContent"
+        ".split('COUNTER').length - 1 > n", arg=[seen], timeout=30000)
+    page.get_by_label("Follow the output").uncheck()
+    expect(page.locator("body")).to_have_attribute("data-streaming", "0", timeout=30000)
+    page.goto(page.url.rsplit("/console", 1)[0].rsplit("/vms/", 1)[0] + "/vms")
 
 
 def checkpoint_apply_delete_rename(page: Any, vm: Guest) -> str:

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from waymark import __version__
-from waymark.api import accounts, backups, checkpoints, jobs, library, security, vms
+from waymark.api import accounts, backups, checkpoints, console, jobs, library, security, vms
 from waymark.errors import WaymarkError
 from waymark.ops import audit
 from waymark.ops.context import Context
@@ -119,7 +119,7 @@ def create_app(ctx: Context) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
     app.middleware("http")(_audited)
-    for module in (accounts, vms, checkpoints, backups, jobs, library):
+    for module in (accounts, vms, checkpoints, backups, jobs, library, console):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(pages.HERE / "static")), name="static")

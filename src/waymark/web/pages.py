@@ -270,3 +270,17 @@ def library_share(name: str, request: Request) -> Response:
     for vm in held["vms"]:
         vm["tree"] = _tree(vm) if "checkpoints" in vm else []
     return _page(request, "share.html", who, csrf, share=name, held=held)
+
+
+@router.get("/vms/{vm}/console")
+def console_page(vm: str, request: Request) -> Response:
+    signed = _signed_in(request)
+    if signed is None:
+        return _to_login(request)
+    who, csrf = signed
+    ctx = _ctx(request)
+    try:
+        row = vm_for(ctx, who, "vm.power", vm)
+    except WaymarkError as err:
+        return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
+    return _page(request, "console.html", who, csrf, vm=views.vm_show(ctx, row.id))

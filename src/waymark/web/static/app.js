@@ -328,7 +328,54 @@ function apiForms() {
   });
 }
 
+// --- the serial console: output streamed, lines typed -----------------------------------------
+// Each output stream ends by itself after a quiet moment (and says where it stopped); while
+// "Follow" is on, the page asks again from there.
+function consolePage() {
+  const page = document.getElementById("console");
+  if (!page) return;
+  const vm = enc(page.dataset.vm);
+  const out = document.getElementById("console-output");
+  const follow = document.getElementById("console-follow");
+  let offset = null;
+  let open = false;
+  const connect = () => {
+    if (open) return;
+    open = true;
+    document.body.dataset.streaming = "1";
+    const stream = new EventSource(`/api/vms/${vm}/console/events${offset === null ? "" : `?offset=${offset}`}`);
+    let ended = false;
+    stream.addEventListener("output", (event) => {
+      const data = JSON.parse(event.data);
+      out.textContent += data.text;
+      offset = data.offset;
+      out.scrollTop = out.scrollHeight;
+    });
+    stream.addEventListener("end", (event) => {
+      ended = true;
+      offset = JSON.parse(event.data).offset;
+    });
+    stream.addEventListener("error", () => {
+      if (!ended) return;
+      stream.close();
+      open = false;
+      document.body.dataset.streaming = "0";
+      if (follow.checked) setTimeout(connect, 300);
+    });
+  };
+  follow.addEventListener("change", () => { if (follow.checked) connect(); });
+  document.getElementById("console-input").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const line = document.getElementById("console-line");
+    await api("POST", `/api/vms/${vm}/console/input`, { text: `${line.value}\n` }).catch(() => {});
+    line.value = "";
+    connect();
+  });
+  connect();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  consolePage();
   apiForms();
   powerButtons();
   vmPage();

@@ -1,0 +1,91 @@
+"""A running VM's serial console over HTTP: its output as server-sent events (read from the
+serial log QEMU writes), and lines of input sent to its console socket. Connecting needs the
+``start-stop`` permission (administrators: always)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from waymark.api.security import CallerDep, ContextDep, vm_for
+from waymark.errors import Conflict
+from waymark.ops import liveness
+
+router = APIRouter(tags=["console"])
+TAIL = 8192  # bytes of earlier output a new reader gets
+QUIET, LONGEST, POLL = 3.0, 20.0, 0.2
+
+
+async def _output(path: str, offset: int | None) -> AsyncIterator[str]:
+    """``output`` events with the log's new text; ``end`` (with the offset to go on from)
+    after :data:`QUIET` s without output or :data:`LONGEST` s in all, so no stream is left
+    open: the page asks again from that offset."""
+    size = await asyncio.to_thread(_size, path)
+    at = max(size - TAIL, 0) if offset is None else min(offset, size)
+    started = last = time.monotonic()
+    while time.monotonic() - last < QUIET and time.monotonic() - started < LONGEST:
+        chunk = await asyncio.to_thread(_read, path, at)
+        if chunk:
+            at += len(chunk)
+            last = time.monotonic()
+            text = chunk.decode(errors="replace").replace("\r", "")
+            yield f"event: output\ndata: {json.dumps({'text': text, 'offset': at})}\n\n"
+        await asyncio.sleep(POLL)
+    yield f"event: end\ndata: {json.dumps({'offset': at})}\n\n"
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read(path: str, at: int) -> bytes:
+    try:
+        with open(path, "rb") as log:
+            log.seek(at)
+            return log.read(65536)
+    except OSError:
+        return b""
+
+
+@router.get("/vms/{vm}/console/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+def console_events(vm: str, caller: CallerDep, ctx: ContextDep, offset: int | None = None
+                   ) -> StreamingResponse:
+    """The serial console's output from ``offset`` (default: its last 8 KiB)."""
+    row = vm_for(ctx, caller.who, "vm.power", vm)
+    log = str(liveness.run_files(ctx, row.id).serial_log)
+    return StreamingResponse(_output(log, offset), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+class Line(BaseModel):
+    text: str = Field(max_length=4096, description="Sent as typed; add \\n to end a line.")
+
+
+@router.post("/vms/{vm}/console/input")
+def console_input(vm: str, body: Line, caller: CallerDep, ctx: ContextDep) -> dict[str, int]:
+    """Type into the serial console (refused while someone is attached to it)."""
+    row = vm_for(ctx, caller.who, "vm.power", vm)
+    if liveness.reconcile(ctx, row.id) not in liveness.LIVE_STATES:
+        raise Conflict(f"VM {row.name!r} is not running: its console is closed.")
+    path = str(liveness.run_files(ctx, row.id).console)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5.0)
+            sock.connect(path)
+            sock.sendall(body.text.encode())
+    except OSError as err:
+        raise Conflict(f"cannot reach the console of {row.name!r}: {err.strerror or err}.",
+                       hint="Someone may be attached to it (waymark vm console).") from err
+    return {"sent": len(body.text.encode())}
