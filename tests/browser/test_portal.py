@@ -42,6 +42,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Waymark, st
     wm = Waymark(tmp_path_factory.mktemp("portal") / "home")
     wm("vm", "create", "web", "--disk", "16M")
     wm("vm", "create", "db", "--disk", "16M")
+    repo = tmp_path_factory.mktemp("portal-repo") / "repo"
+    wm("backup", "repo", "init", str(repo))
+    wm("location", "add", "usb", str(repo), "--kind", "repository")
     with served(wm) as (url, _):
         wm.run("user", "add", "restorer", "--role", "self-service", "--password-stdin",
                input="restorer-pass\n").ok()
@@ -235,3 +238,36 @@ def test_administration_pages(site: tuple[Waymark, str]) -> None:
             response = page.goto(f"{url}{path}")
             assert response is not None and response.status == 403
         browser.close()
+
+
+def test_backup_schedules_are_made_edited_and_removed(site: tuple[Waymark, str]) -> None:
+    """On /backups: a schedule made through the form is in the catalog with what was chosen;
+    saving it with another time changes only that; Remove removes it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    wm, url = site
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright)
+        watch = Watch(page)
+        sign_in(page, url, ADMIN, ADMIN_PASSWORD)
+        page.get_by_role("link", name="Backups").click()
+        new = page.get_by_role("form", name="New schedule")
+        new.get_by_label("Name").fill("nightly")
+        new.get_by_label("VMs").select_option(label="web")
+        new.get_by_label("At").fill("03:15")
+        reloaded(page, new.get_by_role("button", name="Create schedule").click)
+        [made] = wm.json("backup", "schedule", "list")
+        web_id = wm.json("vm", "show", "web")["id"]
+        assert (made["name"], made["vms"], made["every"], made["at"]) == \
+            ("nightly", [web_id], "daily", "03:15")
+        edit = page.get_by_role("form", name="Schedule nightly")
+        edit.get_by_label("At").fill("04:45")
+        reloaded(page, edit.get_by_role("button", name="Save nightly").click)
+        [edited] = wm.json("backup", "schedule", "list")
+        assert (edited["vms"], edited["at"]) == ([web_id], "04:45")
+        page.once("dialog", lambda dialog: dialog.accept())
+        reloaded(page, page.get_by_role("button", name="Remove nightly").click)
+        assert wm.json("backup", "schedule", "list") == []
+        expect(page.get_by_text("No schedules.")).to_be_visible()
+        browser.close()
+        assert watch.problems == [], "\n".join(watch.problems)

@@ -134,6 +134,18 @@ def schedule_add(body: NewSchedule, caller: CallerDep, ctx: ContextDep) -> dict[
                          body.at, body.day, body.full_every, keep)
 
 
+@router.put("/schedules/{name}")
+def schedule_edit(name: str, body: NewSchedule, caller: CallerDep, ctx: ContextDep
+                  ) -> dict[str, Any]:
+    """Replace a schedule's settings (``name`` in the body must be the same)."""
+    require(caller.who, "schedule.manage")
+    if body.name != name:
+        raise InvalidInput("a schedule keeps its name.", hint=f"Send name {name!r}.")
+    keep = retention.Policy(body.keep_last, body.keep_daily, body.keep_weekly, body.keep_monthly)
+    return schedules.add(ctx, name, body.vms, _repo(ctx, body.repository), body.every, body.at,
+                         body.day, body.full_every, keep, replace=True)
+
+
 @router.delete("/schedules/{name}")
 def schedule_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "schedule.manage")

@@ -28,7 +28,10 @@ from waymark.ops.views import rfc3339
 
 
 def add(ctx: Context, name: str, vm_refs: list[str], repo_path: Path, every: str, at: str,
-        day: int | None, full_every: int | None, keep: retention.Policy) -> dict[str, Any]:
+        day: int | None, full_every: int | None, keep: retention.Policy, *,
+        replace: bool = False) -> dict[str, Any]:
+    """A new schedule (``replace``: this one, edited, in the same transaction; its next run
+    is computed anew)."""
     label = tree.clean_name(name, what="schedule name")
     if every not in timing.EVERY:
         raise InvalidInput(f"unknown period {every!r}.", hint="Use --daily, --weekly or --monthly.")
@@ -36,9 +39,16 @@ def add(ctx: Context, name: str, vm_refs: list[str], repo_path: Path, every: str
     repo = Repository.open(repo_path)  # it must exist now, not at 2 a.m.
     with ctx.catalog.session() as session:
         vm_ids = [lookup.vm(session, ref).id for ref in vm_refs]
-        if session.get(Schedule, label) is not None:
+        existing = session.get(Schedule, label)
+        if existing is not None and not replace:
             raise Conflict(f"a schedule named {label!r} exists.",
                            hint=f"Remove it first: waymark backup schedule remove {label}")
+        if existing is None and replace:
+            raise NotFound(f"no backup schedule named {label!r}.",
+                           hint="List them: waymark backup schedule list")
+        if existing is not None:
+            session.delete(existing)
+            session.flush()
         created = datetime.now(UTC)
         session.add(Schedule(
             name=label, vms=vm_ids, repo=str(repo.root), every=every, at=at, day=day,

@@ -21,7 +21,18 @@ from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
-from waymark.ops import audit, backups, jobs, library, liveness, locations, profiles, users, views
+from waymark.ops import (
+    audit,
+    backups,
+    jobs,
+    library,
+    liveness,
+    locations,
+    profiles,
+    schedules,
+    users,
+    views,
+)
 from waymark.ops import templates as templates_ops
 from waymark.ops.context import Context
 
@@ -284,3 +295,15 @@ def console_page(vm: str, request: Request) -> Response:
     except WaymarkError as err:
         return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
     return _page(request, "console.html", who, csrf, vm=views.vm_show(ctx, row.id))
+
+
+@router.get("/backups")
+def backups_page(request: Request) -> Response:
+    signed = _admin_page(request)
+    if isinstance(signed, Response):
+        return signed
+    who, csrf = signed
+    ctx = _ctx(request)
+    return _page(request, "backups.html", who, csrf, schedules=schedules.listing(ctx),
+                 vms=views.vm_list(ctx), repositories=[
+                     loc for loc in locations.listing(ctx) if loc["kind"] == "repository"])
