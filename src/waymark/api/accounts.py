@@ -7,9 +7,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from waymark.api.security import COOKIE, CallerDep, ContextDep, require
+from waymark.api.security import COOKIE, CallerDep, ContextDep, OutOfScope, require
 from waymark.auth import policy
-from waymark.errors import Unauthenticated
+from waymark.errors import NotFound, Unauthenticated
 from waymark.ops import audit, users
 
 router = APIRouter(tags=["accounts"])
@@ -147,7 +147,12 @@ def token_create(body: NewToken, caller: CallerDep, ctx: ContextDep) -> dict[str
 
 @router.delete("/tokens/{token_id}")
 def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
-    users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
+    try:
+        users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
+    except NotFound as err:  # someone else's token is outside the caller's scope
+        if any(t["id"] == token_id for t in users.tokens(ctx)):
+            raise OutOfScope(err.message, hint=err.hint) from None
+        raise
     return {"revoked": token_id}
 
 

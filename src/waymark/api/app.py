@@ -15,8 +15,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -109,6 +111,56 @@ def _route(request: Request) -> str:
     return path if path.startswith(PREFIX + "/") else PREFIX + path
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (``waymark.errors``: the status comes from the error's class)."""
+
+    error: ErrorDetail
+
+
+ERRORS = {"400": "Invalid input (details.problems for a body or query that does not "
+                 "validate)",
+          "401": "Not signed in: no valid session or token",
+          "403": "Forbidden: the caller's role or grants do not allow it (nothing changed)",
+          "404": "Not found, or outside the caller's scope",
+          "409": "Conflict: the object's state, a needed confirmation, or busy (names the job)",
+          "429": "Too many failed sign-ins",
+          "500": "A tool failed (qemu-img, QEMU)"}
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document with the errors the API really sends (one shape, :class:`ErrorBody`)
+    and without FastAPI's 422, which it never sends (bad input is 400)."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description=app.description)
+        error = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(error.pop("$defs", {}))
+        components["ErrorBody"] = error
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for code, text in ERRORS.items():
+                    responses.setdefault(code, {"description": text, "content": body})
+        app.openapi_schema = schema
+        return schema
+
+    return build
+
+
 def create_app(ctx: Context) -> FastAPI:
     app = FastAPI(title="Waymark", version=__version__, openapi_url="/api/openapi.json",
                   docs_url="/api/docs", redoc_url=None,
@@ -122,5 +174,6 @@ def create_app(ctx: Context) -> FastAPI:
     for module in (accounts, vms, checkpoints, backups, jobs, library, console):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(pages.router)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.mount("/static", StaticFiles(directory=str(pages.HERE / "static")), name="static")
     return app

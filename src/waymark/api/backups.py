@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from waymark.api.security import CallerDep, ContextDep, require, vm_for
 from waymark.backups import retention
 from waymark.catalog.models import Vm
-from waymark.errors import InvalidInput
+from waymark.errors import Forbidden, InvalidInput
 from waymark.ops import backups, checkpoints, locations, schedules, views
 from waymark.ops.context import Context
 
@@ -75,8 +75,10 @@ def point_restore(vm: str, point: str, body: Restore, caller: CallerDep, ctx: Co
     if body.mode == "as_new":
         if body.new_name is None:
             raise InvalidInput("a restore as a new VM needs new_name.")
-        if not caller.who.admin:
-            require(caller.who, "vm.create")
+        if not caller.who.admin:  # self-service users create VMs from templates only
+            raise Forbidden("only administrators restore a backup as a new VM.",
+                            hint="Restore it into the VM (checkpoint_first or "
+                                 "discard_current), or ask an administrator.")
         vm_id = backups.restore_as_new(ctx, repo, row.id, point, body.new_name)
         with ctx.catalog.session() as session:
             session.get_one(Vm, vm_id).owner_id = caller.who.user_id

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, vm_for
+from waymark.api.security import CallerDep, ContextDep, redact, vm_for
 from waymark.ops import checkpoints, deletion, jobs, locations, views
 
 router = APIRouter(tags=["checkpoints"])
@@ -34,13 +34,13 @@ def create(vm: str, caller: CallerDep, ctx: ContextDep, body: NewCheckpoint | No
     row = vm_for(ctx, caller.who, "checkpoint.create", vm)
     wanted = body or NewCheckpoint()
     ckpt_id = checkpoints.create(ctx, row.id, wanted.name, wanted.type)
-    return views.checkpoint_show(ctx, row.id, ckpt_id)
+    return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
 
 
 @router.get("/vms/{vm}/checkpoints/{ckpt}")
 def show(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.view", vm)
-    return views.checkpoint_show(ctx, row.id, ckpt)
+    return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt))
 
 
 class Apply(BaseModel):
@@ -54,6 +54,8 @@ class Apply(BaseModel):
 def apply(vm: str, ckpt: str, body: Apply, caller: CallerDep, ctx: ContextDep
           ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.apply", vm)
+    if body.mode == "checkpoint_first":  # it takes a checkpoint too
+        vm_for(ctx, caller.who, "checkpoint.create", vm)
     target = views.checkpoint_show(ctx, row.id, ckpt)["id"]
     mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
         else checkpoints.ApplyMode.DISCARD_CURRENT
@@ -69,7 +71,7 @@ def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.rename", vm)
     ckpt_id = checkpoints.rename(ctx, row.id, ckpt, body.name)
-    return views.checkpoint_show(ctx, row.id, ckpt_id)
+    return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
 
 
 @router.delete("/vms/{vm}/checkpoints/{ckpt}", status_code=202)

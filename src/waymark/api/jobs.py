@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from waymark.api.security import CallerDep, ContextDep, vm_for
+from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import Vm
@@ -24,8 +24,9 @@ router = APIRouter(tags=["jobs"])
 
 
 def _shown(who: Principal, job: dict[str, Any]) -> dict[str, Any]:
-    """Host paths (an export's folder) are an administrator's to see."""
-    return job if who.admin else {k: v for k, v in job.items() if k != "params"}
+    """Host paths (an export's folder, in its parameters and result) are an administrator's
+    to see."""
+    return job if who.admin else redact(who, {k: v for k, v in job.items() if k != "params"})
 
 
 def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
@@ -33,6 +34,7 @@ def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
         job = jobs.show(ctx, ref)
     except NotFound:
         job = None
+    exists = job is not None
     if job is not None and job["vm_id"] is None and not who.admin:
         job = None
     if job is not None and job["vm_id"] is not None:
@@ -44,7 +46,8 @@ def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
         elif row is not None:
             vm_for(ctx, who, action, row.id)  # 403 if seen but not allowed
     if job is None:
-        raise NotFound(f"no job {ref!r}.", hint="List the jobs you may see: GET /api/jobs")
+        raise (OutOfScope if exists else NotFound)(
+            f"no job {ref!r}.", hint="List the jobs you may see: GET /api/jobs")
     return job
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, require, vm_for
+from waymark.api.security import CallerDep, ContextDep, OutOfScope, require, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision
 from waymark.errors import NotFound
@@ -86,7 +86,9 @@ def template_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
 def template_show(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     who = caller.who
     if policy.may_use_template(who, name) is not Decision.ALLOW and who.role != "read-only":
-        raise NotFound(f"no template {name!r}.", hint="List them: GET /api/templates")
+        exists = any(t["name"] == name for t in templates.listing(ctx))
+        raise (OutOfScope if exists else NotFound)(f"no template {name!r}.",
+                                                   hint="List them: GET /api/templates")
     return _template_view(templates.show(ctx, name), who.admin)
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -65,6 +65,29 @@ def _authenticate(request: Request) -> Caller:
 
 CallerDep = Annotated[Caller, Depends(caller)]
 ContextDep = Annotated[Context, Depends(context)]
+
+
+# Keys whose values are host paths: administrators see them, no one else (the issue: users
+# who are not administrators never deal in host paths).
+HOST_PATHS = frozenset({"kernel", "initrd", "checkpoint_dir", "active_image", "base_image",
+                        "path", "frozen_image", "memory_state", "bundle", "dest", "serial_log",
+                        "saved_state", "state_file", "folder"})
+
+
+def redact(who: Principal, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without host paths for a caller who is not an administrator."""
+    if who.admin:
+        return data
+    stripped: dict[str, Any] = _strip(data)
+    return stripped
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in HOST_PATHS}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
 
 
 def require(who: Principal, action: str) -> None:

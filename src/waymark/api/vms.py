@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, require, vm_for
+from waymark.api.security import CallerDep, ContextDep, redact, require, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision
 from waymark.catalog.models import Vm
@@ -60,13 +60,13 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
                              profile=body.profile, disks=[], full_copy=body.full_copy)
     with ctx.catalog.session() as session:
         session.get_one(Vm, vm_id).owner_id = caller.who.user_id
-    return views.vm_show(ctx, vm_id)
+    return redact(caller.who, views.vm_show(ctx, vm_id))
 
 
 @router.get("/vms/{vm}")
 def vm_show(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "vm.view", vm)
-    return views.vm_show(ctx, row.id)
+    return redact(caller.who, views.vm_show(ctx, row.id))
 
 
 class VmSettings(BaseModel):
@@ -92,7 +92,7 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
                         max_checkpoints=body.max_checkpoints,
                         discard_saved=body.discard_saved_state,
                         automatic_checkpoints=body.automatic_checkpoints)
-    return views.vm_show(ctx, row.id)
+    return redact(caller.who, views.vm_show(ctx, row.id))
 
 
 @router.delete("/vms/{vm}")
@@ -111,9 +111,6 @@ class PowerOptions(BaseModel):
                                                    "state")
 
 
-HOST_PATHS = ("serial_log", "saved_state", "state_file")
-
-
 def _power_route(action: str, summary: str) -> None:
     def handler(vm: str, caller: CallerDep, ctx: ContextDep,
                 body: PowerOptions | None = None) -> dict[str, Any]:
@@ -124,9 +121,7 @@ def _power_route(action: str, summary: str) -> None:
             chosen = {"fresh": options.fresh}
         elif action == "stop":
             chosen = {"force": options.force, "timeout": options.timeout}
-        data = asyncio.run(machines.act(ctx, row.id, action, **chosen))
-        return data if caller.who.admin else {k: v for k, v in data.items()
-                                              if k not in HOST_PATHS}
+        return redact(caller.who, asyncio.run(machines.act(ctx, row.id, action, **chosen)))
 
     router.add_api_route(f"/vms/{{vm}}/{action}", handler, methods=["POST"], summary=summary,
                          name=f"vm_{action}")

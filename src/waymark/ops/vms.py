@@ -100,11 +100,14 @@ def check_type(value: str) -> str:
 MIN_MEMORY = 16 << 20
 
 
+MAX_MEMORY = 16 << 40  # QEMU's x86 machines top out far below this
+
+
 def check_memory(value: int) -> int:
-    """Memory in bytes -> MiB: whole MiB, at least 16."""
-    if value < MIN_MEMORY or value % (1 << 20):
-        raise InvalidInput(f"memory of {value} bytes is not a whole number of MiB of at least 16.",
-                           hint="Give e.g. --memory 512M or --memory 2G.")
+    """Memory in bytes -> MiB: whole MiB, at least 16, at most 16 TiB."""
+    if value < MIN_MEMORY or value % (1 << 20) or value > MAX_MEMORY:
+        raise InvalidInput(f"memory of {value} bytes is not a whole number of MiB from 16 MiB "
+                           "to 16 TiB.", hint="Give e.g. --memory 512M or --memory 2G.")
     return value >> 20
 
 
