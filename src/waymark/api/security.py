@@ -107,21 +107,20 @@ def no_vm(ref: str) -> NotFound:
                     hint="List the VMs you may see: GET /api/vms")
 
 
-def visible_vms(session: Session, who: Principal) -> list[Vm]:
-    return [v for v in session.scalars(select(Vm).order_by(Vm.name))
-            if policy.in_scope(who, v.id, v.owner_id)]
-
-
 def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
-    """The VM ``ref`` names among those the caller may see (404 otherwise, as for a VM that
-    does not exist), if ``action`` is allowed on it (403 otherwise)."""
+    """The VM ``ref`` names (its name, or an id prefix matching one VM the caller may see):
+    404 when there is none the caller may see (as for a VM that does not exist), 403 when
+    ``action`` is not allowed on it."""
     with ctx.catalog.session() as session:
-        found = [v for v in visible_vms(session, who) if v.name == ref] or \
-            [v for v in visible_vms(session, who) if ref and v.id.startswith(ref.lower())]
-        if len(found) != 1:
-            raise no_vm(ref) if _exists(session, ref) else NotFound(no_vm(ref).message,
-                                                                    hint=no_vm(ref).hint)
-        row = found[0]
+        row = session.scalars(select(Vm).where(Vm.name == ref)).first()
+        if row is None and ref:
+            prefixed = session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))
+            found = [v for v in prefixed if policy.in_scope(who, v.id, v.owner_id)]
+            row = found[0] if len(found) == 1 else None
+            if row is None:
+                raise no_vm(ref) if found or _exists(session, ref) else _missing(ref)
+        if row is None:
+            raise _missing(ref)
         session.expunge(row)
     decision = policy.decide_vm(who, action, row.id, row.owner_id)
     if decision is Decision.HIDE:
@@ -130,6 +129,12 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
         raise Forbidden(f"you may not do this to VM {row.name!r} ({action}).",
                         hint="Ask an administrator for the permission.")
     return row
+
+
+def _missing(ref: str) -> NotFound:
+    """The 404 for a VM that does not exist (word for word :func:`no_vm`'s)."""
+    hidden = no_vm(ref)
+    return NotFound(hidden.message, hint=hidden.hint)
 
 
 def _exists(session: Session, ref: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, redact, require, vm_for
+from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, require, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision
 from waymark.catalog.models import Vm
@@ -48,8 +48,10 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
     it."""
     require(caller.who, "vm.create")
     if policy.may_use_template(caller.who, body.template) is not Decision.ALLOW:
-        raise NotFound(f"no template {body.template!r}.",  # as for one that does not exist
-                       hint="List the templates you may use: GET /api/templates")
+        exists = any(t["name"] == body.template for t in templates.listing(ctx))
+        raise (OutOfScope if exists else NotFound)(  # the same answer either way
+            f"no template {body.template!r}.",
+            hint="List the templates you may use: GET /api/templates")
     if body.profile is not None and not caller.who.admin:
         raise Forbidden("only administrators choose a hardware profile; the template's is used.")
     explicit = {"memory": parse_size(body.memory, what="memory") if body.memory else None,

@@ -94,6 +94,20 @@ class Catalog:
             command.upgrade(cfg, "head")
 
     @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A session for reading only, whose reads all see one committed state. (pysqlite
+        begins no transaction for SELECTs, so without this two reads of one view may see
+        different commits: a disk whose new active image is not among the images read just
+        before.) On SQLite an explicit deferred BEGIN: readers never wait for writers in WAL
+        mode, and a reader never writes, so it never needs to upgrade its snapshot."""
+        with self.session() as session:
+            conn = session.connection()
+            dbapi = conn.connection.dbapi_connection
+            if isinstance(dbapi, sqlite3.Connection) and not dbapi.in_transaction:
+                conn.exec_driver_sql("BEGIN")
+            yield session
+
+    @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any exception.
 

@@ -66,7 +66,7 @@ def _checkpoint(session: Session, row: Checkpoint, space: Space) -> dict[str, An
 
 
 def checkpoint_list(ctx: Context, vm_ref: str) -> dict[str, Any]:
-    with ctx.catalog.session() as session:
+    with ctx.catalog.snapshot() as session:
         vm_row = lookup.vm(session, vm_ref)
         space = Space(session, vm_row.id)
         rows = lookup.checkpoints(session, vm_row.id)
@@ -83,7 +83,7 @@ def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
 
 
 def checkpoint_show(ctx: Context, vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
-    with ctx.catalog.session() as session:
+    with ctx.catalog.snapshot() as session:
         vm_row = lookup.vm(session, vm_ref)
         row = lookup.checkpoint(session, vm_row, ckpt_ref)
         space = Space(session, vm_row.id)
@@ -118,10 +118,10 @@ def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
 
 
 def vm_show(ctx: Context, vm_ref: str) -> dict[str, Any]:
-    with ctx.catalog.session() as session:
+    with ctx.catalog.snapshot() as session:
         vm_id = lookup.vm(session, vm_ref).id
     liveness.reconcile(ctx, vm_id)
-    with ctx.catalog.session() as session:
+    with ctx.catalog.snapshot() as session:
         return _vm(session, session.get_one(Vm, vm_id))
 
 
@@ -152,11 +152,11 @@ def _vm(session: Session, row: Vm) -> dict[str, Any]:
 
 
 def vm_list(ctx: Context) -> list[dict[str, Any]]:
-    with ctx.catalog.session() as session:
-        ids = list(session.scalars(select(Vm.id)))
+    with ctx.catalog.snapshot() as session:  # only a live VM's state can change behind us
+        ids = list(session.scalars(select(Vm.id).where(Vm.state.in_(liveness.LIVE_STATES))))
     for vm_id in ids:
         liveness.reconcile(ctx, vm_id)
-    with ctx.catalog.session() as session:
+    with ctx.catalog.snapshot() as session:
         rows = session.scalars(select(Vm).order_by(Vm.name))
         return [{"id": r.id, "name": r.name, "state": r.state,
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
