@@ -1,0 +1,385 @@
+"""The API under load: 50 concurrent clients for 60 seconds against a real ``waymark serve``.
+
+A home with five VMs, all off, with 1 MiB disks (the default limit of 50 checkpoints each), and
+an administrator's API token; the server is a real ``python -m waymark serve`` on a loopback
+port (its log kept in a file, shown when something fails). Fifty threads, each with its own
+``httpx.Client`` (a kept-alive connection), loop for 60 seconds with no pause, each choosing a
+VM at random and then:
+
+- 75 %: a read, ``GET /api/vms``, ``/api/vms/{vm}``, ``/api/vms/{vm}/checkpoints`` or
+  ``/api/jobs``;
+- 15 %: ``POST /api/vms/{vm}/checkpoints`` named ``k<client>-<n>`` (unique per client), its id
+  taken from the 201;
+- 10 %: ``DELETE /api/vms/{vm}/checkpoints/{id}`` of a checkpoint this client created and has
+  not deleted (a read when it has none on that VM), the deleted id taken from the 202.
+
+Each client records exactly which checkpoints it created and which it deleted, by id, from the
+responses. The load runs once for the module (``pytest -s`` prints request counts by kind and
+status, the 409s, and p50/p99 latency); then:
+
+- every answer is its route's 2xx or an expected 409 (the VM busy beyond the API's 2 s lock
+  wait, or at its checkpoint limit); a 201 names the checkpoint asked for, a 202 deletes exactly
+  the one asked for; no id is handed out twice;
+- no 5xx and no dropped connection;
+- once every merge job has finished (each completed), each VM's checkpoints are exactly those
+  created minus those deleted (none lost, none left over, none listed twice), each with the
+  name its client gave it. A create or delete whose connection broke has an unknown outcome: it
+  is settled from the final tree by its unique name (create) or id (delete), and counted;
+- ``waymark check`` exits 0.
+
+The load found that a VM's view can read two states of the catalog (a 500, KeyError in
+``views._disk``, when a checkpoint is created between its reads);
+``test_a_view_reads_one_state`` reproduces it deterministically, in process.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event
+
+from tests.helpers import Waymark, free_port
+
+VMS = [f"load{i}" for i in range(5)]
+CLIENTS = 50
+DURATION = 60.0
+CREATE, DELETE = 0.15, 0.10  # shares of the requests; the rest are reads
+READS = ("/api/vms", "/api/vms/{vm}", "/api/vms/{vm}/checkpoints", "/api/jobs")
+EXPECTED = {"read": {200}, "create": {201, 409}, "delete": {202, 409}}
+CONFLICT_CODES = {"busy", "limit_reached"}
+JOBS_TIMEOUT = 180.0
+REQUEST_TIMEOUT = 120.0  # never cut a request short: its outcome would be unknown
+
+
+@dataclass
+class Tally:
+    """What one client saw."""
+
+    created: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (vm, name)
+    deleted: dict[str, str] = field(default_factory=dict)  # id -> vm
+    created_ids: list[str] = field(default_factory=list)  # every 201's id, repeats kept
+    unknown_creates: list[tuple[str, str]] = field(default_factory=list)  # (vm, name)
+    unknown_deletes: list[tuple[str, str]] = field(default_factory=list)  # (vm, id)
+    jobs: list[str] = field(default_factory=list)
+    counts: Counter[tuple[str, int]] = field(default_factory=Counter)  # (kind, status)
+    conflicts: Counter[str] = field(default_factory=Counter)  # error code of each 409
+    latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
+    unexpected: list[str] = field(default_factory=list)  # answers no rule allows
+    server_errors: list[str] = field(default_factory=list)  # 5xx and broken connections
+
+    def alive(self, vm: str) -> list[str]:
+        return [c for c, (v, _) in self.created.items() if v == vm and c not in self.deleted]
+
+
+@dataclass
+class Server:
+    url: str
+    token: str
+    log: Path
+
+
+@contextmanager
+def serve(wm: Waymark, log: Path) -> Iterator[Server]:
+    """``waymark serve`` on a free loopback port with an administrator's token; its output
+    goes to ``log`` (a pipe nobody reads could fill and stall it)."""
+    wm.run("user", "add", "admin", "--role", "administrator", "--password-stdin",
+           input="admin-password-1\n").ok()
+    token = str(wm.json("token", "create", "load", "--user", "admin")["token"])
+    url = f"http://127.0.0.1:{free_port()}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
+                                 url.removeprefix("http://"), "--no-schedules"], env=wm.env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"waymark serve exited: {log.read_text()}"
+            try:
+                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "waymark serve did not answer within 30 s"
+            time.sleep(0.1)
+        yield Server(url, token, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+class Client(threading.Thread):
+    """One client: requests back to back until ``stop`` (a time.monotonic value)."""
+
+    def __init__(self, index: int, server: Server, stop: float) -> None:
+        super().__init__(name=f"client-{index}", daemon=True)
+        self.index, self.server, self.stop = index, server, stop
+        self.rng = random.Random(index)
+        self.tally = Tally()
+        self.made = 0
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.server.token}"}
+        with httpx.Client(base_url=self.server.url, headers=headers,
+                          timeout=REQUEST_TIMEOUT) as http:
+            while time.monotonic() < self.stop:
+                vm = self.rng.choice(VMS)
+                draw = self.rng.random()
+                if draw < CREATE:
+                    self.create(http, vm)
+                elif draw < CREATE + DELETE and self.tally.alive(vm):
+                    self.delete(http, vm)
+                else:
+                    self.read(http, vm)
+
+    def timed(self, kind: str, http: httpx.Client, method: str, path: str,
+              **kwargs: Any) -> httpx.Response | None:
+        """The answer, or None when the connection broke (counted as a server error)."""
+        start = time.perf_counter()
+        try:
+            resp = http.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            self.tally.server_errors.append(f"{method} {path}: {err!r}")
+            return None
+        self.tally.latencies.setdefault(kind, []).append(time.perf_counter() - start)
+        self.tally.counts[(kind, resp.status_code)] += 1
+        if resp.status_code >= 500:
+            self.tally.server_errors.append(f"{method} {path}: {resp.status_code} "
+                                            f"{resp.text[:300]}")
+        elif resp.status_code not in EXPECTED[kind]:
+            self.tally.unexpected.append(f"{method} {path}: {resp.status_code} "
+                                         f"{resp.text[:300]}")
+        elif resp.status_code == 409:
+            code = resp.json()["error"]["code"]
+            self.tally.conflicts[code] += 1
+            if code not in CONFLICT_CODES:
+                self.tally.unexpected.append(f"{method} {path}: 409 {resp.text[:300]}")
+        return resp
+
+    def read(self, http: httpx.Client, vm: str) -> None:
+        self.timed("read", http, "GET", self.rng.choice(READS).format(vm=vm))
+
+    def create(self, http: httpx.Client, vm: str) -> None:
+        name = f"k{self.index:02d}-{self.made}"
+        self.made += 1
+        resp = self.timed("create", http, "POST", f"/api/vms/{vm}/checkpoints",
+                          json={"name": name})
+        if resp is None or resp.status_code >= 500:
+            self.tally.unknown_creates.append((vm, name))
+        if resp is None or resp.status_code != 201:
+            return
+        body = resp.json()
+        if (body["name"], body["vm_name"]) != (name, vm):
+            self.tally.unexpected.append(f"asked for {name!r} on {vm}, made {body}")
+        self.tally.created[body["id"]] = (vm, body["name"])
+        self.tally.created_ids.append(body["id"])
+
+    def delete(self, http: httpx.Client, vm: str) -> None:
+        target = self.rng.choice(self.tally.alive(vm))
+        resp = self.timed("delete", http, "DELETE", f"/api/vms/{vm}/checkpoints/{target}")
+        if resp is None or resp.status_code >= 500:
+            self.tally.unknown_deletes.append((vm, target))
+            self.tally.deleted[target] = vm  # settled from the final tree
+        if resp is None or resp.status_code != 202:
+            return
+        body = resp.json()
+        name = self.tally.created[target][1]
+        if body["deleted"] != [{"id": target, "name": name}]:
+            self.tally.unexpected.append(f"deleted {target} ({name}) of {vm}, got {body}")
+        for gone in body["deleted"]:
+            self.tally.deleted[gone["id"]] = vm
+        self.tally.jobs.append(body["job"])
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def summary(tallies: list[Tally], took: float) -> str:
+    counts: Counter[tuple[str, int]] = Counter()
+    conflicts: Counter[str] = Counter()
+    latencies: dict[str, list[float]] = {}
+    for tally in tallies:
+        counts.update(tally.counts)
+        conflicts.update(tally.conflicts)
+        for kind, values in tally.latencies.items():
+            latencies.setdefault(kind, []).extend(values)
+    every = [v for values in latencies.values() for v in values]
+    broken = sum(1 for t in tallies for e in t.server_errors if "Error(" in e)
+    unknown = sum(len(t.unknown_creates) + len(t.unknown_deletes) for t in tallies)
+    lines = [f"{CLIENTS} clients, {len(VMS)} VMs, {took:.1f} s: {len(every)} answers "
+             f"({len(every) / took:.0f}/s), {sum(conflicts.values())} of them 409 "
+             f"({', '.join(f'{c}: {n}' for c, n in sorted(conflicts.items())) or 'none'}); "
+             f"{broken} broken connections, {unknown} writes of unknown outcome"]
+    for kind in ("read", "create", "delete", "all"):
+        values = every if kind == "all" else latencies.get(kind, [])
+        if not values:
+            continue
+        by_status: Counter[int] = Counter()
+        for (k, status), n in counts.items():
+            by_status[status] += n if kind in (k, "all") else 0
+        statuses = ", ".join(f"{status}: {n}" for status, n in sorted(by_status.items()) if n)
+        lines.append(f"  {kind:<6} {len(values):>6} answers  p50 "
+                     f"{statistics.median(values) * 1000:7.1f} ms  p99 "
+                     f"{percentile(values, 0.99) * 1000:7.1f} ms  ({statuses})")
+    return "\n".join(lines)
+
+
+def wait_for_jobs(http: httpx.Client, ids: set[str]) -> list[dict[str, Any]]:
+    """Every job, once none is queued or running any more (and all of ``ids`` are listed)."""
+    deadline = time.monotonic() + JOBS_TIMEOUT
+    while True:
+        jobs: list[dict[str, Any]] = http.get("/api/jobs", params={"everything": True}).json()
+        unfinished = [j for j in jobs if j["status"] in ("queued", "running")]
+        if ids <= {j["id"] for j in jobs} and not unfinished:
+            return jobs
+        assert time.monotonic() < deadline, unfinished
+        time.sleep(0.5)
+
+
+@dataclass
+class Run:
+    tallies: list[Tally]
+    log: Path
+    jobs: list[dict[str, Any]]
+    trees: dict[str, list[dict[str, Any]]]  # VM -> its checkpoints at the end
+    check: subprocess.CompletedProcess[str]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-20000:]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    base = tmp_path_factory.mktemp("api-load")
+    wm = Waymark(base / "home")
+    for vm in VMS:
+        wm("vm", "create", vm, "--disk", "1M")
+    with serve(wm, base / "serve.log") as server:
+        start = time.monotonic()
+        clients = [Client(i, server, start + DURATION) for i in range(CLIENTS)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(DURATION + REQUEST_TIMEOUT + 30)
+        took = time.monotonic() - start
+        assert not any(c.is_alive() for c in clients), "a client never returned"
+        tallies = [c.tally for c in clients]
+        print("\n" + summary(tallies, took))
+        headers = {"Authorization": f"Bearer {server.token}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+            jobs = wait_for_jobs(http, {j for t in tallies for j in t.jobs})
+            trees = {vm: http.get(f"/api/vms/{vm}/checkpoints").json()["checkpoints"]
+                     for vm in VMS}
+    done = wm.run("check", timeout=300)
+    yield Run(tallies, server.log, jobs, trees,
+              subprocess.CompletedProcess(["waymark", "check"], done.returncode, done.stdout,
+                                          done.stderr))
+
+
+@pytest.mark.slow
+def test_every_answer_is_expected(run: Run) -> None:
+    unexpected = [p for t in run.tallies for p in t.unexpected]
+    assert unexpected == [], "\n".join(unexpected[:20])
+    every_id = [c for t in run.tallies for c in t.created_ids]
+    assert len(every_id) == len(set(every_id)), "a checkpoint id was handed out twice"
+    created = sum(n for t in run.tallies for (kind, status), n in t.counts.items()
+                  if (kind, status) == ("create", 201))
+    deleted = sum(n for t in run.tallies for (kind, status), n in t.counts.items()
+                  if (kind, status) == ("delete", 202))
+    assert created > 0 and deleted > 0, "the load made or deleted nothing"
+
+
+@pytest.mark.slow
+def test_no_server_error(run: Run) -> None:
+    errors = [p for t in run.tallies for p in t.server_errors]
+    assert errors == [], "\n".join(errors[:20]) + f"\nserver log:\n{run.log_text()}"
+
+
+@pytest.mark.slow
+def test_checkpoints_are_created_minus_deleted(run: Run) -> None:
+    failed = [j for j in run.jobs if j["status"] != "completed"]
+    assert failed == [], failed
+    created = {c: made for t in run.tallies for c, made in t.created.items()}
+    deleted = {c: vm for t in run.tallies for c, vm in t.deleted.items()}
+    assert set(deleted) <= set(created)
+    for vm, tree in run.trees.items():  # settle the writes whose connection broke
+        names = {c["name"]: c["id"] for c in tree}
+        for tally in run.tallies:
+            for where, name in tally.unknown_creates:
+                if where == vm and name in names:
+                    created[names[name]] = (vm, name)
+            for where, gone in tally.unknown_deletes:
+                if where == vm and gone in {c["id"] for c in tree}:
+                    del deleted[gone]
+    for vm, tree in run.trees.items():
+        ids = [c["id"] for c in tree]
+        assert len(ids) == len(set(ids)), f"{vm}: a checkpoint is listed twice"
+        expected = {c for c, (v, _) in created.items() if v == vm and c not in deleted}
+        assert set(ids) == expected, (f"{vm}: lost {sorted(expected - set(ids))}, "
+                                      f"left over {sorted(set(ids) - expected)}")
+        assert {c["id"]: c["name"] for c in tree} == {c: created[c][1] for c in expected}
+        listed = [c["name"] for c in tree]
+        assert len(listed) == len(set(listed)), f"{vm}: a name is listed twice"
+
+
+@pytest.mark.slow
+def test_check_passes_afterwards(run: Run) -> None:
+    assert run.check.returncode == 0, f"waymark check:\n{run.check.stdout}\n{run.check.stderr}"
+
+
+# --- the race the load found, made deterministic ----------------------------------------------
+
+def test_a_view_reads_one_state(tmp_path: Path) -> None:
+    """``GET /api/vms/{vm}`` (the app in process) while, right after the view's first read of
+    the ``images`` table, another process's ``checkpoint create`` commits: the answer must be
+    the VM as it was (or as it is), never a 500."""
+    from waymark.api.app import create_app
+    from waymark.config import Settings
+    from waymark.ops import checkpoints, users
+    from waymark.ops.context import Context
+
+    wm = Waymark(tmp_path / "home")
+    wm("vm", "create", "r", "--disk", "1M")
+    served = Context.open(Settings(home=wm.home))
+    other = Context.open(Settings(home=wm.home))  # another command: its own connections
+    users.add(served, "admin", "administrator", "admin-password-1")
+    token = users.create_token(served, "admin", "t")["token"]
+    armed = threading.Event()
+
+    def between_reads(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if armed.is_set() and statement.lstrip().upper().startswith("SELECT") \
+                and "FROM images" in statement:
+            armed.clear()
+            checkpoints.create(other, "r", "between")
+
+    event.listen(served.catalog.engine, "after_cursor_execute", between_reads)
+    with TestClient(create_app(served), raise_server_exceptions=False) as client:
+        before = client.get("/api/vms/r", headers={"Authorization": f"Bearer {token}"})
+        assert before.status_code == 200, before.text
+        armed.set()
+        during = client.get("/api/vms/r", headers={"Authorization": f"Bearer {token}"})
+    assert not armed.is_set(), "the view never read the images table"
+    assert [c["name"] for c in wm.json("checkpoint", "list", "r")["checkpoints"]] == ["between"]
+    assert during.status_code == 200, during.text
+    after = wm.json("vm", "show", "r")
+    assert during.json()["disks"][0]["active_image"] in (
+        before.json()["disks"][0]["active_image"], after["disks"][0]["active_image"])
