@@ -128,31 +128,47 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(wm: Waymark, timeout: float = 30.0) -> Iterator[tuple[str, str]]:
-    """A real ``waymark serve`` on a free loopback port over ``wm``'s home, with an
-    administrator's API token: yields (base URL, token); stopped at the end."""
-    wm.run("user", "add", "root-admin", "--role", "administrator", "--password-stdin",
-           input="test-password\n").ok()
-    token = wm.json("token", "create", "tests", "--user", "root-admin")["token"]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
-                             f"127.0.0.1:{port}", "--no-schedules"], env=wm.env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def serve_process(wm: Waymark, log: Path | None = None, timeout: float = 30.0
+                  ) -> Iterator[str]:
+    """A real ``waymark serve`` over ``wm``'s home on a free loopback port, its output in
+    ``log`` (default ``serve.log`` beside the home: a pipe nobody reads could stall it); yields
+    the base URL once the OpenAPI document answers; stopped at the end."""
+    log = log or wm.home.parent / "serve.log"
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
+                                 url.removeprefix("http://"), "--no-schedules"], env=wm.env(),
+                                stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"{url}/api/openapi.json", timeout=1).close()
+                urllib.request.urlopen(f"{url}/api/openapi.json", timeout=2).close()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"waymark serve did not come up: {proc.stderr}") from None
+                    raise RuntimeError("waymark serve did not come up:\n"
+                                       + log.read_text()) from None
                 time.sleep(0.1)
-        yield url, token
+        yield url
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+
+
+@contextmanager
+def served(wm: Waymark) -> Iterator[tuple[str, str]]:
+    """:func:`serve_process` with an administrator (``root-admin``) and their API token:
+    yields (base URL, token)."""
+    wm.run("user", "add", "root-admin", "--role", "administrator", "--password-stdin",
+           input="test-password\n").ok()
+    token = wm.json("token", "create", "tests", "--user", "root-admin")["token"]
+    with serve_process(wm) as url:
+        yield url, token
 
 
 class RemoteWaymark(Waymark):

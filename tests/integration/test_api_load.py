@@ -37,7 +37,6 @@ from __future__ import annotations
 import random
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -52,7 +51,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from tests.helpers import Waymark, free_port
+from tests.helpers import Waymark, serve_process
 
 VMS = [f"load{i}" for i in range(5)]
 CLIENTS = 50
@@ -95,34 +94,12 @@ class Server:
 @contextmanager
 def serve(wm: Waymark, log: Path) -> Iterator[Server]:
     """``waymark serve`` on a free loopback port with an administrator's token; its output
-    goes to ``log`` (a pipe nobody reads could fill and stall it)."""
+    goes to ``log``."""
     wm.run("user", "add", "admin", "--role", "administrator", "--password-stdin",
            input="admin-password-1\n").ok()
     token = str(wm.json("token", "create", "load", "--user", "admin")["token"])
-    url = f"http://127.0.0.1:{free_port()}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
-                                 url.removeprefix("http://"), "--no-schedules"], env=wm.env(),
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"waymark serve exited: {log.read_text()}"
-            try:
-                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "waymark serve did not answer within 30 s"
-            time.sleep(0.1)
+    with serve_process(wm, log) as url:
         yield Server(url, token, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 class Client(threading.Thread):

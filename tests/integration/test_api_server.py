@@ -31,9 +31,6 @@ The OpenAPI document is checked to describe the errors the API sends (one shape)
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +49,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from tests.helpers import Waymark
+from tests.helpers import Waymark, serve_process
 from waymark.api.app import create_app
 from waymark.config import Settings
 from waymark.ops import locks
@@ -71,7 +68,6 @@ class Served:
     home: Path
     admin_token: str
     reader_token: str
-    proc: subprocess.Popen[bytes]
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -86,13 +82,6 @@ class Served:
         assert resp.status_code == 200, resp.text
         found: dict[str, Any] = resp.json()
         return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_home(wm: Waymark, base: Path) -> tuple[str, str]:
@@ -112,47 +101,13 @@ def make_home(wm: Waymark, base: Path) -> tuple[str, str]:
             wm.json("token", "create", "tests", "--user", "reader")["token"])
 
 
-def serve(wm: Waymark) -> tuple[str, subprocess.Popen[bytes]]:
-    """``waymark serve`` on a free loopback port (its log in ``serve.log`` next to the home),
-    once its OpenAPI document answers."""
-    url = f"http://127.0.0.1:{free_port()}"
-    log = wm.home.parent / "serve.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "waymark", "serve", "--listen", url.removeprefix("http://"),
-             "--no-schedules"], env=wm.env(), stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, f"waymark serve exited:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
-                return url, proc
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"waymark serve did not answer within 30 s:\n" \
-                                            f"{log.read_text()}"
-        time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("api-served")
     wm = Waymark(base / "home")
     admin_token, reader_token = make_home(wm, base)
-    url, proc = serve(wm)
-    try:
-        yield Served(url, wm.home, admin_token, reader_token, proc)
-    finally:
-        stop(proc)
+    with serve_process(wm) as url:
+        yield Served(url, wm.home, admin_token, reader_token)
     log = (base / "serve.log").read_text()
     assert "Traceback" not in log, log  # no request ended in an unhandled exception
 
@@ -250,21 +205,17 @@ def test_login_is_rate_limited(tmp_path: Path) -> None:
     wm = Waymark(tmp_path / "home")
     wm.run("user", "add", "admin", "--role", "administrator", "--password-stdin",
            input=PASSWORD + "\n").ok()
-    url, proc = serve(wm)
-    try:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            for attempt in range(5):
-                wrong = http.post("/api/auth/login", json={"name": "admin",
-                                                           "password": f"wrong-{attempt}"})
-                error_of(wrong, 401, "unauthenticated")
-                assert COOKIE not in wrong.cookies
-            sixth = http.post("/api/auth/login", json={"name": "admin", "password": "wrong-5"})
-            error_of(sixth, 429, "too_many_attempts")
-            right = http.post("/api/auth/login", json={"name": "admin", "password": PASSWORD})
-            error_of(right, 429, "too_many_attempts")  # for a while, even the right password
-            assert COOKIE not in right.cookies
-    finally:
-        stop(proc)
+    with serve_process(wm) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for attempt in range(5):
+            wrong = http.post("/api/auth/login", json={"name": "admin",
+                                                       "password": f"wrong-{attempt}"})
+            error_of(wrong, 401, "unauthenticated")
+            assert COOKIE not in wrong.cookies
+        sixth = http.post("/api/auth/login", json={"name": "admin", "password": "wrong-5"})
+        error_of(sixth, 429, "too_many_attempts")
+        right = http.post("/api/auth/login", json={"name": "admin", "password": PASSWORD})
+        error_of(right, 429, "too_many_attempts")  # for a while, even the right password
+        assert COOKIE not in right.cookies
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -205,17 +205,26 @@ def _tree(listing: dict[str, Any]) -> list[dict[str, Any]]:
     return build(None)
 
 
-@router.get("/vms/{vm}")
-def vm_page(vm: str, request: Request) -> Response:
+def _vm_page(request: Request, vm: str, action: str) -> tuple[Principal, str, Vm] | Response:
+    """The signed-in user and the VM they may do ``action`` to, or the page to send
+    instead (sign in, or the refusal)."""
     signed = _signed_in(request)
     if signed is None:
         return _to_login(request)
     who, csrf = signed
-    ctx = _ctx(request)
     try:
-        row = vm_for(ctx, who, "vm.view", vm)
+        return who, csrf, vm_for(_ctx(request), who, action, vm)
     except WaymarkError as err:
         return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
+
+
+@router.get("/vms/{vm}")
+def vm_page(vm: str, request: Request) -> Response:
+    found = _vm_page(request, vm, "vm.view")
+    if isinstance(found, Response):
+        return found
+    who, csrf, row = found
+    ctx = _ctx(request)
     shown = views.vm_show(ctx, row.id)
     listing = views.checkpoint_list(ctx, row.id)
     may = _allowed(who, row.id, row.owner_id)
@@ -285,16 +294,11 @@ def library_share(name: str, request: Request) -> Response:
 
 @router.get("/vms/{vm}/console")
 def console_page(vm: str, request: Request) -> Response:
-    signed = _signed_in(request)
-    if signed is None:
-        return _to_login(request)
-    who, csrf = signed
-    ctx = _ctx(request)
-    try:
-        row = vm_for(ctx, who, "vm.power", vm)
-    except WaymarkError as err:
-        return _page(request, "error.html", who, csrf, err.http_status, error=err.message)
-    return _page(request, "console.html", who, csrf, vm=views.vm_show(ctx, row.id))
+    found = _vm_page(request, vm, "vm.power")
+    if isinstance(found, Response):
+        return found
+    who, csrf, row = found
+    return _page(request, "console.html", who, csrf, vm=views.vm_show(_ctx(request), row.id))
 
 
 @router.get("/backups")
