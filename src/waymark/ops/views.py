@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, Image, Vm
@@ -158,7 +158,9 @@ def vm_list(ctx: Context) -> list[dict[str, Any]]:
         liveness.reconcile(ctx, vm_id)
     with ctx.catalog.snapshot() as session:
         rows = session.scalars(select(Vm).order_by(Vm.name))
+        counts = dict(session.execute(select(Checkpoint.vm_id, func.count())  # one query
+                                      .group_by(Checkpoint.vm_id)).tuples())
         return [{"id": r.id, "name": r.name, "state": r.state,
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
-                 "checkpoint_type": r.checkpoint_type,
-                 "checkpoints": lookup.checkpoint_count(session, r.id)} for r in rows]
+                 "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
+                for r in rows]

@@ -231,7 +231,8 @@ def vm_page(vm: str, request: Request) -> Response:
     repositories, points = _points(ctx, row.id) if may["backup_view"] else ([], [])
     exports = [loc["name"] for loc in locations.listing(ctx) if loc["kind"] == "export"]
     depth = max((d["chain_depth"] for d in shown["disks"]), default=0)
-    biggest = max([c["allocated_bytes"] for c in listing["checkpoints"]] + [1])
+    biggest = max([c["allocated_bytes"] for c in listing["checkpoints"]]
+                  + [c["shared_bytes"] for c in listing["checkpoints"]] + [1])
     return _page(request, "vm.html", who, csrf, vm=shown, tree=_tree(listing),
                  checkpoints=listing["checkpoints"], may=may, exports=exports, depth=depth,
                  deep=depth >= DEEP_CHAIN, biggest=biggest, repositories=repositories,

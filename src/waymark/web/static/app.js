@@ -284,6 +284,7 @@ function formBody(form) {
     } else if (el.type === "checkbox") body[el.name] = el.checked;
     else if (el.multiple) body[el.name] = [...el.selectedOptions].map((o) => o.value);
     else if (el.value === "") continue;
+    else if (el.dataset.listText !== undefined) body[el.name] = [el.value];
     else if (el.type === "number") body[el.name] = Number(el.value);
     else body[el.name] = el.value;
   }
