@@ -158,8 +158,8 @@ def vm_list(ctx: Context) -> list[dict[str, Any]]:
         liveness.reconcile(ctx, vm_id)
     with ctx.catalog.snapshot() as session:
         rows = session.scalars(select(Vm).order_by(Vm.name))
-        counts = dict(session.execute(select(Checkpoint.vm_id, func.count())  # one query
-                                      .group_by(Checkpoint.vm_id)).tuples())
+        counted = select(Checkpoint.vm_id, func.count()).group_by(Checkpoint.vm_id)
+        counts = {vm_id: n for vm_id, n in session.execute(counted)}  # one query for all
         return [{"id": r.id, "name": r.name, "state": r.state,
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
                  "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
