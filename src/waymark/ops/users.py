@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from waymark.auth import policy, secrets
-from waymark.catalog.models import ApiToken, Grant, Template, User, Vm, WebSession
+from waymark.catalog.models import ApiToken, Grant, Template, User, WebSession
 from waymark.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from waymark.ops import lookup
 from waymark.ops.context import Context
@@ -243,8 +243,3 @@ def logout(ctx: Context, cookie: str) -> None:
 
 def _aware(when: datetime) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def owner_of(session: Session, vm_id: str) -> str | None:
-    row = session.get(Vm, vm_id)
-    return row.owner_id if row is not None else None
