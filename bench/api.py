@@ -70,9 +70,9 @@ def make_vm(ctx: Context, name: str) -> str:
 
 def with_checkpoints(ctx: Context, name: str, count: int) -> None:
     """VM ``name`` with a chain of ``count`` checkpoints (each one the child of the last)."""
-    make_vm(ctx, name)
+    vm_id = make_vm(ctx, name)
     for i in range(count):
-        checkpoints.create(ctx, name, f"c{i}")
+        checkpoints.create(ctx, vm_id, f"c{i}")
 
 
 def clone_vms(ctx: Context, source: str, count: int) -> None:

@@ -119,11 +119,13 @@ def bench_delete(root: Path, runs: int) -> None:
 def _delete_in_process(home: Home) -> None:
     """The same delete through the library: no interpreter start-up, no imports."""
     from waymark.config import Settings
-    from waymark.ops import deletion
+    from waymark.ops import deletion, lookup
     from waymark.ops.context import Context
 
     ctx = Context.open(Settings(home=home.path))
-    deletion.delete_checkpoints(ctx, "b", "C", subtree=False, yes=True)
+    with ctx.catalog.session() as session:
+        vm_id = lookup.vm(session, "b").id  # as the CLI resolves it (use cases take ids)
+    deletion.delete_checkpoints(ctx, vm_id, "C", subtree=False, yes=True)
     ctx.catalog.engine.dispose()
 
 

@@ -338,6 +338,7 @@ def test_a_view_reads_one_state(tmp_path: Path) -> None:
     wm("vm", "create", "r", "--disk", "1M")
     served = Context.open(Settings(home=wm.home))
     other = Context.open(Settings(home=wm.home))  # another command: its own connections
+    vm_id = wm.json("vm", "show", "r")["id"]
     users.add(served, "admin", "administrator", "admin-password-1")
     token = users.create_token(served, "admin", "t")["token"]
     armed = threading.Event()
@@ -346,7 +347,7 @@ def test_a_view_reads_one_state(tmp_path: Path) -> None:
         if armed.is_set() and statement.lstrip().upper().startswith("SELECT") \
                 and "FROM images" in statement:
             armed.clear()
-            checkpoints.create(other, "r", "between")
+            checkpoints.create(other, vm_id, "between")
 
     event.listen(served.catalog.engine, "after_cursor_execute", between_reads)
     with TestClient(create_app(served), raise_server_exceptions=False) as client:

@@ -160,7 +160,7 @@ class Model:
     # -- model helpers ------------------------------------------------------------------------
 
     def active_path(self) -> Path:
-        return Path(views.vm_show(self.ctx, VM)["disks"][0]["active_image"])
+        return Path(views.vm_show(self.ctx, self.vm_id)["disks"][0]["active_image"])
 
     def pick(self, index: int) -> str:
         ids = list(self.content)
@@ -242,7 +242,7 @@ class Model:
         if isinstance(op, Write):
             self.write(op)
         elif isinstance(op, Create):
-            self.record(checkpoints.create(self.ctx, VM, op.name), op.name)
+            self.record(checkpoints.create(self.ctx, self.vm_id, op.name), op.name)
             self.new_intents()
         elif isinstance(op, DeleteMatching):
             self.delete_matching(op.pattern)
@@ -260,7 +260,7 @@ class Model:
             self.forget(doomed)
         else:
             target = self.pick(op.pick)
-            assert checkpoints.rename(self.ctx, VM, target, op.name) == target
+            assert checkpoints.rename(self.ctx, self.vm_id, target, op.name) == target
             self.names[target] = op.name
 
     def write(self, op: Write) -> None:
@@ -273,12 +273,12 @@ class Model:
     def apply(self, target: str, checkpoint_first: bool) -> None:
         before = self.sizes()
         mode = ApplyMode.CHECKPOINT_FIRST if checkpoint_first else ApplyMode.DISCARD_CURRENT
-        result = checkpoints.apply(self.ctx, VM, target, mode)
+        result = checkpoints.apply(self.ctx, self.vm_id, target, mode)
         assert result.checkpoint_id == target
         if checkpoint_first:
             safety = result.safety_checkpoint_id
             assert safety is not None
-            self.record(safety, views.checkpoint_show(self.ctx, VM, safety)["name"])
+            self.record(safety, views.checkpoint_show(self.ctx, self.vm_id, safety)["name"])
         else:
             assert result.safety_checkpoint_id is None
         self.now = bytearray(self.content[target])
@@ -292,7 +292,7 @@ class Model:
             if number not in measured:  # first called (0.0) before step ``number`` is journaled
                 measured[number] = self.sizes()
 
-        done = deletion.delete_checkpoints(self.ctx, VM, ref, subtree=subtree, yes=True,
+        done = deletion.delete_checkpoints(self.ctx, self.vm_id, ref, subtree=subtree, yes=True,
                                            report=report)
         self.check_merges(measured, {})
         return {m.id for m in done.checkpoints}
@@ -301,7 +301,7 @@ class Model:
         doomed = {c for c, name in self.names.items() if fnmatch.fnmatchcase(name, pattern)}
         if not doomed:
             with pytest.raises(NotFound):
-                deletion.delete_checkpoints(self.ctx, VM, pattern, subtree=False, yes=True)
+                deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True)
             return
         assert self.delete(pattern, subtree=False) == doomed
         self.forget(doomed)
@@ -314,7 +314,7 @@ class Model:
         self.check_images()
 
     def check_tree(self) -> None:
-        listing = views.checkpoint_list(self.ctx, VM)
+        listing = views.checkpoint_list(self.ctx, self.vm_id)
         assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == self.parents
         assert {c["id"]: c["name"] for c in listing["checkpoints"]} == self.names
         assert listing["current_id"] == self.current
@@ -324,7 +324,7 @@ class Model:
     def check_contents(self) -> None:
         hashes: dict[str, str] = {}  # path -> content sha256 (checkpoints may share a file)
         for ckpt, expected in self.content.items():
-            disks = views.checkpoint_show(self.ctx, VM, ckpt)["disks"]
+            disks = views.checkpoint_show(self.ctx, self.vm_id, ckpt)["disks"]
             assert len(disks) == 1
             path = disks[0]["frozen_image"]
             if path not in hashes:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, require, vm_for
+from waymark.api.security import Caller, CallerDep, ContextDep, require, vm_for
 from waymark.backups import retention
 from waymark.catalog.models import Vm
 from waymark.errors import Forbidden, InvalidInput
@@ -122,6 +122,11 @@ class NewSchedule(BaseModel):
     keep_monthly: int = Field(default=0, ge=0, le=10000)
 
 
+def _vm_ids(ctx: Context, caller: Caller, refs: list[str]) -> list[str]:
+    """The schedule's VMs, each resolved once here (a run backs up these ids)."""
+    return [vm_for(ctx, caller.who, "backup.run", ref).id for ref in refs]
+
+
 @router.get("/schedules")
 def schedule_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     require(caller.who, "schedule.manage")
@@ -132,8 +137,9 @@ def schedule_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
 def schedule_add(body: NewSchedule, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "schedule.manage")
     keep = retention.Policy(body.keep_last, body.keep_daily, body.keep_weekly, body.keep_monthly)
-    return schedules.add(ctx, body.name, body.vms, _repo(ctx, body.repository), body.every,
-                         body.at, body.day, body.full_every, keep)
+    return schedules.add(ctx, body.name, _vm_ids(ctx, caller, body.vms),
+                         _repo(ctx, body.repository), body.every, body.at, body.day,
+                         body.full_every, keep)
 
 
 @router.put("/schedules/{name}")
@@ -144,8 +150,8 @@ def schedule_edit(name: str, body: NewSchedule, caller: CallerDep, ctx: ContextD
     if body.name != name:
         raise InvalidInput("a schedule keeps its name.", hint=f"Send name {name!r}.")
     keep = retention.Policy(body.keep_last, body.keep_daily, body.keep_weekly, body.keep_monthly)
-    return schedules.add(ctx, name, body.vms, _repo(ctx, body.repository), body.every, body.at,
-                         body.day, body.full_every, keep, replace=True)
+    return schedules.add(ctx, name, _vm_ids(ctx, caller, body.vms), _repo(ctx, body.repository),
+                         body.every, body.at, body.day, body.full_every, keep, replace=True)
 
 
 @router.delete("/schedules/{name}")

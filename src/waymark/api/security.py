@@ -18,7 +18,7 @@ from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import Vm
 from waymark.errors import Forbidden, NotFound, TooManyAttempts, Unauthenticated
-from waymark.ops import users
+from waymark.ops import lookup, users
 from waymark.ops.context import Context
 
 COOKIE = "waymark_session"
@@ -108,19 +108,15 @@ def no_vm(ref: str) -> NotFound:
 
 
 def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
-    """The VM ``ref`` names (its name, or an id prefix matching one VM the caller may see):
-    404 when there is none the caller may see (as for a VM that does not exist), 403 when
-    ``action`` is not allowed on it."""
+    """The VM ``ref`` names among those the caller may see (:func:`waymark.ops.lookup.vm`:
+    an exact full id first, then a name, then an id prefix), resolved once here; the use cases
+    then take its id. 404 when there is none the caller may see (as for a VM that does not
+    exist), 403 when ``action`` is not allowed on it."""
     with ctx.catalog.session() as session:
-        row = session.scalars(select(Vm).where(Vm.name == ref)).first()
-        if row is None and ref:
-            prefixed = session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))
-            found = [v for v in prefixed if policy.in_scope(who, v.id, v.owner_id)]
-            row = found[0] if len(found) == 1 else None
-            if row is None:
-                raise no_vm(ref) if found or _exists(session, ref) else _missing(ref)
-        if row is None:
-            raise _missing(ref)
+        try:
+            row = lookup.vm(session, ref, lambda v: policy.in_scope(who, v.id, v.owner_id))
+        except NotFound:
+            raise no_vm(ref) if _exists(session, ref) else _missing(ref) from None
         session.expunge(row)
     decision = policy.decide_vm(who, action, row.id, row.owner_id)
     if decision is Decision.HIDE:
@@ -138,6 +134,8 @@ def _missing(ref: str) -> NotFound:
 
 
 def _exists(session: Session, ref: str) -> bool:
+    """Whether a VM the caller may not see matches ``ref`` (the audit log records the 404 as
+    a refusal; the answer is the same)."""
     return session.scalars(select(Vm.id).where(
         (Vm.name == ref) | Vm.id.startswith(ref.lower() or "-"))).first() is not None
 

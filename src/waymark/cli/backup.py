@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def _reporter() -> backups.Report:
 def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None:
     """Back up VMs (running ones live, application-consistent when their agent answers):
     incremental when it can be proven correct, else full, saying why."""
-    outcomes = backups.run(face().ctx, list(vm_refs), repo, _reporter(), full=full)
+    outcomes = _run(vm_refs, repo, full)
     data = [{"vm": o.vm, "ok": o.error is None, "error": o.error,
              "point": backups.summary(o.point) if o.point else None} for o in outcomes]
     lines = []
@@ -82,13 +83,28 @@ def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None
                                "points are safe."))
 
 
+def _run(vm_refs: tuple[str, ...], repo: Path, full: bool) -> list[backups.Outcome]:
+    """Each VM resolved once (a VM no name or id matches is one failed outcome), then backed
+    up by id; the outcomes name the VMs as they were typed, in order."""
+    resolved: list[tuple[str, str | WaymarkError]] = []
+    for ref in vm_refs:
+        try:
+            resolved.append((ref, face().vm_id(ref)))
+        except WaymarkError as err:
+            resolved.append((ref, err))
+    ids = [found for _, found in resolved if isinstance(found, str)]
+    done = iter(backups.run(face().ctx, ids, repo, _reporter(), full=full))
+    return [backups.Outcome(ref, failure=found) if isinstance(found, WaymarkError)
+            else replace(next(done), vm=ref) for ref, found in resolved]
+
+
 @backup.command("list")
 @click.argument("vm_ref", metavar="[VM]", required=False)
 @REPO
 @json_option
 def list_(vm_ref: str | None, repo: Path, as_json: bool) -> None:
     """Points in time: full or incremental, size, consistency."""
-    rows = backups.listing(repo, vm_ref)
+    rows = backups.listing(repo, _repo_vm(repo, vm_ref))
     lines = [f"{r['id']}  {r['vm_name']:<16} {r['kind']:<11} {human(r['bytes']):>9}  "
              f"{r['consistency'].split(':')[0]}" for r in rows]
     emit(as_json, rows, lines or ["No backup points."])
@@ -101,7 +117,7 @@ def list_(vm_ref: str | None, repo: Path, as_json: bool) -> None:
 @json_option
 def verify(vm_ref: str | None, repo: Path, point_ref: str | None, as_json: bool) -> None:
     """Re-read every file of the points: checksums and qemu-img check."""
-    rows = backups.verify(repo, vm_ref, point_ref)
+    rows = backups.verify(repo, _repo_vm(repo, vm_ref), point_ref)
     lines = [f"{r['id']}  {r['vm_name']}: " + ("ok" if not r["problems"]
                                                  else "DAMAGED: " + "; ".join(r["problems"]))
              for r in rows]
@@ -129,7 +145,8 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
         if checkpoint_first or discard_current:
             raise InvalidInput("--as-new leaves the original VM alone: drop --checkpoint-first "
                                "and --discard-current.")
-        vm_id = backups.restore_as_new(ctx, repo, vm_ref, point_ref, new_name, _reporter())
+        vm_id = backups.restore_as_new(ctx, repo, backups.repo_vm(repo, vm_ref), point_ref,
+                                       new_name, _reporter())
         emit(as_json, {"vm_id": vm_id, "name": new_name},
              [f"Restored as new VM {new_name} ({vm_id[:12]}). Start it with: "
               f"waymark vm start {new_name}"])
@@ -140,12 +157,18 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
                                 "--discard-current, or restore elsewhere with --as-new NAME.")
     mode = (checkpoints.ApplyMode.CHECKPOINT_FIRST if checkpoint_first
             else checkpoints.ApplyMode.DISCARD_CURRENT)
-    done: dict[str, Any] = backups.restore(ctx, repo, vm_ref, point_ref, mode, _reporter())
+    done: dict[str, Any] = backups.restore(ctx, repo, face().vm_id(vm_ref), point_ref, mode,
+                                           _reporter())
     lines = [f"Restored point {done['point']} into {vm_ref}; Now is under the new checkpoint "
              f"'Restored from {done['point']}'."]
     if done["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({done['safety_checkpoint_id'][:12]}).")
     emit(as_json, done, lines)
+
+
+def _repo_vm(repo: Path, vm_ref: str | None) -> str | None:
+    """The id of the VM (with points in the repository) ``vm_ref`` names, if one is named."""
+    return backups.repo_vm(repo, vm_ref) if vm_ref else None
 
 
 def keep_options(fn: Any) -> Any:
@@ -172,7 +195,8 @@ def prune(vm_ref: str | None, repo: Path, keep_last: int, keep_daily: int, keep_
           keep_monthly: int, dry_run: bool, as_json: bool) -> None:
     """Remove the points no --keep rule keeps (a kept point keeps what it needs)."""
     removed = backups.prune(face().ctx, repo, policy(keep_last, keep_daily, keep_weekly,
-                                                      keep_monthly), vm_ref, dry_run)
+                                                      keep_monthly),
+                            _repo_vm(repo, vm_ref), dry_run)
     verb = "Would remove" if dry_run else "Removed"
     emit(as_json, {"removed": removed, "dry_run": dry_run},
          [f"{verb} point {r['id']} of {r['vm_name']} ({human(r['bytes'])})." for r in removed]
@@ -214,8 +238,8 @@ def schedule_add(name: str, vm_refs: tuple[str, ...], repo: Path, daily: str | N
         if not str(value[0]).isdigit():
             raise InvalidInput(f"{value[0]!r} is not a day of the month.", hint="Give 1 to 28.")
         day = timing.check_month_day(int(value[0]))
-    d = schedules.add(face().ctx, name, list(vm_refs), repo, every, at, day, full_every,
-                      policy(keep_last, keep_daily, keep_weekly, keep_monthly))
+    d = schedules.add(face().ctx, name, [face().vm_id(ref) for ref in vm_refs], repo, every, at,
+                      day, full_every, policy(keep_last, keep_daily, keep_weekly, keep_monthly))
     emit(as_json, d, [f"Scheduled {d['name']}: next run {d['next_due_at']}. Make sure something "
                       "runs 'waymark backup run-due' regularly (cron, a systemd timer)."])
 

@@ -19,7 +19,8 @@ from waymark.ops import check as checking
 @json_option
 def check(vm_ref: str | None, repair: bool, as_json: bool) -> None:
     """Compare the catalog, the image files and the journal. Exit 0 only when all is clean."""
-    findings = checking.run(face().ctx, vm_ref, repair=repair)
+    findings = checking.run(face().ctx, face().vm_id(vm_ref) if vm_ref else None,
+                            repair=repair)
     open_ = [f for f in findings if f.repaired is None]
     lines = []
     for f in findings:

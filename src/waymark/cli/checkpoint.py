@@ -38,8 +38,8 @@ def create(vm_ref: str, name: str | None, wanted: str | None, as_json: bool) -> 
     if remote is not None:
         data = remote.checkpoint_create(vm_ref, name, wanted)
     else:
-        ctx = face().ctx
-        data = views.checkpoint_show(ctx, vm_ref, checkpoints.create(ctx, vm_ref, name, wanted))
+        ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+        data = views.checkpoint_show(ctx, vm_id, checkpoints.create(ctx, vm_id, name, wanted))
     lines = [f"Created checkpoint {data['name']!r} ({data['id'][:12]}, {data['kind']})."]
     if data["fallback_reason"]:
         lines.append(f"It is {data['kind']}, not {data['requested_type']}: "
@@ -54,7 +54,7 @@ def list_(vm_ref: str, as_json: bool) -> None:
     """The checkpoint tree, with Now under the current checkpoint."""
     remote = face().remote
     data = remote.checkpoint_list(vm_ref) if remote is not None \
-        else views.checkpoint_list(face().ctx, vm_ref)
+        else views.checkpoint_list(face().ctx, face().vm_id(vm_ref))
     lines = [f"Checkpoints of {data['vm_name']}:"]
     lines += views.checkpoint_tree(data) if data["checkpoints"] else ["Now  (no checkpoints)"]
     lines += ["", tree.LEGEND]
@@ -95,7 +95,7 @@ def _shown(vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
     remote = face().remote
     if remote is not None:
         return remote.checkpoint_show(vm_ref, ckpt_ref)
-    return views.checkpoint_show(face().ctx, vm_ref, ckpt_ref)
+    return views.checkpoint_show(face().ctx, face().vm_id(vm_ref), ckpt_ref)
 
 
 def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
@@ -141,9 +141,10 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     mode = _choose_mode(checkpoint_first, discard_current, target["name"])
     remote = face().remote
     if remote is not None:
-        data = remote.checkpoint_apply(vm_ref, target["id"], mode.name.lower(), start)
+        data = remote.checkpoint_apply(target["vm_id"], target["id"], mode.name.lower(), start)
     else:
-        data = checkpoints.apply(face().ctx, vm_ref, target["id"], mode, start=start).view()
+        data = checkpoints.apply(face().ctx, target["vm_id"], target["id"], mode,
+                                 start=start).view()
     lines = [f"Applied checkpoint {target['name']!r}; the VM is {data['state']}."]
     if data["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
@@ -165,9 +166,8 @@ def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
     if remote is not None:
         data = remote.checkpoint_rename(vm_ref, ckpt_ref, new_name)
     else:
-        ctx = face().ctx
-        data = views.checkpoint_show(ctx, vm_ref,
-                                     checkpoints.rename(ctx, vm_ref, ckpt_ref, new_name))
+        ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+        data = views.checkpoint_show(ctx, vm_id, checkpoints.rename(ctx, vm_id, ckpt_ref, new_name))
     emit(as_json, data, [f"Renamed checkpoint {data['id'][:12]} to {data['name']!r}."])
 
 
@@ -192,8 +192,8 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
     if face().remote is not None:
         _delete_remote(vm_ref, pattern, subtree, yes, no_wait, as_json)
         return
-    ctx = face().ctx
-    matches = deletion.matching(ctx, vm_ref, pattern)
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    matches = deletion.matching(ctx, vm_id, pattern)
     if len(matches) > 1 and not yes and interactive():
         click.echo(f"{pattern!r} matches {len(matches)} checkpoints:")
         for match in matches:
@@ -201,7 +201,7 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
         click.confirm("Delete them all" + (" with their subtrees" if subtree else "") + "?",
                       abort=True)
         yes = True
-    done = deletion.delete_checkpoints(ctx, vm_ref, pattern, subtree=subtree, yes=yes,
+    done = deletion.delete_checkpoints(ctx, vm_id, pattern, subtree=subtree, yes=yes,
                                        report=StepProgress(), wait=not no_wait)
     if no_wait:
         jobs.spawn(ctx, done.job)
@@ -245,7 +245,8 @@ def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait:
 def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool) -> None:
     """Export a checkpoint as a standalone VM bundle (Hyper-V's Export-VMSnapshot)."""
     ctx = face().ctx
-    job_id = jobs.submit_export(ctx, vm_ref, ckpt_ref, dest.absolute(), run_here=not no_wait)
+    job_id = jobs.submit_export(ctx, face().vm_id(vm_ref), ckpt_ref, dest.absolute(),
+                                run_here=not no_wait)
     if no_wait:
         jobs.spawn(ctx, job_id)
         emit(as_json, {"bundle": str(dest.absolute()), "job": job_id},

@@ -9,7 +9,7 @@ import click
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, json_option
 from waymark.errors import Cancelled, WaymarkError
-from waymark.ops import jobs, lookup
+from waymark.ops import jobs
 
 
 @click.group()
@@ -23,6 +23,17 @@ def _line(d: dict[str, Any]) -> str:
     return f"{d['id'][:12]}  {d['kind']:<7} {d['state']:<10} {d['progress']:>5.0%}{where}{step}"
 
 
+def _of_vm(rows: list[dict[str, Any]], ref: str) -> list[dict[str, Any]]:
+    """The jobs of the VM ``ref`` names, in the order of :func:`waymark.ops.lookup.vm`: a
+    full id, else a name, else an id prefix."""
+    for key, matches in (("vm_id", ref.__eq__), ("vm_name", ref.__eq__),
+                         ("vm_id", lambda value: value.startswith(ref))):
+        chosen = [r for r in rows if r[key] is not None and matches(r[key])]
+        if chosen:
+            return chosen
+    return []
+
+
 @job.command("list")
 @click.option("--vm", "vm_ref", metavar="VM", help="Only this VM's jobs.")
 @click.option("--all", "everything", is_flag=True, help="Every finished job too.")
@@ -31,15 +42,11 @@ def list_(vm_ref: str | None, everything: bool, as_json: bool) -> None:
     """Unfinished jobs and the last finished ones."""
     remote = face().remote
     if remote is not None:
-        rows = [r for r in remote.job_list(everything) if vm_ref is None
-                or vm_ref == r["vm_name"] or (r["vm_id"] or "-").startswith(vm_ref)]
+        rows = remote.job_list(everything)
+        rows = rows if vm_ref is None else _of_vm(rows, vm_ref)
     else:
-        ctx = face().ctx
-        vm_id = None
-        if vm_ref is not None:
-            with ctx.catalog.session() as session:
-                vm_id = lookup.vm(session, vm_ref).id
-        rows = jobs.listing(ctx, vm_id, everything=everything)
+        vm_id = face().vm_id(vm_ref) if vm_ref is not None else None
+        rows = jobs.listing(face().ctx, vm_id, everything=everything)
     emit(as_json, rows, [_line(r) for r in rows] or ["No jobs."])
 
 

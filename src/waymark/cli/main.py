@@ -53,6 +53,14 @@ class Face:
             self._ctx = Context.open(Settings.from_env(self._home))
         return self._ctx
 
+    def vm_id(self, ref: str) -> str:
+        """The id of the VM ``ref`` names (a full id, else a name, else an id prefix:
+        :func:`waymark.ops.lookup.vm`), resolved once here, as root; the use cases take it."""
+        from waymark.ops import lookup
+
+        with self.ctx.catalog.session() as session:
+            return lookup.vm(session, ref).id
+
 
 def face() -> Face:
     obj = click.get_current_context().find_root().obj

@@ -10,14 +10,12 @@ import click
 from waymark.cli import console as terminal
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
-from waymark.ops import liveness, lookup, machines
+from waymark.ops import liveness, machines
 
 
 def _console(vm_ref: str) -> None:
     ctx = face().ctx
-    with ctx.catalog.session() as session:
-        row = lookup.vm(session, vm_ref)
-        vm_id, name = row.id, row.name
+    vm_id, name = ctx.identify(face().vm_id(vm_ref))
     asyncio.run(terminal.attach(liveness.run_files(ctx, vm_id).console, name))
 
 
@@ -26,7 +24,7 @@ def _act(vm_ref: str, action: str, **options: Any) -> dict[str, Any]:
     remote = face().remote
     if remote is not None:
         return remote.vm_power(vm_ref, action, **options)
-    return asyncio.run(machines.act(face().ctx, vm_ref, action, **options))
+    return asyncio.run(machines.act(face().ctx, face().vm_id(vm_ref), action, **options))
 
 
 @click.command("start")
@@ -40,7 +38,7 @@ def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -
     data = _act(vm_ref, "start", fresh=discard_saved_state)
     emit(as_json, data, [f"Started {data['name']} (pid {data['pid']}, {data['accelerator']})."])
     if attach:
-        _console(vm_ref)
+        _console(data["id"])
 
 
 @click.command("stop")
@@ -87,7 +85,7 @@ def resume(vm_ref: str, as_json: bool) -> None:
 @json_option
 def status(vm_ref: str, as_json: bool) -> None:
     """State, process, accelerator, uptime, and whether the guest agent answers."""
-    d = asyncio.run(machines.status(face().ctx, vm_ref))
+    d = asyncio.run(machines.status(face().ctx, face().vm_id(vm_ref)))
     lines = [f"{d['name']}: {d['state']}"]
     if d["pid"]:
         lines.append(f"  pid {d['pid']}, {d['accelerator']}, up {d['uptime_seconds']} s, "

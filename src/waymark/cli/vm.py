@@ -102,7 +102,8 @@ def _disk_line(d: dict[str, Any]) -> str:
 def show(vm_ref: str, as_json: bool) -> None:
     """Show a VM's configuration, disks and checkpoint settings."""
     remote = face().remote
-    data = remote.vm_show(vm_ref) if remote is not None else views.vm_show(face().ctx, vm_ref)
+    data = remote.vm_show(vm_ref) if remote is not None \
+        else views.vm_show(face().ctx, face().vm_id(vm_ref))
     lines = [f"VM {data['name']}  ({data['id']})", f"  state: {data['state']}",
              f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
              f"machine: {data['machine']}",
@@ -148,13 +149,13 @@ def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str
          checkpoint_dir: str | None, max_checkpoints: int | None,
          automatic_checkpoints: str | None, discard_saved_state: bool, as_json: bool) -> None:
     """Change a VM's settings (memory and CPUs only while it is off)."""
-    ctx = face().ctx
-    vms.set_settings(ctx, vm_ref, memory=_memory(memory), cpus=cpus,
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    vms.set_settings(ctx, vm_id, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
                      max_checkpoints=max_checkpoints, discard_saved=discard_saved_state,
                      automatic_checkpoints=None if automatic_checkpoints is None
                      else automatic_checkpoints == "on")
-    data = views.vm_show(ctx, vm_ref)
+    data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 
 
@@ -164,7 +165,7 @@ def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str
 @json_option
 def rename(vm_ref: str, new_name: str, as_json: bool) -> None:
     """Give a VM a new name (its id, files and checkpoints stay)."""
-    vm_id = vms.rename(face().ctx, vm_ref, new_name)
+    vm_id = vms.rename(face().ctx, face().vm_id(vm_ref), new_name)
     emit(as_json, {"id": vm_id, "name": new_name}, [f"Renamed VM {vm_ref} to {new_name}."])
 
 
@@ -174,15 +175,15 @@ def rename(vm_ref: str, new_name: str, as_json: bool) -> None:
 @json_option
 def delete(vm_ref: str, yes: bool, as_json: bool) -> None:
     """Delete a VM with its checkpoints and the files Waymark made (your own files stay)."""
-    ctx = face().ctx
-    data = views.vm_show(ctx, vm_ref)
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    data = views.vm_show(ctx, vm_id)
     try:
-        vms.delete(ctx, vm_ref, yes=yes)
+        vms.delete(ctx, vm_id, yes=yes)
     except ConsentRequired as err:
         if not interactive():
             raise
         click.confirm(f"{err.message} Delete it?", abort=True)
-        vms.delete(ctx, vm_ref, yes=True)
+        vms.delete(ctx, vm_id, yes=True)
     emit(as_json, {"deleted": data["id"], "name": data["name"]},
          [f"Deleted VM {data['name']}."])
 
@@ -199,9 +200,9 @@ def disk() -> None:
 @json_option
 def disk_add(vm_ref: str, spec: str, discard_saved_state: bool, as_json: bool) -> None:
     """Attach a new disk of SIZE, or an existing image file (kept read-only)."""
-    ctx = face().ctx
-    disk_id = vms.add_disk(ctx, vm_ref, vms.DiskSpec.parse(spec), discard_saved_state)
-    data = views.vm_show(ctx, vm_ref)
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    disk_id = vms.add_disk(ctx, vm_id, vms.DiskSpec.parse(spec), discard_saved_state)
+    data = views.vm_show(ctx, vm_id)
     shown = next(d for d in data["disks"] if d["id"] == disk_id)
     emit(as_json, shown, [f"Attached disk {disk_id[:12]} to {data['name']}."])
 
@@ -213,7 +214,7 @@ def disk_add(vm_ref: str, spec: str, discard_saved_state: bool, as_json: bool) -
 @json_option
 def disk_remove(vm_ref: str, disk_ref: str, discard_saved_state: bool, as_json: bool) -> None:
     """Detach a disk; its files are kept (see them in vm show)."""
-    removed = vms.remove_disk(face().ctx, vm_ref, disk_ref, discard_saved_state)
+    removed = vms.remove_disk(face().ctx, face().vm_id(vm_ref), disk_ref, discard_saved_state)
     emit(as_json, {"detached": removed.id},
          [f"Detached disk {removed.id[:12]}; its files are kept."])
 
@@ -251,7 +252,7 @@ LIBRARY = click.option("--library", "library_path", required=True, metavar="PATH
 @json_option
 def store(vm_ref: str, library_path: Path, as_json: bool) -> None:
     """Move a VM that is off or saved, with its checkpoints, into a library share."""
-    done = library.store(face().ctx, vm_ref, library_path, StepProgress())
+    done = library.store(face().ctx, face().vm_id(vm_ref), library_path, StepProgress())
     emit(as_json, done, [f"Stored VM {done['vm']} with {done['checkpoints']} checkpoint(s) in "
                          f"{done['library']} ({done['files']} files, {human(done['bytes'])}).",
                          f"Bring it back with: waymark vm deploy {done['vm']} --library "

@@ -112,7 +112,7 @@ class Run:
         return bitmaps.name(self.repo.id)
 
 
-def run(ctx: Context, vm_refs: list[str], repo_path: Path, report: Report = None, *,
+def run(ctx: Context, vm_ids: list[str], repo_path: Path, report: Report = None, *,
         full: bool = False, full_every: int | None = None) -> list[Outcome]:
     """Back up each VM into the repository; one failing VM does not stop the others.
     ``full`` forces full points; ``full_every`` N makes every Nth point of a chain full."""
@@ -120,18 +120,18 @@ def run(ctx: Context, vm_refs: list[str], repo_path: Path, report: Report = None
     outcomes = []
     with repo.locked(ctx.settings.lock_timeout):
         repo.remove_partial()
-        for ref in vm_refs:
+        for vm_id in vm_ids:
             try:
-                point = _backup(ctx, repo, ref, report, full, full_every)
-                outcomes.append(Outcome(ref, point=point))
+                point = _backup(ctx, repo, vm_id, report, full, full_every)
+                outcomes.append(Outcome(vm_id, point=point))
             except WaymarkError as err:
-                outcomes.append(Outcome(ref, failure=err))
+                outcomes.append(Outcome(vm_id, failure=err))
     return outcomes
 
 
-def _backup(ctx: Context, repo: Repository, vm_ref: str, report: Report, full: bool,
+def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bool,
             full_every: int | None) -> dict[str, Any]:
-    with ctx.locked(vm_ref) as (vm_id, name):
+    with ctx.locked(vm_id) as (_, name):
         state = qmp.run_sync(machines.settle(ctx, vm_id, name))
         point_id = new_point_id()
         with ctx.catalog.session() as session:
@@ -356,9 +356,8 @@ async def _start(machine: qmp.Qmp, job: Run) -> str:
 
 # --- reading ----------------------------------------------------------------------------------
 
-def listing(repo_path: Path, vm_ref: str | None = None) -> list[dict[str, Any]]:
+def listing(repo_path: Path, vm_id: str | None = None) -> list[dict[str, Any]]:
     repo = Repository.open(repo_path)
-    vm_id = _repo_vm(repo, vm_ref) if vm_ref else None
     return [{**summary(p), "repository": str(repo.root)} for p in repo.points(vm_id)]
 
 
@@ -371,22 +370,26 @@ def summary(point: dict[str, Any]) -> dict[str, Any]:
             "virtual_bytes": sum(d["virtual_size"] for d in point["disks"])}
 
 
-def _repo_vm(repo: Repository, ref: str) -> str:
-    """A VM of the repository by name or id (it may no longer exist on this host)."""
+def repo_vm(repo_path: Path, ref: str) -> str:
+    """The id of the VM ``ref`` names among those with points in the repository (it may no
+    longer exist on this host), for a face: as :func:`waymark.ops.lookup.vm`, an exact full id
+    first (whatever a VM is named), then a name, then an id prefix. Points are kept and found
+    by the VM's id; the use cases take that id."""
+    repo = Repository.open(repo_path)
     seen: set[tuple[str, str]] = {(p["vm"]["id"], p["vm"]["name"]) for p in repo.points()}
-    matches = {i for i, n in seen if n == ref} or {i for i, _ in seen if i.startswith(ref)}
+    matches = ({i for i, _ in seen if i == ref.lower()} or {i for i, n in seen if n == ref}
+               or {i for i, _ in seen if i.startswith(ref.lower())})
     if len(matches) != 1:
         raise NotFound(f"{'no' if not matches else 'more than one'} VM {ref!r} has backups in "
                        f"{repo.root}.", hint=f"List them: waymark backup list --repo {repo.root}")
     return matches.pop()
 
 
-def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = None
+def verify(repo_path: Path, vm_id: str | None = None, point_ref: str | None = None
            ) -> list[dict[str, Any]]:
     """Re-read every file of the chosen points (with ``point_ref``: that point and every point
     it needs): one entry per point, with its problems, a missing parent among them."""
     repo = Repository.open(repo_path)
-    vm_id = _repo_vm(repo, vm_ref) if vm_ref else None
     known = {p["id"]: p for p in repo.points(vm_id)}
     points = (repo.chain(repo.point(point_ref, vm_id), missing_ok=True)[::-1] if point_ref
               else list(known.values()))
@@ -402,7 +405,7 @@ def verify(repo_path: Path, vm_ref: str | None = None, point_ref: str | None = N
 
 # --- retention --------------------------------------------------------------------------------
 
-def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_ref: str | None = None,
+def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_id: str | None = None,
           dry_run: bool = False) -> list[dict[str, Any]]:
     """Remove the points ``policy`` does not keep (per VM), oldest first.
 
@@ -417,15 +420,15 @@ def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_ref: str |
     removed: list[dict[str, Any]] = []
     with repo.locked(ctx.settings.lock_timeout):
         repo.remove_partial()  # finishes an interrupted merge first
-        vm_ids = [_repo_vm(repo, vm_ref)] if vm_ref else sorted(
+        vm_ids = [vm_id] if vm_id else sorted(
             {p["vm"]["id"] for p in repo.points()})
-        for vm_id in vm_ids:
-            points = repo.points(vm_id)
+        for one in vm_ids:
+            points = repo.points(one)
             kept = retention.keep([retention.Point(
                 p["id"], datetime.fromisoformat(p["created_at"].replace("Z", "+00:00")))
                 for p in points], policy)
             for point_id in [p["id"] for p in points if p["id"] not in kept]:
-                point = repo.point(point_id, vm_id)  # as earlier merges left it
+                point = repo.point(point_id, one)  # as earlier merges left it
                 removed.append(summary(point))
                 if not dry_run:
                     _remove(repo, point)
@@ -453,14 +456,14 @@ def _verified(repo: Repository, point: dict[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
-def restore_as_new(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | None,
+def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
                    new_name: str, report: Report = None) -> str:
     """A new VM (new id, new MACs) from a point; returns its id. Holds the repository's lock
     (repository first, then VM, as a run): a prune does not merge the chain it reads."""
     repo = Repository.open(repo_path)
     with repo.locked(ctx.settings.lock_timeout):
         repo.remove_partial()
-        point = repo.point(point_ref or "latest", _repo_vm(repo, vm_ref))
+        point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
         hardware = HardwareConfig.load(point["vm"]["config"])
         copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"])
@@ -470,13 +473,13 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | 
                                       _progress(report, "restoring"))
 
 
-def restore(ctx: Context, repo_path: Path, vm_ref: str, point_ref: str | None,
+def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
             mode: checkpoints.ApplyMode, report: Report = None) -> dict[str, Any]:
     """Put a point back into the VM it came from (off): like an apply, with consent or a
     checkpoint of Now first. The tree stays; the restored disks become a new root checkpoint,
     "Restored from <point>", with Now under it."""
     repo = Repository.open(repo_path)
-    with repo.locked(ctx.settings.lock_timeout), ctx.locked(vm_ref) as (vm_id, name):
+    with repo.locked(ctx.settings.lock_timeout), ctx.locked(vm_id) as (_, name):
         repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)

@@ -56,10 +56,10 @@ def _empty_destination(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
 
 
-def export(ctx: Context, vm_ref: str, ckpt_ref: str, dest: Path,
+def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
            on_progress: qemu_img.Progress = None) -> dict[str, Any]:
-    """Write checkpoint ``ckpt_ref`` of ``vm_ref`` as a bundle in ``dest``; returns the manifest."""
-    with ctx.locked(vm_ref) as (vm_id, vm_name), ctx.catalog.session() as session:
+    """Write checkpoint ``ckpt_ref`` of ``vm_id`` as a bundle in ``dest``; returns the manifest."""
+    with ctx.locked(vm_id) as (_, vm_name), ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
         row = lookup.checkpoint(session, vm_row, ckpt_ref)
         images, frozen = lookup.images(session, vm_id), lookup.frozen(session, row.id)

@@ -196,25 +196,25 @@ def _intent_findings(ctx: Context, vm_ids: set[str], names: dict[str, str]
             for i in ctx.journal.pending() if i.vm_id in vm_ids]
 
 
-def run(ctx: Context, vm_ref: str | None, *, repair: bool) -> list[Finding]:
+def run(ctx: Context, vm_id: str | None, *, repair: bool) -> list[Finding]:
     """Every finding (repaired ones say what was done). Holds each VM's lock while it looks;
     a VM whose lock a live command holds is skipped (look again when it is done)."""
     with ctx.catalog.session() as session:
-        vms = [lookup.vm(session, vm_ref)] if vm_ref else list(session.scalars(select(Vm)))
+        vms = [lookup.vm_by_id(session, vm_id)] if vm_id else list(session.scalars(select(Vm)))
         names = {v.id: v.name for v in vms}
     candidates = set(names)
-    if vm_ref is None and (ctx.home / "vms").is_dir():
+    if vm_id is None and (ctx.home / "vms").is_dir():
         candidates |= {p.name for p in (ctx.home / "vms").iterdir()}
     held: dict[str, int] = {}
     try:
-        for vm_id in sorted(candidates):
-            fd = locks.try_hold(ctx.home, vm_id)
+        for candidate in sorted(candidates):
+            fd = locks.try_hold(ctx.home, candidate)
             if fd is not None:
-                held[vm_id] = fd
+                held[candidate] = fd
                 if repair:
-                    _finish_intents(ctx, vm_id)
+                    _finish_intents(ctx, candidate)
         found = _findings(ctx, set(held), names, repair)
-        if vm_ref is None:
+        if vm_id is None:
             found += _templates(ctx, repair)
         if repair:
             _merge_uncompacted(ctx, found)

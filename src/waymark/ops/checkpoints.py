@@ -39,7 +39,7 @@ def require_room(session: Session, vm_row: Vm, adding: int = 1) -> None:
                  f"--max-checkpoints {vm_row.max_checkpoints + 10}")
 
 
-def create(ctx: Context, vm_ref: str, name: str | None = None,
+def create(ctx: Context, vm_id: str, name: str | None = None,
            wanted: str | None = None) -> str:
     """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes.
 
@@ -47,7 +47,7 @@ def create(ctx: Context, vm_ref: str, name: str | None = None,
     VM is checkpointed live (:mod:`waymark.ops.live`); an off one gets its disks; a saved one
     its disks and its saved memory.
     """
-    with ctx.locked(vm_ref) as (vm_id, _):
+    with ctx.locked(vm_id):
         return create_locked(ctx, vm_id, name, wanted)
 
 
@@ -182,7 +182,7 @@ class ApplyResult:
                 "detached_disks": self.detached_disks, "kept_disks": self.kept_disks}
 
 
-def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode,
+def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
           start: bool = False) -> ApplyResult:
     """Return the VM to checkpoint ``ckpt_ref``: its disks and configuration as they were.
 
@@ -190,7 +190,7 @@ def apply(ctx: Context, vm_ref: str, ckpt_ref: str, mode: ApplyMode,
     checkpoint with ``CHECKPOINT_FIRST``, which is taken live. A standard checkpoint leaves the
     VM saved, any other off; ``start`` then starts (resumes) it at once.
     """
-    with ctx.locked(vm_ref) as (vm_id, name):
+    with ctx.locked(vm_id) as (_, name):
         state = qmp.run_sync(machines.settle(ctx, vm_id, name))
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
@@ -274,10 +274,10 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
     compact.mark(session, params["vm"])
 
 
-def rename(ctx: Context, vm_ref: str, ckpt_ref: str, new_name: str) -> str:
+def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> str:
     """A name is one row: renaming needs no VM lock, so it never waits for a merge."""
     label = tree.clean_name(new_name)
     with ctx.catalog.session() as session:
-        row = lookup.checkpoint(session, lookup.vm(session, vm_ref), ckpt_ref)
+        row = lookup.checkpoint(session, lookup.vm_by_id(session, vm_id), ckpt_ref)
         row.name = label
         return row.id

@@ -51,19 +51,20 @@ class Context:
     def disk_folder(self, vm_id: str) -> Path:
         return self.vm_folder(vm_id) / "disks"
 
-    def identify(self, vm_ref: str) -> tuple[str, str]:
-        """(id, name) of the VM ``vm_ref`` names."""
+    def identify(self, vm_id: str) -> tuple[str, str]:
+        """(id, name) of the VM with this id: use cases take ids, never a name (the faces
+        resolve what a person typed once, :func:`waymark.ops.lookup.vm`)."""
         from waymark.ops import lookup
 
         with self.catalog.session() as session:
-            row = lookup.vm(session, vm_ref)
+            row = lookup.vm_by_id(session, vm_id)
             return row.id, row.name
 
     @contextmanager
-    def locked(self, vm_ref: str) -> Iterator[tuple[str, str]]:
-        """Resolve ``vm_ref``, hold its lock and finish its unfinished intents; yields
+    def locked(self, vm_id: str) -> Iterator[tuple[str, str]]:
+        """Hold the lock of the VM with this id and finish its unfinished intents; yields
         (id, name)."""
-        vm_id, name = self.identify(vm_ref)
+        vm_id, name = self.identify(vm_id)
         with self.vm_locked(vm_id, name):
             yield vm_id, name
 

@@ -35,10 +35,10 @@ def is_pattern(text: str) -> bool:
     return bool(GLOB_CHARS & set(text))
 
 
-def matching(ctx: Context, vm_ref: str, pattern: str) -> list[Match]:
+def matching(ctx: Context, vm_id: str, pattern: str) -> list[Match]:
     """The checkpoints ``pattern`` names: a glob over names, else one name or id prefix."""
     with ctx.catalog.session() as session:
-        vm_row = lookup.vm(session, vm_ref)
+        vm_row = lookup.vm_by_id(session, vm_id)
         nodes = lookup.nodes(lookup.checkpoints(session, vm_row.id))
         if not is_pattern(pattern):
             node = tree.resolve(nodes, pattern, owner=vm_row.name)
@@ -56,7 +56,7 @@ class Deleted:
     job: str
 
 
-def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool, yes: bool,
+def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,
                        report: compact.Reporter | None = None, wait: bool = True) -> Deleted:
     """Delete what ``pattern`` matches (with their descendants if ``subtree``), then compact,
     as a merge job (``Deleted.job``) that this call runs, or, without ``wait``, leaves to a
@@ -64,12 +64,12 @@ def delete_checkpoints(ctx: Context, vm_ref: str, pattern: str, *, subtree: bool
 
     Several matches need ``yes``: the caller shows them and asks first.
     """
-    targets = matching(ctx, vm_ref, pattern)
+    targets = matching(ctx, vm_id, pattern)
     if len(targets) > 1 and not yes:
         listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in targets)
         raise ConsentRequired(f"{pattern!r} matches {len(targets)} checkpoints:\n{listing}",
                               hint="Add --yes to delete them all.")
-    with ctx.locked(vm_ref) as (vm_id, _):
+    with ctx.locked(vm_id):
         liveness.reconcile(ctx, vm_id)  # a running VM merges live, through its QEMU
         with ctx.catalog.session() as session:
             removed = remove_from_tree(session, session.get_one(Vm, vm_id),

@@ -251,12 +251,12 @@ def merge_now(ctx: Context, job_id: str, echo: compact.Reporter | None = None) -
 
 # --- exports ----------------------------------------------------------------------------------
 
-def submit_export(ctx: Context, vm_ref: str, ckpt_ref: str, dest: Path, *,
+def submit_export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path, *,
                   run_here: bool) -> str:
     """An export job, once the VM, the checkpoint and the empty destination are known good."""
     with ctx.catalog.session() as session:
-        vm_row = lookup.vm(session, vm_ref)
-        vm_id, checkpoint_id = vm_row.id, lookup.checkpoint(session, vm_row, ckpt_ref).id
+        vm_row = lookup.vm_by_id(session, vm_id)
+        checkpoint_id = lookup.checkpoint(session, vm_row, ckpt_ref).id
     bundles.require_empty(dest)
     return submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": checkpoint_id,
                                          "dest": str(dest)}, run_here=run_here)

@@ -64,10 +64,10 @@ def init(path: Path) -> dict[str, Any]:
 
 # --- store ------------------------------------------------------------------------------------
 
-def store(ctx: Context, vm_ref: str, path: Path, report: Report = None) -> dict[str, Any]:
+def store(ctx: Context, vm_id: str, path: Path, report: Report = None) -> dict[str, Any]:
     """Move the VM (off or saved), its checkpoint tree and every file into the library."""
     library = Library.open(path)
-    with ctx.locked(vm_ref) as (vm_id, vm_name):
+    with ctx.locked(vm_id) as (_, vm_name):
         _require_storable(ctx, vm_id, vm_name)
         with library.locked(ctx.settings.lock_timeout):
             _require_new(library, vm_id, vm_name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -12,22 +12,55 @@ from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Ambiguous, NotFound
 
+ID_LENGTH = 32  # a VM's id: uuid4().hex
 
-def vm(session: Session, ref: str) -> Vm:
-    """The VM named ``ref``, or whose id starts with ``ref``."""
-    found = session.scalars(select(Vm).where(Vm.name == ref)).first()
-    if found is not None:
-        return found
-    matches = list(session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))) if ref else []
+Visible = Callable[[Vm], bool]
+
+
+def _everything(_row: Vm) -> bool:
+    return True
+
+
+def vm(session: Session, ref: str, visible: Visible = _everything) -> Vm:
+    """Resolve a reference a person typed (for a face: the CLI as root, the API with the
+    caller's scope as ``visible``), in this order, only among the VMs ``visible`` accepts:
+
+    1. an exact full id: always that VM, whatever any VM is named;
+    2. a name (names are unique per owner: several matches are ambiguous);
+    3. an id prefix matching one VM.
+
+    Use cases never resolve again: they take the id this returns (:func:`vm_by_id`)."""
+    exact = session.get(Vm, ref.lower()) if len(ref) == ID_LENGTH else None
+    if exact is not None and visible(exact):
+        return exact
+    named = [v for v in session.scalars(select(Vm).where(Vm.name == ref)) if visible(v)]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise _ambiguous(ref, named, "Name one by its id.")
+    matches = [v for v in session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))
+               if visible(v)] if ref else []
     if not matches:
         raise _stored(session, ref) or NotFound(
             f"no VM is named {ref!r} or has an id starting with it.",
             hint="List them with: waymark vm list")
     if len(matches) > 1:
-        listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in matches)
-        raise Ambiguous(f"{len(matches)} VMs match {ref!r}:\n{listing}",
-                        hint="Name one by its name or a longer id prefix.")
+        raise _ambiguous(ref, matches, "Name one by its name or a longer id prefix.")
     return matches[0]
+
+
+def _ambiguous(ref: str, rows: Sequence[Vm], hint: str) -> Ambiguous:
+    listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in rows)
+    return Ambiguous(f"{len(rows)} VMs match {ref!r}:\n{listing}", hint=hint)
+
+
+def vm_by_id(session: Session, vm_id: str) -> Vm:
+    """The VM with this id (a face resolved the reference once, :func:`vm`); never a name."""
+    row = session.get(Vm, vm_id)
+    if row is None:
+        raise NotFound(f"no VM has the id {vm_id!r} (it was deleted meanwhile).",
+                       hint="List them with: waymark vm list")
+    return row
 
 
 def _stored(session: Session, ref: str) -> NotFound | None:

@@ -147,10 +147,10 @@ def _set_state(ctx: Context, vm_id: str, state: str) -> None:
         session.get_one(Vm, vm_id).state = state
 
 
-async def start(ctx: Context, vm_ref: str, *, fresh: bool = False) -> str:
+async def start(ctx: Context, vm_id: str, *, fresh: bool = False) -> str:
     """Boot the VM, or resume it exactly where it was saved (``fresh``: boot, discarding the
     saved state). Returns the accelerator used."""
-    with ctx.locked(vm_ref) as (vm_id, name):
+    with ctx.locked(vm_id) as (_, name):
         return await start_locked(ctx, vm_id, name, fresh=fresh)
 
 
@@ -256,9 +256,9 @@ async def settle(ctx: Context, vm_id: str, name: str) -> str:
     return state
 
 
-async def _live(ctx: Context, vm_ref: str, *allowed: str) -> tuple[str, str, cmdline.RunFiles]:
+async def _live(ctx: Context, vm_id: str, *allowed: str) -> tuple[str, str, cmdline.RunFiles]:
     """The VM (its lock held by the caller) when its state is one of ``allowed``."""
-    vm_id, name = ctx.identify(vm_ref)
+    _, name = ctx.identify(vm_id)
     state = await settle(ctx, vm_id, name)
     if state not in allowed:
         verb = "start" if state in ("off", "saved") else "resume"
@@ -266,10 +266,10 @@ async def _live(ctx: Context, vm_ref: str, *allowed: str) -> tuple[str, str, cmd
     return vm_id, name, liveness.run_files(ctx, vm_id)
 
 
-async def _cpus(ctx: Context, vm_ref: str, before: str, command: str, after: str) -> None:
+async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str) -> None:
     """Stop or restart the guest's CPUs (QMP ``stop``/``cont``); memory stays in QEMU."""
-    with ctx.locked(vm_ref) as (vm_id, name):
-        _, _, run = await _live(ctx, vm_ref, before)
+    with ctx.locked(vm_id) as (_, name):
+        _, _, run = await _live(ctx, vm_id, before)
         async with qmp.connect(run.qmp, name) as machine:
             await machine.command(command)
         _set_state(ctx, vm_id, after)
@@ -277,18 +277,18 @@ async def _cpus(ctx: Context, vm_ref: str, before: str, command: str, after: str
             durable.remove(path)
 
 
-async def pause(ctx: Context, vm_ref: str) -> None:
-    await _cpus(ctx, vm_ref, "running", "stop", "paused")
+async def pause(ctx: Context, vm_id: str) -> None:
+    await _cpus(ctx, vm_id, "running", "stop", "paused")
 
 
-async def resume(ctx: Context, vm_ref: str) -> None:
-    await _cpus(ctx, vm_ref, "paused", "cont", "running")
+async def resume(ctx: Context, vm_id: str) -> None:
+    await _cpus(ctx, vm_id, "paused", "cont", "running")
 
 
-async def save(ctx: Context, vm_ref: str) -> dict[str, Any]:
+async def save(ctx: Context, vm_id: str) -> dict[str, Any]:
     """Hyper-V's Save: memory and device state to a file, then QEMU exits."""
-    with ctx.locked(vm_ref) as (vm_id, name):
-        _, _, run = await _live(ctx, vm_ref, "running", "paused")
+    with ctx.locked(vm_id) as (_, name):
+        _, _, run = await _live(ctx, vm_id, "running", "paused")
         with ctx.catalog.session() as session:
             hardware = lookup.hardware(session.get_one(Vm, vm_id))
         saved = saved_state(ctx, vm_id)
@@ -336,13 +336,13 @@ def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
     return digest
 
 
-async def stop(ctx: Context, vm_ref: str, *, force: bool, timeout: float = 60.0) -> str:
+async def stop(ctx: Context, vm_id: str, *, force: bool, timeout: float = 60.0) -> str:
     """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
-    with ctx.locked(vm_ref) as (vm_id, name):
+    with ctx.locked(vm_id) as (_, name):
         if force and liveness.reconcile(ctx, vm_id) == "saved":
             discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
             return "saved state discarded"
-        _, _, run = await _live(ctx, vm_ref, "running", "paused")
+        _, _, run = await _live(ctx, vm_id, "running", "paused")
         how = "powered off"
         if not force:
             if liveness.reconcile(ctx, vm_id) == "paused":
@@ -373,8 +373,8 @@ async def _shutdown(run: cmdline.RunFiles, name: str, timeout: float) -> str:
     return how
 
 
-async def status(ctx: Context, vm_ref: str, *, ask_agent: bool = True) -> dict[str, Any]:
-    vm_id, name = ctx.identify(vm_ref)
+async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[str, Any]:
+    _, name = ctx.identify(vm_id)
     state = await settle(ctx, vm_id, name)
     run = liveness.run_files(ctx, vm_id)
     found = liveness.find(run)
@@ -405,20 +405,20 @@ async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:
 POWER_ACTIONS = ("start", "stop", "save", "pause", "resume")
 
 
-async def act(ctx: Context, vm_ref: str, action: str, *, force: bool = False,
+async def act(ctx: Context, vm_id: str, action: str, *, force: bool = False,
               timeout: float = 60.0, fresh: bool = False) -> dict[str, Any]:
     """One power action; what ``vm <action> --json`` and the API answer."""
     if action == "start":
-        await start(ctx, vm_ref, fresh=fresh)
-        return await status(ctx, vm_ref, ask_agent=False)
+        await start(ctx, vm_id, fresh=fresh)
+        return await status(ctx, vm_id, ask_agent=False)
     if action == "stop":
-        return {"state": "off", "how": await stop(ctx, vm_ref, force=force, timeout=timeout)}
+        return {"state": "off", "how": await stop(ctx, vm_id, force=force, timeout=timeout)}
     if action == "save":
-        return await save(ctx, vm_ref)
+        return await save(ctx, vm_id)
     if action == "pause":
-        await pause(ctx, vm_ref)
+        await pause(ctx, vm_id)
         return {"state": "paused"}
     if action == "resume":
-        await resume(ctx, vm_ref)
+        await resume(ctx, vm_id)
         return {"state": "running"}
     raise ValueError(f"unknown power action {action!r}")

@@ -27,18 +27,19 @@ from waymark.ops.context import Context
 from waymark.ops.views import rfc3339
 
 
-def add(ctx: Context, name: str, vm_refs: list[str], repo_path: Path, every: str, at: str,
+def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str, at: str,
         day: int | None, full_every: int | None, keep: retention.Policy, *,
         replace: bool = False) -> dict[str, Any]:
-    """A new schedule (``replace``: this one, edited, in the same transaction; its next run
-    is computed anew)."""
+    """A new schedule of the VMs with these ids (the face resolved what was typed; a run
+    backs up exactly these VMs, whatever they are named then). ``replace``: this one, edited,
+    in the same transaction; its next run is computed anew."""
     label = tree.clean_name(name, what="schedule name")
     if every not in timing.EVERY:
         raise InvalidInput(f"unknown period {every!r}.", hint="Use --daily, --weekly or --monthly.")
     when = timing.parse_at(at)
     repo = Repository.open(repo_path)  # it must exist now, not at 2 a.m.
     with ctx.catalog.session() as session:
-        vm_ids = [lookup.vm(session, ref).id for ref in vm_refs]
+        vm_ids = [lookup.vm_by_id(session, vm_id).id for vm_id in vm_ids]
         existing = session.get(Schedule, label)
         if existing is not None and not replace:
             raise Conflict(f"a schedule named {label!r} exists.",

@@ -65,9 +65,9 @@ def _checkpoint(session: Session, row: Checkpoint, space: Space) -> dict[str, An
     }
 
 
-def checkpoint_list(ctx: Context, vm_ref: str) -> dict[str, Any]:
+def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
     with ctx.catalog.snapshot() as session:
-        vm_row = lookup.vm(session, vm_ref)
+        vm_row = lookup.vm_by_id(session, vm_id)
         space = Space(session, vm_row.id)
         rows = lookup.checkpoints(session, vm_row.id)
         return {"vm_id": vm_row.id, "vm_name": vm_row.name,
@@ -82,9 +82,9 @@ def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
     return tree.draw(nodes, listing["current_id"])
 
 
-def checkpoint_show(ctx: Context, vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
+def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
     with ctx.catalog.snapshot() as session:
-        vm_row = lookup.vm(session, vm_ref)
+        vm_row = lookup.vm_by_id(session, vm_id)
         row = lookup.checkpoint(session, vm_row, ckpt_ref)
         space = Space(session, vm_row.id)
         out = _checkpoint(session, row, space)
@@ -117,9 +117,9 @@ def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
     return out
 
 
-def vm_show(ctx: Context, vm_ref: str) -> dict[str, Any]:
+def vm_show(ctx: Context, vm_id: str) -> dict[str, Any]:
     with ctx.catalog.snapshot() as session:
-        vm_id = lookup.vm(session, vm_ref).id
+        vm_id = lookup.vm_by_id(session, vm_id).id
     liveness.reconcile(ctx, vm_id)
     with ctx.catalog.snapshot() as session:
         return _vm(session, session.get_one(Vm, vm_id))

@@ -251,11 +251,11 @@ def _commit_create(session: Session, params: dict[str, Any]) -> None:
         session.add(Disk(**row, created_at=now()))
 
 
-def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int | None = None,
+def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None, discard_saved: bool = False,
                  automatic_checkpoints: bool | None = None) -> None:
-    with ctx.locked(ref) as (vm_id, vm_name):
+    with ctx.locked(vm_id) as (_, vm_name):
         discard = False
         if memory is not None or cpus is not None:
             if memory is not None:
@@ -276,10 +276,10 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
             machines.discard_saved(ctx, vm_id)
 
 
-def rename(ctx: Context, ref: str, new_name: str) -> str:
+def rename(ctx: Context, vm_id: str, new_name: str) -> str:
     """Give the VM a new name (Hyper-V's Rename-VM); its id, files and checkpoints stay."""
     new_name = tree.clean_name(new_name, what="VM name")
-    with ctx.locked(ref) as (vm_id, _), ctx.catalog.session() as session:
+    with ctx.locked(vm_id), ctx.catalog.session() as session:
         clash = session.scalars(select(Vm).where(Vm.name == new_name, Vm.id != vm_id)).first()
         if clash is not None:
             raise Conflict(f"a VM named {new_name!r} already exists.", hint="Choose another name.")
@@ -337,9 +337,9 @@ def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus
             row.checkpoint_dir = check_folder(checkpoint_dir)
 
 
-def delete(ctx: Context, ref: str, *, yes: bool) -> None:
+def delete(ctx: Context, vm_id: str, *, yes: bool) -> None:
     """Remove the VM, its checkpoints and every file Waymark created for it (pinned files stay)."""
-    with ctx.locked(ref) as (vm_id, vm_name):
+    with ctx.locked(vm_id) as (_, vm_name):
         _delete_locked(ctx, vm_id, vm_name, yes=yes)
 
 
@@ -382,8 +382,8 @@ def delete_rows(session: Session, vm_id: str) -> None:
     session.execute(sql_delete(Vm).where(Vm.id == vm_id))
 
 
-def add_disk(ctx: Context, ref: str, spec: DiskSpec, discard_saved: bool = False) -> str:
-    with ctx.locked(ref) as (vm_id, vm_name):
+def add_disk(ctx: Context, vm_id: str, spec: DiskSpec, discard_saved: bool = False) -> str:
+    with ctx.locked(vm_id) as (_, vm_name):
         discard = _hardware_change(ctx, vm_id, vm_name, "adding a disk", discard_saved)
         with ctx.catalog.session() as session:
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
@@ -404,9 +404,9 @@ def _commit_disk_add(session: Session, params: dict[str, Any]) -> None:
     row.config = hardware.dump()
 
 
-def remove_disk(ctx: Context, ref: str, disk_ref: str, discard_saved: bool = False) -> Disk:
+def remove_disk(ctx: Context, vm_id: str, disk_ref: str, discard_saved: bool = False) -> Disk:
     """Detach a disk: the VM stops using it; its files stay (listed as detached)."""
-    with ctx.locked(ref) as (vm_id, vm_name):
+    with ctx.locked(vm_id) as (_, vm_name):
         discard = _hardware_change(ctx, vm_id, vm_name, "removing a disk", discard_saved)
         disk = _detach(ctx, vm_id, vm_name, disk_ref)
         if discard:
