@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket as sock
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -64,13 +65,22 @@ async def _listening(daemon: subprocess.Popen[bytes], socket: Path, label: str
                      ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
-    while not socket.exists():
+    while not _accepts(socket):  # (the socket file exists a moment before it listens)
         if daemon.poll() is not None:
             raise ToolError(f"qemu-storage-daemon could not open the disks of {label}: "
                             f"{_stderr(daemon)}")
         if loop.time() > deadline:
             raise ToolError(f"qemu-storage-daemon for {label} did not start.")
         await asyncio.sleep(0.02)
+
+
+def _accepts(path: Path) -> bool:
+    with contextlib.closing(sock.socket(sock.AF_UNIX, sock.SOCK_STREAM)) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def _stderr(daemon: subprocess.Popen[bytes]) -> str:

@@ -1,0 +1,230 @@
+"""A VM reference is resolved once, by the face, and an exact full id always wins.
+
+The attack (issue 17, finding 1): a self-service user who may see VM X (any grant) makes her own
+VM whose *name* is X's full id. Every use case used to resolve the reference again, name
+first, so whatever the owner, an administrator or a schedule then did to X by its id landed on
+hers. Here, through a real ``waymark serve`` and the real CLI (locally as root, and through
+``--server``), every kind of action on X by id lands on X and her VM stays as it was; the backup
+repository finds X's points by X's id, so ``backup verify`` of X passes.
+
+Her VM's name is X's id as the API takes it today; where a name grammar refuses id-shaped names,
+it is given that name in the catalog directly (as an older catalog may hold it): either way the
+fix must hold.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import RemoteWaymark, Waymark, query, serve_process
+
+USERS = {"admin": "administrator", "owner": "self-service", "mallory": "self-service"}
+
+
+@dataclass
+class Home:
+    base: Path
+    wm: Waymark
+    url: str
+    tokens: dict[str, str]
+    x: str = ""  # the real VM's id (owner's)
+    hers: str = ""  # mallory's VM, named ``x``
+
+    @property
+    def repo(self) -> Path:
+        return self.base / "repo"
+
+    def http(self, who: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60,
+                            headers={"Authorization": f"Bearer {self.tokens[who]}"})
+
+    def call(self, who: str, method: str, path: str, body: Any = None,
+             params: dict[str, Any] | None = None) -> httpx.Response:
+        with self.http(who) as client:
+            return client.request(method, path, json=body, params=params)
+
+    def ok(self, who: str, method: str, path: str, body: Any = None,
+           params: dict[str, Any] | None = None) -> Any:
+        resp = self.call(who, method, path, body, params)
+        assert resp.is_success, f"{who}: {method} {path}: {resp.status_code} {resp.text}"
+        return resp.json()
+
+    def remote(self, who: str) -> RemoteWaymark:
+        return RemoteWaymark(self.wm.home, self.url, self.tokens[who])
+
+
+def _setup(base: Path, wm: Waymark) -> dict[str, str]:
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(base / "base.qcow2"), "1M"],
+                   check=True, capture_output=True)
+    wm("profile", "create", "small", "--memory", "128M", "--cpus", "1",
+       "--automatic-checkpoints", "off")
+    wm("template", "create", "tpl", "--profile", "small", "--disk", str(base / "base.qcow2"))
+    wm("backup", "repo", "init", str(base / "repo"))
+    wm("location", "add", "repo", str(base / "repo"), "--kind", "repository")
+    for name, role in USERS.items():
+        wm.run("user", "add", name, "--role", role, "--password-stdin",
+               input=f"{name}-password-1\n").ok()
+    for name in ("owner", "mallory"):
+        wm("user", "grant", name, "--template", "tpl")
+    return {name: wm.json("token", "create", "t", "--user", name)["token"] for name in USERS}
+
+
+def _hostile_vm(home: Home) -> str:
+    """Mallory's VM named X's full id: through the API where that name is accepted, else
+    renamed so in the catalog (an old catalog may hold such a name)."""
+    made = home.call("mallory", "POST", "/api/vms", {"name": home.x, "template": "tpl"})
+    if made.status_code == 201:
+        return str(made.json()["id"])
+    assert made.status_code == 400, made.text  # a name grammar refuses it
+    vm_id = str(home.ok("mallory", "POST", "/api/vms", {"name": "hers", "template": "tpl"})["id"])
+    with sqlite3.connect(home.wm.home / "catalog.db") as db:
+        db.execute("UPDATE vms SET name = ? WHERE id = ?", (home.x, vm_id))
+    return vm_id
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
+    base = tmp_path_factory.mktemp("vm-refs")
+    wm = Waymark(base / "home")
+    tokens = _setup(base, wm)
+    with serve_process(wm) as url:
+        found = Home(base, wm, url, tokens)
+        found.x = found.ok("owner", "POST", "/api/vms", {"name": "vm-x", "template": "tpl"})["id"]
+        wm("user", "grant", "mallory", "--vm", found.x)  # she may see X (no permission)
+        found.hers = _hostile_vm(found)
+        assert found.ok("mallory", "GET", f"/api/vms/{found.hers}")["name"] == found.x
+        # a point of hers in the repository too (she owns her VM: she may back it up)
+        found.ok("mallory", "POST", f"/api/vms/{found.hers}/backups", {"repository": "repo"})
+        yield found
+    log = (base / "serve.log").read_text()
+    assert "Traceback" not in log, log
+
+
+def _rows(home: Home, vm_id: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Everything the catalog holds about one VM."""
+    return {table: query(home.wm.home, f"SELECT * FROM {table} WHERE {key} = ?", vm_id)
+            for table, key in (("vms", "id"), ("disks", "vm_id"), ("images", "vm_id"),
+                               ("checkpoints", "vm_id"), ("jobs", "vm_id"),
+                               ("backup_bases", "vm_id"))}
+
+
+def _points(home: Home, vm_id: str) -> list[str]:
+    folder = home.repo / "vms" / vm_id / "points"
+    return sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def _checkpoint_names(home: Home, vm_id: str) -> list[str]:
+    return sorted(n for (n,) in query(home.wm.home,
+                                      "SELECT name FROM checkpoints WHERE vm_id = ?", vm_id))
+
+
+def _settings(home: Home, vm_id: str) -> tuple[Any, ...]:
+    return query(home.wm.home, "SELECT max_checkpoints, config FROM vms WHERE id = ?", vm_id)[0]
+
+
+def _names_x(error: str, home: Home) -> None:
+    """A refusal that names the real VM, not hers."""
+    assert "'vm-x'" in error and repr(home.x) not in error, error
+
+
+def _api_owner(home: Home) -> dict[str, Any]:
+    """The owner, through the API; returns one point of X."""
+    x = home.x
+    made = home.ok("owner", "POST", f"/api/vms/{x}/checkpoints", {"name": "by-owner"})
+    assert made["vm_id"] == x
+    assert home.ok("owner", "PATCH", f"/api/vms/{x}", {"max_checkpoints": 7})["id"] == x
+    stop = home.call("owner", "POST", f"/api/vms/{x}/stop")
+    assert stop.status_code == 409, stop.text  # X is off: the refusal is about X
+    _names_x(stop.json()["error"]["message"], home)
+    point: dict[str, Any] = home.ok("owner", "POST", f"/api/vms/{x}/backups",
+                                    {"repository": "repo"})
+    assert point["vm_id"] == x and point["vm_name"] == "vm-x"
+    assert [p["vm_id"] for p in home.ok("owner", "GET", f"/api/vms/{x}/backups",
+                                        params={"repository": "repo"})] == [x]
+    return point
+
+
+def _api_others(home: Home) -> None:
+    """Mallory (X's id is X to her too; her own VM she names by its id) and an
+    administrator, through the API."""
+    x = home.x
+    assert home.ok("mallory", "GET", f"/api/vms/{x}")["name"] == "vm-x"
+    refused = home.call("mallory", "POST", f"/api/vms/{x}/checkpoints", {"name": "by-her"})
+    assert refused.status_code == 403, refused.text
+    assert home.ok("admin", "POST", f"/api/vms/{x}/checkpoints",
+                   {"name": "by-admin"})["vm_id"] == x
+    assert home.ok("admin", "GET", f"/api/vms/{x}")["name"] == "vm-x"
+    pause = home.call("admin", "POST", f"/api/vms/{x}/pause")
+    assert pause.status_code == 409, pause.text
+    _names_x(pause.json()["error"]["message"], home)
+    assert home.ok("admin", "POST", f"/api/vms/{x}/backups",
+                   {"repository": "repo"})["vm_id"] == x
+
+
+def _cli(home: Home) -> None:
+    """The CLI on the host (as root), and through the server (as the owner)."""
+    x, wm = home.x, home.wm
+    assert wm.json("checkpoint", "create", x, "--name", "by-cli")["vm_id"] == x
+    assert wm.json("vm", "set", x, "--max-checkpoints", "9")["id"] == x
+    stopped = wm.run("vm", "stop", x)
+    assert stopped.returncode != 0
+    _names_x(stopped.stderr, home)
+    [ran] = wm.json("backup", "run", x, "--repo", str(home.repo))
+    assert ran["ok"] and ran["point"]["vm_id"] == x, ran
+    assert wm.json("vm", "show", x)["name"] == "vm-x"
+    remote = home.remote("owner")
+    assert remote.json("checkpoint", "create", x, "--name", "by-remote")["vm_id"] == x
+    assert remote.json("checkpoint", "list", x)["vm_id"] == x
+    assert remote.remote_calls == 2
+
+
+def _schedule(home: Home) -> None:
+    """A schedule names X by its id and runs on X."""
+    x, wm = home.x, home.wm
+    wm("backup", "schedule", "add", "nightly", "--vm", x, "--repo", str(home.repo),
+       "--daily", "03:00")
+    assert query(wm.home, "SELECT vms FROM schedules")[0][0] == f'["{x}"]'
+    with sqlite3.connect(wm.home / "catalog.db") as db:
+        db.execute("UPDATE schedules SET next_due_at = '2000-01-01 00:00:00.000000'")
+    [run] = wm.json("backup", "run-due")
+    assert [(v["vm_id"], v["vm"], v["error"]) for v in run["vms"]] == [(x, "vm-x", None)], run
+
+
+def _landed_on_x(home: Home, point: dict[str, Any]) -> None:
+    x, wm = home.x, home.wm
+    assert _checkpoint_names(home, x) == ["by-admin", "by-cli", "by-owner", "by-remote"]
+    assert _settings(home, x)[0] == 9
+    assert len(_points(home, x)) == 4
+    listed = wm.json("backup", "list", x, "--repo", str(home.repo))
+    assert {p["vm_id"] for p in listed} == {x} and len(listed) == 4
+    verified = wm.json("backup", "verify", x, "--repo", str(home.repo))
+    assert [(r["vm_name"], r["problems"]) for r in verified] == [("vm-x", [])] * 4, verified
+    checked = home.ok("owner", "POST", f"/api/vms/{x}/backups/{point['id']}/verify",
+                      {"repository": "repo"})
+    assert [r["problems"] for r in checked] == [[]]
+
+
+def test_actions_on_a_vm_by_its_id_never_land_on_a_vm_named_so(home: Home) -> None:
+    hers_before, her_points = _rows(home, home.hers), _points(home, home.hers)
+    assert len(her_points) == 1
+    point = _api_owner(home)
+    _api_others(home)
+    _cli(home)
+    _schedule(home)
+    _landed_on_x(home, point)
+    assert _rows(home, home.hers) == hers_before  # hers is as it was
+    assert _points(home, home.hers) == her_points
+    assert _checkpoint_names(home, home.hers) == []
+    # deleting X by id deletes X, not hers
+    deleted = home.ok("admin", "DELETE", f"/api/vms/{home.x}", params={"yes": True})
+    assert deleted["deleted"] == home.x
+    assert query(home.wm.home, "SELECT id FROM vms WHERE id = ?", home.x) == []
+    assert _rows(home, home.hers) == hers_before
