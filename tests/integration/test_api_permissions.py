@@ -673,9 +673,10 @@ def ckpt_export(env: Env, caller: str, allowed: bool) -> Req:
     ckpt = env.pair(vm)[0]
 
     def check(resp: httpx.Response) -> None:
-        assert resp.json()["folder"] == folder
+        mine = folder if caller == "admin" else f"{caller}/{folder}"  # others': their own
+        assert resp.json()["folder"] == mine
         assert env.wait_job(resp.json()["job"])["status"] == "completed"
-        assert any((env.base / "exports" / folder).iterdir())
+        assert any((env.base / "exports" / mine).iterdir())
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/export",
                {"location": "exports", "folder": folder}, check=check, ref=vm)

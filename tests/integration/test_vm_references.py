@@ -10,12 +10,18 @@ repository finds X's points by X's id, so ``backup verify`` of X passes.
 Her VM's name is X's id as the API takes it today; where a name grammar refuses id-shaped names,
 it is given that name in the catalog directly (as an older catalog may hold it): either way the
 fix must hold.
+
+Then the existence oracles (finding 15): ``eve``, a self-service user with no grant, learns
+nothing about what she may not see: a VM name another user has is hers to take (names are
+unique per owner), a job id prefix is looked up among her jobs only, and her exports go into a
+folder of her own in the export location.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,8 @@ import pytest
 
 from tests.helpers import RemoteWaymark, Waymark, query, serve_process
 
-USERS = {"admin": "administrator", "owner": "self-service", "mallory": "self-service"}
+USERS = {"admin": "administrator", "owner": "self-service", "mallory": "self-service",
+         "eve": "self-service"}
 
 
 @dataclass
@@ -69,10 +76,12 @@ def _setup(base: Path, wm: Waymark) -> dict[str, str]:
     wm("template", "create", "tpl", "--profile", "small", "--disk", str(base / "base.qcow2"))
     wm("backup", "repo", "init", str(base / "repo"))
     wm("location", "add", "repo", str(base / "repo"), "--kind", "repository")
+    (base / "exports").mkdir()
+    wm("location", "add", "exports", str(base / "exports"), "--kind", "export")
     for name, role in USERS.items():
         wm.run("user", "add", name, "--role", role, "--password-stdin",
                input=f"{name}-password-1\n").ok()
-    for name in ("owner", "mallory"):
+    for name in ("owner", "mallory", "eve"):
         wm("user", "grant", name, "--template", "tpl")
     return {name: wm.json("token", "create", "t", "--user", name)["token"] for name in USERS}
 
@@ -228,3 +237,105 @@ def test_actions_on_a_vm_by_its_id_never_land_on_a_vm_named_so(home: Home) -> No
     assert deleted["deleted"] == home.x
     assert query(home.wm.home, "SELECT id FROM vms WHERE id = ?", home.x) == []
     assert _rows(home, home.hers) == hers_before
+
+
+# --- finding 15: existence oracles ------------------------------------------------------------
+
+def _refusal(resp: httpx.Response, status: int, ref: str) -> tuple[str, str, str]:
+    """The refusal with ``ref`` taken out of its message (to compare two of them)."""
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    return error["code"], error["message"].replace(ref, "REF"), str(error["details"])
+
+
+def test_a_name_another_user_has_tells_nothing(home: Home) -> None:
+    theirs = home.ok("owner", "POST", "/api/vms", {"name": "web", "template": "tpl"})["id"]
+    before = _rows(home, theirs)
+    mine = home.call("eve", "POST", "/api/vms", {"name": "web", "template": "tpl"})
+    assert mine.status_code == 201, mine.text  # as for a name nobody has
+    eve_web = mine.json()["id"]
+    assert eve_web != theirs and _rows(home, theirs) == before
+    again = home.call("eve", "POST", "/api/vms", {"name": "web", "template": "tpl"})
+    assert again.status_code == 409, again.text  # her own clash she may know of
+    # a name is resolved among the VMs each caller may see
+    assert home.ok("eve", "GET", "/api/vms/web")["id"] == eve_web
+    assert home.ok("owner", "GET", "/api/vms/web")["id"] == theirs
+    both = home.call("admin", "GET", "/api/vms/web")
+    assert both.status_code == 409 and theirs[:12] in both.text and eve_web[:12] in both.text
+    assert home.ok("admin", "GET", f"/api/vms/{theirs}")["id"] == theirs
+    # a name of a VM she may see is taken for her; the host's root sees every VM
+    home.wm("user", "grant", "eve", "--vm", theirs)
+    home.wm("vm", "rename", theirs, "shared")
+    clash = home.call("eve", "POST", "/api/vms", {"name": "shared", "template": "tpl"})
+    assert clash.status_code == 409, clash.text
+    refused = home.wm.run("vm", "create", "web", "--disk", "1M")
+    assert refused.returncode != 0 and "already exists" in refused.stderr, refused.stderr
+    home.wm("user", "revoke", "eve", "--vm", theirs)
+
+
+def _merge_job(home: Home, who: str, vm: str) -> str:
+    made = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints", {"name": "gone"})
+    job = home.ok(who, "DELETE", f"/api/vms/{vm}/checkpoints/{made['id']}")["job"]
+    _wait(home, who, job)
+    return str(job)
+
+
+def _twin_job(home: Home, job_id: str, new_id: str, vm_id: str) -> None:
+    """A copy of a job, with another id, of another VM (jobs' ids are random: this one shares
+    a prefix with ``job_id``)."""
+    with sqlite3.connect(home.wm.home / "catalog.db") as db:
+        db.row_factory = sqlite3.Row
+        row = dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        row.update(id=new_id, vm_id=vm_id)
+        db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                   list(row.values()))
+
+
+def test_a_job_id_prefix_tells_nothing(home: Home) -> None:
+    theirs = home.ok("owner", "POST", "/api/vms", {"name": "jobs-o", "template": "tpl"})["id"]
+    mine = home.ok("eve", "POST", "/api/vms", {"name": "jobs-e", "template": "tpl"})["id"]
+    her_job = _merge_job(home, "eve", mine)
+    twin = her_job[:6] + ("0" if her_job[6] != "0" else "1") + "f" * 25
+    _twin_job(home, her_job, twin, theirs)
+    # a prefix of her job and of another user's: hers, as if the other did not exist
+    assert home.ok("eve", "GET", f"/api/jobs/{her_job[:6]}")["id"] == her_job
+    assert home.ok("owner", "GET", f"/api/jobs/{her_job[:6]}")["id"] == twin
+    ambiguous = home.call("admin", "GET", f"/api/jobs/{her_job[:6]}")
+    assert ambiguous.status_code == 404  # administrators see both: give more of the id
+    # a prefix of only another user's job: word for word the answer for no job at all
+    nothing = "f" * 31 + "e"
+    assert _refusal(home.call("eve", "GET", f"/api/jobs/{twin[:7]}"), 404, twin[:7]) == \
+        _refusal(home.call("eve", "GET", f"/api/jobs/{nothing}"), 404, nothing)
+    assert _refusal(home.call("eve", "POST", f"/api/jobs/{twin[:7]}/cancel"), 404, twin[:7]) \
+        == _refusal(home.call("eve", "POST", f"/api/jobs/{nothing}/cancel"), 404, nothing)
+
+
+def test_an_export_folder_name_tells_nothing(home: Home) -> None:
+    theirs = home.ok("owner", "POST", "/api/vms", {"name": "exp-o", "template": "tpl"})["id"]
+    mine = home.ok("eve", "POST", "/api/vms", {"name": "exp-e", "template": "tpl"})["id"]
+    exports = home.base / "exports"
+    for who, vm in (("owner", theirs), ("eve", mine)):
+        ckpt = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints", {"name": "c"})["id"]
+        done = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints/{ckpt}/export",
+                       {"location": "exports", "folder": "bundle"})
+        assert done["folder"] == f"{who}/bundle"  # each in a folder of their own
+        _wait(home, who, done["job"])
+        assert (exports / who / "bundle" / "manifest.json").is_file()
+        again = home.call(who, "POST", f"/api/vms/{vm}/checkpoints/{ckpt}/export",
+                          {"location": "exports", "folder": "bundle"})
+        assert again.status_code == 409, again.text  # their own bundle: theirs to know
+    made = home.ok("admin", "POST", f"/api/vms/{theirs}/checkpoints", {"name": "a"})["id"]
+    done = home.ok("admin", "POST", f"/api/vms/{theirs}/checkpoints/{made}/export",
+                   {"location": "exports", "folder": "bundle"})
+    assert done["folder"] == "bundle"  # administrators: the location itself
+    _wait(home, "admin", done["job"])
+
+
+def _wait(home: Home, who: str, job: str) -> None:
+    for _ in range(600):
+        status = home.ok(who, "GET", f"/api/jobs/{job}")["status"]
+        if status in ("completed", "failed", "cancelled"):
+            assert status == "completed", home.ok(who, "GET", f"/api/jobs/{job}")
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} did not finish")

@@ -10,7 +10,6 @@ from pydantic import BaseModel, Field
 
 from waymark.api.security import Caller, CallerDep, ContextDep, require, vm_for
 from waymark.backups import retention
-from waymark.catalog.models import Vm
 from waymark.errors import Forbidden, InvalidInput
 from waymark.ops import backups, checkpoints, locations, schedules, views
 from waymark.ops.context import Context
@@ -79,9 +78,8 @@ def point_restore(vm: str, point: str, body: Restore, caller: CallerDep, ctx: Co
             raise Forbidden("only administrators restore a backup as a new VM.",
                             hint="Restore it into the VM (checkpoint_first or "
                                  "discard_current), or ask an administrator.")
-        vm_id = backups.restore_as_new(ctx, repo, row.id, point, body.new_name)
-        with ctx.catalog.session() as session:
-            session.get_one(Vm, vm_id).owner_id = caller.who.user_id
+        vm_id = backups.restore_as_new(ctx, repo, row.id, point, body.new_name,
+                                       owner_id=caller.who.user_id)
         return {"restored_as": views.vm_show(ctx, vm_id)}
     mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
         else checkpoints.ApplyMode.DISCARD_CURRENT

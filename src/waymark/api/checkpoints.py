@@ -113,12 +113,16 @@ class Export(BaseModel):
 def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
     """Write the checkpoint as a standalone bundle into a registered export folder, as a job
-    (follow it: GET /api/jobs/{id})."""
+    (follow it: GET /api/jobs/{id}). A caller who is not an administrator writes into a folder
+    of their own there (``<user name>/<folder>``): a name clash only ever tells them about
+    their own bundles."""
     row = vm_for(ctx, caller.who, "checkpoint.export", vm)
     target = views.checkpoint_show(ctx, row.id, ckpt)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = body.folder or re.sub(r"[^A-Za-z0-9._-]", "_",
                                    f"{row.name}-{target['name']}-{stamp}")
+    if not caller.who.admin:
+        folder = f"{caller.who.name}/{folder}"
     dest = locations.path(ctx, body.location, "export") / folder
     job_id = jobs.submit_export(ctx, row.id, target["id"], dest, run_here=False)
     jobs.spawn(ctx, job_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
 from waymark.auth import policy
-from waymark.auth.policy import Decision, Principal
-from waymark.catalog.models import Vm
+from waymark.auth.policy import Principal
+from waymark.catalog.models import Job, Vm
 from waymark.errors import NotFound
 from waymark.ops import jobs
 from waymark.ops.context import Context
@@ -30,25 +30,40 @@ def _shown(who: Principal, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
+    """The job ``ref`` (its id or an id prefix) names among the caller's (the jobs of the VMs
+    in their scope; jobs of no VM are administrators'): a prefix that also matches jobs out of
+    scope answers as if they did not exist; 403 if seen but ``action`` is not allowed."""
+    visible = _in_scope(ctx, who)
     try:
-        job = jobs.show(ctx, ref)
+        job = jobs.show(ctx, ref, visible)
     except NotFound:
-        job = None
-    exists = job is not None
-    if job is not None and job["vm_id"] is None and not who.admin:
-        job = None
-    if job is not None and job["vm_id"] is not None:
-        with ctx.catalog.session() as session:
-            row = session.get(Vm, job["vm_id"])
-            owner = row.owner_id if row is not None else None
-        if policy.decide_vm(who, action, job["vm_id"], owner) is Decision.HIDE:
-            job = None
-        elif row is not None:
-            vm_for(ctx, who, action, row.id)  # 403 if seen but not allowed
-    if job is None:
+        exists = _exists(ctx, ref)
         raise (OutOfScope if exists else NotFound)(
-            f"no job {ref!r}.", hint="List the jobs you may see: GET /api/jobs")
+            f"no job {ref!r}.", hint="List the jobs you may see: GET /api/jobs") from None
+    if job["vm_id"] is not None and job["vm_name"] is not None:
+        vm_for(ctx, who, action, job["vm_id"])  # 403 if seen but not allowed
     return job
+
+
+def _in_scope(ctx: Context, who: Principal) -> Callable[[Job], bool]:
+    with ctx.catalog.session() as session:
+        owners = {v.id: v.owner_id for v in session.query(Vm)}
+
+    def visible(job: Job) -> bool:
+        return who.admin or (job.vm_id in owners
+                             and policy.in_scope(who, job.vm_id, owners[job.vm_id]))
+
+    return visible
+
+
+def _exists(ctx: Context, ref: str) -> bool:
+    """Whether some job matches ``ref`` (for the audit log: a refusal; the answer is the
+    same)."""
+    try:
+        jobs.show(ctx, ref)
+    except NotFound:
+        return False
+    return True
 
 
 def job_list_for(ctx: Context, who: Principal, everything: bool) -> list[dict[str, Any]]:

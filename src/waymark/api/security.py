@@ -107,6 +107,11 @@ def no_vm(ref: str) -> NotFound:
                     hint="List the VMs you may see: GET /api/vms")
 
 
+def in_scope(who: Principal) -> lookup.Visible:
+    """Whether the caller may see a VM (any grant, their own, or every VM)."""
+    return lambda row: policy.in_scope(who, row.id, row.owner_id)
+
+
 def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
     """The VM ``ref`` names among those the caller may see (:func:`waymark.ops.lookup.vm`:
     an exact full id first, then a name, then an id prefix), resolved once here; the use cases
@@ -114,7 +119,7 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
     exist), 403 when ``action`` is not allowed on it."""
     with ctx.catalog.session() as session:
         try:
-            row = lookup.vm(session, ref, lambda v: policy.in_scope(who, v.id, v.owner_id))
+            row = lookup.vm(session, ref, in_scope(who))
         except NotFound:
             raise no_vm(ref) if _exists(session, ref) else _missing(ref) from None
         session.expunge(row)

@@ -8,7 +8,15 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, require, vm_for
+from waymark.api.security import (
+    CallerDep,
+    ContextDep,
+    OutOfScope,
+    in_scope,
+    redact,
+    require,
+    vm_for,
+)
 from waymark.auth import policy
 from waymark.auth.policy import Decision
 from waymark.catalog.models import Vm
@@ -45,7 +53,8 @@ class NewVm(BaseModel):
 @router.post("/vms", status_code=201)
 def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A VM from a template (self-service users: a template granted to them); the caller owns
-    it."""
+    it. Its name may not be one a VM the caller owns or may see has (409); a VM they may not
+    see never clashes (names are unique per owner), so the answer tells nothing about it."""
     require(caller.who, "vm.create")
     if policy.may_use_template(caller.who, body.template) is not Decision.ALLOW:
         exists = any(t["name"] == body.template for t in templates.listing(ctx))
@@ -59,9 +68,8 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
                 "max_checkpoints": body.max_checkpoints,
                 "automatic_checkpoints": body.automatic_checkpoints}
     vm_id = templates.new_vm(ctx, body.name, explicit=explicit, template=body.template,
-                             profile=body.profile, disks=[], full_copy=body.full_copy)
-    with ctx.catalog.session() as session:
-        session.get_one(Vm, vm_id).owner_id = caller.who.user_id
+                             profile=body.profile, disks=[], full_copy=body.full_copy,
+                             owner_id=caller.who.user_id, visible=in_scope(caller.who))
     return redact(caller.who, views.vm_show(ctx, vm_id))
 
 

@@ -15,7 +15,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    event,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -27,7 +38,12 @@ class Vm(Base):
     __tablename__ = "vms"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    name: Mapped[str] = mapped_column(String(99), unique=True)
+    # Names are unique per owner, not host-wide (Hyper-V does not make them unique at all): a
+    # self-service user's new name never clashes with, so never reveals, a VM they may not
+    # see. A name is a reference only after an exact id (waymark.ops.lookup.vm).
+    name: Mapped[str] = mapped_column(String(99), index=True)
+    # "<owner id>/<name>" ("/<name>" when no user owns it): the rule above, kept by an event
+    name_key: Mapped[str] = mapped_column(String(132), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     state: Mapped[str] = mapped_column(String(16), default="off")
     # hardware configuration (waymark.checkpoints.config.VmConfig as JSON); restored by apply
@@ -47,6 +63,16 @@ class Vm(Base):
     # the user who created it through the API (a self-service user's own VM); None: an
     # administrator's or the CLI's (no foreign key: users may be removed)
     owner_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+
+
+def name_key(owner_id: str | None, name: str) -> str:
+    return f"{owner_id or ''}/{name}"
+
+
+@event.listens_for(Vm, "before_insert")
+@event.listens_for(Vm, "before_update")
+def _keep_name_key(_mapper: Any, _connection: Any, row: Vm) -> None:
+    row.name_key = name_key(row.owner_id, row.name)
 
 
 class Image(Base):

@@ -457,7 +457,7 @@ def _verified(repo: Repository, point: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
-                   new_name: str, report: Report = None) -> str:
+                   new_name: str, report: Report = None, owner_id: str | None = None) -> str:
     """A new VM (new id, new MACs) from a point; returns its id. Holds the repository's lock
     (repository first, then VM, as a run): a prune does not merge the chain it reads."""
     repo = Repository.open(repo_path)
@@ -470,7 +470,7 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
                   for d in point["disks"]]
         hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
-                                      _progress(report, "restoring"))
+                                      _progress(report, "restoring"), owner_id=owner_id)
 
 
 def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,

@@ -88,18 +88,24 @@ def submit(ctx: Context, vm_id: str | None, kind: str, params: dict[str, Any],
     return job_id
 
 
-def find(session: Session, ref: str) -> Job:
-    """A job by id or id prefix."""
-    rows = list(session.scalars(select(Job).where(Job.id.startswith(ref.lower()))))
+def _any_job(_job: Job) -> bool:
+    return True
+
+
+def find(session: Session, ref: str, visible: Callable[[Job], bool] = _any_job) -> Job:
+    """A job by id or id prefix, among those ``visible`` accepts (an API caller's scope: a
+    prefix never tells them about other jobs)."""
+    rows = [j for j in session.scalars(select(Job).where(Job.id.startswith(ref.lower())))
+            if visible(j)]
     if len(rows) != 1:
         problem = "no job" if not rows else f"{len(rows)} jobs"
         raise NotFound(f"{problem} with id {ref!r}.", hint="List them with: waymark job list")
     return rows[0]
 
 
-def show(ctx: Context, ref: str) -> dict[str, Any]:
+def show(ctx: Context, ref: str, visible: Callable[[Job], bool] = _any_job) -> dict[str, Any]:
     with ctx.catalog.session() as session:
-        return describe(session, find(session, ref))
+        return describe(session, find(session, ref, visible))
 
 
 def describe(session: Session, job: Job) -> dict[str, Any]:

@@ -17,11 +17,11 @@ ID_LENGTH = 32  # a VM's id: uuid4().hex
 Visible = Callable[[Vm], bool]
 
 
-def _everything(_row: Vm) -> bool:
+def everything(_row: Vm) -> bool:
     return True
 
 
-def vm(session: Session, ref: str, visible: Visible = _everything) -> Vm:
+def vm(session: Session, ref: str, visible: Visible = everything) -> Vm:
     """Resolve a reference a person typed (for a face: the CLI as root, the API with the
     caller's scope as ``visible``), in this order, only among the VMs ``visible`` accepts:
 

@@ -197,9 +197,11 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
            kernel: str | None = None, initrd: str | None = None, append: str | None = None,
            checkpoint_type: str = "production", checkpoint_dir: str | None = None,
            max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None,
-           automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None) -> str:
+           automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None,
+           owner_id: str | None = None, visible: lookup.Visible = lookup.everything) -> str:
     """Define a VM (it is off); returns its id. ``origin``: where its settings came from
-    (:func:`waymark.ops.templates.new_vm`)."""
+    (:func:`waymark.ops.templates.new_vm`); ``owner_id``: the user it belongs to, who may see
+    the VMs ``visible`` accepts (:func:`refuse_taken`)."""
     name = tree.clean_name(name, what="VM name")
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
@@ -212,8 +214,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     image_rows: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     with ctx.catalog.session() as session:
-        if session.scalars(select(Vm).where(Vm.name == name)).first() is not None:
-            raise Conflict(f"a VM named {name!r} already exists.", hint="Choose another name.")
+        refuse_taken(session, name, owner_id, visible)
         for spec in disks:
             disk, images, disk_steps = plan_disk(ctx, session, vm_id, spec)
             disk_rows.append(disk)
@@ -224,12 +225,24 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
               "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
               "checkpoint_dir": check_folder(folder),
-              "automatic_checkpoints": automatic_checkpoints, "origin": origin}
+              "automatic_checkpoints": automatic_checkpoints, "origin": origin,
+              "owner_id": owner_id}
     steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
     with ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
                         {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
     return vm_id
+
+
+def refuse_taken(session: Session, name: str, owner_id: str | None,
+                 visible: lookup.Visible = lookup.everything,
+                 hint: str = "Choose another name.") -> None:
+    """A new VM's name may not be one that a VM of the same owner, or one the creator may see
+    (``visible``; the host's root sees every VM), already has. A VM the creator may not see
+    never clashes, so the answer tells them nothing about it (names are unique per owner)."""
+    for row in session.scalars(select(Vm).where(Vm.name == name)):
+        if row.owner_id == owner_id or visible(row):
+            raise Conflict(f"a VM named {name!r} already exists.", hint=hint)
 
 
 def _insert_images(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -444,7 +457,8 @@ ExtraSteps = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
 def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies: list[Copy],
                        settings: dict[str, Any], extra: ExtraSteps | None = None,
                        on_progress: qemu_img.Progress = None,
-                       rename_hint: str = "Choose another name.") -> str:
+                       rename_hint: str = "Choose another name.",
+                       owner_id: str | None = None) -> str:
     """A new VM (new id, new MACs) whose disks are copies (an import, a restore as a new VM).
 
     ``settings`` gives checkpoint_type and max_checkpoints; ``extra(vm_id, hardware)`` may add
@@ -468,9 +482,9 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     for nic in hardware.nics:  # a clone is a new machine on the network
         nic.mac = new_mac()
     with ctx.catalog.session() as session:
-        if session.scalars(select(Vm).where(Vm.name == vm_name)).first() is not None:
-            raise Conflict(f"a VM named {vm_name!r} already exists.", hint=rename_hint)
-    vm_row = {"id": vm_id, "name": vm_name, "state": "off", "config": hardware.dump(),
+        refuse_taken(session, vm_name, owner_id, hint=rename_hint)
+    vm_row = {"id": vm_id, "name": vm_name, "owner_id": owner_id, "state": "off",
+              "config": hardware.dump(),
               "checkpoint_type": check_type(settings["checkpoint_type"]),
               "max_checkpoints": check_limit(int(settings["max_checkpoints"])),
               "checkpoint_dir": str(ctx.vm_folder(vm_id) / "checkpoints")}
