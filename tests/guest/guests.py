@@ -102,8 +102,9 @@ class Guest:
         return str(self.status()["state"])
 
     def qemus(self) -> list[int]:
-        """Live QEMU processes of this VM (any process naming its QMP socket)."""
-        return processes_naming(str(self.qmp))
+        """Live QEMU processes of this VM (any process naming its run folder: QEMU gets its
+        files and sockets open, their paths in its fd sets' opaque texts)."""
+        return processes_naming(f"{self.run_dir}/")
 
     def mark(self) -> int:
         try:

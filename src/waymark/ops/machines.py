@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, process
+from waymark import durable
 from waymark.catalog.models import Image, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
 from waymark.ops import liveness, lookup, recovery
 from waymark.ops.context import Context
-from waymark.qemu import accel, cmdline, qmp
+from waymark.qemu import accel, cmdline, confine, qmp
 
 # Called under the VM's lock before a VM that is off boots; a returned text is a warning.
 BOOT_HOOKS: list[Callable[[Context, str], str | None]] = []
@@ -107,18 +107,29 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
     run.folder.mkdir(parents=True, exist_ok=True)
     liveness.clean(run)
     durable.remove(run.folder / "last_exit.json")
-    chosen = accel.accelerator(ctx.home / "run", hardware.kernel)
-    launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
-                            incoming=incoming)
+    owner = confine.identity(ctx.settings.qemu_user)
+    chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
     with open(run.serial_log, "ab") as log:
         log.write(f"\n--- waymark: starting {name} ({chosen}) ---\n".encode())
-    process.run(cmdline.argv(launch), what=f"starting VM {name!r}")
-    found = liveness.find(run)
-    if found is None:
-        raise ToolError(f"QEMU of {name!r} exited right after it started.",
-                        hint=f"See its serial log: {run.serial_log}")
+    given = confine.handoff(owner, run, hardware, chains)
+    try:
+        launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
+                                incoming=incoming, extra=tuple(given.args), files=given.files,
+                                sockets=given.sockets, taps=given.taps)
+        daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
+                               what=f"starting VM {name!r}")
+    finally:
+        given.close()  # QEMU holds its own copies now
+    try:
+        qmp.run_sync(confine.greeted(daemon, run.qmp, name, run.errors))
+    except WaymarkError:
+        if daemon.poll() is None:
+            daemon.kill()
+        liveness.clean(run)
+        raise
+    durable.write_bytes(run.pidfile, str(daemon.pid).encode())
     durable.write_bytes(run.runtime, json.dumps(
-        {"pid": found.pid, "accelerator": chosen, "started_at": time.time()}).encode())
+        {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
     return run
 
 
