@@ -9,6 +9,7 @@ written durably before the catalog says ``saved`` and before QEMU quits.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from waymark.catalog.models import Image, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
+from waymark.images import qemu_img
 from waymark.ops import liveness, lookup, recovery
 from waymark.ops.context import Context
 from waymark.qemu import accel, cmdline, confine, qmp
@@ -87,9 +89,20 @@ def disk_chains(ctx: Context, vm_id: str, hardware: HardwareConfig
                 raise NotFound(f"disk image {image.path} is missing.",
                                hint="Run: waymark check (it says what needs the file)")
             layers.append(cmdline.Layer(image.id, image.path, image.format, image.pinned))
+            if image.pinned and image.chain_length > 1:
+                layers += _user_chain(image)
             image = images[image.parent_id] if image.parent_id else None
         chains.append(cmdline.DiskChain(disk_id, tuple(layers)))
     return tuple(chains)
+
+
+def _user_chain(image: Image) -> list[cmdline.Layer]:
+    """The files below a user's pinned image (its own backing chain), each a read-only node of
+    its own: QEMU is handed every file open and never looks a backing file up by path."""
+    chain = qemu_img.chain(Path(image.path), image.format)
+    return [cmdline.Layer(f"{image.id[:20]}u{depth}", str(above.full_backing_filename),
+                          below.format, pinned=True)
+            for depth, (above, below) in enumerate(itertools.pairwise(chain), start=1)]
 
 
 def _check_boot_files(hardware: HardwareConfig) -> None:
