@@ -139,6 +139,19 @@ class Guest:
                     raise AssertionError(f"QMP {name} of {self.name}: {reply['error']}")
             return reply["return"]
 
+    def qemu_file(self) -> Callable[[str], str]:
+        """Maps a filename the running QEMU reports to the file's path: QEMU is handed its images
+        open, so it names ``/dev/fdset/N`` (the set's opaque text is the path) or, for a qcow2
+        node, ``json:{...}`` whose ``file`` names it."""
+        fdsets = {f"/dev/fdset/{s['fdset-id']}": fd["opaque"]
+                  for s in self.qmp_command("query-fdsets") for fd in s["fds"]}
+
+        def path(filename: str) -> str:
+            if filename.startswith("json:"):
+                filename = json.loads(filename[len("json:"):])["file"]["filename"]
+            return fdsets.get(filename, filename)
+        return path
+
     # --- driving it ---------------------------------------------------------------------------
 
     def wait_ready(self, mark: int, timeout: float = BOOT_TIMEOUT) -> str:
