@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint check bench deps clean
 
-deps: $(STAMP)
+deps: $(STAMP) .qemu-user-stamp
 
 # Debian packages, installed only when one is missing: qemu-utils (qemu-img, qemu-io),
 # qemu-system-x86 (VMs), kmod + e2fsprogs + qemu-ga's libraries (building the test guest),
@@ -18,6 +18,14 @@ APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	fi
+	@touch $@
+
+# The unprivileged user QEMU runs as when Waymark runs as root (docs/runtime.md, "Confinement");
+# Waymark also creates it on first need. Another name: WAYMARK_QEMU_USER.
+QEMU_USER := $(or $(WAYMARK_QEMU_USER),waymark-qemu)
+.qemu-user-stamp:
+	@getent passwd $(QEMU_USER) >/dev/null || \
+	  useradd --system --no-create-home --shell /usr/sbin/nologin $(QEMU_USER)
 	@touch $@
 
 $(STAMP): pyproject.toml .apt-stamp
@@ -40,4 +48,4 @@ bench: deps
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .apt-stamp .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .apt-stamp .qemu-user-stamp .pytest_cache .mypy_cache .ruff_cache .hypothesis

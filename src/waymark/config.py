@@ -9,6 +9,7 @@ from pathlib import Path
 from waymark.errors import InvalidInput
 
 DEFAULT_LOCK_TIMEOUT = 10.0
+DEFAULT_QEMU_USER = "waymark-qemu"
 
 
 def default_home() -> Path:
@@ -21,6 +22,8 @@ class Settings:
     home: Path
     # seconds a command waits for another command holding the same VM
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    # the unprivileged user QEMU runs as when Waymark runs as root (waymark.qemu.confine)
+    qemu_user: str = DEFAULT_QEMU_USER
 
     @classmethod
     def from_env(cls, home: str | None = None) -> Settings:
@@ -30,4 +33,5 @@ class Settings:
             timeout = float(raw)
         except ValueError as err:
             raise InvalidInput(f"WAYMARK_LOCK_TIMEOUT={raw!r} is not a number of seconds.") from err
-        return cls(home=Path(chosen).expanduser().absolute(), lock_timeout=timeout)
+        return cls(home=Path(chosen).expanduser().absolute(), lock_timeout=timeout,
+                   qemu_user=os.environ.get("WAYMARK_QEMU_USER") or DEFAULT_QEMU_USER)

@@ -13,9 +13,11 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from waymark.errors import ToolError, ToolMissing, tool_failed
 
@@ -78,6 +80,25 @@ def start(argv: Sequence[str], *, what: str) -> subprocess.Popen[bytes]:
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509
     except OSError as err:
         raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
+
+
+def spawn(argv: Sequence[str], *, what: str, pass_fds: Sequence[int], stderr: IO[bytes],
+          user: int | None = None, group: int | None = None,
+          extra_groups: list[int] | None = None) -> subprocess.Popen[bytes]:
+    """Start a program that outlives us (a session of its own, no parent-death signal), as
+    ``user``/``group`` when given, with ``pass_fds`` open. A thread reaps it when it exits, so a
+    long-lived server keeps no zombies."""
+    argv = (which(argv[0]), *argv[1:])
+    log.debug("spawn: %s", " ".join(argv))
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=stderr, env=_env(), pass_fds=tuple(pass_fds),
+                                 start_new_session=True, user=user, group=group,
+                                 extra_groups=extra_groups)
+    except OSError as err:
+        raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
+    threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
+    return child
 
 
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")

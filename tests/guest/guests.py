@@ -102,8 +102,9 @@ class Guest:
         return str(self.status()["state"])
 
     def qemus(self) -> list[int]:
-        """Live QEMU processes of this VM (any process naming its QMP socket)."""
-        return processes_naming(str(self.qmp))
+        """Live QEMU processes of this VM (any process naming its run folder: QEMU gets its
+        files and sockets open, their paths in its fd sets' opaque texts)."""
+        return processes_naming(f"{self.run_dir}/")
 
     def mark(self) -> int:
         try:
@@ -137,6 +138,19 @@ class Guest:
                 if "error" in reply:
                     raise AssertionError(f"QMP {name} of {self.name}: {reply['error']}")
             return reply["return"]
+
+    def qemu_file(self) -> Callable[[str], str]:
+        """Maps a filename the running QEMU reports to the file's path: QEMU is handed its images
+        open, so it names ``/dev/fdset/N`` (the set's opaque text is the path) or, for a qcow2
+        node, ``json:{...}`` whose ``file`` names it."""
+        fdsets = {f"/dev/fdset/{s['fdset-id']}": fd["opaque"]
+                  for s in self.qmp_command("query-fdsets") for fd in s["fds"]}
+
+        def path(filename: str) -> str:
+            if filename.startswith("json:"):
+                filename = json.loads(filename[len("json:"):])["file"]["filename"]
+            return fdsets.get(filename, filename)
+        return path
 
     # --- driving it ---------------------------------------------------------------------------
 

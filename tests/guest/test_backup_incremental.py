@@ -314,9 +314,9 @@ def tracking(vm: Guest, repo: Path) -> list[dict[str, Any]]:
     """The repository's bitmaps on the node of the disk's active image, as the running QEMU
     has them."""
     bitmap = "wm-" + json.loads((repo / "waymark-repository.json").read_text())["id"][:12]
-    active = vm.active_image()
+    active, path = vm.active_image(), vm.qemu_file()
     return [b for n in vm.qmp_command("query-named-block-nodes", flat=True)
-            if n["drv"] == "qcow2" and n["file"] == active
+            if n["drv"] == "qcow2" and path(n["file"]) == active
             for b in n.get("dirty-bitmaps", []) if b["name"] == bitmap]
 
 

@@ -195,9 +195,11 @@ def assert_runs_on(vm: Guest) -> None:
     qemu = vm.qmp_command("query-status")
     assert qemu["status"] == "running", f"QEMU is {qemu['status']}"
     active, files = chain(vm)
-    tops = [d["inserted"]["file"] for d in vm.qmp_command("query-block") if "inserted" in d]
+    path = vm.qemu_file()
+    tops = [path(d["inserted"]["file"]) for d in vm.qmp_command("query-block")
+            if "inserted" in d]
     assert tops == [active], f"QEMU writes {tops}, the catalog says {active}"
-    nodes = {n["file"] for n in vm.qmp_command("query-named-block-nodes", flat=True)
+    nodes = {path(n["file"]) for n in vm.qmp_command("query-named-block-nodes", flat=True)
              if n["drv"] == "file"}
     assert nodes == files, f"QEMU's extra files {nodes - files}, missing {files - nodes}"
     assert_counting(vm)

@@ -184,11 +184,12 @@ def qmp(vm: Guest, command: str, **arguments: Any) -> Any:
 
 def qemu_chains(vm: Guest) -> list[list[str]]:
     """Each disk's chain as the running QEMU has it open, active image first."""
+    path = vm.qemu_file()
     chains = []
     for device in qmp(vm, "query-block"):
         image, chain = device.get("inserted", {}).get("image"), []
         while image:
-            chain.append(image["filename"])
+            chain.append(path(image["filename"]))
             image = image.get("backing-image")
         if chain:
             chains.append(chain)

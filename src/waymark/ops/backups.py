@@ -44,7 +44,7 @@ from waymark.ops import checkpoints, compact, liveness, lookup, machines, merges
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler
 from waymark.ops.journal import now as stamp
-from waymark.qemu import bitmaps, blockjobs, cmdline, qmp, storage
+from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, storage
 
 Report = Callable[[str, float], None] | None  # (what, fraction of it done)
 JOB_PREFIX, NODE_PREFIX = "wm-backup-", "wb"
@@ -263,7 +263,8 @@ async def _copy(job: Run, hardware: HardwareConfig) -> str:
             for target in job.targets:
                 await machine.command("blockdev-add", driver="qcow2", backing=None, **{
                     "node-name": target.node,
-                    "file": {"driver": "file", "filename": str(target.tmp)}})
+                    "file": {"driver": "file", "read-only": False,
+                             "filename": await _target_file(job, machine, target.tmp)}})
             _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
             if job.parent is None:
                 await _drop_bitmaps(machine, job, tracked)
@@ -279,6 +280,14 @@ async def _copy(job: Run, hardware: HardwareConfig) -> str:
                 await blockjobs.abandon(machine, target.job)
             await blockjobs.delete_nodes(machine, [t.node for t in job.targets])
     return consistency
+
+
+async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
+    """A target as the VM's QEMU opens it (handed over open: QEMU's user cannot open paths);
+    the storage daemon of a VM that is off runs as Waymark and opens the path."""
+    if job.state in liveness.LIVE_STATES:
+        return await confine.open_image(machine, str(path), writable=True)
+    return str(path)
 
 
 def _create_targets(job: Run) -> None:

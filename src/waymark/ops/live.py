@@ -53,7 +53,7 @@ from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.ops import journal, liveness
 from waymark.ops.journal import LiveIntent
-from waymark.qemu import bitmaps, blockjobs, cmdline, qmp
+from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp
 
 MIGRATION_TIMEOUT = 600.0
 STREAM_END_TIMEOUT = 60.0
@@ -104,10 +104,11 @@ async def capture(intent: LiveIntent, wanted: str) -> None:
     async with qmp.connect(run.qmp, name) as machine:
         if _reuses_paused_state(live, run):
             await _carry_inactive(machine, live, None)  # before QEMU opens the overlays
-        for switch in _switches(live):
+        for switch in _switches(live):  # handed over open: QEMU's user cannot open paths
+            opened = await confine.open_image(machine, switch.path, writable=True)
             await machine.command("blockdev-add", driver="qcow2", backing=None, **{
                 "node-name": switch.overlay,
-                "file": {"driver": "file", "filename": switch.path,
+                "file": {"driver": "file", "filename": opened, "read-only": False,
                          "node-name": switch.file_node}})
         failpoint("nodes-added")
         reason = None
@@ -207,7 +208,8 @@ async def _carry_inactive(machine: qmp.Qmp, live: dict[str, Any],
     if tracked is not None and not any(tracked.get(s.top) for s in _switches(live)):
         return  # no backup tracks these disks: nothing to add to the pause
     nodes = await machine.command("query-named-block-nodes", flat=True)
-    files = {n["node-name"]: Path(n["file"]) for n in nodes}
+    real = await confine.real_paths(machine)
+    files = {n["node-name"]: Path(confine.path_of(n["file"], real)) for n in nodes}
     for s in _switches(live):
         if tracked is None:  # (an active top's bitmaps are in-use in its file: skipped here)
             bitmaps.onto_new_file(files[s.top], Path(s.path), shared=True)

@@ -1,10 +1,10 @@
 """What is really running: the QEMU process of a VM, reconciled with the catalog's state.
 
-Waymark keeps no daemon. A running VM is a daemonized QEMU whose pid file, QMP socket, agent
-socket, console socket and serial log live in ``vms/<id>/run/``. Any command can find it again:
-the pid file names the process and ``/proc/<pid>/cmdline`` must name our QMP socket (a recycled
-pid is not ours). A QEMU that vanished is reported ``off (crashed or killed)`` with the last lines
-of its serial log, and its leftovers are removed.
+Waymark keeps no daemon. A running VM is a QEMU in a session of its own whose pid file, QMP
+socket, agent socket, console socket and serial log live in ``vms/<id>/run/``. Any command can
+find it again: the pid file names the process and ``/proc/<pid>/cmdline`` must name our run
+folder (a recycled pid is not ours). A QEMU that vanished is reported ``off (crashed or
+killed)`` with the last lines of its serial log, and its leftovers are removed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def find(run: RunFiles) -> Process | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    if str(run.qmp).encode() not in cmdline:
+    if f"{run.folder}/".encode() not in cmdline:  # the serial log's fd set names it
         return None
     try:
         runtime = json.loads(run.runtime.read_text())

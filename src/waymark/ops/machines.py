@@ -9,6 +9,7 @@ written durably before the catalog says ``saved`` and before QEMU quits.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -20,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, process
+from waymark import durable
 from waymark.catalog.models import Image, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
+from waymark.images import qemu_img
 from waymark.ops import liveness, lookup, recovery
 from waymark.ops.context import Context
-from waymark.qemu import accel, cmdline, qmp
+from waymark.qemu import accel, cmdline, confine, qmp
 
 # Called under the VM's lock before a VM that is off boots; a returned text is a warning.
 BOOT_HOOKS: list[Callable[[Context, str], str | None]] = []
@@ -87,9 +89,20 @@ def disk_chains(ctx: Context, vm_id: str, hardware: HardwareConfig
                 raise NotFound(f"disk image {image.path} is missing.",
                                hint="Run: waymark check (it says what needs the file)")
             layers.append(cmdline.Layer(image.id, image.path, image.format, image.pinned))
+            if image.pinned and image.chain_length > 1:
+                layers += _user_chain(image)
             image = images[image.parent_id] if image.parent_id else None
         chains.append(cmdline.DiskChain(disk_id, tuple(layers)))
     return tuple(chains)
+
+
+def _user_chain(image: Image) -> list[cmdline.Layer]:
+    """The files below a user's pinned image (its own backing chain), each a read-only node of
+    its own: QEMU is handed every file open and never looks a backing file up by path."""
+    chain = qemu_img.chain(Path(image.path), image.format)
+    return [cmdline.Layer(f"{image.id[:20]}u{depth}", str(above.full_backing_filename),
+                          below.format, pinned=True)
+            for depth, (above, below) in enumerate(itertools.pairwise(chain), start=1)]
 
 
 def _check_boot_files(hardware: HardwareConfig) -> None:
@@ -107,18 +120,29 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
     run.folder.mkdir(parents=True, exist_ok=True)
     liveness.clean(run)
     durable.remove(run.folder / "last_exit.json")
-    chosen = accel.accelerator(ctx.home / "run", hardware.kernel)
-    launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
-                            incoming=incoming)
+    owner = confine.identity(ctx.settings.qemu_user)
+    chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
     with open(run.serial_log, "ab") as log:
         log.write(f"\n--- waymark: starting {name} ({chosen}) ---\n".encode())
-    process.run(cmdline.argv(launch), what=f"starting VM {name!r}")
-    found = liveness.find(run)
-    if found is None:
-        raise ToolError(f"QEMU of {name!r} exited right after it started.",
-                        hint=f"See its serial log: {run.serial_log}")
+    given = confine.handoff(owner, run, hardware, chains)
+    try:
+        launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
+                                incoming=incoming, extra=tuple(given.args), files=given.files,
+                                sockets=given.sockets, taps=given.taps)
+        daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
+                               what=f"starting VM {name!r}")
+    finally:
+        given.close()  # QEMU holds its own copies now
+    try:
+        qmp.run_sync(confine.greeted(daemon, run.qmp, name, run.errors))
+    except WaymarkError:
+        if daemon.poll() is None:
+            daemon.kill()
+        liveness.clean(run)
+        raise
+    durable.write_bytes(run.pidfile, str(daemon.pid).encode())
     durable.write_bytes(run.runtime, json.dumps(
-        {"pid": found.pid, "accelerator": chosen, "started_at": time.time()}).encode())
+        {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
     return run
 
 

@@ -40,7 +40,7 @@ from waymark import durable
 from waymark.errors import ToolError
 from waymark.images import qemu_img
 from waymark.ops import executor, liveness
-from waymark.qemu import bitmaps, blockjobs, cmdline, qmp
+from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float], None] | None
@@ -118,8 +118,8 @@ def _live_or_offline(step: executor.Step, live: Callable[[cmdline.RunFiles, str]
 
 def _commit(step: executor.Step, on_progress: Progress) -> None:
     arguments = {"device": step["root"], "base-node": step["base_node"], "auto-dismiss": False}
-    if not step["active"]:
-        arguments["top-node"] = step["top_node"]
+    if not step["active"]:  # the link QEMU writes names the file, not its /dev/fdset
+        arguments.update({"top-node": step["top_node"], "backing-file": step["base"]})
 
     def offline() -> None:
         qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
@@ -137,8 +137,8 @@ def _commit(step: executor.Step, on_progress: Progress) -> None:
 
 def _stream(step: executor.Step, on_progress: Progress) -> None:
     arguments: dict[str, Any] = {"device": step["node"], "auto-dismiss": False}
-    if step["base_node"]:
-        arguments["base-node"] = step["base_node"]
+    if step["base_node"]:  # the link QEMU writes names the file, not its /dev/fdset
+        arguments.update({"base-node": step["base_node"], "backing-file": step["backing"]})
 
     def offline() -> None:
         backing = Path(step["backing"]) if step["backing"] else None
@@ -177,12 +177,13 @@ executor.LIVE_OPS.update(qmp_commit=_commit, qmp_stream=_stream, qmp_relink=_rel
 # --- QEMU's block jobs ------------------------------------------------------------------------
 
 async def _chains(machine: qmp.Qmp) -> set[str]:
-    """Every file in any disk's chain, as QEMU sees it now."""
+    """Every file in any disk's chain, as QEMU sees it now (by path, not by fd set)."""
+    real = await confine.real_paths(machine)
     files: set[str] = set()
     for device in await machine.command("query-block"):
         image = device.get("inserted", {}).get("image")
         while image:
-            files.add(image["filename"])
+            files.add(confine.path_of(image["filename"], real))
             image = image.get("backing-image")
     return files
 

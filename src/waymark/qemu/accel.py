@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from waymark import durable, process
+from waymark import durable
+from waymark.qemu import cmdline, confine
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,7 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _probe(argv: list[str], out: Path, marker: bytes, timeout: float) -> bool:
-    log.debug("kvm probe: %s", " ".join(argv))
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _probe(proc: subprocess.Popen[bytes], out: Path, marker: bytes, timeout: float) -> bool:
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
@@ -53,20 +52,31 @@ def _probe(argv: list[str], out: Path, marker: bytes, timeout: float) -> bool:
         proc.wait()
 
 
-def _kvm_runs(kernel: str | None, timeout: float) -> bool:
+def _kvm_runs(kernel: str | None, timeout: float, owner: confine.Identity | None) -> bool:
+    """The probe, confined as the VM's QEMU will be (its user, the sandbox, files handed over
+    open)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "probe.log"
-        argv = [process.which(QEMU), "-accel", "kvm", "-machine", "pc-q35-7.2", "-cpu",
-                "qemu64", "-nodefaults", "-display", "none", "-m", "256", "-no-reboot"]
-        if kernel is None:
-            argv += ["-chardev", f"file,id=dbg,path={out}",
-                     "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
-            return _probe(argv, out, FIRMWARE_DONE, timeout)
-        argv += ["-kernel", kernel, "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
-                 "-serial", f"file:{out}"]
-        return _probe(argv, out, KERNEL_STARTED, timeout)
+        given = confine.Handoff(owner)
+        try:
+            given.log(str(out))
+            argv = [QEMU, "-accel", "kvm", "-machine", "pc-q35-7.2", "-cpu", "qemu64",
+                    "-nodefaults", "-display", "none", "-m", "256", "-no-reboot",
+                    "-sandbox", cmdline.SANDBOX, *given.args,
+                    "-chardev", f"file,id=out,path={given.files[str(out)]}"]
+            if kernel is None:
+                argv += ["-device", "isa-debugcon,iobase=0x402,chardev=out"]
+            else:
+                given.boot_file(kernel)
+                argv += ["-kernel", given.files[kernel], "-serial", "chardev:out",
+                         "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1"]
+            log.debug("kvm probe: %s", " ".join(argv))
+            proc = confine.spawn(argv, given, Path(tmp) / "probe.err", what="probing KVM")
+        finally:
+            given.close()
+        return _probe(proc, out, KERNEL_STARTED if kernel else FIRMWARE_DONE, timeout)
 
 
 def _kernel_key(kernel: str | None) -> str:
@@ -76,8 +86,10 @@ def _kernel_key(kernel: str | None) -> str:
     return f"{kernel}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def accelerator(cache_dir: Path, kernel: str | None = None) -> str:
-    """``kvm`` or ``tcg`` for a VM booting ``kernel`` (None: its disk) on this host."""
+def accelerator(cache_dir: Path, kernel: str | None = None,
+                owner: confine.Identity | None = None) -> str:
+    """``kvm`` or ``tcg`` for a VM booting ``kernel`` (None: its disk) on this host, probed
+    by a QEMU running as ``owner``."""
     cache = cache_dir / "accelerator.json"
     boot, key = _boot_id(), _kernel_key(kernel)
     try:
@@ -88,7 +100,7 @@ def accelerator(cache_dir: Path, kernel: str | None = None) -> str:
         known = {}
     answers: dict[str, str] = known.get("answers", {})
     if key not in answers:
-        answers[key] = "kvm" if _kvm_runs(kernel, PROBE_SECONDS) else "tcg"
+        answers[key] = "kvm" if _kvm_runs(kernel, PROBE_SECONDS, owner) else "tcg"
         log.info("accelerator for %s on this boot: %s", key, answers[key])
         cache_dir.mkdir(parents=True, exist_ok=True)
         durable.write_bytes(cache, json.dumps({"boot_id": boot, "answers": answers}).encode())

@@ -9,12 +9,16 @@ taken on.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from waymark.checkpoints.hardware import HardwareConfig, Nic
 
 AGENT_PORT = "org.qemu.guest_agent.0"
+# QEMU's seccomp sandbox (waymark.qemu.confine): the strictest that keeps every feature working
+# (a bridge NIC's tap device is handed over open, so no helper program needs spawn)
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def node_name(image_id: str) -> str:
@@ -71,6 +75,11 @@ class RunFiles:
         return self.folder / "qemu.pid"
 
     @property
+    def errors(self) -> Path:
+        """QEMU's own messages (its stderr)."""
+        return self.folder / "qemu.log"
+
+    @property
     def runtime(self) -> Path:
         return self.folder / "runtime.json"
 
@@ -94,23 +103,33 @@ class Launch:
     accelerator: str
     incoming: bool = False
     extra: tuple[str, ...] = field(default_factory=tuple)
+    # what QEMU opens instead of a path: /dev/fdset/N, /proc/self/fd/N (waymark.qemu.confine)
+    files: Mapping[str, str] = field(default_factory=dict)
+    # listening sockets (by path) and bridge NICs' tap devices (by NIC number) handed over open
+    sockets: Mapping[str, int] = field(default_factory=dict)
+    taps: Mapping[int, int] = field(default_factory=dict)
 
 
-def blockdevs(chain: DiskChain) -> list[str]:
+def blockdevs(chain: DiskChain, files: Mapping[str, str] | None = None) -> list[str]:
     """The ``-blockdev`` arguments of one disk: every layer its own node, the active one
-    writable."""
+    writable; ``files``: what QEMU opens instead of an image's path."""
+    files = files or {}
     if chain.passthrough is not None:
         driver = "host_device" if chain.passthrough.startswith("/dev/") else "file"
         raw = {"driver": "raw", "node-name": f"p{chain.disk_id[:24]}",
-               "file": {"driver": driver, "filename": chain.passthrough}}
+               "file": {"driver": driver,
+                        "filename": files.get(chain.passthrough, chain.passthrough)}}
         return ["-blockdev", json.dumps(raw)]
     args: list[str] = []
     for depth, layer in enumerate(reversed(chain.layers)):
         node: dict[str, object] = {
             "driver": layer.format, "node-name": node_name(layer.image_id),
             "read-only": depth != len(chain.layers) - 1,
-            "file": {"driver": "file", "filename": layer.path,
-                     "node-name": file_node_name(layer.image_id)}}
+            "file": {"driver": "file", "filename": files.get(layer.path, layer.path),
+                     "node-name": file_node_name(layer.image_id),
+                     # the file keeps its access mode when QEMU reopens the format node
+                     # (waymark.qemu.confine); a user's pinned image is never written
+                     "read-only": layer.pinned}}
         if depth > 0:
             node["backing"] = node_name(chain.layers[len(chain.layers) - depth].image_id)
         elif layer.format == "qcow2" and not layer.pinned:
@@ -126,8 +145,10 @@ def _disk_device(chain: DiskChain) -> list[str]:
                        f"serial={chain.disk_id[:20]}"]
 
 
-def _nic(number: int, nic: Nic) -> list[str]:
-    if nic.kind == "bridge":
+def _nic(number: int, nic: Nic, tap: int | None) -> list[str]:
+    if nic.kind == "bridge" and tap is not None:
+        netdev = f"tap,id=net{number},fd={tap}"
+    elif nic.kind == "bridge":
         netdev = f"bridge,id=net{number},br={nic.bridge}"
     else:
         netdev = ",".join([f"user,id=net{number}", *(f"hostfwd={f}" for f in nic.forwards)])
@@ -135,30 +156,39 @@ def _nic(number: int, nic: Nic) -> list[str]:
             "-device", f"virtio-net-pci,netdev=net{number},mac={nic.mac}"]
 
 
+def _listening(launch: Launch, path: Path) -> str:
+    fd = launch.sockets.get(str(path))
+    return f"path={path}" if fd is None else f"fd={fd}"
+
+
 def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
-    hw, run = launch.hardware, launch.run
+    """QEMU's command line; it does not daemonize (the sandbox forbids fork): Waymark starts
+    it in a session of its own (:func:`waymark.process.spawn`)."""
+    hw, run, files = launch.hardware, launch.run, launch.files
+    log = files.get(str(run.serial_log), str(run.serial_log))
     args = [qemu, "-name", f"guest={launch.name},debug-threads=on", "-uuid", launch.uuid,
             "-machine", f"{hw.machine},accel={launch.accelerator}", "-cpu", hw.cpu_model,
             "-m", f"{hw.memory_mib}M", "-smp", str(hw.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-shutdown",
-            "-daemonize", "-pidfile", str(run.pidfile),
-            "-qmp", f"unix:{run.qmp},server=on,wait=off",
-            "-chardev", f"socket,id=serial0,path={run.console},server=on,wait=off,"
-                        f"logfile={run.serial_log},logappend=on",
+            "-sandbox", SANDBOX,
+            "-chardev", f"socket,id=qmp0,{_listening(launch, run.qmp)},server=on,wait=off",
+            "-mon", "chardev=qmp0,mode=control",
+            "-chardev", f"socket,id=serial0,{_listening(launch, run.console)},server=on,"
+                        f"wait=off,logfile={log},logappend=on",
             "-serial", "chardev:serial0",
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=qga0,path={run.agent},server=on,wait=off",
+            "-chardev", f"socket,id=qga0,{_listening(launch, run.agent)},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
     if hw.kernel:
-        args += ["-kernel", hw.kernel]
+        args += ["-kernel", files.get(hw.kernel, hw.kernel)]
     if hw.initrd:
-        args += ["-initrd", hw.initrd]
+        args += ["-initrd", files.get(hw.initrd, hw.initrd)]
     if hw.append:
         args += ["-append", hw.append]
     for chain in launch.disks:
-        args += blockdevs(chain) + _disk_device(chain)
+        args += blockdevs(chain, files) + _disk_device(chain)
     for number, nic in enumerate(hw.nics):
-        args += _nic(number, nic)
+        args += _nic(number, nic, launch.taps.get(number))
     if launch.incoming:
         args += ["-incoming", "defer"]
     return args + list(launch.extra)
