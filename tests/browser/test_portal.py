@@ -106,6 +106,14 @@ def reloaded(page: Any, act: Any) -> None:
         act()
 
 
+def check_space_chart(space: Any, expect: Any) -> None:
+    expect(space.get_by_role("table", name="Space held by each checkpoint")).to_be_visible()
+    expect(space.locator(".bar:not(.shared)")).to_have_count(2)  # own space, per checkpoint
+    expect(space.locator(".bar.shared")).to_have_count(2)  # and the shared space below it
+    widths = space.locator(".bar").evaluate_all("bars => bars.map(b => b.style.width)")
+    assert all(w.endswith("%") for w in widths), widths  # set from data-width (CSP)
+
+
 def test_an_administrator_checkpoints_applies_renames_and_deletes(
         site: tuple[Waymark, str]) -> None:
     from playwright.sync_api import expect, sync_playwright
@@ -158,11 +166,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "vm-page.png"), full_page=True)
         space = page.locator("section.space")
-        expect(space.get_by_role("table", name="Space held by each checkpoint")).to_be_visible()
-        expect(space.locator(".bar:not(.shared)")).to_have_count(2)  # own space, per checkpoint
-        expect(space.locator(".bar.shared")).to_have_count(2)  # and the shared space below it
-        widths = space.locator(".bar").evaluate_all("bars => bars.map(b => b.style.width)")
-        assert all(w.endswith("%") for w in widths), widths  # set from data-width (CSP)
+        check_space_chart(space, expect)
         space.screenshot(path=str(ARTIFACTS / "space-chart.png"))
         expect(page.get_by_role("tree")).to_be_visible()
         assert (ARTIFACTS / "vm-page.png").stat().st_size > 0
