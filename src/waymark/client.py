@@ -106,6 +106,9 @@ class Client:
                               {"password": password, "current_password": current,
                                "keep_tokens": keep_tokens}))
 
+    def forget_sign_in_failures(self, user: str) -> dict[str, Any]:
+        return dict(self.call("DELETE", f"/users/{_p(user)}/sign-in-failures"))
+
     # --- jobs ---------------------------------------------------------------------------------
 
     def job_list(self, everything: bool = False) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from tests.helpers import Waymark, free_port, query, serve_process
+from tests.integration.test_catalog_migrations import downgrade
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-password-1"
 ALICE, ALICE_PASSWORD = "alice", "alice-password-1"
@@ -132,6 +133,16 @@ def test_an_attackers_failures_do_not_lock_the_user_out_elsewhere(home: Waymark)
                                        "Cookie": f"{COOKIE}={admin_cookie.cookies[COOKIE]}"})
         assert cleared.status_code == 200, cleared.text
         assert cleared.json() == {"user": ALICE, "cleared_addresses": 1}
+        assert login(attacker, ALICE, ALICE_PASSWORD).status_code == 200
+        # the same through the CLI (the counts are the server's: it goes through --server)
+        for attempt in range(6):
+            login(attacker, ALICE, f"wrong-again-{attempt}")
+        assert login(attacker, ALICE, ALICE_PASSWORD).status_code == 429
+        local = home.run("user", "unlock", ALICE)
+        assert local.returncode == 2 and "--server" in local.stderr
+        remote = home.run("user", "unlock", ALICE, env=home.env(
+            WAYMARK_SERVER=url, WAYMARK_TOKEN=token(home, ADMIN)))
+        assert remote.returncode == 0 and "1 address(es)" in remote.stdout, remote.stderr
         assert login(attacker, ALICE, ALICE_PASSWORD).status_code == 200
 
 
@@ -312,6 +323,17 @@ def test_the_cli_through_server_asks_for_the_current_password(home: Waymark) -> 
         assert password_hash(home, ALICE) != before and me(url, alice) == 200
     local = home.run("user", "passwd", ALICE, "--password-stdin", input="host-password-1\n")
     assert local.returncode == 0 and "1 API token(s) revoked" in local.stdout, local.stdout
+
+
+def test_tokens_made_before_expiry_existed_never_expire(home: Waymark) -> None:
+    made = home.json("token", "create", "old", "--user", ALICE)
+    downgrade(home.home, "0010")
+    assert "expires_at" not in {c for (_, c, *_) in query(home.home,
+                                                          "PRAGMA table_info(api_tokens)")}
+    [listed] = home.json("token", "list")  # migrates to 0011
+    assert (listed["id"], listed["expires_at"]) == (made["id"], None)
+    with serve_process(home) as url:
+        assert me(url, made["token"]) == 200
 
 
 def test_tokens_may_expire(home: Waymark) -> None:

@@ -42,7 +42,7 @@ def _user_lines(u: dict[str, Any]) -> list[str]:
 
 @click.group()
 def user() -> None:
-    """API users: add, passwd, remove, list, grant, revoke."""
+    """API users: add, passwd, unlock, remove, list, grant, revoke."""
 
 
 @user.command("add")
@@ -87,6 +87,22 @@ def _current_password(from_stdin: bool) -> str:
                            "on.", hint="Give it on standard input with --password-stdin (the "
                                        "current password first, the new one second).")
     return str(click.prompt("Current password", hide_input=True))
+
+
+@user.command("unlock")
+@click.argument("name")
+def user_unlock(name: str) -> None:
+    """Forget a user's failed sign-ins from every address (after 429s), on a running server:
+    the counts live in its memory (restarting it also clears them)."""
+    remote = face().remote
+    if remote is None:
+        raise InvalidInput("failed sign-ins are counted in the running server's memory, not in "
+                           "the home.",
+                           hint="Run it through the server as an administrator: waymark "
+                                "--server URL --token TOKEN user unlock NAME")
+    done = remote.forget_sign_in_failures(name)
+    click.echo(f"Forgot the failed sign-ins of {name} from {done['cleared_addresses']} "
+               "address(es).")
 
 
 @user.command("remove")
