@@ -95,6 +95,20 @@ class Client:
         return dict(self.call("DELETE", f"/vms/{_p(vm)}/checkpoints",
                               params={"match": match, "subtree": subtree, "yes": yes}))
 
+    # --- accounts -----------------------------------------------------------------------------
+
+    def me(self) -> dict[str, Any]:
+        return dict(self.call("GET", "/auth/me"))
+
+    def set_password(self, user: str, password: str, current: str | None = None,
+                     keep_tokens: bool = False) -> dict[str, Any]:
+        return dict(self.call("PUT", f"/users/{_p(user)}/password",
+                              {"password": password, "current_password": current,
+                               "keep_tokens": keep_tokens}))
+
+    def forget_sign_in_failures(self, user: str) -> dict[str, Any]:
+        return dict(self.call("DELETE", f"/users/{_p(user)}/sign-in-failures"))
+
     # --- jobs ---------------------------------------------------------------------------------
 
     def job_list(self, everything: bool = False) -> list[dict[str, Any]]:

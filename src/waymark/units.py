@@ -1,8 +1,9 @@
-"""Sizes as users write them (512M, 20G) and as we print them."""
+"""Sizes as users write them (512M, 20G) and as we print them; durations (90d, 12h)."""
 
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from waymark.errors import InvalidInput
 
@@ -19,6 +20,23 @@ def parse_size(text: str, *, what: str = "size", default_unit: str = "") -> int:
                                 "e.g. 512M or 20G.")
     unit = (match.group(2) or default_unit).upper()
     return int(match.group(1)) * _SUFFIX[unit]
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$", re.IGNORECASE)
+_DURATION_UNIT = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+LONGEST = timedelta(days=3650)
+
+
+def parse_duration(text: str, *, what: str = "duration") -> timedelta:
+    """A positive duration from ``30m``, ``12h``, ``90d`` or ``8w`` (at most ten years)."""
+    match = _DURATION.match(text)
+    span = timedelta(**{_DURATION_UNIT[match.group(2).lower()]: int(match.group(1))}) \
+        if match is not None and len(match.group(1)) < 8 else timedelta(0)
+    if not timedelta(0) < span <= LONGEST:
+        raise InvalidInput(f"invalid {what} {text!r}.",
+                           hint="Write a positive number with m, h, d or w (minutes, hours, "
+                                "days, weeks), e.g. 90d; at most ten years.")
+    return span
 
 
 def human(size: int) -> str:

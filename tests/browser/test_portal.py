@@ -14,7 +14,10 @@ What is checked, as a user sees it:
 - a self-service user with ``checkpoint-restore-only`` on one VM sees only that VM, no
   Checkpoint button, and a menu with Apply but no Delete entries; a forged POST of a checkpoint
   (an action the page does not offer) from their signed-in page gets 403 and creates nothing;
-- no console errors and no failed network requests, other than that forged 403.
+- a sign-in form posted from a page of another site is refused (login CSRF) and sets no
+  cookie; the portal's own form still signs in;
+- no console errors and no failed network requests, other than that forged 403 (a violation
+  of the Content-Security-Policy would be a console error).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Waymark, served
+from tests.helpers import Waymark, query, served
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -103,6 +106,14 @@ def reloaded(page: Any, act: Any) -> None:
         act()
 
 
+def check_space_chart(space: Any, expect: Any) -> None:
+    expect(space.get_by_role("table", name="Space held by each checkpoint")).to_be_visible()
+    expect(space.locator(".bar:not(.shared)")).to_have_count(2)  # own space, per checkpoint
+    expect(space.locator(".bar.shared")).to_have_count(2)  # and the shared space below it
+    widths = space.locator(".bar").evaluate_all("bars => bars.map(b => b.style.width)")
+    assert all(w.endswith("%") for w in widths), widths  # set from data-width (CSP)
+
+
 def test_an_administrator_checkpoints_applies_renames_and_deletes(
         site: tuple[Waymark, str]) -> None:
     from playwright.sync_api import expect, sync_playwright
@@ -155,9 +166,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "vm-page.png"), full_page=True)
         space = page.locator("section.space")
-        expect(space.get_by_role("table", name="Space held by each checkpoint")).to_be_visible()
-        expect(space.locator(".bar:not(.shared)")).to_have_count(2)  # own space, per checkpoint
-        expect(space.locator(".bar.shared")).to_have_count(2)  # and the shared space below it
+        check_space_chart(space, expect)
         space.screenshot(path=str(ARTIFACTS / "space-chart.png"))
         expect(page.get_by_role("tree")).to_be_visible()
         assert (ARTIFACTS / "vm-page.png").stat().st_size > 0
@@ -199,6 +208,38 @@ def test_a_restore_only_user_sees_one_vm_and_no_delete(site: tuple[Waymark, str]
         browser.close()
         assert watch.problems == [], "\n".join(watch.problems)
     assert wm.json("checkpoint", "list", "web") == before
+
+
+def test_a_sign_in_form_on_another_site_signs_no_one_in(site: tuple[Waymark, str]) -> None:
+    """Login CSRF: a page of another site posts the portal's sign-in form with the attacker's
+    name and password (so the victim would work, unknowing, in the attacker's account); the
+    browser sends its Origin, the portal refuses it and sets no cookie. The same browser then
+    signs in through the portal's own form as usual."""
+    from playwright.sync_api import sync_playwright
+
+    wm, url = site
+    evil = "http://evil.example/"
+    attack = f"""<!doctype html><form method="post" action="{url}/login">
+        <input name="name" value="restorer"><input name="password" value="restorer-pass">
+        <input name="next" value="/vms"><button id="go">Go</button></form>"""
+    sessions_before = query(wm.home, "SELECT count(*) FROM web_sessions")
+    with sync_playwright() as playwright:
+        browser, page = browser_page(playwright)
+        page.route(evil, lambda route: route.fulfill(content_type="text/html", body=attack))
+        page.goto(evil)
+        with page.expect_navigation() as navigation:
+            page.click("#go")
+        response = navigation.value
+        assert response is not None and response.status == 403
+        assert response.request.headers.get("origin") == "http://evil.example"
+        assert "another site" in page.content()
+        assert not [c for c in page.context.cookies() if c["name"] == "waymark_session"]
+        assert query(wm.home, "SELECT count(*) FROM web_sessions") == sessions_before
+        watch = Watch(page)
+        sign_in(page, url, "restorer", "restorer-pass")  # the real form still works
+        assert [c for c in page.context.cookies() if c["name"] == "waymark_session"]
+        browser.close()
+        assert watch.problems == [], "\n".join(watch.problems)
 
 
 def test_administration_pages(site: tuple[Waymark, str]) -> None:

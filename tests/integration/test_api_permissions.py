@@ -396,18 +396,29 @@ def user_remove(env: Env, caller: str, allowed: bool) -> Req:
     return Req(f"/api/users/{name}", check=check)
 
 
-def _password(env: Env, whose: str) -> Req:
+def _password(env: Env, whose: str, current: str | None = None) -> Req:
     new = env.unique(f"{whose}-password")
 
     def check(resp: httpx.Response) -> None:
         users.by_password(env.ctx, whose, new)  # raises when the password did not change
         env.passwords[whose] = new
+        if whose in env.tokens:  # a password change revokes the user's tokens
+            assert whoami(env, env.tokens[whose]).status_code == 401
+            env.tokens[whose] = users.create_token(env.ctx, whose, env.unique("token"))["token"]
 
-    return Req(f"/api/users/{whose}/password", {"password": new}, check=check)
+    body = {"password": new} | ({"current_password": current} if current else {})
+    return Req(f"/api/users/{whose}/password", body, check=check)
 
 
 def password_own(env: Env, caller: str, allowed: bool) -> Req:
-    return _password(env, caller)
+    return _password(env, caller, env.passwords[caller])
+
+
+def sign_in_failures(env: Env, caller: str, allowed: bool) -> Req:
+    def check(resp: httpx.Response) -> None:
+        assert resp.json() == {"user": "victim", "cleared_addresses": 0}
+
+    return Req("/api/users/victim/sign-in-failures", check=check)
 
 
 def password_other(env: Env, caller: str, allowed: bool) -> Req:
@@ -1205,6 +1216,8 @@ TABLE = [
         password_own, variant="own"),
     row("PUT", "/api/users/{name}/password",          "ok  403  403  403  403  403  403",
         password_other, variant="another user's"),
+    row("DELETE", "/api/users/{name}/sign-in-failures", "ok  403  403  403  403  403  403",
+        sign_in_failures),
     row("POST", "/api/users/{name}/grants",           "ok  403  403  403  403  403  403",
         grant_other, variant="another user"),
     row("POST", "/api/users/{name}/grants",           "ok  403  403  403  403  403  403",

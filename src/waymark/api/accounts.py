@@ -7,10 +7,20 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from waymark.api.security import COOKIE, CallerDep, ContextDep, OutOfScope, require
+from waymark.api.security import (
+    COOKIE,
+    CallerDep,
+    ContextDep,
+    LoginLimiter,
+    OutOfScope,
+    client_address,
+    require,
+    sign_in,
+)
 from waymark.auth import policy
-from waymark.errors import NotFound, Unauthenticated
+from waymark.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
 from waymark.ops import audit, users
+from waymark.units import parse_duration
 
 router = APIRouter(tags=["accounts"])
 Role = Literal["administrator", "self-service", "backup-operator", "read-only"]
@@ -24,19 +34,11 @@ class Login(BaseModel):
 
 
 @router.post("/auth/login")
-def login(body: Login, request: Request, response: Response, ctx: ContextDep
-          ) -> dict[str, Any]:
+def login(body: Login, request: Request, response: Response) -> dict[str, Any]:
     """Sign in: a session cookie (HttpOnly, SameSite=Strict) and the CSRF token its writes
-    must send in ``X-CSRF-Token``. Repeated failures are refused for a while (429)."""
-    request.state.login_name = body.name  # for the audit log
-    limiter = request.app.state.limiter
-    keys = (f"user:{body.name}", f"addr:{request.client.host if request.client else '-'}")
-    limiter.check(*keys)
-    try:
-        cookie, csrf = users.login(ctx, body.name, body.password)
-    except Unauthenticated:
-        limiter.failed(*keys)
-        raise
+    must send in ``X-CSRF-Token``. Repeated failures are refused for a while (429:
+    :class:`~waymark.api.security.LoginLimiter`)."""
+    cookie, csrf = sign_in(request, body.name, body.password)
     response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", max_age=int(
                             users.SESSION_LIFETIME.total_seconds()), path="/")
@@ -90,16 +92,41 @@ def user_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
 
 class Password(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
+    current_password: str | None = Field(
+        default=None, max_length=1024,
+        description="Your password now: needed to change your own (not another user's).")
+    keep_tokens: bool = Field(default=False, description="Keep the user's API tokens working "
+                                                         "(by default they are revoked).")
 
 
 @router.put("/users/{name}/password")
-def user_password(name: str, body: Password, caller: CallerDep, ctx: ContextDep
-                  ) -> dict[str, Any]:
-    """Administrators set anyone's; every user their own (their sessions end)."""
+def user_password(name: str, body: Password, request: Request, caller: CallerDep,
+                  ctx: ContextDep) -> dict[str, Any]:
+    """Administrators set anyone's; every user their own, giving the current one (failures
+    count as failed sign-ins). The user's sessions end, and their API tokens are revoked
+    unless ``keep_tokens``."""
     if name != caller.who.name:
         require(caller.who, "user.manage")
-    users.set_password(ctx, name, body.password)
-    return {"changed": name}
+        return users.set_password(ctx, name, body.password, keep_tokens=body.keep_tokens)
+    if body.current_password is None:
+        raise InvalidInput("changing your own password needs your current password.",
+                           hint="Send it as current_password.")
+    limiter: LoginLimiter = request.app.state.limiter
+    try:
+        with limiter.attempt(client_address(request), name):
+            return users.set_password(ctx, name, body.password, current=body.current_password,
+                                      keep_tokens=body.keep_tokens)
+    except Unauthenticated as err:  # (the caller is signed in: not a 401)
+        raise Forbidden(err.message, hint=err.hint) from None
+
+
+@router.delete("/users/{name}/sign-in-failures")
+def user_unlock(name: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """Forget the failed sign-ins counted against a user name from every address, so a user
+    locked out (429) may sign in again at once (administrators)."""
+    require(caller.who, "user.manage")
+    limiter: LoginLimiter = request.app.state.limiter
+    return {"user": name, "cleared_addresses": limiter.forget(name)}
 
 
 class NewGrant(BaseModel):
@@ -125,6 +152,9 @@ def grant_remove(name: str, caller: CallerDep, ctx: ContextDep, vm: str | None =
 
 class NewToken(BaseModel):
     name: str = Field(min_length=1, max_length=99)
+    expires_in: str | None = Field(default=None, max_length=16, examples=["90d"],
+                                   description="How long it works: 30m, 12h, 90d or 8w "
+                                               "(default: until revoked).")
     user: str | None = Field(default=None, max_length=64,
                              description="Administrators only: whose token (default: yours).")
 
@@ -142,7 +172,8 @@ def token_create(body: NewToken, caller: CallerDep, ctx: ContextDep) -> dict[str
     if owner != caller.who.name:
         require(caller.who, "user.manage")
     require(caller.who, "token.own")
-    return users.create_token(ctx, owner, body.name)
+    expires_in = parse_duration(body.expires_in, what="expires_in") if body.expires_in else None
+    return users.create_token(ctx, owner, body.name, expires_in)
 
 
 @router.delete("/tokens/{token_id}")

@@ -23,7 +23,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from waymark import __version__
-from waymark.api import accounts, backups, checkpoints, console, jobs, library, security, vms
+from waymark.api import (
+    accounts,
+    backups,
+    checkpoints,
+    console,
+    headers,
+    jobs,
+    library,
+    security,
+    vms,
+)
 from waymark.errors import WaymarkError
 from waymark.ops import audit
 from waymark.ops.context import Context
@@ -163,7 +173,7 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 def create_app(ctx: Context) -> FastAPI:
     app = FastAPI(title="Waymark", version=__version__, openapi_url="/api/openapi.json",
-                  docs_url="/api/docs", redoc_url=None,
+                  docs_url=None, redoc_url=None,  # (no explorer: docs/api.md says why)
                   description="Hyper-V style checkpoints and backups for QEMU/KVM VMs.")
     app.state.ctx = ctx
     app.state.limiter = security.LoginLimiter()
@@ -171,6 +181,7 @@ def create_app(ctx: Context) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
     app.middleware("http")(_audited)
+    app.add_middleware(headers.SecurityHeaders)
     for module in (accounts, vms, checkpoints, backups, jobs, library, console):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(pages.router)

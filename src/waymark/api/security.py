@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -61,6 +63,22 @@ def _authenticate(request: Request) -> Caller:
         raise Forbidden(f"this request needs the session's CSRF token in {CSRF_HEADER}.",
                         hint="Read it from GET /api/auth/me (csrf_token) after signing in.")
     return Caller(who, "session", csrf)
+
+
+def client_address(request: Request) -> str:
+    """The caller's address: the peer's, or what a proxy named with ``waymark serve
+    --trusted-proxy`` put in ``X-Forwarded-For`` (uvicorn applies that; no one else is
+    believed)."""
+    return request.client.host if request.client else "-"
+
+
+def sign_in(request: Request, name: str, password: str) -> tuple[str, str]:
+    """(session cookie, CSRF token) for a correct name and password, within the limits of
+    :class:`LoginLimiter` (429 before the password is checked)."""
+    request.state.login_name = name  # for the audit log
+    limiter: LoginLimiter = request.app.state.limiter
+    with limiter.attempt(client_address(request), name):
+        return users.login(context(request), name, password)
 
 
 CallerDep = Annotated[Caller, Depends(caller)]
@@ -145,32 +163,88 @@ def _exists(session: Session, ref: str) -> bool:
         (Vm.name == ref) | Vm.id.startswith(ref.lower() or "-"))).first() is not None
 
 
-class LoginLimiter:
-    """At most ``limit`` failed sign-ins per user name and per client address in ``window``
-    seconds; then 429 until the oldest failure leaves the window."""
+Key = tuple[str, str, str]  # ("pair", address, name) or ("address", address, "")
 
-    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
-        self.limit, self.window = limit, window
-        self._failures: dict[str, deque[float]] = {}
+
+class LoginLimiter:
+    """Failed sign-ins, counted per (client address, user name) and per client address.
+
+    A pair that failed :attr:`per_name` times in :attr:`window` seconds is refused (429) until
+    its oldest failure leaves the window, and so is an address that failed :attr:`per_address`
+    times whatever the names (one address guessing many users). Nothing is counted per name
+    alone: someone else's failures never lock a user out from their own address (the way out:
+    sign in from another address, use an API token, or wait; an administrator clears a name's
+    failures with ``DELETE /api/users/{name}/sign-in-failures``).
+
+    Checking and counting are one step: :meth:`attempt` counts the attempt as failed before
+    the password is checked and takes it back when it succeeds, so parallel guesses cannot
+    pass the check together (at most ``per_name`` of them reach the password check).
+    """
+
+    KEPT = 10000  # more keys than this: the ones with no failure in the window are dropped
+
+    def __init__(self, per_name: int = 5, per_address: int = 20, window: float = 300.0
+                 ) -> None:
+        self.per_name, self.per_address, self.window = per_name, per_address, window
+        self._failures: dict[Key, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, moment: float) -> deque[float]:
+    @contextmanager
+    def attempt(self, address: str, name: str) -> Iterator[None]:
+        """Around one password check: 429 (nothing checked) when the pair or the address is
+        over its limit; the attempt stays counted unless the block ends without an error."""
+        keys: tuple[Key, ...] = (("pair", address, name), ("address", address, ""))
+        moment = self._reserve(keys)
+        try:
+            yield
+        except Unauthenticated:
+            raise
+        except BaseException:
+            self._release(keys, moment)  # not a wrong password: not a failure
+            raise
+        self._release(keys[1:], moment)
+        with self._lock:
+            self._failures.pop(keys[0], None)  # the pair's earlier failures are forgiven
+
+    def forget(self, name: str) -> int:
+        """Clear the failures against ``name`` from every address (an administrator's way out
+        for a user locked out); how many pairs were cleared."""
+        with self._lock:
+            found = [k for k in self._failures if k[0] == "pair" and k[2] == name]
+            for key in found:
+                del self._failures[key]
+            return len(found)
+
+    def _reserve(self, keys: tuple[Key, ...]) -> float:
+        moment = time.monotonic()
+        with self._lock:
+            if len(self._failures) > self.KEPT:
+                self._sweep(moment)
+            for key in keys:
+                seen = self._recent(key, moment)
+                if len(seen) >= (self.per_name if key[0] == "pair" else self.per_address):
+                    wait = int(seen[0] + self.window - moment) + 1
+                    raise TooManyAttempts(f"too many failed sign-ins; try again in {wait} s.",
+                                          hint="Or sign in with an API token, or ask an "
+                                               "administrator to clear the failures.")
+            for key in keys:
+                self._failures[key].append(moment)
+        return moment
+
+    def _release(self, keys: tuple[Key, ...], moment: float) -> None:
+        with self._lock:
+            for key in keys:
+                seen = self._failures.get(key)
+                if seen is not None and moment in seen:
+                    seen.remove(moment)
+
+    def _recent(self, key: Key, moment: float) -> deque[float]:
         seen = self._failures.setdefault(key, deque())
         while seen and seen[0] <= moment - self.window:
             seen.popleft()
         return seen
 
-    def check(self, *keys: str) -> None:
-        moment = time.monotonic()
-        with self._lock:
-            for key in keys:
-                seen = self._recent(key, moment)
-                if len(seen) >= self.limit:
-                    wait = int(seen[0] + self.window - moment) + 1
-                    raise TooManyAttempts(f"too many failed sign-ins; try again in {wait} s.")
-
-    def failed(self, *keys: str) -> None:
-        moment = time.monotonic()
-        with self._lock:
-            for key in keys:
-                self._recent(key, moment).append(moment)
+    def _sweep(self, moment: float) -> None:
+        for key in list(self._failures):
+            if not self._recent(key, moment):
+                del self._failures[key]

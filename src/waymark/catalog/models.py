@@ -286,7 +286,8 @@ class Grant(Base):
 
 class ApiToken(Base):
     """A script's credential: ``wm_<id>_<secret>``, shown once; only the secret's sha256 is
-    kept (it is random, 256 bits: a slow hash adds nothing)."""
+    kept (it is random, 256 bits: a slow hash adds nothing). It stops working at
+    ``expires_at`` (none: when revoked), and when its user's password changes."""
 
     __tablename__ = "api_tokens"
 
@@ -296,6 +297,7 @@ class ApiToken(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class WebSession(Base):

@@ -4,6 +4,7 @@ what dead commands left (done when the home is opened)."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import threading
@@ -32,6 +33,39 @@ def _address(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _check_transport(host: str, tls: bool, insecure_http: bool) -> None:
+    """Plain HTTP only on loopback, unless asked for by name: passwords, session cookies and
+    tokens would cross the network in the clear."""
+    if tls or insecure_http or _loopback(host):
+        return
+    raise InvalidInput(f"--listen {host} is reachable from other hosts, and without TLS "
+                       "passwords, session cookies and tokens would cross the network in "
+                       "the clear.",
+                       hint="Give --cert and --key, or serve on 127.0.0.1 behind a TLS reverse "
+                            "proxy (--trusted-proxy 127.0.0.1); --insecure-http if you must.")
+
+
+def _proxies(given: tuple[str, ...]) -> list[str]:
+    """The proxies whose ``X-Forwarded-For``/``-Proto`` are believed (addresses or networks)."""
+    for proxy in given:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise InvalidInput(f"--trusted-proxy {proxy!r} is not an IP address or network.",
+                               hint="For example --trusted-proxy 127.0.0.1 or "
+                                    "--trusted-proxy 10.0.0.0/24.") from None
+    return list(given)
+
+
 def _schedules(ctx: Context, stop: threading.Event) -> None:
     """Run due backup schedules every half minute until ``stop``."""
     from waymark.ops import schedules
@@ -51,8 +85,14 @@ def _schedules(ctx: Context, stop: threading.Event) -> None:
               help="TLS certificate (PEM); with --key, the API is served over HTTPS.")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TLS private key (PEM).")
+@click.option("--insecure-http", is_flag=True,
+              help="Allow plain HTTP on an address other hosts reach (not advised).")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDR",
+              help="A reverse proxy (IP address or network) whose X-Forwarded-For and "
+                   "X-Forwarded-Proto are believed; repeatable. Default: none.")
 @click.option("--no-schedules", is_flag=True, help="Do not run backup schedules here.")
-def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) -> None:
+def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
+          trusted_proxies: tuple[str, ...], no_schedules: bool) -> None:
     """Serve the REST API (OpenAPI at /api/openapi.json) and run the backup schedules."""
     import uvicorn
 
@@ -61,6 +101,8 @@ def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) 
     host, port = _address(listen)
     if (cert is None) != (key is None):
         raise InvalidInput("--cert and --key go together.", hint="Give both, or neither.")
+    _check_transport(host, cert is not None, insecure_http)
+    proxies = _proxies(trusted_proxies)
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
@@ -71,6 +113,7 @@ def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) 
                f"(home {ctx.home})", err=True)
     try:
         uvicorn.run(create_app(ctx), host=host, port=port, log_level="warning",
+                    proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
                     ssl_certfile=str(cert) if cert else None,
                     ssl_keyfile=str(key) if key else None)
     finally:

@@ -13,6 +13,7 @@ from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
 from waymark.errors import InvalidInput
 from waymark.ops import users
+from waymark.units import parse_duration
 
 
 def _password(from_stdin: bool) -> str:
@@ -41,7 +42,7 @@ def _user_lines(u: dict[str, Any]) -> list[str]:
 
 @click.group()
 def user() -> None:
-    """API users: add, passwd, remove, list, grant, revoke."""
+    """API users: add, passwd, unlock, remove, list, grant, revoke."""
 
 
 @user.command("add")
@@ -58,10 +59,50 @@ def user_add(name: str, role: str, password_stdin: bool, as_json: bool) -> None:
 @user.command("passwd")
 @click.argument("name")
 @PASSWORD_STDIN
-def user_passwd(name: str, password_stdin: bool) -> None:
-    """Set a user's password (their web sessions end)."""
-    users.set_password(face().ctx, name, _password(password_stdin))
-    click.echo(f"Changed the password of {name}; their sessions were signed out.")
+@click.option("--keep-tokens", is_flag=True,
+              help="Keep the user's API tokens working (by default they are revoked).")
+def user_passwd(name: str, password_stdin: bool, keep_tokens: bool) -> None:
+    """Set a user's password: their web sessions end and their API tokens are revoked.
+
+    On the host no current password is asked (whoever runs the CLI here owns the catalog).
+    With --server, changing your own password needs your current one: asked first, or the
+    first line on standard input (the new one the second)."""
+    remote = face().remote
+    if remote is None:
+        done = users.set_password(face().ctx, name, _password(password_stdin),
+                                  keep_tokens=keep_tokens)
+    else:
+        current = _current_password(password_stdin) if remote.me()["name"] == name else None
+        done = remote.set_password(name, _password(password_stdin), current, keep_tokens)
+    click.echo(f"Changed the password of {name}; their sessions were signed out"
+               + ("." if keep_tokens else f" and {done['tokens_revoked']} API token(s) "
+                  "revoked."))
+
+
+def _current_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return _password(True)
+    if not sys.stdin.isatty():
+        raise InvalidInput("your current password is needed and there is no terminal to ask "
+                           "on.", hint="Give it on standard input with --password-stdin (the "
+                                       "current password first, the new one second).")
+    return str(click.prompt("Current password", hide_input=True))
+
+
+@user.command("unlock")
+@click.argument("name")
+def user_unlock(name: str) -> None:
+    """Forget a user's failed sign-ins from every address (after 429s), on a running server:
+    the counts live in its memory (restarting it also clears them)."""
+    remote = face().remote
+    if remote is None:
+        raise InvalidInput("failed sign-ins are counted in the running server's memory, not in "
+                           "the home.",
+                           hint="Run it through the server as an administrator: waymark "
+                                "--server URL --token TOKEN user unlock NAME")
+    done = remote.forget_sign_in_failures(name)
+    click.echo(f"Forgot the failed sign-ins of {name} from {done['cleared_addresses']} "
+               "address(es).")
 
 
 @user.command("remove")
@@ -113,13 +154,17 @@ def token() -> None:
 @token.command("create")
 @click.argument("name")
 @click.option("--user", "user_name", required=True, help="Whose token it is.")
+@click.option("--expires-in", metavar="DURATION",
+              help="How long it works: 30m, 12h, 90d, 8w (default: until revoked).")
 @json_option
-def token_create(name: str, user_name: str, as_json: bool) -> None:
+def token_create(name: str, user_name: str, expires_in: str | None, as_json: bool) -> None:
     """A new token; it is shown now and never again (only its hash is kept)."""
-    made = users.create_token(face().ctx, user_name, name)
+    span = parse_duration(expires_in, what="--expires-in") if expires_in else None
+    made = users.create_token(face().ctx, user_name, name, span)
     emit(as_json, made, [made["token"],
-                         f"(token {made['id']} for {user_name}: keep it now, it is not shown "
-                         "again)"])
+                         f"(token {made['id']} for {user_name}"
+                         + (f", until {made['expires_at']}" if made["expires_at"] else "")
+                         + ": keep it now, it is not shown again)"])
 
 
 @token.command("revoke")
@@ -137,7 +182,8 @@ def token_list(user_name: str | None, as_json: bool) -> None:
     """Tokens (ids, owners, last use; never the secrets)."""
     rows = users.tokens(face().ctx, user_name)
     emit(as_json, rows, [f"{t['id']}  {t['user']:<20} {t['name']:<20} last used "
-                         f"{t['last_used_at'] or 'never'}" for t in rows] or ["No tokens."])
+                         f"{t['last_used_at'] or 'never'}, expires {t['expires_at'] or 'never'}"
+                         for t in rows] or ["No tokens."])
 
 
 @click.command()

@@ -67,13 +67,25 @@ def add(ctx: Context, name: str, role: str, password: str) -> dict[str, Any]:
         return view(session, row)
 
 
-def set_password(ctx: Context, name: str, password: str) -> None:
-    """A new password; every session of the user ends (tokens stay: revoke them by id)."""
+def set_password(ctx: Context, name: str, password: str, *, current: str | None = None,
+                 keep_tokens: bool = False) -> dict[str, Any]:
+    """A new password. With ``current`` (a user changing their own), only when it is the
+    password now (else :class:`Unauthenticated`, nothing changed).
+
+    Every session of the user ends, and so do their API tokens unless ``keep_tokens``: a
+    password is changed when it may have leaked, and whoever held it could have made a token
+    with it that would otherwise outlive the change."""
     password_hash = secrets.hash_password(password)
     with ctx.catalog.session() as session:
         row = _user(session, name)
+        if current is not None and not secrets.password_matches(row.password_hash, current):
+            raise Unauthenticated("the current password is wrong; nothing changed.",
+                                  hint="Give your current password to change it.")
         row.password_hash = password_hash
         session.execute(delete(WebSession).where(WebSession.user_id == row.id))
+        revoked = 0 if keep_tokens else len(list(session.scalars(
+            delete(ApiToken).where(ApiToken.user_id == row.id).returning(ApiToken.id))))
+        return {"changed": name, "sessions_ended": True, "tokens_revoked": revoked}
 
 
 def remove(ctx: Context, name: str) -> None:
@@ -175,19 +187,29 @@ def by_token(ctx: Context, token: str) -> policy.Principal:
             raise Unauthenticated("the API token is not valid (revoked, or mistyped).",
                                   hint="Create a new one: waymark token create NAME")
         moment = now()
+        if row.expires_at is not None and _aware(row.expires_at) <= moment:
+            raise Unauthenticated("the API token has expired.",
+                                  hint="Create a new one: waymark token create NAME "
+                                       "--expires-in 90d")
         if row.last_used_at is None or moment - _aware(row.last_used_at) > LAST_USED_EVERY:
             row.last_used_at = moment  # (not a durable write on every request)
         return principal(session, session.get_one(User, row.user_id))
 
 
-def create_token(ctx: Context, user: str, name: str) -> dict[str, Any]:
-    """A new API token for ``user``; the token itself is in the result and nowhere else."""
+def create_token(ctx: Context, user: str, name: str, expires_in: timedelta | None = None
+                 ) -> dict[str, Any]:
+    """A new API token for ``user``, valid for ``expires_in`` (none: until revoked); the
+    token itself is in the result and nowhere else."""
     token_id, secret, token = secrets.new_token()
+    moment = now()
+    expires_at = moment + expires_in if expires_in is not None else None
     with ctx.catalog.session() as session:
         row = _user(session, user)
         session.add(ApiToken(id=token_id, user_id=row.id, name=name,
-                             secret_sha256=secrets.digest(secret), created_at=now()))
-    return {"id": token_id, "user": user, "name": name, "token": token}
+                             secret_sha256=secrets.digest(secret), created_at=moment,
+                             expires_at=expires_at))
+    return {"id": token_id, "user": user, "name": name, "token": token,
+            "expires_at": rfc3339(expires_at) if expires_at else None}
 
 
 def revoke_token(ctx: Context, token_id: str, user: str | None = None) -> None:
@@ -206,7 +228,8 @@ def tokens(ctx: Context, user: str | None = None) -> list[dict[str, Any]]:
         if user is not None:
             query = query.where(User.name == user)
         return [{"id": t.id, "user": n, "name": t.name, "created_at": rfc3339(t.created_at),
-                 "last_used_at": rfc3339(t.last_used_at) if t.last_used_at else None}
+                 "last_used_at": rfc3339(t.last_used_at) if t.last_used_at else None,
+                 "expires_at": rfc3339(t.expires_at) if t.expires_at else None}
                 for t, n in session.execute(query.order_by(ApiToken.created_at))]
 
 

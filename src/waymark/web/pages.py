@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -15,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from waymark.api import jobs as job_api
-from waymark.api.security import COOKIE, vm_for
+from waymark.api.security import COOKIE, sign_in, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
@@ -87,17 +88,33 @@ def _safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/vms"
 
 
+def _cross_site(request: Request) -> bool:
+    """Whether a form POST comes from a page of another site (login CSRF: signing a victim's
+    browser into the attacker's account). Browsers send ``Origin`` with every POST, or at
+    least a ``Referer`` (this site's Referrer-Policy keeps it for its own pages); a request
+    with neither comes from no browser page (a script, curl) and no page can forge it."""
+    sent = request.headers.get("origin") or request.headers.get("referer")
+    if sent is None:
+        return False
+    parts = urlsplit(sent)
+    return (parts.scheme, parts.netloc) != (request.url.scheme, request.url.netloc)
+
+
+def _refused(request: Request, next: str) -> Response:
+    request.state.error = "a sign-in form sent from another site was refused."
+    return _page(request, "login.html", None, None, 403, next=_safe_next(next),
+                 error="This sign-in came from a page of another site and was refused. "
+                       "Sign in here instead.")
+
+
 @router.post("/login")
 def login(request: Request, name: str = Form(max_length=64), password: str = Form(max_length=1024),
           next: str = Form(default="/vms", max_length=512)) -> Response:
-    limiter = request.app.state.limiter
-    keys = (f"user:{name}", f"addr:{request.client.host if request.client else '-'}")
-    request.state.login_name = name
+    if _cross_site(request):
+        return _refused(request, next)
     try:
-        limiter.check(*keys)
-        cookie, _ = users.login(_ctx(request), name, password)
+        cookie, _ = sign_in(request, name, password)
     except Unauthenticated as err:
-        limiter.failed(*keys)
         return _page(request, "login.html", None, None, 401, next=_safe_next(next),
                      error=err.message)
     except TooManyAttempts as err:
@@ -112,6 +129,9 @@ def login(request: Request, name: str = Form(max_length=64), password: str = For
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
+    if _cross_site(request):
+        return _page(request, "error.html", None, None, 403,
+                     error="A sign-out sent from another site was refused.")
     cookie = request.cookies.get(COOKIE)
     if cookie:
         users.logout(_ctx(request), cookie)

@@ -375,7 +375,15 @@ function consolePage() {
   connect();
 }
 
+// Bars carry their width as data (the Content-Security-Policy allows no style attributes).
+function bars() {
+  for (const bar of document.querySelectorAll(".bar[data-width]")) {
+    bar.style.width = `${bar.dataset.width}%`;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  bars();
   consolePage();
   apiForms();
   powerButtons();
