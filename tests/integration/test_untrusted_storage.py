@@ -111,9 +111,12 @@ def backing_outside(secret: Path) -> dict[str, Callable[[Path], None]]:
         return lambda disk: qemu_img("create", "-q", "-f", "qcow2", "-F", fmt, "-b",
                                      backing(disk), "-u", str(disk), "1M")
 
-    def data_file(disk: Path) -> None:
-        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on",
+    def data_file(disk: Path) -> None:  # made on a scratch data file, then renamed in place
+        scratch = disk.with_name("scratch.raw")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={scratch},data_file_raw=on",
                  str(disk), "1M")
+        qemu_img("amend", "-f", "qcow2", "-o", f"data_file={secret}", str(disk))
+        scratch.unlink()
 
     return {"absolute": overlay(lambda disk: str(secret), "raw"),
             "relative": overlay(lambda disk: os.path.relpath(outside, disk.parent), "qcow2"),
