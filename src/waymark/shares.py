@@ -5,13 +5,15 @@ mistaken for one, nor used by a Waymark that does not know its version."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from waymark import durable
-from waymark.errors import Conflict, NotFound, StorageError
+from waymark.errors import Conflict, ImageError, NotFound, StorageError
+from waymark.images import qemu_img
 
 
 def create(path: Path, marker: str, fmt: str, version: int, *, what: str,
@@ -52,3 +54,70 @@ def read(path: Path, marker: str, fmt: str, version: int, *, what: str,
                        f"version {data.get('version')!r}.",
                        hint="Use a Waymark version that knows it.")
     return data
+
+
+# --- reading what such a folder holds ---------------------------------------------------------
+# Whoever can write the storage (an NFS export, a USB disk) controls every byte of it, so a name
+# read there is confined to the folder before Waymark opens, copies or deletes anything by it.
+
+Backing = Literal["inside", "none", "replaced"]
+SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def refused(where: str, what: str) -> ImageError:
+    """The error for untrusted content: names the file and says nothing was changed."""
+    return ImageError(f"{where}: {what}. Nothing was changed.",
+                      hint="The storage may have been altered by someone else: check who can "
+                           "write it, and use another copy.")
+
+
+def component(value: object, *, where: str, what: str) -> str:
+    """An id read from the folder, safe as one file-name component (no ``/``, no ``..``)."""
+    if not isinstance(value, str) or not SAFE_COMPONENT.fullmatch(value) or ".." in value:
+        raise refused(where, f"{what} {value!r} is not a plain name")
+    return value
+
+
+def inside(root: Path, name: object, *, where: str, base: Path | None = None) -> Path:
+    """``name`` (relative to ``base``, by default ``root``) as a path inside ``root``: refused
+    when absolute, when it has a ``..`` part, or when it resolves (symbolic links followed)
+    outside ``root``."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise refused(where, f"the file name {name!r} is not a relative path")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise refused(where, f"the file name {name!r} leads outside {root}")
+    path = (base or root) / pure
+    resolved_root = root.resolve()
+    if resolved_root not in path.resolve().parents:
+        raise refused(where, f"the file name {name!r} leads outside {root}")
+    return path
+
+
+def image_chain(root: Path, path: Path, *, where: str, backing: Backing = "inside"
+                ) -> list[Path]:
+    """The qcow2 image ``path`` and the backing files it names, each read from its own header
+    (:func:`qemu_img.header`: no implicit look-ups) before anything opens the next.
+
+    ``backing``: ``inside`` (each backing file a qcow2 named relatively, inside ``root``),
+    ``none`` (the image must stand alone) or ``replaced`` (its backing name is rewritten before
+    anything follows it: not followed). Refused too: a ``json:`` or protocol backing name, a
+    loop, an external data file, a file that is not qcow2."""
+    chain = [path]
+    while True:
+        header = qemu_img.header(chain[-1])
+        here = f"{where}: {chain[-1].name}" if len(chain) > 1 else where
+        if header.data_file is not None:
+            raise refused(here, f"the image has an external data file ({header.data_file!r})")
+        name = header.backing_filename
+        if not name or backing == "replaced":
+            return chain
+        if backing == "none":
+            raise refused(here, f"the image has a backing file ({name!r}); it must stand alone")
+        if ":" in name or header.backing_format != "qcow2":
+            raise refused(here, f"the backing file {name!r} (format "
+                                f"{header.backing_format!r}) is not a qcow2 file named plainly")
+        below = inside(root, name, where=here, base=chain[-1].parent)
+        if below.resolve() in {p.resolve() for p in chain}:
+            raise refused(here, f"the backing chain loops at {name!r}")
+        chain.append(below)

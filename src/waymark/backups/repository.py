@@ -98,14 +98,40 @@ class Repository:
 
     def points(self, vm_id: str | None = None) -> list[dict[str, Any]]:
         """Every readable point's manifest (of one VM), oldest first (an unreadable one is
-        left out here and reported by :meth:`unreadable`)."""
+        left out here and reported by :meth:`unreadable`; one naming a file outside the
+        repository is refused, :meth:`checked`)."""
         found = []
         for path in self._manifests(vm_id):
             try:
-                found.append(json.loads(path.read_text()))
+                data = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            found.append(self.checked(data, path.parent.parent.name, path.stem,
+                                      self.relative(path)))
         return sorted(found, key=lambda m: (m["created_at"], m["id"]))
+
+    def checked(self, manifest: Any, vm_id: str, point_id: str, where: str) -> dict[str, Any]:
+        """A manifest as read from the storage, refused (ImageError naming ``where``) unless
+        it is the point it is filed as (``vms/<vm_id>/points/<point_id>.json``) and every disk
+        file it names is a plain name inside the repository."""
+        try:
+            ok = (manifest["id"] == point_id and manifest["vm"]["id"] == vm_id
+                  and isinstance(manifest["created_at"], str)
+                  and isinstance(manifest["parent"], str | None)
+                  and isinstance(manifest["disks"], list))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise shares.refused(where, f"it is not the manifest of point {point_id} of VM "
+                                        f"{vm_id}")
+        shares.component(vm_id, where=where, what="the VM id")
+        shares.component(point_id, where=where, what="the point id")
+        for disk in manifest["disks"]:
+            if not isinstance(disk, dict):
+                raise shares.refused(where, f"a disk entry is {disk!r}")
+            shares.component(disk.get("disk_id"), where=where, what="the disk id")
+            shares.inside(self.root, disk.get("file"), where=where)
+        return dict(manifest)
 
     def unreadable(self, vm_id: str | None = None) -> list[str]:
         """Manifests that cannot be read (damaged storage): their points are lost."""
@@ -169,7 +195,7 @@ class Repository:
         """Finish an interrupted merge, then remove disk files no manifest names (a killed
         run's); call under the lock."""
         for intent in sorted((self.root / "vms").glob("*/merging.json")):
-            self._merge(json.loads(intent.read_text()))
+            self._merge(self._intent(intent))
         named = {p_file["file"] for m in self.points() for p_file in m["disks"]}
         removed = []
         for path in sorted((self.root / "vms").glob("*/disks/*/*")):
@@ -177,6 +203,19 @@ class Repository:
                 durable.remove(path)
                 removed.append(path)
         return removed
+
+    def _intent(self, path: Path) -> dict[str, Any]:
+        """An interrupted merge's intent file, checked as strictly as a manifest."""
+        where, vm_id = self.relative(path), path.parent.name
+        try:
+            intent = json.loads(path.read_text())
+            gone, child = intent["gone"], intent["child"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise shares.refused(where, f"the merge intent cannot be read ({err})") from err
+        point_id = shares.component(gone.get("id") if isinstance(gone, dict) else None,
+                                    where=where, what="the merged point id")
+        shares.component(child, where=where, what="the child point id")
+        return {"gone": self.checked(gone, vm_id, point_id, where), "child": child}
 
     def remove_point(self, manifest: dict[str, Any]) -> None:
         """The manifest first (the point stops existing), then its files; call under the
@@ -204,7 +243,9 @@ class Repository:
         gone, vm_id = intent["gone"], intent["gone"]["vm"]["id"]
         failpoint("merge-intent")
         durable.remove(self.manifest_file(vm_id, gone["id"]))
-        child = json.loads(self.manifest_file(vm_id, intent["child"]).read_text())
+        child_file = self.manifest_file(vm_id, intent["child"])
+        child = self.checked(json.loads(child_file.read_text()), vm_id, intent["child"],
+                             self.relative(child_file))
         below = {d["disk_id"]: self.root / d["file"] for d in gone["disks"]}
         disks = []
         for disk in child["disks"]:
@@ -239,6 +280,11 @@ class Repository:
                 continue
             if durable.sha256(path) != disk["sha256"]:
                 found.append(f"{disk['file']}: sha256 does not match the manifest (damaged)")
+                continue
+            try:  # its backing chain stays in the repository before qemu-img follows it
+                shares.image_chain(self.root, path, where=disk["file"])
+            except WaymarkError as err:
+                found.append(err.message)
                 continue
             try:
                 qemu_img.check(path, "qcow2")

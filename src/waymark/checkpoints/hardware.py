@@ -6,8 +6,12 @@ checkpoint list`` has a 300 ms budget.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from waymark.errors import InvalidInput
 
 # Pinned, never an alias (q35, host): a saved memory state only restores on the machine it
 # was taken on.
@@ -15,6 +19,41 @@ MACHINE = "pc-q35-7.2"
 CPU_MODEL = "qemu64"
 
 CHECKPOINT_TYPES = ("disabled", "production", "productiononly", "standard")
+
+# What a configuration may hold, whoever wrote it (the CLI, or a bundle, backup point or library
+# share from storage others may write): these strings reach QEMU's command line.
+NIC_KINDS = ("user", "bridge")
+BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # a Linux interface name (IFNAMSIZ - 1)
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_PORT = r"([0-9]{1,5})"
+_IPV4 = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3})?"
+FORWARD = re.compile(rf"(?:tcp|udp)?:{_IPV4}:{_PORT}-{_IPV4}:{_PORT}")
+DISK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_CPUS, MAX_MEMORY_MIB, MAX_APPEND = 1024, 16 << 20, 4096
+
+BootRule = Callable[[str], bool]  # may the VM boot this kernel or initrd file?
+
+
+def _bad(what: str, hint: str) -> InvalidInput:
+    return InvalidInput(f"the VM configuration is refused: {what}.", hint=hint)
+
+
+def check_bridge(name: object) -> str:
+    """A host bridge's name: a Linux interface name (1-15 of ``A-Za-z0-9_.-``, not ``.`` or
+    ``..``), so nothing else can ride along into QEMU's ``-netdev bridge,br=``."""
+    if not isinstance(name, str) or not BRIDGE.fullmatch(name) or name in (".", ".."):
+        raise _bad(f"the bridge name {name!r} is not a Linux interface name",
+                   "Give 1-15 letters, digits, '_', '.' or '-', e.g. --nic bridge=br0.")
+    return name
+
+
+def check_forward(rule: object) -> str:
+    """A host port forward, ``[tcp|udp]:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT``."""
+    found = FORWARD.fullmatch(rule) if isinstance(rule, str) else None
+    if found is None or not all(0 < int(p) < 65536 for p in found.groups()):
+        raise _bad(f"the port forward {rule!r} is not tcp|udp:[ADDR]:PORT-[ADDR]:PORT",
+                   "For example: --nic user,hostfwd=tcp::2222-:22")
+    return str(rule)
 
 
 @dataclass
@@ -25,6 +64,24 @@ class Nic:
     kind: str = "user"  # user | bridge
     bridge: str | None = None
     forwards: list[str] = field(default_factory=list)  # hostfwd rules, e.g. tcp::2222-:22
+
+    def check(self) -> None:
+        """InvalidInput unless the kind is known, the bridge a strict name (bridge NICs only),
+        the forwards plain rules (user NICs only) and the MAC a MAC."""
+        if self.kind not in NIC_KINDS:
+            raise _bad(f"the NIC kind {self.kind!r} is unknown",
+                       f"Use one of: {', '.join(NIC_KINDS)}.")
+        if not isinstance(self.mac, str) or not MAC.fullmatch(self.mac):
+            raise _bad(f"the MAC address {self.mac!r} is not aa:bb:cc:dd:ee:ff",
+                       "Give six lower-case hex pairs.")
+        if self.kind == "bridge":
+            check_bridge(self.bridge)
+        elif self.bridge is not None:
+            raise _bad("a user-mode NIC names a bridge", "Use --nic bridge=BR for a bridge.")
+        if not isinstance(self.forwards, list) or (self.forwards and self.kind != "user"):
+            raise _bad("only a user-mode NIC forwards host ports", "Use --nic user,hostfwd=R.")
+        for rule in self.forwards:
+            check_forward(rule)
 
 
 @dataclass
@@ -47,6 +104,44 @@ class HardwareConfig:
         fields["nics"] = [Nic(**nic) for nic in fields.get("nics", [])]
         fields["disks"] = list(fields.get("disks", []))
         return cls(**fields)
+
+    @classmethod
+    def load_checked(cls, data: Any, boot: BootRule) -> HardwareConfig:
+        """A configuration from outside the catalog (a bundle, a backup point, a library
+        share), held to :meth:`check`; InvalidInput says what is wrong."""
+        try:
+            hardware = cls.load(data)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise _bad(f"it is not a Waymark VM configuration ({err})",
+                       "Use a configuration Waymark wrote.") from err
+        hardware.check(boot)
+        return hardware
+
+    def check(self, boot: BootRule) -> None:
+        """InvalidInput unless every field is what Waymark itself would write: the pinned
+        machine and CPU model, sizes in range, kernel and initrd files ``boot`` allows, plain
+        disk ids and NICs that pass :meth:`Nic.check`. The one check of CLI input and of
+        configurations read from storage."""
+        if self.machine != MACHINE or self.cpu_model != CPU_MODEL:
+            raise _bad(f"the machine {self.machine!r} / CPU {self.cpu_model!r} is not "
+                       f"{MACHINE} / {CPU_MODEL}", "Use a configuration Waymark wrote.")
+        for what, value, top in (("memory", self.memory_mib, MAX_MEMORY_MIB),
+                                 ("CPU count", self.cpus, MAX_CPUS)):
+            if type(value) is not int or not 1 <= value <= top:
+                raise _bad(f"the {what} {value!r} is out of range", f"Give 1 to {top}.")
+        for option, path in (("--kernel", self.kernel), ("--initrd", self.initrd)):
+            if path is not None and not (isinstance(path, str) and boot(path)):
+                raise _bad(f"the {option} file {path!r} is not one this VM may boot",
+                           "A VM boots only files in its own folder, in a template's folder "
+                           "or that an administrator gave to vm create.")
+        if self.append is not None and (not isinstance(self.append, str)
+                                        or len(self.append) > MAX_APPEND or "\0" in self.append):
+            raise _bad("the kernel command line is not text", f"At most {MAX_APPEND} chars.")
+        if not all(isinstance(d, str) and DISK_ID.fullmatch(d) for d in self.disks):
+            raise _bad(f"a disk id in {self.disks!r} is not a plain id",
+                       "Use a configuration Waymark wrote.")
+        for nic in self.nics:
+            nic.check()
 
     def dump(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,15 +30,18 @@ class ImageInfo:
     backing_filename: str | None = None
     full_backing_filename: str | None = None
     backing_format: str | None = None
+    data_file: str | None = None  # a qcow2 image's external data file
 
     @classmethod
     def parse(cls, entry: dict[str, Any]) -> ImageInfo:
+        specific = entry.get("format-specific", {}).get("data", {})
         return cls(filename=str(entry["filename"]), format=str(entry["format"]),
                    virtual_size=int(entry["virtual-size"]),
                    actual_size=int(entry.get("actual-size", 0)),
                    backing_filename=entry.get("backing-filename"),
                    full_backing_filename=entry.get("full-backing-filename"),
-                   backing_format=entry.get("backing-filename-format"))
+                   backing_format=entry.get("backing-filename-format"),
+                   data_file=specific.get("data-file"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,22 @@ def chain(path: Path, fmt: str) -> list[ImageInfo]:
 
 def info(path: Path, fmt: str) -> ImageInfo:
     return chain(path, fmt)[0]
+
+
+def header(path: Path) -> ImageInfo:
+    """What the qcow2 header of ``path`` says, read from that one file: ``qemu-img info``
+    without ``--backing-chain`` opens neither the backing file nor an external data file, so
+    this is how to look at an image from untrusted storage before anything follows its names.
+    ImageError when it is not a readable qcow2 image."""
+    try:
+        out = _qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(path),
+                        what=f"reading the header of {path}")
+        return ImageInfo.parse(json.loads(out))
+    except ToolError as err:
+        raise ImageError(f"{path} is not a readable qcow2 image: {err.message}",
+                         hint="Use another copy of it.") from err
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ImageError(f"qemu-img info gave unexpected output for {path}: {err}") from err
 
 
 def commit(top: Path, base: Path, on_progress: Progress = None) -> None:

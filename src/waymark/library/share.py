@@ -103,12 +103,7 @@ class Library:
 
     def file(self, vm_id: str, rel: str) -> Path:
         """A file a manifest names, refused if the name leads outside the VM's folder."""
-        folder = self.folder(vm_id).resolve()
-        path = (folder / rel).resolve()
-        if folder not in path.parents:
-            raise ImageError(f"the library manifest of {vm_id} names a file outside its folder: "
-                             f"{rel}")
-        return path
+        return shares.inside(self.folder(vm_id), rel, where=str(self.manifest_path(vm_id)))
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -465,6 +465,14 @@ def _verified(repo: Repository, point: dict[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
+def _config(ctx: Context, repo: Repository, point: dict[str, Any], vm_id: str | None
+            ) -> HardwareConfig:
+    """The point's VM configuration, checked as strictly as CLI input (it comes from storage
+    others may write): refused naming the manifest."""
+    where = repo.relative(repo.manifest_file(point["vm"]["id"], point["id"]))
+    return vms.untrusted_hardware(ctx, point["vm"].get("config"), vm_id=vm_id, where=where)
+
+
 def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
                    new_name: str, report: Report = None, owner_id: str | None = None) -> str:
     """A new VM (new id, new MACs) from a point; returns its id. Holds the repository's lock
@@ -474,7 +482,7 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
         repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
-        hardware = HardwareConfig.load(point["vm"]["config"])
+        hardware = _config(ctx, repo, point, None)
         copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"])
                   for d in point["disks"]]
         hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
@@ -492,6 +500,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
+        _config(ctx, repo, point, vm_id)
         state = qmp.run_sync(machines.settle(ctx, vm_id, name))
         if state != "off":
             raise Conflict(f"VM {name!r} is {state}; a restore needs it off.",

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable
+from waymark import durable, shares
 from waymark.catalog.models import Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound
@@ -109,10 +109,9 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
         raise ImageError(f"{manifest_path} is not valid JSON: {err}") from err
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ImageError(f"{bundle} is not a version {VERSION} Waymark bundle.")
+    where = str(manifest_path)
     for rel, digest in manifest["files"].items():
-        path = (bundle / rel).resolve()
-        if bundle.resolve() not in path.parents:
-            raise ImageError(f"the bundle's manifest names a file outside it: {rel}")
+        path = shares.inside(bundle, rel, where=where)
         if not path.is_file():
             raise ImageError(f"the bundle is missing {rel}.", hint="Export it again.")
         if durable.sha256(path) != digest:
@@ -121,9 +120,10 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
     for disk in manifest["disks"]:
         if disk["file"] not in manifest["files"]:
             raise ImageError(f"the bundle's disk {disk['file']} has no checksum.")
-        info = qemu_img.info(bundle / disk["file"], "qcow2")
-        if info.backing_filename:
-            raise ImageError(f"{disk['file']} has a backing file; bundle disks stand alone.")
+        shares.image_chain(bundle, shares.inside(bundle, disk["file"], where=where),
+                           where=str(bundle / disk["file"]), backing="none")
+    if manifest.get("memory") is not None and manifest["memory"] not in manifest["files"]:
+        raise ImageError(f"the bundle's memory state {manifest['memory']} has no checksum.")
     return manifest
 
 
@@ -142,7 +142,12 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
                   on_progress: qemu_img.Progress = None) -> str:
     """A new VM (new id, new file names) from a verified bundle; returns its id."""
     manifest = read_bundle(bundle)
-    hardware = HardwareConfig.load(json.loads((bundle / "configuration.json").read_text()))
+    config = bundle / "configuration.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise ImageError(f"cannot read {config}: {err}.", hint="Export it again.") from err
+    hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config))
     copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"])
               for d in manifest["disks"]]
 

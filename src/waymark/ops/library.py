@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from waymark import shares
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, InvalidInput
@@ -255,6 +256,7 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         manifest = library.require_stored(library.entry(vm_id))  # as it is now, under the lock
         _require_absent(ctx, vm_id, vm_name)
         library.verify(vm_id, manifest)
+        _require_safe(ctx, library, vm_id, manifest)
         params, steps = _deploy_plan(ctx, library, manifest)
         ctx.journal.run(vm_id, "vm_deploy", params, steps, report=_describe(report))
         recovery.recover_vm(ctx, vm_id)  # the commit's finish: the library copy goes
@@ -276,12 +278,61 @@ def _require_absent(ctx: Context, vm_id: str, vm_name: str) -> None:
                        hint="See what they are: waymark check (--repair removes leftovers)")
 
 
+def _require_safe(ctx: Context, library: Library, vm_id: str, manifest: dict[str, Any]
+                  ) -> None:
+    """The share may be written by others: the manifest must describe the folder it is in
+    (plain ids, files inside it, images whose headers name no data file and, for a base, no
+    backing file; a child's backing name is rewritten at deploy), and every configuration,
+    as deployed, must pass the checks of CLI input. Refused naming the manifest."""
+    where = str(library.manifest_path(vm_id))
+    try:
+        ids = [manifest["vm"]["id"],
+               *(i[k] for i in manifest["images"] for k in ("id", "parent_id")),
+               *(c[k] for c in manifest["checkpoints"] for k in ("id", "parent_id")),
+               *(d[k] for d in manifest["disks"] for k in ("id", "active_image_id")),
+               *(f[k] for f in manifest["frozen"] for k in ("checkpoint_id", "disk_id",
+                                                            "image_id")),
+               *(Path(rel).name for rel in manifest["boot"].values())]
+        configs = [manifest["vm"]["config"], *(c["config"] for c in manifest["checkpoints"]),
+                   *([manifest["saved"]["meta"]["hardware"]] if manifest["saved"] else [])]
+        files = [*(c["memory_file"] for c in manifest["checkpoints"] if c["memory_file"]),
+                 *manifest["boot"].values(),
+                 *([manifest["saved"]["file"]] if manifest["saved"] else [])]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise shares.refused(where, f"it is not a library manifest ({err!r} is wrong)") from err
+    if manifest["vm"]["id"] != vm_id:
+        raise shares.refused(where, f"it describes VM {manifest['vm']['id']!r}, not {vm_id}")
+    for value in ids:
+        if value is not None:
+            shares.component(value, where=where, what="the id")
+    for rel in files:
+        library.file(vm_id, rel)
+    for image in manifest["images"]:
+        shares.image_chain(library.folder(vm_id), library.file(vm_id, image["file"]),
+                           where=f"{where}: {image['file']}",
+                           backing="replaced" if image["parent_id"] else "none")
+    boot = _deployed_boot(ctx, manifest)
+    try:
+        deployed = [_rebooted(config, boot) for config in configs]
+    except (TypeError, ValueError, AttributeError) as err:
+        raise shares.refused(where, f"a configuration is not a Waymark VM configuration "
+                                    f"({err})") from err
+    for config in deployed:
+        vms.untrusted_hardware(ctx, config, vm_id=vm_id, where=where)
+
+
+def _deployed_boot(ctx: Context, manifest: dict[str, Any]) -> dict[str, str]:
+    """Host path the VM booted from -> the path its copy is deployed to."""
+    here = ctx.vm_folder(manifest["vm"]["id"])
+    return {src: str(here / "boot" / Path(rel).name) for src, rel in manifest["boot"].items()}
+
+
 def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
                  ) -> tuple[dict[str, Any], list[Step]]:
     vm_doc = manifest["vm"]
     vm_id, here, there = vm_doc["id"], ctx.vm_folder(vm_doc["id"]), library.folder(vm_doc["id"])
     ckpt_dir = here / "checkpoints"
-    boot = {src: str(here / "boot" / Path(rel).name) for src, rel in manifest["boot"].items()}
+    boot = _deployed_boot(ctx, manifest)
     steps: list[Step] = [{"op": "write_file", "path": str(there / CLAIM),
                           "text": claim_text("deploy", ctx.home)},
                          {"op": "make_dir", "path": str(here)}]

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from waymark import shares
 from waymark.catalog.models import (
     BackupBase,
     Checkpoint,
@@ -23,10 +24,11 @@ from waymark.catalog.models import (
     Grant,
     Image,
     Intent,
+    Template,
     Vm,
 )
 from waymark.checkpoints import tree
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
+from waymark.checkpoints.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
 from waymark.ops import compact, journal, liveness, lookup, machines, recovery
@@ -73,8 +75,10 @@ def new_mac() -> str:
 
 
 def parse_nic(text: str) -> Nic | None:
-    """``user[,hostfwd=RULE...]``, ``bridge=BR`` or ``none`` (no NIC)."""
+    """``user[,hostfwd=RULE...]``, ``bridge=BR`` or ``none`` (no NIC); held to
+    :meth:`Nic.check` like a configuration read from storage."""
     kind, *opts = text.split(",")
+    nic: Nic | None = None
     if kind == "none" and not opts:
         return None
     if kind == "user":
@@ -82,9 +86,12 @@ def parse_nic(text: str) -> Nic | None:
         if len(rules) != len(opts):
             raise InvalidInput(f"unknown NIC option in {text!r}.",
                                hint="Use --nic user[,hostfwd=tcp::2222-:22] or --nic bridge=BR.")
-        return Nic(kind="user", mac=new_mac(), forwards=rules)
-    if kind.startswith("bridge=") and len(kind) > 7 and not opts:
-        return Nic(kind="bridge", bridge=kind[7:], mac=new_mac())
+        nic = Nic(kind="user", mac=new_mac(), forwards=rules)
+    elif kind.startswith("bridge=") and not opts:
+        nic = Nic(kind="bridge", bridge=kind[7:], mac=new_mac())
+    if nic is not None:
+        nic.check()
+        return nic
     raise InvalidInput(f"invalid --nic {text!r}.",
                        hint="Use --nic user[,hostfwd=tcp::2222-:22], --nic bridge=BR or "
                             "--nic none.")
@@ -138,6 +145,42 @@ def check_boot_file(value: str | None, option: str) -> str | None:
         raise NotFound(f"{option} {path} does not exist.",
                        hint=f"Give an existing file to {option}.")
     return str(path)
+
+
+def given_by_admin(path: str) -> bool:
+    """The boot rule of CLI input: an administrator may boot any file that exists
+    (:func:`check_boot_file`)."""
+    return Path(path).is_file()
+
+
+def boot_rule(ctx: Context, vm_id: str | None) -> BootRule:
+    """The boot rule of a configuration read from storage (a bundle, a backup point, a library
+    share): a kernel or initrd in the VM's own folder or a template's folder, or one an
+    administrator gave to ``vm create`` (a VM or checkpoint in the catalog names it)."""
+    with ctx.catalog.session() as session:
+        folders = [Path(f) for f in session.scalars(select(Template.folder))]
+        configs = [*session.scalars(select(Vm.config)), *session.scalars(select(Checkpoint.config))]
+    given = {c.get(key) for c in configs for key in ("kernel", "initrd")} - {None}
+    roots = [f.resolve() for f in folders]
+    if vm_id is not None:
+        roots.append(ctx.vm_folder(vm_id).resolve())
+
+    def allowed(path: str) -> bool:
+        resolved = Path(path).resolve()
+        return path in given or (Path(path).is_absolute()
+                                 and any(root in resolved.parents for root in roots))
+
+    return allowed
+
+
+def untrusted_hardware(ctx: Context, data: Any, *, vm_id: str | None, where: str
+                       ) -> HardwareConfig:
+    """A configuration read from storage others may write, held to the checks of CLI input
+    (:meth:`HardwareConfig.check`) with :func:`boot_rule`; refused naming ``where``."""
+    try:
+        return HardwareConfig.load_checked(data, boot_rule(ctx, vm_id))
+    except InvalidInput as err:
+        raise shares.refused(where, err.message.rstrip(".")) from err
 
 
 def _image_row(vm_id: str, path: Path, fmt: str, size: int, *, parent: str | None = None,
@@ -221,6 +264,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
             image_rows += images
             steps += disk_steps
     hardware.disks = [d["id"] for d in disk_rows]
+    hardware.check(given_by_admin)
     folder = checkpoint_dir or str(ctx.vm_folder(vm_id) / "checkpoints")
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
               "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,

@@ -1,0 +1,333 @@
+"""A backup repository, an export bundle and a library share may sit on storage others can write
+(docs/backups.md, docs/library.md): everything read there is untrusted input. Each test crafts
+what such a writer could (real qcow2 files built with qemu-img in a temporary folder) and shows
+the real CLI refusing it, naming the bad file, with the catalog, the home, the storage and the
+host file it aimed at all unchanged. The same configuration rules hold CLI input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Result, Waymark, file_sha256, query
+
+EXIT_INVALID, EXIT_IMAGE = 2, 8
+SHADOW = "/etc/shadow"
+HELPER_BRIDGE = "br0,helper=/bin/sh"
+TABLES = ("vms", "disks", "images", "checkpoints", "frozen_images", "intents", "backup_bases")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def tree_files(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder`` (files with their sha256; the catalog's by name:
+    the tables are compared instead)."""
+    return {str(p.relative_to(folder)): "folder" if p.is_dir() else
+            "" if p.name.startswith("catalog.db") or p.name.endswith(".lock") else file_sha256(p)
+            for p in sorted(folder.rglob("*"))}
+
+
+def snapshot(wm: Waymark, *folders: Path) -> dict[str, Any]:
+    return {"rows": {t: query(wm.home, f"SELECT * FROM {t} ORDER BY 1") for t in TABLES},
+            "home": tree_files(wm.home), **{str(f): tree_files(f) for f in folders}}
+
+
+def refused(wm: Waymark, watched: tuple[Path, ...], args: tuple[str, ...], code: int,
+            *says: str) -> Result:
+    """``args`` fails with ``code``, an error naming each of ``says``, no traceback, and
+    nothing in the home, the catalog or ``watched`` changed."""
+    before = snapshot(wm, *watched)
+    result = wm.run(*args)
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr and "error: " in result.stderr, result
+    for fragment in says:
+        assert fragment in result.stderr, f"{fragment!r} not in: {result.stderr}"
+    assert snapshot(wm, *watched) == before, f"{args} changed something"
+    return result
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def host_secret(tmp_path: Path) -> Path:
+    """A host file no VM owner may read (stands for /etc/shadow, or a disk of another VM)."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"root:$6$secret-hash:19000:0:99999:7:::\n".ljust(1 << 20, b"S"))
+    return secret
+
+
+def rewrite(path: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+# --- backup repositories ----------------------------------------------------------------------
+
+def backed_up(wm: Waymark, tmp_path: Path, points: int = 1) -> tuple[Path, list[dict[str, Any]]]:
+    """VM ``web`` (off, a 1 MiB disk) with ``points`` full points in the repository ``repo``."""
+    wm("vm", "create", "web", "--disk", "1M", "--memory", "128M")
+    repo = tmp_path / "repo"
+    wm("backup", "repo", "init", str(repo))
+    made = [wm.json("backup", "run", "web", "--repo", str(repo), "--full")[0]["point"]
+            for _ in range(points)]
+    return repo, made
+
+
+def manifest_of(repo: Path, point_id: str) -> Path:
+    (path,) = (repo / "vms").glob(f"*/points/{point_id}.json")
+    return path
+
+
+def craft_disk(repo: Path, point_id: str, make: Callable[[Path], None]) -> Path:
+    """Replace the point's disk file by what ``make`` builds, and its manifest's checksum and
+    size with the new file's (whoever writes the storage can write both)."""
+    manifest = manifest_of(repo, point_id)
+    disk = repo / json.loads(manifest.read_text())["disks"][0]["file"]
+    disk.unlink()
+    make(disk)
+    rewrite(manifest, lambda m: m["disks"][0].update(sha256=file_sha256(disk),
+                                                     bytes=disk.stat().st_size))
+    return disk
+
+
+def backing_outside(secret: Path) -> dict[str, Callable[[Path], None]]:
+    """The ways a qcow2 file from the storage can lead qemu-img to a host file."""
+    outside = secret.with_suffix(".qcow2")
+    if not outside.exists():
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", str(secret), str(outside))
+    spec = json.dumps({"driver": "raw", "file": {"driver": "file", "filename": str(secret)}})
+
+    def overlay(backing: Callable[[Path], str], fmt: str) -> Callable[[Path], None]:
+        return lambda disk: qemu_img("create", "-q", "-f", "qcow2", "-F", fmt, "-b",
+                                     backing(disk), "-u", str(disk), "1M")
+
+    def data_file(disk: Path) -> None:  # made on a scratch data file, then renamed in place
+        scratch = disk.with_name("scratch.raw")
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={scratch},data_file_raw=on",
+                 str(disk), "1M")
+        qemu_img("amend", "-f", "qcow2", "-o", f"data_file={secret}", str(disk))
+        scratch.unlink()
+
+    return {"absolute": overlay(lambda disk: str(secret), "raw"),
+            "relative": overlay(lambda disk: os.path.relpath(outside, disk.parent), "qcow2"),
+            "json": overlay(lambda disk: f"json:{spec}", "qcow2"),
+            "data-file": data_file}
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "json", "data-file"])
+def test_a_point_whose_backing_file_is_outside_the_repository_is_not_restored(
+        wm: Waymark, tmp_path: Path, how: str) -> None:
+    """Restoring would copy the host file (read as root) into a disk the VM's owner reads."""
+    secret = host_secret(tmp_path)
+    repo, (point,) = backed_up(wm, tmp_path)
+    craft_disk(repo, point["id"], backing_outside(secret)[how])
+    file_name = json.loads(manifest_of(repo, point["id"]).read_text())["disks"][0]["file"]
+    refused(wm, (repo,), ("backup", "restore", "web", "--repo", str(repo), "--as-new", "copy"),
+            EXIT_IMAGE, file_name, "Nothing was restored")
+    refused(wm, (repo,), ("backup", "restore", "web", "--repo", str(repo),
+                          "--discard-current"), EXIT_IMAGE, file_name)
+    verified = wm.run("backup", "verify", "--repo", str(repo), "--json")
+    assert verified.returncode == EXIT_IMAGE, verified
+    (row,) = json.loads(verified.stdout)
+    assert row["problems"] and row["problems"][0].startswith(file_name), row
+    assert secret.read_bytes().startswith(b"root:")
+
+
+VICTIMS: dict[str, Callable[[Path], str]] = {"relative": lambda victim: "../victim.txt",
+           "absolute": str}
+
+
+@pytest.mark.parametrize("how", sorted(VICTIMS))
+def test_prune_refuses_a_manifest_naming_a_file_outside_the_repository(
+        wm: Waymark, tmp_path: Path, how: str) -> None:
+    """Prune (also run by the scheduler, as root) would delete the host file the older point's
+    manifest names."""
+    repo, (old, _) = backed_up(wm, tmp_path, points=2)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a host file\n")
+    name = VICTIMS[how](victim)
+    rewrite(manifest_of(repo, old["id"]), lambda m: m["disks"][0].update(file=name))
+    refused(wm, (repo, tmp_path), ("backup", "prune", "--repo", str(repo), "--keep-last", "1"),
+            EXIT_IMAGE, f"{old['id']}.json", name)
+    assert victim.read_text() == "a host file\n"
+
+
+def test_a_manifest_filed_under_another_name_or_a_crafted_merge_intent_is_refused(
+        wm: Waymark, tmp_path: Path) -> None:
+    """Ids build paths too: a manifest whose VM or point id is not the folder and file it is
+    filed as, and an interrupted merge's intent naming a host file, delete nothing."""
+    repo, (old, _) = backed_up(wm, tmp_path, points=2)
+    victim = tmp_path / "victim.json"
+    victim.write_text("{}\n")
+    manifest = manifest_of(repo, old["id"])
+    original = manifest.read_text()
+    rewrite(manifest, lambda m: m.update(id="../../../../victim"))
+    refused(wm, (repo, tmp_path), ("backup", "prune", "--repo", str(repo), "--keep-last", "1"),
+            EXIT_IMAGE, f"{old['id']}.json", "not the manifest of point")
+    manifest.write_text(original)
+    gone = {**json.loads(original), "disks": [{**json.loads(original)["disks"][0],
+                                               "file": str(victim)}]}
+    (manifest.parent.parent / "merging.json").write_text(json.dumps({"gone": gone,
+                                                                     "child": "x"}))
+    refused(wm, (repo, tmp_path), ("backup", "run", "web", "--repo", str(repo)),
+            EXIT_IMAGE, "merging.json", str(victim))
+    assert victim.read_text() == "{}\n"
+
+
+CONFIGS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "initrd": lambda config: config.update(initrd=SHADOW),
+    "kernel": lambda config: config.update(kernel="/root/.ssh/id_ed25519"),
+    "bridge": lambda config: config["nics"][0].update(kind="bridge", bridge=HELPER_BRIDGE),
+    "forward": lambda config: config["nics"][0].update(
+        forwards=["tcp::2222-:22,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"]),
+    "mac": lambda config: config["nics"][0].update(mac="52:54:00:00:00:01,romfile=/etc/shadow"),
+    "machine": lambda config: config.update(machine="pc-q35-7.2,dumpdtb=/etc/passwd"),
+    "unknown": lambda config: config.update(helper="/bin/sh"),
+}
+SAYS = {"initrd": SHADOW, "kernel": "id_ed25519", "bridge": HELPER_BRIDGE, "forward": "guestfwd",
+        "mac": "romfile", "machine": "dumpdtb", "unknown": "helper"}
+
+
+@pytest.mark.parametrize("what", ["initrd", "bridge"])
+def test_a_point_carrying_a_hostile_configuration_is_not_restored(
+        wm: Waymark, tmp_path: Path, what: str) -> None:
+    repo, (point,) = backed_up(wm, tmp_path)
+    manifest = manifest_of(repo, point["id"])
+    rewrite(manifest, lambda m: CONFIGS[what](m["vm"]["config"]))
+    where = str(manifest.relative_to(repo))
+    refused(wm, (repo,), ("backup", "restore", "web", "--repo", str(repo), "--as-new", "copy"),
+            EXIT_IMAGE, where, SAYS[what], "Nothing was changed")
+    refused(wm, (repo,), ("backup", "restore", "web", "--repo", str(repo),
+                          "--discard-current"), EXIT_IMAGE, where, SAYS[what])
+
+
+# --- export bundles ---------------------------------------------------------------------------
+
+def bundle_of(wm: Waymark, tmp_path: Path) -> Path:
+    wm("vm", "create", "src", "--disk", "1M", "--memory", "128M")
+    wm("checkpoint", "create", "src", "--name", "one")
+    bundle = tmp_path / "bundle"
+    wm("checkpoint", "export", "src", "one", str(bundle))
+    return bundle
+
+
+def reseal(bundle: Path, rel: str) -> None:
+    """The bundle's manifest with ``rel``'s new checksum (its writer can do that too)."""
+    rewrite(bundle / "manifest.json",
+            lambda m: m["files"].update({rel: file_sha256(bundle / rel)}))
+
+
+@pytest.mark.parametrize("what", sorted(CONFIGS))
+def test_a_bundle_carrying_a_hostile_configuration_is_not_imported(
+        wm: Waymark, tmp_path: Path, what: str) -> None:
+    bundle = bundle_of(wm, tmp_path)
+    rewrite(bundle / "configuration.json", CONFIGS[what])
+    reseal(bundle, "configuration.json")
+    refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_IMAGE,
+            str(bundle / "configuration.json"), SAYS[what], "Nothing was changed")
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "json", "data-file"])
+def test_a_bundle_disk_leading_outside_is_not_imported(wm: Waymark, tmp_path: Path,
+                                                       how: str) -> None:
+    secret = host_secret(tmp_path)
+    bundle = bundle_of(wm, tmp_path)
+    disk = bundle / "disks" / "disk0.qcow2"
+    disk.unlink()
+    backing_outside(secret)[how](disk)
+    reseal(bundle, "disks/disk0.qcow2")
+    refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_IMAGE,
+            "disk0.qcow2")
+
+
+def test_a_bundle_manifest_naming_a_file_outside_is_not_imported(wm: Waymark,
+                                                                tmp_path: Path) -> None:
+    secret = host_secret(tmp_path)
+    bundle = bundle_of(wm, tmp_path)
+
+    def memory_elsewhere(manifest: dict[str, Any]) -> None:
+        manifest["memory"] = str(secret)
+        manifest["files"][str(secret)] = file_sha256(secret)
+
+    rewrite(bundle / "manifest.json", memory_elsewhere)
+    refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_IMAGE,
+            "manifest.json", str(secret))
+
+
+# --- library shares ---------------------------------------------------------------------------
+
+def stored(wm: Waymark, tmp_path: Path) -> tuple[Path, Path]:
+    """VM ``kept`` (a checkpoint, a NIC) stored in the library ``lib``; its manifest."""
+    library = tmp_path / "lib"
+    wm("library", "init", str(library))
+    vm_id = wm.json("vm", "create", "kept", "--disk", "1M", "--memory", "128M")["id"]
+    wm("checkpoint", "create", "kept", "--name", "one")
+    wm("vm", "store", "kept", "--library", str(library))
+    return library, library / "vms" / vm_id / "manifest.json"
+
+
+@pytest.mark.parametrize("what", ["initrd", "bridge", "forward", "mac"])
+@pytest.mark.parametrize("where", ["vm", "checkpoint"])
+def test_a_share_carrying_a_hostile_configuration_is_not_deployed(
+        wm: Waymark, tmp_path: Path, what: str, where: str) -> None:
+    library, manifest = stored(wm, tmp_path)
+    rewrite(manifest, lambda m: CONFIGS[what](
+        m["vm"]["config"] if where == "vm" else m["checkpoints"][0]["config"]))
+    refused(wm, (library,), ("vm", "deploy", "kept", "--library", str(library)), EXIT_IMAGE,
+            str(manifest), SAYS[what], "Nothing was changed")
+
+
+def test_a_share_manifest_leading_outside_is_not_deployed(wm: Waymark, tmp_path: Path) -> None:
+    """An image id that climbs out of the VM's folder here, a file name that climbs out of its
+    folder there, and a base image whose header names a host file."""
+    secret = host_secret(tmp_path)
+    library, manifest = stored(wm, tmp_path)
+    original = manifest.read_text()
+    rewrite(manifest, lambda m: m["images"][0].update(id="../../../../escape"))
+    refused(wm, (library,), ("vm", "deploy", "kept", "--library", str(library)), EXIT_IMAGE,
+            str(manifest), "../../../../escape")
+    manifest.write_text(original)
+    rewrite(manifest, lambda m: m["boot"].update({SHADOW: "../../../../../../etc/shadow"}))
+    refused(wm, (library,), ("vm", "deploy", "kept", "--library", str(library)), EXIT_IMAGE,
+            str(manifest), "etc/shadow")
+    manifest.write_text(original)
+    base = json.loads(original)["images"][0]
+    disk = manifest.parent / base["file"]
+    disk.unlink()
+    backing_outside(secret)["absolute"](disk)
+    rewrite(manifest, lambda m: m["files"][base["file"]].update(
+        sha256=file_sha256(disk), size=disk.stat().st_size))
+    refused(wm, (library,), ("vm", "deploy", "kept", "--library", str(library)), EXIT_IMAGE,
+            base["file"], "must stand alone")
+
+
+# --- CLI input: the same rules --------------------------------------------------------------
+
+CLI_NICS = {"bridge=br0 x": "'br0 x'", "bridge=a-bridge-too-long": "a-bridge-too-long",
+            "bridge=..": "'..'", "bridge=br0/../x": "br0/../x", "bridge=": "''",
+            "user,hostfwd=tcp::2222-:22:x": "tcp::2222-:22:x",
+            "user,hostfwd=tcp::99999-:22": "99999", "user,hostfwd=": "''",
+            f"bridge={HELPER_BRIDGE}": "--nic"}
+
+
+@pytest.mark.parametrize("nic", sorted(CLI_NICS))
+def test_cli_nics_follow_the_same_grammar(wm: Waymark, nic: str) -> None:
+    wm("vm", "list")
+    refused(wm, (), ("vm", "create", "n", "--disk", "1M", "--nic", nic), EXIT_INVALID,
+            CLI_NICS[nic])
+
+
+def test_cli_nics_that_were_good_still_are(wm: Waymark) -> None:
+    made = wm.json("vm", "create", "n", "--disk", "1M", "--nic", "user,hostfwd=tcp::2222-:22",
+                   "--nic", "bridge=br-lan.10", "--nic", "user")
+    assert made["id"]
