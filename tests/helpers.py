@@ -55,6 +55,7 @@ class Waymark:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WAYMARK_")}
         env["WAYMARK_HOME"] = str(self.home)
+        env["WAYMARK_TEST_SUITE"] = "1"  # the key that lets WAYMARK_FAILPOINT* arm failpoints
         env.update(extra)
         return env
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from waymark import durable
+from waymark import durable, modes
 from waymark.errors import Conflict, ImageError, NotFound, StorageError
 from waymark.images import qemu_img
 
@@ -28,6 +28,7 @@ def create(path: Path, marker: str, fmt: str, version: int, *, what: str,
     folder_id = uuid.uuid4().hex
     try:
         (path / "vms").mkdir(parents=True, exist_ok=True)
+        modes.tighten(path)  # an empty folder someone else made may be open to all
         durable.write_bytes(path / marker, json.dumps(
             {"format": fmt, "version": version, "id": folder_id,
              "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
@@ -49,6 +50,7 @@ def read(path: Path, marker: str, fmt: str, version: int, *, what: str,
                        hint=f"{create_hint} (or check that the storage is mounted)") from err
     except (OSError, ValueError) as err:
         raise StorageError(f"cannot read {path / marker}: {err}.") from err
+    modes.tighten(path)  # one an older Waymark made is owner-only from now on
     if data.get("format") != fmt or data.get("version") != version:
         raise Conflict(f"{path} holds an unknown {what} format {data.get('format')!r} "
                        f"version {data.get('version')!r}.",

@@ -320,7 +320,7 @@ def assert_template_files(wm: Waymark, made: dict[str, Any], sources: list[Path]
     assert templates_folder(wm.home) == {folder.name, "lock"}
     assert {p.name for p in folder.iterdir()} == {"disk0.qcow2", "disk1.qcow2"}
     for path, disk in zip(files, made["disks"], strict=True):
-        assert mode(path) == 0o444, oct(mode(path))
+        assert mode(path) == 0o400, oct(mode(path))
         assert info(path)["format"] == "qcow2" and backing(path) is None
         assert file_sha256(path) == disk["sha256"]
     assert [content_sha256(p) for p in files] == content
@@ -396,7 +396,7 @@ def test_linked_clones_share_a_read_only_template_and_full_copies_stand_alone(
     assert contents(c) == c_content
     assert {p: file_sha256(p) for p in files} == template_files
     assert [content_sha256(p) for p in files] == template
-    assert all(mode(p) == 0o444 for p in files)
+    assert all(mode(p) == 0o400 for p in files)
     assert_clean(wm)
 
     # the template goes only when no VM links to it (the full copy does not count)

@@ -61,8 +61,12 @@ def _waymark_error(request: Request, err: Exception) -> JSONResponse:
     request.state.refused = isinstance(err, security.OutOfScope)
     if err.http_status >= 500:
         log.warning("%s %s failed: %s", request.method, request.url.path, err.message)
-    return JSONResponse(error_body(_code(err), err.message, {"hint": err.hint} if err.hint
-                                   else None), status_code=err.http_status)
+    message, hint = err.message, err.hint
+    caller = getattr(request.state, "caller", None)
+    if caller is None or not caller.who.admin:  # host paths are an administrator's to see
+        message, hint = security.hide_host_paths(message), hint and security.hide_host_paths(hint)
+    return JSONResponse(error_body(_code(err), message, {"hint": hint} if hint else None),
+                        status_code=err.http_status)
 
 
 def _invalid(request: Request, err: Exception) -> JSONResponse:
@@ -104,8 +108,10 @@ async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Re
         client=request.client.host if request.client else None,
         target=dict(request.scope.get("path_params") or {}),
         message=getattr(request.state, "error", None))
+    anonymous = caller is None and response.status_code >= 400  # bounded: see ops.audit
     try:
-        await run_in_threadpool(audit.record, request.app.state.ctx, entry)
+        await run_in_threadpool(request.app.state.audit.record, request.app.state.ctx, entry,
+                                anonymous=anonymous)
     except WaymarkError as err:  # the request's outcome stands; say it was not recorded
         log.error("could not write the audit log: %s", err.message)
     return response
@@ -177,6 +183,7 @@ def create_app(ctx: Context) -> FastAPI:
                   description="Hyper-V style checkpoints and backups for QEMU/KVM VMs.")
     app.state.ctx = ctx
     app.state.limiter = security.LoginLimiter()
+    app.state.audit = audit.Recorder()
     app.add_exception_handler(WaymarkError, _waymark_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)

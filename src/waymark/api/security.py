@@ -4,6 +4,7 @@ endpoint makes on the server (:mod:`waymark.auth.policy`)."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
@@ -92,6 +93,25 @@ HOST_PATHS = frozenset({"kernel", "initrd", "checkpoint_dir", "active_image", "b
                         "saved_state", "state_file", "folder"})
 
 
+# Keys whose values are sentences that may quote host paths (a failed job's error).
+SENTENCES = frozenset({"error", "message", "hint"})
+# An absolute path in a sentence: quoted whole (``'/mnt/my disk/a.qcow2'``, spaces and all), or
+# bare, starting at a word's beginning and ending before a space, a quote, a bracket or
+# punctuation (a sentence's last period stays); the API's own routes (``/api/...``) are no
+# host paths.
+_PATH_CHARS = r"[^\s'\"`,;:()\[\]{}<>]"
+_HOST_PATH = re.compile(r"(?<=')/[^'\n]*(?=')|(?<=\")/[^\"\n]*(?=\")"
+                        rf"|(?<![\w.~/-])/(?!api(?:/|\b)){_PATH_CHARS}+(?<![.])")
+HIDDEN_PATH = "<host path>"
+
+
+def hide_host_paths(text: str) -> str:
+    """``text`` with every host path replaced by ``<host path>``: what a caller who is not an
+    administrator sees of an error (administrators, the audit log and the server's log keep
+    the whole message)."""
+    return _HOST_PATH.sub(HIDDEN_PATH, text)
+
+
 def redact(who: Principal, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` without host paths for a caller who is not an administrator."""
     if who.admin:
@@ -102,7 +122,8 @@ def redact(who: Principal, data: dict[str, Any]) -> dict[str, Any]:
 
 def _strip(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in HOST_PATHS}
+        return {k: hide_host_paths(v) if k in SENTENCES and isinstance(v, str) else _strip(v)
+                for k, v in value.items() if k not in HOST_PATHS}
     if isinstance(value, list):
         return [_strip(v) for v in value]
     return value

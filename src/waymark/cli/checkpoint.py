@@ -10,7 +10,14 @@ import click
 from waymark.checkpoints import tree
 from waymark.cli.job import ended, follow
 from waymark.cli.main import face
-from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
+from waymark.cli.output import (
+    StepProgress,
+    emit,
+    fraction_progress,
+    interactive,
+    json_option,
+    printable,
+)
 from waymark.errors import ConsentRequired, InvalidInput
 from waymark.ops import checkpoints, deletion, jobs, views
 from waymark.units import human
@@ -197,7 +204,7 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
     if len(matches) > 1 and not yes and interactive():
         click.echo(f"{pattern!r} matches {len(matches)} checkpoints:")
         for match in matches:
-            click.echo(f"  {match.id[:12]}  {match.name}")
+            click.echo(f"  {match.id[:12]}  {printable(match.name)}")
         click.confirm("Delete them all" + (" with their subtrees" if subtree else "") + "?",
                       abort=True)
         yes = True

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from waymark import __version__
+from waymark import __version__, failpoints
 from waymark.errors import InvalidInput, WaymarkError
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ def cli(click_ctx: click.Context, home: str | None, server: str | None, token: s
     # by default only warnings show, in the CLI's own "warning: ..." form
     logging.basicConfig(level=level, format="warning: %(message)s" if verbose == 0
                         else "%(levelname)s %(name)s: %(message)s")
+    failpoints.arm(os.environ)  # the test suite's only (see waymark.failpoints)
     click_ctx.obj = Face(home, server, token)
 
 
@@ -140,12 +142,17 @@ def _report(err: WaymarkError, as_json: bool) -> None:
         payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
                                    "kind": type(err).__name__, "exit_code": err.exit_code}
         click.echo(json.dumps(payload, indent=2))
-    click.echo(f"error: {err.message}", err=True)
+    from waymark.cli.output import printable  # a server's or a file's words may be in it
+
+    click.echo(f"error: {printable(err.message, lines=True)}", err=True)
     if err.hint:
-        click.echo(err.hint, err=True)
+        click.echo(printable(err.hint, lines=True), err=True)
 
 
 def main() -> None:
+    from waymark import modes
+
+    modes.restrict_process()  # before anything is created: see waymark.modes
     try:
         cli.main(prog_name="waymark", standalone_mode=False)
     except WaymarkError as err:

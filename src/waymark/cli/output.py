@@ -13,6 +13,24 @@ from waymark.errors import WaymarkError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# What a terminal acts on instead of showing: C0 controls (ESC starts escape sequences that
+# retitle the window or erase lines), DEL, C1 controls (0x9b is a one-byte CSI), the bidi
+# controls that reorder what is shown, zero-width characters and the Unicode line separators.
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x180E, *range(0x200B, 0x2010),
+             *range(0x2028, 0x202F), *range(0x2060, 0x2070), 0xFEFF]
+_SHOWN = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
+_SHOWN_KEEPING_LINES = {c: s for c, s in _SHOWN.items() if c not in (0x0A, 0x09)}
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """``text`` safe to print on a terminal: every control character (see ``_CONTROLS``) is
+    shown as its escape (ESC as ``\\x1b``, RIGHT-TO-LEFT OVERRIDE as ``\\u202e``), so text from
+    a guest, a remote client or a server cannot move the cursor, rewrite lines or hide what
+    follows. With ``lines``, newlines and tabs stay (the text is the CLI's own layout around
+    fields that were made printable on their own). Use it for everything printed that Waymark
+    did not write itself."""
+    return text.translate(_SHOWN_KEEPING_LINES if lines else _SHOWN)
+
 
 def json_option(fn: F) -> F:
     """Every command takes ``--json``: machine-readable stdout."""
@@ -24,12 +42,12 @@ def emit(as_json: bool, data: Any, lines: Iterable[str] = ()) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
-        for line in lines:
-            click.echo(line)
+        for line in lines:  # a safety net: fields from outside are made printable on their own
+            click.echo(printable(line, lines=True))
 
 
 def warn(message: str) -> None:
-    click.echo(f"warning: {message}", err=True)
+    click.echo(f"warning: {printable(message, lines=True)}", err=True)
 
 
 def interactive() -> bool:
@@ -52,10 +70,11 @@ class StepProgress:
         if self.tty:
             width = 30
             bar = "#" * (percent * width // 100)
-            click.echo(f"\r[{number}/{total}] [{bar:<{width}}] {percent:3d}%  {what}\033[K",
+            click.echo(f"\r[{number}/{total}] [{bar:<{width}}] {percent:3d}%  "
+                       f"{printable(what)}\033[K",
                        err=True, nl=fraction >= 1.0 and number == total)
         elif self.last != (number, total):
-            click.echo(f"[{number}/{total}] {what}", err=True)
+            click.echo(f"[{number}/{total}] {printable(what)}", err=True)
         self.last = (number, total)
 
 
@@ -69,6 +88,6 @@ def fail_after(as_json: bool, err: WaymarkError) -> NoReturn:
     """End a command that already emitted its result with the failure's exit code; with
     ``--json`` stdout stays one JSON document (the message goes to stderr only)."""
     if as_json:
-        click.echo(f"error: {err.message}", err=True)
+        click.echo(f"error: {printable(err.message, lines=True)}", err=True)
         sys.exit(err.exit_code)
     raise err

@@ -9,7 +9,7 @@ import click
 
 from waymark.cli import console as terminal
 from waymark.cli.main import face
-from waymark.cli.output import emit, json_option
+from waymark.cli.output import emit, json_option, printable
 from waymark.ops import liveness, machines
 
 
@@ -92,7 +92,8 @@ def status(vm_ref: str, as_json: bool) -> None:
                      f"guest agent {'answers' if d['agent'] else 'does not answer'}")
     if d.get("last_exit"):
         lines.append(f"  last stop: {d['last_exit']['reason']} at {d['last_exit']['at']}")
-        lines += [f"    | {line}" for line in d["last_exit"]["log"]]
+        # the guest wrote these: shown, never obeyed (escape sequences, bidi controls)
+        lines += [f"    | {printable(line)}" for line in d["last_exit"]["log"]]
     lines.append(f"  serial log: {d['serial_log']}")
     emit(as_json, d, lines)
 

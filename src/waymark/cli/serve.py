@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from waymark import failpoints, modes
 from waymark.cli.main import face
 from waymark.errors import InvalidInput, WaymarkError
 
@@ -98,11 +99,16 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
 
     from waymark.api.app import create_app
 
+    modes.restrict_process()  # the server's files (and QEMU's) are owner-only too
     host, port = _address(listen)
     if (cert is None) != (key is None):
         raise InvalidInput("--cert and --key go together.", hint="Give both, or neither.")
     _check_transport(host, cert is not None, insecure_http)
     proxies = _proxies(trusted_proxies)
+    if failpoints.armed():
+        raise InvalidInput(f"a server never runs with test failpoints, and {failpoints.KILL} or "
+                           f"{failpoints.TRACE} arms them.",
+                           hint=f"Unset them (and {failpoints.SUITE_KEY}), then serve again.")
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)

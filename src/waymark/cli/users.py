@@ -10,7 +10,7 @@ import click
 
 from waymark.auth.policy import ROLES, VM_PERMISSIONS
 from waymark.cli.main import face
-from waymark.cli.output import emit, json_option
+from waymark.cli.output import emit, json_option, printable
 from waymark.errors import InvalidInput
 from waymark.ops import users
 from waymark.units import parse_duration
@@ -197,8 +197,16 @@ def audit(user_name: str | None, outcome: str | None, limit: int, as_json: bool)
     from waymark.ops import audit as audit_ops
 
     rows = audit_ops.listing(face().ctx, user=user_name, outcome=outcome, limit=limit)
-    emit(as_json, rows, [f"{r['at']}  {r['user'] or '-':<16} {r['client'] or '-':<15} "
-                         f"{r['status']} {r['outcome']:<6} {r['action']} "
-                         f"{' '.join(f'{k}={v}' for k, v in r['target'].items())}"
-                         + (f"  ({r['message']})" if r["message"] else "")
-                         for r in rows] or ["The audit log is empty."])
+    emit(as_json, rows, [_audit_line(r) for r in rows] or ["The audit log is empty."])
+
+
+def _audit_line(row: dict[str, Any]) -> str:
+    """One entry on one line: what anonymous clients sent (the path, a sign-in's user name,
+    the path's parameters) is made printable field by field, so it can neither forge lines
+    nor drive the terminal."""
+    target = " ".join(f"{printable(str(k))}={printable(str(v))}"
+                      for k, v in row["target"].items())
+    message = f"  ({printable(row['message'])})" if row["message"] else ""
+    return (f"{row['at']}  {printable(row['user'] or '-'):<16} "
+            f"{printable(row['client'] or '-'):<15} {row['status']} {row['outcome']:<6} "
+            f"{printable(row['action'])} {target}{message}")

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, shares
+from waymark import durable, modes, shares
 from waymark.catalog.models import Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound
@@ -54,6 +54,7 @@ def require_empty(dest: Path) -> None:
 def _empty_destination(dest: Path) -> None:
     require_empty(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    modes.tighten(dest)  # an empty folder given to us may be open to all
 
 
 def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,

@@ -8,6 +8,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from waymark import modes
 from waymark.catalog.db import Catalog
 from waymark.config import Settings
 from waymark.errors import Busy, StorageError
@@ -30,6 +31,7 @@ class Context:
         except OSError as err:
             raise StorageError(f"cannot create the Waymark home {home}: {err.strerror}.",
                                hint="Pick a writable folder with --home or WAYMARK_HOME.") from err
+        modes.tighten(home)  # a home made before Waymark kept it owner-only
         if not os.access(home, os.W_OK | os.X_OK):
             raise StorageError(f"the Waymark home {home} is not writable.",
                                hint="Pick a writable folder with --home or WAYMARK_HOME.")

@@ -19,9 +19,9 @@ steps, QEMU is told to use the new files (a live checkpoint's disk switch). Once
 to them, rolling back would lose data, so such a kind registers a :func:`resolver` that asks
 QEMU what happened and either amends the parameters to commit (forward) or says roll back.
 
-``WAYMARK_FAILPOINT=N`` (tests only) SIGKILLs this process just before the N-th journal point
-(each step and each commit is one point, counted from 0 across the whole command, and so is each
-stage of a live part); see :func:`failpoint`.
+``WAYMARK_FAILPOINT=N`` (tests only: with ``WAYMARK_TEST_SUITE=1``) SIGKILLs this process just
+before the N-th journal point (each step and each commit is one point, counted from 0 across the
+whole command, and so is each stage of a live part); see :func:`failpoint`.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def _copy_disks(partial: Path, disks: list[Path], formats: list[str], report: Re
         progress = None if report is None else (lambda f, n=number: report(f"disk {n}", f))
         qemu_img.convert(path, fmt, target, on_progress=progress)
         durable.fsync_file(target)
-        os.chmod(target, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.chmod(target, stat.S_IRUSR)
         files.append({"file": target.name, "format": "qcow2", "source": str(path),
                       "virtual_size": qemu_img.info(target, "qcow2").virtual_size,
                       "sha256": durable.sha256(target)})
@@ -140,7 +140,7 @@ def _copy_boot(folder: Path, files: dict[str, str | None]) -> dict[str, str | No
             continue
         target = folder / key
         durable.write_bytes(target, Path(source).read_bytes())
-        os.chmod(target, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.chmod(target, stat.S_IRUSR)
         copied[key] = str(target)
     return copied
 
