@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, require, vm_for
+from waymark.api.security import CallerDep, ContextDep, require, require_vm, vm_for
 from waymark.backups import retention
 from waymark.catalog.models import Vm
 from waymark.errors import Forbidden, InvalidInput
@@ -83,6 +83,8 @@ def point_restore(vm: str, point: str, body: Restore, caller: CallerDep, ctx: Co
         with ctx.catalog.session() as session:
             session.get_one(Vm, vm_id).owner_id = caller.who.user_id
         return {"restored_as": views.vm_show(ctx, vm_id)}
+    if body.mode == "checkpoint_first":  # it takes a checkpoint of Now first
+        require_vm(caller.who, row, "checkpoint.create")
     mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
         else checkpoints.ApplyMode.DISCARD_CURRENT
     done: dict[str, Any] = backups.restore(ctx, repo, row.id, point, mode)
