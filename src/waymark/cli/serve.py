@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 import click
 
+from waymark.api.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.cli.main import face
 from waymark.errors import InvalidInput, WaymarkError
+from waymark.units import parse_size
 
 if TYPE_CHECKING:
     from waymark.ops.context import Context
@@ -52,7 +54,18 @@ def _schedules(ctx: Context, stop: threading.Event) -> None:
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TLS private key (PEM).")
 @click.option("--no-schedules", is_flag=True, help="Do not run backup schedules here.")
-def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) -> None:
+@click.option("--max-body", default="1M", show_default=True, metavar="SIZE",
+              help="The largest request body taken (larger: 413).")
+@click.option("--max-connections", type=click.IntRange(1, 100000), default=MAX_CONNECTIONS,
+              show_default=True, help="Open connections at once (more: 503).")
+@click.option("--max-streams", type=click.IntRange(1, 10000), default=MAX_STREAMS,
+              show_default=True, help="Event streams one user may have open at once "
+                                      "(more: 429).")
+@click.option("--stream-lifetime", type=click.FloatRange(1, 86400), default=STREAM_LIFETIME,
+              show_default=True, metavar="SECONDS",
+              help="An event stream ends after this long (its client reconnects).")
+def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool, max_body: str,
+          max_connections: int, max_streams: int, stream_lifetime: float) -> None:
     """Serve the REST API (OpenAPI at /api/openapi.json) and run the backup schedules."""
     import uvicorn
 
@@ -61,6 +74,8 @@ def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) 
     host, port = _address(listen)
     if (cert is None) != (key is None):
         raise InvalidInput("--cert and --key go together.", hint="Give both, or neither.")
+    limits = Limits(parse_size(max_body, what="--max-body"), max_connections, max_streams,
+                    stream_lifetime)
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
@@ -70,7 +85,8 @@ def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool) 
     click.echo(f"Waymark API on {'https' if cert else 'http'}://{listen}/api "
                f"(home {ctx.home})", err=True)
     try:
-        uvicorn.run(create_app(ctx), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(ctx, limits), host=host, port=port, log_level="warning",
+                    limit_concurrency=limits.max_connections,
                     ssl_certfile=str(cert) if cert else None,
                     ssl_keyfile=str(key) if key else None)
     finally:
