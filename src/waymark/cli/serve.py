@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 30.0
 # an API request waits this long for a VM another request or command holds, then gets 409
 API_LOCK_TIMEOUT = 2.0
+MIN_BODY = 64 * 1024
 
 
 def _address(listen: str) -> tuple[str, int]:
@@ -32,6 +33,14 @@ def _address(listen: str) -> tuple[str, int]:
         raise InvalidInput(f"--listen {listen!r} is not HOST:PORT.",
                            hint="For example --listen 127.0.0.1:8080 (or [::1]:8080).")
     return host.strip("[]"), int(port)
+
+
+def _body_limit(text: str) -> int:
+    size = parse_size(text, what="--max-body")
+    if size < MIN_BODY:
+        raise InvalidInput(f"--max-body {text!r} is too small: sign-ins and settings need at "
+                           f"least {MIN_BODY // 1024} KiB.", hint="For example --max-body 1M.")
+    return size
 
 
 def _schedules(ctx: Context, stop: threading.Event) -> None:
@@ -74,8 +83,7 @@ def serve(listen: str, cert: Path | None, key: Path | None, no_schedules: bool, 
     host, port = _address(listen)
     if (cert is None) != (key is None):
         raise InvalidInput("--cert and --key go together.", hint="Give both, or neither.")
-    limits = Limits(parse_size(max_body, what="--max-body"), max_connections, max_streams,
-                    stream_lifetime)
+    limits = Limits(_body_limit(max_body), max_connections, max_streams, stream_lifetime)
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
