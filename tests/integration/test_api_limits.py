@@ -6,7 +6,7 @@ again while it runs, so it ends with ``revoked`` after its session is signed out
 revoked, its user removed or (one job's stream) the grant that let its user see the job
 removed, while an administrator's stream goes on; one user may have only so many open (the next
 is 429, and a closed one frees its place); a stream ends with ``expired`` after its lifetime;
-and a hundred open streams do not slow other requests much (the median of a request with them
+and 240 open streams do not slow other requests much (the median of a request with them
 open against the median without, measured in the same test).
 
 Request limits: a 64 MiB body is refused with 413 whether it declares its length or comes in
@@ -35,12 +35,13 @@ import pytest
 
 from tests.helpers import Waymark, query, serve_process
 from waymark.config import Settings
-from waymark.ops import jobs
+from waymark.ops import jobs, users
 from waymark.ops.context import Context
 
 MIB = 1024 * 1024
 PASSWORD = "a-password-1"
 RECHECK_WAIT = 15.0  # a stream is checked again every 5 s (waymark.api.streams.RECHECK)
+STREAMS = 240  # streams open at once in the load test (under --max-connections' 256)
 
 
 @dataclass
@@ -57,19 +58,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     base = tmp_path_factory.mktemp("limits")
     wm = Waymark(base / "home")
     wm("vm", "create", "v", "--disk", "1M")
+    vm_id = wm.json("vm", "show", "v")["id"]
+    ctx = Context.open(Settings(home=wm.home))
     tokens, token_ids = {}, {}
     for name, role in (("admin", "administrator"), ("reader", "read-only"),
                        ("sam", "read-only"), ("tom", "read-only"), ("ursula", "read-only"),
                        ("gina", "self-service")):
-        wm.run("user", "add", name, "--role", role, "--password-stdin",
-               input=PASSWORD + "\n").ok()
-        made = wm.json("token", "create", "tests", "--user", name)
+        users.add(ctx, name, role, PASSWORD)
+        made = users.create_token(ctx, name, "tests")
         tokens[name], token_ids[name] = made["token"], made["id"]
-    for name in ("reader", "sam", "tom", "ursula"):
-        wm("user", "grant", name, "--vm", "*")
-    wm("user", "grant", "gina", "--vm", "v", "--permission", "start-stop")
-    ctx = Context.open(Settings(home=wm.home))
-    vm_id = wm.json("vm", "show", "v")["id"]
+        if role == "read-only":
+            users.grant(ctx, name, vm="*")
+    users.grant(ctx, "gina", vm="v", permissions=["start-stop"])
     job = jobs.submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": "none",
                                              "dest": str(base / "never")}, run_here=True)
     yield Site(wm, base, tokens, token_ids, job)
@@ -227,17 +227,22 @@ def median_request(url: str, token: str, count: int = 40) -> float:
 
 
 def test_many_streams_do_not_slow_other_requests(site: Site) -> None:
-    """A hundred open streams of one user (``--max-streams 200``) slow an ordinary request's
-    median less than fivefold (one reading of the jobs serves them all; it was 50-100x)."""
-    with serve_process(site.wm, options=("--max-streams", "200")) as url:
+    """240 open streams of one user (``--max-streams 300``) slow an ordinary request's median
+    less than threefold, against the larger of the medians before they opened and after they
+    closed (one reading of the jobs serves them all, and wakes them only on a change; with a
+    reading per stream every 0.2 s it was 15x here, 50-100x on the reviewer's machine)."""
+    with serve_process(site.wm, options=("--max-streams", "300")) as url:
         median_request(url, site.tokens["admin"], 10)  # warm up
-        baseline = median_request(url, site.tokens["admin"])
-        with streams(url, "/api/jobs/events", site.tokens["reader"], 100) as opened:
+        before = median_request(url, site.tokens["admin"])
+        with streams(url, "/api/jobs/events", site.tokens["reader"], STREAMS) as opened:
             assert {raw.status for raw in opened} == {200}
             time.sleep(1)
             loaded = median_request(url, site.tokens["admin"])
-        assert loaded < 5 * baseline, f"median {loaded * 1000:.1f} ms with 100 streams open, " \
-                                      f"{baseline * 1000:.1f} ms without"
+        after = median_request(url, site.tokens["admin"])
+        said = f"median {loaded * 1000:.1f} ms with {STREAMS} streams open, " \
+               f"{before * 1000:.1f} ms before, {after * 1000:.1f} ms after"
+        print(said)
+        assert loaded < 3 * max(before, after), said
 
 
 # --- request limits ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -73,7 +74,7 @@ def job_list(caller: CallerDep, ctx: ContextDep, everything: bool = False
 
 
 KEEPALIVE = 15.0
-WAIT = streams.POLL / 2  # s between two looks at the shared reading
+IDLE = 1.0  # s a stream sleeps at most without news (then it checks its caller and lifetime)
 
 
 async def _changes(ctx: Context, watch: streams.Watch, job_id: str | None,
@@ -82,11 +83,24 @@ async def _changes(ctx: Context, watch: streams.Watch, job_id: str | None,
     for one job, ``end`` once it finished (``until_idle``: once no job is unfinished); a
     comment line every :data:`KEEPALIVE` s. The jobs come from the shared reading
     (:class:`~waymark.api.streams.JobFeed`), filtered by the caller as last checked."""
+    feed: streams.JobFeed = watch.request.app.state.streams.feed
+    wake = asyncio.Event()
+    feed.listen(wake)
+    try:
+        async for text in _news(ctx, watch, feed, wake, job_id, until_idle):
+            yield text
+    finally:
+        feed.leave(wake)
+
+
+async def _news(ctx: Context, watch: streams.Watch, feed: streams.JobFeed, wake: asyncio.Event,
+                job_id: str | None, until_idle: bool) -> AsyncIterator[str]:
     seen: dict[str, tuple[Any, ...]] = {}
     quiet_since, number = time.monotonic(), 0
     while True:
+        wake.clear()
         who = await watch.current()
-        reading = watch.request.app.state.streams.feed.latest
+        reading = feed.latest
         if reading is not None and reading.number != number:
             number = reading.number
             rows = await _rows(ctx, who, reading, job_id)
@@ -99,7 +113,8 @@ async def _changes(ctx: Context, watch: streams.Watch, job_id: str | None,
         if time.monotonic() - quiet_since > KEEPALIVE:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
-        await asyncio.sleep(WAIT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), IDLE)
 
 
 def _changed(seen: dict[str, tuple[Any, ...]], rows: list[dict[str, Any]]
@@ -147,7 +162,7 @@ def job_events_all(request: Request, caller: CallerDep, ctx: ContextDep,
     Jobs of VMs that leave the caller's scope are no longer shown; ``revoked`` ends the stream
     when the caller's access does, ``expired`` after the streams' lifetime (docs/api.md)."""
     return streams.open_stream(request, caller.who,
-                               lambda watch: _changes(ctx, watch, None, until_idle), feed=True)
+                               lambda watch: _changes(ctx, watch, None, until_idle))
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
@@ -160,7 +175,7 @@ def job_events(job_id: str, request: Request, caller: CallerDep, ctx: ContextDep
     first = _job(ctx, caller.who, job_id, "job.view")  # 404 / 403 before the stream starts
     return streams.open_stream(
         request, caller.who, lambda watch: _changes(ctx, watch, first["id"]),
-        scope=lambda who: _job(ctx, who, first["id"], "job.view"), feed=True)
+        scope=lambda who: _job(ctx, who, first["id"], "job.view"))
 
 
 @router.get("/jobs/{job_id}")

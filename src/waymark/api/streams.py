@@ -10,14 +10,18 @@ Every stream (all jobs, one job, a VM's console):
   by itself (after the ``retry`` it was sent), other clients ask again.
 
 The jobs' streams share one reader of the catalog (:class:`JobFeed`): a thread reads the jobs
-and the VMs' owners every :data:`POLL` s while any stream listens; each stream filters the
-latest reading by its caller's scope, so a stream costs the server no catalog reads of its own
-between re-checks.
+and the VMs' owners every :data:`POLL` s while any stream listens and wakes the streams when
+that changed; each stream filters the latest reading by its caller's scope, so a stream costs
+the server no catalog reads of its own between re-checks, and little else while nothing
+changes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -70,39 +74,54 @@ class Reading:
 
 
 class JobFeed:
-    """One thread that reads the jobs every :data:`POLL` s while any stream listens."""
+    """One thread that reads the jobs every :data:`POLL` s while any stream listens, and wakes
+    the listening streams when what it read changed (between changes they sleep)."""
 
     def __init__(self, ctx: Context, poll: float = POLL) -> None:
         self.ctx, self.poll = ctx, poll
         self._lock = threading.Lock()
-        self._listeners = 0
+        self._listeners: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
         self._reader: threading.Thread | None = None
         self.latest: Reading | None = None
 
-    def listen(self) -> None:
+    def listen(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` (an event of the running loop) at each new reading."""
         with self._lock:
-            self._listeners += 1
+            self._listeners[wake] = asyncio.get_running_loop()
             if self._reader is None:
                 self._reader = threading.Thread(target=self._run, name="job-feed", daemon=True)
                 self._reader.start()
 
-    def leave(self) -> None:
+    def leave(self, wake: asyncio.Event) -> None:
         with self._lock:
-            self._listeners -= 1
+            self._listeners.pop(wake, None)
 
     def _run(self) -> None:
-        number = 0
+        number, last = 0, None
         while True:
             with self._lock:
-                if self._listeners <= 0:
+                if not self._listeners:
                     self._reader, self.latest = None, None
                     return
-            try:
-                number += 1
-                self.latest = Reading(number, jobs.listing(self.ctx), _owners(self.ctx))
-            except WaymarkError:  # a busy catalog: the next reading will do
-                pass
+            now = self._read()
+            if now is not None and now != last:
+                number, last = number + 1, now
+                self.latest = Reading(number, *now)
+                self._wake()
             time.sleep(self.poll)
+
+    def _read(self) -> tuple[list[dict[str, Any]], dict[str, str | None]] | None:
+        try:
+            return jobs.listing(self.ctx), _owners(self.ctx)
+        except WaymarkError:  # a busy catalog: the next reading will do
+            return None
+
+    def _wake(self) -> None:
+        with self._lock:
+            listening = list(self._listeners.items())
+        for wake, loop in listening:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: it is leaving
+                loop.call_soon_threadsafe(wake.set)
 
 
 def _owners(ctx: Context) -> dict[str, str | None]:
@@ -151,7 +170,9 @@ class Watch:
     lifetime: float
     scope: Callable[[Principal], object] = lambda who: None
     started: float = field(default_factory=time.monotonic)
-    checked: float = field(default_factory=time.monotonic)
+    # the first check comes at a random moment, so that streams opened together (a reconnecting
+    # crowd) are not all checked at once
+    checked: float = field(default_factory=lambda: time.monotonic() - random.uniform(0, RECHECK))
 
     async def current(self) -> Principal:
         """The caller as now allowed; raises :class:`StreamEnds` when the stream is over."""
@@ -186,28 +207,20 @@ class EventStream(StreamingResponse):
     """A stream of server-sent events that gives its user's slot back however it ends (also
     when it never started: the client left first)."""
 
-    def __init__(self, source: AsyncIterator[str], give_back: Callable[[], None],
-                 on_close: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, source: AsyncIterator[str], give_back: Callable[[], None]) -> None:
         super().__init__(guarded(source), media_type="text/event-stream", headers=HEADERS)
-        self.give_back, self.on_close = give_back, on_close
+        self.give_back = give_back
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.give_back()
-            self.on_close()
 
 
 def open_stream(request: Request, who: Principal, source: Callable[[Watch], AsyncIterator[str]],
-                scope: Callable[[Principal], object] = lambda who: None,
-                feed: bool = False) -> EventStream:
-    """A stream of ``source``'s events in one of ``who``'s slots (429 when none is free);
-    ``feed``: it reads the shared job feed."""
+                scope: Callable[[Principal], object] = lambda who: None) -> EventStream:
+    """A stream of ``source``'s events in one of ``who``'s slots (429 when none is free)."""
     streams: Streams = request.app.state.streams
     give_back = streams.take(who)
-    watch = Watch(request, who, streams.lifetime, scope)
-    if not feed:
-        return EventStream(source(watch), give_back)
-    streams.feed.listen()
-    return EventStream(source(watch), give_back, streams.feed.leave)
+    return EventStream(source(Watch(request, who, streams.lifetime, scope)), give_back)
