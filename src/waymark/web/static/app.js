@@ -55,12 +55,12 @@ function followJobs() {
   // After "end" the server closes the response; the browser then reports an error (and would
   // reconnect): only then is the stream closed here, so no request is cut short. "revoked"
   // (signed out, access removed) ends it too; after "expired" (the streams' lifetime) the
-  // browser reconnects by itself.
+  // browser reconnects by itself, and gives up when that is refused (signed out meanwhile).
   let ended = false;
   source.addEventListener("end", () => { ended = true; });
   source.addEventListener("revoked", () => { ended = true; });
   source.addEventListener("error", () => {
-    if (!ended) return;
+    if (!ended && source.readyState !== EventSource.CLOSED) return;
     source.close();
     source = null;
     document.body.dataset.streaming = "0";
