@@ -25,6 +25,7 @@ CODES: dict[str, type[WaymarkError]] = {
     "storage_error": errors.StorageError, "busy": errors.Busy,
     "too_many_attempts": errors.TooManyAttempts, "forbidden": errors.Forbidden,
     "unauthenticated": errors.Unauthenticated, "cancelled": errors.Cancelled,
+    "too_large": errors.TooLarge, "too_many_streams": errors.TooManyStreams,
 }
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -121,7 +122,8 @@ class Client:
         return dict(self.call("POST", f"/jobs/{_p(job)}/cancel"))
 
     def job_events(self, job: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The job's server-sent events, (kind, data) each, until ``end``."""
+        """The job's server-sent events, (kind, data) each, until ``end`` (or the stream's
+        ``expired`` or ``revoked``)."""
         with self.http.stream("GET", f"/jobs/{_p(job)}/events") as response:
             if not response.is_success:
                 response.read()
@@ -132,18 +134,23 @@ class Client:
                     kind = line[6:].strip()
                 elif line.startswith("data:"):
                     yield kind, json.loads(line[5:])
-                    if kind == "end":
+                    if kind in ("end", "expired", "revoked"):
                         return
 
     def job_wait(self, job: str, on_progress: Callable[[dict[str, Any]], None] | None = None
                  ) -> dict[str, Any]:
-        """Follow the job's events until it ends; its final description."""
+        """Follow the job's events until it ends (again after each stream's lifetime); its
+        final description."""
         last: dict[str, Any] | None = None
-        for kind, data in self.job_events(job):
-            if kind == "job":
-                last = data
-                if on_progress is not None:
-                    on_progress(data)
+        expired = True
+        while expired:
+            expired = False
+            for kind, data in self.job_events(job):
+                if kind == "job":
+                    last = data
+                    if on_progress is not None:
+                        on_progress(data)
+                expired = kind == "expired"
         if last is None or last["status"] not in FINISHED:  # the stream broke: ask once more
             time.sleep(0.1)
             last = self.job_show(job)

@@ -8,7 +8,8 @@ The tree (exit code, HTTP status)::
 
     WaymarkError (1, 500)
     ├── InvalidInput (2, 400)          bad arguments: names, sizes, options
-    │   └── ConsentRequired (2, 409)   an operation that discards data needs --yes / a choice
+    │   ├── ConsentRequired (2, 409)   an operation that discards data needs --yes / a choice
+    │   └── TooLarge (2, 413)          a request body over the server's limit
     ├── NotFound (3, 404)              unknown VM, checkpoint, disk, file
     ├── Ambiguous (4, 409)             a reference matches several objects (candidates listed)
     ├── Conflict (5, 409)              the object exists, or its state forbids the operation
@@ -18,7 +19,8 @@ The tree (exit code, HTTP status)::
     │   └── ToolMissing (69, 500)      a needed program is not installed (names the apt package)
     ├── StorageError (73, 507)         the home folder or a file system cannot be written
     ├── Busy (75, 409)                 another command or job holds the VM; retry later
-    │   └── TooManyAttempts (75, 429)  repeated failed sign-ins: wait before trying again
+    │   ├── TooManyAttempts (75, 429)  repeated failed sign-ins: wait before trying again
+    │   └── TooManyStreams (75, 429)   more open event streams than one user may have
     ├── Forbidden (77, 403)            the caller's role or grants do not allow it
     │   └── Unauthenticated (77, 401)  no valid session, token or password
     └── Cancelled (10, 409)            a job was cancelled on request
@@ -46,6 +48,10 @@ class InvalidInput(WaymarkError):
 
 class ConsentRequired(InvalidInput):
     http_status = 409
+
+
+class TooLarge(InvalidInput):
+    http_status = 413
 
 
 class NotFound(WaymarkError):
@@ -92,6 +98,10 @@ class Busy(WaymarkError):
 
 
 class TooManyAttempts(Busy):
+    http_status = 429
+
+
+class TooManyStreams(Busy):
     http_status = 429
 
 

@@ -18,7 +18,7 @@ caller          role             grants
 admin           administrator    none
 owner           self-service     template ``tpl``; owns ``vm-y``
 granted_full    self-service     every VM permission on ``vm-x``
-restore_only    self-service     checkpoint-restore-only on ``vm-x``
+restore_only    self-service     checkpoint-restore-only and backup-restore on ``vm-x``
 backupop        backup-operator  backup-run and backup-restore on ``vm-x``
 reader          read-only        ``*`` (every VM), no permissions
 outsider        self-service     start-stop on ``vm-w`` (``vm-x`` is out of their scope)
@@ -32,9 +32,10 @@ route's 2xx), ``403`` (denied), ``404`` (out of the caller's scope: answered exa
 object that does not exist, which each such cell compares), ``409`` (allowed, but the VM is off:
 pause, resume, save, stop), ``start`` (allowed, and the start fails before QEMU runs with the 404
 "kernel file does not exist", because the cell hides the VMs' kernel files: no guest ever
-boots; the module's end checks that no VM was launched). A VM route's target is the caller's
-VM: ``vm-y`` for ``owner``, ``vm-x`` for the rest. A cell where the server is known to answer
-otherwise is a strict xfail naming the bug.
+boots; the module's end checks that no VM was launched; a ``start`` cell with an effect to
+check, an apply that starts the VM, checks that effect instead of "nothing changed"). A VM
+route's target is the caller's VM: ``vm-y`` for ``owner``, ``vm-x`` for the rest. A cell where
+the server is known to answer otherwise is a strict xfail naming the bug.
 
 An allowed cell checks its effect (the checkpoint appeared, was renamed, applied or deleted and
 its merge job finished; the setting changed; the token stopped working; the bundle was written;
@@ -71,7 +72,7 @@ from fastapi.testclient import TestClient
 from tests.helpers import Waymark, query
 from waymark.api.app import create_app
 from waymark.config import Settings
-from waymark.ops import jobs, users
+from waymark.ops import jobs, liveness, users
 from waymark.ops.context import Context
 
 CALLERS = ("admin", "owner", "granted_full", "restore_only", "backupop", "reader", "outsider")
@@ -282,7 +283,8 @@ def _cli_home(base: Path, wm: Waymark) -> tuple[dict[str, str], dict[str, str], 
             ("owner", "--template", "tpl"),
             ("granted_full", "--vm", "vm-x", *(a for p in EVERY_PERMISSION
                                                for a in ("--permission", p))),
-            ("restore_only", "--vm", "vm-x", "--permission", "checkpoint-restore-only"),
+            ("restore_only", "--vm", "vm-x", "--permission", "checkpoint-restore-only",
+             "--permission", "backup-restore"),
             ("backupop", "--vm", "vm-x", "--permission", "backup-run", "--permission",
              "backup-restore"),
             ("reader", "--vm", "*"),
@@ -628,6 +630,21 @@ def ckpt_apply(env: Env, caller: str, allowed: bool) -> Req:
                check=check, ref=vm)
 
 
+def ckpt_apply_start(env: Env, caller: str, allowed: bool) -> Req:
+    """An apply that starts the VM afterwards: the start is a side effect that needs
+    start-stop; allowed, the apply is done and the start fails for want of a kernel."""
+    vm = env.target(caller)
+    current = env.tree(vm)["current_id"]
+    ckpt = next(c for c in env.pair(vm) if c != current)
+
+    def check(resp: httpx.Response) -> None:
+        assert env.tree(vm)["current_id"] == ckpt
+
+    return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply",
+               {"mode": "discard_current", "start": True}, check=check, ref=vm,
+               around=env.kernels_hidden)
+
+
 def ckpt_apply_first(env: Env, caller: str, allowed: bool) -> Req:
     """Hyper-V's "Create Checkpoint and Apply": a new checkpoint of Now, then the apply."""
     vm = env.target(caller)
@@ -744,6 +761,22 @@ def backup_restore(env: Env, caller: str, allowed: bool) -> Req:
 
     return Req(f"/api/vms/{vm}/backups/{point}/restore",
                {"repository": "repo", "mode": "discard_current"}, check=check, ref=vm)
+
+
+def backup_restore_first(env: Env, caller: str, allowed: bool) -> Req:
+    """A restore that checkpoints Now first: that checkpoint needs the checkpoint permission."""
+    vm = env.target(caller)
+    point = env.points[vm]
+    before = env.tree(vm)["current_id"]
+
+    def check(resp: httpx.Response) -> None:
+        listing = env.tree(vm)
+        parents = {c["id"]: c["parent_id"] for c in listing["checkpoints"]}
+        assert listing["current_id"] == resp.json()["checkpoint_id"]
+        assert parents[resp.json()["safety_checkpoint_id"]] == before
+
+    return Req(f"/api/vms/{vm}/backups/{point}/restore",
+               {"repository": "repo", "mode": "checkpoint_first"}, check=check, ref=vm)
 
 
 def backup_restore_as_new(env: Env, caller: str, allowed: bool) -> Req:
@@ -1272,6 +1305,9 @@ TABLE = [
     # "Create Checkpoint and Apply" creates a checkpoint: not restore-only's
     row("POST", C + "/apply",                         "ok   ok   ok  403  403  403  404",
         ckpt_apply_first, variant="checkpoint first"),
+    # an apply that starts the VM afterwards: start-stop too, so not restore-only's
+    row("POST", C + "/apply",                      "start start start 403 403 403 404",
+        ckpt_apply_start, variant="and start"),
     row("PATCH", C,                                   "ok   ok   ok  403  403  403  404",
         ckpt_rename),
     row("DELETE", C,                                  "ok   ok   ok  403  403  403  404",
@@ -1287,8 +1323,11 @@ TABLE = [
         backup_run, ok=201),
     row("POST", V + "/backups/{point}/verify",        "ok   ok   ok  403   ok  403  404",
         backup_verify),
-    row("POST", V + "/backups/{point}/restore",       "ok   ok   ok  403  403  403  404",
+    row("POST", V + "/backups/{point}/restore",       "ok   ok   ok   ok  403  403  404",
         backup_restore, variant="into the VM"),
+    # checkpointing Now first needs the checkpoint permission too: not backup-restore's alone
+    row("POST", V + "/backups/{point}/restore",       "ok   ok   ok  403  403  403  404",
+        backup_restore_first, variant="checkpoint first"),
     # a new VM: self-service users create VMs only from templates granted to them
     row("POST", V + "/backups/{point}/restore",       "ok  403  403  403  403  403  404",
         backup_restore_as_new, variant="as a new VM"),
@@ -1471,6 +1510,9 @@ def test_cell(env: Env, spec: Row, caller: str) -> None:
         error = error_of(resp)
         if expect == "start":  # allowed: it got as far as the VM's files
             assert "--kernel file" in error["message"], where
+            if req.check is not None:  # what the request did before it started the VM
+                req.check(resp)
+                return
     changes = diff(before, env.snapshot())
     assert not changes, f"{where}\nchanged:\n{changes}"
     if expect == "404" and req.ref is not None:
@@ -1492,3 +1534,39 @@ def test_jobs_show_non_administrators_no_location_path(env: Env) -> None:
         resp = env.call("granted_full", "GET", url, params=params)
         assert resp.status_code == 200, resp.text
         assert exports not in resp.text, f"GET {url}: {resp.text}"
+
+
+# --- side effects -----------------------------------------------------------------------------
+
+def set_state(env: Env, vm_id: str, state: str) -> None:
+    with sqlite3.connect(env.home / "catalog.db") as con:
+        con.execute("UPDATE vms SET state = ? WHERE id = ?", (state, vm_id))
+    con.close()
+
+
+def test_an_apply_that_turns_a_running_vm_off_needs_start_stop(env: Env) -> None:
+    """Applying a checkpoint to a running VM turns it off first (as Hyper-V does): that is a
+    stop, which ``checkpoint-restore-only`` does not give. A stand-in for QEMU (a process whose
+    command line names the VM's QMP socket) makes the VM running; the apply is refused, nothing
+    changed, the stand-in still runs."""
+    vm = env.vm_ids["vm-x"]
+    run = liveness.run_files(env.ctx, vm)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    stand_in = subprocess.Popen(["sh", "-c", "sleep 600", str(run.qmp)])
+    try:
+        run.pidfile.write_text(str(stand_in.pid))
+        set_state(env, vm, "running")
+        current = env.tree("vm-x")["current_id"]
+        ckpt = next(c for c in env.pair("vm-x") if c != current)
+        before = env.snapshot()
+        resp = env.call("restore_only", "POST", f"/api/vms/vm-x/checkpoints/{ckpt}/apply",
+                        {"mode": "discard_current"})
+        assert resp.status_code == 403, resp.text
+        assert "vm.power" in error_of(resp)["message"]
+        assert not diff(before, env.snapshot())
+        assert stand_in.poll() is None
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        run.pidfile.unlink(missing_ok=True)
+        set_state(env, vm, "off")

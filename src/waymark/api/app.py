@@ -31,7 +31,9 @@ from waymark.api import (
     headers,
     jobs,
     library,
+    limits,
     security,
+    streams,
     vms,
 )
 from waymark.errors import WaymarkError
@@ -145,7 +147,10 @@ ERRORS = {"400": "Invalid input (details.problems for a body or query that does 
           "403": "Forbidden: the caller's role or grants do not allow it (nothing changed)",
           "404": "Not found, or outside the caller's scope",
           "409": "Conflict: the object's state, a needed confirmation, or busy (names the job)",
-          "429": "Too many failed sign-ins",
+          "413": "The request body is larger than the server takes (waymark serve "
+                 "--max-body)",
+          "429": "Too many failed sign-ins, or as many event streams open as one user may "
+                 "have",
           "500": "A tool failed (qemu-img, QEMU)"}
 
 
@@ -177,7 +182,19 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def create_app(ctx: Context) -> FastAPI:
+def _error_json(err: WaymarkError) -> dict[str, Any]:
+    """The error body for a refusal made outside the app's error handlers (the limits)."""
+    return error_body(_code(err), err.message, {"hint": err.hint} if err.hint else None)
+
+
+def _limited(app: FastAPI, ctx: Context, chosen: limits.Limits) -> None:
+    """The request limits (:mod:`waymark.api.limits`): the body limit outside everything else,
+    and the event streams' registry."""
+    app.state.streams = streams.Streams(ctx, chosen.max_streams, chosen.stream_lifetime)
+    app.add_middleware(limits.BodyLimit, max_body=chosen.max_body, render=_error_json)
+
+
+def create_app(ctx: Context, chosen: limits.Limits | None = None) -> FastAPI:
     app = FastAPI(title="Waymark", version=__version__, openapi_url="/api/openapi.json",
                   docs_url=None, redoc_url=None,  # (no explorer: docs/api.md says why)
                   description="Hyper-V style checkpoints and backups for QEMU/KVM VMs.")
@@ -194,4 +211,5 @@ def create_app(ctx: Context) -> FastAPI:
     app.include_router(pages.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.mount("/static", StaticFiles(directory=str(pages.HERE / "static")), name="static")
+    _limited(app, ctx, chosen or limits.Limits())
     return app

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import Caller, CallerDep, ContextDep, require, vm_for
+from waymark.api.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
 from waymark.backups import retention
 from waymark.errors import Forbidden, InvalidInput
 from waymark.ops import backups, checkpoints, locations, schedules, views
@@ -81,6 +81,8 @@ def point_restore(vm: str, point: str, body: Restore, caller: CallerDep, ctx: Co
         vm_id = backups.restore_as_new(ctx, repo, row.id, point, body.new_name,
                                        owner_id=caller.who.user_id)
         return {"restored_as": views.vm_show(ctx, vm_id)}
+    if body.mode == "checkpoint_first":  # it takes a checkpoint of Now first
+        require_vm(caller.who, row, "checkpoint.create")
     mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
         else checkpoints.ApplyMode.DISCARD_CURRENT
     done: dict[str, Any] = backups.restore(ctx, repo, row.id, point, mode)

@@ -9,8 +9,10 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, redact, vm_for
-from waymark.ops import checkpoints, deletion, jobs, locations, views
+from waymark.api.security import CallerDep, ContextDep, redact, require_vm, vm_for
+from waymark.catalog.models import Vm
+from waymark.ops import checkpoints, deletion, jobs, liveness, locations, views
+from waymark.ops.context import Context
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -54,12 +56,21 @@ class Apply(BaseModel):
 def apply(vm: str, ckpt: str, body: Apply, caller: CallerDep, ctx: ContextDep
           ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.apply", vm)
-    if body.mode == "checkpoint_first":  # it takes a checkpoint too
-        vm_for(ctx, caller.who, "checkpoint.create", vm)
+    require_vm(caller.who, row, *_apply_effects(ctx, row, body))
     target = views.checkpoint_show(ctx, row.id, ckpt)["id"]
     mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
         else checkpoints.ApplyMode.DISCARD_CURRENT
     return checkpoints.apply(ctx, row.id, target, mode, start=body.start).view()
+
+
+def _apply_effects(ctx: Context, row: Vm, body: Apply) -> list[str]:
+    """What an apply does besides the apply, each needing its own permission: the checkpoint
+    of Now (``checkpoint_first``), and powering the VM off (it is running or paused) or on
+    (``start``)."""
+    effects = ["checkpoint.create"] if body.mode == "checkpoint_first" else []
+    if body.start or liveness.reconcile(ctx, row.id) in liveness.LIVE_STATES:
+        effects.append("vm.power")
+    return effects
 
 
 class Rename(BaseModel):

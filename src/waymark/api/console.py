@@ -11,27 +11,34 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, vm_for
-from waymark.errors import Conflict
+from waymark.api import streams
+from waymark.api.security import CallerDep, ContextDep, require_vm, vm_for
+from waymark.auth.policy import Principal
+from waymark.catalog.models import Vm
+from waymark.errors import Conflict, NotFound
 from waymark.ops import liveness
+from waymark.ops.context import Context
 
 router = APIRouter(tags=["console"])
 TAIL = 8192  # bytes of earlier output a new reader gets
 QUIET, LONGEST, POLL = 3.0, 20.0, 0.2
 
 
-async def _output(path: str, offset: int | None) -> AsyncIterator[str]:
+async def _output(watch: streams.Watch, path: str, offset: int | None
+                  ) -> AsyncIterator[str]:
     """``output`` events with the log's new text; ``end`` (with the offset to go on from)
     after :data:`QUIET` s without output or :data:`LONGEST` s in all, so no stream is left
-    open: the page asks again from that offset."""
+    open: the page asks again from that offset. The caller is checked again as every
+    stream's is (:mod:`waymark.api.streams`)."""
     size = await asyncio.to_thread(_size, path)
     at = max(size - TAIL, 0) if offset is None else min(offset, size)
     started = last = time.monotonic()
     while time.monotonic() - last < QUIET and time.monotonic() - started < LONGEST:
+        await watch.current()
         chunk = await asyncio.to_thread(_read, path, at)
         if chunk:
             at += len(chunk)
@@ -60,13 +67,24 @@ def _read(path: str, at: int) -> bytes:
 
 @router.get("/vms/{vm}/console/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def console_events(vm: str, caller: CallerDep, ctx: ContextDep, offset: int | None = None
-                   ) -> StreamingResponse:
-    """The serial console's output from ``offset`` (default: its last 8 KiB)."""
+def console_events(vm: str, request: Request, caller: CallerDep, ctx: ContextDep,
+                   offset: int | None = None) -> StreamingResponse:
+    """The serial console's output from ``offset`` (default: its last 8 KiB); ``revoked``
+    ends it when the caller may no longer use the console."""
     row = vm_for(ctx, caller.who, "vm.power", vm)
     log = str(liveness.run_files(ctx, row.id).serial_log)
-    return StreamingResponse(_output(log, offset), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return streams.open_stream(request, caller.who, lambda watch: _output(watch, log, offset),
+                               scope=lambda who: _may_still(ctx, who, row.id))
+
+
+def _may_still(ctx: Context, who: Principal, vm_id: str) -> None:
+    """The console's check, again: the VM is still there and the caller may still use it."""
+    with ctx.catalog.session() as session:
+        row = session.get(Vm, vm_id)
+        if row is None:
+            raise NotFound("the VM is gone.")
+        session.expunge(row)
+    require_vm(who, row, "vm.power")
 
 
 class Line(BaseModel):

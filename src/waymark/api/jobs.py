@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from waymark.api import streams
 from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Principal
 from waymark.catalog.models import Job, Vm
-from waymark.errors import NotFound
+from waymark.errors import NotFound, WaymarkError
 from waymark.ops import jobs
 from waymark.ops.context import Context
 
@@ -69,7 +70,13 @@ def _exists(ctx: Context, ref: str) -> bool:
 def job_list_for(ctx: Context, who: Principal, everything: bool) -> list[dict[str, Any]]:
     with ctx.catalog.session() as session:
         owners = {v.id: v.owner_id for v in session.query(Vm)}
-    return [j for j in jobs.listing(ctx, everything=everything)
+    return in_scope(who, jobs.listing(ctx, everything=everything), owners)
+
+
+def in_scope(who: Principal, listed: list[dict[str, Any]], owners: dict[str, str | None]
+             ) -> list[dict[str, Any]]:
+    """The jobs of ``listed`` the caller may see (``owners``: each VM's owner)."""
+    return [j for j in listed
             if who.admin or (j["vm_id"] in owners
                              and policy.in_scope(who, j["vm_id"], owners[j["vm_id"]]))]
 
@@ -81,66 +88,109 @@ def job_list(caller: CallerDep, ctx: ContextDep, everything: bool = False
     return [_shown(caller.who, j) for j in job_list_for(ctx, caller.who, everything)]
 
 
-POLL = 0.2
 KEEPALIVE = 15.0
+IDLE = 1.0  # s a stream sleeps at most without news (then it checks its caller and lifetime)
 
 
-def _event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-
-
-async def _changes(ctx: Context, who: Principal, job_id: str | None,
+async def _changes(ctx: Context, watch: streams.Watch, job_id: str | None,
                    until_idle: bool = False) -> AsyncIterator[str]:
     """Server-sent events: each job's state whenever its status, progress or step changes;
     for one job, ``end`` once it finished (``until_idle``: once no job is unfinished); a
-    comment line every :data:`KEEPALIVE` s. The catalog is read in a worker thread; the wait
-    between reads holds none."""
+    comment line every :data:`KEEPALIVE` s. The jobs come from the shared reading
+    (:class:`~waymark.api.streams.JobFeed`), filtered by the caller as last checked."""
+    feed: streams.JobFeed = watch.request.app.state.streams.feed
+    wake = asyncio.Event()
+    feed.listen(wake)
+    try:
+        async for text in _news(ctx, watch, feed, wake, job_id, until_idle):
+            yield text
+    finally:
+        feed.leave(wake)
+
+
+async def _news(ctx: Context, watch: streams.Watch, feed: streams.JobFeed, wake: asyncio.Event,
+                job_id: str | None, until_idle: bool) -> AsyncIterator[str]:
     seen: dict[str, tuple[Any, ...]] = {}
-    quiet_since = time.monotonic()
+    quiet_since, number = time.monotonic(), 0
     while True:
-        if job_id:
-            rows = [await run_in_threadpool(_job, ctx, who, job_id, "job.view")]
-        else:
-            rows = await run_in_threadpool(job_list_for, ctx, who, False)
-        for job in rows:
-            key = (job["status"], job["progress"], job["step"])
-            if seen.get(job["id"]) != key:
-                seen[job["id"]] = key
+        wake.clear()
+        who = await watch.current()
+        reading = feed.latest
+        if reading is not None and reading.number != number:
+            number = reading.number
+            rows = await _rows(ctx, who, reading, job_id)
+            for job in _changed(seen, rows):
                 quiet_since = time.monotonic()
-                yield _event("job", _shown(who, job))
-        if job_id and rows[0]["status"] in jobs.FINISHED:
-            yield _event("end", {"id": rows[0]["id"], "status": rows[0]["status"]})
-            return
-        if until_idle and all(j["status"] in jobs.FINISHED for j in rows):
-            yield _event("end", {"idle": True})
-            return
+                yield streams.event("job", _shown(who, job))
+            if (last := _last(rows, job_id, until_idle)) is not None:
+                yield last
+                return
         if time.monotonic() - quiet_since > KEEPALIVE:
             quiet_since = time.monotonic()
             yield ": keep-alive\n\n"
-        await asyncio.sleep(POLL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), IDLE)
 
 
-STREAM = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+def _changed(seen: dict[str, tuple[Any, ...]], rows: list[dict[str, Any]]
+             ) -> list[dict[str, Any]]:
+    """The jobs whose status, progress or step changed since ``seen`` (which is updated)."""
+    changed = []
+    for job in rows:
+        key = (job["status"], job["progress"], job["step"])
+        if seen.get(job["id"]) != key:
+            seen[job["id"]] = key
+            changed.append(job)
+    return changed
+
+
+def _last(rows: list[dict[str, Any]], job_id: str | None, until_idle: bool) -> str | None:
+    """The ``end`` event once the stream is done: its one job finished (``until_idle``: no job
+    is unfinished)."""
+    if job_id and rows[0]["status"] in jobs.FINISHED:
+        return streams.event("end", {"id": rows[0]["id"], "status": rows[0]["status"]})
+    if until_idle and all(j["status"] in jobs.FINISHED for j in rows):
+        return streams.event("end", {"idle": True})
+    return None
+
+
+async def _rows(ctx: Context, who: Principal, reading: streams.Reading, job_id: str | None
+                ) -> list[dict[str, Any]]:
+    """The jobs the stream shows from ``reading``; one job that left the reading (finished
+    long ago) is read on its own."""
+    shown = in_scope(who, reading.jobs, reading.owners)
+    if job_id is None:
+        return shown
+    found = [j for j in shown if j["id"] == job_id]
+    try:
+        return found or [await run_in_threadpool(_job, ctx, who, job_id, "job.view")]
+    except WaymarkError as err:  # it, or its VM, left the caller's scope
+        raise streams.revoked(err) from None
 
 
 @router.get("/jobs/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def job_events_all(caller: CallerDep, ctx: ContextDep, until_idle: bool = False
-                   ) -> StreamingResponse:
+def job_events_all(request: Request, caller: CallerDep, ctx: ContextDep,
+                   until_idle: bool = False) -> StreamingResponse:
     """Server-sent events for every job in the caller's scope (a ``job`` event whenever one
-    changes; with ``until_idle``, ``end`` once none is unfinished, and the stream closes)."""
-    return StreamingResponse(_changes(ctx, caller.who, None, until_idle),
-                             media_type="text/event-stream", headers=STREAM)
+    changes; with ``until_idle``, ``end`` once none is unfinished, and the stream closes).
+    Jobs of VMs that leave the caller's scope are no longer shown; ``revoked`` ends the stream
+    when the caller's access does, ``expired`` after the streams' lifetime (docs/api.md)."""
+    return streams.open_stream(request, caller.who,
+                               lambda watch: _changes(ctx, watch, None, until_idle))
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def job_events(job_id: str, caller: CallerDep, ctx: ContextDep) -> StreamingResponse:
+def job_events(job_id: str, request: Request, caller: CallerDep, ctx: ContextDep
+               ) -> StreamingResponse:
     """Server-sent events for one job: a ``job`` event at each change of its status,
-    progress or step (progress only grows), then ``end``."""
+    progress or step (progress only grows), then ``end``; ``revoked`` when the caller may no
+    longer see it, ``expired`` after the streams' lifetime."""
     first = _job(ctx, caller.who, job_id, "job.view")  # 404 / 403 before the stream starts
-    return StreamingResponse(_changes(ctx, caller.who, first["id"]),
-                             media_type="text/event-stream", headers=STREAM)
+    return streams.open_stream(
+        request, caller.who, lambda watch: _changes(ctx, watch, first["id"]),
+        scope=lambda who: _job(ctx, who, first["id"], "job.view"))
 
 
 @router.get("/jobs/{job_id}")

@@ -171,6 +171,17 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
     return row
 
 
+def require_vm(who: Principal, row: Vm, *actions: str) -> None:
+    """403 unless every one of ``actions`` is allowed on the VM ``row`` (already resolved and
+    in the caller's scope): each side effect of a request needs the permission it would need
+    on its own (an apply that starts the VM needs ``vm.power`` too)."""
+    for action in actions:
+        if policy.decide_vm(who, action, row.id, row.owner_id) is not Decision.ALLOW:
+            raise Forbidden(f"you may not do this to VM {row.name!r} ({action}).",
+                            hint="Ask an administrator for the permission, or leave out "
+                                 "what needs it.")
+
+
 def _missing(ref: str) -> NotFound:
     """The 404 for a VM that does not exist (word for word :func:`no_vm`'s)."""
     hidden = no_vm(ref)

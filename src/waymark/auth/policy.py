@@ -16,6 +16,10 @@ the same answer as for an object that does not exist, so nothing about it leaks)
 
 Checkpoint permissions follow Hyper-V's and SCVMM's: ``checkpoint`` is create, apply, rename,
 delete and export; ``checkpoint-restore-only`` is apply (of existing checkpoints) only.
+
+A request with side effects needs the decision for each of them too (the faces ask for each:
+an apply that starts or stops the VM needs ``vm.power``, one that checkpoints Now first
+``checkpoint.create``; docs/api.md, "Side effects need their own permission").
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 import click
 
 from waymark import failpoints, modes
+from waymark.api.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.cli.main import face
 from waymark.errors import InvalidInput, WaymarkError
+from waymark.units import parse_size
 
 if TYPE_CHECKING:
     from waymark.ops.context import Context
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 30.0
 # an API request waits this long for a VM another request or command holds, then gets 409
 API_LOCK_TIMEOUT = 2.0
+MIN_BODY = 64 * 1024
 
 
 def _address(listen: str) -> tuple[str, int]:
@@ -65,6 +68,12 @@ def _proxies(given: tuple[str, ...]) -> list[str]:
                                hint="For example --trusted-proxy 127.0.0.1 or "
                                     "--trusted-proxy 10.0.0.0/24.") from None
     return list(given)
+def _body_limit(text: str) -> int:
+    size = parse_size(text, what="--max-body")
+    if size < MIN_BODY:
+        raise InvalidInput(f"--max-body {text!r} is too small: sign-ins and settings need at "
+                           f"least {MIN_BODY // 1024} KiB.", hint="For example --max-body 1M.")
+    return size
 
 
 def _schedules(ctx: Context, stop: threading.Event) -> None:
@@ -92,8 +101,19 @@ def _schedules(ctx: Context, stop: threading.Event) -> None:
               help="A reverse proxy (IP address or network) whose X-Forwarded-For and "
                    "X-Forwarded-Proto are believed; repeatable. Default: none.")
 @click.option("--no-schedules", is_flag=True, help="Do not run backup schedules here.")
+@click.option("--max-body", default="1M", show_default=True, metavar="SIZE",
+              help="The largest request body taken (larger: 413).")
+@click.option("--max-connections", type=click.IntRange(1, 100000), default=MAX_CONNECTIONS,
+              show_default=True, help="Open connections at once (more: 503).")
+@click.option("--max-streams", type=click.IntRange(1, 10000), default=MAX_STREAMS,
+              show_default=True, help="Event streams one user may have open at once "
+                                      "(more: 429).")
+@click.option("--stream-lifetime", type=click.FloatRange(1, 86400), default=STREAM_LIFETIME,
+              show_default=True, metavar="SECONDS",
+              help="An event stream ends after this long (its client reconnects).")
 def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
-          trusted_proxies: tuple[str, ...], no_schedules: bool) -> None:
+          trusted_proxies: tuple[str, ...], no_schedules: bool, max_body: str,
+          max_connections: int, max_streams: int, stream_lifetime: float) -> None:
     """Serve the REST API (OpenAPI at /api/openapi.json) and run the backup schedules."""
     import uvicorn
 
@@ -109,6 +129,7 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
         raise InvalidInput(f"a server never runs with test failpoints, and {failpoints.KILL} or "
                            f"{failpoints.TRACE} arms them.",
                            hint=f"Unset them (and {failpoints.SUITE_KEY}), then serve again.")
+    limits = Limits(_body_limit(max_body), max_connections, max_streams, stream_lifetime)
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
@@ -118,8 +139,9 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
     click.echo(f"Waymark API on {'https' if cert else 'http'}://{listen}/api "
                f"(home {ctx.home})", err=True)
     try:
-        uvicorn.run(create_app(ctx), host=host, port=port, log_level="warning",
+        uvicorn.run(create_app(ctx, limits), host=host, port=port, log_level="warning",
                     proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
+                    limit_concurrency=limits.max_connections,
                     ssl_certfile=str(cert) if cert else None,
                     ssl_keyfile=str(key) if key else None)
     finally:

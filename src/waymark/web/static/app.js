@@ -53,11 +53,14 @@ function followJobs() {
     });
   });
   // After "end" the server closes the response; the browser then reports an error (and would
-  // reconnect): only then is the stream closed here, so no request is cut short.
+  // reconnect): only then is the stream closed here, so no request is cut short. "revoked"
+  // (signed out, access removed) ends it too; after "expired" (the streams' lifetime) the
+  // browser reconnects by itself, and gives up when that is refused (signed out meanwhile).
   let ended = false;
   source.addEventListener("end", () => { ended = true; });
+  source.addEventListener("revoked", () => { ended = true; });
   source.addEventListener("error", () => {
-    if (!ended) return;
+    if (!ended && source.readyState !== EventSource.CLOSED) return;
     source.close();
     source = null;
     document.body.dataset.streaming = "0";
@@ -355,6 +358,11 @@ function consolePage() {
     stream.addEventListener("end", (event) => {
       ended = true;
       offset = JSON.parse(event.data).offset;
+    });
+    stream.addEventListener("revoked", (event) => {  // signed out, or access removed
+      ended = true;
+      follow.checked = false;
+      notice(JSON.parse(event.data).message, true);
     });
     stream.addEventListener("error", () => {
       if (!ended) return;
