@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from waymark import durable, process
+from waymark.qemu import cmdline
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _kvm_runs(kernel: str | None, timeout: float) -> bool:
         argv = [process.which(QEMU), "-accel", "kvm", "-machine", "pc-q35-7.2", "-cpu",
                 "qemu64", "-nodefaults", "-display", "none", "-m", "256", "-no-reboot"]
         if kernel is None:
-            argv += ["-chardev", f"file,id=dbg,path={out}",
+            argv += ["-chardev", f"file,id=dbg,path={cmdline.escaped(str(out))}",
                      "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
             return _probe(argv, out, FIRMWARE_DONE, timeout)
         argv += ["-kernel", kernel, "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",

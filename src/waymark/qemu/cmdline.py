@@ -4,6 +4,10 @@ Every image of a chain is its own ``-blockdev`` node, named from the image id (a
 characters, QEMU's limit), so later block jobs can name any layer. The machine type and CPU
 model come from the VM's configuration, pinned, so a memory state restores on the machine it was
 taken on.
+
+``-blockdev`` takes JSON; every other option value built from a name, path or setting goes
+through :func:`escaped`, so a comma in it cannot start another QEMU sub-option. (``-kernel``,
+``-initrd``, ``-append`` and ``-pidfile`` take their argument whole: nothing to escape.)
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from pathlib import Path
 from waymark.checkpoints.hardware import HardwareConfig, Nic
 
 AGENT_PORT = "org.qemu.guest_agent.0"
+
+
+def escaped(value: str) -> str:
+    """``value`` inside QEMU's ``key=value,key=value`` option syntax: QEMU reads ``,,`` as one
+    literal comma, so the value stays one value (a VM named ``x,process=y`` sets no option)."""
+    return value.replace(",", ",,")
 
 
 def node_name(image_id: str) -> str:
@@ -128,26 +138,28 @@ def _disk_device(chain: DiskChain) -> list[str]:
 
 def _nic(number: int, nic: Nic) -> list[str]:
     if nic.kind == "bridge":
-        netdev = f"bridge,id=net{number},br={nic.bridge}"
+        netdev = f"bridge,id=net{number},br={escaped(nic.bridge or '')}"
     else:
-        netdev = ",".join([f"user,id=net{number}", *(f"hostfwd={f}" for f in nic.forwards)])
+        forwards = (f"hostfwd={escaped(f)}" for f in nic.forwards)
+        netdev = ",".join([f"user,id=net{number}", *forwards])
     return ["-netdev", netdev,
-            "-device", f"virtio-net-pci,netdev=net{number},mac={nic.mac}"]
+            "-device", f"virtio-net-pci,netdev=net{number},mac={escaped(nic.mac)}"]
 
 
 def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
     hw, run = launch.hardware, launch.run
-    args = [qemu, "-name", f"guest={launch.name},debug-threads=on", "-uuid", launch.uuid,
+    args = [qemu, "-name", f"guest={escaped(launch.name)},debug-threads=on",
+            "-uuid", launch.uuid,
             "-machine", f"{hw.machine},accel={launch.accelerator}", "-cpu", hw.cpu_model,
             "-m", f"{hw.memory_mib}M", "-smp", str(hw.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-shutdown",
             "-daemonize", "-pidfile", str(run.pidfile),
-            "-qmp", f"unix:{run.qmp},server=on,wait=off",
-            "-chardev", f"socket,id=serial0,path={run.console},server=on,wait=off,"
-                        f"logfile={run.serial_log},logappend=on",
+            "-qmp", f"unix:path={escaped(str(run.qmp))},server=on,wait=off",
+            "-chardev", f"socket,id=serial0,path={escaped(str(run.console))},server=on,wait=off,"
+                        f"logfile={escaped(str(run.serial_log))},logappend=on",
             "-serial", "chardev:serial0",
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=qga0,path={run.agent},server=on,wait=off",
+            "-chardev", f"socket,id=qga0,path={escaped(str(run.agent))},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
     if hw.kernel:
         args += ["-kernel", hw.kernel]
