@@ -6,9 +6,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from waymark.errors import Ambiguous, InvalidInput, NotFound
-
-MAX_NAME = 99
+from waymark.errors import Ambiguous, NotFound
+from waymark.names import MAX_NAME
 
 
 @dataclass(frozen=True)
@@ -18,20 +17,6 @@ class Node:
     parent_id: str | None
     created_at: datetime
     has_memory: bool = False
-
-
-def clean_name(name: str, *, what: str = "checkpoint name") -> str:
-    """A name trimmed of surrounding spaces: 1 to 99 characters, no control characters."""
-    trimmed = name.strip()
-    if not trimmed:
-        raise InvalidInput(f"the {what} is empty.", hint="Give 1 to 99 characters.")
-    if len(trimmed) > MAX_NAME:
-        raise InvalidInput(f"the {what} has {len(trimmed)} characters; at most {MAX_NAME} fit.",
-                           hint="Give a shorter name.")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in trimmed):
-        raise InvalidInput(f"the {what} contains control characters.",
-                           hint="Use printable characters only.")
-    return trimmed
 
 
 def default_name(vm_name: str, when: datetime) -> str:

@@ -30,11 +30,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable
+from waymark import durable, names
 from waymark.backups import retention
 from waymark.backups.repository import Repository, new_point_id, now
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Vm
-from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
 from waymark.failpoints import failpoint
@@ -477,6 +476,7 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
                    new_name: str, report: Report = None, owner_id: str | None = None) -> str:
     """A new VM (new id, new MACs) from a point; returns its id. Holds the repository's lock
     (repository first, then VM, as a run): a prune does not merge the chain it reads."""
+    new_name = names.clean(new_name, what="VM name")  # before the repository is touched
     repo = Repository.open(repo_path)
     with repo.locked(ctx.settings.lock_timeout):
         repo.remove_partial()
@@ -543,7 +543,7 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
         frozen.append({"disk_id": disk["disk_id"], "image_id": base, "active": top})
         if disk["disk_id"] not in known:
             new_disks.append(disk["disk_id"])
-    label = tree.clean_name(f"Restored from {point['id']}")
+    label = names.clean(f"Restored from {point['id']}", what="checkpoint name")
     record = {"id": checkpoint_id, "vm_id": vm_id, "name": label, "parent_id": None,
               "kind": checkpoints.DISK_ONLY, "requested_type": "backup", "fallback_reason": None,
               "config": point["vm"]["config"], "memory_path": None, "memory_sha256": None,

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, modes, shares
+from waymark import durable, modes, names, shares
 from waymark.catalog.models import Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound
@@ -142,6 +142,7 @@ def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[st
 def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
                   on_progress: qemu_img.Progress = None) -> str:
     """A new VM (new id, new file names) from a verified bundle; returns its id."""
+    name = names.clean(name, what="VM name") if name is not None else None  # before reading
     manifest = read_bundle(bundle)
     config = bundle / "configuration.json"
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from waymark import names
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
@@ -53,14 +54,14 @@ def create(ctx: Context, vm_id: str, name: str | None = None,
 
 def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
     """:func:`create`, for a caller that holds the VM's lock."""
+    given = names.clean(name, what="checkpoint name") if name is not None else None
     state = qmp.run_sync(machines.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
     created = now()
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
         _refuse_disabled(vm_row)
         require_room(session, vm_row)
-        label = tree.clean_name(name) if name is not None else tree.default_name(vm_row.name,
-                                                                                 created)
+        label = given if given is not None else tree.default_name(vm_row.name, created)
         wanted = wanted or vm_row.checkpoint_type
         params, steps = _plan_create(ctx, session, vm_row, label, state)
         params["checkpoint"]["requested_type"] = wanted
@@ -276,7 +277,7 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
 
 def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> str:
     """A name is one row: renaming needs no VM lock, so it never waits for a merge."""
-    label = tree.clean_name(new_name)
+    label = names.clean(new_name, what="checkpoint name")
     with ctx.catalog.session() as session:
         row = lookup.checkpoint(session, lookup.vm_by_id(session, vm_id), ckpt_ref)
         row.name = label

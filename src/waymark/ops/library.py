@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from waymark import shares
+from waymark import names, shares
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, InvalidInput
@@ -254,6 +254,7 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
     vm_id, vm_name = entry.vm_id, entry.name
     with ctx.vm_locked(vm_id, vm_name), library.locked(ctx.settings.lock_timeout):
         manifest = library.require_stored(library.entry(vm_id))  # as it is now, under the lock
+        _check_names(manifest)
         _require_absent(ctx, vm_id, vm_name)
         library.verify(vm_id, manifest)
         _require_safe(ctx, library, vm_id, manifest)
@@ -262,6 +263,14 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         recovery.recover_vm(ctx, vm_id)  # the commit's finish: the library copy goes
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root),
             "state": manifest["vm"]["state"], "checkpoints": len(manifest["checkpoints"])}
+
+
+def _check_names(manifest: dict[str, Any]) -> None:
+    """A library is outside storage: its names meet the grammar CLI input meets
+    (:mod:`waymark.names`) before they enter the catalog."""
+    names.clean(manifest["vm"]["name"], what="stored VM's name")
+    for c in manifest["checkpoints"]:
+        names.clean(c["name"], what=f"name of its checkpoint {str(c['id'])[:12]}")
 
 
 def _require_absent(ctx: Context, vm_id: str, vm_name: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from waymark import names
 from waymark.catalog.models import Location
 from waymark.errors import Conflict, InvalidInput, NotFound
 from waymark.ops.context import Context
@@ -24,6 +25,7 @@ def _view(row: Location) -> dict[str, Any]:
 
 
 def add(ctx: Context, name: str, kind: str, path: Path) -> dict[str, Any]:
+    name = names.clean(name, what="location name")
     if not NAME.match(name):
         raise InvalidInput(f"{name!r} is not a valid location name.",
                            hint="Use letters, digits and . _ - (up to 64 characters).")

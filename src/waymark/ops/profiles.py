@@ -9,9 +9,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from waymark import filelock
+from waymark import filelock, names
 from waymark.catalog.models import Profile, Template
-from waymark.checkpoints import tree
 from waymark.errors import Busy, Conflict, NotFound
 from waymark.ops import vms
 from waymark.ops.context import Context
@@ -56,7 +55,7 @@ def view(row: Profile) -> dict[str, Any]:
 
 
 def create(ctx: Context, name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    name = tree.clean_name(name, what="profile name")
+    name = names.clean(name, what="profile name")
     values = checked(settings)
     with ctx.catalog.session() as session:
         if session.get(Profile, name) is not None:

@@ -16,11 +16,10 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
-from waymark import process
+from waymark import names, process
 from waymark.backups import retention, timing
 from waymark.backups.repository import Repository
 from waymark.catalog.models import Schedule
-from waymark.checkpoints import tree
 from waymark.errors import Conflict, InvalidInput, NotFound, WaymarkError
 from waymark.ops import backups, lookup
 from waymark.ops.context import Context
@@ -33,7 +32,7 @@ def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str,
     """A new schedule of the VMs with these ids (the face resolved what was typed; a run
     backs up exactly these VMs, whatever they are named then). ``replace``: this one, edited,
     in the same transaction; its next run is computed anew."""
-    label = tree.clean_name(name, what="schedule name")
+    label = names.clean(name, what="schedule name")
     if every not in timing.EVERY:
         raise InvalidInput(f"unknown period {every!r}.", hint="Use --daily, --weekly or --monthly.")
     when = timing.parse_at(at)

@@ -24,9 +24,8 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from waymark import durable, profiles
+from waymark import durable, names, profiles
 from waymark.catalog.models import Grant, Image, Profile, Template
-from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import Nic
 from waymark.errors import Conflict, NotFound
 from waymark.failpoints import failpoint
@@ -75,7 +74,7 @@ def _clean_leftovers(ctx: Context, session: Any) -> None:
 def create(ctx: Context, name: str, *, profile: str | None, disks: list[Path],
            kernel: str | None = None, initrd: str | None = None, append: str | None = None,
            checkpoint_type: str | None = None, report: Report = None) -> dict[str, Any]:
-    name = tree.clean_name(name, what="template name")
+    name = names.clean(name, what="template name")
     if checkpoint_type is not None:
         vms.check_type(checkpoint_type)
     kernel = vms.check_boot_file(kernel, "--kernel")

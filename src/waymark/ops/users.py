@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from waymark import names
 from waymark.auth import policy, secrets
 from waymark.catalog.models import ApiToken, Grant, Template, User, WebSession
 from waymark.errors import Conflict, InvalidInput, NotFound, Unauthenticated
@@ -52,6 +53,7 @@ def view(session: Session, row: User) -> dict[str, Any]:
 
 
 def add(ctx: Context, name: str, role: str, password: str) -> dict[str, Any]:
+    name = names.clean(name, what="user name")
     if not NAME.match(name):
         raise InvalidInput(f"{name!r} is not a valid user name.",
                            hint="Use letters, digits and . _ @ - (up to 64 characters).")
@@ -200,6 +202,7 @@ def create_token(ctx: Context, user: str, name: str, expires_in: timedelta | Non
                  ) -> dict[str, Any]:
     """A new API token for ``user``, valid for ``expires_in`` (none: until revoked); the
     token itself is in the result and nowhere else."""
+    name = names.clean(name, what="token name")
     token_id, secret, token = secrets.new_token()
     moment = now()
     expires_at = moment + expires_in if expires_in is not None else None

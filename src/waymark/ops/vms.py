@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from waymark import shares
+from waymark import names, shares
 from waymark.catalog.models import (
     BackupBase,
     Checkpoint,
@@ -27,7 +27,6 @@ from waymark.catalog.models import (
     Template,
     Vm,
 )
-from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
@@ -245,7 +244,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     """Define a VM (it is off); returns its id. ``origin``: where its settings came from
     (:func:`waymark.ops.templates.new_vm`); ``owner_id``: the user it belongs to, who may see
     the VMs ``visible`` accepts (:func:`refuse_taken`)."""
-    name = tree.clean_name(name, what="VM name")
+    name = names.clean(name, what="VM name")
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
     vm_id = new_id()
@@ -335,7 +334,7 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
 
 def rename(ctx: Context, vm_id: str, new_name: str) -> str:
     """Give the VM a new name (Hyper-V's Rename-VM); its id, files and checkpoints stay."""
-    new_name = tree.clean_name(new_name, what="VM name")
+    new_name = names.clean(new_name, what="VM name")
     with ctx.locked(vm_id), ctx.catalog.session() as session:
         clash = session.scalars(select(Vm).where(Vm.name == new_name, Vm.id != vm_id)).first()
         if clash is not None:
@@ -508,7 +507,7 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     ``settings`` gives checkpoint_type and max_checkpoints; ``extra(vm_id, hardware)`` may add
     file steps (a saved memory state: the new VM is then saved). Returns the id.
     """
-    vm_name = tree.clean_name(name, what="VM name")
+    vm_name = names.clean(name, what="VM name")
     vm_id = new_id()
     keys, disks, images, steps = {}, [], [], []
     for copy in copies:

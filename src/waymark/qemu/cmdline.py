@@ -4,6 +4,10 @@ Every image of a chain is its own ``-blockdev`` node, named from the image id (a
 characters, QEMU's limit), so later block jobs can name any layer. The machine type and CPU
 model come from the VM's configuration, pinned, so a memory state restores on the machine it was
 taken on.
+
+``-blockdev`` takes JSON; every other option value built from a name, path or setting goes
+through :func:`escaped`, so a comma in it cannot start another QEMU sub-option. (``-kernel``,
+``-initrd``, ``-append`` and ``-pidfile`` take their argument whole: nothing to escape.)
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ AGENT_PORT = "org.qemu.guest_agent.0"
 # QEMU's seccomp sandbox (waymark.qemu.confine): the strictest that keeps every feature working
 # (a bridge NIC's tap device is handed over open, so no helper program needs spawn)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def escaped(value: str) -> str:
+    """``value`` inside QEMU's ``key=value,key=value`` option syntax: QEMU reads ``,,`` as one
+    literal comma, so the value stays one value (a VM named ``x,process=y`` sets no option)."""
+    return value.replace(",", ",,")
 
 
 def node_name(image_id: str) -> str:
@@ -149,16 +159,17 @@ def _nic(number: int, nic: Nic, tap: int | None) -> list[str]:
     if nic.kind == "bridge" and tap is not None:
         netdev = f"tap,id=net{number},fd={tap}"
     elif nic.kind == "bridge":
-        netdev = f"bridge,id=net{number},br={nic.bridge}"
+        netdev = f"bridge,id=net{number},br={escaped(nic.bridge or '')}"
     else:
-        netdev = ",".join([f"user,id=net{number}", *(f"hostfwd={f}" for f in nic.forwards)])
+        forwards = (f"hostfwd={escaped(f)}" for f in nic.forwards)
+        netdev = ",".join([f"user,id=net{number}", *forwards])
     return ["-netdev", netdev,
-            "-device", f"virtio-net-pci,netdev=net{number},mac={nic.mac}"]
+            "-device", f"virtio-net-pci,netdev=net{number},mac={escaped(nic.mac)}"]
 
 
 def _listening(launch: Launch, path: Path) -> str:
     fd = launch.sockets.get(str(path))
-    return f"path={path}" if fd is None else f"fd={fd}"
+    return f"path={escaped(str(path))}" if fd is None else f"fd={fd}"
 
 
 def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
@@ -166,7 +177,7 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
     it in a session of its own (:func:`waymark.process.spawn`)."""
     hw, run, files = launch.hardware, launch.run, launch.files
     log = files.get(str(run.serial_log), str(run.serial_log))
-    args = [qemu, "-name", f"guest={launch.name},debug-threads=on", "-uuid", launch.uuid,
+    args = [qemu, "-name", f"guest={escaped(launch.name)},debug-threads=on", "-uuid", launch.uuid,
             "-machine", f"{hw.machine},accel={launch.accelerator}", "-cpu", hw.cpu_model,
             "-m", f"{hw.memory_mib}M", "-smp", str(hw.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-shutdown",
@@ -174,7 +185,7 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
             "-chardev", f"socket,id=qmp0,{_listening(launch, run.qmp)},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
             "-chardev", f"socket,id=serial0,{_listening(launch, run.console)},server=on,"
-                        f"wait=off,logfile={log},logappend=on",
+                        f"wait=off,logfile={escaped(log)},logappend=on",
             "-serial", "chardev:serial0",
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=qga0,{_listening(launch, run.agent)},server=on,wait=off",

@@ -28,7 +28,8 @@ def argv(chains: Sequence[cmdline.DiskChain], socket: Path) -> list[str]:
     args = ["qemu-storage-daemon"]
     for chain in chains:
         args += ["--blockdev" if a == "-blockdev" else a for a in cmdline.blockdevs(chain)]
-    return [*args, "--chardev", f"socket,id=qmp0,path={socket},server=on,wait=off",
+    path = cmdline.escaped(str(socket))
+    return [*args, "--chardev", f"socket,id=qmp0,path={path},server=on,wait=off",
             "--monitor", "chardev=qmp0"]
 
 

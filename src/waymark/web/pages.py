@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -45,6 +45,16 @@ CHECKPOINT_ACTIONS = ("checkpoint.create", "checkpoint.apply", "checkpoint.renam
 DEEP_CHAIN = 8  # reads go through every layer: warn from this depth on
 
 
+def segment(value: object) -> str:
+    """One URL path segment, every reserved character percent-encoded (``/`` too, which
+    Jinja's own ``urlencode`` keeps): the ``segment`` filter of every link and API path the
+    pages build from a name or id, so no name changes which URL a click goes to."""
+    return quote(str(value), safe="")
+
+
+templates.env.filters["segment"] = segment
+
+
 def _ctx(request: Request) -> Context:
     ctx: Context = request.app.state.ctx
     return ctx
@@ -70,7 +80,8 @@ def _page(request: Request, template: str, who: Principal | None, csrf: str | No
 
 
 def _to_login(request: Request) -> RedirectResponse:
-    return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+    here = quote(request.scope["path"])  # the decoded path, encoded again: '?' stays in it
+    return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
 
 
 @router.get("/")

@@ -27,6 +27,7 @@ async function api(method, path, body) {
   return data;
 }
 
+// every path segment built here is encoded: a name never changes which URL a call goes to
 const enc = encodeURIComponent;
 const WORDS = { merge: "Merging", export: "Exporting", backup: "Backing up" };
 
@@ -73,7 +74,7 @@ function powerButtons() {
     button.addEventListener("click", async () => {
       button.disabled = true;
       try {
-        await api("POST", `/api/vms/${enc(button.dataset.vmName)}/${button.dataset.power}`, {});
+        await api("POST", `/api/vms/${enc(button.dataset.vmName)}/${enc(button.dataset.power)}`, {});
         location.reload();
       } catch (err) {
         button.disabled = false;
@@ -218,7 +219,7 @@ function vmPage() {
         d.querySelector(".target").textContent = item.dataset.name;
       });
       if (mode === "cancel") return;
-      await api("POST", `${base}/${item.dataset.ckpt}/apply`, { mode });
+      await api("POST", `${base}/${enc(item.dataset.ckpt)}/apply`, { mode });
       after(`Applied ${item.dataset.name}.`);
     },
     async rename(item) {
@@ -227,14 +228,14 @@ function vmPage() {
         input.value = item.dataset.name;
       });
       if (answer !== "rename") return;
-      await api("PATCH", `${base}/${item.dataset.ckpt}`, { name: input.value });
+      await api("PATCH", `${base}/${enc(item.dataset.ckpt)}`, { name: input.value });
       after(`Renamed to ${input.value}.`);
     },
     async export(item) {
       const select = document.getElementById("export-location");
       const answer = await ask(document.getElementById("export-dialog"), () => {});
       if (answer !== "export") return;
-      const done = await api("POST", `${base}/${item.dataset.ckpt}/export`,
+      const done = await api("POST", `${base}/${enc(item.dataset.ckpt)}/export`,
                              { location: select.value });
       notice(`Exporting into ${done.location}/${done.folder}.`, false);
       followJobs();
@@ -246,7 +247,7 @@ function vmPage() {
         d.querySelector(".frees").textContent = human(subtree ? subtreeBytes(item) : item.dataset.bytes);
       });
       if (answer !== "delete") return;
-      const done = await api("DELETE", `${base}/${item.dataset.ckpt}${subtree ? "?subtree=true" : ""}`);
+      const done = await api("DELETE", `${base}/${enc(item.dataset.ckpt)}${subtree ? "?subtree=true" : ""}`);
       notice(`Deleted ${item.dataset.name}; merging in job ${done.job.slice(0, 12)}.`, false);
       item.remove();
       followJobs();
