@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException
 
 from waymark import __version__
 from waymark.api import accounts, backups, checkpoints, console, jobs, library, security, vms
+from waymark.api import quotas as quota_api
 from waymark.errors import WaymarkError
-from waymark.ops import audit
+from waymark.ops import audit, quotas
 from waymark.ops.context import Context
 from waymark.web import pages
 
@@ -101,6 +102,14 @@ async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Re
     return response
 
 
+async def _quota_scope(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                       ) -> Response:
+    """A request's changes count against quotas unless an administrator makes them (the
+    caller is named once authenticated, :func:`waymark.api.security.caller`)."""
+    with quotas.request():
+        return await call_next(request)
+
+
 def _route(request: Request) -> str:
     """The route's path template (``/api/vms/{vm}``), or the path when none matched (routers
     are included under :data:`PREFIX`; the matched route names its path below it)."""
@@ -171,7 +180,8 @@ def create_app(ctx: Context) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
     app.middleware("http")(_audited)
-    for module in (accounts, vms, checkpoints, backups, jobs, library, console):
+    app.middleware("http")(_quota_scope)
+    for module in (accounts, quota_api, vms, checkpoints, backups, jobs, library, console):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(pages.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

@@ -45,7 +45,7 @@ class NewVm(BaseModel):
 @router.post("/vms", status_code=201)
 def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A VM from a template (self-service users: a template granted to them); the caller owns
-    it."""
+    it, and it counts against their quota (409 quota_exceeded beyond it: nothing is made)."""
     require(caller.who, "vm.create")
     if policy.may_use_template(caller.who, body.template) is not Decision.ALLOW:
         exists = any(t["name"] == body.template for t in templates.listing(ctx))
@@ -59,9 +59,8 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
                 "max_checkpoints": body.max_checkpoints,
                 "automatic_checkpoints": body.automatic_checkpoints}
     vm_id = templates.new_vm(ctx, body.name, explicit=explicit, template=body.template,
-                             profile=body.profile, disks=[], full_copy=body.full_copy)
-    with ctx.catalog.session() as session:
-        session.get_one(Vm, vm_id).owner_id = caller.who.user_id
+                             profile=body.profile, disks=[], full_copy=body.full_copy,
+                             owner=caller.who.user_id)
     return redact(caller.who, views.vm_show(ctx, vm_id))
 
 

@@ -194,20 +194,21 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            profile: str | None = None, disks: list[vms.DiskSpec] | None = None,
            full_copy: bool = False, kernel: str | None = None, initrd: str | None = None,
            append: str | None = None, checkpoint_dir: str | None = None,
-           nics: list[Nic] | None = None) -> str:
+           nics: list[Nic] | None = None, owner: str | None = None) -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
-    the lock of templates throughout: a template is not deleted under a VM being made."""
+    the lock of templates throughout: a template is not deleted under a VM being made.
+    ``owner``: the user who owns it (and whose quota it counts against)."""
     with profile_ops.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
                        {"kernel": kernel, "initrd": initrd, "append": append},
-                       checkpoint_dir, nics)
+                       checkpoint_dir, nics, owner)
 
 
 def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | None,
             profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
-            given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None
-            ) -> str:
+            given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
+            owner: str | None) -> str:
     explicit = profile_ops.checked(explicit)
     with ctx.catalog.session() as session:
         chosen = get(session, template) if template is not None else None
@@ -225,7 +226,7 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
                       checkpoint_type=values["checkpoint_type"],
                       checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
                       automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
-                      origin=origin)
+                      origin=origin, owner=owner)
 
 
 def _layers(session: Any, profile: str | None, template: Template | None

@@ -29,7 +29,7 @@ from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
-from waymark.ops import compact, journal, liveness, lookup, machines, recovery
+from waymark.ops import compact, journal, liveness, lookup, machines, quotas, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.units import parse_size
@@ -197,9 +197,11 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
            kernel: str | None = None, initrd: str | None = None, append: str | None = None,
            checkpoint_type: str = "production", checkpoint_dir: str | None = None,
            max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None,
-           automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None) -> str:
+           automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None,
+           owner: str | None = None) -> str:
     """Define a VM (it is off); returns its id. ``origin``: where its settings came from
-    (:func:`waymark.ops.templates.new_vm`)."""
+    (:func:`waymark.ops.templates.new_vm`); ``owner``: the user it counts against
+    (:mod:`waymark.ops.quotas`)."""
     name = tree.clean_name(name, what="VM name")
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
@@ -224,9 +226,11 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
               "checkpoint_type": checkpoint_type, "max_checkpoints": max_checkpoints,
               "checkpoint_dir": check_folder(folder),
-              "automatic_checkpoints": automatic_checkpoints, "origin": origin}
+              "automatic_checkpoints": automatic_checkpoints, "origin": origin,
+              "owner_id": owner}
     steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
-    with ctx.vm_locked(vm_id, name):
+    with quotas.vm_created(ctx, owner, hardware, disk_rows, image_rows), \
+            ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
                         {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
     return vm_id
@@ -263,8 +267,9 @@ def set_settings(ctx: Context, ref: str, *, memory: int | None = None, cpus: int
             changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
             discard = _hardware_change(ctx, vm_id, vm_name, " and ".join(changed),
                                        discard_saved)
-        _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
-                    max_checkpoints)
+        with quotas.vm_resized(ctx, vm_id, cpus=cpus, memory=memory):
+            _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
+                        max_checkpoints)
         with ctx.catalog.session() as session:
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:
