@@ -80,9 +80,10 @@ _ACTING: ContextVar[Acting | None] = ContextVar("waymark_quota_acting", default=
 def request() -> Iterator[Acting]:
     """One API request: its changes are limited unless :func:`acting` names an administrator
     (the request's threads share the returned holder)."""
-    token = _ACTING.set(Acting())
+    current = Acting()
+    token = _ACTING.set(current)
     try:
-        yield _ACTING.get() or Acting()
+        yield current
     finally:
         _ACTING.reset(token)
 
