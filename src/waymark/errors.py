@@ -14,6 +14,7 @@ The tree (exit code, HTTP status)::
     ├── Ambiguous (4, 409)             a reference matches several objects (candidates listed)
     ├── Conflict (5, 409)              the object exists, or its state forbids the operation
     │   └── LimitReached (6, 409)      the per-VM checkpoint limit
+    │       └── QuotaExceeded (6, 409) a user's quota (VMs, vCPUs, memory, disk, checkpoints)
     ├── ImageError (8, 422)            a disk image is unreadable, of a wrong format, or broken
     ├── ToolError (9, 500)             qemu-img or another tool failed
     │   └── ToolMissing (69, 500)      a needed program is not installed (names the apt package)
@@ -71,6 +72,13 @@ class Conflict(WaymarkError):
 
 class LimitReached(Conflict):
     exit_code = 6
+
+
+class QuotaExceeded(LimitReached):
+    """A change would take its VM's owner past a quota an administrator set
+    (:mod:`waymark.ops.quotas`): 409 like the per-VM checkpoint limit, since freeing room
+    (deleting a VM or checkpoints) or a raised quota lets the same request pass; 403 stays the
+    answer for what the caller's role or grants never allow."""
 
 
 class ImageError(WaymarkError):

@@ -520,6 +520,52 @@ def role_list(env: Env, caller: str, allowed: bool) -> Req:
     return Req("/api/roles", check=check)
 
 
+def _quota_read(whose: str) -> Callable[[Env, str, bool], Req]:
+    def cell(env: Env, caller: str, allowed: bool) -> Req:
+        name = caller if whose == "own" else "victim"
+
+        def check(resp: httpx.Response) -> None:
+            assert resp.json()["user"] == name and set(resp.json()["usage"]) == {
+                "vms", "cpus", "memory", "disk", "checkpoints"}
+
+        return Req(f"/api/users/{name}/quota", check=check)
+
+    return cell
+
+
+def _quota_set(whose: str) -> Callable[[Env, str, bool], Req]:
+    """Raising a quota (one's own, or another user's): administrators only."""
+    def cell(env: Env, caller: str, allowed: bool) -> Req:
+        name = caller if whose == "own" else "victim"
+        body = {"vms": 1000 + next(env.counter), "memory": "1T"}
+
+        def check(resp: httpx.Response) -> None:
+            own = env.admin("GET", f"/api/users/{name}/quota")["own"]
+            assert (own["vms"], own["memory"]) == (body["vms"], 1 << 40)
+
+        return Req(f"/api/users/{name}/quota", body, check=check)
+
+    return cell
+
+
+def role_quota(env: Env, caller: str, allowed: bool) -> Req:
+    def check(resp: httpx.Response) -> None:
+        assert resp.json()["role"] == "read-only"
+
+    return Req("/api/roles/read-only/quota", check=check)
+
+
+def role_quota_set(env: Env, caller: str, allowed: bool) -> Req:
+    """A role's default quota (read-only users own no VMs: no other cell is affected)."""
+    body = {"checkpoints": 100 + next(env.counter)}
+
+    def check(resp: httpx.Response) -> None:
+        assert env.admin("GET", "/api/roles/read-only/quota")["quota"]["checkpoints"] == \
+            body["checkpoints"]
+
+    return Req("/api/roles/read-only/quota", body, check=check)
+
+
 def audit_list(env: Env, caller: str, allowed: bool) -> Req:
     assert env.call("reader", "GET", "/api/users").status_code == 403  # one refusal at least
 
@@ -1270,6 +1316,19 @@ TABLE = [
         token_revoke_other, variant="another user's"),
     row("GET", "/api/roles",                          "ok   ok   ok   ok   ok   ok   ok",
         role_list),
+    # quotas: every user reads their own; administrators read and set anyone's, and roles'
+    row("GET", "/api/users/{name}/quota",             "ok   ok   ok   ok   ok   ok   ok",
+        _quota_read("own"), variant="own"),
+    row("GET", "/api/users/{name}/quota",             "ok  403  403  403  403  403  403",
+        _quota_read("other"), variant="another user's"),
+    row("PUT", "/api/users/{name}/quota",             "ok  403  403  403  403  403  403",
+        _quota_set("own"), variant="own"),
+    row("PUT", "/api/users/{name}/quota",             "ok  403  403  403  403  403  403",
+        _quota_set("other"), variant="another user's"),
+    row("GET", "/api/roles/{role}/quota",             "ok  403  403  403  403  403  403",
+        role_quota),
+    row("PUT", "/api/roles/{role}/quota",             "ok  403  403  403  403  403  403",
+        role_quota_set),
     # the audit log: administrators only
     row("GET", "/api/audit",                          "ok  403  403  403  403  403  403",
         audit_list),

@@ -330,7 +330,7 @@ def test_tokens_made_before_expiry_existed_never_expire(home: Waymark) -> None:
     downgrade(home.home, "0010")
     assert "expires_at" not in {c for (_, c, *_) in query(home.home,
                                                           "PRAGMA table_info(api_tokens)")}
-    [listed] = home.json("token", "list")  # migrates to 0011
+    [listed] = home.json("token", "list")  # migrates to the head
     assert (listed["id"], listed["expires_at"]) == (made["id"], None)
     with serve_process(home) as url:
         assert me(url, made["token"]) == 200

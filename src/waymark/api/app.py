@@ -36,8 +36,9 @@ from waymark.api import (
     streams,
     vms,
 )
+from waymark.api import quotas as quota_api
 from waymark.errors import WaymarkError
-from waymark.ops import audit
+from waymark.ops import audit, quotas
 from waymark.ops.context import Context
 from waymark.web import pages
 
@@ -117,6 +118,14 @@ async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Re
     except WaymarkError as err:  # the request's outcome stands; say it was not recorded
         log.error("could not write the audit log: %s", err.message)
     return response
+
+
+async def _quota_scope(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                       ) -> Response:
+    """A request's changes count against quotas unless an administrator makes them (the
+    caller is named once authenticated, :func:`waymark.api.security.caller`)."""
+    with quotas.request():
+        return await call_next(request)
 
 
 def _route(request: Request) -> str:
@@ -206,7 +215,8 @@ def create_app(ctx: Context, chosen: limits.Limits | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http)
     app.middleware("http")(_audited)
     app.add_middleware(headers.SecurityHeaders)
-    for module in (accounts, vms, checkpoints, backups, jobs, library, console):
+    app.middleware("http")(_quota_scope)
+    for module in (accounts, quota_api, vms, checkpoints, backups, jobs, library, console):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(pages.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

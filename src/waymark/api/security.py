@@ -21,7 +21,7 @@ from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import Vm
 from waymark.errors import Forbidden, NotFound, TooManyAttempts, Unauthenticated
-from waymark.ops import lookup, users
+from waymark.ops import lookup, quotas, users
 from waymark.ops.context import Context
 
 COOKIE = "waymark_session"
@@ -46,6 +46,7 @@ def caller(request: Request) -> Caller:
     CSRF token is 403 (a page on another site can send the cookie, not the header)."""
     found = _authenticate(request)
     request.state.caller = found  # for the audit log
+    quotas.acting(found.who)  # administrators are not limited by quotas
     return found
 
 

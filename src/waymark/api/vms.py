@@ -53,8 +53,9 @@ class NewVm(BaseModel):
 @router.post("/vms", status_code=201)
 def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A VM from a template (self-service users: a template granted to them); the caller owns
-    it. Its name may not be one a VM the caller owns or may see has (409); a VM they may not
-    see never clashes (names are unique per owner), so the answer tells nothing about it."""
+    it, and it counts against their quota (409 quota_exceeded beyond it: nothing is made). Its
+    name may not be one a VM the caller owns or may see has (409); a VM they may not see never
+    clashes (names are unique per owner), so the answer tells nothing about it."""
     require(caller.who, "vm.create")
     if policy.may_use_template(caller.who, body.template) is not Decision.ALLOW:
         exists = any(t["name"] == body.template for t in templates.listing(ctx))

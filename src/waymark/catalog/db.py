@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import StorageError
 
-HEAD = "0011"
+HEAD = "0013"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

@@ -344,3 +344,20 @@ class AuditEntry(Base):
     status: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(8))  # ok | denied | failed
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Quota(Base):
+    """Ceilings on what a user's VMs hold (SCVMM's user-role quotas, :mod:`waymark.ops.quotas`):
+    one user's (``kind`` user, ``subject`` their id) or a role's default (``kind`` role,
+    ``subject`` the role); None = not limited here (a user's: the role's default applies)."""
+
+    __tablename__ = "quotas"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # bytes
+    disk: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # bytes, virtual sizes
+    checkpoints: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

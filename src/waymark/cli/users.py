@@ -12,8 +12,8 @@ from waymark.auth.policy import ROLES, VM_PERMISSIONS
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option, printable
 from waymark.errors import InvalidInput
-from waymark.ops import users
-from waymark.units import parse_duration
+from waymark.ops import quotas, users
+from waymark.units import human, parse_duration, parse_size
 
 
 def _password(from_stdin: bool) -> str:
@@ -42,7 +42,7 @@ def _user_lines(u: dict[str, Any]) -> list[str]:
 
 @click.group()
 def user() -> None:
-    """API users: add, passwd, unlock, remove, list, grant, revoke."""
+    """API users: add, passwd, unlock, remove, list, show, grant, revoke, quota."""
 
 
 @user.command("add")
@@ -120,6 +120,66 @@ def user_list(as_json: bool) -> None:
     rows = users.listing(face().ctx)
     emit(as_json, rows, [line for u in rows for line in _user_lines(u)] or
          ["No users yet. Add the first: waymark user add NAME --role administrator"])
+
+
+def _quota_lines(shown: dict[str, Any]) -> list[str]:
+    limits, held = shown["quota"], shown.get("usage")
+    lines = []
+    for resource in quotas.RESOURCES:
+        limit = limits[resource]
+        text = "unlimited" if limit is None else \
+            (human(limit) if resource in quotas.SIZES else str(limit))
+        if held is not None:
+            used = held[resource]
+            text = f"{human(used) if resource in quotas.SIZES else used} of {text}"
+        lines.append(f"    {quotas.LABELS[resource]:<12} {text}")
+    return lines
+
+
+@user.command("show")
+@click.argument("name")
+@json_option
+def user_show(name: str, as_json: bool) -> None:
+    """A user: role, grants, quota and what their VMs hold."""
+    shown = users.show(face().ctx, name)
+    emit(as_json, shown, [*_user_lines(shown), "  quota (used of limit):",
+                          *_quota_lines(shown)])
+
+
+def _ceiling(resource: str, text: str | None) -> tuple[str, int | None] | None:
+    """A --vms/--memory/... option: None when not given; (resource, None) for 'none'."""
+    if text is None:
+        return None
+    if text.lower() in ("none", "unlimited"):
+        return resource, None
+    if resource in quotas.SIZES:
+        return resource, parse_size(text, what=f"{resource} quota")
+    if not text.isdigit():
+        raise InvalidInput(f"invalid {quotas.OPTIONS[resource]} {text!r}.",
+                           hint="Give a whole number (0 or more), or 'none' for no limit.")
+    return resource, int(text)
+
+
+@user.command("quota")
+@click.argument("name", required=False)
+@click.option("--role", type=click.Choice(ROLES), help="Set the role's default instead.")
+@click.option("--vms", metavar="N|none", help="How many VMs they may own.")
+@click.option("--cpus", metavar="N|none", help="vCPUs of all their VMs together.")
+@click.option("--memory", metavar="SIZE|none", help="Memory of all their VMs (e.g. 8G).")
+@click.option("--disk", metavar="SIZE|none",
+              help="Disk of all their VMs (virtual sizes, e.g. 200G).")
+@click.option("--checkpoints", metavar="N|none", help="Checkpoints of all their VMs.")
+@json_option
+def user_quota(name: str | None, role: str | None, as_json: bool, **given: str | None) -> None:
+    """Show or set a user's quota (or with --role, a role's default for what a user's own
+    leaves unset); 'none' removes a limit. Administrators are never limited."""
+    changes = dict(c for c in (_ceiling(r, given[r]) for r in quotas.RESOURCES) if c)
+    ctx = face().ctx
+    shown = quotas.set_quota(ctx, changes, user=name, role=role) if changes \
+        else quotas.show(ctx, user=name, role=role)
+    title = f"Quota of {name}" if name is not None else f"Default quota of role {role}"
+    title += " (used of limit):" if "usage" in shown else ":"
+    emit(as_json, shown, [title, *_quota_lines(shown)])
 
 
 @user.command("grant")

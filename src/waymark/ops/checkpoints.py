@@ -15,7 +15,7 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.checkpoints import tree
 from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, LimitReached
-from waymark.ops import compact, journal, live, liveness, lookup, machines, recovery
+from waymark.ops import compact, journal, live, liveness, lookup, machines, quotas, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.ops.vms import new_id
@@ -65,11 +65,12 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
         wanted = wanted or vm_row.checkpoint_type
         params, steps = _plan_create(ctx, session, vm_row, label, state)
         params["checkpoint"]["requested_type"] = wanted
-    if state not in liveness.LIVE_STATES:
-        ctx.journal.run(vm_id, "checkpoint_create", params, steps)
-    else:
-        with ctx.journal.prepared(vm_id, "checkpoint_create", params, steps) as intent:
-            qmp.run_sync(live.capture(intent, wanted))
+    with quotas.checkpoint_added(ctx, vm_id):
+        if state not in liveness.LIVE_STATES:
+            ctx.journal.run(vm_id, "checkpoint_create", params, steps)
+        else:
+            with ctx.journal.prepared(vm_id, "checkpoint_create", params, steps) as intent:
+                qmp.run_sync(live.capture(intent, wanted))
     return str(params["checkpoint"]["id"])
 
 

@@ -20,7 +20,7 @@ from waymark import names
 from waymark.auth import policy, secrets
 from waymark.catalog.models import ApiToken, Grant, Template, User, WebSession
 from waymark.errors import Conflict, InvalidInput, NotFound, Unauthenticated
-from waymark.ops import lookup
+from waymark.ops import lookup, quotas
 from waymark.ops.context import Context
 from waymark.ops.journal import now
 from waymark.ops.views import rfc3339
@@ -49,7 +49,8 @@ def view(session: Session, row: User) -> dict[str, Any]:
     return {"id": row.id, "name": row.name, "role": row.role,
             "created_at": rfc3339(row.created_at),
             "grants": [{"kind": g.object_kind, "object": g.object_id,
-                        "permissions": sorted(g.permissions)} for g in grants]}
+                        "permissions": sorted(g.permissions)} for g in grants],
+            **quotas.view(session, row)}
 
 
 def add(ctx: Context, name: str, role: str, password: str) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def set_password(ctx: Context, name: str, password: str, *, current: str | None 
 
 
 def remove(ctx: Context, name: str) -> None:
-    """Remove a user with their tokens, sessions and grants; the last administrator stays."""
+    """Remove a user with their tokens, sessions, grants and quota; the last administrator
+    stays."""
     with ctx.catalog.session() as session:
         row = _user(session, name)
         if row.role == "administrator" and len(list(session.scalars(
@@ -101,12 +103,19 @@ def remove(ctx: Context, name: str) -> None:
                                 "--role administrator")
         for table in (WebSession, ApiToken, Grant):
             session.execute(delete(table).where(table.user_id == row.id))
+        quotas.forget(session, row.id)
         session.delete(row)
 
 
 def listing(ctx: Context) -> list[dict[str, Any]]:
     with ctx.catalog.session() as session:
         return [view(session, u) for u in session.scalars(select(User).order_by(User.name))]
+
+
+def show(ctx: Context, name: str) -> dict[str, Any]:
+    """A user with their grants, quota and usage."""
+    with ctx.catalog.session() as session:
+        return view(session, _user(session, name))
 
 
 # --- grants -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from waymark.catalog.models import (
 from waymark.checkpoints.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
-from waymark.ops import compact, journal, liveness, lookup, machines, recovery
+from waymark.ops import compact, journal, liveness, lookup, machines, quotas, recovery
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler, now
 from waymark.units import parse_size
@@ -271,7 +271,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
               "automatic_checkpoints": automatic_checkpoints, "origin": origin,
               "owner_id": owner_id}
     steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
-    with ctx.vm_locked(vm_id, name):
+    with quotas.vm_created(ctx, owner_id, hardware, disk_rows, image_rows), \
+            ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
                         {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
     return vm_id
@@ -319,8 +320,9 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
             changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
             discard = _hardware_change(ctx, vm_id, vm_name, " and ".join(changed),
                                        discard_saved)
-        _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
-                    max_checkpoints)
+        with quotas.vm_resized(ctx, vm_id, cpus=cpus, memory=memory):
+            _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
+                        max_checkpoints)
         with ctx.catalog.session() as session:
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:

@@ -6,15 +6,15 @@ The column ``name`` (host-wide UNIQUE) is renamed ``name_key`` and becomes
 indexed ``name`` holds the name. (Renaming keeps SQLite from rebuilding ``vms``, which other
 tables reference.)
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
