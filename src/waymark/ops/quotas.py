@@ -186,6 +186,12 @@ def _check(session: Session, owner_id: str, adds: Usage) -> None:
                  f"{OPTIONS[resource]} ...")
 
 
+# How long a change waits for the owner's other changes that hold the quota lock (a VM being
+# made from a template holds it for the copy): they are the owner's own requests, so waiting is
+# the answer they expect, where a VM's lock gives up after 2 s in the API.
+QUOTA_WAIT = 30.0
+
+
 @contextmanager
 def admitted(ctx: Context, owner_id: str | None, adds: Usage) -> Iterator[None]:
     """Check that ``adds`` keeps ``owner_id``'s VMs within their quota, and hold their quota
@@ -194,7 +200,7 @@ def admitted(ctx: Context, owner_id: str | None, adds: Usage) -> Iterator[None]:
         if owner_id is not None and not _exempt() and any(
                 getattr(adds, r) > 0 for r in RESOURCES):
             stack.enter_context(locks.held(ctx.home, f"quota-{owner_id}",
-                                           timeout=ctx.settings.lock_timeout,
+                                           timeout=max(ctx.settings.lock_timeout, QUOTA_WAIT),
                                            label="the quota of this VM's owner"))
             with ctx.catalog.session() as session:
                 _check(session, owner_id, adds)
