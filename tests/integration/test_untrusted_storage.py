@@ -120,7 +120,7 @@ def backing_outside(secret: Path) -> dict[str, Callable[[Path], None]]:
 
     return {"absolute": overlay(lambda disk: str(secret), "raw"),
             "relative": overlay(lambda disk: os.path.relpath(outside, disk.parent), "qcow2"),
-            "json": overlay(lambda disk: f"json:{spec}", "qcow2"),
+            "json": overlay(lambda disk: f"json:{spec}", "raw"),
             "data-file": data_file}
 
 

@@ -48,7 +48,8 @@ def vm() -> None:
 @click.option("--automatic-checkpoints", type=click.Choice(["on", "off"]),
               help="[default: profile, else off]")
 @click.option("--nic", "nics", multiple=True, metavar="user[,hostfwd=R]|bridge=BR|none",
-              help="A virtio NIC (default: one user-mode NIC). Repeatable.")
+              help="A virtio NIC (default: one user-mode NIC). Repeatable. BR: a Linux "
+                   "interface name (1-15 of A-Za-z0-9_.-); R: [tcp|udp]:[ADDR]:PORT-[ADDR]:PORT.")
 @json_option
 def create(name: str, template: str | None, profile: str | None, full_copy: bool,
            memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,

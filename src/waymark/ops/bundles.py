@@ -110,7 +110,17 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
         raise ImageError(f"{manifest_path} is not valid JSON: {err}") from err
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ImageError(f"{bundle} is not a version {VERSION} Waymark bundle.")
-    where = str(manifest_path)
+    try:
+        _check_files(bundle, manifest, str(manifest_path))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise shares.refused(str(manifest_path), f"it is not a bundle manifest ({err!r} is "
+                                                 "wrong)") from err
+    return manifest
+
+
+def _check_files(bundle: Path, manifest: dict[str, Any], where: str) -> None:
+    """Every file the manifest names is inside the bundle and matches its checksum; each disk
+    is a qcow2 file that stands alone (read from its header: nothing it names is opened)."""
     for rel, digest in manifest["files"].items():
         path = shares.inside(bundle, rel, where=where)
         if not path.is_file():
@@ -125,7 +135,6 @@ def read_bundle(bundle: Path) -> dict[str, Any]:
                            where=str(bundle / disk["file"]), backing="none")
     if manifest.get("memory") is not None and manifest["memory"] not in manifest["files"]:
         raise ImageError(f"the bundle's memory state {manifest['memory']} has no checksum.")
-    return manifest
 
 
 def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[str, Any],

@@ -294,21 +294,7 @@ def _require_safe(ctx: Context, library: Library, vm_id: str, manifest: dict[str
     backing file; a child's backing name is rewritten at deploy), and every configuration,
     as deployed, must pass the checks of CLI input. Refused naming the manifest."""
     where = str(library.manifest_path(vm_id))
-    try:
-        ids = [manifest["vm"]["id"],
-               *(i[k] for i in manifest["images"] for k in ("id", "parent_id")),
-               *(c[k] for c in manifest["checkpoints"] for k in ("id", "parent_id")),
-               *(d[k] for d in manifest["disks"] for k in ("id", "active_image_id")),
-               *(f[k] for f in manifest["frozen"] for k in ("checkpoint_id", "disk_id",
-                                                            "image_id")),
-               *(Path(rel).name for rel in manifest["boot"].values())]
-        configs = [manifest["vm"]["config"], *(c["config"] for c in manifest["checkpoints"]),
-                   *([manifest["saved"]["meta"]["hardware"]] if manifest["saved"] else [])]
-        files = [*(c["memory_file"] for c in manifest["checkpoints"] if c["memory_file"]),
-                 *manifest["boot"].values(),
-                 *([manifest["saved"]["file"]] if manifest["saved"] else [])]
-    except (KeyError, TypeError, AttributeError) as err:
-        raise shares.refused(where, f"it is not a library manifest ({err!r} is wrong)") from err
+    ids, files, configs = _manifest_parts(manifest, where)
     if manifest["vm"]["id"] != vm_id:
         raise shares.refused(where, f"it describes VM {manifest['vm']['id']!r}, not {vm_id}")
     for value in ids:
@@ -328,6 +314,28 @@ def _require_safe(ctx: Context, library: Library, vm_id: str, manifest: dict[str
                                     f"({err})") from err
     for config in deployed:
         vms.untrusted_hardware(ctx, config, vm_id=vm_id, where=where)
+
+
+def _manifest_parts(manifest: dict[str, Any], where: str
+                    ) -> tuple[list[Any], list[Any], list[Any]]:
+    """(every id, every file name but the images', every configuration) a library manifest
+    holds; refused when it is not shaped like one."""
+    try:
+        ids = [manifest["vm"]["id"],
+               *(i[k] for i in manifest["images"] for k in ("id", "parent_id")),
+               *(c[k] for c in manifest["checkpoints"] for k in ("id", "parent_id")),
+               *(d[k] for d in manifest["disks"] for k in ("id", "active_image_id")),
+               *(f[k] for f in manifest["frozen"] for k in ("checkpoint_id", "disk_id",
+                                                            "image_id")),
+               *(Path(rel).name for rel in manifest["boot"].values())]
+        files = [*(c["memory_file"] for c in manifest["checkpoints"] if c["memory_file"]),
+                 *manifest["boot"].values(),
+                 *([manifest["saved"]["file"]] if manifest["saved"] else [])]
+        configs = [manifest["vm"]["config"], *(c["config"] for c in manifest["checkpoints"]),
+                   *([manifest["saved"]["meta"]["hardware"]] if manifest["saved"] else [])]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise shares.refused(where, f"it is not a library manifest ({err!r} is wrong)") from err
+    return ids, files, configs
 
 
 def _deployed_boot(ctx: Context, manifest: dict[str, Any]) -> dict[str, str]:
