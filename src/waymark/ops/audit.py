@@ -9,7 +9,8 @@ parameter, the message) is cut to :data:`TEXT_LIMIT` characters (:data:`MESSAGE_
 message), marked with ``…``; and refusals of requests that carry no valid credentials are
 recorded one by one only up to :data:`ANONYMOUS_LIMIT` per client address per
 :data:`ANONYMOUS_WINDOW` seconds: the rest of that window is counted and written as one summary
-entry (action ``unauthenticated refusals``, the count in its message) once the window is over.
+entry (action ``unauthenticated refusals``, the count in its message) with the first entry
+written after the window is over.
 Entries are stored as sent: whoever prints them neutralises control characters
 (:func:`waymark.cli.output.printable`)."""
 
