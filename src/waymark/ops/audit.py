@@ -119,7 +119,11 @@ class Recorder:
 
     def _ended(self, moment: float) -> list[Entry]:
         """Forget the windows that are over; a summary entry for each that left some out."""
-        ended = [k for k, w in self._windows.items() if moment - w.start >= self.window]
+        ended = []
+        for key, window in self._windows.items():  # oldest first: windows are added as begun
+            if moment - window.start < self.window:
+                break
+            ended.append(key)
         summaries = []
         for key in ended:
             window = self._windows.pop(key)
