@@ -16,7 +16,9 @@ multiple of five (the append blocks).
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,9 @@ def test_standard_checkpoint_resumes_exactly_where_it_was_taken(vm: Guest, tmp_p
     last_after = latest(vm, start)
     assert ckpt["kind"] == "standard" and ckpt["requested_type"] == "standard", ckpt
     assert ckpt["has_memory"] and Path(ckpt["memory_state"]).is_file(), ckpt
+    for private in (ckpt["memory_state"], ckpt["disks"][0]["frozen_image"],  # guest RAM, data
+                    vm.active_image(), vm.run_dir / "serial.log"):
+        assert stat.S_IMODE(os.stat(private).st_mode) & 0o077 == 0, private  # owner-only
     assert ckpt["fallback_reason"] is None and ckpt["freeze_seconds"] is None, ckpt
     assert 0 < ckpt["pause_seconds"] < 10, ckpt
     held = disk_lines(ckpt["disks"][0]["frozen_image"], tmp_path, "held")

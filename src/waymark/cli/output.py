@@ -15,8 +15,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # What a terminal acts on instead of showing: C0 controls (ESC starts escape sequences that
 # retitle the window or erase lines), DEL, C1 controls (0x9b is a one-byte CSI), the bidi
-# controls that reorder what is shown, zero-width characters and the Unicode line separators.
-_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x180E, *range(0x200B, 0x2010),
+# controls that reorder what is shown (marks, embeddings, overrides, isolates), invisible
+# characters and the Unicode line separators. The zero-width (non-)joiners stay: scripts and
+# emoji need them.
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x180E, 0x200B, 0x200E, 0x200F,
              *range(0x2028, 0x202F), *range(0x2060, 0x2070), 0xFEFF]
 _SHOWN = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
 _SHOWN_KEEPING_LINES = {c: s for c, s in _SHOWN.items() if c not in (0x0A, 0x09)}

@@ -9,7 +9,8 @@ parameter, the message) is cut to :data:`TEXT_LIMIT` characters (:data:`MESSAGE_
 message), marked with ``…``; and refusals of requests that carry no valid credentials are
 recorded one by one only up to :data:`ANONYMOUS_LIMIT` per client address per
 :data:`ANONYMOUS_WINDOW` seconds: the rest of that window is counted and written as one summary
-entry (action ``unauthenticated refusals``, the count in its message) once the window is over.
+entry (action ``unauthenticated refusals``, the count in its message) with the first entry
+written after the window is over.
 Entries are stored as sent: whoever prints them neutralises control characters
 (:func:`waymark.cli.output.printable`)."""
 
@@ -118,7 +119,11 @@ class Recorder:
 
     def _ended(self, moment: float) -> list[Entry]:
         """Forget the windows that are over; a summary entry for each that left some out."""
-        ended = [k for k, w in self._windows.items() if moment - w.start >= self.window]
+        ended = []
+        for key, window in self._windows.items():  # oldest first: windows are added as begun
+            if moment - window.start < self.window:
+                break
+            ended.append(key)
         summaries = []
         for key in ended:
             window = self._windows.pop(key)

@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from waymark.api import jobs as job_api
-from waymark.api.security import COOKIE, sign_in, vm_for
+from waymark.api.security import COOKIE, hide_host_paths, sign_in, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
@@ -72,6 +72,8 @@ def _signed_in(request: Request) -> tuple[Principal, str] | None:
 
 def _page(request: Request, template: str, who: Principal | None, csrf: str | None,
           status: int = 200, **data: Any) -> HTMLResponse:
+    if isinstance(data.get("error"), str) and not (who is not None and who.admin):
+        data["error"] = hide_host_paths(data["error"])  # host paths: administrators only
     running = who is not None and any(
         j["status"] in jobs.UNFINISHED for j in job_api.job_list_for(_ctx(request), who, False))
     return templates.TemplateResponse(request, template, {"who": who, "csrf": csrf,
