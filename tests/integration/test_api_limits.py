@@ -179,8 +179,9 @@ def test_streams_end_when_access_ends(site: Site) -> None:
 
 
 def test_one_user_may_have_only_so_many_streams(site: Site) -> None:
-    """With ``--max-streams 3`` the reader's fourth stream is 429 (another user's is not);
-    once one of the three closes, a new one opens."""
+    """With ``--max-streams 3`` the reader's fourth stream is 429 (another user has three of
+    their own; their console's stream counts too); once one of the three closes, a new one
+    opens."""
     with serve_process(site.wm, options=("--max-streams", "3")) as url, \
             streams(url, "/api/jobs/events", site.tokens["reader"], 3) as three:
         assert [raw.status for raw in three] == [200, 200, 200]
@@ -190,9 +191,10 @@ def test_one_user_may_have_only_so_many_streams(site: Site) -> None:
         assert error["code"] == "too_many_streams"
         assert "reader has 3 event streams open" in error["message"], error
         assert "Close one" in error["details"]["hint"]
-        other = stream(url, "/api/jobs/events", token=site.tokens["admin"])
-        assert other.status == 200
-        other.close()
+        with streams(url, "/api/jobs/events", site.tokens["admin"], 3) as others:
+            assert [raw.status for raw in others] == [200, 200, 200]  # a user's own limit
+            console = stream(url, "/api/vms/v/console/events", token=site.tokens["admin"])
+            assert console.status == 429  # every kind of stream counts
         three[0].close()
         deadline, status = time.monotonic() + 10, 429
         while status == 429 and time.monotonic() < deadline:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import threading
 import time
@@ -40,6 +41,7 @@ from waymark.errors import TooManyStreams, WaymarkError
 from waymark.ops import jobs
 from waymark.ops.context import Context
 
+log = logging.getLogger(__name__)
 POLL = 0.2  # s between two readings of the jobs (one reader for every stream)
 RECHECK = 5.0  # s between two checks of a stream's caller
 RETRY_MS = 1000  # how soon an EventSource reconnects after ``expired``
@@ -113,7 +115,8 @@ class JobFeed:
     def _read(self) -> tuple[list[dict[str, Any]], dict[str, str | None]] | None:
         try:
             return jobs.listing(self.ctx), _owners(self.ctx)
-        except WaymarkError:  # a busy catalog: the next reading will do
+        except Exception as err:  # (the one reader must outlive a bad reading)
+            log.warning("reading the jobs for the event streams failed: %s", err)
             return None
 
     def _wake(self) -> None:
