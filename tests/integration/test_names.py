@@ -210,3 +210,28 @@ def test_real_qemu_keeps_commas_in_a_name_and_paths_one_value(tmp_path: Path) ->
         assert Path(f"/proc/{pid}/comm").read_text().strip() != "evil"  # no process=evil
     finally:
         os.kill(pid, 9)
+
+
+def test_a_library_cannot_bring_in_a_confusing_name(wm: Waymark, tmp_path: Path) -> None:
+    """A library share is outside storage: a stored VM's name or checkpoint name that CLI input
+    could not have is refused at deploy, and the VM stays in the library."""
+    vm_id = wm.json("vm", "create", "shared", "--disk", "1M")["id"]
+    wm("checkpoint", "create", "shared", "--name", "ok")
+    library = tmp_path / "lib"
+    wm("library", "init", str(library))
+    wm("vm", "store", "shared", "--library", str(library))
+    manifest = library / "vms" / vm_id / "manifest.json"
+    good = json.loads(manifest.read_text())
+    for where, says in ((("vm",), "the stored VM's name"),
+                        (("checkpoints", 0), "the name of its checkpoint")):
+        doc = json.loads(json.dumps(good))
+        target = doc[where[0]] if len(where) == 1 else doc[where[0]][where[1]]
+        target["name"] = BAD["slash"]
+        manifest.write_text(json.dumps(doc))
+        files = {p: file_sha256(p) for p in sorted(library.rglob("*")) if p.is_file()}
+        result = wm.run("vm", "deploy", vm_id, "--library", str(library))
+        assert result.returncode == EXIT_INVALID, result
+        assert says in result.stderr and "U+002F" in result.stderr, result
+        assert wm.json("vm", "list") == []
+        assert {p: file_sha256(p) for p in sorted(library.rglob("*")) if p.is_file()} == files
+
