@@ -14,6 +14,7 @@ import pwd
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,43 @@ def test_a_bad_qemu_user_is_refused_and_nothing_starts(vm: Guest, user: str,
     refused = vm.wm.run("vm", "start", vm.name, env=vm.wm.env(WAYMARK_QEMU_USER=user))
     assert_clear_error(refused, *fragments)
     assert vm.state() == "off" and vm.qemus() == []
+
+
+@pytest.fixture
+def bridge() -> Iterator[str]:
+    """A host bridge of the test's own (removed afterwards)."""
+    name = "wmtest0"
+    subprocess.run(["ip", "link", "add", "name", name, "type", "bridge"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "delete", name], check=False)
+
+
+def ports(bridge: str) -> list[str]:
+    out = subprocess.run(["ip", "-o", "link", "show", "master", bridge], capture_output=True,
+                         text=True, check=True).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                    reason="a tap device on a bridge needs root and iproute2")
+def test_a_bridge_nic_gets_a_tap_device_made_for_it(home: Waymark, image: dict[str, str],
+                                                   bridge: str) -> None:
+    """QEMU, unprivileged and unable to run a helper, gets the tap device open: it is plugged
+    into the bridge while the VM runs and gone with it."""
+    home("vm", "create", "nic", "--kernel", image["kernel"], "--initrd", image["initrd"],
+         "--disk", image["disk"], "--memory", "256M", "--append", image["append"],
+         "--nic", f"bridge={bridge}")
+    vm = Guest(home, "nic")
+    home("vm", "start", vm.name)
+    try:
+        pid = qemu_pid(vm)
+        assert_confined(pid)
+        assert len(ports(bridge)) == 1, ports(bridge)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert any(a.startswith(b"tap,id=net0,fd=") for a in argv), argv
+    finally:
+        home("vm", "stop", vm.name, "--force")
+    wait_for("the tap device gone", lambda: ports(bridge) == [], 10.0)
+    home("vm", "delete", vm.name, "--yes")
