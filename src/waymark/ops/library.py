@@ -229,7 +229,7 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
     files += [c.memory_path for c in checkpoints if c.memory_path]
     here = ctx.vm_folder(vm_row.id)
     files += [str(here / "saved" / n) for n in ("state.bin", "saved.json")]
-    files += [str(here / "run" / n) for n in ("serial.log", "last_exit.json")]
+    files += [str(p) for p in liveness.run_files(ctx, vm_row.id).kept()]
     return [*({"op": "delete_file", "path": f} for f in files),
             {"op": "prune_dirs", "path": str(here)},
             {"op": "delete_file", "path": str(folder / CLAIM)}]

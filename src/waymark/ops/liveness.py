@@ -95,12 +95,12 @@ def record_exit(run: RunFiles, reason: str) -> None:
     run.folder.mkdir(parents=True, exist_ok=True)
     note = {"reason": reason, "log": log_tail(run),
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    durable.write_bytes(run.folder / "last_exit.json", json.dumps(note).encode())
+    durable.write_bytes(run.last_exit, json.dumps(note).encode())
 
 
 def last_exit(run: RunFiles) -> dict[str, Any] | None:
     try:
-        note: dict[str, Any] = json.loads((run.folder / "last_exit.json").read_text())
+        note: dict[str, Any] = json.loads(run.last_exit.read_text())
     except (OSError, ValueError):
         return None
     return note

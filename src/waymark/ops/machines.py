@@ -119,7 +119,7 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
     run = liveness.run_files(ctx, vm_id)
     run.folder.mkdir(parents=True, exist_ok=True)
     liveness.clean(run)
-    durable.remove(run.folder / "last_exit.json")
+    durable.remove(run.last_exit)
     owner = confine.identity(ctx.settings.qemu_user)
     chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
     with open(run.serial_log, "ab") as log:

@@ -418,7 +418,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         files += [c.memory_path for c in checkpoints if c.memory_path]
         folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
-        files += [str(folder / "run" / n) for n in ("serial.log", "last_exit.json")]
+        files += [str(p) for p in liveness.run_files(ctx, vm_id).kept()]
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
                                                 Grant.object_id == vm_id))

@@ -90,8 +90,18 @@ class RunFiles:
         return self.folder / "qemu.log"
 
     @property
+    def last_exit(self) -> Path:
+        """Why the VM last stopped (:func:`waymark.ops.liveness.last_exit`)."""
+        return self.folder / "last_exit.json"
+
+    @property
     def runtime(self) -> Path:
         return self.folder / "runtime.json"
+
+    def kept(self) -> list[Path]:
+        """What a VM's runs leave behind it (logs, why it last stopped): deleted with the VM,
+        or when it is stored in a library."""
+        return [self.serial_log, self.errors, self.last_exit]
 
     @property
     def paused_state(self) -> Path:
