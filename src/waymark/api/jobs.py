@@ -47,14 +47,19 @@ def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
 
 
 def _in_scope(ctx: Context, who: Principal) -> Callable[[Job], bool]:
+    owners = _owners(ctx)
+    return lambda job: _visible(who, job.vm_id, owners)
+
+
+def _owners(ctx: Context) -> dict[str, str | None]:
+    """Each VM's owner."""
     with ctx.catalog.session() as session:
-        owners = {v.id: v.owner_id for v in session.query(Vm)}
+        return {v.id: v.owner_id for v in session.query(Vm)}
 
-    def visible(job: Job) -> bool:
-        return who.admin or (job.vm_id in owners
-                             and policy.in_scope(who, job.vm_id, owners[job.vm_id]))
 
-    return visible
+def _visible(who: Principal, vm_id: str | None, owners: dict[str, str | None]) -> bool:
+    """Whether the caller may see a job of ``vm_id`` (jobs of no VM are administrators')."""
+    return who.admin or (vm_id in owners and policy.in_scope(who, vm_id, owners[vm_id]))
 
 
 def _exists(ctx: Context, ref: str) -> bool:
@@ -68,17 +73,13 @@ def _exists(ctx: Context, ref: str) -> bool:
 
 
 def job_list_for(ctx: Context, who: Principal, everything: bool) -> list[dict[str, Any]]:
-    with ctx.catalog.session() as session:
-        owners = {v.id: v.owner_id for v in session.query(Vm)}
-    return in_scope(who, jobs.listing(ctx, everything=everything), owners)
+    return in_scope(who, jobs.listing(ctx, everything=everything), _owners(ctx))
 
 
 def in_scope(who: Principal, listed: list[dict[str, Any]], owners: dict[str, str | None]
              ) -> list[dict[str, Any]]:
     """The jobs of ``listed`` the caller may see (``owners``: each VM's owner)."""
-    return [j for j in listed
-            if who.admin or (j["vm_id"] in owners
-                             and policy.in_scope(who, j["vm_id"], owners[j["vm_id"]]))]
+    return [j for j in listed if _visible(who, j["vm_id"], owners)]
 
 
 @router.get("/jobs")
