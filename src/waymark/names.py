@@ -16,7 +16,8 @@ what can confuse a reader, a URL or QEMU.
 - white space other than the plain space (no tabs, line breaks, no-break or ideographic spaces:
   they look like a space but are not one);
 - ``/`` and ``\\`` (a name is one segment of a URL or path), and ``,`` (QEMU's option separator
-  and the separator of Waymark's own ``--disk``/``--nic`` options);
+  and the separator of Waymark's own ``--disk``/``--nic`` options), except in checkpoint names
+  (``commas=True``): they reach neither, and Hyper-V users write "before upgrade, with memory";
 - the names ``.`` and ``..`` (a browser resolves them in a URL, even percent-encoded);
 - a leading ``-`` (it would read as an option on a command line);
 - letters of Latin mixed with Cyrillic or Greek in one name (``раypal`` with a Cyrillic ``р``
@@ -44,9 +45,10 @@ ID_SHAPED = re.compile(r"[0-9a-f]{12,}|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}
 HINT = "Use letters, digits, spaces and punctuation other than / \\ , (1 to 99 characters)."
 
 
-def clean(name: str, *, what: str = "name") -> str:
+def clean(name: str, *, what: str = "name", commas: bool = False) -> str:
     """``name`` normalised (NFC, surrounding white space stripped) and checked against the
-    grammar above; ``what`` ("VM name", ...) starts the error message."""
+    grammar above; ``what`` ("VM name", ...) starts the error message; ``commas``: a comma is
+    allowed (checkpoint names)."""
     text = unicodedata.normalize("NFC", name).strip()
     if not text:
         raise InvalidInput(f"the {what} is empty.", hint="Give 1 to 99 characters.")
@@ -54,7 +56,8 @@ def clean(name: str, *, what: str = "name") -> str:
         raise InvalidInput(f"the {what} has {len(text)} characters; at most {MAX_NAME} fit.",
                            hint="Give a shorter name.")
     for char in text:
-        _check_character(char, text, what)
+        if not (commas and char == ","):
+            _check_character(char, text, what)
     _check_shape(text, what)
     _check_scripts(text, what)
     return text

@@ -11,9 +11,9 @@ commas keeps each of them one value.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +103,8 @@ def test_the_cli_refuses_confusing_names(home: Home) -> None:
     tried = [(kind, ("vm", "create", home.name(kind), "--disk", "1M")) for kind in kinds]
     for number, entry in enumerate(cli_entries(home, "{}")[1:]):
         kind = kinds[number % len(kinds)]
+        if kind == "comma" and entry[0] == "checkpoint":  # checkpoint names may hold commas
+            kind = "slash"
         tried.append((kind, tuple(home.name(kind) if a == "{}" else a for a in entry)))
     for kind, args in tried:
         result = home.wm.run(*args, input="a-password-1\n")
@@ -147,7 +149,8 @@ def test_a_real_server_refuses_confusing_names(home: Home, server: tuple[str, di
     before = home.state()
     for kind in BAD:
         check_refused(url, tokens, kind, [
-            *api_entries(home.name(kind)),
+            *(e for e in api_entries(home.name(kind))
+              if kind != "comma" or "/checkpoints" not in e[2]),  # they may hold commas
             ("admin", "POST", f"/api/vms/web/backups/{home.point}/restore",
              {"repository": "repo", "mode": "as_new", "new_name": home.name(kind)})])
     assert home.state() == before
@@ -168,6 +171,8 @@ def test_names_people_use_stay_valid(wm: Waymark) -> None:
     for name in ("before upgrade (2026-12-06 10:00)", "Büro 2", "a?b #c%d 50%", "сервер"):
         assert wm.json("vm", "create", name)["name"] == name
         assert wm.json("checkpoint", "create", name, "--name", name)["name"] == name
+    assert wm.json("checkpoint", "create", "Büro 2", "--name", "live, with memory"
+                   )["name"] == "live, with memory"  # Hyper-V writes them; no option sees them
     made = wm.json("vm", "create", "  cafe\u0301  ")
     assert made["name"] == "caf\u00e9"  # NFC, trimmed: the name as any keyboard types it
 
@@ -198,9 +203,15 @@ def test_real_qemu_keeps_commas_in_a_name_and_paths_one_value(tmp_path: Path) ->
     name = "web,process=evil,debug-threads=off"
     launch = cmdline.Launch(name, "00000000-0000-0000-0000-000000000001",
                             HardwareConfig(memory_mib=64, cpus=1), (chain,), run, "tcg")
-    subprocess.run(cmdline.argv(launch), check=True, capture_output=True, timeout=60)
-    pid = int(run.pidfile.read_text())
+    qemu = subprocess.Popen(cmdline.argv(launch), stderr=subprocess.PIPE)  # it stays in front
+    pid = qemu.pid
     try:
+        for _ in range(300):  # its QMP socket, once QEMU parsed every option (30 s at most)
+            if run.qmp.exists() or qemu.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert qemu.poll() is None and run.qmp.exists(), qemu.stderr.read() if qemu.stderr \
+            else qemu.returncode
         assert {p.name for p in run.folder.iterdir()} >= {"qmp.sock", "qga.sock",
                                                           "console.sock", "serial.log"}
         got_name, blocks = qmp(run.qmp, "query-name", "query-named-block-nodes")
@@ -209,7 +220,8 @@ def test_real_qemu_keeps_commas_in_a_name_and_paths_one_value(tmp_path: Path) ->
         assert not (tmp_path / "x=y").exists()  # nothing made at a path cut at a comma
         assert Path(f"/proc/{pid}/comm").read_text().strip() != "evil"  # no process=evil
     finally:
-        os.kill(pid, 9)
+        qemu.kill()
+        qemu.wait()
 
 
 def test_a_library_cannot_bring_in_a_confusing_name(wm: Waymark, tmp_path: Path) -> None:

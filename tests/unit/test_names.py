@@ -48,3 +48,12 @@ def test_refused_names_say_what_is_wrong(name: str, says: str) -> None:
     assert says in caught.value.message
     assert caught.value.hint
     assert "\x1b" not in str(caught.value) and "\u202e" not in str(caught.value)
+
+
+def test_checkpoint_names_may_hold_commas_and_nothing_else_more() -> None:
+    assert names.clean("live, with memory", what="checkpoint name", commas=True) == \
+        "live, with memory"
+    with pytest.raises(InvalidInput):
+        names.clean("a,b/c", what="checkpoint name", commas=True)
+    with pytest.raises(InvalidInput):
+        names.clean("a,b", what="VM name")

@@ -543,7 +543,7 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
         frozen.append({"disk_id": disk["disk_id"], "image_id": base, "active": top})
         if disk["disk_id"] not in known:
             new_disks.append(disk["disk_id"])
-    label = names.clean(f"Restored from {point['id']}", what="checkpoint name")
+    label = names.clean(f"Restored from {point['id']}", what="checkpoint name", commas=True)
     record = {"id": checkpoint_id, "vm_id": vm_id, "name": label, "parent_id": None,
               "kind": checkpoints.DISK_ONLY, "requested_type": "backup", "fallback_reason": None,
               "config": point["vm"]["config"], "memory_path": None, "memory_sha256": None,

@@ -54,7 +54,7 @@ def create(ctx: Context, vm_id: str, name: str | None = None,
 
 def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
     """:func:`create`, for a caller that holds the VM's lock."""
-    given = names.clean(name, what="checkpoint name") if name is not None else None
+    given = names.clean(name, what="checkpoint name", commas=True) if name is not None else None
     state = qmp.run_sync(machines.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
     created = now()
     with ctx.catalog.session() as session:
@@ -278,7 +278,7 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
 
 def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> str:
     """A name is one row: renaming needs no VM lock, so it never waits for a merge."""
-    label = names.clean(new_name, what="checkpoint name")
+    label = names.clean(new_name, what="checkpoint name", commas=True)
     with ctx.catalog.session() as session:
         row = lookup.checkpoint(session, lookup.vm_by_id(session, vm_id), ckpt_ref)
         row.name = label

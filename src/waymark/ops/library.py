@@ -270,7 +270,8 @@ def _check_names(manifest: dict[str, Any]) -> None:
     (:mod:`waymark.names`) before they enter the catalog."""
     names.clean(manifest["vm"]["name"], what="stored VM's name")
     for c in manifest["checkpoints"]:
-        names.clean(c["name"], what=f"name of its checkpoint {str(c['id'])[:12]}")
+        names.clean(c["name"], what=f"name of its checkpoint {str(c['id'])[:12]}",
+                    commas=True)
 
 
 def _require_absent(ctx: Context, vm_id: str, vm_name: str) -> None:
