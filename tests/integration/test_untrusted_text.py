@@ -9,7 +9,7 @@ Against a real ``waymark serve`` and the real CLI:
   between are all recorded; an anonymous request whose path and sign-in name hold escape
   sequences (retitle the window, clear the screen, erase a line), a bidi override and a newline
   followed by a forged entry is printed by ``waymark audit`` with every control character shown
-  as an escape, one line per entry;
+  as an escape, one line per entry, and the portal's audit log shows them so too;
 - ``vm status`` of a VM whose QEMU died after the guest wrote escape sequences to its serial
   console shows them as escapes;
 - a self-service user whose checkpoint fails on a missing disk file gets the error without the
@@ -76,12 +76,25 @@ def test_audit_prints_what_strangers_sent_as_escapes(tmp_path: Path) -> None:
         assert http.post(f"/api/{quoted}").status_code == 404
         assert http.post("/api/auth/login", json={"name": HOSTILE + forged,
                                                   "password": "x"}).status_code in (400, 401)
+        page = admin_page(http)
+    assert ESC not in page and "\u202e" not in page and "\x9b" not in page
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in page and "\\u202eevil" in page  # the portal's log
     rows = audit_rows(wm)
     shown = wm("audit", "--limit", "100000").stdout
     assert ESC not in shown and "\u202e" not in shown and "\x9b" not in shown, repr(shown)
     assert "\\x1b]0;pwned\\x07\\x1b[2J" in shown and "\\u202eevil" in shown
     assert len(shown.splitlines()) == len(rows), shown  # no forged line
     assert "\\x0a2026-01-01T00:00:00Z  root-admin" in shown
+
+
+def admin_page(http: httpx.Client) -> str:
+    """The portal's administration page (with its audit log) as root-admin sees it."""
+    signed = http.post("/login", data={"name": "root-admin", "password": "test-password"},
+                       headers={"Origin": str(http.base_url).rstrip("/")})
+    assert signed.status_code in (200, 303), signed.text
+    page = http.get("/admin")
+    assert page.status_code == 200 and "Audit log" in page.text, page.text
+    return page.text
 
 
 def test_vm_status_shows_the_guests_serial_output_as_escapes(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from waymark.cli.output import (
     fraction_progress,
     interactive,
     json_option,
-    printable,
 )
 from waymark.errors import ConsentRequired, InvalidInput
 from waymark.ops import checkpoints, deletion, jobs, views
+from waymark.text import printable
 from waymark.units import human
 
 

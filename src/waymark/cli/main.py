@@ -142,7 +142,7 @@ def _report(err: WaymarkError, as_json: bool) -> None:
         payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
                                    "kind": type(err).__name__, "exit_code": err.exit_code}
         click.echo(json.dumps(payload, indent=2))
-    from waymark.cli.output import printable  # a server's or a file's words may be in it
+    from waymark.text import printable  # a server's or a file's words may be in it
 
     click.echo(f"error: {printable(err.message, lines=True)}", err=True)
     if err.hint:

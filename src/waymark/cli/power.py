@@ -9,8 +9,9 @@ import click
 
 from waymark.cli import console as terminal
 from waymark.cli.main import face
-from waymark.cli.output import emit, json_option, printable
+from waymark.cli.output import emit, json_option
 from waymark.ops import liveness, machines
+from waymark.text import printable
 
 
 def _console(vm_ref: str) -> None:

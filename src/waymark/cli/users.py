@@ -10,9 +10,10 @@ import click
 
 from waymark.auth.policy import ROLES, VM_PERMISSIONS
 from waymark.cli.main import face
-from waymark.cli.output import emit, json_option, printable
+from waymark.cli.output import emit, json_option
 from waymark.errors import InvalidInput
 from waymark.ops import quotas, users
+from waymark.text import printable
 from waymark.units import human, parse_duration, parse_size
 
 

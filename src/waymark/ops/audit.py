@@ -12,7 +12,7 @@ recorded one by one only up to :data:`ANONYMOUS_LIMIT` per client address per
 entry (action ``unauthenticated refusals``, the count in its message) with the first entry
 written after the window is over.
 Entries are stored as sent: whoever prints them neutralises control characters
-(:func:`waymark.cli.output.printable`)."""
+(:func:`waymark.text.printable`)."""
 
 from __future__ import annotations
 

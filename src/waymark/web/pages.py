@@ -36,6 +36,7 @@ from waymark.ops import (
 )
 from waymark.ops import templates as templates_ops
 from waymark.ops.context import Context
+from waymark.text import printable
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -53,6 +54,9 @@ def segment(value: object) -> str:
 
 
 templates.env.filters["segment"] = segment
+# text others wrote (a stranger's request path in the audit log, a guest's output): its
+# control, bidi and invisible characters shown as escapes, as the CLI prints them
+templates.env.filters["printable"] = lambda value: printable(str(value))
 
 
 def _ctx(request: Request) -> Context:
