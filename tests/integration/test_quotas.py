@@ -198,6 +198,67 @@ def test_checkpoints_count_per_owner_also_in_parallel(served: Served) -> None:
     served.ok("admin", "POST", "/api/vms/cleo-1/checkpoints", {})  # not limited
 
 
+# --- applying a checkpoint, restoring a backup in place ---------------------------------------
+
+def raised(served: Served, vm: str) -> None:
+    """An administrator gives ``vm`` 4 vCPUs and 1 GiB, past its owner's quota (the test keeps
+    them in a checkpoint or a backup point, then :func:`lowered` fits the quota again)."""
+    served.ok("admin", "PATCH", f"/api/vms/{vm}", {"cpus": 4, "memory": "1G"})
+
+
+def lowered(served: Served, vm: str) -> None:
+    served.ok("admin", "PATCH", f"/api/vms/{vm}", {"cpus": 1, "memory": "512M"})
+
+
+def cpus(served: Served, vm: str) -> int:
+    return int(served.ok("admin", "GET", f"/api/vms/{vm}")["cpus"])
+
+
+def test_applying_a_checkpoint_with_larger_settings_is_checked_against_the_quota(
+        served: Served) -> None:
+    served.user("hal", "--cpus", "2", "--memory", "768M")
+    served.ok("hal", "POST", "/api/vms", {"name": "hal-1", "template": "tpl"})
+    small = served.ok("hal", "POST", "/api/vms/hal-1/checkpoints", {"name": "small"})["id"]
+    raised(served, "hal-1")
+    big = served.ok("admin", "POST", "/api/vms/hal-1/checkpoints", {"name": "big"})["id"]
+    lowered(served, "hal-1")
+    before = served.snapshot()
+    for mode in ("discard_current", "checkpoint_first"):
+        refused(served.call("hal", "POST", f"/api/vms/hal-1/checkpoints/{big}/apply",
+                            {"mode": mode}), 409, "quota_exceeded", "quota of 2 vCPUs",
+                "hold 1", "3 more")
+        assert served.snapshot() == before
+    served.ok("hal", "POST", f"/api/vms/hal-1/checkpoints/{small}/apply",
+              {"mode": "discard_current"})  # the same settings: nothing grows
+    served.ok("admin", "POST", f"/api/vms/hal-1/checkpoints/{big}/apply",
+              {"mode": "discard_current"})  # administrators are not limited
+    assert cpus(served, "hal-1") == 4
+    served.ok("hal", "POST", f"/api/vms/hal-1/checkpoints/{small}/apply",
+              {"mode": "discard_current"})  # lowering, from above the quota
+    assert cpus(served, "hal-1") == 1
+
+
+def test_restoring_a_backup_with_larger_settings_in_place_is_checked_against_the_quota(
+        served: Served, tmp_path: Path) -> None:
+    served.wm("backup", "repo", "init", str(tmp_path / "repo"))
+    served.wm("location", "add", "quota-repo", str(tmp_path / "repo"), "--kind", "repository")
+    served.user("ida", "--cpus", "2", "--memory", "768M")
+    served.ok("ida", "POST", "/api/vms", {"name": "ida-1", "template": "tpl"})
+    raised(served, "ida-1")
+    [outcome] = served.wm.json("backup", "run", "ida-1", "--repo", str(tmp_path / "repo"))
+    point = outcome["point"]["id"]
+    lowered(served, "ida-1")
+    before = served.snapshot()
+    for mode in ("discard_current", "checkpoint_first"):
+        refused(served.call("ida", "POST", f"/api/vms/ida-1/backups/{point}/restore",
+                            {"repository": "quota-repo", "mode": mode}), 409,
+                "quota_exceeded", "quota of 2 vCPUs", "3 more")
+        assert served.snapshot() == before
+    restored = served.ok("admin", "POST", f"/api/vms/ida-1/backups/{point}/restore",
+                         {"repository": "quota-repo", "mode": "discard_current"})
+    assert restored["point"] == point and cpus(served, "ida-1") == 4
+
+
 # --- the host's memory ------------------------------------------------------------------------
 
 def test_memory_beyond_the_hosts_is_refused_for_administrators_too(served: Served) -> None:

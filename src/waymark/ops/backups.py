@@ -39,7 +39,17 @@ from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, Waymark
 from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
-from waymark.ops import checkpoints, compact, liveness, lookup, machines, merges, recovery, vms
+from waymark.ops import (
+    checkpoints,
+    compact,
+    liveness,
+    lookup,
+    machines,
+    merges,
+    quotas,
+    recovery,
+    vms,
+)
 from waymark.ops.context import Context
 from waymark.ops.journal import commit_handler
 from waymark.ops.journal import now as stamp
@@ -500,7 +510,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
-        _config(ctx, repo, point, vm_id)
+        hardware = _config(ctx, repo, point, vm_id)
         state = qmp.run_sync(machines.settle(ctx, vm_id, name))
         if state != "off":
             raise Conflict(f"VM {name!r} is {state}; a restore needs it off.",
@@ -509,11 +519,17 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
                                    else ""))
         first = mode is checkpoints.ApplyMode.CHECKPOINT_FIRST
         with ctx.catalog.session() as session:  # room for both, before anything changes
-            checkpoints.require_room(session, session.get_one(Vm, vm_id), 2 if first else 1)
+            vm_row = session.get_one(Vm, vm_id)
+            checkpoints.require_room(session, vm_row, 2 if first else 1)
+            change = quotas.hardware_replaced(
+                session, vm_row, hardware,
+                {d["disk_id"]: int(d["virtual_size"]) for d in point["disks"]}, checkpoints=1)
+        change.check_before(ctx, safety_checkpoint=first)
         safety = checkpoints.create_locked(ctx, vm_id, None, None) if first else None
         params, steps = _plan_restore(ctx, repo, vm_id, point)
-        ctx.journal.run(vm_id, "backup_restore", params, steps,
-                        _progress(report, "restoring"))
+        with change.admitted(ctx):
+            ctx.journal.run(vm_id, "backup_restore", params, steps,
+                            _progress(report, "restoring"))
         recovery.recover_vm(ctx, vm_id)
         return {"point": point["id"], "checkpoint_id": params["checkpoint"]["id"],
                 "safety_checkpoint_id": safety}

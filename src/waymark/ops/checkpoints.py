@@ -199,6 +199,8 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
             target = lookup.checkpoint(session, vm_row, ckpt_ref).id
             if mode is ApplyMode.CHECKPOINT_FIRST:
                 _can_checkpoint_first(session, vm_row)
+            change = _quota_change(session, vm_row, target)
+        change.check_before(ctx, safety_checkpoint=mode is ApplyMode.CHECKPOINT_FIRST)
         safety = create_locked(ctx, vm_id, None, None) \
             if mode is ApplyMode.CHECKPOINT_FIRST else None
         if state in liveness.LIVE_STATES:
@@ -206,7 +208,8 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         with ctx.catalog.session() as session:
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
         result.safety_checkpoint_id = safety
-        ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
+        with change.admitted(ctx):
+            ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
         recovery.recover_vm(ctx, vm_id)
         if start:
             qmp.run_sync(machines.start_locked(ctx, vm_id, name))
@@ -228,6 +231,19 @@ def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
     """Fail before anything changes when the safety checkpoint could not be taken whole."""
     _refuse_disabled(vm_row)
     require_room(session, vm_row)
+
+
+def _quota_change(session: Session, vm_row: Vm, target_id: str) -> quotas.Change:
+    """What applying the checkpoint adds to the owner's usage: its vCPUs, memory and disks
+    (a disk detached since keeps its current data too, as :func:`_plan_apply` does)."""
+    target = session.get_one(Checkpoint, target_id)
+    attached = lookup.hardware(vm_row).disks
+    disks, images = lookup.disks(session, vm_row.id), lookup.images(session, vm_row.id)
+    frozen = lookup.frozen(session, target_id)
+    kept = [d for d in frozen if d not in attached and disks[d].active_image_id is not None]
+    return quotas.hardware_replaced(
+        session, vm_row, HardwareConfig.load(target.config),
+        {d: images[image_id].virtual_size for d, image_id in frozen.items()}, kept=kept)
 
 
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str

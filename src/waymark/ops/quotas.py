@@ -8,9 +8,11 @@ user *owns*: the VMs they created through the API (``vms.owner_id``) with their 
 whoever makes the change.
 
 A change that raises usage (a VM created, its vCPUs or memory raised, a checkpoint taken,
-whether by hand, before an apply or a restore, or at an automatic start) is checked under the
-owner's quota lock, which is held until the change commits: parallel requests never pass a quota
-together. A change that lowers usage is always allowed, even above a quota lowered since.
+whether by hand, before an apply or a restore, or at an automatic start; a checkpoint applied or
+a backup point restored in place, which bring back their own vCPUs, memory and disks) is checked
+under the owner's quota lock, which is held until the change commits: parallel requests never
+pass a quota together. A change that lowers usage is always allowed, even above a quota lowered
+since.
 
 Administrators are not limited: neither the VMs they own nor their changes to others' VMs. The
 API names who acts per request (:func:`request`, :func:`acting`); outside a request (the CLI,
@@ -20,10 +22,10 @@ for everyone, administrators too, when a VM is created or its memory changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,43 @@ def checkpoint_added(ctx: Context, vm_id: str) -> AbstractContextManager[None]:
     with ctx.catalog.session() as session:
         owner_id = session.get_one(Vm, vm_id).owner_id
     return admitted(ctx, owner_id, Usage(checkpoints=1))
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a change will add to its VM's owner's usage, worked out before it starts."""
+
+    owner_id: str | None
+    adds: Usage
+
+    def admitted(self, ctx: Context) -> AbstractContextManager[None]:
+        """Around the change's commit: checked, and the quota lock held until it commits."""
+        return admitted(ctx, self.owner_id, self.adds)
+
+    def check_before(self, ctx: Context, *, safety_checkpoint: bool) -> None:
+        """Refuse before anything changes (with the safety checkpoint a ``checkpoint_first``
+        mode takes first); the check in :meth:`admitted` stays the one that counts."""
+        adds = replace(self.adds, checkpoints=self.adds.checkpoints + int(safety_checkpoint))
+        with admitted(ctx, self.owner_id, adds):
+            pass
+
+
+def hardware_replaced(session: Session, vm_row: Vm, then_hw: HardwareConfig,
+                      disks: Mapping[str, int], *, kept: Iterable[str] = (),
+                      checkpoints: int = 0) -> Change:
+    """A checkpoint applied or a backup point restored in place: the VM's configuration becomes
+    ``then_hw`` and each disk in ``disks`` gets a new active image of that virtual size; the
+    disks in ``kept`` also keep their current image (as detached disks), and ``checkpoints``
+    are added. Only the growth against what the VM holds now counts: lowering is free."""
+    now_hw = HardwareConfig.load(vm_row.config)
+    active = {d.id: session.get(Image, d.active_image_id) if d.active_image_id else None
+              for d in session.scalars(select(Disk).where(Disk.vm_id == vm_row.id))}
+    current = {d: image.virtual_size if image is not None else 0 for d, image in active.items()}
+    replaced = sum(current.get(d, 0) for d in disks) - sum(current.get(d, 0) for d in kept)
+    return Change(vm_row.owner_id, Usage(
+        cpus=then_hw.cpus - now_hw.cpus,
+        memory=(then_hw.memory_mib - now_hw.memory_mib) << 20,
+        disk=sum(disks.values()) - replaced, checkpoints=checkpoints))
 
 
 # --- setting quotas ---------------------------------------------------------------------------
