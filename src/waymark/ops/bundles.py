@@ -159,7 +159,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
     except (OSError, ValueError) as err:
         raise ImageError(f"cannot read {config}: {err}.", hint="Export it again.") from err
     hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config))
-    copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"])
+    copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"],
+                       confined_to=bundle)
               for d in manifest["disks"]]
 
     def memory(vm_id: str, dumped: dict[str, Any]) -> list[dict[str, Any]]:
