@@ -132,14 +132,14 @@ def pinned_chain(root: Path, path: Path, *, where: str, backing: Backing = "insi
     anything follows it: not followed). Refused too: a ``json:`` or protocol backing name, a
     loop, an external data file, a file that is not qcow2."""
     with ExitStack() as stack:
-        layers = [Layer(path, _open_inside(root, path, where=where, stack=stack))]
+        layers = [Layer(path, stack.enter_context(opened_inside(root, path, where=where)))]
         seen = {_identity(layers[0].fd)}
         while True:
             here = f"{where}: {path.name}" if len(layers) > 1 else where
             below = _backing_of(root, layers[-1], here=here, backing=backing)
             if below is None:
                 break
-            fd = _open_inside(root, below, where=here, stack=stack)
+            fd = stack.enter_context(opened_inside(root, below, where=here))
             if _identity(fd) in seen:
                 raise refused(here, f"the backing chain loops at {below.name!r}")
             seen.add(_identity(fd))
@@ -153,19 +153,23 @@ def _identity(fd: int) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def _open_inside(root: Path, path: Path, *, where: str, stack: ExitStack) -> int:
-    """``path`` opened read-only, closed with ``stack``: refused unless it is a regular file
-    whose real place (where the open file is, not what its name says now) is inside ``root``."""
+@contextmanager
+def opened_inside(root: Path, path: Path, *, where: str) -> Iterator[int]:
+    """``path`` opened read-only (a symbolic link is not followed): refused unless it is a
+    regular file whose real place (where the open file is, not what its name says now) is
+    inside ``root``. Hand it on as ``/dev/fd/N`` or ``/proc/self/fd/N``."""
     try:
         fd = os.open(path.resolve(), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         raise refused(where, f"cannot open {path.name!r} as a plain file ({err.strerror})"
                       ) from err
-    stack.callback(os.close, fd)
-    real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-    if not stat.S_ISREG(os.fstat(fd).st_mode) or root.resolve() not in real.parents:
-        raise refused(where, f"{path.name!r} is not a regular file inside {root}")
-    return fd
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or root.resolve() not in real.parents:
+            raise refused(where, f"{path.name!r} is not a regular file inside {root}")
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _backing_of(root: Path, layer: Layer, *, here: str, backing: Backing) -> Path | None:

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import Result, Waymark, file_sha256, query
+from waymark import durable
 from waymark.errors import ImageError
 from waymark.images import qemu_img as engine
-from waymark.shares import pinned_chain
+from waymark.ops import executor
+from waymark.shares import opened_inside, pinned_chain
 
 EXIT_INVALID, EXIT_IMAGE = 2, 8
 SHADOW = "/etc/shadow"
@@ -194,6 +196,33 @@ def test_a_backing_file_swapped_after_the_check_is_not_what_is_copied(tmp_path: 
     assert engine.header(pinned).backing_filename is None
     with pytest.raises(ImageError, match=r"base\.qcow2"), pinned_chain(repo, top, where="point"):
         pass  # checked again (a re-run step, a new restore): refused
+    assert secret.read_bytes().startswith(b"root:")
+
+
+@pytest.mark.parametrize("same_file_system", [True, False])
+def test_a_file_swapped_after_the_check_is_not_what_is_copied(
+        tmp_path: Path, same_file_system: bool) -> None:
+    """The same race for the files a deploy or an import copies whole (images of a library
+    share, memory states, kernels): the journal's ``copy_file`` with ``confined_to`` links or
+    copies the regular file it opened; a link to a host file in its place is refused."""
+    secret = host_secret(tmp_path)
+    share = tmp_path / "share"
+    share.mkdir()
+    state = share / "state.bin"
+    state.write_bytes(b"guest memory\n")
+    copied = (Path("/dev/shm") if not same_file_system else tmp_path) / f"copied-{os.getpid()}"
+    try:
+        with opened_inside(share, state, where="share") as fd:
+            state.rename(share / "moved.bin")
+            state.symlink_to(secret)  # the swap, between the check and the copy
+            durable.link_or_copy(state, copied, fd=fd)
+        assert copied.read_bytes() == b"guest memory\n"
+    finally:
+        copied.unlink(missing_ok=True)
+    step = {"op": "copy_file", "src": str(state), "path": str(copied), "confined_to": str(share)}
+    with pytest.raises(ImageError, match=r"state\.bin"):
+        executor.run(step)  # checked again (a re-run step): refused
+    assert not copied.exists()
     assert secret.read_bytes().startswith(b"root:")
 
 

@@ -143,7 +143,7 @@ def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[st
     meta = {"sha256": manifest["files"][manifest["memory"]], "hardware": hardware,
             "imported_from": manifest["source"]}
     return [{"op": "copy_file", "src": str(bundle / manifest["memory"]),
-             "path": str(saved / "state.bin")},
+             "path": str(saved / "state.bin"), "confined_to": str(bundle)},
             {"op": "write_file", "path": str(saved / "saved.json"),
              "text": json.dumps(meta, indent=2)}]
 
