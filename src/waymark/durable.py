@@ -60,22 +60,35 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def link_or_copy(src: Path, dst: Path, on_progress: Callable[[float], None] | None = None
-                 ) -> None:
+def link_or_copy(src: Path, dst: Path, on_progress: Callable[[float], None] | None = None,
+                 *, fd: int | None = None) -> None:
     """``dst`` becomes a durable copy of ``src``: a hard link when both share a file system
     (for files never written in place, such as memory states, sharing the inode is safe), else
     a copy (reporting its fraction done); made under a temporary name and renamed, so ``dst``
-    is whole or absent."""
+    is whole or absent. With ``fd`` (``src`` opened and checked already), that open file is
+    linked or copied, whatever ``src`` names now."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dst)
     remove(tmp)
     try:
-        os.link(src, tmp)
+        if fd is None:
+            os.link(src, tmp)
+        else:
+            _link_open(fd, tmp)
     except OSError:
-        _copy(src, tmp, on_progress)
+        _copy(src if fd is None else Path(f"/proc/self/fd/{fd}"), tmp, on_progress)
     fsync_file(tmp)
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
+
+
+def _link_open(fd: int, dst: Path) -> None:
+    """A hard link to the open file ``fd`` (linkat following its ``/proc/self/fd`` entry)."""
+    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), dst, src_dir_fd=fds, follow_symlinks=True)
+    finally:
+        os.close(fds)
 
 
 COPY_CHUNK = 8 << 20

@@ -53,16 +53,17 @@ def which(program: str) -> str:
     return path
 
 
-def run(argv: Sequence[str], *, what: str) -> Completed:
+def run(argv: Sequence[str], *, what: str, pass_fds: Sequence[int] = ()) -> Completed:
     """Run ``argv`` to completion; raise ToolError (with its stderr) when it fails.
 
-    ``what`` says in words what the command was doing, for the error message.
+    ``what`` says in words what the command was doing, for the error message; ``pass_fds``
+    stay open in the child (as ``/dev/fd/N``).
     """
     argv = (which(argv[0]), *argv[1:])
     log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.run(  # noqa: PLW1510 - return code checked by _checked
-            argv, capture_output=True, text=True, env=_env(),
+            argv, capture_output=True, text=True, env=_env(), pass_fds=tuple(pass_fds),
             preexec_fn=_die_with_parent,
         )
     except OSError as err:
@@ -104,14 +105,15 @@ def spawn(argv: Sequence[str], *, what: str, pass_fds: Sequence[int], stderr: IO
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
-def run_progress(argv: Sequence[str], *, what: str, on_progress: Callable[[float], None]
-                 ) -> Completed:
+def run_progress(argv: Sequence[str], *, what: str, on_progress: Callable[[float], None],
+                 pass_fds: Sequence[int] = ()) -> Completed:
     """Run a qemu-img command given ``-p``, reporting each ``(x/100%)`` it prints as x/100."""
     argv = (which(argv[0]), *argv[1:])
     log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=_env(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+                                env=_env(), pass_fds=tuple(pass_fds),
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509
     except OSError as err:
         raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
     assert proc.stdout is not None and proc.stderr is not None

@@ -5,8 +5,13 @@ mistaken for one, nor used by a Waymark that does not know its version."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -99,27 +104,87 @@ def inside(root: Path, name: object, *, where: str, base: Path | None = None) ->
 def image_chain(root: Path, path: Path, *, where: str, backing: Backing = "inside"
                 ) -> list[Path]:
     """The qcow2 image ``path`` and the backing files it names, each read from its own header
-    (:func:`qemu_img.header`: no implicit look-ups) before anything opens the next.
+    (:func:`qemu_img.header`: no implicit look-ups) before anything opens the next; see
+    :func:`pinned_chain`, which this checks and closes again."""
+    with pinned_chain(root, path, where=where, backing=backing) as layers:
+        return [layer.path for layer in layers]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One checked file of a chain: the path it was named by and the file it is, held open."""
+
+    path: Path
+    fd: int
+
+
+@contextmanager
+def pinned_chain(root: Path, path: Path, *, where: str, backing: Backing = "inside"
+                 ) -> Iterator[list[Layer]]:
+    """The qcow2 image ``path`` and its backing files, each opened (no symbolic link followed,
+    a regular file whose real place is inside ``root``) and its header read from the open file
+    before anything opens the next. The files stay open while the caller copies them
+    (:func:`qemu_img.convert_pinned`), so a file renamed or swapped for a link after the check
+    changes nothing.
 
     ``backing``: ``inside`` (each backing file a qcow2 named relatively, inside ``root``),
     ``none`` (the image must stand alone) or ``replaced`` (its backing name is rewritten before
     anything follows it: not followed). Refused too: a ``json:`` or protocol backing name, a
     loop, an external data file, a file that is not qcow2."""
-    chain = [path]
-    while True:
-        header = qemu_img.header(chain[-1])
-        here = f"{where}: {chain[-1].name}" if len(chain) > 1 else where
-        if header.data_file is not None:
-            raise refused(here, f"the image has an external data file ({header.data_file!r})")
-        name = header.backing_filename
-        if not name or backing == "replaced":
-            return chain
-        if backing == "none":
-            raise refused(here, f"the image has a backing file ({name!r}); it must stand alone")
-        if ":" in name or header.backing_format != "qcow2":
-            raise refused(here, f"the backing file {name!r} (format "
-                                f"{header.backing_format!r}) is not a qcow2 file named plainly")
-        below = inside(root, name, where=here, base=chain[-1].parent)
-        if below.resolve() in {p.resolve() for p in chain}:
-            raise refused(here, f"the backing chain loops at {name!r}")
-        chain.append(below)
+    with ExitStack() as stack:
+        layers = [Layer(path, stack.enter_context(opened_inside(root, path, where=where)))]
+        seen = {_identity(layers[0].fd)}
+        while True:
+            here = f"{where}: {path.name}" if len(layers) > 1 else where
+            below = _backing_of(root, layers[-1], here=here, backing=backing)
+            if below is None:
+                break
+            fd = stack.enter_context(opened_inside(root, below, where=here))
+            if _identity(fd) in seen:
+                raise refused(here, f"the backing chain loops at {below.name!r}")
+            seen.add(_identity(fd))
+            layers.append(Layer(below, fd))
+            path = below
+        yield layers
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+@contextmanager
+def opened_inside(root: Path, path: Path, *, where: str) -> Iterator[int]:
+    """``path`` opened read-only (a symbolic link is not followed): refused unless it is a
+    regular file whose real place (where the open file is, not what its name says now) is
+    inside ``root``. Hand it on as ``/dev/fd/N`` or ``/proc/self/fd/N``."""
+    try:
+        fd = os.open(path.resolve(), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise refused(where, f"cannot open {path.name!r} as a plain file ({err.strerror})"
+                      ) from err
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or root.resolve() not in real.parents:
+            raise refused(where, f"{path.name!r} is not a regular file inside {root}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _backing_of(root: Path, layer: Layer, *, here: str, backing: Backing) -> Path | None:
+    """The checked backing file named in ``layer``'s header (read from the open file), or None
+    at the base."""
+    header = qemu_img.header(layer.path, layer.fd)
+    if header.data_file is not None:
+        raise refused(here, f"the image has an external data file ({header.data_file!r})")
+    name = header.backing_filename
+    if not name or backing == "replaced":
+        return None
+    if backing == "none":
+        raise refused(here, f"the image has a backing file ({name!r}); it must stand alone")
+    if ":" in name or header.backing_format != "qcow2":
+        raise refused(here, f"the backing file {name!r} (format "
+                            f"{header.backing_format!r}) is not a qcow2 file named plainly")
+    real = Path(os.readlink(f"/proc/self/fd/{layer.fd}"))
+    return inside(root, name, where=here, base=real.parent)

@@ -17,6 +17,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import Result, Waymark, file_sha256, query
+from waymark import durable
+from waymark.errors import ImageError
+from waymark.images import qemu_img as engine
+from waymark.ops import executor
+from waymark.shares import opened_inside, pinned_chain
 
 EXIT_INVALID, EXIT_IMAGE = 2, 8
 SHADOW = "/etc/shadow"
@@ -140,6 +145,84 @@ def test_a_point_whose_backing_file_is_outside_the_repository_is_not_restored(
     assert verified.returncode == EXIT_IMAGE, verified
     (row,) = json.loads(verified.stdout)
     assert row["problems"] and row["problems"][0].startswith(file_name), row
+    assert secret.read_bytes().startswith(b"root:")
+
+
+def two_layers(folder: Path) -> tuple[Path, Path]:
+    """``top.qcow2`` (0x42 in its second 64 KiB) over ``base.qcow2`` (0x41 in its first),
+    named relatively: a chain that stays inside ``folder``."""
+    folder.mkdir()
+    top, base = folder / "top.qcow2", folder / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 64k", str(base)],
+                   check=True, capture_output=True)
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", str(top))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 64k 64k", str(top)],
+                   check=True, capture_output=True)
+    return top, base
+
+
+def raw_bytes(image: Path, tmp_path: Path) -> bytes:
+    flat = tmp_path / "flat.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(image), str(flat))
+    data = flat.read_bytes()
+    flat.unlink()
+    return data
+
+
+def test_a_backing_file_swapped_after_the_check_is_not_what_is_copied(tmp_path: Path) -> None:
+    """The race left by checking names: a restore, an import checks a point's chain, then
+    someone writing the storage swaps a backing file for a link to a host file before the copy.
+    The copy step (the journal's ``convert`` with ``confined_to``) copies the files it checked,
+    held open, each layer named explicitly down to ``"backing": null``; a new check refuses."""
+    secret = host_secret(tmp_path)
+    outside = secret.with_suffix(".qcow2")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(secret), str(outside))
+    repo = tmp_path / "repo"
+    top, base = two_layers(repo)
+    pinned, by_name = tmp_path / "pinned.qcow2", tmp_path / "by-name.qcow2"
+    with pinned_chain(repo, top, where="point") as layers:
+        assert [layer.path for layer in layers] == [top, base]
+        base.rename(repo / "moved.qcow2")
+        base.symlink_to(outside)  # the swap, between the check and the copy
+        engine.convert_pinned([layer.fd for layer in layers], pinned)
+    engine.convert(top, "qcow2", by_name)  # what a copy by name does now: the attack is real
+    assert b"root:" in raw_bytes(by_name, tmp_path)
+    copied = raw_bytes(pinned, tmp_path)
+    assert b"root:" not in copied
+    assert copied[:64 << 10] == b"\x41" * (64 << 10)
+    assert copied[64 << 10:128 << 10] == b"\x42" * (64 << 10)
+    assert copied[128 << 10:] == bytes(len(copied) - (128 << 10))
+    assert engine.header(pinned).backing_filename is None
+    with pytest.raises(ImageError, match=r"base\.qcow2"), pinned_chain(repo, top, where="point"):
+        pass  # checked again (a re-run step, a new restore): refused
+    assert secret.read_bytes().startswith(b"root:")
+
+
+@pytest.mark.parametrize("same_file_system", [True, False])
+def test_a_file_swapped_after_the_check_is_not_what_is_copied(
+        tmp_path: Path, same_file_system: bool) -> None:
+    """The same race for the files a deploy or an import copies whole (images of a library
+    share, memory states, kernels): the journal's ``copy_file`` with ``confined_to`` links or
+    copies the regular file it opened; a link to a host file in its place is refused."""
+    secret = host_secret(tmp_path)
+    share = tmp_path / "share"
+    share.mkdir()
+    state = share / "state.bin"
+    state.write_bytes(b"guest memory\n")
+    copied = (Path("/dev/shm") if not same_file_system else tmp_path) / f"copied-{os.getpid()}"
+    try:
+        with opened_inside(share, state, where="share") as fd:
+            state.rename(share / "moved.bin")
+            state.symlink_to(secret)  # the swap, between the check and the copy
+            durable.link_or_copy(state, copied, fd=fd)
+        assert copied.read_bytes() == b"guest memory\n"
+    finally:
+        copied.unlink(missing_ok=True)
+    step = {"op": "copy_file", "src": str(state), "path": str(copied), "confined_to": str(share)}
+    with pytest.raises(ImageError, match=r"state\.bin"):
+        executor.run(step)  # checked again (a re-run step): refused
+    assert not copied.exists()
     assert secret.read_bytes().startswith(b"root:")
 
 

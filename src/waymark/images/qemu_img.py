@@ -8,7 +8,7 @@ on an image a running QEMU has open (a later issue routes those through QMP bloc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,17 +62,18 @@ class MapExtent:
 Progress = Callable[[float], None] | None
 
 
-def _qemu_img(*args: str, what: str) -> str:
-    return process.run(["qemu-img", *args], what=what).stdout
+def _qemu_img(*args: str, what: str, pass_fds: Sequence[int] = ()) -> str:
+    return process.run(["qemu-img", *args], what=what, pass_fds=pass_fds).stdout
 
 
-def _qemu_img_p(args: list[str], *, what: str, on_progress: Progress) -> None:
+def _qemu_img_p(args: list[str], *, what: str, on_progress: Progress,
+                pass_fds: Sequence[int] = ()) -> None:
     """A long qemu-img command; with ``on_progress``, run with ``-p`` and report fractions."""
     if on_progress is None:
-        _qemu_img(*args, what=what)
+        _qemu_img(*args, what=what, pass_fds=pass_fds)
         return
     process.run_progress(["qemu-img", args[0], "-p", *args[1:]], what=what,
-                         on_progress=on_progress)
+                         on_progress=on_progress, pass_fds=pass_fds)
 
 
 def create(path: Path, *, size: int | None = None, backing: Path | None = None,
@@ -137,14 +138,16 @@ def info(path: Path, fmt: str) -> ImageInfo:
     return chain(path, fmt)[0]
 
 
-def header(path: Path) -> ImageInfo:
+def header(path: Path, fd: int | None = None) -> ImageInfo:
     """What the qcow2 header of ``path`` says, read from that one file: ``qemu-img info``
     without ``--backing-chain`` opens neither the backing file nor an external data file, so
     this is how to look at an image from untrusted storage before anything follows its names.
+    With ``fd`` (``path`` opened already), reads that open file, whatever the name now is.
     ImageError when it is not a readable qcow2 image."""
     try:
-        out = _qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(path),
-                        what=f"reading the header of {path}")
+        out = _qemu_img("info", "-U", "--output=json", "-f", "qcow2",
+                        str(path) if fd is None else f"/dev/fd/{fd}",
+                        what=f"reading the header of {path}", pass_fds=() if fd is None else (fd,))
         return ImageInfo.parse(json.loads(out))
     except ToolError as err:
         raise ImageError(f"{path} is not a readable qcow2 image: {err.message}",
@@ -185,6 +188,19 @@ def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2",
     """Copy the whole chain of ``src`` into one standalone image ``dst``."""
     _qemu_img_p(["convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)],
                 what=f"copying {src} to {dst}", on_progress=on_progress)
+
+
+def convert_pinned(layers: Sequence[int], dst: Path, on_progress: Progress = None) -> None:
+    """Copy a checked qcow2 chain, given as open files (top first, base last), into one
+    standalone image ``dst``. Every layer is named explicitly down to ``"backing": null``, so
+    qemu-img follows no backing or file name: what was checked is what is copied."""
+    spec: dict[str, Any] | None = None
+    for fd in reversed(layers):
+        spec = {"driver": "qcow2", "file": {"driver": "file", "filename": f"/dev/fd/{fd}"},
+                "backing": spec}
+    _qemu_img_p(["convert", "-O", "qcow2", "json:" + json.dumps(spec), str(dst)],
+                what=f"copying a checked image chain to {dst}", on_progress=on_progress,
+                pass_fds=layers)
 
 
 def allocation_map(path: Path, fmt: str) -> list[MapExtent]:

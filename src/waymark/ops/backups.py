@@ -493,7 +493,8 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
         hardware = _config(ctx, repo, point, None)
-        copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"])
+        copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"],
+                           confined_to=repo.root)
                   for d in point["disks"]]
         hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
@@ -549,7 +550,7 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
         base, top = vms.new_id(), vms.new_id()
         base_path, top_path = folder / f"{base}.qcow2", folder / f"{top}.qcow2"
         steps += [{"op": "convert", "path": str(base_path), "src": str(repo.root / disk["file"]),
-                   "src_fmt": "qcow2"},
+                   "src_fmt": "qcow2", "confined_to": str(repo.root)},
                   {"op": "create_image", "path": str(top_path), "backing": str(base_path),
                    "backing_fmt": "qcow2"}]
         row = {"vm_id": vm_id, "format": "qcow2", "pinned": False,

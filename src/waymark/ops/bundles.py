@@ -143,7 +143,7 @@ def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[st
     meta = {"sha256": manifest["files"][manifest["memory"]], "hardware": hardware,
             "imported_from": manifest["source"]}
     return [{"op": "copy_file", "src": str(bundle / manifest["memory"]),
-             "path": str(saved / "state.bin")},
+             "path": str(saved / "state.bin"), "confined_to": str(bundle)},
             {"op": "write_file", "path": str(saved / "saved.json"),
              "text": json.dumps(meta, indent=2)}]
 
@@ -159,7 +159,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
     except (OSError, ValueError) as err:
         raise ImageError(f"cannot read {config}: {err}.", hint="Export it again.") from err
     hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config))
-    copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"])
+    copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"],
+                       confined_to=bundle)
               for d in manifest["disks"]]
 
     def memory(vm_id: str, dumped: dict[str, Any]) -> list[dict[str, Any]]:

@@ -10,8 +10,11 @@ Steps are plain JSON dicts, so the journal can store them:
 - ``claim_file {path}``: nothing yet; a file the operation's live part writes (QEMU's memory
   state), removed with its temporary file on undo
 - ``write_file {path, text}``: a durable small file (undo: delete it)
-- ``convert {path, src, src_fmt}``: a standalone qcow2 copy of ``src``'s chain (undo: delete)
-- ``copy_file {path, src}``: a durable copy (or hard link) of ``src`` (undo: delete)
+- ``convert {path, src, src_fmt, confined_to?}``: a standalone qcow2 copy of ``src``'s chain
+  (undo: delete); with ``confined_to`` (a folder on untrusted storage) the chain is checked
+  again and copied from the very files checked (:func:`waymark.shares.pinned_chain`), each run
+- ``copy_file {path, src, confined_to?}``: a durable copy (or hard link) of ``src`` (undo:
+  delete); with ``confined_to``, of the regular file opened (no link followed) inside it
 - ``write_manifest {path, root, doc}``: ``doc`` plus the sha256 and size of every file under
   ``root`` (by relative path), written durably (undo: delete)
 - ``delete_file {path}``
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from waymark import durable
+from waymark import durable, shares
 from waymark.errors import StorageError
 from waymark.images import qemu_img
 from waymark.qemu import bitmaps
@@ -93,7 +96,7 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     elif op == "prune_dirs" and path is not None:
         _prune_empty(path)
     elif op == "copy_file" and path is not None:
-        durable.link_or_copy(Path(step["src"]), path, on_progress)
+        _copy_file(step, path, on_progress)
     elif op == "write_manifest" and path is not None:
         _write_manifest(path, Path(step["root"]), step["doc"])
     elif op in LIVE_OPS:
@@ -122,13 +125,31 @@ def _run_image(step: Step, path: Path | None, on_progress: qemu_img.Progress) ->
         durable.fsync_file(path)
     elif op == "convert" and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        qemu_img.convert(Path(step["src"]), step["src_fmt"], path, on_progress=on_progress)
+        _convert(step, path, on_progress)
         durable.fsync_file(path)
     elif op == "carry_bitmaps" and path is not None:
         bitmaps.carry_files(Path(step["src"]), path)
     else:
         return False
     return True
+
+
+def _convert(step: Step, path: Path, on_progress: qemu_img.Progress) -> None:
+    src = Path(step["src"])
+    if step.get("confined_to") is None:
+        qemu_img.convert(src, step["src_fmt"], path, on_progress=on_progress)
+        return
+    with shares.pinned_chain(Path(step["confined_to"]), src, where=str(src)) as layers:
+        qemu_img.convert_pinned([layer.fd for layer in layers], path, on_progress)
+
+
+def _copy_file(step: Step, path: Path, on_progress: qemu_img.Progress) -> None:
+    src = Path(step["src"])
+    if step.get("confined_to") is None:
+        durable.link_or_copy(src, path, on_progress)
+        return
+    with shares.opened_inside(Path(step["confined_to"]), src, where=str(src)) as fd:
+        durable.link_or_copy(src, path, on_progress, fd=fd)
 
 
 def undo(step: Step) -> None:

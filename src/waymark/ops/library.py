@@ -362,8 +362,8 @@ def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
     copies += [(rel, boot[src]) for src, rel in manifest["boot"].items()]
     if manifest["saved"]:
         copies.append((manifest["saved"]["file"], str(machines.saved_state(ctx, vm_id).state)))
-    steps += [{"op": "copy_file", "src": str(library.file(vm_id, rel)), "path": dst}
-              for rel, dst in copies]
+    steps += [{"op": "copy_file", "src": str(library.file(vm_id, rel)), "path": dst,
+               "confined_to": str(there)} for rel, dst in copies]
     steps += _descriptions(manifest, ckpt_dir, boot)
     if manifest["saved"]:
         meta = {**manifest["saved"]["meta"],

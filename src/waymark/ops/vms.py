@@ -488,12 +488,15 @@ def _detach(ctx: Context, vm_id: str, vm_name: str, disk_ref: str) -> Disk:
 @dataclass(frozen=True)
 class Copy:
     """A disk of a new VM made as a standalone copy of ``src``'s chain (its ``key`` is the
-    name the source's configuration gives the disk)."""
+    name the source's configuration gives the disk). ``confined_to``: the untrusted folder
+    (a repository, a bundle) the chain must stay inside; it is then copied from the very files
+    checked (:func:`waymark.shares.pinned_chain`)."""
 
     key: str
     src: Path
     src_fmt: str
     virtual_size: int
+    confined_to: Path | None = None
 
 
 ExtraSteps = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
@@ -520,7 +523,8 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         disks.append({"id": disk_id, "vm_id": vm_id, "active_image_id": image_id,
                       "passthrough_path": None})
         steps.append({"op": "convert", "path": str(path), "src": str(copy.src),
-                      "src_fmt": copy.src_fmt})
+                      "src_fmt": copy.src_fmt,
+                      "confined_to": None if copy.confined_to is None else str(copy.confined_to)})
     if set(hardware.disks) != set(keys):
         raise ImageError("the source's configuration and its disks disagree.")
     hardware.disks = [keys[k] for k in hardware.disks]
