@@ -381,9 +381,9 @@ def test_kill_vm_delete_at_every_point(wm: Waymark, tmp_path: Path) -> None:
     command = ["vm", "delete", "doomed", "--yes"]
     points = sweeper.points(command)
     # 2 owned images (the frozen overlay on the raw file, Now's), 1 checkpoint description, the
-    # saved state's 2 files and the last run's 2 logs (absent here: removing them is a no-op),
-    # the folder prune, the commit
-    assert points == [2 + 1 + 2 + 2 + 1 + 1]
+    # saved state's 2 files and what the last run left (serial log, QEMU's log, why it stopped:
+    # absent here, removing them is a no-op), the folder prune, the commit
+    assert points == [2 + 1 + 2 + 3 + 1 + 1]
     for n in range(sum(points)):
         killed = sweeper.kill_at(command, n)
         names = {v["name"] for v in killed.json("vm", "list")}
