@@ -527,7 +527,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
                 {d["disk_id"]: int(d["virtual_size"]) for d in point["disks"]}, checkpoints=1)
         change.check_before(ctx, safety_checkpoint=first)
         safety = checkpoints.create_locked(ctx, vm_id, None, None) if first else None
-        params, steps = _plan_restore(ctx, repo, vm_id, point)
+        params, steps = _plan_restore(ctx, repo, vm_id, point, hardware)
         with change.admitted(ctx):
             ctx.journal.run(vm_id, "backup_restore", params, steps,
                             _progress(report, "restoring"))
@@ -536,8 +536,8 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
                 "safety_checkpoint_id": safety}
 
 
-def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, Any]
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, Any],
+                  hardware: HardwareConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
         checkpoints.require_room(session, vm_row)
@@ -561,9 +561,9 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
         if disk["disk_id"] not in known:
             new_disks.append(disk["disk_id"])
     label = names.clean(f"Restored from {point['id']}", what="checkpoint name", commas=True)
-    record = {"id": checkpoint_id, "vm_id": vm_id, "name": label, "parent_id": None,
+    record: dict[str, Any] = {"id": checkpoint_id, "vm_id": vm_id, "name": label, "parent_id": None,
               "kind": checkpoints.DISK_ONLY, "requested_type": "backup", "fallback_reason": None,
-              "config": point["vm"]["config"], "memory_path": None, "memory_sha256": None,
+              "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
               "skipped_disks": []}
     steps.append({"op": "write_file", "path": str(Path(checkpoint_dir) / f"{checkpoint_id}.json"),
                   "text": json.dumps({"checkpoint": checkpoint_id, "vm": vm_id,
