@@ -258,6 +258,11 @@ def test_a_manifest_filed_under_another_name_or_a_crafted_merge_intent_is_refuse
     refused(wm, (repo, tmp_path), ("backup", "prune", "--repo", str(repo), "--keep-last", "1"),
             EXIT_IMAGE, f"{old['id']}.json", "not the manifest of point")
     manifest.write_text(original)
+    rewrite(manifest, lambda m: m["disks"][0].update(virtual_size="1G; rm -rf /"))
+    refused(wm, (repo, tmp_path), ("backup", "restore", "web", "--repo", str(repo), "--point",
+                                   old["id"], "--as-new", "sized"),
+            EXIT_IMAGE, f"{old['id']}.json", "not a size in bytes")
+    manifest.write_text(original)
     gone = {**json.loads(original), "disks": [{**json.loads(original)["disks"][0],
                                                "file": str(victim)}]}
     (manifest.parent.parent / "merging.json").write_text(json.dumps({"gone": gone,

@@ -131,6 +131,10 @@ class Repository:
                 raise shares.refused(where, f"a disk entry is {disk!r}")
             shares.component(disk.get("disk_id"), where=where, what="the disk id")
             shares.inside(self.root, disk.get("file"), where=where)
+            size = disk.get("virtual_size")  # the catalog, the restore and quotas count on it
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise shares.refused(where, f"a disk's virtual size is {size!r}, not a size "
+                                            "in bytes")
         return dict(manifest)
 
     def unreadable(self, vm_id: str | None = None) -> list[str]:
