@@ -352,6 +352,19 @@ def test_a_bundle_manifest_naming_a_file_outside_is_not_imported(wm: Waymark,
             "manifest.json", str(secret))
 
 
+def test_a_bundle_manifest_with_a_size_or_limit_that_is_no_number_is_not_imported(
+        wm: Waymark, tmp_path: Path) -> None:
+    bundle = bundle_of(wm, tmp_path)
+    original = (bundle / "manifest.json").read_text()
+    rewrite(bundle / "manifest.json", lambda m: m["disks"][0].update(virtual_size="1M"))
+    refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_IMAGE,
+            "'1M'", "not a size in bytes")
+    (bundle / "manifest.json").write_text(original)
+    rewrite(bundle / "manifest.json", lambda m: m["vm"].update(max_checkpoints="many"))
+    refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_INVALID,
+            "checkpoint limit 'many' is not a number")
+
+
 # --- library shares ---------------------------------------------------------------------------
 
 def stored(wm: Waymark, tmp_path: Path) -> tuple[Path, Path]:

@@ -498,6 +498,22 @@ class Copy:
     virtual_size: int
     confined_to: Path | None = None
 
+    def __post_init__(self) -> None:  # read from a manifest: it may be anything
+        size = self.virtual_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImageError(f"the disk {self.src.name} has the size {size!r}, not a size in "
+                             "bytes. Nothing was created.",
+                             hint="Check who can write the storage it came from.")
+
+
+def _outside_limit(settings: dict[str, Any]) -> int:
+    """The checkpoint limit a source (a bundle, a backup point) carries, checked as CLI input."""
+    value = settings.get("max_checkpoints")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"the source's checkpoint limit {value!r} is not a number.",
+                           hint="Check who can write the storage it came from.")
+    return check_limit(value)
+
 
 ExtraSteps = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
 
@@ -534,8 +550,8 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         refuse_taken(session, vm_name, owner_id, hint=rename_hint)
     vm_row = {"id": vm_id, "name": vm_name, "owner_id": owner_id, "state": "off",
               "config": hardware.dump(),
-              "checkpoint_type": check_type(settings["checkpoint_type"]),
-              "max_checkpoints": check_limit(int(settings["max_checkpoints"])),
+              "checkpoint_type": check_type(str(settings.get("checkpoint_type"))),
+              "max_checkpoints": _outside_limit(settings),
               "checkpoint_dir": str(ctx.vm_folder(vm_id) / "checkpoints")}
     more = extra(vm_id, hardware.dump()) if extra is not None else []
     if more:
