@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from click.testing import CliRunner
+
+from waymark import modes
+from waymark.cli import main as cli_main
 
 REQUIRED = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
 
@@ -47,7 +53,16 @@ class Result:
 
 
 class Waymark:
-    """Runs ``python -m waymark`` as a user would, against one home folder."""
+    """Runs the ``waymark`` command line as a user would, against one home folder.
+
+    A command runs in this process (:func:`waymark.cli.main.run`, with its own environment,
+    stdin, stdout, stderr and umask, as the entry point gives it) unless it must be a process
+    of its own: when the environment arms failpoints (the process is killed), when the command
+    outlives or waits on its caller (``serve``, ``job run``, ``vm console``), or when a test
+    asks for it (``separate=True``). Starting an interpreter per command was most of the
+    suite's time."""
+
+    SEPARATE = frozenset({("serve",), ("job", "run"), ("vm", "console")})
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -60,18 +75,65 @@ class Waymark:
         return env
 
     def run(self, *args: str, env: dict[str, str] | None = None, input: str | None = None,
-            timeout: float = 120) -> Result:
-        argv = [sys.executable, "-m", "waymark", *args]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env or self.env(),
-                              input=input if input is not None else "", timeout=timeout,
-                              check=False)
-        return Result(list(args), proc.returncode, proc.stdout, proc.stderr)
+            timeout: float = 120, separate: bool = False) -> Result:
+        env = env or self.env()
+        if separate or _must_be_separate(args, env, self.SEPARATE):
+            return _run_process(args, env, input, timeout)
+        return _run_in_process(args, env, input, timeout)
 
     def __call__(self, *args: str) -> Result:
         return self.run(*args).ok()
 
     def json(self, *args: str) -> Any:
         return self.run(*args, "--json").ok().json()
+
+
+def _must_be_separate(args: tuple[str, ...], env: dict[str, str],
+                      separate: frozenset[tuple[str, ...]]) -> bool:
+    words = tuple(a for a in args if not a.startswith("-"))
+    return (any(k.startswith("WAYMARK_FAILPOINT") and v for k, v in env.items())
+            or any(words[:len(cmd)] == cmd for cmd in separate))
+
+
+def _run_process(args: tuple[str, ...], env: dict[str, str], input: str | None,
+                 timeout: float) -> Result:
+    argv = [sys.executable, "-m", "waymark", *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env,
+                          input=input if input is not None else "", timeout=timeout,
+                          check=False)
+    return Result(list(args), proc.returncode, proc.stdout, proc.stderr)
+
+
+class _TimedOut(BaseException):
+    """A command run in-process ran past its timeout (BaseException: the command's own
+    ``except Exception`` must not swallow it)."""
+
+
+def _run_in_process(args: tuple[str, ...], env: dict[str, str], input: str | None,
+                    timeout: float) -> Result:
+    changes: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    changes.update(env)
+
+    def expired(signum: int, frame: object) -> None:
+        raise _TimedOut(f"waymark {list(args)} ran past {timeout} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    umask = os.umask(modes.UMASK)
+    try:
+        with CliRunner().isolation(input=input or "", env=changes) as (out, err, _):
+            try:
+                code = cli_main.run(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.umask(umask)
+    return Result(list(args), code, stdout, stderr)
 
 
 def qemu_io_write(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None:
@@ -192,8 +254,8 @@ class RemoteWaymark(Waymark):
         self.remote_calls = 0
 
     def run(self, *args: str, env: dict[str, str] | None = None, input: str | None = None,
-            timeout: float = 120) -> Result:
+            timeout: float = 120, separate: bool = False) -> Result:
         if tuple(args[:2]) in self.REMOTE and env is None:
             self.remote_calls += 1
             env = self.env(WAYMARK_SERVER=self.url, WAYMARK_TOKEN=self.token)
-        return super().run(*args, env=env, input=input, timeout=timeout)
+        return super().run(*args, env=env, input=input, timeout=timeout, separate=separate)

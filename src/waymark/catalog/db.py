@@ -67,6 +67,11 @@ class Catalog:
                                     "--home.") from err
         return catalog
 
+    def close(self) -> None:
+        """Close the pooled connections (a process that opens many catalogs, such as the test
+        suite running commands in-process, would otherwise keep their files open)."""
+        self.engine.dispose()
+
     def revision(self) -> str | None:
         with self.engine.connect() as conn:
             if not inspect(conn).has_table("alembic_version"):

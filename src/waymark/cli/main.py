@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from waymark import __version__, failpoints
+from waymark import __version__, failpoints, modes
 from waymark.errors import InvalidInput, WaymarkError
+from waymark.text import printable
 
 if TYPE_CHECKING:
     from waymark.client import Client
@@ -53,6 +54,12 @@ class Face:
 
             self._ctx = Context.open(Settings.from_env(self._home))
         return self._ctx
+
+    def close(self) -> None:
+        """Let go of the catalog's connections when the command ends."""
+        if self._ctx is not None:
+            self._ctx.catalog.close()
+            self._ctx = None
 
     def vm_id(self, ref: str) -> str:
         """The id of the VM ``ref`` names (a full id, else a name, else an id prefix:
@@ -129,12 +136,28 @@ class LazyGroup(click.Group):
 def cli(click_ctx: click.Context, home: str | None, server: str | None, token: str | None,
         verbose: int) -> None:
     """Waymark: Hyper-V style checkpoints for QEMU/KVM virtual machines."""
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    # by default only warnings show, in the CLI's own "warning: ..." form
-    logging.basicConfig(level=level, format="warning: %(message)s" if verbose == 0
-                        else "%(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(verbose)
     failpoints.arm(os.environ)  # the test suite's only (see waymark.failpoints)
     click_ctx.obj = Face(home, server, token)
+    click_ctx.call_on_close(click_ctx.obj.close)
+
+
+LOG_HANDLER = "waymark-cli"
+
+
+def _log_to_stderr(verbose: int) -> None:
+    """By default only warnings show, in the CLI's own "warning: ..." form, on this invocation's
+    stderr. The handler of an earlier invocation in the same process is replaced (the test
+    suite runs commands in-process: :func:`run`)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == LOG_HANDLER]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(LOG_HANDLER)
+    handler.setFormatter(logging.Formatter("warning: %(message)s" if verbose == 0
+                                           else "%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG))
 
 
 def _report(err: WaymarkError, as_json: bool) -> None:
@@ -142,27 +165,30 @@ def _report(err: WaymarkError, as_json: bool) -> None:
         payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
                                    "kind": type(err).__name__, "exit_code": err.exit_code}
         click.echo(json.dumps(payload, indent=2))
-    from waymark.text import printable  # a server's or a file's words may be in it
-
     click.echo(f"error: {printable(err.message, lines=True)}", err=True)
     if err.hint:
         click.echo(printable(err.hint, lines=True), err=True)
 
 
-def main() -> None:
-    from waymark import modes
-
-    modes.restrict_process()  # before anything is created: see waymark.modes
+def run(argv: list[str]) -> int:
+    """Run one ``waymark`` command line; returns its exit code. The entry point's body, and
+    what the test suite calls to run a command in-process where no process is killed."""
     try:
-        cli.main(prog_name="waymark", standalone_mode=False)
+        cli.main(argv, prog_name="waymark", standalone_mode=False)
     except WaymarkError as err:
-        _report(err, "--json" in sys.argv[1:])
-        sys.exit(err.exit_code)
+        _report(err, "--json" in argv)
+        return err.exit_code
     except click.exceptions.Abort:
         click.echo("Cancelled; nothing changed.", err=True)
-        sys.exit(1)
+        return 1
     except click.ClickException as err:
         err.show()
-        sys.exit(err.exit_code)
+        return err.exit_code
     except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+        return err.exit_code
+    return 0
+
+
+def main() -> None:
+    modes.restrict_process()  # before anything is created: see waymark.modes
+    sys.exit(run(sys.argv[1:]))
