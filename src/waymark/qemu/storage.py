@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket as sock
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -47,8 +46,8 @@ async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
                    ) -> AsyncIterator[qmp.Qmp]:
     daemon = process.start(argv(chains, socket), what=f"opening the disks of {label}")
     try:
-        await _listening(daemon, socket, label)
-        async with qmp.connect(socket, label) as machine:
+        async with contextlib.AsyncExitStack() as stack:
+            machine = await _session(stack, daemon, socket, label)
             yield machine
             with contextlib.suppress(ToolError):  # the reply may be lost as it exits
                 await machine.command("quit")
@@ -62,26 +61,24 @@ async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
             daemon.wait()
 
 
-async def _listening(daemon: subprocess.Popen[bytes], socket: Path, label: str
-                     ) -> None:
+async def _session(stack: contextlib.AsyncExitStack, daemon: subprocess.Popen[bytes],
+                   socket: Path, label: str) -> qmp.Qmp:
+    """The QMP session, once the daemon listens. The first connection that gets through is the
+    session: no probe connection before it (QEMU could drop the connection that follows a
+    client's hang-up, an EOF instead of its greeting, seen on a loaded host)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
-    while not _accepts(socket):  # (the socket file exists a moment before it listens)
+    while True:
         if daemon.poll() is not None:
             raise ToolError(f"qemu-storage-daemon could not open the disks of {label}: "
                             f"{_stderr(daemon)}")
-        if loop.time() > deadline:
-            raise ToolError(f"qemu-storage-daemon for {label} did not start.")
-        await asyncio.sleep(0.02)
-
-
-def _accepts(path: Path) -> bool:
-    with contextlib.closing(sock.socket(sock.AF_UNIX, sock.SOCK_STREAM)) as probe:
         try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
+            return await stack.enter_async_context(
+                qmp.connect(socket, label, timeout=max(deadline - loop.time(), 1.0)))
+        except ToolError:
+            if loop.time() > deadline:
+                raise ToolError(f"qemu-storage-daemon for {label} did not start.") from None
+        await asyncio.sleep(0.02)
 
 
 def _stderr(daemon: subprocess.Popen[bytes]) -> str:
