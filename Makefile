@@ -41,8 +41,11 @@ lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
+# Two workers on this project's 2-core hosts: the guests' tests and the browser's each stay on one
+# worker (tests/conftest.py, WORKER_GROUPS) while the other runs the rest. One: TEST_WORKERS=0.
+TEST_WORKERS ?= 2
 test: deps lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: deps
 	$(PY) bench/run.py

@@ -31,3 +31,18 @@ def wm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Waymark]:
         remote = RemoteWaymark(local.home, url, token)
         yield remote
         assert remote.remote_calls > 0, "the test never went through the server"
+
+
+# --- running on several workers (pytest-xdist, `make test`) --------------------------------------
+# Tests that boot guests (TCG: a core each) or drive Chromium run on one worker per group, in
+# turn, while the other workers run the rest; the guest build cache is shared, so the test of
+# the build goes with the guests.
+WORKER_GROUPS = {"tests/guest/": "guests", "tests/integration/test_guest_build.py": "guests",
+                 "tests/browser/": "browser"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for prefix, group in WORKER_GROUPS.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
