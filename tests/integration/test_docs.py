@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,3 +129,21 @@ def test_troubleshooting_explains_every_exit_code_and_error_class() -> None:
     assert not missing_names, f"docs/troubleshooting.md never names {missing_names}"
     stale = headings - {cls.exit_code for cls in classes}
     assert not stale, f"docs/troubleshooting.md explains exit codes nothing raises: {stale}"
+
+
+def test_a_missing_qemu_names_the_debian_package_that_installs_it(tmp_path: Path) -> None:
+    """Troubleshooting's exit 69: the hint is an apt-get line that works (the program is
+    qemu-system-x86_64, its package qemu-system-x86)."""
+    wm = Waymark(tmp_path / "home")
+    image = tmp_path / "web.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    wm("vm", "create", "web", "--disk", str(image))
+    tools = tmp_path / "bin"  # qemu-img and qemu-io, but no QEMU
+    tools.mkdir()
+    for program in ("qemu-img", "qemu-io"):
+        (tools / program).symlink_to(shutil.which(program) or program)
+    result = wm.run("vm", "start", "web", env=wm.env(PATH=str(tools)))
+    assert result.returncode == errors.ToolMissing.exit_code, result.stderr
+    assert "qemu-system-x86_64 is not installed" in result.stderr
+    assert "apt-get install -y qemu-system-x86\n" in result.stderr
+    assert wm.json("vm", "show", "web")["state"] == "off"
