@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -147,3 +148,15 @@ def test_a_missing_qemu_names_the_debian_package_that_installs_it(tmp_path: Path
     assert "qemu-system-x86_64 is not installed" in result.stderr
     assert "apt-get install -y qemu-system-x86\n" in result.stderr
     assert wm.json("vm", "show", "web")["state"] == "off"
+
+
+def test_serve_on_a_port_in_use_is_a_conflict_naming_the_address(tmp_path: Path) -> None:
+    """Troubleshooting's "waymark serve does not start": a taken port is Waymark's Conflict
+    (exit 5) with what to do, not uvicorn's log line and its exit 3 (NotFound's code)."""
+    wm = Waymark(tmp_path / "home")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = wm.run("serve", "--listen", listen, "--no-schedules", timeout=60)
+    assert result.returncode == errors.Conflict.exit_code, result.stderr
+    assert f"error: cannot listen on {listen}: Address already in use." in result.stderr
+    assert "--listen" in result.stderr.splitlines()[-1]
