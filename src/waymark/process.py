@@ -28,7 +28,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # Debian package that ships each program we run, named in ToolMissing errors.
 PACKAGES = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
-            "qemu-storage-daemon": "qemu-system-common"}
+            "qemu-storage-daemon": "qemu-system-common",
+            "qemu-system-x86_64": "qemu-system-x86"}
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

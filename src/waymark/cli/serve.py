@@ -4,9 +4,11 @@ what dead commands left (done when the home is opened)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,7 @@ import click
 from waymark import failpoints, modes
 from waymark.api.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.cli.main import face
-from waymark.errors import InvalidInput, WaymarkError
+from waymark.errors import Conflict, InvalidInput, WaymarkError
 from waymark.units import parse_size
 
 if TYPE_CHECKING:
@@ -56,6 +58,29 @@ def _check_transport(host: str, tls: bool, insecure_http: bool) -> None:
                        "the clear.",
                        hint="Give --cert and --key, or serve on 127.0.0.1 behind a TLS reverse "
                             "proxy (--trusted-proxy 127.0.0.1); --insecure-http if you must.")
+
+
+def _check_free(host: str, port: int, listen: str) -> None:
+    """Refuse an address this host cannot listen on now, before anything starts: uvicorn would
+    only log why and exit 3, the exit code of NotFound. Bound as uvicorn binds (IPv6 when the
+    host has a colon, SO_REUSEADDR), then released for it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        raise Conflict(f"cannot listen on {listen}: {err.strerror}.",
+                       hint=_listen_hint(err.errno, port)) from err
+
+
+def _listen_hint(errno_: int | None, port: int) -> str:
+    if errno_ == errno.EADDRINUSE:
+        return (f"Another program (or another waymark serve) listens there (ss -ltnp "
+                f"'sport = :{port}'): stop it, or serve on another port with --listen.")
+    if errno_ == errno.EACCES:
+        return "Ports below 1024 need root: serve on another port with --listen."
+    return "Give an address of this host to --listen (ip -brief address lists them)."
 
 
 def _proxies(given: tuple[str, ...]) -> list[str]:
@@ -130,6 +155,7 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
                            f"{failpoints.TRACE} arms them.",
                            hint=f"Unset them (and {failpoints.SUITE_KEY}), then serve again.")
     limits = Limits(_body_limit(max_body), max_connections, max_streams, stream_lifetime)
+    _check_free(host, port, listen)
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
