@@ -294,7 +294,8 @@ def _vm_findings(ctx: Context, session: Session, vm_row: Vm, held: set[str]) -> 
 
 def _repair(ctx: Context, session: Session, findings: list[Finding], held: set[str]) -> None:
     """Repair what is safe; ``held``: the images of VMs whose QEMU runs (never touched)."""
-    users = _backing_users(ctx, session, findings)
+    strays = any(f.kind == "stray-file" for f in findings)
+    users = _backing_users(ctx, session, findings) if strays else {}
     for finding in findings:
         if finding.kind == "stray-file":
             _repair_stray(ctx, finding, users)
