@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -247,7 +249,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_views_show_a_dead_qemu_as_off_and_change_nothing(wm: Waymark) -> None:
     """The catalog says running, but the QEMU of its run files is gone (a dead pid whose
     command line named the run folder). ``vm list``/``vm show`` (and ``GET /api/vms``) show the
-    VM off and write nothing: the catalog still says running, the run files are as they were.
+    VM off and write nothing, and so does ``vm status`` while a command holds the VM's lock:
+    the catalog still says running, the run files are as they were.
     The next command that takes the VM's lock (``checkpoint create``) reconciles: the catalog
     says off, the run files are gone, and why the VM stopped is recorded."""
     vm_id = wm.json("vm", "create", "dead")["id"]
@@ -272,6 +275,12 @@ def test_views_show_a_dead_qemu_as_off_and_change_nothing(wm: Waymark) -> None:
                                          headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=30) as answer:
             assert [row["state"] for row in json.loads(answer.read())] == ["off"]
+    lock = os.open(wm.home / "locks" / f"{vm_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # a command holds the VM's lock: vm status shows what it sees and leaves it to it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert wm.json("vm", "status", "dead")["state"] == "off"
+    finally:
+        os.close(lock)
     assert query(wm.home, "SELECT state FROM vms") == [("running",)], "a view wrote the state"
     assert _files(run) == files, "a view changed the run files"
 
