@@ -54,11 +54,13 @@ def which(program: str) -> str:
     return path
 
 
-def run(argv: Sequence[str], *, what: str, pass_fds: Sequence[int] = ()) -> Completed:
+def run(argv: Sequence[str], *, what: str, pass_fds: Sequence[int] = (),
+        answers: Sequence[int] = ()) -> Completed:
     """Run ``argv`` to completion; raise ToolError (with its stderr) when it fails.
 
     ``what`` says in words what the command was doing, for the error message; ``pass_fds``
-    stay open in the child (as ``/dev/fd/N``).
+    stay open in the child (as ``/dev/fd/N``); ``answers``: non-zero exit codes that are an
+    answer, not a failure (``qemu-img check`` exits 2 for corruption, 3 for leaks).
     """
     argv = (which(argv[0]), *argv[1:])
     log.debug("run: %s", " ".join(argv))
@@ -69,7 +71,8 @@ def run(argv: Sequence[str], *, what: str, pass_fds: Sequence[int] = ()) -> Comp
         )
     except OSError as err:
         raise ToolError(f"could not run {argv[0]} while {what}: {err}") from err
-    return _checked(Completed(tuple(argv), proc.stdout, proc.stderr), proc.returncode, what)
+    done = Completed(tuple(argv), proc.stdout, proc.stderr)
+    return done if proc.returncode in answers else _checked(done, proc.returncode, what)
 
 
 def start(argv: Sequence[str], *, what: str) -> subprocess.Popen[bytes]:

@@ -3,6 +3,7 @@ what is safe (stray files) and never invents data (missing files, broken backing
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import uuid
@@ -121,3 +122,152 @@ def test_repair_never_invents_missing_or_relinked_images(wm: Waymark, tmp_path: 
     assert kinds(findings) == {vm["active"]: "missing-file", broken: "broken-backing"}
     for finding in findings:
         assert finding["fix"], finding
+
+
+# --- a stray file an image still names as its backing file (fail closed) ---------------------
+
+def overlay(path: Path, backing: str) -> None:
+    """A qcow2 image on ``backing`` (not opened: it may be gone)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing,
+                    "-u", str(path), "2M"], check=True)
+
+
+def test_repair_keeps_a_stray_file_a_broken_chain_uses_as_backing(wm: Waymark,
+                                                                   tmp_path: Path) -> None:
+    """Two files named like Waymark's own, that no catalog row references, are still the
+    backing files of images whose chains are broken further down (their own backing file is
+    gone): one is named by checkpoint B's frozen image (relinked by hand), the other, by a
+    relative name, by a stray image. ``check --repair`` keeps both, unchanged, says which image
+    needs each, and exits non-zero; the stray image nothing needs is removed."""
+    vm = build(wm)
+    gone = str(tmp_path / "gone.qcow2")
+    under_b = vm["disks"] / f"{uuid.uuid4().hex}.qcow2"
+    overlay(under_b, gone)
+    broken = vm["frozen"]["B"]
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b",
+                    str(under_b), broken], check=True)
+    under_stray = vm["disks"] / f"{uuid.uuid4().hex}.qcow2"
+    overlay(under_stray, gone)
+    stray = vm["disks"] / f"{uuid.uuid4().hex}.qcow2"
+    overlay(stray, under_stray.name)  # a relative backing name, as qemu-img keeps it
+    kept = {str(under_b): broken, str(under_stray): str(stray)}
+    shas = {path: file_sha256(path) for path in kept}
+
+    code, findings = check(wm, "--repair")
+    assert code != 0, "check --repair claims a clean state with a chain still broken"
+    by_path = {f["path"]: f for f in findings}
+    assert by_path[str(stray)]["repaired"] and not stray.exists()
+    for path, user in kept.items():
+        assert Path(path).exists() and file_sha256(path) == shas[path], f"repair lost {path}"
+        finding = by_path[path]
+        assert finding["kind"] == "stray-file" and finding["repaired"] is None, finding
+        assert user in finding["detail"] and user in finding["fix"], finding
+    assert by_path[broken]["kind"] in ("image-error", "broken-backing")
+
+
+# --- leaked clusters are a notice repair fixes; corruption stays an error --------------------
+
+def leak_a_cluster(path: Path) -> None:
+    """Give a qcow2 image one leaked cluster, as QEMU killed mid-allocation leaves: a cluster
+    past the image's end, counted as used (refcount 1) by refcount block 0, used by nothing."""
+    with path.open("r+b") as image:
+        header = image.read(64)
+        cluster_size = 1 << int.from_bytes(header[20:24], "big")
+        image.seek(int.from_bytes(header[48:56], "big"))  # the refcount table
+        refcount_block = int.from_bytes(image.read(8), "big")
+        cluster = -(-path.stat().st_size // cluster_size)
+        image.truncate((cluster + 1) * cluster_size)
+        image.seek(refcount_block + 2 * cluster)  # 16-bit refcounts (the default)
+        image.write((1).to_bytes(2, "big"))
+    assert qemu_img_check(path) == (3, 1, 0)
+
+
+def corrupt_like_a_crash(path: Path) -> None:
+    """Corrupt a qcow2 image as a crash does when refcounts were not yet written: lazy
+    refcounts on, a write to new clusters, then the writer is SIGKILLed."""
+    subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path)],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 {1024 * KIB} {64 * KIB}",
+                    "-c", "sigraise 9", str(path)], capture_output=True, check=False)
+    code, _, corruptions = qemu_img_check(path)
+    assert code == 2 and corruptions, "the image did not come out corrupted"
+
+
+def qemu_img_check(path: Path) -> tuple[int, int, int]:
+    """``qemu-img check``'s exit code, leaks and corruptions."""
+    done = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(path)],
+                          capture_output=True, text=True, check=False)
+    data = json.loads(done.stdout)
+    return done.returncode, data.get("leaks", 0), data.get("corruptions", 0)
+
+
+def test_leaked_clusters_are_a_notice_repair_frees_and_corruption_stays_an_error(
+        wm: Waymark) -> None:
+    """Now's image with a leaked cluster: ``check`` reports it as a notice and stays clean
+    (exit 0); then checkpoint A's image is corrupted by a crash: that is an error (exit 1).
+    ``check --repair`` frees the leak (content unchanged, qemu-img check clean) and leaves the
+    corrupted image as it is, still an error."""
+    vm = build(wm)
+    active, corrupted = Path(vm["active"]), Path(vm["frozen"]["A"])
+    leak_a_cluster(active)
+
+    code, findings = check(wm)
+    assert code == 0, findings
+    assert [(f["path"], f["kind"], f["severity"]) for f in findings] == [
+        (str(active), "leaked-clusters", "notice")]
+    human = wm.run("check")
+    assert human.returncode == 0 and "All clean." in human.stdout and "notice" in human.stdout
+
+    corrupt_like_a_crash(corrupted)
+    corrupted_sha, content = file_sha256(corrupted), content_sha256(active)
+    code, findings = check(wm)
+    assert code == 1
+    assert {f["path"]: (f["kind"], f["severity"]) for f in findings} == {
+        str(active): ("leaked-clusters", "notice"), str(corrupted): ("image-error", "error")}
+
+    code, findings = check(wm, "--repair")
+    assert code == 1, "check --repair claims a corrupted image is clean"
+    repaired = {f["path"]: f["repaired"] for f in findings}
+    assert repaired == {str(active): repaired[str(active)], str(corrupted): None}
+    assert repaired[str(active)], findings
+    assert qemu_img_check(active) == (0, 0, 0)
+    assert content_sha256(active) == content
+    assert file_sha256(corrupted) == corrupted_sha, "repair touched a corrupted image"
+    code, findings = check(wm)
+    assert code == 1 and kinds(findings) == {str(corrupted): "image-error"}
+
+
+def test_repair_never_frees_leaks_in_an_image_a_running_qemu_holds(wm: Waymark) -> None:
+    """A leak in checkpoint C's image while the VM's QEMU runs (a stand-in process whose
+    command line names the VM's run folder, as ``vm start`` leaves it): ``check --repair``
+    reports it and leaves the file alone; once QEMU is gone, it frees it."""
+    vm = build(wm)
+    image = Path(vm["frozen"]["C"])
+    leak_a_cluster(image)
+    run = wm.home / "vms" / vm["id"] / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    stand_in = subprocess.Popen(["sh", "-c", "sleep 600", str(run / "qmp.sock")])
+    try:
+        (run / "qemu.pid").write_text(str(stand_in.pid))
+        set_vm_state(wm, "running")
+        before = file_sha256(image)
+        code, findings = check(wm, "--repair")
+        assert code == 0, findings
+        (finding,) = findings
+        assert finding["kind"] == "leaked-clusters" and finding["repaired"] is None, finding
+        assert file_sha256(image) == before, "repair changed an image a running QEMU holds"
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    code, findings = check(wm, "--repair")
+    assert code == 0 and [f["repaired"] for f in findings] != [None], findings
+    assert qemu_img_check(image) == (0, 0, 0)
+
+
+def set_vm_state(wm: Waymark, state: str) -> None:
+    con = sqlite3.connect(wm.home / "catalog.db")
+    try:
+        with con:
+            con.execute("UPDATE vms SET state = ?", (state,))
+    finally:
+        con.close()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import sqlite3
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query, served
 
 MIB = 1 << 20
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -235,3 +239,52 @@ def test_delete_needs_yes_only_for_checkpoints_or_waymark_images(
     assert refused.returncode == 2, refused
     assert "1 disk image(s)" in refused.stderr
     assert Path(owner["disks"][0]["active_image"]).is_file()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_views_show_a_dead_qemu_as_off_and_change_nothing(wm: Waymark) -> None:
+    """The catalog says running, but the QEMU of its run files is gone (a dead pid whose
+    command line named the run folder). ``vm list``/``vm show`` (and ``GET /api/vms``) show the
+    VM off and write nothing, and so does ``vm status`` while a command holds the VM's lock:
+    the catalog still says running, the run files are as they were.
+    The next command that takes the VM's lock (``checkpoint create``) reconciles: the catalog
+    says off, the run files are gone, and why the VM stopped is recorded."""
+    vm_id = wm.json("vm", "create", "dead")["id"]
+    run = wm.home / "vms" / vm_id / "run"
+    run.mkdir(parents=True)
+    gone = subprocess.Popen(["sh", "-c", "true", str(run / "qmp.sock")])
+    gone.wait()
+    (run / "qemu.pid").write_text(f"{gone.pid}\n")
+    (run / "qmp.sock").write_text("")
+    (run / "runtime.json").write_text(json.dumps({"accelerator": "tcg"}))
+    (run / "serial.log").write_text("booting\nkernel panic\n")
+    with sqlite3.connect(wm.home / "catalog.db") as con:
+        con.execute("UPDATE vms SET state = 'running' WHERE id = ?", (vm_id,))
+    con.close()
+    files = _files(run)
+
+    assert [row["state"] for row in wm.json("vm", "list")] == ["off"]
+    assert wm.json("vm", "show", "dead")["state"] == "off"
+    assert wm("vm", "list").stdout.splitlines()[1].split()[:2] == ["dead", "off"]
+    with served(wm) as (url, token):
+        request = urllib.request.Request(f"{url}/api/vms",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert [row["state"] for row in json.loads(answer.read())] == ["off"]
+    lock = os.open(wm.home / "locks" / f"{vm_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # a command holds the VM's lock: vm status shows what it sees and leaves it to it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert wm.json("vm", "status", "dead")["state"] == "off"
+    finally:
+        os.close(lock)
+    assert query(wm.home, "SELECT state FROM vms") == [("running",)], "a view wrote the state"
+    assert _files(run) == files, "a view changed the run files"
+
+    wm("checkpoint", "create", "dead", "--name", "after")
+    assert query(wm.home, "SELECT state FROM vms") == [("off",)]
+    assert not (run / "qemu.pid").exists() and not (run / "qmp.sock").exists()
+    assert json.loads((run / "last_exit.json").read_text())["reason"] == "crashed or killed"

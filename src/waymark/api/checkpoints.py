@@ -68,7 +68,7 @@ def _apply_effects(ctx: Context, row: Vm, body: Apply) -> list[str]:
     of Now (``checkpoint_first``), and powering the VM off (it is running or paused) or on
     (``start``)."""
     effects = ["checkpoint.create"] if body.mode == "checkpoint_first" else []
-    if body.start or liveness.reconcile(ctx, row.id) in liveness.LIVE_STATES:
+    if body.start or liveness.observed_state(ctx, row.id, row.state) in liveness.LIVE_STATES:
         effects.append("vm.power")
     return effects
 

@@ -95,7 +95,7 @@ class Line(BaseModel):
 def console_input(vm: str, body: Line, caller: CallerDep, ctx: ContextDep) -> dict[str, int]:
     """Type into the serial console (refused while someone is attached to it)."""
     row = vm_for(ctx, caller.who, "vm.power", vm)
-    if liveness.reconcile(ctx, row.id) not in liveness.LIVE_STATES:
+    if liveness.observed_state(ctx, row.id, row.state) not in liveness.LIVE_STATES:
         raise Conflict(f"VM {row.name!r} is not running: its console is closed.")
     path = str(liveness.run_files(ctx, row.id).console)
     try:

@@ -17,6 +17,7 @@ from waymark import process
 from waymark.errors import ImageError, NotFound, ToolError
 
 FORMATS = ("qcow2", "raw")
+QCOW2_MAGIC = b"QFI\xfb"
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ class MapExtent:
 Progress = Callable[[float], None] | None
 
 
-def _qemu_img(*args: str, what: str, pass_fds: Sequence[int] = ()) -> str:
-    return process.run(["qemu-img", *args], what=what, pass_fds=pass_fds).stdout
+def _qemu_img(*args: str, what: str, pass_fds: Sequence[int] = (),
+             answers: Sequence[int] = ()) -> str:
+    return process.run(["qemu-img", *args], what=what, pass_fds=pass_fds,
+                       answers=answers).stdout
 
 
 def _qemu_img_p(args: list[str], *, what: str, on_progress: Progress,
@@ -156,6 +159,21 @@ def header(path: Path, fd: int | None = None) -> ImageInfo:
         raise ImageError(f"qemu-img info gave unexpected output for {path}: {err}") from err
 
 
+def named_files(path: Path) -> list[Path]:
+    """The files a qcow2 image's own header names (its backing file, its external data file),
+    relative names resolved against its folder; read from that one file (:func:`header`), so a
+    chain broken further down does not hide them. [] for a file that is not a qcow2 image."""
+    try:
+        with path.open("rb") as file:
+            if file.read(4) != QCOW2_MAGIC:
+                return []
+        found = header(path)
+    except (OSError, ImageError):
+        return []
+    names = (found.backing_filename, found.data_file)
+    return [path.parent / name for name in names if name]
+
+
 def commit(top: Path, base: Path, on_progress: Progress = None) -> None:
     """Write ``top``'s own clusters into ``base`` (its direct backing file); ``top`` is kept."""
     _qemu_img_p(["commit", "-f", "qcow2", "-d", "-b", str(base), str(top)],
@@ -235,10 +253,59 @@ def bitmap(path: Path, name: str, *, add: int | None = None, remove: bool = Fals
     _qemu_img(*argv, str(path), name, what=f"changing bitmap {name} of {path}")
 
 
-def check(path: Path, fmt: str) -> None:
-    """``qemu-img check``: raises ImageError when the image has errors or leaks."""
+@dataclass(frozen=True)
+class CheckReport:
+    """What ``qemu-img check`` found in one image.
+
+    ``corruptions``: metadata that is wrong (a cluster used but not counted, a broken table):
+    data is at risk, and only a person decides what to do. ``leaks``: clusters counted as used
+    that nothing uses, left by a process killed while it allocated (QEMU SIGKILLed in a live
+    commit): only space is lost, and ``qemu-img check -r leaks`` frees them safely.
+    """
+
+    corruptions: int = 0
+    leaks: int = 0
+
+    @classmethod
+    def parse(cls, out: str) -> CheckReport:
+        data = json.loads(out)
+        return cls(corruptions=int(data.get("corruptions", 0)), leaks=int(data.get("leaks", 0)))
+
+
+# qemu-img check exits 2 when it found corruption, 3 when it found only leaks: an answer, not a
+# failure; 1 (the check could not finish) and 63 (no checks for this format) are failures.
+_CHECK_ANSWERS = (2, 3)
+
+
+def _check(path: Path, fmt: str, *repair: str) -> CheckReport:
     try:
-        _qemu_img("check", "-q", "-f", fmt, str(path), what=f"checking {path}")
+        out = _qemu_img("check", *repair, "--output=json", "-f", fmt, str(path),
+                        what=f"checking {path}", answers=_CHECK_ANSWERS)
+        return CheckReport.parse(out)
     except ToolError as err:
         raise ImageError(f"{path} failed its consistency check: {err.message}",
                          hint=f"Inspect it with: qemu-img check -f {fmt} {path}") from err
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ImageError(f"qemu-img check gave unexpected output for {path}: {err}") from err
+
+
+def check_report(path: Path, fmt: str) -> CheckReport:
+    """``qemu-img check``: corruptions and leaks counted apart; ImageError when the check
+    cannot run (an unreadable image)."""
+    return _check(path, fmt)
+
+
+def repair_leaks(path: Path, fmt: str) -> CheckReport:
+    """``qemu-img check -r leaks``: free the leaked clusters of an image no process has open
+    (qemu-img takes its write lock, so an image a QEMU holds is refused, never changed).
+    Nothing else is touched; returns what is left afterwards."""
+    return _check(path, fmt, "-r", "leaks")
+
+
+def check(path: Path, fmt: str) -> None:
+    """``qemu-img check``: raises ImageError when the image has errors or leaks."""
+    report = check_report(path, fmt)
+    if report.corruptions or report.leaks:
+        raise ImageError(f"{path} failed its consistency check: {report.corruptions} "
+                         f"corruption(s), {report.leaks} leaked cluster(s)",
+                         hint=f"Inspect it with: qemu-img check -f {fmt} {path}")

@@ -3,12 +3,21 @@
 Findings (each names the command that fixes it):
 
 - ``stray-file``: a file in Waymark's folders that nothing references (Hyper-V's lingering
-  AVHDX). Repair removes it when Waymark made it (named ``<32 hex>.qcow2``/``.json``) and no
-  image's real backing chain uses it; anything else is moved to ``$WAYMARK_HOME/lost+found``.
+  AVHDX). Repair removes it when Waymark made it (named ``<32 hex>.qcow2``/``.json``);
+  anything else is moved to ``$WAYMARK_HOME/lost+found``. It fails closed: a file that any
+  image (catalogued, stray, or made by an unfinished intent) names in its own header as its
+  backing or data file is kept, even when that image's chain is broken further down, and
+  the finding names the image that needs it.
 - ``missing-file``: the catalog references a file that is gone. Never repaired: no data is
   invented; the fix is restoring the file or deleting what needs it.
 - ``broken-backing``: an image's backing file on disk is not the one the catalog records.
-- ``image-error``: ``qemu-img check`` reports corruption or leaks.
+- ``image-error``: ``qemu-img check`` reports corruption (or cannot read the image). Never
+  repaired: only a person can judge damaged data.
+- ``leaked-clusters`` (a *notice*, not an error: ``clean`` stays true): ``qemu-img check``
+  reports only leaks, clusters counted as used that nothing uses, left by a process killed
+  while it allocated (QEMU SIGKILLed in a live commit). No data is at risk; repair frees them
+  (``qemu-img check -r leaks``) on an image of a VM whose QEMU does not run, under the VM's
+  lock, and never touches an image a QEMU holds.
 - ``missing-config``: a checkpoint's configuration file is gone; repair rewrites it from the
   catalog.
 - ``unfinished-intent``: a journal intent that recovery could not finish; repair drives it again.
@@ -40,6 +49,8 @@ from waymark.ops import compact, liveness, locks, lookup, profiles, recovery
 from waymark.ops.context import Context
 
 OURS = re.compile(r"^\.?[0-9a-f]{32}\.(qcow2|json|state)(\.tmp)?$")
+ERROR, NOTICE = "error", "notice"  # a notice (leaked clusters) leaves the state clean
+LEAKS = "leaked-clusters"
 
 
 @dataclass
@@ -50,6 +61,7 @@ class Finding:
     detail: str
     fix: str
     repaired: str | None = None
+    severity: str = ERROR
 
 
 def _image_findings(vm_name: str, image: Image, images: dict[str, Image],
@@ -74,10 +86,34 @@ def _image_findings(vm_name: str, image: Image, images: dict[str, Image],
         return []
     try:
         info = qemu_img.info(path, image.format)
-        qemu_img.check(path, image.format)
+        report = qemu_img.check_report(path, image.format)
     except WaymarkError as err:
         return [Finding(vm_name, "image-error", image.path, err.message,
                         f"inspect it: qemu-img check -f {image.format} {image.path}")]
+    return _health_findings(vm_name, image, report) + _backing_findings(vm_name, image, images,
+                                                                        info)
+
+
+def _health_findings(vm_name: str, image: Image, report: qemu_img.CheckReport
+                     ) -> list[Finding]:
+    """Corruption is an error nobody repairs for you; leaks alone are a notice repair fixes."""
+    if report.corruptions:
+        return [Finding(vm_name, "image-error", image.path,
+                        f"qemu-img check found {report.corruptions} corruption(s)"
+                        + (f" and {report.leaks} leaked cluster(s)" if report.leaks else ""),
+                        f"inspect it: qemu-img check -f {image.format} {image.path}; if its "
+                        "data is damaged, restore it from a backup (repair never touches it)")]
+    if report.leaks:
+        return [Finding(vm_name, LEAKS, image.path,
+                        f"{report.leaks} leaked cluster(s): space nothing uses, left by a process "
+                        "killed while it wrote (no data is at risk)",
+                        "waymark check --repair frees them (stop the VM first if it runs)",
+                        severity=NOTICE)]
+    return []
+
+
+def _backing_findings(vm_name: str, image: Image, images: dict[str, Image],
+                      info: qemu_img.ImageInfo) -> list[Finding]:
     want = images[image.parent_id].path if image.parent_id else None
     have = info.full_backing_filename or info.backing_filename
     if have != want:
@@ -140,25 +176,25 @@ def _intent_paths(ctx: Context) -> set[str]:
             for key in ("path", "top", "base", "src") if step.get(key)}
 
 
-def _backing_of_something(path: str, session: Session) -> bool:
-    """True when a catalog image's real backing file (on disk) is ``path``."""
-    for image in session.scalars(select(Image).where(Image.pinned.is_(False))):
-        if not Path(image.path).exists():
-            continue
-        try:
-            info = qemu_img.info(Path(image.path), image.format)
-        except WaymarkError:
-            continue
-        if path in (info.full_backing_filename, info.backing_filename):
-            return True
-    return False
+def _backing_users(ctx: Context, session: Session, findings: list[Finding]) -> dict[str, str]:
+    """Every file some image needs -> that image: what the header of each catalogued image,
+    each stray file and each file of an unfinished intent names as its backing (or data) file.
+    Headers only, never the chain: an image whose chain is broken further down still needs
+    its own backing file."""
+    images = {Path(i.path) for i in session.scalars(select(Image))}
+    images |= {Path(f.path) for f in findings if f.kind == "stray-file"}
+    images |= {Path(p) for p in _intent_paths(ctx)}
+    return {os.path.realpath(named): str(image) for image in sorted(images)
+            for named in qemu_img.named_files(image)}
 
 
-def _repair_stray(ctx: Context, session: Session, finding: Finding) -> None:
+def _repair_stray(ctx: Context, finding: Finding, users: dict[str, str]) -> None:
     path = Path(finding.path)
-    if _backing_of_something(finding.path, session):
-        finding.repaired = None
-        finding.fix = "an image uses it as its backing file: fix the broken-backing finding first"
+    user = users.get(os.path.realpath(path))
+    if user is not None:
+        finding.detail = f"{user} names it as its backing file, so it is kept"
+        finding.fix = (f"repair or delete {user} first (see its finding), then: "
+                       "waymark check --repair")
         return
     if OURS.match(path.name):
         durable.remove(path)
@@ -232,24 +268,54 @@ def _finish_intents(ctx: Context, vm_id: str) -> None:
 def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
               repair: bool) -> list[Finding]:
     findings = _intent_findings(ctx, vm_ids, names)
+    held: set[str] = set()  # the images of VMs whose QEMU runs
     with ctx.catalog.session() as session:
         for vm_row in session.scalars(select(Vm)):
-            if vm_row.id not in vm_ids:
-                continue
-            images = lookup.images(session, vm_row.id)
-            in_use = _written_by_qemu(ctx, session, vm_row.id)
-            for image in images.values():
-                findings += _image_findings(vm_row.name, image, images, image.id in in_use)
-            findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
-            findings += _compaction_findings(ctx, session, vm_row)
+            if vm_row.id in vm_ids:
+                findings += _vm_findings(ctx, session, vm_row, held)
         findings += _stray_findings(ctx, session, vm_ids)
         if repair:
-            for finding in findings:
-                if finding.kind == "stray-file":
-                    _repair_stray(ctx, session, finding)
-                elif finding.kind == "missing-config":
-                    _repair_config(session, finding)
+            _repair(ctx, session, findings, held)
     return findings
+
+
+def _vm_findings(ctx: Context, session: Session, vm_row: Vm, held: set[str]) -> list[Finding]:
+    """One VM's findings; adds its images to ``held`` when its QEMU runs."""
+    images = lookup.images(session, vm_row.id)
+    running = liveness.find(liveness.run_files(ctx, vm_row.id)) is not None
+    in_use = _written_by_qemu(session, vm_row.id) if running else set()
+    if running:
+        held |= {image.path for image in images.values()}
+    findings = [f for image in images.values()
+                for f in _image_findings(vm_row.name, image, images, image.id in in_use)]
+    findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
+    return findings + _compaction_findings(ctx, session, vm_row)
+
+
+def _repair(ctx: Context, session: Session, findings: list[Finding], held: set[str]) -> None:
+    """Repair what is safe; ``held``: the images of VMs whose QEMU runs (never touched)."""
+    strays = any(f.kind == "stray-file" for f in findings)
+    users = _backing_users(ctx, session, findings) if strays else {}
+    for finding in findings:
+        if finding.kind == "stray-file":
+            _repair_stray(ctx, finding, users)
+        elif finding.kind == "missing-config":
+            _repair_config(session, finding)
+        elif finding.kind == LEAKS and finding.path not in held:
+            _repair_leaks(finding)
+
+
+def _repair_leaks(finding: Finding) -> None:
+    try:
+        left = qemu_img.repair_leaks(Path(finding.path), "qcow2")  # only qcow2 can leak
+    except WaymarkError as err:
+        finding.detail += f"; freeing them failed: {err.message}"
+        return
+    if left != qemu_img.CheckReport():
+        finding.detail += (f"; after qemu-img check -r leaks: {left.leaks} leak(s), "
+                           f"{left.corruptions} corruption(s) left")
+        return
+    finding.repaired = "leaked clusters freed (qemu-img check -r leaks)"
 
 
 def _templates(ctx: Context, repair: bool) -> list[Finding]:
@@ -319,10 +385,8 @@ def _merge_uncompacted(ctx: Context, findings: list[Finding]) -> None:
             finding.detail += f"; merging failed: {err.message}"
 
 
-def _written_by_qemu(ctx: Context, session: Session, vm_id: str) -> set[str]:
+def _written_by_qemu(session: Session, vm_id: str) -> set[str]:
     """The active images of a VM whose QEMU runs."""
-    if liveness.find(liveness.run_files(ctx, vm_id)) is None:
-        return set()
     return {d.active_image_id for d in lookup.disks(session, vm_id).values()
             if d.active_image_id is not None}
 

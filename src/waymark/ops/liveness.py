@@ -5,6 +5,11 @@ socket, agent socket, console socket and serial log live in ``vms/<id>/run/``. A
 find it again: the pid file names the process and ``/proc/<pid>/cmdline`` must name our run
 folder (a recycled pid is not ours). A QEMU that vanished is reported ``off (crashed or
 killed)`` with the last lines of its serial log, and its leftovers are removed.
+
+Read models only read: ``vm list``/``vm show`` (and ``GET /api/vms``) show what they see with
+:func:`observed_state` (a VM whose QEMU died reads as off) and change nothing. Correcting the
+catalog and removing the run files is :func:`reconcile`'s alone, called by commands that hold
+the VM's lock (through ``machines.settle`` or directly), so two readers never race to write.
 """
 
 from __future__ import annotations
@@ -106,8 +111,20 @@ def last_exit(run: RunFiles) -> dict[str, Any] | None:
     return note
 
 
+def observed_state(ctx: Context, vm_id: str, recorded: str) -> str:
+    """The VM's state as it is, from the catalog's ``recorded`` state, changing nothing: a
+    live state whose QEMU is gone reads as off (the next command under the VM's lock
+    reconciles it)."""
+    if recorded in LIVE_STATES and find(run_files(ctx, vm_id)) is None:
+        return "off"
+    return recorded
+
+
 def reconcile(ctx: Context, vm_id: str) -> str:
-    """Correct the catalog when a QEMU died behind our back; returns the state."""
+    """Correct the catalog when a QEMU died behind our back; returns the state.
+
+    It writes the catalog and removes the run files: call it holding the VM's lock (read
+    models use :func:`observed_state`)."""
     run = run_files(ctx, vm_id)
     with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)

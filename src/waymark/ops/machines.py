@@ -27,7 +27,7 @@ from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
 from waymark.images import qemu_img
-from waymark.ops import liveness, lookup, recovery
+from waymark.ops import liveness, locks, lookup, recovery
 from waymark.ops.context import Context
 from waymark.qemu import accel, cmdline, confine, qmp
 
@@ -397,9 +397,23 @@ async def _shutdown(run: cmdline.RunFiles, name: str, timeout: float) -> str:
     return how
 
 
+async def _settle_if_free(ctx: Context, vm_id: str, name: str) -> str:
+    """:func:`settle` under the VM's lock when it is free; while a command holds it, the state
+    as seen, writing nothing (that command settles it)."""
+    fd = locks.try_hold(ctx.home, vm_id)
+    if fd is None:
+        with ctx.catalog.snapshot() as session:
+            recorded = session.get_one(Vm, vm_id).state
+        return liveness.observed_state(ctx, vm_id, recorded)
+    try:
+        return await settle(ctx, vm_id, name)
+    finally:
+        os.close(fd)
+
+
 async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[str, Any]:
     _, name = ctx.identify(vm_id)
-    state = await settle(ctx, vm_id, name)
+    state = await _settle_if_free(ctx, vm_id, name)
     run = liveness.run_files(ctx, vm_id)
     found = liveness.find(run)
     out: dict[str, Any] = {"name": name, "id": vm_id, "state": state,

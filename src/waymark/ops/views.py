@@ -118,21 +118,21 @@ def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
 
 
 def vm_show(ctx: Context, vm_id: str) -> dict[str, Any]:
+    """The VM as it is: a QEMU that died shows as off, with nothing written (reconciling is
+    for commands that hold the VM's lock: :func:`waymark.ops.liveness.reconcile`)."""
     with ctx.catalog.snapshot() as session:
-        vm_id = lookup.vm_by_id(session, vm_id).id
-    liveness.reconcile(ctx, vm_id)
-    with ctx.catalog.snapshot() as session:
-        return _vm(session, session.get_one(Vm, vm_id))
+        row = lookup.vm_by_id(session, vm_id)
+        return _vm(session, row, liveness.observed_state(ctx, row.id, row.state))
 
 
-def _vm(session: Session, row: Vm) -> dict[str, Any]:
+def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
     space = Space(session, row.id)
     hardware = lookup.hardware(row)
     disks = lookup.disks(session, row.id)
     active = {d.active_image_id for d in disks.values()}
     held = sum(n.allocated for n in space.nodes.values() if not n.pinned and n.id not in active)
     return {
-        "id": row.id, "name": row.name, "state": row.state, "created_at": rfc3339(row.created_at),
+        "id": row.id, "name": row.name, "state": state, "created_at": rfc3339(row.created_at),
         **{k: v for k, v in hardware.dump().items() if k != "disks"},
         "checkpoint_type": row.checkpoint_type, "checkpoint_dir": row.checkpoint_dir,
         "max_checkpoints": row.max_checkpoints,
@@ -152,15 +152,13 @@ def _vm(session: Session, row: Vm) -> dict[str, Any]:
 
 
 def vm_list(ctx: Context) -> list[dict[str, Any]]:
-    with ctx.catalog.snapshot() as session:  # only a live VM's state can change behind us
-        ids = list(session.scalars(select(Vm.id).where(Vm.state.in_(liveness.LIVE_STATES))))
-    for vm_id in ids:
-        liveness.reconcile(ctx, vm_id)
+    """Every VM as it is (see :func:`vm_show`); writes nothing."""
     with ctx.catalog.snapshot() as session:
         rows = session.scalars(select(Vm).order_by(Vm.name))
         counted = select(Checkpoint.vm_id, func.count()).group_by(Checkpoint.vm_id)
         counts = {vm_id: n for vm_id, n in session.execute(counted)}  # one query for all
-        return [{"id": r.id, "name": r.name, "state": r.state,
+        return [{"id": r.id, "name": r.name,
+                 "state": liveness.observed_state(ctx, r.id, r.state),
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
                  "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
                 for r in rows]
