@@ -10,8 +10,8 @@ only a real HTTP exchange shows:
   ``DELETE /api/tokens/{id}``: then 401;
 - after five wrong passwords the sixth attempt is 429, and so is the right password (a server
   of its own, as the limit also holds for the client's address);
-- every error has one shape, ``{"error": {"code", "message", "details"}}``, on 400, 401, 403,
-  404, 405 and 409;
+- every error has one shape, ``{"error": {"code", "kind", "message", "hint", "exit_code",
+  "details"}}``, on 400, 401, 403, 404, 405 and 409;
 - malformed JSON, wrong types, out-of-range values and odd names are 400 (or 404), never 500;
 - a VM whose lock another process holds refuses a checkpoint (409, busy), and nothing changes.
 
@@ -49,7 +49,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from tests.helpers import Waymark, serve_process
+from tests.helpers import ERROR_KEYS, Waymark, serve_process
 from waymark.api.app import create_app
 from waymark.config import Settings
 from waymark.ops import locks
@@ -120,8 +120,10 @@ def error_of(resp: httpx.Response, status: int, code: str | None = None) -> dict
     body = resp.json()
     assert set(body) == {"error"}, body
     error: dict[str, Any] = body["error"]
-    assert set(error) == {"code", "message", "details"}, body
+    assert set(error) == ERROR_KEYS, body
     assert isinstance(error["code"], str) and isinstance(error["details"], dict)
+    assert isinstance(error["kind"], str) and isinstance(error["exit_code"], int), body
+    assert error["hint"] is None or isinstance(error["hint"], str), body
     assert isinstance(error["message"], str) and error["message"].strip(), body
     assert code is None or error["code"] == code, body
     return error

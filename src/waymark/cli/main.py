@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import click
 
 from waymark import __version__, failpoints
-from waymark.errors import InvalidInput, WaymarkError
+from waymark.errors import InvalidInput, WaymarkError, envelope
 
 if TYPE_CHECKING:
     from waymark.client import Client
@@ -138,10 +138,8 @@ def cli(click_ctx: click.Context, home: str | None, server: str | None, token: s
 
 
 def _report(err: WaymarkError, as_json: bool) -> None:
-    if as_json:
-        payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
-                                   "kind": type(err).__name__, "exit_code": err.exit_code}
-        click.echo(json.dumps(payload, indent=2))
+    if as_json:  # the API's error envelope (docs/api.md, "Errors")
+        click.echo(json.dumps(envelope(err), indent=2))
     from waymark.text import printable  # a server's or a file's words may be in it
 
     click.echo(f"error: {printable(err.message, lines=True)}", err=True)
