@@ -26,6 +26,8 @@ from waymark import modes
 from waymark.cli import main as cli_main
 
 REQUIRED = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils"}
+# the one error envelope's members, the API's and the CLI's (--json): waymark.errors.envelope
+ERROR_KEYS = {"code", "kind", "message", "hint", "exit_code", "details"}
 
 
 def require_tools() -> None:
@@ -192,17 +194,18 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(wm: Waymark, log: Path | None = None, timeout: float = 30.0,
-                  options: tuple[str, ...] = ()) -> Iterator[str]:
+                  options: tuple[str, ...] = (), env: dict[str, str] | None = None
+                  ) -> Iterator[str]:
     """A real ``waymark serve`` over ``wm``'s home on a free loopback port (more ``options``
-    of ``waymark serve`` when given), its output in ``log`` (default ``serve.log`` beside the
-    home: a pipe nobody reads could stall it); yields the base URL once the OpenAPI document
-    answers; stopped at the end."""
+    of ``waymark serve`` when given, ``env``: more environment), its output in ``log``
+    (default ``serve.log`` beside the home: a pipe nobody reads could stall it); yields the
+    base URL once the OpenAPI document answers; stopped at the end."""
     log = log or wm.home.parent / "serve.log"
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
                                  url.removeprefix("http://"), "--no-schedules", *options],
-                                env=wm.env(),
+                                env=wm.env(**(env or {})),
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout

@@ -1,7 +1,8 @@
 """A small typed client of the REST API (``httpx``): what ``waymark --server URL`` uses, and
 the tests. Each method returns what the API returns, which is what the local CLI prints with
-``--json``; an error answer becomes the same :class:`~waymark.errors.WaymarkError` class the
-server raised (so the CLI exits with the same code as it would locally).
+``--json``; an error answer (the one envelope) becomes the same
+:class:`~waymark.errors.WaymarkError` class the server raised (so the CLI exits with the same
+code as it would locally).
 """
 
 from __future__ import annotations
@@ -17,16 +18,6 @@ import httpx
 from waymark import errors
 from waymark.errors import StorageError, WaymarkError
 
-CODES: dict[str, type[WaymarkError]] = {
-    "invalid_input": errors.InvalidInput, "consent_required": errors.ConsentRequired,
-    "not_found": errors.NotFound, "ambiguous": errors.Ambiguous, "conflict": errors.Conflict,
-    "limit_reached": errors.LimitReached, "image_error": errors.ImageError,
-    "tool_error": errors.ToolError, "tool_missing": errors.ToolMissing,
-    "storage_error": errors.StorageError, "busy": errors.Busy,
-    "too_many_attempts": errors.TooManyAttempts, "forbidden": errors.Forbidden,
-    "unauthenticated": errors.Unauthenticated, "cancelled": errors.Cancelled,
-    "too_large": errors.TooLarge, "too_many_streams": errors.TooManyStreams,
-}
 FINISHED = ("completed", "failed", "cancelled")
 
 
@@ -158,10 +149,9 @@ class Client:
 
 
 def _error(response: httpx.Response) -> WaymarkError:
+    """The server's error envelope as the error it describes (:func:`errors.from_envelope`)."""
     try:
-        body = response.json()["error"]
-        cls = CODES.get(body["code"], WaymarkError)
-        return cls(str(body["message"]), hint=(body.get("details") or {}).get("hint"))
+        return errors.from_envelope(response.json()["error"])
     except (ValueError, KeyError, TypeError):
         return WaymarkError(f"the server answered {response.status_code}: "
                             f"{response.text[:200]}")

@@ -35,6 +35,7 @@ class WaymarkError(Exception):
 
     exit_code = 1
     http_status = 500
+    code: str | None = None  # a finer code for the envelope than the class's (see envelope)
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
@@ -137,3 +138,48 @@ def tool_failed(message: str) -> WaymarkError:
                                           "command again: nothing was lost and it resumes "
                                           "where it stopped.")
     return ToolError(message)
+
+
+# --- the one error envelope ------------------------------------------------------------------
+# What the CLI prints with --json and what the API answers (docs/api.md, "Errors"):
+# {"error": {"code", "kind", "message", "hint", "exit_code", "details"}}.
+
+def public_class(err: WaymarkError) -> type[WaymarkError]:
+    """The class of this module ``err`` is, or descends from (a face's own subclass, such as
+    the API's out-of-scope 404, answers as its public parent)."""
+    return next(c for c in type(err).__mro__
+                if issubclass(c, WaymarkError) and c.__module__ == __name__)
+
+
+def code_of(cls: type[WaymarkError]) -> str:
+    """The error's code: its class name in snake case (``QuotaExceeded``: ``quota_exceeded``)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in cls.__name__).lstrip("_")
+
+
+def envelope(err: WaymarkError, *, code: str | None = None, message: str | None = None,
+             hint: str | None = None, details: dict[str, object] | None = None
+             ) -> dict[str, dict[str, object]]:
+    """The error envelope of ``err`` (``message``/``hint``: its words as shown, e.g. with host
+    paths hidden; ``code``: a finer code than its class gives)."""
+    cls = public_class(err)
+    return {"error": {"code": code or err.code or code_of(cls), "kind": cls.__name__,
+                      "message": err.message if message is None else message,
+                      "hint": err.hint if hint is None else hint,
+                      "exit_code": err.exit_code, "details": details or {}}}
+
+
+def from_envelope(error: dict[str, object]) -> WaymarkError:
+    """The error an envelope's ``error`` member describes, as its class (an unknown kind: the
+    root class) with its code; raises KeyError or TypeError when it is not an envelope."""
+    classes = {c.__name__: c for c in _classes(WaymarkError)}
+    cls = classes.get(str(error["kind"]), WaymarkError)
+    hint = error.get("hint")
+    err = cls(str(error["message"]), hint=hint if isinstance(hint, str) else None)
+    if error["code"] != code_of(cls):
+        err.code = str(error["code"])
+    return err
+
+
+def _classes(root: type[WaymarkError]) -> list[type[WaymarkError]]:
+    return [root, *(c for sub in root.__subclasses__() if sub.__module__ == __name__
+                    for c in _classes(sub))]

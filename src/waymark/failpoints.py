@@ -5,9 +5,12 @@ They exist for Waymark's test suite only and are off unless a process arms them 
 ``WAYMARK_TEST_SUITE=1`` (set only by the test suite's helpers: ``tests.helpers.Waymark.env``)
 and a failpoint variable: ``WAYMARK_FAILPOINT`` = a point's number (in the order a run passes
 them) or its label kills the process there; ``WAYMARK_FAILPOINT_LOG`` = a file that gets one
-``<number> <label>`` line per point passed. A failpoint variable without the first key is
-ignored with a warning, and ``waymark serve`` refuses to start with failpoints armed: a server
-never kills itself on a request, whatever its environment says. Disarmed, a failpoint costs one
+``<number> <label>`` line per point passed; ``WAYMARK_FAILPOINT_RAISE`` = a label raises a plain
+:class:`RuntimeError` at every point of that label (an unexpected exception, for the faces'
+last-resort handlers: the API's answers it, audited). A failpoint variable without the first key is
+ignored with a warning, and ``waymark serve`` refuses to start with a kill or a trace armed
+(:func:`armed`): a server never kills itself on a request, whatever its environment says (a
+raise only fails the request). Disarmed, a failpoint costs one
 attribute read. The count of points passed is kept under a lock (a server's threads, or a
 command's, pass points concurrently).
 """
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 SUITE_KEY, KILL, TRACE = "WAYMARK_TEST_SUITE", "WAYMARK_FAILPOINT", "WAYMARK_FAILPOINT_LOG"
+RAISE = "WAYMARK_FAILPOINT_RAISE"
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 class _Plan:
     kill_at: str | None  # a point's number or label
     trace: str | None  # the file that lists the points passed
+    raise_at: str | None = None  # a label where a RuntimeError is raised
 
 
 _plan: _Plan | None = None
@@ -40,23 +45,27 @@ def arm(environ: Mapping[str, str]) -> None:
     """Arm the failpoints ``environ`` asks for, when it holds the test suite's key too."""
     global _plan
     kill_at, trace = environ.get(KILL) or None, environ.get(TRACE) or None
-    if kill_at is None and trace is None:
+    raise_at = environ.get(RAISE) or None
+    if kill_at is None and trace is None and raise_at is None:
         _plan = None
     elif environ.get(SUITE_KEY) != "1":
         _plan = None
-        log.warning("%s and %s are ignored: failpoints are for Waymark's test suite only "
-                    "(unset them)", KILL, TRACE)
+        log.warning("%s, %s and %s are ignored: failpoints are for Waymark's test suite only "
+                    "(unset them)", KILL, TRACE, RAISE)
     else:
-        _plan = _Plan(kill_at, trace)
+        _plan = _Plan(kill_at, trace, raise_at)
 
 
 def armed() -> bool:
-    return _plan is not None
+    """Whether a failpoint kills the process or lists the points passed (a raise alone does
+    neither)."""
+    return _plan is not None and (_plan.kill_at is not None or _plan.trace is not None)
 
 
 def failpoint(label: str = "step") -> None:
     """A journal point: when armed, a test kills the process here (``WAYMARK_FAILPOINT`` = its
-    number or its label) or lists the points a run passes (``WAYMARK_FAILPOINT_LOG``)."""
+    number or its label), raises a RuntimeError here (``WAYMARK_FAILPOINT_RAISE`` = its label)
+    or lists the points a run passes (``WAYMARK_FAILPOINT_LOG``)."""
     plan = _plan
     if plan is None:
         return
@@ -69,3 +78,5 @@ def failpoint(label: str = "step") -> None:
                 out.write(f"{index} {label}\n")
     if plan.kill_at in (str(index), label):
         os.kill(os.getpid(), signal.SIGKILL)
+    if plan.raise_at == label:
+        raise RuntimeError(f"failpoint {label!r} raised, as {RAISE} asked")

@@ -69,7 +69,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.helpers import Waymark, query
+from tests.helpers import ERROR_KEYS, Waymark, query
 from waymark.api.app import create_app
 from waymark.config import Settings
 from waymark.ops import jobs, liveness, users
@@ -1513,7 +1513,7 @@ def test_every_route_is_in_the_table(env: Env) -> None:
 
 def error_of(resp: httpx.Response) -> dict[str, Any]:
     body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     error: dict[str, Any] = body["error"]
     return error

@@ -10,8 +10,8 @@ only a real HTTP exchange shows:
   ``DELETE /api/tokens/{id}``: then 401;
 - after five wrong passwords the sixth attempt is 429, and so is the right password (a server
   of its own, as the limit also holds for the client's address);
-- every error has one shape, ``{"error": {"code", "message", "details"}}``, on 400, 401, 403,
-  404, 405 and 409;
+- every error has one shape, ``{"error": {"code", "kind", "message", "hint", "exit_code",
+  "details"}}``, on 400, 401, 403, 404, 405 and 409;
 - malformed JSON, wrong types, out-of-range values and odd names are 400 (or 404), never 500;
 - a VM whose lock another process holds refuses a checkpoint (409, busy), and nothing changes.
 
@@ -26,7 +26,9 @@ or folder of this host); ``GET /api/jobs/events``, a stream that never ends; and
 VM as the path parameter of ``DELETE /api/vms/{vm}`` and of the checkpoint deletes (a
 generated call would delete the fixture, leaving only 404s).
 
-The OpenAPI document is checked to describe the errors the API sends (one shape) and no 422.
+The OpenAPI document is checked to describe the errors the API sends (one shape) and no 422,
+and every operation's success body with a schema that says something (``waymark.api.schemas``),
+so the response check above holds the success bodies too, not only the errors.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from tests.helpers import Waymark, serve_process
+from tests.helpers import ERROR_KEYS, Waymark, serve_process
 from waymark.api.app import create_app
 from waymark.config import Settings
 from waymark.ops import locks
@@ -120,8 +122,10 @@ def error_of(resp: httpx.Response, status: int, code: str | None = None) -> dict
     body = resp.json()
     assert set(body) == {"error"}, body
     error: dict[str, Any] = body["error"]
-    assert set(error) == {"code", "message", "details"}, body
+    assert set(error) == ERROR_KEYS, body
     assert isinstance(error["code"], str) and isinstance(error["details"], dict)
+    assert isinstance(error["kind"], str) and isinstance(error["exit_code"], int), body
+    assert error["hint"] is None or isinstance(error["hint"], str), body
     assert isinstance(error["message"], str) and error["message"].strip(), body
     assert code is None or error["code"] == code, body
     return error
@@ -413,3 +417,32 @@ def test_openapi_documents_the_errors(served: Served) -> None:
                 wrong.append(f"{method.upper()} {path}: {sorted(codes)}")
     assert wrong == []
 
+
+
+def test_openapi_describes_every_success_body(served: Served) -> None:
+    """Each operation documents its success answer with a schema that says something (an
+    object with properties, a list of them; an event stream's events), so Schemathesis's
+    response_schema_conformance checks the bodies above, not only the errors."""
+    schema = httpx.get(f"{served.url}/api/openapi.json", timeout=10).json()
+    components = schema["components"]["schemas"]
+
+    def said(body: dict[str, Any]) -> bool:
+        if "$ref" in body:
+            return said(components[body["$ref"].rsplit("/", 1)[-1]])
+        if "anyOf" in body:
+            return all(said(one) for one in body["anyOf"])
+        if body.get("type") == "array":
+            return said(body["items"])
+        return bool(body.get("properties"))
+
+    wrong, count = [], 0
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            success = {c: r for c, r in operation["responses"].items() if c.startswith("2")}
+            bodies = [m.get("schema", {}) for r in success.values()
+                      for m in r.get("content", {}).values()]
+            count += len(bodies)
+            if not bodies or not all(said(b) for b in bodies):
+                wrong.append(f"{method.upper()} {path}: {success}")
+    assert wrong == []
+    assert count >= 63, count

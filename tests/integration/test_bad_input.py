@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Result, Waymark, file_sha256
+from tests.helpers import ERROR_KEYS, Result, Waymark, file_sha256
 
 EXIT_INVALID, EXIT_NOT_FOUND, EXIT_AMBIGUOUS, EXIT_CONFLICT = 2, 3, 4, 5
 EXIT_IMAGE, EXIT_STORAGE, EXIT_BUSY = 8, 73, 75
@@ -107,10 +107,14 @@ def test_unknown_vm_or_checkpoint(world: World) -> None:
     # with --json the error is also on stdout, machine-readable
     result = world.wm.run("vm", "delete", "nope", "--yes", "--json")
     assert result.returncode == EXIT_NOT_FOUND, result
-    error = json.loads(result.stdout)
-    assert (error["kind"], error["exit_code"]) == ("NotFound", EXIT_NOT_FOUND)
-    assert "no VM is named 'nope'" in error["error"]
+    body = json.loads(result.stdout)  # the API's envelope (docs/api.md, "Errors")
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    error = body["error"]
+    assert (error["kind"], error["code"], error["exit_code"]) == \
+        ("NotFound", "not_found", EXIT_NOT_FOUND)
+    assert "no VM is named 'nope'" in error["message"]
     assert "waymark vm list" in error["hint"]
+    assert error["details"] == {}
     world.assert_unchanged()
 
 

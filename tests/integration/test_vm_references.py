@@ -241,11 +241,12 @@ def test_actions_on_a_vm_by_its_id_never_land_on_a_vm_named_so(home: Home) -> No
 
 # --- finding 15: existence oracles ------------------------------------------------------------
 
-def _refusal(resp: httpx.Response, status: int, ref: str) -> tuple[str, str, str]:
+def _refusal(resp: httpx.Response, status: int, ref: str) -> tuple[str, str, str, str]:
     """The refusal with ``ref`` taken out of its message (to compare two of them)."""
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
-    return error["code"], error["message"].replace(ref, "REF"), str(error["details"])
+    return (error["code"], error["message"].replace(ref, "REF"), str(error["hint"]),
+            str(error["details"]))
 
 
 def test_a_name_another_user_has_tells_nothing(home: Home) -> None:

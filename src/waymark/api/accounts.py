@@ -7,6 +7,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from waymark.api import schemas
 from waymark.api.security import (
     COOKIE,
     CallerDep,
@@ -22,7 +23,7 @@ from waymark.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
 from waymark.ops import audit, users
 from waymark.units import parse_duration
 
-router = APIRouter(tags=["accounts"])
+router = APIRouter(tags=["accounts"], route_class=schemas.Route)
 Role = Literal["administrator", "self-service", "backup-operator", "read-only"]
 Permission = Literal["start-stop", "checkpoint", "checkpoint-restore-only", "backup-run",
                      "backup-restore"]
@@ -33,7 +34,7 @@ class Login(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
-@router.post("/auth/login")
+@router.post("/auth/login", response_model=schemas.SignedIn)
 def login(body: Login, request: Request, response: Response) -> dict[str, Any]:
     """Sign in: a session cookie (HttpOnly, SameSite=Strict) and the CSRF token its writes
     must send in ``X-CSRF-Token``. Repeated failures are refused for a while (429:
@@ -45,7 +46,7 @@ def login(body: Login, request: Request, response: Response) -> dict[str, Any]:
     return {"user": body.name, "csrf_token": csrf}
 
 
-@router.post("/auth/logout")
+@router.post("/auth/logout", response_model=schemas.SignedOut)
 def logout(request: Request, response: Response, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
     """End this session (its cookie stops working at once)."""
@@ -56,7 +57,7 @@ def logout(request: Request, response: Response, caller: CallerDep, ctx: Context
     return {"signed_out": caller.who.name}
 
 
-@router.get("/auth/me")
+@router.get("/auth/me", response_model=schemas.Me)
 def me(caller: CallerDep) -> dict[str, Any]:
     who = caller.who
     return {"id": who.user_id, "name": who.name, "role": who.role, "via": caller.via,
@@ -71,19 +72,19 @@ class NewUser(BaseModel):
     password: str = Field(min_length=1, max_length=1024)
 
 
-@router.get("/users")
+@router.get("/users", response_model=list[schemas.User])
 def user_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     require(caller.who, "user.manage")
     return users.listing(ctx)
 
 
-@router.post("/users", status_code=201)
+@router.post("/users", status_code=201, response_model=schemas.User)
 def user_add(body: NewUser, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "user.manage")
     return users.add(ctx, body.name, body.role, body.password)
 
 
-@router.delete("/users/{name}")
+@router.delete("/users/{name}", response_model=schemas.Removed)
 def user_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "user.manage")
     users.remove(ctx, name)
@@ -99,7 +100,7 @@ class Password(BaseModel):
                                                          "(by default they are revoked).")
 
 
-@router.put("/users/{name}/password")
+@router.put("/users/{name}/password", response_model=schemas.PasswordChanged)
 def user_password(name: str, body: Password, request: Request, caller: CallerDep,
                   ctx: ContextDep) -> dict[str, Any]:
     """Administrators set anyone's; every user their own, giving the current one (failures
@@ -120,7 +121,7 @@ def user_password(name: str, body: Password, request: Request, caller: CallerDep
         raise Forbidden(err.message, hint=err.hint) from None
 
 
-@router.delete("/users/{name}/sign-in-failures")
+@router.delete("/users/{name}/sign-in-failures", response_model=schemas.SignInFailuresForgotten)
 def user_unlock(name: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     """Forget the failed sign-ins counted against a user name from every address, so a user
     locked out (429) may sign in again at once (administrators)."""
@@ -135,7 +136,7 @@ class NewGrant(BaseModel):
     permissions: list[Permission] = Field(default_factory=list, max_length=5)
 
 
-@router.post("/users/{name}/grants")
+@router.post("/users/{name}/grants", response_model=schemas.User)
 def grant_add(name: str, body: NewGrant, caller: CallerDep, ctx: ContextDep
               ) -> dict[str, Any]:
     require(caller.who, "user.manage")
@@ -143,7 +144,7 @@ def grant_add(name: str, body: NewGrant, caller: CallerDep, ctx: ContextDep
                        permissions=list(body.permissions))
 
 
-@router.delete("/users/{name}/grants")
+@router.delete("/users/{name}/grants", response_model=schemas.User)
 def grant_remove(name: str, caller: CallerDep, ctx: ContextDep, vm: str | None = None,
                  template: str | None = None) -> dict[str, Any]:
     require(caller.who, "user.manage")
@@ -159,13 +160,13 @@ class NewToken(BaseModel):
                              description="Administrators only: whose token (default: yours).")
 
 
-@router.get("/tokens")
+@router.get("/tokens", response_model=list[schemas.Token])
 def token_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     """Your tokens (administrators: everyone's); never the secrets."""
     return users.tokens(ctx, None if caller.who.admin else caller.who.name)
 
 
-@router.post("/tokens", status_code=201)
+@router.post("/tokens", status_code=201, response_model=schemas.NewToken)
 def token_create(body: NewToken, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A new token, shown in this response only."""
     owner = body.user or caller.who.name
@@ -176,7 +177,7 @@ def token_create(body: NewToken, caller: CallerDep, ctx: ContextDep) -> dict[str
     return users.create_token(ctx, owner, body.name, expires_in)
 
 
-@router.delete("/tokens/{token_id}")
+@router.delete("/tokens/{token_id}", response_model=schemas.Revoked)
 def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     try:
         users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
@@ -188,13 +189,13 @@ def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str,
 
 
 
-@router.get("/roles")
+@router.get("/roles", response_model=schemas.Roles)
 def roles(caller: CallerDep) -> dict[str, Any]:
     """The roles and the per-VM permissions a grant may name."""
     return {"roles": list(policy.ROLES), "vm_permissions": list(policy.VM_PERMISSIONS)}
 
 
-@router.get("/audit")
+@router.get("/audit", response_model=list[schemas.AuditEntry])
 def audit_log(caller: CallerDep, ctx: ContextDep, user: str | None = None,
               outcome: Literal["ok", "denied", "failed"] | None = None,
               limit: int = Query(default=100, ge=1, le=10000)) -> list[dict[str, Any]]:

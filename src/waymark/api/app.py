@@ -1,15 +1,18 @@
 """The FastAPI application: the API under ``/api`` (one JSON error shape, OpenAPI at
 ``/api/openapi.json``) and the web portal at ``/`` (:mod:`waymark.web`).
 
-Every error is ``{"error": {"code", "message", "details"}}`` with the status its
-:class:`~waymark.errors.WaymarkError` class carries; bad input (a body or query that does not
-validate) is 400, never 500. Handlers are plain functions: FastAPI runs them in worker threads,
+Every error is the one envelope (:func:`waymark.errors.envelope`, as the CLI prints with
+``--json``): ``{"error": {"code", "kind", "message", "hint", "exit_code", "details"}}`` with the
+status its :class:`~waymark.errors.WaymarkError` class carries; bad input (a body or query that
+does not validate) is 400, never 500; an unexpected exception is 500 ``internal``, logged and
+audited (:func:`_unexpected`). Handlers are plain functions: FastAPI runs them in worker threads,
 and each uses the catalog through its own short sessions, as the CLI does.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -37,25 +40,12 @@ from waymark.api import (
     vms,
 )
 from waymark.api import quotas as quota_api
-from waymark.errors import WaymarkError
+from waymark.errors import InvalidInput, NotFound, WaymarkError, envelope
 from waymark.ops import audit, quotas
 from waymark.ops.context import Context
 from waymark.web import pages
 
 log = logging.getLogger(__name__)
-
-
-def error_body(code: str, message: str, details: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or {}}}
-
-
-def _code(err: WaymarkError) -> str:
-    fixed = getattr(err, "code", None)
-    if isinstance(fixed, str):
-        return fixed
-    name = type(err).__name__
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 def _waymark_error(request: Request, err: Exception) -> JSONResponse:
@@ -68,24 +58,43 @@ def _waymark_error(request: Request, err: Exception) -> JSONResponse:
     caller = getattr(request.state, "caller", None)
     if caller is None or not caller.who.admin:  # host paths are an administrator's to see
         message, hint = security.hide_host_paths(message), hint and security.hide_host_paths(hint)
-    return JSONResponse(error_body(_code(err), message, {"hint": hint} if hint else None),
-                        status_code=err.http_status)
+    return JSONResponse(envelope(err, message=message, hint=hint), status_code=err.http_status)
 
 
 def _invalid(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, RequestValidationError)
     problems = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
                 for e in err.errors()]
-    return JSONResponse(error_body("invalid_input", "the request is not valid: " + "; ".join(
-        f"{p['where']}: {p['problem']}" for p in problems), {"problems": problems}),
-        status_code=400)
+    refused = InvalidInput("the request is not valid: " + "; ".join(
+        f"{p['where']}: {p['problem']}" for p in problems))
+    return JSONResponse(envelope(refused, details={"problems": problems}), status_code=400)
 
 
 def _http(request: Request, err: Exception) -> JSONResponse:
+    """Starlette's own answers (no route: 404; a route without that method: 405)."""
     assert isinstance(err, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-    return JSONResponse(error_body(code, str(err.detail)), status_code=err.status_code,
+    detail = str(err.detail)
+    answer, code = {404: (NotFound(detail), None),
+                    405: (InvalidInput(detail), "method_not_allowed")}.get(
+        err.status_code, (WaymarkError(detail), "http_error"))
+    return JSONResponse(envelope(answer, code=code), status_code=err.status_code,
                         headers=getattr(err, "headers", None))
+
+
+def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    """An exception no handler expected (a defect): logged with its traceback under a short
+    incident id, which the answer (500, code ``internal``: no traceback, no host path) and the
+    audit entry name."""
+    incident = secrets.token_hex(4)
+    log.error("%s %s failed unexpectedly (incident %s)", request.method, request.url.path,
+              incident, exc_info=err)
+    request.state.error = f"unexpected {type(err).__name__}: {err} (incident {incident})"
+    failure = WaymarkError(f"the server failed unexpectedly (incident {incident}).",
+                           hint="Check what the request was to change, then try again; if it "
+                                "fails again, tell the administrator the incident id (it is "
+                                "in the server's log and audit log).")
+    return JSONResponse(envelope(failure, code="internal", details={"incident": incident}),
+                        status_code=500)
 
 
 PREFIX = "/api"
@@ -95,9 +104,14 @@ REFUSED = frozenset({401, 403, 404, 429})
 
 async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                    ) -> Response:
-    """Record every request that changes something and every refused one."""
-    response = await call_next(request)
-    if request.method in SAFE and response.status_code not in REFUSED:
+    """Record every request that changes something, every refused one and every one the
+    server failed (5xx); an exception no handler expected is answered here (:func:`_unexpected`)."""
+    try:
+        response = await call_next(request)
+    except Exception as err:  # an exception no handler expected: still answered and audited
+        response = _unexpected(request, err)
+    if request.method in SAFE and response.status_code not in REFUSED \
+            and response.status_code < 500:
         return response
     caller = getattr(request.state, "caller", None)
     entry = audit.Entry(
@@ -139,9 +153,17 @@ def _route(request: Request) -> str:
 
 
 class ErrorDetail(BaseModel):
-    code: str
+    """The one error envelope (:func:`waymark.errors.envelope`; the CLI prints it too)."""
+
+    code: str = Field(description="What went wrong, in snake case: the kind's "
+                                  "(not_found, quota_exceeded...) or finer (internal, "
+                                  "method_not_allowed)")
+    kind: str = Field(description="The waymark.errors class (NotFound, Conflict...)")
     message: str
-    details: dict[str, Any]
+    hint: str | None = Field(description="What to do next, when there is something to do")
+    exit_code: int = Field(description="The exit code the CLI returns for it")
+    details: dict[str, Any] = Field(description="More, per code: problems (invalid_input), "
+                                                "incident (internal)")
 
 
 class ErrorBody(BaseModel):
@@ -160,7 +182,8 @@ ERRORS = {"400": "Invalid input (details.problems for a body or query that does 
                  "--max-body)",
           "429": "Too many failed sign-ins, or as many event streams open as one user may "
                  "have",
-          "500": "A tool failed (qemu-img, QEMU)"}
+          "500": "A tool failed (qemu-img, QEMU), or the server did (code internal: logged "
+                 "and audited with an incident id)"}
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -191,16 +214,11 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def _error_json(err: WaymarkError) -> dict[str, Any]:
-    """The error body for a refusal made outside the app's error handlers (the limits)."""
-    return error_body(_code(err), err.message, {"hint": err.hint} if err.hint else None)
-
-
 def _limited(app: FastAPI, ctx: Context, chosen: limits.Limits) -> None:
     """The request limits (:mod:`waymark.api.limits`): the body limit outside everything else,
     and the event streams' registry."""
     app.state.streams = streams.Streams(ctx, chosen.max_streams, chosen.stream_lifetime)
-    app.add_middleware(limits.BodyLimit, max_body=chosen.max_body, render=_error_json)
+    app.add_middleware(limits.BodyLimit, max_body=chosen.max_body, render=envelope)
 
 
 def create_app(ctx: Context, chosen: limits.Limits | None = None) -> FastAPI:

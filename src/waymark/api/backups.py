@@ -8,20 +8,21 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from waymark.api import schemas
 from waymark.api.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
 from waymark.backups import retention
 from waymark.errors import Forbidden, InvalidInput
 from waymark.ops import backups, checkpoints, locations, schedules, views
 from waymark.ops.context import Context
 
-router = APIRouter(tags=["backups"])
+router = APIRouter(tags=["backups"], route_class=schemas.Route)
 
 
 def _repo(ctx: Context, name: str) -> Any:
     return locations.path(ctx, name, "repository")
 
 
-@router.get("/vms/{vm}/backups")
+@router.get("/vms/{vm}/backups", response_model=list[schemas.BackupPoint])
 def point_list(vm: str, repository: str, caller: CallerDep, ctx: ContextDep
                ) -> list[dict[str, Any]]:
     """The VM's points in the repository, oldest first."""
@@ -35,7 +36,7 @@ class Run(BaseModel):
     full: bool = False
 
 
-@router.post("/vms/{vm}/backups", status_code=201)
+@router.post("/vms/{vm}/backups", status_code=201, response_model=schemas.BackupPoint)
 def point_run(vm: str, body: Run, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """Back the VM up now (incremental when that is provably correct, else full)."""
     row = vm_for(ctx, caller.who, "backup.run", vm)
@@ -50,7 +51,7 @@ class Verify(BaseModel):
     repository: str = Field(min_length=1, max_length=64)
 
 
-@router.post("/vms/{vm}/backups/{point}/verify")
+@router.post("/vms/{vm}/backups/{point}/verify", response_model=list[schemas.PointVerified])
 def point_verify(vm: str, point: str, body: Verify, caller: CallerDep, ctx: ContextDep
                  ) -> list[dict[str, Any]]:
     """Re-read every file of the point and of each point it needs."""
@@ -65,7 +66,8 @@ class Restore(BaseModel):
                                  description="as_new: the new VM's name (the caller owns it)")
 
 
-@router.post("/vms/{vm}/backups/{point}/restore")
+@router.post("/vms/{vm}/backups/{point}/restore",
+             response_model=schemas.RestoredAsNew | schemas.RestoredInPlace)
 def point_restore(vm: str, point: str, body: Restore, caller: CallerDep, ctx: ContextDep
                   ) -> dict[str, Any]:
     """Into the VM (its checkpoints stay; Now is under a new checkpoint) or as a new VM."""
@@ -98,7 +100,7 @@ class Prune(BaseModel):
     dry_run: bool = False
 
 
-@router.post("/backups/prune")
+@router.post("/backups/prune", response_model=schemas.Pruned)
 def prune(body: Prune, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """Remove the points no keep rule keeps (administrators)."""
     require(caller.who, "backup.prune")
@@ -127,13 +129,13 @@ def _vm_ids(ctx: Context, caller: Caller, refs: list[str]) -> list[str]:
     return [vm_for(ctx, caller.who, "backup.run", ref).id for ref in refs]
 
 
-@router.get("/schedules")
+@router.get("/schedules", response_model=list[schemas.Schedule])
 def schedule_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     require(caller.who, "schedule.manage")
     return schedules.listing(ctx)
 
 
-@router.post("/schedules", status_code=201)
+@router.post("/schedules", status_code=201, response_model=schemas.Schedule)
 def schedule_add(body: NewSchedule, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "schedule.manage")
     keep = retention.Policy(body.keep_last, body.keep_daily, body.keep_weekly, body.keep_monthly)
@@ -142,7 +144,7 @@ def schedule_add(body: NewSchedule, caller: CallerDep, ctx: ContextDep) -> dict[
                          body.full_every, keep)
 
 
-@router.put("/schedules/{name}")
+@router.put("/schedules/{name}", response_model=schemas.Schedule)
 def schedule_edit(name: str, body: NewSchedule, caller: CallerDep, ctx: ContextDep
                   ) -> dict[str, Any]:
     """Replace a schedule's settings (``name`` in the body must be the same)."""
@@ -154,7 +156,7 @@ def schedule_edit(name: str, body: NewSchedule, caller: CallerDep, ctx: ContextD
                          body.every, body.at, body.day, body.full_every, keep, replace=True)
 
 
-@router.delete("/schedules/{name}")
+@router.delete("/schedules/{name}", response_model=schemas.Removed)
 def schedule_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "schedule.manage")
     schedules.remove(ctx, name)

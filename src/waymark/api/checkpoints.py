@@ -9,15 +9,16 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from waymark.api import schemas
 from waymark.api.security import CallerDep, ContextDep, redact, require_vm, vm_for
 from waymark.catalog.models import Vm
 from waymark.ops import checkpoints, deletion, jobs, liveness, locations, views
 from waymark.ops.context import Context
 
-router = APIRouter(tags=["checkpoints"])
+router = APIRouter(tags=["checkpoints"], route_class=schemas.Route)
 
 
-@router.get("/vms/{vm}/checkpoints")
+@router.get("/vms/{vm}/checkpoints", response_model=schemas.CheckpointTree)
 def tree(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """The checkpoint tree (``current_id``: Now's parent)."""
     row = vm_for(ctx, caller.who, "checkpoint.view", vm)
@@ -30,7 +31,7 @@ class NewCheckpoint(BaseModel):
         default=None, description="This checkpoint's type (default: the VM's).")
 
 
-@router.post("/vms/{vm}/checkpoints", status_code=201)
+@router.post("/vms/{vm}/checkpoints", status_code=201, response_model=schemas.CheckpointDetail)
 def create(vm: str, caller: CallerDep, ctx: ContextDep, body: NewCheckpoint | None = None
            ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.create", vm)
@@ -39,7 +40,7 @@ def create(vm: str, caller: CallerDep, ctx: ContextDep, body: NewCheckpoint | No
     return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
 
 
-@router.get("/vms/{vm}/checkpoints/{ckpt}")
+@router.get("/vms/{vm}/checkpoints/{ckpt}", response_model=schemas.CheckpointDetail)
 def show(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.view", vm)
     return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt))
@@ -52,7 +53,7 @@ class Apply(BaseModel):
     start: bool = Field(default=False, description="Start (resume) the VM afterwards.")
 
 
-@router.post("/vms/{vm}/checkpoints/{ckpt}/apply")
+@router.post("/vms/{vm}/checkpoints/{ckpt}/apply", response_model=schemas.Applied)
 def apply(vm: str, ckpt: str, body: Apply, caller: CallerDep, ctx: ContextDep
           ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.apply", vm)
@@ -77,7 +78,7 @@ class Rename(BaseModel):
     name: str = Field(min_length=1, max_length=99)
 
 
-@router.patch("/vms/{vm}/checkpoints/{ckpt}")
+@router.patch("/vms/{vm}/checkpoints/{ckpt}", response_model=schemas.CheckpointDetail)
 def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.rename", vm)
@@ -85,7 +86,8 @@ def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
     return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
 
 
-@router.delete("/vms/{vm}/checkpoints/{ckpt}", status_code=202)
+@router.delete("/vms/{vm}/checkpoints/{ckpt}", status_code=202,
+               response_model=schemas.CheckpointsDeleted)
 def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool = False
            ) -> dict[str, Any]:
     """Delete one checkpoint (``subtree``: with everything below it). It leaves the tree at
@@ -100,7 +102,7 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
             "job": done.job}
 
 
-@router.delete("/vms/{vm}/checkpoints", status_code=202)
+@router.delete("/vms/{vm}/checkpoints", status_code=202, response_model=schemas.CheckpointsDeleted)
 def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
                     subtree: bool = False, yes: bool = False) -> dict[str, Any]:
     """Delete every checkpoint ``match`` names: a name, an id prefix, or a glob over names
@@ -120,7 +122,8 @@ class Export(BaseModel):
                                            "checkpoint and time).")
 
 
-@router.post("/vms/{vm}/checkpoints/{ckpt}/export", status_code=202)
+@router.post("/vms/{vm}/checkpoints/{ckpt}/export", status_code=202,
+             response_model=schemas.ExportStarted)
 def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
     """Write the checkpoint as a standalone bundle into a registered export folder, as a job

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from waymark.api import streams
+from waymark.api import schemas, streams
 from waymark.api.security import CallerDep, ContextDep, require_vm, vm_for
 from waymark.auth.policy import Principal
 from waymark.catalog.models import Vm
@@ -23,7 +23,7 @@ from waymark.errors import Conflict, NotFound
 from waymark.ops import liveness
 from waymark.ops.context import Context
 
-router = APIRouter(tags=["console"])
+router = APIRouter(tags=["console"], route_class=schemas.Route)
 TAIL = 8192  # bytes of earlier output a new reader gets
 QUIET, LONGEST, POLL = 3.0, 20.0, 0.2
 
@@ -66,7 +66,7 @@ def _read(path: str, at: int) -> bytes:
 
 
 @router.get("/vms/{vm}/console/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses=schemas.EVENT_STREAM)
 def console_events(vm: str, request: Request, caller: CallerDep, ctx: ContextDep,
                    offset: int | None = None) -> StreamingResponse:
     """The serial console's output from ``offset`` (default: its last 8 KiB); ``revoked``
@@ -91,7 +91,7 @@ class Line(BaseModel):
     text: str = Field(max_length=4096, description="Sent as typed; add \\n to end a line.")
 
 
-@router.post("/vms/{vm}/console/input")
+@router.post("/vms/{vm}/console/input", response_model=schemas.ConsoleSent)
 def console_input(vm: str, body: Line, caller: CallerDep, ctx: ContextDep) -> dict[str, int]:
     """Type into the serial console (refused while someone is attached to it)."""
     row = vm_for(ctx, caller.who, "vm.power", vm)

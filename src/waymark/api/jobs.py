@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from waymark.api import streams
+from waymark.api import schemas, streams
 from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Principal
@@ -21,7 +21,7 @@ from waymark.errors import NotFound, WaymarkError
 from waymark.ops import jobs
 from waymark.ops.context import Context
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=schemas.Route)
 
 
 def _shown(who: Principal, job: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def in_scope(who: Principal, listed: list[dict[str, Any]], owners: dict[str, str
     return [j for j in listed if _visible(who, j["vm_id"], owners)]
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=list[schemas.Job])
 def job_list(caller: CallerDep, ctx: ContextDep, everything: bool = False
              ) -> list[dict[str, Any]]:
     """Unfinished jobs and the last finished ones in the caller's scope."""
@@ -170,7 +170,7 @@ async def _rows(ctx: Context, who: Principal, reading: streams.Reading, job_id: 
 
 
 @router.get("/jobs/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses=schemas.EVENT_STREAM)
 def job_events_all(request: Request, caller: CallerDep, ctx: ContextDep,
                    until_idle: bool = False) -> StreamingResponse:
     """Server-sent events for every job in the caller's scope (a ``job`` event whenever one
@@ -182,7 +182,7 @@ def job_events_all(request: Request, caller: CallerDep, ctx: ContextDep,
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses=schemas.EVENT_STREAM)
 def job_events(job_id: str, request: Request, caller: CallerDep, ctx: ContextDep
                ) -> StreamingResponse:
     """Server-sent events for one job: a ``job`` event at each change of its status,
@@ -194,12 +194,12 @@ def job_events(job_id: str, request: Request, caller: CallerDep, ctx: ContextDep
         scope=lambda who: _job(ctx, who, first["id"], "job.view"))
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=schemas.Job)
 def job_show(job_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     return _shown(caller.who, _job(ctx, caller.who, job_id, "job.view"))
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", response_model=schemas.Job)
 def job_cancel(job_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """Ask a job to stop; a merge stopped mid-copy changes nothing anyone reads."""
     job = _job(ctx, caller.who, job_id, "job.cancel")

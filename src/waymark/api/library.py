@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from waymark.api import schemas
 from waymark.api.security import CallerDep, ContextDep, OutOfScope, require, vm_for
 from waymark.auth import policy
 from waymark.auth.policy import Decision
@@ -17,7 +18,7 @@ from waymark.errors import NotFound
 from waymark.ops import library, locations, profiles, templates
 from waymark.units import parse_size
 
-router = APIRouter(tags=["library"])
+router = APIRouter(tags=["library"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
 
 
@@ -39,26 +40,26 @@ class NewProfile(ProfileSettings):
     name: str = Field(min_length=1, max_length=99)
 
 
-@router.get("/profiles")
+@router.get("/profiles", response_model=list[schemas.Profile])
 def profile_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     require(caller.who, "profile.view")
     return profiles.listing(ctx)
 
 
-@router.post("/profiles", status_code=201)
+@router.post("/profiles", status_code=201, response_model=schemas.Profile)
 def profile_create(body: NewProfile, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "profile.manage")
     return profiles.create(ctx, body.name, body.settings())
 
 
-@router.patch("/profiles/{name}")
+@router.patch("/profiles/{name}", response_model=schemas.Profile)
 def profile_set(name: str, body: ProfileSettings, caller: CallerDep, ctx: ContextDep
                 ) -> dict[str, Any]:
     require(caller.who, "profile.manage")
     return profiles.update(ctx, name, body.settings())
 
 
-@router.delete("/profiles/{name}")
+@router.delete("/profiles/{name}", response_model=schemas.Deleted)
 def profile_delete(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "profile.manage")
     profiles.delete(ctx, name)
@@ -73,7 +74,7 @@ def _template_view(t: dict[str, Any], admin: bool) -> dict[str, Any]:
         "disks": [{"virtual_size": d.get("virtual_size")} for d in t["disks"]]}
 
 
-@router.get("/templates")
+@router.get("/templates", response_model=list[schemas.Template])
 def template_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     """The templates the caller may create VMs from (administrators: all)."""
     who = caller.who
@@ -82,7 +83,7 @@ def template_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
             or who.role == "read-only"]
 
 
-@router.get("/templates/{name}")
+@router.get("/templates/{name}", response_model=schemas.Template)
 def template_show(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     who = caller.who
     if policy.may_use_template(who, name) is not Decision.ALLOW and who.role != "read-only":
@@ -102,7 +103,7 @@ class NewTemplate(BaseModel):
     checkpoint_type: CheckpointType | None = None
 
 
-@router.post("/templates", status_code=201)
+@router.post("/templates", status_code=201, response_model=schemas.Template)
 def template_create(body: NewTemplate, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "template.manage")
     return templates.create(ctx, body.name, profile=body.profile,
@@ -117,7 +118,7 @@ class TemplateSettings(BaseModel):
     append: str | None = Field(default=None, max_length=4096)
 
 
-@router.patch("/templates/{name}")
+@router.patch("/templates/{name}", response_model=schemas.Template)
 def template_set(name: str, body: TemplateSettings, caller: CallerDep, ctx: ContextDep
                  ) -> dict[str, Any]:
     require(caller.who, "template.manage")
@@ -125,14 +126,14 @@ def template_set(name: str, body: TemplateSettings, caller: CallerDep, ctx: Cont
                             checkpoint_type=body.checkpoint_type, append=body.append)
 
 
-@router.delete("/templates/{name}")
+@router.delete("/templates/{name}", response_model=schemas.Deleted)
 def template_delete(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "template.manage")
     templates.delete(ctx, name)
     return {"deleted": name}
 
 
-@router.get("/locations")
+@router.get("/locations", response_model=list[schemas.Location])
 def location_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     """Named folders; non-administrators see names and kinds, never paths."""
     rows = locations.listing(ctx)
@@ -145,20 +146,20 @@ class NewLocation(BaseModel):
     path: str = Field(min_length=1, max_length=4096)
 
 
-@router.post("/locations", status_code=201)
+@router.post("/locations", status_code=201, response_model=schemas.Location)
 def location_add(body: NewLocation, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "location.manage")
     return locations.add(ctx, body.name, body.kind, Path(body.path))
 
 
-@router.delete("/locations/{name}")
+@router.delete("/locations/{name}", response_model=schemas.Removed)
 def location_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "location.manage")
     locations.remove(ctx, name)
     return {"removed": name}
 
 
-@router.get("/library/{name}")
+@router.get("/library/{name}", response_model=schemas.Library)
 def library_list(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """What the registered library ``name`` holds, each VM with its checkpoint tree."""
     require(caller.who, "library.manage")
@@ -169,7 +170,7 @@ class Store(BaseModel):
     library: str = Field(min_length=1, max_length=64)
 
 
-@router.post("/vms/{vm}/store")
+@router.post("/vms/{vm}/store", response_model=schemas.Stored)
 def vm_store(vm: str, body: Store, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """Move the VM (off or saved) with its checkpoints into a library."""
     require(caller.who, "library.manage")
@@ -181,7 +182,7 @@ class Deploy(BaseModel):
     vm: str = Field(min_length=1, max_length=99, description="The stored VM's name or id.")
 
 
-@router.post("/library/{name}/deploy", status_code=201)
+@router.post("/library/{name}/deploy", status_code=201, response_model=schemas.Deployed)
 def vm_deploy(name: str, body: Deploy, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """Bring a stored VM back onto this host, checkpoints intact."""
     require(caller.who, "library.manage")

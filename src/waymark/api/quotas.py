@@ -8,12 +8,13 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from waymark.api import schemas
 from waymark.api.accounts import Role
 from waymark.api.security import CallerDep, ContextDep, require
 from waymark.ops import quotas
 from waymark.units import parse_size
 
-router = APIRouter(tags=["accounts"])
+router = APIRouter(tags=["accounts"], route_class=schemas.Route)
 COUNT = Field(default=None, ge=0, le=1_000_000)
 SIZE = Field(default=None, max_length=16, examples=["8G"])
 
@@ -34,7 +35,7 @@ class QuotaBody(BaseModel):
                    for key, text in (("memory", self.memory), ("disk", self.disk))}}
 
 
-@router.get("/users/{name}/quota")
+@router.get("/users/{name}/quota", response_model=schemas.UserQuota)
 def user_quota(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A user's quota (their own ceilings, and with their role's defaults: ``quota``) and what
     their VMs hold (``usage``); administrators read anyone's, every user their own."""
@@ -43,7 +44,7 @@ def user_quota(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     return quotas.show(ctx, user=name)
 
 
-@router.put("/users/{name}/quota")
+@router.put("/users/{name}/quota", response_model=schemas.UserQuota)
 def user_quota_set(name: str, body: QuotaBody, caller: CallerDep, ctx: ContextDep
                    ) -> dict[str, Any]:
     """Set a user's quota (administrators). A quota below what they hold removes nothing:
@@ -52,7 +53,7 @@ def user_quota_set(name: str, body: QuotaBody, caller: CallerDep, ctx: ContextDe
     return quotas.set_quota(ctx, body.limits(), user=name)
 
 
-@router.get("/roles/{role}/quota")
+@router.get("/roles/{role}/quota", response_model=schemas.RoleQuota)
 def role_quota(role: Role, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A role's default quota: what applies where a member's own quota sets nothing
     (administrators; an administrator is never limited)."""
@@ -60,7 +61,7 @@ def role_quota(role: Role, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
     return quotas.show(ctx, role=role)
 
 
-@router.put("/roles/{role}/quota")
+@router.put("/roles/{role}/quota", response_model=schemas.RoleQuota)
 def role_quota_set(role: Role, body: QuotaBody, caller: CallerDep, ctx: ContextDep
                    ) -> dict[str, Any]:
     require(caller.who, "user.manage")

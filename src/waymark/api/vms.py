@@ -8,6 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from waymark.api import schemas
 from waymark.api.security import (
     CallerDep,
     ContextDep,
@@ -25,11 +26,11 @@ from waymark.ops import machines, templates, views
 from waymark.ops import vms as vm_ops
 from waymark.units import parse_size
 
-router = APIRouter(tags=["vms"])
+router = APIRouter(tags=["vms"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
 
 
-@router.get("/vms")
+@router.get("/vms", response_model=list[schemas.VmRow])
 def vm_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
     """The VMs the caller may see."""
     with ctx.catalog.session() as session:
@@ -50,7 +51,7 @@ class NewVm(BaseModel):
     automatic_checkpoints: bool | None = None
 
 
-@router.post("/vms", status_code=201)
+@router.post("/vms", status_code=201, response_model=schemas.Vm)
 def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     """A VM from a template (self-service users: a template granted to them); the caller owns
     it, and it counts against their quota (409 quota_exceeded beyond it: nothing is made). Its
@@ -74,7 +75,7 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
     return redact(caller.who, views.vm_show(ctx, vm_id))
 
 
-@router.get("/vms/{vm}")
+@router.get("/vms/{vm}", response_model=schemas.Vm)
 def vm_show(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "vm.view", vm)
     return redact(caller.who, views.vm_show(ctx, row.id))
@@ -91,7 +92,7 @@ class VmSettings(BaseModel):
     discard_saved_state: bool = False
 
 
-@router.patch("/vms/{vm}")
+@router.patch("/vms/{vm}", response_model=schemas.Vm)
 def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "vm.set", vm)
     if body.checkpoint_dir is not None and not caller.who.admin:
@@ -106,7 +107,7 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 
-@router.delete("/vms/{vm}")
+@router.delete("/vms/{vm}", response_model=schemas.VmDeleted)
 def vm_delete(vm: str, caller: CallerDep, ctx: ContextDep, yes: bool = False
               ) -> dict[str, Any]:
     """Delete the VM with its checkpoints and the files Waymark made (``yes`` confirms)."""
@@ -122,7 +123,7 @@ class PowerOptions(BaseModel):
                                                    "state")
 
 
-def _power_route(action: str, summary: str) -> None:
+def _power_route(action: str, summary: str, answer: type[schemas.Body]) -> None:
     def handler(vm: str, caller: CallerDep, ctx: ContextDep,
                 body: PowerOptions | None = None) -> dict[str, Any]:
         row = vm_for(ctx, caller.who, "vm.power", vm)
@@ -135,10 +136,12 @@ def _power_route(action: str, summary: str) -> None:
         return redact(caller.who, asyncio.run(machines.act(ctx, row.id, action, **chosen)))
 
     router.add_api_route(f"/vms/{{vm}}/{action}", handler, methods=["POST"], summary=summary,
-                         name=f"vm_{action}")
+                         name=f"vm_{action}", response_model=answer)
 
 
-for _action, _summary in (("start", "Start (a saved VM resumes where it was saved)"),
-                          ("stop", "Shut down (force: power off)"), ("save", "Save"),
-                          ("pause", "Pause"), ("resume", "Resume")):
-    _power_route(_action, _summary)
+for _action, _summary, _answer in (
+        ("start", "Start (a saved VM resumes where it was saved)", schemas.VmStatus),
+        ("stop", "Shut down (force: power off)", schemas.VmStopped),
+        ("save", "Save", schemas.VmSaved), ("pause", "Pause", schemas.VmState),
+        ("resume", "Resume", schemas.VmState)):
+    _power_route(_action, _summary, _answer)

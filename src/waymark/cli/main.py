@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import click
 
 from waymark import __version__, failpoints, modes
-from waymark.errors import InvalidInput, WaymarkError
+from waymark.errors import InvalidInput, WaymarkError, envelope
 from waymark.text import printable
 
 if TYPE_CHECKING:
@@ -161,10 +161,8 @@ def _log_to_stderr(verbose: int) -> None:
 
 
 def _report(err: WaymarkError, as_json: bool) -> None:
-    if as_json:
-        payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
-                                   "kind": type(err).__name__, "exit_code": err.exit_code}
-        click.echo(json.dumps(payload, indent=2))
+    if as_json:  # the API's error envelope (docs/api.md, "Errors")
+        click.echo(json.dumps(envelope(err), indent=2))
     click.echo(f"error: {printable(err.message, lines=True)}", err=True)
     if err.hint:
         click.echo(printable(err.hint, lines=True), err=True)

@@ -1,0 +1,515 @@
+"""The API's success bodies, as the OpenAPI document describes them (docs/api.md).
+
+The handlers return the dicts the use cases build (what the CLI prints with ``--json``); each
+route declares one of these models as its ``response_model``, which documents the body and
+checks it on the way out (:class:`Route`):
+
+- every key a use case writes is declared: a model refuses keys it does not know
+  (``extra="forbid"``), so a new key is a 500 in the tests, never silently dropped; only the
+  bodies that are open by nature (a VM's stored configuration, a job's parameters and result,
+  the audit entry's target) are plain objects;
+- keys the answer leaves out are left out (``response_model_exclude_unset``): a caller who is
+  not an administrator gets no host paths (:func:`waymark.api.security.redact` removes those
+  keys), so those fields are optional here;
+- timestamps stay the strings the use cases write (not re-formatted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Route(APIRoute):
+    """A route whose answer is exactly the handler's dict: its ``response_model`` documents and
+    checks it, and keys the dict does not have stay absent (not ``null``)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        kwargs["response_model_exclude_unset"] = True
+        super().__init__(path, endpoint, **kwargs)
+
+
+class Body(BaseModel):
+    """A success body whose keys are all declared."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Timestamp = str  # RFC 3339 in UTC, as the use cases write it ("2026-12-07T03:12:21Z")
+HOST_PATH = "A host path: administrators only (absent for other callers)"
+
+
+# --- small answers ----------------------------------------------------------------------------
+
+class Removed(Body):
+    removed: str
+
+
+class Deleted(Body):
+    deleted: str
+
+
+class Revoked(Body):
+    revoked: str
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+class SignedIn(Body):
+    user: str
+    csrf_token: str = Field(description="Send it as X-CSRF-Token with the session's writes")
+
+
+class SignedOut(Body):
+    signed_out: str
+
+
+class Me(Body):
+    id: str
+    name: str
+    role: str
+    via: str = Field(description="How this request signed in: token or session")
+    csrf_token: str | None
+    grants: dict[str, list[str]] = Field(description="VM id (or *) -> permissions")
+    templates: list[str]
+
+
+class Quota(Body):
+    """Ceilings per resource (memory and disk in bytes); null: not limited."""
+
+    vms: int | None = None
+    cpus: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    checkpoints: int | None = None
+
+
+class Usage(Body):
+    """What a user's VMs hold (memory and disk in bytes)."""
+
+    vms: int
+    cpus: int
+    memory: int
+    disk: int
+    checkpoints: int
+
+
+class Grant(Body):
+    kind: str = Field(description="vm or template")
+    object: str = Field(description="The VM's id (or *), or the template's name")
+    permissions: list[str]
+
+
+class User(Body):
+    id: str
+    name: str
+    role: str
+    created_at: Timestamp
+    grants: list[Grant]
+    quota: Quota = Field(description="The ceilings that apply: their own, else their role's")
+    quota_limited: bool
+    usage: Usage
+
+
+class PasswordChanged(Body):
+    changed: str
+    sessions_ended: bool
+    tokens_revoked: int
+
+
+class SignInFailuresForgotten(Body):
+    user: str
+    cleared_addresses: int
+
+
+class Token(Body):
+    id: str
+    user: str
+    name: str
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    expires_at: Timestamp | None
+
+
+class NewToken(Body):
+    id: str
+    user: str
+    name: str
+    token: str = Field(description="The secret: shown in this answer only")
+    expires_at: Timestamp | None
+
+
+class Roles(Body):
+    roles: list[str]
+    vm_permissions: list[str]
+
+
+class AuditEntry(Body):
+    id: int
+    at: Timestamp
+    user: str | None
+    role: str | None
+    via: str
+    client: str | None
+    method: str
+    action: str = Field(description="METHOD and the route's template")
+    target: dict[str, Any] = Field(description="The path's parameters")
+    status: int
+    outcome: str = Field(description="ok, denied or failed")
+    message: str | None
+
+
+class UserQuota(Body):
+    user: str
+    role: str
+    own: Quota = Field(description="The user's own ceilings (null: their role's applies)")
+    quota: Quota
+    quota_limited: bool
+    usage: Usage
+
+
+class RoleQuota(Body):
+    role: str
+    quota: Quota
+
+
+# --- VMs --------------------------------------------------------------------------------------
+
+class Nic(Body):
+    mac: str
+    kind: str
+    bridge: str | None
+    forwards: list[str]
+
+
+class VmDisk(Body):
+    id: str
+    attached: bool
+    passthrough: bool
+    active_image: str | None = Field(default=None, description=HOST_PATH)
+    path: str | None = Field(default=None, description="A passthrough disk's device. "
+                                                       + HOST_PATH)
+    virtual_size: int | None = None
+    allocated_bytes: int | None = None
+    chain_depth: int | None = None
+    base_image: str | None = Field(default=None, description=HOST_PATH)
+    base_pinned: bool | None = None
+
+
+class Vm(Body):
+    id: str
+    name: str
+    state: str
+    created_at: Timestamp
+    memory_mib: int
+    cpus: int
+    machine: str
+    cpu_model: str
+    kernel: str | None = Field(default=None, description=HOST_PATH)
+    initrd: str | None = Field(default=None, description=HOST_PATH)
+    append: str | None
+    nics: list[Nic]
+    checkpoint_type: str
+    checkpoint_dir: str | None = Field(default=None, description=HOST_PATH)
+    max_checkpoints: int | None
+    automatic_checkpoints: bool | None
+    automatic_checkpoint_id: str | None
+    template: str | None
+    profile: str | None
+    settings_source: dict[str, str] = Field(description="Setting -> where it came from at "
+                                                        "creation")
+    current_checkpoint_id: str | None
+    checkpoint_count: int
+    checkpoint_space_bytes: int
+    disks: list[VmDisk]
+    detached_disks: list[VmDisk]
+
+
+class VmRow(Body):
+    id: str
+    name: str
+    state: str
+    memory_mib: int
+    cpus: int
+    checkpoint_type: str
+    checkpoints: int = Field(description="How many checkpoints it has")
+
+
+class VmDeleted(Body):
+    deleted: str = Field(description="The VM's id")
+    name: str
+
+
+class VmStatus(Body):
+    """The VM after a start."""
+
+    name: str
+    id: str
+    state: str
+    serial_log: str | None = Field(default=None, description=HOST_PATH)
+    pid: int | None
+    accelerator: str | None
+    uptime_seconds: float | None
+    agent: bool
+    last_exit: dict[str, Any] | None = None
+    saved_state: str | None = Field(default=None, description=HOST_PATH)
+
+
+class VmStopped(Body):
+    state: str
+    how: str
+
+
+class VmSaved(Body):
+    state_file: str | None = Field(default=None, description=HOST_PATH)
+    sha256: str
+    bytes: int
+    seconds: float
+
+
+class VmState(Body):
+    state: str
+
+
+class ConsoleSent(Body):
+    sent: int = Field(description="Bytes sent")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+class Checkpoint(Body):
+    id: str
+    name: str
+    parent_id: str | None
+    created_at: Timestamp
+    kind: str
+    has_memory: bool
+    requested_type: str | None
+    fallback_reason: str | None
+    skipped_disks: list[Any] | None
+    pause_seconds: float | None
+    freeze_seconds: float | None
+    allocated_bytes: int
+    shared_bytes: int
+    chain_depth: int
+
+
+class CheckpointTree(Body):
+    vm_id: str
+    vm_name: str
+    current_id: str | None = Field(description="Now's parent")
+    checkpoints: list[Checkpoint]
+
+
+class FrozenDisk(Body):
+    disk_id: str
+    frozen_image: str | None = Field(default=None, description=HOST_PATH)
+    allocated_bytes: int
+    chain_depth: int
+
+
+class CheckpointDetail(Checkpoint):
+    vm_id: str
+    vm_name: str
+    is_current: bool
+    configuration: dict[str, Any] = Field(description="The VM's hardware as it was")
+    memory_state: str | None = Field(default=None, description=HOST_PATH)
+    disks: list[FrozenDisk]
+    children: list[str]
+
+
+class Applied(Body):
+    checkpoint_id: str
+    state: str
+    safety_checkpoint_id: str | None
+    detached_disks: list[str]
+    kept_disks: list[str]
+
+
+class Named(Body):
+    id: str
+    name: str
+
+
+class CheckpointsDeleted(Body):
+    deleted: list[Named]
+    job: str = Field(description="The merge job's id (GET /api/jobs/{id})")
+
+
+class ExportStarted(Body):
+    job: str
+    location: str
+    folder: str
+
+
+# --- backups ----------------------------------------------------------------------------------
+
+class PointSummary(Body):
+    id: str
+    vm_id: str
+    vm_name: str
+    created_at: Timestamp
+    kind: str = Field(description="full or incremental")
+    parent: str | None
+    reason: str | None
+    consistency: str | None
+    bytes: int
+    virtual_bytes: int
+
+
+class BackupPoint(PointSummary):
+    repository: str = Field(description="The repository's location name")
+
+
+class PointVerified(Body):
+    id: str
+    vm_name: str | None
+    problems: list[str]
+
+
+class RestoredAsNew(Body):
+    restored_as: Vm
+
+
+class RestoredInPlace(Body):
+    point: str
+    checkpoint_id: str = Field(description="The new root checkpoint of the restored disks")
+    safety_checkpoint_id: str | None
+
+
+class Pruned(Body):
+    removed: list[PointSummary]
+    dry_run: bool
+
+
+class Schedule(Body):
+    name: str
+    vms: list[str] = Field(description="The VMs' ids")
+    repo: str
+    every: str
+    at: str
+    day: int | None
+    full_every: int | None
+    keep: dict[str, int]
+    next_due_at: Timestamp
+    last_run_at: Timestamp | None
+    last_result: Any = None
+    running: bool
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+class Job(Body):
+    id: str
+    kind: str
+    vm_id: str | None
+    vm_name: str | None
+    status: str = Field(description="queued, running, completed, failed or cancelled")
+    state: str = Field(description="The status, with a note when nobody runs the job")
+    progress: float
+    step: str | None
+    error: str | None
+    result: Any = None
+    params: Any = Field(default=None, description="Administrators only")
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+# --- profiles, templates, locations, libraries ------------------------------------------------
+
+class Profile(Body):
+    name: str
+    cpus: int | None
+    memory_mib: int | None
+    checkpoint_type: str | None
+    max_checkpoints: int | None
+    automatic_checkpoints: bool | None
+
+
+class TemplateDisk(Body):
+    file: str | None = None
+    format: str | None = None
+    source: str | None = Field(default=None, description=HOST_PATH)
+    virtual_size: int | None = None
+    sha256: str | None = None
+
+
+class Template(Body):
+    name: str
+    profile: str | None
+    checkpoint_type: str | None
+    kernel: str | None = Field(default=None, description=HOST_PATH)
+    initrd: str | None = Field(default=None, description=HOST_PATH)
+    append: str | None = None
+    folder: str | None = Field(default=None, description=HOST_PATH)
+    disks: list[TemplateDisk]
+    vms: list[str] | None = Field(default=None, description="The VMs made from it "
+                                                            "(administrators)")
+
+
+class Location(Body):
+    name: str
+    kind: str
+    path: str | None = Field(default=None, description=HOST_PATH)
+
+
+class LibraryCheckpoint(Body):
+    id: str
+    name: str
+    parent_id: str | None
+    created_at: Timestamp
+    kind: str
+    has_memory: bool
+
+
+class LibraryVm(Body):
+    id: str
+    name: str
+    status: str = Field(description="stored, storing, deploying or incomplete")
+    claim: dict[str, Any] | None
+    clash: str | None = Field(description="Why it could not be deployed here now")
+    state: str | None = None
+    stored_at: Timestamp | None = None
+    source: dict[str, Any] | None = None
+    checkpoint_type: str | None = None
+    bytes: int | None = None
+    current_id: str | None = None
+    checkpoints: list[LibraryCheckpoint] | None = None
+
+
+class Library(Body):
+    library: str
+    id: str
+    vms: list[LibraryVm]
+
+
+class Stored(Body):
+    vm: str
+    vm_id: str
+    library: str
+    checkpoints: int
+    files: int
+    bytes: int
+
+
+class Deployed(Body):
+    vm: str
+    vm_id: str
+    library: str
+    state: str
+    checkpoints: int
+
+
+# --- event streams ----------------------------------------------------------------------------
+
+EVENT_STREAM: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Server-sent events (docs/api.md, \"Event streams\")",
+    "content": {"text/event-stream": {"schema": {  # (before OpenAPI 3.2: each event)
+        "type": "object", "required": ["event", "data"],
+        "properties": {"event": {"type": "string", "description": "The event's kind"},
+                       "data": {"type": "string", "description": "Its JSON document"},
+                       "id": {"type": "string"}, "retry": {"type": "integer"}}}}}}}
