@@ -10,6 +10,8 @@ sees what the ones before it made. ```` ```sh ```` blocks are illustrations and 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 import shlex
 import shutil
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import waymark
 from tests.helpers import Waymark
 from waymark import errors
 
@@ -112,6 +115,9 @@ def test_the_getting_started_walkthrough_runs_as_written(tmp_path: Path) -> None
 
 
 def error_classes() -> list[type[errors.WaymarkError]]:
+    """Every error class of the product, whichever modules the test run imported so far."""
+    for module in pkgutil.walk_packages(waymark.__path__, "waymark."):
+        importlib.import_module(module.name)
     found: list[type[errors.WaymarkError]] = [errors.WaymarkError]
     for cls in found:
         found += cls.__subclasses__()
