@@ -104,7 +104,8 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
 def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
                     subtree: bool = False, yes: bool = False) -> dict[str, Any]:
     """Delete every checkpoint ``match`` names: a name, an id prefix, or a glob over names
-    (``Experiment*``, Hyper-V's ``Remove-VMSnapshot -Name``); several matches need ``yes``
+    (``Experiment*``, Hyper-V's ``Remove-VMSnapshot -Name``; a checkpoint named exactly
+    ``match`` wins over the glob); several matches need ``yes``
     (409 lists them otherwise). Their merges run in the returned job."""
     row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
     done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False)

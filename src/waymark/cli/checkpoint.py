@@ -193,8 +193,9 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
            as_json: bool) -> None:
     """Delete checkpoints (Hyper-V's Remove-VMSnapshot); their disk layers are merged away.
 
-    PATTERN is a name or id prefix, or a glob over names ('Experiment*'). Now's disk state is
-    never lost, even when its parent goes.
+    PATTERN is a name or id prefix, or a glob over names ('Experiment*'); a checkpoint named
+    exactly PATTERN wins over the glob. Now's disk state is never lost, even when its parent
+    goes.
     """
     if face().remote is not None:
         _delete_remote(vm_ref, pattern, subtree, yes, no_wait, as_json)
