@@ -80,9 +80,12 @@ class Rename(BaseModel):
 @router.patch("/vms/{vm}/checkpoints/{ckpt}")
 def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
+    """Rename a checkpoint. Names need not be unique (as in Hyper-V): a name another
+    checkpoint of the VM has is taken, with a warning in ``warnings`` (empty otherwise)."""
     row = vm_for(ctx, caller.who, "checkpoint.rename", vm)
-    ckpt_id = checkpoints.rename(ctx, row.id, ckpt, body.name)
-    return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
+    renamed = checkpoints.rename(ctx, row.id, ckpt, body.name)
+    return {**redact(caller.who, views.checkpoint_show(ctx, row.id, renamed.id)),
+            "warnings": renamed.warnings}
 
 
 @router.delete("/vms/{vm}/checkpoints/{ckpt}", status_code=202)

@@ -16,6 +16,7 @@ from waymark.cli.output import (
     fraction_progress,
     interactive,
     json_option,
+    warn,
 )
 from waymark.errors import ConsentRequired, InvalidInput
 from waymark.ops import checkpoints, deletion, jobs, views
@@ -174,7 +175,10 @@ def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
         data = remote.checkpoint_rename(vm_ref, ckpt_ref, new_name)
     else:
         ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-        data = views.checkpoint_show(ctx, vm_id, checkpoints.rename(ctx, vm_id, ckpt_ref, new_name))
+        renamed = checkpoints.rename(ctx, vm_id, ckpt_ref, new_name)
+        data = {**views.checkpoint_show(ctx, vm_id, renamed.id), "warnings": renamed.warnings}
+    for message in data["warnings"]:
+        warn(message)
     emit(as_json, data, [f"Renamed checkpoint {data['id'][:12]} to {data['name']!r}."])
 
 
