@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import socket
 import subprocess
 import sys
@@ -39,21 +41,28 @@ def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = N
     threading.Thread(target=answer, daemon=True).start()
 
 
-def test_console_returns_when_the_vm_stops_without_a_key_pressed(short_wm: Waymark) -> None:
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_console_returns_when_the_vm_stops_without_a_key_pressed(short_wm: Waymark,
+                                                                 terminal: bool) -> None:
     wm = short_wm
     vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
     serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"guest login: ")
-
-    proc = subprocess.Popen([sys.executable, "-m", "waymark", "vm", "console", "con"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=wm.env())
-    try:  # stdin stays open and silent: nobody presses a key
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("waymark vm console still runs 20 s after the console closed")
+    # stdin stays open and silent (a terminal, or a pipe, nobody types on)
+    keyboard, stdin = pty.openpty() if terminal else os.pipe()[::-1]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "waymark", "vm", "console", "con"],
+                                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=wm.env())
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("waymark vm console still runs 20 s after the console closed")
+        finally:
+            out, err = proc.communicate()
     finally:
-        out, err = proc.communicate()
+        os.close(keyboard)
+        os.close(stdin)
     assert proc.returncode == 0, err
     assert out == b"guest login: "
     assert b"Connected to the console of con" in err and b"Detached." in err
