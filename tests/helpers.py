@@ -194,17 +194,19 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(wm: Waymark, log: Path | None = None, timeout: float = 30.0,
-                  options: tuple[str, ...] = (), env: dict[str, str] | None = None
-                  ) -> Iterator[str]:
+                  options: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                  schedules: bool = False) -> Iterator[str]:
     """A real ``waymark serve`` over ``wm``'s home on a free loopback port (more ``options``
-    of ``waymark serve`` when given, ``env``: more environment), its output in ``log``
-    (default ``serve.log`` beside the home: a pipe nobody reads could stall it); yields the
-    base URL once the OpenAPI document answers; stopped at the end."""
+    of ``waymark serve`` when given, ``env``: more environment; it runs backup schedules only
+    when ``schedules``), its output in ``log`` (default ``serve.log`` beside the home: a pipe
+    nobody reads could stall it); yields the base URL once the OpenAPI document answers;
+    stopped at the end."""
     log = log or wm.home.parent / "serve.log"
     url = f"http://127.0.0.1:{free_port()}"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "waymark", "serve", "--listen",
-                                 url.removeprefix("http://"), "--no-schedules", *options],
+                                 url.removeprefix("http://"),
+                                 *(() if schedules else ("--no-schedules",)), *options],
                                 env=wm.env(**(env or {})),
                                 stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -181,6 +181,39 @@ def test_bad_disk_images(world: World, tmp_path: Path) -> None:
     world.assert_unchanged()
 
 
+def test_empty_or_tiny_files_are_no_disks(world: World, tmp_path: Path) -> None:
+    empty, twelve, short = tmp_path / "empty.raw", tmp_path / "twelve.img", tmp_path / "511.raw"
+    empty.touch()
+    twelve.write_bytes(b"hello world!")  # QEMU would show it as a 512-byte disk
+    short.write_bytes(bytes(511))
+    magic = tmp_path / "magic.qcow2"
+    magic.write_bytes(b"QFI\xfb" + bytes(8))  # a qcow2 magic, too short for qemu to see one
+    zero = tmp_path / "zero.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(zero), "0")
+    users = {p: file_sha256(p) for p in (empty, twelve, short, magic, zero)}
+
+    for path, fmt, size in ((empty, "raw", 0), (twelve, "raw", 12), (magic, "raw", 12),
+                            (short, "raw", 511), (zero, "qcow2", 0)):
+        says = (f"{path} is no disk: as a {fmt} image it holds {size} bytes, less than one "
+                "512-byte sector", "qemu-img create")
+        world.fails("vm", "create", "new", "--disk", "1M", "--disk", str(path), code=EXIT_IMAGE,
+                    says=says)
+        world.fails("vm", "disk", "add", "web", str(path), code=EXIT_IMAGE, says=says)
+    world.fails("vm", "disk", "add", "web", f"{empty},passthrough=on", code=EXIT_IMAGE,
+                says=f"{empty} is no disk: as a raw image it holds 0 bytes")
+    world.fails("template", "create", "tiny", "--disk", str(twelve), code=EXIT_IMAGE,
+                says=f"{twelve} is no disk")
+    assert {p: file_sha256(p) for p in users} == users
+    world.assert_unchanged()
+
+
+def test_a_disk_of_one_sector_is_a_disk(wm: Waymark, tmp_path: Path) -> None:
+    sector = tmp_path / "sector.raw"
+    sector.write_bytes(bytes(512))
+    vm = wm.json("vm", "create", "one", "--disk", str(sector))
+    assert vm["disks"][0]["virtual_size"] == 512
+
+
 def test_home_that_cannot_be_written(wm: Waymark, tmp_path: Path) -> None:
     regular = tmp_path / "a-file"
     regular.write_text("not a folder\n")

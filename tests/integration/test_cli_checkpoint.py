@@ -168,10 +168,20 @@ def test_rename_and_references(wm: Waymark) -> None:
     first = wm.json("checkpoint", "create", "web", "--name", "A")
     second = wm.json("checkpoint", "create", "web", "--name", "B")
 
-    # by exact name, then by id prefix; names need not be unique
-    assert wm.json("checkpoint", "rename", "web", "A", "  same  ")["name"] == "same"
+    # by exact name, then by id prefix; names need not be unique (as in Hyper-V), but taking
+    # a name another checkpoint has is warned about: that name is ambiguous from then on
+    alone = wm.run("checkpoint", "rename", "web", "A", "  same  ", "--json").ok()
+    assert alone.json()["name"] == "same" and alone.json()["warnings"] == []
+    assert "warning" not in alone.stderr
     renamed = wm("checkpoint", "rename", "web", second["id"][:6], "same")
     assert renamed.stdout == f"Renamed checkpoint {second['id'][:12]} to 'same'.\n"
+    assert renamed.stderr.startswith("warning: 1 other checkpoint(s) of 'web' named 'same' "
+                                     f"too ({first['id'][:12]})"), renamed.stderr
+    again = wm.run("checkpoint", "rename", "web", second["id"][:6], "same", "--json").ok()
+    [warning] = again.json()["warnings"]
+    assert first["id"][:12] in warning and "ambiguous" in warning
+    assert again.stderr == f"warning: {warning}\n"
+    assert wm.run("checkpoint", "show", "web", "same").returncode == 4  # ambiguous indeed
 
     # an exact name wins over an id prefix
     wm("checkpoint", "rename", "web", second["id"][:6], first["id"][:8])

@@ -274,6 +274,21 @@ def test_plain_reference_matches_one_checkpoint(wm: Waymark) -> None:
     vm.assert_no_orphans()
 
 
+@pytest.mark.also_served
+def test_an_exact_name_wins_over_the_pattern_it_looks_like(wm: Waymark) -> None:
+    vm = Vm(wm, "patches")
+    ids = build_chain(vm, ["Patch [KB5001]*", "Patch K-other", "Patch 0-other"])
+    # as a glob, 'Patch [KB5001]*' matches the other two and not itself
+    assert vm.delete("Patch [KB5001]*") == [ids["Patch [KB5001]*"]]
+    vm.assert_contents({ids["Patch K-other"], ids["Patch 0-other"]})
+
+    # with no checkpoint so named, it is a glob again
+    assert sorted(vm.delete("Patch [KB5001]*", "--yes")) == \
+        sorted([ids["Patch K-other"], ids["Patch 0-other"]])
+    vm.assert_contents(set())
+    vm.assert_no_orphans()
+
+
 def _merge_case(wm: Waymark, name: str, u_bytes: int, k_bytes: int) -> dict[str, Any]:
     """base (frozen by A) <- U (``u_bytes`` written, frozen by C) <- K (``k_bytes``, active);
     then delete C, which leaves U unreferenced with one child."""

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import content_sha256, qemu_io_write, query
 from waymark.config import Settings
-from waymark.errors import NotFound
+from waymark.errors import Ambiguous, NotFound
 from waymark.ops import checkpoints, deletion, views, vms
 from waymark.ops.checkpoints import ApplyMode
 from waymark.ops.context import Context
@@ -44,7 +44,7 @@ from waymark.ops.context import Context
 MIB = 1 << 20
 CLUSTER = 64 * 1024  # qcow2's default cluster size: every write is cluster-aligned
 VM = "prop"
-NAMES = ("Exp-1", "Exp-2", "keep-3")
+NAMES = ("Exp-1", "Exp-2", "keep-3", "Exp*")  # a name like a pattern: the exact name wins
 PATTERNS = ("Exp*", "*-2", "keep-?")
 MERGES = ("commit_down", "pull_up")
 COMPACTION = ("drop", *MERGES)
@@ -260,7 +260,7 @@ class Model:
             self.forget(doomed)
         else:
             target = self.pick(op.pick)
-            assert checkpoints.rename(self.ctx, self.vm_id, target, op.name) == target
+            assert checkpoints.rename(self.ctx, self.vm_id, target, op.name).id == target
             self.names[target] = op.name
 
     def write(self, op: Write) -> None:
@@ -298,7 +298,13 @@ class Model:
         return {m.id for m in done.checkpoints}
 
     def delete_matching(self, pattern: str) -> None:
-        doomed = {c for c, name in self.names.items() if fnmatch.fnmatchcase(name, pattern)}
+        exact = {c for c, name in self.names.items() if name == pattern}  # wins over the glob
+        if len(exact) > 1:
+            with pytest.raises(Ambiguous):
+                deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True)
+            return
+        doomed = exact or {c for c, name in self.names.items()
+                           if fnmatch.fnmatchcase(name, pattern)}
         if not doomed:
             with pytest.raises(NotFound):
                 deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True)

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,40 @@ def test_parallel_creates_never_pass_the_quota_together(served: Served) -> None:
                if r.status_code == 409)
     assert len(owned(served, "carl")) == 3
     assert served.ok("admin", "GET", "/api/users/carl/quota")["usage"]["vms"] == 3
+
+
+@contextmanager
+def owner_writes(home: Path) -> Iterator[list[tuple[str, str, str | None]]]:
+    """Every write of a VM's owner while inside, as (how, VM name, owner id): SQLite triggers
+    on the catalog record each INSERT of a VM and each UPDATE of its owner; removed after."""
+    con = sqlite3.connect(home / "catalog.db")
+    try:
+        con.executescript("""
+            CREATE TABLE test_owner_writes (how TEXT, name TEXT, owner_id TEXT);
+            CREATE TRIGGER test_vm_inserted AFTER INSERT ON vms BEGIN
+                INSERT INTO test_owner_writes VALUES ('insert', NEW.name, NEW.owner_id); END;
+            CREATE TRIGGER test_owner_updated AFTER UPDATE OF owner_id ON vms BEGIN
+                INSERT INTO test_owner_writes VALUES ('update', NEW.name, NEW.owner_id); END;
+        """)
+        writes: list[tuple[str, str, str | None]] = []
+        yield writes
+        writes += con.execute("SELECT how, name, owner_id FROM test_owner_writes").fetchall()
+    finally:
+        con.executescript("DROP TRIGGER IF EXISTS test_vm_inserted; "
+                          "DROP TRIGGER IF EXISTS test_owner_updated; "
+                          "DROP TABLE IF EXISTS test_owner_writes;")
+        con.close()
+
+
+def test_a_vm_made_through_the_api_is_inserted_with_its_owner(served: Served) -> None:
+    """The VM's row and its owner are one write, so no crash leaves an ownerless VM (that a
+    parallel create would not count against the quota either)."""
+    served.user("olga", "--vms", "2")
+    [(olga,)] = query(served.wm.home, "SELECT id FROM users WHERE name = 'olga'")
+    with owner_writes(served.wm.home) as writes:
+        served.ok("olga", "POST", "/api/vms", {"name": "olga-1", "template": "tpl"})
+    assert writes == [("insert", "olga-1", olga)]
+    assert owned(served, "olga") == ["olga-1"]
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -78,12 +78,15 @@ class Rename(BaseModel):
     name: str = Field(min_length=1, max_length=99)
 
 
-@router.patch("/vms/{vm}/checkpoints/{ckpt}", response_model=schemas.CheckpointDetail)
+@router.patch("/vms/{vm}/checkpoints/{ckpt}", response_model=schemas.CheckpointRenamed)
 def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
+    """Rename a checkpoint. Names need not be unique (as in Hyper-V): a name another
+    checkpoint of the VM has is taken, with a warning in ``warnings`` (empty otherwise)."""
     row = vm_for(ctx, caller.who, "checkpoint.rename", vm)
-    ckpt_id = checkpoints.rename(ctx, row.id, ckpt, body.name)
-    return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
+    renamed = checkpoints.rename(ctx, row.id, ckpt, body.name)
+    return {**redact(caller.who, views.checkpoint_show(ctx, row.id, renamed.id)),
+            "warnings": renamed.warnings}
 
 
 @router.delete("/vms/{vm}/checkpoints/{ckpt}", status_code=202,
@@ -106,7 +109,8 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
 def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
                     subtree: bool = False, yes: bool = False) -> dict[str, Any]:
     """Delete every checkpoint ``match`` names: a name, an id prefix, or a glob over names
-    (``Experiment*``, Hyper-V's ``Remove-VMSnapshot -Name``); several matches need ``yes``
+    (``Experiment*``, Hyper-V's ``Remove-VMSnapshot -Name``; a checkpoint named exactly
+    ``match`` wins over the glob); several matches need ``yes``
     (409 lists them otherwise). Their merges run in the returned job."""
     row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
     done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False)

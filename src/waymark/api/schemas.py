@@ -321,6 +321,11 @@ class CheckpointDetail(Checkpoint):
     children: list[str]
 
 
+class CheckpointRenamed(CheckpointDetail):
+    warnings: list[str] = Field(description="Why the new name may surprise (another checkpoint "
+                                            "of the VM has it); empty when nothing does")
+
+
 class Applied(Body):
     checkpoint_id: str
     state: str

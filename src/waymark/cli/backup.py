@@ -250,8 +250,19 @@ def schedule_list(as_json: bool) -> None:
     """The schedules, when each runs next and how its last run went."""
     rows = schedules.listing(face().ctx)
     lines = [f"{r['name']:<20} {r['every']:<8} {r['at']}  next {r['next_due_at']}  last "
-             f"{r['last_run_at'] or '-'}{'  (running)' if r['running'] else ''}" for r in rows]
+             f"{r['last_run_at'] or '-'}{'  (running)' if r['running'] else ''}"
+             f"{_last_failure(r['last_result'])}" for r in rows]
     emit(as_json, rows, lines or ["No backup schedules."])
+
+
+def _last_failure(result: dict[str, Any] | None) -> str:
+    """What went wrong in a schedule's last run, for its line in ``schedule list``."""
+    if not result:
+        return ""
+    failed = [f"{v['vm']}: {v['error']}" for v in result["vms"] if v["error"]]
+    if result.get("error"):
+        failed.append(result["error"])
+    return f"  FAILED: {'; '.join(failed)}" if failed else ""
 
 
 @schedule.command("remove")

@@ -16,6 +16,7 @@ from waymark.cli.output import (
     fraction_progress,
     interactive,
     json_option,
+    warn,
 )
 from waymark.errors import ConsentRequired, InvalidInput
 from waymark.ops import checkpoints, deletion, jobs, views
@@ -174,7 +175,10 @@ def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
         data = remote.checkpoint_rename(vm_ref, ckpt_ref, new_name)
     else:
         ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-        data = views.checkpoint_show(ctx, vm_id, checkpoints.rename(ctx, vm_id, ckpt_ref, new_name))
+        renamed = checkpoints.rename(ctx, vm_id, ckpt_ref, new_name)
+        data = {**views.checkpoint_show(ctx, vm_id, renamed.id), "warnings": renamed.warnings}
+    for message in data["warnings"]:
+        warn(message)
     emit(as_json, data, [f"Renamed checkpoint {data['id'][:12]} to {data['name']!r}."])
 
 
@@ -193,8 +197,9 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
            as_json: bool) -> None:
     """Delete checkpoints (Hyper-V's Remove-VMSnapshot); their disk layers are merged away.
 
-    PATTERN is a name or id prefix, or a glob over names ('Experiment*'). Now's disk state is
-    never lost, even when its parent goes.
+    PATTERN is a name or id prefix, or a glob over names ('Experiment*'); a checkpoint named
+    exactly PATTERN wins over the glob. Now's disk state is never lost, even when its parent
+    goes.
     """
     if face().remote is not None:
         _delete_remote(vm_ref, pattern, subtree, yes, no_wait, as_json)

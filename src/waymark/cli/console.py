@@ -34,10 +34,32 @@ async def _pump_out(reader: asyncio.StreamReader) -> None:
         os.write(sys.stdout.fileno(), data)
 
 
-async def _pump_in(writer: asyncio.StreamWriter) -> None:
+async def _readable(fd: int) -> None:
+    """Wait until ``fd`` has input, on the event loop itself: a reader thread blocked in
+    ``os.read`` would keep ``asyncio.run`` from returning after the VM stopped, until a key was
+    pressed. A regular file cannot be polled and never blocks, so it is ready at once."""
     loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    try:
+        loop.add_reader(fd, wake)
+    except PermissionError:  # epoll refuses regular files
+        return
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _pump_in(writer: asyncio.StreamWriter) -> None:
+    fd = sys.stdin.fileno()
     while True:
-        data = await loop.run_in_executor(None, os.read, sys.stdin.fileno(), 1024)
+        await _readable(fd)
+        data = os.read(fd, 1024)
         if not data or DETACH in data:
             writer.write(data.split(DETACH)[0])
             return

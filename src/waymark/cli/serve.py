@@ -101,16 +101,20 @@ def _body_limit(text: str) -> int:
     return size
 
 
-def _schedules(ctx: Context, stop: threading.Event) -> None:
-    """Run due backup schedules every half minute until ``stop``."""
+def _schedules(ctx: Context, stop: threading.Event, every: float) -> None:
+    """Run due backup schedules every ``every`` seconds until ``stop``; nothing one look raises
+    ends the thread (each run records its own failure, see :mod:`waymark.ops.schedules`)."""
     from waymark.ops import schedules
 
-    while not stop.wait(SCHEDULE_EVERY):
+    while not stop.wait(every):
         try:
             for run in schedules.run_due(ctx):
-                log.info("schedule %s ran: %s", run["schedule"], run)
+                log.log(logging.WARNING if run.get("error") else logging.INFO,
+                        "schedule %s ran: %s", run["schedule"], run)
         except WaymarkError as err:
             log.warning("backup schedules: %s", err.message)
+        except Exception:
+            log.exception("backup schedules failed; looking again in %s s", every)
 
 
 @click.command()
@@ -126,6 +130,9 @@ def _schedules(ctx: Context, stop: threading.Event) -> None:
               help="A reverse proxy (IP address or network) whose X-Forwarded-For and "
                    "X-Forwarded-Proto are believed; repeatable. Default: none.")
 @click.option("--no-schedules", is_flag=True, help="Do not run backup schedules here.")
+@click.option("--schedule-every", type=click.FloatRange(1, 3600), default=SCHEDULE_EVERY,
+              show_default=True, metavar="SECONDS",
+              help="How often to look for due backup schedules.")
 @click.option("--max-body", default="1M", show_default=True, metavar="SIZE",
               help="The largest request body taken (larger: 413).")
 @click.option("--max-connections", type=click.IntRange(1, 100000), default=MAX_CONNECTIONS,
@@ -137,8 +144,8 @@ def _schedules(ctx: Context, stop: threading.Event) -> None:
               show_default=True, metavar="SECONDS",
               help="An event stream ends after this long (its client reconnects).")
 def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
-          trusted_proxies: tuple[str, ...], no_schedules: bool, max_body: str,
-          max_connections: int, max_streams: int, stream_lifetime: float) -> None:
+          trusted_proxies: tuple[str, ...], no_schedules: bool, schedule_every: float,
+          max_body: str, max_connections: int, max_streams: int, stream_lifetime: float) -> None:
     """Serve the REST API (OpenAPI at /api/openapi.json) and run the backup schedules."""
     import uvicorn
 
@@ -161,7 +168,8 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
     stop = threading.Event()
     if not no_schedules:
-        threading.Thread(target=_schedules, args=(ctx, stop), name="schedules", daemon=True).start()
+        threading.Thread(target=_schedules, args=(ctx, stop, schedule_every), name="schedules",
+                         daemon=True).start()
     click.echo(f"Waymark API on {'https' if cert else 'http'}://{listen}/api "
                f"(home {ctx.home})", err=True)
     try:

@@ -18,6 +18,7 @@ from waymark.errors import ImageError, NotFound, ToolError
 
 FORMATS = ("qcow2", "raw")
 QCOW2_MAGIC = b"QFI\xfb"
+SECTOR = 512
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,24 @@ def probe_format(path: Path) -> str:
     except ToolError as err:
         raise ImageError(f"{path} is not a readable disk image: {err.message}",
                          hint="Give a qcow2 or raw image file.") from err
-    fmt = str(json.loads(out).get("format", "?"))
+    probed = json.loads(out)
+    fmt = str(probed.get("format", "?"))
     if fmt not in FORMATS:
         raise ImageError(f"{path} is a {fmt} image; Waymark takes qcow2 or raw.",
                          hint=f"Convert it first: qemu-img convert -O qcow2 {path} NEW.qcow2")
+    # QEMU rounds a short raw file up to a sector: its own length is what it holds
+    check_disk_size(path, fmt, path.stat().st_size if fmt == "raw"
+                    else int(probed.get("virtual-size") or 0))
     return fmt
+
+
+def check_disk_size(path: Path, fmt: str, size: int) -> None:
+    """A disk holds at least one sector: an empty or 12-byte file is no disk image."""
+    if size < SECTOR:
+        raise ImageError(f"{path} is no disk: as a {fmt} image it holds {size} bytes, less "
+                         f"than one {SECTOR}-byte sector.",
+                         hint="Give a real qcow2 or raw disk image (an empty one: qemu-img "
+                              "create -f qcow2 NEW.qcow2 10G).")
 
 
 def chain(path: Path, fmt: str) -> list[ImageInfo]:

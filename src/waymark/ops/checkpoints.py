@@ -292,10 +292,30 @@ def _commit_apply(session: Session, params: dict[str, Any]) -> None:
     compact.mark(session, params["vm"])
 
 
-def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> str:
-    """A name is one row: renaming needs no VM lock, so it never waits for a merge."""
+@dataclass(frozen=True)
+class Renamed:
+    id: str
+    warnings: list[str]
+
+
+def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> Renamed:
+    """A name is one row: renaming needs no VM lock, so it never waits for a merge. As in
+    Hyper-V, names need not be unique; a name another checkpoint of the VM has is taken with a
+    warning (a reference by that name is then ambiguous)."""
     label = names.clean(new_name, what="checkpoint name", commas=True)
     with ctx.catalog.session() as session:
-        row = lookup.checkpoint(session, lookup.vm_by_id(session, vm_id), ckpt_ref)
+        vm_row = lookup.vm_by_id(session, vm_id)
+        row = lookup.checkpoint(session, vm_row, ckpt_ref)
         row.name = label
-        return row.id
+        return Renamed(row.id, _same_name(session, vm_row, row))
+
+
+def _same_name(session: Session, vm_row: Vm, renamed: Checkpoint) -> list[str]:
+    """A warning when other checkpoints of the VM have ``renamed``'s name."""
+    others = [c.id[:12] for c in lookup.checkpoints(session, vm_row.id)
+              if c.name == renamed.name and c.id != renamed.id]
+    if not others:
+        return []
+    return [f"{len(others)} other checkpoint(s) of {vm_row.name!r} named {renamed.name!r} too "
+            f"({', '.join(others)}): refer to them by id prefix, a reference by this name is "
+            "ambiguous."]

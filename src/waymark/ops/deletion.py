@@ -36,11 +36,13 @@ def is_pattern(text: str) -> bool:
 
 
 def matching(ctx: Context, vm_id: str, pattern: str) -> list[Match]:
-    """The checkpoints ``pattern`` names: a glob over names, else one name or id prefix."""
+    """The checkpoints ``pattern`` names: one name or id prefix, else a glob over names. An
+    exact name wins over the glob, so ``Patch [KB5001]*`` deletes the checkpoint so named
+    (several so named are ambiguous, as any name), never the ones the glob would match."""
     with ctx.catalog.session() as session:
         vm_row = lookup.vm_by_id(session, vm_id)
         nodes = lookup.nodes(lookup.checkpoints(session, vm_row.id))
-        if not is_pattern(pattern):
+        if not is_pattern(pattern) or any(n.name == pattern for n in nodes):
             node = tree.resolve(nodes, pattern, owner=vm_row.name)
             return [Match(node.id, node.name)]
         found = [Match(n.id, n.name) for n in nodes if fnmatch.fnmatchcase(n.name, pattern)]

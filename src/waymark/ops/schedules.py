@@ -5,11 +5,14 @@ A due schedule is *claimed* in the catalog before it runs, by one UPDATE that su
 nobody holds it (or its holder's process is gone): two runners never run the same slot. After the
 run, the next slot is the first one after *now*, so a runner that missed several slots runs once.
 Each run backs up the schedule's VMs (one failing VM does not stop the others), then prunes the
-repository with the schedule's retention.
+repository with the schedule's retention. A run that fails, whatever the cause (a refusal, or a
+defect: any exception, logged with its traceback), is recorded as the schedule's last result
+(``error``) and releases its claim, so the next runner, or the same ``waymark serve``, carries on.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from waymark.errors import Conflict, InvalidInput, NotFound, WaymarkError
 from waymark.ops import backups, lookup
 from waymark.ops.context import Context
 from waymark.ops.views import rfc3339
+
+log = logging.getLogger(__name__)
 
 
 def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str, at: str,
@@ -120,26 +125,53 @@ def _aware(when: datetime) -> datetime:
 
 
 def _run_one(ctx: Context, name: str, due: datetime, report: backups.Report) -> dict[str, Any]:
-    with ctx.catalog.session() as session:
-        row = session.get_one(Schedule, name)
-        vms, repo, keep = list(row.vms), Path(row.repo), retention.Policy(**row.keep)
-        every, at, day, full_every = row.every, timing.parse_at(row.at), row.day, row.full_every
+    """One claimed run. Whatever it raises becomes its recorded result and the claim is
+    released: a scheduler (``waymark serve``'s thread) outlives any one run, and a slot is never
+    left claimed by a runner that is still alive but no longer running it."""
     result: dict[str, Any] = {"schedule": name, "due_at": rfc3339(due), "vms": []}
     try:
-        outcomes = backups.run(ctx, vms, repo, report, full_every=full_every)
-        with ctx.catalog.session() as session:
-            names = {v: lookup.vm_name(session, v) for v in vms}
-        result["vms"] = [{"vm": names.get(o.vm, o.vm), "vm_id": o.vm,
-                          "point": o.point["id"] if o.point else None, "error": o.error}
-                         for o in outcomes]
-        if not keep.empty():
-            result["pruned"] = [p["id"] for p in backups.prune(ctx, repo, keep)]
+        _back_up(ctx, name, result, report)
     except WaymarkError as err:
         result["error"] = err.message
-    finished = datetime.now(UTC)
+    except Exception as err:  # a defect, not a refusal: logged with its traceback, recorded
+        log.exception("backup schedule %s failed", name)
+        result["error"] = f"unexpected error ({type(err).__name__}: {err}); see the log."
+    _finish(ctx, name, result)
+    return result
+
+
+def _back_up(ctx: Context, name: str, result: dict[str, Any], report: backups.Report) -> None:
+    """Back up the schedule's VMs, then prune with its retention; fills ``result`` in."""
     with ctx.catalog.session() as session:
         row = session.get_one(Schedule, name)
+        _slot_after(row, datetime.now(UTC))  # a timing it cannot read fails before any backup
+        vms, repo, keep = list(row.vms), Path(row.repo), retention.Policy(**row.keep)
+        full_every = row.full_every
+    outcomes = backups.run(ctx, vms, repo, report, full_every=full_every)
+    with ctx.catalog.session() as session:
+        names = {v: lookup.vm_name(session, v) for v in vms}
+    result["vms"] = [{"vm": names.get(o.vm, o.vm), "vm_id": o.vm,
+                      "point": o.point["id"] if o.point else None, "error": o.error}
+                     for o in outcomes]
+    if not keep.empty():
+        result["pruned"] = [p["id"] for p in backups.prune(ctx, repo, keep)]
+
+
+def _finish(ctx: Context, name: str, result: dict[str, Any]) -> None:
+    """Record the run, release the claim, and set the next slot: the first after now, so a
+    runner that missed several slots runs once."""
+    finished = datetime.now(UTC)
+    with ctx.catalog.session() as session:
+        row = session.get(Schedule, name)
+        if row is None:  # removed while it ran
+            return
         row.last_run_at, row.last_result = finished, result
-        row.next_due_at = timing.next_run(every, at, day, finished)
         row.claimed_pid = row.claimed_start = None
-    return result
+        try:
+            row.next_due_at = _slot_after(row, finished)
+        except Exception:  # the run failed on it before any backup: it stays due
+            log.warning("backup schedule %s: its timing gives no next slot", name)
+
+
+def _slot_after(row: Schedule, moment: datetime) -> datetime:
+    return timing.next_run(row.every, timing.parse_at(row.at), row.day, moment)

@@ -205,6 +205,8 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         if spec.path.is_dir():
             raise InvalidInput(f"pass-through target {spec.path} is a folder.",
                                hint="Give a block device or a file.")
+        if spec.path.is_file():  # a block device's size is no file length
+            qemu_img.check_disk_size(spec.path, "raw", spec.path.stat().st_size)
         disk["passthrough_path"] = str(spec.path)
         return disk, [], []
     folder = ctx.disk_folder(vm_id)

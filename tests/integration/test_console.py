@@ -1,0 +1,79 @@
+"""``waymark vm console`` through the real CLI, against a serial socket served by the test."""
+
+from __future__ import annotations
+
+import os
+import pty
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Waymark
+
+
+@pytest.fixture
+def short_wm() -> Iterator[Waymark]:
+    """A home with a short path: a unix socket path must stay under 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="wm", dir="/tmp") as home:
+        yield Waymark(Path(home))
+
+
+def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = None) -> None:
+    """A serial console that greets one client, then hangs up at once as QEMU does when the VM
+    stops, or (given ``typed``) collects what the client types until it leaves."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer() -> None:
+        with server, server.accept()[0] as client:
+            client.sendall(greeting)
+            while typed is not None and (data := client.recv(1024)):
+                typed.append(data)
+
+    threading.Thread(target=answer, daemon=True).start()
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_console_returns_when_the_vm_stops_without_a_key_pressed(short_wm: Waymark,
+                                                                 terminal: bool) -> None:
+    wm = short_wm
+    vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
+    serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"guest login: ")
+    # stdin stays open and silent (a terminal, or a pipe, nobody types on)
+    keyboard, stdin = pty.openpty() if terminal else os.pipe()[::-1]
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "waymark", "vm", "console", "con"],
+                                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=wm.env())
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("waymark vm console still runs 20 s after the console closed")
+        finally:
+            out, err = proc.communicate()
+    finally:
+        os.close(keyboard)
+        os.close(stdin)
+    assert proc.returncode == 0, err
+    assert out == b"guest login: "
+    assert b"Connected to the console of con" in err and b"Detached." in err
+
+
+def test_console_sends_keys_and_detaches_on_ctrl_close_bracket(short_wm: Waymark) -> None:
+    wm = short_wm
+    vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
+    typed: list[bytes] = []
+    serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"$ ", typed)
+
+    done = wm.run("vm", "console", "con", input="ls\n\x1dnot sent").ok()
+    assert "Detached." in done.stderr
+    assert b"".join(typed) == b"ls\n"
