@@ -20,6 +20,9 @@ from waymark.errors import ToolError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# qemu.qmp logs a warning for every connection it could not make; Waymark retries some and
+# reports the ones that matter as its own errors, so the library speaks up only for errors.
+logging.getLogger("qemu.qmp").setLevel(logging.ERROR)
 
 
 class Qmp:

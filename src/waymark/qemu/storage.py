@@ -63,21 +63,25 @@ async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
 
 async def _session(stack: contextlib.AsyncExitStack, daemon: subprocess.Popen[bytes],
                    socket: Path, label: str) -> qmp.Qmp:
-    """The QMP session, once the daemon listens. The first connection that gets through is the
-    session: no probe connection before it (QEMU could drop the connection that follows a
-    client's hang-up, an EOF instead of its greeting, seen on a loaded host)."""
+    """The QMP session, once the daemon greets. No probe connection comes first, and a
+    connection that gets no greeting within a second is dropped and made again: QEMU may
+    take a connection before its monitor is attached, or drop the one that follows a
+    client's hang-up (both seen on a loaded host, as a greeting that never came or an EOF)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_TIMEOUT
     while True:
         if daemon.poll() is not None:
             raise ToolError(f"qemu-storage-daemon could not open the disks of {label}: "
                             f"{_stderr(daemon)}")
-        try:
-            return await stack.enter_async_context(
-                qmp.connect(socket, label, timeout=max(deadline - loop.time(), 1.0)))
-        except ToolError:
-            if loop.time() > deadline:
-                raise ToolError(f"qemu-storage-daemon for {label} did not start.") from None
+        if socket.exists():
+            try:
+                return await stack.enter_async_context(qmp.connect(socket, label, 1.0))
+            except ToolError as err:
+                if loop.time() > deadline:
+                    raise ToolError(f"qemu-storage-daemon for {label} did not answer: "
+                                    f"{err.message}") from None
+        elif loop.time() > deadline:
+            raise ToolError(f"qemu-storage-daemon for {label} did not start.")
         await asyncio.sleep(0.02)
 
 
