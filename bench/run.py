@@ -119,8 +119,9 @@ def bench_delete(root: Path, runs: int) -> None:
 def _delete_in_process(home: Home) -> None:
     """The same delete through the library: no interpreter start-up, no imports."""
     from waymark.config import Settings
-    from waymark.ops import deletion, lookup
-    from waymark.ops.context import Context
+    from waymark.engine import lookup
+    from waymark.engine.context import Context
+    from waymark.usecases.checkpoints import deletion
 
     ctx = Context.open(Settings(home=home.path))
     with ctx.catalog.session() as session:

@@ -76,7 +76,8 @@ class LimitReached(Conflict):
 
 class QuotaExceeded(LimitReached):
     """A change would take its VM's owner past a quota an administrator set
-    (:mod:`waymark.ops.quotas`): 409 like the per-VM checkpoint limit, since freeing room
+    (:mod:`waymark.usecases.access.quotas`): 409 like the per-VM checkpoint limit, since freeing
+    room
     (deleting a VM or checkpoints) or a raised quota lets the same request pass; 403 stays the
     answer for what the caller's role or grants never allow."""
 

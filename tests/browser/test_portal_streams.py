@@ -19,8 +19,9 @@ import pytest
 from tests.browser.test_portal import Watch, browser_page, sign_in
 from tests.helpers import Waymark, serve_process
 from waymark.config import Settings
-from waymark.ops import jobs, users
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.usecases.access import users
 
 ADMIN, PASSWORD = "root-admin", "test-password"
 

@@ -35,8 +35,9 @@ import pytest
 
 from tests.helpers import Waymark, query, serve_process
 from waymark.config import Settings
-from waymark.ops import jobs, users
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.usecases.access import users
 
 MIB = 1024 * 1024
 PASSWORD = "a-password-1"

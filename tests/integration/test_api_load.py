@@ -331,8 +331,9 @@ def test_a_view_reads_one_state(tmp_path: Path) -> None:
     the VM as it was (or as it is), never a 500."""
     from waymark.api.app import create_app
     from waymark.config import Settings
-    from waymark.ops import checkpoints, users
-    from waymark.ops.context import Context
+    from waymark.engine.context import Context
+    from waymark.usecases.access import users
+    from waymark.usecases.checkpoints import lifecycle as checkpoints
 
     wm = Waymark(tmp_path / "home")
     wm("vm", "create", "r", "--disk", "1M")

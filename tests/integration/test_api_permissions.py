@@ -72,8 +72,10 @@ from fastapi.testclient import TestClient
 from tests.helpers import Waymark, query
 from waymark.api.app import create_app
 from waymark.config import Settings
-from waymark.ops import jobs, liveness, users
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.engine.running import presence as liveness
+from waymark.usecases.access import users
 
 CALLERS = ("admin", "owner", "granted_full", "restore_only", "backupop", "reader", "outsider")
 ROLES = {"admin": "administrator", "owner": "self-service", "granted_full": "self-service",

@@ -52,8 +52,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.helpers import Waymark, serve_process
 from waymark.api.app import create_app
 from waymark.config import Settings
-from waymark.ops import locks
-from waymark.ops.context import Context
+from waymark.engine import locks
+from waymark.engine.context import Context
 
 PASSWORD = "admin-password-1"
 READER_PASSWORD = "reader-password-1"

@@ -36,10 +36,13 @@ from hypothesis import strategies as st
 
 from tests.helpers import content_sha256, qemu_io_write, query
 from waymark.config import Settings
+from waymark.engine.context import Context
 from waymark.errors import NotFound
-from waymark.ops import checkpoints, deletion, views, vms
-from waymark.ops.checkpoints import ApplyMode
-from waymark.ops.context import Context
+from waymark.usecases import views
+from waymark.usecases.checkpoints import deletion
+from waymark.usecases.checkpoints import lifecycle as checkpoints
+from waymark.usecases.checkpoints.lifecycle import ApplyMode
+from waymark.usecases.vms import definitions as vms
 
 MIB = 1 << 20
 CLUSTER = 64 * 1024  # qcow2's default cluster size: every write is cluster-aligned
@@ -138,7 +141,7 @@ def backing_of(path: str) -> str | None:
 
 
 class Model:
-    """One VM with one disk, driven through ``waymark.ops``, next to a model of it."""
+    """One VM with one disk, driven through ``waymark.usecases``, next to a model of it."""
 
     def __init__(self, home: Path, mib: int) -> None:
         self.home = home

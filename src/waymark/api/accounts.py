@@ -17,10 +17,10 @@ from waymark.api.security import (
     require,
     sign_in,
 )
-from waymark.auth import policy
 from waymark.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
-from waymark.ops import audit, users
-from waymark.units import parse_duration
+from waymark.model import policy
+from waymark.model.units import parse_duration
+from waymark.usecases.access import audit, users
 
 router = APIRouter(tags=["accounts"])
 Role = Literal["administrator", "self-service", "backup-operator", "read-only"]

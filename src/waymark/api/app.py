@@ -37,9 +37,9 @@ from waymark.api import (
     vms,
 )
 from waymark.api import quotas as quota_api
+from waymark.engine.context import Context
 from waymark.errors import WaymarkError
-from waymark.ops import audit, quotas
-from waymark.ops.context import Context
+from waymark.usecases.access import audit, quotas
 from waymark.web import pages
 
 log = logging.getLogger(__name__)

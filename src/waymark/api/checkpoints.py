@@ -11,8 +11,13 @@ from pydantic import BaseModel, Field
 
 from waymark.api.security import CallerDep, ContextDep, redact, require_vm, vm_for
 from waymark.catalog.models import Vm
-from waymark.ops import checkpoints, deletion, jobs, liveness, locations, views
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.engine.running import presence as liveness
+from waymark.usecases import views
+from waymark.usecases.access import locations
+from waymark.usecases.checkpoints import deletion
+from waymark.usecases.checkpoints import lifecycle as checkpoints
 
 router = APIRouter(tags=["checkpoints"])
 

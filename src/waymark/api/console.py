@@ -17,11 +17,11 @@ from pydantic import BaseModel, Field
 
 from waymark.api import streams
 from waymark.api.security import CallerDep, ContextDep, require_vm, vm_for
-from waymark.auth.policy import Principal
 from waymark.catalog.models import Vm
+from waymark.engine.context import Context
+from waymark.engine.running import presence as liveness
 from waymark.errors import Conflict, NotFound
-from waymark.ops import liveness
-from waymark.ops.context import Context
+from waymark.model.policy import Principal
 
 router = APIRouter(tags=["console"])
 TAIL = 8192  # bytes of earlier output a new reader gets

@@ -14,12 +14,12 @@ from starlette.concurrency import run_in_threadpool
 
 from waymark.api import streams
 from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
-from waymark.auth import policy
-from waymark.auth.policy import Principal
 from waymark.catalog.models import Job, Vm
+from waymark.engine import jobs
+from waymark.engine.context import Context
 from waymark.errors import NotFound, WaymarkError
-from waymark.ops import jobs
-from waymark.ops.context import Context
+from waymark.model import policy
+from waymark.model.policy import Principal
 
 router = APIRouter(tags=["jobs"])
 

@@ -1,6 +1,6 @@
 """Who is calling: an API token (``Authorization: Bearer wm_...``) or a session cookie, whose
 writes must carry the session's CSRF token (``X-CSRF-Token``); and the scope checks every
-endpoint makes on the server (:mod:`waymark.auth.policy`)."""
+endpoint makes on the server (:mod:`waymark.model.policy`)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from waymark.auth import policy
-from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import Vm
+from waymark.engine import lookup
+from waymark.engine.context import Context
 from waymark.errors import Forbidden, NotFound, TooManyAttempts, Unauthenticated
-from waymark.ops import lookup, quotas, users
-from waymark.ops.context import Context
+from waymark.model import policy
+from waymark.model.policy import Decision, Principal
+from waymark.usecases.access import quotas, users
 
 COOKIE = "waymark_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -153,7 +154,7 @@ def in_scope(who: Principal) -> lookup.Visible:
 
 
 def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
-    """The VM ``ref`` names among those the caller may see (:func:`waymark.ops.lookup.vm`:
+    """The VM ``ref`` names among those the caller may see (:func:`waymark.engine.lookup.vm`:
     an exact full id first, then a name, then an id prefix), resolved once here; the use cases
     then take its id. 404 when there is none the caller may see (as for a VM that does not
     exist), 403 when ``action`` is not allowed on it."""

@@ -17,13 +17,15 @@ from waymark.api.security import (
     require,
     vm_for,
 )
-from waymark.auth import policy
-from waymark.auth.policy import Decision
 from waymark.catalog.models import Vm
+from waymark.engine.running import power as machines
 from waymark.errors import Forbidden, NotFound
-from waymark.ops import machines, templates, views
-from waymark.ops import vms as vm_ops
-from waymark.units import parse_size
+from waymark.model import policy
+from waymark.model.policy import Decision
+from waymark.model.units import parse_size
+from waymark.usecases import views
+from waymark.usecases.library import templates
+from waymark.usecases.vms import definitions as vm_ops
 
 router = APIRouter(tags=["vms"])
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]

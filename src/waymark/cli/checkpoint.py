@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from waymark.checkpoints import tree
 from waymark.cli.job import ended, follow
 from waymark.cli.main import face
 from waymark.cli.output import (
@@ -17,10 +16,14 @@ from waymark.cli.output import (
     interactive,
     json_option,
 )
+from waymark.engine import jobs
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import checkpoints, deletion, jobs, views
+from waymark.model import tree
+from waymark.model.units import human
 from waymark.text import printable
-from waymark.units import human
+from waymark.usecases import views
+from waymark.usecases.checkpoints import deletion
+from waymark.usecases.checkpoints import lifecycle as checkpoints
 
 
 @click.group()

@@ -16,7 +16,7 @@ from waymark.errors import InvalidInput, WaymarkError
 
 if TYPE_CHECKING:
     from waymark.client import Client
-    from waymark.ops.context import Context
+    from waymark.engine.context import Context
 
 
 class Face:
@@ -49,15 +49,15 @@ class Face:
                                hint="Run it there, or without --server / WAYMARK_SERVER.")
         if self._ctx is None:
             from waymark.config import Settings
-            from waymark.ops.context import Context
+            from waymark.engine.context import Context
 
             self._ctx = Context.open(Settings.from_env(self._home))
         return self._ctx
 
     def vm_id(self, ref: str) -> str:
         """The id of the VM ``ref`` names (a full id, else a name, else an id prefix:
-        :func:`waymark.ops.lookup.vm`), resolved once here, as root; the use cases take it."""
-        from waymark.ops import lookup
+        :func:`waymark.engine.lookup.vm`), resolved once here, as root; the use cases take it."""
+        from waymark.engine import lookup
 
         with self.ctx.catalog.session() as session:
             return lookup.vm(session, ref).id

@@ -10,7 +10,8 @@ import click
 from waymark.cli import console as terminal
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
-from waymark.ops import liveness, machines
+from waymark.engine.running import power as machines
+from waymark.engine.running import presence as liveness
 from waymark.text import printable
 
 

@@ -17,10 +17,10 @@ from waymark import failpoints, modes
 from waymark.api.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.cli.main import face
 from waymark.errors import InvalidInput, WaymarkError
-from waymark.units import parse_size
+from waymark.model.units import parse_size
 
 if TYPE_CHECKING:
-    from waymark.ops.context import Context
+    from waymark.engine.context import Context
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 30.0
@@ -78,7 +78,7 @@ def _body_limit(text: str) -> int:
 
 def _schedules(ctx: Context, stop: threading.Event) -> None:
     """Run due backup schedules every half minute until ``stop``."""
-    from waymark.ops import schedules
+    from waymark.usecases.backups import schedules
 
     while not stop.wait(SCHEDULE_EVERY):
         try:

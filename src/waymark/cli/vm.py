@@ -7,12 +7,16 @@ from typing import Any
 
 import click
 
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import bundles, library, templates, views, vms
-from waymark.units import human, parse_size
+from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.units import human, parse_size
+from waymark.usecases import views
+from waymark.usecases.library import store_deploy as library
+from waymark.usecases.library import templates
+from waymark.usecases.vms import bundles
+from waymark.usecases.vms import definitions as vms
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 

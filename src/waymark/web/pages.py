@@ -17,26 +17,22 @@ from sqlalchemy import select
 
 from waymark.api import jobs as job_api
 from waymark.api.security import COOKIE, hide_host_paths, sign_in, vm_for
-from waymark.auth import policy
-from waymark.auth.policy import Decision, Principal
 from waymark.catalog.models import BackupBase, Vm
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.engine.running import presence as liveness
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
-from waymark.ops import (
-    audit,
-    backups,
-    jobs,
-    library,
-    liveness,
-    locations,
-    profiles,
-    schedules,
-    users,
-    views,
-)
-from waymark.ops import templates as templates_ops
-from waymark.ops.context import Context
+from waymark.model import policy
+from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.policy import Decision, Principal
 from waymark.text import printable
+from waymark.usecases import views
+from waymark.usecases.access import audit, locations, users
+from waymark.usecases.backups import points as backups
+from waymark.usecases.backups import schedules
+from waymark.usecases.library import profiles
+from waymark.usecases.library import store_deploy as library
+from waymark.usecases.library import templates as templates_ops
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))

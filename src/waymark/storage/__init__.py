@@ -1,0 +1,1 @@
+"""Adapters for folders on shared or external storage: backup repositories, library shares."""
