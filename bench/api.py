@@ -55,6 +55,7 @@ from waymark.engine.journal import now
 from waymark.usecases.access import users
 from waymark.usecases.checkpoints import lifecycle as checkpoints
 from waymark.usecases.vms import definitions as vms
+from waymark.wiring import open_context
 
 WAYMARK = [sys.executable, "-m", "waymark"]
 WARM_UP = 1.0
@@ -114,7 +115,7 @@ def clone_vms(ctx: Context, source: str, count: int) -> None:
 def make_home(path: Path, vm_count: int, checkpoint_count: int) -> str:
     """A home with VM ``b`` (``checkpoint_count`` checkpoints) and ``vm_count`` VMs in all,
     and an administrator; returns the administrator's API token."""
-    ctx = Context.open(Settings(home=path))
+    ctx = open_context(Settings(home=path))
     try:
         users.add(ctx, "bench", "administrator", "bench-password-1")
         token = str(users.create_token(ctx, "bench", "bench")["token"])

@@ -76,6 +76,7 @@ from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
 from waymark.usecases.access import users
+from waymark.wiring import open_context
 
 CALLERS = ("admin", "owner", "granted_full", "restore_only", "backupop", "reader", "outsider")
 ROLES = {"admin": "administrator", "owner": "self-service", "granted_full": "self-service",
@@ -328,7 +329,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("api-matrix")
     wm = Waymark(base / "home")
     passwords, user_ids, tokens = _cli_home(base, wm)
-    ctx = Context.open(Settings(home=wm.home, lock_timeout=10.0))
+    ctx = open_context(Settings(home=wm.home, lock_timeout=10.0))
     app = create_app(ctx)
     with TestClient(app, raise_server_exceptions=False) as client:
         made = Env(base, wm, ctx, app, client, tokens, passwords, user_ids)

@@ -18,6 +18,7 @@ from waymark.usecases import views
 from waymark.usecases.access import locations
 from waymark.usecases.checkpoints import deletion
 from waymark.usecases.checkpoints import lifecycle as checkpoints
+from waymark.usecases.vms import export_job
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -140,6 +141,6 @@ def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
     if not caller.who.admin:
         folder = f"{caller.who.name}/{folder}"
     dest = locations.path(ctx, body.location, "export") / folder
-    job_id = jobs.submit_export(ctx, row.id, target["id"], dest, run_here=False)
+    job_id = export_job.submit_export(ctx, row.id, target["id"], dest, run_here=False)
     jobs.spawn(ctx, job_id)
     return {"job": job_id, "location": body.location, "folder": folder}

@@ -47,11 +47,11 @@ class Face:
             path = click.get_current_context().command_path
             raise InvalidInput(f"'{path}' works only on the Waymark host, not through --server.",
                                hint="Run it there, or without --server / WAYMARK_SERVER.")
-        if self._ctx is None:
+        if self._ctx is None:  # lazy: loading the use cases costs ``--help`` nothing
+            from waymark import wiring
             from waymark.config import Settings
-            from waymark.engine.context import Context
 
-            self._ctx = Context.open(Settings.from_env(self._home))
+            self._ctx = wiring.open_context(Settings.from_env(self._home))
         return self._ctx
 
     def vm_id(self, ref: str) -> str:

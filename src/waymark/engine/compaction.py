@@ -1,15 +1,19 @@
-"""Compaction: reclaim images no checkpoint and no disk needs (DESIGN.md: compaction).
+"""Compaction: reclaim images no checkpoint and no disk needs.
 
-The planner (pure) names the next step; this module journals it as one intent, runs it, and asks
-again, until the graph is compact. A crash anywhere leaves pending intents plus the ``compact``
-marker intent, and the next command on the VM continues from there.
+The path of an ordinary delete: :func:`waymark.usecases.checkpoints.deletion.delete_checkpoints`
+changes the tree and leaves the ``compact`` marker (:func:`mark`); then :func:`compact_as_job`
+runs :func:`run`, which asks the planner (:func:`waymark.model.planner.next_step`, pure: the
+cheaper merge direction by allocated bytes) for one step, turns it into journal file steps
+(:func:`_steps`: qemu-img offline, QEMU's block jobs for a running VM's chains,
+:mod:`waymark.engine.running.live_merge`), journals and runs them as one intent, and asks again
+until the graph is compact. A crash anywhere leaves pending intents plus the marker, and the
+next command on the VM continues from there (:mod:`waymark.engine.settle`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,10 +22,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Vm
-from waymark.engine import journal, lookup
+from waymark import process
+from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Job, Vm
+from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
-from waymark.engine.journal import commit_handler, now
+from waymark.engine.journal import now
 from waymark.engine.running import live_merge as merges
 from waymark.engine.running import presence as liveness
 from waymark.errors import Cancelled
@@ -145,7 +150,7 @@ def mark(session: Session, vm_id: str) -> None:
     journal.add(session, vm_id, MARKER, {}, [])
 
 
-Reporter = Callable[[int, int, str, float], None]
+Reporter = jobs.StepsReport
 """Progress of a compaction: (step number from 1, steps planned, what, fraction of that step)."""
 
 
@@ -212,15 +217,13 @@ def pending_steps(session: Session, vm_id: str) -> int:
     return len(planner.plan(graph(session, vm_id)))
 
 
-@commit_handler("drop")
-def _commit_drop(session: Session, params: dict[str, Any]) -> None:
+def commit_drop(session: Session, params: dict[str, Any]) -> None:
     image = session.get(Image, params["image"])
     if image is not None:
         session.delete(image)
 
 
-@commit_handler("commit_down")
-def _commit_down(session: Session, params: dict[str, Any]) -> None:
+def commit_down(session: Session, params: dict[str, Any]) -> None:
     """The child's roles (active, frozen, backing of its children) move to the merged file."""
     into, child = params["image"], params["child"]
     session.execute(update(Disk).where(Disk.active_image_id == child)
@@ -231,11 +234,56 @@ def _commit_down(session: Session, params: dict[str, Any]) -> None:
                     .values(parent_id=into))
 
 
-@commit_handler("pull_up")
-def _commit_pull_up(session: Session, params: dict[str, Any]) -> None:
+def commit_pull_up(session: Session, params: dict[str, Any]) -> None:
     image = session.get_one(Image, params["image"])
     session.get_one(Image, params["child"]).parent_id = image.parent_id
 
 
 def owned_files(session: Session, vm_id: str) -> list[Path]:
     return [Path(i.path) for i in lookup.images(session, vm_id).values() if not i.pinned]
+
+
+# --- the merge job ----------------------------------------------------------------------------
+
+WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long as it takes
+
+
+def compact_as_job(ctx: Context, vm_id: str, echo: Reporter | None = None) -> None:
+    """Run the VM's pending compaction (its lock is held), as its merge job if it has one.
+
+    A merge job another live process runs is left to it; one whose process died is adopted.
+    """
+    with ctx.catalog.session() as session:
+        job = session.scalars(select(Job).where(
+            Job.vm_id == vm_id, Job.kind == "merge", Job.status.in_(jobs.UNFINISHED))
+            .order_by(Job.created_at.desc())).first()
+        job_id = job.id if job else None
+        elsewhere = job is not None and jobs.worker_alive(job) and not jobs.mine(job)
+    if job_id is None:
+        run(ctx, vm_id, echo)
+        return
+    if elsewhere:
+        return
+    reporter = jobs.Reporter(ctx, job_id, echo)
+    with jobs.running(ctx, job_id):
+        steps = run(ctx, vm_id, reporter.steps)
+    jobs.finish(ctx, job_id, "completed", result={"merge_steps": steps})
+
+
+def run_merge_job(ctx: Context, job_id: str) -> None:
+    """The ``merge`` job's runner: take the VM's lock (settling the VM there runs
+    :func:`compact_as_job`), then complete the row if another command merged first."""
+    with ctx.catalog.session() as session:
+        job = session.get_one(Job, job_id)
+        vm_id = job.vm_id
+        vm_row = session.get(Vm, vm_id) if vm_id else None
+    if vm_row is None or vm_id is None:
+        jobs.finish(ctx, job_id, "completed", result={"merge_steps": 0})
+        return
+    jobs.record_worker(ctx, job_id, *process.identity())
+    with ctx.vm_locked(vm_id, vm_row.name, timeout=WORKER_LOCK_TIMEOUT):
+        pass  # the lock settles the VM: its compaction runs as this job
+    with ctx.catalog.session() as session:
+        unfinished = session.get_one(Job, job_id).status in jobs.UNFINISHED
+    if unfinished:  # another command did the merging before this one got the lock
+        jobs.finish(ctx, job_id, "completed", result={"merge_steps": 0})

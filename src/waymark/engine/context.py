@@ -1,9 +1,15 @@
-"""The context every use case runs in: settings, catalog, journal, and the VM lock."""
+"""The context every use case runs in: settings, catalog, journal, and the VM lock.
+
+Opening a context and taking a VM's lock settle unfinished work (:mod:`waymark.engine.settle`);
+those and the "who holds this VM" question are hooks the composition root (:mod:`waymark.wiring`)
+installs with :func:`install`, so this foundation imports nothing above it. Opening a context
+before the root installed them is an error: open one with :func:`waymark.wiring.open_context`.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +17,36 @@ from pathlib import Path
 from waymark import modes
 from waymark.catalog.db import Catalog
 from waymark.config import Settings
-from waymark.engine import locks
+from waymark.engine import locks, lookup
 from waymark.engine.journal import Journal
-from waymark.errors import Busy, StorageError
+from waymark.errors import Busy, StorageError, UnknownKind
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the composition root plugs into every context."""
+
+    # on open: settle the unfinished work of every VM whose lock is free
+    opened: Callable[[Context], None]
+    # under a VM's freshly taken lock: settle that VM's unfinished work
+    locked: Callable[[Context, str], None]
+    # the job (id, kind, progress) whose live process holds the VM busy, if any
+    holder: Callable[[Context, str], tuple[str, str, float] | None]
+
+
+_hooks: list[Hooks] = []
+
+
+def install(hooks: Hooks) -> None:
+    """Plug the composition root's hooks in (:mod:`waymark.wiring`; once per process)."""
+    _hooks[:] = [hooks]
+
+
+def _installed() -> Hooks:
+    if not _hooks:
+        raise UnknownKind("the engine was not wired: no settle hooks are installed.",
+                          hint="Open the context with waymark.wiring.open_context (a bug).")
+    return _hooks[0]
 
 
 @dataclass
@@ -25,6 +58,7 @@ class Context:
     @classmethod
     def open(cls, settings: Settings) -> Context:
         """Open the home folder (created if missing) and finish what dead commands left."""
+        hooks = _installed()
         home = settings.home
         try:
             home.mkdir(parents=True, exist_ok=True)
@@ -37,11 +71,7 @@ class Context:
                                hint="Pick a writable folder with --home or WAYMARK_HOME.")
         catalog = Catalog.open(home)
         ctx = cls(settings, catalog, Journal(catalog))
-        from waymark import wiring as registry
-        from waymark.engine import settle as recovery
-
-        registry.load()
-        recovery.recover_all(ctx)
+        hooks.opened(ctx)
         return ctx
 
     @property
@@ -57,8 +87,6 @@ class Context:
     def identify(self, vm_id: str) -> tuple[str, str]:
         """(id, name) of the VM with this id: use cases take ids, never a name (the faces
         resolve what a person typed once, :func:`waymark.engine.lookup.vm`)."""
-        from waymark.engine import lookup
-
         with self.catalog.session() as session:
             row = lookup.vm_by_id(session, vm_id)
             return row.id, row.name
@@ -83,18 +111,15 @@ class Context:
                     timeout=self.settings.lock_timeout if timeout is None else timeout))
             except Busy as err:
                 raise self._busy(vm_id, vm_name, err) from None
-            from waymark.engine import settle as recovery
-
-            recovery.recover_vm(self, vm_id)
+            _installed().locked(self, vm_id)
             yield
 
     def _busy(self, vm_id: str, vm_name: str, err: Busy) -> Busy:
-        from waymark.engine import jobs
-
-        job = jobs.holding(self, vm_id)
+        job = _installed().holder(self, vm_id)
         if job is None:
             return err
-        return Busy(f"VM {vm_name!r} is busy: job {job.id[:12]} ({job.kind}, "
-                    f"{job.progress:.0%}) holds it.",
-                    hint=f"Wait for it: waymark job wait {job.id[:12]} (or cancel it: "
-                         f"waymark job cancel {job.id[:12]})")
+        job_id, kind, progress = job
+        return Busy(f"VM {vm_name!r} is busy: job {job_id[:12]} ({kind}, "
+                    f"{progress:.0%}) holds it.",
+                    hint=f"Wait for it: waymark job wait {job_id[:12]} (or cancel it: "
+                         f"waymark job cancel {job_id[:12]})")

@@ -36,17 +36,33 @@ from pathlib import Path
 from typing import Any
 
 from waymark import durable
-from waymark.errors import StorageError
+from waymark.errors import StorageError, UnknownKind
 from waymark.images import qemu_img
 from waymark.qemu import bitmaps
 from waymark.storage import shares
 
 Step = dict[str, Any]
-# Steps done by a running QEMU (``qmp_commit``, ``qmp_stream``, ``qmp_release``), registered by
-# :mod:`waymark.engine.running.live_merge`; each falls back to qemu-img when that QEMU is gone.
-LIVE_OPS: dict[str, Callable[[Step, qemu_img.Progress], None]] = {}
+StepFn = Callable[[Step, qemu_img.Progress], None]
+# Steps done by a running QEMU (``qmp_commit``, ``qmp_stream``, ``qmp_relink``,
+# ``qmp_release``, :mod:`waymark.engine.running.live_merge`), registered by the composition root
+# (:mod:`waymark.wiring`); each falls back to qemu-img when that QEMU is gone.
+LIVE_OPS: dict[str, StepFn] = {}
+# The steps this module runs itself (the live ones above are registered)
+BUILT_IN = frozenset({"make_dir", "create_image", "claim_file", "write_file", "delete_file",
+                      "prune_dirs", "copy_file", "write_manifest", "commit", "rebase", "convert",
+                      "carry_bitmaps"})
 UNDOABLE = frozenset({"make_dir", "create_image", "write_file", "convert", "copy_file",
                       "claim_file", "write_manifest"})
+
+
+def register_steps(steps: dict[str, StepFn]) -> None:
+    """Make the steps done through a running QEMU known (the composition root calls this)."""
+    LIVE_OPS.update(steps)
+
+
+def kinds() -> frozenset[str]:
+    """Every step op this executor can run."""
+    return BUILT_IN | frozenset(LIVE_OPS)
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -104,7 +120,9 @@ def _run(step: Step, on_progress: qemu_img.Progress) -> None:
     elif op in LIVE_OPS:
         LIVE_OPS[op](step, on_progress)
     elif not _run_image(step, path, on_progress):
-        raise ValueError(f"unknown journal step {step!r}")
+        raise UnknownKind(f"the journal has no step {op!r} ({step!r}).",
+                          hint="This Waymark does not know that step (a newer Waymark wrote "
+                               "it?). Run the Waymark that wrote it, or report a bug.")
 
 
 def _write_manifest(path: Path, root: Path, doc: dict[str, Any]) -> None:

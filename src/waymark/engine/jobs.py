@@ -6,14 +6,18 @@ A job is a row of ``jobs``. The command that asks for one runs it and shows a pr
 terminal does not stop it). The process running a job records its pid and start time (a recycled
 pid is not it) and writes the progress at most every :data:`PROGRESS_EVERY` seconds.
 
-- ``merge``: the compaction a delete left behind (:func:`waymark.engine.compaction.run`), run under
-the
-  VM's lock. Its work is journaled like every compaction, so whoever holds the VM's lock next
-  can carry it on: a merge job whose process died is *adopted* by the next command on that VM
-  (:func:`compact_vm`, called by recovery), which finishes it and completes the row. While a
-  live process runs it, other commands leave the compaction to it.
-- ``export``: a checkpoint written as a bundle. A dead worker's export is redone from scratch by
-  a new worker (the partial bundle's files are removed first).
+This module knows no kind of job: the composition root (:mod:`waymark.wiring`) registers each
+kind's runner (:func:`register`). Today's kinds:
+
+- ``merge``: the compaction a delete left behind (:func:`waymark.engine.compaction.run`), run
+  under the VM's lock (:func:`waymark.engine.settle.run_merge_job`). Its work is journaled like
+  every compaction, so whoever holds the VM's lock next can carry it on: a merge job whose
+  process died is *adopted* by the next command on that VM
+  (:func:`waymark.engine.settle.compact_as_job`), which finishes it and completes the row.
+  While a live process runs it, other commands leave the compaction to it.
+- ``export``: a checkpoint written as a bundle (:func:`waymark.usecases.vms.bundles.run_export`).
+  A dead worker's export is redone from scratch by a new worker (the partial bundle's files are
+  removed first).
 
 Cancelling sets ``cancel_requested``; the runner sees it at its next progress report and stops
 (QEMU's block job is cancelled, qemu-img is killed). A merge stopped mid-copy changes no content
@@ -30,8 +34,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -39,20 +43,16 @@ from sqlalchemy.orm import Session
 
 from waymark import process
 from waymark.catalog.models import Job, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.errors import Cancelled, NotFound, WaymarkError
-from waymark.usecases.views import rfc3339
-from waymark.usecases.vms import bundles
+from waymark.errors import Cancelled, NotFound, UnknownKind, WaymarkError
+from waymark.model.timing import rfc3339
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.1
 UNFINISHED = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled")
-WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long as it takes
 WORKERLESS_GRACE = 60.0  # a --no-wait command starts its worker within milliseconds
 
 
@@ -156,13 +156,18 @@ def _update(ctx: Context, job_id: str, **fields: Any) -> None:
             setattr(job, key, value)
 
 
+def record_worker(ctx: Context, job_id: str, pid: int, start: int | None) -> None:
+    """Record the process that runs the job (its pid and start time)."""
+    _update(ctx, job_id, worker_pid=pid, worker_start=start)
+
+
 def _claim(ctx: Context, job_id: str) -> None:
     pid, start = process.identity()
     _update(ctx, job_id, status="running", worker_pid=pid, worker_start=start,
             started_at=now())
 
 
-def _finish(ctx: Context, job_id: str, status: str, *, error: str | None = None,
+def finish(ctx: Context, job_id: str, status: str, *, error: str | None = None,
             result: dict[str, Any] | None = None) -> None:
     fields: dict[str, Any] = {"status": status, "error": error, "finished_at": now()}
     if status == "completed":
@@ -172,10 +177,14 @@ def _finish(ctx: Context, job_id: str, status: str, *, error: str | None = None,
     _update(ctx, job_id, **fields)
 
 
+StepsReport = Callable[[int, int, str, float], None]
+"""Progress of a job in steps: (step number from 1, steps planned, what, fraction of that step)."""
+
+
 class Reporter:
     """Writes a running job's progress (throttled) and raises Cancelled when asked to stop."""
 
-    def __init__(self, ctx: Context, job_id: str, echo: compact.Reporter | None = None) -> None:
+    def __init__(self, ctx: Context, job_id: str, echo: StepsReport | None = None) -> None:
         self.ctx, self.job_id, self.echo = ctx, job_id, echo
         self.last = 0.0
 
@@ -200,100 +209,53 @@ class Reporter:
 
 
 @contextlib.contextmanager
-def _running(ctx: Context, job_id: str) -> Iterator[None]:
+def running(ctx: Context, job_id: str) -> Iterator[None]:
     """Claim the job for this process; record how it ended."""
     _claim(ctx, job_id)
     try:
         yield
     except Cancelled as err:
-        _finish(ctx, job_id, "cancelled", error=err.message)
+        finish(ctx, job_id, "cancelled", error=err.message)
         raise
     except WaymarkError as err:
-        _finish(ctx, job_id, "failed", error=err.message)
+        finish(ctx, job_id, "failed", error=err.message)
         raise
 
 
-# --- merges -----------------------------------------------------------------------------------
+# --- kinds ------------------------------------------------------------------------------------
 
-def compact_vm(ctx: Context, vm_id: str, echo: compact.Reporter | None = None) -> None:
-    """Run the VM's pending compaction (its lock is held), as its merge job if it has one.
-
-    A merge job another live process runs is left to it; one whose process died is adopted.
-    """
-    with ctx.catalog.session() as session:
-        job = session.scalars(select(Job).where(
-            Job.vm_id == vm_id, Job.kind == "merge", Job.status.in_(UNFINISHED))
-            .order_by(Job.created_at.desc())).first()
-        job_id = job.id if job else None
-        elsewhere = job is not None and worker_alive(job) and not mine(job)
-    if job_id is None:
-        compact.run(ctx, vm_id, echo)
-        return
-    if elsewhere:
-        return
-    reporter = Reporter(ctx, job_id, echo)
-    with _running(ctx, job_id):
-        steps = compact.run(ctx, vm_id, reporter.steps)
-    _finish(ctx, job_id, "completed", result={"merge_steps": steps})
+Runner = Callable[[Context, str], object]
 
 
-def merge_now(ctx: Context, job_id: str, echo: compact.Reporter | None = None) -> None:
-    """Run a merge job here: take the VM's lock (recovery there runs :func:`compact_vm`)."""
-    with ctx.catalog.session() as session:
-        job = session.get_one(Job, job_id)
-        vm_id = job.vm_id
-        vm_row = session.get(Vm, vm_id) if vm_id else None
-    if vm_row is None or vm_id is None:
-        _finish(ctx, job_id, "completed", result={"merge_steps": 0})
-        return
-    pid, start = process.identity()
-    _update(ctx, job_id, worker_pid=pid, worker_start=start)
-    from waymark.engine import settle as recovery
+@dataclass(frozen=True)
+class Kind:
+    """How a job of one kind runs (``run(ctx, job_id)``, in whichever process runs it), and
+    whether a new worker restarts it when its worker died (``restart``; otherwise the next
+    command on its VM adopts it, as a merge is)."""
 
-    with ctx.vm_locked(vm_id, vm_row.name, timeout=WORKER_LOCK_TIMEOUT):
-        recovery.recover_vm(ctx, vm_id, echo)
-    with ctx.catalog.session() as session:
-        unfinished = session.get_one(Job, job_id).status in UNFINISHED
-    if unfinished:  # another command did the merging before this one got the lock
-        _finish(ctx, job_id, "completed", result={"merge_steps": 0})
+    run: Runner
+    restart: bool = False
 
 
-# --- exports ----------------------------------------------------------------------------------
-
-def submit_export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path, *,
-                  run_here: bool) -> str:
-    """An export job, once the VM, the checkpoint and the empty destination are known good."""
-    with ctx.catalog.session() as session:
-        vm_row = lookup.vm_by_id(session, vm_id)
-        checkpoint_id = lookup.checkpoint(session, vm_row, ckpt_ref).id
-    bundles.require_empty(dest)
-    return submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": checkpoint_id,
-                                         "dest": str(dest)}, run_here=run_here)
+_KINDS: dict[str, Kind] = {}
 
 
-def export_now(ctx: Context, job_id: str, echo: Callable[[float], None] | None = None
-               ) -> dict[str, Any]:
-    with ctx.catalog.session() as session:
-        params = dict(session.get_one(Job, job_id).params)
-    dest = Path(params["dest"])
-    bundles.remove_partial(dest)  # a dead worker's half-written bundle
-    reporter = Reporter(ctx, job_id)
-    write = reporter.fraction("exporting")
+def register(kind: str, run: Runner, *, restart: bool = False) -> None:
+    """Make the job ``kind`` known. Called by the composition root (:mod:`waymark.wiring`)."""
+    _KINDS[kind] = Kind(run, restart)
 
-    def progress(fraction: float) -> None:
-        if echo is not None:
-            echo(fraction)
-        write(fraction)
 
-    with _running(ctx, job_id):
-        try:
-            manifest = bundles.export(ctx, params["vm_id"], params["checkpoint_id"], dest,
-                                      on_progress=progress)
-        except Cancelled:
-            bundles.remove_partial(dest)
-            raise
-    _finish(ctx, job_id, "completed", result={"bundle": str(dest)})
-    return manifest
+def kinds() -> frozenset[str]:
+    return frozenset(_KINDS)
+
+
+def kind_of(kind: str) -> Kind:
+    known = _KINDS.get(kind)
+    if known is None:
+        raise UnknownKind(f"no runner is registered for jobs of kind {kind!r}.",
+                          hint="This Waymark does not know that kind (a newer Waymark wrote "
+                               "it?). Run the Waymark that wrote it, or report a bug.")
+    return known
 
 
 # --- running, waiting, cancelling -------------------------------------------------------------
@@ -305,10 +267,7 @@ def run(ctx: Context, job_ref: str) -> dict[str, Any]:
         job_id, kind, status = job.id, job.kind, job.status
     if status in UNFINISHED:
         with contextlib.suppress(Cancelled):
-            if kind == "merge":
-                merge_now(ctx, job_id)
-            else:
-                export_now(ctx, job_id)
+            kind_of(kind).run(ctx, job_id)
     return show(ctx, job_id)
 
 
@@ -318,17 +277,18 @@ def spawn(ctx: Context, job_id: str) -> None:
         [sys.executable, "-m", "waymark", "--home", str(ctx.home), "job", "run", job_id],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True)
-    _update(ctx, job_id, worker_pid=worker.pid, worker_start=process.start_time(worker.pid))
+    record_worker(ctx, job_id, worker.pid, process.start_time(worker.pid))
 
 
 def revive(ctx: Context) -> None:
     """Exports whose worker died start again in a new worker (merges are adopted by the next
     command on their VM)."""
+    restartable = [kind for kind, known in _KINDS.items() if known.restart]
     with ctx.catalog.session() as session:
         dead = [j.id for j in session.scalars(select(Job).where(
-            Job.kind == "export", Job.status.in_(UNFINISHED))) if orphaned(j)]
+            Job.kind.in_(restartable), Job.status.in_(UNFINISHED))) if orphaned(j)]
     for job_id in dead:
-        log.info("restarting export job %s: its worker died", job_id)
+        log.info("restarting job %s: its worker died", job_id)
         spawn(ctx, job_id)
 
 
@@ -367,7 +327,4 @@ def _carry_on_if_orphaned(ctx: Context, job_ref: str) -> None:
     if orphan:
         log.info("carrying on job %s: its process died", job_id)
         with contextlib.suppress(Cancelled):
-            if kind == "merge":
-                merge_now(ctx, job_id)
-            else:
-                export_now(ctx, job_id)
+            kind_of(kind).run(ctx, job_id)

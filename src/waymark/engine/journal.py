@@ -14,9 +14,12 @@ The process may be killed at any point. Recovery (the next command) rolls a *pre
 back — an operation that did not commit did not happen — and drives any other intent from
 ``next_step`` to its end (its steps are idempotent).
 
+Every kind is registered by the composition root (:mod:`waymark.wiring`, :func:`register`);
+writing or committing an intent of an unknown kind raises :class:`~waymark.errors.UnknownKind`.
+
 A *live* prepare intent (:meth:`Journal.prepared`) has a part outside the files: after its
 steps, QEMU is told to use the new files (a live checkpoint's disk switch). Once QEMU writes
-to them, rolling back would lose data, so such a kind registers a :func:`resolver` that asks
+to them, rolling back would lose data, so such a kind is registered with a resolver that asks
 QEMU what happened and either amends the parameters to commit (forward) or says roll back.
 
 ``WAYMARK_FAILPOINT=N`` (tests only: with ``WAYMARK_TEST_SUITE=1``) SIGKILLs this process just
@@ -40,7 +43,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.engine import executor
-from waymark.errors import Cancelled, StorageError, WaymarkError
+from waymark.errors import Cancelled, StorageError, UnknownKind, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 
@@ -50,29 +53,45 @@ CommitFn = Callable[[Session, dict[str, Any]], None]
 # Progress of a multi-step intent: (step number from 1, steps, the step, fraction of that step)
 StepReport = Callable[[int, int, "executor.Step", float], None]
 ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
-_HANDLERS: dict[str, CommitFn] = {}
-_RESOLVERS: dict[str, ResolveFn] = {}
 
 
-def commit_handler(kind: str) -> Callable[[CommitFn], CommitFn]:
-    """Register the catalog change that commits intents of ``kind``."""
+@dataclass(frozen=True)
+class Kind:
+    """What the journal knows about an intent kind: the catalog change that commits it (None: a
+    kind whose catalog change was made when it was written, *commit, then finish*) and, for a
+    *live* kind, how recovery settles it (see :func:`register`)."""
 
-    def register(fn: CommitFn) -> CommitFn:
-        _HANDLERS[kind] = fn
-        return fn
-
-    return register
+    commit: CommitFn | None = None
+    resolve: ResolveFn | None = None
 
 
-def resolver(kind: str) -> Callable[[ResolveFn], ResolveFn]:
-    """Register how recovery settles a *live* intent of ``kind`` whose file steps were done:
-    the function returns the parameters to commit with, or None to roll back."""
+_KINDS: dict[str, Kind] = {}
 
-    def register(fn: ResolveFn) -> ResolveFn:
-        _RESOLVERS[kind] = fn
-        return fn
 
-    return register
+def register(kind: str, commit: CommitFn | None = None, *, resolve: ResolveFn | None = None
+             ) -> None:
+    """Make ``kind`` known. Called by the composition root (:mod:`waymark.wiring`) only.
+
+    ``commit``: the catalog change that commits an intent of this kind; ``resolve``: how
+    recovery settles a *live* intent of this kind whose file steps were done (it returns the
+    parameters to commit with, or None to roll back).
+    """
+    _KINDS[kind] = Kind(commit, resolve)
+
+
+def kinds() -> frozenset[str]:
+    """Every registered intent kind."""
+    return frozenset(_KINDS)
+
+
+def kind_of(kind: str) -> Kind:
+    """The registration of ``kind``; an unknown kind is an error, never a silent commit."""
+    known = _KINDS.get(kind)
+    if known is None:
+        raise UnknownKind(f"the journal has no handler for intents of kind {kind!r}.",
+                          hint="This Waymark does not know that kind (a newer Waymark wrote "
+                               "it?). Run the Waymark that wrote it, or report a bug.")
+    return known
 
 
 def now() -> datetime:
@@ -81,7 +100,9 @@ def now() -> datetime:
 
 def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
         steps: Sequence[executor.Step], shape: str = "finish") -> Intent:
-    """Write an intent in the caller's transaction (by default *commit, then finish*)."""
+    """Write an intent in the caller's transaction (by default *commit, then finish*); its kind
+    must be registered."""
+    kind_of(kind)
     intent = Intent(vm_id=vm_id, kind=kind, params=params, steps=list(steps), next_step=0,
                     shape=shape, status="pending", created_at=now(), updated_at=now())
     session.add(intent)
@@ -153,7 +174,7 @@ class Journal:
         If the body fails, the intent is settled as recovery would settle it (the kind's
         resolver asks QEMU whether the live part took effect), then the error goes on.
         """
-        if kind not in _RESOLVERS:
+        if kind_of(kind).resolve is None:
             raise ValueError(f"{kind}: a live intent needs a resolver")
         intent_id = self.run(vm_id, kind, params, steps, commit=False)
         self._advance(intent_id, len(steps))  # the live part may begin: resolve, not undo
@@ -210,9 +231,9 @@ class Journal:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
     def _commit(self, intent_id: int, kind: str, params: dict[str, Any]) -> None:
+        handler = kind_of(kind).commit
         try:
             with self.catalog.session() as session:
-                handler = _HANDLERS.get(kind)
                 if handler is not None:
                     handler(session, params)
                 intent = session.get_one(Intent, intent_id)
@@ -254,7 +275,7 @@ class Journal:
     def finish(self, intent: Intent) -> None:
         """Recovery of a dead command's intent: a *prepare* intent that did not commit did not
         happen (its new files are removed); any other intent is driven to its end."""
-        resolve = _RESOLVERS.get(intent.kind)
+        resolve = kind_of(intent.kind).resolve
         if intent.shape == "prepare" and resolve is not None \
                 and intent.next_step == len(intent.steps):
             amended = resolve(dict(intent.params))

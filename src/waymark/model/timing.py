@@ -16,6 +16,13 @@ EVERY = ("daily", "weekly", "monthly")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
+def rfc3339(when: datetime) -> str:
+    """A catalog time in the one form Waymark shows and returns (UTC, seconds, ``Z``)."""
+    if when.tzinfo is None:  # SQLite hands back naive UTC datetimes
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def parse_at(text: str) -> time:
     try:
         hours, minutes = (int(part) for part in text.split(":"))

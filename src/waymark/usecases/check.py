@@ -36,8 +36,7 @@ from sqlalchemy.orm import Session
 from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Template, Vm
 from waymark.engine import compaction as compact
-from waymark.engine import locks, lookup
-from waymark.engine import settle as recovery
+from waymark.engine import locks, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
 from waymark.errors import Busy, WaymarkError
@@ -231,7 +230,7 @@ def run(ctx: Context, vm_id: str | None, *, repair: bool) -> list[Finding]:
 
 def _finish_intents(ctx: Context, vm_id: str) -> None:
     with contextlib.suppress(WaymarkError):  # reported as an unfinished intent, with its error
-        recovery.recover_vm(ctx, vm_id)
+        settle.settle_vm(ctx, vm_id)
 
 
 def _findings(ctx: Context, vm_ids: set[str], names: dict[str, str],
@@ -318,7 +317,7 @@ def _merge_uncompacted(ctx: Context, findings: list[Finding]) -> None:
         with ctx.catalog.session() as session:
             compact.mark(session, vm_id)
         try:
-            recovery.recover_vm(ctx, vm_id)
+            settle.settle_vm(ctx, vm_id)
             finding.repaired = "merged"
         except WaymarkError as err:
             finding.detail += f"; merging failed: {err.message}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,14 +14,9 @@ from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
 from waymark.model import planner, tree
+from waymark.model.timing import rfc3339
 
 KIND_HAS_MEMORY = "standard"
-
-
-def rfc3339(when: datetime) -> str:
-    if when.tzinfo is None:  # SQLite hands back naive UTC datetimes
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Space:

@@ -25,6 +25,7 @@ from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
 from waymark.model import policy
 from waymark.model.hardware import CHECKPOINT_TYPES
 from waymark.model.policy import Decision, Principal
+from waymark.model.timing import rfc3339
 from waymark.text import printable
 from waymark.usecases import views
 from waymark.usecases.access import audit, locations, users
@@ -158,7 +159,7 @@ def _last_backups(ctx: Context) -> dict[str, str]:
         rows = session.scalars(select(BackupBase).where(BackupBase.point_id.is_not(None)))
         latest: dict[str, str] = {}
         for row in rows:
-            stamp = views.rfc3339(row.updated_at)
+            stamp = rfc3339(row.updated_at)
             latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
         return latest
 

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from waymark import durable
-from waymark.engine import journal
 from waymark.engine.journal import LiveIntent
 from waymark.engine.running import presence as liveness
 from waymark.errors import Conflict, ToolError, WaymarkError
@@ -345,7 +344,6 @@ def keep_paused_state(run: cmdline.RunFiles, memory: Path, digest: str) -> None:
 
 # --- recovery ---------------------------------------------------------------------------------
 
-@journal.resolver("checkpoint_create")
 def resolve(params: dict[str, Any]) -> dict[str, Any] | None:
     """Settle a live checkpoint whose Waymark died: the parameters to commit, or None."""
     live = params.get("live")

@@ -172,8 +172,10 @@ async def _blockdev_del(run: cmdline.RunFiles, name: str, node: str) -> None:
         await blockjobs.delete_nodes(machine, [node])
 
 
-executor.LIVE_OPS.update(qmp_commit=_commit, qmp_stream=_stream, qmp_relink=_relink,
-                         qmp_release=_release)
+# The journal steps done through a running QEMU; the composition root (:mod:`waymark.wiring`)
+# hands them to :func:`waymark.engine.executor.register_steps`.
+STEPS: dict[str, executor.StepFn] = {"qmp_commit": _commit, "qmp_stream": _stream,
+                                     "qmp_relink": _relink, "qmp_release": _release}
 
 
 # --- QEMU's block jobs ------------------------------------------------------------------------

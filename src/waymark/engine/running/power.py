@@ -24,15 +24,16 @@ from typing import Any
 from waymark import durable
 from waymark.catalog.models import Image, Vm
 from waymark.engine import lookup
-from waymark.engine import settle as recovery
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
+from waymark.engine.settle import settle_vm
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
 from waymark.images import qemu_img
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import accel, cmdline, confine, qmp
 
+# Hooks registered by the composition root (:mod:`waymark.wiring`: automatic checkpoints).
 # Called under the VM's lock before a VM that is off boots; a returned text is a warning.
 BOOT_HOOKS: list[Callable[[Context, str], str | None]] = []
 # Called when a guest shut down cleanly (not a crash, not a forced power-off).
@@ -378,7 +379,7 @@ async def stop(ctx: Context, vm_id: str, *, force: bool, timeout: float = 60.0) 
         await power_off(ctx, vm_id, name, how)
         if not force:
             _clean_stop(ctx, vm_id)
-            recovery.recover_vm(ctx, vm_id)  # we hold the lock: finish what the hooks left
+            settle_vm(ctx, vm_id)  # we hold the lock: finish what the hooks left
         return how
 
 

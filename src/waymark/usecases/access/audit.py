@@ -28,7 +28,7 @@ from sqlalchemy import select
 from waymark.catalog.models import AuditEntry
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.usecases.views import rfc3339
+from waymark.model.timing import rfc3339
 
 DENIED = frozenset({401, 403, 429})
 TEXT_LIMIT, MESSAGE_LIMIT = 200, 1000

@@ -23,8 +23,8 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from waymark.model import names, policy
+from waymark.model.timing import rfc3339
 from waymark.usecases.access import quotas
-from waymark.usecases.views import rfc3339
 
 SESSION_LIFETIME = timedelta(hours=12)
 LAST_USED_EVERY = timedelta(minutes=1)  # how fresh a token's last_used_at is kept

@@ -33,10 +33,8 @@ from typing import Any
 from waymark import durable
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.engine import compaction as compact
-from waymark.engine import lookup
-from waymark.engine import settle as recovery
+from waymark.engine import lookup, settle
 from waymark.engine.context import Context
-from waymark.engine.journal import commit_handler
 from waymark.engine.journal import now as stamp
 from waymark.engine.running import live_merge as merges
 from waymark.engine.running import power as machines
@@ -529,7 +527,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         with change.admitted(ctx):
             ctx.journal.run(vm_id, "backup_restore", params, steps,
                             _progress(report, "restoring"))
-        recovery.recover_vm(ctx, vm_id)
+        settle.settle_vm(ctx, vm_id)
         return {"point": point["id"], "checkpoint_id": params["checkpoint"]["id"],
                 "safety_checkpoint_id": safety}
 
@@ -572,8 +570,7 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
     return params, steps
 
 
-@commit_handler("backup_restore")
-def _commit_restore(session: Any, params: dict[str, Any]) -> None:
+def commit_restore(session: Any, params: dict[str, Any]) -> None:
     for row in params["images"]:
         session.add(Image(**row, created_at=stamp()))
     for disk_id in params["new_disks"]:  # the VM lost that disk since the backup

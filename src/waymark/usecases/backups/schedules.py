@@ -22,9 +22,9 @@ from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.errors import Conflict, InvalidInput, NotFound, WaymarkError
 from waymark.model import names, retention, timing
+from waymark.model.timing import rfc3339
 from waymark.storage.repository import Repository
 from waymark.usecases.backups import points as backups
-from waymark.usecases.views import rfc3339
 
 
 def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str, at: str,

@@ -21,8 +21,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.models import Checkpoint, Vm
 from waymark.engine import journal, lookup
 from waymark.engine.context import Context
-from waymark.engine.journal import commit_handler, now
-from waymark.engine.running import power as machines
+from waymark.engine.journal import now
 from waymark.errors import Conflict
 from waymark.model import tree
 from waymark.usecases.checkpoints import deletion
@@ -69,8 +68,7 @@ def after_clean_stop(ctx: Context, vm_id: str) -> None:
                                            "checkpoint": vm_row.automatic_checkpoint_id}, [])
 
 
-@commit_handler(KIND)
-def _commit(session: Session, params: dict[str, Any]) -> None:
+def commit_delete(session: Session, params: dict[str, Any]) -> None:
     vm_row = session.get(Vm, params["vm"])
     if vm_row is None:
         return
@@ -81,6 +79,3 @@ def _commit(session: Session, params: dict[str, Any]) -> None:
         log.info("deleting automatic checkpoint %s of %s", row.name, vm_row.name)
         deletion.remove_from_tree(session, vm_row, [row.id], subtree=False)
 
-
-machines.BOOT_HOOKS.append(before_boot)
-machines.CLEAN_STOP_HOOKS.append(after_clean_stop)

@@ -18,14 +18,14 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
 from waymark.engine import compaction as compact
-from waymark.engine import jobs, journal, lookup
-from waymark.engine import settle as recovery
+from waymark.engine import jobs, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
 
 GLOB_CHARS = frozenset("*?[")
+FILES_KIND = "checkpoint_files_delete"  # the journal intent that removes their own files
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
                                         [m.id for m in targets], subtree=subtree)
         job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
                           run_here=wait)
-        recovery.recover_vm(ctx, vm_id, report, merge=wait)
+        settle.settle_vm(ctx, vm_id, report, merge=wait)
     return Deleted(removed, job)
 
 
@@ -106,7 +106,7 @@ def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: b
     session.execute(delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))
     session.execute(update(Checkpoint).where(Checkpoint.id.in_(doomed)).values(parent_id=None))
     session.execute(delete(Checkpoint).where(Checkpoint.id.in_(doomed)))
-    journal.add(session, vm_row.id, "checkpoint_files_delete", {"checkpoints": doomed}, files)
+    journal.add(session, vm_row.id, FILES_KIND, {"checkpoints": doomed}, files)
     compact.mark(session, vm_row.id)
     return [Match(c, by_id[c].name) for c in doomed]
 

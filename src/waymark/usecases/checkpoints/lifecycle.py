@@ -12,10 +12,9 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.engine import compaction as compact
-from waymark.engine import journal, lookup
-from waymark.engine import settle as recovery
+from waymark.engine import journal, lookup, settle
 from waymark.engine.context import Context
-from waymark.engine.journal import commit_handler, now
+from waymark.engine.journal import now
 from waymark.engine.running import live_checkpoint as live
 from waymark.engine.running import power as machines
 from waymark.engine.running import presence as liveness
@@ -159,8 +158,7 @@ def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
         session.get_one(Disk, row["disk_id"]).active_image_id = row["id"]
 
 
-@commit_handler("checkpoint_create")
-def _commit_create(session: Session, params: dict[str, Any]) -> None:
+def commit_create(session: Session, params: dict[str, Any]) -> None:
     record = params["checkpoint"]
     session.add(Checkpoint(**record, created_at=now()))
     session.flush()
@@ -216,7 +214,7 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         result.safety_checkpoint_id = safety
         with change.admitted(ctx):
             ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
-        recovery.recover_vm(ctx, vm_id)
+        settle.settle_vm(ctx, vm_id)
         if start:
             qmp.run_sync(machines.start_locked(ctx, vm_id, name))
             result.state = "running"
@@ -281,8 +279,7 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
     return params, steps, result
 
 
-@commit_handler("checkpoint_apply")
-def _commit_apply(session: Session, params: dict[str, Any]) -> None:
+def commit_apply(session: Session, params: dict[str, Any]) -> None:
     for row in params["kept"]:  # a detached disk's own data stays, as a detached disk
         session.add(Disk(**row, created_at=now()))
     _add_overlays(session, params["overlays"])

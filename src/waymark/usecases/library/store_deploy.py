@@ -38,15 +38,15 @@ from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
 from waymark.engine import compaction as compact
-from waymark.engine import journal, lookup
-from waymark.engine import settle as recovery
+from waymark.engine import journal, lookup, settle
 from waymark.engine.context import Context
-from waymark.engine.journal import StepReport, commit_handler, now
+from waymark.engine.journal import StepReport, now
 from waymark.engine.running import power as machines
 from waymark.engine.running import presence as liveness
 from waymark.errors import Conflict, InvalidInput
 from waymark.model import names
 from waymark.model.hardware import HardwareConfig
+from waymark.model.timing import rfc3339
 from waymark.storage import shares
 from waymark.storage.library_share import (
     CLAIM,
@@ -58,7 +58,7 @@ from waymark.storage.library_share import (
     Library,
     claim_text,
 )
-from waymark.usecases.views import checkpoint_tree, rfc3339
+from waymark.usecases.views import checkpoint_tree
 from waymark.usecases.vms import definitions as vms
 
 Step = dict[str, Any]
@@ -84,7 +84,7 @@ def store(ctx: Context, vm_id: str, path: Path, report: Report = None) -> dict[s
             params = {"vm_id": vm_id, "name": vm_name, "library": str(library.root),
                       "finish": finish}
             ctx.journal.run(vm_id, "vm_store", params, steps, report=_describe(report))
-            recovery.recover_vm(ctx, vm_id)  # the commit's finish: the local files go
+            settle.settle_vm(ctx, vm_id)  # the commit's finish: the local files go
     files = json.loads(library.manifest_path(vm_id).read_text())["files"]
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root), "checkpoints": count,
             "files": len(files), "bytes": sum(f["size"] for f in files.values())}
@@ -242,8 +242,7 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
             {"op": "delete_file", "path": str(folder / CLAIM)}]
 
 
-@commit_handler("vm_store")
-def _commit_store(session: Session, params: dict[str, Any]) -> None:
+def commit_store(session: Session, params: dict[str, Any]) -> None:
     vm_id = params["vm_id"]
     vms.delete_rows(session, vm_id)
     session.merge(StoredVm(vm_id=vm_id, name=params["name"], library=params["library"],
@@ -267,7 +266,7 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         _require_safe(ctx, library, vm_id, manifest)
         params, steps = _deploy_plan(ctx, library, manifest)
         ctx.journal.run(vm_id, "vm_deploy", params, steps, report=_describe(report))
-        recovery.recover_vm(ctx, vm_id)  # the commit's finish: the library copy goes
+        settle.settle_vm(ctx, vm_id)  # the commit's finish: the library copy goes
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root),
             "state": manifest["vm"]["state"], "checkpoints": len(manifest["checkpoints"])}
 
@@ -428,8 +427,7 @@ def _library_cleanup(library: Library, manifest: dict[str, Any], paths: dict[str
             {"op": "prune_dirs", "path": str(library.folder(vm_id))}]
 
 
-@commit_handler("vm_deploy")
-def _commit_deploy(session: Session, params: dict[str, Any]) -> None:
+def commit_deploy(session: Session, params: dict[str, Any]) -> None:
     vm = params["vm"]
     session.add(Vm(**{**vm, "created_at": _when(vm["created_at"])}))
     session.flush()

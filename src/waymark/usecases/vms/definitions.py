@@ -27,10 +27,9 @@ from waymark.catalog.models import (
     Vm,
 )
 from waymark.engine import compaction as compact
-from waymark.engine import journal, lookup
-from waymark.engine import settle as recovery
+from waymark.engine import journal, lookup, settle
 from waymark.engine.context import Context
-from waymark.engine.journal import commit_handler, now
+from waymark.engine.journal import now
 from waymark.engine.running import power as machines
 from waymark.engine.running import presence as liveness
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
@@ -302,8 +301,7 @@ def _insert_images(session: Session, rows: list[dict[str, Any]]) -> None:
         session.flush()
 
 
-@commit_handler("vm_create")
-def _commit_create(session: Session, params: dict[str, Any]) -> None:
+def commit_vm_create(session: Session, params: dict[str, Any]) -> None:
     try:
         session.add(Vm(**params["vm"], created_at=now()))
         session.flush()
@@ -432,7 +430,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         steps = [{"op": "delete_file", "path": f} for f in files]
         steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
         journal.add(session, vm_id, "vm_delete", {}, steps)
-    recovery.recover_vm(ctx, vm_id)
+    settle.settle_vm(ctx, vm_id)
 
 
 def delete_rows(session: Session, vm_id: str) -> None:
@@ -458,8 +456,7 @@ def add_disk(ctx: Context, vm_id: str, spec: DiskSpec, discard_saved: bool = Fal
     return str(disk["id"])
 
 
-@commit_handler("disk_add")
-def _commit_disk_add(session: Session, params: dict[str, Any]) -> None:
+def commit_disk_add(session: Session, params: dict[str, Any]) -> None:
     _insert_images(session, params["images"])
     disk = Disk(**params["disk"], created_at=now())
     session.add(disk)
