@@ -31,14 +31,13 @@ from waymark.api import (
     headers,
     jobs,
     library,
-    limits,
-    security,
     streams,
     vms,
 )
 from waymark.api import quotas as quota_api
 from waymark.engine.context import Context
 from waymark.errors import WaymarkError
+from waymark.http import limits, security
 from waymark.usecases.access import audit, quotas
 from waymark.web import pages
 
@@ -123,7 +122,7 @@ async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Re
 async def _quota_scope(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                        ) -> Response:
     """A request's changes count against quotas unless an administrator makes them (the
-    caller is named once authenticated, :func:`waymark.api.security.caller`)."""
+    caller is named once authenticated, :func:`waymark.http.security.caller`)."""
     with quotas.request():
         return await call_next(request)
 
@@ -197,7 +196,7 @@ def _error_json(err: WaymarkError) -> dict[str, Any]:
 
 
 def _limited(app: FastAPI, ctx: Context, chosen: limits.Limits) -> None:
-    """The request limits (:mod:`waymark.api.limits`): the body limit outside everything else,
+    """The request limits (:mod:`waymark.http.limits`): the body limit outside everything else,
     and the event streams' registry."""
     app.state.streams = streams.Streams(ctx, chosen.max_streams, chosen.stream_lifetime)
     app.add_middleware(limits.BodyLimit, max_body=chosen.max_body, render=_error_json)

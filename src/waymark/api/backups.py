@@ -8,9 +8,9 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
 from waymark.engine.context import Context
 from waymark.errors import Forbidden, InvalidInput
+from waymark.http.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
 from waymark.model import retention
 from waymark.usecases import views
 from waymark.usecases.access import locations

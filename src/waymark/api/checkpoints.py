@@ -9,11 +9,11 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, redact, require_vm, vm_for
 from waymark.catalog.models import Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
+from waymark.http.security import CallerDep, ContextDep, redact, require_vm, vm_for
 from waymark.usecases import views
 from waymark.usecases.access import locations
 from waymark.usecases.checkpoints import deletion

@@ -16,11 +16,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from waymark.api import streams
-from waymark.api.security import CallerDep, ContextDep, require_vm, vm_for
 from waymark.catalog.models import Vm
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
 from waymark.errors import Conflict, NotFound
+from waymark.http.security import CallerDep, ContextDep, require_vm, vm_for
 from waymark.model.policy import Principal
 
 router = APIRouter(tags=["console"])

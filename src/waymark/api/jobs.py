@@ -13,11 +13,11 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from waymark.api import streams
-from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
 from waymark.catalog.models import Job, Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.errors import NotFound, WaymarkError
+from waymark.http.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
 from waymark.model import policy
 from waymark.model.policy import Principal
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import CallerDep, ContextDep, OutOfScope, require, vm_for
 from waymark.errors import NotFound
+from waymark.http.security import CallerDep, ContextDep, OutOfScope, require, vm_for
 from waymark.model import policy
 from waymark.model.policy import Decision
 from waymark.model.units import parse_size

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api.accounts import Role
-from waymark.api.security import CallerDep, ContextDep, require
+from waymark.http.security import CallerDep, ContextDep, require
 from waymark.model.units import parse_size
 from waymark.usecases.access import quotas
 

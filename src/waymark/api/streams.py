@@ -34,11 +34,11 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from waymark.api import security
 from waymark.catalog.models import Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.errors import TooManyStreams, WaymarkError
+from waymark.http import security
 from waymark.model.policy import Principal
 
 log = logging.getLogger(__name__)

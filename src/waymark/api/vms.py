@@ -8,7 +8,10 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from waymark.api.security import (
+from waymark.catalog.models import Vm
+from waymark.engine.running import power as machines
+from waymark.errors import Forbidden, NotFound
+from waymark.http.security import (
     CallerDep,
     ContextDep,
     OutOfScope,
@@ -17,9 +20,6 @@ from waymark.api.security import (
     require,
     vm_for,
 )
-from waymark.catalog.models import Vm
-from waymark.engine.running import power as machines
-from waymark.errors import Forbidden, NotFound
 from waymark.model import policy
 from waymark.model.policy import Decision
 from waymark.model.units import parse_size

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import click
 
 from waymark import failpoints, modes
-from waymark.api.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.cli.main import face
 from waymark.errors import InvalidInput, WaymarkError
+from waymark.http.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.model.units import parse_size
 
 if TYPE_CHECKING:

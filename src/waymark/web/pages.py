@@ -16,12 +16,12 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from waymark.api import jobs as job_api
-from waymark.api.security import COOKIE, hide_host_paths, sign_in, vm_for
 from waymark.catalog.models import BackupBase, Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
+from waymark.http.security import COOKIE, hide_host_paths, sign_in, vm_for
 from waymark.model import policy
 from waymark.model.hardware import CHECKPOINT_TYPES
 from waymark.model.policy import Decision, Principal
