@@ -40,6 +40,7 @@ demo: deps
 lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: deps lint
 	$(VENV)/bin/pytest

@@ -114,6 +114,11 @@ class Context:
             _installed().locked(self, vm_id)
             yield
 
+    def settle(self, vm_id: str) -> None:
+        """Finish the VM's unfinished work now (the caller holds its lock): what
+        :meth:`vm_locked` does when it takes the lock."""
+        _installed().locked(self, vm_id)
+
     def _busy(self, vm_id: str, vm_name: str, err: Busy) -> Busy:
         job = _installed().holder(self, vm_id)
         if job is None:

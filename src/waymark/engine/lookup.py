@@ -128,3 +128,10 @@ def disk(session: Session, vm_row: Vm, ref: str) -> Disk:
         raise Ambiguous(f"several disks of {vm_row.name!r} match {ref!r}.",
                         hint="Give a longer id prefix.")
     return found[0]
+
+
+def vm_matches(session: Session, ref: str) -> bool:
+    """Whether any VM (in anyone's scope) has the name ``ref`` or an id starting with it: a
+    scoped lookup's 404 for one the caller may not see is then recorded as a refusal."""
+    return session.scalars(select(Vm.id).where(
+        (Vm.name == ref) | Vm.id.startswith(ref.lower() or "-"))).first() is not None

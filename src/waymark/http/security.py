@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Vm
 from waymark.engine import lookup
@@ -162,7 +160,7 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
         try:
             row = lookup.vm(session, ref, in_scope(who))
         except NotFound:
-            raise no_vm(ref) if _exists(session, ref) else _missing(ref) from None
+            raise no_vm(ref) if lookup.vm_matches(session, ref) else _missing(ref) from None
         session.expunge(row)
     decision = policy.decide_vm(who, action, row.id, row.owner_id)
     if decision is Decision.HIDE:
@@ -188,13 +186,6 @@ def _missing(ref: str) -> NotFound:
     """The 404 for a VM that does not exist (word for word :func:`no_vm`'s)."""
     hidden = no_vm(ref)
     return NotFound(hidden.message, hint=hidden.hint)
-
-
-def _exists(session: Session, ref: str) -> bool:
-    """Whether a VM the caller may not see matches ``ref`` (the audit log records the 404 as
-    a refusal; the answer is the same)."""
-    return session.scalars(select(Vm.id).where(
-        (Vm.name == ref) | Vm.id.startswith(ref.lower() or "-"))).first() is not None
 
 
 Key = tuple[str, str, str]  # ("pair", address, name) or ("address", address, "")

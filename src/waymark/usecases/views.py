@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from waymark.catalog.models import Checkpoint, Disk, Image, Vm
+from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
 from waymark.engine import compaction as compact
 from waymark.engine import lookup
 from waymark.engine.context import Context
@@ -161,3 +161,14 @@ def vm_list(ctx: Context) -> list[dict[str, Any]]:
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
                  "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
                 for r in rows]
+
+
+def last_backups(ctx: Context) -> dict[str, str]:
+    """Each VM's newest backup point time (VMs with none are left out)."""
+    with ctx.catalog.session() as session:
+        rows = session.scalars(select(BackupBase).where(BackupBase.point_id.is_not(None)))
+        latest: dict[str, str] = {}
+        for row in rows:
+            stamp = rfc3339(row.updated_at)
+            latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
+        return latest

@@ -26,7 +26,6 @@ from waymark.catalog.models import Image, Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence as liveness
-from waymark.engine.settle import settle_vm
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
 from waymark.images import qemu_img
@@ -379,7 +378,7 @@ async def stop(ctx: Context, vm_id: str, *, force: bool, timeout: float = 60.0) 
         await power_off(ctx, vm_id, name, how)
         if not force:
             _clean_stop(ctx, vm_id)
-            settle_vm(ctx, vm_id)  # we hold the lock: finish what the hooks left
+            ctx.settle(vm_id)  # we hold the lock: finish what the hooks left
         return how
 
 
