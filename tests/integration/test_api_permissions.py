@@ -74,7 +74,7 @@ from waymark.api.app import create_app
 from waymark.config import Settings
 from waymark.engine import jobs
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.usecases.access import users
 from waymark.wiring import open_context
 
@@ -1612,7 +1612,7 @@ def test_an_apply_that_turns_a_running_vm_off_needs_start_stop(env: Env) -> None
     command line names the VM's QMP socket) makes the VM running; the apply is refused, nothing
     changed, the stand-in still runs."""
     vm = env.vm_ids["vm-x"]
-    run = liveness.run_files(env.ctx, vm)
+    run = presence.run_files(env.ctx, vm)
     run.folder.mkdir(parents=True, exist_ok=True)
     stand_in = subprocess.Popen(["sh", "-c", "sleep 600", str(run.qmp)])
     try:

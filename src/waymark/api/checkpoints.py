@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from waymark.catalog.models import Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.http.security import CallerDep, ContextDep, redact, require_vm, vm_for
 from waymark.usecases import views
 from waymark.usecases.access import locations
@@ -74,7 +74,7 @@ def _apply_effects(ctx: Context, row: Vm, body: Apply) -> list[str]:
     of Now (``checkpoint_first``), and powering the VM off (it is running or paused) or on
     (``start``)."""
     effects = ["checkpoint.create"] if body.mode == "checkpoint_first" else []
-    if body.start or liveness.reconcile(ctx, row.id) in liveness.LIVE_STATES:
+    if body.start or presence.reconcile(ctx, row.id) in presence.LIVE_STATES:
         effects.append("vm.power")
     return effects
 

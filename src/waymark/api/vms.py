@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.catalog.models import Vm
-from waymark.engine.running import power as machines
+from waymark.engine.running import power
 from waymark.errors import Forbidden, NotFound
 from waymark.http.security import (
     CallerDep,
@@ -134,7 +134,7 @@ def _power_route(action: str, summary: str) -> None:
             chosen = {"fresh": options.fresh}
         elif action == "stop":
             chosen = {"force": options.force, "timeout": options.timeout}
-        return redact(caller.who, asyncio.run(machines.act(ctx, row.id, action, **chosen)))
+        return redact(caller.who, asyncio.run(power.act(ctx, row.id, action, **chosen)))
 
     router.add_api_route(f"/vms/{{vm}}/{action}", handler, methods=["POST"], summary=summary,
                          name=f"vm_{action}")

@@ -1,6 +1,6 @@
 """The catalog's tables (SQLAlchemy 2, portable SQL: SQLite now, PostgreSQL later).
 
-Two layers are stored apart, as DESIGN.md draws them:
+Two layers are stored apart (docs/engine.md, "Two layers"):
 
 - the checkpoint tree: ``vms`` (with ``current_checkpoint_id``: Now's parent), ``checkpoints``;
 - the image graph: ``images`` (one row per qcow2/raw file, ``parent_id`` = backing file),

@@ -27,8 +27,7 @@ from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Job, Vm
 from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.engine.running import live_merge as merges
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import live_merge, presence
 from waymark.errors import Cancelled
 from waymark.model import planner
 from waymark.qemu import cmdline
@@ -95,14 +94,14 @@ def _is_active(session: Session, image_id: str) -> bool:
 def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[dict[str, Any]]:
     image = session.get_one(Image, step.image)
     if isinstance(step, planner.Drop):
-        release = [merges.release_step(live.run, live.name, image.id)] if live else []
+        release = [live_merge.release_step(live.run, live.name, image.id)] if live else []
         return [*release, {"op": "delete_file", "path": image.path}]
     child = session.get_one(Image, step.child)
     root = live.chains.get(child.id) if live else None
     if isinstance(step, planner.CommitDown):
         grandchildren = session.scalars(select(Image).where(Image.parent_id == child.id))
         if live and root:
-            first = merges.commit_step(live.run, live.name, root=cmdline.node_name(root),
+            first = live_merge.commit_step(live.run, live.name, root=cmdline.node_name(root),
                                        top=child, base=image, active=root == child.id)
         else:
             first = {"op": "commit", "top": child.path, "base": image.path}
@@ -111,13 +110,13 @@ def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[di
                  if first["op"] == "commit" and _is_active(session, child.id) else [])
         return [first, *carry] + [
             # a child QEMU has open is relinked by QEMU's commit (by qemu-img if QEMU is gone)
-            merges.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
+            live_merge.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
             else {"op": "rebase", "path": g.path, "backing": image.path,
                   "backing_fmt": image.format, "unsafe": True}
             for g in grandchildren]
     base = session.get(Image, image.parent_id) if image.parent_id else None
     if live and root:
-        pull = merges.stream_step(live.run, live.name, into=child, gone=image, base=base)
+        pull = live_merge.stream_step(live.run, live.name, into=child, gone=image, base=base)
     else:
         pull = {"op": "rebase", "path": child.path, "backing": base.path if base else None,
                 "backing_fmt": base.format if base else None, "unsafe": False}
@@ -133,10 +132,10 @@ def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
             return True, None
         name = vm_row.name
     run = RunFiles(ctx.vm_folder(vm_id) / "run")
-    if liveness.find(run) is None:  # QEMU died (mid-merge, maybe): the files are free now
-        liveness.reconcile(ctx, vm_id)
+    if presence.find(run) is None:  # QEMU died (mid-merge, maybe): the files are free now
+        presence.reconcile(ctx, vm_id)
         return True, None
-    if not merges.usable(run, name):
+    if not live_merge.usable(run, name):
         return False, None
     with ctx.catalog.session() as session:
         return True, LiveVm(run, name, live_chains(session, vm_id))

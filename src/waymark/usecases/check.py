@@ -35,10 +35,9 @@ from sqlalchemy.orm import Session
 
 from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Template, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import locks, lookup, settle
+from waymark.engine import compaction, locks, lookup, settle
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.errors import Busy, WaymarkError
 from waymark.images import qemu_img
 from waymark.usecases.library import profiles
@@ -299,8 +298,8 @@ def _template_findings(ctx: Context, session: Session) -> list[Finding]:
 
 
 def _compaction_findings(ctx: Context, session: Session, vm_row: Vm) -> list[Finding]:
-    left = compact.pending_steps(session, vm_row.id)
-    if not left or any(i.kind == compact.MARKER for i in ctx.journal.pending(vm_row.id)):
+    left = compaction.pending_steps(session, vm_row.id)
+    if not left or any(i.kind == compaction.MARKER for i in ctx.journal.pending(vm_row.id)):
         return []
     return [Finding(vm_row.name, "uncompacted", str(ctx.vm_folder(vm_row.id)),
                     f"{left} merge step(s) left undone (a merge job was cancelled)",
@@ -315,7 +314,7 @@ def _merge_uncompacted(ctx: Context, findings: list[Finding]) -> None:
             continue
         vm_id = names[finding.vm]
         with ctx.catalog.session() as session:
-            compact.mark(session, vm_id)
+            compaction.mark(session, vm_id)
         try:
             settle.settle_vm(ctx, vm_id)
             finding.repaired = "merged"
@@ -325,7 +324,7 @@ def _merge_uncompacted(ctx: Context, findings: list[Finding]) -> None:
 
 def _written_by_qemu(ctx: Context, session: Session, vm_id: str) -> set[str]:
     """The active images of a VM whose QEMU runs."""
-    if liveness.find(liveness.run_files(ctx, vm_id)) is None:
+    if presence.find(presence.run_files(ctx, vm_id)) is None:
         return set()
     return {d.active_image_id for d in lookup.disks(session, vm_id).values()
             if d.active_image_id is not None}

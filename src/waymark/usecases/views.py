@@ -9,10 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import lookup
+from waymark.engine import compaction, lookup
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.model import planner, tree
 from waymark.model.timing import rfc3339
 
@@ -24,7 +23,7 @@ class Space:
 
     def __init__(self, session: Session, vm_id: str) -> None:
         self.images = lookup.images(session, vm_id)
-        self.nodes = {n.id: n for n in compact.graph(session, vm_id)}
+        self.nodes = {n.id: n for n in compaction.graph(session, vm_id)}
         self.shared = planner.shared(list(self.nodes.values()))
 
     def depth(self, image_id: str) -> int:
@@ -117,7 +116,7 @@ def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
 def vm_show(ctx: Context, vm_id: str) -> dict[str, Any]:
     with ctx.catalog.snapshot() as session:
         vm_id = lookup.vm_by_id(session, vm_id).id
-    liveness.reconcile(ctx, vm_id)
+    presence.reconcile(ctx, vm_id)
     with ctx.catalog.snapshot() as session:
         return _vm(session, session.get_one(Vm, vm_id))
 
@@ -150,9 +149,9 @@ def _vm(session: Session, row: Vm) -> dict[str, Any]:
 
 def vm_list(ctx: Context) -> list[dict[str, Any]]:
     with ctx.catalog.snapshot() as session:  # only a live VM's state can change behind us
-        ids = list(session.scalars(select(Vm.id).where(Vm.state.in_(liveness.LIVE_STATES))))
+        ids = list(session.scalars(select(Vm.id).where(Vm.state.in_(presence.LIVE_STATES))))
     for vm_id in ids:
-        liveness.reconcile(ctx, vm_id)
+        presence.reconcile(ctx, vm_id)
     with ctx.catalog.snapshot() as session:
         rows = session.scalars(select(Vm).order_by(Vm.name))
         counted = select(Checkpoint.vm_id, func.count()).group_by(Checkpoint.vm_id)

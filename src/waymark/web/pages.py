@@ -17,7 +17,7 @@ from fastapi.templating import Jinja2Templates
 from waymark.catalog.models import Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
 from waymark.http.security import COOKIE, hide_host_paths, sign_in, vm_for
 from waymark.model import policy
@@ -152,9 +152,9 @@ def logout(request: Request) -> Response:
 
 
 def _uptime(ctx: Context, vm: dict[str, Any]) -> float | None:
-    if vm["state"] not in liveness.LIVE_STATES:
+    if vm["state"] not in presence.LIVE_STATES:
         return None
-    found = liveness.find(liveness.run_files(ctx, vm["id"]))
+    found = presence.find(presence.run_files(ctx, vm["id"]))
     started = found.runtime.get("started_at") if found else None
     return round(time.time() - started) if started else None
 

@@ -48,7 +48,7 @@ from typing import Any
 
 from waymark import durable
 from waymark.engine.journal import LiveIntent
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.errors import Conflict, ToolError, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.guest import guard
@@ -350,7 +350,7 @@ def resolve(params: dict[str, Any]) -> dict[str, Any] | None:
     if live is None:
         return None  # an offline checkpoint: it did not happen
     run = cmdline.RunFiles(Path(live["run"]))
-    if liveness.find(run) is None:
+    if presence.find(run) is None:
         switched = any(_holds_data(s.path) for s in _switches(live))
     else:
         switched = qmp.run_sync(_settle_qemu(run, live))
@@ -404,7 +404,7 @@ def _forward(params: dict[str, Any], run: cmdline.RunFiles) -> dict[str, Any]:
     elif live.get("route") == "standard" and memory.is_file():
         digest = _seal(memory)
         record.update(kind="standard", memory_path=str(memory), memory_sha256=digest)
-        if live["paused"] and liveness.find(run) is not None:
+        if live["paused"] and presence.find(run) is not None:
             keep_paused_state(run, memory, digest)
     else:
         durable.remove(durable.temp_path(memory))

@@ -39,7 +39,7 @@ from typing import Any
 
 from waymark import durable
 from waymark.engine import executor
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.errors import ToolError
 from waymark.images import qemu_img
 from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp
@@ -51,7 +51,7 @@ Progress = Callable[[float], None] | None
 def usable(run: cmdline.RunFiles, name: str) -> bool:
     """QEMU runs this VM and its block layer is active (not left ``postmigrate`` by a
     checkpoint of a paused VM, where block jobs cannot write)."""
-    if liveness.find(run) is None:
+    if presence.find(run) is None:
         return False
 
     async def status() -> str:
@@ -99,7 +99,7 @@ def release_step(run: cmdline.RunFiles, name: str, image_id: str) -> executor.St
 
 def _qemu(step: executor.Step) -> tuple[cmdline.RunFiles, str] | None:
     run = cmdline.RunFiles(Path(step["run"]))
-    return (run, step["name"]) if liveness.find(run) is not None else None
+    return (run, step["name"]) if presence.find(run) is not None else None
 
 
 def _live_or_offline(step: executor.Step, live: Callable[[cmdline.RunFiles, str], None],

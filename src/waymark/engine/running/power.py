@@ -25,7 +25,7 @@ from waymark import durable
 from waymark.catalog.models import Image, Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
 from waymark.images import qemu_img
@@ -118,9 +118,9 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
             incoming: bool) -> cmdline.RunFiles:
     _check_boot_files(hardware)
     chains = disk_chains(ctx, vm_id, hardware)
-    run = liveness.run_files(ctx, vm_id)
+    run = presence.run_files(ctx, vm_id)
     run.folder.mkdir(parents=True, exist_ok=True)
-    liveness.clean(run)
+    presence.clean(run)
     durable.remove(run.last_exit)
     owner = confine.identity(ctx.settings.qemu_user)
     chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
@@ -140,7 +140,7 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
     except WaymarkError:
         if daemon.poll() is None:
             daemon.kill()
-        liveness.clean(run)
+        presence.clean(run)
         raise
     durable.write_bytes(run.pidfile, str(daemon.pid).encode())
     durable.write_bytes(run.runtime, json.dumps(
@@ -150,17 +150,17 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
 
 async def _kill(run: cmdline.RunFiles, label: str) -> None:
     """Power the QEMU off now (QMP quit, else SIGKILL) and forget its sockets."""
-    found = liveness.find(run)
+    found = presence.find(run)
     if found is None:
-        liveness.clean(run)
+        presence.clean(run)
         return
     with contextlib.suppress(ToolError):
         async with qmp.connect(run.qmp, label) as machine:
             await machine.command("quit")
-    if not liveness.wait_gone(found.pid, QUIT_TIMEOUT):
+    if not presence.wait_gone(found.pid, QUIT_TIMEOUT):
         os.kill(found.pid, signal.SIGKILL)
-        liveness.wait_gone(found.pid, QUIT_TIMEOUT)
-    liveness.clean(run)
+        presence.wait_gone(found.pid, QUIT_TIMEOUT)
+    presence.clean(run)
 
 
 def _clean_stop(ctx: Context, vm_id: str) -> None:
@@ -183,7 +183,7 @@ async def start(ctx: Context, vm_id: str, *, fresh: bool = False) -> str:
 async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = False) -> str:
     """:func:`start`, for a caller that holds the VM's lock."""
     state = await settle(ctx, vm_id, name)
-    if state in liveness.LIVE_STATES:
+    if state in presence.LIVE_STATES:
         raise Conflict(f"VM {name!r} is already {state}.",
                        hint=f"See it with: waymark vm status {name}")
     if state == "saved" and fresh:
@@ -203,9 +203,9 @@ async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = Fal
 
 async def power_off(ctx: Context, vm_id: str, name: str, reason: str) -> None:
     """Turn a running or paused VM off at once (its lock held by the caller)."""
-    run = liveness.run_files(ctx, vm_id)
+    run = presence.run_files(ctx, vm_id)
     await _kill(run, name)
-    liveness.record_exit(run, reason)
+    presence.record_exit(run, reason)
     _set_state(ctx, vm_id, "off")
 
 
@@ -266,16 +266,16 @@ async def _incoming(machine: qmp.Qmp, state: Path, name: str) -> None:
 async def settle(ctx: Context, vm_id: str, name: str) -> str:
     """Reconcile, and notice a guest that powered itself off: QEMU runs with -no-shutdown, so
     it waits in the ``shutdown`` run state; that is a clean stop, not a crash."""
-    state = liveness.reconcile(ctx, vm_id)
-    run = liveness.run_files(ctx, vm_id)
-    if state not in liveness.LIVE_STATES:
+    state = presence.reconcile(ctx, vm_id)
+    run = presence.run_files(ctx, vm_id)
+    if state not in presence.LIVE_STATES:
         return state
     with contextlib.suppress(ToolError):
         async with qmp.connect(run.qmp, name) as machine:
             status = (await machine.command("query-status"))["status"]
         if status == "shutdown":
             await _kill(run, name)
-            liveness.record_exit(run, "shut down by the guest")
+            presence.record_exit(run, "shut down by the guest")
             _set_state(ctx, vm_id, "off")
             _clean_stop(ctx, vm_id)
             return "off"
@@ -289,7 +289,7 @@ async def _live(ctx: Context, vm_id: str, *allowed: str) -> tuple[str, str, cmdl
     if state not in allowed:
         verb = "start" if state in ("off", "saved") else "resume"
         raise Conflict(f"VM {name!r} is {state}.", hint=f"Try: waymark vm {verb} {name}")
-    return vm_id, name, liveness.run_files(ctx, vm_id)
+    return vm_id, name, presence.run_files(ctx, vm_id)
 
 
 async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str) -> None:
@@ -365,13 +365,13 @@ def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
 async def stop(ctx: Context, vm_id: str, *, force: bool, timeout: float = 60.0) -> str:
     """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
     with ctx.locked(vm_id) as (_, name):
-        if force and liveness.reconcile(ctx, vm_id) == "saved":
+        if force and presence.reconcile(ctx, vm_id) == "saved":
             discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
             return "saved state discarded"
         _, _, run = await _live(ctx, vm_id, "running", "paused")
         how = "powered off"
         if not force:
-            if liveness.reconcile(ctx, vm_id) == "paused":
+            if presence.reconcile(ctx, vm_id) == "paused":
                 raise Conflict(f"VM {name!r} is paused: a paused guest cannot shut down.",
                                hint=f"Resume it first, or: waymark vm stop {name} --force")
             how = await _shutdown(run, name, timeout)
@@ -402,18 +402,18 @@ async def _shutdown(run: cmdline.RunFiles, name: str, timeout: float) -> str:
 async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[str, Any]:
     _, name = ctx.identify(vm_id)
     state = await settle(ctx, vm_id, name)
-    run = liveness.run_files(ctx, vm_id)
-    found = liveness.find(run)
+    run = presence.run_files(ctx, vm_id)
+    found = presence.find(run)
     out: dict[str, Any] = {"name": name, "id": vm_id, "state": state,
                            "serial_log": str(run.serial_log), "pid": None,
                            "accelerator": None, "uptime_seconds": None, "agent": False}
-    if found is not None and state in liveness.LIVE_STATES:
+    if found is not None and state in presence.LIVE_STATES:
         started = found.runtime.get("started_at")
         out.update(pid=found.pid, accelerator=found.runtime.get("accelerator"),
                    uptime_seconds=round(time.time() - started, 1) if started else None)
         out["agent"] = state == "running" and ask_agent and await _agent_answers(run, name)
     elif state == "off":
-        out["last_exit"] = liveness.last_exit(run)
+        out["last_exit"] = presence.last_exit(run)
     if state == "saved":
         out["saved_state"] = str(saved_state(ctx, vm_id).state)
     return out

@@ -32,13 +32,10 @@ from typing import Any
 
 from waymark import durable
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import lookup, settle
+from waymark.engine import compaction, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now as stamp
-from waymark.engine.running import live_merge as merges
-from waymark.engine.running import power as machines
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import live_merge, power, presence
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.guest import guard
@@ -137,7 +134,7 @@ def run(ctx: Context, vm_ids: list[str], repo_path: Path, report: Report = None,
 def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bool,
             full_every: int | None) -> dict[str, Any]:
     with ctx.locked(vm_id) as (_, name):
-        state = qmp.run_sync(machines.settle(ctx, vm_id, name))
+        state = qmp.run_sync(power.settle(ctx, vm_id, name))
         point_id = new_point_id()
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
@@ -239,9 +236,9 @@ def _progress(report: Report, what: str) -> qemu_img.Progress:
 @contextlib.asynccontextmanager
 async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
     """The QEMU that reads the disks: the VM's own, or a storage daemon when it is off."""
-    if job.state in liveness.LIVE_STATES:
-        run = liveness.run_files(job.ctx, job.vm_id)
-        if not merges.usable(run, job.name):
+    if job.state in presence.LIVE_STATES:
+        run = presence.run_files(job.ctx, job.vm_id)
+        if not live_merge.usable(run, job.name):
             raise Conflict(f"VM {job.name!r} is paused just after a memory checkpoint, when "
                            "QEMU cannot read its disks.",
                            hint=f"Resume it (waymark vm resume {job.name}) or save it, then "
@@ -250,7 +247,7 @@ async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
             yield machine
         return
     wanted = {t.disk_id for t in job.targets}
-    chains = [c for c in machines.disk_chains(job.ctx, job.vm_id, hardware)
+    chains = [c for c in power.disk_chains(job.ctx, job.vm_id, hardware)
               if c.disk_id in wanted]
     async with storage.serving(chains, job.name) as machine:
         yield machine
@@ -290,7 +287,7 @@ async def _copy(job: Run, hardware: HardwareConfig) -> str:
 async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
     """A target as the VM's QEMU opens it (handed over open: QEMU's user cannot open paths);
     the storage daemon of a VM that is off runs as Waymark and opens the path."""
-    if job.state in liveness.LIVE_STATES:
+    if job.state in presence.LIVE_STATES:
         return await confine.open_image(machine, str(path), writable=True)
     return str(path)
 
@@ -346,7 +343,7 @@ def _actions(job: Run) -> list[dict[str, Any]]:
 async def _start(machine: qmp.Qmp, job: Run) -> str:
     """Start every disk's backup job at one instant, frozen for it when the agent answers."""
     actions = _actions(job)
-    if job.state not in liveness.LIVE_STATES:
+    if job.state not in presence.LIVE_STATES:
         await machine.command("transaction", actions=actions)
         if job.state == "saved":
             return "crash-consistent: the VM is saved (its memory is not in the backup)"
@@ -354,7 +351,7 @@ async def _start(machine: qmp.Qmp, job: Run) -> str:
     if job.state == "paused":
         await machine.command("transaction", actions=actions)
         return "crash-consistent: the VM was paused (its agent cannot quiesce it)"
-    run = liveness.run_files(job.ctx, job.vm_id)
+    run = presence.run_files(job.ctx, job.vm_id)
     started = False
     try:
         async with guard.frozen(run.agent, job.name):
@@ -508,7 +505,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
         hardware = _config(ctx, repo, point, vm_id)
-        state = qmp.run_sync(machines.settle(ctx, vm_id, name))
+        state = qmp.run_sync(power.settle(ctx, vm_id, name))
         if state != "off":
             raise Conflict(f"VM {name!r} is {state}; a restore needs it off.",
                            hint=f"Stop it first: waymark vm stop {name}"
@@ -586,5 +583,5 @@ def commit_restore(session: Any, params: dict[str, Any]) -> None:
     vm_row = session.get_one(Vm, params["vm"])
     vm_row.config = params["config"]
     vm_row.current_checkpoint_id = params["checkpoint"]["id"]
-    compact.mark(session, params["vm"])
+    compaction.mark(session, params["vm"])
 

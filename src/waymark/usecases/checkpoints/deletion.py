@@ -17,10 +17,9 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import jobs, journal, lookup, settle
+from waymark.engine import compaction, jobs, journal, lookup, settle
 from waymark.engine.context import Context
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import presence
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
 
@@ -60,7 +59,7 @@ class Deleted:
 
 
 def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,
-                       report: compact.Reporter | None = None, wait: bool = True) -> Deleted:
+                       report: compaction.Reporter | None = None, wait: bool = True) -> Deleted:
     """Delete what ``pattern`` matches (with their descendants if ``subtree``), then compact,
     as a merge job (``Deleted.job``) that this call runs, or, without ``wait``, leaves to a
     worker the caller starts (:func:`waymark.engine.jobs.spawn`).
@@ -73,7 +72,7 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
         raise ConsentRequired(f"{pattern!r} matches {len(targets)} checkpoints:\n{listing}",
                               hint="Add --yes to delete them all.")
     with ctx.locked(vm_id):
-        liveness.reconcile(ctx, vm_id)  # a running VM merges live, through its QEMU
+        presence.reconcile(ctx, vm_id)  # a running VM merges live, through its QEMU
         with ctx.catalog.session() as session:
             removed = remove_from_tree(session, session.get_one(Vm, vm_id),
                                         [m.id for m in targets], subtree=subtree)
@@ -107,7 +106,7 @@ def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: b
     session.execute(update(Checkpoint).where(Checkpoint.id.in_(doomed)).values(parent_id=None))
     session.execute(delete(Checkpoint).where(Checkpoint.id.in_(doomed)))
     journal.add(session, vm_row.id, FILES_KIND, {"checkpoints": doomed}, files)
-    compact.mark(session, vm_row.id)
+    compaction.mark(session, vm_row.id)
     return [Match(c, by_id[c].name) for c in doomed]
 
 

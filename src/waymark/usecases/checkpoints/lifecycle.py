@@ -11,13 +11,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import journal, lookup, settle
+from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.engine.running import live_checkpoint as live
-from waymark.engine.running import power as machines
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import live_checkpoint, power, presence
 from waymark.errors import Conflict, LimitReached
 from waymark.model import names, tree
 from waymark.model.hardware import HardwareConfig
@@ -25,7 +22,7 @@ from waymark.qemu import qmp
 from waymark.usecases.access import quotas
 from waymark.usecases.vms.definitions import new_id
 
-DISK_ONLY = live.DISK_ONLY
+DISK_ONLY = live_checkpoint.DISK_ONLY
 
 
 def _refuse_disabled(vm_row: Vm) -> None:
@@ -60,7 +57,7 @@ def create(ctx: Context, vm_id: str, name: str | None = None,
 def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
     """:func:`create`, for a caller that holds the VM's lock."""
     given = names.clean(name, what="checkpoint name", commas=True) if name is not None else None
-    state = qmp.run_sync(machines.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
+    state = qmp.run_sync(power.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
     created = now()
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
@@ -71,11 +68,11 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
         params, steps = _plan_create(ctx, session, vm_row, label, state)
         params["checkpoint"]["requested_type"] = wanted
     with quotas.checkpoint_added(ctx, vm_id):
-        if state not in liveness.LIVE_STATES:
+        if state not in presence.LIVE_STATES:
             ctx.journal.run(vm_id, "checkpoint_create", params, steps)
         else:
             with ctx.journal.prepared(vm_id, "checkpoint_create", params, steps) as intent:
-                qmp.run_sync(live.capture(intent, wanted))
+                qmp.run_sync(live_checkpoint.capture(intent, wanted))
     return str(params["checkpoint"]["id"])
 
 
@@ -94,9 +91,9 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
             continue
         active = images[disk.active_image_id]
         frozen.append({"disk_id": disk_id, "image_id": active.id})
-        row, step = _overlay(ctx, disk_id, active, unsafe=state in liveness.LIVE_STATES)
+        row, step = _overlay(ctx, disk_id, active, unsafe=state in presence.LIVE_STATES)
         overlays.append(row)
-        if state not in liveness.LIVE_STATES:  # (live: in QEMU's switch transaction)
+        if state not in presence.LIVE_STATES:  # (live: in QEMU's switch transaction)
             step["bitmaps_from"] = active.path  # backup change tracking follows Now
         steps.append(step)
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
@@ -107,10 +104,10 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
     extra: dict[str, Any] = {}
     if state == "saved":
         steps.append(_keep_saved_memory(ctx, vm_row, record))
-    elif state in liveness.LIVE_STATES:
+    elif state in presence.LIVE_STATES:
         memory = Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.state"
         steps.append({"op": "claim_file", "path": str(memory)})
-        extra["live"] = live.plan(liveness.run_files(ctx, vm_row.id), vm_row.name, state,
+        extra["live"] = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
                                   frozen, overlays, memory)
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
@@ -123,13 +120,13 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
 def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict[str, Any]:
     """A saved VM's checkpoint holds its saved memory state (Hyper-V's green triangle): it is
     a standard checkpoint, whatever type was asked for. Returns the copy step."""
-    meta = machines.saved_state(ctx, vm_row.id).load(vm_row.name)
+    meta = power.saved_state(ctx, vm_row.id).load(vm_row.name)
     memory = Path(vm_row.checkpoint_dir) / f"{record['id']}.state"
     record.update(kind="standard", memory_path=str(memory), memory_sha256=meta["sha256"],
                   config=meta["hardware"])
     if vm_row.checkpoint_type != "standard":
         record["fallback_reason"] = "the VM was saved: the checkpoint holds its saved memory"
-    return {"op": "copy_file", "src": str(machines.saved_state(ctx, vm_row.id).state),
+    return {"op": "copy_file", "src": str(power.saved_state(ctx, vm_row.id).state),
             "path": str(memory)}
 
 
@@ -197,7 +194,7 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
     VM saved, any other off; ``start`` then starts (resumes) it at once.
     """
     with ctx.locked(vm_id) as (_, name):
-        state = qmp.run_sync(machines.settle(ctx, vm_id, name))
+        state = qmp.run_sync(power.settle(ctx, vm_id, name))
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
             target = lookup.checkpoint(session, vm_row, ckpt_ref).id
@@ -207,8 +204,8 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         change.check_before(ctx, safety_checkpoint=mode is ApplyMode.CHECKPOINT_FIRST)
         safety = create_locked(ctx, vm_id, None, None) \
             if mode is ApplyMode.CHECKPOINT_FIRST else None
-        if state in liveness.LIVE_STATES:
-            qmp.run_sync(machines.power_off(ctx, vm_id, name, "turned off to apply a checkpoint"))
+        if state in presence.LIVE_STATES:
+            qmp.run_sync(power.power_off(ctx, vm_id, name, "turned off to apply a checkpoint"))
         with ctx.catalog.session() as session:
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
         result.safety_checkpoint_id = safety
@@ -216,12 +213,12 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
             ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
         settle.settle_vm(ctx, vm_id)
         if start:
-            qmp.run_sync(machines.start_locked(ctx, vm_id, name))
+            qmp.run_sync(power.start_locked(ctx, vm_id, name))
             result.state = "running"
         return result
 
 
-def _install_memory(saved: machines.SavedState, target: Checkpoint) -> list[dict[str, Any]]:
+def _install_memory(saved: power.SavedState, target: Checkpoint) -> list[dict[str, Any]]:
     """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it)."""
     if not target.memory_path:
         return []
@@ -270,7 +267,7 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
         overlays.append(row)
         steps.append(step)
     result.kept_disks = [str(k["id"]) for k in kept]
-    saved = machines.saved_state(ctx, vm_id)  # Now's saved memory no longer fits its disks
+    saved = power.saved_state(ctx, vm_id)  # Now's saved memory no longer fits its disks
     discard = [str(saved.state), str(saved.meta)] \
         if vm_row.state == "saved" and not target.memory_path else []
     params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
@@ -292,7 +289,7 @@ def commit_apply(session: Session, params: dict[str, Any]) -> None:
                     [{"op": "delete_file", "path": path} for path in params["discard"]])
     if params.get("install"):
         journal.add(session, params["vm"], "saved_state_install", {}, params["install"])
-    compact.mark(session, params["vm"])
+    compaction.mark(session, params["vm"])
 
 
 def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> str:

@@ -37,12 +37,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
-from waymark.engine import compaction as compact
-from waymark.engine import journal, lookup, settle
+from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import StepReport, now
-from waymark.engine.running import power as machines
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import power, presence
 from waymark.errors import Conflict, InvalidInput
 from waymark.model import names
 from waymark.model.hardware import HardwareConfig
@@ -91,8 +89,8 @@ def store(ctx: Context, vm_id: str, path: Path, report: Report = None) -> dict[s
 
 
 def _require_storable(ctx: Context, vm_id: str, vm_name: str) -> None:
-    state = liveness.reconcile(ctx, vm_id)
-    if state in liveness.LIVE_STATES:
+    state = presence.reconcile(ctx, vm_id)
+    if state in presence.LIVE_STATES:
         raise Conflict(f"VM {vm_name!r} is {state}; only a VM that is off or saved can be "
                        "stored in a library.",
                        hint=f"Save or stop it first: waymark vm save {vm_name}")
@@ -142,7 +140,7 @@ def _store_plan(ctx: Context, session: Session, library: Library, vm_id: str
     saved = _saved(ctx, vm_row)
     if saved is not None:
         steps.append({"op": "copy_file", "path": str(folder / FILES / "saved.state"),
-                      "src": str(machines.saved_state(ctx, vm_id).state)})
+                      "src": str(power.saved_state(ctx, vm_id).state)})
     configs = [vm_row.config, *(c.config for c in checkpoints)]
     boot = _boot_files([*configs, *([saved["hardware"]] if saved else [])])
     steps += [{"op": "copy_file", "path": str(folder / rel), "src": src}
@@ -175,7 +173,7 @@ def _saved(ctx: Context, vm_row: Vm) -> dict[str, Any] | None:
     """A saved VM's saved-state description (its memory moves with it)."""
     if vm_row.state != "saved":
         return None
-    return machines.saved_state(ctx, vm_row.id).load(vm_row.name)
+    return power.saved_state(ctx, vm_row.id).load(vm_row.name)
 
 
 def _boot_files(configs: list[dict[str, Any]]) -> dict[str, str]:
@@ -236,7 +234,7 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
     files += [c.memory_path for c in checkpoints if c.memory_path]
     here = ctx.vm_folder(vm_row.id)
     files += [str(here / "saved" / n) for n in ("state.bin", "saved.json")]
-    files += [str(p) for p in liveness.run_files(ctx, vm_row.id).kept()]
+    files += [str(p) for p in presence.run_files(ctx, vm_row.id).kept()]
     return [*({"op": "delete_file", "path": f} for f in files),
             {"op": "prune_dirs", "path": str(here)},
             {"op": "delete_file", "path": str(folder / CLAIM)}]
@@ -367,14 +365,14 @@ def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
                for c in manifest["checkpoints"] if c["memory_file"]]
     copies += [(rel, boot[src]) for src, rel in manifest["boot"].items()]
     if manifest["saved"]:
-        copies.append((manifest["saved"]["file"], str(machines.saved_state(ctx, vm_id).state)))
+        copies.append((manifest["saved"]["file"], str(power.saved_state(ctx, vm_id).state)))
     steps += [{"op": "copy_file", "src": str(library.file(vm_id, rel)), "path": dst,
                "confined_to": str(there)} for rel, dst in copies]
     steps += _descriptions(manifest, ckpt_dir, boot)
     if manifest["saved"]:
         meta = {**manifest["saved"]["meta"],
                 "hardware": _rebooted(manifest["saved"]["meta"]["hardware"], boot)}
-        steps.append({"op": "write_file", "path": str(machines.saved_state(ctx, vm_id).meta),
+        steps.append({"op": "write_file", "path": str(power.saved_state(ctx, vm_id).meta),
                       "text": json.dumps(meta, indent=2)})
     params = {"vm": {**vm_doc, "config": _rebooted(vm_doc["config"], boot),
                      "checkpoint_dir": str(ckpt_dir)},
@@ -449,7 +447,7 @@ def commit_deploy(session: Session, params: dict[str, Any]) -> None:
     if row is not None:
         session.delete(row)
     journal.add(session, vm["id"], "vm_deploy_finish", {}, params["finish"])
-    compact.mark(session, vm["id"])  # a base it pinned is its own now: merges may reach it
+    compaction.mark(session, vm["id"])  # a base it pinned is its own now: merges may reach it
 
 
 def _parents_first(checkpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:

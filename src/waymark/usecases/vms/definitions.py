@@ -26,12 +26,10 @@ from waymark.catalog.models import (
     Template,
     Vm,
 )
-from waymark.engine import compaction as compact
-from waymark.engine import journal, lookup, settle
+from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.engine.running import power as machines
-from waymark.engine.running import presence as liveness
+from waymark.engine.running import power, presence
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.images import qemu_img
 from waymark.model import names
@@ -336,7 +334,7 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
                        "max_checkpoints": max_checkpoints,
                        "automatic_checkpoints": automatic_checkpoints})
         if discard:
-            machines.discard_saved(ctx, vm_id)
+            power.discard_saved(ctx, vm_id)
 
 
 def rename(ctx: Context, vm_id: str, new_name: str) -> str:
@@ -365,8 +363,8 @@ def _hardware_change(ctx: Context, vm_id: str, vm_name: str, what: str,
     and a saved memory state restores only onto the hardware it was saved with. Returns
     whether the caller must discard the saved state (after its change is known to be valid).
     """
-    state = liveness.reconcile(ctx, vm_id)
-    if state in liveness.LIVE_STATES:
+    state = presence.reconcile(ctx, vm_id)
+    if state in presence.LIVE_STATES:
         raise Conflict(f"VM {vm_name!r} is {state}: {what} takes effect only after a power "
                        "cycle.", hint=f"Stop it first: waymark vm stop {vm_name}")
     if state == "saved" and not discard_saved:
@@ -407,11 +405,11 @@ def delete(ctx: Context, vm_id: str, *, yes: bool) -> None:
 
 
 def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None:
-    liveness.require_offline(ctx, vm_id, "deleting the VM")
+    presence.require_offline(ctx, vm_id, "deleting the VM")
     with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         count = lookup.checkpoint_count(session, vm_id)
-        owned = compact.owned_files(session, vm_id)
+        owned = compaction.owned_files(session, vm_id)
         if (count or owned) and not yes:
             raise ConsentRequired(
                 f"VM {vm_name!r} has {count} checkpoint(s) and {len(owned)} disk image(s) "
@@ -423,7 +421,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         files += [c.memory_path for c in checkpoints if c.memory_path]
         folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
-        files += [str(p) for p in liveness.run_files(ctx, vm_id).kept()]
+        files += [str(p) for p in presence.run_files(ctx, vm_id).kept()]
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
                                                 Grant.object_id == vm_id))
@@ -451,7 +449,7 @@ def add_disk(ctx: Context, vm_id: str, spec: DiskSpec, discard_saved: bool = Fal
         with ctx.catalog.session() as session:
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
         if discard:
-            machines.discard_saved(ctx, vm_id)
+            power.discard_saved(ctx, vm_id)
         ctx.journal.run(vm_id, "disk_add", {"disk": disk, "images": images}, steps)
     return str(disk["id"])
 
@@ -472,7 +470,7 @@ def remove_disk(ctx: Context, vm_id: str, disk_ref: str, discard_saved: bool = F
         discard = _hardware_change(ctx, vm_id, vm_name, "removing a disk", discard_saved)
         disk = _detach(ctx, vm_id, vm_name, disk_ref)
         if discard:
-            machines.discard_saved(ctx, vm_id)
+            power.discard_saved(ctx, vm_id)
         return disk
 
 
