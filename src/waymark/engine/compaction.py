@@ -247,6 +247,13 @@ def owned_files(session: Session, vm_id: str) -> list[Path]:
 WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long as it takes
 
 
+def compact_if_marked(ctx: Context, vm_id: str, report: Reporter | None = None) -> None:
+    """Compact the VM (its lock is held) if a change left the ``compact`` marker, as its merge
+    job if it has one (:func:`compact_as_job`)."""
+    if any(intent.kind == MARKER for intent in ctx.journal.pending(vm_id)):
+        compact_as_job(ctx, vm_id, report)
+
+
 def compact_as_job(ctx: Context, vm_id: str, echo: Reporter | None = None) -> None:
     """Run the VM's pending compaction (its lock is held), as its merge job if it has one.
 

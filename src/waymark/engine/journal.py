@@ -196,6 +196,17 @@ class Journal:
                 query = query.where(Intent.vm_id == vm_id)
             return list(session.scalars(query))
 
+    def finish_pending(self, vm_id: str, *, skip: str) -> bool:
+        """Finish (:meth:`finish`) the VM's pending intents in order, but those of kind
+        ``skip`` (the compaction marker, which compaction clears); False when none was
+        pending. The caller holds the VM's lock."""
+        pending = self.pending(vm_id)
+        for intent in pending:
+            if intent.kind != skip:
+                log.info("finishing %s (journal intent %s)", intent.kind, intent.id)
+                self.finish(intent)
+        return bool(pending)
+
     def drive(self, intent_id: int, on_progress: qemu_img.Progress = None,
               commit: bool = True, report: StepReport | None = None) -> None:
         """Run the intent's remaining steps, then its commit."""

@@ -27,16 +27,10 @@ def settle_vm(ctx: Context, vm_id: str, report: compaction.Reporter | None = Non
     Also how an operation finishes its own *commit, then finish* intents (``report`` shows the
     compaction's progress; without ``merge`` the compaction is left to a job's worker).
     """
-    pending = ctx.journal.pending(vm_id)
-    if not pending:
+    if not ctx.journal.finish_pending(vm_id, skip=compaction.MARKER):
         return
-    for intent in pending:
-        if intent.kind != compaction.MARKER:
-            log.info("finishing %s (journal intent %s)", intent.kind, intent.id)
-            ctx.journal.finish(intent)
-    # re-read: a commit driven just now may have left a compaction marker of its own
-    if merge and any(intent.kind == compaction.MARKER for intent in ctx.journal.pending(vm_id)):
-        compaction.compact_as_job(ctx, vm_id, report)
+    if merge:
+        compaction.compact_if_marked(ctx, vm_id, report)
 
 
 def settle_all(ctx: Context) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
-from waymark.engine import compaction, jobs, journal, lookup, settle
+from waymark.engine import compaction, jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import ConsentRequired, NotFound
@@ -64,6 +64,12 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
     as a merge job (``Deleted.job``) that this call runs, or, without ``wait``, leaves to a
     worker the caller starts (:func:`waymark.engine.jobs.spawn`).
 
+    The path: :func:`remove_from_tree` (one transaction: the tree change, the journal intent
+    that removes the checkpoints' own files, the ``compact`` marker), then those files go, then
+    :func:`waymark.engine.compaction.compact_if_marked` plans the merges
+    (:mod:`waymark.model.planner`) and runs each as journal steps
+    (:mod:`waymark.engine.executor`).
+
     Several matches need ``yes``: the caller shows them and asks first.
     """
     targets = matching(ctx, vm_id, pattern)
@@ -78,7 +84,9 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
                                         [m.id for m in targets], subtree=subtree)
         job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
                           run_here=wait)
-        settle.settle_vm(ctx, vm_id, report, merge=wait)
+        ctx.journal.finish_pending(vm_id, skip=compaction.MARKER)  # their own files go
+        if wait:
+            compaction.compact_if_marked(ctx, vm_id, report)
     return Deleted(removed, job)
 
 
