@@ -1,4 +1,13 @@
-"""``waymark``: the root command, its global options, and the error boundary."""
+"""``waymark``: the root command, its global options, and the error boundary.
+
+The only imports inside functions in ``src/`` are the CLI's lazy loading, which keeps
+``waymark --help`` and the light commands fast (docs/architecture.md, "Lazy imports"):
+:class:`LazyGroup` imports a command group's module when that group runs; :class:`Face` imports
+the composition root (and with it every use case) when a command first needs the context, the
+HTTP client only with ``--server``, and the VM lookup (SQLAlchemy) when a VM is named;
+``waymark serve`` imports the HTTP server and the schedules when it serves, and
+``waymark guest`` the test guest builder when it builds.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +20,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
-from waymark import __version__, failpoints
+from waymark import __version__, failpoints, modes
 from waymark.errors import InvalidInput, WaymarkError
+from waymark.text import printable
 
 if TYPE_CHECKING:
     from waymark.client import Client
@@ -142,16 +152,13 @@ def _report(err: WaymarkError, as_json: bool) -> None:
         payload: dict[str, Any] = {"error": err.message, "hint": err.hint,
                                    "kind": type(err).__name__, "exit_code": err.exit_code}
         click.echo(json.dumps(payload, indent=2))
-    from waymark.text import printable  # a server's or a file's words may be in it
-
+    # a server's or a file's words may be in it
     click.echo(f"error: {printable(err.message, lines=True)}", err=True)
     if err.hint:
         click.echo(printable(err.hint, lines=True), err=True)
 
 
 def main() -> None:
-    from waymark import modes
-
     modes.restrict_process()  # before anything is created: see waymark.modes
     try:
         cli.main(prog_name="waymark", standalone_mode=False)

@@ -15,6 +15,7 @@ from waymark.errors import InvalidInput
 from waymark.model.policy import ROLES, VM_PERMISSIONS
 from waymark.model.units import human, parse_duration, parse_size
 from waymark.text import printable
+from waymark.usecases.access import audit as audit_ops
 from waymark.usecases.access import quotas, users
 
 
@@ -256,8 +257,6 @@ def token_list(user_name: str | None, as_json: bool) -> None:
 def audit(user_name: str | None, outcome: str | None, limit: int, as_json: bool) -> None:
     """The API's audit log, newest first: who did what to which object, from where, and how
     it ended."""
-    from waymark.usecases.access import audit as audit_ops
-
     rows = audit_ops.listing(face().ctx, user=user_name, outcome=outcome, limit=limit)
     emit(as_json, rows, [_audit_line(r) for r in rows] or ["The audit log is empty."])
 
