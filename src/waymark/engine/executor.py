@@ -12,7 +12,7 @@ Steps are plain JSON dicts, so the journal can store them:
 - ``write_file {path, text}``: a durable small file (undo: delete it)
 - ``convert {path, src, src_fmt, confined_to?}``: a standalone qcow2 copy of ``src``'s chain
   (undo: delete); with ``confined_to`` (a folder on untrusted storage) the chain is checked
-  again and copied from the very files checked (:func:`waymark.storage.shares.pinned_chain`), each
+  again and copied from the very files checked (:func:`waymark.external.shares.pinned_chain`), each
   run
 - ``copy_file {path, src, confined_to?}``: a durable copy (or hard link) of ``src`` (undo:
   delete); with ``confined_to``, of the regular file opened (no link followed) inside it
@@ -37,9 +37,9 @@ from typing import Any
 
 from waymark import durable
 from waymark.errors import StorageError, UnknownKind
+from waymark.external import shares
 from waymark.images import qemu_img
 from waymark.qemu import bitmaps
-from waymark.storage import shares
 
 Step = dict[str, Any]
 StepFn = Callable[[Step, qemu_img.Progress], None]

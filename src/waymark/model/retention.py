@@ -6,7 +6,7 @@
 
 A point is kept when any rule keeps it; everything else goes. A kept incremental does not keep
 its parents: pruning merges a removed parent into its child
-(:meth:`waymark.storage.repository.Repository.merge_away`), so keeping the newest points never
+(:meth:`waymark.external.repository.Repository.merge_away`), so keeping the newest points never
 needs a new full backup.
 """
 

@@ -1,4 +1,4 @@
-"""Backups to a repository on external storage (:mod:`waymark.storage.repository`): run, list,
+"""Backups to a repository on external storage (:mod:`waymark.external.repository`): run, list,
 verify, prune, restore to the VM or as a new VM.
 
 A backup reads the VM's disks as they are now (Now, not a checkpoint) and never creates a
@@ -37,13 +37,13 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now as stamp
 from waymark.engine.running import live_merge, power, presence
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
+from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.model import names, retention
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, storage
-from waymark.storage.repository import Repository, new_point_id, now
 from waymark.usecases.access import quotas
 from waymark.usecases.checkpoints import lifecycle as checkpoints
 from waymark.usecases.vms import definitions as vms

@@ -21,9 +21,9 @@ from waymark.catalog.models import Schedule
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.errors import Conflict, InvalidInput, NotFound, WaymarkError
+from waymark.external.repository import Repository
 from waymark.model import names, retention, timing
 from waymark.model.timing import rfc3339
-from waymark.storage.repository import Repository
 from waymark.usecases.backups import points as backups
 
 

@@ -2,7 +2,7 @@
 Deploy: "when you migrate, store, or deploy a virtual machine, any existing checkpoints move with
 the virtual machine").
 
-The share's layout is :mod:`waymark.storage.library_share`. Both moves are one journal intent each,
+The share's layout is :mod:`waymark.external.library_share`. Both moves are one journal intent each,
 so a
 VM is never half in the library:
 
@@ -42,11 +42,8 @@ from waymark.engine.context import Context
 from waymark.engine.journal import StepReport, now
 from waymark.engine.running import power, presence
 from waymark.errors import Conflict, InvalidInput
-from waymark.model import names
-from waymark.model.hardware import HardwareConfig
-from waymark.model.timing import rfc3339
-from waymark.storage import shares
-from waymark.storage.library_share import (
+from waymark.external import shares
+from waymark.external.library_share import (
     CLAIM,
     FILES,
     MANIFEST,
@@ -56,6 +53,9 @@ from waymark.storage.library_share import (
     Library,
     claim_text,
 )
+from waymark.model import names
+from waymark.model.hardware import HardwareConfig
+from waymark.model.timing import rfc3339
 from waymark.usecases.views import checkpoint_tree
 from waymark.usecases.vms import definitions as vms
 

@@ -25,10 +25,10 @@ from waymark.catalog.models import Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.errors import Conflict, ImageError, NotFound
+from waymark.external import shares
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import HardwareConfig
-from waymark.storage import shares
 from waymark.usecases.vms import definitions as vms
 
 FORMAT, VERSION = "waymark-bundle", 1

@@ -31,11 +31,11 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.running import power, presence
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
+from waymark.external import shares
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
 from waymark.model.units import parse_size
-from waymark.storage import shares
 from waymark.usecases.access import quotas
 
 DEFAULT_MAX_CHECKPOINTS = 50
@@ -492,7 +492,7 @@ class Copy:
     """A disk of a new VM made as a standalone copy of ``src``'s chain (its ``key`` is the
     name the source's configuration gives the disk). ``confined_to``: the untrusted folder
     (a repository, a bundle) the chain must stay inside; it is then copied from the very files
-    checked (:func:`waymark.storage.shares.pinned_chain`)."""
+    checked (:func:`waymark.external.shares.pinned_chain`)."""
 
     key: str
     src: Path

@@ -33,9 +33,9 @@ from typing import Any
 
 from waymark import durable, filelock
 from waymark.errors import Ambiguous, Busy, NotFound, StorageError, WaymarkError
+from waymark.external import shares
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
-from waymark.storage import shares
 
 FORMAT, VERSION = "waymark-backup-repository", 1
 MARKER = "waymark-repository.json"

@@ -28,7 +28,7 @@ from typing import Any
 
 from waymark import durable, filelock
 from waymark.errors import Ambiguous, Busy, Conflict, ImageError, NotFound, StorageError
-from waymark.storage import shares
+from waymark.external import shares
 
 FORMAT, VERSION = "waymark-library", 1
 MARKER = "waymark-library.json"

@@ -1,1 +1,0 @@
-"""Adapters for folders on shared or external storage: backup repositories, library shares."""
