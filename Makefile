@@ -40,6 +40,7 @@ demo: deps
 lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Two workers on this project's 2-core hosts: the guests' tests and the browser's each stay on one
 # worker (tests/conftest.py, WORKER_GROUPS) while the other runs the rest. One: TEST_WORKERS=0.

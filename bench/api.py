@@ -13,7 +13,8 @@ those of the same answers. Two homes:
 
 - small: one VM `b` (1 MiB disk, off) with a chain of CHECKPOINTS checkpoints (default 50);
 - large: the same, plus VMS - 1 more VMs (default 1,000 in all, all off, 1 MiB disks). They are
-  made fast: one VM through `waymark.ops.vms.create` (in process, ~75 ms each on the 2-core
+  made fast: one VM through `waymark.usecases.vms.definitions.create` (in process, ~75 ms each on
+  the 2-core
   test host: 1,000 would take over a minute), and each other one by copying its rows in the
   catalog (vms, disks, images: new ids, names, MACs and folders) and its 192 KiB image file, in
   one transaction (a few seconds for 1,000; `waymark check` finds nothing wrong with the home).
@@ -49,9 +50,12 @@ from harness import reporter, table
 
 from waymark.catalog.models import Disk, Image, Vm
 from waymark.config import Settings
-from waymark.ops import checkpoints, users, vms
-from waymark.ops.context import Context
-from waymark.ops.journal import now
+from waymark.engine.context import Context
+from waymark.engine.journal import now
+from waymark.usecases.access import users
+from waymark.usecases.checkpoints import lifecycle as checkpoints
+from waymark.usecases.vms import definitions as vms
+from waymark.wiring import open_context
 
 WAYMARK = [sys.executable, "-m", "waymark"]
 WARM_UP = 1.0
@@ -111,7 +115,7 @@ def clone_vms(ctx: Context, source: str, count: int) -> None:
 def make_home(path: Path, vm_count: int, checkpoint_count: int) -> str:
     """A home with VM ``b`` (``checkpoint_count`` checkpoints) and ``vm_count`` VMs in all,
     and an administrator; returns the administrator's API token."""
-    ctx = Context.open(Settings(home=path))
+    ctx = open_context(Settings(home=path))
     try:
         users.add(ctx, "bench", "administrator", "bench-password-1")
         token = str(users.create_token(ctx, "bench", "bench")["token"])

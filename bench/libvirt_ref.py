@@ -12,7 +12,7 @@ size: every snapshot puts a new overlay on top of vda (the chain grows by one pe
 costs nothing measurable) and only the metadata is deleted, so the next snapshot starts from the
 same kind of state. The memory file is measured (``state_bytes``) and then removed.
 
-The guest is the one our runtime benchmark boots (:func:`waymark.guest.build.build`, in
+The guest is the one our runtime benchmark boots (:func:`waymark.testguest.build.build`, in
 $WAYMARK_TEST_GUEST or /var/tmp/waymark-test-guest), defined the way Waymark starts its VMs:
 ``<domain type='qemu'>`` (TCG), machine pc-q35-7.2, CPU qemu64, 1 vCPU, direct kernel boot with
 the guest's command line (``console=ttyS0``), a qcow2 overlay of the data disk as virtio vda, a
@@ -62,8 +62,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from waymark.checkpoints.hardware import CPU_MODEL, MACHINE
-from waymark.guest.build import GuestImage, build
+from waymark.model.hardware import CPU_MODEL, MACHINE
+from waymark.testguest.build import GuestImage, build
 
 URI = "qemu:///system"
 VIRSH = ["virsh", "--quiet", "--connect", URI]

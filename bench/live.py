@@ -64,7 +64,7 @@ from harness import (
 )
 from libvirt_ref import available, libvirt_snapshot_pause
 
-from waymark.guest.build import GuestImage
+from waymark.testguest.build import GuestImage
 
 DD_MIB = 512
 DISK_SIZES = ("1G", "100G")

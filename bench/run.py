@@ -119,10 +119,11 @@ def bench_delete(root: Path, runs: int) -> None:
 def _delete_in_process(home: Home) -> None:
     """The same delete through the library: no interpreter start-up, no imports."""
     from waymark.config import Settings
-    from waymark.ops import deletion, lookup
-    from waymark.ops.context import Context
+    from waymark.engine import lookup
+    from waymark.usecases.checkpoints import deletion
+    from waymark.wiring import open_context
 
-    ctx = Context.open(Settings(home=home.path))
+    ctx = open_context(Settings(home=home.path))
     with ctx.catalog.session() as session:
         vm_id = lookup.vm(session, "b").id  # as the CLI resolves it (use cases take ids)
     deletion.delete_checkpoints(ctx, vm_id, "C", subtree=False, yes=True)

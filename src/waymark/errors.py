@@ -22,6 +22,7 @@ The tree (exit code, HTTP status)::
     ├── Busy (75, 409)                 another command or job holds the VM; retry later
     │   ├── TooManyAttempts (75, 429)  repeated failed sign-ins: wait before trying again
     │   └── TooManyStreams (75, 429)   more open event streams than one user may have
+    ├── UnknownKind (70, 500)          a journal intent, step or job kind nobody registered
     ├── Forbidden (77, 403)            the caller's role or grants do not allow it
     │   └── Unauthenticated (77, 401)  no valid session, token or password
     └── Cancelled (10, 409)            a job was cancelled on request
@@ -77,7 +78,8 @@ class LimitReached(Conflict):
 
 class QuotaExceeded(LimitReached):
     """A change would take its VM's owner past a quota an administrator set
-    (:mod:`waymark.ops.quotas`): 409 like the per-VM checkpoint limit, since freeing room
+    (:mod:`waymark.usecases.access.quotas`): 409 like the per-VM checkpoint limit, since freeing
+    room
     (deleting a VM or checkpoints) or a raised quota lets the same request pass; 403 stays the
     answer for what the caller's role or grants never allow."""
 
@@ -112,6 +114,15 @@ class TooManyAttempts(Busy):
 
 class TooManyStreams(Busy):
     http_status = 429
+
+
+class UnknownKind(WaymarkError):
+    """A journal intent, file step or job of a kind no handler is registered for (a bug, or a
+    catalog written by a newer Waymark): refused, never committed blindly. Every kind is
+    registered by the composition root, :mod:`waymark.wiring`."""
+
+    exit_code = 70
+    http_status = 500
 
 
 class Forbidden(WaymarkError):

@@ -19,8 +19,9 @@ import pytest
 from tests.browser.test_portal import Watch, browser_page, sign_in
 from tests.helpers import Waymark, serve_process
 from waymark.config import Settings
-from waymark.ops import jobs, users
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.usecases.access import users
+from waymark.wiring import open_context
 
 ADMIN, PASSWORD = "root-admin", "test-password"
 
@@ -30,7 +31,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     base = tmp_path_factory.mktemp("portal-streams")
     wm = Waymark(base / "home")
     wm("vm", "create", "web", "--disk", "1M")
-    ctx = Context.open(Settings(home=wm.home))
+    ctx = open_context(Settings(home=wm.home))
     users.add(ctx, ADMIN, "administrator", PASSWORD)
     vm_id = wm.json("vm", "show", "web")["id"]
     jobs.submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": "none",

@@ -13,7 +13,8 @@ convert`` (which follows an incremental's backing files inside the repository), 
 the copy, then ``debugfs`` lists and reads ``/t``. The guest's own ``/data/log.txt`` changes all
 the time and is not compared.
 
-What an incremental point must be (:mod:`waymark.ops.backups`): ``kind`` incremental, ``parent``
+What an incremental point must be (:mod:`waymark.usecases.backups.points`): ``kind`` incremental,
+``parent``
 the repository's previous point of the VM, its disk file backed by the parent's
 (``<parent id>.qcow2``), holding no more than the dirty bitmap said QEMU would copy
 (``dirty_bytes``), which covers at least what the test wrote since the parent.

@@ -5,7 +5,7 @@ through the tests in file order; each test first puts it in the state it needs, 
 test also runs alone. The last test boots a second VM, ``bare``, with ``waymark.agent=off``
 (``g`` is paused meanwhile, to spare the CPU).
 
-What the guest does (see :mod:`waymark.guest.scripts`): ``COUNTER <n>`` on its serial port about
+What the guest does (see :mod:`waymark.testguest.scripts`): ``COUNTER <n>`` on its serial port about
 five times a second, and every fifth counter ``LINE <m>`` appended to ``/data/log.txt`` with
 ``sync``. A backup of a running VM is QEMU's ``blockdev-backup`` inside a freeze of the guest's
 file systems: the point's disk is clean (no journal to replay) and its log holds ``LINE 1..K``;

@@ -1,5 +1,5 @@
 """A real guest stored in a library share and deployed back, under real QEMU (TCG here), driven
-only through the CLI (:mod:`waymark.ops.library`).
+only through the CLI (:mod:`waymark.usecases.library.store_deploy`).
 
 One VM of the test guest boots once (what it prints and writes: see :mod:`tests.guest.test_live`)
 and gets a branched checkpoint tree::

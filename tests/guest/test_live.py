@@ -5,7 +5,7 @@ file order; each test first puts its VM in the state it needs, so any single tes
 alone. ``g`` runs the guest agent (production checkpoints freeze its file systems); ``bare`` boots
 with ``waymark.agent=off`` (no agent: the fallbacks, the refusals).
 
-What the guest does (see :mod:`waymark.guest.scripts`): ``COUNTER <n>`` on its serial port about
+What the guest does (see :mod:`waymark.testguest.scripts`): ``COUNTER <n>`` on its serial port about
 five times a second (``n`` only in memory: a restored memory continues at saved + 1), and every
 fifth counter ``LINE <m>`` appended to ``/data/log.txt`` with ``sync`` (``m`` continues from the
 file's last line: a restored disk continues its own numbering). So a memory checkpoint is exact

@@ -7,7 +7,7 @@ single test also runs alone, with its own boot. The guest (``waymark guest build
 ``$WAYMARK_TEST_GUEST`` or ``/var/tmp/waymark-test-guest``; its data disk is the read-only base of
 each VM's overlay and is never written.
 
-What the guest does (see :mod:`waymark.guest.scripts`): ``READY <boot-id>`` on its serial port
+What the guest does (see :mod:`waymark.testguest.scripts`): ``READY <boot-id>`` on its serial port
 once up, then ``COUNTER <n>`` about five times a second (``n`` only in memory), and ``LINE <n>``
 appended to ``/data/log.txt`` with ``sync`` about once a second.
 """

@@ -35,8 +35,9 @@ import pytest
 
 from tests.helpers import Waymark, query, serve_process
 from waymark.config import Settings
-from waymark.ops import jobs, users
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.usecases.access import users
+from waymark.wiring import open_context
 
 MIB = 1024 * 1024
 PASSWORD = "a-password-1"
@@ -59,7 +60,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     wm = Waymark(base / "home")
     wm("vm", "create", "v", "--disk", "1M")
     vm_id = wm.json("vm", "show", "v")["id"]
-    ctx = Context.open(Settings(home=wm.home))
+    ctx = open_context(Settings(home=wm.home))
     tokens, token_ids = {}, {}
     for name, role in (("admin", "administrator"), ("reader", "read-only"),
                        ("sam", "read-only"), ("tom", "read-only"), ("ursula", "read-only"),

@@ -331,13 +331,14 @@ def test_a_view_reads_one_state(tmp_path: Path) -> None:
     the VM as it was (or as it is), never a 500."""
     from waymark.api.app import create_app
     from waymark.config import Settings
-    from waymark.ops import checkpoints, users
-    from waymark.ops.context import Context
+    from waymark.usecases.access import users
+    from waymark.usecases.checkpoints import lifecycle as checkpoints
+    from waymark.wiring import open_context
 
     wm = Waymark(tmp_path / "home")
     wm("vm", "create", "r", "--disk", "1M")
-    served = Context.open(Settings(home=wm.home))
-    other = Context.open(Settings(home=wm.home))  # another command: its own connections
+    served = open_context(Settings(home=wm.home))
+    other = open_context(Settings(home=wm.home))  # another command: its own connections
     vm_id = wm.json("vm", "show", "r")["id"]
     users.add(served, "admin", "administrator", "admin-password-1")
     token = users.create_token(served, "admin", "t")["token"]

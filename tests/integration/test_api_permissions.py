@@ -72,8 +72,11 @@ from fastapi.testclient import TestClient
 from tests.helpers import ERROR_KEYS, Waymark, query
 from waymark.api.app import create_app
 from waymark.config import Settings
-from waymark.ops import jobs, liveness, users
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.engine.running import presence
+from waymark.usecases.access import users
+from waymark.wiring import open_context
 
 CALLERS = ("admin", "owner", "granted_full", "restore_only", "backupop", "reader", "outsider")
 ROLES = {"admin": "administrator", "owner": "self-service", "granted_full": "self-service",
@@ -326,7 +329,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("api-matrix")
     wm = Waymark(base / "home")
     passwords, user_ids, tokens = _cli_home(base, wm)
-    ctx = Context.open(Settings(home=wm.home, lock_timeout=10.0))
+    ctx = open_context(Settings(home=wm.home, lock_timeout=10.0))
     app = create_app(ctx)
     with TestClient(app, raise_server_exceptions=False) as client:
         made = Env(base, wm, ctx, app, client, tokens, passwords, user_ids)
@@ -1609,7 +1612,7 @@ def test_an_apply_that_turns_a_running_vm_off_needs_start_stop(env: Env) -> None
     command line names the VM's QMP socket) makes the VM running; the apply is refused, nothing
     changed, the stand-in still runs."""
     vm = env.vm_ids["vm-x"]
-    run = liveness.run_files(env.ctx, vm)
+    run = presence.run_files(env.ctx, vm)
     run.folder.mkdir(parents=True, exist_ok=True)
     stand_in = subprocess.Popen(["sh", "-c", "sleep 600", str(run.qmp)])
     try:

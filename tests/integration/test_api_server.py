@@ -54,8 +54,9 @@ from schemathesis.specs.openapi.checks import (
 from tests.helpers import ERROR_KEYS, Waymark, serve_process
 from waymark.api.app import create_app
 from waymark.config import Settings
-from waymark.ops import locks
-from waymark.ops.context import Context
+from waymark.engine import locks
+from waymark.engine.context import Context
+from waymark.wiring import open_context
 
 PASSWORD = "admin-password-1"
 READER_PASSWORD = "reader-password-1"
@@ -389,7 +390,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     kernel.unlink()
     FUZZED["vm"] = "sx-vm"
     FUZZED["checkpoint"] = wm.json("checkpoint", "create", "sx-vm", "--name", "sx-c1")["id"]
-    FUZZED_APP.state.ctx = Context.open(Settings(home=wm.home, lock_timeout=2.0))
+    FUZZED_APP.state.ctx = open_context(Settings(home=wm.home, lock_timeout=2.0))
     yield token
     # the serial log gets its first line just before QEMU is launched: none, no launch
     assert sorted(wm.home.glob("vms/*/run/serial.log")) == [], "a VM was launched"

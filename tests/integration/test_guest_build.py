@@ -24,9 +24,9 @@ import pytest
 from click.testing import CliRunner
 
 from waymark.cli.main import LazyGroup, cli
-from waymark.guest import build as builder
-from waymark.guest import scripts
-from waymark.guest.build import GuestImage
+from waymark.testguest import build as builder
+from waymark.testguest import scripts
+from waymark.testguest.build import GuestImage
 
 GUEST_DIR = Path(os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest"))
 BOOT_TIMEOUT = 40.0

@@ -1,5 +1,6 @@
 """Library shares: ``library init``, ``vm store``, ``vm deploy`` and ``library list``, through the
-real CLI on real qcow2 files (:mod:`waymark.ops.library`, :mod:`waymark.library.share`).
+real CLI on real qcow2 files (:mod:`waymark.usecases.library.store_deploy`,
+:mod:`waymark.external.library_share`).
 
 The VM is a linked clone of a template (its base, pinned, holds data) plus, but in the kill
 sweeps, a disk of its own, with a branched checkpoint tree made offline: ``a`` <- ``b``, and

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers import Waymark, file_sha256, query, serve_process
-from waymark.checkpoints.hardware import HardwareConfig
+from waymark.model.hardware import HardwareConfig
 from waymark.qemu import cmdline
 
 EXIT_INVALID = 2

@@ -37,9 +37,12 @@ from hypothesis import strategies as st
 from tests.helpers import content_sha256, qemu_io_write, query
 from waymark.config import Settings
 from waymark.errors import Ambiguous, NotFound
-from waymark.ops import checkpoints, deletion, views, vms
-from waymark.ops.checkpoints import ApplyMode
-from waymark.ops.context import Context
+from waymark.usecases import views
+from waymark.usecases.checkpoints import deletion
+from waymark.usecases.checkpoints import lifecycle as checkpoints
+from waymark.usecases.checkpoints.lifecycle import ApplyMode
+from waymark.usecases.vms import definitions as vms
+from waymark.wiring import open_context
 
 MIB = 1 << 20
 CLUSTER = 64 * 1024  # qcow2's default cluster size: every write is cluster-aligned
@@ -138,11 +141,11 @@ def backing_of(path: str) -> str | None:
 
 
 class Model:
-    """One VM with one disk, driven through ``waymark.ops``, next to a model of it."""
+    """One VM with one disk, driven through ``waymark.usecases``, next to a model of it."""
 
     def __init__(self, home: Path, mib: int) -> None:
         self.home = home
-        self.ctx = Context.open(Settings(home=home))
+        self.ctx = open_context(Settings(home=home))
         self.vm_id = vms.create(self.ctx, VM, memory=256 * MIB, cpus=1,
                                 disks=[vms.DiskSpec(size=mib * MIB)], max_checkpoints=1000)
         self.disks_dir = home / "vms" / self.vm_id / "disks"

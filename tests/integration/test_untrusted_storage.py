@@ -18,10 +18,10 @@ import pytest
 
 from tests.helpers import Result, Waymark, file_sha256, query
 from waymark import durable
+from waymark.engine import executor
 from waymark.errors import ImageError
+from waymark.external.shares import opened_inside, pinned_chain
 from waymark.images import qemu_img as engine
-from waymark.ops import executor
-from waymark.shares import opened_inside, pinned_chain
 
 EXIT_INVALID, EXIT_IMAGE = 2, 8
 SHADOW = "/etc/shadow"

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from tests.helpers import Waymark, free_port, query, served
-from waymark.ops.audit import ANONYMOUS_LIMIT, MESSAGE_LIMIT, TEXT_LIMIT
+from waymark.usecases.access.audit import ANONYMOUS_LIMIT, MESSAGE_LIMIT, TEXT_LIMIT
 
 ESC = "\x1b"
 HOSTILE = f"{ESC}]0;pwned{chr(7)}{ESC}[2J{ESC}[2K\u202eevil\x9b1A"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from waymark.ops import audit
-from waymark.ops.audit import Entry, Recorder
+from waymark.usecases.access import audit
+from waymark.usecases.access.audit import Entry, Recorder
 
 
 class Clock:

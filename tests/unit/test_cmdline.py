@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from waymark.checkpoints.hardware import HardwareConfig, Nic
+from waymark.model.hardware import HardwareConfig, Nic
 from waymark.qemu import cmdline
 
 NAME = "web,process=evil,debug-threads=off"

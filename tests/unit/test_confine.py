@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from waymark.checkpoints.hardware import HardwareConfig
+from waymark.model.hardware import HardwareConfig
 from waymark.qemu import cmdline, confine
 
 

@@ -5,9 +5,9 @@ face's own subclass answering as its public parent, and the way back
 from __future__ import annotations
 
 import pytest
+from waymark.api.security import OutOfScope
 
 from waymark import errors
-from waymark.api.security import OutOfScope
 from waymark.errors import WaymarkError, envelope, from_envelope
 
 ALL = [errors.WaymarkError, errors.InvalidInput, errors.ConsentRequired, errors.TooLarge,

@@ -1,11 +1,12 @@
-"""The name grammar (waymark.names): what stays allowed, what is refused and how it is said."""
+"""The name grammar (waymark.model.names): what stays allowed, what is refused and how it is
+said."""
 
 from __future__ import annotations
 
 import pytest
 
-from waymark import names
 from waymark.errors import InvalidInput
+from waymark.model import names
 
 KEPT = ["web", "web 2", "before upgrade (2026-12-06 10:00)", "Büro", "Ελληνικά", "сервер",
         "a?b #c%d 50%", "n" * 99, "it's \"quoted\" <b>&amp;", "café", "3f2a9c81d0e",

@@ -1,4 +1,4 @@
-from waymark.checkpoints.planner import (
+from waymark.model.planner import (
     CommitDown,
     Drop,
     ImageNode,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from waymark.backups.retention import Point, Policy, keep
+from waymark.model.retention import Point, Policy, keep
 
 START = datetime(2026, 1, 1, 12, tzinfo=UTC)
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, time
 
 import pytest
 
-from waymark.backups.timing import next_run, parse_at, parse_weekday
 from waymark.errors import InvalidInput
+from waymark.model.timing import next_run, parse_at, parse_weekday
 
 
 def at(text: str) -> datetime:

@@ -2,8 +2,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from waymark.checkpoints import tree
 from waymark.errors import Ambiguous, NotFound
+from waymark.model import tree
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

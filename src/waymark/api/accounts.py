@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.api.security import (
+from waymark.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
+from waymark.http.security import (
     COOKIE,
     CallerDep,
     ContextDep,
@@ -18,10 +19,9 @@ from waymark.api.security import (
     require,
     sign_in,
 )
-from waymark.auth import policy
-from waymark.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
-from waymark.ops import audit, users
-from waymark.units import parse_duration
+from waymark.model import policy
+from waymark.model.units import parse_duration
+from waymark.usecases.access import audit, users
 
 router = APIRouter(tags=["accounts"], route_class=schemas.Route)
 Role = Literal["administrator", "self-service", "backup-operator", "read-only"]
@@ -38,7 +38,7 @@ class Login(BaseModel):
 def login(body: Login, request: Request, response: Response) -> dict[str, Any]:
     """Sign in: a session cookie (HttpOnly, SameSite=Strict) and the CSRF token its writes
     must send in ``X-CSRF-Token``. Repeated failures are refused for a while (429:
-    :class:`~waymark.api.security.LoginLimiter`)."""
+    :class:`~waymark.http.security.LoginLimiter`)."""
     cookie, csrf = sign_in(request, body.name, body.password)
     response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", max_age=int(

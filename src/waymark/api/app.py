@@ -34,15 +34,14 @@ from waymark.api import (
     headers,
     jobs,
     library,
-    limits,
-    security,
     streams,
     vms,
 )
 from waymark.api import quotas as quota_api
+from waymark.engine.context import Context
 from waymark.errors import InvalidInput, NotFound, WaymarkError, envelope
-from waymark.ops import audit, quotas
-from waymark.ops.context import Context
+from waymark.http import limits, security
+from waymark.usecases.access import audit, quotas
 from waymark.web import pages
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ async def _audited(request: Request, call_next: Callable[[Request], Awaitable[Re
 async def _quota_scope(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                        ) -> Response:
     """A request's changes count against quotas unless an administrator makes them (the
-    caller is named once authenticated, :func:`waymark.api.security.caller`)."""
+    caller is named once authenticated, :func:`waymark.http.security.caller`)."""
     with quotas.request():
         return await call_next(request)
 
@@ -215,7 +214,7 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 
 def _limited(app: FastAPI, ctx: Context, chosen: limits.Limits) -> None:
-    """The request limits (:mod:`waymark.api.limits`): the body limit outside everything else,
+    """The request limits (:mod:`waymark.http.limits`): the body limit outside everything else,
     and the event streams' registry."""
     app.state.streams = streams.Streams(ctx, chosen.max_streams, chosen.stream_lifetime)
     app.add_middleware(limits.BodyLimit, max_body=chosen.max_body, render=envelope)

@@ -9,11 +9,15 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.api.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
-from waymark.backups import retention
+from waymark.engine.context import Context
 from waymark.errors import Forbidden, InvalidInput
-from waymark.ops import backups, checkpoints, locations, schedules, views
-from waymark.ops.context import Context
+from waymark.http.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
+from waymark.model import retention
+from waymark.usecases import views
+from waymark.usecases.access import locations
+from waymark.usecases.backups import points as backups
+from waymark.usecases.backups import schedules
+from waymark.usecases.checkpoints import lifecycle as checkpoints
 
 router = APIRouter(tags=["backups"], route_class=schemas.Route)
 

@@ -10,10 +10,16 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.api.security import CallerDep, ContextDep, redact, require_vm, vm_for
 from waymark.catalog.models import Vm
-from waymark.ops import checkpoints, deletion, jobs, liveness, locations, views
-from waymark.ops.context import Context
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.engine.running import presence
+from waymark.http.security import CallerDep, ContextDep, redact, require_vm, vm_for
+from waymark.usecases import views
+from waymark.usecases.access import locations
+from waymark.usecases.checkpoints import deletion
+from waymark.usecases.checkpoints import lifecycle as checkpoints
+from waymark.usecases.vms import export_job
 
 router = APIRouter(tags=["checkpoints"], route_class=schemas.Route)
 
@@ -69,7 +75,7 @@ def _apply_effects(ctx: Context, row: Vm, body: Apply) -> list[str]:
     of Now (``checkpoint_first``), and powering the VM off (it is running or paused) or on
     (``start``)."""
     effects = ["checkpoint.create"] if body.mode == "checkpoint_first" else []
-    if body.start or liveness.observed_state(ctx, row.id, row.state) in liveness.LIVE_STATES:
+    if body.start or presence.observed_state(ctx, row.id, row.state) in presence.LIVE_STATES:
         effects.append("vm.power")
     return effects
 
@@ -142,6 +148,6 @@ def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
     if not caller.who.admin:
         folder = f"{caller.who.name}/{folder}"
     dest = locations.path(ctx, body.location, "export") / folder
-    job_id = jobs.submit_export(ctx, row.id, target["id"], dest, run_here=False)
+    job_id = export_job.submit_export(ctx, row.id, target["id"], dest, run_here=False)
     jobs.spawn(ctx, job_id)
     return {"job": job_id, "location": body.location, "folder": folder}

@@ -16,12 +16,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas, streams
-from waymark.api.security import CallerDep, ContextDep, require_vm, vm_for
-from waymark.auth.policy import Principal
 from waymark.catalog.models import Vm
+from waymark.engine.context import Context
+from waymark.engine.running import presence
 from waymark.errors import Conflict, NotFound
-from waymark.ops import liveness
-from waymark.ops.context import Context
+from waymark.http.security import CallerDep, ContextDep, require_vm, vm_for
+from waymark.model.policy import Principal
 
 router = APIRouter(tags=["console"], route_class=schemas.Route)
 TAIL = 8192  # bytes of earlier output a new reader gets
@@ -72,7 +72,7 @@ def console_events(vm: str, request: Request, caller: CallerDep, ctx: ContextDep
     """The serial console's output from ``offset`` (default: its last 8 KiB); ``revoked``
     ends it when the caller may no longer use the console."""
     row = vm_for(ctx, caller.who, "vm.power", vm)
-    log = str(liveness.run_files(ctx, row.id).serial_log)
+    log = str(presence.run_files(ctx, row.id).serial_log)
     return streams.open_stream(request, caller.who, lambda watch: _output(watch, log, offset),
                                scope=lambda who: _may_still(ctx, who, row.id))
 
@@ -95,9 +95,9 @@ class Line(BaseModel):
 def console_input(vm: str, body: Line, caller: CallerDep, ctx: ContextDep) -> dict[str, int]:
     """Type into the serial console (refused while someone is attached to it)."""
     row = vm_for(ctx, caller.who, "vm.power", vm)
-    if liveness.observed_state(ctx, row.id, row.state) not in liveness.LIVE_STATES:
+    if presence.observed_state(ctx, row.id, row.state) not in presence.LIVE_STATES:
         raise Conflict(f"VM {row.name!r} is not running: its console is closed.")
-    path = str(liveness.run_files(ctx, row.id).console)
+    path = str(presence.run_files(ctx, row.id).console)
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(5.0)

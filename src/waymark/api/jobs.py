@@ -13,13 +13,13 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from waymark.api import schemas, streams
-from waymark.api.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
-from waymark.auth import policy
-from waymark.auth.policy import Principal
-from waymark.catalog.models import Job, Vm
+from waymark.catalog.models import Job
+from waymark.engine import jobs
+from waymark.engine.context import Context
 from waymark.errors import NotFound, WaymarkError
-from waymark.ops import jobs
-from waymark.ops.context import Context
+from waymark.http.security import CallerDep, ContextDep, OutOfScope, redact, vm_for
+from waymark.model.policy import Principal
+from waymark.usecases.access import job_scope
 
 router = APIRouter(tags=["jobs"], route_class=schemas.Route)
 
@@ -47,19 +47,8 @@ def _job(ctx: Context, who: Principal, ref: str, action: str) -> dict[str, Any]:
 
 
 def _in_scope(ctx: Context, who: Principal) -> Callable[[Job], bool]:
-    owners = _owners(ctx)
-    return lambda job: _visible(who, job.vm_id, owners)
-
-
-def _owners(ctx: Context) -> dict[str, str | None]:
-    """Each VM's owner."""
-    with ctx.catalog.session() as session:
-        return {v.id: v.owner_id for v in session.query(Vm)}
-
-
-def _visible(who: Principal, vm_id: str | None, owners: dict[str, str | None]) -> bool:
-    """Whether the caller may see a job of ``vm_id`` (jobs of no VM are administrators')."""
-    return who.admin or (vm_id in owners and policy.in_scope(who, vm_id, owners[vm_id]))
+    owners = job_scope.owners(ctx)
+    return lambda job: job_scope.visible(who, job.vm_id, owners)
 
 
 def _exists(ctx: Context, ref: str) -> bool:
@@ -72,21 +61,11 @@ def _exists(ctx: Context, ref: str) -> bool:
     return True
 
 
-def job_list_for(ctx: Context, who: Principal, everything: bool) -> list[dict[str, Any]]:
-    return in_scope(who, jobs.listing(ctx, everything=everything), _owners(ctx))
-
-
-def in_scope(who: Principal, listed: list[dict[str, Any]], owners: dict[str, str | None]
-             ) -> list[dict[str, Any]]:
-    """The jobs of ``listed`` the caller may see (``owners``: each VM's owner)."""
-    return [j for j in listed if _visible(who, j["vm_id"], owners)]
-
-
 @router.get("/jobs", response_model=list[schemas.Job])
 def job_list(caller: CallerDep, ctx: ContextDep, everything: bool = False
              ) -> list[dict[str, Any]]:
     """Unfinished jobs and the last finished ones in the caller's scope."""
-    return [_shown(caller.who, j) for j in job_list_for(ctx, caller.who, everything)]
+    return [_shown(caller.who, j) for j in job_scope.job_list_for(ctx, caller.who, everything)]
 
 
 KEEPALIVE = 15.0
@@ -159,7 +138,7 @@ async def _rows(ctx: Context, who: Principal, reading: streams.Reading, job_id: 
                 ) -> list[dict[str, Any]]:
     """The jobs the stream shows from ``reading``; one job that left the reading (finished
     long ago) is read on its own."""
-    shown = in_scope(who, reading.jobs, reading.owners)
+    shown = job_scope.in_scope(who, reading.jobs, reading.owners)
     if job_id is None:
         return shown
     found = [j for j in shown if j["id"] == job_id]

@@ -11,12 +11,14 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.api.security import CallerDep, ContextDep, OutOfScope, require, vm_for
-from waymark.auth import policy
-from waymark.auth.policy import Decision
 from waymark.errors import NotFound
-from waymark.ops import library, locations, profiles, templates
-from waymark.units import parse_size
+from waymark.http.security import CallerDep, ContextDep, OutOfScope, require, vm_for
+from waymark.model import policy
+from waymark.model.policy import Decision
+from waymark.model.units import parse_size
+from waymark.usecases.access import locations
+from waymark.usecases.library import profiles, templates
+from waymark.usecases.library import store_deploy as library
 
 router = APIRouter(tags=["library"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]

@@ -1,5 +1,5 @@
 """Quotas: a user's ceilings (administrators set them; every user reads their own) and a
-role's defaults (:mod:`waymark.ops.quotas`)."""
+role's defaults (:mod:`waymark.usecases.access.quotas`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 
 from waymark.api import schemas
 from waymark.api.accounts import Role
-from waymark.api.security import CallerDep, ContextDep, require
-from waymark.ops import quotas
-from waymark.units import parse_size
+from waymark.http.security import CallerDep, ContextDep, require
+from waymark.model.units import parse_size
+from waymark.usecases.access import quotas
 
 router = APIRouter(tags=["accounts"], route_class=schemas.Route)
 COUNT = Field(default=None, ge=0, le=1_000_000)

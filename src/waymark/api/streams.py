@@ -34,12 +34,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from waymark.api import security
-from waymark.auth.policy import Principal
 from waymark.catalog.models import Vm
+from waymark.engine import jobs
+from waymark.engine.context import Context
 from waymark.errors import TooManyStreams, WaymarkError
-from waymark.ops import jobs
-from waymark.ops.context import Context
+from waymark.http import security
+from waymark.model.policy import Principal
 
 log = logging.getLogger(__name__)
 POLL = 0.2  # s between two readings of the jobs (one reader for every stream)

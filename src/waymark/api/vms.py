@@ -9,7 +9,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.api.security import (
+from waymark.catalog.models import Vm
+from waymark.engine.running import power
+from waymark.errors import Forbidden, NotFound
+from waymark.http.security import (
     CallerDep,
     ContextDep,
     OutOfScope,
@@ -18,13 +21,12 @@ from waymark.api.security import (
     require,
     vm_for,
 )
-from waymark.auth import policy
-from waymark.auth.policy import Decision
-from waymark.catalog.models import Vm
-from waymark.errors import Forbidden, NotFound
-from waymark.ops import machines, templates, views
-from waymark.ops import vms as vm_ops
-from waymark.units import parse_size
+from waymark.model import policy
+from waymark.model.policy import Decision
+from waymark.model.units import parse_size
+from waymark.usecases import views
+from waymark.usecases.library import templates
+from waymark.usecases.vms import definitions as vm_ops
 
 router = APIRouter(tags=["vms"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
@@ -133,7 +135,7 @@ def _power_route(action: str, summary: str, answer: type[schemas.Body]) -> None:
             chosen = {"fresh": options.fresh}
         elif action == "stop":
             chosen = {"force": options.force, "timeout": options.timeout}
-        return redact(caller.who, asyncio.run(machines.act(ctx, row.id, action, **chosen)))
+        return redact(caller.who, asyncio.run(power.act(ctx, row.id, action, **chosen)))
 
     router.add_api_route(f"/vms/{{vm}}/{action}", handler, methods=["POST"], summary=summary,
                          name=f"vm_{action}", response_model=answer)

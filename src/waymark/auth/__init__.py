@@ -1,2 +1,3 @@
-"""Users, roles and permissions: the pure policy (:mod:`waymark.auth.policy`) and secrets
-(:mod:`waymark.auth.secrets`); the use cases that store them are :mod:`waymark.ops.users`."""
+"""Secrets: password and API token hashing (:mod:`waymark.auth.secrets`). Roles and permissions
+are pure model code (:mod:`waymark.model.policy`); the use cases that store users are
+:mod:`waymark.usecases.access.users`."""

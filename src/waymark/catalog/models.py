@@ -1,6 +1,6 @@
 """The catalog's tables (SQLAlchemy 2, portable SQL: SQLite now, PostgreSQL later).
 
-Two layers are stored apart, as DESIGN.md draws them:
+Two layers are stored apart (docs/engine.md, "Two layers"):
 
 - the checkpoint tree: ``vms`` (with ``current_checkpoint_id``: Now's parent), ``checkpoints``;
 - the image graph: ``images`` (one row per qcow2/raw file, ``parent_id`` = backing file),
@@ -40,13 +40,13 @@ class Vm(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     # Names are unique per owner, not host-wide (Hyper-V does not make them unique at all): a
     # self-service user's new name never clashes with, so never reveals, a VM they may not
-    # see. A name is a reference only after an exact id (waymark.ops.lookup.vm).
+    # see. A name is a reference only after an exact id (waymark.engine.lookup.vm).
     name: Mapped[str] = mapped_column(String(99), index=True)
     # "<owner id>/<name>" ("/<name>" when no user owns it): the rule above, kept by an event
     name_key: Mapped[str] = mapped_column(String(132), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     state: Mapped[str] = mapped_column(String(16), default="off")
-    # hardware configuration (waymark.checkpoints.config.VmConfig as JSON); restored by apply
+    # hardware configuration (waymark.model.hardware.HardwareConfig as JSON); restored by apply
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     checkpoint_type: Mapped[str] = mapped_column(String(16))
     checkpoint_dir: Mapped[str] = mapped_column(Text)
@@ -57,7 +57,8 @@ class Vm(Base):
     # shutdown; the one taken at the last start (no foreign key: it may be deleted by hand)
     automatic_checkpoints: Mapped[bool] = mapped_column(Boolean, default=False)
     automatic_checkpoint_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    # where its settings came from at creation (waymark.profiles): {"template", "profile",
+    # where its settings came from at creation (waymark.model.setting_sources): {"template",
+    # "profile",
     # "sources": {setting: "vm" | "profile P" | "template T" | "default"}}; None: before 0007
     origin: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # the user who created it through the API (a self-service user's own VM); None: an
@@ -143,7 +144,7 @@ class Intent(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     steps: Mapped[list[Any]] = mapped_column(JSON)
     next_step: Mapped[int] = mapped_column(Integer, default=0)
-    # prepare: rolled back if it did not commit; finish: driven to its end (ops/journal.py)
+    # prepare: rolled back if it did not commit; finish: driven to its end (engine/journal.py)
     shape: Mapped[str] = mapped_column(String(8), server_default="prepare")
     # pending -> committed | rolled_back
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -153,7 +154,7 @@ class Intent(Base):
 
 
 class Job(Base):
-    """A long operation (a merge, an export) with its progress; see :mod:`waymark.ops.jobs`."""
+    """A long operation (a merge, an export) with its progress; see :mod:`waymark.engine.jobs`."""
 
     __tablename__ = "jobs"
 
@@ -177,7 +178,7 @@ class Job(Base):
 
 
 class Schedule(Base):
-    """A backup schedule (:mod:`waymark.ops.schedules`)."""
+    """A backup schedule (:mod:`waymark.usecases.backups.schedules`)."""
 
     __tablename__ = "schedules"
 
@@ -200,7 +201,8 @@ class Schedule(Base):
 
 class BackupBase(Base):
     """What a VM's change-tracking bitmaps for one backup repository count from
-    (:mod:`waymark.ops.backups`): the point they were cleared at, or None while a run that
+    (:mod:`waymark.usecases.backups.points`): the point they were cleared at, or None while a run
+    that
     cleared them has not finished (its next backup is then full)."""
 
     __tablename__ = "backup_bases"
@@ -214,7 +216,7 @@ class BackupBase(Base):
 
 class Profile(Base):
     """A hardware profile (VMM's ``New-SCHardwareProfile``): settings copied into the VMs
-    created with it (:mod:`waymark.profiles`); None = not set by this profile."""
+    created with it (:mod:`waymark.model.setting_sources`); None = not set by this profile."""
 
     __tablename__ = "profiles"
 
@@ -246,7 +248,8 @@ class Template(Base):
 
 
 class StoredVm(Base):
-    """A VM this host stored in a library (:mod:`waymark.ops.library`): it is no longer here,
+    """A VM this host stored in a library (:mod:`waymark.usecases.library.store_deploy`): it is no
+    longer here,
     and commands that name it say where it went."""
 
     __tablename__ = "stored_vms"
@@ -327,7 +330,7 @@ class Location(Base):
 
 class AuditEntry(Base):
     """Who did what to which object, when, from where, and the result: every API request that
-    changes something and every refused one (:mod:`waymark.ops.audit`)."""
+    changes something and every refused one (:mod:`waymark.usecases.access.audit`)."""
 
     __tablename__ = "audit"
     __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
@@ -347,7 +350,8 @@ class AuditEntry(Base):
 
 
 class Quota(Base):
-    """Ceilings on what a user's VMs hold (SCVMM's user-role quotas, :mod:`waymark.ops.quotas`):
+    """Ceilings on what a user's VMs hold (SCVMM's user-role quotas,
+    :mod:`waymark.usecases.access.quotas`):
     one user's (``kind`` user, ``subject`` their id) or a role's default (``kind`` role,
     ``subject`` the role); None = not limited here (a user's: the role's default applies)."""
 

@@ -8,12 +8,14 @@ from typing import Any
 
 import click
 
-from waymark.backups import retention, timing
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fail_after, json_option
 from waymark.errors import ImageError, InvalidInput, WaymarkError
-from waymark.ops import backups, checkpoints, schedules
-from waymark.units import human
+from waymark.model import retention, timing
+from waymark.model.units import human
+from waymark.usecases.backups import points as backups
+from waymark.usecases.backups import schedules
+from waymark.usecases.checkpoints import lifecycle as checkpoints
 
 REPO = click.option("--repo", "repo", required=True, metavar="PATH",
                     type=click.Path(path_type=Path), help="The backup repository's folder.")

@@ -8,7 +8,7 @@ import click
 
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
-from waymark.ops import check as checking
+from waymark.usecases import check as checking
 
 
 @click.command("check")

@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from waymark.checkpoints import tree
 from waymark.cli.job import ended, follow
 from waymark.cli.main import face
 from waymark.cli.output import (
@@ -18,10 +17,15 @@ from waymark.cli.output import (
     json_option,
     warn,
 )
+from waymark.engine import jobs
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import checkpoints, deletion, jobs, views
+from waymark.model import tree
+from waymark.model.units import human
 from waymark.text import printable
-from waymark.units import human
+from waymark.usecases import views
+from waymark.usecases.checkpoints import deletion
+from waymark.usecases.checkpoints import lifecycle as checkpoints
+from waymark.usecases.vms import export_job
 
 
 @click.group()
@@ -257,14 +261,14 @@ def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait:
 def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool) -> None:
     """Export a checkpoint as a standalone VM bundle (Hyper-V's Export-VMSnapshot)."""
     ctx = face().ctx
-    job_id = jobs.submit_export(ctx, face().vm_id(vm_ref), ckpt_ref, dest.absolute(),
-                                run_here=not no_wait)
+    job_id = export_job.submit_export(ctx, face().vm_id(vm_ref), ckpt_ref, dest.absolute(),
+                                      run_here=not no_wait)
     if no_wait:
         jobs.spawn(ctx, job_id)
         emit(as_json, {"bundle": str(dest.absolute()), "job": job_id},
              [f"Exporting in job {job_id[:12]}: waymark job wait {job_id[:12]}"])
         return
-    manifest = jobs.export_now(ctx, job_id, fraction_progress("exporting"))
+    manifest = export_job.run_export(ctx, job_id, fraction_progress("exporting"))
     emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job": job_id},
          [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
           f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

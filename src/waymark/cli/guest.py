@@ -28,7 +28,7 @@ def build(dest: Path | None, rebuild: bool, as_json: bool) -> None:
     Prints the kernel, initrd and data disk (qcow2) to give to: waymark vm create.
     """
     from waymark.config import Settings
-    from waymark.guest import build as builder
+    from waymark.testguest import build as builder
 
     folder = dest if dest is not None else Settings.from_env(face()._home).home / "guest"
     image = builder.build(folder, log=lambda line: click.echo(line, err=True), force=rebuild)

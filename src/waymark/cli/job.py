@@ -8,8 +8,8 @@ import click
 
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, json_option
+from waymark.engine import jobs
 from waymark.errors import Cancelled, WaymarkError
-from waymark.ops import jobs
 
 
 @click.group()
@@ -24,7 +24,7 @@ def _line(d: dict[str, Any]) -> str:
 
 
 def _of_vm(rows: list[dict[str, Any]], ref: str) -> list[dict[str, Any]]:
-    """The jobs of the VM ``ref`` names, in the order of :func:`waymark.ops.lookup.vm`: a
+    """The jobs of the VM ``ref`` names, in the order of :func:`waymark.engine.lookup.vm`: a
     full id, else a name, else an id prefix."""
     for key, matches in (("vm_id", ref.__eq__), ("vm_name", ref.__eq__),
                          ("vm_id", lambda value: value.startswith(ref))):

@@ -1,6 +1,8 @@
 """``waymark profile``, ``waymark template`` and ``waymark library``: hardware profiles, VM
-templates and library shares (:mod:`waymark.ops.profiles`, :mod:`waymark.ops.templates`,
-:mod:`waymark.ops.library`; ``vm store`` and ``vm deploy`` are in :mod:`waymark.cli.vm`)."""
+templates and library shares (:mod:`waymark.usecases.library.profiles`,
+:mod:`waymark.usecases.library.templates`,
+:mod:`waymark.usecases.library.store_deploy`; ``vm store`` and ``vm deploy`` are in
+:mod:`waymark.cli.vm`)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from typing import Any, TypeVar
 
 import click
 
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES
 from waymark.cli.main import face
 from waymark.cli.output import emit, fraction_progress, json_option
-from waymark.ops import library as library_ops
-from waymark.ops import profiles, templates
-from waymark.units import human, parse_size
+from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.units import human, parse_size
+from waymark.usecases.library import profiles, templates
+from waymark.usecases.library import store_deploy as library_ops
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 F = TypeVar("F", bound=Callable[..., Any])

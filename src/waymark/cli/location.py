@@ -1,5 +1,5 @@
 """``waymark location``: folders registered under a name for API users
-(:mod:`waymark.ops.locations`)."""
+(:mod:`waymark.usecases.access.locations`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
-from waymark.ops import locations
+from waymark.usecases.access import locations
 
 
 @click.group()

@@ -1,4 +1,13 @@
-"""``waymark``: the root command, its global options, and the error boundary."""
+"""``waymark``: the root command, its global options, and the error boundary.
+
+The only imports inside functions in ``src/`` are the CLI's lazy loading, which keeps
+``waymark --help`` and the light commands fast (docs/architecture.md, "Lazy imports"):
+:class:`LazyGroup` imports a command group's module when that group runs; :class:`Face` imports
+the composition root (and with it every use case) when a command first needs the context, the
+HTTP client only with ``--server``, and the VM lookup (SQLAlchemy) when a VM is named;
+``waymark serve`` imports the HTTP server and the schedules when it serves, and
+``waymark guest`` the test guest builder when it builds.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ from waymark.text import printable
 
 if TYPE_CHECKING:
     from waymark.client import Client
-    from waymark.ops.context import Context
+    from waymark.engine.context import Context
 
 
 class Face:
@@ -48,11 +57,11 @@ class Face:
             path = click.get_current_context().command_path
             raise InvalidInput(f"'{path}' works only on the Waymark host, not through --server.",
                                hint="Run it there, or without --server / WAYMARK_SERVER.")
-        if self._ctx is None:
+        if self._ctx is None:  # lazy: loading the use cases costs ``--help`` nothing
+            from waymark import wiring
             from waymark.config import Settings
-            from waymark.ops.context import Context
 
-            self._ctx = Context.open(Settings.from_env(self._home))
+            self._ctx = wiring.open_context(Settings.from_env(self._home))
         return self._ctx
 
     def close(self) -> None:
@@ -63,8 +72,8 @@ class Face:
 
     def vm_id(self, ref: str) -> str:
         """The id of the VM ``ref`` names (a full id, else a name, else an id prefix:
-        :func:`waymark.ops.lookup.vm`), resolved once here, as root; the use cases take it."""
-        from waymark.ops import lookup
+        :func:`waymark.engine.lookup.vm`), resolved once here, as root; the use cases take it."""
+        from waymark.engine import lookup
 
         with self.ctx.catalog.session() as session:
             return lookup.vm(session, ref).id

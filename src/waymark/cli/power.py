@@ -10,14 +10,14 @@ import click
 from waymark.cli import console as terminal
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
-from waymark.ops import liveness, machines
+from waymark.engine.running import power, presence
 from waymark.text import printable
 
 
 def _console(vm_ref: str) -> None:
     ctx = face().ctx
     vm_id, name = ctx.identify(face().vm_id(vm_ref))
-    asyncio.run(terminal.attach(liveness.run_files(ctx, vm_id).console, name))
+    asyncio.run(terminal.attach(presence.run_files(ctx, vm_id).console, name))
 
 
 def _act(vm_ref: str, action: str, **options: Any) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def _act(vm_ref: str, action: str, **options: Any) -> dict[str, Any]:
     remote = face().remote
     if remote is not None:
         return remote.vm_power(vm_ref, action, **options)
-    return asyncio.run(machines.act(face().ctx, face().vm_id(vm_ref), action, **options))
+    return asyncio.run(power.act(face().ctx, face().vm_id(vm_ref), action, **options))
 
 
 @click.command("start")
@@ -86,7 +86,7 @@ def resume(vm_ref: str, as_json: bool) -> None:
 @json_option
 def status(vm_ref: str, as_json: bool) -> None:
     """State, process, accelerator, uptime, and whether the guest agent answers."""
-    d = asyncio.run(machines.status(face().ctx, face().vm_id(vm_ref)))
+    d = asyncio.run(power.status(face().ctx, face().vm_id(vm_ref)))
     lines = [f"{d['name']}: {d['state']}"]
     if d["pid"]:
         lines.append(f"  pid {d['pid']}, {d['accelerator']}, up {d['uptime_seconds']} s, "

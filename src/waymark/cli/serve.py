@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import click
 
 from waymark import failpoints, modes
-from waymark.api.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
 from waymark.cli.main import face
 from waymark.errors import Conflict, InvalidInput, WaymarkError
-from waymark.units import parse_size
+from waymark.http.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
+from waymark.model.units import parse_size
 
 if TYPE_CHECKING:
-    from waymark.ops.context import Context
+    from waymark.engine.context import Context
 
 log = logging.getLogger(__name__)
 SCHEDULE_EVERY = 30.0
@@ -103,8 +103,9 @@ def _body_limit(text: str) -> int:
 
 def _schedules(ctx: Context, stop: threading.Event, every: float) -> None:
     """Run due backup schedules every ``every`` seconds until ``stop``; nothing one look raises
-    ends the thread (each run records its own failure, see :mod:`waymark.ops.schedules`)."""
-    from waymark.ops import schedules
+    ends the thread (each run records its own failure, see
+    :mod:`waymark.usecases.backups.schedules`)."""
+    from waymark.usecases.backups import schedules
 
     while not stop.wait(every):
         try:

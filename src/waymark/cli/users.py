@@ -1,5 +1,6 @@
 """``waymark user`` and ``waymark token``: who may use the API, and their scripts' tokens
-(:mod:`waymark.ops.users`). Local commands: whoever runs the CLI on the host owns the catalog."""
+(:mod:`waymark.usecases.access.users`). Local commands: whoever runs the CLI on the host owns the
+catalog."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from typing import Any
 
 import click
 
-from waymark.auth.policy import ROLES, VM_PERMISSIONS
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
 from waymark.errors import InvalidInput
-from waymark.ops import quotas, users
+from waymark.model.policy import ROLES, VM_PERMISSIONS
+from waymark.model.units import human, parse_duration, parse_size
 from waymark.text import printable
-from waymark.units import human, parse_duration, parse_size
+from waymark.usecases.access import audit as audit_ops
+from waymark.usecases.access import quotas, users
 
 
 def _password(from_stdin: bool) -> str:
@@ -255,8 +257,6 @@ def token_list(user_name: str | None, as_json: bool) -> None:
 def audit(user_name: str | None, outcome: str | None, limit: int, as_json: bool) -> None:
     """The API's audit log, newest first: who did what to which object, from where, and how
     it ended."""
-    from waymark.ops import audit as audit_ops
-
     rows = audit_ops.listing(face().ctx, user=user_name, outcome=outcome, limit=limit)
     emit(as_json, rows, [_audit_line(r) for r in rows] or ["The audit log is empty."])
 

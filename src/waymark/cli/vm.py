@@ -7,12 +7,17 @@ from typing import Any
 
 import click
 
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES
+from waymark.cli import power
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.ops import bundles, library, templates, views, vms
-from waymark.units import human, parse_size
+from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.units import human, parse_size
+from waymark.usecases import views
+from waymark.usecases.library import store_deploy as library
+from waymark.usecases.library import templates
+from waymark.usecases.vms import bundles
+from waymark.usecases.vms import definitions as vms
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 
@@ -233,14 +238,8 @@ def import_(bundle: Path, name: str | None, as_json: bool) -> None:
     emit(as_json, data, [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."])
 
 
-def _add_power_commands() -> None:
-    from waymark.cli import power
-
-    for command in power.COMMANDS:
-        vm.add_command(command)
-
-
-_add_power_commands()
+for _command in power.COMMANDS:  # start, stop, ...: `waymark vm start`
+    vm.add_command(_command)
 
 
 LIBRARY = click.option("--library", "library_path", required=True, metavar="PATH",

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from waymark.checkpoints.hardware import HardwareConfig, Nic
+from waymark.model.hardware import HardwareConfig, Nic
 
 AGENT_PORT = "org.qemu.guest_agent.0"
 # QEMU's seccomp sandbox (waymark.qemu.confine): the strictest that keeps every feature working
@@ -91,7 +91,7 @@ class RunFiles:
 
     @property
     def last_exit(self) -> Path:
-        """Why the VM last stopped (:func:`waymark.ops.liveness.last_exit`)."""
+        """Why the VM last stopped (:func:`waymark.engine.running.presence.last_exit`)."""
         return self.folder / "last_exit.json"
 
     @property

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from waymark import process
-from waymark.checkpoints.hardware import HardwareConfig
 from waymark.errors import InvalidInput, ToolError
+from waymark.model.hardware import HardwareConfig
 from waymark.qemu import cmdline, qmp
 
 DEFAULT_USER = "waymark-qemu"

@@ -13,30 +13,24 @@ from urllib.parse import quote, urlencode, urlsplit
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
-from waymark.api import jobs as job_api
-from waymark.api.security import COOKIE, hide_host_paths, sign_in, vm_for
-from waymark.auth import policy
-from waymark.auth.policy import Decision, Principal
-from waymark.catalog.models import BackupBase, Vm
-from waymark.checkpoints.hardware import CHECKPOINT_TYPES
+from waymark.catalog.models import Vm
+from waymark.engine import jobs
+from waymark.engine.context import Context
+from waymark.engine.running import presence
 from waymark.errors import TooManyAttempts, Unauthenticated, WaymarkError
-from waymark.ops import (
-    audit,
-    backups,
-    jobs,
-    library,
-    liveness,
-    locations,
-    profiles,
-    schedules,
-    users,
-    views,
-)
-from waymark.ops import templates as templates_ops
-from waymark.ops.context import Context
+from waymark.http.security import COOKIE, hide_host_paths, sign_in, vm_for
+from waymark.model import policy
+from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.policy import Decision, Principal
 from waymark.text import printable
+from waymark.usecases import views
+from waymark.usecases.access import audit, job_scope, locations, users
+from waymark.usecases.backups import points as backups
+from waymark.usecases.backups import schedules
+from waymark.usecases.library import profiles
+from waymark.usecases.library import store_deploy as library
+from waymark.usecases.library import templates as templates_ops
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -79,7 +73,7 @@ def _page(request: Request, template: str, who: Principal | None, csrf: str | No
     if isinstance(data.get("error"), str) and not (who is not None and who.admin):
         data["error"] = hide_host_paths(data["error"])  # host paths: administrators only
     running = who is not None and any(
-        j["status"] in jobs.UNFINISHED for j in job_api.job_list_for(_ctx(request), who, False))
+        j["status"] in jobs.UNFINISHED for j in job_scope.job_list_for(_ctx(request), who, False))
     return templates.TemplateResponse(request, template, {"who": who, "csrf": csrf,
                                                       "jobs_running": running, **data},
                                       status_code=status)
@@ -157,20 +151,10 @@ def logout(request: Request) -> Response:
     return response
 
 
-def _last_backups(ctx: Context) -> dict[str, str]:
-    with ctx.catalog.session() as session:
-        rows = session.scalars(select(BackupBase).where(BackupBase.point_id.is_not(None)))
-        latest: dict[str, str] = {}
-        for row in rows:
-            stamp = views.rfc3339(row.updated_at)
-            latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
-        return latest
-
-
 def _uptime(ctx: Context, vm: dict[str, Any]) -> float | None:
-    if vm["state"] not in liveness.LIVE_STATES:
+    if vm["state"] not in presence.LIVE_STATES:
         return None
-    found = liveness.find(liveness.run_files(ctx, vm["id"]))
+    found = presence.find(presence.run_files(ctx, vm["id"]))
     started = found.runtime.get("started_at") if found else None
     return round(time.time() - started) if started else None
 
@@ -182,9 +166,8 @@ def vm_list(request: Request) -> Response:
         return _to_login(request)
     who, csrf = signed
     ctx = _ctx(request)
-    backups = _last_backups(ctx)
-    with ctx.catalog.session() as session:
-        owners = {v.id: v.owner_id for v in session.scalars(select(Vm))}
+    backups = views.last_backups(ctx)
+    owners = job_scope.owners(ctx)
     rows = []
     for vm in views.vm_list(ctx):
         owner = owners.get(vm["id"])

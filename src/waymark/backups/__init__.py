@@ -1,1 +1,0 @@
-"""Backups to external storage: the repository format and its points."""

@@ -1,1 +1,0 @@
-"""The checkpoint tree and the image-graph planner: pure code, no I/O."""

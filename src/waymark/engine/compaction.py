@@ -1,0 +1,295 @@
+"""Compaction: reclaim images no checkpoint and no disk needs.
+
+The path of an ordinary delete: :func:`waymark.usecases.checkpoints.deletion.delete_checkpoints`
+changes the tree and leaves the ``compact`` marker (:func:`mark`); then :func:`compact_as_job`
+runs :func:`run`, which asks the planner (:func:`waymark.model.planner.next_step`, pure: the
+cheaper merge direction by allocated bytes) for one step, turns it into journal file steps
+(:func:`_steps`: qemu-img offline, QEMU's block jobs for a running VM's chains,
+:mod:`waymark.engine.running.live_merge`), journals and runs them as one intent, and asks again
+until the graph is compact. A crash anywhere leaves pending intents plus the marker, and the
+next command on the VM continues from there (:mod:`waymark.engine.settle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from waymark import process
+from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Job, Vm
+from waymark.engine import jobs, journal, lookup
+from waymark.engine.context import Context
+from waymark.engine.journal import now
+from waymark.engine.running import live_merge, presence
+from waymark.errors import Cancelled
+from waymark.model import planner
+from waymark.qemu import cmdline
+from waymark.qemu.cmdline import RunFiles
+
+log = logging.getLogger(__name__)
+
+MARKER = "compact"
+
+
+def allocated(path: str) -> int:
+    """Bytes the file itself holds on disk (qemu-img's ``actual-size``)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def referenced_ids(session: Session, vm_id: str) -> set[str]:
+    active = session.scalars(select(Disk.active_image_id).where(Disk.vm_id == vm_id))
+    frozen = session.scalars(
+        select(FrozenImage.image_id).join(Image, Image.id == FrozenImage.image_id)
+        .where(Image.vm_id == vm_id))
+    return {i for i in active if i is not None} | set(frozen)
+
+
+def graph(session: Session, vm_id: str) -> list[planner.ImageNode]:
+    refs = referenced_ids(session, vm_id)
+    return [planner.ImageNode(i.id, i.parent_id, i.id in refs or i.pinned, i.pinned,
+                              0 if i.pinned else allocated(i.path))
+            for i in lookup.images(session, vm_id).values()]
+
+
+@dataclass(frozen=True)
+class LiveVm:
+    """A VM whose QEMU has its disks' live chains open: ``chains`` maps every image of a live
+    chain to its disk's active image."""
+
+    run: RunFiles
+    name: str
+    chains: dict[str, str]
+
+
+def live_chains(session: Session, vm_id: str) -> dict[str, str]:
+    images = lookup.images(session, vm_id)
+    hardware = lookup.hardware(session.get_one(Vm, vm_id))
+    disks = lookup.disks(session, vm_id)
+    chains: dict[str, str] = {}
+    for disk_id in hardware.disks:
+        active = disks[disk_id].active_image_id
+        image = images.get(active) if active else None
+        while image is not None:
+            chains[image.id] = str(active)
+            image = images.get(image.parent_id) if image.parent_id else None
+    return chains
+
+
+def _is_active(session: Session, image_id: str) -> bool:
+    """Whether the image is a disk's active one (after an offline commit into its base, the
+    base takes that role, and the backup change tracking with it)."""
+    return session.scalar(select(Disk.id).where(Disk.active_image_id == image_id)) is not None
+
+
+def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[dict[str, Any]]:
+    image = session.get_one(Image, step.image)
+    if isinstance(step, planner.Drop):
+        release = [live_merge.release_step(live.run, live.name, image.id)] if live else []
+        return [*release, {"op": "delete_file", "path": image.path}]
+    child = session.get_one(Image, step.child)
+    root = live.chains.get(child.id) if live else None
+    if isinstance(step, planner.CommitDown):
+        grandchildren = session.scalars(select(Image).where(Image.parent_id == child.id))
+        if live and root:
+            first = live_merge.commit_step(live.run, live.name, root=cmdline.node_name(root),
+                                       top=child, base=image, active=root == child.id)
+        else:
+            first = {"op": "commit", "top": child.path, "base": image.path}
+        first["abandonable"] = True  # a partial commit: only K's chain reads U, through K
+        carry = ([{"op": "carry_bitmaps", "src": child.path, "path": image.path}]
+                 if first["op"] == "commit" and _is_active(session, child.id) else [])
+        return [first, *carry] + [
+            # a child QEMU has open is relinked by QEMU's commit (by qemu-img if QEMU is gone)
+            live_merge.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
+            else {"op": "rebase", "path": g.path, "backing": image.path,
+                  "backing_fmt": image.format, "unsafe": True}
+            for g in grandchildren]
+    base = session.get(Image, image.parent_id) if image.parent_id else None
+    if live and root:
+        pull = live_merge.stream_step(live.run, live.name, into=child, gone=image, base=base)
+    else:
+        pull = {"op": "rebase", "path": child.path, "backing": base.path if base else None,
+                "backing_fmt": base.format if base else None, "unsafe": False}
+    return [{**pull, "abandonable": True}]  # a partial pull copies U's clusters unchanged
+
+
+def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
+    """Whether merges may run now, and the VM's QEMU for them (None: the VM is off). They wait
+    while a live VM's block layer is inactive (a paused VM checkpointed in ``postmigrate``)."""
+    with ctx.catalog.session() as session:
+        vm_row = session.get(Vm, vm_id)
+        if vm_row is None or vm_row.state not in ("running", "paused"):
+            return True, None
+        name = vm_row.name
+    run = RunFiles(ctx.vm_folder(vm_id) / "run")
+    if presence.find(run) is None:  # QEMU died (mid-merge, maybe): the files are free now
+        presence.reconcile(ctx, vm_id)
+        return True, None
+    if not live_merge.usable(run, name):
+        return False, None
+    with ctx.catalog.session() as session:
+        return True, LiveVm(run, name, live_chains(session, vm_id))
+
+
+_KINDS = {planner.Drop: "drop", planner.CommitDown: "commit_down", planner.PullUp: "pull_up"}
+
+
+def mark(session: Session, vm_id: str) -> None:
+    """Record, in the caller's transaction, that the VM's graph needs compacting."""
+    journal.add(session, vm_id, MARKER, {}, [])
+
+
+Reporter = jobs.StepsReport
+"""Progress of a compaction: (step number from 1, steps planned, what, fraction of that step)."""
+
+
+def _describe(session: Session, step: planner.Step) -> str:
+    name = Path(session.get_one(Image, step.image).path).name
+    if isinstance(step, planner.Drop):
+        return f"removing {name}"
+    child = Path(session.get_one(Image, step.child).path).name
+    if isinstance(step, planner.CommitDown):
+        return f"merging {child} into {name}"
+    return f"merging {name} into {child}"
+
+
+def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
+    """Compact until nothing is left to do; returns the number of steps taken.
+
+    A running VM's live chains are merged by its QEMU (:mod:`waymark.engine.running.live_merge`);
+    when its
+    block layer is inactive the marker stays for a later command.
+    """
+    taken = 0
+    while True:
+        ready, live = _live(ctx, vm_id)
+        if not ready:
+            return taken
+        with ctx.catalog.session() as session:
+            nodes = graph(session, vm_id)
+            step = planner.next_step(nodes)
+            if step is None:
+                break
+            total = taken + len(planner.plan(nodes))
+            params = {"image": step.image, "child": getattr(step, "child", None),
+                      "direction": _KINDS[type(step)]}
+            steps = _steps(session, step, live)
+            what = _describe(session, step)
+        log.info("compaction: %s", what)
+        number = taken + 1
+        progress = None if report is None else partial(report, number, total, what)
+        # a merge only removes or merges what nothing needs: always finished, never undone,
+        # except that a cancelled job abandons it mid-copy (see ``abandonable``)
+        try:
+            if progress is not None:
+                progress(0.0)
+            ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
+            if progress is not None:
+                progress(1.0)
+        except Cancelled:
+            _unmark(ctx, vm_id)  # the rest waits for the next delete or check --repair
+            raise
+        taken = number
+    _unmark(ctx, vm_id)
+    return taken
+
+
+def _unmark(ctx: Context, vm_id: str) -> None:
+    with ctx.catalog.session() as session:
+        session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
+                                             Intent.status == "pending")
+                        .values(status="committed", updated_at=now()))
+
+
+def pending_steps(session: Session, vm_id: str) -> int:
+    """How many merge steps the VM's image graph is from compact."""
+    return len(planner.plan(graph(session, vm_id)))
+
+
+def commit_drop(session: Session, params: dict[str, Any]) -> None:
+    image = session.get(Image, params["image"])
+    if image is not None:
+        session.delete(image)
+
+
+def commit_down(session: Session, params: dict[str, Any]) -> None:
+    """The child's roles (active, frozen, backing of its children) move to the merged file."""
+    into, child = params["image"], params["child"]
+    session.execute(update(Disk).where(Disk.active_image_id == child)
+                    .values(active_image_id=into))
+    session.execute(update(FrozenImage).where(FrozenImage.image_id == child)
+                    .values(image_id=into))
+    session.execute(update(Image).where(Image.parent_id == child, Image.id != into)
+                    .values(parent_id=into))
+
+
+def commit_pull_up(session: Session, params: dict[str, Any]) -> None:
+    image = session.get_one(Image, params["image"])
+    session.get_one(Image, params["child"]).parent_id = image.parent_id
+
+
+def owned_files(session: Session, vm_id: str) -> list[Path]:
+    return [Path(i.path) for i in lookup.images(session, vm_id).values() if not i.pinned]
+
+
+# --- the merge job ----------------------------------------------------------------------------
+
+WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long as it takes
+
+
+def compact_if_marked(ctx: Context, vm_id: str, report: Reporter | None = None) -> None:
+    """Compact the VM (its lock is held) if a change left the ``compact`` marker, as its merge
+    job if it has one (:func:`compact_as_job`)."""
+    if any(intent.kind == MARKER for intent in ctx.journal.pending(vm_id)):
+        compact_as_job(ctx, vm_id, report)
+
+
+def compact_as_job(ctx: Context, vm_id: str, echo: Reporter | None = None) -> None:
+    """Run the VM's pending compaction (its lock is held), as its merge job if it has one.
+
+    A merge job another live process runs is left to it; one whose process died is adopted.
+    """
+    with ctx.catalog.session() as session:
+        job = session.scalars(select(Job).where(
+            Job.vm_id == vm_id, Job.kind == "merge", Job.status.in_(jobs.UNFINISHED))
+            .order_by(Job.created_at.desc())).first()
+        job_id = job.id if job else None
+        elsewhere = job is not None and jobs.worker_alive(job) and not jobs.mine(job)
+    if job_id is None:
+        run(ctx, vm_id, echo)
+        return
+    if elsewhere:
+        return
+    reporter = jobs.Reporter(ctx, job_id, echo)
+    with jobs.running(ctx, job_id):
+        steps = run(ctx, vm_id, reporter.steps)
+    jobs.finish(ctx, job_id, "completed", result={"merge_steps": steps})
+
+
+def run_merge_job(ctx: Context, job_id: str) -> None:
+    """The ``merge`` job's runner: take the VM's lock (settling the VM there runs
+    :func:`compact_as_job`), then complete the row if another command merged first."""
+    with ctx.catalog.session() as session:
+        job = session.get_one(Job, job_id)
+        vm_id = job.vm_id
+        vm_row = session.get(Vm, vm_id) if vm_id else None
+    if vm_row is None or vm_id is None:
+        jobs.finish(ctx, job_id, "completed", result={"merge_steps": 0})
+        return
+    jobs.record_worker(ctx, job_id, *process.identity())
+    with ctx.vm_locked(vm_id, vm_row.name, timeout=WORKER_LOCK_TIMEOUT):
+        pass  # the lock settles the VM: its compaction runs as this job
+    with ctx.catalog.session() as session:
+        unfinished = session.get_one(Job, job_id).status in jobs.UNFINISHED
+    if unfinished:  # another command did the merging before this one got the lock
+        jobs.finish(ctx, job_id, "completed", result={"merge_steps": 0})

@@ -1,0 +1,301 @@
+"""The intent journal: write what you will do, do it step by step, then commit.
+
+An intent is a row of ``intents``: a kind, its parameters, a list of file steps (see
+:mod:`waymark.engine.executor`) and ``next_step``. Its ``shape`` says which of two kinds it is:
+
+- *prepare, then commit* (checkpoint create, apply, VM create): every step makes a new file
+  nobody references yet; the catalog change is the kind's commit handler, run in the same
+  transaction that marks the intent committed. A failure undoes the new files: nothing changed.
+- *commit, then finish* (compaction, VM delete): the catalog change is made in the transaction
+  that writes the intent; the steps then only remove or merge files nothing needs any more, and
+  a failure leaves the intent pending, to be finished by the next command.
+
+The process may be killed at any point. Recovery (the next command) rolls a *prepare* intent
+back — an operation that did not commit did not happen — and drives any other intent from
+``next_step`` to its end (its steps are idempotent).
+
+Every kind is registered by the composition root (:mod:`waymark.wiring`, :func:`register`);
+writing or committing an intent of an unknown kind raises :class:`~waymark.errors.UnknownKind`.
+
+A *live* prepare intent (:meth:`Journal.prepared`) has a part outside the files: after its
+steps, QEMU is told to use the new files (a live checkpoint's disk switch). Once QEMU writes
+to them, rolling back would lose data, so such a kind is registered with a resolver that asks
+QEMU what happened and either amends the parameters to commit (forward) or says roll back.
+
+``WAYMARK_FAILPOINT=N`` (tests only: with ``WAYMARK_TEST_SUITE=1``) SIGKILLs this process just
+before the N-th journal point (each step and each commit is one point, counted from 0 across the
+whole command, and so is each stage of a live part); see :func:`failpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from waymark.catalog.db import Catalog
+from waymark.catalog.models import Intent
+from waymark.engine import executor
+from waymark.errors import Cancelled, StorageError, UnknownKind, WaymarkError
+from waymark.failpoints import failpoint
+from waymark.images import qemu_img
+
+log = logging.getLogger(__name__)
+
+CommitFn = Callable[[Session, dict[str, Any]], None]
+# Progress of a multi-step intent: (step number from 1, steps, the step, fraction of that step)
+StepReport = Callable[[int, int, "executor.Step", float], None]
+ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the journal knows about an intent kind: the catalog change that commits it (None: a
+    kind whose catalog change was made when it was written, *commit, then finish*) and, for a
+    *live* kind, how recovery settles it (see :func:`register`)."""
+
+    commit: CommitFn | None = None
+    resolve: ResolveFn | None = None
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register(kind: str, commit: CommitFn | None = None, *, resolve: ResolveFn | None = None
+             ) -> None:
+    """Make ``kind`` known. Called by the composition root (:mod:`waymark.wiring`) only.
+
+    ``commit``: the catalog change that commits an intent of this kind; ``resolve``: how
+    recovery settles a *live* intent of this kind whose file steps were done (it returns the
+    parameters to commit with, or None to roll back).
+    """
+    _KINDS[kind] = Kind(commit, resolve)
+
+
+def kinds() -> frozenset[str]:
+    """Every registered intent kind."""
+    return frozenset(_KINDS)
+
+
+def kind_of(kind: str) -> Kind:
+    """The registration of ``kind``; an unknown kind is an error, never a silent commit."""
+    known = _KINDS.get(kind)
+    if known is None:
+        raise UnknownKind(f"the journal has no handler for intents of kind {kind!r}.",
+                          hint="This Waymark does not know that kind (a newer Waymark wrote "
+                               "it?). Run the Waymark that wrote it, or report a bug.")
+    return known
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
+        steps: Sequence[executor.Step], shape: str = "finish") -> Intent:
+    """Write an intent in the caller's transaction (by default *commit, then finish*); its kind
+    must be registered."""
+    kind_of(kind)
+    intent = Intent(vm_id=vm_id, kind=kind, params=params, steps=list(steps), next_step=0,
+                    shape=shape, status="pending", created_at=now(), updated_at=now())
+    session.add(intent)
+    session.flush()
+    return intent
+
+
+def _step_progress(report: StepReport | None, index: int, steps: list[executor.Step]
+                   ) -> qemu_img.Progress:
+    if report is None:
+        return None
+    number, step = index + 1, steps[index]
+    report(number, len(steps), step, 0.0)
+    return lambda fraction: report(number, len(steps), step, fraction)
+
+
+@dataclass
+class LiveIntent:
+    """The body's handle on a live intent: its parameters, which it may amend and save."""
+
+    journal: Journal
+    intent_id: int
+    params: dict[str, Any]
+
+    def save(self) -> None:
+        self.journal.store_params(self.intent_id, self.params)
+
+
+class Journal:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def run(self, vm_id: str, kind: str, params: dict[str, Any],
+            steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None,
+            shape: str = "prepare", commit: bool = True, report: StepReport | None = None
+            ) -> int:
+        """Journal an intent (by default *prepare, then commit*) and drive it to the end (or,
+        without ``commit``, through its steps only). Progress goes to ``on_progress`` (each
+        step's fraction) or ``report`` (which step, and its fraction)."""
+        if shape == "prepare" and not all(step["op"] in executor.UNDOABLE for step in steps):
+            raise ValueError(f"{kind}: a prepare intent may only make new files")
+        try:
+            with self.catalog.session() as session:
+                intent_id = add(session, vm_id, kind, params, steps, shape).id
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+        self.drive(intent_id, on_progress, commit, report)
+        return intent_id
+
+    def store_params(self, intent_id: int, params: dict[str, Any]) -> None:
+        try:
+            with self.catalog.session() as session:
+                intent = session.get_one(Intent, intent_id)
+                intent.params, intent.updated_at = dict(params), now()
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+
+    def intent(self, intent_id: int) -> Intent:
+        with self.catalog.session() as session:
+            return session.get_one(Intent, intent_id)
+
+    @contextlib.contextmanager
+    def prepared(self, vm_id: str, kind: str, params: dict[str, Any],
+                 steps: Sequence[executor.Step]) -> Iterator[LiveIntent]:
+        """A *live* prepare intent: its file steps run, then the body does the live part and may
+        amend the parameters (:meth:`LiveIntent.save` makes an amendment durable for
+        recovery's resolver), then the intent commits with them.
+
+        If the body fails, the intent is settled as recovery would settle it (the kind's
+        resolver asks QEMU whether the live part took effect), then the error goes on.
+        """
+        if kind_of(kind).resolve is None:
+            raise ValueError(f"{kind}: a live intent needs a resolver")
+        intent_id = self.run(vm_id, kind, params, steps, commit=False)
+        self._advance(intent_id, len(steps))  # the live part may begin: resolve, not undo
+        try:
+            yield LiveIntent(self, intent_id, params)
+        except BaseException:
+            try:
+                self.finish(self.intent(intent_id))
+            except WaymarkError as err:  # still pending: the next command settles it
+                log.warning("could not settle live intent %s yet: %s", intent_id, err)
+            raise
+        failpoint("commit")
+        self._commit(intent_id, kind, params)
+
+    def pending(self, vm_id: str | None = None) -> list[Intent]:
+        with self.catalog.session() as session:
+            query = select(Intent).where(Intent.status == "pending").order_by(Intent.id)
+            if vm_id is not None:
+                query = query.where(Intent.vm_id == vm_id)
+            return list(session.scalars(query))
+
+    def finish_pending(self, vm_id: str, *, skip: str) -> bool:
+        """Finish (:meth:`finish`) the VM's pending intents in order, but those of kind
+        ``skip`` (the compaction marker, which compaction clears); False when none was
+        pending. The caller holds the VM's lock."""
+        pending = self.pending(vm_id)
+        for intent in pending:
+            if intent.kind != skip:
+                log.info("finishing %s (journal intent %s)", intent.kind, intent.id)
+                self.finish(intent)
+        return bool(pending)
+
+    def drive(self, intent_id: int, on_progress: qemu_img.Progress = None,
+              commit: bool = True, report: StepReport | None = None) -> None:
+        """Run the intent's remaining steps, then its commit."""
+        with self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            kind, params, steps, done = intent.kind, intent.params, intent.steps, intent.next_step
+        index = done
+        try:
+            for index in range(done, len(steps)):
+                failpoint(f"step:{steps[index]['op']}")
+                executor.run(steps[index], _step_progress(report, index, steps) or on_progress)
+                if index + 1 < len(steps):  # the commit records the last one
+                    self._advance(intent_id, index + 1)
+            if commit:
+                failpoint("commit")
+                self._commit(intent_id, kind, params)
+        except Cancelled as err:
+            if index < len(steps) and steps[index].get("abandonable"):
+                self._close(intent_id, "cancelled", err.message)
+            else:
+                self._failed(intent_id, err)
+            raise
+        except WaymarkError as err:
+            self._failed(intent_id, err)
+            raise
+
+    def _advance(self, intent_id: int, next_step: int) -> None:
+        try:
+            with self.catalog.session() as session:
+                intent = session.get_one(Intent, intent_id)
+                intent.next_step, intent.updated_at = next_step, now()
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+
+    def _commit(self, intent_id: int, kind: str, params: dict[str, Any]) -> None:
+        handler = kind_of(kind).commit
+        try:
+            with self.catalog.session() as session:
+                if handler is not None:
+                    handler(session, params)
+                intent = session.get_one(Intent, intent_id)
+                intent.status, intent.next_step, intent.updated_at = "committed", \
+                    len(intent.steps), now()
+        except SQLAlchemyError as err:
+            raise StorageError(f"cannot write to the catalog: {err}") from err
+
+    def _failed(self, intent_id: int, err: WaymarkError) -> None:
+        """Undo a *prepare* intent's new files; leave any other intent pending for retry.
+
+        The files go first: recording the failure may itself fail (a full disk), and then
+        recovery rolls the intent back again (undo is idempotent).
+        """
+        with self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            kind, steps, shape = intent.kind, intent.steps, intent.shape
+        if shape == "prepare":
+            self.roll_back(intent_id, kind, steps, err.message)
+            return
+        with contextlib.suppress(StorageError), self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            intent.error, intent.updated_at = err.message, now()
+
+    def roll_back(self, intent_id: int, kind: str, steps: list[executor.Step],
+                  reason: str) -> None:
+        for step in reversed(steps):
+            executor.undo(step)
+        self._close(intent_id, "rolled_back", reason)
+        log.info("rolled back intent %s (%s): %s", intent_id, kind, reason)
+
+    def _close(self, intent_id: int, status: str, reason: str) -> None:
+        """End an intent that will not commit: ``rolled_back``, or ``cancelled`` (stopped in an
+        ``abandonable`` step, one whose partial work changes no content anyone reads)."""
+        with self.catalog.session() as session:
+            intent = session.get_one(Intent, intent_id)
+            intent.status, intent.error, intent.updated_at = status, reason, now()
+
+    def finish(self, intent: Intent) -> None:
+        """Recovery of a dead command's intent: a *prepare* intent that did not commit did not
+        happen (its new files are removed); any other intent is driven to its end."""
+        resolve = kind_of(intent.kind).resolve
+        if intent.shape == "prepare" and resolve is not None \
+                and intent.next_step == len(intent.steps):
+            amended = resolve(dict(intent.params))
+            if amended is not None:
+                log.info("completing live intent %s (%s)", intent.id, intent.kind)
+                self._commit(intent.id, intent.kind, amended)
+                return
+        if intent.shape == "prepare":
+            self.roll_back(intent.id, intent.kind, intent.steps,
+                           "interrupted before it committed")
+        else:
+            self.drive(intent.id)

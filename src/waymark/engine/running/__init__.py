@@ -1,0 +1,1 @@
+"""A running VM's QEMU: presence, power, live checkpoints and live merges."""

@@ -1,0 +1,464 @@
+"""Running VMs: start, stop, save, pause, resume, status. Async inside (QMP), one QEMU per VM.
+
+Saved state (Hyper-V's "Save"): ``vms/<id>/saved/state.bin`` is QEMU's migration stream written
+through an ``fd:`` (QEMU 7.2 has no ``file:`` URI) while the guest is stopped, and
+``saved/saved.json`` holds its sha256 and the exact hardware configuration it needs; both are
+written durably before the catalog says ``saved`` and before QEMU quits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from waymark import durable
+from waymark.catalog.models import Image, Vm
+from waymark.engine import locks, lookup
+from waymark.engine.context import Context
+from waymark.engine.running import presence
+from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
+from waymark.guest import agent
+from waymark.images import qemu_img
+from waymark.model.hardware import HardwareConfig
+from waymark.qemu import accel, cmdline, confine, qmp
+
+# Hooks registered by the composition root (:mod:`waymark.wiring`: automatic checkpoints).
+# Called under the VM's lock before a VM that is off boots; a returned text is a warning.
+BOOT_HOOKS: list[Callable[[Context, str], str | None]] = []
+# Called when a guest shut down cleanly (not a crash, not a forced power-off).
+CLEAN_STOP_HOOKS: list[Callable[[Context, str], None]] = []
+
+MIGRATION_TIMEOUT = 600.0
+INCOMING_TIMEOUT = 60.0
+QUIT_TIMEOUT = 10.0
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SavedState:
+    folder: Path
+
+    @property
+    def state(self) -> Path:
+        return self.folder / "state.bin"
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / "saved.json"
+
+    def load(self, name: str) -> dict[str, Any]:
+        try:
+            meta: dict[str, Any] = json.loads(self.meta.read_text())
+        except (OSError, ValueError) as err:
+            raise ImageError(f"the saved state's description {self.meta} is missing or "
+                             "damaged.", hint=discard_hint(name)) from err
+        return meta
+
+
+def discard_hint(name: str) -> str:
+    return f"Start it fresh, losing the saved memory: waymark vm start {name} --discard-saved-state"
+
+
+def saved_state(ctx: Context, vm_id: str) -> SavedState:
+    return SavedState(ctx.vm_folder(vm_id) / "saved")
+
+
+def disk_chains(ctx: Context, vm_id: str, hardware: HardwareConfig
+                ) -> tuple[cmdline.DiskChain, ...]:
+    """Each attached disk's chain from the catalog; a missing file is a clear error here."""
+    with ctx.catalog.session() as session:
+        disks, images = lookup.disks(session, vm_id), lookup.images(session, vm_id)
+    chains = []
+    for disk_id in hardware.disks:
+        disk = disks[disk_id]
+        if disk.active_image_id is None:
+            chains.append(cmdline.DiskChain(disk_id, passthrough=disk.passthrough_path))
+            continue
+        layers: list[cmdline.Layer] = []
+        image: Image | None = images[disk.active_image_id]
+        while image is not None:
+            if not Path(image.path).exists():
+                raise NotFound(f"disk image {image.path} is missing.",
+                               hint="Run: waymark check (it says what needs the file)")
+            layers.append(cmdline.Layer(image.id, image.path, image.format, image.pinned))
+            if image.pinned and image.chain_length > 1:
+                layers += _user_chain(image)
+            image = images[image.parent_id] if image.parent_id else None
+        chains.append(cmdline.DiskChain(disk_id, tuple(layers)))
+    return tuple(chains)
+
+
+def _user_chain(image: Image) -> list[cmdline.Layer]:
+    """The files below a user's pinned image (its own backing chain), each a read-only node of
+    its own: QEMU is handed every file open and never looks a backing file up by path."""
+    chain = qemu_img.chain(Path(image.path), image.format)
+    return [cmdline.Layer(f"{image.id[:20]}u{depth}", str(above.full_backing_filename),
+                          below.format, pinned=True)
+            for depth, (above, below) in enumerate(itertools.pairwise(chain), start=1)]
+
+
+def _check_boot_files(hardware: HardwareConfig) -> None:
+    for option, value in (("--kernel", hardware.kernel), ("--initrd", hardware.initrd)):
+        if value and not Path(value).is_file():
+            raise NotFound(f"the VM's {option} file {value} does not exist.",
+                           hint=f"Restore it, or give it a new one (a later vm set {option}).")
+
+
+def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
+            incoming: bool) -> cmdline.RunFiles:
+    _check_boot_files(hardware)
+    chains = disk_chains(ctx, vm_id, hardware)
+    run = presence.run_files(ctx, vm_id)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    presence.clean(run)
+    durable.remove(run.last_exit)
+    owner = confine.identity(ctx.settings.qemu_user)
+    chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
+    with open(run.serial_log, "ab") as log:
+        log.write(f"\n--- waymark: starting {name} ({chosen}) ---\n".encode())
+    given = confine.handoff(owner, run, hardware, chains)
+    try:
+        launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
+                                incoming=incoming, extra=tuple(given.args), files=given.files,
+                                sockets=given.sockets, taps=given.taps)
+        daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
+                               what=f"starting VM {name!r}")
+    finally:
+        given.close()  # QEMU holds its own copies now
+    try:
+        qmp.run_sync(confine.greeted(daemon, run.qmp, name, run.errors))
+    except WaymarkError:
+        if daemon.poll() is None:
+            daemon.kill()
+        presence.clean(run)
+        raise
+    durable.write_bytes(run.pidfile, str(daemon.pid).encode())
+    durable.write_bytes(run.runtime, json.dumps(
+        {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
+    return run
+
+
+async def _kill(run: cmdline.RunFiles, label: str) -> None:
+    """Power the QEMU off now (QMP quit, else SIGKILL) and forget its sockets."""
+    found = presence.find(run)
+    if found is None:
+        presence.clean(run)
+        return
+    with contextlib.suppress(ToolError):
+        async with qmp.connect(run.qmp, label) as machine:
+            await machine.command("quit")
+    if not presence.wait_gone(found.pid, QUIT_TIMEOUT):
+        os.kill(found.pid, signal.SIGKILL)
+        presence.wait_gone(found.pid, QUIT_TIMEOUT)
+    presence.clean(run)
+
+
+def _clean_stop(ctx: Context, vm_id: str) -> None:
+    for hook in CLEAN_STOP_HOOKS:
+        hook(ctx, vm_id)
+
+
+def _set_state(ctx: Context, vm_id: str, state: str) -> None:
+    with ctx.catalog.session() as session:
+        session.get_one(Vm, vm_id).state = state
+
+
+async def start(ctx: Context, vm_id: str, *, fresh: bool = False) -> str:
+    """Boot the VM, or resume it exactly where it was saved (``fresh``: boot, discarding the
+    saved state). Returns the accelerator used."""
+    with ctx.locked(vm_id) as (_, name):
+        return await start_locked(ctx, vm_id, name, fresh=fresh)
+
+
+async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = False) -> str:
+    """:func:`start`, for a caller that holds the VM's lock."""
+    state = await settle(ctx, vm_id, name)
+    if state in presence.LIVE_STATES:
+        raise Conflict(f"VM {name!r} is already {state}.",
+                       hint=f"See it with: waymark vm status {name}")
+    if state == "saved" and fresh:
+        discard_saved(ctx, vm_id)
+        state = "off"
+    if state == "saved":
+        return await _resume_saved(ctx, vm_id, name)
+    for hook in BOOT_HOOKS:
+        if (warning := hook(ctx, vm_id)) is not None:
+            log.warning("%s", warning)
+    with ctx.catalog.session() as session:
+        hardware = lookup.hardware(session.get_one(Vm, vm_id))
+    run = _launch(ctx, vm_id, name, hardware, incoming=False)
+    _set_state(ctx, vm_id, "running")
+    return str(json.loads(run.runtime.read_text())["accelerator"])
+
+
+async def power_off(ctx: Context, vm_id: str, name: str, reason: str) -> None:
+    """Turn a running or paused VM off at once (its lock held by the caller)."""
+    run = presence.run_files(ctx, vm_id)
+    await _kill(run, name)
+    presence.record_exit(run, reason)
+    _set_state(ctx, vm_id, "off")
+
+
+def discard_saved(ctx: Context, vm_id: str) -> None:
+    """Hyper-V's "Delete Saved State": the VM is off; its saved memory is gone."""
+    saved = saved_state(ctx, vm_id)
+    _set_state(ctx, vm_id, "off")
+    for path in (saved.state, saved.meta):
+        durable.remove(path)
+
+
+def _verified_saved(ctx: Context, vm_id: str, name: str) -> tuple[SavedState, HardwareConfig]:
+    saved = saved_state(ctx, vm_id)
+    meta = saved.load(name)
+    if not saved.state.is_file():
+        raise ImageError(f"the saved memory state {saved.state} is missing.",
+                         hint=discard_hint(name))
+    if durable.sha256(saved.state) != meta.get("sha256"):
+        raise ImageError(f"the saved memory state {saved.state} is damaged (its checksum does "
+                         "not match).", hint=discard_hint(name))
+    return saved, HardwareConfig.load(meta["hardware"])
+
+
+async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
+    saved, hardware = _verified_saved(ctx, vm_id, name)
+    run = _launch(ctx, vm_id, name, hardware, incoming=True)
+    try:
+        async with qmp.connect(run.qmp, name) as machine:
+            await _incoming(machine, saved.state, name)
+            await machine.command("cont")
+    except WaymarkError:
+        await _kill(run, name)
+        raise
+    _set_state(ctx, vm_id, "running")
+    for path in (saved.state, saved.meta):  # consumed: the VM runs on from here
+        durable.remove(path)
+    return str(json.loads(run.runtime.read_text())["accelerator"])
+
+
+def _migration_done(event: dict[str, Any]) -> bool:
+    return event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
+
+
+async def _incoming(machine: qmp.Qmp, state: Path, name: str) -> None:
+    await machine.command("migrate-set-capabilities",
+                          capabilities=[{"capability": "events", "state": True}])
+    with open(state, "rb") as handle:
+        await machine.send_fd("waymark-state", handle.fileno())
+    async with machine.events("MIGRATION") as listener:
+        await machine.command("migrate-incoming", uri="fd:waymark-state")
+        event = await machine.wait_event(listener, INCOMING_TIMEOUT, "loading the saved state",
+                                         _migration_done)
+    if event["data"]["status"] != "completed":
+        raise ImageError(f"QEMU could not load the saved state {state} "
+                         f"({event['data']['status']}).", hint=discard_hint(name))
+
+
+async def settle(ctx: Context, vm_id: str, name: str) -> str:
+    """Reconcile, and notice a guest that powered itself off: QEMU runs with -no-shutdown, so
+    it waits in the ``shutdown`` run state; that is a clean stop, not a crash."""
+    state = presence.reconcile(ctx, vm_id)
+    run = presence.run_files(ctx, vm_id)
+    if state not in presence.LIVE_STATES:
+        return state
+    with contextlib.suppress(ToolError):
+        async with qmp.connect(run.qmp, name) as machine:
+            status = (await machine.command("query-status"))["status"]
+        if status == "shutdown":
+            await _kill(run, name)
+            presence.record_exit(run, "shut down by the guest")
+            _set_state(ctx, vm_id, "off")
+            _clean_stop(ctx, vm_id)
+            return "off"
+    return state
+
+
+async def _live(ctx: Context, vm_id: str, *allowed: str) -> tuple[str, str, cmdline.RunFiles]:
+    """The VM (its lock held by the caller) when its state is one of ``allowed``."""
+    _, name = ctx.identify(vm_id)
+    state = await settle(ctx, vm_id, name)
+    if state not in allowed:
+        verb = "start" if state in ("off", "saved") else "resume"
+        raise Conflict(f"VM {name!r} is {state}.", hint=f"Try: waymark vm {verb} {name}")
+    return vm_id, name, presence.run_files(ctx, vm_id)
+
+
+async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str) -> None:
+    """Stop or restart the guest's CPUs (QMP ``stop``/``cont``); memory stays in QEMU."""
+    with ctx.locked(vm_id) as (_, name):
+        _, _, run = await _live(ctx, vm_id, before)
+        async with qmp.connect(run.qmp, name) as machine:
+            await machine.command(command)
+        _set_state(ctx, vm_id, after)
+        for path in (run.paused_state, run.paused_meta):  # the guest runs: its memory changes
+            durable.remove(path)
+
+
+async def pause(ctx: Context, vm_id: str) -> None:
+    await _cpus(ctx, vm_id, "running", "stop", "paused")
+
+
+async def resume(ctx: Context, vm_id: str) -> None:
+    await _cpus(ctx, vm_id, "paused", "cont", "running")
+
+
+async def save(ctx: Context, vm_id: str) -> dict[str, Any]:
+    """Hyper-V's Save: memory and device state to a file, then QEMU exits."""
+    with ctx.locked(vm_id) as (_, name):
+        _, _, run = await _live(ctx, vm_id, "running", "paused")
+        with ctx.catalog.session() as session:
+            hardware = lookup.hardware(session.get_one(Vm, vm_id))
+        saved = saved_state(ctx, vm_id)
+        saved.folder.mkdir(parents=True, exist_ok=True)
+        async with qmp.connect(run.qmp, name) as machine:
+            paused_at = time.monotonic()
+            await machine.command("stop")
+            if run.paused_state.is_file():  # a checkpoint already wrote this paused memory
+                durable.link_or_copy(run.paused_state, saved.state.with_suffix(".tmp"))
+            else:
+                await _outgoing(machine, saved.state.with_suffix(".tmp"))
+            pause = time.monotonic() - paused_at  # stop until QEMU has written the state
+            digest = _commit_state(saved, hardware)
+            _set_state(ctx, vm_id, "saved")
+        await _kill(run, name)
+        return {"state_file": str(saved.state), "sha256": digest,
+                "bytes": saved.state.stat().st_size, "seconds": round(pause, 3)}
+
+
+async def _outgoing(machine: qmp.Qmp, target: Path) -> None:
+    await machine.command("migrate-set-capabilities",
+                          capabilities=[{"capability": "events", "state": True}])
+    await machine.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    with open(target, "wb") as handle:
+        await machine.send_fd("waymark-state", handle.fileno())
+        async with machine.events("MIGRATION") as listener:
+            await machine.command("migrate", uri="fd:waymark-state")
+            event = await machine.wait_event(listener, MIGRATION_TIMEOUT,
+                                             "writing the memory state", _migration_done)
+        if event["data"]["status"] != "completed":
+            raise ToolError(f"QEMU could not write the memory state ({event['data']['status']}).")
+        handle.flush()
+
+
+def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
+    """Make the written state durable, then describe it; the description is written last."""
+    tmp = saved.state.with_suffix(".tmp")
+    durable.fsync_file(tmp)
+    digest = durable.sha256(tmp)
+    tmp.replace(saved.state)
+    durable.fsync_dir(saved.folder)
+    meta = {"sha256": digest, "hardware": hardware.dump(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    durable.write_bytes(saved.meta, json.dumps(meta, indent=2).encode())
+    return digest
+
+
+async def stop(ctx: Context, vm_id: str, *, force: bool, timeout: float = 60.0) -> str:
+    """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
+    with ctx.locked(vm_id) as (_, name):
+        if force and presence.reconcile(ctx, vm_id) == "saved":
+            discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
+            return "saved state discarded"
+        _, _, run = await _live(ctx, vm_id, "running", "paused")
+        how = "powered off"
+        if not force:
+            if presence.reconcile(ctx, vm_id) == "paused":
+                raise Conflict(f"VM {name!r} is paused: a paused guest cannot shut down.",
+                               hint=f"Resume it first, or: waymark vm stop {name} --force")
+            how = await _shutdown(run, name, timeout)
+        await power_off(ctx, vm_id, name, how)
+        if not force:
+            _clean_stop(ctx, vm_id)
+            ctx.settle(vm_id)  # we hold the lock: finish what the hooks left
+        return how
+
+
+async def _shutdown(run: cmdline.RunFiles, name: str, timeout: float) -> str:
+    async with qmp.connect(run.qmp, name) as machine, machine.events("SHUTDOWN") as listener:
+        how = "shut down by the guest agent"
+        try:
+            async with agent.connect(run.agent, name) as guest:
+                await guest.shutdown()
+        except agent.AgentUnavailable:
+            how = "shut down by the ACPI power button"
+            await machine.command("system_powerdown")
+        try:
+            await machine.wait_event(listener, timeout, "the guest's shutdown")
+        except ToolError as err:
+            raise Conflict(f"VM {name!r} did not shut down within {timeout:g} s.",
+                           hint=f"Power it off: waymark vm stop {name} --force") from err
+    return how
+
+
+async def _settle_if_free(ctx: Context, vm_id: str, name: str) -> str:
+    """:func:`settle` under the VM's lock when it is free; while a command holds it, the state
+    as seen, writing nothing (that command settles it)."""
+    fd = locks.try_hold(ctx.home, vm_id)
+    if fd is None:
+        with ctx.catalog.snapshot() as session:
+            recorded = session.get_one(Vm, vm_id).state
+        return presence.observed_state(ctx, vm_id, recorded)
+    try:
+        return await settle(ctx, vm_id, name)
+    finally:
+        os.close(fd)
+
+
+async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[str, Any]:
+    _, name = ctx.identify(vm_id)
+    state = await _settle_if_free(ctx, vm_id, name)
+    run = presence.run_files(ctx, vm_id)
+    found = presence.find(run)
+    out: dict[str, Any] = {"name": name, "id": vm_id, "state": state,
+                           "serial_log": str(run.serial_log), "pid": None,
+                           "accelerator": None, "uptime_seconds": None, "agent": False}
+    if found is not None and state in presence.LIVE_STATES:
+        started = found.runtime.get("started_at")
+        out.update(pid=found.pid, accelerator=found.runtime.get("accelerator"),
+                   uptime_seconds=round(time.time() - started, 1) if started else None)
+        out["agent"] = state == "running" and ask_agent and await _agent_answers(run, name)
+    elif state == "off":
+        out["last_exit"] = presence.last_exit(run)
+    if state == "saved":
+        out["saved_state"] = str(saved_state(ctx, vm_id).state)
+    return out
+
+
+async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:
+    try:
+        async with agent.connect(run.agent, name, timeout=2.0) as guest:
+            await guest.ping()
+    except WaymarkError:
+        return False
+    return True
+
+
+POWER_ACTIONS = ("start", "stop", "save", "pause", "resume")
+
+
+async def act(ctx: Context, vm_id: str, action: str, *, force: bool = False,
+              timeout: float = 60.0, fresh: bool = False) -> dict[str, Any]:
+    """One power action; what ``vm <action> --json`` and the API answer."""
+    if action == "start":
+        await start(ctx, vm_id, fresh=fresh)
+        return await status(ctx, vm_id, ask_agent=False)
+    if action == "stop":
+        return {"state": "off", "how": await stop(ctx, vm_id, force=force, timeout=timeout)}
+    if action == "save":
+        return await save(ctx, vm_id)
+    if action == "pause":
+        await pause(ctx, vm_id)
+        return {"state": "paused"}
+    if action == "resume":
+        await resume(ctx, vm_id)
+        return {"state": "running"}
+    raise ValueError(f"unknown power action {action!r}")

@@ -1,0 +1,175 @@
+"""A library share: a folder (any mounted file system, NFS included) that holds stored VMs.
+
+VMM's library: "when you migrate, store, or deploy a virtual machine, any existing checkpoints
+move with the virtual machine". Layout (every path in a manifest is relative to the VM's folder,
+so the share can be mounted anywhere)::
+
+    waymark-library.json            what this folder is (format, version, id)
+    lock                            held by every store and deploy, so two never interleave
+    vms/<vm-id>/claim.json          a store or deploy under way (which host and home runs it)
+    vms/<vm-id>/files/...           every image, memory state, saved state and boot file
+    vms/<vm-id>/manifest.json       the VM, its checkpoint tree and image graph, and the sha256
+                                    and size of every file; written last
+
+A VM is *stored* when its folder has a manifest and no claim. A claim says a store or deploy
+is under way (or was killed and not yet settled by the host that made it): such a VM can be
+neither deployed nor stored again until that host's next ``waymark`` command settles it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from waymark import durable, filelock
+from waymark.errors import Ambiguous, Busy, Conflict, ImageError, NotFound, StorageError
+from waymark.external import shares
+
+FORMAT, VERSION = "waymark-library", 1
+MARKER = "waymark-library.json"
+VM_FORMAT = "waymark-library-vm"
+MANIFEST, CLAIM, FILES = "manifest.json", "claim.json", "files"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def claim_text(action: str, home: Path) -> str:
+    """What a claim file says: the operation, and the host and Waymark home running it."""
+    return json.dumps({"action": action, "host": socket.gethostname(), "home": str(home),
+                       "at": now()}, indent=2)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One VM folder of the library: its manifest (None while incomplete) and claim."""
+
+    vm_id: str
+    manifest: dict[str, Any] | None
+    claim: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["vm"]["name"]) if self.manifest else self.vm_id
+
+    @property
+    def status(self) -> str:
+        """``stored``; ``storing``/``deploying`` (claimed); ``incomplete`` (neither: files a
+        killed store left on a share its host could not reach when it rolled back)."""
+        if self.claim is not None:
+            return "storing" if self.claim.get("action") == "store" else "deploying"
+        return "stored" if self.manifest is not None else "incomplete"
+
+
+@dataclass(frozen=True)
+class Library:
+    root: Path
+    id: str
+
+    @classmethod
+    def init(cls, path: Path) -> Library:
+        path = path.absolute()
+        return cls(path, shares.create(
+            path, MARKER, FORMAT, VERSION, what="Waymark library",
+            use_hint=f"Store a VM in it: waymark vm store VM --library {path}"))
+
+    @classmethod
+    def open(cls, path: Path) -> Library:
+        path = path.absolute()
+        marker = shares.read(path, MARKER, FORMAT, VERSION, what="Waymark library",
+                             create_hint=f"Create one with: waymark library init {path}")
+        return cls(path, str(marker["id"]))
+
+    def locked(self, timeout: float) -> AbstractContextManager[None]:
+        return filelock.held(self.root / "lock", timeout=timeout, busy=lambda: Busy(
+            f"another store or deploy holds the library {self.root}.",
+            hint="Retry when it finishes."))
+
+    # --- paths --------------------------------------------------------------------------------
+
+    def folder(self, vm_id: str) -> Path:
+        return self.root / "vms" / vm_id
+
+    def manifest_path(self, vm_id: str) -> Path:
+        return self.folder(vm_id) / MANIFEST
+
+    def claim_path(self, vm_id: str) -> Path:
+        return self.folder(vm_id) / CLAIM
+
+    def file(self, vm_id: str, rel: str) -> Path:
+        """A file a manifest names, refused if the name leads outside the VM's folder."""
+        return shares.inside(self.folder(vm_id), rel, where=str(self.manifest_path(vm_id)))
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        """Every VM folder, by name."""
+        vms = self.root / "vms"
+        found = [self.entry(p.name) for p in sorted(vms.iterdir()) if p.is_dir()] \
+            if vms.is_dir() else []
+        return sorted(found, key=lambda e: (e.name, e.vm_id))
+
+    def entry(self, vm_id: str) -> Entry:
+        return Entry(vm_id, _read_json(self.manifest_path(vm_id)),
+                     _read_json(self.claim_path(vm_id)))
+
+    def find(self, ref: str) -> Entry:
+        """The VM named ``ref`` (or whose id starts with it) in the library."""
+        entries = self.entries()
+        named = [e for e in entries if e.manifest is not None and e.name == ref]
+        matches = named or ([e for e in entries if e.vm_id.startswith(ref.lower())] if ref else [])
+        if not matches:
+            raise NotFound(f"the library {self.root} holds no VM named {ref!r}.",
+                           hint=f"List what it holds: waymark library list --library {self.root}")
+        if len(matches) > 1:
+            listing = "\n".join(f"  {e.vm_id[:12]}  {e.name}" for e in matches)
+            raise Ambiguous(f"{len(matches)} VMs in the library match {ref!r}:\n{listing}",
+                            hint="Name one by a longer id prefix.")
+        return matches[0]
+
+    def require_stored(self, entry: Entry) -> dict[str, Any]:
+        """The manifest of a VM that is stored and not claimed by a store or deploy."""
+        if entry.claim is not None:
+            claim = entry.claim
+            raise Busy(f"VM {entry.name!r} in the library is being {entry.status[:-3]}ed by "
+                       f"{claim.get('host')} (Waymark home {claim.get('home')}) since "
+                       f"{claim.get('at')}.",
+                       hint="Wait for it; if that command was killed, run any waymark command "
+                            "on that host to settle it.")
+        if entry.manifest is None:
+            raise NotFound(f"{self.folder(entry.vm_id)} holds no complete VM (no {MANIFEST}).",
+                           hint="Store the VM again.")
+        if entry.manifest.get("format") != VM_FORMAT or entry.manifest.get("version") != VERSION:
+            raise Conflict(f"VM {entry.name!r} was stored in an unknown format.",
+                           hint="Use a Waymark version that knows it.")
+        return entry.manifest
+
+    def verify(self, vm_id: str, manifest: dict[str, Any]) -> None:
+        """Every file the manifest names is there, whole and unchanged (ImageError if not)."""
+        for rel, meta in sorted(manifest["files"].items()):
+            path = self.file(vm_id, rel)
+            if not path.is_file():
+                raise ImageError(f"the library copy of {manifest['vm']['name']!r} is missing {rel}."
+                                 " Nothing was deployed.",
+                                 hint="Restore the file on the share, or deploy from a backup.")
+            if path.stat().st_size != meta["size"] or durable.sha256(path) != meta["sha256"]:
+                raise ImageError(f"{rel} of {manifest['vm']['name']!r} in the library does not "
+                                 "match its checksum: the copy is damaged. Nothing was deployed.",
+                                 hint="Restore the file on the share, or deploy from a backup.")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise StorageError(f"cannot read {path}: {err}.",
+                           hint="Check the library share; restore the file.") from err
+    return data if isinstance(data, dict) else None

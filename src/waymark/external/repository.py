@@ -1,0 +1,303 @@
+"""A backup repository: a folder on external storage (NFS, a USB disk) that outlives the host.
+
+Layout (every path relative, so the folder can be moved or mounted elsewhere)::
+
+    waymark-repository.json              what this folder is (format, version, id)
+    lock                                 held by a run, so two runs never interleave
+    vms/<vm-id>/disks/<disk-id>/<point-id>.qcow2
+    vms/<vm-id>/points/<point-id>.json   the point's manifest
+
+A point's disk file is plain qcow2: a full backup has no backing file; an incremental's backing
+file is the previous point's file of the same disk, named relatively (``<point-id>.qcow2`` in the
+same folder). So a disk restores with stock qemu-img and no Waymark::
+
+    qemu-img convert -O qcow2 vms/<vm-id>/disks/<disk-id>/<point-id>.qcow2 restored.qcow2
+
+A point exists once its manifest does: its files are written under temporary names, fsynced,
+checksummed and renamed first, and the manifest (sha256 of every file, the VM's configuration,
+consistency, why a full backup was taken) is written last, durably. Files no manifest names are
+what a killed run left; the next run removes them under the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from waymark import durable, filelock
+from waymark.errors import Ambiguous, Busy, NotFound, StorageError, WaymarkError
+from waymark.external import shares
+from waymark.failpoints import failpoint
+from waymark.images import qemu_img
+
+FORMAT, VERSION = "waymark-backup-repository", 1
+MARKER = "waymark-repository.json"
+POINT_FORMAT = "waymark-backup-point"
+LOCK_POLL = 0.1
+
+
+def new_point_id() -> str:
+    """Sorts by time, to the millisecond: ``20261130T021500123Z-1a2b3c4d``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{stamp}Z-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Repository:
+    root: Path
+    id: str  # the repository's own id (names the VMs' change-tracking bitmaps for it)
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: Path) -> Repository:
+        path = path.absolute()
+        return cls(path, shares.create(
+            path, MARKER, FORMAT, VERSION, what="Waymark backup repository",
+            use_hint=f"Use it: waymark backup run VM --repo {path}"))
+
+    @classmethod
+    def open(cls, path: Path) -> Repository:
+        path = path.absolute()
+        marker = shares.read(path, MARKER, FORMAT, VERSION, what="Waymark backup repository",
+                             create_hint=f"Create one with: waymark backup repo init {path}")
+        return cls(path, str(marker["id"]))
+
+    def locked(self, timeout: float) -> AbstractContextManager[None]:
+        """Hold the repository's lock; Busy after ``timeout`` seconds."""
+        return filelock.held(self.root / "lock", timeout=timeout, busy=lambda: Busy(
+            f"another backup run holds the repository {self.root}.",
+            hint="Retry when it finishes."))
+
+    # --- paths --------------------------------------------------------------------------------
+
+    def disk_file(self, vm_id: str, disk_id: str, point_id: str) -> Path:
+        return self.root / "vms" / vm_id / "disks" / disk_id / f"{point_id}.qcow2"
+
+    def manifest_file(self, vm_id: str, point_id: str) -> Path:
+        return self.root / "vms" / vm_id / "points" / f"{point_id}.json"
+
+    def merge_file(self, vm_id: str) -> Path:
+        return self.root / "vms" / vm_id / "merging.json"
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    # --- points -------------------------------------------------------------------------------
+
+    def _manifests(self, vm_id: str | None) -> Iterator[Path]:
+        folders = [self.root / "vms" / vm_id] if vm_id else sorted((self.root / "vms").iterdir())
+        for folder in folders:
+            yield from sorted((folder / "points").glob("*.json"))
+
+    def points(self, vm_id: str | None = None) -> list[dict[str, Any]]:
+        """Every readable point's manifest (of one VM), oldest first (an unreadable one is
+        left out here and reported by :meth:`unreadable`; one naming a file outside the
+        repository is refused, :meth:`checked`)."""
+        found = []
+        for path in self._manifests(vm_id):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            found.append(self.checked(data, path.parent.parent.name, path.stem,
+                                      self.relative(path)))
+        return sorted(found, key=lambda m: (m["created_at"], m["id"]))
+
+    def checked(self, manifest: Any, vm_id: str, point_id: str, where: str) -> dict[str, Any]:
+        """A manifest as read from the storage, refused (ImageError naming ``where``) unless
+        it is the point it is filed as (``vms/<vm_id>/points/<point_id>.json``) and every disk
+        file it names is a plain name inside the repository."""
+        try:
+            ok = (manifest["id"] == point_id and manifest["vm"]["id"] == vm_id
+                  and isinstance(manifest["created_at"], str)
+                  and isinstance(manifest["parent"], str | None)
+                  and isinstance(manifest["disks"], list))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise shares.refused(where, f"it is not the manifest of point {point_id} of VM "
+                                        f"{vm_id}")
+        shares.component(vm_id, where=where, what="the VM id")
+        shares.component(point_id, where=where, what="the point id")
+        for disk in manifest["disks"]:
+            if not isinstance(disk, dict):
+                raise shares.refused(where, f"a disk entry is {disk!r}")
+            shares.component(disk.get("disk_id"), where=where, what="the disk id")
+            shares.inside(self.root, disk.get("file"), where=where)
+            size = disk.get("virtual_size")  # the catalog, the restore and quotas count on it
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise shares.refused(where, f"a disk's virtual size is {size!r}, not a size "
+                                            "in bytes")
+        return dict(manifest)
+
+    def unreadable(self, vm_id: str | None = None) -> list[str]:
+        """Manifests that cannot be read (damaged storage): their points are lost."""
+        bad = []
+        for path in self._manifests(vm_id):
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                bad.append(f"{self.relative(path)}: unreadable ({err})")
+        return bad
+
+    def point(self, ref: str, vm_id: str | None = None) -> dict[str, Any]:
+        """One point by id or id prefix; with ``vm_id`` and ``ref`` ``latest``, its newest."""
+        points = self.points(vm_id)
+        if ref == "latest":
+            if not points:
+                raise NotFound(f"no backup point in {self.root} for that VM.",
+                               hint=f"Take one: waymark backup run VM --repo {self.root}")
+            return points[-1]
+        matches = [p for p in points if p["id"].startswith(ref)]
+        if not matches:
+            raise NotFound(f"no backup point {ref!r} in {self.root}.",
+                           hint=f"List them: waymark backup list --repo {self.root}")
+        if len(matches) > 1:
+            raise Ambiguous(f"{ref!r} names {len(matches)} points.",
+                            hint="Give more of the id: " + ", ".join(p["id"] for p in matches))
+        return matches[0]
+
+    def chain(self, manifest: dict[str, Any], *, missing_ok: bool = False
+              ) -> list[dict[str, Any]]:
+        """The point and every point it needs, newest first; a missing one is a StorageError,
+        or with ``missing_ok`` where the chain ends."""
+        by_id = {p["id"]: p for p in self.points(manifest["vm"]["id"])}
+        chain = [manifest]
+        while chain[-1].get("parent"):
+            parent = by_id.get(chain[-1]["parent"])
+            if parent is None and missing_ok:
+                break
+            if parent is None:
+                raise StorageError(f"point {chain[-1]['id']} needs point "
+                                   f"{chain[-1]['parent']}, which is missing.",
+                                   hint="Restore an older full point, or the missing files.")
+            chain.append(parent)
+        return chain
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        path = self.manifest_file(manifest["vm"]["id"], manifest["id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_bytes(path, json.dumps({"format": POINT_FORMAT, **manifest},
+                                             indent=2).encode())
+
+    def seal(self, tmp: Path, final: Path) -> dict[str, Any]:
+        """Make a written disk file durable under its final name; its size and sha256."""
+        durable.fsync_file(tmp)
+        digest = durable.sha256(tmp)
+        os.replace(tmp, final)
+        durable.fsync_dir(final.parent)
+        return {"file": self.relative(final), "bytes": final.stat().st_size, "sha256": digest}
+
+    def remove_partial(self) -> list[Path]:
+        """Finish an interrupted merge, then remove disk files no manifest names (a killed
+        run's); call under the lock."""
+        for intent in sorted((self.root / "vms").glob("*/merging.json")):
+            self._merge(self._intent(intent))
+        named = {p_file["file"] for m in self.points() for p_file in m["disks"]}
+        removed = []
+        for path in sorted((self.root / "vms").glob("*/disks/*/*")):
+            if self.relative(path) not in named:
+                durable.remove(path)
+                removed.append(path)
+        return removed
+
+    def _intent(self, path: Path) -> dict[str, Any]:
+        """An interrupted merge's intent file, checked as strictly as a manifest."""
+        where, vm_id = self.relative(path), path.parent.name
+        try:
+            intent = json.loads(path.read_text())
+            gone, child = intent["gone"], intent["child"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise shares.refused(where, f"the merge intent cannot be read ({err})") from err
+        point_id = shares.component(gone.get("id") if isinstance(gone, dict) else None,
+                                    where=where, what="the merged point id")
+        shares.component(child, where=where, what="the child point id")
+        return {"gone": self.checked(gone, vm_id, point_id, where), "child": child}
+
+    def remove_point(self, manifest: dict[str, Any]) -> None:
+        """The manifest first (the point stops existing), then its files; call under the
+        lock, and only for a point no other point needs."""
+        durable.remove(self.manifest_file(manifest["vm"]["id"], manifest["id"]))
+        for disk in manifest["disks"]:
+            durable.remove(self.root / disk["file"])
+
+    def merge_away(self, gone: dict[str, Any], child: dict[str, Any]) -> None:
+        """Remove point ``gone``, whose ``child`` (an incremental) needs it: the child's files
+        take gone's place in the chain, so the child ends self-sufficient (full when gone was).
+
+        Crash-safe through an intent file (``vms/<vm>/merging.json``, finished by
+        :meth:`remove_partial`): gone's manifest goes first (it stops being a point), then
+        per disk the child's clusters are committed into gone's file (``qemu-img commit -d``:
+        the child's file is untouched, so repeating it is harmless) and that file is renamed
+        over the child's, atomically; the child's manifest is rewritten last. Call under the
+        lock.
+        """
+        intent = {"gone": gone, "child": child["id"]}
+        durable.write_bytes(self.merge_file(gone["vm"]["id"]), json.dumps(intent).encode())
+        self._merge(intent)
+
+    def _merge(self, intent: dict[str, Any]) -> None:
+        gone, vm_id = intent["gone"], intent["gone"]["vm"]["id"]
+        failpoint("merge-intent")
+        durable.remove(self.manifest_file(vm_id, gone["id"]))
+        child_file = self.manifest_file(vm_id, intent["child"])
+        child = self.checked(json.loads(child_file.read_text()), vm_id, intent["child"],
+                             self.relative(child_file))
+        below = {d["disk_id"]: self.root / d["file"] for d in gone["disks"]}
+        disks = []
+        for disk in child["disks"]:
+            mine, under = self.root / disk["file"], below.pop(disk["disk_id"], None)
+            if under is not None and under.exists():
+                qemu_img.commit(mine, under)
+                durable.fsync_file(under)
+                failpoint("merge-committed")
+                os.replace(under, mine)
+                durable.fsync_dir(mine.parent)
+            disks.append({**disk, "bytes": mine.stat().st_size, "sha256": durable.sha256(mine)})
+        merged = {**child, "parent": gone["parent"], "disks": disks,
+                  "merged": [*child.get("merged", []), gone["id"]]}
+        if gone["parent"] is None:
+            merged.update(kind="full", reason=f"{child['reason']}; made full by retention, "
+                                              f"which merged point {gone['id']} into it")
+        failpoint("merge-renamed")
+        self.write_manifest(merged)
+        for leftover in below.values():
+            durable.remove(leftover)
+        durable.remove(self.merge_file(vm_id))
+
+    # --- checking -----------------------------------------------------------------------------
+
+    def problems(self, manifest: dict[str, Any]) -> list[str]:
+        """What is wrong with a point's own files (its checksums, then qemu-img check)."""
+        found = []
+        for disk in manifest["disks"]:
+            path = self.root / disk["file"]
+            if not path.is_file():
+                found.append(f"{disk['file']}: missing")
+                continue
+            if durable.sha256(path) != disk["sha256"]:
+                found.append(f"{disk['file']}: sha256 does not match the manifest (damaged)")
+                continue
+            try:  # its backing chain stays in the repository before qemu-img follows it
+                shares.image_chain(self.root, path, where=disk["file"])
+            except WaymarkError as err:
+                found.append(err.message)
+                continue
+            try:
+                qemu_img.check(path, "qcow2")
+            except WaymarkError as err:
+                found.append(f"{disk['file']}: {err.message}")
+        return found
+
+
+def now() -> str:
+    """The time stamp manifests use (UTC, RFC 3339, microseconds: points sort by it)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

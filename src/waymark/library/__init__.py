@@ -1,1 +1,0 @@
-"""The library share (:mod:`waymark.library.share`)."""

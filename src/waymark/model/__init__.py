@@ -1,0 +1,1 @@
+"""Pure model code: no I/O, no catalog, no QEMU (tree, planner, hardware, policy, ...)."""

@@ -1,1 +1,0 @@
-"""Use cases: what the faces (CLI, API, portal) call. Locks, journal and recovery live here."""

@@ -1,0 +1,1 @@
+"""Use cases, by capability: VMs, checkpoints, backups, library, access."""

@@ -1,0 +1,1 @@
+"""Access: users, grants, quotas, audit, registered locations."""

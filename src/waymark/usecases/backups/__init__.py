@@ -1,0 +1,1 @@
+"""Backups: points in a repository, schedules."""

@@ -1,0 +1,1 @@
+"""Checkpoints: create, apply, rename, delete, automatic checkpoints."""

@@ -1,0 +1,134 @@
+"""Deleting checkpoints: one, a subtree, or every match of a pattern; then compaction.
+
+The tree changes in one transaction (children move to the deleted checkpoint's parent; if it was
+current, Now's parent becomes its parent). The same transaction drops the checkpoint's frozen-image
+references, journals the removal of its own files and leaves the ``compact`` marker, so the merges
+that follow are finished by the next command if this one is killed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session
+
+from waymark.catalog.models import Checkpoint, FrozenImage, Vm
+from waymark.engine import compaction, jobs, journal, lookup
+from waymark.engine.context import Context
+from waymark.engine.running import presence
+from waymark.errors import ConsentRequired, NotFound
+from waymark.model import tree
+
+GLOB_CHARS = frozenset("*?[")
+FILES_KIND = "checkpoint_files_delete"  # the journal intent that removes their own files
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    name: str
+
+
+def is_pattern(text: str) -> bool:
+    return bool(GLOB_CHARS & set(text))
+
+
+def matching(ctx: Context, vm_id: str, pattern: str) -> list[Match]:
+    """The checkpoints ``pattern`` names: one name or id prefix, else a glob over names. An
+    exact name wins over the glob, so ``Patch [KB5001]*`` deletes the checkpoint so named
+    (several so named are ambiguous, as any name), never the ones the glob would match."""
+    with ctx.catalog.session() as session:
+        vm_row = lookup.vm_by_id(session, vm_id)
+        nodes = lookup.nodes(lookup.checkpoints(session, vm_row.id))
+        if not is_pattern(pattern) or any(n.name == pattern for n in nodes):
+            node = tree.resolve(nodes, pattern, owner=vm_row.name)
+            return [Match(node.id, node.name)]
+        found = [Match(n.id, n.name) for n in nodes if fnmatch.fnmatchcase(n.name, pattern)]
+        if not found:
+            raise NotFound(f"no checkpoint of {vm_row.name!r} matches {pattern!r}.",
+                           hint=f"List them with: waymark checkpoint list {vm_row.name}")
+        return found
+
+
+@dataclass
+class Deleted:
+    checkpoints: list[Match]
+    job: str
+
+
+def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,
+                       report: compaction.Reporter | None = None, wait: bool = True) -> Deleted:
+    """Delete what ``pattern`` matches (with their descendants if ``subtree``), then compact,
+    as a merge job (``Deleted.job``) that this call runs, or, without ``wait``, leaves to a
+    worker the caller starts (:func:`waymark.engine.jobs.spawn`).
+
+    The path: :func:`remove_from_tree` (one transaction: the tree change, the journal intent
+    that removes the checkpoints' own files, the ``compact`` marker), then those files go, then
+    :func:`waymark.engine.compaction.compact_if_marked` plans the merges
+    (:mod:`waymark.model.planner`) and runs each as journal steps
+    (:mod:`waymark.engine.executor`).
+
+    Several matches need ``yes``: the caller shows them and asks first.
+    """
+    targets = matching(ctx, vm_id, pattern)
+    if len(targets) > 1 and not yes:
+        listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in targets)
+        raise ConsentRequired(f"{pattern!r} matches {len(targets)} checkpoints:\n{listing}",
+                              hint="Add --yes to delete them all.")
+    with ctx.locked(vm_id):
+        presence.reconcile(ctx, vm_id)  # a running VM merges live, through its QEMU
+        with ctx.catalog.session() as session:
+            removed = remove_from_tree(session, session.get_one(Vm, vm_id),
+                                        [m.id for m in targets], subtree=subtree)
+        job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
+                          run_here=wait)
+        ctx.journal.finish_pending(vm_id, skip=compaction.MARKER)  # their own files go
+        if wait:
+            compaction.compact_if_marked(ctx, vm_id, report)
+    return Deleted(removed, job)
+
+
+def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: bool
+                     ) -> list[Match]:
+    """The tree change of a delete, in the caller's transaction (files and merges follow as
+    journal intents)."""
+    rows = lookup.checkpoints(session, vm_row.id)
+    nodes = lookup.nodes(rows)
+    doomed: list[str] = []
+    for checkpoint_id in ids:
+        below = tree.descendants(nodes, checkpoint_id) if subtree else [checkpoint_id]
+        doomed += [c for c in below if c not in doomed]
+    by_id = {c.id: c for c in rows}
+    for checkpoint_id in doomed:
+        _unlink(session, vm_row, by_id, checkpoint_id, set(doomed))
+    files: list[dict[str, Any]] = []
+    for checkpoint_id in doomed:
+        row = by_id[checkpoint_id]
+        files.append({"op": "delete_file",
+                      "path": str(Path(vm_row.checkpoint_dir) / f"{row.id}.json")})
+        if row.memory_path:
+            files.append({"op": "delete_file", "path": row.memory_path})
+    session.execute(delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))
+    session.execute(update(Checkpoint).where(Checkpoint.id.in_(doomed)).values(parent_id=None))
+    session.execute(delete(Checkpoint).where(Checkpoint.id.in_(doomed)))
+    journal.add(session, vm_row.id, FILES_KIND, {"checkpoints": doomed}, files)
+    compaction.mark(session, vm_row.id)
+    return [Match(c, by_id[c].name) for c in doomed]
+
+
+def _unlink(session: Session, vm_row: Vm, by_id: dict[str, Checkpoint], checkpoint_id: str,
+            doomed: set[str]) -> None:
+    """Re-parent the children of a deleted checkpoint, and Now, to its nearest surviving
+    ancestor."""
+    survivor = by_id[checkpoint_id].parent_id
+    while survivor is not None and survivor in doomed:
+        survivor = by_id[survivor].parent_id
+    for child in by_id.values():
+        if child.parent_id == checkpoint_id and child.id not in doomed:
+            child.parent_id = survivor
+    if vm_row.current_checkpoint_id == checkpoint_id:
+        vm_row.current_checkpoint_id = survivor

@@ -1,0 +1,1 @@
+"""The library: stored VMs, hardware profiles, templates."""

@@ -1,0 +1,240 @@
+"""VM templates, and creating VMs from them (VMM's ``New-SCVMTemplate`` and ``New-SCVirtualMachine
+-VMTemplate``).
+
+A template is a hardware profile, boot files, an optional checkpoint type and disk images. Its
+images are copies Waymark makes at ``template create`` (``qemu-img convert`` into
+``templates/<id>/disk<N>.qcow2``, checksummed, then made read-only), so the files the user gave
+may change or go and no VM ever writes a template: a VM's disk is a linked clone (its own overlay
+on the template image, which it pins like any file it did not create) or, with ``--full-copy``, a
+standalone copy. A template is written in a ``.partial`` folder renamed into place before its
+row is committed, so a killed ``template create`` leaves at most a folder that the next one
+removes; a template some VM still links to cannot be deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from waymark import durable
+from waymark.catalog.models import Grant, Image, Profile, Template
+from waymark.engine import lookup
+from waymark.engine.context import Context
+from waymark.engine.journal import now
+from waymark.errors import Conflict, NotFound
+from waymark.failpoints import failpoint
+from waymark.images import qemu_img
+from waymark.model import names
+from waymark.model import setting_sources as profiles
+from waymark.model.hardware import Nic
+from waymark.usecases.library import profiles as profile_ops
+from waymark.usecases.vms import definitions as vms
+
+Report = Callable[[str, float], None] | None
+
+
+def _folder(ctx: Context) -> Path:
+    return ctx.home / "templates"
+
+
+def get(session: Session, name: str) -> Template:
+    row = session.get(Template, name)
+    if row is None:
+        raise NotFound(f"no template {name!r}.", hint="List them: waymark template list")
+    return row
+
+
+def view(row: Template, users: list[str] | None = None) -> dict[str, Any]:
+    data = {"name": row.name, "profile": row.profile_name, "checkpoint_type": row.checkpoint_type,
+            "kernel": row.kernel, "initrd": row.initrd, "append": row.append,
+            "folder": row.folder, "disks": row.disks}
+    return data if users is None else {**data, "vms": users}
+
+
+def _users(session: Any, row: Template) -> list[str]:
+    """The VMs whose disks link to the template's images."""
+    files = [str(Path(row.folder) / d["file"]) for d in row.disks]
+    vm_ids = set(session.scalars(select(Image.vm_id).where(Image.path.in_(files))))
+    return sorted(lookup.vm_name(session, v) for v in vm_ids)
+
+
+def _clean_leftovers(ctx: Context, session: Any) -> None:
+    """Folders a killed ``template create`` left (no template names them); under the lock."""
+    named = {Path(f).name for f in session.scalars(select(Template.folder))}
+    for folder in _folder(ctx).iterdir():
+        if folder.is_dir() and folder.name not in named:
+            shutil.rmtree(folder)
+
+
+def create(ctx: Context, name: str, *, profile: str | None, disks: list[Path],
+           kernel: str | None = None, initrd: str | None = None, append: str | None = None,
+           checkpoint_type: str | None = None, report: Report = None) -> dict[str, Any]:
+    name = names.clean(name, what="template name")
+    if checkpoint_type is not None:
+        vms.check_type(checkpoint_type)
+    kernel = vms.check_boot_file(kernel, "--kernel")
+    initrd = vms.check_boot_file(initrd, "--initrd")
+    formats = [qemu_img.probe_format(path) for path in disks]
+    with profile_ops.locked(ctx):  # the whole time: its folder is a leftover until its row
+        with ctx.catalog.session() as session:
+            if session.get(Template, name) is not None:
+                raise Conflict(f"a template named {name!r} already exists.",
+                               hint=f"Change it with: waymark template set {name} ...")
+            if profile is not None:
+                profile_ops.get(session, profile)
+            _clean_leftovers(ctx, session)
+        folder = _folder(ctx) / vms.new_id()
+        files, boot = _copy(folder, disks, formats, {"kernel": kernel, "initrd": initrd},
+                            report)
+        failpoint("template-copied")
+        with ctx.catalog.session() as session:
+            row = Template(name=name, profile_name=profile, checkpoint_type=checkpoint_type,
+                           append=append, folder=str(folder), disks=files, created_at=now(),
+                           **boot)
+            session.add(row)
+            return view(row, [])
+
+
+def _copy(folder: Path, disks: list[Path], formats: list[str], boot: dict[str, str | None],
+          report: Report) -> tuple[list[dict[str, Any]], dict[str, str | None]]:
+    """The images and boot files, copied read-only into ``folder`` (made whole, then renamed
+    into place); the disks' records and the boot files' new paths."""
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True)
+    files = _copy_disks(partial, disks, formats, report)
+    copied = _copy_boot(partial, boot)
+    os.replace(partial, folder)
+    durable.fsync_dir(folder.parent)
+    return files, {k: None if v is None else str(folder / Path(v).name)
+                   for k, v in copied.items()}
+
+
+def _copy_disks(partial: Path, disks: list[Path], formats: list[str], report: Report
+                ) -> list[dict[str, Any]]:
+    files = []
+    for number, (path, fmt) in enumerate(zip(disks, formats, strict=True)):
+        target = partial / f"disk{number}.qcow2"
+        progress = None if report is None else (lambda f, n=number: report(f"disk {n}", f))
+        qemu_img.convert(path, fmt, target, on_progress=progress)
+        durable.fsync_file(target)
+        os.chmod(target, stat.S_IRUSR)
+        files.append({"file": target.name, "format": "qcow2", "source": str(path),
+                      "virtual_size": qemu_img.info(target, "qcow2").virtual_size,
+                      "sha256": durable.sha256(target)})
+    return files
+
+
+def _copy_boot(folder: Path, files: dict[str, str | None]) -> dict[str, str | None]:
+    """The kernel and initrd, copied read-only next to the disks (a template never depends on
+    a file the user may change or remove)."""
+    copied: dict[str, str | None] = {}
+    for key, source in files.items():
+        if source is None:
+            copied[key] = None
+            continue
+        target = folder / key
+        durable.write_bytes(target, Path(source).read_bytes())
+        os.chmod(target, stat.S_IRUSR)
+        copied[key] = str(target)
+    return copied
+
+
+def update(ctx: Context, name: str, *, profile: str | None = None,
+           checkpoint_type: str | None = None, append: str | None = None) -> dict[str, Any]:
+    """Change a template's settings (its images never change); existing VMs keep theirs."""
+    with ctx.catalog.session() as session:
+        row = get(session, name)
+        if profile is not None:
+            row.profile_name = profile_ops.get(session, profile).name
+        if checkpoint_type is not None:
+            row.checkpoint_type = vms.check_type(checkpoint_type)
+        if append is not None:
+            row.append = append
+        return view(row, _users(session, row))
+
+
+def show(ctx: Context, name: str) -> dict[str, Any]:
+    with ctx.catalog.session() as session:
+        row = get(session, name)
+        return view(row, _users(session, row))
+
+
+def listing(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as session:
+        rows = session.scalars(select(Template).order_by(Template.name))
+        return [view(r, _users(session, r)) for r in rows]
+
+
+def delete(ctx: Context, name: str) -> None:
+    """Remove a template no VM links to: its row, then its folder."""
+    with profile_ops.locked(ctx):
+        with ctx.catalog.session() as session:
+            row = get(session, name)
+            users = _users(session, row)
+            if users:
+                raise Conflict(f"template {name!r} is the base of VM(s) {', '.join(users)}.",
+                               hint="Delete them first (VMs made with --full-copy do not "
+                                    "count).")
+            folder = Path(row.folder)
+            session.execute(sql_delete(Grant).where(Grant.object_kind == "template",
+                                                    Grant.object_id == name))
+            session.delete(row)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- VMs from templates -----------------------------------------------------------------------
+
+def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str | None = None,
+           profile: str | None = None, disks: list[vms.DiskSpec] | None = None,
+           full_copy: bool = False, kernel: str | None = None, initrd: str | None = None,
+           append: str | None = None, checkpoint_dir: str | None = None,
+           nics: list[Nic] | None = None, owner_id: str | None = None,
+           visible: lookup.Visible = lookup.everything) -> str:
+    """Create a VM: its settings resolved VM > profile > template > default (their sources
+    recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
+    the lock of templates throughout: a template is not deleted under a VM being made.
+    ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`)."""
+    with profile_ops.locked(ctx):
+        return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
+                       {"kernel": kernel, "initrd": initrd, "append": append},
+                       checkpoint_dir, nics, (owner_id, visible))
+
+
+def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | None,
+            profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
+            given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
+            owner: tuple[str | None, lookup.Visible]) -> str:
+    explicit = profile_ops.checked(explicit)
+    with ctx.catalog.session() as session:
+        chosen = get(session, template) if template is not None else None
+        profile = profile or (chosen.profile_name if chosen else None)
+        layers = _layers(session, profile, chosen)
+        boot = {"kernel": chosen.kernel, "initrd": chosen.initrd, "append": chosen.append} \
+            if chosen else {}
+        template_disks = [vms.DiskSpec(path=Path(chosen.folder) / d["file"], copy=full_copy)
+                          for d in chosen.disks] if chosen else []
+    values, sources = profiles.resolve(explicit, *layers)
+    origin = {"template": template, "profile": profile, "sources": sources}
+    boot = {key: given[key] or boot.get(key) for key in ("kernel", "initrd", "append")}
+    return vms.create(ctx, name, memory=values["memory_mib"] << 20, cpus=values["cpus"],
+                      disks=template_disks + disks, **boot,
+                      checkpoint_type=values["checkpoint_type"],
+                      checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
+                      automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
+                      origin=origin, owner_id=owner[0], visible=owner[1])
+
+
+def _layers(session: Any, profile: str | None, template: Template | None
+            ) -> tuple[profiles.Layer | None, profiles.Layer | None]:
+    found: Profile | None = profile_ops.get(session, profile) if profile else None
+    return ((f"profile {found.name}", profile_ops.view(found)) if found else None,
+            (f"template {template.name}", {"checkpoint_type": template.checkpoint_type})
+            if template else None)

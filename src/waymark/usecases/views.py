@@ -1,0 +1,171 @@
+"""Read models: what ``list``/``show`` print and ``--json`` returns. Read-only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
+from waymark.engine import compaction, lookup
+from waymark.engine.context import Context
+from waymark.engine.running import presence
+from waymark.model import planner, tree
+from waymark.model.timing import rfc3339
+
+KIND_HAS_MEMORY = "standard"
+
+
+class Space:
+    """Per-image sizes and chain depths of one VM's image graph."""
+
+    def __init__(self, session: Session, vm_id: str) -> None:
+        self.images = lookup.images(session, vm_id)
+        self.nodes = {n.id: n for n in compaction.graph(session, vm_id)}
+        self.shared = planner.shared(list(self.nodes.values()))
+
+    def depth(self, image_id: str) -> int:
+        count, current = 0, self.images.get(image_id)
+        while current is not None:
+            if current.pinned:
+                return count + current.chain_length
+            count += 1
+            current = self.images.get(current.parent_id) if current.parent_id else None
+        return count
+
+    def allocated(self, image_id: str) -> int:
+        return self.nodes[image_id].allocated
+
+    def shared_below(self, image_id: str) -> int:
+        """Bytes of shared images between this image and the next referenced one below."""
+        total, parent = 0, self.images[image_id].parent_id
+        while parent is not None and parent in self.shared:
+            total += self.nodes[parent].allocated
+            parent = self.images[parent].parent_id
+        return total
+
+
+def _checkpoint(session: Session, row: Checkpoint, space: Space) -> dict[str, Any]:
+    frozen = lookup.frozen(session, row.id)
+    return {
+        "id": row.id, "name": row.name, "parent_id": row.parent_id,
+        "created_at": rfc3339(row.created_at), "kind": row.kind,
+        "has_memory": row.memory_path is not None, "requested_type": row.requested_type,
+        "fallback_reason": row.fallback_reason, "skipped_disks": row.skipped_disks,
+        "pause_seconds": row.pause_seconds, "freeze_seconds": row.freeze_seconds,
+        "allocated_bytes": sum(space.allocated(i) for i in frozen.values()),
+        "shared_bytes": sum(space.shared_below(i) for i in frozen.values()),
+        "chain_depth": max((space.depth(i) for i in frozen.values()), default=0),
+    }
+
+
+def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
+    with ctx.catalog.snapshot() as session:
+        vm_row = lookup.vm_by_id(session, vm_id)
+        space = Space(session, vm_row.id)
+        rows = lookup.checkpoints(session, vm_row.id)
+        return {"vm_id": vm_row.id, "vm_name": vm_row.name,
+                "current_id": vm_row.current_checkpoint_id,
+                "checkpoints": [_checkpoint(session, c, space) for c in rows]}
+
+
+def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
+    nodes = [tree.Node(c["id"], c["name"], c["parent_id"],
+                       datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")),
+                       c["has_memory"]) for c in listing["checkpoints"]]
+    return tree.draw(nodes, listing["current_id"])
+
+
+def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
+    with ctx.catalog.snapshot() as session:
+        vm_row = lookup.vm_by_id(session, vm_id)
+        row = lookup.checkpoint(session, vm_row, ckpt_ref)
+        space = Space(session, vm_row.id)
+        out = _checkpoint(session, row, space)
+        out["vm_id"], out["vm_name"] = vm_row.id, vm_row.name
+        out["is_current"] = vm_row.current_checkpoint_id == row.id
+        out["configuration"] = row.config
+        out["memory_state"] = row.memory_path
+        out["disks"] = [{"disk_id": disk_id, "frozen_image": space.images[image_id].path,
+                         "allocated_bytes": space.allocated(image_id),
+                         "chain_depth": space.depth(image_id)}
+                        for disk_id, image_id in lookup.frozen(session, row.id).items()]
+        children = session.scalars(select(Checkpoint.id).where(Checkpoint.parent_id == row.id))
+        out["children"] = list(children)
+        return out
+
+
+def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": disk.id, "attached": attached,
+                           "passthrough": disk.passthrough_path is not None}
+    if disk.active_image_id is None:
+        out.update(active_image=None, path=disk.passthrough_path)
+        return out
+    image: Image = space.images[disk.active_image_id]
+    base = image
+    while base.parent_id is not None:
+        base = space.images[base.parent_id]
+    out.update(active_image=image.path, virtual_size=image.virtual_size,
+               allocated_bytes=space.allocated(image.id), chain_depth=space.depth(image.id),
+               base_image=base.path, base_pinned=base.pinned)
+    return out
+
+
+def vm_show(ctx: Context, vm_id: str) -> dict[str, Any]:
+    """The VM as it is: a QEMU that died shows as off, with nothing written (reconciling is
+    for commands that hold the VM's lock: :func:`waymark.engine.running.presence.reconcile`)."""
+    with ctx.catalog.snapshot() as session:
+        row = lookup.vm_by_id(session, vm_id)
+        return _vm(session, row, presence.observed_state(ctx, row.id, row.state))
+
+
+def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
+    space = Space(session, row.id)
+    hardware = lookup.hardware(row)
+    disks = lookup.disks(session, row.id)
+    active = {d.active_image_id for d in disks.values()}
+    held = sum(n.allocated for n in space.nodes.values() if not n.pinned and n.id not in active)
+    return {
+        "id": row.id, "name": row.name, "state": state, "created_at": rfc3339(row.created_at),
+        **{k: v for k, v in hardware.dump().items() if k != "disks"},
+        "checkpoint_type": row.checkpoint_type, "checkpoint_dir": row.checkpoint_dir,
+        "max_checkpoints": row.max_checkpoints,
+        "automatic_checkpoints": row.automatic_checkpoints,
+        "automatic_checkpoint_id": row.automatic_checkpoint_id,
+        "template": (row.origin or {}).get("template"),
+        "profile": (row.origin or {}).get("profile"),
+        # where each setting came from at creation: vm | profile P | template T | default
+        "settings_source": (row.origin or {}).get("sources", {}),
+        "current_checkpoint_id": row.current_checkpoint_id,
+        "checkpoint_count": lookup.checkpoint_count(session, row.id),
+        "checkpoint_space_bytes": held,
+        "disks": [_disk(disks[d], space, True) for d in hardware.disks],
+        "detached_disks": [_disk(d, space, False) for d in disks.values()
+                           if d.id not in hardware.disks],
+    }
+
+
+def vm_list(ctx: Context) -> list[dict[str, Any]]:
+    """Every VM as it is (see :func:`vm_show`); writes nothing."""
+    with ctx.catalog.snapshot() as session:
+        rows = session.scalars(select(Vm).order_by(Vm.name))
+        counted = select(Checkpoint.vm_id, func.count()).group_by(Checkpoint.vm_id)
+        counts = {vm_id: n for vm_id, n in session.execute(counted)}  # one query for all
+        return [{"id": r.id, "name": r.name,
+                 "state": presence.observed_state(ctx, r.id, r.state),
+                 "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
+                 "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
+                for r in rows]
+
+
+def last_backups(ctx: Context) -> dict[str, str]:
+    """Each VM's newest backup point time (VMs with none are left out)."""
+    with ctx.catalog.session() as session:
+        rows = session.scalars(select(BackupBase).where(BackupBase.point_id.is_not(None)))
+        latest: dict[str, str] = {}
+        for row in rows:
+            stamp = rfc3339(row.updated_at)
+            latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
+        return latest

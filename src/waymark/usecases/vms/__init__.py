@@ -1,0 +1,1 @@
+"""VMs: definitions, bundles (export and import)."""

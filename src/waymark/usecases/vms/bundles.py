@@ -1,0 +1,176 @@
+"""Export a checkpoint as a standalone VM bundle, and import a bundle as a new VM.
+
+A bundle is a folder (Hyper-V's Export-VMSnapshot)::
+
+    manifest.json         what is in it, with the sha256 of every other file (written last)
+    configuration.json    the VM's hardware as the checkpoint recorded it
+    disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
+    memory.state          the memory state, for a checkpoint that holds one
+
+A bundle without a manifest is incomplete (an export was interrupted) and is refused, as is one
+whose files do not match their checksums: import verifies everything before it changes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from waymark import durable, modes
+from waymark.catalog.models import Vm
+from waymark.engine import lookup
+from waymark.engine.context import Context
+from waymark.errors import Conflict, ImageError, NotFound
+from waymark.external import shares
+from waymark.images import qemu_img
+from waymark.model import names
+from waymark.model.hardware import HardwareConfig
+from waymark.usecases.vms import definitions as vms
+
+FORMAT, VERSION = "waymark-bundle", 1
+MANIFEST = "manifest.json"
+
+
+def remove_partial(dest: Path) -> None:
+    """Remove the files an interrupted export wrote into ``dest`` (only the bundle's own names:
+    the folder was empty when the export began), so it can be redone."""
+    if not dest.is_dir() or (dest / MANIFEST).exists():
+        return
+    for path in [*(dest / "disks").glob("disk*.qcow2"), dest / "memory.state",
+                 dest / "configuration.json"]:
+        durable.remove(path)
+        durable.remove(durable.temp_path(path))
+    with contextlib.suppress(OSError):
+        (dest / "disks").rmdir()
+
+
+def require_empty(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise Conflict(f"{dest} exists and is not an empty folder.",
+                       hint="Give a new or empty folder to export into.")
+
+
+def _empty_destination(dest: Path) -> None:
+    require_empty(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    modes.tighten(dest)  # an empty folder given to us may be open to all
+
+
+def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
+           on_progress: qemu_img.Progress = None) -> dict[str, Any]:
+    """Write checkpoint ``ckpt_ref`` of ``vm_id`` as a bundle in ``dest``; returns the manifest."""
+    with ctx.locked(vm_id) as (_, vm_name), ctx.catalog.session() as session:
+        vm_row = session.get_one(Vm, vm_id)
+        row = lookup.checkpoint(session, vm_row, ckpt_ref)
+        images, frozen = lookup.images(session, vm_id), lookup.frozen(session, row.id)
+        _empty_destination(dest)
+        (dest / "disks").mkdir()
+        hardware = HardwareConfig.load(row.config)
+        disks, keys = [], {}
+        for number, disk_id in enumerate(d for d in hardware.disks if d in frozen):
+            image = images[frozen[disk_id]]
+            key, rel = f"disk{number}", f"disks/disk{number}.qcow2"
+            qemu_img.convert(Path(image.path), image.format, dest / rel,
+                             on_progress=on_progress)
+            durable.fsync_file(dest / rel)
+            disks.append({"key": key, "file": rel, "virtual_size": image.virtual_size})
+            keys[disk_id] = key
+        if row.memory_path:
+            shutil.copyfile(row.memory_path, dest / "memory.state")
+            durable.fsync_file(dest / "memory.state")
+        hardware.disks = [keys[d] for d in hardware.disks if d in keys]
+        durable.write_bytes(dest / "configuration.json",
+                            json.dumps(hardware.dump(), indent=2).encode())
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "exported_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "source": {"vm_id": vm_id, "vm_name": vm_name, "checkpoint_id": row.id,
+                       "checkpoint_name": row.name, "kind": row.kind},
+            "vm": {"name": vm_name, "checkpoint_type": vm_row.checkpoint_type,
+                   "max_checkpoints": vm_row.max_checkpoints},
+            "disks": disks, "skipped_disks": row.skipped_disks,
+            "memory": "memory.state" if row.memory_path else None,
+            "files": {str(p.relative_to(dest)): durable.sha256(p)
+                      for p in sorted(dest.rglob("*")) if p.is_file()},
+        }
+    durable.write_bytes(dest / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def read_bundle(bundle: Path) -> dict[str, Any]:
+    """The manifest of a complete, intact bundle; ImageError names any damage."""
+    manifest_path = bundle / MANIFEST
+    if not manifest_path.is_file():
+        raise NotFound(f"{bundle} is not a complete Waymark bundle (no {MANIFEST}).",
+                       hint="Export the checkpoint again: waymark checkpoint export VM CKPT DIR")
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise ImageError(f"{manifest_path} is not valid JSON: {err}") from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ImageError(f"{bundle} is not a version {VERSION} Waymark bundle.")
+    try:
+        _check_files(bundle, manifest, str(manifest_path))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise shares.refused(str(manifest_path), f"it is not a bundle manifest ({err!r} is "
+                                                 "wrong)") from err
+    return manifest
+
+
+def _check_files(bundle: Path, manifest: dict[str, Any], where: str) -> None:
+    """Every file the manifest names is inside the bundle and matches its checksum; each disk
+    is a qcow2 file that stands alone (read from its header: nothing it names is opened)."""
+    for rel, digest in manifest["files"].items():
+        path = shares.inside(bundle, rel, where=where)
+        if not path.is_file():
+            raise ImageError(f"the bundle is missing {rel}.", hint="Export it again.")
+        if durable.sha256(path) != digest:
+            raise ImageError(f"{rel} in {bundle} does not match its checksum: the bundle is "
+                             "damaged. Nothing was imported.", hint="Export it again.")
+    for disk in manifest["disks"]:
+        if disk["file"] not in manifest["files"]:
+            raise ImageError(f"the bundle's disk {disk['file']} has no checksum.")
+        shares.image_chain(bundle, shares.inside(bundle, disk["file"], where=where),
+                           where=str(bundle / disk["file"]), backing="none")
+    if manifest.get("memory") is not None and manifest["memory"] not in manifest["files"]:
+        raise ImageError(f"the bundle's memory state {manifest['memory']} has no checksum.")
+
+
+def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[str, Any],
+                       hardware: dict[str, Any]) -> list[dict[str, Any]]:
+    saved = ctx.vm_folder(vm_id) / "saved"
+    meta = {"sha256": manifest["files"][manifest["memory"]], "hardware": hardware,
+            "imported_from": manifest["source"]}
+    return [{"op": "copy_file", "src": str(bundle / manifest["memory"]),
+             "path": str(saved / "state.bin"), "confined_to": str(bundle)},
+            {"op": "write_file", "path": str(saved / "saved.json"),
+             "text": json.dumps(meta, indent=2)}]
+
+
+def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
+                  on_progress: qemu_img.Progress = None) -> str:
+    """A new VM (new id, new file names) from a verified bundle; returns its id."""
+    name = names.clean(name, what="VM name") if name is not None else None  # before reading
+    manifest = read_bundle(bundle)
+    config = bundle / "configuration.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise ImageError(f"cannot read {config}: {err}.", hint="Export it again.") from err
+    hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config))
+    copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"],
+                       confined_to=bundle)
+              for d in manifest["disks"]]
+
+    def memory(vm_id: str, dumped: dict[str, Any]) -> list[dict[str, Any]]:
+        if not manifest.get("memory"):
+            return []
+        return _saved_state_steps(ctx, vm_id, bundle, manifest, dumped)
+
+    return vms.create_from_copies(
+        ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
+        on_progress, rename_hint="Import under another name with --name NEW_NAME.")
