@@ -5,10 +5,10 @@ face's own subclass answering as its public parent, and the way back
 from __future__ import annotations
 
 import pytest
-from waymark.api.security import OutOfScope
 
 from waymark import errors
 from waymark.errors import WaymarkError, envelope, from_envelope
+from waymark.http.security import OutOfScope
 
 ALL = [errors.WaymarkError, errors.InvalidInput, errors.ConsentRequired, errors.TooLarge,
        errors.NotFound, errors.Ambiguous, errors.Conflict, errors.LimitReached,
