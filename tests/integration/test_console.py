@@ -24,7 +24,8 @@ def short_wm() -> Iterator[Waymark]:
         yield Waymark(Path(home))
 
 
-def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = None) -> None:
+def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = None
+                      ) -> threading.Thread:
     """A serial console that greets one client, then hangs up at once as QEMU does when the VM
     stops, or (given ``typed``) collects what the client types until it leaves."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,9 @@ def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = N
             while typed is not None and (data := client.recv(1024)):
                 typed.append(data)
 
-    threading.Thread(target=answer, daemon=True).start()
+    server_thread = threading.Thread(target=answer, daemon=True)
+    server_thread.start()
+    return server_thread
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
@@ -72,8 +75,9 @@ def test_console_sends_keys_and_detaches_on_ctrl_close_bracket(short_wm: Waymark
     wm = short_wm
     vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
     typed: list[bytes] = []
-    serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"$ ", typed)
+    server = serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"$ ", typed)
 
     done = wm.run("vm", "console", "con", input="ls\n\x1dnot sent").ok()
     assert "Detached." in done.stderr
+    server.join(10)  # (it has read all the client sent once the client is gone)
     assert b"".join(typed) == b"ls\n"
