@@ -1,9 +1,7 @@
 """The intent journal driving its steps through the executor, against a fake qemu-img.
 
-The image tool is replaced by :class:`FakeImages`, which keeps each "image" as a small JSON
-file (its backing file and its own clusters), records every call in order, and can kill the
-command (:class:`Killed`, which nothing in Waymark catches, as nothing survives a SIGKILL) just
-before or just after the N-th call. The catalog is a real SQLite one in the test's folder.
+The image tool is a recording fake that can kill the command before or after any call
+(tests/unit/fake_images.py); the catalog is a real SQLite one in the test's folder.
 
 What is checked: steps run in order and report their progress; a *commit, then finish* intent
 killed at any step is finished by recovery, which re-runs the interrupted step, and ends with
@@ -15,10 +13,9 @@ decides between commit and roll back; an intent whose kind has no commit handler
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,95 +23,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tests.unit.fake_images import FakeImages, Killed, read, view, write
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.errors import ImageError
-from waymark.images import qemu_img
 from waymark.ops import executor, journal
 from waymark.ops.journal import Journal
-from waymark.qemu import bitmaps
 
 VM = "v" * 32
 KIND = "test_merge"
-Image = dict[str, Any]
-
-
-class Killed(BaseException):
-    """The command died here (a SIGKILL): no ``except`` in Waymark runs."""
-
-
-# --- the fake image tool ----------------------------------------------------------------------
-
-def read(path: Path) -> Image:
-    image: Image = json.loads(path.read_text())
-    return image
-
-
-def write(path: Path, image: Image) -> None:
-    path.write_text(json.dumps(image, sort_keys=True))
-
-
-def view(path: Path) -> dict[str, str]:
-    """What a guest reads from the image: its clusters over its backing chain's."""
-    image = read(path)
-    below = view(Path(image["backing"])) if image["backing"] else {}
-    return {**below, **image["data"]}
-
-
-@dataclass
-class FakeImages:
-    """qemu-img and the bitmap tool, as the executor calls them: each call recorded, and the
-    command killed ``before`` or ``after`` the call numbered ``kill_at[0]`` (from 0)."""
-
-    calls: list[tuple[str, str]] = field(default_factory=list)
-    kill_at: tuple[int, str] | None = None
-    fail_at: int | None = None  # this call fails as qemu-img would (an ImageError)
-
-    def _call(self, op: str, path: Path, work: Callable[[], None]) -> None:
-        number = len(self.calls)
-        self.calls.append((op, path.name))
-        if self.kill_at == (number, "before"):
-            raise Killed(f"{op} {path.name}")
-        if self.fail_at == number:
-            raise ImageError(f"qemu-img {op} failed on {path.name}")
-        work()
-        if self.kill_at == (number, "after"):
-            raise Killed(f"{op} {path.name}")
-
-    def create(self, path: Path, *, size: int | None = None, backing: Path | None = None,
-               backing_fmt: str | None = None, unsafe: bool = False) -> None:
-        self._call("create", path, lambda: write(path, {"backing": backing and str(backing),
-                                                        "data": {}}))
-
-    def commit(self, top: Path, base: Path, on_progress: qemu_img.Progress = None) -> None:
-        def work() -> None:
-            merged = read(base)
-            merged["data"].update(read(top)["data"])
-            write(base, merged)
-            if on_progress is not None:
-                on_progress(1.0)
-        self._call("commit", top, work)
-
-    def rebase(self, path: Path, backing: Path | None, backing_fmt: str | None, *,
-               unsafe: bool, on_progress: qemu_img.Progress = None) -> None:
-        assert unsafe, "a merge rebases onto a base that already holds the merged clusters"
-
-        def work() -> None:
-            write(path, {**read(path), "backing": backing and str(backing)})
-        self._call("rebase", path, work)
-
-    def carry_bitmaps(self, src: Path, path: Path) -> None:
-        self._call("carry_bitmaps", path, lambda: None)
-
-
-@pytest.fixture
-def images(monkeypatch: pytest.MonkeyPatch) -> FakeImages:
-    fake = FakeImages()
-    monkeypatch.setattr(qemu_img, "create", fake.create)
-    monkeypatch.setattr(qemu_img, "commit", fake.commit)
-    monkeypatch.setattr(qemu_img, "rebase", fake.rebase)
-    monkeypatch.setattr(bitmaps, "carry_files", fake.carry_bitmaps)
-    return fake
 
 
 # --- a catalog, and commit handlers of the test's own kinds ----------------------------------
