@@ -34,9 +34,15 @@ FIXTURE_MARKS = {"guest": ("guest",), "machine": ("guest",),
 CHROMIUM = "/usr/bin/chromium"
 
 
+def place(item: pytest.Item) -> Path:
+    """The test's file, relative to tests/ (a file elsewhere: its absolute path)."""
+    path = item.path.resolve()
+    return path.relative_to(TESTS) if path.is_relative_to(TESTS) else path
+
+
 def marks_of(item: pytest.Item) -> set[str]:
     """The markers a test gets from its folder, file and fixtures."""
-    where = item.path.resolve().relative_to(TESTS)
+    where = place(item)
     marks = set(FOLDER_MARKS.get(where.parts[0], ()))
     marks.update(FILE_MARKS.get(where.as_posix(), ()))
     for name in getattr(item, "fixturenames", ()):
@@ -65,7 +71,7 @@ def missing_needs(item: pytest.Item) -> list[str]:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.path.resolve().relative_to(TESTS).parts[0] != "unit":
+    if place(item).parts[0] != "unit":
         require_tools()
     missing = missing_needs(item)
     if missing:
