@@ -4,7 +4,8 @@ Markers say what a test needs besides Python (README.md, "Running the tests"); t
 here from the test's folder or fixtures, so a new test in the right folder needs no decorator:
 
 - ``guest``: boots QEMU guests with ``qemu-system-x86_64`` (tests/guest, and the guest builder's
-  boot test), or builds the test guest from Debian packages;
+  boot test), or builds the test guest from Debian packages; a test elsewhere that starts
+  ``qemu-system-x86_64`` is marked by hand (tests/integration/test_names.py);
 - ``browser``: drives Chromium (tests/browser, tests/guest/test_portal.py);
 - ``root``: needs root (mounts a tmpfs, makes the QEMU user, a tap device);
 - ``slow``: long fault-injection sweeps (marked by hand).
