@@ -79,6 +79,7 @@ def link_or_copy(src: Path, dst: Path, on_progress: Callable[[float], None] | No
         _copy(src if fd is None else Path(f"/proc/self/fd/{fd}"), tmp, on_progress)
     fsync_file(tmp)
     os.replace(tmp, dst)
+    remove(tmp)  # (a rename does nothing when both names are links to one file: a re-run)
     fsync_dir(dst.parent)
 
 

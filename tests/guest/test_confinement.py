@@ -142,7 +142,7 @@ def test_a_saved_memory_state_resumes_confined(vm: Guest) -> None:
     wait_for("QEMU gone", lambda: vm.qemus() == [], 10.0)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the QEMU user is chosen only when run as root")
+@pytest.mark.root  # the QEMU user is chosen only when run as root
 @pytest.mark.parametrize(("user", "fragments"), [
     ("root", ("QEMU user 'root' is root", "WAYMARK_QEMU_USER")),
     ("no such user!", ("could not be created", "useradd --system")),
@@ -158,6 +158,8 @@ def test_a_bad_qemu_user_is_refused_and_nothing_starts(vm: Guest, user: str,
 @pytest.fixture
 def bridge() -> Iterator[str]:
     """A host bridge of the test's own (removed afterwards)."""
+    if shutil.which("ip") is None:
+        raise RuntimeError("missing ip (apt-get install -y iproute2)")
     name = "wmtest0"
     subprocess.run(["ip", "link", "add", "name", name, "type", "bridge"], check=True)
     try:
@@ -172,8 +174,7 @@ def ports(bridge: str) -> list[str]:
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                    reason="a tap device on a bridge needs root and iproute2")
+@pytest.mark.root  # a tap device on a bridge
 def test_a_bridge_nic_gets_a_tap_device_made_for_it(home: Waymark, image: dict[str, str],
                                                    bridge: str) -> None:
     """QEMU, unprivileged and unable to run a helper, gets the tap device open: it is plugged

@@ -193,6 +193,7 @@ def qmp(path: Path, *commands: str) -> list[Any]:
         return answers[1:]
 
 
+@pytest.mark.guest  # starts qemu-system-x86_64 (no guest OS)
 def test_real_qemu_keeps_commas_in_a_name_and_paths_one_value(tmp_path: Path) -> None:
     folder = tmp_path / "x=y,a,b=c"  # '=' before a comma, then commas: both must stay path
     run = cmdline.RunFiles(folder / "run")

@@ -74,3 +74,24 @@ def test_qemus_filenames_map_back_to_paths() -> None:
     assert confine.path_of("/dev/fdset/3", real) == "/home/vms/x/disks/a.qcow2"
     assert confine.path_of(described, real) == "/home/vms/x/disks/a.qcow2"
     assert confine.path_of("/elsewhere.qcow2", real) == "/elsewhere.qcow2"
+
+
+def test_a_path_with_commas_stays_one_opaque_value_and_the_log_is_append_only(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "a,set=9"
+    folder.mkdir()
+    disk, log = folder / "x,fd=0.qcow2", folder / "serial.log"
+    disk.write_bytes(b"x")
+    given = confine.Handoff(None)
+    try:
+        given.image(str(disk), writable=True)
+        given.image(str(disk), writable=True)  # an image in two chains: one fd set
+        given.log(str(log))
+        flags = [fcntl.fcntl(fd, fcntl.F_GETFL) for fd in given.fds]
+    finally:
+        given.close()
+    assert given.files == {str(disk): "/dev/fdset/1", str(log): "/dev/fdset/2"}
+    assert given.args[1] == f"fd={given_fd(given.args[1])},set=1," \
+                            f"opaque={str(disk).replace(',', ',,')}"
+    assert len(given.args) == 4 and given.fds == []
+    assert flags[1] & os.O_ACCMODE == os.O_WRONLY and flags[1] & os.O_APPEND
