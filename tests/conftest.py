@@ -51,11 +51,27 @@ def marks_of(item: pytest.Item) -> set[str]:
     return marks
 
 
+# Running on several workers (pytest-xdist, `make test`): the tests that boot guests (TCG: a
+# core each) or drive Chromium run on one worker per group, in turn, while the other workers run
+# the rest. The guest build's tests share the guests' build cache: they go with the guests.
+WORKER_GROUPS = {"guest": "guests", "browser": "browser"}
+GUEST_BUILD = "integration/test_guest_build.py"
+
+
+def worker_group(item: pytest.Item, marks: set[str]) -> str | None:
+    if place(item).as_posix() == GUEST_BUILD:
+        return "guests"
+    return next((group for mark, group in WORKER_GROUPS.items() if mark in marks), None)
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for mark in sorted(marks_of(item) - {m.name for m in item.iter_markers()}):
             item.add_marker(mark)
+        group = worker_group(item, {m.name for m in item.iter_markers()})
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def missing_needs(item: pytest.Item) -> list[str]:
@@ -99,17 +115,3 @@ def wm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Waymark]:
         yield remote
         assert remote.remote_calls > 0, "the test never went through the server"
 
-
-# --- running on several workers (pytest-xdist, `make test`) --------------------------------------
-# Tests that boot guests (TCG: a core each) or drive Chromium run on one worker per group, in
-# turn, while the other workers run the rest; the guest build cache is shared, so the test of
-# the build goes with the guests.
-WORKER_GROUPS = {"tests/guest/": "guests", "tests/integration/test_guest_build.py": "guests",
-                 "tests/browser/": "browser"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        for prefix, group in WORKER_GROUPS.items():
-            if item.nodeid.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))

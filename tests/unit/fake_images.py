@@ -1,5 +1,5 @@
 """A fake image tool for unit tests of the journal and its executor: qemu-img and the bitmap
-tool as :mod:`waymark.ops.executor` calls them (monkeypatched by the ``images`` fixture of
+tool as :mod:`waymark.engine.executor` calls them (monkeypatched by the ``images`` fixture of
 tests/unit/conftest.py).
 
 Each "image" is a small JSON file: its backing file and its own clusters. Every call is

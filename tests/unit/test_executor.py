@@ -18,8 +18,8 @@ import pytest
 
 from tests.unit.fake_images import FakeImages, read, view, write
 from waymark import durable
+from waymark.engine import executor
 from waymark.errors import StorageError
-from waymark.ops import executor
 
 StepOf = Callable[[Path], executor.Step]
 
@@ -61,7 +61,7 @@ STEPS: dict[str, StepOf] = {
     "carry_bitmaps": lambda f: {"op": "carry_bitmaps", "src": str(f / "disks" / "base.qcow2"),
                                 "path": str(f / "disks" / "top.qcow2")},
 }
-# the steps a running QEMU does (qmp_*: waymark.ops.merges) are not the executor's own
+# the steps a running QEMU does (qmp_*: engine.running.live_merge) are not the executor's own
 DOCUMENTED = set(re.findall(r"^- ``(\w+)", executor.__doc__ or "", re.MULTILINE)) - {"qmp_commit"}
 
 

@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 from tests.unit.fake_images import FakeImages, Killed, read, view, write
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
-from waymark.errors import ImageError
-from waymark.ops import executor, journal
-from waymark.ops.journal import Journal
+from waymark.engine import executor, journal
+from waymark.engine.journal import Journal
+from waymark.errors import ImageError, UnknownKind
 
 VM = "v" * 32
 KIND = "test_merge"
@@ -57,14 +57,13 @@ def catalog(migrated: Path, tmp_path: Path) -> Iterator[Catalog]:
 @pytest.fixture
 def committed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     """The commit handlers run (kind, params), for the kinds this module registers."""
-    monkeypatch.setattr(journal, "_HANDLERS", dict(journal._HANDLERS))
-    monkeypatch.setattr(journal, "_RESOLVERS", dict(journal._RESOLVERS))
+    monkeypatch.setattr(journal, "_KINDS", dict(journal._KINDS))
     ran: list[tuple[str, dict[str, Any]]] = []
     for kind in (KIND, "test_create", "test_live"):
         def handler(session: Session, params: dict[str, Any], kind: str = kind) -> None:
             assert isinstance(session, Session)  # the commit's own transaction
             ran.append((kind, params))
-        journal.commit_handler(kind)(handler)
+        journal.register(kind, handler)
     return ran
 
 
@@ -74,7 +73,7 @@ def status(catalog: Catalog, intent_id: int) -> tuple[str, int]:
 
 
 def recover(catalog: Catalog) -> None:
-    """What the next command does first (waymark.ops.recovery): finish every pending intent."""
+    """What the next command does first (waymark.engine.settle): finish every pending intent."""
     book = Journal(catalog)
     for intent in book.pending(VM):
         book.finish(intent)
@@ -303,7 +302,7 @@ def test_a_live_intent_whose_body_fails_is_settled_by_its_resolver(
         asked.append(params)
         return {**params, "switched": True} if took_effect else None
 
-    journal.resolver("test_live")(resolve)
+    journal.register("test_live", journal.kind_of("test_live").commit, resolve=resolve)
     steps = create_steps(chain.folder, chain.top)
     started: list[int] = []
     with pytest.raises(ImageError), \
@@ -323,9 +322,10 @@ def test_a_live_intent_whose_body_fails_is_settled_by_its_resolver(
         assert not (chain.folder / "new").exists()
 
 
-def test_a_live_intent_needs_a_resolver(tmp_path: Path, catalog: Catalog,
-                                        images: FakeImages) -> None:
+def test_a_live_intent_needs_a_resolver(tmp_path: Path, catalog: Catalog, images: FakeImages,
+                                        committed: list[tuple[str, dict[str, Any]]]) -> None:
     chain = Chain(tmp_path / "vm").make()
+    journal.register("no_resolver", journal.kind_of(KIND).commit)
     with pytest.raises(ValueError, match="needs a resolver"), \
             Journal(catalog).prepared(VM, "no_resolver", {}, create_steps(chain.folder,
                                                                           chain.top)):
@@ -336,19 +336,16 @@ def test_a_live_intent_needs_a_resolver(tmp_path: Path, catalog: Catalog,
 # --- kinds and steps nobody handles -----------------------------------------------------------
 
 def test_an_unknown_step_is_refused_naming_it(images: FakeImages) -> None:
-    with pytest.raises(ValueError, match=r"unknown journal step.*'op': 'teleport'"):
+    with pytest.raises(UnknownKind, match=r"no step 'teleport'"):
         executor.run({"op": "teleport", "path": "/nowhere"})
     assert images.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18 item 1: today journal._commit silently "
-                                       "commits an intent whose kind has no handler (the "
-                                       "engine's composition root makes it an error)")
 def test_an_intent_whose_kind_has_no_handler_is_an_error_not_a_silent_commit(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
         committed: list[tuple[str, dict[str, Any]]]) -> None:
     chain = Chain(tmp_path / "vm").make()
-    with pytest.raises(Exception, match="no_such_kind"):
+    with pytest.raises(UnknownKind, match="no_such_kind"):
         Journal(catalog).run(VM, "no_such_kind", {}, create_steps(chain.folder, chain.top))
     with catalog.session() as session:
         statuses = set(session.scalars(select(Intent.status)))

@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from waymark.auth import policy
-from waymark.auth.policy import Decision, Principal
+from waymark.model import policy
+from waymark.model.policy import Decision, Principal
 
 ALLOW, DENY, HIDE = Decision.ALLOW, Decision.DENY, Decision.HIDE
 VM, OTHER_VM, USER, SOMEONE_ELSE = "vm-1", "vm-2", "u-1", "u-2"
