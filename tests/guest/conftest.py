@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,12 +19,15 @@ from tests.helpers import Waymark
 # --- fixtures --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waymark]:
+def home() -> Iterator[Waymark]:
     """A home for the module; at the end every VM in it is powered off, and any QEMU still
     naming the home is killed (so a failed test never leaves one running)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise RuntimeError("missing qemu-system-x86_64 (apt-get install -y qemu-system-x86)")
-    wm = Waymark(tmp_path_factory.mktemp("runtime") / "home")
+    # a short path (not under pytest's temporary folder, longer still on an xdist worker): the
+    # VMs' sockets live under the home, and a socket path must stay under 108 bytes
+    folder = Path(tempfile.mkdtemp(prefix="wm-", dir="/tmp"))
+    wm = Waymark(folder / "home")
     yield wm
     listed = wm.run("vm", "list", "--json")
     for row in json.loads(listed.stdout) if listed.returncode == 0 else []:
@@ -31,6 +36,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Waymark]:
     leftovers = processes_naming(str(wm.home))
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
     assert leftovers == [], f"QEMU processes left running after vm stop --force: {leftovers}"
 
 

@@ -43,13 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from waymark import process
-from waymark.errors import InvalidInput, ToolError
+from waymark.errors import InvalidInput, StorageError, ToolError
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import cmdline, qmp
 
 DEFAULT_USER = "waymark-qemu"
 START_TIMEOUT = 60.0
 FDSET = "/dev/fdset/"
+SOCKET_PATH_MAX = 108  # sun_path of a Unix socket address, its final NUL included
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
 
@@ -142,7 +143,14 @@ class Handoff:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
+        try:
+            sock.bind(str(path))
+        except OSError as err:
+            sock.close()
+            raise StorageError(f"cannot make the socket {path}: {err}.",
+                               hint=f"A socket's path must stay under {SOCKET_PATH_MAX} bytes: "
+                                    "use a Waymark home with a shorter path (--home, "
+                                    "WAYMARK_HOME).") from err
         sock.listen()
         self.sockets[str(path)] = self._keep(sock.detach())
 
