@@ -42,11 +42,14 @@ lint: deps
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# Two workers on this project's 2-core hosts: the guests' tests and the browser's each stay on one
-# worker (tests/conftest.py, WORKER_GROUPS) while the other runs the rest. One: TEST_WORKERS=0.
+# Two workers on this project's 2-core hosts, a test file at a time (--dist loadfile): a file's
+# tests run in order on one worker, so its module fixtures (a booted guest, a server) are made
+# once and tests that build on an earlier one's result keep working. One process: TEST_WORKERS=0.
+# (Not --dist loadgroup: pytest-xdist 3.8 cannot group tests under pytest 9.2, which no longer
+# reads the node id xdist rewrites.)
 TEST_WORKERS ?= 2
 test: deps lint
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: deps
 	$(PY) bench/run.py

@@ -51,27 +51,11 @@ def marks_of(item: pytest.Item) -> set[str]:
     return marks
 
 
-# Running on several workers (pytest-xdist, `make test`): the tests that boot guests (TCG: a
-# core each) or drive Chromium run on one worker per group, in turn, while the other workers run
-# the rest. The guest build's tests share the guests' build cache: they go with the guests.
-WORKER_GROUPS = {"guest": "guests", "browser": "browser"}
-GUEST_BUILD = "integration/test_guest_build.py"
-
-
-def worker_group(item: pytest.Item, marks: set[str]) -> str | None:
-    if place(item).as_posix() == GUEST_BUILD:
-        return "guests"
-    return next((group for mark, group in WORKER_GROUPS.items() if mark in marks), None)
-
-
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for mark in sorted(marks_of(item) - {m.name for m in item.iter_markers()}):
             item.add_marker(mark)
-        group = worker_group(item, {m.name for m in item.iter_markers()})
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def missing_needs(item: pytest.Item) -> list[str]:
