@@ -280,13 +280,18 @@ class ConsoleSent(Body):
 
 # --- checkpoints ------------------------------------------------------------------------------
 
-class Checkpoint(Body):
+class CheckpointSummary(Body):
+    """What every view of a checkpoint shows (a stored VM's in a library too)."""
+
     id: str
     name: str
     parent_id: str | None
     created_at: Timestamp
     kind: str
     has_memory: bool
+
+
+class Checkpoint(CheckpointSummary):
     requested_type: str | None
     fallback_reason: str | None
     skipped_disks: list[Any] | None
@@ -462,13 +467,8 @@ class Location(Body):
     path: str | None = Field(default=None, description=HOST_PATH)
 
 
-class LibraryCheckpoint(Body):
-    id: str
-    name: str
-    parent_id: str | None
-    created_at: Timestamp
-    kind: str
-    has_memory: bool
+class LibraryCheckpoint(CheckpointSummary):
+    """A checkpoint of a VM stored in a library share."""
 
 
 class LibraryVm(Body):
