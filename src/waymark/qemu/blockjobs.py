@@ -48,7 +48,8 @@ async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress,
         found = await find(machine, job)
         if found is None:
             raise ToolError(f"QEMU's job {job} of {machine.label} vanished.")
-        if found.get("total-progress") and on_progress is not None:
+        if found["status"] != "concluded" and found.get("total-progress") \
+                and on_progress is not None:  # (a concluded job is done: no cancel point)
             on_progress(found["current-progress"] / found["total-progress"])
         if found["status"] == "ready":
             if before_complete is not None:

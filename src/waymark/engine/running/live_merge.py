@@ -40,7 +40,7 @@ from typing import Any
 from waymark import durable
 from waymark.engine import executor
 from waymark.engine.running import presence
-from waymark.errors import ToolError
+from waymark.errors import Cancelled, ToolError
 from waymark.images import qemu_img
 from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp
 
@@ -203,4 +203,10 @@ async def _job(run: cmdline.RunFiles, name: str, job: str, command: str,
                 return  # QEMU finished it before Waymark died
             await machine.command(command, **{"job-id": job, **arguments})
         hook = None if before_complete is None else (lambda: before_complete(machine))
-        await blockjobs.follow(machine, job, on_progress, hook)
+        try:
+            await blockjobs.follow(machine, job, on_progress, hook)
+        except Cancelled:
+            if leaves in await _chains(machine):
+                raise  # QEMU's job was cancelled: every image is as it was
+            log.info("%s: QEMU finished %s before the cancel reached it; the step is done",
+                     name, job)
