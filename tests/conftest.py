@@ -16,6 +16,7 @@ Every test outside tests/unit needs ``qemu-img`` and ``qemu-io``; tests/unit nee
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 from collections.abc import Iterator
@@ -56,6 +57,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for mark in sorted(marks_of(item) - {m.name for m in item.iter_markers()}):
             item.add_marker(mark)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker, tests that share a node id would run as one (the workers report by
+    node id): Schemathesis's cases all have one under pytest 9.2. Such tests are marked
+    ``single_process`` and run after the workers (Makefile); any other is an error here,
+    never a silent loss."""
+    if not hasattr(session.config, "workerinput"):
+        return
+    seen = collections.Counter(item.nodeid for item in session.items)
+    shared = sorted(nodeid for nodeid, count in seen.items() if count > 1)
+    if shared:
+        raise pytest.UsageError(f"tests that share a node id cannot run on xdist workers: "
+                                f"{shared}; mark them single_process")
 
 
 def missing_needs(item: pytest.Item) -> list[str]:
