@@ -45,7 +45,8 @@ from waymark import process
 from waymark.catalog.models import Job, Vm
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.errors import Cancelled, NotFound, UnknownKind, WaymarkError
+from waymark.engine.kinds import Kinds
+from waymark.errors import Cancelled, NotFound, WaymarkError
 from waymark.model.timing import rfc3339
 
 log = logging.getLogger(__name__)
@@ -237,25 +238,20 @@ class Kind:
     restart: bool = False
 
 
-_KINDS: dict[str, Kind] = {}
+_KINDS: Kinds[Kind] = Kinds("no runner is registered for jobs of kind {kind}.")
 
 
 def register(kind: str, run: Runner, *, restart: bool = False) -> None:
     """Make the job ``kind`` known. Called by the composition root (:mod:`waymark.wiring`)."""
-    _KINDS[kind] = Kind(run, restart)
+    _KINDS.register(kind, Kind(run, restart))
 
 
 def kinds() -> frozenset[str]:
-    return frozenset(_KINDS)
+    return _KINDS.names()
 
 
 def kind_of(kind: str) -> Kind:
-    known = _KINDS.get(kind)
-    if known is None:
-        raise UnknownKind(f"no runner is registered for jobs of kind {kind!r}.",
-                          hint="This Waymark does not know that kind (a newer Waymark wrote "
-                               "it?). Run the Waymark that wrote it, or report a bug.")
-    return known
+    return _KINDS.of(kind)
 
 
 # --- running, waiting, cancelling -------------------------------------------------------------
@@ -283,7 +279,7 @@ def spawn(ctx: Context, job_id: str) -> None:
 def revive(ctx: Context) -> None:
     """Exports whose worker died start again in a new worker (merges are adopted by the next
     command on their VM)."""
-    restartable = [kind for kind, known in _KINDS.items() if known.restart]
+    restartable = [kind for kind, known in _KINDS.known.items() if known.restart]
     with ctx.catalog.session() as session:
         dead = [j.id for j in session.scalars(select(Job).where(
             Job.kind.in_(restartable), Job.status.in_(UNFINISHED))) if orphaned(j)]

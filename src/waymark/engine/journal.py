@@ -43,7 +43,8 @@ from sqlalchemy.orm import Session
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.engine import executor
-from waymark.errors import Cancelled, StorageError, UnknownKind, WaymarkError
+from waymark.engine.kinds import Kinds
+from waymark.errors import Cancelled, StorageError, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 
@@ -65,7 +66,7 @@ class Kind:
     resolve: ResolveFn | None = None
 
 
-_KINDS: dict[str, Kind] = {}
+_KINDS: Kinds[Kind] = Kinds("the journal has no handler for intents of kind {kind}.")
 
 
 def register(kind: str, commit: CommitFn | None = None, *, resolve: ResolveFn | None = None
@@ -76,22 +77,17 @@ def register(kind: str, commit: CommitFn | None = None, *, resolve: ResolveFn | 
     recovery settles a *live* intent of this kind whose file steps were done (it returns the
     parameters to commit with, or None to roll back).
     """
-    _KINDS[kind] = Kind(commit, resolve)
+    _KINDS.register(kind, Kind(commit, resolve))
 
 
 def kinds() -> frozenset[str]:
     """Every registered intent kind."""
-    return frozenset(_KINDS)
+    return _KINDS.names()
 
 
 def kind_of(kind: str) -> Kind:
     """The registration of ``kind``; an unknown kind is an error, never a silent commit."""
-    known = _KINDS.get(kind)
-    if known is None:
-        raise UnknownKind(f"the journal has no handler for intents of kind {kind!r}.",
-                          hint="This Waymark does not know that kind (a newer Waymark wrote "
-                               "it?). Run the Waymark that wrote it, or report a bug.")
-    return known
+    return _KINDS.of(kind)
 
 
 def now() -> datetime:
