@@ -11,13 +11,13 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from waymark.errors import StorageError
+from waymark.errors import NotFound, StorageError
 
 HEAD = "0013"
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -128,3 +128,15 @@ class Catalog:
                                hint="Free space on the file system of the Waymark home, then "
                                     "run the command again: an interrupted operation resumes "
                                     "where it stopped.") from err
+
+
+Row = TypeVar("Row")
+
+
+def required(session: Session, model: type[Row], key: Any, missing: str, hint: str) -> Row:
+    """The row of ``model`` whose primary key is ``key``; :class:`NotFound` (``missing``, with
+    ``hint``) when there is none."""
+    row = session.get(model, key)
+    if row is None:
+        raise NotFound(missing, hint=hint)
+    return row

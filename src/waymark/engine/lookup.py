@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from waymark.catalog import db
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
 from waymark.errors import Ambiguous, NotFound
 from waymark.model import tree
@@ -56,11 +57,8 @@ def _ambiguous(ref: str, rows: Sequence[Vm], hint: str) -> Ambiguous:
 
 def vm_by_id(session: Session, vm_id: str) -> Vm:
     """The VM with this id (a face resolved the reference once, :func:`vm`); never a name."""
-    row = session.get(Vm, vm_id)
-    if row is None:
-        raise NotFound(f"no VM has the id {vm_id!r} (it was deleted meanwhile).",
-                       hint="List them with: waymark vm list")
-    return row
+    return db.required(session, Vm, vm_id, f"no VM has the id {vm_id!r} (it was deleted "
+                       "meanwhile).", hint="List them with: waymark vm list")
 
 
 def _stored(session: Session, ref: str) -> NotFound | None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import socket
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, filelock
+from waymark import durable
 from waymark.errors import Ambiguous, Busy, Conflict, ImageError, NotFound, StorageError
 from waymark.external import shares
 
@@ -68,28 +67,14 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class Library:
-    root: Path
-    id: str
+class Library(shares.Share):
+    """A library share: stored VMs, each with its whole checkpoint tree."""
 
-    @classmethod
-    def init(cls, path: Path) -> Library:
-        path = path.absolute()
-        return cls(path, shares.create(
-            path, MARKER, FORMAT, VERSION, what="Waymark library",
-            use_hint=f"Store a VM in it: waymark vm store VM --library {path}"))
-
-    @classmethod
-    def open(cls, path: Path) -> Library:
-        path = path.absolute()
-        marker = shares.read(path, MARKER, FORMAT, VERSION, what="Waymark library",
-                             create_hint=f"Create one with: waymark library init {path}")
-        return cls(path, str(marker["id"]))
-
-    def locked(self, timeout: float) -> AbstractContextManager[None]:
-        return filelock.held(self.root / "lock", timeout=timeout, busy=lambda: Busy(
-            f"another store or deploy holds the library {self.root}.",
-            hint="Retry when it finishes."))
+    MARKING = shares.Marking(
+        MARKER, FORMAT, VERSION, "Waymark library",
+        create_hint="Create one with: waymark library init {path}",
+        use_hint="Store a VM in it: waymark vm store VM --library {path}",
+        busy="another store or deploy holds the library {path}.")
 
     # --- paths --------------------------------------------------------------------------------
 

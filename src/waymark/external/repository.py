@@ -25,14 +25,13 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, filelock
-from waymark.errors import Ambiguous, Busy, NotFound, StorageError, WaymarkError
+from waymark import durable
+from waymark.errors import Ambiguous, NotFound, StorageError, WaymarkError
 from waymark.external import shares
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
@@ -50,31 +49,14 @@ def new_point_id() -> str:
 
 
 @dataclass(frozen=True)
-class Repository:
-    root: Path
-    id: str  # the repository's own id (names the VMs' change-tracking bitmaps for it)
+class Repository(shares.Share):
+    """A backup repository; :attr:`id` names the VMs' change-tracking bitmaps for it."""
 
-    # --- opening ------------------------------------------------------------------------------
-
-    @classmethod
-    def init(cls, path: Path) -> Repository:
-        path = path.absolute()
-        return cls(path, shares.create(
-            path, MARKER, FORMAT, VERSION, what="Waymark backup repository",
-            use_hint=f"Use it: waymark backup run VM --repo {path}"))
-
-    @classmethod
-    def open(cls, path: Path) -> Repository:
-        path = path.absolute()
-        marker = shares.read(path, MARKER, FORMAT, VERSION, what="Waymark backup repository",
-                             create_hint=f"Create one with: waymark backup repo init {path}")
-        return cls(path, str(marker["id"]))
-
-    def locked(self, timeout: float) -> AbstractContextManager[None]:
-        """Hold the repository's lock; Busy after ``timeout`` seconds."""
-        return filelock.held(self.root / "lock", timeout=timeout, busy=lambda: Busy(
-            f"another backup run holds the repository {self.root}.",
-            hint="Retry when it finishes."))
+    MARKING = shares.Marking(
+        MARKER, FORMAT, VERSION, "Waymark backup repository",
+        create_hint="Create one with: waymark backup repo init {path}",
+        use_hint="Use it: waymark backup run VM --repo {path}",
+        busy="another backup run holds the repository {path}.")
 
     # --- paths --------------------------------------------------------------------------------
 

@@ -10,14 +10,14 @@ import re
 import stat
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
-from waymark import durable, modes
-from waymark.errors import Conflict, ImageError, NotFound, StorageError
+from waymark import durable, filelock, modes
+from waymark.errors import Busy, Conflict, ImageError, NotFound, StorageError
 from waymark.images import qemu_img
 
 
@@ -61,6 +61,51 @@ def read(path: Path, marker: str, fmt: str, version: int, *, what: str,
                        f"version {data.get('version')!r}.",
                        hint="Use a Waymark version that knows it.")
     return data
+
+
+@dataclass(frozen=True)
+class Marking:
+    """What marks a kind of share: its marker file, format and version, what users call it,
+    and the texts that tell them how to create and use one and who holds its lock (each a
+    template of ``{path}``, the folder)."""
+
+    marker: str
+    format: str
+    version: int
+    what: str
+    create_hint: str
+    use_hint: str
+    busy: str
+
+
+@dataclass(frozen=True)
+class Share:
+    """A folder Waymark owns on shared or external storage, opened (its marker read) or made;
+    a kind of share sets :attr:`MARKING`."""
+
+    MARKING: ClassVar[Marking]
+    root: Path
+    id: str
+
+    @classmethod
+    def init(cls, path: Path) -> Self:
+        """Make the empty (or new) folder ``path`` a share of this kind."""
+        path, mark = path.absolute(), cls.MARKING
+        return cls(path, create(path, mark.marker, mark.format, mark.version, what=mark.what,
+                                use_hint=mark.use_hint.format(path=path)))
+
+    @classmethod
+    def open(cls, path: Path) -> Self:
+        """The share at ``path``; NotFound when it is none, Conflict when of another version."""
+        path, mark = path.absolute(), cls.MARKING
+        marker = read(path, mark.marker, mark.format, mark.version, what=mark.what,
+                      create_hint=mark.create_hint.format(path=path))
+        return cls(path, str(marker["id"]))
+
+    def locked(self, timeout: float) -> AbstractContextManager[None]:
+        """Hold the share's lock; Busy after ``timeout`` seconds."""
+        return filelock.held(self.root / "lock", timeout=timeout, busy=lambda: Busy(
+            self.MARKING.busy.format(path=self.root), hint="Retry when it finishes."))
 
 
 # --- reading what such a folder holds ---------------------------------------------------------

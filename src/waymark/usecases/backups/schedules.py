@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from waymark import process
+from waymark.catalog import db
 from waymark.catalog.models import Schedule
 from waymark.engine import lookup
 from waymark.engine.context import Context
@@ -74,10 +76,7 @@ def _describe(row: Schedule) -> dict[str, Any]:
 
 def show(ctx: Context, name: str) -> dict[str, Any]:
     with ctx.catalog.session() as session:
-        row = session.get(Schedule, name)
-        if row is None:
-            raise NotFound(f"no backup schedule named {name!r}.",
-                           hint="List them: waymark backup schedule list")
+        row = _named(session, name)
         return _describe(row)
 
 
@@ -86,12 +85,14 @@ def listing(ctx: Context) -> list[dict[str, Any]]:
         return [_describe(r) for r in session.scalars(select(Schedule).order_by(Schedule.name))]
 
 
+def _named(session: Session, name: str) -> Schedule:
+    return db.required(session, Schedule, name, f"no backup schedule named {name!r}.",
+                       hint="List them: waymark backup schedule list")
+
+
 def remove(ctx: Context, name: str) -> None:
     with ctx.catalog.session() as session:
-        row = session.get(Schedule, name)
-        if row is None:
-            raise NotFound(f"no backup schedule named {name!r}.",
-                           hint="List them: waymark backup schedule list")
+        row = _named(session, name)
         session.delete(row)
 
 

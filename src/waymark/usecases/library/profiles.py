@@ -10,10 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from waymark import filelock
+from waymark.catalog import db
 from waymark.catalog.models import Profile, Template
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.errors import Busy, Conflict, NotFound
+from waymark.errors import Busy, Conflict
 from waymark.model import names
 from waymark.usecases.vms import definitions as vms
 
@@ -44,11 +45,8 @@ def checked(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def get(session: Session, name: str) -> Profile:
-    row = session.get(Profile, name)
-    if row is None:
-        raise NotFound(f"no hardware profile {name!r}.",
+    return db.required(session, Profile, name, f"no hardware profile {name!r}.",
                        hint="List them: waymark profile list")
-    return row
 
 
 def view(row: Profile) -> dict[str, Any]:

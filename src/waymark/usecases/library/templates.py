@@ -25,17 +25,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from waymark import durable
+from waymark.catalog import db
 from waymark.catalog.models import Grant, Image, Profile, Template
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
-from waymark.errors import Conflict, NotFound
+from waymark.errors import Conflict
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
-from waymark.model import names
-from waymark.model import setting_sources as profiles
+from waymark.model import names, setting_sources
 from waymark.model.hardware import Nic
-from waymark.usecases.library import profiles as profile_ops
+from waymark.usecases.library import profiles
 from waymark.usecases.vms import definitions as vms
 
 Report = Callable[[str, float], None] | None
@@ -46,10 +46,8 @@ def _folder(ctx: Context) -> Path:
 
 
 def get(session: Session, name: str) -> Template:
-    row = session.get(Template, name)
-    if row is None:
-        raise NotFound(f"no template {name!r}.", hint="List them: waymark template list")
-    return row
+    return db.required(session, Template, name, f"no template {name!r}.",
+                       hint="List them: waymark template list")
 
 
 def view(row: Template, users: list[str] | None = None) -> dict[str, Any]:
@@ -83,13 +81,13 @@ def create(ctx: Context, name: str, *, profile: str | None, disks: list[Path],
     kernel = vms.check_boot_file(kernel, "--kernel")
     initrd = vms.check_boot_file(initrd, "--initrd")
     formats = [qemu_img.probe_format(path) for path in disks]
-    with profile_ops.locked(ctx):  # the whole time: its folder is a leftover until its row
+    with profiles.locked(ctx):  # the whole time: its folder is a leftover until its row
         with ctx.catalog.session() as session:
             if session.get(Template, name) is not None:
                 raise Conflict(f"a template named {name!r} already exists.",
                                hint=f"Change it with: waymark template set {name} ...")
             if profile is not None:
-                profile_ops.get(session, profile)
+                profiles.get(session, profile)
             _clean_leftovers(ctx, session)
         folder = _folder(ctx) / vms.new_id()
         files, boot = _copy(folder, disks, formats, {"kernel": kernel, "initrd": initrd},
@@ -153,7 +151,7 @@ def update(ctx: Context, name: str, *, profile: str | None = None,
     with ctx.catalog.session() as session:
         row = get(session, name)
         if profile is not None:
-            row.profile_name = profile_ops.get(session, profile).name
+            row.profile_name = profiles.get(session, profile).name
         if checkpoint_type is not None:
             row.checkpoint_type = vms.check_type(checkpoint_type)
         if append is not None:
@@ -175,7 +173,7 @@ def listing(ctx: Context) -> list[dict[str, Any]]:
 
 def delete(ctx: Context, name: str) -> None:
     """Remove a template no VM links to: its row, then its folder."""
-    with profile_ops.locked(ctx):
+    with profiles.locked(ctx):
         with ctx.catalog.session() as session:
             row = get(session, name)
             users = _users(session, row)
@@ -202,7 +200,7 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
     ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`)."""
-    with profile_ops.locked(ctx):
+    with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
                        {"kernel": kernel, "initrd": initrd, "append": append},
                        checkpoint_dir, nics, (owner_id, visible))
@@ -212,7 +210,7 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
             profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
             given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
             owner: tuple[str | None, lookup.Visible]) -> str:
-    explicit = profile_ops.checked(explicit)
+    explicit = profiles.checked(explicit)
     with ctx.catalog.session() as session:
         chosen = get(session, template) if template is not None else None
         profile = profile or (chosen.profile_name if chosen else None)
@@ -221,7 +219,7 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
             if chosen else {}
         template_disks = [vms.DiskSpec(path=Path(chosen.folder) / d["file"], copy=full_copy)
                           for d in chosen.disks] if chosen else []
-    values, sources = profiles.resolve(explicit, *layers)
+    values, sources = setting_sources.resolve(explicit, *layers)
     origin = {"template": template, "profile": profile, "sources": sources}
     boot = {key: given[key] or boot.get(key) for key in ("kernel", "initrd", "append")}
     return vms.create(ctx, name, memory=values["memory_mib"] << 20, cpus=values["cpus"],
@@ -233,8 +231,8 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
 
 
 def _layers(session: Any, profile: str | None, template: Template | None
-            ) -> tuple[profiles.Layer | None, profiles.Layer | None]:
-    found: Profile | None = profile_ops.get(session, profile) if profile else None
-    return ((f"profile {found.name}", profile_ops.view(found)) if found else None,
+            ) -> tuple[setting_sources.Layer | None, setting_sources.Layer | None]:
+    found: Profile | None = profiles.get(session, profile) if profile else None
+    return ((f"profile {found.name}", profiles.view(found)) if found else None,
             (f"template {template.name}", {"checkpoint_type": template.checkpoint_type})
             if template else None)
