@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 from tests.unit.fake_images import FakeImages, Killed, read, view, write
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
-from waymark.engine import executor, journal
+from waymark.engine import executor, journal, steps
 from waymark.engine.journal import Journal
-from waymark.errors import ImageError, UnknownKind
+from waymark.errors import ImageError, MalformedRecord, UnknownKind
 
 VM = "v" * 32
 KIND = "test_merge"
@@ -112,11 +112,11 @@ class Chain:
 
     def merge_steps(self) -> list[executor.Step]:
         """The steps of a delete's merge (the cheaper direction: middle into base)."""
-        return [{"op": "commit", "top": str(self.middle), "base": str(self.base)},
-                {"op": "rebase", "path": str(self.top), "backing": str(self.base),
-                 "backing_fmt": "qcow2", "unsafe": True},
-                {"op": "delete_file", "path": str(self.middle)},
-                {"op": "write_file", "path": str(self.folder / "merged.json"), "text": "{}"}]
+        return [steps.Commit(top=str(self.middle), base=str(self.base)),
+                steps.Rebase(path=str(self.top), backing=str(self.base), backing_fmt="qcow2",
+                             unsafe=True),
+                steps.DeleteFile(path=str(self.middle)),
+                steps.WriteFile(path=str(self.folder / "merged.json"), text="{}")]
 
 
 def start_merge(catalog: Catalog, chain: Chain) -> int:
@@ -139,7 +139,7 @@ def test_steps_run_in_order_and_report_which_step(
     reported: list[tuple[int, int, str, float]] = []
     intent_id = Journal(catalog).run(
         VM, KIND, {"checkpoint": "middle"}, chain.merge_steps(), shape="finish",
-        report=lambda n, total, step, done: reported.append((n, total, step["op"], done)))
+        report=lambda n, total, step, done: reported.append((n, total, step.op, done)))
     assert images.calls == [("commit", "middle.qcow2"), ("rebase", "top.qcow2")]
     assert [(n, total, op) for n, total, op, done in reported if done == 0.0] == [
         (1, 4, "commit"), (2, 4, "rebase"), (3, 4, "delete_file"), (4, 4, "write_file")]
@@ -228,11 +228,11 @@ def test_a_failed_step_leaves_a_finish_intent_pending_with_its_error(
 
 def create_steps(folder: Path, top: Path) -> list[executor.Step]:
     new = folder / "new"
-    return [{"op": "make_dir", "path": str(new)},
-            {"op": "create_image", "path": str(new / "next.qcow2"), "backing": str(top),
-             "backing_fmt": "qcow2"},
-            {"op": "create_image", "path": str(new / "second.qcow2")},
-            {"op": "write_file", "path": str(new / "config.json"), "text": '{"cpus": 1}'}]
+    return [steps.MakeDir(path=str(new)),
+            steps.CreateImage(path=str(new / "next.qcow2"), backing=str(top),
+                              backing_fmt="qcow2"),
+            steps.CreateImage(path=str(new / "second.qcow2")),
+            steps.WriteFile(path=str(new / "config.json"), text='{"cpus": 1}')]
 
 
 @pytest.mark.parametrize("kill_at", KILLS, ids=kill_id)
@@ -337,7 +337,7 @@ def test_a_live_intent_needs_a_resolver(tmp_path: Path, catalog: Catalog, images
 
 def test_an_unknown_step_is_refused_naming_it(images: FakeImages) -> None:
     with pytest.raises(UnknownKind, match=r"no step 'teleport'"):
-        executor.run({"op": "teleport", "path": "/nowhere"})
+        executor.run(steps.from_json({"op": "teleport", "path": "/nowhere"}))
     assert images.calls == []
 
 
@@ -350,3 +350,54 @@ def test_an_intent_whose_kind_has_no_handler_is_an_error_not_a_silent_commit(
     with catalog.session() as session:
         statuses = set(session.scalars(select(Intent.status)))
     assert "committed" not in statuses and committed == []
+
+
+# --- steps as the catalog stores them ----------------------------------------------------------
+
+def test_a_pending_intent_an_earlier_waymark_wrote_as_plain_dicts_is_finished(
+        tmp_path: Path, catalog: Catalog, images: FakeImages,
+        committed: list[tuple[str, dict[str, Any]]]) -> None:
+    """The steps column holds the dicts the code wrote before steps were typed: recovery reads
+    them as steps and finishes the merge."""
+    chain = Chain(tmp_path / "vm").make()
+    written = [{"op": "commit", "top": str(chain.middle), "base": str(chain.base),
+                "abandonable": True},
+               {"op": "rebase", "path": str(chain.top), "backing": str(chain.base),
+                "backing_fmt": "qcow2", "unsafe": True},
+               {"op": "delete_file", "path": str(chain.middle)}]
+    with catalog.session() as session:
+        row = Intent(vm_id=VM, kind=KIND, params={"checkpoint": "middle"}, steps=written,
+                     next_step=1, shape="finish", status="pending", created_at=journal.now(),
+                     updated_at=journal.now())
+        session.add(row)
+        session.flush()
+        intent_id = row.id
+    assert journal.steps_of(Journal(catalog).intent(intent_id))[0] == steps.Commit(
+        top=str(chain.middle), base=str(chain.base), abandonable=True)
+    recover(catalog)
+    assert status(catalog, intent_id) == ("committed", 3)
+    assert images.calls == [("rebase", "top.qcow2")]  # from next_step on
+    assert not chain.middle.exists() and read(chain.top)["backing"] == str(chain.base)
+
+
+def test_a_pending_intent_with_a_malformed_step_stays_pending_and_says_why(
+        tmp_path: Path, catalog: Catalog, images: FakeImages,
+        committed: list[tuple[str, dict[str, Any]]]) -> None:
+    chain = Chain(tmp_path / "vm").make()
+    intent_id = start_merge(catalog, chain)
+    with catalog.session() as session:
+        session.get_one(Intent, intent_id).steps = [{"op": "commit", "top": str(chain.middle)}]
+    with pytest.raises(MalformedRecord, match="commit step has no 'base'"):
+        recover(catalog)
+    assert status(catalog, intent_id) == ("pending", 0)
+    assert images.calls == [] and committed == [] and chain.middle.exists()
+
+
+def test_the_catalog_holds_the_steps_json_form(
+        tmp_path: Path, catalog: Catalog, committed: list[tuple[str, dict[str, Any]]]) -> None:
+    chain = Chain(tmp_path / "vm").make()
+    intent_id = start_merge(catalog, chain)
+    stored = Journal(catalog).intent(intent_id).steps
+    assert stored == [step.to_json() for step in chain.merge_steps()]
+    assert stored[0] == {"op": "commit", "top": str(chain.middle), "base": str(chain.base),
+                         "abandonable": False}

@@ -28,6 +28,7 @@ from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.running import live_merge, presence
+from waymark.engine.steps import CarryBitmaps, Commit, DeleteFile, Rebase, Step
 from waymark.errors import Cancelled
 from waymark.model import planner
 from waymark.qemu import cmdline
@@ -91,36 +92,34 @@ def _is_active(session: Session, image_id: str) -> bool:
     return session.scalar(select(Disk.id).where(Disk.active_image_id == image_id)) is not None
 
 
-def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[dict[str, Any]]:
+def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[Step]:
     image = session.get_one(Image, step.image)
     if isinstance(step, planner.Drop):
         release = [live_merge.release_step(live.run, live.name, image.id)] if live else []
-        return [*release, {"op": "delete_file", "path": image.path}]
+        return [*release, DeleteFile(path=image.path)]
     child = session.get_one(Image, step.child)
     root = live.chains.get(child.id) if live else None
     if isinstance(step, planner.CommitDown):
         grandchildren = session.scalars(select(Image).where(Image.parent_id == child.id))
-        if live and root:
-            first = live_merge.commit_step(live.run, live.name, root=cmdline.node_name(root),
-                                       top=child, base=image, active=root == child.id)
-        else:
-            first = {"op": "commit", "top": child.path, "base": image.path}
-        first["abandonable"] = True  # a partial commit: only K's chain reads U, through K
-        carry = ([{"op": "carry_bitmaps", "src": child.path, "path": image.path}]
-                 if first["op"] == "commit" and _is_active(session, child.id) else [])
+        # abandonable: a partial commit: only K's chain reads U, through K
+        first: Step = live_merge.commit_step(
+            live.run, live.name, root=cmdline.node_name(root), top=child, base=image,
+            active=root == child.id, abandonable=True) if live and root \
+            else Commit(top=child.path, base=image.path, abandonable=True)
+        carry = ([CarryBitmaps(src=child.path, path=image.path)]
+                 if isinstance(first, Commit) and _is_active(session, child.id) else [])
         return [first, *carry] + [
             # a child QEMU has open is relinked by QEMU's commit (by qemu-img if QEMU is gone)
             live_merge.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
-            else {"op": "rebase", "path": g.path, "backing": image.path,
-                  "backing_fmt": image.format, "unsafe": True}
+            else Rebase(path=g.path, backing=image.path, backing_fmt=image.format, unsafe=True)
             for g in grandchildren]
     base = session.get(Image, image.parent_id) if image.parent_id else None
+    # abandonable: a partial pull copies U's clusters unchanged
     if live and root:
-        pull = live_merge.stream_step(live.run, live.name, into=child, gone=image, base=base)
-    else:
-        pull = {"op": "rebase", "path": child.path, "backing": base.path if base else None,
-                "backing_fmt": base.format if base else None, "unsafe": False}
-    return [{**pull, "abandonable": True}]  # a partial pull copies U's clusters unchanged
+        return [live_merge.stream_step(live.run, live.name, into=child, gone=image, base=base,
+                                       abandonable=True)]
+    return [Rebase(path=child.path, backing=base.path if base else None,
+                   backing_fmt=base.format if base else None, unsafe=False, abandonable=True)]
 
 
 def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:

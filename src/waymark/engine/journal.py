@@ -1,7 +1,10 @@
 """The intent journal: write what you will do, do it step by step, then commit.
 
-An intent is a row of ``intents``: a kind, its parameters, a list of file steps (see
-:mod:`waymark.engine.executor`) and ``next_step``. Its ``shape`` says which of two kinds it is:
+An intent is a row of ``intents``: a kind, its parameters, a list of file steps
+(:mod:`waymark.engine.steps`, run by :mod:`waymark.engine.executor`) and ``next_step``. The row
+holds the steps' JSON form; the journal converts at that boundary only (:func:`add` writes
+them, :func:`steps_of` reads them back, checked), everything else handles step objects.
+Its ``shape`` says which of two kinds it is:
 
 - *prepare, then commit* (checkpoint create, apply, VM create): every step makes a new file
   nobody references yet; the catalog change is the kind's commit handler, run in the same
@@ -43,6 +46,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.engine import executor
+from waymark.engine import steps as journal_steps
 from waymark.engine.kinds import Kinds
 from waymark.errors import Cancelled, StorageError, WaymarkError
 from waymark.failpoints import failpoint
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 
 CommitFn = Callable[[Session, dict[str, Any]], None]
 # Progress of a multi-step intent: (step number from 1, steps, the step, fraction of that step)
-StepReport = Callable[[int, int, "executor.Step", float], None]
+StepReport = Callable[[int, int, journal_steps.Step, float], None]
 ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
 
@@ -95,18 +99,29 @@ def now() -> datetime:
 
 
 def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
-        steps: Sequence[executor.Step], shape: str = "finish") -> Intent:
+        steps: Sequence[journal_steps.Step], shape: str = "finish") -> Intent:
     """Write an intent in the caller's transaction (by default *commit, then finish*); its kind
     must be registered."""
     kind_of(kind)
-    intent = Intent(vm_id=vm_id, kind=kind, params=params, steps=list(steps), next_step=0,
+    intent = Intent(vm_id=vm_id, kind=kind, params=params,
+                    steps=journal_steps.to_json_list(steps), next_step=0,
                     shape=shape, status="pending", created_at=now(), updated_at=now())
     session.add(intent)
     session.flush()
     return intent
 
 
-def _step_progress(report: StepReport | None, index: int, steps: list[executor.Step]
+def steps_of(intent: Intent) -> list[journal_steps.Step]:
+    """The intent's steps, read back from the catalog's JSON (checked: see
+    :func:`waymark.engine.steps.from_json`)."""
+    return journal_steps.from_json_list(intent.steps)
+
+
+def _abandonable(step: journal_steps.Step) -> bool:
+    return isinstance(step, journal_steps.MergeStep) and step.abandonable
+
+
+def _step_progress(report: StepReport | None, index: int, steps: list[journal_steps.Step]
                    ) -> qemu_img.Progress:
     if report is None:
         return None
@@ -132,13 +147,13 @@ class Journal:
         self.catalog = catalog
 
     def run(self, vm_id: str, kind: str, params: dict[str, Any],
-            steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None,
+            steps: Sequence[journal_steps.Step], on_progress: qemu_img.Progress = None,
             shape: str = "prepare", commit: bool = True, report: StepReport | None = None
             ) -> int:
         """Journal an intent (by default *prepare, then commit*) and drive it to the end (or,
         without ``commit``, through its steps only). Progress goes to ``on_progress`` (each
         step's fraction) or ``report`` (which step, and its fraction)."""
-        if shape == "prepare" and not all(step["op"] in executor.UNDOABLE for step in steps):
+        if shape == "prepare" and not all(step.undoable for step in steps):
             raise ValueError(f"{kind}: a prepare intent may only make new files")
         try:
             with self.catalog.session() as session:
@@ -162,7 +177,7 @@ class Journal:
 
     @contextlib.contextmanager
     def prepared(self, vm_id: str, kind: str, params: dict[str, Any],
-                 steps: Sequence[executor.Step]) -> Iterator[LiveIntent]:
+                 steps: Sequence[journal_steps.Step]) -> Iterator[LiveIntent]:
         """A *live* prepare intent: its file steps run, then the body does the live part and may
         amend the parameters (:meth:`LiveIntent.save` makes an amendment durable for
         recovery's resolver), then the intent commits with them.
@@ -208,11 +223,12 @@ class Journal:
         """Run the intent's remaining steps, then its commit."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
-            kind, params, steps, done = intent.kind, intent.params, intent.steps, intent.next_step
+            kind, params, steps, done = intent.kind, intent.params, steps_of(intent), \
+                intent.next_step
         index = done
         try:
             for index in range(done, len(steps)):
-                failpoint(f"step:{steps[index]['op']}")
+                failpoint(f"step:{steps[index].op}")
                 executor.run(steps[index], _step_progress(report, index, steps) or on_progress)
                 if index + 1 < len(steps):  # the commit records the last one
                     self._advance(intent_id, index + 1)
@@ -220,7 +236,7 @@ class Journal:
                 failpoint("commit")
                 self._commit(intent_id, kind, params)
         except Cancelled as err:
-            if index < len(steps) and steps[index].get("abandonable"):
+            if index < len(steps) and _abandonable(steps[index]):
                 self._close(intent_id, "cancelled", err.message)
             else:
                 self._failed(intent_id, err)
@@ -257,7 +273,7 @@ class Journal:
         """
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
-            kind, steps, shape = intent.kind, intent.steps, intent.shape
+            kind, steps, shape = intent.kind, steps_of(intent), intent.shape
         if shape == "prepare":
             self.roll_back(intent_id, kind, steps, err.message)
             return
@@ -265,7 +281,7 @@ class Journal:
             intent = session.get_one(Intent, intent_id)
             intent.error, intent.updated_at = err.message, now()
 
-    def roll_back(self, intent_id: int, kind: str, steps: list[executor.Step],
+    def roll_back(self, intent_id: int, kind: str, steps: list[journal_steps.Step],
                   reason: str) -> None:
         for step in reversed(steps):
             executor.undo(step)
@@ -291,7 +307,7 @@ class Journal:
                 self._commit(intent.id, intent.kind, amended)
                 return
         if intent.shape == "prepare":
-            self.roll_back(intent.id, intent.kind, intent.steps,
+            self.roll_back(intent.id, intent.kind, steps_of(intent),
                            "interrupted before it committed")
         else:
             self.drive(intent.id)

@@ -36,6 +36,7 @@ from waymark.engine import compaction, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now as stamp
 from waymark.engine.running import live_merge, power, presence
+from waymark.engine.steps import Convert, CreateImage, Step, WriteFile
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
 from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
@@ -530,7 +531,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
 
 
 def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, Any],
-                  hardware: HardwareConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  hardware: HardwareConfig) -> tuple[dict[str, Any], list[Step]]:
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
         checkpoints.require_room(session, vm_row)
@@ -538,14 +539,14 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
         checkpoint_dir = vm_row.checkpoint_dir
     folder = ctx.disk_folder(vm_id)
     checkpoint_id = vms.new_id()
-    images, steps, frozen, new_disks = [], [], [], []
+    images, frozen, new_disks = [], [], []
+    steps: list[Step] = []
     for disk in point["disks"]:
         base, top = vms.new_id(), vms.new_id()
         base_path, top_path = folder / f"{base}.qcow2", folder / f"{top}.qcow2"
-        steps += [{"op": "convert", "path": str(base_path), "src": str(repo.root / disk["file"]),
-                   "src_fmt": "qcow2", "confined_to": str(repo.root)},
-                  {"op": "create_image", "path": str(top_path), "backing": str(base_path),
-                   "backing_fmt": "qcow2"}]
+        steps += [Convert(path=str(base_path), src=str(repo.root / disk["file"]),
+                          src_fmt="qcow2", confined_to=str(repo.root)),
+                  CreateImage(path=str(top_path), backing=str(base_path), backing_fmt="qcow2")]
         row = {"vm_id": vm_id, "format": "qcow2", "pinned": False,
                "virtual_size": disk["virtual_size"], "chain_length": 1}
         images += [{**row, "id": base, "path": str(base_path), "parent_id": None},
@@ -558,10 +559,10 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
               "kind": checkpoints.DISK_ONLY, "requested_type": "backup", "fallback_reason": None,
               "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
               "skipped_disks": []}
-    steps.append({"op": "write_file", "path": str(Path(checkpoint_dir) / f"{checkpoint_id}.json"),
-                  "text": json.dumps({"checkpoint": checkpoint_id, "vm": vm_id,
-                                      "restored_from": point["id"],
-                                      "configuration": point["vm"]["config"]}, indent=2)})
+    steps.append(WriteFile(path=str(Path(checkpoint_dir) / f"{checkpoint_id}.json"),
+                           text=json.dumps({"checkpoint": checkpoint_id, "vm": vm_id,
+                                            "restored_from": point["id"],
+                                            "configuration": point["vm"]["config"]}, indent=2)))
     params = {"vm": vm_id, "checkpoint": record, "images": images, "frozen": frozen,
               "new_disks": new_disks, "config": point["vm"]["config"]}
     return params, steps

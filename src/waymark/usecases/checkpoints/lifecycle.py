@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,16 @@ from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.running import live_checkpoint, power, presence
+from waymark.engine.steps import (
+    ClaimFile,
+    CopyFile,
+    CreateImage,
+    DeleteFile,
+    Step,
+    WriteFile,
+    from_json_list,
+    to_json_list,
+)
 from waymark.errors import Conflict, LimitReached
 from waymark.model import names, tree
 from waymark.model.hardware import HardwareConfig
@@ -77,12 +87,13 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
 
 
 def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: str
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 ) -> tuple[dict[str, Any], list[Step]]:
     checkpoint_id = new_id()
     hardware = lookup.hardware(vm_row)
     disks = lookup.disks(session, vm_row.id)
     images = lookup.images(session, vm_row.id)
-    frozen, overlays, steps, skipped = [], [], [], []
+    frozen, overlays, skipped = [], [], []
+    steps: list[Step] = []
     for disk_id in hardware.disks:
         disk = disks[disk_id]
         if disk.active_image_id is None:
@@ -94,7 +105,7 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
         row, step = _overlay(ctx, disk_id, active, unsafe=state in presence.LIVE_STATES)
         overlays.append(row)
         if state not in presence.LIVE_STATES:  # (live: in QEMU's switch transaction)
-            step["bitmaps_from"] = active.path  # backup change tracking follows Now
+            step = replace(step, bitmaps_from=active.path)  # backup change tracking follows Now
         steps.append(step)
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
               "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,
@@ -106,18 +117,17 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
         steps.append(_keep_saved_memory(ctx, vm_row, record))
     elif state in presence.LIVE_STATES:
         memory = Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.state"
-        steps.append({"op": "claim_file", "path": str(memory)})
+        steps.append(ClaimFile(path=str(memory)))
         extra["live"] = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
                                   frozen, overlays, memory)
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
-    steps.append({"op": "write_file", "path": str(Path(vm_row.checkpoint_dir) /
-                                                 f"{checkpoint_id}.json"),
-                  "text": json.dumps(description, indent=2, sort_keys=True)})
+    steps.append(WriteFile(path=str(Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.json"),
+                           text=json.dumps(description, indent=2, sort_keys=True)))
     return {"checkpoint": record, "frozen": frozen, "overlays": overlays, **extra}, steps
 
 
-def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict[str, Any]:
+def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> CopyFile:
     """A saved VM's checkpoint holds its saved memory state (Hyper-V's green triangle): it is
     a standard checkpoint, whatever type was asked for. Returns the copy step."""
     meta = power.saved_state(ctx, vm_row.id).load(vm_row.name)
@@ -126,12 +136,11 @@ def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict
                   config=meta["hardware"])
     if vm_row.checkpoint_type != "standard":
         record["fallback_reason"] = "the VM was saved: the checkpoint holds its saved memory"
-    return {"op": "copy_file", "src": str(power.saved_state(ctx, vm_row.id).state),
-            "path": str(memory)}
+    return CopyFile(src=str(power.saved_state(ctx, vm_row.id).state), path=str(memory))
 
 
 def _overlay(ctx: Context, disk_id: str, base: Image, unsafe: bool = False
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+             ) -> tuple[dict[str, Any], CreateImage]:
     """A new active image for ``disk_id`` on ``base``: its catalog row and its file step
     (``unsafe`` when a running QEMU holds ``base`` locked: qemu-img must not open it)."""
     overlay_id = new_id()
@@ -139,11 +148,8 @@ def _overlay(ctx: Context, disk_id: str, base: Image, unsafe: bool = False
     row = {"id": overlay_id, "vm_id": base.vm_id, "path": str(path), "format": "qcow2",
            "parent_id": base.id, "pinned": False, "virtual_size": base.virtual_size,
            "chain_length": 1, "disk_id": disk_id}
-    step: dict[str, Any] = {"op": "create_image", "path": str(path), "backing": base.path,
-                            "backing_fmt": base.format}
-    if unsafe:
-        step.update(unsafe=True, size=base.virtual_size)
-    return row, step
+    return row, CreateImage(path=str(path), backing=base.path, backing_fmt=base.format,
+                            unsafe=unsafe, size=base.virtual_size if unsafe else None)
 
 
 def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
@@ -218,14 +224,14 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         return result
 
 
-def _install_memory(saved: power.SavedState, target: Checkpoint) -> list[dict[str, Any]]:
+def _install_memory(saved: power.SavedState, target: Checkpoint) -> list[Step]:
     """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it)."""
     if not target.memory_path:
         return []
     meta = {"sha256": target.memory_sha256, "hardware": target.config,
             "from_checkpoint": target.id}
-    return [{"op": "copy_file", "src": target.memory_path, "path": str(saved.state)},
-            {"op": "write_file", "path": str(saved.meta), "text": json.dumps(meta, indent=2)}]
+    return [CopyFile(src=target.memory_path, path=str(saved.state)),
+            WriteFile(path=str(saved.meta), text=json.dumps(meta, indent=2))]
 
 
 def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
@@ -248,7 +254,7 @@ def _quota_change(session: Session, vm_row: Vm, target_id: str) -> quotas.Change
 
 
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
-                ) -> tuple[dict[str, Any], list[dict[str, Any]], ApplyResult]:
+                ) -> tuple[dict[str, Any], list[Step], ApplyResult]:
     vm_row = session.get_one(Vm, vm_id)
     target = session.get_one(Checkpoint, target_id)
     now_hw, then_hw = lookup.hardware(vm_row), HardwareConfig.load(target.config)
@@ -256,7 +262,8 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
     disks, images = lookup.disks(session, vm_id), lookup.images(session, vm_id)
     result = ApplyResult(target_id, state="saved" if target.memory_path else "off")
     result.detached_disks = [d for d in now_hw.disks if d not in then_hw.disks]
-    overlays, steps, kept = [], [], []
+    overlays, kept = [], []
+    steps: list[Step] = []
     for disk_id, image_id in frozen.items():
         base = images[image_id]
         current = disks[disk_id].active_image_id
@@ -272,7 +279,7 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
         if vm_row.state == "saved" and not target.memory_path else []
     params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
               "overlays": overlays, "kept": kept, "state": result.state, "discard": discard,
-              "install": _install_memory(saved, target)}
+              "install": to_json_list(_install_memory(saved, target))}
     return params, steps, result
 
 
@@ -286,9 +293,10 @@ def commit_apply(session: Session, params: dict[str, Any]) -> None:
     vm_row.state = params["state"]
     if params.get("discard"):
         journal.add(session, params["vm"], "saved_state_discard", {},
-                    [{"op": "delete_file", "path": path} for path in params["discard"]])
+                    [DeleteFile(path=path) for path in params["discard"]])
     if params.get("install"):
-        journal.add(session, params["vm"], "saved_state_install", {}, params["install"])
+        journal.add(session, params["vm"], "saved_state_install", {},
+                    from_json_list(params["install"]))
     compaction.mark(session, params["vm"])
 
 

@@ -30,6 +30,7 @@ from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.running import power, presence
+from waymark.engine.steps import Convert, CreateImage, DeleteFile, MakeDir, PruneDirs, Step
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.external import shares
 from waymark.images import qemu_img
@@ -197,7 +198,7 @@ def _owned_paths(session: Session) -> set[str]:
 
 
 def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
-              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Step]]:
     """(disk row, image rows, file steps) for one ``--disk``; nothing is written here."""
     disk: dict[str, Any] = {"id": new_id(), "vm_id": vm_id, "active_image_id": None,
                             "passthrough_path": None}
@@ -217,7 +218,7 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         path = folder / f"{new_id()}.qcow2"
         row = _image_row(vm_id, path, "qcow2", spec.size)
         disk["active_image_id"] = row["id"]
-        return disk, [row], [{"op": "create_image", "path": str(path), "size": spec.size}]
+        return disk, [row], [CreateImage(path=str(path), size=spec.size)]
     assert spec.path is not None
     if str(spec.path) in _owned_paths(session) or ctx.home / "vms" in spec.path.parents:
         raise InvalidInput(f"{spec.path} is a file Waymark manages.",
@@ -227,16 +228,14 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         path = folder / f"{new_id()}.qcow2"
         row = _image_row(vm_id, path, "qcow2", qemu_img.info(spec.path, fmt).virtual_size)
         disk["active_image_id"] = row["id"]
-        return disk, [row], [{"op": "convert", "path": str(path), "src": str(spec.path),
-                              "src_fmt": fmt}]
+        return disk, [row], [Convert(path=str(path), src=str(spec.path), src_fmt=fmt)]
     chain = qemu_img.chain(spec.path, fmt)
     base = _image_row(vm_id, spec.path, fmt, chain[0].virtual_size, pinned=True,
                       chain_length=len(chain))
     overlay_path = folder / f"{new_id()}.qcow2"
     overlay = _image_row(vm_id, overlay_path, "qcow2", base["virtual_size"], parent=base["id"])
     disk["active_image_id"] = overlay["id"]
-    step = {"op": "create_image", "path": str(overlay_path), "backing": str(spec.path),
-            "backing_fmt": fmt}
+    step = CreateImage(path=str(overlay_path), backing=str(spec.path), backing_fmt=fmt)
     return disk, [base, overlay], [step]
 
 
@@ -260,7 +259,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                               nics=[Nic(mac=new_mac())] if nics is None else nics)
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
-    steps: list[dict[str, Any]] = []
+    steps: list[Step] = []
     with ctx.catalog.session() as session:
         refuse_taken(session, name, owner_id, visible)
         for spec in disks:
@@ -276,7 +275,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
               "checkpoint_dir": check_folder(folder),
               "automatic_checkpoints": automatic_checkpoints, "origin": origin,
               "owner_id": owner_id}
-    steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
+    steps.insert(0, MakeDir(path=str(ctx.vm_folder(vm_id))))
     with quotas.vm_created(ctx, owner_id, hardware, disk_rows, image_rows), \
             ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, "vm_create",
@@ -427,8 +426,8 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
                                                 Grant.object_id == vm_id))
-        steps = [{"op": "delete_file", "path": f} for f in files]
-        steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
+        steps: list[Step] = [DeleteFile(path=f) for f in files]
+        steps.append(PruneDirs(path=str(ctx.vm_folder(vm_id))))
         journal.add(session, vm_id, "vm_delete", {}, steps)
     settle.settle_vm(ctx, vm_id)
 
@@ -519,7 +518,7 @@ def _outside_limit(settings: dict[str, Any]) -> int:
     return check_limit(value)
 
 
-ExtraSteps = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
+ExtraSteps = Callable[[str, dict[str, Any]], list[Step]]
 
 
 def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies: list[Copy],
@@ -534,7 +533,8 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     """
     vm_name = names.clean(name, what="VM name")
     vm_id = new_id()
-    keys, disks, images, steps = {}, [], [], []
+    keys, disks, images = {}, [], []
+    steps: list[Step] = []
     for copy in copies:
         image_id, disk_id = new_id(), new_id()  # an image's id is its file's name
         path = ctx.disk_folder(vm_id) / f"{image_id}.qcow2"
@@ -542,9 +542,9 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         images.append(_image_row(vm_id, path, "qcow2", copy.virtual_size))
         disks.append({"id": disk_id, "vm_id": vm_id, "active_image_id": image_id,
                       "passthrough_path": None})
-        steps.append({"op": "convert", "path": str(path), "src": str(copy.src),
-                      "src_fmt": copy.src_fmt,
-                      "confined_to": None if copy.confined_to is None else str(copy.confined_to)})
+        steps.append(Convert(path=str(path), src=str(copy.src), src_fmt=copy.src_fmt,
+                             confined_to=None if copy.confined_to is None
+                             else str(copy.confined_to)))
     if set(hardware.disks) != set(keys):
         raise ImageError("the source's configuration and its disks disagree.")
     hardware.disks = [keys[k] for k in hardware.disks]
@@ -560,7 +560,7 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     more = extra(vm_id, hardware.dump()) if extra is not None else []
     if more:
         vm_row["state"] = "saved"
-    steps = [{"op": "make_dir", "path": str(ctx.vm_folder(vm_id))}, *steps, *more]
+    steps = [MakeDir(path=str(ctx.vm_folder(vm_id))), *steps, *more]
     with ctx.vm_locked(vm_id, vm_name):
         ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
                         steps, on_progress)
