@@ -14,6 +14,7 @@ from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
 from waymark import wiring
 from waymark.catalog.db import Catalog
 from waymark.engine import journal, steps
+from waymark.usecases.vms import definitions
 
 KIB = 1 << 10
 VM = "checked"
@@ -293,7 +294,7 @@ def test_a_file_an_unfinished_intent_names_only_as_a_backing_file_is_no_stray(
     catalog = Catalog.open(wm.home)
     try:
         with catalog.session() as session:
-            journal.add(session, vm["id"], "vm_delete", {},
+            journal.add(session, vm["id"], definitions.VmDelete(),
                         [steps.Rebase(path=str(missing), backing=str(backing),
                                       backing_fmt="qcow2", unsafe=True)])
     finally:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -27,6 +27,7 @@ from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Job, Vm
 from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.engine.running import live_merge, presence
 from waymark.engine.steps import CarryBitmaps, Commit, DeleteFile, Rebase, Step
 from waymark.errors import Cancelled
@@ -140,12 +141,45 @@ def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
         return True, LiveVm(run, name, live_chains(session, vm_id))
 
 
-_KINDS = {planner.Drop: "drop", planner.CommitDown: "commit_down", planner.PullUp: "pull_up"}
+@dataclass(frozen=True, kw_only=True)
+class CompactMarker(Params):
+    """The marker: the VM's graph needs compacting (cleared by compaction, never driven)."""
+
+    kind: ClassVar[str] = MARKER
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeIntent(Params):
+    """One planned merge step: ``image`` (U) merged with or dropped, ``child`` (K; None for a
+    drop); ``direction`` is the kind's name again (as the catalog has always held it)."""
+
+    image: str
+    child: str | None
+    direction: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropIntent(MergeIntent):
+    kind: ClassVar[str] = "drop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitDownIntent(MergeIntent):
+    kind: ClassVar[str] = "commit_down"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PullUpIntent(MergeIntent):
+    kind: ClassVar[str] = "pull_up"
+
+
+_KINDS: dict[type[planner.Step], type[MergeIntent]] = {
+    planner.Drop: DropIntent, planner.CommitDown: CommitDownIntent, planner.PullUp: PullUpIntent}
 
 
 def mark(session: Session, vm_id: str) -> None:
     """Record, in the caller's transaction, that the VM's graph needs compacting."""
-    journal.add(session, vm_id, MARKER, {}, [])
+    journal.add(session, vm_id, CompactMarker(), [])
 
 
 Reporter = jobs.StepsReport
@@ -180,8 +214,9 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
             if step is None:
                 break
             total = taken + len(planner.plan(nodes))
-            params = {"image": step.image, "child": getattr(step, "child", None),
-                      "direction": _KINDS[type(step)]}
+            merge = _KINDS[type(step)]
+            params = merge(image=step.image, child=getattr(step, "child", None),
+                           direction=merge.kind)
             steps = _steps(session, step, live)
             what = _describe(session, step)
         log.info("compaction: %s", what)
@@ -192,7 +227,7 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
         try:
             if progress is not None:
                 progress(0.0)
-            ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
+            ctx.journal.run(vm_id, params, steps, progress, shape="finish")
             if progress is not None:
                 progress(1.0)
         except Cancelled:
@@ -215,15 +250,15 @@ def pending_steps(session: Session, vm_id: str) -> int:
     return len(planner.plan(graph(session, vm_id)))
 
 
-def commit_drop(session: Session, params: dict[str, Any]) -> None:
-    image = session.get(Image, params["image"])
+def commit_drop(session: Session, params: DropIntent) -> None:
+    image = session.get(Image, params.image)
     if image is not None:
         session.delete(image)
 
 
-def commit_down(session: Session, params: dict[str, Any]) -> None:
+def commit_down(session: Session, params: CommitDownIntent) -> None:
     """The child's roles (active, frozen, backing of its children) move to the merged file."""
-    into, child = params["image"], params["child"]
+    into, child = params.image, params.child
     session.execute(update(Disk).where(Disk.active_image_id == child)
                     .values(active_image_id=into))
     session.execute(update(FrozenImage).where(FrozenImage.image_id == child)
@@ -232,9 +267,9 @@ def commit_down(session: Session, params: dict[str, Any]) -> None:
                     .values(parent_id=into))
 
 
-def commit_pull_up(session: Session, params: dict[str, Any]) -> None:
-    image = session.get_one(Image, params["image"])
-    session.get_one(Image, params["child"]).parent_id = image.parent_id
+def commit_pull_up(session: Session, params: PullUpIntent) -> None:
+    image = session.get_one(Image, params.image)
+    session.get_one(Image, params.child).parent_id = image.parent_id
 
 
 def owned_files(session: Session, vm_id: str) -> list[Path]:

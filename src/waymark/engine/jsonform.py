@@ -7,8 +7,8 @@ record and the field: a missing required field, a value of the wrong type, a fie
 does not have (a newer Waymark wrote it). Never a ``KeyError`` deep in a handler.
 
 Field annotations understood: ``str``, ``int``, ``float``, ``bool``, ``None`` and unions of
-them, ``Any``, ``dict[str, X]``, ``list[X]`` and a nested record class (a dataclass, or any class
-with a ``from_json`` class method, read through it).
+them, ``Any``, ``dict[str, X]``, ``list[X]`` and ``Sequence[X]`` (read as a list), and a nested
+record class (a dataclass, or any class with a ``from_json`` class method, read through it).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections import abc
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -74,7 +75,7 @@ def _loaded(value: Any, hint: Any, what: str) -> Any:
     if hint is type(None) or hint is None:
         if value is None:
             return None
-    elif origin is list and isinstance(value, list):
+    elif origin in (list, abc.Sequence) and isinstance(value, list):
         return [_loaded(v, args[0], f"{what}[{i}]") for i, v in enumerate(value)]
     elif origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _loaded(v, args[1], f"{what}[{k!r}]") for k, v in value.items()}

@@ -47,6 +47,11 @@ class StepBase:
     def to_json(self) -> dict[str, Any]:
         return {"op": self.op, **jsonform.dump(self)}
 
+    @classmethod
+    def from_json(cls, data: Any) -> StepBase:
+        """Any step (:func:`from_json`): how a record that holds steps reads them."""
+        return from_json(data)
+
 
 @dataclass(frozen=True, kw_only=True)
 class NewFile(StepBase):
@@ -263,7 +268,7 @@ def from_json(data: Any) -> Step:
     return step
 
 
-def to_json_list(steps: Iterable[Step]) -> list[dict[str, Any]]:
+def to_json_list(steps: Iterable[StepBase]) -> list[dict[str, Any]]:
     return [step.to_json() for step in steps]
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy.orm import Session
 
@@ -14,16 +15,17 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.engine.running import live_checkpoint, power, presence
+from waymark.engine.running.live_checkpoint import CheckpointCreate
 from waymark.engine.steps import (
     ClaimFile,
     CopyFile,
     CreateImage,
     DeleteFile,
     Step,
+    StepBase,
     WriteFile,
-    from_json_list,
-    to_json_list,
 )
 from waymark.errors import Conflict, LimitReached
 from waymark.model import names, tree
@@ -76,18 +78,18 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
         label = given if given is not None else tree.default_name(vm_row.name, created)
         wanted = wanted or vm_row.checkpoint_type
         params, steps = _plan_create(ctx, session, vm_row, label, state)
-        params["checkpoint"]["requested_type"] = wanted
+        params.checkpoint["requested_type"] = wanted
     with quotas.checkpoint_added(ctx, vm_id):
         if state not in presence.LIVE_STATES:
-            ctx.journal.run(vm_id, "checkpoint_create", params, steps)
+            ctx.journal.run(vm_id, params, steps)
         else:
-            with ctx.journal.prepared(vm_id, "checkpoint_create", params, steps) as intent:
+            with ctx.journal.prepared(vm_id, params, steps) as intent:
                 qmp.run_sync(live_checkpoint.capture(intent, wanted))
-    return str(params["checkpoint"]["id"])
+    return str(params.checkpoint["id"])
 
 
 def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: str
-                 ) -> tuple[dict[str, Any], list[Step]]:
+                 ) -> tuple[CheckpointCreate, list[Step]]:
     checkpoint_id = new_id()
     hardware = lookup.hardware(vm_row)
     disks = lookup.disks(session, vm_row.id)
@@ -112,19 +114,20 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
               "requested_type": vm_row.checkpoint_type, "fallback_reason": None,
               "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
               "skipped_disks": skipped}
-    extra: dict[str, Any] = {}
+    live: dict[str, Any] | None = None
     if state == "saved":
         steps.append(_keep_saved_memory(ctx, vm_row, record))
     elif state in presence.LIVE_STATES:
         memory = Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.state"
         steps.append(ClaimFile(path=str(memory)))
-        extra["live"] = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
-                                  frozen, overlays, memory)
+        live = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
+                                    frozen, overlays, memory)
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
     steps.append(WriteFile(path=str(Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.json"),
                            text=json.dumps(description, indent=2, sort_keys=True)))
-    return {"checkpoint": record, "frozen": frozen, "overlays": overlays, **extra}, steps
+    return CheckpointCreate(checkpoint=record, frozen=frozen, overlays=overlays,
+                            live=live), steps
 
 
 def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> CopyFile:
@@ -161,13 +164,13 @@ def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
         session.get_one(Disk, row["disk_id"]).active_image_id = row["id"]
 
 
-def commit_create(session: Session, params: dict[str, Any]) -> None:
-    record = params["checkpoint"]
+def commit_create(session: Session, params: CheckpointCreate) -> None:
+    record = params.checkpoint
     session.add(Checkpoint(**record, created_at=now()))
     session.flush()
-    for row in params["frozen"]:
+    for row in params.frozen:
         session.add(FrozenImage(checkpoint_id=record["id"], **row))
-    _add_overlays(session, params["overlays"])
+    _add_overlays(session, params.overlays)
     session.get_one(Vm, record["vm_id"]).current_checkpoint_id = record["id"]
 
 
@@ -216,7 +219,7 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
         result.safety_checkpoint_id = safety
         with change.admitted(ctx):
-            ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
+            ctx.journal.run(vm_id, params, steps)
         settle.settle_vm(ctx, vm_id)
         if start:
             qmp.run_sync(power.start_locked(ctx, vm_id, name))
@@ -253,8 +256,36 @@ def _quota_change(session: Session, vm_row: Vm, target_id: str) -> quotas.Change
         {d: images[image_id].virtual_size for d, image_id in frozen.items()}, kept=kept)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CheckpointApply(Params):
+    """Applying checkpoint ``checkpoint`` to VM ``vm``: its hardware ``config``, the new active
+    images (``overlays``), the disks detached since that keep their data (``kept``), the VM's
+    new ``state``; the saved-state files to ``discard`` and the steps that ``install`` the
+    checkpoint's memory as the saved state (each journaled at commit, *commit, then finish*)."""
+
+    kind: ClassVar[str] = "checkpoint_apply"
+    vm: str
+    checkpoint: str
+    config: dict[str, Any]
+    overlays: list[dict[str, Any]]
+    kept: list[dict[str, Any]]
+    state: str
+    discard: Sequence[str] = ()
+    install: Sequence[StepBase] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedStateDiscard(Params):
+    kind: ClassVar[str] = "saved_state_discard"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedStateInstall(Params):
+    kind: ClassVar[str] = "saved_state_install"
+
+
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
-                ) -> tuple[dict[str, Any], list[Step], ApplyResult]:
+                ) -> tuple[CheckpointApply, list[Step], ApplyResult]:
     vm_row = session.get_one(Vm, vm_id)
     target = session.get_one(Checkpoint, target_id)
     now_hw, then_hw = lookup.hardware(vm_row), HardwareConfig.load(target.config)
@@ -277,27 +308,26 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
     saved = power.saved_state(ctx, vm_id)  # Now's saved memory no longer fits its disks
     discard = [str(saved.state), str(saved.meta)] \
         if vm_row.state == "saved" and not target.memory_path else []
-    params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
-              "overlays": overlays, "kept": kept, "state": result.state, "discard": discard,
-              "install": to_json_list(_install_memory(saved, target))}
+    params = CheckpointApply(vm=vm_id, checkpoint=target_id, config=target.config,
+                             overlays=overlays, kept=kept, state=result.state, discard=discard,
+                             install=_install_memory(saved, target))
     return params, steps, result
 
 
-def commit_apply(session: Session, params: dict[str, Any]) -> None:
-    for row in params["kept"]:  # a detached disk's own data stays, as a detached disk
+def commit_apply(session: Session, params: CheckpointApply) -> None:
+    for row in params.kept:  # a detached disk's own data stays, as a detached disk
         session.add(Disk(**row, created_at=now()))
-    _add_overlays(session, params["overlays"])
-    vm_row = session.get_one(Vm, params["vm"])
-    vm_row.config = params["config"]
-    vm_row.current_checkpoint_id = params["checkpoint"]
-    vm_row.state = params["state"]
-    if params.get("discard"):
-        journal.add(session, params["vm"], "saved_state_discard", {},
-                    [DeleteFile(path=path) for path in params["discard"]])
-    if params.get("install"):
-        journal.add(session, params["vm"], "saved_state_install", {},
-                    from_json_list(params["install"]))
-    compaction.mark(session, params["vm"])
+    _add_overlays(session, params.overlays)
+    vm_row = session.get_one(Vm, params.vm)
+    vm_row.config = params.config
+    vm_row.current_checkpoint_id = params.checkpoint
+    vm_row.state = params.state
+    if params.discard:
+        journal.add(session, params.vm, SavedStateDiscard(),
+                    [DeleteFile(path=path) for path in params.discard])
+    if params.install:
+        journal.add(session, params.vm, SavedStateInstall(), params.install)
+    compaction.mark(session, params.vm)
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ deployed VM needs nothing of the host it came from, nor its template.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -40,6 +41,7 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredV
 from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import StepReport, now
+from waymark.engine.params import Params
 from waymark.engine.running import power, presence
 from waymark.engine.steps import (
     Convert,
@@ -49,10 +51,9 @@ from waymark.engine.steps import (
     PruneDirs,
     Rebase,
     Step,
+    StepBase,
     WriteFile,
     WriteManifest,
-    from_json_list,
-    to_json_list,
 )
 from waymark.errors import Conflict, InvalidInput
 from waymark.external import shares
@@ -75,6 +76,43 @@ from waymark.usecases.vms import definitions as vms
 Report = Callable[[int, int, str, float], None] | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class VmStore(Params):
+    """VM ``vm_id`` (``name``) moved into ``library``: its rows go at commit, then the
+    ``finish`` steps delete its local files (journaled at commit: :class:`VmStoreFinish`)."""
+
+    kind: ClassVar[str] = "vm_store"
+    vm_id: str
+    name: str
+    library: str
+    finish: Sequence[StepBase]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmStoreFinish(Params):
+    kind: ClassVar[str] = "vm_store_finish"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDeploy(Params):
+    """A stored VM deployed here: its catalog rows (``vm``, ``images`` parents first, ``disks``,
+    ``checkpoints``, ``frozen``) as the manifest lists them, its paths made local; the
+    ``finish`` steps clear the library (journaled at commit: :class:`VmDeployFinish`)."""
+
+    kind: ClassVar[str] = "vm_deploy"
+    vm: dict[str, Any]
+    images: list[dict[str, Any]]
+    disks: list[dict[str, Any]]
+    frozen: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
+    finish: Sequence[StepBase]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDeployFinish(Params):
+    kind: ClassVar[str] = "vm_deploy_finish"
+
+
 def init(path: Path) -> dict[str, Any]:
     library = Library.init(path)
     return {"library": str(library.root), "id": library.id}
@@ -91,9 +129,9 @@ def store(ctx: Context, vm_id: str, path: Path, report: Report = None) -> dict[s
             _require_new(library, vm_id, vm_name)
             with ctx.catalog.session() as session:
                 steps, finish, count = _store_plan(ctx, session, library, vm_id)
-            params = {"vm_id": vm_id, "name": vm_name, "library": str(library.root),
-                      "finish": to_json_list(finish)}
-            ctx.journal.run(vm_id, "vm_store", params, steps, report=_describe(report))
+            params = VmStore(vm_id=vm_id, name=vm_name, library=str(library.root),
+                             finish=finish)
+            ctx.journal.run(vm_id, params, steps, report=_describe(report))
             settle.settle_vm(ctx, vm_id)  # the commit's finish: the local files go
     files = json.loads(library.manifest_path(vm_id).read_text())["files"]
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root), "checkpoints": count,
@@ -247,12 +285,12 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
             DeleteFile(path=str(folder / CLAIM))]
 
 
-def commit_store(session: Session, params: dict[str, Any]) -> None:
-    vm_id = params["vm_id"]
+def commit_store(session: Session, params: VmStore) -> None:
+    vm_id = params.vm_id
     vms.delete_rows(session, vm_id)
-    session.merge(StoredVm(vm_id=vm_id, name=params["name"], library=params["library"],
+    session.merge(StoredVm(vm_id=vm_id, name=params.name, library=params.library,
                            stored_at=now()))
-    journal.add(session, vm_id, "vm_store_finish", {}, from_json_list(params["finish"]))
+    journal.add(session, vm_id, VmStoreFinish(), params.finish)
 
 
 # --- deploy -----------------------------------------------------------------------------------
@@ -270,7 +308,7 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         library.verify(vm_id, manifest)
         _require_safe(ctx, library, vm_id, manifest)
         params, steps = _deploy_plan(ctx, library, manifest)
-        ctx.journal.run(vm_id, "vm_deploy", params, steps, report=_describe(report))
+        ctx.journal.run(vm_id, params, steps, report=_describe(report))
         settle.settle_vm(ctx, vm_id)  # the commit's finish: the library copy goes
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root),
             "state": manifest["vm"]["state"], "checkpoints": len(manifest["checkpoints"])}
@@ -357,7 +395,7 @@ def _deployed_boot(ctx: Context, manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
-                 ) -> tuple[dict[str, Any], list[Step]]:
+                 ) -> tuple[VmDeploy, list[Step]]:
     vm_doc = manifest["vm"]
     vm_id, here, there = vm_doc["id"], ctx.vm_folder(vm_doc["id"]), library.folder(vm_doc["id"])
     ckpt_dir = here / "checkpoints"
@@ -380,15 +418,16 @@ def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
                 "hardware": _rebooted(manifest["saved"]["meta"]["hardware"], boot)}
         steps.append(WriteFile(path=str(power.saved_state(ctx, vm_id).meta),
                                text=json.dumps(meta, indent=2)))
-    params = {"vm": {**vm_doc, "config": _rebooted(vm_doc["config"], boot),
-                     "checkpoint_dir": str(ckpt_dir)},
-              "images": [{"id": i["id"], "path": paths[i["id"]], "parent_id": i["parent_id"],
-                          "virtual_size": i["virtual_size"]} for i in manifest["images"]],
-              "disks": manifest["disks"], "frozen": manifest["frozen"],
-              "checkpoints": [{**c, "config": _rebooted(c["config"], boot),
-                               "memory_path": str(ckpt_dir / f"{c['id']}.state")
-                               if c["memory_file"] else None} for c in manifest["checkpoints"]],
-              "finish": to_json_list(_library_cleanup(library, manifest, paths))}
+    params = VmDeploy(
+        vm={**vm_doc, "config": _rebooted(vm_doc["config"], boot),
+            "checkpoint_dir": str(ckpt_dir)},
+        images=[{"id": i["id"], "path": paths[i["id"]], "parent_id": i["parent_id"],
+                 "virtual_size": i["virtual_size"]} for i in manifest["images"]],
+        disks=manifest["disks"], frozen=manifest["frozen"],
+        checkpoints=[{**c, "config": _rebooted(c["config"], boot),
+                      "memory_path": str(ckpt_dir / f"{c['id']}.state")
+                      if c["memory_file"] else None} for c in manifest["checkpoints"]],
+        finish=_library_cleanup(library, manifest, paths))
     return params, steps
 
 
@@ -428,28 +467,28 @@ def _library_cleanup(library: Library, manifest: dict[str, Any], paths: dict[str
             PruneDirs(path=str(library.folder(vm_id)))]
 
 
-def commit_deploy(session: Session, params: dict[str, Any]) -> None:
-    vm = params["vm"]
+def commit_deploy(session: Session, params: VmDeploy) -> None:
+    vm = params.vm
     session.add(Vm(**{**vm, "created_at": _when(vm["created_at"])}))
     session.flush()
-    for image in params["images"]:  # parents first, as the manifest lists them
+    for image in params.images:  # parents first, as the manifest lists them
         session.add(Image(**image, vm_id=vm["id"], format="qcow2", pinned=False, chain_length=1,
                           created_at=now()))
         session.flush()
-    for disk in params["disks"]:
+    for disk in params.disks:
         session.add(Disk(**{**disk, "created_at": _when(disk["created_at"])}, vm_id=vm["id"],
                          passthrough_path=None))
-    for c in _parents_first(params["checkpoints"]):
+    for c in _parents_first(params.checkpoints):
         fields = {k: v for k, v in c.items() if k != "memory_file"}
         session.add(Checkpoint(**{**fields, "created_at": _when(c["created_at"])},
                                vm_id=vm["id"]))
         session.flush()
-    for f in params["frozen"]:
+    for f in params.frozen:
         session.add(FrozenImage(**f))
     row = session.get(StoredVm, vm["id"])
     if row is not None:
         session.delete(row)
-    journal.add(session, vm["id"], "vm_deploy_finish", {}, from_json_list(params["finish"]))
+    journal.add(session, vm["id"], VmDeployFinish(), params.finish)
     compaction.mark(session, vm["id"])  # a base it pinned is its own now: merges may reach it
 
 

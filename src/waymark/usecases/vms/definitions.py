@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import select, update
@@ -29,6 +29,7 @@ from waymark.catalog.models import (
 from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.engine.running import power, presence
 from waymark.engine.steps import Convert, CreateImage, DeleteFile, MakeDir, PruneDirs, Step
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
@@ -45,6 +46,32 @@ MAX_CHECKPOINTS_CEILING = 1000
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmCreate(Params):
+    """A new VM: its catalog rows (``vm``, ``disks``, ``images``, parents first)."""
+
+    kind: ClassVar[str] = "vm_create"
+    vm: dict[str, Any]
+    disks: list[dict[str, Any]]
+    images: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskAdd(Params):
+    """A disk attached to a VM: its catalog rows."""
+
+    kind: ClassVar[str] = "disk_add"
+    disk: dict[str, Any]
+    images: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDelete(Params):
+    """A deleted VM's files (its rows went in the transaction that wrote the intent)."""
+
+    kind: ClassVar[str] = "vm_delete"
 
 
 @dataclass(frozen=True)
@@ -278,8 +305,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     steps.insert(0, MakeDir(path=str(ctx.vm_folder(vm_id))))
     with quotas.vm_created(ctx, owner_id, hardware, disk_rows, image_rows), \
             ctx.vm_locked(vm_id, name):
-        ctx.journal.run(vm_id, "vm_create",
-                        {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
+        ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disk_rows, images=image_rows), steps)
     return vm_id
 
 
@@ -300,15 +326,15 @@ def _insert_images(session: Session, rows: list[dict[str, Any]]) -> None:
         session.flush()
 
 
-def commit_vm_create(session: Session, params: dict[str, Any]) -> None:
+def commit_vm_create(session: Session, params: VmCreate) -> None:
     try:
-        session.add(Vm(**params["vm"], created_at=now()))
+        session.add(Vm(**params.vm, created_at=now()))
         session.flush()
     except IntegrityError as err:
-        raise Conflict(f"a VM named {params['vm']['name']!r} already exists.",
+        raise Conflict(f"a VM named {params.vm['name']!r} already exists.",
                        hint="Choose another name.") from err
-    _insert_images(session, params["images"])
-    for row in params["disks"]:
+    _insert_images(session, params.images)
+    for row in params.disks:
         session.add(Disk(**row, created_at=now()))
 
 
@@ -428,7 +454,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
                                                 Grant.object_id == vm_id))
         steps: list[Step] = [DeleteFile(path=f) for f in files]
         steps.append(PruneDirs(path=str(ctx.vm_folder(vm_id))))
-        journal.add(session, vm_id, "vm_delete", {}, steps)
+        journal.add(session, vm_id, VmDelete(), steps)
     settle.settle_vm(ctx, vm_id)
 
 
@@ -451,13 +477,13 @@ def add_disk(ctx: Context, vm_id: str, spec: DiskSpec, discard_saved: bool = Fal
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
         if discard:
             power.discard_saved(ctx, vm_id)
-        ctx.journal.run(vm_id, "disk_add", {"disk": disk, "images": images}, steps)
+        ctx.journal.run(vm_id, DiskAdd(disk=disk, images=images), steps)
     return str(disk["id"])
 
 
-def commit_disk_add(session: Session, params: dict[str, Any]) -> None:
-    _insert_images(session, params["images"])
-    disk = Disk(**params["disk"], created_at=now())
+def commit_disk_add(session: Session, params: DiskAdd) -> None:
+    _insert_images(session, params.images)
+    disk = Disk(**params.disk, created_at=now())
     session.add(disk)
     row = session.get_one(Vm, disk.vm_id)
     hardware = HardwareConfig.load(row.config)
@@ -562,6 +588,6 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         vm_row["state"] = "saved"
     steps = [MakeDir(path=str(ctx.vm_folder(vm_id))), *steps, *more]
     with ctx.vm_locked(vm_id, vm_name):
-        ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
-                        steps, on_progress)
+        ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disks, images=images), steps,
+                        on_progress)
     return vm_id
