@@ -166,6 +166,8 @@ def test_paths_name_every_file_a_step_makes_reads_or_names() -> None:
     assert set(commit.paths()) == {RUN, f"{D}/disks/b.qcow2", f"{D}/disks/a.qcow2"}
     assert "wm-0123456789ab" not in commit.paths()  # its root is a QEMU node, no file
     assert by_op["carry_bitmaps"].paths()[0] == f"{D}/disks/a.qcow2"  # the one it changes
+    assert by_op["commit"].paths() == (f"{D}/disks/a.qcow2", f"{D}/disks/b.qcow2")
+    assert commit.paths()[0] == f"{D}/disks/a.qcow2" and stream.paths()[0] == "/c"
     assert by_op["copy_file"].paths() == (f"{D}/saved/state.bin", "/lib/v/files/saved.state",
                                           "/lib/v")
     assert steps.QmpRelease(run=RUN, name="web", node="n").paths() == (RUN,)

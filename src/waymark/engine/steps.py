@@ -159,8 +159,8 @@ class Commit(MergeStep):
     """``top``'s own clusters into ``base``; ``top`` unchanged."""
 
     op: ClassVar[str] = "commit"
+    base: str = field(metadata=FILE)  # (first: the file it changes)
     top: str = field(metadata=FILE)
-    base: str = field(metadata=FILE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,8 +195,11 @@ class LiveStep(StepBase):
     """A merge step on the images VM ``name``'s QEMU (its run folder ``run``) has open; redone
     with qemu-img when that QEMU is gone."""
 
-    run: str = field(metadata=FILE)
+    run: str
     name: str
+
+    def paths(self) -> tuple[str, ...]:
+        return *super().paths(), self.run  # the run folder is named, never changed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,8 +210,8 @@ class QmpCommit(LiveStep, MergeStep):
 
     op: ClassVar[str] = "qmp_commit"
     root: str
+    base: str = field(metadata=FILE)  # (first: the file it changes)
     top: str = field(metadata=FILE)
-    base: str = field(metadata=FILE)
     top_node: str
     base_node: str
     active: bool
