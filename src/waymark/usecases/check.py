@@ -174,7 +174,8 @@ def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Fi
 
 
 def _intent_paths(ctx: Context) -> set[str]:
-    """Files that unfinished intents make or need: never strays."""
+    """Files that unfinished intents make, read or name (every path of every step, its
+    ``backing`` included: :meth:`waymark.engine.steps.StepBase.paths`): never strays."""
     return {path for intent in ctx.journal.pending() for step in journal.steps_of(intent)
             for path in step.paths()}
 
