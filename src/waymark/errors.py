@@ -23,6 +23,7 @@ The tree (exit code, HTTP status)::
     │   ├── TooManyAttempts (75, 429)  repeated failed sign-ins: wait before trying again
     │   └── TooManyStreams (75, 429)   more open event streams than one user may have
     ├── UnknownKind (70, 500)          a journal intent, step or job kind nobody registered
+    │   └── MalformedRecord (70, 500)  a stored step or intent's parameters this Waymark cannot read
     ├── Forbidden (77, 403)            the caller's role or grants do not allow it
     │   └── Unauthenticated (77, 401)  no valid session, token or password
     └── Cancelled (10, 409)            a job was cancelled on request
@@ -123,6 +124,12 @@ class UnknownKind(WaymarkError):
 
     exit_code = 70
     http_status = 500
+
+
+class MalformedRecord(UnknownKind):
+    """A journal step or an intent's parameters in the catalog that do not have the fields
+    their kind has (a field missing, of the wrong type, or unknown): refused, never half-read
+    (:mod:`waymark.engine.jsonform`)."""
 
 
 class Forbidden(WaymarkError):

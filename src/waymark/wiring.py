@@ -3,9 +3,10 @@
 The engine (:mod:`waymark.engine`) never imports a use case. What it needs from above is
 registered here, explicitly, once per process (:func:`wire`):
 
-- every journal intent kind, with the catalog change that commits it and, for a live kind, the
-  resolver recovery asks (:func:`waymark.engine.journal.register`); an intent of a kind not
-  listed here is refused (:class:`waymark.errors.UnknownKind`), never committed blindly;
+- every journal intent kind: its parameters' class, the catalog change that commits it and,
+  for a live kind, the resolver recovery asks (:func:`waymark.engine.journal.register`); an
+  intent of a kind not listed here is refused (:class:`waymark.errors.UnknownKind`), never
+  committed blindly;
 - the file steps done through a running QEMU (:func:`waymark.engine.executor.register_steps`);
 - every job kind's runner (:func:`waymark.engine.jobs.register`);
 - the hooks of a VM's power cycle (automatic checkpoints, :mod:`waymark.engine.running.power`);
@@ -17,6 +18,8 @@ The faces open their context with :func:`open_context`. See docs/architecture.md
 
 from __future__ import annotations
 
+from typing import Any
+
 from waymark.config import Settings
 from waymark.engine import compaction, context, executor, jobs, journal, settle
 from waymark.engine.context import Context
@@ -26,35 +29,35 @@ from waymark.usecases.checkpoints import automatic, deletion, lifecycle
 from waymark.usecases.library import store_deploy
 from waymark.usecases.vms import definitions, export_job
 
-# Every intent kind the code writes, and the catalog change that commits it (None: the change
-# was made in the transaction that wrote the intent: *commit, then finish*).
-INTENT_KINDS: dict[str, journal.CommitFn | None] = {
+# Every intent kind the code writes: its parameters' class (whose ``kind`` names it), the
+# catalog change that commits it (None: the change was made in the transaction that wrote the
+# intent, *commit, then finish*) and, for a live kind, how recovery settles it.
+INTENT_KINDS: list[journal.Kind[Any]] = [
     # VMs
-    "vm_create": definitions.commit_vm_create,
-    "disk_add": definitions.commit_disk_add,
-    "vm_delete": None,
+    journal.intent_kind(definitions.VmCreate, definitions.commit_vm_create),
+    journal.intent_kind(definitions.DiskAdd, definitions.commit_disk_add),
+    journal.intent_kind(definitions.VmDelete),
     # checkpoints
-    "checkpoint_create": lifecycle.commit_create,
-    "checkpoint_apply": lifecycle.commit_apply,
-    "saved_state_discard": None,
-    "saved_state_install": None,
-    deletion.FILES_KIND: None,
-    automatic.KIND: automatic.commit_delete,
+    journal.intent_kind(live_checkpoint.CheckpointCreate, lifecycle.commit_create,
+                        live_checkpoint.resolve),
+    journal.intent_kind(lifecycle.CheckpointApply, lifecycle.commit_apply),
+    journal.intent_kind(lifecycle.SavedStateDiscard),
+    journal.intent_kind(lifecycle.SavedStateInstall),
+    journal.intent_kind(deletion.CheckpointFilesDelete),
+    journal.intent_kind(automatic.AutomaticCheckpointDelete, automatic.commit_delete),
     # compaction (the marker, then one intent per planned step)
-    compaction.MARKER: None,
-    "drop": compaction.commit_drop,
-    "commit_down": compaction.commit_down,
-    "pull_up": compaction.commit_pull_up,
+    journal.intent_kind(compaction.CompactMarker),
+    journal.intent_kind(compaction.DropIntent, compaction.commit_drop),
+    journal.intent_kind(compaction.CommitDownIntent, compaction.commit_down),
+    journal.intent_kind(compaction.PullUpIntent, compaction.commit_pull_up),
     # backups
-    "backup_restore": points.commit_restore,
+    journal.intent_kind(points.BackupRestore, points.commit_restore),
     # the library
-    "vm_store": store_deploy.commit_store,
-    "vm_store_finish": None,
-    "vm_deploy": store_deploy.commit_deploy,
-    "vm_deploy_finish": None,
-}
-# Live intent kinds: how recovery settles one whose file steps were done
-RESOLVERS: dict[str, journal.ResolveFn] = {"checkpoint_create": live_checkpoint.resolve}
+    journal.intent_kind(store_deploy.VmStore, store_deploy.commit_store),
+    journal.intent_kind(store_deploy.VmStoreFinish),
+    journal.intent_kind(store_deploy.VmDeploy, store_deploy.commit_deploy),
+    journal.intent_kind(store_deploy.VmDeployFinish),
+]
 
 
 def _holder(ctx: Context, vm_id: str) -> tuple[str, str, float] | None:
@@ -64,8 +67,8 @@ def _holder(ctx: Context, vm_id: str) -> tuple[str, str, float] | None:
 
 def wire() -> None:
     """Register every kind and hook (idempotent)."""
-    for kind, commit in INTENT_KINDS.items():
-        journal.register(kind, commit, resolve=RESOLVERS.get(kind))
+    for kind in INTENT_KINDS:
+        journal.register(kind)
     executor.register_steps(live_merge.STEPS)
     jobs.register("merge", compaction.run_merge_job)
     jobs.register(export_job.KIND, export_job.run_export, restart=True)

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
+from waymark import wiring
+from waymark.catalog.db import Catalog
+from waymark.engine import journal, steps
+from waymark.usecases.vms import definitions
 
 KIB = 1 << 10
 VM = "checked"
@@ -271,3 +275,33 @@ def set_vm_state(wm: Waymark, state: str) -> None:
             con.execute("UPDATE vms SET state = ?", (state,))
     finally:
         con.close()
+
+
+# --- a file only an unfinished intent names ---------------------------------------------------
+
+def test_a_file_an_unfinished_intent_names_only_as_a_backing_file_is_no_stray(
+        wm: Waymark, tmp_path: Path) -> None:
+    """An unfinished intent whose step names a file only as its ``backing`` (a relink that
+    cannot run yet: its image is missing): ``check`` reports the intent, not the backing file
+    as stray, and ``check --repair`` keeps it (every path of a step counts,
+    :meth:`waymark.engine.steps.StepBase.paths`)."""
+    vm = build(wm)
+    backing = vm["disks"] / f"{uuid.uuid4().hex}.qcow2"  # named like ours, in no catalog row
+    new_qcow2(backing)
+    sha = file_sha256(backing)
+    missing = tmp_path / "not-there.qcow2"
+    wiring.wire()
+    catalog = Catalog.open(wm.home)
+    try:
+        with catalog.session() as session:
+            journal.add(session, vm["id"], definitions.VmDelete(),
+                        [steps.Rebase(path=str(missing), backing=str(backing),
+                                      backing_fmt="qcow2", unsafe=True)])
+    finally:
+        catalog.engine.dispose()
+
+    for args in ((), ("--repair",)):
+        code, findings = check(wm, *args)
+        assert code != 0
+        assert [f["kind"] for f in findings] == ["unfinished-intent"], findings
+        assert backing.exists() and file_sha256(backing) == sha

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import Result, Waymark, file_sha256, query
 from waymark import durable
-from waymark.engine import executor
+from waymark.engine import executor, steps
 from waymark.errors import ImageError
 from waymark.external.shares import opened_inside, pinned_chain
 from waymark.images import qemu_img as engine
@@ -219,7 +219,7 @@ def test_a_file_swapped_after_the_check_is_not_what_is_copied(
         assert copied.read_bytes() == b"guest memory\n"
     finally:
         copied.unlink(missing_ok=True)
-    step = {"op": "copy_file", "src": str(state), "path": str(copied), "confined_to": str(share)}
+    step = steps.CopyFile(src=str(state), path=str(copied), confined_to=str(share))
     with pytest.raises(ImageError, match=r"state\.bin"):
         executor.run(step)  # checked again (a re-run step): refused
     assert not copied.exists()

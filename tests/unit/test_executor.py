@@ -9,7 +9,6 @@ OS error becomes a StorageError naming the step and the file.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from tests.unit.fake_images import FakeImages, read, view, write
 from waymark import durable
-from waymark.engine import executor
+from waymark.engine import executor, steps
 from waymark.errors import StorageError
 
 StepOf = Callable[[Path], executor.Step]
@@ -38,31 +37,32 @@ def given(folder: Path) -> None:
 
 
 STEPS: dict[str, StepOf] = {
-    "make_dir": lambda f: {"op": "make_dir", "path": str(f / "new" / "vm")},
-    "create_image": lambda f: {"op": "create_image", "path": str(f / "new" / "next.qcow2"),
-                               "backing": str(f / "disks" / "top.qcow2"),
-                               "backing_fmt": "qcow2",
-                               "bitmaps_from": str(f / "disks" / "base.qcow2")},
-    "claim_file": lambda f: {"op": "claim_file", "path": str(f / "new" / "memory.state")},
-    "write_file": lambda f: {"op": "write_file", "path": str(f / "new" / "config.json"),
-                             "text": '{"cpus": 2}'},
-    "convert": lambda f: {"op": "convert", "path": str(f / "new" / "copy.qcow2"),
-                          "src": str(f / "disks" / "top.qcow2"), "src_fmt": "qcow2"},
-    "copy_file": lambda f: {"op": "copy_file", "path": str(f / "new" / "memory.state"),
-                            "src": str(f / "memory.state")},
-    "write_manifest": lambda f: {"op": "write_manifest", "path": str(f / "manifest.json"),
-                                 "root": str(f / "disks"), "doc": {"point": "p1"}},
-    "delete_file": lambda f: {"op": "delete_file", "path": str(f / "memory.state")},
-    "prune_dirs": lambda f: {"op": "prune_dirs", "path": str(f / "old")},
-    "commit": lambda f: {"op": "commit", "top": str(f / "disks" / "top.qcow2"),
-                         "base": str(f / "disks" / "base.qcow2")},
-    "rebase": lambda f: {"op": "rebase", "path": str(f / "disks" / "top.qcow2"),
-                         "backing": None, "backing_fmt": None, "unsafe": True},
-    "carry_bitmaps": lambda f: {"op": "carry_bitmaps", "src": str(f / "disks" / "base.qcow2"),
-                                "path": str(f / "disks" / "top.qcow2")},
+    "make_dir": lambda f: steps.MakeDir(path=str(f / "new" / "vm")),
+    "create_image": lambda f: steps.CreateImage(path=str(f / "new" / "next.qcow2"),
+                                                backing=str(f / "disks" / "top.qcow2"),
+                                                backing_fmt="qcow2",
+                                                bitmaps_from=str(f / "disks" / "base.qcow2")),
+    "claim_file": lambda f: steps.ClaimFile(path=str(f / "new" / "memory.state")),
+    "write_file": lambda f: steps.WriteFile(path=str(f / "new" / "config.json"),
+                                            text='{"cpus": 2}'),
+    "convert": lambda f: steps.Convert(path=str(f / "new" / "copy.qcow2"),
+                                       src=str(f / "disks" / "top.qcow2"), src_fmt="qcow2"),
+    "copy_file": lambda f: steps.CopyFile(path=str(f / "new" / "memory.state"),
+                                          src=str(f / "memory.state")),
+    "write_manifest": lambda f: steps.WriteManifest(path=str(f / "manifest.json"),
+                                                    root=str(f / "disks"), doc={"point": "p1"}),
+    "delete_file": lambda f: steps.DeleteFile(path=str(f / "memory.state")),
+    "prune_dirs": lambda f: steps.PruneDirs(path=str(f / "old")),
+    "commit": lambda f: steps.Commit(top=str(f / "disks" / "top.qcow2"),
+                                     base=str(f / "disks" / "base.qcow2")),
+    "rebase": lambda f: steps.Rebase(path=str(f / "disks" / "top.qcow2"), backing=None,
+                                     backing_fmt=None, unsafe=True),
+    "carry_bitmaps": lambda f: steps.CarryBitmaps(src=str(f / "disks" / "base.qcow2"),
+                                                  path=str(f / "disks" / "top.qcow2")),
 }
 # the steps a running QEMU does (qmp_*: engine.running.live_merge) are not the executor's own
-DOCUMENTED = set(re.findall(r"^- ``(\w+)", executor.__doc__ or "", re.MULTILINE)) - {"qmp_commit"}
+BUILT_IN = {cls.op for cls in executor.BUILT_IN}
+UNDOABLE = sorted(op for op, cls in steps.KINDS.items() if cls.undoable)
 
 
 def tree(folder: Path) -> dict[str, str | None]:
@@ -72,8 +72,10 @@ def tree(folder: Path) -> dict[str, str | None]:
 
 
 def test_every_step_the_executor_knows_is_checked_here() -> None:
-    assert set(STEPS) == DOCUMENTED
-    assert executor.UNDOABLE < DOCUMENTED
+    assert set(STEPS) == BUILT_IN
+    assert set(UNDOABLE) < BUILT_IN
+    assert {op for op, of in STEPS.items() if isinstance(of(Path("/x")), steps.NewFile)} == \
+        set(UNDOABLE)
 
 
 @pytest.mark.parametrize("op", sorted(STEPS))
@@ -127,14 +129,15 @@ def test_prune_dirs_keeps_every_folder_with_a_file(tmp_path: Path) -> None:
     assert not (tmp_path / "old").exists()
 
 
-@pytest.mark.parametrize("op", sorted(executor.UNDOABLE))
+@pytest.mark.parametrize("op", UNDOABLE)
 def test_undo_removes_what_a_step_made_even_half_made(op: str, tmp_path: Path,
                                                       images: FakeImages) -> None:
     given(tmp_path)
     before = tree(tmp_path)
     step = STEPS[op](tmp_path)
+    assert isinstance(step, steps.NewFile)
     executor.run(step)
-    half_made = durable.temp_path(Path(step["path"]))  # a killed write or copy leaves this
+    half_made = durable.temp_path(Path(step.path))  # a killed write or copy leaves this
     half_made.parent.mkdir(parents=True, exist_ok=True)
     if op != "make_dir":
         half_made.write_text("partial")
@@ -144,22 +147,22 @@ def test_undo_removes_what_a_step_made_even_half_made(op: str, tmp_path: Path,
     assert {name: after[name] for name in before} == before
     assert {name: content for name, content in after.items() if name not in before} == \
         ({} if op == "write_manifest" else {"new": None})  # at most an empty parent folder
-    assert not Path(step["path"]).exists() and not half_made.exists()
+    assert not Path(step.path).exists() and not half_made.exists()
 
 
 def test_undo_leaves_a_folder_someone_put_a_file_in(tmp_path: Path) -> None:
-    step = STEPS["make_dir"](tmp_path)
+    step = steps.MakeDir(path=str(tmp_path / "new" / "vm"))
     executor.run(step)
-    (Path(step["path"]) / "theirs").write_text("not ours")
+    (Path(step.path) / "theirs").write_text("not ours")
     executor.undo(step)
-    assert (Path(step["path"]) / "theirs").read_text() == "not ours"
+    assert (Path(step.path) / "theirs").read_text() == "not ours"
 
 
 def test_an_os_error_is_a_storage_error_naming_the_step_and_the_file(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     target = tmp_path / "a-file" / "config.json"
     with pytest.raises(StorageError) as caught:
-        executor.run({"op": "write_file", "path": str(target), "text": "{}"})
+        executor.run(steps.WriteFile(path=str(target), text="{}"))
     assert caught.value.message.startswith("could not write file ")
     assert "a-file" in caught.value.message
     assert "Fix the folder" in (caught.value.hint or "")

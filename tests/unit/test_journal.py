@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import pytest
 from sqlalchemy import select
@@ -26,12 +26,46 @@ from sqlalchemy.orm import Session
 from tests.unit.fake_images import FakeImages, Killed, read, view, write
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
-from waymark.engine import executor, journal
+from waymark.engine import executor, journal, steps
 from waymark.engine.journal import Journal
-from waymark.errors import ImageError, UnknownKind
+from waymark.engine.params import Params
+from waymark.errors import ImageError, MalformedRecord, UnknownKind
 
 VM = "v" * 32
 KIND = "test_merge"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeParams(Params):
+    kind: ClassVar[str] = KIND
+    checkpoint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateParams(Params):
+    kind: ClassVar[str] = "test_create"
+    name: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveParams(Params):
+    kind: ClassVar[str] = "test_live"
+    vm: str
+    amended: int = 0
+    switched: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoResolver(Params):
+    kind: ClassVar[str] = "no_resolver"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoSuchKind(Params):
+    kind: ClassVar[str] = "no_such_kind"
+
+
+MIDDLE = MergeParams(checkpoint="middle")
 
 
 # --- a catalog, and commit handlers of the test's own kinds ----------------------------------
@@ -55,15 +89,17 @@ def catalog(migrated: Path, tmp_path: Path) -> Iterator[Catalog]:
 
 
 @pytest.fixture
-def committed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+def committed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Params]]:
     """The commit handlers run (kind, params), for the kinds this module registers."""
     monkeypatch.setattr(journal._KINDS, "known", dict(journal._KINDS.known))
-    ran: list[tuple[str, dict[str, Any]]] = []
-    for kind in (KIND, "test_create", "test_live"):
-        def handler(session: Session, params: dict[str, Any], kind: str = kind) -> None:
-            assert isinstance(session, Session)  # the commit's own transaction
-            ran.append((kind, params))
-        journal.register(kind, handler)
+    ran: list[tuple[str, Params]] = []
+
+    def handler(session: Session, params: Params) -> None:
+        assert isinstance(session, Session)  # the commit's own transaction
+        ran.append((params.kind, params))
+
+    for kind in (MergeParams, CreateParams, LiveParams):
+        journal.register(journal.intent_kind(kind, handler))
     return ran
 
 
@@ -112,17 +148,17 @@ class Chain:
 
     def merge_steps(self) -> list[executor.Step]:
         """The steps of a delete's merge (the cheaper direction: middle into base)."""
-        return [{"op": "commit", "top": str(self.middle), "base": str(self.base)},
-                {"op": "rebase", "path": str(self.top), "backing": str(self.base),
-                 "backing_fmt": "qcow2", "unsafe": True},
-                {"op": "delete_file", "path": str(self.middle)},
-                {"op": "write_file", "path": str(self.folder / "merged.json"), "text": "{}"}]
+        return [steps.Commit(top=str(self.middle), base=str(self.base)),
+                steps.Rebase(path=str(self.top), backing=str(self.base), backing_fmt="qcow2",
+                             unsafe=True),
+                steps.DeleteFile(path=str(self.middle)),
+                steps.WriteFile(path=str(self.folder / "merged.json"), text="{}")]
 
 
 def start_merge(catalog: Catalog, chain: Chain) -> int:
     """Journal the merge as a delete does: the catalog change is already made."""
     with catalog.session() as session:
-        return journal.add(session, VM, KIND, {"checkpoint": "middle"}, chain.merge_steps()).id
+        return journal.add(session, VM, MIDDLE, chain.merge_steps()).id
 
 
 def merged_cleanly(tmp_path: Path, catalog: Catalog, images: FakeImages) -> dict[str, str]:
@@ -134,18 +170,18 @@ def merged_cleanly(tmp_path: Path, catalog: Catalog, images: FakeImages) -> dict
 
 def test_steps_run_in_order_and_report_which_step(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]]) -> None:
+        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
     reported: list[tuple[int, int, str, float]] = []
     intent_id = Journal(catalog).run(
-        VM, KIND, {"checkpoint": "middle"}, chain.merge_steps(), shape="finish",
-        report=lambda n, total, step, done: reported.append((n, total, step["op"], done)))
+        VM, MIDDLE, chain.merge_steps(), shape="finish",
+        report=lambda n, total, step, done: reported.append((n, total, step.op, done)))
     assert images.calls == [("commit", "middle.qcow2"), ("rebase", "top.qcow2")]
     assert [(n, total, op) for n, total, op, done in reported if done == 0.0] == [
         (1, 4, "commit"), (2, 4, "rebase"), (3, 4, "delete_file"), (4, 4, "write_file")]
     assert (1, 4, "commit", 1.0) in reported  # the long step's own progress
     assert status(catalog, intent_id) == ("committed", 4)
-    assert committed == [(KIND, {"checkpoint": "middle"})]
+    assert committed == [(KIND, MIDDLE)]
     assert sorted(files(chain.folder)) == ["base.qcow2", "merged.json", "top.qcow2"]
     assert view(chain.top) == {"0": "a", "1": "b", "2": "c"}
     assert Journal(catalog).pending() == []
@@ -162,7 +198,7 @@ def kill_id(kill_at: tuple[int, str]) -> str:
 @pytest.mark.parametrize("kill_at", KILLS, ids=kill_id)
 def test_a_merge_killed_at_any_step_is_finished_by_recovery_as_if_never_killed(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]], kill_at: tuple[int, str]) -> None:
+        committed: list[tuple[str, Params]], kill_at: tuple[int, str]) -> None:
     clean = merged_cleanly(tmp_path, catalog, images)
     committed.clear()
     chain = Chain(tmp_path / "vm").make()
@@ -180,14 +216,14 @@ def test_a_merge_killed_at_any_step_is_finished_by_recovery_as_if_never_killed(
                                                       str(chain.folder))
                                    for name, text in clean.items()}
     assert status(catalog, intent_id) == ("committed", 4)
-    assert committed == [(KIND, {"checkpoint": "middle"})]
+    assert committed == [(KIND, MIDDLE)]
     recover(catalog)  # nothing left: a second recovery changes nothing
-    assert committed == [(KIND, {"checkpoint": "middle"})]
+    assert committed == [(KIND, MIDDLE)]
 
 
 def test_a_merge_killed_again_during_its_recovery_is_still_finished(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]]) -> None:
+        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
     intent_id = start_merge(catalog, chain)
     images.kill_at = (0, "after")  # the commit ran, the journal did not record it
@@ -208,7 +244,7 @@ def test_a_merge_killed_again_during_its_recovery_is_still_finished(
 
 def test_a_failed_step_leaves_a_finish_intent_pending_with_its_error(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]]) -> None:
+        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
     intent_id = start_merge(catalog, chain)
     images.fail_at = 1  # the rebase
@@ -228,22 +264,22 @@ def test_a_failed_step_leaves_a_finish_intent_pending_with_its_error(
 
 def create_steps(folder: Path, top: Path) -> list[executor.Step]:
     new = folder / "new"
-    return [{"op": "make_dir", "path": str(new)},
-            {"op": "create_image", "path": str(new / "next.qcow2"), "backing": str(top),
-             "backing_fmt": "qcow2"},
-            {"op": "create_image", "path": str(new / "second.qcow2")},
-            {"op": "write_file", "path": str(new / "config.json"), "text": '{"cpus": 1}'}]
+    return [steps.MakeDir(path=str(new)),
+            steps.CreateImage(path=str(new / "next.qcow2"), backing=str(top),
+                              backing_fmt="qcow2"),
+            steps.CreateImage(path=str(new / "second.qcow2")),
+            steps.WriteFile(path=str(new / "config.json"), text='{"cpus": 1}')]
 
 
 @pytest.mark.parametrize("kill_at", KILLS, ids=kill_id)
 def test_a_prepare_intent_killed_at_any_step_is_rolled_back_by_recovery(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]], kill_at: tuple[int, str]) -> None:
+        committed: list[tuple[str, Params]], kill_at: tuple[int, str]) -> None:
     chain = Chain(tmp_path / "vm").make()
     before = files(chain.folder)
     images.kill_at = kill_at
     with pytest.raises(Killed):
-        Journal(catalog).run(VM, "test_create", {}, create_steps(chain.folder, chain.top))
+        Journal(catalog).run(VM, CreateParams(), create_steps(chain.folder, chain.top))
     (intent,) = Journal(catalog).pending(VM)
 
     images.kill_at = None
@@ -257,25 +293,25 @@ def test_a_prepare_intent_killed_at_any_step_is_rolled_back_by_recovery(
 
 def test_a_prepare_intent_commits_after_its_last_step(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]]) -> None:
+        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
-    intent_id = Journal(catalog).run(VM, "test_create", {"name": "n"},
+    intent_id = Journal(catalog).run(VM, CreateParams(name="n"),
                                      create_steps(chain.folder, chain.top))
     assert images.calls == [("create", "next.qcow2"), ("create", "second.qcow2")]
     assert status(catalog, intent_id) == ("committed", 4)
-    assert committed == [("test_create", {"name": "n"})]
+    assert committed == [("test_create", CreateParams(name="n"))]
     assert read(chain.folder / "new" / "next.qcow2")["backing"] == str(chain.top)
     assert (chain.folder / "new" / "config.json").read_text() == '{"cpus": 1}'
 
 
 def test_a_failed_step_undoes_a_prepare_intent_and_nothing_changed(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]]) -> None:
+        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
     before = files(chain.folder)
     images.fail_at = 1
     with pytest.raises(ImageError):
-        Journal(catalog).run(VM, "test_create", {}, create_steps(chain.folder, chain.top))
+        Journal(catalog).run(VM, CreateParams(), create_steps(chain.folder, chain.top))
     assert not (chain.folder / "new").exists() and files(chain.folder) == before
     assert Journal(catalog).pending() == [] and committed == []
 
@@ -284,7 +320,7 @@ def test_a_prepare_intent_may_only_make_new_files(
         tmp_path: Path, catalog: Catalog, images: FakeImages) -> None:
     chain = Chain(tmp_path / "vm").make()
     with pytest.raises(ValueError, match="may only make new files"):
-        Journal(catalog).run(VM, "test_create", {}, chain.merge_steps())
+        Journal(catalog).run(VM, CreateParams(), chain.merge_steps())
     assert Journal(catalog).pending() == [] and images.calls == []
     assert chain.middle.exists()
 
@@ -294,28 +330,29 @@ def test_a_prepare_intent_may_only_make_new_files(
 @pytest.mark.parametrize("took_effect", [True, False])
 def test_a_live_intent_whose_body_fails_is_settled_by_its_resolver(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]], took_effect: bool) -> None:
+        committed: list[tuple[str, Params]], took_effect: bool) -> None:
     chain = Chain(tmp_path / "vm").make()
-    asked: list[dict[str, Any]] = []
+    asked: list[LiveParams] = []
 
-    def resolve(params: dict[str, Any]) -> dict[str, Any] | None:
+    def resolve(params: LiveParams) -> LiveParams | None:
         asked.append(params)
-        return {**params, "switched": True} if took_effect else None
+        return replace(params, switched=True) if took_effect else None
 
-    journal.register("test_live", journal.kind_of("test_live").commit, resolve=resolve)
+    journal.register(journal.intent_kind(LiveParams, journal.kind_of("test_live").commit,
+                                         resolve))
     steps = create_steps(chain.folder, chain.top)
     started: list[int] = []
     with pytest.raises(ImageError), \
-            Journal(catalog).prepared(VM, "test_live", {"vm": VM}, steps) as live:
+            Journal(catalog).prepared(VM, LiveParams(vm=VM), steps) as live:
         started.append(live.intent_id)
-        live.params["amended"] = 1
+        live.params = replace(live.params, amended=1)
         live.save()
         raise ImageError("QEMU did not answer")
-    assert asked == [{"vm": VM, "amended": 1}]  # what the body saved
+    assert asked == [LiveParams(vm=VM, amended=1)]  # what the body saved
     intent = Journal(catalog).intent(started[0])
     if took_effect:
         assert intent.status == "committed"
-        assert committed == [("test_live", {"vm": VM, "amended": 1, "switched": True})]
+        assert committed == [("test_live", LiveParams(vm=VM, amended=1, switched=True))]
         assert (chain.folder / "new" / "next.qcow2").exists()
     else:
         assert intent.status == "rolled_back" and committed == []
@@ -323,11 +360,11 @@ def test_a_live_intent_whose_body_fails_is_settled_by_its_resolver(
 
 
 def test_a_live_intent_needs_a_resolver(tmp_path: Path, catalog: Catalog, images: FakeImages,
-                                        committed: list[tuple[str, dict[str, Any]]]) -> None:
+                                        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
-    journal.register("no_resolver", journal.kind_of(KIND).commit)
+    journal.register(journal.intent_kind(NoResolver, journal.kind_of(KIND).commit))
     with pytest.raises(ValueError, match="needs a resolver"), \
-            Journal(catalog).prepared(VM, "no_resolver", {}, create_steps(chain.folder,
+            Journal(catalog).prepared(VM, NoResolver(), create_steps(chain.folder,
                                                                           chain.top)):
         pass
     assert Journal(catalog).pending() == [] and images.calls == []
@@ -337,16 +374,67 @@ def test_a_live_intent_needs_a_resolver(tmp_path: Path, catalog: Catalog, images
 
 def test_an_unknown_step_is_refused_naming_it(images: FakeImages) -> None:
     with pytest.raises(UnknownKind, match=r"no step 'teleport'"):
-        executor.run({"op": "teleport", "path": "/nowhere"})
+        executor.run(steps.from_json({"op": "teleport", "path": "/nowhere"}))
     assert images.calls == []
 
 
 def test_an_intent_whose_kind_has_no_handler_is_an_error_not_a_silent_commit(
         tmp_path: Path, catalog: Catalog, images: FakeImages,
-        committed: list[tuple[str, dict[str, Any]]]) -> None:
+        committed: list[tuple[str, Params]]) -> None:
     chain = Chain(tmp_path / "vm").make()
     with pytest.raises(UnknownKind, match="no_such_kind"):
-        Journal(catalog).run(VM, "no_such_kind", {}, create_steps(chain.folder, chain.top))
+        Journal(catalog).run(VM, NoSuchKind(), create_steps(chain.folder, chain.top))
     with catalog.session() as session:
         statuses = set(session.scalars(select(Intent.status)))
     assert "committed" not in statuses and committed == []
+
+
+# --- steps as the catalog stores them ----------------------------------------------------------
+
+def test_a_pending_intent_an_earlier_waymark_wrote_as_plain_dicts_is_finished(
+        tmp_path: Path, catalog: Catalog, images: FakeImages,
+        committed: list[tuple[str, Params]]) -> None:
+    """The steps column holds the dicts the code wrote before steps were typed: recovery reads
+    them as steps and finishes the merge."""
+    chain = Chain(tmp_path / "vm").make()
+    written = [{"op": "commit", "top": str(chain.middle), "base": str(chain.base),
+                "abandonable": True},
+               {"op": "rebase", "path": str(chain.top), "backing": str(chain.base),
+                "backing_fmt": "qcow2", "unsafe": True},
+               {"op": "delete_file", "path": str(chain.middle)}]
+    with catalog.session() as session:
+        row = Intent(vm_id=VM, kind=KIND, params={"checkpoint": "middle"}, steps=written,
+                     next_step=1, shape="finish", status="pending", created_at=journal.now(),
+                     updated_at=journal.now())
+        session.add(row)
+        session.flush()
+        intent_id = row.id
+    assert journal.steps_of(Journal(catalog).intent(intent_id))[0] == steps.Commit(
+        top=str(chain.middle), base=str(chain.base), abandonable=True)
+    recover(catalog)
+    assert status(catalog, intent_id) == ("committed", 3)
+    assert images.calls == [("rebase", "top.qcow2")]  # from next_step on
+    assert not chain.middle.exists() and read(chain.top)["backing"] == str(chain.base)
+
+
+def test_a_pending_intent_with_a_malformed_step_stays_pending_and_says_why(
+        tmp_path: Path, catalog: Catalog, images: FakeImages,
+        committed: list[tuple[str, Params]]) -> None:
+    chain = Chain(tmp_path / "vm").make()
+    intent_id = start_merge(catalog, chain)
+    with catalog.session() as session:
+        session.get_one(Intent, intent_id).steps = [{"op": "commit", "top": str(chain.middle)}]
+    with pytest.raises(MalformedRecord, match="commit step has no 'base'"):
+        recover(catalog)
+    assert status(catalog, intent_id) == ("pending", 0)
+    assert images.calls == [] and committed == [] and chain.middle.exists()
+
+
+def test_the_catalog_holds_the_steps_json_form(
+        tmp_path: Path, catalog: Catalog, committed: list[tuple[str, Params]]) -> None:
+    chain = Chain(tmp_path / "vm").make()
+    intent_id = start_merge(catalog, chain)
+    stored = Journal(catalog).intent(intent_id).steps
+    assert stored == [step.to_json() for step in chain.merge_steps()]
+    assert stored[0] == {"op": "commit", "top": str(chain.middle), "base": str(chain.base),
+                         "abandonable": False}

@@ -6,8 +6,9 @@ from __future__ import annotations
 import ast
 import importlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import select
@@ -16,15 +17,12 @@ import waymark
 from waymark import wiring
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
-from waymark.engine import executor, jobs, journal
+from waymark.engine import compaction, executor, jobs, journal, steps
 from waymark.engine.journal import Journal
+from waymark.engine.params import Params
 from waymark.errors import UnknownKind
 
 SRC = Path(waymark.__file__).parent
-# (the call's attribute name, the receiver's name, the index of its kind argument)
-KIND_ARGUMENT = {("add", "journal"): 2, ("run", "journal"): 1, ("prepared", "journal"): 1}
-
-
 def _modules() -> Iterator[tuple[Any, ast.Module]]:
     for path in sorted(SRC.rglob("*.py")):
         if "migrations" in path.parts or path.name == "__main__.py":
@@ -44,22 +42,24 @@ def _receiver(call: ast.Call) -> tuple[str, str] | None:
 
 
 def _values(module: Any, node: ast.expr) -> set[str]:
-    """The kinds an argument expression can be: a literal, a module constant, or any value of
-    a module-level table indexed by it (compaction's ``_KINDS[type(step)]``)."""
+    """The kinds an argument expression can be: a literal or a module constant."""
     if isinstance(node, ast.Constant):
         return {node.value}
-    if isinstance(node, ast.Subscript):
-        return set(eval(ast.unparse(node.value), vars(module)).values())
     return {eval(ast.unparse(node), vars(module))}
 
 
-def _written_intent_kinds() -> set[str]:
-    kinds: set[str] = set()
-    for module, tree in _modules():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and (where := _receiver(node)) in KIND_ARGUMENT:
-                kinds |= _values(module, node.args[KIND_ARGUMENT[where]])
-    return kinds
+def _params_classes() -> set[type[Params]]:
+    """Every intent parameters class the product defines (each names one kind)."""
+    for _module in _modules():
+        pass  # import every module, so that every class is defined
+    found: set[type[Params]] = set()
+    todo = list(Params.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("waymark.") and "kind" in vars(cls):
+            found.add(cls)
+    return found
 
 
 def _written_job_kinds() -> set[str]:
@@ -71,37 +71,35 @@ def _written_job_kinds() -> set[str]:
     return kinds
 
 
-def _written_step_ops() -> set[str]:
-    ops: set[str] = set()
-    for _module, tree in _modules():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Dict):
-                for key, value in zip(node.keys, node.values, strict=True):
-                    if isinstance(key, ast.Constant) and key.value == "op" \
-                            and isinstance(value, ast.Constant):
-                        ops.add(value.value)
-    return ops
-
-
 def test_every_intent_kind_the_code_writes_has_a_handler() -> None:
+    """The journal writes an intent from its parameters (their class names the kind): every
+    parameters class is registered, with its own kind, and nothing else is."""
     wiring.wire()
-    written = _written_intent_kinds()
+    classes = _params_classes()
+    written = {cls.kind for cls in classes}
     assert {"vm_create", "checkpoint_files_delete", "compact", "drop", "backup_restore"} <= written
-    assert written <= journal.kinds(), written - journal.kinds()
-    assert written == set(wiring.INTENT_KINDS), "a registered kind nothing writes, or the reverse"
+    assert len(written) == len(classes), "two parameters classes name the same kind"
+    assert written == journal.kinds(), written ^ journal.kinds()
+    assert {kind.params for kind in wiring.INTENT_KINDS} == classes
+    assert all(journal.kind_of(cls.kind).params is cls for cls in classes)
 
 
 def test_every_job_kind_and_step_the_code_writes_has_a_runner() -> None:
     wiring.wire()
     assert _written_job_kinds() == {"merge", "export"} == jobs.kinds()
-    ops = _written_step_ops()
-    assert {"create_image", "commit", "qmp_commit", "qmp_stream"} <= ops
-    assert ops <= executor.kinds(), ops - executor.kinds()
+    # every step class the journal can hold has a runner (the qmp_* ones registered)
+    assert {"create_image", "commit", "qmp_commit", "qmp_stream"} <= set(steps.KINDS)
+    assert set(steps.KINDS) == executor.kinds()
 
 
 def test_a_live_intent_kind_has_its_resolver() -> None:
     wiring.wire()
     assert journal.kind_of("checkpoint_create").resolve is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoSuchKind(Params):
+    kind: ClassVar[str] = "no_such_kind"
 
 
 @pytest.fixture
@@ -114,8 +112,7 @@ def test_an_intent_of_an_unknown_kind_is_refused_before_it_is_written(catalog: C
                                                                        tmp_path: Path) -> None:
     target = tmp_path / "new.txt"
     with pytest.raises(UnknownKind, match="no_such_kind"):
-        Journal(catalog).run("vm1", "no_such_kind", {}, [{"op": "write_file",
-                                                          "path": str(target), "text": "x"}])
+        Journal(catalog).run("vm1", NoSuchKind(), [steps.WriteFile(path=str(target), text="x")])
     assert not target.exists()
     with catalog.session() as session:
         assert list(session.scalars(select(Intent))) == []
@@ -126,8 +123,8 @@ def test_a_pending_intent_of_an_unknown_kind_is_never_committed(catalog: Catalog
     """A row a newer Waymark wrote: driving it fails with UnknownKind, and it stays pending."""
     target = tmp_path / "new.txt"
     with catalog.session() as session:
-        journal.add(session, "vm1", "drop", {"image": "none"},
-                    [{"op": "write_file", "path": str(target), "text": "x"}])
+        drop = compaction.DropIntent(image="none", child=None, direction="drop")
+        journal.add(session, "vm1", drop, [steps.WriteFile(path=str(target), text="x")])
     with catalog.session() as session:
         row = session.scalars(select(Intent)).one()
         row.kind = "from_a_newer_waymark"
@@ -139,4 +136,4 @@ def test_a_pending_intent_of_an_unknown_kind_is_never_committed(catalog: Catalog
 
 def test_an_unknown_step_is_an_error() -> None:
     with pytest.raises(UnknownKind, match="no_such_step"):
-        executor.run({"op": "no_such_step"})
+        steps.from_json({"op": "no_such_step"})

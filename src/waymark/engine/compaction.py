@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -27,7 +27,9 @@ from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Job, Vm
 from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.engine.running import live_merge, presence
+from waymark.engine.steps import CarryBitmaps, Commit, DeleteFile, Rebase, Step
 from waymark.errors import Cancelled
 from waymark.model import planner
 from waymark.qemu import cmdline
@@ -91,36 +93,34 @@ def _is_active(session: Session, image_id: str) -> bool:
     return session.scalar(select(Disk.id).where(Disk.active_image_id == image_id)) is not None
 
 
-def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[dict[str, Any]]:
+def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[Step]:
     image = session.get_one(Image, step.image)
     if isinstance(step, planner.Drop):
         release = [live_merge.release_step(live.run, live.name, image.id)] if live else []
-        return [*release, {"op": "delete_file", "path": image.path}]
+        return [*release, DeleteFile(path=image.path)]
     child = session.get_one(Image, step.child)
     root = live.chains.get(child.id) if live else None
     if isinstance(step, planner.CommitDown):
         grandchildren = session.scalars(select(Image).where(Image.parent_id == child.id))
-        if live and root:
-            first = live_merge.commit_step(live.run, live.name, root=cmdline.node_name(root),
-                                       top=child, base=image, active=root == child.id)
-        else:
-            first = {"op": "commit", "top": child.path, "base": image.path}
-        first["abandonable"] = True  # a partial commit: only K's chain reads U, through K
-        carry = ([{"op": "carry_bitmaps", "src": child.path, "path": image.path}]
-                 if first["op"] == "commit" and _is_active(session, child.id) else [])
+        # abandonable: a partial commit: only K's chain reads U, through K
+        first: Step = live_merge.commit_step(
+            live.run, live.name, root=cmdline.node_name(root), top=child, base=image,
+            active=root == child.id, abandonable=True) if live and root \
+            else Commit(top=child.path, base=image.path, abandonable=True)
+        carry = ([CarryBitmaps(src=child.path, path=image.path)]
+                 if isinstance(first, Commit) and _is_active(session, child.id) else [])
         return [first, *carry] + [
             # a child QEMU has open is relinked by QEMU's commit (by qemu-img if QEMU is gone)
             live_merge.relink_step(live.run, live.name, g, image) if live and g.id in live.chains
-            else {"op": "rebase", "path": g.path, "backing": image.path,
-                  "backing_fmt": image.format, "unsafe": True}
+            else Rebase(path=g.path, backing=image.path, backing_fmt=image.format, unsafe=True)
             for g in grandchildren]
     base = session.get(Image, image.parent_id) if image.parent_id else None
+    # abandonable: a partial pull copies U's clusters unchanged
     if live and root:
-        pull = live_merge.stream_step(live.run, live.name, into=child, gone=image, base=base)
-    else:
-        pull = {"op": "rebase", "path": child.path, "backing": base.path if base else None,
-                "backing_fmt": base.format if base else None, "unsafe": False}
-    return [{**pull, "abandonable": True}]  # a partial pull copies U's clusters unchanged
+        return [live_merge.stream_step(live.run, live.name, into=child, gone=image, base=base,
+                                       abandonable=True)]
+    return [Rebase(path=child.path, backing=base.path if base else None,
+                   backing_fmt=base.format if base else None, unsafe=False, abandonable=True)]
 
 
 def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
@@ -141,12 +141,45 @@ def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
         return True, LiveVm(run, name, live_chains(session, vm_id))
 
 
-_KINDS = {planner.Drop: "drop", planner.CommitDown: "commit_down", planner.PullUp: "pull_up"}
+@dataclass(frozen=True, kw_only=True)
+class CompactMarker(Params):
+    """The marker: the VM's graph needs compacting (cleared by compaction, never driven)."""
+
+    kind: ClassVar[str] = MARKER
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeIntent(Params):
+    """One planned merge step: ``image`` (U) merged with or dropped, ``child`` (K; None for a
+    drop); ``direction`` is the kind's name again (as the catalog has always held it)."""
+
+    image: str
+    child: str | None
+    direction: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropIntent(MergeIntent):
+    kind: ClassVar[str] = "drop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitDownIntent(MergeIntent):
+    kind: ClassVar[str] = "commit_down"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PullUpIntent(MergeIntent):
+    kind: ClassVar[str] = "pull_up"
+
+
+_KINDS: dict[type[planner.Step], type[MergeIntent]] = {
+    planner.Drop: DropIntent, planner.CommitDown: CommitDownIntent, planner.PullUp: PullUpIntent}
 
 
 def mark(session: Session, vm_id: str) -> None:
     """Record, in the caller's transaction, that the VM's graph needs compacting."""
-    journal.add(session, vm_id, MARKER, {}, [])
+    journal.add(session, vm_id, CompactMarker(), [])
 
 
 Reporter = jobs.StepsReport
@@ -181,8 +214,9 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
             if step is None:
                 break
             total = taken + len(planner.plan(nodes))
-            params = {"image": step.image, "child": getattr(step, "child", None),
-                      "direction": _KINDS[type(step)]}
+            merge = _KINDS[type(step)]
+            params = merge(image=step.image, child=getattr(step, "child", None),
+                           direction=merge.kind)
             steps = _steps(session, step, live)
             what = _describe(session, step)
         log.info("compaction: %s", what)
@@ -193,7 +227,7 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
         try:
             if progress is not None:
                 progress(0.0)
-            ctx.journal.run(vm_id, _KINDS[type(step)], params, steps, progress, shape="finish")
+            ctx.journal.run(vm_id, params, steps, progress, shape="finish")
             if progress is not None:
                 progress(1.0)
         except Cancelled:
@@ -216,15 +250,15 @@ def pending_steps(session: Session, vm_id: str) -> int:
     return len(planner.plan(graph(session, vm_id)))
 
 
-def commit_drop(session: Session, params: dict[str, Any]) -> None:
-    image = session.get(Image, params["image"])
+def commit_drop(session: Session, params: DropIntent) -> None:
+    image = session.get(Image, params.image)
     if image is not None:
         session.delete(image)
 
 
-def commit_down(session: Session, params: dict[str, Any]) -> None:
+def commit_down(session: Session, params: CommitDownIntent) -> None:
     """The child's roles (active, frozen, backing of its children) move to the merged file."""
-    into, child = params["image"], params["child"]
+    into, child = params.image, params.child
     session.execute(update(Disk).where(Disk.active_image_id == child)
                     .values(active_image_id=into))
     session.execute(update(FrozenImage).where(FrozenImage.image_id == child)
@@ -233,9 +267,9 @@ def commit_down(session: Session, params: dict[str, Any]) -> None:
                     .values(parent_id=into))
 
 
-def commit_pull_up(session: Session, params: dict[str, Any]) -> None:
-    image = session.get_one(Image, params["image"])
-    session.get_one(Image, params["child"]).parent_id = image.parent_id
+def commit_pull_up(session: Session, params: PullUpIntent) -> None:
+    image = session.get_one(Image, params.image)
+    session.get_one(Image, params.child).parent_id = image.parent_id
 
 
 def owned_files(session: Session, vm_id: str) -> list[Path]:

@@ -1,7 +1,10 @@
 """The intent journal: write what you will do, do it step by step, then commit.
 
-An intent is a row of ``intents``: a kind, its parameters, a list of file steps (see
-:mod:`waymark.engine.executor`) and ``next_step``. Its ``shape`` says which of two kinds it is:
+An intent is a row of ``intents``: a kind, its parameters, a list of file steps
+(:mod:`waymark.engine.steps`, run by :mod:`waymark.engine.executor`) and ``next_step``. The row
+holds the steps' JSON form; the journal converts at that boundary only (:func:`add` writes
+them, :func:`steps_of` reads them back, checked), everything else handles step objects.
+Its ``shape`` says which of two kinds it is:
 
 - *prepare, then commit* (checkpoint create, apply, VM create): every step makes a new file
   nobody references yet; the catalog change is the kind's commit handler, run in the same
@@ -14,8 +17,12 @@ The process may be killed at any point. Recovery (the next command) rolls a *pre
 back — an operation that did not commit did not happen — and drives any other intent from
 ``next_step`` to its end (its steps are idempotent).
 
-Every kind is registered by the composition root (:mod:`waymark.wiring`, :func:`register`);
-writing or committing an intent of an unknown kind raises :class:`~waymark.errors.UnknownKind`.
+An intent's parameters are an object of its kind's class (:class:`waymark.engine.params.Params`,
+whose ``kind`` names the kind): :func:`add` and :meth:`Journal.run` take them and write their
+JSON form, :func:`params_of` reads them back for the commit handler and the resolver. Every
+kind is registered by the composition root (:mod:`waymark.wiring`, :func:`register`, each with
+its parameters' class: :func:`intent_kind`); writing or committing an intent of an unknown kind
+raises :class:`~waymark.errors.UnknownKind`.
 
 A *live* prepare intent (:meth:`Journal.prepared`) has a part outside the files: after its
 steps, QEMU is told to use the new files (a live checkpoint's disk switch). Once QEMU writes
@@ -34,7 +41,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -43,41 +50,46 @@ from sqlalchemy.orm import Session
 from waymark.catalog.db import Catalog
 from waymark.catalog.models import Intent
 from waymark.engine import executor
+from waymark.engine import steps as journal_steps
 from waymark.engine.kinds import Kinds
+from waymark.engine.params import Params
 from waymark.errors import Cancelled, StorageError, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 
 log = logging.getLogger(__name__)
 
-CommitFn = Callable[[Session, dict[str, Any]], None]
+P = TypeVar("P", bound=Params)
 # Progress of a multi-step intent: (step number from 1, steps, the step, fraction of that step)
-StepReport = Callable[[int, int, "executor.Step", float], None]
-ResolveFn = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+StepReport = Callable[[int, int, journal_steps.Step, float], None]
 
 
 @dataclass(frozen=True)
-class Kind:
-    """What the journal knows about an intent kind: the catalog change that commits it (None: a
-    kind whose catalog change was made when it was written, *commit, then finish*) and, for a
-    *live* kind, how recovery settles it (see :func:`register`)."""
+class Kind(Generic[P]):
+    """What the journal knows about an intent kind: its parameters' class (whose ``kind`` is
+    the kind's name), the catalog change that commits it (None: a kind whose catalog change was
+    made when it was written, *commit, then finish*) and, for a *live* kind, how recovery
+    settles it: ``resolve`` returns the parameters to commit with, or None to roll back."""
 
-    commit: CommitFn | None = None
-    resolve: ResolveFn | None = None
+    params: type[P]
+    commit: Callable[[Session, P], None] | None = None
+    resolve: Callable[[P], P | None] | None = None
 
 
-_KINDS: Kinds[Kind] = Kinds("the journal has no handler for intents of kind {kind}.")
+def intent_kind(params: type[P], commit: Callable[[Session, P], None] | None = None,
+                resolve: Callable[[P], P | None] | None = None) -> Kind[Any]:
+    """An intent kind for :func:`register`, its handlers checked against its parameters' class
+    (a handler of another kind's parameters is a type error)."""
+    return Kind(params, commit, resolve)
 
 
-def register(kind: str, commit: CommitFn | None = None, *, resolve: ResolveFn | None = None
-             ) -> None:
-    """Make ``kind`` known. Called by the composition root (:mod:`waymark.wiring`) only.
+_KINDS: Kinds[Kind[Any]] = Kinds("the journal has no handler for intents of kind {kind}.")
 
-    ``commit``: the catalog change that commits an intent of this kind; ``resolve``: how
-    recovery settles a *live* intent of this kind whose file steps were done (it returns the
-    parameters to commit with, or None to roll back).
-    """
-    _KINDS.register(kind, Kind(commit, resolve))
+
+def register(kind: Kind[Any]) -> None:
+    """Make an intent kind known. Called by the composition root (:mod:`waymark.wiring`)
+    only."""
+    _KINDS.register(kind.params.kind, kind)
 
 
 def kinds() -> frozenset[str]:
@@ -85,28 +97,46 @@ def kinds() -> frozenset[str]:
     return _KINDS.names()
 
 
-def kind_of(kind: str) -> Kind:
+def kind_of(kind: str) -> Kind[Any]:
     """The registration of ``kind``; an unknown kind is an error, never a silent commit."""
     return _KINDS.of(kind)
+
+
+def params_of(intent: Intent) -> Params:
+    """The intent's parameters, read back from the catalog's JSON as its kind's class (an
+    unknown kind: :class:`~waymark.errors.UnknownKind`; malformed: ``MalformedRecord``)."""
+    params: Params = kind_of(intent.kind).params.from_json(intent.params)
+    return params
 
 
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-def add(session: Session, vm_id: str, kind: str, params: dict[str, Any],
-        steps: Sequence[executor.Step], shape: str = "finish") -> Intent:
-    """Write an intent in the caller's transaction (by default *commit, then finish*); its kind
-    must be registered."""
-    kind_of(kind)
-    intent = Intent(vm_id=vm_id, kind=kind, params=params, steps=list(steps), next_step=0,
+def add(session: Session, vm_id: str, params: Params,
+        steps: Sequence[journal_steps.StepBase], shape: str = "finish") -> Intent:
+    """Write an intent of the parameters' kind in the caller's transaction (by default *commit,
+    then finish*); its kind must be registered."""
+    kind_of(params.kind)
+    intent = Intent(vm_id=vm_id, kind=params.kind, params=params.to_json(),
+                    steps=journal_steps.to_json_list(steps), next_step=0,
                     shape=shape, status="pending", created_at=now(), updated_at=now())
     session.add(intent)
     session.flush()
     return intent
 
 
-def _step_progress(report: StepReport | None, index: int, steps: list[executor.Step]
+def steps_of(intent: Intent) -> list[journal_steps.Step]:
+    """The intent's steps, read back from the catalog's JSON (checked: see
+    :func:`waymark.engine.steps.from_json`)."""
+    return journal_steps.from_json_list(intent.steps)
+
+
+def _abandonable(step: journal_steps.Step) -> bool:
+    return isinstance(step, journal_steps.MergeStep) and step.abandonable
+
+
+def _step_progress(report: StepReport | None, index: int, steps: list[journal_steps.Step]
                    ) -> qemu_img.Progress:
     if report is None:
         return None
@@ -116,12 +146,13 @@ def _step_progress(report: StepReport | None, index: int, steps: list[executor.S
 
 
 @dataclass
-class LiveIntent:
-    """The body's handle on a live intent: its parameters, which it may amend and save."""
+class LiveIntent(Generic[P]):
+    """The body's handle on a live intent: its parameters, which it may amend (replace, or
+    change a record they hold) and save."""
 
     journal: Journal
     intent_id: int
-    params: dict[str, Any]
+    params: P
 
     def save(self) -> None:
         self.journal.store_params(self.intent_id, self.params)
@@ -131,28 +162,28 @@ class Journal:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
-    def run(self, vm_id: str, kind: str, params: dict[str, Any],
-            steps: Sequence[executor.Step], on_progress: qemu_img.Progress = None,
+    def run(self, vm_id: str, params: Params,
+            steps: Sequence[journal_steps.Step], on_progress: qemu_img.Progress = None,
             shape: str = "prepare", commit: bool = True, report: StepReport | None = None
             ) -> int:
         """Journal an intent (by default *prepare, then commit*) and drive it to the end (or,
         without ``commit``, through its steps only). Progress goes to ``on_progress`` (each
         step's fraction) or ``report`` (which step, and its fraction)."""
-        if shape == "prepare" and not all(step["op"] in executor.UNDOABLE for step in steps):
-            raise ValueError(f"{kind}: a prepare intent may only make new files")
+        if shape == "prepare" and not all(step.undoable for step in steps):
+            raise ValueError(f"{params.kind}: a prepare intent may only make new files")
         try:
             with self.catalog.session() as session:
-                intent_id = add(session, vm_id, kind, params, steps, shape).id
+                intent_id = add(session, vm_id, params, steps, shape).id
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
         self.drive(intent_id, on_progress, commit, report)
         return intent_id
 
-    def store_params(self, intent_id: int, params: dict[str, Any]) -> None:
+    def store_params(self, intent_id: int, params: Params) -> None:
         try:
             with self.catalog.session() as session:
                 intent = session.get_one(Intent, intent_id)
-                intent.params, intent.updated_at = dict(params), now()
+                intent.params, intent.updated_at = params.to_json(), now()
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
@@ -161,8 +192,8 @@ class Journal:
             return session.get_one(Intent, intent_id)
 
     @contextlib.contextmanager
-    def prepared(self, vm_id: str, kind: str, params: dict[str, Any],
-                 steps: Sequence[executor.Step]) -> Iterator[LiveIntent]:
+    def prepared(self, vm_id: str, params: P,
+                 steps: Sequence[journal_steps.Step]) -> Iterator[LiveIntent[P]]:
         """A *live* prepare intent: its file steps run, then the body does the live part and may
         amend the parameters (:meth:`LiveIntent.save` makes an amendment durable for
         recovery's resolver), then the intent commits with them.
@@ -170,12 +201,13 @@ class Journal:
         If the body fails, the intent is settled as recovery would settle it (the kind's
         resolver asks QEMU whether the live part took effect), then the error goes on.
         """
-        if kind_of(kind).resolve is None:
-            raise ValueError(f"{kind}: a live intent needs a resolver")
-        intent_id = self.run(vm_id, kind, params, steps, commit=False)
+        if kind_of(params.kind).resolve is None:
+            raise ValueError(f"{params.kind}: a live intent needs a resolver")
+        intent_id = self.run(vm_id, params, steps, commit=False)
         self._advance(intent_id, len(steps))  # the live part may begin: resolve, not undo
+        live = LiveIntent(self, intent_id, params)
         try:
-            yield LiveIntent(self, intent_id, params)
+            yield live
         except BaseException:
             try:
                 self.finish(self.intent(intent_id))
@@ -183,7 +215,7 @@ class Journal:
                 log.warning("could not settle live intent %s yet: %s", intent_id, err)
             raise
         failpoint("commit")
-        self._commit(intent_id, kind, params)
+        self._commit(intent_id, live.params)
 
     def pending(self, vm_id: str | None = None) -> list[Intent]:
         with self.catalog.session() as session:
@@ -208,19 +240,19 @@ class Journal:
         """Run the intent's remaining steps, then its commit."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
-            kind, params, steps, done = intent.kind, intent.params, intent.steps, intent.next_step
+            params, steps, done = params_of(intent), steps_of(intent), intent.next_step
         index = done
         try:
             for index in range(done, len(steps)):
-                failpoint(f"step:{steps[index]['op']}")
+                failpoint(f"step:{steps[index].op}")
                 executor.run(steps[index], _step_progress(report, index, steps) or on_progress)
                 if index + 1 < len(steps):  # the commit records the last one
                     self._advance(intent_id, index + 1)
             if commit:
                 failpoint("commit")
-                self._commit(intent_id, kind, params)
+                self._commit(intent_id, params)
         except Cancelled as err:
-            if index < len(steps) and steps[index].get("abandonable"):
+            if index < len(steps) and _abandonable(steps[index]):
                 self._close(intent_id, "cancelled", err.message)
             else:
                 self._failed(intent_id, err)
@@ -237,8 +269,8 @@ class Journal:
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
-    def _commit(self, intent_id: int, kind: str, params: dict[str, Any]) -> None:
-        handler = kind_of(kind).commit
+    def _commit(self, intent_id: int, params: Params) -> None:
+        handler = kind_of(params.kind).commit
         try:
             with self.catalog.session() as session:
                 if handler is not None:
@@ -257,7 +289,7 @@ class Journal:
         """
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
-            kind, steps, shape = intent.kind, intent.steps, intent.shape
+            kind, steps, shape = intent.kind, steps_of(intent), intent.shape
         if shape == "prepare":
             self.roll_back(intent_id, kind, steps, err.message)
             return
@@ -265,7 +297,7 @@ class Journal:
             intent = session.get_one(Intent, intent_id)
             intent.error, intent.updated_at = err.message, now()
 
-    def roll_back(self, intent_id: int, kind: str, steps: list[executor.Step],
+    def roll_back(self, intent_id: int, kind: str, steps: list[journal_steps.Step],
                   reason: str) -> None:
         for step in reversed(steps):
             executor.undo(step)
@@ -285,13 +317,13 @@ class Journal:
         resolve = kind_of(intent.kind).resolve
         if intent.shape == "prepare" and resolve is not None \
                 and intent.next_step == len(intent.steps):
-            amended = resolve(dict(intent.params))
+            amended = resolve(params_of(intent))
             if amended is not None:
                 log.info("completing live intent %s (%s)", intent.id, intent.kind)
-                self._commit(intent.id, intent.kind, amended)
+                self._commit(intent.id, amended)
                 return
         if intent.shape == "prepare":
-            self.roll_back(intent.id, intent.kind, intent.steps,
+            self.roll_back(intent.id, intent.kind, steps_of(intent),
                            "interrupted before it committed")
         else:
             self.drive(intent.id)

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Template, Vm
-from waymark.engine import compaction, locks, lookup, settle
+from waymark.engine import compaction, journal, locks, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import Busy, WaymarkError
@@ -174,9 +174,10 @@ def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Fi
 
 
 def _intent_paths(ctx: Context) -> set[str]:
-    """Files that unfinished intents make or need: never strays."""
-    return {str(step[key]) for intent in ctx.journal.pending() for step in intent.steps
-            for key in ("path", "top", "base", "src") if step.get(key)}
+    """Files that unfinished intents make, read or name (every path of every step, its
+    ``backing`` included: :meth:`waymark.engine.steps.StepBase.paths`): never strays."""
+    return {path for intent in ctx.journal.pending() for step in journal.steps_of(intent)
+            for path in step.paths()}
 
 
 def _backing_users(ctx: Context, session: Session, findings: list[Finding]) -> dict[str, str]:

@@ -44,10 +44,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from waymark import durable
 from waymark.engine.journal import LiveIntent
+from waymark.engine.params import Params
 from waymark.engine.running import presence
 from waymark.errors import Conflict, ToolError, WaymarkError
 from waymark.failpoints import failpoint
@@ -69,6 +70,20 @@ CHUNK = 1 << 20
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling")
 PRODUCTION = ("production", "productiononly")
 DISK_ONLY = "disk-only"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointCreate(Params):
+    """A checkpoint's intent: its catalog ``checkpoint`` record, the images it freezes
+    (``frozen``: disk_id, image_id) and the new active images (``overlays``: catalog rows and
+    disk_id); ``live`` (a running or paused VM, see :func:`plan`) is the live part's plan and
+    progress (``route``), which the live part amends in place, as it amends the record."""
+
+    kind: ClassVar[str] = "checkpoint_create"
+    checkpoint: dict[str, Any]
+    frozen: list[dict[str, Any]]
+    overlays: list[dict[str, Any]]
+    live: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,9 +112,15 @@ def _switches(live: dict[str, Any]) -> list[Switch]:
 
 # --- taking it --------------------------------------------------------------------------------
 
-async def capture(intent: LiveIntent, wanted: str) -> None:
+def _live(params: CheckpointCreate) -> dict[str, Any]:
+    if params.live is None:
+        raise ValueError("a checkpoint of a VM that is off has no live part")
+    return params.live
+
+
+async def capture(intent: LiveIntent[CheckpointCreate], wanted: str) -> None:
     """The live part of a checkpoint; amends the intent's checkpoint record."""
-    live, record = intent.params["live"], intent.params["checkpoint"]
+    live, record = _live(intent.params), intent.params.checkpoint
     run, name = cmdline.RunFiles(Path(live["run"])), live["name"]
     async with qmp.connect(run.qmp, name) as machine:
         if _reuses_paused_state(live, run):
@@ -129,10 +150,10 @@ async def capture(intent: LiveIntent, wanted: str) -> None:
         await _standard(intent, run, machine)
 
 
-async def _production(intent: LiveIntent, run: cmdline.RunFiles, machine: qmp.Qmp
-                      ) -> str | None:
+async def _production(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
+                      machine: qmp.Qmp) -> str | None:
     """Freeze, switch, thaw; the reason it could not freeze (nothing changed), or None."""
-    live, record = intent.params["live"], intent.params["checkpoint"]
+    live, record = _live(intent.params), intent.params.checkpoint
     live["route"] = "production"
     intent.save()
     switched = False
@@ -150,8 +171,9 @@ async def _production(intent: LiveIntent, run: cmdline.RunFiles, machine: qmp.Qm
     return None
 
 
-async def _standard(intent: LiveIntent, run: cmdline.RunFiles, machine: qmp.Qmp) -> None:
-    live, record = intent.params["live"], intent.params["checkpoint"]
+async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
+                    machine: qmp.Qmp) -> None:
+    live, record = _live(intent.params), intent.params.checkpoint
     live["route"] = "standard"
     intent.save()
     memory = Path(live["memory"])
@@ -344,9 +366,9 @@ def keep_paused_state(run: cmdline.RunFiles, memory: Path, digest: str) -> None:
 
 # --- recovery ---------------------------------------------------------------------------------
 
-def resolve(params: dict[str, Any]) -> dict[str, Any] | None:
+def resolve(params: CheckpointCreate) -> CheckpointCreate | None:
     """Settle a live checkpoint whose Waymark died: the parameters to commit, or None."""
-    live = params.get("live")
+    live = params.live
     if live is None:
         return None  # an offline checkpoint: it did not happen
     run = cmdline.RunFiles(Path(live["run"]))
@@ -396,8 +418,8 @@ async def _stop_migration(machine: qmp.Qmp) -> None:
         await asyncio.sleep(0.05)
 
 
-def _forward(params: dict[str, Any], run: cmdline.RunFiles) -> dict[str, Any]:
-    live, record = params["live"], params["checkpoint"]
+def _forward(params: CheckpointCreate, run: cmdline.RunFiles) -> CheckpointCreate:
+    live, record = _live(params), params.checkpoint
     memory = Path(live["memory"])
     if live.get("route") == "production":
         record.update(kind="production")

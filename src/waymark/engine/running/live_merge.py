@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from waymark import durable
-from waymark.engine import executor
+from waymark.engine import executor, steps
 from waymark.engine.running import presence
 from waymark.errors import Cancelled, ToolError
 from waymark.images import qemu_img
@@ -67,42 +67,41 @@ def usable(run: cmdline.RunFiles, name: str) -> bool:
 # --- steps ------------------------------------------------------------------------------------
 
 def commit_step(run: cmdline.RunFiles, name: str, *, root: str, top: Any, base: Any,
-                active: bool) -> executor.Step:
+                active: bool, abandonable: bool = False) -> steps.QmpCommit:
     """K (``top``) into U (``base``) by QEMU; ``root`` is the disk's active node."""
-    return {"op": "qmp_commit", "run": str(run.folder), "name": name, "root": root,
-            "top": top.path, "base": base.path, "top_node": cmdline.node_name(top.id),
-            "base_node": cmdline.node_name(base.id), "active": active,
-            "job": f"wm-commit-{top.id[:12]}"}
+    return steps.QmpCommit(run=str(run.folder), name=name, root=root, top=top.path,
+                           base=base.path, top_node=cmdline.node_name(top.id),
+                           base_node=cmdline.node_name(base.id), active=active,
+                           job=f"wm-commit-{top.id[:12]}", abandonable=abandonable)
 
 
 def stream_step(run: cmdline.RunFiles, name: str, *, into: Any, gone: Any,
-                base: Any | None) -> executor.Step:
+                base: Any | None, abandonable: bool = False) -> steps.QmpStream:
     """``gone``'s clusters into ``into``, whose backing becomes ``base``."""
-    return {"op": "qmp_stream", "run": str(run.folder), "name": name, "path": into.path,
-            "node": cmdline.node_name(into.id), "gone": gone.path,
-            "base_node": cmdline.node_name(base.id) if base else None,
-            "backing": base.path if base else None, "backing_fmt": base.format if base else None,
-            "job": f"wm-stream-{into.id[:12]}"}
+    return steps.QmpStream(run=str(run.folder), name=name, path=into.path,
+                           node=cmdline.node_name(into.id), gone=gone.path,
+                           base_node=cmdline.node_name(base.id) if base else None,
+                           backing=base.path if base else None,
+                           backing_fmt=base.format if base else None,
+                           job=f"wm-stream-{into.id[:12]}", abandonable=abandonable)
 
 
-def relink_step(run: cmdline.RunFiles, name: str, child: Any, base: Any) -> executor.Step:
-    """``child`` (in a live chain) now backed by ``base``: QEMU's commit already wrote the link
-    when QEMU runs; when it is gone the commit was redone by qemu-img, and so is this."""
-    return {"op": "qmp_relink", "run": str(run.folder), "name": name, "path": child.path,
-            "backing": base.path, "backing_fmt": base.format}
+def relink_step(run: cmdline.RunFiles, name: str, child: Any, base: Any) -> steps.QmpRelink:
+    """``child`` (in a live chain) now backed by ``base`` (see :class:`steps.QmpRelink`)."""
+    return steps.QmpRelink(run=str(run.folder), name=name, path=child.path, backing=base.path,
+                           backing_fmt=base.format)
 
 
-def release_step(run: cmdline.RunFiles, name: str, image_id: str) -> executor.Step:
-    return {"op": "qmp_release", "run": str(run.folder), "name": name,
-            "node": cmdline.node_name(image_id)}
+def release_step(run: cmdline.RunFiles, name: str, image_id: str) -> steps.QmpRelease:
+    return steps.QmpRelease(run=str(run.folder), name=name, node=cmdline.node_name(image_id))
 
 
-def _qemu(step: executor.Step) -> tuple[cmdline.RunFiles, str] | None:
-    run = cmdline.RunFiles(Path(step["run"]))
-    return (run, step["name"]) if presence.find(run) is not None else None
+def _qemu(step: steps.LiveStep) -> tuple[cmdline.RunFiles, str] | None:
+    run = cmdline.RunFiles(Path(step.run))
+    return (run, step.name) if presence.find(run) is not None else None
 
 
-def _live_or_offline(step: executor.Step, live: Callable[[cmdline.RunFiles, str], None],
+def _live_or_offline(step: steps.LiveStep, live: Callable[[cmdline.RunFiles, str], None],
                      offline: Callable[[], None]) -> None:
     """The step through QEMU; with qemu-img when QEMU is gone, also when it dies midway (a
     half-done job changed nothing any chain reads)."""
@@ -118,53 +117,54 @@ def _live_or_offline(step: executor.Step, live: Callable[[cmdline.RunFiles, str]
     offline()
 
 
-def _commit(step: executor.Step, on_progress: Progress) -> None:
-    arguments = {"device": step["root"], "base-node": step["base_node"], "auto-dismiss": False}
-    if not step["active"]:  # the link QEMU writes names the file, not its /dev/fdset
-        arguments.update({"top-node": step["top_node"], "backing-file": step["base"]})
+def _commit(step: steps.QmpCommit, on_progress: Progress) -> None:
+    arguments: dict[str, Any] = {"device": step.root, "base-node": step.base_node,
+                                 "auto-dismiss": False}
+    if not step.active:  # the link QEMU writes names the file, not its /dev/fdset
+        arguments.update({"top-node": step.top_node, "backing-file": step.base})
+    top, base = Path(step.top), Path(step.base)
 
     def offline() -> None:
-        qemu_img.commit(Path(step["top"]), Path(step["base"]), on_progress)
-        durable.fsync_file(Path(step["base"]))
-        if step["active"]:  # the base becomes the disk's active image
-            bitmaps.carry_files(Path(step["top"]), Path(step["base"]))
+        qemu_img.commit(top, base, on_progress)
+        durable.fsync_file(base)
+        if step.active:  # the base becomes the disk's active image
+            bitmaps.carry_files(top, base)
 
     async def carry(machine: qmp.Qmp) -> None:
-        await bitmaps.replace_live(machine, step["top_node"], step["base_node"])
+        await bitmaps.replace_live(machine, step.top_node, step.base_node)
 
     _live_or_offline(step, lambda run, name: qmp.run_sync(_job(
-        run, name, step["job"], "block-commit", arguments, step["top"], on_progress,
-        carry if step["active"] else None)), offline)
+        run, name, step.job, "block-commit", arguments, step.top, on_progress,
+        carry if step.active else None)), offline)
 
 
-def _stream(step: executor.Step, on_progress: Progress) -> None:
-    arguments: dict[str, Any] = {"device": step["node"], "auto-dismiss": False}
-    if step["base_node"]:  # the link QEMU writes names the file, not its /dev/fdset
-        arguments.update({"base-node": step["base_node"], "backing-file": step["backing"]})
+def _stream(step: steps.QmpStream, on_progress: Progress) -> None:
+    arguments: dict[str, Any] = {"device": step.node, "auto-dismiss": False}
+    if step.base_node:  # the link QEMU writes names the file, not its /dev/fdset
+        arguments.update({"base-node": step.base_node, "backing-file": step.backing})
 
     def offline() -> None:
-        backing = Path(step["backing"]) if step["backing"] else None
-        qemu_img.rebase(Path(step["path"]), backing, step["backing_fmt"], unsafe=False,
+        backing = Path(step.backing) if step.backing else None
+        qemu_img.rebase(Path(step.path), backing, step.backing_fmt, unsafe=False,
                         on_progress=on_progress)
-        durable.fsync_file(Path(step["path"]))
+        durable.fsync_file(Path(step.path))
 
     _live_or_offline(step, lambda run, name: qmp.run_sync(_job(
-        run, name, step["job"], "block-stream", arguments, step["gone"], on_progress)), offline)
+        run, name, step.job, "block-stream", arguments, step.gone, on_progress)), offline)
 
 
-def _relink(step: executor.Step, on_progress: Progress) -> None:
+def _relink(step: steps.QmpRelink, on_progress: Progress) -> None:
     def offline() -> None:
-        qemu_img.rebase(Path(step["path"]), Path(step["backing"]), step["backing_fmt"],
-                        unsafe=True)
-        durable.fsync_file(Path(step["path"]))
+        qemu_img.rebase(Path(step.path), Path(step.backing), step.backing_fmt, unsafe=True)
+        durable.fsync_file(Path(step.path))
 
     _live_or_offline(step, lambda run, name: None, offline)
 
 
-def _release(step: executor.Step, on_progress: Progress) -> None:
+def _release(step: steps.QmpRelease, on_progress: Progress) -> None:
     found = _qemu(step)
     if found is not None:
-        qmp.run_sync(_blockdev_del(*found, step["node"]))
+        qmp.run_sync(_blockdev_del(*found, step.node))
 
 
 async def _blockdev_del(run: cmdline.RunFiles, name: str, node: str) -> None:
@@ -172,10 +172,11 @@ async def _blockdev_del(run: cmdline.RunFiles, name: str, node: str) -> None:
         await blockjobs.delete_nodes(machine, [node])
 
 
-# The journal steps done through a running QEMU; the composition root (:mod:`waymark.wiring`)
-# hands them to :func:`waymark.engine.executor.register_steps`.
-STEPS: dict[str, executor.StepFn] = {"qmp_commit": _commit, "qmp_stream": _stream,
-                                     "qmp_relink": _relink, "qmp_release": _release}
+# The journal steps done through a running QEMU, by step class; the composition root
+# (:mod:`waymark.wiring`) hands them to :func:`waymark.engine.executor.register_steps`.
+STEPS: dict[type[steps.StepBase], executor.StepFn] = {
+    steps.QmpCommit: _commit, steps.QmpStream: _stream, steps.QmpRelink: _relink,
+    steps.QmpRelease: _release}
 
 
 # --- QEMU's block jobs ------------------------------------------------------------------------

@@ -28,14 +28,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from sqlalchemy.orm import Session
 
 from waymark import durable
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.engine import compaction, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now as stamp
+from waymark.engine.params import Params
 from waymark.engine.running import live_merge, power, presence
+from waymark.engine.steps import Convert, CreateImage, Step, WriteFile
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
 from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
@@ -50,6 +54,22 @@ from waymark.usecases.vms import definitions as vms
 
 Report = Callable[[str, float], None] | None  # (what, fraction of it done)
 JOB_PREFIX, NODE_PREFIX = "wm-backup-", "wb"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupRestore(Params):
+    """A backup point restored into VM ``vm`` as a new ``checkpoint`` (its catalog record):
+    the new ``images`` (a base and an active overlay per disk), the ``frozen`` images (disk_id,
+    image_id and its new ``active`` one), the disks the VM lost since (``new_disks``), the
+    point's hardware ``config``."""
+
+    kind: ClassVar[str] = "backup_restore"
+    vm: str
+    checkpoint: dict[str, Any]
+    images: list[dict[str, Any]]
+    frozen: list[dict[str, Any]]
+    new_disks: list[str]
+    config: dict[str, Any]
 
 
 def init_repo(path: Path) -> Path:
@@ -522,15 +542,14 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         safety = checkpoints.create_locked(ctx, vm_id, None, None) if first else None
         params, steps = _plan_restore(ctx, repo, vm_id, point, hardware)
         with change.admitted(ctx):
-            ctx.journal.run(vm_id, "backup_restore", params, steps,
-                            _progress(report, "restoring"))
+            ctx.journal.run(vm_id, params, steps, _progress(report, "restoring"))
         settle.settle_vm(ctx, vm_id)
-        return {"point": point["id"], "checkpoint_id": params["checkpoint"]["id"],
+        return {"point": point["id"], "checkpoint_id": params.checkpoint["id"],
                 "safety_checkpoint_id": safety}
 
 
 def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, Any],
-                  hardware: HardwareConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  hardware: HardwareConfig) -> tuple[BackupRestore, list[Step]]:
     with ctx.catalog.session() as session:
         vm_row = session.get_one(Vm, vm_id)
         checkpoints.require_room(session, vm_row)
@@ -538,14 +557,14 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
         checkpoint_dir = vm_row.checkpoint_dir
     folder = ctx.disk_folder(vm_id)
     checkpoint_id = vms.new_id()
-    images, steps, frozen, new_disks = [], [], [], []
+    images, frozen, new_disks = [], [], []
+    steps: list[Step] = []
     for disk in point["disks"]:
         base, top = vms.new_id(), vms.new_id()
         base_path, top_path = folder / f"{base}.qcow2", folder / f"{top}.qcow2"
-        steps += [{"op": "convert", "path": str(base_path), "src": str(repo.root / disk["file"]),
-                   "src_fmt": "qcow2", "confined_to": str(repo.root)},
-                  {"op": "create_image", "path": str(top_path), "backing": str(base_path),
-                   "backing_fmt": "qcow2"}]
+        steps += [Convert(path=str(base_path), src=str(repo.root / disk["file"]),
+                          src_fmt="qcow2", confined_to=str(repo.root)),
+                  CreateImage(path=str(top_path), backing=str(base_path), backing_fmt="qcow2")]
         row = {"vm_id": vm_id, "format": "qcow2", "pinned": False,
                "virtual_size": disk["virtual_size"], "chain_length": 1}
         images += [{**row, "id": base, "path": str(base_path), "parent_id": None},
@@ -558,30 +577,30 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
               "kind": checkpoints.DISK_ONLY, "requested_type": "backup", "fallback_reason": None,
               "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
               "skipped_disks": []}
-    steps.append({"op": "write_file", "path": str(Path(checkpoint_dir) / f"{checkpoint_id}.json"),
-                  "text": json.dumps({"checkpoint": checkpoint_id, "vm": vm_id,
-                                      "restored_from": point["id"],
-                                      "configuration": point["vm"]["config"]}, indent=2)})
-    params = {"vm": vm_id, "checkpoint": record, "images": images, "frozen": frozen,
-              "new_disks": new_disks, "config": point["vm"]["config"]}
+    steps.append(WriteFile(path=str(Path(checkpoint_dir) / f"{checkpoint_id}.json"),
+                           text=json.dumps({"checkpoint": checkpoint_id, "vm": vm_id,
+                                            "restored_from": point["id"],
+                                            "configuration": point["vm"]["config"]}, indent=2)))
+    params = BackupRestore(vm=vm_id, checkpoint=record, images=images, frozen=frozen,
+                           new_disks=new_disks, config=point["vm"]["config"])
     return params, steps
 
 
-def commit_restore(session: Any, params: dict[str, Any]) -> None:
-    for row in params["images"]:
+def commit_restore(session: Session, params: BackupRestore) -> None:
+    for row in params.images:
         session.add(Image(**row, created_at=stamp()))
-    for disk_id in params["new_disks"]:  # the VM lost that disk since the backup
-        session.add(Disk(id=disk_id, vm_id=params["vm"], active_image_id=None,
+    for disk_id in params.new_disks:  # the VM lost that disk since the backup
+        session.add(Disk(id=disk_id, vm_id=params.vm, active_image_id=None,
                          passthrough_path=None, created_at=stamp()))
     session.flush()
-    session.add(Checkpoint(**params["checkpoint"], created_at=stamp()))
+    session.add(Checkpoint(**params.checkpoint, created_at=stamp()))
     session.flush()
-    for row in params["frozen"]:
-        session.add(FrozenImage(checkpoint_id=params["checkpoint"]["id"],
+    for row in params.frozen:
+        session.add(FrozenImage(checkpoint_id=params.checkpoint["id"],
                                 disk_id=row["disk_id"], image_id=row["image_id"]))
         session.get_one(Disk, row["disk_id"]).active_image_id = row["active"]
-    vm_row = session.get_one(Vm, params["vm"])
-    vm_row.config = params["config"]
-    vm_row.current_checkpoint_id = params["checkpoint"]["id"]
-    compaction.mark(session, params["vm"])
+    vm_row = session.get_one(Vm, params.vm)
+    vm_row.config = params.config
+    vm_row.current_checkpoint_id = params.checkpoint["id"]
+    compaction.mark(session, params.vm)
 

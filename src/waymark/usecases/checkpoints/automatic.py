@@ -14,7 +14,8 @@ the merges it leaves), at once when the caller holds the lock.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from sqlalchemy.orm import Session
 
@@ -22,13 +23,22 @@ from waymark.catalog.models import Checkpoint, Vm
 from waymark.engine import journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.errors import Conflict
 from waymark.model import tree
 from waymark.usecases.checkpoints import deletion
 from waymark.usecases.checkpoints import lifecycle as checkpoints
 
 log = logging.getLogger(__name__)
-KIND = "automatic_checkpoint_delete"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutomaticCheckpointDelete(Params):
+    """The guest shut down cleanly: VM ``vm``'s automatic ``checkpoint`` goes."""
+
+    kind: ClassVar[str] = "automatic_checkpoint_delete"
+    vm: str
+    checkpoint: str
 
 
 def before_boot(ctx: Context, vm_id: str) -> str | None:
@@ -64,17 +74,17 @@ def after_clean_stop(ctx: Context, vm_id: str) -> None:
         vm_row = session.get_one(Vm, vm_id)
         if vm_row.automatic_checkpoint_id is None:
             return
-        journal.add(session, vm_id, KIND, {"vm": vm_id,
-                                           "checkpoint": vm_row.automatic_checkpoint_id}, [])
+        journal.add(session, vm_id, AutomaticCheckpointDelete(
+            vm=vm_id, checkpoint=vm_row.automatic_checkpoint_id), [])
 
 
-def commit_delete(session: Session, params: dict[str, Any]) -> None:
-    vm_row = session.get(Vm, params["vm"])
+def commit_delete(session: Session, params: AutomaticCheckpointDelete) -> None:
+    vm_row = session.get(Vm, params.vm)
     if vm_row is None:
         return
-    if vm_row.automatic_checkpoint_id == params["checkpoint"]:
+    if vm_row.automatic_checkpoint_id == params.checkpoint:
         vm_row.automatic_checkpoint_id = None
-    row = session.get(Checkpoint, params["checkpoint"])
+    row = session.get(Checkpoint, params.checkpoint)
     if row is not None and row.vm_id == vm_row.id:  # deleted by hand meanwhile: nothing to do
         log.info("deleting automatic checkpoint %s of %s", row.name, vm_row.name)
         deletion.remove_from_tree(session, vm_row, [row.id], subtree=False)

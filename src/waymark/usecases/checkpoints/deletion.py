@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
@@ -19,12 +19,21 @@ from sqlalchemy.orm import Session
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
 from waymark.engine import compaction, jobs, journal, lookup
 from waymark.engine.context import Context
+from waymark.engine.params import Params
 from waymark.engine.running import presence
+from waymark.engine.steps import DeleteFile, Step
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
 
 GLOB_CHARS = frozenset("*?[")
-FILES_KIND = "checkpoint_files_delete"  # the journal intent that removes their own files
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointFilesDelete(Params):
+    """The intent that removes deleted ``checkpoints``' own files (*commit, then finish*)."""
+
+    kind: ClassVar[str] = "checkpoint_files_delete"
+    checkpoints: list[str]
 
 
 @dataclass(frozen=True)
@@ -105,17 +114,16 @@ def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: b
     by_id = {c.id: c for c in rows}
     for checkpoint_id in doomed:
         _unlink(session, vm_row, by_id, checkpoint_id, set(doomed))
-    files: list[dict[str, Any]] = []
+    files: list[Step] = []
     for checkpoint_id in doomed:
         row = by_id[checkpoint_id]
-        files.append({"op": "delete_file",
-                      "path": str(Path(vm_row.checkpoint_dir) / f"{row.id}.json")})
+        files.append(DeleteFile(path=str(Path(vm_row.checkpoint_dir) / f"{row.id}.json")))
         if row.memory_path:
-            files.append({"op": "delete_file", "path": row.memory_path})
+            files.append(DeleteFile(path=row.memory_path))
     session.execute(delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))
     session.execute(update(Checkpoint).where(Checkpoint.id.in_(doomed)).values(parent_id=None))
     session.execute(delete(Checkpoint).where(Checkpoint.id.in_(doomed)))
-    journal.add(session, vm_row.id, FILES_KIND, {"checkpoints": doomed}, files)
+    journal.add(session, vm_row.id, CheckpointFilesDelete(checkpoints=doomed), files)
     compaction.mark(session, vm_row.id)
     return [Match(c, by_id[c].name) for c in doomed]
 

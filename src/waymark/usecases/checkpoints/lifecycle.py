@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy.orm import Session
 
@@ -14,7 +15,18 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
 from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.engine.running import live_checkpoint, power, presence
+from waymark.engine.running.live_checkpoint import CheckpointCreate
+from waymark.engine.steps import (
+    ClaimFile,
+    CopyFile,
+    CreateImage,
+    DeleteFile,
+    Step,
+    StepBase,
+    WriteFile,
+)
 from waymark.errors import Conflict, LimitReached
 from waymark.model import names, tree
 from waymark.model.hardware import HardwareConfig
@@ -66,23 +78,24 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
         label = given if given is not None else tree.default_name(vm_row.name, created)
         wanted = wanted or vm_row.checkpoint_type
         params, steps = _plan_create(ctx, session, vm_row, label, state)
-        params["checkpoint"]["requested_type"] = wanted
+        params.checkpoint["requested_type"] = wanted
     with quotas.checkpoint_added(ctx, vm_id):
         if state not in presence.LIVE_STATES:
-            ctx.journal.run(vm_id, "checkpoint_create", params, steps)
+            ctx.journal.run(vm_id, params, steps)
         else:
-            with ctx.journal.prepared(vm_id, "checkpoint_create", params, steps) as intent:
+            with ctx.journal.prepared(vm_id, params, steps) as intent:
                 qmp.run_sync(live_checkpoint.capture(intent, wanted))
-    return str(params["checkpoint"]["id"])
+    return str(params.checkpoint["id"])
 
 
 def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: str
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 ) -> tuple[CheckpointCreate, list[Step]]:
     checkpoint_id = new_id()
     hardware = lookup.hardware(vm_row)
     disks = lookup.disks(session, vm_row.id)
     images = lookup.images(session, vm_row.id)
-    frozen, overlays, steps, skipped = [], [], [], []
+    frozen, overlays, skipped = [], [], []
+    steps: list[Step] = []
     for disk_id in hardware.disks:
         disk = disks[disk_id]
         if disk.active_image_id is None:
@@ -94,30 +107,30 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
         row, step = _overlay(ctx, disk_id, active, unsafe=state in presence.LIVE_STATES)
         overlays.append(row)
         if state not in presence.LIVE_STATES:  # (live: in QEMU's switch transaction)
-            step["bitmaps_from"] = active.path  # backup change tracking follows Now
+            step = replace(step, bitmaps_from=active.path)  # backup change tracking follows Now
         steps.append(step)
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
               "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,
               "requested_type": vm_row.checkpoint_type, "fallback_reason": None,
               "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
               "skipped_disks": skipped}
-    extra: dict[str, Any] = {}
+    live: dict[str, Any] | None = None
     if state == "saved":
         steps.append(_keep_saved_memory(ctx, vm_row, record))
     elif state in presence.LIVE_STATES:
         memory = Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.state"
-        steps.append({"op": "claim_file", "path": str(memory)})
-        extra["live"] = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
-                                  frozen, overlays, memory)
+        steps.append(ClaimFile(path=str(memory)))
+        live = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
+                                    frozen, overlays, memory)
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
-    steps.append({"op": "write_file", "path": str(Path(vm_row.checkpoint_dir) /
-                                                 f"{checkpoint_id}.json"),
-                  "text": json.dumps(description, indent=2, sort_keys=True)})
-    return {"checkpoint": record, "frozen": frozen, "overlays": overlays, **extra}, steps
+    steps.append(WriteFile(path=str(Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.json"),
+                           text=json.dumps(description, indent=2, sort_keys=True)))
+    return CheckpointCreate(checkpoint=record, frozen=frozen, overlays=overlays,
+                            live=live), steps
 
 
-def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict[str, Any]:
+def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> CopyFile:
     """A saved VM's checkpoint holds its saved memory state (Hyper-V's green triangle): it is
     a standard checkpoint, whatever type was asked for. Returns the copy step."""
     meta = power.saved_state(ctx, vm_row.id).load(vm_row.name)
@@ -126,12 +139,11 @@ def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> dict
                   config=meta["hardware"])
     if vm_row.checkpoint_type != "standard":
         record["fallback_reason"] = "the VM was saved: the checkpoint holds its saved memory"
-    return {"op": "copy_file", "src": str(power.saved_state(ctx, vm_row.id).state),
-            "path": str(memory)}
+    return CopyFile(src=str(power.saved_state(ctx, vm_row.id).state), path=str(memory))
 
 
 def _overlay(ctx: Context, disk_id: str, base: Image, unsafe: bool = False
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+             ) -> tuple[dict[str, Any], CreateImage]:
     """A new active image for ``disk_id`` on ``base``: its catalog row and its file step
     (``unsafe`` when a running QEMU holds ``base`` locked: qemu-img must not open it)."""
     overlay_id = new_id()
@@ -139,11 +151,8 @@ def _overlay(ctx: Context, disk_id: str, base: Image, unsafe: bool = False
     row = {"id": overlay_id, "vm_id": base.vm_id, "path": str(path), "format": "qcow2",
            "parent_id": base.id, "pinned": False, "virtual_size": base.virtual_size,
            "chain_length": 1, "disk_id": disk_id}
-    step: dict[str, Any] = {"op": "create_image", "path": str(path), "backing": base.path,
-                            "backing_fmt": base.format}
-    if unsafe:
-        step.update(unsafe=True, size=base.virtual_size)
-    return row, step
+    return row, CreateImage(path=str(path), backing=base.path, backing_fmt=base.format,
+                            unsafe=unsafe, size=base.virtual_size if unsafe else None)
 
 
 def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
@@ -155,13 +164,13 @@ def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
         session.get_one(Disk, row["disk_id"]).active_image_id = row["id"]
 
 
-def commit_create(session: Session, params: dict[str, Any]) -> None:
-    record = params["checkpoint"]
+def commit_create(session: Session, params: CheckpointCreate) -> None:
+    record = params.checkpoint
     session.add(Checkpoint(**record, created_at=now()))
     session.flush()
-    for row in params["frozen"]:
+    for row in params.frozen:
         session.add(FrozenImage(checkpoint_id=record["id"], **row))
-    _add_overlays(session, params["overlays"])
+    _add_overlays(session, params.overlays)
     session.get_one(Vm, record["vm_id"]).current_checkpoint_id = record["id"]
 
 
@@ -210,7 +219,7 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
             params, steps, result = _plan_apply(ctx, session, vm_id, target)
         result.safety_checkpoint_id = safety
         with change.admitted(ctx):
-            ctx.journal.run(vm_id, "checkpoint_apply", params, steps)
+            ctx.journal.run(vm_id, params, steps)
         settle.settle_vm(ctx, vm_id)
         if start:
             qmp.run_sync(power.start_locked(ctx, vm_id, name))
@@ -218,14 +227,14 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         return result
 
 
-def _install_memory(saved: power.SavedState, target: Checkpoint) -> list[dict[str, Any]]:
+def _install_memory(saved: power.SavedState, target: Checkpoint) -> list[Step]:
     """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it)."""
     if not target.memory_path:
         return []
     meta = {"sha256": target.memory_sha256, "hardware": target.config,
             "from_checkpoint": target.id}
-    return [{"op": "copy_file", "src": target.memory_path, "path": str(saved.state)},
-            {"op": "write_file", "path": str(saved.meta), "text": json.dumps(meta, indent=2)}]
+    return [CopyFile(src=target.memory_path, path=str(saved.state)),
+            WriteFile(path=str(saved.meta), text=json.dumps(meta, indent=2))]
 
 
 def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
@@ -247,8 +256,36 @@ def _quota_change(session: Session, vm_row: Vm, target_id: str) -> quotas.Change
         {d: images[image_id].virtual_size for d, image_id in frozen.items()}, kept=kept)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CheckpointApply(Params):
+    """Applying checkpoint ``checkpoint`` to VM ``vm``: its hardware ``config``, the new active
+    images (``overlays``), the disks detached since that keep their data (``kept``), the VM's
+    new ``state``; the saved-state files to ``discard`` and the steps that ``install`` the
+    checkpoint's memory as the saved state (each journaled at commit, *commit, then finish*)."""
+
+    kind: ClassVar[str] = "checkpoint_apply"
+    vm: str
+    checkpoint: str
+    config: dict[str, Any]
+    overlays: list[dict[str, Any]]
+    kept: list[dict[str, Any]]
+    state: str
+    discard: Sequence[str] = ()
+    install: Sequence[StepBase] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedStateDiscard(Params):
+    kind: ClassVar[str] = "saved_state_discard"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedStateInstall(Params):
+    kind: ClassVar[str] = "saved_state_install"
+
+
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
-                ) -> tuple[dict[str, Any], list[dict[str, Any]], ApplyResult]:
+                ) -> tuple[CheckpointApply, list[Step], ApplyResult]:
     vm_row = session.get_one(Vm, vm_id)
     target = session.get_one(Checkpoint, target_id)
     now_hw, then_hw = lookup.hardware(vm_row), HardwareConfig.load(target.config)
@@ -256,7 +293,8 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
     disks, images = lookup.disks(session, vm_id), lookup.images(session, vm_id)
     result = ApplyResult(target_id, state="saved" if target.memory_path else "off")
     result.detached_disks = [d for d in now_hw.disks if d not in then_hw.disks]
-    overlays, steps, kept = [], [], []
+    overlays, kept = [], []
+    steps: list[Step] = []
     for disk_id, image_id in frozen.items():
         base = images[image_id]
         current = disks[disk_id].active_image_id
@@ -270,26 +308,26 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
     saved = power.saved_state(ctx, vm_id)  # Now's saved memory no longer fits its disks
     discard = [str(saved.state), str(saved.meta)] \
         if vm_row.state == "saved" and not target.memory_path else []
-    params = {"vm": vm_id, "checkpoint": target_id, "config": target.config,
-              "overlays": overlays, "kept": kept, "state": result.state, "discard": discard,
-              "install": _install_memory(saved, target)}
+    params = CheckpointApply(vm=vm_id, checkpoint=target_id, config=target.config,
+                             overlays=overlays, kept=kept, state=result.state, discard=discard,
+                             install=_install_memory(saved, target))
     return params, steps, result
 
 
-def commit_apply(session: Session, params: dict[str, Any]) -> None:
-    for row in params["kept"]:  # a detached disk's own data stays, as a detached disk
+def commit_apply(session: Session, params: CheckpointApply) -> None:
+    for row in params.kept:  # a detached disk's own data stays, as a detached disk
         session.add(Disk(**row, created_at=now()))
-    _add_overlays(session, params["overlays"])
-    vm_row = session.get_one(Vm, params["vm"])
-    vm_row.config = params["config"]
-    vm_row.current_checkpoint_id = params["checkpoint"]
-    vm_row.state = params["state"]
-    if params.get("discard"):
-        journal.add(session, params["vm"], "saved_state_discard", {},
-                    [{"op": "delete_file", "path": path} for path in params["discard"]])
-    if params.get("install"):
-        journal.add(session, params["vm"], "saved_state_install", {}, params["install"])
-    compaction.mark(session, params["vm"])
+    _add_overlays(session, params.overlays)
+    vm_row = session.get_one(Vm, params.vm)
+    vm_row.config = params.config
+    vm_row.current_checkpoint_id = params.checkpoint
+    vm_row.state = params.state
+    if params.discard:
+        journal.add(session, params.vm, SavedStateDiscard(),
+                    [DeleteFile(path=path) for path in params.discard])
+    if params.install:
+        journal.add(session, params.vm, SavedStateInstall(), params.install)
+    compaction.mark(session, params.vm)
 
 
 @dataclass(frozen=True)

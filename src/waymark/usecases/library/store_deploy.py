@@ -28,10 +28,11 @@ deployed VM needs nothing of the host it came from, nor its template.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -40,7 +41,20 @@ from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredV
 from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import StepReport, now
+from waymark.engine.params import Params
 from waymark.engine.running import power, presence
+from waymark.engine.steps import (
+    Convert,
+    CopyFile,
+    DeleteFile,
+    MakeDir,
+    PruneDirs,
+    Rebase,
+    Step,
+    StepBase,
+    WriteFile,
+    WriteManifest,
+)
 from waymark.errors import Conflict, InvalidInput
 from waymark.external import shares
 from waymark.external.library_share import (
@@ -59,8 +73,44 @@ from waymark.model.timing import rfc3339
 from waymark.usecases.views import checkpoint_tree
 from waymark.usecases.vms import definitions as vms
 
-Step = dict[str, Any]
 Report = Callable[[int, int, str, float], None] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmStore(Params):
+    """VM ``vm_id`` (``name``) moved into ``library``: its rows go at commit, then the
+    ``finish`` steps delete its local files (journaled at commit: :class:`VmStoreFinish`)."""
+
+    kind: ClassVar[str] = "vm_store"
+    vm_id: str
+    name: str
+    library: str
+    finish: Sequence[StepBase]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmStoreFinish(Params):
+    kind: ClassVar[str] = "vm_store_finish"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDeploy(Params):
+    """A stored VM deployed here: its catalog rows (``vm``, ``images`` parents first, ``disks``,
+    ``checkpoints``, ``frozen``) as the manifest lists them, its paths made local; the
+    ``finish`` steps clear the library (journaled at commit: :class:`VmDeployFinish`)."""
+
+    kind: ClassVar[str] = "vm_deploy"
+    vm: dict[str, Any]
+    images: list[dict[str, Any]]
+    disks: list[dict[str, Any]]
+    frozen: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
+    finish: Sequence[StepBase]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDeployFinish(Params):
+    kind: ClassVar[str] = "vm_deploy_finish"
 
 
 def init(path: Path) -> dict[str, Any]:
@@ -79,9 +129,9 @@ def store(ctx: Context, vm_id: str, path: Path, report: Report = None) -> dict[s
             _require_new(library, vm_id, vm_name)
             with ctx.catalog.session() as session:
                 steps, finish, count = _store_plan(ctx, session, library, vm_id)
-            params = {"vm_id": vm_id, "name": vm_name, "library": str(library.root),
-                      "finish": finish}
-            ctx.journal.run(vm_id, "vm_store", params, steps, report=_describe(report))
+            params = VmStore(vm_id=vm_id, name=vm_name, library=str(library.root),
+                             finish=finish)
+            ctx.journal.run(vm_id, params, steps, report=_describe(report))
             settle.settle_vm(ctx, vm_id)  # the commit's finish: the local files go
     files = json.loads(library.manifest_path(vm_id).read_text())["files"]
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root), "checkpoints": count,
@@ -123,31 +173,27 @@ def _store_plan(ctx: Context, session: Session, library: Library, vm_id: str
     """(prepare steps, finish steps, checkpoint count)."""
     vm_row = session.get_one(Vm, vm_id)
     folder = library.folder(vm_id)
-    steps: list[Step] = [{"op": "make_dir", "path": str(folder)},  # undone: gone if empty
-                         {"op": "write_file", "path": str(folder / CLAIM),
-                          "text": claim_text("store", ctx.home)}]
+    steps: list[Step] = [MakeDir(path=str(folder)),  # undone: gone if empty
+                         WriteFile(path=str(folder / CLAIM), text=claim_text("store", ctx.home))]
     images = _images_parents_first(lookup.images(session, vm_id))
     for image in images:
         target = str(folder / _image_file(image.id))
-        steps.append({"op": "convert", "path": target, "src": image.path,
-                      "src_fmt": image.format} if image.pinned
-                     else {"op": "copy_file", "path": target, "src": image.path})
+        steps.append(Convert(path=target, src=image.path, src_fmt=image.format)
+                     if image.pinned else CopyFile(path=target, src=image.path))
     checkpoints = lookup.checkpoints(session, vm_id)
     for row in checkpoints:
         if row.memory_path:
-            steps.append({"op": "copy_file", "path": str(folder / _memory_file(row.id)),
-                          "src": row.memory_path})
+            steps.append(CopyFile(path=str(folder / _memory_file(row.id)),
+                                  src=row.memory_path))
     saved = _saved(ctx, vm_row)
     if saved is not None:
-        steps.append({"op": "copy_file", "path": str(folder / FILES / "saved.state"),
-                      "src": str(power.saved_state(ctx, vm_id).state)})
+        steps.append(CopyFile(path=str(folder / FILES / "saved.state"),
+                              src=str(power.saved_state(ctx, vm_id).state)))
     configs = [vm_row.config, *(c.config for c in checkpoints)]
     boot = _boot_files([*configs, *([saved["hardware"]] if saved else [])])
-    steps += [{"op": "copy_file", "path": str(folder / rel), "src": src}
-              for src, rel in boot.items()]
+    steps += [CopyFile(path=str(folder / rel), src=src) for src, rel in boot.items()]
     doc = _document(ctx, session, vm_row, images, checkpoints, saved, boot)
-    steps.append({"op": "write_manifest", "path": str(folder / MANIFEST),
-                  "root": str(folder / FILES), "doc": doc})
+    steps.append(WriteManifest(path=str(folder / MANIFEST), root=str(folder / FILES), doc=doc))
     return steps, _local_files(ctx, vm_row, images, checkpoints, folder), len(checkpoints)
 
 
@@ -235,17 +281,16 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
     here = ctx.vm_folder(vm_row.id)
     files += [str(here / "saved" / n) for n in ("state.bin", "saved.json")]
     files += [str(p) for p in presence.run_files(ctx, vm_row.id).kept()]
-    return [*({"op": "delete_file", "path": f} for f in files),
-            {"op": "prune_dirs", "path": str(here)},
-            {"op": "delete_file", "path": str(folder / CLAIM)}]
+    return [*(DeleteFile(path=f) for f in files), PruneDirs(path=str(here)),
+            DeleteFile(path=str(folder / CLAIM))]
 
 
-def commit_store(session: Session, params: dict[str, Any]) -> None:
-    vm_id = params["vm_id"]
+def commit_store(session: Session, params: VmStore) -> None:
+    vm_id = params.vm_id
     vms.delete_rows(session, vm_id)
-    session.merge(StoredVm(vm_id=vm_id, name=params["name"], library=params["library"],
+    session.merge(StoredVm(vm_id=vm_id, name=params.name, library=params.library,
                            stored_at=now()))
-    journal.add(session, vm_id, "vm_store_finish", {}, params["finish"])
+    journal.add(session, vm_id, VmStoreFinish(), params.finish)
 
 
 # --- deploy -----------------------------------------------------------------------------------
@@ -263,7 +308,7 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         library.verify(vm_id, manifest)
         _require_safe(ctx, library, vm_id, manifest)
         params, steps = _deploy_plan(ctx, library, manifest)
-        ctx.journal.run(vm_id, "vm_deploy", params, steps, report=_describe(report))
+        ctx.journal.run(vm_id, params, steps, report=_describe(report))
         settle.settle_vm(ctx, vm_id)  # the commit's finish: the library copy goes
     return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root),
             "state": manifest["vm"]["state"], "checkpoints": len(manifest["checkpoints"])}
@@ -350,14 +395,13 @@ def _deployed_boot(ctx: Context, manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
-                 ) -> tuple[dict[str, Any], list[Step]]:
+                 ) -> tuple[VmDeploy, list[Step]]:
     vm_doc = manifest["vm"]
     vm_id, here, there = vm_doc["id"], ctx.vm_folder(vm_doc["id"]), library.folder(vm_doc["id"])
     ckpt_dir = here / "checkpoints"
     boot = _deployed_boot(ctx, manifest)
-    steps: list[Step] = [{"op": "write_file", "path": str(there / CLAIM),
-                          "text": claim_text("deploy", ctx.home)},
-                         {"op": "make_dir", "path": str(here)}]
+    steps: list[Step] = [WriteFile(path=str(there / CLAIM), text=claim_text("deploy", ctx.home)),
+                         MakeDir(path=str(here))]
     paths = {i["id"]: str(ctx.disk_folder(vm_id) / f"{i['id']}.qcow2")
              for i in manifest["images"]}
     copies = [(i["file"], paths[i["id"]]) for i in manifest["images"]]
@@ -366,23 +410,24 @@ def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
     copies += [(rel, boot[src]) for src, rel in manifest["boot"].items()]
     if manifest["saved"]:
         copies.append((manifest["saved"]["file"], str(power.saved_state(ctx, vm_id).state)))
-    steps += [{"op": "copy_file", "src": str(library.file(vm_id, rel)), "path": dst,
-               "confined_to": str(there)} for rel, dst in copies]
+    steps += [CopyFile(src=str(library.file(vm_id, rel)), path=dst, confined_to=str(there))
+              for rel, dst in copies]
     steps += _descriptions(manifest, ckpt_dir, boot)
     if manifest["saved"]:
         meta = {**manifest["saved"]["meta"],
                 "hardware": _rebooted(manifest["saved"]["meta"]["hardware"], boot)}
-        steps.append({"op": "write_file", "path": str(power.saved_state(ctx, vm_id).meta),
-                      "text": json.dumps(meta, indent=2)})
-    params = {"vm": {**vm_doc, "config": _rebooted(vm_doc["config"], boot),
-                     "checkpoint_dir": str(ckpt_dir)},
-              "images": [{"id": i["id"], "path": paths[i["id"]], "parent_id": i["parent_id"],
-                          "virtual_size": i["virtual_size"]} for i in manifest["images"]],
-              "disks": manifest["disks"], "frozen": manifest["frozen"],
-              "checkpoints": [{**c, "config": _rebooted(c["config"], boot),
-                               "memory_path": str(ckpt_dir / f"{c['id']}.state")
-                               if c["memory_file"] else None} for c in manifest["checkpoints"]],
-              "finish": _library_cleanup(library, manifest, paths)}
+        steps.append(WriteFile(path=str(power.saved_state(ctx, vm_id).meta),
+                               text=json.dumps(meta, indent=2)))
+    params = VmDeploy(
+        vm={**vm_doc, "config": _rebooted(vm_doc["config"], boot),
+            "checkpoint_dir": str(ckpt_dir)},
+        images=[{"id": i["id"], "path": paths[i["id"]], "parent_id": i["parent_id"],
+                 "virtual_size": i["virtual_size"]} for i in manifest["images"]],
+        disks=manifest["disks"], frozen=manifest["frozen"],
+        checkpoints=[{**c, "config": _rebooted(c["config"], boot),
+                      "memory_path": str(ckpt_dir / f"{c['id']}.state")
+                      if c["memory_file"] else None} for c in manifest["checkpoints"]],
+        finish=_library_cleanup(library, manifest, paths))
     return params, steps
 
 
@@ -397,7 +442,7 @@ def _rebooted(config: dict[str, Any], boot: dict[str, str]) -> dict[str, Any]:
 def _descriptions(manifest: dict[str, Any], ckpt_dir: Path, boot: dict[str, str]
                   ) -> list[Step]:
     """Each checkpoint's description file, as checkpoint create writes it."""
-    steps = []
+    steps: list[Step] = []
     for c in manifest["checkpoints"]:
         frozen = [{"disk_id": f["disk_id"], "image_id": f["image_id"]}
                   for f in manifest["frozen"] if f["checkpoint_id"] == c["id"]]
@@ -405,8 +450,7 @@ def _descriptions(manifest: dict[str, Any], ckpt_dir: Path, boot: dict[str, str]
                            "vm_name": manifest["vm"]["name"],
                            "configuration": _rebooted(c["config"], boot),
                            "frozen_images": frozen}, indent=2, sort_keys=True)
-        steps.append({"op": "write_file", "path": str(ckpt_dir / f"{c['id']}.json"),
-                      "text": text})
+        steps.append(WriteFile(path=str(ckpt_dir / f"{c['id']}.json"), text=text))
     return steps
 
 
@@ -415,38 +459,36 @@ def _library_cleanup(library: Library, manifest: dict[str, Any], paths: dict[str
     """The deploy's finish: the manifest goes first (the library no longer holds the VM), then
     the backing links are rewritten, the library's files deleted, the claim last."""
     vm_id = manifest["vm"]["id"]
-    steps: list[Step] = [{"op": "delete_file", "path": str(library.manifest_path(vm_id))}]
-    steps += [{"op": "rebase", "path": paths[i["id"]], "backing": paths[i["parent_id"]],
-               "backing_fmt": "qcow2", "unsafe": True}
-              for i in manifest["images"] if i["parent_id"]]
-    steps += [{"op": "delete_file", "path": str(library.file(vm_id, rel))}
-              for rel in manifest["files"]]
-    return [*steps, {"op": "delete_file", "path": str(library.claim_path(vm_id))},
-            {"op": "prune_dirs", "path": str(library.folder(vm_id))}]
+    steps: list[Step] = [DeleteFile(path=str(library.manifest_path(vm_id)))]
+    steps += [Rebase(path=paths[i["id"]], backing=paths[i["parent_id"]], backing_fmt="qcow2",
+                     unsafe=True) for i in manifest["images"] if i["parent_id"]]
+    steps += [DeleteFile(path=str(library.file(vm_id, rel))) for rel in manifest["files"]]
+    return [*steps, DeleteFile(path=str(library.claim_path(vm_id))),
+            PruneDirs(path=str(library.folder(vm_id)))]
 
 
-def commit_deploy(session: Session, params: dict[str, Any]) -> None:
-    vm = params["vm"]
+def commit_deploy(session: Session, params: VmDeploy) -> None:
+    vm = params.vm
     session.add(Vm(**{**vm, "created_at": _when(vm["created_at"])}))
     session.flush()
-    for image in params["images"]:  # parents first, as the manifest lists them
+    for image in params.images:  # parents first, as the manifest lists them
         session.add(Image(**image, vm_id=vm["id"], format="qcow2", pinned=False, chain_length=1,
                           created_at=now()))
         session.flush()
-    for disk in params["disks"]:
+    for disk in params.disks:
         session.add(Disk(**{**disk, "created_at": _when(disk["created_at"])}, vm_id=vm["id"],
                          passthrough_path=None))
-    for c in _parents_first(params["checkpoints"]):
+    for c in _parents_first(params.checkpoints):
         fields = {k: v for k, v in c.items() if k != "memory_file"}
         session.add(Checkpoint(**{**fields, "created_at": _when(c["created_at"])},
                                vm_id=vm["id"]))
         session.flush()
-    for f in params["frozen"]:
+    for f in params.frozen:
         session.add(FrozenImage(**f))
     row = session.get(StoredVm, vm["id"])
     if row is not None:
         session.delete(row)
-    journal.add(session, vm["id"], "vm_deploy_finish", {}, params["finish"])
+    journal.add(session, vm["id"], VmDeployFinish(), params.finish)
     compaction.mark(session, vm["id"])  # a base it pinned is its own now: merges may reach it
 
 
@@ -513,8 +555,8 @@ def _describe(report: Report) -> StepReport | None:
     def shown(number: int, total: int, step: Step, fraction: float) -> None:
         what = {"copy_file": "copying", "convert": "flattening a base image into",
                 "write_manifest": "checksumming into", "write_file": "writing",
-                "make_dir": "creating"}.get(step["op"], step["op"])
-        report(number, total, f"{what} {Path(step['path']).name}", fraction)
+                "make_dir": "creating"}.get(step.op, step.op)
+        report(number, total, f"{what} {Path(step.paths()[0]).name}", fraction)
 
     return shown
 

@@ -24,6 +24,7 @@ from waymark import durable, modes
 from waymark.catalog.models import Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
+from waymark.engine.steps import CopyFile, Step, WriteFile
 from waymark.errors import Conflict, ImageError, NotFound
 from waymark.external import shares
 from waymark.images import qemu_img
@@ -141,14 +142,13 @@ def _check_files(bundle: Path, manifest: dict[str, Any], where: str) -> None:
 
 
 def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[str, Any],
-                       hardware: dict[str, Any]) -> list[dict[str, Any]]:
+                       hardware: dict[str, Any]) -> list[Step]:
     saved = ctx.vm_folder(vm_id) / "saved"
     meta = {"sha256": manifest["files"][manifest["memory"]], "hardware": hardware,
             "imported_from": manifest["source"]}
-    return [{"op": "copy_file", "src": str(bundle / manifest["memory"]),
-             "path": str(saved / "state.bin"), "confined_to": str(bundle)},
-            {"op": "write_file", "path": str(saved / "saved.json"),
-             "text": json.dumps(meta, indent=2)}]
+    return [CopyFile(src=str(bundle / manifest["memory"]), path=str(saved / "state.bin"),
+                     confined_to=str(bundle)),
+            WriteFile(path=str(saved / "saved.json"), text=json.dumps(meta, indent=2))]
 
 
 def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
@@ -166,7 +166,7 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
                        confined_to=bundle)
               for d in manifest["disks"]]
 
-    def memory(vm_id: str, dumped: dict[str, Any]) -> list[dict[str, Any]]:
+    def memory(vm_id: str, dumped: dict[str, Any]) -> list[Step]:
         if not manifest.get("memory"):
             return []
         return _saved_state_steps(ctx, vm_id, bundle, manifest, dumped)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import select, update
@@ -29,7 +29,9 @@ from waymark.catalog.models import (
 from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
+from waymark.engine.params import Params
 from waymark.engine.running import power, presence
+from waymark.engine.steps import Convert, CreateImage, DeleteFile, MakeDir, PruneDirs, Step
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.external import shares
 from waymark.images import qemu_img
@@ -44,6 +46,32 @@ MAX_CHECKPOINTS_CEILING = 1000
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmCreate(Params):
+    """A new VM: its catalog rows (``vm``, ``disks``, ``images``, parents first)."""
+
+    kind: ClassVar[str] = "vm_create"
+    vm: dict[str, Any]
+    disks: list[dict[str, Any]]
+    images: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiskAdd(Params):
+    """A disk attached to a VM: its catalog rows."""
+
+    kind: ClassVar[str] = "disk_add"
+    disk: dict[str, Any]
+    images: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmDelete(Params):
+    """A deleted VM's files (its rows went in the transaction that wrote the intent)."""
+
+    kind: ClassVar[str] = "vm_delete"
 
 
 @dataclass(frozen=True)
@@ -197,7 +225,7 @@ def _owned_paths(session: Session) -> set[str]:
 
 
 def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
-              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Step]]:
     """(disk row, image rows, file steps) for one ``--disk``; nothing is written here."""
     disk: dict[str, Any] = {"id": new_id(), "vm_id": vm_id, "active_image_id": None,
                             "passthrough_path": None}
@@ -217,7 +245,7 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         path = folder / f"{new_id()}.qcow2"
         row = _image_row(vm_id, path, "qcow2", spec.size)
         disk["active_image_id"] = row["id"]
-        return disk, [row], [{"op": "create_image", "path": str(path), "size": spec.size}]
+        return disk, [row], [CreateImage(path=str(path), size=spec.size)]
     assert spec.path is not None
     if str(spec.path) in _owned_paths(session) or ctx.home / "vms" in spec.path.parents:
         raise InvalidInput(f"{spec.path} is a file Waymark manages.",
@@ -227,16 +255,14 @@ def plan_disk(ctx: Context, session: Session, vm_id: str, spec: DiskSpec
         path = folder / f"{new_id()}.qcow2"
         row = _image_row(vm_id, path, "qcow2", qemu_img.info(spec.path, fmt).virtual_size)
         disk["active_image_id"] = row["id"]
-        return disk, [row], [{"op": "convert", "path": str(path), "src": str(spec.path),
-                              "src_fmt": fmt}]
+        return disk, [row], [Convert(path=str(path), src=str(spec.path), src_fmt=fmt)]
     chain = qemu_img.chain(spec.path, fmt)
     base = _image_row(vm_id, spec.path, fmt, chain[0].virtual_size, pinned=True,
                       chain_length=len(chain))
     overlay_path = folder / f"{new_id()}.qcow2"
     overlay = _image_row(vm_id, overlay_path, "qcow2", base["virtual_size"], parent=base["id"])
     disk["active_image_id"] = overlay["id"]
-    step = {"op": "create_image", "path": str(overlay_path), "backing": str(spec.path),
-            "backing_fmt": fmt}
+    step = CreateImage(path=str(overlay_path), backing=str(spec.path), backing_fmt=fmt)
     return disk, [base, overlay], [step]
 
 
@@ -260,7 +286,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                               nics=[Nic(mac=new_mac())] if nics is None else nics)
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
-    steps: list[dict[str, Any]] = []
+    steps: list[Step] = []
     with ctx.catalog.session() as session:
         refuse_taken(session, name, owner_id, visible)
         for spec in disks:
@@ -276,11 +302,10 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
               "checkpoint_dir": check_folder(folder),
               "automatic_checkpoints": automatic_checkpoints, "origin": origin,
               "owner_id": owner_id}
-    steps.insert(0, {"op": "make_dir", "path": str(ctx.vm_folder(vm_id))})
+    steps.insert(0, MakeDir(path=str(ctx.vm_folder(vm_id))))
     with quotas.vm_created(ctx, owner_id, hardware, disk_rows, image_rows), \
             ctx.vm_locked(vm_id, name):
-        ctx.journal.run(vm_id, "vm_create",
-                        {"vm": vm_row, "disks": disk_rows, "images": image_rows}, steps)
+        ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disk_rows, images=image_rows), steps)
     return vm_id
 
 
@@ -301,15 +326,15 @@ def _insert_images(session: Session, rows: list[dict[str, Any]]) -> None:
         session.flush()
 
 
-def commit_vm_create(session: Session, params: dict[str, Any]) -> None:
+def commit_vm_create(session: Session, params: VmCreate) -> None:
     try:
-        session.add(Vm(**params["vm"], created_at=now()))
+        session.add(Vm(**params.vm, created_at=now()))
         session.flush()
     except IntegrityError as err:
-        raise Conflict(f"a VM named {params['vm']['name']!r} already exists.",
+        raise Conflict(f"a VM named {params.vm['name']!r} already exists.",
                        hint="Choose another name.") from err
-    _insert_images(session, params["images"])
-    for row in params["disks"]:
+    _insert_images(session, params.images)
+    for row in params.disks:
         session.add(Disk(**row, created_at=now()))
 
 
@@ -427,9 +452,9 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
                                                 Grant.object_id == vm_id))
-        steps = [{"op": "delete_file", "path": f} for f in files]
-        steps.append({"op": "prune_dirs", "path": str(ctx.vm_folder(vm_id))})
-        journal.add(session, vm_id, "vm_delete", {}, steps)
+        steps: list[Step] = [DeleteFile(path=f) for f in files]
+        steps.append(PruneDirs(path=str(ctx.vm_folder(vm_id))))
+        journal.add(session, vm_id, VmDelete(), steps)
     settle.settle_vm(ctx, vm_id)
 
 
@@ -452,13 +477,13 @@ def add_disk(ctx: Context, vm_id: str, spec: DiskSpec, discard_saved: bool = Fal
             disk, images, steps = plan_disk(ctx, session, vm_id, spec)
         if discard:
             power.discard_saved(ctx, vm_id)
-        ctx.journal.run(vm_id, "disk_add", {"disk": disk, "images": images}, steps)
+        ctx.journal.run(vm_id, DiskAdd(disk=disk, images=images), steps)
     return str(disk["id"])
 
 
-def commit_disk_add(session: Session, params: dict[str, Any]) -> None:
-    _insert_images(session, params["images"])
-    disk = Disk(**params["disk"], created_at=now())
+def commit_disk_add(session: Session, params: DiskAdd) -> None:
+    _insert_images(session, params.images)
+    disk = Disk(**params.disk, created_at=now())
     session.add(disk)
     row = session.get_one(Vm, disk.vm_id)
     hardware = HardwareConfig.load(row.config)
@@ -519,7 +544,7 @@ def _outside_limit(settings: dict[str, Any]) -> int:
     return check_limit(value)
 
 
-ExtraSteps = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
+ExtraSteps = Callable[[str, dict[str, Any]], list[Step]]
 
 
 def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies: list[Copy],
@@ -534,7 +559,8 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     """
     vm_name = names.clean(name, what="VM name")
     vm_id = new_id()
-    keys, disks, images, steps = {}, [], [], []
+    keys, disks, images = {}, [], []
+    steps: list[Step] = []
     for copy in copies:
         image_id, disk_id = new_id(), new_id()  # an image's id is its file's name
         path = ctx.disk_folder(vm_id) / f"{image_id}.qcow2"
@@ -542,9 +568,9 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         images.append(_image_row(vm_id, path, "qcow2", copy.virtual_size))
         disks.append({"id": disk_id, "vm_id": vm_id, "active_image_id": image_id,
                       "passthrough_path": None})
-        steps.append({"op": "convert", "path": str(path), "src": str(copy.src),
-                      "src_fmt": copy.src_fmt,
-                      "confined_to": None if copy.confined_to is None else str(copy.confined_to)})
+        steps.append(Convert(path=str(path), src=str(copy.src), src_fmt=copy.src_fmt,
+                             confined_to=None if copy.confined_to is None
+                             else str(copy.confined_to)))
     if set(hardware.disks) != set(keys):
         raise ImageError("the source's configuration and its disks disagree.")
     hardware.disks = [keys[k] for k in hardware.disks]
@@ -560,8 +586,8 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     more = extra(vm_id, hardware.dump()) if extra is not None else []
     if more:
         vm_row["state"] = "saved"
-    steps = [{"op": "make_dir", "path": str(ctx.vm_folder(vm_id))}, *steps, *more]
+    steps = [MakeDir(path=str(ctx.vm_folder(vm_id))), *steps, *more]
     with ctx.vm_locked(vm_id, vm_name):
-        ctx.journal.run(vm_id, "vm_create", {"vm": vm_row, "disks": disks, "images": images},
-                        steps, on_progress)
+        ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disks, images=images), steps,
+                        on_progress)
     return vm_id
