@@ -140,7 +140,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         expect(dialog.get_by_role("button", name="Cancel")).to_be_visible()
         reloaded(page, dialog.get_by_role("button", name="Create Checkpoint and Apply").click)
         listing = wm.json("checkpoint", "list", "web")
-        assert listing["current_id"] == first_id
+        assert listing["current_checkpoint_id"] == first_id
         [(safety, safety_id)] = [(c["name"], c["id"]) for c in listing["checkpoints"]
                                  if c["id"] not in (first_id, second_id)]
         assert tree_rows(page) == [(1, first), (2, second), (3, safety), (2, "Now")]

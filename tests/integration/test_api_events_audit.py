@@ -211,7 +211,7 @@ def test_job_events_follow_a_merge(home: Home) -> None:
         resp = http.delete("/api/vms/v/checkpoints/b")
     assert resp.status_code == 202, resp.text
     body = resp.json()
-    assert body["deleted"] == [{"id": home.ckpt["b"], "name": "b"}]
+    assert body["deleted"] == [{"kind": "checkpoint", "id": home.ckpt["b"], "name": "b"}]
     job = body["job"]
     watcher.job_id = job
 

@@ -178,7 +178,7 @@ class Client(threading.Thread):
             return
         body = resp.json()
         name = self.tally.created[target][1]
-        if body["deleted"] != [{"id": target, "name": name}]:
+        if body["deleted"] != [{"kind": "checkpoint", "id": target, "name": name}]:
             self.tally.unexpected.append(f"deleted {target} ({name}) of {vm}, got {body}")
         for gone in body["deleted"]:
             self.tally.deleted[gone["id"]] = vm

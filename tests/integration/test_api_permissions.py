@@ -353,7 +353,8 @@ def login(env: Env, caller: str, allowed: bool) -> Req:
 
 def logout(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
-        assert resp.json()["signed_out"] == caller
+        assert resp.json() == {"id": env.admin("GET", "/api/auth/me", caller=caller)["id"],
+                               "name": caller, "signed_out": True}
         assert env.admin("GET", "/api/auth/me", caller=caller)["name"] == caller  # token stays
 
     return Req("/api/auth/logout", check=check)
@@ -669,11 +670,12 @@ def ckpt_show(env: Env, caller: str, allowed: bool) -> Req:
 
 def ckpt_apply(env: Env, caller: str, allowed: bool) -> Req:
     vm = env.target(caller)
-    current = env.tree(vm)["current_id"]
+    current = env.tree(vm)["current_checkpoint_id"]
     ckpt = next(c for c in env.pair(vm) if c != current)
 
     def check(resp: httpx.Response) -> None:
-        assert resp.json()["checkpoint_id"] == ckpt and env.tree(vm)["current_id"] == ckpt
+        assert resp.json()["checkpoint_id"] == ckpt
+        assert env.tree(vm)["current_checkpoint_id"] == ckpt
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply", {"mode": "discard_current"},
                check=check, ref=vm)
@@ -683,11 +685,11 @@ def ckpt_apply_start(env: Env, caller: str, allowed: bool) -> Req:
     """An apply that starts the VM afterwards: the start is a side effect that needs
     start-stop; allowed, the apply is done and the start fails for want of a kernel."""
     vm = env.target(caller)
-    current = env.tree(vm)["current_id"]
+    current = env.tree(vm)["current_checkpoint_id"]
     ckpt = next(c for c in env.pair(vm) if c != current)
 
     def check(resp: httpx.Response) -> None:
-        assert env.tree(vm)["current_id"] == ckpt
+        assert env.tree(vm)["current_checkpoint_id"] == ckpt
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply",
                {"mode": "discard_current", "start": True}, check=check, ref=vm,
@@ -697,13 +699,13 @@ def ckpt_apply_start(env: Env, caller: str, allowed: bool) -> Req:
 def ckpt_apply_first(env: Env, caller: str, allowed: bool) -> Req:
     """Hyper-V's "Create Checkpoint and Apply": a new checkpoint of Now, then the apply."""
     vm = env.target(caller)
-    current = env.tree(vm)["current_id"]
+    current = env.tree(vm)["current_checkpoint_id"]
     ckpt = next(c for c in env.pair(vm) if c != current)
 
     def check(resp: httpx.Response) -> None:
         safety = resp.json()["safety_checkpoint_id"]
         listing = env.tree(vm)
-        assert listing["current_id"] == ckpt
+        assert listing["current_checkpoint_id"] == ckpt
         assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]}[safety] == current
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply", {"mode": "checkpoint_first"},
@@ -804,7 +806,7 @@ def backup_restore(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
         restored = resp.json()["checkpoint_id"]
         listing = env.tree(vm)
-        assert listing["current_id"] == restored
+        assert listing["current_checkpoint_id"] == restored
         assert {c["id"]: c["name"] for c in listing["checkpoints"]}[restored] == \
             f"Restored from {point}"
 
@@ -816,12 +818,12 @@ def backup_restore_first(env: Env, caller: str, allowed: bool) -> Req:
     """A restore that checkpoints Now first: that checkpoint needs the checkpoint permission."""
     vm = env.target(caller)
     point = env.points[vm]
-    before = env.tree(vm)["current_id"]
+    before = env.tree(vm)["current_checkpoint_id"]
 
     def check(resp: httpx.Response) -> None:
         listing = env.tree(vm)
         parents = {c["id"]: c["parent_id"] for c in listing["checkpoints"]}
-        assert listing["current_id"] == resp.json()["checkpoint_id"]
+        assert listing["current_checkpoint_id"] == resp.json()["checkpoint_id"]
         assert parents[resp.json()["safety_checkpoint_id"]] == before
 
     return Req(f"/api/vms/{vm}/backups/{point}/restore",
@@ -1618,7 +1620,7 @@ def test_an_apply_that_turns_a_running_vm_off_needs_start_stop(env: Env) -> None
     try:
         run.pidfile.write_text(str(stand_in.pid))
         set_state(env, vm, "running")
-        current = env.tree("vm-x")["current_id"]
+        current = env.tree("vm-x")["current_checkpoint_id"]
         ckpt = next(c for c in env.pair("vm-x") if c != current)
         before = env.snapshot()
         resp = env.call("restore_only", "POST", f"/api/vms/vm-x/checkpoints/{ckpt}/apply",

@@ -289,7 +289,9 @@ def test_changing_ones_own_password_needs_the_current_one(home: Waymark) -> None
         right = http.put(f"/api/users/{ALICE}/password",
                          json={"password": "new-password-1", "current_password": ALICE_PASSWORD})
         assert right.status_code == 200, right.text
-        assert right.json() == {"changed": ALICE, "sessions_ended": True, "tokens_revoked": 1}
+        [(alice_id,)] = query(home.home, "SELECT id FROM users WHERE name = ?", ALICE)
+        assert right.json() == {"id": alice_id, "name": ALICE, "sessions_ended": True,
+                                "tokens_revoked": 1}
         assert me(url, alice) == 401  # the token made with the old password is gone
         assert login(http, ALICE, "new-password-1").status_code == 200
 

@@ -247,7 +247,7 @@ def test_a_point_is_listed_and_its_manifest_matches_its_files(wm: Waymark,
     rows = wm.json("backup", "list", "--repo", str(repo))
     assert [r["id"] for r in rows] == [point["id"]]
     (row,) = rows
-    assert row["kind"] == "full" and row["parent"] is None, row
+    assert row["kind"] == "full" and row["parent_id"] is None, row
     assert row["reason"] == "the first backup of this VM in this repository", row
     assert row["consistency"].startswith("consistent"), row
     assert (row["vm_name"], row["vm_id"]) == (VM, backed_up["vm_id"]), row
@@ -275,7 +275,7 @@ def test_a_point_is_listed_and_its_manifest_matches_its_files(wm: Waymark,
 
     # the next point is incremental: only the 128 KiB written since, on the first point's file
     second = backup(wm, repo, VM)[0]
-    assert second["kind"] == "incremental" and second["parent"] == point["id"], second
+    assert second["kind"] == "incremental" and second["parent_id"] == point["id"], second
     assert second["reason"] == f"the changes since point {point['id']}", second
     assert listed(wm, repo) == {point["id"], second["id"]}
     assert point_content(repo, second) == backed_up["changed"]
@@ -294,8 +294,8 @@ def test_restore_as_new_vm_has_the_points_content(wm: Waymark, backed_up: dict[s
     repo = backed_up["repo"]
     repo_before = tree_files(repo)
     made = wm.json("backup", "restore", VM, "--repo", str(repo), "--as-new", "web-copy")
-    assert made["name"] == "web-copy" and made["vm_id"] != backed_up["vm_id"], made
     copy = wm.json("vm", "show", "web-copy")
+    assert made == {"restored_as": copy} and copy["id"] != backed_up["vm_id"], made
     original = wm.json("vm", "show", VM)
     assert copy["state"] == "off" and copy["checkpoint_count"] == 0, copy
     assert copy["disks"][0]["id"] != original["disks"][0]["id"]
@@ -325,7 +325,7 @@ def test_restore_into_the_vm_keeps_its_checkpoints(wm: Waymark, backed_up: dict[
     assert set(by_id) == {c["id"] for c in before} | {done["checkpoint_id"]}
     restored = by_id[done["checkpoint_id"]]
     assert restored["name"] == f"Restored from {point['id']}", restored
-    assert restored["parent_id"] is None and tree["current_id"] == restored["id"], tree
+    assert restored["parent_id"] is None and tree["current_checkpoint_id"] == restored["id"], tree
     for ckpt_id, content in backed_up["checkpoints"].items():
         shown = wm.json("checkpoint", "show", VM, ckpt_id)
         assert content_sha256(shown["disks"][0]["frozen_image"]) == content, shown["name"]
@@ -354,7 +354,7 @@ def test_restore_with_checkpoint_first_keeps_now(wm: Waymark, backed_up: dict[st
     assert content_sha256(safety["disks"][0]["frozen_image"]) == backed_up["changed"]
     assert content_sha256(active(wm)) == backed_up["at_backup"]
     tree = wm.json("checkpoint", "list", VM)
-    assert tree["current_id"] == done["checkpoint_id"]
+    assert tree["current_checkpoint_id"] == done["checkpoint_id"]
     assert wm.json("vm", "show", VM)["checkpoint_count"] == count + 2
     for ckpt_id, content in backed_up["checkpoints"].items():
         shown = wm.json("checkpoint", "show", VM, ckpt_id)
@@ -462,7 +462,7 @@ def test_a_moved_repository_still_lists_verifies_and_restores(
     assert rows[0]["repository"] == str(moved)
     verify_ok(wm, moved)
     made = wm.json("backup", "restore", VM, "--repo", str(moved), "--as-new", "from-moved")
-    shown = wm.json("vm", "show", made["vm_id"])
+    shown = wm.json("vm", "show", made["restored_as"]["id"])
     assert content_sha256(shown["disks"][0]["active_image"]) == backed_up["at_backup"]
     # and backing up into it again works from there
     (again,) = backup(wm, moved, VM)
@@ -519,8 +519,8 @@ def test_a_damaged_point_is_named_by_verify_and_refused_by_restore(
     # the sound point still restores
     made = wm.json("backup", "restore", VM, "--repo", str(repo), "--point", good["id"],
                    "--as-new", "from-good")
-    assert content_sha256(wm.json("vm", "show", made["vm_id"])["disks"][0]["active_image"]) == \
-        backed_up["changed"]
+    shown = wm.json("vm", "show", made["restored_as"]["id"])
+    assert content_sha256(shown["disks"][0]["active_image"]) == backed_up["changed"]
     assert_clean(wm)
 
 
@@ -604,7 +604,7 @@ def test_a_schedule_run_that_raises_is_recorded_and_the_server_carries_on(
         schedule_due(wm, "second")  # the same server's scheduler still runs what is due
         ran = last_run(wm, "second")
     [outcome] = ran["last_result"]["vms"]
-    assert outcome["vm"] == "second" and outcome["error"] is None and outcome["point"]
+    assert outcome["vm_name"] == "second" and outcome["error"] is None and outcome["point"]
     assert [p["id"] for p in wm.json("backup", "list", "--repo", str(repo))] == \
         [outcome["point"]]
     log = (wm.home.parent / "serve.log").read_text()

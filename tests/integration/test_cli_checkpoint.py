@@ -66,7 +66,7 @@ def test_create_list_and_show(wm: Waymark, tmp_path: Path) -> None:
     listing = wm.json("checkpoint", "list", "web")
     assert listing["vm_id"] == vm["id"]
     one, two = listing["checkpoints"]
-    assert listing["current_id"] == two["id"]
+    assert listing["current_checkpoint_id"] == two["id"]
     assert (one["id"], one["name"]) == (first["id"], first["name"])
     assert two["name"] == "second"
     assert (one["parent_id"], two["parent_id"]) == (None, one["id"])

@@ -114,7 +114,7 @@ def test_list_and_refer_to_a_vm_by_name_or_id_prefix(wm: Waymark) -> None:
     listed = wm.json("vm", "list")
     assert [row["name"] for row in listed] == ["alpha", "beta"]
     assert listed[0] == {"id": alpha["id"], "name": "alpha", "state": "off", "memory_mib": 512,
-                         "cpus": 1, "checkpoint_type": "standard", "checkpoints": 0}
+                         "cpus": 1, "checkpoint_type": "standard", "checkpoint_count": 0}
     assert listed[1]["id"] == beta["id"]
     assert (listed[1]["memory_mib"], listed[1]["cpus"]) == (256, 3)
 
@@ -217,7 +217,8 @@ def test_delete_removes_only_waymark_files(wm: Waymark, tmp_path: Path) -> None:
     assert "--yes" in refused.stderr
     assert all(p.is_file() for p in made)
 
-    assert wm.json("vm", "delete", "web", "--yes") == {"deleted": vm_id, "name": "web"}
+    assert wm.json("vm", "delete", "web", "--yes") == \
+        {"deleted": [{"kind": "vm", "id": vm_id, "name": "web"}]}
     assert wm.json("vm", "list") == []
     assert not (wm.home / "vms" / vm_id).exists()
     assert not any(p.exists() for p in made)

@@ -144,7 +144,7 @@ class Vm:
         """Every checkpoint holds its content; Now holds exactly what was written since."""
         listing = self.wm.json("checkpoint", "list", self.name)
         assert {c["id"] for c in listing["checkpoints"]} == set(self.checkpoints)
-        assert listing["current_id"] == self.current
+        assert listing["current_checkpoint_id"] == self.current
         assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == self.parents
         in_catalog: dict[str, dict[str, str]] = {}
         for ckpt_id, disk_id, path in query(

@@ -406,7 +406,8 @@ def test_linked_clones_share_a_read_only_template_and_full_copies_stand_alone(
     assert {p: file_sha256(p) for p in files} == template_files
     wm("vm", "delete", "b", "--yes")
     assert wm.json("template", "show", "golden")["vms"] == []
-    assert wm.json("template", "delete", "golden") == {"deleted": "golden"}
+    assert wm.json("template", "delete", "golden") == \
+        {"deleted": [{"kind": "template", "id": None, "name": "golden"}]}
     assert not Path(made["folder"]).exists()
     assert templates_folder(wm.home) == {"lock"}
     assert wm.json("template", "list") == []

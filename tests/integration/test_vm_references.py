@@ -204,7 +204,8 @@ def _schedule(home: Home) -> None:
     with sqlite3.connect(wm.home / "catalog.db") as db:
         db.execute("UPDATE schedules SET next_due_at = '2000-01-01 00:00:00.000000'")
     [run] = wm.json("backup", "run-due")
-    assert [(v["vm_id"], v["vm"], v["error"]) for v in run["vms"]] == [(x, "vm-x", None)], run
+    assert [(v["vm_id"], v["vm_name"], v["error"]) for v in run["vms"]] == [(x, "vm-x", None)], \
+        run
 
 
 def _landed_on_x(home: Home, point: dict[str, Any]) -> None:
@@ -234,7 +235,7 @@ def test_actions_on_a_vm_by_its_id_never_land_on_a_vm_named_so(home: Home) -> No
     assert _checkpoint_names(home, home.hers) == []
     # deleting X by id deletes X, not hers
     deleted = home.ok("admin", "DELETE", f"/api/vms/{home.x}", params={"yes": True})
-    assert deleted["deleted"] == home.x
+    assert deleted == {"deleted": [{"kind": "vm", "id": home.x, "name": "vm-x"}]}
     assert query(home.wm.home, "SELECT id FROM vms WHERE id = ?", home.x) == []
     assert _rows(home, home.hers) == hers_before
 

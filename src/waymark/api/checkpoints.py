@@ -107,8 +107,7 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
     done = deletion.delete_checkpoints(ctx, row.id, target, subtree=subtree, yes=True,
                                        wait=False)
     jobs.spawn(ctx, done.job)
-    return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
-            "job": done.job}
+    return done.answer()
 
 
 @router.delete("/vms/{vm}/checkpoints", status_code=202, response_model=schemas.CheckpointsDeleted)
@@ -121,8 +120,7 @@ def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
     row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
     done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False)
     jobs.spawn(ctx, done.job)
-    return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
-            "job": done.job}
+    return done.answer()
 
 
 class Export(BaseModel):

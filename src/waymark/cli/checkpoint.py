@@ -221,8 +221,7 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
                                        report=StepProgress(), wait=not no_wait)
     if no_wait:
         jobs.spawn(ctx, done.job)
-    data = {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
-            "job": done.job}
+    data = done.answer()
     lines = [f"Deleted checkpoint {m.name!r} ({m.id[:12]})." for m in done.checkpoints]
     if no_wait:
         lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")

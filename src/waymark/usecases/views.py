@@ -67,7 +67,7 @@ def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
         space = Space(session, vm_row.id)
         rows = lookup.checkpoints(session, vm_row.id)
         return {"vm_id": vm_row.id, "vm_name": vm_row.name,
-                "current_id": vm_row.current_checkpoint_id,
+                "current_checkpoint_id": vm_row.current_checkpoint_id,
                 "checkpoints": [_checkpoint(session, c, space) for c in rows]}
 
 
@@ -75,7 +75,7 @@ def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
     nodes = [tree.Node(c["id"], c["name"], c["parent_id"],
                        datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")),
                        c["has_memory"]) for c in listing["checkpoints"]]
-    return tree.draw(nodes, listing["current_id"])
+    return tree.draw(nodes, listing["current_checkpoint_id"])
 
 
 def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def vm_list(ctx: Context) -> list[dict[str, Any]]:
         return [{"id": r.id, "name": r.name,
                  "state": presence.observed_state(ctx, r.id, r.state),
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
-                 "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
+                 "checkpoint_type": r.checkpoint_type, "checkpoint_count": counts.get(r.id, 0)}
                 for r in rows]
 
 

@@ -27,6 +27,7 @@ from waymark.errors import Conflict, InvalidInput, NotFound, WaymarkError
 from waymark.external.repository import Repository
 from waymark.model import names, retention, timing
 from waymark.model.timing import rfc3339
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.backups import points as backups
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,21 @@ def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str,
 
 
 def _describe(row: Schedule) -> dict[str, Any]:
-    return {"name": row.name, "vms": row.vms, "repo": row.repo, "every": row.every,
+    return {"name": row.name, "vms": row.vms, "repository": row.repo, "every": row.every,
             "at": row.at, "day": row.day, "full_every": row.full_every, "keep": row.keep,
             "next_due_at": rfc3339(row.next_due_at),
             "last_run_at": rfc3339(row.last_run_at) if row.last_run_at else None,
-            "last_result": row.last_result,
+            "last_result": _recorded(row.last_result),
             "running": process.alive(row.claimed_pid, row.claimed_start)}
+
+
+def _recorded(result: Any) -> Any:
+    """A run's result as recorded, in today's vocabulary: runs recorded by an older Waymark
+    named each VM ``vm`` (now ``vm_name``)."""
+    if not isinstance(result, dict) or not isinstance(result.get("vms"), list):
+        return result
+    return {**result, "vms": [{("vm_name" if k == "vm" else k): v for k, v in o.items()}
+                              if isinstance(o, dict) else o for o in result["vms"]]}
 
 
 def show(ctx: Context, name: str) -> dict[str, Any]:
@@ -86,13 +96,14 @@ def listing(ctx: Context) -> list[dict[str, Any]]:
         return [_describe(r) for r in session.scalars(select(Schedule).order_by(Schedule.name))]
 
 
-def remove(ctx: Context, name: str) -> None:
+def remove(ctx: Context, name: str) -> DeleteAnswer:
     with ctx.catalog.session() as session:
         row = session.get(Schedule, name)
         if row is None:
             raise NotFound(f"no backup schedule named {name!r}.",
                            hint="List them: waymark backup schedule list")
         session.delete(row)
+    return deleted(gone("schedule", name))
 
 
 def _claim(ctx: Context, name: str, due: datetime) -> bool:
@@ -151,7 +162,7 @@ def _back_up(ctx: Context, name: str, result: dict[str, Any], report: backups.Re
     outcomes = backups.run(ctx, vms, repo, report, full_every=full_every)
     with ctx.catalog.session() as session:
         names = {v: lookup.vm_name(session, v) for v in vms}
-    result["vms"] = [{"vm": names.get(o.vm, o.vm), "vm_id": o.vm,
+    result["vms"] = [{"vm_name": names.get(o.vm, o.vm), "vm_id": o.vm,
                       "point": o.point["id"] if o.point else None, "error": o.error}
                      for o in outcomes]
     if not keep.empty():

@@ -22,6 +22,7 @@ from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
+from waymark.model.vocabulary import deleted, gone
 
 GLOB_CHARS = frozenset("*?[")
 FILES_KIND = "checkpoint_files_delete"  # the journal intent that removes their own files
@@ -58,6 +59,11 @@ def matching(ctx: Context, vm_id: str, pattern: str) -> list[Match]:
 class Deleted:
     checkpoints: list[Match]
     job: str
+
+    def answer(self) -> dict[str, Any]:
+        """What the faces answer: the one delete shape, with the merge job's id."""
+        return {**deleted(*(gone("checkpoint", m.name, m.id) for m in self.checkpoints)),
+                "job": self.job}
 
 
 def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,

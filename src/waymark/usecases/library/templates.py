@@ -35,6 +35,7 @@ from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model import setting_sources as profiles
 from waymark.model.hardware import Nic
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.library import profiles as profile_ops
 from waymark.usecases.vms import definitions as vms
 
@@ -173,7 +174,7 @@ def listing(ctx: Context) -> list[dict[str, Any]]:
         return [view(r, _users(session, r)) for r in rows]
 
 
-def delete(ctx: Context, name: str) -> None:
+def delete(ctx: Context, name: str) -> DeleteAnswer:
     """Remove a template no VM links to: its row, then its folder."""
     with profile_ops.locked(ctx):
         with ctx.catalog.session() as session:
@@ -188,6 +189,7 @@ def delete(ctx: Context, name: str) -> None:
                                                     Grant.object_id == name))
             session.delete(row)
         shutil.rmtree(folder, ignore_errors=True)
+    return deleted(gone("template", name))
 
 
 # --- VMs from templates -----------------------------------------------------------------------
