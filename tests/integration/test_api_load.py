@@ -182,7 +182,7 @@ class Client(threading.Thread):
             self.tally.unexpected.append(f"deleted {target} ({name}) of {vm}, got {body}")
         for gone in body["deleted"]:
             self.tally.deleted[gone["id"]] = vm
-        self.tally.jobs.append(body["job"])
+        self.tally.jobs.append(body["job_id"])
 
 
 def percentile(values: list[float], fraction: float) -> float:

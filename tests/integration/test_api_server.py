@@ -189,7 +189,7 @@ def test_api_token_works_until_revoked(served: Served) -> None:
         made = reader.post("/api/tokens", json={"name": "script"})
         assert made.status_code == 201, made.text
         token, token_id = made.json()["token"], made.json()["id"]
-        assert made.json()["user"] == "reader"
+        assert made.json()["user_name"] == "reader"
     with served.client(token) as script:
         shown = script.get("/api/auth/me")
         assert shown.status_code == 200, shown.text

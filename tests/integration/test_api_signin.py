@@ -132,7 +132,7 @@ def test_an_attackers_failures_do_not_lock_the_user_out_elsewhere(home: Waymark)
                               headers={"X-CSRF-Token": csrf,
                                        "Cookie": f"{COOKIE}={admin_cookie.cookies[COOKIE]}"})
         assert cleared.status_code == 200, cleared.text
-        assert cleared.json() == {"user": ALICE, "cleared_addresses": 1}
+        assert cleared.json() == {"user_name": ALICE, "cleared_addresses": 1}
         assert login(attacker, ALICE, ALICE_PASSWORD).status_code == 200
         # the same through the CLI (the counts are the server's: it goes through --server)
         for attempt in range(6):

@@ -317,7 +317,7 @@ def test_restore_into_the_vm_keeps_its_checkpoints(wm: Waymark, backed_up: dict[
     repo, point = backed_up["repo"], backed_up["point"]
     before = wm.json("checkpoint", "list", VM)["checkpoints"]
     done = wm.json("backup", "restore", VM, "--repo", str(repo), "--discard-current")
-    assert done["point"] == point["id"] and done["safety_checkpoint_id"] is None, done
+    assert done["point_id"] == point["id"] and done["safety_checkpoint_id"] is None, done
 
     assert content_sha256(active(wm)) == backed_up["at_backup"]
     tree = wm.json("checkpoint", "list", VM)
@@ -349,7 +349,7 @@ def test_restore_with_checkpoint_first_keeps_now(wm: Waymark, backed_up: dict[st
     count = wm.json("vm", "show", VM)["checkpoint_count"]
     done = wm.json("backup", "restore", VM, "--repo", str(repo), "--point", point["id"][:18],
                    "--checkpoint-first")
-    assert done["point"] == point["id"] and done["safety_checkpoint_id"], done
+    assert done["point_id"] == point["id"] and done["safety_checkpoint_id"], done
     safety = wm.json("checkpoint", "show", VM, done["safety_checkpoint_id"])
     assert content_sha256(safety["disks"][0]["frozen_image"]) == backed_up["changed"]
     assert content_sha256(active(wm)) == backed_up["at_backup"]
@@ -604,11 +604,37 @@ def test_a_schedule_run_that_raises_is_recorded_and_the_server_carries_on(
         schedule_due(wm, "second")  # the same server's scheduler still runs what is due
         ran = last_run(wm, "second")
     [outcome] = ran["last_result"]["vms"]
-    assert outcome["vm_name"] == "second" and outcome["error"] is None and outcome["point"]
+    assert outcome["vm_name"] == "second" and outcome["error"] is None and outcome["point_id"]
     assert [p["id"] for p in wm.json("backup", "list", "--repo", str(repo))] == \
-        [outcome["point"]]
+        [outcome["point_id"]]
     log = (wm.home.parent / "serve.log").read_text()
     assert "backup schedule first failed" in log and "TypeError" in log, log
+
+
+def test_a_run_recorded_by_an_older_waymark_is_shown_in_todays_names(wm: Waymark,
+                                                                      tmp_path: Path) -> None:
+    """``run-due`` answers in the vocabulary (docs/api.md); a schedule's last run recorded
+    before it (``schedule``, ``vm``, ``point``) is shown in the same names, here and as text."""
+    vm_id = make_vm(wm, "old", "1M", (0, 64 * KIB, 0x32))
+    repo = init_repo(wm, tmp_path / "repo")
+    wm("backup", "schedule", "add", "nightly", "--vm", "old", "--repo", str(repo), "--daily",
+       "03:00")
+    schedule_due(wm, "nightly")
+    [run] = wm.json("backup", "run-due")
+    [outcome] = run["vms"]
+    assert set(run) == {"schedule_name", "due_at", "vms"} and run["schedule_name"] == "nightly"
+    assert (outcome["vm_name"], outcome["vm_id"], outcome["error"]) == ("old", vm_id, None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", run["due_at"]), run
+    [row] = wm.json("backup", "schedule", "list")
+    assert row["last_result"] == run and row["repository"] == str(repo), row
+    older = {"schedule": "nightly", "due_at": run["due_at"],
+             "vms": [{"vm": "old", "vm_id": vm_id, "point": None, "error": "disk full"}]}
+    with sqlite3.connect(wm.home / "catalog.db") as db:
+        db.execute("UPDATE schedules SET last_result = ?", (json.dumps(older),))
+    [row] = wm.json("backup", "schedule", "list")
+    assert row["last_result"] == {"schedule_name": "nightly", "due_at": run["due_at"], "vms": [
+        {"vm_name": "old", "vm_id": vm_id, "point_id": None, "error": "disk full"}]}, row
+    assert "FAILED: old: disk full" in wm("backup", "schedule", "list").stdout
 
 
 # --- 6. a SIGKILLed run -----------------------------------------------------------------------

@@ -277,7 +277,7 @@ def test_a_name_another_user_has_tells_nothing(home: Home) -> None:
 
 def _merge_job(home: Home, who: str, vm: str) -> str:
     made = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints", {"name": "gone"})
-    job = home.ok(who, "DELETE", f"/api/vms/{vm}/checkpoints/{made['id']}")["job"]
+    job = home.ok(who, "DELETE", f"/api/vms/{vm}/checkpoints/{made['id']}")["job_id"]
     _wait(home, who, job)
     return str(job)
 
@@ -321,7 +321,7 @@ def test_an_export_folder_name_tells_nothing(home: Home) -> None:
         done = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints/{ckpt}/export",
                        {"location": "exports", "folder": "bundle"})
         assert done["folder"] == f"{who}/bundle"  # each in a folder of their own
-        _wait(home, who, done["job"])
+        _wait(home, who, done["job_id"])
         assert (exports / who / "bundle" / "manifest.json").is_file()
         again = home.call(who, "POST", f"/api/vms/{vm}/checkpoints/{ckpt}/export",
                           {"location": "exports", "folder": "bundle"})
@@ -330,7 +330,7 @@ def test_an_export_folder_name_tells_nothing(home: Home) -> None:
     done = home.ok("admin", "POST", f"/api/vms/{theirs}/checkpoints/{made}/export",
                    {"location": "exports", "folder": "bundle"})
     assert done["folder"] == "bundle"  # administrators: the location itself
-    _wait(home, "admin", done["job"])
+    _wait(home, "admin", done["job_id"])
 
 
 def _wait(home: Home, who: str, job: str) -> None:

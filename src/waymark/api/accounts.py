@@ -44,7 +44,7 @@ def login(body: Login, request: Request, response: Response) -> dict[str, Any]:
     response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", max_age=int(
                             users.SESSION_LIFETIME.total_seconds()), path="/")
-    return {"user": body.name, "csrf_token": csrf}
+    return {"user_name": body.name, "csrf_token": csrf}
 
 
 @router.post("/auth/logout", response_model=schemas.SignedOut)
@@ -127,7 +127,7 @@ def user_unlock(name: str, request: Request, caller: CallerDep) -> dict[str, Any
     locked out (429) may sign in again at once (administrators)."""
     require(caller.who, "user.manage")
     limiter: LoginLimiter = request.app.state.limiter
-    return {"user": name, "cleared_addresses": limiter.forget(name)}
+    return {"user_name": name, "cleared_addresses": limiter.forget(name)}
 
 
 class NewGrant(BaseModel):

@@ -148,4 +148,4 @@ def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
     dest = locations.path(ctx, body.location, "export") / folder
     job_id = export_job.submit_export(ctx, row.id, target["id"], dest, run_here=False)
     jobs.spawn(ctx, job_id)
-    return {"job": job_id, "location": body.location, "folder": folder}
+    return {"job_id": job_id, "location": body.location, "folder": folder}

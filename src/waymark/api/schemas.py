@@ -66,7 +66,7 @@ class Deleted(Body):
 # --- accounts ---------------------------------------------------------------------------------
 
 class SignedIn(Body):
-    user: str
+    user_name: str
     csrf_token: str = Field(description="Send it as X-CSRF-Token with the session's writes")
 
 
@@ -135,13 +135,13 @@ class PasswordChanged(Body):
 
 
 class SignInFailuresForgotten(Body):
-    user: str
+    user_name: str
     cleared_addresses: int
 
 
 class Token(Body):
     id: str
-    user: str
+    user_name: str
     name: str
     created_at: Timestamp
     last_used_at: Timestamp | None
@@ -150,7 +150,7 @@ class Token(Body):
 
 class NewToken(Body):
     id: str
-    user: str
+    user_name: str
     name: str
     token: str = Field(description="The secret: shown in this answer only")
     expires_at: Timestamp | None
@@ -164,7 +164,7 @@ class Roles(Body):
 class AuditEntry(Body):
     id: int
     at: Timestamp
-    user: str | None
+    user_name: str | None
     role: str | None
     via: str
     client: str | None
@@ -177,7 +177,7 @@ class AuditEntry(Body):
 
 
 class UserQuota(Body):
-    user: str
+    user_name: str
     role: str
     own: Quota = Field(description="The user's own ceilings (null: their role's applies)")
     quota: Quota
@@ -349,11 +349,11 @@ class Applied(Body):
 
 
 class CheckpointsDeleted(Deleted):
-    job: str = Field(description="The merge job's id (GET /api/jobs/{id})")
+    job_id: str = Field(description="The merge job's id (GET /api/jobs/{id})")
 
 
 class ExportStarted(Body):
-    job: str
+    job_id: str
     location: str
     folder: str
 
@@ -388,7 +388,7 @@ class RestoredAsNew(Body):
 
 
 class RestoredInPlace(Body):
-    point: str
+    point_id: str
     checkpoint_id: str = Field(description="The new root checkpoint of the restored disks")
     safety_checkpoint_id: str | None
 

@@ -162,8 +162,8 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
             else checkpoints.ApplyMode.DISCARD_CURRENT)
     done: dict[str, Any] = backups.restore(ctx, repo, face().vm_id(vm_ref), point_ref, mode,
                                            _reporter())
-    lines = [f"Restored point {done['point']} into {vm_ref}; Now is under the new checkpoint "
-             f"'Restored from {done['point']}'."]
+    lines = [f"Restored point {done['point_id']} into {vm_ref}; Now is under the new checkpoint "
+             f"'Restored from {done['point_id']}'."]
     if done["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({done['safety_checkpoint_id'][:12]}).")
     emit(as_json, done, lines)
@@ -283,11 +283,11 @@ def run_due(as_json: bool) -> None:
     runs = schedules.run_due(face().ctx, _reporter())
     lines = []
     for r in runs:
-        lines += [f"{r['schedule']}: {v['vm_name']}: " + (f"point {v['point']}" if v["point"]
-                                                           else f"FAILED: {v['error']}")
+        lines += [f"{r['schedule_name']}: {v['vm_name']}: "
+                  + (f"point {v['point_id']}" if v["point_id"] else f"FAILED: {v['error']}")
                   for v in r["vms"]]
         if r.get("error"):
-            lines.append(f"{r['schedule']}: FAILED: {r['error']}")
+            lines.append(f"{r['schedule_name']}: FAILED: {r['error']}")
     emit(as_json, runs, lines or ["Nothing is due."])
     if any(r.get("error") or any(v["error"] for v in r["vms"]) for r in runs):
         fail_after(as_json, WaymarkError("some scheduled backups failed (see above).",

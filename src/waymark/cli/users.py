@@ -244,7 +244,7 @@ def token_revoke(token_id: str) -> None:
 def token_list(user_name: str | None, as_json: bool) -> None:
     """Tokens (ids, owners, last use; never the secrets)."""
     rows = users.tokens(face().ctx, user_name)
-    emit(as_json, rows, [f"{t['id']}  {t['user']:<20} {t['name']:<20} last used "
+    emit(as_json, rows, [f"{t['id']}  {t['user_name']:<20} {t['name']:<20} last used "
                          f"{t['last_used_at'] or 'never'}, expires {t['expires_at'] or 'never'}"
                          for t in rows] or ["No tokens."])
 
@@ -268,6 +268,6 @@ def _audit_line(row: dict[str, Any]) -> str:
     target = " ".join(f"{printable(str(k))}={printable(str(v))}"
                       for k, v in row["target"].items())
     message = f"  ({printable(row['message'])})" if row["message"] else ""
-    return (f"{row['at']}  {printable(row['user'] or '-'):<16} "
+    return (f"{row['at']}  {printable(row['user_name'] or '-'):<16} "
             f"{printable(row['client'] or '-'):<15} {row['status']} {row['outcome']:<6} "
             f"{printable(row['action'])} {target}{message}")

@@ -224,7 +224,7 @@ def create_token(ctx: Context, user: str, name: str, expires_in: timedelta | Non
         session.add(ApiToken(id=token_id, user_id=row.id, name=name,
                              secret_sha256=secrets.digest(secret), created_at=moment,
                              expires_at=expires_at))
-    return {"id": token_id, "user": user, "name": name, "token": token,
+    return {"id": token_id, "user_name": user, "name": name, "token": token,
             "expires_at": rfc3339(expires_at) if expires_at else None}
 
 
@@ -244,7 +244,7 @@ def tokens(ctx: Context, user: str | None = None) -> list[dict[str, Any]]:
         query = select(ApiToken, User.name).join(User, User.id == ApiToken.user_id)
         if user is not None:
             query = query.where(User.name == user)
-        return [{"id": t.id, "user": n, "name": t.name, "created_at": rfc3339(t.created_at),
+        return [{"id": t.id, "user_name": n, "name": t.name, "created_at": rfc3339(t.created_at),
                  "last_used_at": rfc3339(t.last_used_at) if t.last_used_at else None,
                  "expires_at": rfc3339(t.expires_at) if t.expires_at else None}
                 for t, n in session.execute(query.order_by(ApiToken.created_at))]

@@ -524,7 +524,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
             ctx.journal.run(vm_id, "backup_restore", params, steps,
                             _progress(report, "restoring"))
         settle.settle_vm(ctx, vm_id)
-        return {"point": point["id"], "checkpoint_id": params["checkpoint"]["id"],
+        return {"point_id": point["id"], "checkpoint_id": params["checkpoint"]["id"],
                 "safety_checkpoint_id": safety}
 
 

@@ -73,13 +73,19 @@ def _describe(row: Schedule) -> dict[str, Any]:
             "running": process.alive(row.claimed_pid, row.claimed_start)}
 
 
+RECORDED_BEFORE = {"schedule": "schedule_name", "vm": "vm_name", "point": "point_id"}
+
+
 def _recorded(result: Any) -> Any:
-    """A run's result as recorded, in today's vocabulary: runs recorded by an older Waymark
-    named each VM ``vm`` (now ``vm_name``)."""
-    if not isinstance(result, dict) or not isinstance(result.get("vms"), list):
+    """A run's result as recorded, in today's vocabulary: an older Waymark recorded some keys
+    under other names (:data:`RECORDED_BEFORE`)."""
+    if not isinstance(result, dict):
         return result
-    return {**result, "vms": [{("vm_name" if k == "vm" else k): v for k, v in o.items()}
-                              if isinstance(o, dict) else o for o in result["vms"]]}
+    renamed = {RECORDED_BEFORE.get(k, k): v for k, v in result.items()}
+    if isinstance(renamed.get("vms"), list):
+        renamed["vms"] = [{RECORDED_BEFORE.get(k, k): v for k, v in o.items()}
+                          if isinstance(o, dict) else o for o in renamed["vms"]]
+    return renamed
 
 
 def show(ctx: Context, name: str) -> dict[str, Any]:
@@ -140,7 +146,7 @@ def _run_one(ctx: Context, name: str, due: datetime, report: backups.Report) -> 
     """One claimed run. Whatever it raises becomes its recorded result and the claim is
     released: a scheduler (``waymark serve``'s thread) outlives any one run, and a slot is never
     left claimed by a runner that is still alive but no longer running it."""
-    result: dict[str, Any] = {"schedule": name, "due_at": rfc3339(due), "vms": []}
+    result: dict[str, Any] = {"schedule_name": name, "due_at": rfc3339(due), "vms": []}
     try:
         _back_up(ctx, name, result, report)
     except WaymarkError as err:
@@ -163,7 +169,7 @@ def _back_up(ctx: Context, name: str, result: dict[str, Any], report: backups.Re
     with ctx.catalog.session() as session:
         names = {v: lookup.vm_name(session, v) for v in vms}
     result["vms"] = [{"vm_name": names.get(o.vm, o.vm), "vm_id": o.vm,
-                      "point": o.point["id"] if o.point else None, "error": o.error}
+                      "point_id": o.point["id"] if o.point else None, "error": o.error}
                      for o in outcomes]
     if not keep.empty():
         result["pruned"] = [p["id"] for p in backups.prune(ctx, repo, keep)]

@@ -63,7 +63,7 @@ class Deleted:
     def answer(self) -> dict[str, Any]:
         """What the faces answer: the one delete shape, with the merge job's id."""
         return {**deleted(*(gone("checkpoint", m.name, m.id) for m in self.checkpoints)),
-                "job": self.job}
+                "job_id": self.job}
 
 
 def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,
