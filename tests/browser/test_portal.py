@@ -22,6 +22,7 @@ What is checked, as a user sees it:
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,9 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         delete = page.get_by_role("dialog", name="Delete Checkpoint")
         expect(delete).to_contain_text("frees about")
         delete.get_by_role("button", name="Delete").click()
+        # the answer's merge job (job_id) is named
+        expect(page.locator("#notice")).to_have_text(
+            re.compile(rf"Deleted {re.escape(safety)}; merging in job [0-9a-f]{{12}}\."))
         status = page.locator("p.job-status")
         expect(status).to_contain_text("100%", timeout=30000)
         expect(status).to_have_attribute("data-job-status", "completed")
