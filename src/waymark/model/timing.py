@@ -1,8 +1,11 @@
-"""When a backup schedule is next due (pure code).
+"""When a backup schedule is next due, and the one written form of a moment (pure code).
 
 Times are the host's local wall-clock time (as cron's), converted to UTC for storage. The next
 run is always the first slot *after* a given instant, so a runner that was down for several
 slots runs once, not once per missed slot.
+
+Every moment an answer holds is :func:`rfc3339` (UTC, whole seconds, ``Z``); a moment written
+elsewhere (a manifest on external storage) is read with :func:`parse_rfc3339`.
 """
 
 from __future__ import annotations
