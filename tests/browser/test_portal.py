@@ -304,13 +304,13 @@ def test_backup_schedules_are_made_edited_and_removed(site: tuple[Waymark, str])
         reloaded(page, new.get_by_role("button", name="Create schedule").click)
         [made] = wm.json("backup", "schedule", "list")
         web_id = wm.json("vm", "show", "web")["id"]
-        assert (made["name"], made["vms"], made["every"], made["at"]) == \
+        assert (made["name"], made["vm_ids"], made["every"], made["at"]) == \
             ("nightly", [web_id], "daily", "03:15")
         edit = page.get_by_role("form", name="Schedule nightly")
         edit.get_by_label("At").fill("04:45")
         reloaded(page, edit.get_by_role("button", name="Save nightly").click)
         [edited] = wm.json("backup", "schedule", "list")
-        assert (edited["vms"], edited["at"]) == ([web_id], "04:45")
+        assert (edited["vm_ids"], edited["at"]) == ([web_id], "04:45")
         page.once("dialog", lambda dialog: dialog.accept())
         reloaded(page, page.get_by_role("button", name="Remove nightly").click)
         assert wm.json("backup", "schedule", "list") == []

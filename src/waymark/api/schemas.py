@@ -332,7 +332,7 @@ class CheckpointDetail(Checkpoint):
     configuration: dict[str, Any] = Field(description="The VM's hardware as it was")
     memory_state: str | None = Field(default=None, description=HOST_PATH)
     disks: list[FrozenDisk]
-    children: list[str]
+    child_ids: list[str]
 
 
 class CheckpointRenamed(CheckpointDetail):
@@ -344,8 +344,9 @@ class Applied(Body):
     checkpoint_id: str
     state: str
     safety_checkpoint_id: str | None
-    detached_disks: list[str]
-    kept_disks: list[str]
+    detached_disk_ids: list[str] = Field(description="Disks the VM has now and had not then: "
+                                                     "detached, their files kept")
+    kept_disk_ids: list[str]
 
 
 class CheckpointsDeleted(Deleted):
@@ -400,7 +401,7 @@ class Pruned(Body):
 
 class Schedule(Body):
     name: str
-    vms: list[str] = Field(description="The VMs' ids")
+    vm_ids: list[str]
     repository: str = Field(description="The repository's folder (schedules are "
                                         "administrators')")
     every: str
@@ -462,8 +463,8 @@ class Template(Body):
     append: str | None = None
     folder: str | None = Field(default=None, description=HOST_PATH)
     disks: list[TemplateDisk]
-    vms: list[str] | None = Field(default=None, description="The VMs made from it "
-                                                            "(administrators)")
+    vm_names: list[str] | None = Field(default=None, description="The VMs made from it "
+                                                                 "(administrators)")
 
 
 class Location(Body):

@@ -161,9 +161,9 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     if data["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
     lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
-              for d in data["detached_disks"]]
+              for d in data["detached_disk_ids"]]
     lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
-              for d in data["kept_disks"]]
+              for d in data["kept_disk_ids"]]
     emit(as_json, data, lines)
 
 

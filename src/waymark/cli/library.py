@@ -111,7 +111,7 @@ def template() -> None:
 def _template_lines(t: dict[str, Any]) -> list[str]:
     lines = [f"{t['name']}: profile {t['profile'] or '-'}, checkpoint type "
              f"{t['checkpoint_type'] or '-'}, {len(t['disks'])} disk(s), "
-             f"VMs linked: {', '.join(t['vms']) or '(none)'}"]
+             f"VMs linked: {', '.join(t['vm_names']) or '(none)'}"]
     return lines + [f"  disk {d['file']}  from {d['source']}" for d in t["disks"]]
 
 

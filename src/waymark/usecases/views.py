@@ -93,7 +93,7 @@ def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
                          "chain_depth": space.depth(image_id)}
                         for disk_id, image_id in lookup.frozen(session, row.id).items()]
         children = session.scalars(select(Checkpoint.id).where(Checkpoint.parent_id == row.id))
-        out["children"] = list(children)
+        out["child_ids"] = list(children)
         return out
 
 

@@ -65,7 +65,7 @@ def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str,
 
 
 def _describe(row: Schedule) -> dict[str, Any]:
-    return {"name": row.name, "vms": row.vms, "repository": row.repo, "every": row.every,
+    return {"name": row.name, "vm_ids": row.vms, "repository": row.repo, "every": row.every,
             "at": row.at, "day": row.day, "full_every": row.full_every, "keep": row.keep,
             "next_due_at": rfc3339(row.next_due_at),
             "last_run_at": rfc3339(row.last_run_at) if row.last_run_at else None,

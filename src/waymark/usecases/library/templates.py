@@ -57,7 +57,7 @@ def view(row: Template, users: list[str] | None = None) -> dict[str, Any]:
     data = {"name": row.name, "profile": row.profile_name, "checkpoint_type": row.checkpoint_type,
             "kernel": row.kernel, "initrd": row.initrd, "append": row.append,
             "folder": row.folder, "disks": row.disks}
-    return data if users is None else {**data, "vms": users}
+    return data if users is None else {**data, "vm_names": users}
 
 
 def _users(session: Any, row: Template) -> list[str]:
