@@ -183,11 +183,12 @@ def test_disk_add_and_remove(wm: Waymark, tmp_path: Path) -> None:
     assert passthrough["path"] == str(device)
 
     # a disk is named by an id prefix
-    assert wm.json("vm", "disk", "remove", "web", new["id"][:8]) == {"detached": new["id"]}
+    removed = wm.json("vm", "disk", "remove", "web", new["id"][:8])  # the disk, as disk add
 
     vm = wm.json("vm", "show", "web")
     assert [d["id"] for d in vm["disks"]] == [first["id"], pinned["id"], passthrough["id"]]
     [detached] = vm["detached_disks"]
+    assert removed == detached
     assert detached["id"] == new["id"]
     assert detached["attached"] is False
     assert detached["active_image"] == new["active_image"]

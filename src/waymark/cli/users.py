@@ -110,10 +110,10 @@ def user_unlock(name: str) -> None:
 
 @user.command("remove")
 @click.argument("name")
-def user_remove(name: str) -> None:
+@json_option
+def user_remove(name: str, as_json: bool) -> None:
     """Remove a user with their tokens, sessions and grants."""
-    users.remove(face().ctx, name)
-    click.echo(f"Removed user {name}.")
+    emit(as_json, users.remove(face().ctx, name), [f"Removed user {name}."])
 
 
 @user.command("list")
@@ -232,10 +232,10 @@ def token_create(name: str, user_name: str, expires_in: str | None, as_json: boo
 
 @token.command("revoke")
 @click.argument("token_id")
-def token_revoke(token_id: str) -> None:
+@json_option
+def token_revoke(token_id: str, as_json: bool) -> None:
     """Revoke a token by its id: it stops working at once."""
-    users.revoke_token(face().ctx, token_id)
-    click.echo(f"Revoked token {token_id}.")
+    emit(as_json, users.revoke_token(face().ctx, token_id), [f"Revoked token {token_id}."])
 
 
 @token.command("list")

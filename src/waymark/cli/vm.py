@@ -218,9 +218,10 @@ def disk_add(vm_ref: str, spec: str, discard_saved_state: bool, as_json: bool) -
 @json_option
 def disk_remove(vm_ref: str, disk_ref: str, discard_saved_state: bool, as_json: bool) -> None:
     """Detach a disk; its files are kept (see them in vm show)."""
-    removed = vms.remove_disk(face().ctx, face().vm_id(vm_ref), disk_ref, discard_saved_state)
-    emit(as_json, {"detached": removed.id},
-         [f"Detached disk {removed.id[:12]}; its files are kept."])
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    removed = vms.remove_disk(ctx, vm_id, disk_ref, discard_saved_state)
+    shown = next(d for d in views.vm_show(ctx, vm_id)["detached_disks"] if d["id"] == removed.id)
+    emit(as_json, shown, [f"Detached disk {removed.id[:12]}; its files are kept."])
 
 
 @vm.command("import")
