@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -12,7 +11,7 @@ from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
 from waymark.engine import compaction, lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence
-from waymark.model import planner, tree
+from waymark.model import planner, timing, tree
 from waymark.model.timing import rfc3339
 
 KIND_HAS_MEMORY = "standard"
@@ -73,7 +72,7 @@ def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
 
 def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
     nodes = [tree.Node(c["id"], c["name"], c["parent_id"],
-                       datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")),
+                       timing.parse_rfc3339(c["created_at"], what="checkpoint's time"),
                        c["has_memory"]) for c in listing["checkpoints"]]
     return tree.draw(nodes, listing["current_checkpoint_id"])
 
