@@ -22,6 +22,7 @@ What is checked, as a user sees it:
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         expect(dialog.get_by_role("button", name="Cancel")).to_be_visible()
         reloaded(page, dialog.get_by_role("button", name="Create Checkpoint and Apply").click)
         listing = wm.json("checkpoint", "list", "web")
-        assert listing["current_id"] == first_id
+        assert listing["current_checkpoint_id"] == first_id
         [(safety, safety_id)] = [(c["name"], c["id"]) for c in listing["checkpoints"]
                                  if c["id"] not in (first_id, second_id)]
         assert tree_rows(page) == [(1, first), (2, second), (3, safety), (2, "Now")]
@@ -155,6 +156,9 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         delete = page.get_by_role("dialog", name="Delete Checkpoint")
         expect(delete).to_contain_text("frees about")
         delete.get_by_role("button", name="Delete").click()
+        # the answer's merge job (job_id) is named
+        expect(page.locator("#notice")).to_have_text(
+            re.compile(rf"Deleted {re.escape(safety)}; merging in job [0-9a-f]{{12}}\."))
         status = page.locator("p.job-status")
         expect(status).to_contain_text("100%", timeout=30000)
         expect(status).to_have_attribute("data-job-status", "completed")
@@ -300,13 +304,13 @@ def test_backup_schedules_are_made_edited_and_removed(site: tuple[Waymark, str])
         reloaded(page, new.get_by_role("button", name="Create schedule").click)
         [made] = wm.json("backup", "schedule", "list")
         web_id = wm.json("vm", "show", "web")["id"]
-        assert (made["name"], made["vms"], made["every"], made["at"]) == \
+        assert (made["name"], made["vm_ids"], made["every"], made["at"]) == \
             ("nightly", [web_id], "daily", "03:15")
         edit = page.get_by_role("form", name="Schedule nightly")
         edit.get_by_label("At").fill("04:45")
         reloaded(page, edit.get_by_role("button", name="Save nightly").click)
         [edited] = wm.json("backup", "schedule", "list")
-        assert (edited["vms"], edited["at"]) == ([web_id], "04:45")
+        assert (edited["vm_ids"], edited["at"]) == ([web_id], "04:45")
         page.once("dialog", lambda dialog: dialog.accept())
         reloaded(page, page.get_by_role("button", name="Remove nightly").click)
         assert wm.json("backup", "schedule", "list") == []

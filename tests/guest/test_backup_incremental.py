@@ -150,19 +150,19 @@ class Chain:
         point = row["point"]
         manifest: dict[str, Any] = json.loads(
             (self.repo / "vms" / vm.id / "points" / f"{point['id']}.json").read_text())
-        assert {k: manifest[k] for k in ("id", "kind", "parent", "reason")} == \
-            {k: point[k] for k in ("id", "kind", "parent", "reason")}, (point, manifest)
+        assert [manifest[k] for k in ("id", "kind", "parent", "reason")] == \
+            [point[k] for k in ("id", "kind", "parent_id", "reason")], (point, manifest)
         (disk,) = manifest["disks"]
         previous = self.points[-1][0] if self.points else None
         if kind is not None:
             assert point["kind"] == kind, point
         if point["kind"] == "full":
-            assert point["parent"] is None and "dirty_bytes" not in disk, manifest
+            assert point["parent_id"] is None and "dirty_bytes" not in disk, manifest
             assert reason in point["reason"], point
             assert qemu_info(self.repo / disk["file"]).get("backing-filename") is None
             print(f"full point {point['id']}: {point['reason']}")
         else:
-            assert point["reason"] == f"the changes since point {point['parent']}", point
+            assert point["reason"] == f"the changes since point {point['parent_id']}", point
             if previous is not None:
                 self._check_incremental(manifest, previous)
         self.points.append((manifest, dict(files)))
@@ -241,7 +241,7 @@ def test_incremental_points_chain_and_each_restores_exactly(vm: Guest, repo: Pat
     made = vm.wm.json("backup", "restore", vm.name, "--repo", str(repo), "--point",
                       newest["id"], "--as-new", "copy")
     copy = Guest(vm.wm, "copy")
-    assert copy.id == made["vm_id"] != vm.id
+    assert copy.id == made["restored_as"]["id"] != vm.id
     raw = flatten(copy.active_image(), tmp_path / "copy.raw")
     assert disk_files(raw) == files
     raw.unlink()

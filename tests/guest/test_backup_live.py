@@ -147,7 +147,7 @@ def test_a_running_guest_backs_up_application_consistent_and_restores_as_new(
     made = vm.wm.json("backup", "restore", vm.name, "--repo", str(repo), "--point", point["id"],
                       "--as-new", "copy")
     copy = Guest(vm.wm, "copy")
-    assert copy.id == made["vm_id"] != vm.id and copy.state() == "off"
+    assert copy.id == made["restored_as"]["id"] != vm.id and copy.state() == "off"
     raw = flatten(copy.active_image(), tmp_path / "copy.raw")
     assert "needs_recovery" not in fs_features(raw), "the frozen point needs a journal replay"
     lines = log_lines(raw)

@@ -53,7 +53,7 @@ KEPT = ("id", "name", "parent_id", "created_at", "kind", "has_memory", "requeste
 def tree(vm: Guest) -> dict[str, Any]:
     """The checkpoint tree: the current checkpoint, and each checkpoint's kept fields by name."""
     listed = vm.wm.json("checkpoint", "list", vm.name)
-    return {"current_id": listed["current_id"],
+    return {"current_checkpoint_id": listed["current_checkpoint_id"],
             "checkpoints": {c["name"]: {k: c[k] for k in KEPT} for c in listed["checkpoints"]}}
 
 
@@ -126,7 +126,7 @@ def branched_tree(vm: Guest, tmp: Path) -> Recorded:
                    ids={c["name"]: c["id"] for c in (m, d1, d2)}, tree=tree(vm),
                    contents={name: frozen_content(vm, name) for name in ("m", "d1", "d2")},
                    memory=file_sha256(m["memory_state"]), expected=resumes_at(vm.since()))
-    assert rec.tree["current_id"] == d2["id"], rec.tree
+    assert rec.tree["current_checkpoint_id"] == d2["id"], rec.tree
     assert len(set(rec.contents.values())) == 3, rec.contents
     print(f"m between COUNTER {last_before} and {last_after}, {len(held)} lines; d1 "
           f"{len(on_d1)} lines, d2 {len(on_d2)}; saved {saved['bytes'] >> 20} MiB, resumes at "
@@ -138,7 +138,8 @@ def store(vm: Guest, library: Path, rec: Recorded) -> None:
     """Stored: gone from this host, refused, listed by the library with its tree."""
     wm = vm.wm
     stored = wm.json("vm", "store", vm.name, "--library", str(library))
-    assert stored["vm_id"] == vm.id and stored["checkpoints"] == 3, stored
+    assert (stored["vm_name"], stored["vm_id"], stored["checkpoint_count"]) == \
+        (vm.name, vm.id, 3), stored
     assert vm.name not in [row["name"] for row in wm.json("vm", "list")]
     folder = wm.home / "vms" / vm.id
     assert not folder.exists() or [p for p in folder.rglob("*") if p.is_file()] == []
@@ -148,7 +149,7 @@ def store(vm: Guest, library: Path, rec: Recorded) -> None:
     (entry,) = wm.json("library", "list", "--library", str(library))["vms"]
     assert (entry["id"], entry["name"], entry["status"], entry["state"], entry["clash"]) == \
         (vm.id, vm.name, "stored", "saved", None), entry
-    assert entry["current_id"] == rec.ids["d2"], entry
+    assert entry["current_checkpoint_id"] == rec.ids["d2"], entry
     m = rec.ids["m"]
     assert {c["name"]: (c["id"], c["parent_id"], c["has_memory"]) for c in entry["checkpoints"]} \
         == {"m": (m, None, True), "d1": (rec.ids["d1"], m, False),
@@ -160,8 +161,8 @@ def deploy(vm: Guest, library: Path, rec: Recorded) -> None:
     """Deployed: the same VM, tree, disk contents and memory state; the library emptied."""
     wm = vm.wm
     deployed = wm.json("vm", "deploy", vm.name, "--library", str(library))
-    assert (deployed["vm"], deployed["vm_id"], deployed["state"], deployed["checkpoints"]) == \
-        (vm.name, vm.id, "saved", 3), deployed
+    assert (deployed["vm_name"], deployed["vm_id"], deployed["state"],
+            deployed["checkpoint_count"]) == (vm.name, vm.id, "saved", 3), deployed
     assert Guest(wm, vm.name).id == vm.id and vm.state() == "saved"
     assert tree(vm) == rec.tree
     assert {name: frozen_content(vm, name) for name in rec.contents} == rec.contents

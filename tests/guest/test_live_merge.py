@@ -354,7 +354,7 @@ def delete(vm: Guest, ckpt: str, *, no_wait: bool = False, env: dict[str, str] |
            ) -> str:
     args = ["checkpoint", "delete", vm.name, ckpt, "--json"] + (["--no-wait"] if no_wait else [])
     result = vm.wm.run(*args, env=env, timeout=300).ok()
-    return str(result.json()["job"])
+    return str(result.json()["job_id"])
 
 
 def wait_job(vm: Guest, job_id: str) -> dict[str, Any]:

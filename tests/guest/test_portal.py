@@ -97,7 +97,7 @@ def checkpoint_apply_delete_rename(page: Any, vm: Guest) -> str:
         "button", name="Create Checkpoint and Apply").click)
     listing = wm.json("checkpoint", "list", "portal")
     [safety] = [c for c in listing["checkpoints"] if c["id"] != first["id"]]
-    assert safety["parent_id"] == first["id"] and listing["current_id"] == first["id"]
+    assert safety["parent_id"] == first["id"] and listing["current_checkpoint_id"] == first["id"]
     assert tree_rows(page) == [(1, first["name"]), (2, safety["name"]), (2, "Now")]
 
     menu_action(page, safety["id"], "Delete Checkpoint…")

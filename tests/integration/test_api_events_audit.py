@@ -211,8 +211,8 @@ def test_job_events_follow_a_merge(home: Home) -> None:
         resp = http.delete("/api/vms/v/checkpoints/b")
     assert resp.status_code == 202, resp.text
     body = resp.json()
-    assert body["deleted"] == [{"id": home.ckpt["b"], "name": "b"}]
-    job = body["job"]
+    assert body["deleted"] == [{"kind": "checkpoint", "id": home.ckpt["b"], "name": "b"}]
+    job = body["job_id"]
     watcher.job_id = job
 
     client = Client(home.url, home.tokens[ADMIN], timeout=STREAM_TIMEOUT)
@@ -260,7 +260,7 @@ def finished_merge(home: Home) -> str:
                   if j["vm_name"] == "v" and j["kind"] == "merge"]
         if not merges:
             made = http.post("/api/vms/v/checkpoints", json={"name": "extra"}).json()
-            job = http.delete(f"/api/vms/v/checkpoints/{made['id']}").json()["job"]
+            job = http.delete(f"/api/vms/v/checkpoints/{made['id']}").json()["job_id"]
             merges = [{"id": job}]
     job_id = str(merges[-1]["id"])
     client = Client(home.url, home.tokens[ADMIN])
@@ -333,7 +333,7 @@ def test_out_of_scope_objects_are_recorded_as_denied(home: Home, case: str) -> N
         resp = alice.request(method, path, json=body)
     assert resp.status_code == 404, resp.text
     entry = home.one_since(mark)
-    assert (entry["user"], entry["action"], entry["status"]) == ("alice", action, 404), entry
+    assert (entry["user_name"], entry["action"], entry["status"]) == ("alice", action, 404), entry
     assert entry["outcome"] == "denied", entry
 
 
@@ -342,9 +342,9 @@ def test_out_of_scope_objects_are_recorded_as_denied(home: Home, case: str) -> N
 def check(entry: dict[str, Any], *, user: str | None, role: str | None, via: str, action: str,
           target: dict[str, Any], status: int, outcome: str, message: str | None = None) -> None:
     """The entry says exactly this (``message``: a part of its message; None: no message)."""
-    got = {k: entry[k] for k in ("user", "role", "via", "action", "target", "status",
+    got = {k: entry[k] for k in ("user_name", "role", "via", "action", "target", "status",
                                  "outcome")}
-    assert got == {"user": user, "role": role, "via": via, "action": action, "target": target,
+    assert got == {"user_name": user, "role": role, "via": via, "action": action, "target": target,
                    "status": status, "outcome": outcome}, entry
     assert entry["method"] == action.split(maxsplit=1)[0]
     assert entry["client"] == "127.0.0.1", entry
@@ -507,7 +507,7 @@ def test_vms_checkpoints_backups_and_jobs_are_recorded(home: Home) -> None:
         gone, entry = audited(admin, "DELETE", "/api/vms/w/checkpoints/w2-renamed", 202)
         check(entry, **ADMIN_OK, action="DELETE /api/vms/{vm}/checkpoints/{ckpt}",
               target={"vm": "w", "ckpt": "w2-renamed"}, status=202)
-        job = gone.json()["job"]
+        job = gone.json()["job_id"]
         client = Client(home.url, home.tokens[ADMIN])
         try:
             assert client.job_wait(job)["status"] == "completed"
@@ -585,9 +585,9 @@ def test_host_cli_shows_the_same_entries(home: Home) -> None:
     assert on_host == over_api
     assert [e["outcome"] for e in on_host[:2]] == ["ok", "denied"]
     denied = home.wm.json("audit", "--user", "alice", "--outcome", "denied", "--limit", "1000")
-    assert denied and all((e["user"], e["outcome"]) == ("alice", "denied") for e in denied)
+    assert denied and all((e["user_name"], e["outcome"]) == ("alice", "denied") for e in denied)
     assert denied == [e for e in home.audit(limit=1000)
-                      if (e["user"], e["outcome"]) == ("alice", "denied")]
+                      if (e["user_name"], e["outcome"]) == ("alice", "denied")]
 
 
 def test_too_many_sign_ins_are_recorded(tmp_path: Path) -> None:

@@ -178,11 +178,11 @@ class Client(threading.Thread):
             return
         body = resp.json()
         name = self.tally.created[target][1]
-        if body["deleted"] != [{"id": target, "name": name}]:
+        if body["deleted"] != [{"kind": "checkpoint", "id": target, "name": name}]:
             self.tally.unexpected.append(f"deleted {target} ({name}) of {vm}, got {body}")
         for gone in body["deleted"]:
             self.tally.deleted[gone["id"]] = vm
-        self.tally.jobs.append(body["job"])
+        self.tally.jobs.append(body["job_id"])
 
 
 def percentile(values: list[float], fraction: float) -> float:

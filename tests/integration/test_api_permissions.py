@@ -313,7 +313,7 @@ def _api_home(env: Env) -> None:
         env.points[outcome["vm"]] = outcome["point"]["id"]
     for vm in sorted(FIXED_VMS):
         doomed = env.new_checkpoint(vm)
-        job = env.admin("DELETE", f"/api/vms/{vm}/checkpoints/{doomed}")["job"]
+        job = env.admin("DELETE", f"/api/vms/{vm}/checkpoints/{doomed}")["job_id"]
         assert env.wait_job(job)["status"] == "completed"
         env.jobs[vm] = job
     env.admin("POST", "/api/schedules", {"name": "nightly", "vms": ["vm-x"], "repository": "repo",
@@ -345,7 +345,7 @@ def login(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
         cookie = resp.headers["set-cookie"].lower()
         assert "waymark_session=" in cookie and "httponly" in cookie
-        assert resp.json()["user"] == caller and resp.json()["csrf_token"]
+        assert resp.json()["user_name"] == caller and resp.json()["csrf_token"]
 
     return Req("/api/auth/login", {"name": caller, "password": env.passwords[caller]},
                check=check)
@@ -353,7 +353,8 @@ def login(env: Env, caller: str, allowed: bool) -> Req:
 
 def logout(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
-        assert resp.json()["signed_out"] == caller
+        assert resp.json() == {"id": env.admin("GET", "/api/auth/me", caller=caller)["id"],
+                               "name": caller, "signed_out": True}
         assert env.admin("GET", "/api/auth/me", caller=caller)["name"] == caller  # token stays
 
     return Req("/api/auth/logout", check=check)
@@ -421,7 +422,7 @@ def password_own(env: Env, caller: str, allowed: bool) -> Req:
 
 def sign_in_failures(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
-        assert resp.json() == {"user": "victim", "cleared_addresses": 0}
+        assert resp.json() == {"user_name": "victim", "cleared_addresses": 0}
 
     return Req("/api/users/victim/sign-in-failures", check=check)
 
@@ -470,7 +471,7 @@ def whoami(env: Env, token: str) -> httpx.Response:
 
 def token_list(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
-        owners = {t["user"] for t in resp.json()}
+        owners = {t["user_name"] for t in resp.json()}
         assert owners >= set(CALLERS) if caller == "admin" else owners == {caller}, owners
         assert all("token" not in t for t in resp.json())  # never the secrets
 
@@ -480,7 +481,7 @@ def token_list(env: Env, caller: str, allowed: bool) -> Req:
 def _token_create(env: Env, caller: str, whose: str | None) -> Req:
     def check(resp: httpx.Response) -> None:
         made = resp.json()
-        assert made["user"] == (whose or caller)
+        assert made["user_name"] == (whose or caller)
         assert whoami(env, made["token"]).json()["name"] == (whose or caller)
 
     body = {"name": env.unique("token")} | ({"user": whose} if whose else {})
@@ -528,7 +529,7 @@ def _quota_read(whose: str) -> Callable[[Env, str, bool], Req]:
         name = caller if whose == "own" else "victim"
 
         def check(resp: httpx.Response) -> None:
-            assert resp.json()["user"] == name and set(resp.json()["usage"]) == {
+            assert resp.json()["user_name"] == name and set(resp.json()["usage"]) == {
                 "vms", "cpus", "memory", "disk", "checkpoints"}
 
         return Req(f"/api/users/{name}/quota", check=check)
@@ -576,7 +577,7 @@ def audit_list(env: Env, caller: str, allowed: bool) -> Req:
         ids = [e["id"] for e in resp.json()]
         assert ids and ids == sorted(ids, reverse=True)  # newest first
         assert ("reader", "GET /api/users", 403, "denied") in {
-            (e["user"], e["action"], e["status"], e["outcome"]) for e in resp.json()}
+            (e["user_name"], e["action"], e["status"], e["outcome"]) for e in resp.json()}
 
     return Req("/api/audit", params={"limit": 50}, check=check)
 
@@ -669,11 +670,12 @@ def ckpt_show(env: Env, caller: str, allowed: bool) -> Req:
 
 def ckpt_apply(env: Env, caller: str, allowed: bool) -> Req:
     vm = env.target(caller)
-    current = env.tree(vm)["current_id"]
+    current = env.tree(vm)["current_checkpoint_id"]
     ckpt = next(c for c in env.pair(vm) if c != current)
 
     def check(resp: httpx.Response) -> None:
-        assert resp.json()["checkpoint_id"] == ckpt and env.tree(vm)["current_id"] == ckpt
+        assert resp.json()["checkpoint_id"] == ckpt
+        assert env.tree(vm)["current_checkpoint_id"] == ckpt
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply", {"mode": "discard_current"},
                check=check, ref=vm)
@@ -683,11 +685,11 @@ def ckpt_apply_start(env: Env, caller: str, allowed: bool) -> Req:
     """An apply that starts the VM afterwards: the start is a side effect that needs
     start-stop; allowed, the apply is done and the start fails for want of a kernel."""
     vm = env.target(caller)
-    current = env.tree(vm)["current_id"]
+    current = env.tree(vm)["current_checkpoint_id"]
     ckpt = next(c for c in env.pair(vm) if c != current)
 
     def check(resp: httpx.Response) -> None:
-        assert env.tree(vm)["current_id"] == ckpt
+        assert env.tree(vm)["current_checkpoint_id"] == ckpt
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply",
                {"mode": "discard_current", "start": True}, check=check, ref=vm,
@@ -697,13 +699,13 @@ def ckpt_apply_start(env: Env, caller: str, allowed: bool) -> Req:
 def ckpt_apply_first(env: Env, caller: str, allowed: bool) -> Req:
     """Hyper-V's "Create Checkpoint and Apply": a new checkpoint of Now, then the apply."""
     vm = env.target(caller)
-    current = env.tree(vm)["current_id"]
+    current = env.tree(vm)["current_checkpoint_id"]
     ckpt = next(c for c in env.pair(vm) if c != current)
 
     def check(resp: httpx.Response) -> None:
         safety = resp.json()["safety_checkpoint_id"]
         listing = env.tree(vm)
-        assert listing["current_id"] == ckpt
+        assert listing["current_checkpoint_id"] == ckpt
         assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]}[safety] == current
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply", {"mode": "checkpoint_first"},
@@ -726,7 +728,7 @@ def ckpt_delete(env: Env, caller: str, allowed: bool) -> Req:
 
     def check(resp: httpx.Response) -> None:
         assert [d["id"] for d in resp.json()["deleted"]] == [ckpt]
-        assert env.wait_job(resp.json()["job"])["status"] == "completed"
+        assert env.wait_job(resp.json()["job_id"])["status"] == "completed"
         assert ckpt not in {c["id"] for c in env.tree(vm)["checkpoints"]}
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}", check=check, ref=vm)
@@ -739,7 +741,7 @@ def ckpt_delete_matching(env: Env, caller: str, allowed: bool) -> Req:
 
     def check(resp: httpx.Response) -> None:
         assert [d["id"] for d in resp.json()["deleted"]] == [ckpt]
-        assert env.wait_job(resp.json()["job"])["status"] == "completed"
+        assert env.wait_job(resp.json()["job_id"])["status"] == "completed"
         assert ckpt not in {c["id"] for c in env.tree(vm)["checkpoints"]}
 
     return Req(f"/api/vms/{vm}/checkpoints", params={"match": name}, check=check, ref=vm)
@@ -752,7 +754,7 @@ def ckpt_export(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
         mine = folder if caller == "admin" else f"{caller}/{folder}"  # others': their own
         assert resp.json()["folder"] == mine
-        assert env.wait_job(resp.json()["job"])["status"] == "completed"
+        assert env.wait_job(resp.json()["job_id"])["status"] == "completed"
         assert any((env.base / "exports" / mine).iterdir())
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/export",
@@ -804,7 +806,7 @@ def backup_restore(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
         restored = resp.json()["checkpoint_id"]
         listing = env.tree(vm)
-        assert listing["current_id"] == restored
+        assert listing["current_checkpoint_id"] == restored
         assert {c["id"]: c["name"] for c in listing["checkpoints"]}[restored] == \
             f"Restored from {point}"
 
@@ -816,12 +818,12 @@ def backup_restore_first(env: Env, caller: str, allowed: bool) -> Req:
     """A restore that checkpoints Now first: that checkpoint needs the checkpoint permission."""
     vm = env.target(caller)
     point = env.points[vm]
-    before = env.tree(vm)["current_id"]
+    before = env.tree(vm)["current_checkpoint_id"]
 
     def check(resp: httpx.Response) -> None:
         listing = env.tree(vm)
         parents = {c["id"]: c["parent_id"] for c in listing["checkpoints"]}
-        assert listing["current_id"] == resp.json()["checkpoint_id"]
+        assert listing["current_checkpoint_id"] == resp.json()["checkpoint_id"]
         assert parents[resp.json()["safety_checkpoint_id"]] == before
 
     return Req(f"/api/vms/{vm}/backups/{point}/restore",
@@ -1589,10 +1591,10 @@ def test_jobs_show_non_administrators_no_location_path(env: Env) -> None:
     made = env.admin("POST", f"/api/vms/vm-x/checkpoints/{env.ckpts['c1']}/export",
                      {"location": "exports", "folder": env.unique("bundle")},
                      caller="granted_full")
-    env.wait_job(made["job"])
+    env.wait_job(made["job_id"])
     exports = str(env.base / "exports")
-    for url, params in ((f"/api/jobs/{made['job']}", None), ("/api/jobs", {"everything": "1"}),
-                        (f"/api/jobs/{made['job']}/events", None)):
+    for url, params in ((f"/api/jobs/{made['job_id']}", None), ("/api/jobs", {"everything": "1"}),
+                        (f"/api/jobs/{made['job_id']}/events", None)):
         resp = env.call("granted_full", "GET", url, params=params)
         assert resp.status_code == 200, resp.text
         assert exports not in resp.text, f"GET {url}: {resp.text}"
@@ -1618,7 +1620,7 @@ def test_an_apply_that_turns_a_running_vm_off_needs_start_stop(env: Env) -> None
     try:
         run.pidfile.write_text(str(stand_in.pid))
         set_state(env, vm, "running")
-        current = env.tree("vm-x")["current_id"]
+        current = env.tree("vm-x")["current_checkpoint_id"]
         ckpt = next(c for c in env.pair("vm-x") if c != current)
         before = env.snapshot()
         resp = env.call("restore_only", "POST", f"/api/vms/vm-x/checkpoints/{ckpt}/apply",

@@ -33,6 +33,7 @@ so the response check above holds the success bodies too, not only the errors.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -175,7 +176,8 @@ def test_session_cookie_csrf_and_logout(served: Served) -> None:
 
         error_of(http.post("/api/auth/logout", headers=jar), 403)  # a write: CSRF too
         out = http.post("/api/auth/logout", headers={**jar, "X-CSRF-Token": csrf})
-        assert out.status_code == 200 and out.json()["signed_out"] == "admin", out.text
+        assert out.status_code == 200, out.text
+        assert out.json() == {"id": shown.json()["id"], "name": "admin", "signed_out": True}
         assert f"{COOKIE}=" in out.headers["set-cookie"]  # the browser is told to drop it
         error_of(http.get("/api/auth/me", headers=jar), 401)
         error_of(http.post("/api/vms/vm-x/checkpoints", json={"name": "after-logout"},
@@ -183,19 +185,45 @@ def test_session_cookie_csrf_and_logout(served: Served) -> None:
     assert "after-logout" not in {c["name"] for c in served.tree()["checkpoints"]}
 
 
+def test_the_portal_shows_what_the_answers_name(served: Served) -> None:
+    """The portal's pages read the use cases' answers (docs/api.md, "The JSON vocabulary"):
+    each VM's ``checkpoint_count``, a token's and an audit entry's ``user_name``, the
+    schedule's ``repository`` chosen in its form (a name the page no longer reads would show
+    as nothing, not fail)."""
+    cookie, csrf, _ = sign_in(served)
+    with served.admin() as admin:
+        [row] = [r for r in admin.get("/api/vms").json() if r["name"] == "vm-x"]
+        [token] = [t for t in admin.get("/api/tokens").json() if t["user_name"] == "reader"]
+        made = admin.post("/api/schedules", json={"name": "portal-nightly", "vms": ["vm-x"],
+                                                  "repository": "repo", "every": "daily",
+                                                  "at": "03:00"})
+        assert made.status_code == 201, made.text
+    with served.client() as http:
+        jar = {"Cookie": f"{COOKIE}={cookie}"}
+        vms, admin_page, backups = (http.get(path, headers=jar).text
+                                    for path in ("/vms", "/admin", "/backups"))
+        http.delete("/api/schedules/portal-nightly", headers={**jar, "X-CSRF-Token": csrf})
+    assert f'<td>{row["checkpoint_count"]}</td>' in vms, vms
+    assert f"<tr><td>{token['id']}</td><td>reader</td><td>tests</td>" in admin_page, admin_page
+    assert re.search(r'<td>[0-9TZ:-]{20}</td><td>admin</td><td>127\.0\.0\.1</td>', admin_page)
+    assert "<option selected>repo</option>" in backups, backups
+
+
 def test_api_token_works_until_revoked(served: Served) -> None:
     with served.client(served.reader_token) as reader:
         made = reader.post("/api/tokens", json={"name": "script"})
         assert made.status_code == 201, made.text
         token, token_id = made.json()["token"], made.json()["id"]
-        assert made.json()["user"] == "reader"
+        assert made.json()["user_name"] == "reader"
     with served.client(token) as script:
         shown = script.get("/api/auth/me")
         assert shown.status_code == 200, shown.text
         assert (shown.json()["name"], shown.json()["via"]) == ("reader", "token")
         assert script.get("/api/vms").status_code == 200
         revoked = script.delete(f"/api/tokens/{token_id}")
-        assert revoked.status_code == 200 and revoked.json()["revoked"] == token_id
+        assert revoked.status_code == 200, revoked.text
+        assert revoked.json() == {"deleted": [{"kind": "token", "id": token_id,
+                                               "name": "script"}]}
         error_of(script.get("/api/auth/me"), 401)
         error_of(script.get("/api/vms"), 401)
     with served.client(served.reader_token) as reader:

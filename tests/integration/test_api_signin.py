@@ -132,7 +132,7 @@ def test_an_attackers_failures_do_not_lock_the_user_out_elsewhere(home: Waymark)
                               headers={"X-CSRF-Token": csrf,
                                        "Cookie": f"{COOKIE}={admin_cookie.cookies[COOKIE]}"})
         assert cleared.status_code == 200, cleared.text
-        assert cleared.json() == {"user": ALICE, "cleared_addresses": 1}
+        assert cleared.json() == {"user_name": ALICE, "cleared_addresses": 1}
         assert login(attacker, ALICE, ALICE_PASSWORD).status_code == 200
         # the same through the CLI (the counts are the server's: it goes through --server)
         for attempt in range(6):
@@ -289,7 +289,9 @@ def test_changing_ones_own_password_needs_the_current_one(home: Waymark) -> None
         right = http.put(f"/api/users/{ALICE}/password",
                          json={"password": "new-password-1", "current_password": ALICE_PASSWORD})
         assert right.status_code == 200, right.text
-        assert right.json() == {"changed": ALICE, "sessions_ended": True, "tokens_revoked": 1}
+        [(alice_id,)] = query(home.home, "SELECT id FROM users WHERE name = ?", ALICE)
+        assert right.json() == {"id": alice_id, "name": ALICE, "sessions_ended": True,
+                                "tokens_revoked": 1}
         assert me(url, alice) == 401  # the token made with the old password is gone
         assert login(http, ALICE, "new-password-1").status_code == 200
 

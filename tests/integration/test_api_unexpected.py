@@ -81,7 +81,7 @@ def test_an_unexpected_exception_is_the_envelope_logged_and_audited(server: Serv
     assert "RuntimeError: failpoint 'commit' raised" in log, log
 
     newest = server.call("GET", "/api/audit", params={"limit": 1}).json()[0]
-    assert (newest["action"], newest["status"], newest["outcome"], newest["user"]) == \
+    assert (newest["action"], newest["status"], newest["outcome"], newest["user_name"]) == \
         ("POST /api/vms/{vm}/checkpoints", 500, "failed", "admin"), newest
     assert "RuntimeError" in newest["message"] and incident in newest["message"], newest
 

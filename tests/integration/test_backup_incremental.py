@@ -90,7 +90,7 @@ def taken(wm: Waymark, repo: Path, contents: dict[str, str], vm: str = VM,
 
 
 def assert_full(repo: Path, point: dict[str, Any], reason: str) -> None:
-    assert point["kind"] == "full" and point["parent"] is None, point
+    assert point["kind"] == "full" and point["parent_id"] is None, point
     assert reason in point["reason"], point
     disk = disk_of(repo, point)
     assert "backing-filename" not in info(repo / disk["file"]), disk
@@ -102,7 +102,7 @@ def assert_incremental(repo: Path, point: dict[str, Any], parent: dict[str, Any]
     """``point`` is an incremental on ``parent`` holding just the ``dirty`` bytes (which go
     into ``expected``: :func:`assert_dirty_bytes` checks the manifests' count of them at the
     end, after everything else)."""
-    assert point["kind"] == "incremental" and point["parent"] == parent["id"], point
+    assert point["kind"] == "incremental" and point["parent_id"] == parent["id"], point
     assert point["reason"] == f"the changes since point {parent['id']}", point
     disk = disk_of(repo, point)
     assert info(repo / disk["file"])["backing-filename"] == f"{parent['id']}.qcow2"
@@ -142,7 +142,8 @@ def restored(wm: Waymark, repo: Path, point_id: str, name: str, vm: str = VM) ->
     """The content of a new VM restored from the point."""
     made = wm.json("backup", "restore", vm, "--repo", str(repo), "--point", point_id,
                    "--as-new", name)
-    return content_sha256(wm.json("vm", "show", made["vm_id"])["disks"][0]["active_image"])
+    shown = wm.json("vm", "show", made["restored_as"]["id"])
+    return content_sha256(shown["disks"][0]["active_image"])
 
 
 def assert_tidy(repo: Path) -> None:
@@ -193,7 +194,7 @@ def test_a_chain_of_incrementals_holds_each_points_content(wm: Waymark, tmp_path
     assert_contents(repo, contents)
     assert listed(wm, repo, VM) == set(contents)
     rows = {r["id"]: r for r in wm.json("backup", "list", "--repo", str(repo))}
-    assert [(rows[p["id"]]["kind"], rows[p["id"]]["parent"]) for p in (full, inc1, inc2)] == \
+    assert [(rows[p["id"]]["kind"], rows[p["id"]]["parent_id"]) for p in (full, inc1, inc2)] == \
         [("full", None), ("incremental", full["id"]), ("incremental", inc1["id"])]
     verify_ok(wm, repo)
     assert_tidy(repo)
@@ -352,7 +353,7 @@ def test_a_prune_killed_mid_merge_is_finished_by_the_next_command(
     b = taken(wm, repo, contents)
     write(wm, 4 * MIB, 128 * KIB, 0x03)
     c = taken(wm, repo, contents)
-    assert (b["parent"], c["parent"]) == (a["id"], b["id"])
+    assert (b["parent_id"], c["parent_id"]) == (a["id"], b["id"])
 
     killed(wm, label, "backup", "prune", "--repo", str(repo), "--keep-last", "2")
     if finisher == "prune":

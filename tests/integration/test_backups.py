@@ -247,7 +247,7 @@ def test_a_point_is_listed_and_its_manifest_matches_its_files(wm: Waymark,
     rows = wm.json("backup", "list", "--repo", str(repo))
     assert [r["id"] for r in rows] == [point["id"]]
     (row,) = rows
-    assert row["kind"] == "full" and row["parent"] is None, row
+    assert row["kind"] == "full" and row["parent_id"] is None, row
     assert row["reason"] == "the first backup of this VM in this repository", row
     assert row["consistency"].startswith("consistent"), row
     assert (row["vm_name"], row["vm_id"]) == (VM, backed_up["vm_id"]), row
@@ -275,7 +275,7 @@ def test_a_point_is_listed_and_its_manifest_matches_its_files(wm: Waymark,
 
     # the next point is incremental: only the 128 KiB written since, on the first point's file
     second = backup(wm, repo, VM)[0]
-    assert second["kind"] == "incremental" and second["parent"] == point["id"], second
+    assert second["kind"] == "incremental" and second["parent_id"] == point["id"], second
     assert second["reason"] == f"the changes since point {point['id']}", second
     assert listed(wm, repo) == {point["id"], second["id"]}
     assert point_content(repo, second) == backed_up["changed"]
@@ -294,8 +294,8 @@ def test_restore_as_new_vm_has_the_points_content(wm: Waymark, backed_up: dict[s
     repo = backed_up["repo"]
     repo_before = tree_files(repo)
     made = wm.json("backup", "restore", VM, "--repo", str(repo), "--as-new", "web-copy")
-    assert made["name"] == "web-copy" and made["vm_id"] != backed_up["vm_id"], made
     copy = wm.json("vm", "show", "web-copy")
+    assert made == {"restored_as": copy} and copy["id"] != backed_up["vm_id"], made
     original = wm.json("vm", "show", VM)
     assert copy["state"] == "off" and copy["checkpoint_count"] == 0, copy
     assert copy["disks"][0]["id"] != original["disks"][0]["id"]
@@ -317,7 +317,7 @@ def test_restore_into_the_vm_keeps_its_checkpoints(wm: Waymark, backed_up: dict[
     repo, point = backed_up["repo"], backed_up["point"]
     before = wm.json("checkpoint", "list", VM)["checkpoints"]
     done = wm.json("backup", "restore", VM, "--repo", str(repo), "--discard-current")
-    assert done["point"] == point["id"] and done["safety_checkpoint_id"] is None, done
+    assert done["point_id"] == point["id"] and done["safety_checkpoint_id"] is None, done
 
     assert content_sha256(active(wm)) == backed_up["at_backup"]
     tree = wm.json("checkpoint", "list", VM)
@@ -325,7 +325,7 @@ def test_restore_into_the_vm_keeps_its_checkpoints(wm: Waymark, backed_up: dict[
     assert set(by_id) == {c["id"] for c in before} | {done["checkpoint_id"]}
     restored = by_id[done["checkpoint_id"]]
     assert restored["name"] == f"Restored from {point['id']}", restored
-    assert restored["parent_id"] is None and tree["current_id"] == restored["id"], tree
+    assert restored["parent_id"] is None and tree["current_checkpoint_id"] == restored["id"], tree
     for ckpt_id, content in backed_up["checkpoints"].items():
         shown = wm.json("checkpoint", "show", VM, ckpt_id)
         assert content_sha256(shown["disks"][0]["frozen_image"]) == content, shown["name"]
@@ -349,12 +349,12 @@ def test_restore_with_checkpoint_first_keeps_now(wm: Waymark, backed_up: dict[st
     count = wm.json("vm", "show", VM)["checkpoint_count"]
     done = wm.json("backup", "restore", VM, "--repo", str(repo), "--point", point["id"][:18],
                    "--checkpoint-first")
-    assert done["point"] == point["id"] and done["safety_checkpoint_id"], done
+    assert done["point_id"] == point["id"] and done["safety_checkpoint_id"], done
     safety = wm.json("checkpoint", "show", VM, done["safety_checkpoint_id"])
     assert content_sha256(safety["disks"][0]["frozen_image"]) == backed_up["changed"]
     assert content_sha256(active(wm)) == backed_up["at_backup"]
     tree = wm.json("checkpoint", "list", VM)
-    assert tree["current_id"] == done["checkpoint_id"]
+    assert tree["current_checkpoint_id"] == done["checkpoint_id"]
     assert wm.json("vm", "show", VM)["checkpoint_count"] == count + 2
     for ckpt_id, content in backed_up["checkpoints"].items():
         shown = wm.json("checkpoint", "show", VM, ckpt_id)
@@ -462,7 +462,7 @@ def test_a_moved_repository_still_lists_verifies_and_restores(
     assert rows[0]["repository"] == str(moved)
     verify_ok(wm, moved)
     made = wm.json("backup", "restore", VM, "--repo", str(moved), "--as-new", "from-moved")
-    shown = wm.json("vm", "show", made["vm_id"])
+    shown = wm.json("vm", "show", made["restored_as"]["id"])
     assert content_sha256(shown["disks"][0]["active_image"]) == backed_up["at_backup"]
     # and backing up into it again works from there
     (again,) = backup(wm, moved, VM)
@@ -519,8 +519,8 @@ def test_a_damaged_point_is_named_by_verify_and_refused_by_restore(
     # the sound point still restores
     made = wm.json("backup", "restore", VM, "--repo", str(repo), "--point", good["id"],
                    "--as-new", "from-good")
-    assert content_sha256(wm.json("vm", "show", made["vm_id"])["disks"][0]["active_image"]) == \
-        backed_up["changed"]
+    shown = wm.json("vm", "show", made["restored_as"]["id"])
+    assert content_sha256(shown["disks"][0]["active_image"]) == backed_up["changed"]
     assert_clean(wm)
 
 
@@ -604,11 +604,37 @@ def test_a_schedule_run_that_raises_is_recorded_and_the_server_carries_on(
         schedule_due(wm, "second")  # the same server's scheduler still runs what is due
         ran = last_run(wm, "second")
     [outcome] = ran["last_result"]["vms"]
-    assert outcome["vm"] == "second" and outcome["error"] is None and outcome["point"]
+    assert outcome["vm_name"] == "second" and outcome["error"] is None and outcome["point_id"]
     assert [p["id"] for p in wm.json("backup", "list", "--repo", str(repo))] == \
-        [outcome["point"]]
+        [outcome["point_id"]]
     log = (wm.home.parent / "serve.log").read_text()
     assert "backup schedule first failed" in log and "TypeError" in log, log
+
+
+def test_a_run_recorded_by_an_older_waymark_is_shown_in_todays_names(wm: Waymark,
+                                                                      tmp_path: Path) -> None:
+    """``run-due`` answers in the vocabulary (docs/api.md); a schedule's last run recorded
+    before it (``schedule``, ``vm``, ``point``) is shown in the same names, here and as text."""
+    vm_id = make_vm(wm, "old", "1M", (0, 64 * KIB, 0x32))
+    repo = init_repo(wm, tmp_path / "repo")
+    wm("backup", "schedule", "add", "nightly", "--vm", "old", "--repo", str(repo), "--daily",
+       "03:00")
+    schedule_due(wm, "nightly")
+    [run] = wm.json("backup", "run-due")
+    [outcome] = run["vms"]
+    assert set(run) == {"schedule_name", "due_at", "vms"} and run["schedule_name"] == "nightly"
+    assert (outcome["vm_name"], outcome["vm_id"], outcome["error"]) == ("old", vm_id, None)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", run["due_at"]), run
+    [row] = wm.json("backup", "schedule", "list")
+    assert row["last_result"] == run and row["repository"] == str(repo), row
+    older = {"schedule": "nightly", "due_at": run["due_at"],
+             "vms": [{"vm": "old", "vm_id": vm_id, "point": None, "error": "disk full"}]}
+    with sqlite3.connect(wm.home / "catalog.db") as db:
+        db.execute("UPDATE schedules SET last_result = ?", (json.dumps(older),))
+    [row] = wm.json("backup", "schedule", "list")
+    assert row["last_result"] == {"schedule_name": "nightly", "due_at": run["due_at"], "vms": [
+        {"vm_name": "old", "vm_id": vm_id, "point_id": None, "error": "disk full"}]}, row
+    assert "FAILED: old: disk full" in wm("backup", "schedule", "list").stdout
 
 
 # --- 6. a SIGKILLed run -----------------------------------------------------------------------

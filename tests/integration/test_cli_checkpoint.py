@@ -66,7 +66,7 @@ def test_create_list_and_show(wm: Waymark, tmp_path: Path) -> None:
     listing = wm.json("checkpoint", "list", "web")
     assert listing["vm_id"] == vm["id"]
     one, two = listing["checkpoints"]
-    assert listing["current_id"] == two["id"]
+    assert listing["current_checkpoint_id"] == two["id"]
     assert (one["id"], one["name"]) == (first["id"], first["name"])
     assert two["name"] == "second"
     assert (one["parent_id"], two["parent_id"]) == (None, one["id"])
@@ -91,7 +91,7 @@ def test_create_list_and_show(wm: Waymark, tmp_path: Path) -> None:
     shown = wm.json("checkpoint", "show", "web", first["id"][:6])
     assert shown["name"] == first["name"]
     assert shown["is_current"] is False
-    assert shown["children"] == [two["id"]]
+    assert shown["child_ids"] == [two["id"]]
     assert shown["configuration"]["memory_mib"] == 512
     assert [d["disk_id"] for d in shown["disks"]] == [disk["id"]]
     assert content_sha256(shown["disks"][0]["frozen_image"]) == content_sha256(
@@ -129,8 +129,8 @@ def test_apply_restores_disks_and_configuration(wm: Waymark, tmp_path: Path) -> 
 
     applied = wm.json("checkpoint", "apply", "web", "before", "--discard-current")
     assert applied == {"checkpoint_id": ckpt["id"], "state": "off",
-                       "safety_checkpoint_id": None, "detached_disks": [added["id"]],
-                       "kept_disks": []}
+                       "safety_checkpoint_id": None, "detached_disk_ids": [added["id"]],
+                       "kept_disk_ids": []}
 
     after = wm.json("vm", "show", "web")
     assert (after["memory_mib"], after["cpus"]) == (512, 1)

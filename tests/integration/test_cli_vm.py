@@ -114,7 +114,7 @@ def test_list_and_refer_to_a_vm_by_name_or_id_prefix(wm: Waymark) -> None:
     listed = wm.json("vm", "list")
     assert [row["name"] for row in listed] == ["alpha", "beta"]
     assert listed[0] == {"id": alpha["id"], "name": "alpha", "state": "off", "memory_mib": 512,
-                         "cpus": 1, "checkpoint_type": "standard", "checkpoints": 0}
+                         "cpus": 1, "checkpoint_type": "standard", "checkpoint_count": 0}
     assert listed[1]["id"] == beta["id"]
     assert (listed[1]["memory_mib"], listed[1]["cpus"]) == (256, 3)
 
@@ -183,11 +183,12 @@ def test_disk_add_and_remove(wm: Waymark, tmp_path: Path) -> None:
     assert passthrough["path"] == str(device)
 
     # a disk is named by an id prefix
-    assert wm.json("vm", "disk", "remove", "web", new["id"][:8]) == {"detached": new["id"]}
+    removed = wm.json("vm", "disk", "remove", "web", new["id"][:8])  # the disk, as disk add
 
     vm = wm.json("vm", "show", "web")
     assert [d["id"] for d in vm["disks"]] == [first["id"], pinned["id"], passthrough["id"]]
     [detached] = vm["detached_disks"]
+    assert removed == detached
     assert detached["id"] == new["id"]
     assert detached["attached"] is False
     assert detached["active_image"] == new["active_image"]
@@ -217,7 +218,8 @@ def test_delete_removes_only_waymark_files(wm: Waymark, tmp_path: Path) -> None:
     assert "--yes" in refused.stderr
     assert all(p.is_file() for p in made)
 
-    assert wm.json("vm", "delete", "web", "--yes") == {"deleted": vm_id, "name": "web"}
+    assert wm.json("vm", "delete", "web", "--yes") == \
+        {"deleted": [{"kind": "vm", "id": vm_id, "name": "web"}]}
     assert wm.json("vm", "list") == []
     assert not (wm.home / "vms" / vm_id).exists()
     assert not any(p.exists() for p in made)

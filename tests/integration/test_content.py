@@ -144,7 +144,7 @@ class Vm:
         """Every checkpoint holds its content; Now holds exactly what was written since."""
         listing = self.wm.json("checkpoint", "list", self.name)
         assert {c["id"] for c in listing["checkpoints"]} == set(self.checkpoints)
-        assert listing["current_id"] == self.current
+        assert listing["current_checkpoint_id"] == self.current
         assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == self.parents
         in_catalog: dict[str, dict[str, str]] = {}
         for ckpt_id, disk_id, path in query(
@@ -368,7 +368,7 @@ def test_apply_detaches_and_reattaches_a_later_disk_keeping_its_data(wm: Waymark
     assert unsaved != in_b
 
     result = wm.json("checkpoint", "apply", vm.name, a, "--discard-current")
-    assert result["detached_disks"] == [late]
+    assert result["detached_disk_ids"] == [late]
     shown = wm.json("vm", "show", vm.name)
     assert [d["id"] for d in shown["disks"]] == [vm.disk_ids[0]]
     assert [d["id"] for d in shown["detached_disks"]] == [late]
@@ -378,13 +378,13 @@ def test_apply_detaches_and_reattaches_a_later_disk_keeping_its_data(wm: Waymark
     assert_no_orphans(wm.home, vm.id)
 
     result = wm.json("checkpoint", "apply", vm.name, b["id"], "--discard-current")
-    assert result["detached_disks"] == [] and len(result["kept_disks"]) == 1
+    assert result["detached_disk_ids"] == [] and len(result["kept_disk_ids"]) == 1
     shown = wm.json("vm", "show", vm.name)
     assert [d["id"] for d in shown["disks"]] == [vm.disk_ids[0], late]
     assert content_sha256(shown["disks"][1]["active_image"]) == in_b
     kept = {d["id"]: d for d in shown["detached_disks"]}
-    assert set(kept) == set(result["kept_disks"])
-    assert content_sha256(kept[result["kept_disks"][0]]["active_image"]) == unsaved
+    assert set(kept) == set(result["kept_disk_ids"])
+    assert content_sha256(kept[result["kept_disk_ids"][0]]["active_image"]) == unsaved
     for frozen in b["disks"]:
         expected = in_b if frozen["disk_id"] == late else vm.checkpoints[a][vm.disk_ids[0]]
         assert content_sha256(frozen["frozen_image"]) == expected

@@ -137,7 +137,7 @@ def test_deleting_a_middle_checkpoint_reparents_its_children(wm: Waymark) -> Non
     listing = vm.listing()
     assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == \
         {ids["A"]: None, ids["C"]: ids["A"]}
-    assert listing["current_id"] == ids["C"]
+    assert listing["current_checkpoint_id"] == ids["C"]
     # B's layer was merged away: C's chain is one image shorter
     assert {c["id"]: c["chain_depth"] for c in listing["checkpoints"]} == \
         {ids["A"]: 1, ids["C"]: 2}
@@ -156,7 +156,7 @@ def test_deleting_the_current_checkpoint_moves_now_up(wm: Waymark) -> None:
     assert vm.delete(ids["B"][:10]) == [ids["B"]]  # by id prefix
 
     listing = vm.listing()
-    assert listing["current_id"] == ids["A"]
+    assert listing["current_checkpoint_id"] == ids["A"]
     assert wm.json("vm", "show", vm.name)["current_checkpoint_id"] == ids["A"]
     vm.assert_contents([ids["A"]], listing)
     assert vm.now_sha(shown=True) == now, "Now's disk changed with its parent's deletion"
@@ -183,7 +183,7 @@ def test_subtree_delete_keeps_nows_disk(wm: Waymark) -> None:
     listing = vm.listing()
     assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == \
         {ids["A"]: None, ids["D"]: ids["A"]}
-    assert listing["current_id"] == ids["A"]
+    assert listing["current_checkpoint_id"] == ids["A"]
     assert vm.now_sha(shown=True) == now, "Now's disk content was lost with its parent's subtree"
     vm.assert_contents([ids["A"], ids["D"]], listing)
     vm.assert_no_orphans()
@@ -217,7 +217,7 @@ def test_subtree_delete_of_a_branch_without_now(wm: Waymark) -> None:
 
     listing = vm.listing()
     assert [c["id"] for c in listing["checkpoints"]] == [ids["A"]]
-    assert listing["current_id"] == ids["A"]
+    assert listing["current_checkpoint_id"] == ids["A"]
     vm.assert_contents([ids["A"]], listing)
     assert vm.now_sha(shown=True) == now
     vm.assert_no_orphans()
@@ -247,7 +247,7 @@ def test_glob_needs_yes_and_exact_references(wm: Waymark) -> None:
 
     assert sorted(deleted) == sorted([ids["Exp1"], ids["Exp2"], ids["Experiment 3"]])
     listing = vm.listing()
-    assert listing["current_id"] == ids["Keep"]
+    assert listing["current_checkpoint_id"] == ids["Keep"]
     vm.assert_contents([ids["Keep"]], listing)
     assert vm.now_sha(shown=True) == now
     vm.assert_no_orphans()

@@ -60,7 +60,7 @@ def assert_recovered(wm: Waymark, expected: dict[str, str], parents: dict[str, s
     """The state after the delete, once the next command (which recovers) has run."""
     listing = wm.json("checkpoint", "list", VM)
     assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == parents, label
-    assert listing["current_id"] == current, label
+    assert listing["current_checkpoint_id"] == current, label
     frozen = frozen_paths(wm.home)
     assert set(frozen) == set(parents), label
     for ckpt, path in frozen.items():

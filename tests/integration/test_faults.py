@@ -207,7 +207,7 @@ def recover_and_read(wm: Waymark, vm_id: str, problems: list[str] | None = None)
     state = read_state(wm.home, vm_id)
     assert listing["vm_id"] == vm_id
     assert {c["id"] for c in listing["checkpoints"]} == set(state.checkpoints)
-    assert listing["current_id"] == state.current
+    assert listing["current_checkpoint_id"] == state.current
     if problems is None or unfinished:
         shown = wm.json("vm", "show", "v")
         assert_settled(wm.home)

@@ -166,7 +166,7 @@ def test_compaction_on_a_full_fs_loses_nothing_and_resumes(small_home: Waymark) 
     filler.unlink()
     listing = wm.json("checkpoint", "list", VM)  # finishes the compaction
     assert [x["id"] for x in listing["checkpoints"]] == [a["id"]]
-    assert listing["current_id"] == a["id"]
+    assert listing["current_checkpoint_id"] == a["id"]
     assert c["id"] not in {x["id"] for x in listing["checkpoints"]}
     shown = wm.json("checkpoint", "show", VM, "A")
     assert content_sha256(shown["disks"][0]["frozen_image"]) == a_sha

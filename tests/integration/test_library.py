@@ -132,7 +132,7 @@ def build(wm: Waymark, tmp_path: Path, disk: str | None, c: bool = True) -> Buil
 def tree(wm: Waymark) -> dict[str, Any]:
     """The checkpoint tree as ``checkpoint list`` shows it (the kept fields, by id)."""
     listed = wm.json("checkpoint", "list", VM)
-    return {"current_id": listed["current_id"],
+    return {"current_checkpoint_id": listed["current_checkpoint_id"],
             "checkpoints": {c["id"]: {k: c[k] for k in KEPT} for c in listed["checkpoints"]}}
 
 
@@ -227,7 +227,7 @@ def assert_stored(wm: Waymark, library: Path, vm: Built, label: str) -> dict[str
     assert (entry["id"], entry["name"], entry["status"], entry["claim"], entry["clash"]) == \
         (vm.vm_id, VM, "stored", None, None), f"{label}: {entry}"
     assert_tree([(c["id"], c["name"], c["parent_id"]) for c in entry["checkpoints"]],
-                entry["current_id"], vm, label)
+                entry["current_checkpoint_id"], vm, label)
     assert library_content(library, vm) == vm.content, f"{label}: content changed"
     folder = library / "vms" / vm.vm_id
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -252,8 +252,8 @@ def test_store_then_deploy_keeps_the_tree_and_every_checkpoints_content(
     library = init_library(wm, tmp_path / "share" / "lib")  # its parent did not exist
 
     stored = wm.json("vm", "store", VM, "--library", str(library))
-    assert {k: stored[k] for k in ("vm", "vm_id", "library", "checkpoints")} == \
-        {"vm": VM, "vm_id": vm.vm_id, "library": str(library), "checkpoints": 3}
+    assert {k: stored[k] for k in ("vm_name", "vm_id", "library", "checkpoint_count")} == \
+        {"vm_name": VM, "vm_id": vm.vm_id, "library": str(library), "checkpoint_count": 3}
     assert wm.json("vm", "list") == []
     assert not (wm.home / "vms" / vm.vm_id).exists()
     for args in (("vm", "start", VM), ("checkpoint", "create", VM, "--name", "d")):
@@ -272,11 +272,12 @@ def test_store_then_deploy_keeps_the_tree_and_every_checkpoints_content(
     assert stored["files"] == len(there)
 
     # nothing links to the template any more
-    assert wm.json("template", "delete", "golden") == {"deleted": "golden"}
+    assert wm.json("template", "delete", "golden") == \
+        {"deleted": [{"kind": "template", "id": None, "name": "golden"}]}
 
     deployed = wm.json("vm", "deploy", VM, "--library", str(library))
-    assert deployed == {"vm": VM, "vm_id": vm.vm_id, "library": str(library), "state": "off",
-                        "checkpoints": 3}
+    assert deployed == {"vm_name": VM, "vm_id": vm.vm_id, "library": str(library),
+                        "state": "off", "checkpoint_count": 3}
     shown = wm.json("vm", "show", VM)
     assert (shown["id"], shown["name"], shown["state"]) == (vm.vm_id, VM, "off")
     assert not any(d["base_pinned"] for d in shown["disks"]), shown["disks"]

@@ -263,7 +263,7 @@ def test_later_profile_and_template_changes_leave_existing_vms_alone(
     retemplated = wm.json("template", "set", "stock", "--checkpoint-type", "standard",
                           "--profile", "lean")
     assert (retemplated["profile"], retemplated["checkpoint_type"]) == ("lean", "standard")
-    assert retemplated["vms"] == ["early"]
+    assert retemplated["vm_names"] == ["early"]
 
     assert wm.json("vm", "show", "early") == before  # nothing about it changed
     assert human_type_line(wm, "early").startswith(
@@ -374,7 +374,7 @@ def test_linked_clones_share_a_read_only_template_and_full_copies_stand_alone(
     assert_linked(wm, b, files)
     assert_standalone(wm, c)
     assert contents(a) == contents(b) == contents(c) == template
-    assert wm.json("template", "show", "golden")["vms"] == ["a", "b"]  # not c
+    assert wm.json("template", "show", "golden")["vm_names"] == ["a", "b"]  # not c
 
     # each VM writes its own disks; nobody sees anyone else's data
     write(a, (0, 2 * MIB, 64 * KIB, 0xA1))
@@ -405,8 +405,9 @@ def test_linked_clones_share_a_read_only_template_and_full_copies_stand_alone(
     assert_error(wm.run("template", "delete", "golden"), EXIT_CONFLICT, "VM(s) b.")
     assert {p: file_sha256(p) for p in files} == template_files
     wm("vm", "delete", "b", "--yes")
-    assert wm.json("template", "show", "golden")["vms"] == []
-    assert wm.json("template", "delete", "golden") == {"deleted": "golden"}
+    assert wm.json("template", "show", "golden")["vm_names"] == []
+    assert wm.json("template", "delete", "golden") == \
+        {"deleted": [{"kind": "template", "id": None, "name": "golden"}]}
     assert not Path(made["folder"]).exists()
     assert templates_folder(wm.home) == {"lock"}
     assert wm.json("template", "list") == []

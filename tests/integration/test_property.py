@@ -326,7 +326,7 @@ class Model:
         listing = views.checkpoint_list(self.ctx, self.vm_id)
         assert {c["id"]: c["parent_id"] for c in listing["checkpoints"]} == self.parents
         assert {c["id"]: c["name"] for c in listing["checkpoints"]} == self.names
-        assert listing["current_id"] == self.current
+        assert listing["current_checkpoint_id"] == self.current
         pending = query(self.home, "SELECT id, kind FROM intents WHERE status = 'pending'")
         assert pending == [], f"intents left pending: {pending}"
 

@@ -291,7 +291,7 @@ def test_restoring_a_backup_with_larger_settings_in_place_is_checked_against_the
         assert served.snapshot() == before
     restored = served.ok("admin", "POST", f"/api/vms/ida-1/backups/{point}/restore",
                          {"repository": "quota-repo", "mode": "discard_current"})
-    assert restored["point"] == point and cpus(served, "ida-1") == 4
+    assert restored["point_id"] == point and cpus(served, "ida-1") == 4
 
 
 # --- the host's memory ------------------------------------------------------------------------

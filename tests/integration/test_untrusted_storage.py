@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -270,6 +271,29 @@ def test_a_manifest_filed_under_another_name_or_a_crafted_merge_intent_is_refuse
     refused(wm, (repo, tmp_path), ("backup", "run", "web", "--repo", str(repo)),
             EXIT_IMAGE, "merging.json", str(victim))
     assert victim.read_text() == "{}\n"
+
+
+def test_a_point_time_in_any_rfc_3339_form_is_shown_in_seconds_and_garbage_is_refused(
+        wm: Waymark, tmp_path: Path) -> None:
+    """A point's time comes from its manifest: Waymark writes it with microseconds (older
+    versions too), answers show it as every moment (whole seconds, ``Z``); an offset is read;
+    anything else is refused, naming the manifest, and prune deletes nothing."""
+    repo, (point,) = backed_up(wm, tmp_path)
+    manifest = manifest_of(repo, point["id"])
+    written = json.loads(manifest.read_text())["created_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", written), written
+    assert point["created_at"] == written[:19] + "Z"
+    rewrite(manifest, lambda m: m.update(created_at="2026-12-07T04:12:21.5+01:00"))
+    [row] = wm.json("backup", "list", "--repo", str(repo))
+    assert row["created_at"] == "2026-12-07T03:12:21Z", row
+    where = str(manifest.relative_to(repo))
+    for hostile in ("yesterday", "2026-12-07", "2026-02-30T00:00:00Z", "2026-12-07T03:12:21",
+                    "2026-12-07T03:12:21Z" + "0" * 100, 1765077141):
+        rewrite(manifest, lambda m, hostile=hostile: m.update(created_at=hostile))
+        refused(wm, (repo,), ("backup", "list", "--repo", str(repo)), EXIT_IMAGE, where,
+                "not the manifest of point")
+        refused(wm, (repo,), ("backup", "prune", "--repo", str(repo), "--keep-last", "1"),
+                EXIT_IMAGE, where)
 
 
 CONFIGS: dict[str, Callable[[dict[str, Any]], None]] = {

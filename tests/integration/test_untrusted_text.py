@@ -53,10 +53,10 @@ def test_requests_without_credentials_are_bounded_in_the_audit_log(tmp_path: Pat
             if number % 10 == 0:  # an administrator's refusal in between: always recorded
                 assert http.delete(f"/api/vms/nowhere{number}", headers=admin).status_code == 404
         written = audit_rows(wm)[: len(audit_rows(wm)) - before]
-    anonymous = [e for e in written if e["user"] is None]
+    anonymous = [e for e in written if e["user_name"] is None]
     assert len(anonymous) == ANONYMOUS_LIMIT, len(anonymous)
     assert sorted(str(e["target"].get("vm")) for e in written  # type: ignore[union-attr]
-                  if e["user"] == "root-admin") == [f"nowhere{n}" for n in (0, 10, 20, 30)]
+                  if e["user_name"] == "root-admin") == [f"nowhere{n}" for n in (0, 10, 20, 30)]
     for entry in anonymous:
         assert len(str(entry["action"])) <= TEXT_LIMIT
         assert all(len(str(v)) <= TEXT_LIMIT
@@ -137,7 +137,7 @@ def test_errors_show_host_paths_to_administrators_only(tmp_path: Path) -> None:
     assert home not in as_alice.text and vm_id not in as_alice.text, as_alice.text
     assert "<host path>" in as_alice.json()["error"]["message"], as_alice.text
     assert query(wm.home, "SELECT count(*) FROM checkpoints") == before
-    logged = [e for e in audit_rows(wm) if e["user"] == "alice"]
+    logged = [e for e in audit_rows(wm) if e["user_name"] == "alice"]
     assert home in str(logged[0]["message"])  # administrators read the whole message
 
 

@@ -204,7 +204,8 @@ def _schedule(home: Home) -> None:
     with sqlite3.connect(wm.home / "catalog.db") as db:
         db.execute("UPDATE schedules SET next_due_at = '2000-01-01 00:00:00.000000'")
     [run] = wm.json("backup", "run-due")
-    assert [(v["vm_id"], v["vm"], v["error"]) for v in run["vms"]] == [(x, "vm-x", None)], run
+    assert [(v["vm_id"], v["vm_name"], v["error"]) for v in run["vms"]] == [(x, "vm-x", None)], \
+        run
 
 
 def _landed_on_x(home: Home, point: dict[str, Any]) -> None:
@@ -234,7 +235,7 @@ def test_actions_on_a_vm_by_its_id_never_land_on_a_vm_named_so(home: Home) -> No
     assert _checkpoint_names(home, home.hers) == []
     # deleting X by id deletes X, not hers
     deleted = home.ok("admin", "DELETE", f"/api/vms/{home.x}", params={"yes": True})
-    assert deleted["deleted"] == home.x
+    assert deleted == {"deleted": [{"kind": "vm", "id": home.x, "name": "vm-x"}]}
     assert query(home.wm.home, "SELECT id FROM vms WHERE id = ?", home.x) == []
     assert _rows(home, home.hers) == hers_before
 
@@ -276,7 +277,7 @@ def test_a_name_another_user_has_tells_nothing(home: Home) -> None:
 
 def _merge_job(home: Home, who: str, vm: str) -> str:
     made = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints", {"name": "gone"})
-    job = home.ok(who, "DELETE", f"/api/vms/{vm}/checkpoints/{made['id']}")["job"]
+    job = home.ok(who, "DELETE", f"/api/vms/{vm}/checkpoints/{made['id']}")["job_id"]
     _wait(home, who, job)
     return str(job)
 
@@ -320,7 +321,7 @@ def test_an_export_folder_name_tells_nothing(home: Home) -> None:
         done = home.ok(who, "POST", f"/api/vms/{vm}/checkpoints/{ckpt}/export",
                        {"location": "exports", "folder": "bundle"})
         assert done["folder"] == f"{who}/bundle"  # each in a folder of their own
-        _wait(home, who, done["job"])
+        _wait(home, who, done["job_id"])
         assert (exports / who / "bundle" / "manifest.json").is_file()
         again = home.call(who, "POST", f"/api/vms/{vm}/checkpoints/{ckpt}/export",
                           {"location": "exports", "folder": "bundle"})
@@ -329,7 +330,7 @@ def test_an_export_folder_name_tells_nothing(home: Home) -> None:
     done = home.ok("admin", "POST", f"/api/vms/{theirs}/checkpoints/{made}/export",
                    {"location": "exports", "folder": "bundle"})
     assert done["folder"] == "bundle"  # administrators: the location itself
-    _wait(home, "admin", done["job"])
+    _wait(home, "admin", done["job_id"])
 
 
 def _wait(home: Home, who: str, job: str) -> None:

@@ -21,6 +21,7 @@ from waymark.http.security import (
 )
 from waymark.model import policy
 from waymark.model.units import parse_duration
+from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases.access import audit, users
 
 router = APIRouter(tags=["accounts"], route_class=schemas.Route)
@@ -43,7 +44,7 @@ def login(body: Login, request: Request, response: Response) -> dict[str, Any]:
     response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", max_age=int(
                             users.SESSION_LIFETIME.total_seconds()), path="/")
-    return {"user": body.name, "csrf_token": csrf}
+    return {"user_name": body.name, "csrf_token": csrf}
 
 
 @router.post("/auth/logout", response_model=schemas.SignedOut)
@@ -54,7 +55,7 @@ def logout(request: Request, response: Response, caller: CallerDep, ctx: Context
     if cookie:
         users.logout(ctx, cookie)
     response.delete_cookie(COOKIE, path="/")
-    return {"signed_out": caller.who.name}
+    return {"id": caller.who.user_id, "name": caller.who.name, "signed_out": True}
 
 
 @router.get("/auth/me", response_model=schemas.Me)
@@ -84,11 +85,10 @@ def user_add(body: NewUser, caller: CallerDep, ctx: ContextDep) -> dict[str, Any
     return users.add(ctx, body.name, body.role, body.password)
 
 
-@router.delete("/users/{name}", response_model=schemas.Removed)
-def user_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+@router.delete("/users/{name}", response_model=schemas.Deleted)
+def user_remove(name: str, caller: CallerDep, ctx: ContextDep) -> DeleteAnswer:
     require(caller.who, "user.manage")
-    users.remove(ctx, name)
-    return {"removed": name}
+    return users.remove(ctx, name)
 
 
 class Password(BaseModel):
@@ -127,7 +127,7 @@ def user_unlock(name: str, request: Request, caller: CallerDep) -> dict[str, Any
     locked out (429) may sign in again at once (administrators)."""
     require(caller.who, "user.manage")
     limiter: LoginLimiter = request.app.state.limiter
-    return {"user": name, "cleared_addresses": limiter.forget(name)}
+    return {"user_name": name, "cleared_addresses": limiter.forget(name)}
 
 
 class NewGrant(BaseModel):
@@ -177,15 +177,14 @@ def token_create(body: NewToken, caller: CallerDep, ctx: ContextDep) -> dict[str
     return users.create_token(ctx, owner, body.name, expires_in)
 
 
-@router.delete("/tokens/{token_id}", response_model=schemas.Revoked)
-def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+@router.delete("/tokens/{token_id}", response_model=schemas.Deleted)
+def token_revoke(token_id: str, caller: CallerDep, ctx: ContextDep) -> DeleteAnswer:
     try:
-        users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
+        return users.revoke_token(ctx, token_id, None if caller.who.admin else caller.who.name)
     except NotFound as err:  # someone else's token is outside the caller's scope
         if any(t["id"] == token_id for t in users.tokens(ctx)):
             raise OutOfScope(err.message, hint=err.hint) from None
         raise
-    return {"revoked": token_id}
 
 
 

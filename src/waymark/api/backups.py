@@ -13,6 +13,7 @@ from waymark.engine.context import Context
 from waymark.errors import Forbidden, InvalidInput
 from waymark.http.security import Caller, CallerDep, ContextDep, require, require_vm, vm_for
 from waymark.model import retention
+from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases import views
 from waymark.usecases.access import locations
 from waymark.usecases.backups import points as backups
@@ -160,8 +161,7 @@ def schedule_edit(name: str, body: NewSchedule, caller: CallerDep, ctx: ContextD
                          body.every, body.at, body.day, body.full_every, keep, replace=True)
 
 
-@router.delete("/schedules/{name}", response_model=schemas.Removed)
-def schedule_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+@router.delete("/schedules/{name}", response_model=schemas.Deleted)
+def schedule_remove(name: str, caller: CallerDep, ctx: ContextDep) -> DeleteAnswer:
     require(caller.who, "schedule.manage")
-    schedules.remove(ctx, name)
-    return {"removed": name}
+    return schedules.remove(ctx, name)

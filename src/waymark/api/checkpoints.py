@@ -107,8 +107,7 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
     done = deletion.delete_checkpoints(ctx, row.id, target, subtree=subtree, yes=True,
                                        wait=False)
     jobs.spawn(ctx, done.job)
-    return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
-            "job": done.job}
+    return done.answer()
 
 
 @router.delete("/vms/{vm}/checkpoints", status_code=202, response_model=schemas.CheckpointsDeleted)
@@ -121,8 +120,7 @@ def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
     row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
     done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False)
     jobs.spawn(ctx, done.job)
-    return {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
-            "job": done.job}
+    return done.answer()
 
 
 class Export(BaseModel):
@@ -150,4 +148,4 @@ def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
     dest = locations.path(ctx, body.location, "export") / folder
     job_id = export_job.submit_export(ctx, row.id, target["id"], dest, run_here=False)
     jobs.spawn(ctx, job_id)
-    return {"job": job_id, "location": body.location, "folder": folder}
+    return {"job_id": job_id, "location": body.location, "folder": folder}

@@ -16,6 +16,7 @@ from waymark.http.security import CallerDep, ContextDep, OutOfScope, require, vm
 from waymark.model import policy
 from waymark.model.policy import Decision
 from waymark.model.units import parse_size
+from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases.access import locations
 from waymark.usecases.library import profiles, templates
 from waymark.usecases.library import store_deploy as library
@@ -62,10 +63,9 @@ def profile_set(name: str, body: ProfileSettings, caller: CallerDep, ctx: Contex
 
 
 @router.delete("/profiles/{name}", response_model=schemas.Deleted)
-def profile_delete(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+def profile_delete(name: str, caller: CallerDep, ctx: ContextDep) -> DeleteAnswer:
     require(caller.who, "profile.manage")
-    profiles.delete(ctx, name)
-    return {"deleted": name}
+    return profiles.delete(ctx, name)
 
 
 def _template_view(t: dict[str, Any], admin: bool) -> dict[str, Any]:
@@ -129,10 +129,9 @@ def template_set(name: str, body: TemplateSettings, caller: CallerDep, ctx: Cont
 
 
 @router.delete("/templates/{name}", response_model=schemas.Deleted)
-def template_delete(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+def template_delete(name: str, caller: CallerDep, ctx: ContextDep) -> DeleteAnswer:
     require(caller.who, "template.manage")
-    templates.delete(ctx, name)
-    return {"deleted": name}
+    return templates.delete(ctx, name)
 
 
 @router.get("/locations", response_model=list[schemas.Location])
@@ -154,11 +153,10 @@ def location_add(body: NewLocation, caller: CallerDep, ctx: ContextDep) -> dict[
     return locations.add(ctx, body.name, body.kind, Path(body.path))
 
 
-@router.delete("/locations/{name}", response_model=schemas.Removed)
-def location_remove(name: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+@router.delete("/locations/{name}", response_model=schemas.Deleted)
+def location_remove(name: str, caller: CallerDep, ctx: ContextDep) -> DeleteAnswer:
     require(caller.who, "location.manage")
-    locations.remove(ctx, name)
-    return {"removed": name}
+    return locations.remove(ctx, name)
 
 
 @router.get("/library/{name}", response_model=schemas.Library)

@@ -11,7 +11,10 @@ checks it on the way out (:class:`Route`):
 - keys the answer leaves out are left out (``response_model_exclude_unset``): a caller who is
   not an administrator gets no host paths (:func:`waymark.api.security.redact` removes those
   keys), so those fields are optional here;
-- timestamps stay the strings the use cases write (not re-formatted).
+- the keys follow one vocabulary, the CLI's ``--json`` the same (docs/api.md, "The JSON
+  vocabulary"): ``<object>_id`` and ``<object>_name`` for another object, ``*_count`` for a
+  count, ``<event>_at`` for a moment (RFC 3339 in UTC, whole seconds, ``Z``: the use cases
+  write it so, :func:`waymark.model.timing.rfc3339`), one delete answer (:class:`Deleted`).
 """
 
 from __future__ import annotations
@@ -38,33 +41,41 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Timestamp = str  # RFC 3339 in UTC, as the use cases write it ("2026-12-07T03:12:21Z")
+Timestamp = str  # RFC 3339 in UTC, whole seconds, as written: "2026-12-07T03:12:21Z"
 HOST_PATH = "A host path: administrators only (absent for other callers)"
 
 
 # --- small answers ----------------------------------------------------------------------------
 
-class Removed(Body):
-    removed: str
+class Gone(Body):
+    """One thing a delete removed (:class:`waymark.model.vocabulary.Gone`)."""
+
+    kind: str = Field(description="vm, checkpoint, user, token, profile, template, location "
+                                   "or schedule")
+    id: str | None = Field(description="Its id (null for what has a name only: profiles, "
+                                       "templates, locations, schedules)")
+    name: str
 
 
 class Deleted(Body):
-    deleted: str
+    """Every delete's answer: what went."""
 
-
-class Revoked(Body):
-    revoked: str
+    deleted: list[Gone]
 
 
 # --- accounts ---------------------------------------------------------------------------------
 
 class SignedIn(Body):
-    user: str
+    user_name: str
     csrf_token: str = Field(description="Send it as X-CSRF-Token with the session's writes")
 
 
 class SignedOut(Body):
-    signed_out: str
+    """Whose session ended."""
+
+    id: str = Field(description="The user's id")
+    name: str
+    signed_out: bool
 
 
 class Me(Body):
@@ -115,19 +126,22 @@ class User(Body):
 
 
 class PasswordChanged(Body):
-    changed: str
+    """The user whose password changed."""
+
+    id: str
+    name: str
     sessions_ended: bool
     tokens_revoked: int
 
 
 class SignInFailuresForgotten(Body):
-    user: str
+    user_name: str
     cleared_addresses: int
 
 
 class Token(Body):
     id: str
-    user: str
+    user_name: str
     name: str
     created_at: Timestamp
     last_used_at: Timestamp | None
@@ -136,7 +150,7 @@ class Token(Body):
 
 class NewToken(Body):
     id: str
-    user: str
+    user_name: str
     name: str
     token: str = Field(description="The secret: shown in this answer only")
     expires_at: Timestamp | None
@@ -150,7 +164,7 @@ class Roles(Body):
 class AuditEntry(Body):
     id: int
     at: Timestamp
-    user: str | None
+    user_name: str | None
     role: str | None
     via: str
     client: str | None
@@ -163,7 +177,7 @@ class AuditEntry(Body):
 
 
 class UserQuota(Body):
-    user: str
+    user_name: str
     role: str
     own: Quota = Field(description="The user's own ceilings (null: their role's applies)")
     quota: Quota
@@ -235,12 +249,7 @@ class VmRow(Body):
     memory_mib: int
     cpus: int
     checkpoint_type: str
-    checkpoints: int = Field(description="How many checkpoints it has")
-
-
-class VmDeleted(Body):
-    deleted: str = Field(description="The VM's id")
-    name: str
+    checkpoint_count: int = Field(description="How many checkpoints it has")
 
 
 class VmStatus(Body):
@@ -305,7 +314,7 @@ class Checkpoint(CheckpointSummary):
 class CheckpointTree(Body):
     vm_id: str
     vm_name: str
-    current_id: str | None = Field(description="Now's parent")
+    current_checkpoint_id: str | None = Field(description="Now's parent")
     checkpoints: list[Checkpoint]
 
 
@@ -323,7 +332,7 @@ class CheckpointDetail(Checkpoint):
     configuration: dict[str, Any] = Field(description="The VM's hardware as it was")
     memory_state: str | None = Field(default=None, description=HOST_PATH)
     disks: list[FrozenDisk]
-    children: list[str]
+    child_ids: list[str]
 
 
 class CheckpointRenamed(CheckpointDetail):
@@ -335,22 +344,17 @@ class Applied(Body):
     checkpoint_id: str
     state: str
     safety_checkpoint_id: str | None
-    detached_disks: list[str]
-    kept_disks: list[str]
+    detached_disk_ids: list[str] = Field(description="Disks the VM has now and had not then: "
+                                                     "detached, their files kept")
+    kept_disk_ids: list[str]
 
 
-class Named(Body):
-    id: str
-    name: str
-
-
-class CheckpointsDeleted(Body):
-    deleted: list[Named]
-    job: str = Field(description="The merge job's id (GET /api/jobs/{id})")
+class CheckpointsDeleted(Deleted):
+    job_id: str = Field(description="The merge job's id (GET /api/jobs/{id})")
 
 
 class ExportStarted(Body):
-    job: str
+    job_id: str
     location: str
     folder: str
 
@@ -363,7 +367,7 @@ class PointSummary(Body):
     vm_name: str
     created_at: Timestamp
     kind: str = Field(description="full or incremental")
-    parent: str | None
+    parent_id: str | None = Field(description="The point it is an increment of")
     reason: str | None
     consistency: str | None
     bytes: int
@@ -385,7 +389,7 @@ class RestoredAsNew(Body):
 
 
 class RestoredInPlace(Body):
-    point: str
+    point_id: str
     checkpoint_id: str = Field(description="The new root checkpoint of the restored disks")
     safety_checkpoint_id: str | None
 
@@ -397,8 +401,9 @@ class Pruned(Body):
 
 class Schedule(Body):
     name: str
-    vms: list[str] = Field(description="The VMs' ids")
-    repo: str
+    vm_ids: list[str]
+    repository: str = Field(description="The repository's folder (schedules are "
+                                        "administrators')")
     every: str
     at: str
     day: int | None
@@ -418,7 +423,8 @@ class Job(Body):
     vm_id: str | None
     vm_name: str | None
     status: str = Field(description="queued, running, completed, failed or cancelled")
-    state: str = Field(description="The status, with a note when nobody runs the job")
+    note: str | None = Field(description="Why the status may mislead: nobody runs the job "
+                                         "(the next command on its VM carries it on)")
     progress: float
     step: str | None
     error: str | None
@@ -457,8 +463,8 @@ class Template(Body):
     append: str | None = None
     folder: str | None = Field(default=None, description=HOST_PATH)
     disks: list[TemplateDisk]
-    vms: list[str] | None = Field(default=None, description="The VMs made from it "
-                                                            "(administrators)")
+    vm_names: list[str] | None = Field(default=None, description="The VMs made from it "
+                                                                 "(administrators)")
 
 
 class Location(Body):
@@ -482,7 +488,7 @@ class LibraryVm(Body):
     source: dict[str, Any] | None = None
     checkpoint_type: str | None = None
     bytes: int | None = None
-    current_id: str | None = None
+    current_checkpoint_id: str | None = None
     checkpoints: list[LibraryCheckpoint] | None = None
 
 
@@ -493,20 +499,20 @@ class Library(Body):
 
 
 class Stored(Body):
-    vm: str
+    vm_name: str
     vm_id: str
     library: str
-    checkpoints: int
+    checkpoint_count: int
     files: int
     bytes: int
 
 
 class Deployed(Body):
-    vm: str
+    vm_name: str
     vm_id: str
     library: str
     state: str
-    checkpoints: int
+    checkpoint_count: int
 
 
 # --- event streams ----------------------------------------------------------------------------

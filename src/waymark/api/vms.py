@@ -24,6 +24,7 @@ from waymark.http.security import (
 from waymark.model import policy
 from waymark.model.policy import Decision
 from waymark.model.units import parse_size
+from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases import views
 from waymark.usecases.library import templates
 from waymark.usecases.vms import definitions as vm_ops
@@ -109,13 +110,12 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 
-@router.delete("/vms/{vm}", response_model=schemas.VmDeleted)
+@router.delete("/vms/{vm}", response_model=schemas.Deleted)
 def vm_delete(vm: str, caller: CallerDep, ctx: ContextDep, yes: bool = False
-              ) -> dict[str, Any]:
+              ) -> DeleteAnswer:
     """Delete the VM with its checkpoints and the files Waymark made (``yes`` confirms)."""
     row = vm_for(ctx, caller.who, "vm.delete", vm)
-    vm_ops.delete(ctx, row.id, yes=yes)
-    return {"deleted": row.id, "name": row.name}
+    return vm_ops.delete(ctx, row.id, yes=yes)
 
 
 class PowerOptions(BaseModel):

@@ -13,6 +13,7 @@ from waymark.cli.output import StepProgress, emit, fail_after, json_option
 from waymark.errors import ImageError, InvalidInput, WaymarkError
 from waymark.model import retention, timing
 from waymark.model.units import human
+from waymark.usecases import views
 from waymark.usecases.backups import points as backups
 from waymark.usecases.backups import schedules
 from waymark.usecases.checkpoints import lifecycle as checkpoints
@@ -149,7 +150,7 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
                                "and --discard-current.")
         vm_id = backups.restore_as_new(ctx, repo, backups.repo_vm(repo, vm_ref), point_ref,
                                        new_name, _reporter())
-        emit(as_json, {"vm_id": vm_id, "name": new_name},
+        emit(as_json, {"restored_as": views.vm_show(ctx, vm_id)},
              [f"Restored as new VM {new_name} ({vm_id[:12]}). Start it with: "
               f"waymark vm start {new_name}"])
         return
@@ -161,8 +162,8 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
             else checkpoints.ApplyMode.DISCARD_CURRENT)
     done: dict[str, Any] = backups.restore(ctx, repo, face().vm_id(vm_ref), point_ref, mode,
                                            _reporter())
-    lines = [f"Restored point {done['point']} into {vm_ref}; Now is under the new checkpoint "
-             f"'Restored from {done['point']}'."]
+    lines = [f"Restored point {done['point_id']} into {vm_ref}; Now is under the new checkpoint "
+             f"'Restored from {done['point_id']}'."]
     if done["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({done['safety_checkpoint_id'][:12]}).")
     emit(as_json, done, lines)
@@ -261,7 +262,7 @@ def _last_failure(result: dict[str, Any] | None) -> str:
     """What went wrong in a schedule's last run, for its line in ``schedule list``."""
     if not result:
         return ""
-    failed = [f"{v['vm']}: {v['error']}" for v in result["vms"] if v["error"]]
+    failed = [f"{v['vm_name']}: {v['error']}" for v in result["vms"] if v["error"]]
     if result.get("error"):
         failed.append(result["error"])
     return f"  FAILED: {'; '.join(failed)}" if failed else ""
@@ -272,8 +273,7 @@ def _last_failure(result: dict[str, Any] | None) -> str:
 @json_option
 def schedule_remove(name: str, as_json: bool) -> None:
     """Remove a schedule (its points stay in the repository)."""
-    schedules.remove(face().ctx, name)
-    emit(as_json, {"removed": name}, [f"Removed schedule {name}."])
+    emit(as_json, schedules.remove(face().ctx, name), [f"Removed schedule {name}."])
 
 
 @backup.command("run-due")
@@ -283,11 +283,11 @@ def run_due(as_json: bool) -> None:
     runs = schedules.run_due(face().ctx, _reporter())
     lines = []
     for r in runs:
-        lines += [f"{r['schedule']}: {v['vm']}: " + (f"point {v['point']}" if v["point"]
-                                                      else f"FAILED: {v['error']}")
+        lines += [f"{r['schedule_name']}: {v['vm_name']}: "
+                  + (f"point {v['point_id']}" if v["point_id"] else f"FAILED: {v['error']}")
                   for v in r["vms"]]
         if r.get("error"):
-            lines.append(f"{r['schedule']}: FAILED: {r['error']}")
+            lines.append(f"{r['schedule_name']}: FAILED: {r['error']}")
     emit(as_json, runs, lines or ["Nothing is due."])
     if any(r.get("error") or any(v["error"] for v in r["vms"]) for r in runs):
         fail_after(as_json, WaymarkError("some scheduled backups failed (see above).",

@@ -161,9 +161,9 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     if data["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
     lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
-              for d in data["detached_disks"]]
+              for d in data["detached_disk_ids"]]
     lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
-              for d in data["kept_disks"]]
+              for d in data["kept_disk_ids"]]
     emit(as_json, data, lines)
 
 
@@ -221,8 +221,7 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
                                        report=StepProgress(), wait=not no_wait)
     if no_wait:
         jobs.spawn(ctx, done.job)
-    data = {"deleted": [{"id": m.id, "name": m.name} for m in done.checkpoints],
-            "job": done.job}
+    data = done.answer()
     lines = [f"Deleted checkpoint {m.name!r} ({m.id[:12]})." for m in done.checkpoints]
     if no_wait:
         lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")
@@ -244,10 +243,11 @@ def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait:
         data = remote.checkpoint_delete(vm_ref, pattern, subtree, True)
     lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]})." for m in data["deleted"]]
     if no_wait:
-        lines.append(f"Merging in job {data['job'][:12]}: waymark job wait {data['job'][:12]}")
+        job = data["job_id"][:12]
+        lines.append(f"Merging in job {job}: waymark job wait {job}")
         emit(as_json, data, lines)
         return
-    done = follow(data["job"])
+    done = follow(data["job_id"])
     emit(as_json, data, lines)
     ended(done)
 
@@ -265,10 +265,10 @@ def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool)
                                       run_here=not no_wait)
     if no_wait:
         jobs.spawn(ctx, job_id)
-        emit(as_json, {"bundle": str(dest.absolute()), "job": job_id},
+        emit(as_json, {"bundle": str(dest.absolute()), "job_id": job_id},
              [f"Exporting in job {job_id[:12]}: waymark job wait {job_id[:12]}"])
         return
     manifest = export_job.run_export(ctx, job_id, fraction_progress("exporting"))
-    emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job": job_id},
+    emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job_id": job_id},
          [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
           f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

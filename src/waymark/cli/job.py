@@ -17,10 +17,15 @@ def job() -> None:
     """Long operations: merges after a delete, exports."""
 
 
+def _status(d: dict[str, Any]) -> str:
+    """The job's status, with its note (nobody runs it) when it has one."""
+    return f"{d['status']} ({d['note']})" if d["note"] else str(d["status"])
+
+
 def _line(d: dict[str, Any]) -> str:
     where = f"  {d['vm_name']}" if d["vm_name"] else ""
     step = f"  {d['step']}" if d["step"] and d["status"] in jobs.UNFINISHED else ""
-    return f"{d['id'][:12]}  {d['kind']:<7} {d['state']:<10} {d['progress']:>5.0%}{where}{step}"
+    return f"{d['id'][:12]}  {d['kind']:<7} {_status(d):<10} {d['progress']:>5.0%}{where}{step}"
 
 
 def _of_vm(rows: list[dict[str, Any]], ref: str) -> list[dict[str, Any]]:
@@ -58,7 +63,7 @@ def show(job_ref: str, as_json: bool) -> None:
     remote = face().remote
     d = remote.job_show(job_ref) if remote is not None else jobs.show(face().ctx, job_ref)
     lines = [f"Job {d['id']}  ({d['kind']}{', VM ' + d['vm_name'] if d['vm_name'] else ''})",
-             f"  state: {d['state']}   progress: {d['progress']:.0%}   step: {d['step'] or '-'}",
+             f"  status: {_status(d)}   progress: {d['progress']:.0%}   step: {d['step'] or '-'}",
              f"  created: {d['created_at']}   started: {d['started_at'] or '-'}   "
              f"finished: {d['finished_at'] or '-'}"]
     if d["error"]:

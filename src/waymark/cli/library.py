@@ -100,8 +100,7 @@ def profile_list(as_json: bool) -> None:
 @click.argument("name")
 @json_option
 def profile_delete(name: str, as_json: bool) -> None:
-    profiles.delete(face().ctx, name)
-    emit(as_json, {"deleted": name}, [f"Deleted hardware profile {name}."])
+    emit(as_json, profiles.delete(face().ctx, name), [f"Deleted hardware profile {name}."])
 
 
 @click.group()
@@ -112,7 +111,7 @@ def template() -> None:
 def _template_lines(t: dict[str, Any]) -> list[str]:
     lines = [f"{t['name']}: profile {t['profile'] or '-'}, checkpoint type "
              f"{t['checkpoint_type'] or '-'}, {len(t['disks'])} disk(s), "
-             f"VMs linked: {', '.join(t['vms']) or '(none)'}"]
+             f"VMs linked: {', '.join(t['vm_names']) or '(none)'}"]
     return lines + [f"  disk {d['file']}  from {d['source']}" for d in t["disks"]]
 
 
@@ -174,8 +173,7 @@ def template_list(as_json: bool) -> None:
 @click.argument("name")
 @json_option
 def template_delete(name: str, as_json: bool) -> None:
-    templates.delete(face().ctx, name)
-    emit(as_json, {"deleted": name}, [f"Deleted template {name}."])
+    emit(as_json, templates.delete(face().ctx, name), [f"Deleted template {name}."])
 
 
 @click.group()

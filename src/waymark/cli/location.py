@@ -30,10 +30,11 @@ def location_add(name: str, path: Path, kind: str, as_json: bool) -> None:
 
 @location.command("remove")
 @click.argument("name")
-def location_remove(name: str) -> None:
+@json_option
+def location_remove(name: str, as_json: bool) -> None:
     """Forget a name (the folder and its content stay)."""
-    locations.remove(face().ctx, name)
-    click.echo(f"Removed location {name}; the folder was not touched.")
+    emit(as_json, locations.remove(face().ctx, name),
+         [f"Removed location {name}; the folder was not touched."])
 
 
 @location.command("list")

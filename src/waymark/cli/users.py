@@ -110,10 +110,10 @@ def user_unlock(name: str) -> None:
 
 @user.command("remove")
 @click.argument("name")
-def user_remove(name: str) -> None:
+@json_option
+def user_remove(name: str, as_json: bool) -> None:
     """Remove a user with their tokens, sessions and grants."""
-    users.remove(face().ctx, name)
-    click.echo(f"Removed user {name}.")
+    emit(as_json, users.remove(face().ctx, name), [f"Removed user {name}."])
 
 
 @user.command("list")
@@ -232,10 +232,10 @@ def token_create(name: str, user_name: str, expires_in: str | None, as_json: boo
 
 @token.command("revoke")
 @click.argument("token_id")
-def token_revoke(token_id: str) -> None:
+@json_option
+def token_revoke(token_id: str, as_json: bool) -> None:
     """Revoke a token by its id: it stops working at once."""
-    users.revoke_token(face().ctx, token_id)
-    click.echo(f"Revoked token {token_id}.")
+    emit(as_json, users.revoke_token(face().ctx, token_id), [f"Revoked token {token_id}."])
 
 
 @token.command("list")
@@ -244,7 +244,7 @@ def token_revoke(token_id: str) -> None:
 def token_list(user_name: str | None, as_json: bool) -> None:
     """Tokens (ids, owners, last use; never the secrets)."""
     rows = users.tokens(face().ctx, user_name)
-    emit(as_json, rows, [f"{t['id']}  {t['user']:<20} {t['name']:<20} last used "
+    emit(as_json, rows, [f"{t['id']}  {t['user_name']:<20} {t['name']:<20} last used "
                          f"{t['last_used_at'] or 'never'}, expires {t['expires_at'] or 'never'}"
                          for t in rows] or ["No tokens."])
 
@@ -268,6 +268,6 @@ def _audit_line(row: dict[str, Any]) -> str:
     target = " ".join(f"{printable(str(k))}={printable(str(v))}"
                       for k, v in row["target"].items())
     message = f"  ({printable(row['message'])})" if row["message"] else ""
-    return (f"{row['at']}  {printable(row['user'] or '-'):<16} "
+    return (f"{row['at']}  {printable(row['user_name'] or '-'):<16} "
             f"{printable(row['client'] or '-'):<15} {row['status']} {row['outcome']:<6} "
             f"{printable(row['action'])} {target}{message}")

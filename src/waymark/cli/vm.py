@@ -90,7 +90,7 @@ def list_(as_json: bool) -> None:
     rows = remote.vm_list() if remote is not None else views.vm_list(face().ctx)
     lines = [f"{'NAME':<24} {'STATE':<8} {'MEMORY':>8} {'CPUS':>4} {'CHECKPOINTS':>11}  ID"]
     lines += [f"{r['name']:<24} {r['state']:<8} {r['memory_mib']:>6}M {r['cpus']:>4} "
-              f"{r['checkpoints']:>11}  {r['id'][:12]}" for r in rows]
+              f"{r['checkpoint_count']:>11}  {r['id'][:12]}" for r in rows]
     emit(as_json, rows, lines if rows else ["No VMs yet. Create one with: waymark vm create"])
 
 
@@ -182,16 +182,14 @@ def rename(vm_ref: str, new_name: str, as_json: bool) -> None:
 def delete(vm_ref: str, yes: bool, as_json: bool) -> None:
     """Delete a VM with its checkpoints and the files Waymark made (your own files stay)."""
     ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-    data = views.vm_show(ctx, vm_id)
     try:
-        vms.delete(ctx, vm_id, yes=yes)
+        done = vms.delete(ctx, vm_id, yes=yes)
     except ConsentRequired as err:
         if not interactive():
             raise
         click.confirm(f"{err.message} Delete it?", abort=True)
-        vms.delete(ctx, vm_id, yes=True)
-    emit(as_json, {"deleted": data["id"], "name": data["name"]},
-         [f"Deleted VM {data['name']}."])
+        done = vms.delete(ctx, vm_id, yes=True)
+    emit(as_json, done, [f"Deleted VM {g['name']}." for g in done["deleted"]])
 
 
 @vm.group("disk")
@@ -220,9 +218,10 @@ def disk_add(vm_ref: str, spec: str, discard_saved_state: bool, as_json: bool) -
 @json_option
 def disk_remove(vm_ref: str, disk_ref: str, discard_saved_state: bool, as_json: bool) -> None:
     """Detach a disk; its files are kept (see them in vm show)."""
-    removed = vms.remove_disk(face().ctx, face().vm_id(vm_ref), disk_ref, discard_saved_state)
-    emit(as_json, {"detached": removed.id},
-         [f"Detached disk {removed.id[:12]}; its files are kept."])
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    removed = vms.remove_disk(ctx, vm_id, disk_ref, discard_saved_state)
+    shown = next(d for d in views.vm_show(ctx, vm_id)["detached_disks"] if d["id"] == removed.id)
+    emit(as_json, shown, [f"Detached disk {removed.id[:12]}; its files are kept."])
 
 
 @vm.command("import")
@@ -253,9 +252,10 @@ LIBRARY = click.option("--library", "library_path", required=True, metavar="PATH
 def store(vm_ref: str, library_path: Path, as_json: bool) -> None:
     """Move a VM that is off or saved, with its checkpoints, into a library share."""
     done = library.store(face().ctx, face().vm_id(vm_ref), library_path, StepProgress())
-    emit(as_json, done, [f"Stored VM {done['vm']} with {done['checkpoints']} checkpoint(s) in "
+    emit(as_json, done, [f"Stored VM {done['vm_name']} with {done['checkpoint_count']} "
+                         "checkpoint(s) in "
                          f"{done['library']} ({done['files']} files, {human(done['bytes'])}).",
-                         f"Bring it back with: waymark vm deploy {done['vm']} --library "
+                         f"Bring it back with: waymark vm deploy {done['vm_name']} --library "
                          f"{done['library']}"])
 
 
@@ -266,5 +266,5 @@ def store(vm_ref: str, library_path: Path, as_json: bool) -> None:
 def deploy(name: str, library_path: Path, as_json: bool) -> None:
     """Bring a VM stored in a library back onto this host, checkpoints intact."""
     done = library.deploy(face().ctx, name, library_path, StepProgress())
-    emit(as_json, done, [f"Deployed VM {done['vm']} ({done['state']}) with "
-                         f"{done['checkpoints']} checkpoint(s) from {done['library']}."])
+    emit(as_json, done, [f"Deployed VM {done['vm_name']} ({done['state']}) with "
+                         f"{done['checkpoint_count']} checkpoint(s) from {done['library']}."])

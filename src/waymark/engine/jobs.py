@@ -55,6 +55,7 @@ PROGRESS_EVERY = 0.1
 UNFINISHED = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled")
 WORKERLESS_GRACE = 60.0  # a --no-wait command starts its worker within milliseconds
+ORPHANED_NOTE = "nobody runs it; the next command on the VM carries it on"  # a job's note
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -114,12 +115,10 @@ def show(ctx: Context, ref: str, visible: Callable[[Job], bool] = _any_job) -> d
 
 def describe(session: Session, job: Job) -> dict[str, Any]:
     vm_row = session.get(Vm, job.vm_id) if job.vm_id else None
-    state = job.status
-    if orphaned(job):
-        state = f"{state} (nobody runs it; the next command on the VM carries it on)"
+    note = ORPHANED_NOTE if orphaned(job) else None
     return {"id": job.id, "kind": job.kind, "vm_id": job.vm_id,
             "vm_name": vm_row.name if vm_row else None, "status": job.status,
-            "state": state, "progress": round(job.progress, 4), "step": job.step,
+            "note": note, "progress": round(job.progress, 4), "step": job.step,
             "error": job.error, "result": job.result, "params": job.params,
             "created_at": rfc3339(job.created_at),
             "started_at": rfc3339(job.started_at) if job.started_at else None,

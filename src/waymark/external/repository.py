@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from waymark import durable
-from waymark.errors import Ambiguous, NotFound, StorageError, WaymarkError
+from waymark.errors import Ambiguous, InvalidInput, NotFound, StorageError, WaymarkError
 from waymark.external import shares
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
+from waymark.model import timing
 
 FORMAT, VERSION = "waymark-backup-repository", 1
 MARKER = "waymark-repository.json"
@@ -99,7 +100,7 @@ class Repository(shares.Share):
         file it names is a plain name inside the repository."""
         try:
             ok = (manifest["id"] == point_id and manifest["vm"]["id"] == vm_id
-                  and isinstance(manifest["created_at"], str)
+                  and _is_moment(manifest["created_at"])
                   and isinstance(manifest["parent"], str | None)
                   and isinstance(manifest["disks"], list))
         except (KeyError, TypeError):
@@ -280,6 +281,16 @@ class Repository(shares.Share):
         return found
 
 
+def _is_moment(value: object) -> bool:
+    try:
+        timing.parse_rfc3339(value)
+    except InvalidInput:
+        return False
+    return True
+
+
 def now() -> str:
-    """The time stamp manifests use (UTC, RFC 3339, microseconds: points sort by it)."""
+    """The time stamp manifests use (UTC, RFC 3339, microseconds: points sort by it). Answers
+    show it in whole seconds (:func:`waymark.model.timing.moment`), as every other moment;
+    manifests keep the fractions, which older Waymark wrote too and this one reads."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

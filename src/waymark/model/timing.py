@@ -1,26 +1,52 @@
-"""When a backup schedule is next due (pure code).
+"""When a backup schedule is next due, and the one written form of a moment (pure code).
 
 Times are the host's local wall-clock time (as cron's), converted to UTC for storage. The next
 run is always the first slot *after* a given instant, so a runner that was down for several
 slots runs once, not once per missed slot.
+
+Every moment an answer holds is :func:`rfc3339` (UTC, whole seconds, ``Z``); a moment written
+elsewhere (a manifest on external storage) is read with :func:`parse_rfc3339`.
 """
 
 from __future__ import annotations
 
 import calendar
+import re
 from datetime import UTC, datetime, time, timedelta, tzinfo
 
 from waymark.errors import InvalidInput
 
 EVERY = ("daily", "weekly", "monthly")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})",
+                     re.ASCII)
 
 
 def rfc3339(when: datetime) -> str:
-    """A catalog time in the one form Waymark shows and returns (UTC, seconds, ``Z``)."""
+    """A moment in the one form Waymark shows and returns (UTC, whole seconds, ``Z``:
+    ``2026-12-07T03:12:21Z``; docs/api.md, "The JSON vocabulary")."""
     if when.tzinfo is None:  # SQLite hands back naive UTC datetimes
         when = when.replace(tzinfo=UTC)
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: object, *, what: str = "time stamp") -> datetime:
+    """A written moment as an aware datetime: RFC 3339 (``T``, ``Z`` or an offset), with or
+    without fractions of a second (older Waymark wrote backup points' in microseconds). It may
+    come from external storage, so anything else is refused (InvalidInput), never guessed."""
+    if not isinstance(text, str) or RFC3339.fullmatch(text) is None:
+        raise InvalidInput(f"the {what} {text!r:.60} is not an RFC 3339 time.",
+                           hint="Expected a time like 2026-12-07T03:12:21Z.")
+    try:
+        return datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    except ValueError as err:  # a 30 February, a 25th hour
+        raise InvalidInput(f"the {what} {text!r} is not a valid time.",
+                           hint="Expected a time like 2026-12-07T03:12:21Z.") from err
+
+
+def moment(text: object, *, what: str = "time stamp") -> str:
+    """A written moment (:func:`parse_rfc3339`) in the one form (:func:`rfc3339`)."""
+    return rfc3339(parse_rfc3339(text, what=what))
 
 
 def parse_at(text: str) -> time:

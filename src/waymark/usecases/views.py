@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -12,7 +11,7 @@ from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
 from waymark.engine import compaction, lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence
-from waymark.model import planner, tree
+from waymark.model import planner, timing, tree
 from waymark.model.timing import rfc3339
 
 KIND_HAS_MEMORY = "standard"
@@ -67,15 +66,15 @@ def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
         space = Space(session, vm_row.id)
         rows = lookup.checkpoints(session, vm_row.id)
         return {"vm_id": vm_row.id, "vm_name": vm_row.name,
-                "current_id": vm_row.current_checkpoint_id,
+                "current_checkpoint_id": vm_row.current_checkpoint_id,
                 "checkpoints": [_checkpoint(session, c, space) for c in rows]}
 
 
 def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
     nodes = [tree.Node(c["id"], c["name"], c["parent_id"],
-                       datetime.fromisoformat(c["created_at"].replace("Z", "+00:00")),
+                       timing.parse_rfc3339(c["created_at"], what="checkpoint's time"),
                        c["has_memory"]) for c in listing["checkpoints"]]
-    return tree.draw(nodes, listing["current_id"])
+    return tree.draw(nodes, listing["current_checkpoint_id"])
 
 
 def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
@@ -93,7 +92,7 @@ def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
                          "chain_depth": space.depth(image_id)}
                         for disk_id, image_id in lookup.frozen(session, row.id).items()]
         children = session.scalars(select(Checkpoint.id).where(Checkpoint.parent_id == row.id))
-        out["children"] = list(children)
+        out["child_ids"] = list(children)
         return out
 
 
@@ -156,7 +155,7 @@ def vm_list(ctx: Context) -> list[dict[str, Any]]:
         return [{"id": r.id, "name": r.name,
                  "state": presence.observed_state(ctx, r.id, r.state),
                  "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
-                 "checkpoint_type": r.checkpoint_type, "checkpoints": counts.get(r.id, 0)}
+                 "checkpoint_type": r.checkpoint_type, "checkpoint_count": counts.get(r.id, 0)}
                 for r in rows]
 
 

@@ -218,7 +218,7 @@ def _tree(listing: dict[str, Any]) -> list[dict[str, Any]]:
 
     def build(parent: str | None) -> list[dict[str, Any]]:
         nodes = [{**c, "now": False, "children": build(c["id"])} for c in kids.get(parent, [])]
-        if parent == listing["current_id"]:
+        if parent == listing["current_checkpoint_id"]:
             nodes.append({"now": True, "children": []})
         return nodes
 

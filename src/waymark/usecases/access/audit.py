@@ -138,7 +138,7 @@ class Recorder:
 
 
 def _view(row: AuditEntry) -> dict[str, Any]:
-    return {"id": row.id, "at": rfc3339(row.at), "user": row.user, "role": row.role,
+    return {"id": row.id, "at": rfc3339(row.at), "user_name": row.user, "role": row.role,
             "via": row.via, "client": row.client, "method": row.method, "action": row.action,
             "target": row.target, "status": row.status, "outcome": row.outcome,
             "message": row.message}

@@ -15,6 +15,7 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.errors import Conflict, InvalidInput, NotFound
 from waymark.model import names
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 
 KINDS = ("repository", "export", "library")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -45,9 +46,10 @@ def add(ctx: Context, name: str, kind: str, path: Path) -> dict[str, Any]:
         return _view(row)
 
 
-def remove(ctx: Context, name: str) -> None:
+def remove(ctx: Context, name: str) -> DeleteAnswer:
     with ctx.catalog.session() as session:
         session.delete(get(session, name))
+    return deleted(gone("location", name))
 
 
 def get(session: Any, name: str, kind: str | None = None) -> Location:

@@ -318,8 +318,8 @@ def show(ctx: Context, *, user: str | None = None, role: str | None = None) -> d
         kind, subject, row = _subject(session, user, role)
         if row is None:
             return {"role": subject, "quota": _values(_row(session, kind, subject))}
-        return {"user": row.name, "role": row.role, "own": _values(_row(session, kind, subject)),
-                **view(session, row)}
+        return {"user_name": row.name, "role": row.role,
+                "own": _values(_row(session, kind, subject)), **view(session, row)}
 
 
 def set_quota(ctx: Context, changes: Limits, *, user: str | None = None,

@@ -24,6 +24,7 @@ from waymark.engine.journal import now
 from waymark.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from waymark.model import names, policy
 from waymark.model.timing import rfc3339
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.access import quotas
 
 SESSION_LIFETIME = timedelta(hours=12)
@@ -89,10 +90,11 @@ def set_password(ctx: Context, name: str, password: str, *, current: str | None 
         session.execute(delete(WebSession).where(WebSession.user_id == row.id))
         revoked = 0 if keep_tokens else len(list(session.scalars(
             delete(ApiToken).where(ApiToken.user_id == row.id).returning(ApiToken.id))))
-        return {"changed": name, "sessions_ended": True, "tokens_revoked": revoked}
+        return {"id": row.id, "name": row.name, "sessions_ended": True,
+                "tokens_revoked": revoked}
 
 
-def remove(ctx: Context, name: str) -> None:
+def remove(ctx: Context, name: str) -> DeleteAnswer:
     """Remove a user with their tokens, sessions, grants and quota; the last administrator
     stays."""
     with ctx.catalog.session() as session:
@@ -106,6 +108,7 @@ def remove(ctx: Context, name: str) -> None:
             session.execute(delete(table).where(table.user_id == row.id))
         quotas.forget(session, row.id)
         session.delete(row)
+        return deleted(gone("user", row.name, row.id))
 
 
 def listing(ctx: Context) -> list[dict[str, Any]]:
@@ -221,11 +224,11 @@ def create_token(ctx: Context, user: str, name: str, expires_in: timedelta | Non
         session.add(ApiToken(id=token_id, user_id=row.id, name=name,
                              secret_sha256=secrets.digest(secret), created_at=moment,
                              expires_at=expires_at))
-    return {"id": token_id, "user": user, "name": name, "token": token,
+    return {"id": token_id, "user_name": user, "name": name, "token": token,
             "expires_at": rfc3339(expires_at) if expires_at else None}
 
 
-def revoke_token(ctx: Context, token_id: str, user: str | None = None) -> None:
+def revoke_token(ctx: Context, token_id: str, user: str | None = None) -> DeleteAnswer:
     """Revoke a token (only ``user``'s when given): it stops working at once."""
     with ctx.catalog.session() as session:
         row = session.get(ApiToken, token_id)
@@ -233,6 +236,7 @@ def revoke_token(ctx: Context, token_id: str, user: str | None = None) -> None:
         if row is None or (owner is not None and row.user_id != owner):
             raise NotFound(f"no API token {token_id!r}.", hint="List them: waymark token list")
         session.delete(row)
+        return deleted(gone("token", row.name, row.id))
 
 
 def tokens(ctx: Context, user: str | None = None) -> list[dict[str, Any]]:
@@ -240,7 +244,7 @@ def tokens(ctx: Context, user: str | None = None) -> list[dict[str, Any]]:
         query = select(ApiToken, User.name).join(User, User.id == ApiToken.user_id)
         if user is not None:
             query = query.where(User.name == user)
-        return [{"id": t.id, "user": n, "name": t.name, "created_at": rfc3339(t.created_at),
+        return [{"id": t.id, "user_name": n, "name": t.name, "created_at": rfc3339(t.created_at),
                  "last_used_at": rfc3339(t.last_used_at) if t.last_used_at else None,
                  "expires_at": rfc3339(t.expires_at) if t.expires_at else None}
                 for t, n in session.execute(query.order_by(ApiToken.created_at))]

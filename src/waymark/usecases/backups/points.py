@@ -26,7 +26,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,7 +44,7 @@ from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
-from waymark.model import names, retention
+from waymark.model import names, retention, timing
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, storage
 from waymark.usecases.access import quotas
@@ -394,8 +393,8 @@ def listing(repo_path: Path, vm_id: str | None = None) -> list[dict[str, Any]]:
 
 def summary(point: dict[str, Any]) -> dict[str, Any]:
     return {"id": point["id"], "vm_id": point["vm"]["id"], "vm_name": point["vm"]["name"],
-            "created_at": point["created_at"], "kind": point["kind"],
-            "parent": point["parent"], "reason": point["reason"],
+            "created_at": timing.moment(point["created_at"], what="point's time"),
+            "kind": point["kind"], "parent_id": point["parent"], "reason": point["reason"],
             "consistency": point["consistency"],
             "bytes": sum(d["bytes"] for d in point["disks"]),
             "virtual_bytes": sum(d["virtual_size"] for d in point["disks"])}
@@ -456,7 +455,7 @@ def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_id: str | 
         for one in vm_ids:
             points = repo.points(one)
             kept = retention.keep([retention.Point(
-                p["id"], datetime.fromisoformat(p["created_at"].replace("Z", "+00:00")))
+                p["id"], timing.parse_rfc3339(p["created_at"], what="point's time"))
                 for p in points], policy)
             for point_id in [p["id"] for p in points if p["id"] not in kept]:
                 point = repo.point(point_id, one)  # as earlier merges left it
@@ -544,7 +543,7 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         with change.admitted(ctx):
             ctx.journal.run(vm_id, params, steps, _progress(report, "restoring"))
         settle.settle_vm(ctx, vm_id)
-        return {"point": point["id"], "checkpoint_id": params.checkpoint["id"],
+        return {"point_id": point["id"], "checkpoint_id": params.checkpoint["id"],
                 "safety_checkpoint_id": safety}
 
 

@@ -29,6 +29,7 @@ from waymark.errors import Conflict, InvalidInput, NotFound, WaymarkError
 from waymark.external.repository import Repository
 from waymark.model import names, retention, timing
 from waymark.model.timing import rfc3339
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.backups import points as backups
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,27 @@ def add(ctx: Context, name: str, vm_ids: list[str], repo_path: Path, every: str,
 
 
 def _describe(row: Schedule) -> dict[str, Any]:
-    return {"name": row.name, "vms": row.vms, "repo": row.repo, "every": row.every,
+    return {"name": row.name, "vm_ids": row.vms, "repository": row.repo, "every": row.every,
             "at": row.at, "day": row.day, "full_every": row.full_every, "keep": row.keep,
             "next_due_at": rfc3339(row.next_due_at),
             "last_run_at": rfc3339(row.last_run_at) if row.last_run_at else None,
-            "last_result": row.last_result,
+            "last_result": _recorded(row.last_result),
             "running": process.alive(row.claimed_pid, row.claimed_start)}
+
+
+RECORDED_BEFORE = {"schedule": "schedule_name", "vm": "vm_name", "point": "point_id"}
+
+
+def _recorded(result: Any) -> Any:
+    """A run's result as recorded, in today's vocabulary: an older Waymark recorded some keys
+    under other names (:data:`RECORDED_BEFORE`)."""
+    if not isinstance(result, dict):
+        return result
+    renamed = {RECORDED_BEFORE.get(k, k): v for k, v in result.items()}
+    if isinstance(renamed.get("vms"), list):
+        renamed["vms"] = [{RECORDED_BEFORE.get(k, k): v for k, v in o.items()}
+                          if isinstance(o, dict) else o for o in renamed["vms"]]
+    return renamed
 
 
 def show(ctx: Context, name: str) -> dict[str, Any]:
@@ -90,10 +106,11 @@ def _named(session: Session, name: str) -> Schedule:
                        hint="List them: waymark backup schedule list")
 
 
-def remove(ctx: Context, name: str) -> None:
+def remove(ctx: Context, name: str) -> DeleteAnswer:
     with ctx.catalog.session() as session:
         row = _named(session, name)
         session.delete(row)
+    return deleted(gone("schedule", name))
 
 
 def _claim(ctx: Context, name: str, due: datetime) -> bool:
@@ -130,7 +147,7 @@ def _run_one(ctx: Context, name: str, due: datetime, report: backups.Report) -> 
     """One claimed run. Whatever it raises becomes its recorded result and the claim is
     released: a scheduler (``waymark serve``'s thread) outlives any one run, and a slot is never
     left claimed by a runner that is still alive but no longer running it."""
-    result: dict[str, Any] = {"schedule": name, "due_at": rfc3339(due), "vms": []}
+    result: dict[str, Any] = {"schedule_name": name, "due_at": rfc3339(due), "vms": []}
     try:
         _back_up(ctx, name, result, report)
     except WaymarkError as err:
@@ -152,8 +169,8 @@ def _back_up(ctx: Context, name: str, result: dict[str, Any], report: backups.Re
     outcomes = backups.run(ctx, vms, repo, report, full_every=full_every)
     with ctx.catalog.session() as session:
         names = {v: lookup.vm_name(session, v) for v in vms}
-    result["vms"] = [{"vm": names.get(o.vm, o.vm), "vm_id": o.vm,
-                      "point": o.point["id"] if o.point else None, "error": o.error}
+    result["vms"] = [{"vm_name": names.get(o.vm, o.vm), "vm_id": o.vm,
+                      "point_id": o.point["id"] if o.point else None, "error": o.error}
                      for o in outcomes]
     if not keep.empty():
         result["pruned"] = [p["id"] for p in backups.prune(ctx, repo, keep)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ from waymark.engine.running import presence
 from waymark.engine.steps import DeleteFile, Step
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
+from waymark.model.vocabulary import deleted, gone
 
 GLOB_CHARS = frozenset("*?[")
 
@@ -67,6 +68,11 @@ def matching(ctx: Context, vm_id: str, pattern: str) -> list[Match]:
 class Deleted:
     checkpoints: list[Match]
     job: str
+
+    def answer(self) -> dict[str, Any]:
+        """What the faces answer: the one delete shape, with the merge job's id."""
+        return {**deleted(*(gone("checkpoint", m.name, m.id) for m in self.checkpoints)),
+                "job_id": self.job}
 
 
 def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,

@@ -191,7 +191,7 @@ class ApplyResult:
         """What ``checkpoint apply --json`` and the API answer."""
         return {"checkpoint_id": self.checkpoint_id, "state": self.state,
                 "safety_checkpoint_id": self.safety_checkpoint_id,
-                "detached_disks": self.detached_disks, "kept_disks": self.kept_disks}
+                "detached_disk_ids": self.detached_disks, "kept_disk_ids": self.kept_disks}
 
 
 def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,

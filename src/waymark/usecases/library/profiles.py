@@ -16,6 +16,7 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.errors import Busy, Conflict
 from waymark.model import names
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.vms import definitions as vms
 
 FIELDS = ("cpus", "memory_mib", "checkpoint_type", "max_checkpoints", "automatic_checkpoints")
@@ -88,7 +89,7 @@ def listing(ctx: Context) -> list[dict[str, Any]]:
         return [view(r) for r in session.scalars(select(Profile).order_by(Profile.name))]
 
 
-def delete(ctx: Context, name: str) -> None:
+def delete(ctx: Context, name: str) -> DeleteAnswer:
     """Remove a profile no template uses (VMs keep the settings they copied)."""
     with locked(ctx), ctx.catalog.session() as session:
         row = get(session, name)
@@ -100,3 +101,4 @@ def delete(ctx: Context, name: str) -> None:
                            hint="Give them another profile (waymark template set T --profile "
                                 "P) or delete them first.")
         session.delete(row)
+    return deleted(gone("profile", name))

@@ -134,8 +134,9 @@ def store(ctx: Context, vm_id: str, path: Path, report: Report = None) -> dict[s
             ctx.journal.run(vm_id, params, steps, report=_describe(report))
             settle.settle_vm(ctx, vm_id)  # the commit's finish: the local files go
     files = json.loads(library.manifest_path(vm_id).read_text())["files"]
-    return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root), "checkpoints": count,
-            "files": len(files), "bytes": sum(f["size"] for f in files.values())}
+    return {"vm_name": vm_name, "vm_id": vm_id, "library": str(library.root),
+            "checkpoint_count": count, "files": len(files),
+            "bytes": sum(f["size"] for f in files.values())}
 
 
 def _require_storable(ctx: Context, vm_id: str, vm_name: str) -> None:
@@ -310,8 +311,8 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         params, steps = _deploy_plan(ctx, library, manifest)
         ctx.journal.run(vm_id, params, steps, report=_describe(report))
         settle.settle_vm(ctx, vm_id)  # the commit's finish: the library copy goes
-    return {"vm": vm_name, "vm_id": vm_id, "library": str(library.root),
-            "state": manifest["vm"]["state"], "checkpoints": len(manifest["checkpoints"])}
+    return {"vm_name": vm_name, "vm_id": vm_id, "library": str(library.root),
+            "state": manifest["vm"]["state"], "checkpoint_count": len(manifest["checkpoints"])}
 
 
 def _check_names(manifest: dict[str, Any]) -> None:
@@ -537,7 +538,7 @@ def _entry_view(entry: Entry, here: set[tuple[str, str]]) -> dict[str, Any]:
     return {**view, "state": manifest["vm"]["state"], "stored_at": manifest["stored_at"],
             "source": manifest["source"], "checkpoint_type": manifest["vm"]["checkpoint_type"],
             "bytes": sum(f["size"] for f in manifest["files"].values()),
-            "current_id": manifest["vm"]["current_checkpoint_id"],
+            "current_checkpoint_id": manifest["vm"]["current_checkpoint_id"],
             "checkpoints": [{"id": c["id"], "name": c["name"], "parent_id": c["parent_id"],
                              "created_at": c["created_at"], "kind": c["kind"],
                              "has_memory": c["id"] in memory} for c in manifest["checkpoints"]]}

@@ -35,6 +35,7 @@ from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 from waymark.model import names, setting_sources
 from waymark.model.hardware import Nic
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.library import profiles
 from waymark.usecases.vms import definitions as vms
 
@@ -54,7 +55,7 @@ def view(row: Template, users: list[str] | None = None) -> dict[str, Any]:
     data = {"name": row.name, "profile": row.profile_name, "checkpoint_type": row.checkpoint_type,
             "kernel": row.kernel, "initrd": row.initrd, "append": row.append,
             "folder": row.folder, "disks": row.disks}
-    return data if users is None else {**data, "vms": users}
+    return data if users is None else {**data, "vm_names": users}
 
 
 def _users(session: Any, row: Template) -> list[str]:
@@ -171,7 +172,7 @@ def listing(ctx: Context) -> list[dict[str, Any]]:
         return [view(r, _users(session, r)) for r in rows]
 
 
-def delete(ctx: Context, name: str) -> None:
+def delete(ctx: Context, name: str) -> DeleteAnswer:
     """Remove a template no VM links to: its row, then its folder."""
     with profiles.locked(ctx):
         with ctx.catalog.session() as session:
@@ -186,6 +187,7 @@ def delete(ctx: Context, name: str) -> None:
                                                     Grant.object_id == name))
             session.delete(row)
         shutil.rmtree(folder, ignore_errors=True)
+    return deleted(gone("template", name))
 
 
 # --- VMs from templates -----------------------------------------------------------------------

@@ -38,6 +38,7 @@ from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
 from waymark.model.units import parse_size
+from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.access import quotas
 
 DEFAULT_MAX_CHECKPOINTS = 50
@@ -425,10 +426,11 @@ def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus
             row.checkpoint_dir = check_folder(checkpoint_dir)
 
 
-def delete(ctx: Context, vm_id: str, *, yes: bool) -> None:
+def delete(ctx: Context, vm_id: str, *, yes: bool) -> DeleteAnswer:
     """Remove the VM, its checkpoints and every file Waymark created for it (pinned files stay)."""
     with ctx.locked(vm_id) as (_, vm_name):
         _delete_locked(ctx, vm_id, vm_name, yes=yes)
+    return deleted(gone("vm", vm_name, vm_id))
 
 
 def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None:

@@ -248,7 +248,7 @@ function vmPage() {
       });
       if (answer !== "delete") return;
       const done = await api("DELETE", `${base}/${enc(item.dataset.ckpt)}${subtree ? "?subtree=true" : ""}`);
-      notice(`Deleted ${item.dataset.name}; merging in job ${done.job.slice(0, 12)}.`, false);
+      notice(`Deleted ${item.dataset.name}; merging in job ${done.job_id.slice(0, 12)}.`, false);
       item.remove();
       followJobs();
     },
