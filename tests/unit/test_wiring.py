@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,22 @@ def test_a_pending_intent_of_an_unknown_kind_is_never_committed(catalog: Catalog
 def test_an_unknown_step_is_an_error() -> None:
     with pytest.raises(UnknownKind, match="no_such_step"):
         executor.run({"op": "no_such_step"})
+
+
+def test_every_use_case_function_the_root_names_exists_and_takes_the_engines_arguments() -> None:
+    """The root names a use case's function by module and name (:class:`wiring.Deferred`),
+    which mypy cannot follow: each resolves to a function that takes the two arguments every
+    engine seam passes (a commit: session, params; a job: ctx, job id; a hook: ctx, vm id)."""
+    named = [ref for ref in [*wiring.INTENT_KINDS.values(), *wiring.JOB_KINDS.values(),
+                             wiring.BOOT_HOOK, wiring.CLEAN_STOP_HOOK]
+             if isinstance(ref, wiring.Deferred)]
+    assert len(named) == 11
+    for ref in named:
+        target = ref.target()
+        assert target.__module__ == ref.module and target.__name__ == ref.name, ref
+        inspect.signature(target).bind("first", "second")
+
+
+def test_a_deferred_function_is_called_with_what_it_was_given() -> None:
+    ref: wiring.Deferred[[str, str], str] = wiring.Deferred("os.path", "join")
+    assert ref("a", "b") == "a/b"

@@ -3,7 +3,7 @@
 The only imports inside functions in ``src/`` are the CLI's lazy loading, which keeps
 ``waymark --help`` and the light commands fast (docs/architecture.md, "Lazy imports"):
 :class:`LazyGroup` imports a command group's module when that group runs; :class:`Face` imports
-the composition root (and with it every use case) when a command first needs the context, the
+the composition root (and with it the engine) when a command first needs the context, the
 HTTP client only with ``--server``, and the VM lookup (SQLAlchemy) when a VM is named;
 ``waymark serve`` imports the HTTP server and the schedules when it serves, and
 ``waymark guest`` the test guest builder when it builds.
