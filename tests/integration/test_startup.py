@@ -24,6 +24,10 @@ print(json.dumps([code, sorted(m for m in sys.modules if m.startswith("waymark."
 # Use case modules only an intent, a job or a VM's power cycle of their own kind needs
 PLUGGED_IN = {"waymark.usecases.backups.points", "waymark.usecases.library.store_deploy",
               "waymark.usecases.checkpoints.automatic"}
+# What only the commands that change checkpoints need (waymark.cli.checkpoint_change)
+CHANGING = {"waymark.cli.checkpoint_change", "waymark.usecases.checkpoints.lifecycle",
+            "waymark.usecases.checkpoints.deletion", "waymark.usecases.vms.export_job",
+            "waymark.usecases.vms.definitions"}
 
 
 def loaded_by(wm: Waymark, *args: str) -> set[str]:
@@ -39,7 +43,7 @@ def test_listing_checkpoints_loads_no_use_case_it_does_not_run(wm: Waymark) -> N
     wm("checkpoint", "create", "b", "--name", "one")
     loaded = loaded_by(wm, "checkpoint", "list", "b")
     assert "waymark.usecases.views" in loaded
-    assert not loaded & PLUGGED_IN, loaded & PLUGGED_IN
+    assert not loaded & (PLUGGED_IN | CHANGING), loaded & (PLUGGED_IN | CHANGING)
     assert not {m for m in loaded if m.startswith(("waymark.api", "waymark.web"))}
 
 
@@ -60,3 +64,13 @@ def test_a_kind_plugged_in_by_name_loads_its_use_case_when_one_is_settled(wm: Wa
     catalog.close()
     assert "waymark.usecases.checkpoints.automatic" in loaded_by(wm, "checkpoint", "list", "b")
     assert [c["name"] for c in wm.json("checkpoint", "list", "b")["checkpoints"]] == ["kept"]
+
+
+def test_the_checkpoint_group_lists_every_command_and_runs_the_ones_loaded_later(
+        wm: Waymark) -> None:
+    helped = wm("checkpoint", "--help").stdout
+    listed = {line.split()[0] for line in helped.split("Commands:")[1].splitlines() if line}
+    assert listed == {"create", "list", "show", "apply", "rename", "delete", "export"}
+    assert "Usage: waymark checkpoint create [OPTIONS] VM" in wm("checkpoint", "create",
+                                                                  "--help").stdout
+    assert wm.run("checkpoint", "nosuch").returncode == 2
