@@ -29,7 +29,6 @@ own images, and everything stays owner-only for root:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import grp
@@ -212,23 +211,10 @@ def spawn(argv: list[str], handoff: Handoff, errors: Path, what: str
                              extra_groups=list(owner.groups) if owner else None)
 
 
-async def greeted(daemon: subprocess.Popen[bytes], socket_path: Path, label: str,
-                  errors: Path, timeout: float = START_TIMEOUT) -> None:
-    """Wait until QEMU answers on QMP (it is then fully started); its error when it exits."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        if daemon.poll() is not None:
-            raise ToolError(f"QEMU of {label!r} exited right after it started: "
-                            f"{_last_words(errors)}",
-                            hint=f"See its messages in {errors}")
-        try:
-            async with qmp.connect(socket_path, label, timeout=1.0):
-                return
-        except ToolError:
-            if loop.time() > deadline:
-                raise
-        await asyncio.sleep(0.05)
+def exited(label: str, errors: Path) -> ToolError:
+    """The error of a QEMU that exited before it greeted: its last words."""
+    return ToolError(f"QEMU of {label!r} exited right after it started: {_last_words(errors)}",
+                     hint=f"See its messages in {errors}")
 
 
 def _last_words(errors: Path) -> str:
