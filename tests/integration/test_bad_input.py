@@ -259,16 +259,6 @@ def test_home_that_cannot_be_written(wm: Waymark, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_a_home_too_deep_for_the_vms_sockets_is_a_clear_refusal(tmp_path: Path) -> None:
-    """A VM's sockets live under the home; a Unix socket path must stay under 108 bytes. A
-    home that deep is refused at start with what to do (before: a traceback)."""
-    wm = Waymark(tmp_path / ("deep-" * 16) / "home")
-    wm.json("vm", "create", "deep", "--disk", "1M")
-    assert_fails(wm, "vm", "start", "deep", code=EXIT_STORAGE, says=(
-        "AF_UNIX path too long", "under 108 bytes", "shorter path"))
-    assert wm.json("vm", "show", "deep")["state"] == "off"
-
-
 def test_consent_is_required_to_discard_data(world: World) -> None:
     world.fails("vm", "delete", "web", code=EXIT_INVALID,
                 says=("checkpoint(s)", "waymark vm delete web --yes"))

@@ -44,12 +44,11 @@ from pathlib import Path
 from waymark import process
 from waymark.errors import InvalidInput, StorageError, ToolError
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import cmdline, qmp
+from waymark.qemu import cmdline, qmp, sockets
 
 DEFAULT_USER = "waymark-qemu"
 START_TIMEOUT = 60.0
 FDSET = "/dev/fdset/"
-SOCKET_PATH_MAX = 108  # sun_path of a Unix socket address, its final NUL included
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
 
@@ -143,13 +142,12 @@ class Handoff:
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(path))
+            with sockets.address(path) as where:  # a deep home's socket too
+                sock.bind(where)
         except OSError as err:
             sock.close()
             raise StorageError(f"cannot make the socket {path}: {err}.",
-                               hint=f"A socket's path must stay under {SOCKET_PATH_MAX} bytes: "
-                                    "use a Waymark home with a shorter path (--home, "
-                                    "WAYMARK_HOME).") from err
+                               hint="Check that the Waymark home is writable.") from err
         sock.listen()
         self.sockets[str(path)] = self._keep(sock.detach())
 

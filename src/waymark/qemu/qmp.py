@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from waymark.errors import ToolError, WaymarkError
+from waymark.qemu import sockets
 
 if TYPE_CHECKING:
     import subprocess
@@ -141,7 +142,8 @@ async def connect(socket: Path, label: str, timeout: float = 5.0) -> AsyncIterat
     """A QMP session to the QEMU listening on ``socket``."""
     client = QMPClient(label)
     try:
-        await asyncio.wait_for(client.connect(str(socket)), timeout)
+        with sockets.address(socket) as where:
+            await asyncio.wait_for(client.connect(where), timeout)
     except (ConnectError, OSError, TimeoutError) as err:
         raise ToolError(f"cannot reach QEMU of {label} at {socket}: {err}") from err
     try:
