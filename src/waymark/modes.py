@@ -16,7 +16,10 @@ import contextlib
 import logging
 import os
 import stat
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only annotated: `waymark --help` imports this module, and not pathlib
+    from pathlib import Path
 
 UMASK = 0o077
 FOLDER_MODE = 0o700

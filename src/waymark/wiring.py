@@ -13,51 +13,123 @@ registered here, explicitly, once per process (:func:`wire`):
 - the context's hooks: settling unfinished work when a context opens and when a VM's lock is
   taken, and naming the job that holds a VM (:func:`waymark.engine.context.install`).
 
+A use case's function is registered as a :class:`Deferred` reference (its module's name and
+the function's), and its module is imported the first time that function is called: when a job
+of its kind runs, a VM boots or stops. A use case's intent kind is registered by name with a
+loader (:func:`_deferred_kind`) that imports its module when the journal first needs the kind's
+parameters class or commit: when an intent of it is written, read back or settled. Every
+face opens its context here, so importing every use case module up front would make a command
+that needs none of them (``waymark checkpoint list``, ``waymark job list``) load them all
+(docs/architecture.md, "Lazy imports"). Kinds are still registered by name up front: an
+unknown kind is refused before anything is imported.
+
 The faces open their context with :func:`open_context`. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar, cast
+
+from sqlalchemy.orm import Session
 
 from waymark.config import Settings
 from waymark.engine import compaction, context, executor, jobs, journal, settle
 from waymark.engine.context import Context
 from waymark.engine.running import live_checkpoint, live_merge, power
-from waymark.usecases.backups import points
-from waymark.usecases.checkpoints import automatic, deletion, lifecycle
-from waymark.usecases.library import store_deploy
-from waymark.usecases.vms import definitions, export_job
 
-# Every intent kind the code writes: its parameters' class (whose ``kind`` names it), the
-# catalog change that commits it (None: the change was made in the transaction that wrote the
-# intent, *commit, then finish*) and, for a live kind, how recovery settles it.
-INTENT_KINDS: list[journal.Kind[Any]] = [
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Deferred(Generic[P, R]):
+    """``module.name``, a use case's function, imported when it is first called. The one
+    import done by name in ``src/`` outside the CLI's lazy loading (``tests/unit/
+    test_wiring.py`` resolves every reference and checks its parameters)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def target(self) -> Callable[P, R]:
+        """The function itself (its module imported now, once per process)."""
+        found = getattr(importlib.import_module(self.module), self.name)
+        assert callable(found), f"{self.module}.{self.name} is not a function"
+        return cast("Callable[P, R]", found)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.target()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Deferred({self.module}.{self.name})"
+
+
+# The use case modules the root plugs in, imported only when one of their functions is called
+VMS = "waymark.usecases.vms.definitions"
+EXPORT = "waymark.usecases.vms.export_job"
+CHECKPOINTS = "waymark.usecases.checkpoints.lifecycle"
+AUTOMATIC = "waymark.usecases.checkpoints.automatic"
+DELETION = "waymark.usecases.checkpoints.deletion"
+BACKUPS = "waymark.usecases.backups.points"
+LIBRARY = "waymark.usecases.library.store_deploy"
+
+
+def _deferred_kind(module: str, params: str, commit: str | None = None) -> journal.KindLoader:
+    """The intent kind whose parameters' class is ``module``'s ``params`` and whose catalog
+    change is its ``commit`` (None: *commit, then finish*), the module imported when first
+    needed (``tests/unit/test_wiring.py`` loads every kind and checks both)."""
+    def load() -> journal.Kind[Any]:
+        found = importlib.import_module(module)
+        return journal.intent_kind(getattr(found, params),
+                                   getattr(found, commit) if commit else None)
+    return load
+
+
+def _loaded(kind: journal.Kind[Any]) -> tuple[str, journal.KindLoader]:
+    """An engine's own intent kind (or one whose parameters the engine defines)."""
+    return kind.params.kind, lambda: kind
+
+
+COMMIT_CHECKPOINT: Deferred[[Session, live_checkpoint.CheckpointCreate], None] = Deferred(
+    CHECKPOINTS, "commit_create")
+
+# Every intent kind the code writes, by name: its parameters' class (whose ``kind`` is that
+# name), the catalog change that commits it (None: the change was made in the transaction that
+# wrote the intent, *commit, then finish*) and, for a live kind, how recovery settles it.
+INTENT_KINDS: dict[str, journal.KindLoader] = dict([
     # VMs
-    journal.intent_kind(definitions.VmCreate, definitions.commit_vm_create),
-    journal.intent_kind(definitions.DiskAdd, definitions.commit_disk_add),
-    journal.intent_kind(definitions.VmDelete),
+    ("vm_create", _deferred_kind(VMS, "VmCreate", "commit_vm_create")),
+    ("disk_add", _deferred_kind(VMS, "DiskAdd", "commit_disk_add")),
+    ("vm_delete", _deferred_kind(VMS, "VmDelete")),
     # checkpoints
-    journal.intent_kind(live_checkpoint.CheckpointCreate, lifecycle.commit_create,
-                        live_checkpoint.resolve),
-    journal.intent_kind(lifecycle.CheckpointApply, lifecycle.commit_apply),
-    journal.intent_kind(lifecycle.SavedStateDiscard),
-    journal.intent_kind(lifecycle.SavedStateInstall),
-    journal.intent_kind(deletion.CheckpointFilesDelete),
-    journal.intent_kind(automatic.AutomaticCheckpointDelete, automatic.commit_delete),
+    _loaded(journal.intent_kind(live_checkpoint.CheckpointCreate, COMMIT_CHECKPOINT,
+                                live_checkpoint.resolve)),
+    ("checkpoint_apply", _deferred_kind(CHECKPOINTS, "CheckpointApply", "commit_apply")),
+    ("saved_state_discard", _deferred_kind(CHECKPOINTS, "SavedStateDiscard")),
+    ("saved_state_install", _deferred_kind(CHECKPOINTS, "SavedStateInstall")),
+    ("checkpoint_files_delete", _deferred_kind(DELETION, "CheckpointFilesDelete")),
+    ("automatic_checkpoint_delete",
+     _deferred_kind(AUTOMATIC, "AutomaticCheckpointDelete", "commit_delete")),
     # compaction (the marker, then one intent per planned step)
-    journal.intent_kind(compaction.CompactMarker),
-    journal.intent_kind(compaction.DropIntent, compaction.commit_drop),
-    journal.intent_kind(compaction.CommitDownIntent, compaction.commit_down),
-    journal.intent_kind(compaction.PullUpIntent, compaction.commit_pull_up),
+    _loaded(journal.intent_kind(compaction.CompactMarker)),
+    _loaded(journal.intent_kind(compaction.DropIntent, compaction.commit_drop)),
+    _loaded(journal.intent_kind(compaction.CommitDownIntent, compaction.commit_down)),
+    _loaded(journal.intent_kind(compaction.PullUpIntent, compaction.commit_pull_up)),
     # backups
-    journal.intent_kind(points.BackupRestore, points.commit_restore),
+    ("backup_restore", _deferred_kind(BACKUPS, "BackupRestore", "commit_restore")),
     # the library
-    journal.intent_kind(store_deploy.VmStore, store_deploy.commit_store),
-    journal.intent_kind(store_deploy.VmStoreFinish),
-    journal.intent_kind(store_deploy.VmDeploy, store_deploy.commit_deploy),
-    journal.intent_kind(store_deploy.VmDeployFinish),
-]
+    ("vm_store", _deferred_kind(LIBRARY, "VmStore", "commit_store")),
+    ("vm_store_finish", _deferred_kind(LIBRARY, "VmStoreFinish")),
+    ("vm_deploy", _deferred_kind(LIBRARY, "VmDeploy", "commit_deploy")),
+    ("vm_deploy_finish", _deferred_kind(LIBRARY, "VmDeployFinish")),
+])
+# Every job kind ("export": export_job.KIND) and its runner; an export whose worker died
+# restarts in a new worker, a merge is adopted by the next command on its VM
+RUN_EXPORT: Deferred[[Context, str], object] = Deferred(EXPORT, "run_export")
+JOB_KINDS: dict[str, jobs.Runner] = {"merge": compaction.run_merge_job, "export": RUN_EXPORT}
+RESTARTED_JOBS = frozenset({"export"})
+BOOT_HOOK: Deferred[[Context, str], str | None] = Deferred(AUTOMATIC, "before_boot")
+CLEAN_STOP_HOOK: Deferred[[Context, str], None] = Deferred(AUTOMATIC, "after_clean_stop")
 
 
 def _holder(ctx: Context, vm_id: str) -> tuple[str, str, float] | None:
@@ -67,13 +139,13 @@ def _holder(ctx: Context, vm_id: str) -> tuple[str, str, float] | None:
 
 def wire() -> None:
     """Register every kind and hook (idempotent)."""
-    for kind in INTENT_KINDS:
-        journal.register(kind)
+    for name, load in INTENT_KINDS.items():
+        journal.register_deferred(name, load)
     executor.register_steps(live_merge.STEPS)
-    jobs.register("merge", compaction.run_merge_job)
-    jobs.register(export_job.KIND, export_job.run_export, restart=True)
-    power.BOOT_HOOKS[:] = [automatic.before_boot]
-    power.CLEAN_STOP_HOOKS[:] = [automatic.after_clean_stop]
+    for kind, run in JOB_KINDS.items():
+        jobs.register(kind, run, restart=kind in RESTARTED_JOBS)
+    power.BOOT_HOOKS[:] = [BOOT_HOOK]
+    power.CLEAN_STOP_HOOKS[:] = [CLEAN_STOP_HOOK]
     context.install(context.Hooks(opened=settle.settle_all, locked=settle.settle_vm,
                                   holder=_holder))
 

@@ -24,8 +24,8 @@ def home() -> Iterator[Waymark]:
     naming the home is killed (so a failed test never leaves one running)."""
     if shutil.which("qemu-system-x86_64") is None:
         raise RuntimeError("missing qemu-system-x86_64 (apt-get install -y qemu-system-x86)")
-    # a short path (not under pytest's temporary folder, longer still on an xdist worker): the
-    # VMs' sockets live under the home, and a socket path must stay under 108 bytes
+    # a short path (not under pytest's temporary folder), easy to read in QEMU's command lines
+    # (a deep one works too: test_runtime.py's test_a_home_deeper_than_a_socket_address_...)
     folder = Path(tempfile.mkdtemp(prefix="wm-", dir="/tmp"))
     wm = Waymark(folder / "home")
     yield wm

@@ -284,3 +284,24 @@ def test_start_with_a_missing_file(home: Waymark, image: dict[str, str], tmp_pat
     failed = home.run("vm", "start", vm.name)
     assert_clear_error(failed, *fragments, str(copy))
     assert vm.state() == "off" and vm.qemus() == []
+
+
+def test_a_home_deeper_than_a_socket_address_runs_its_vm(home: Waymark,
+                                                        image: dict[str, str]) -> None:
+    """A Unix socket address holds 108 bytes and a VM's sockets live under its home: a VM of
+    a deeper home starts, pauses, resumes and stops cleanly (its sockets bound and reached
+    through their folder: :mod:`waymark.qemu.sockets`). It was refused at start (exit 73)."""
+    deep = Waymark(home.home.parent / ("deep-" * 16) / "home")
+    vm = create(deep, "deep", image)
+    assert len(str(vm.qmp).encode()) > 108
+    try:
+        vm.boot()
+        deep("vm", "pause", "deep")
+        assert vm.state() == "paused"
+        deep("vm", "resume", "deep")
+        assert vm.state() == "running"
+        stopped = deep.json("vm", "stop", "deep")  # clean: the guest agent, then QMP
+        assert stopped["state"] == "off" and "shut down" in stopped["how"], stopped
+        assert vm.qemus() == []
+    finally:
+        vm.ensure_off()

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Waymark
+from waymark.qemu import sockets
 
 
 @pytest.fixture
-def short_wm() -> Iterator[Waymark]:
-    """A home with a short path: a unix socket path must stay under 108 bytes."""
+def deep_wm() -> Iterator[Waymark]:
+    """A home deeper than a Unix socket address holds (108 bytes): the console socket is
+    reached through its folder (:mod:`waymark.qemu.sockets`)."""
     with tempfile.TemporaryDirectory(prefix="wm", dir="/tmp") as home:
-        yield Waymark(Path(home))
+        yield Waymark(Path(home) / ("deep-" * 20) / "home")
 
 
 def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = None
@@ -29,8 +31,10 @@ def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = N
     """A serial console that greets one client, then hangs up at once as QEMU does when the VM
     stops, or (given ``typed``) collects what the client types until it leaves."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    assert len(str(path).encode()) > 108
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
+    with sockets.address(path) as where:
+        server.bind(where)
     server.listen(1)
 
     def answer() -> None:
@@ -45,9 +49,9 @@ def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = N
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
-def test_console_returns_when_the_vm_stops_without_a_key_pressed(short_wm: Waymark,
+def test_console_returns_when_the_vm_stops_without_a_key_pressed(deep_wm: Waymark,
                                                                  terminal: bool) -> None:
-    wm = short_wm
+    wm = deep_wm
     vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
     serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"guest login: ")
     # stdin stays open and silent (a terminal, or a pipe, nobody types on)
@@ -71,8 +75,8 @@ def test_console_returns_when_the_vm_stops_without_a_key_pressed(short_wm: Wayma
     assert b"Connected to the console of con" in err and b"Detached." in err
 
 
-def test_console_sends_keys_and_detaches_on_ctrl_close_bracket(short_wm: Waymark) -> None:
-    wm = short_wm
+def test_console_sends_keys_and_detaches_on_ctrl_close_bracket(deep_wm: Waymark) -> None:
+    wm = deep_wm
     vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
     typed: list[bytes] = []
     server = serve_one_console(wm.home / "vms" / vm_id / "run" / "console.sock", b"$ ", typed)

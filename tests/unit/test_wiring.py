@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_every_intent_kind_the_code_writes_has_a_handler() -> None:
     assert {"vm_create", "checkpoint_files_delete", "compact", "drop", "backup_restore"} <= written
     assert len(written) == len(classes), "two parameters classes name the same kind"
     assert written == journal.kinds(), written ^ journal.kinds()
-    assert {kind.params for kind in wiring.INTENT_KINDS} == classes
+    assert {load().params for load in wiring.INTENT_KINDS.values()} == classes
     assert all(journal.kind_of(cls.kind).params is cls for cls in classes)
 
 
@@ -137,3 +138,40 @@ def test_a_pending_intent_of_an_unknown_kind_is_never_committed(catalog: Catalog
 def test_an_unknown_step_is_an_error() -> None:
     with pytest.raises(UnknownKind, match="no_such_step"):
         steps.from_json({"op": "no_such_step"})
+
+
+def test_every_use_case_function_the_root_names_exists_and_takes_the_engines_arguments() -> None:
+    """The root names a use case's function by module and name (:class:`wiring.Deferred`, an
+    intent kind's loader), which mypy cannot follow: each resolves to a function that takes the
+    two arguments every engine seam passes (a commit: session, params; a job: ctx, job id; a
+    hook: ctx, vm id), and a commit takes its own kind's parameters."""
+    named = [ref for ref in [*wiring.JOB_KINDS.values(), wiring.BOOT_HOOK,
+                             wiring.CLEAN_STOP_HOOK, wiring.COMMIT_CHECKPOINT]
+             if isinstance(ref, wiring.Deferred)]
+    assert len(named) == 4
+    for ref in named:
+        target = ref.target()
+        assert target.__module__ == ref.module and target.__name__ == ref.name, ref
+        inspect.signature(target).bind("first", "second")
+    for name, load in wiring.INTENT_KINDS.items():
+        kind = load()
+        assert kind.params.kind == name
+        commit = kind.commit.target() if isinstance(kind.commit, wiring.Deferred) else kind.commit
+        if commit is not None:
+            _session, params = inspect.signature(commit, eval_str=True).parameters.values()
+            assert params.annotation is kind.params, (name, params.annotation)
+
+
+def test_a_kind_registered_under_another_kinds_name_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wiring mistake (a loader giving another kind's parameters) is an error, never a commit
+    of the wrong kind."""
+    monkeypatch.setattr(journal._KINDS, "known", dict(journal._KINDS.known))
+    journal.register_deferred("vm_create_typo", wiring.INTENT_KINDS["vm_create"])
+    with pytest.raises(UnknownKind, match="vm_create_typo"):
+        journal.kind_of("vm_create_typo")
+
+
+def test_a_deferred_function_is_called_with_what_it_was_given() -> None:
+    ref: wiring.Deferred[[str, str], str] = wiring.Deferred("os.path", "join")
+    assert ref("a", "b") == "a/b"

@@ -22,6 +22,7 @@ from waymark.engine.running import presence
 from waymark.errors import Conflict, NotFound
 from waymark.http.security import CallerDep, ContextDep, require_vm, vm_for
 from waymark.model.policy import Principal
+from waymark.qemu import sockets
 
 router = APIRouter(tags=["console"], route_class=schemas.Route)
 TAIL = 8192  # bytes of earlier output a new reader gets
@@ -97,11 +98,11 @@ def console_input(vm: str, body: Line, caller: CallerDep, ctx: ContextDep) -> di
     row = vm_for(ctx, caller.who, "vm.power", vm)
     if presence.observed_state(ctx, row.id, row.state) not in presence.LIVE_STATES:
         raise Conflict(f"VM {row.name!r} is not running: its console is closed.")
-    path = str(presence.run_files(ctx, row.id).console)
+    path = presence.run_files(ctx, row.id).console
     try:
-        with socket.socket(socket.AF_UNIX) as sock:
+        with socket.socket(socket.AF_UNIX) as sock, sockets.address(path) as where:
             sock.settimeout(5.0)
-            sock.connect(path)
+            sock.connect(where)
             sock.sendall(body.text.encode())
     except OSError as err:
         raise Conflict(f"cannot reach the console of {row.name!r}: {err.strerror or err}.",

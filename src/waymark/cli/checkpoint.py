@@ -1,62 +1,37 @@
-"""``waymark checkpoint``: take, list, inspect, apply and rename checkpoints."""
+"""``waymark checkpoint``: take, list, inspect, apply and rename checkpoints. The commands that
+change checkpoints are in :mod:`waymark.cli.checkpoint_change`, loaded only when one of them
+runs; listing and showing need only the read models."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
-from waymark.cli.job import ended, follow
-from waymark.cli.main import face
-from waymark.cli.output import (
-    StepProgress,
-    emit,
-    fraction_progress,
-    interactive,
-    json_option,
-    warn,
-)
-from waymark.engine import jobs
-from waymark.errors import ConsentRequired, InvalidInput
+from waymark.cli.main import LazyGroup, face
+from waymark.cli.output import emit, json_option
 from waymark.model import tree
 from waymark.model.units import human
-from waymark.text import printable
 from waymark.usecases import views
-from waymark.usecases.checkpoints import deletion
-from waymark.usecases.checkpoints import lifecycle as checkpoints
-from waymark.usecases.vms import export_job
+
+CHANGE = "waymark.cli.checkpoint_change"
 
 
-@click.group()
+class CheckpointCommands(LazyGroup):
+    """The commands that change checkpoints, loaded when one runs (their help line here)."""
+
+    COMMANDS: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "create": (CHANGE, "create", "Take a checkpoint of a VM, live if it runs."),
+        "apply": (CHANGE, "apply", "Return the VM to a checkpoint (Restore-VMSnapshot)."),
+        "rename": (CHANGE, "rename", "Rename a checkpoint (1-99 characters)."),
+        "delete": (CHANGE, "delete", "Delete checkpoints; their disk layers are merged away."),
+        "export": (CHANGE, "export", "Export a checkpoint as a standalone VM bundle."),
+    }
+
+
+@click.group(cls=CheckpointCommands)
 def checkpoint() -> None:
     """Checkpoints: a VM's disks and configuration at a point in time."""
-
-
-@checkpoint.command("create")
-@click.argument("vm_ref", metavar="VM")
-@click.option("--name", help="1-99 characters (default: 'VM - (date - time)').")
-@click.option("--type", "wanted", type=click.Choice(["standard", "production", "productiononly"]),
-              help="This checkpoint's type, instead of the VM's checkpoint type.")
-@json_option
-def create(vm_ref: str, name: str | None, wanted: str | None, as_json: bool) -> None:
-    """Take a checkpoint of a VM (Hyper-V's Checkpoint-VM), live if it runs.
-
-    standard: memory, devices and disks (applying it resumes the VM there). production: disks
-    only, the guest's file systems quiesced through its agent (falls back to standard when
-    that fails; productiononly fails instead). A VM that is off gets its disks.
-    """
-    remote = face().remote
-    if remote is not None:
-        data = remote.checkpoint_create(vm_ref, name, wanted)
-    else:
-        ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-        data = views.checkpoint_show(ctx, vm_id, checkpoints.create(ctx, vm_id, name, wanted))
-    lines = [f"Created checkpoint {data['name']!r} ({data['id'][:12]}, {data['kind']})."]
-    if data["fallback_reason"]:
-        lines.append(f"It is {data['kind']}, not {data['requested_type']}: "
-                     f"{data['fallback_reason']}.")
-    emit(as_json, data, lines)
 
 
 @checkpoint.command("list")
@@ -100,175 +75,14 @@ def _show_lines(d: dict[str, Any]) -> list[str]:
 @json_option
 def show(vm_ref: str, ckpt_ref: str, as_json: bool) -> None:
     """One checkpoint: when, what kind, its disks, configuration and space."""
-    emit(as_json, data := _shown(vm_ref, ckpt_ref), _show_lines(data))
+    emit(as_json, data := shown(vm_ref, ckpt_ref), _show_lines(data))
 
 
-def _shown(vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
+def shown(vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
+    """One checkpoint's view, from the server with ``--server``."""
     remote = face().remote
     if remote is not None:
         return remote.checkpoint_show(vm_ref, ckpt_ref)
     return views.checkpoint_show(face().ctx, face().vm_id(vm_ref), ckpt_ref)
 
 
-def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
-                 ) -> checkpoints.ApplyMode:
-    if checkpoint_first and discard_current:
-        raise InvalidInput("--checkpoint-first and --discard-current exclude each other.",
-                           hint="Choose one.")
-    if checkpoint_first:
-        return checkpoints.ApplyMode.CHECKPOINT_FIRST
-    if discard_current:
-        return checkpoints.ApplyMode.DISCARD_CURRENT
-    consent = ConsentRequired(
-        "applying a checkpoint discards the VM's current state.",
-        hint="Add --checkpoint-first (checkpoint Now, then apply) or --discard-current.")
-    if not interactive():
-        raise consent
-    click.echo(f"Apply checkpoint {target!r}? The VM's current state will be lost.\n"
-               "  [c] Create Checkpoint and Apply\n  [a] Apply (cannot be undone)\n  [x] Cancel")
-    answer = click.prompt("Choice", type=click.Choice(["c", "a", "x"]), default="x")
-    if answer == "x":
-        raise click.exceptions.Abort()
-    return (checkpoints.ApplyMode.CHECKPOINT_FIRST if answer == "c"
-            else checkpoints.ApplyMode.DISCARD_CURRENT)
-
-
-@checkpoint.command("apply")
-@click.argument("vm_ref", metavar="VM")
-@click.argument("ckpt_ref", metavar="CKPT")
-@click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply.")
-@click.option("--discard-current", is_flag=True, help="Apply; the current state is lost.")
-@click.option("--start", is_flag=True,
-              help="Start the VM afterwards (a standard checkpoint resumes where it was taken).")
-@json_option
-def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: bool,
-          start: bool, as_json: bool) -> None:
-    """Return the VM to a checkpoint (Hyper-V's Restore-VMSnapshot).
-
-    A running VM is turned off first (checkpointed live first with --checkpoint-first).
-    Applying a standard checkpoint leaves the VM saved (vm start resumes it exactly there);
-    any other leaves it off.
-    """
-    target = _shown(vm_ref, ckpt_ref)
-    mode = _choose_mode(checkpoint_first, discard_current, target["name"])
-    remote = face().remote
-    if remote is not None:
-        data = remote.checkpoint_apply(target["vm_id"], target["id"], mode.name.lower(), start)
-    else:
-        data = checkpoints.apply(face().ctx, target["vm_id"], target["id"], mode,
-                                 start=start).view()
-    lines = [f"Applied checkpoint {target['name']!r}; the VM is {data['state']}."]
-    if data["safety_checkpoint_id"]:
-        lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
-    lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
-              for d in data["detached_disk_ids"]]
-    lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
-              for d in data["kept_disk_ids"]]
-    emit(as_json, data, lines)
-
-
-@checkpoint.command("rename")
-@click.argument("vm_ref", metavar="VM")
-@click.argument("ckpt_ref", metavar="CKPT")
-@click.argument("new_name")
-@json_option
-def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
-    """Rename a checkpoint (1-99 characters)."""
-    remote = face().remote
-    if remote is not None:
-        data = remote.checkpoint_rename(vm_ref, ckpt_ref, new_name)
-    else:
-        ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-        renamed = checkpoints.rename(ctx, vm_id, ckpt_ref, new_name)
-        data = {**views.checkpoint_show(ctx, vm_id, renamed.id), "warnings": renamed.warnings}
-    for message in data["warnings"]:
-        warn(message)
-    emit(as_json, data, [f"Renamed checkpoint {data['id'][:12]} to {data['name']!r}."])
-
-
-NO_WAIT = click.option("--no-wait", is_flag=True,
-                       help="Return at once; a background job does the work (waymark job wait).")
-
-
-@checkpoint.command("delete")
-@click.argument("vm_ref", metavar="VM")
-@click.argument("pattern")
-@click.option("--subtree", is_flag=True, help="Also delete every checkpoint below it.")
-@click.option("--yes", is_flag=True, help="Delete every match of a pattern without asking.")
-@NO_WAIT
-@json_option
-def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
-           as_json: bool) -> None:
-    """Delete checkpoints (Hyper-V's Remove-VMSnapshot); their disk layers are merged away.
-
-    PATTERN is a name or id prefix, or a glob over names ('Experiment*'); a checkpoint named
-    exactly PATTERN wins over the glob. Now's disk state is never lost, even when its parent
-    goes.
-    """
-    if face().remote is not None:
-        _delete_remote(vm_ref, pattern, subtree, yes, no_wait, as_json)
-        return
-    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-    matches = deletion.matching(ctx, vm_id, pattern)
-    if len(matches) > 1 and not yes and interactive():
-        click.echo(f"{pattern!r} matches {len(matches)} checkpoints:")
-        for match in matches:
-            click.echo(f"  {match.id[:12]}  {printable(match.name)}")
-        click.confirm("Delete them all" + (" with their subtrees" if subtree else "") + "?",
-                      abort=True)
-        yes = True
-    done = deletion.delete_checkpoints(ctx, vm_id, pattern, subtree=subtree, yes=yes,
-                                       report=StepProgress(), wait=not no_wait)
-    if no_wait:
-        jobs.spawn(ctx, done.job)
-    data = done.answer()
-    lines = [f"Deleted checkpoint {m.name!r} ({m.id[:12]})." for m in done.checkpoints]
-    if no_wait:
-        lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")
-    emit(as_json, data, lines)
-
-
-def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
-                   as_json: bool) -> None:
-    """Delete through the server; but with --no-wait, follow the merge job to its end as the
-    local command does."""
-    remote = face().remote
-    assert remote is not None
-    try:
-        data = remote.checkpoint_delete(vm_ref, pattern, subtree, yes)
-    except ConsentRequired as err:
-        if not interactive():
-            raise
-        click.confirm(f"{err.message}\nDelete them all?", abort=True)
-        data = remote.checkpoint_delete(vm_ref, pattern, subtree, True)
-    lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]})." for m in data["deleted"]]
-    if no_wait:
-        job = data["job_id"][:12]
-        lines.append(f"Merging in job {job}: waymark job wait {job}")
-        emit(as_json, data, lines)
-        return
-    done = follow(data["job_id"])
-    emit(as_json, data, lines)
-    ended(done)
-
-
-@checkpoint.command("export")
-@click.argument("vm_ref", metavar="VM")
-@click.argument("ckpt_ref", metavar="CKPT")
-@click.argument("dest", metavar="DEST_DIR", type=click.Path(path_type=Path))
-@NO_WAIT
-@json_option
-def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool) -> None:
-    """Export a checkpoint as a standalone VM bundle (Hyper-V's Export-VMSnapshot)."""
-    ctx = face().ctx
-    job_id = export_job.submit_export(ctx, face().vm_id(vm_ref), ckpt_ref, dest.absolute(),
-                                      run_here=not no_wait)
-    if no_wait:
-        jobs.spawn(ctx, job_id)
-        emit(as_json, {"bundle": str(dest.absolute()), "job_id": job_id},
-             [f"Exporting in job {job_id[:12]}: waymark job wait {job_id[:12]}"])
-        return
-    manifest = export_job.run_export(ctx, job_id, fraction_progress("exporting"))
-    emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job_id": job_id},
-         [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
-          f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

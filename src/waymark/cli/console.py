@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from waymark.errors import ToolError
+from waymark.qemu import sockets
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -70,7 +71,8 @@ async def _pump_in(writer: asyncio.StreamWriter) -> None:
 async def attach(socket: Path, label: str) -> None:
     """Connect the terminal to the VM's serial console until Ctrl-] or the VM stops."""
     try:
-        reader, writer = await asyncio.open_unix_connection(str(socket))
+        with sockets.address(socket) as where:
+            reader, writer = await asyncio.open_unix_connection(where)
     except OSError as err:
         raise ToolError(f"cannot reach the console of {label}: {err.strerror}.",
                         hint=f"Is it running? waymark vm status {label}") from err

@@ -3,7 +3,7 @@
 The only imports inside functions in ``src/`` are the CLI's lazy loading, which keeps
 ``waymark --help`` and the light commands fast (docs/architecture.md, "Lazy imports"):
 :class:`LazyGroup` imports a command group's module when that group runs; :class:`Face` imports
-the composition root (and with it every use case) when a command first needs the context, the
+the composition root (and with it the engine) when a command first needs the context, the
 HTTP client only with ``--server``, and the VM lookup (SQLAlchemy) when a VM is named;
 ``waymark serve`` imports the HTTP server and the schedules when it serves, and
 ``waymark guest`` the test guest builder when it builds.
@@ -86,7 +86,11 @@ def face() -> Face:
 
 
 class LazyGroup(click.Group):
-    """Loads a command group's module only when that group runs, so ``--help`` stays fast."""
+    """Loads a command's module only when that command runs, so ``--help`` stays fast: the
+    root's command groups, and a group's commands that need use cases its other commands do
+    not (``waymark checkpoint``: its listing loads no use case that changes checkpoints). A
+    subclass lists its own ``COMMANDS``; commands added to it with ``@group.command`` load with
+    it."""
 
     COMMANDS: ClassVar[dict[str, tuple[str, str, str]]] = {
         "vm": ("waymark.cli.vm", "vm", "Virtual machines: hardware, disks, checkpoint settings."),
@@ -116,18 +120,21 @@ class LazyGroup(click.Group):
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(self.COMMANDS)
+        return sorted({*self.commands, *self.COMMANDS})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.COMMANDS:
-            return None
+            return self.commands.get(cmd_name)
         module, attr, _ = self.COMMANDS[cmd_name]
         command = getattr(importlib.import_module(module), attr)
         assert isinstance(command, click.Command)
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, self.COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)  # as click's own
+        rows = [(name, self.COMMANDS[name][2] if name in self.COMMANDS
+                 else self.commands[name].get_short_help_str(limit)) for name in names]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

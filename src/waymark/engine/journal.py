@@ -53,7 +53,7 @@ from waymark.engine import executor
 from waymark.engine import steps as journal_steps
 from waymark.engine.kinds import Kinds
 from waymark.engine.params import Params
-from waymark.errors import Cancelled, StorageError, WaymarkError
+from waymark.errors import Cancelled, StorageError, UnknownKind, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 
@@ -83,13 +83,22 @@ def intent_kind(params: type[P], commit: Callable[[Session, P], None] | None = N
     return Kind(params, commit, resolve)
 
 
-_KINDS: Kinds[Kind[Any]] = Kinds("the journal has no handler for intents of kind {kind}.")
+KindLoader = Callable[[], Kind[Any]]
+_KINDS: Kinds[KindLoader] = Kinds("the journal has no handler for intents of kind {kind}.")
 
 
 def register(kind: Kind[Any]) -> None:
     """Make an intent kind known. Called by the composition root (:mod:`waymark.wiring`)
     only."""
-    _KINDS.register(kind.params.kind, kind)
+    _KINDS.register(kind.params.kind, lambda: kind)
+
+
+def register_deferred(name: str, load: KindLoader) -> None:
+    """Make the intent kind ``name`` known now; ``load`` gives its :class:`Kind` when an intent
+    of it is first written, read back or settled. The composition root registers a use case's
+    kind so, and imports the use case only then: a command that writes none (a listing) never
+    loads it."""
+    _KINDS.register(name, load)
 
 
 def kinds() -> frozenset[str]:
@@ -99,7 +108,11 @@ def kinds() -> frozenset[str]:
 
 def kind_of(kind: str) -> Kind[Any]:
     """The registration of ``kind``; an unknown kind is an error, never a silent commit."""
-    return _KINDS.of(kind)
+    found = _KINDS.of(kind)()
+    if found.params.kind != kind:
+        raise UnknownKind(f"the journal's kind {kind!r} was registered with the parameters of "
+                          f"{found.params.kind!r}.", hint="This is a bug: report it.")
+    return found
 
 
 def params_of(intent: Intent) -> Params:

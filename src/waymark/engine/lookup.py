@@ -113,6 +113,17 @@ def frozen(session: Session, checkpoint_id: str) -> dict[str, str]:
     return {f.disk_id: f.image_id for f in session.scalars(query)}
 
 
+def frozen_by_checkpoint(session: Session, vm_id: str) -> dict[str, dict[str, str]]:
+    """checkpoint id -> (disk id -> frozen image id) of every checkpoint of a VM, in one query
+    (a listing of many checkpoints: not one query each)."""
+    query = select(FrozenImage).join(Checkpoint, FrozenImage.checkpoint_id == Checkpoint.id) \
+        .where(Checkpoint.vm_id == vm_id)
+    found: dict[str, dict[str, str]] = {}
+    for row in session.scalars(query):
+        found.setdefault(row.checkpoint_id, {})[row.disk_id] = row.image_id
+    return found
+
+
 def hardware(vm_row: Vm) -> HardwareConfig:
     return HardwareConfig.load(vm_row.config)
 

@@ -18,6 +18,7 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecuteError, Message, QMPClient, QMPError
 
 from waymark.errors import ToolError
+from waymark.qemu import sockets
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ async def connect(socket: Path, label: str, timeout: float = 3.0) -> AsyncIterat
     client.await_greeting = False
     client.negotiate = False
     try:
-        await asyncio.wait_for(client.connect(str(socket)), timeout)
+        with sockets.address(socket) as where:
+            await asyncio.wait_for(client.connect(where), timeout)
     except (ConnectError, OSError, TimeoutError) as err:
         raise AgentUnavailable(f"cannot reach the guest agent socket of {label}: {err}") from err
     try:

@@ -122,6 +122,10 @@ def probe_format(path: Path) -> str:
     # QEMU rounds a short raw file up to a sector: its own length is what it holds
     check_disk_size(path, fmt, path.stat().st_size if fmt == "raw"
                     else int(probed.get("virtual-size") or 0))
+    if fmt == "qcow2":  # a broken chain first (its own refusal), then each file's tables
+        for image in chain(path, fmt):
+            if image.format == "qcow2":
+                check_intact(Path(image.filename))
     return fmt
 
 
@@ -132,6 +136,21 @@ def check_disk_size(path: Path, fmt: str, size: int) -> None:
                          f"than one {SECTOR}-byte sector.",
                          hint="Give a real qcow2 or raw disk image (an empty one: qemu-img "
                               "create -f qcow2 NEW.qcow2 10G).")
+
+
+def check_intact(path: Path) -> None:
+    """A qcow2 file a user brings holds every cluster its tables point at. One cut short (a
+    copy or a download that stopped, a disk that filled up) keeps its header, so ``qemu-img
+    info`` reads it as a disk of its full size, but what lay past the cut is gone: ``qemu-img
+    check`` counts each table entry that points past the end as a corruption. Leaked clusters
+    (space lost, no data) are no reason to refuse an image."""
+    report = check_report(path, "qcow2")
+    if report.corruptions:
+        raise ImageError(f"{path} is damaged: qemu-img check finds {report.corruptions} "
+                         "error(s) in its qcow2 tables (clusters missing past the end of the "
+                         "file, a copy or download that stopped, or counted wrong by a crash).",
+                         hint=f"Copy it again from its source; qemu-img check -f qcow2 {path} "
+                              "lists what is wrong.")
 
 
 def chain(path: Path, fmt: str) -> list[ImageInfo]:

@@ -29,7 +29,6 @@ own images, and everything stays owner-only for root:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import grp
@@ -45,12 +44,11 @@ from pathlib import Path
 from waymark import process
 from waymark.errors import InvalidInput, StorageError, ToolError
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import cmdline, qmp
+from waymark.qemu import cmdline, qmp, sockets
 
 DEFAULT_USER = "waymark-qemu"
 START_TIMEOUT = 60.0
 FDSET = "/dev/fdset/"
-SOCKET_PATH_MAX = 108  # sun_path of a Unix socket address, its final NUL included
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
 
@@ -144,13 +142,12 @@ class Handoff:
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(path))
+            with sockets.address(path) as where:  # a deep home's socket too
+                sock.bind(where)
         except OSError as err:
             sock.close()
             raise StorageError(f"cannot make the socket {path}: {err}.",
-                               hint=f"A socket's path must stay under {SOCKET_PATH_MAX} bytes: "
-                                    "use a Waymark home with a shorter path (--home, "
-                                    "WAYMARK_HOME).") from err
+                               hint="Check that the Waymark home is writable.") from err
         sock.listen()
         self.sockets[str(path)] = self._keep(sock.detach())
 
@@ -212,23 +209,10 @@ def spawn(argv: list[str], handoff: Handoff, errors: Path, what: str
                              extra_groups=list(owner.groups) if owner else None)
 
 
-async def greeted(daemon: subprocess.Popen[bytes], socket_path: Path, label: str,
-                  errors: Path, timeout: float = START_TIMEOUT) -> None:
-    """Wait until QEMU answers on QMP (it is then fully started); its error when it exits."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        if daemon.poll() is not None:
-            raise ToolError(f"QEMU of {label!r} exited right after it started: "
-                            f"{_last_words(errors)}",
-                            hint=f"See its messages in {errors}")
-        try:
-            async with qmp.connect(socket_path, label, timeout=1.0):
-                return
-        except ToolError:
-            if loop.time() > deadline:
-                raise
-        await asyncio.sleep(0.05)
+def exited(label: str, errors: Path) -> ToolError:
+    """The error of a QEMU that exited before it greeted: its last words."""
+    return ToolError(f"QEMU of {label!r} exited right after it started: {_last_words(errors)}",
+                     hint=f"See its messages in {errors}")
 
 
 def _last_words(errors: Path) -> str:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from waymark.errors import ToolError
+from waymark.errors import ToolError, WaymarkError
+from waymark.qemu import sockets
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,12 +100,50 @@ def event_time(event: dict[str, Any]) -> float:
     return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
 
 
+# How long one connection to a QEMU just started waits for its greeting before it is made again
+GREETING_TIMEOUT = 1.0
+
+
+@asynccontextmanager
+async def greeted(started: subprocess.Popen[bytes], socket: Path, label: str, *,
+                  timeout: float, exited: Callable[[], WaymarkError]) -> AsyncIterator[Qmp]:
+    """The first QMP session to a QEMU (or ``qemu-storage-daemon``) just ``started``: it has
+    started once it greets. The session that got the greeting is the one to use: no probe
+    connection comes first, since QEMU's monitor serves one client at a time and may drop the
+    connection that follows a client's hang-up. A connection that gets no greeting within
+    :data:`GREETING_TIMEOUT` is dropped and made again (QEMU may take one before its monitor
+    is attached); both were seen on a loaded host. ``exited``: the error when the process
+    exits first; ToolError when no greeting came within ``timeout`` seconds."""
+    async with AsyncExitStack() as stack:
+        yield await _first_session(stack, started, socket, label, timeout, exited)
+
+
+async def _first_session(stack: AsyncExitStack, started: subprocess.Popen[bytes], socket: Path,
+                         label: str, timeout: float, exited: Callable[[], WaymarkError]) -> Qmp:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if started.poll() is not None:
+            raise exited()
+        if socket.exists():
+            try:
+                return await stack.enter_async_context(connect(socket, label, GREETING_TIMEOUT))
+            except ToolError as err:
+                if loop.time() > deadline:
+                    raise ToolError(f"QEMU of {label} did not answer on QMP within "
+                                    f"{timeout:g} s: {err.message}") from None
+        elif loop.time() > deadline:
+            raise ToolError(f"QEMU of {label} did not open its QMP socket within {timeout:g} s.")
+        await asyncio.sleep(0.02)
+
+
 @asynccontextmanager
 async def connect(socket: Path, label: str, timeout: float = 5.0) -> AsyncIterator[Qmp]:
     """A QMP session to the QEMU listening on ``socket``."""
     client = QMPClient(label)
     try:
-        await asyncio.wait_for(client.connect(str(socket)), timeout)
+        with sockets.address(socket) as where:
+            await asyncio.wait_for(client.connect(where), timeout)
     except (ConnectError, OSError, TimeoutError) as err:
         raise ToolError(f"cannot reach QEMU of {label} at {socket}: {err}") from err
     try:

@@ -46,8 +46,8 @@ async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
                    ) -> AsyncIterator[qmp.Qmp]:
     daemon = process.start(argv(chains, socket), what=f"opening the disks of {label}")
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            machine = await _session(stack, daemon, socket, label)
+        async with qmp.greeted(daemon, socket, label, timeout=START_TIMEOUT,
+                               exited=lambda: _failed(daemon, label)) as machine:
             yield machine
             with contextlib.suppress(ToolError):  # the reply may be lost as it exits
                 await machine.command("quit")
@@ -61,28 +61,9 @@ async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
             daemon.wait()
 
 
-async def _session(stack: contextlib.AsyncExitStack, daemon: subprocess.Popen[bytes],
-                   socket: Path, label: str) -> qmp.Qmp:
-    """The QMP session, once the daemon greets. No probe connection comes first, and a
-    connection that gets no greeting within a second is dropped and made again: QEMU may
-    take a connection before its monitor is attached, or drop the one that follows a
-    client's hang-up (both seen on a loaded host, as a greeting that never came or an EOF)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT
-    while True:
-        if daemon.poll() is not None:
-            raise ToolError(f"qemu-storage-daemon could not open the disks of {label}: "
-                            f"{_stderr(daemon)}")
-        if socket.exists():
-            try:
-                return await stack.enter_async_context(qmp.connect(socket, label, 1.0))
-            except ToolError as err:
-                if loop.time() > deadline:
-                    raise ToolError(f"qemu-storage-daemon for {label} did not answer: "
-                                    f"{err.message}") from None
-        elif loop.time() > deadline:
-            raise ToolError(f"qemu-storage-daemon for {label} did not start.")
-        await asyncio.sleep(0.02)
+def _failed(daemon: subprocess.Popen[bytes], label: str) -> ToolError:
+    return ToolError(f"qemu-storage-daemon could not open the disks of {label}: "
+                     f"{_stderr(daemon)}")
 
 
 def _stderr(daemon: subprocess.Popen[bytes]) -> str:

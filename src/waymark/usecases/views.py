@@ -18,12 +18,14 @@ KIND_HAS_MEMORY = "standard"
 
 
 class Space:
-    """Per-image sizes and chain depths of one VM's image graph."""
+    """Per-image sizes and chain depths of one VM's image graph, and the images each of its
+    checkpoints froze (read once for the VM, not once a checkpoint)."""
 
     def __init__(self, session: Session, vm_id: str) -> None:
         self.images = lookup.images(session, vm_id)
         self.nodes = {n.id: n for n in compaction.graph(session, vm_id)}
         self.shared = planner.shared(list(self.nodes.values()))
+        self.frozen = lookup.frozen_by_checkpoint(session, vm_id)
 
     def depth(self, image_id: str) -> int:
         count, current = 0, self.images.get(image_id)
@@ -46,8 +48,8 @@ class Space:
         return total
 
 
-def _checkpoint(session: Session, row: Checkpoint, space: Space) -> dict[str, Any]:
-    frozen = lookup.frozen(session, row.id)
+def _checkpoint(row: Checkpoint, space: Space) -> dict[str, Any]:
+    frozen = space.frozen.get(row.id, {})
     return {
         "id": row.id, "name": row.name, "parent_id": row.parent_id,
         "created_at": rfc3339(row.created_at), "kind": row.kind,
@@ -67,7 +69,7 @@ def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
         rows = lookup.checkpoints(session, vm_row.id)
         return {"vm_id": vm_row.id, "vm_name": vm_row.name,
                 "current_checkpoint_id": vm_row.current_checkpoint_id,
-                "checkpoints": [_checkpoint(session, c, space) for c in rows]}
+                "checkpoints": [_checkpoint(c, space) for c in rows]}
 
 
 def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
@@ -82,7 +84,7 @@ def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
         vm_row = lookup.vm_by_id(session, vm_id)
         row = lookup.checkpoint(session, vm_row, ckpt_ref)
         space = Space(session, vm_row.id)
-        out = _checkpoint(session, row, space)
+        out = _checkpoint(row, space)
         out["vm_id"], out["vm_name"] = vm_row.id, vm_row.name
         out["is_current"] = vm_row.current_checkpoint_id == row.id
         out["configuration"] = row.config

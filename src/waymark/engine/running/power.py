@@ -14,9 +14,10 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,9 @@ def _check_boot_files(hardware: HardwareConfig) -> None:
                            hint=f"Restore it, or give it a new one (a later vm set {option}).")
 
 
-def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
-            incoming: bool) -> cmdline.RunFiles:
+def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incoming: bool
+           ) -> tuple[cmdline.RunFiles, subprocess.Popen[bytes], str]:
+    """QEMU started for the VM (its run files, its process, its accelerator)."""
     _check_boot_files(hardware)
     chains = disk_chains(ctx, vm_id, hardware)
     run = presence.run_files(ctx, vm_id)
@@ -135,17 +137,29 @@ def _launch(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
                                what=f"starting VM {name!r}")
     finally:
         given.close()  # QEMU holds its own copies now
-    try:
-        qmp.run_sync(confine.greeted(daemon, run.qmp, name, run.errors))
-    except WaymarkError:
-        if daemon.poll() is None:
-            daemon.kill()
-        presence.clean(run)
-        raise
-    durable.write_bytes(run.pidfile, str(daemon.pid).encode())
-    durable.write_bytes(run.runtime, json.dumps(
-        {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
-    return run
+    return run, daemon, chosen
+
+
+@contextlib.asynccontextmanager
+async def _launched(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
+                    incoming: bool) -> AsyncIterator[tuple[cmdline.RunFiles, qmp.Qmp]]:
+    """QEMU started for the VM, and the QMP session that got its greeting (it runs then); a
+    QEMU that does not greet is killed and its run files cleared."""
+    run, daemon, chosen = _spawn(ctx, vm_id, name, hardware, incoming)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            machine = await stack.enter_async_context(qmp.greeted(
+                daemon, run.qmp, name, timeout=confine.START_TIMEOUT,
+                exited=lambda: confine.exited(name, run.errors)))
+        except WaymarkError:
+            if daemon.poll() is None:
+                daemon.kill()
+            presence.clean(run)
+            raise
+        durable.write_bytes(run.pidfile, str(daemon.pid).encode())
+        durable.write_bytes(run.runtime, json.dumps(
+            {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
+        yield run, machine
 
 
 async def _kill(run: cmdline.RunFiles, label: str) -> None:
@@ -196,7 +210,8 @@ async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = Fal
             log.warning("%s", warning)
     with ctx.catalog.session() as session:
         hardware = lookup.hardware(session.get_one(Vm, vm_id))
-    run = _launch(ctx, vm_id, name, hardware, incoming=False)
+    async with _launched(ctx, vm_id, name, hardware, incoming=False) as (run, _greeted):
+        pass  # it runs: later commands make their own connections
     _set_state(ctx, vm_id, "running")
     return str(json.loads(run.runtime.read_text())["accelerator"])
 
@@ -231,13 +246,12 @@ def _verified_saved(ctx: Context, vm_id: str, name: str) -> tuple[SavedState, Ha
 
 async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
     saved, hardware = _verified_saved(ctx, vm_id, name)
-    run = _launch(ctx, vm_id, name, hardware, incoming=True)
     try:
-        async with qmp.connect(run.qmp, name) as machine:
+        async with _launched(ctx, vm_id, name, hardware, incoming=True) as (run, machine):
             await _incoming(machine, saved.state, name)
             await machine.command("cont")
     except WaymarkError:
-        await _kill(run, name)
+        await _kill(presence.run_files(ctx, vm_id), name)  # its session closed: quit it
         raise
     _set_state(ctx, vm_id, "running")
     for path in (saved.state, saved.meta):  # consumed: the VM runs on from here
