@@ -13,6 +13,7 @@ from tests.helpers import Waymark
 from waymark import wiring
 from waymark.catalog.db import Catalog
 from waymark.engine import journal
+from waymark.usecases.checkpoints.automatic import AutomaticCheckpointDelete
 
 # Run one command line as the entry point does, then print the waymark modules it imported
 LOADED = """
@@ -59,8 +60,8 @@ def test_a_kind_plugged_in_by_name_loads_its_use_case_when_one_is_settled(wm: Wa
     wiring.wire()  # the kind is known (this process ran commands in-process anyway)
     catalog = Catalog.open(wm.home)
     with catalog.session() as session:
-        journal.add(session, listing["vm_id"], "automatic_checkpoint_delete",
-                    {"vm": listing["vm_id"], "checkpoint": automatic}, [])
+        journal.add(session, listing["vm_id"],
+                    AutomaticCheckpointDelete(vm=listing["vm_id"], checkpoint=automatic), [])
     catalog.close()
     assert "waymark.usecases.checkpoints.automatic" in loaded_by(wm, "checkpoint", "list", "b")
     assert [c["name"] for c in wm.json("checkpoint", "list", "b")["checkpoints"]] == ["kept"]
