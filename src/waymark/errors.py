@@ -129,7 +129,7 @@ class UnknownKind(WaymarkError):
 class MalformedRecord(UnknownKind):
     """A journal step or an intent's parameters in the catalog that do not have the fields
     their kind has (a field missing, of the wrong type, or unknown): refused, never half-read
-    (:mod:`waymark.engine.jsonform`)."""
+    (:mod:`waymark.engine.records`)."""
 
 
 class Forbidden(WaymarkError):

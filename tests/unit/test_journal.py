@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import msgspec
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,33 +36,28 @@ VM = "v" * 32
 KIND = "test_merge"
 
 
-@dataclass(frozen=True, kw_only=True)
-class MergeParams(Params):
+class MergeParams(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = KIND
     checkpoint: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class CreateParams(Params):
+class CreateParams(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "test_create"
     name: str = ""
 
 
-@dataclass(frozen=True, kw_only=True)
-class LiveParams(Params):
+class LiveParams(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "test_live"
     vm: str
     amended: int = 0
     switched: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
-class NoResolver(Params):
+class NoResolver(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "no_resolver"
 
 
-@dataclass(frozen=True, kw_only=True)
-class NoSuchKind(Params):
+class NoSuchKind(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "no_such_kind"
 
 
@@ -336,7 +332,7 @@ def test_a_live_intent_whose_body_fails_is_settled_by_its_resolver(
 
     def resolve(params: LiveParams) -> LiveParams | None:
         asked.append(params)
-        return replace(params, switched=True) if took_effect else None
+        return msgspec.structs.replace(params, switched=True) if took_effect else None
 
     journal.register(journal.intent_kind(LiveParams, journal.kind_of("test_live").commit,
                                          resolve))
@@ -345,7 +341,7 @@ def test_a_live_intent_whose_body_fails_is_settled_by_its_resolver(
     with pytest.raises(ImageError), \
             Journal(catalog).prepared(VM, LiveParams(vm=VM), steps) as live:
         started.append(live.intent_id)
-        live.params = replace(live.params, amended=1)
+        live.params = msgspec.structs.replace(live.params, amended=1)
         live.save()
         raise ImageError("QEMU did not answer")
     assert asked == [LiveParams(vm=VM, amended=1)]  # what the body saved

@@ -144,6 +144,8 @@ def test_parameters_holding_steps_hold_step_objects() -> None:
     ("vm_delete", {"vm": V}, r"does not know: vm"),
     ("vm_store", {**WRITTEN_BEFORE["vm_store"], "finish": [{"op": "delete_file"}]},
      r"delete_file step has no 'path'"),
+    ("vm_store", {**WRITTEN_BEFORE["vm_store"], "finish": [DELETE, {**PRUNE, "path": 3}]},
+     r"vm_store intent, 'finish'\[1\]: the prune_dirs step: field 'path' is 3, not str"),
     ("vm_create", [], r"vm_create intent is \[\], not an object"),
 ])
 def test_malformed_parameters_are_refused_saying_what_is_wrong(kind: str, data: Any,

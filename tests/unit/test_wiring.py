@@ -7,7 +7,6 @@ import ast
 import importlib
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -98,8 +97,7 @@ def test_a_live_intent_kind_has_its_resolver() -> None:
     assert journal.kind_of("checkpoint_create").resolve is not None
 
 
-@dataclass(frozen=True, kw_only=True)
-class NoSuchKind(Params):
+class NoSuchKind(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "no_such_kind"
 
 

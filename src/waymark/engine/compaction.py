@@ -141,15 +141,13 @@ def _live(ctx: Context, vm_id: str) -> tuple[bool, LiveVm | None]:
         return True, LiveVm(run, name, live_chains(session, vm_id))
 
 
-@dataclass(frozen=True, kw_only=True)
-class CompactMarker(Params):
+class CompactMarker(Params, frozen=True, kw_only=True):
     """The marker: the VM's graph needs compacting (cleared by compaction, never driven)."""
 
     kind: ClassVar[str] = MARKER
 
 
-@dataclass(frozen=True, kw_only=True)
-class MergeIntent(Params):
+class MergeIntent(Params, frozen=True, kw_only=True):
     """One planned merge step: ``image`` (U) merged with or dropped, ``child`` (K; None for a
     drop); ``direction`` is the kind's name again (as the catalog has always held it)."""
 
@@ -158,18 +156,15 @@ class MergeIntent(Params):
     direction: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class DropIntent(MergeIntent):
+class DropIntent(MergeIntent, frozen=True, kw_only=True):
     kind: ClassVar[str] = "drop"
 
 
-@dataclass(frozen=True, kw_only=True)
-class CommitDownIntent(MergeIntent):
+class CommitDownIntent(MergeIntent, frozen=True, kw_only=True):
     kind: ClassVar[str] = "commit_down"
 
 
-@dataclass(frozen=True, kw_only=True)
-class PullUpIntent(MergeIntent):
+class PullUpIntent(MergeIntent, frozen=True, kw_only=True):
     kind: ClassVar[str] = "pull_up"
 
 

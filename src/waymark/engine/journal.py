@@ -146,7 +146,7 @@ def steps_of(intent: Intent) -> list[journal_steps.Step]:
 
 
 def _abandonable(step: journal_steps.Step) -> bool:
-    return isinstance(step, journal_steps.MergeStep) and step.abandonable
+    return isinstance(step, journal_steps.ABANDONABLE) and step.abandonable
 
 
 def _step_progress(report: StepReport | None, index: int, steps: list[journal_steps.Step]

@@ -1,51 +1,52 @@
-"""The journal's file steps: one frozen dataclass per op, plain data the journal stores.
+"""The journal's file steps: one frozen record (:class:`msgspec.Struct`) per op, plain data the
+journal stores.
 
 Each step is idempotent: running it again after a crash (before, during or after its first run)
 leaves the same files. :mod:`waymark.engine.executor` runs the ones the engine does itself; the
 ``qmp_*`` ones are done through a running QEMU by :mod:`waymark.engine.running.live_merge`,
 registered with the executor by the composition root (:mod:`waymark.wiring`).
 
-One JSON form (:mod:`waymark.engine.jsonform`): :meth:`StepBase.to_json` is ``{"op": ...,
-fields}``, the shape the journal has always stored, and :func:`from_json` reads it back checked
-(an unknown op: :class:`~waymark.errors.UnknownKind`; a missing, ill-typed or unknown field:
+One JSON form (:mod:`waymark.engine.records`): the steps are a tagged union on ``"op"`` (each
+class's ``tag``, also its ``op``), so :meth:`StepBase.to_json` is ``{"op": ..., fields}``, the
+shape the journal has always stored, and :func:`from_json` reads it back checked (an unknown op:
+:class:`~waymark.errors.UnknownKind`; a missing, ill-typed or unknown field:
 :class:`~waymark.errors.MalformedRecord`).
 
-Each class marks the fields that are file paths (``metadata=FILE``): :meth:`StepBase.paths`
-lists every file or folder a step makes, reads or names (``waymark check`` never calls them
-stray while the intent is unfinished). A step is ``undoable`` when it only makes a new file
-(:class:`NewFile`): a *prepare* intent consists of such steps only. ``abandonable`` (a
-:class:`MergeStep`): a cancelled job may stop in it.
+Each class lists the fields that are file paths in ``files``, the one it changes first:
+:meth:`StepBase.paths` lists every file or folder a step makes, reads or names (``waymark
+check`` never calls them stray while the intent is unfinished). A step is ``undoable`` when it
+only makes a new file (:class:`NewFile`): a *prepare* intent consists of such steps only.
+``abandonable`` (a :class:`MergeStep` or :class:`LiveMergeStep`): a cancelled job may stop in it.
 """
 
 from __future__ import annotations
 
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from waymark.engine import jsonform
-from waymark.errors import MalformedRecord, UnknownKind
+from waymark.engine import records
+from waymark.engine.records import Record
+from waymark.errors import MalformedRecord
 
-HINT = ("This Waymark does not know that step (a newer Waymark wrote it?). Run the Waymark "
-        "that wrote it, or report a bug.")
-FILE = {"file": True}  # the metadata of a field that is a file (or folder) path
+HINT = records.UNKNOWN_STEP_HINT
 
 
-@dataclass(frozen=True, kw_only=True)
-class StepBase:
-    """What every step has: its op (the JSON ``"op"``) and its one JSON form."""
+class StepBase(Record, frozen=True, kw_only=True, tag_field=records.TAG):
+    """What every step has: its op (the JSON ``"op"``, the class's msgspec ``tag``), the fields
+    that are file (or folder) paths (``files``) and its one JSON form."""
 
     op: ClassVar[str]
     undoable: ClassVar[bool] = False
+    files: ClassVar[tuple[str, ...]] = ()
 
     def paths(self) -> tuple[str, ...]:
         """Every file or folder the step makes, reads or names, the one it changes first."""
-        return tuple(str(getattr(self, f.name)) for f in fields(self)
-                     if f.metadata.get("file") and getattr(self, f.name) is not None)
+        return tuple(str(path) for path in (getattr(self, name) for name in self.files)
+                     if path is not None)
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, **jsonform.dump(self)}
+        return records.dump(self)
 
     @classmethod
     def from_json(cls, data: Any) -> StepBase:
@@ -53,16 +54,15 @@ class StepBase:
         return from_json(data)
 
 
-@dataclass(frozen=True, kw_only=True)
-class NewFile(StepBase):
+class NewFile(StepBase, frozen=True, kw_only=True):
     """A step that only makes ``path`` (undo: delete it, and its temporary file)."""
 
     undoable: ClassVar[bool] = True
-    path: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path",)
+    path: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class MergeStep(StepBase):
+class MergeStep(StepBase, frozen=True, kw_only=True):
     """A step of a merge; ``abandonable``: a cancelled job may stop in it, since its partial work
     changes no content anyone reads (the journal closes the intent ``cancelled``)."""
 
@@ -71,203 +71,191 @@ class MergeStep(StepBase):
 
 # --- the steps the executor runs --------------------------------------------------------------
 
-@dataclass(frozen=True, kw_only=True)
-class MakeDir(NewFile):
+class MakeDir(NewFile, frozen=True, kw_only=True, tag="make_dir"):
     """A new VM's folder (undo: remove it and what is under it if all empty)."""
 
-    op: ClassVar[str] = "make_dir"
 
-
-@dataclass(frozen=True, kw_only=True)
-class CreateImage(NewFile):
+class CreateImage(NewFile, frozen=True, kw_only=True, tag="create_image"):
     """A new qcow2 (undo: delete it): a base of ``size`` bytes or an overlay on ``backing``;
     ``unsafe`` overlays a backing file a running QEMU holds locked; ``bitmaps_from``: the image
     whose change-tracking bitmaps it takes over (a checkpoint)."""
 
-    op: ClassVar[str] = "create_image"
+    files: ClassVar[tuple[str, ...]] = ("path", "backing", "bitmaps_from")
     size: int | None = None
-    backing: str | None = field(default=None, metadata=FILE)
+    backing: str | None = None
     backing_fmt: str | None = None
     unsafe: bool = False
-    bitmaps_from: str | None = field(default=None, metadata=FILE)
+    bitmaps_from: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class ClaimFile(NewFile):
+class ClaimFile(NewFile, frozen=True, kw_only=True, tag="claim_file"):
     """Nothing yet: a file the operation's live part writes (QEMU's memory state), removed with
     its temporary file on undo."""
 
-    op: ClassVar[str] = "claim_file"
 
-
-@dataclass(frozen=True, kw_only=True)
-class WriteFile(NewFile):
+class WriteFile(NewFile, frozen=True, kw_only=True, tag="write_file"):
     """A durable small file (undo: delete it)."""
 
-    op: ClassVar[str] = "write_file"
     text: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class Convert(NewFile):
+class Convert(NewFile, frozen=True, kw_only=True, tag="convert"):
     """A standalone qcow2 copy of ``src``'s chain (undo: delete); with ``confined_to`` (a folder
     on untrusted storage) the chain is checked again and copied from the very files checked
     (:func:`waymark.external.shares.pinned_chain`), each run."""
 
-    op: ClassVar[str] = "convert"
-    src: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path", "src", "confined_to")
+    src: str
     src_fmt: str
-    confined_to: str | None = field(default=None, metadata=FILE)
+    confined_to: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class CopyFile(NewFile):
+class CopyFile(NewFile, frozen=True, kw_only=True, tag="copy_file"):
     """A durable copy (or hard link) of ``src`` (undo: delete); with ``confined_to``, of the
     regular file opened (no link followed) inside it."""
 
-    op: ClassVar[str] = "copy_file"
-    src: str = field(metadata=FILE)
-    confined_to: str | None = field(default=None, metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path", "src", "confined_to")
+    src: str
+    confined_to: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class WriteManifest(NewFile):
+class WriteManifest(NewFile, frozen=True, kw_only=True, tag="write_manifest"):
     """``doc`` plus the sha256 and size of every file under ``root`` (by relative path), written
     durably (undo: delete)."""
 
-    op: ClassVar[str] = "write_manifest"
-    root: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path", "root")
+    root: str
     doc: dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True)
-class DeleteFile(StepBase):
-    op: ClassVar[str] = "delete_file"
-    path: str = field(metadata=FILE)
+class DeleteFile(StepBase, frozen=True, kw_only=True, tag="delete_file"):
+    files: ClassVar[tuple[str, ...]] = ("path",)
+    path: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class PruneDirs(StepBase):
+class PruneDirs(StepBase, frozen=True, kw_only=True, tag="prune_dirs"):
     """Remove the empty folders of a tree."""
 
-    op: ClassVar[str] = "prune_dirs"
-    path: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path",)
+    path: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class Commit(MergeStep):
+class Commit(MergeStep, frozen=True, kw_only=True, tag="commit"):
     """``top``'s own clusters into ``base``; ``top`` unchanged."""
 
-    op: ClassVar[str] = "commit"
-    base: str = field(metadata=FILE)  # (first: the file it changes)
-    top: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("base", "top")  # (first: the file it changes)
+    base: str
+    top: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class Rebase(MergeStep):
+class Rebase(MergeStep, frozen=True, kw_only=True, tag="rebase"):
     """``path`` now backed by ``backing`` (None: standalone): content-preserving unless
     ``unsafe``."""
 
-    op: ClassVar[str] = "rebase"
-    path: str = field(metadata=FILE)
-    backing: str | None = field(default=None, metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path", "backing")
+    path: str
+    backing: str | None = None
     backing_fmt: str | None = None
     unsafe: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
-class CarryBitmaps(StepBase):
+class CarryBitmaps(StepBase, frozen=True, kw_only=True, tag="carry_bitmaps"):
     """``path``'s change-tracking bitmaps become copies of ``src``'s
     (:func:`waymark.qemu.bitmaps.carry_files`; the image becoming a disk's active one)."""
 
-    op: ClassVar[str] = "carry_bitmaps"
-    src: str = field(metadata=FILE)
-    path: str = field(metadata=FILE)
-
-    def paths(self) -> tuple[str, ...]:
-        return self.path, self.src  # the one it changes first
+    files: ClassVar[tuple[str, ...]] = ("path", "src")  # (first: the one it changes)
+    src: str
+    path: str
 
 
 # --- the steps done through a running QEMU (engine.running.live_merge) ------------------------
 
-@dataclass(frozen=True, kw_only=True)
-class LiveStep(StepBase):
-    """A merge step on the images VM ``name``'s QEMU (its run folder ``run``) has open; redone
-    with qemu-img when that QEMU is gone."""
+class LiveStep(StepBase, frozen=True, kw_only=True):
+    """A merge step on the images VM ``name``'s QEMU (its run folder ``run``, last in each
+    class's ``files``: named, never changed) has open; redone with qemu-img when that QEMU is
+    gone."""
 
     run: str
     name: str
 
-    def paths(self) -> tuple[str, ...]:
-        return *super().paths(), self.run  # the run folder is named, never changed
+
+class LiveMergeStep(LiveStep, frozen=True, kw_only=True):
+    """A live step of a merge, ``abandonable`` as a :class:`MergeStep` is (a msgspec Struct has
+    one base with fields: the field is declared again here)."""
+
+    abandonable: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
-class QmpCommit(LiveStep, MergeStep):
+class QmpCommit(LiveMergeStep, frozen=True, kw_only=True, tag="qmp_commit"):
     """K (``top``, node ``top_node``) into U (``base``, node ``base_node``) by QEMU's
     ``block-commit`` job ``job``; ``root`` is the disk's active node (a node name, no file);
     ``active``: K is the active image (QEMU pivots the disk onto U)."""
 
-    op: ClassVar[str] = "qmp_commit"
+    files: ClassVar[tuple[str, ...]] = ("base", "top", "run")  # (first: the file it changes)
     root: str
-    base: str = field(metadata=FILE)  # (first: the file it changes)
-    top: str = field(metadata=FILE)
+    base: str
+    top: str
     top_node: str
     base_node: str
     active: bool
     job: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class QmpStream(LiveStep, MergeStep):
+class QmpStream(LiveMergeStep, frozen=True, kw_only=True, tag="qmp_stream"):
     """``gone``'s clusters into ``path`` (node ``node``) by QEMU's ``block-stream`` job ``job``;
     ``path``'s backing becomes ``backing`` (node ``base_node``; None: standalone)."""
 
-    op: ClassVar[str] = "qmp_stream"
-    path: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path", "gone", "backing", "run")
+    path: str
     node: str
-    gone: str = field(metadata=FILE)
+    gone: str
     base_node: str | None
-    backing: str | None = field(metadata=FILE)
+    backing: str | None
     backing_fmt: str | None
     job: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class QmpRelink(LiveStep):
+class QmpRelink(LiveStep, frozen=True, kw_only=True, tag="qmp_relink"):
     """``path`` (in a live chain) now backed by ``backing``: QEMU's commit already wrote the link
     when QEMU runs; when it is gone the commit was redone by qemu-img, and so is this."""
 
-    op: ClassVar[str] = "qmp_relink"
-    path: str = field(metadata=FILE)
-    backing: str = field(metadata=FILE)
+    files: ClassVar[tuple[str, ...]] = ("path", "backing", "run")
+    path: str
+    backing: str
     backing_fmt: str
 
 
-@dataclass(frozen=True, kw_only=True)
-class QmpRelease(LiveStep):
+class QmpRelease(LiveStep, frozen=True, kw_only=True, tag="qmp_release"):
     """QEMU lets go of node ``node`` (``blockdev-del``), if it still holds it."""
 
-    op: ClassVar[str] = "qmp_release"
+    files: ClassVar[tuple[str, ...]] = ("run",)
     node: str
 
 
 Step = (MakeDir | CreateImage | ClaimFile | WriteFile | Convert | CopyFile | WriteManifest
         | DeleteFile | PruneDirs | Commit | Rebase | CarryBitmaps
         | QmpCommit | QmpStream | QmpRelink | QmpRelease)
-KINDS: dict[str, type[StepBase]] = {cls.op: cls for cls in typing.get_args(Step)}
+ABANDONABLE = (MergeStep, LiveMergeStep)  # the classes with ``abandonable``
+
+
+def _op(cls: type[StepBase]) -> type[StepBase]:
+    """``cls`` with its ``op``: its msgspec tag, the one place the op is spelled."""
+    cls.op = str(cls.__struct_config__.tag)
+    return cls
+
+
+KINDS: dict[str, type[StepBase]] = {_op(cls).op: cls for cls in typing.get_args(Step)}
 
 
 def from_json(data: Any) -> Step:
     """The step the journal stored as ``data`` (see :meth:`StepBase.to_json`), checked."""
     if not isinstance(data, dict):
-        raise MalformedRecord(f"a journal step is {data!r}, not an object.", hint=jsonform.HINT)
-    op = data.get("op")
+        raise MalformedRecord(f"a journal step is {data!r}, not an object.", hint=records.HINT)
+    op = data.get(records.TAG)
     cls = KINDS.get(op) if isinstance(op, str) else None
     if cls is None:
-        raise UnknownKind(f"the journal has no step {op!r} ({data!r}).", hint=HINT)
-    body = {key: value for key, value in data.items() if key != "op"}
-    step: Step = jsonform.load(cls, body, f"the journal's {op} step")  # type: ignore[assignment]
+        raise records.unknown_step(op, data)
+    step: Step = records.load(cls, data, f"the journal's {op} step")
     return step
 
 
@@ -277,5 +265,5 @@ def to_json_list(steps: Iterable[StepBase]) -> list[dict[str, Any]]:
 
 def from_json_list(data: Any) -> list[Step]:
     if not isinstance(data, list):
-        raise MalformedRecord(f"a journal's steps are {data!r}, not a list.", hint=jsonform.HINT)
+        raise MalformedRecord(f"a journal's steps are {data!r}, not a list.", hint=records.HINT)
     return [from_json(item) for item in data]

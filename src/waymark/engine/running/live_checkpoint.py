@@ -72,8 +72,7 @@ PRODUCTION = ("production", "productiononly")
 DISK_ONLY = "disk-only"
 
 
-@dataclass(frozen=True, kw_only=True)
-class CheckpointCreate(Params):
+class CheckpointCreate(Params, frozen=True, kw_only=True):
     """A checkpoint's intent: its catalog ``checkpoint`` record, the images it freezes
     (``frozen``: disk_id, image_id) and the new active images (``overlays``: catalog rows and
     disk_id); ``live`` (a running or paused VM, see :func:`plan`) is the live part's plan and

@@ -55,8 +55,7 @@ Report = Callable[[str, float], None] | None  # (what, fraction of it done)
 JOB_PREFIX, NODE_PREFIX = "wm-backup-", "wb"
 
 
-@dataclass(frozen=True, kw_only=True)
-class BackupRestore(Params):
+class BackupRestore(Params, frozen=True, kw_only=True):
     """A backup point restored into VM ``vm`` as a new ``checkpoint`` (its catalog record):
     the new ``images`` (a base and an active overlay per disk), the ``frozen`` images (disk_id,
     image_id and its new ``active`` one), the disks the VM lost since (``new_disks``), the

@@ -14,7 +14,6 @@ the merges it leaves), at once when the caller holds the lock.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import ClassVar
 
 from sqlalchemy.orm import Session
@@ -32,8 +31,7 @@ from waymark.usecases.checkpoints import lifecycle as checkpoints
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class AutomaticCheckpointDelete(Params):
+class AutomaticCheckpointDelete(Params, frozen=True, kw_only=True):
     """The guest shut down cleanly: VM ``vm``'s automatic ``checkpoint`` goes."""
 
     kind: ClassVar[str] = "automatic_checkpoint_delete"

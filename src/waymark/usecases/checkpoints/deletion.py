@@ -29,8 +29,7 @@ from waymark.model.vocabulary import deleted, gone
 GLOB_CHARS = frozenset("*?[")
 
 
-@dataclass(frozen=True, kw_only=True)
-class CheckpointFilesDelete(Params):
+class CheckpointFilesDelete(Params, frozen=True, kw_only=True):
     """The intent that removes deleted ``checkpoints``' own files (*commit, then finish*)."""
 
     kind: ClassVar[str] = "checkpoint_files_delete"

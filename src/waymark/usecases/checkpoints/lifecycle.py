@@ -5,10 +5,11 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
@@ -24,7 +25,6 @@ from waymark.engine.steps import (
     CreateImage,
     DeleteFile,
     Step,
-    StepBase,
     WriteFile,
 )
 from waymark.errors import Conflict, LimitReached
@@ -107,7 +107,8 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
         row, step = _overlay(ctx, disk_id, active, unsafe=state in presence.LIVE_STATES)
         overlays.append(row)
         if state not in presence.LIVE_STATES:  # (live: in QEMU's switch transaction)
-            step = replace(step, bitmaps_from=active.path)  # backup change tracking follows Now
+            # backup change tracking follows Now
+            step = msgspec.structs.replace(step, bitmaps_from=active.path)
         steps.append(step)
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
               "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,
@@ -256,8 +257,7 @@ def _quota_change(session: Session, vm_row: Vm, target_id: str) -> quotas.Change
         {d: images[image_id].virtual_size for d, image_id in frozen.items()}, kept=kept)
 
 
-@dataclass(frozen=True, kw_only=True)
-class CheckpointApply(Params):
+class CheckpointApply(Params, frozen=True, kw_only=True):
     """Applying checkpoint ``checkpoint`` to VM ``vm``: its hardware ``config``, the new active
     images (``overlays``), the disks detached since that keep their data (``kept``), the VM's
     new ``state``; the saved-state files to ``discard`` and the steps that ``install`` the
@@ -271,16 +271,14 @@ class CheckpointApply(Params):
     kept: list[dict[str, Any]]
     state: str
     discard: Sequence[str] = ()
-    install: Sequence[StepBase] = ()
+    install: Sequence[Step] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
-class SavedStateDiscard(Params):
+class SavedStateDiscard(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "saved_state_discard"
 
 
-@dataclass(frozen=True, kw_only=True)
-class SavedStateInstall(Params):
+class SavedStateInstall(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "saved_state_install"
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,7 +50,6 @@ from waymark.engine.steps import (
     PruneDirs,
     Rebase,
     Step,
-    StepBase,
     WriteFile,
     WriteManifest,
 )
@@ -76,8 +74,7 @@ from waymark.usecases.vms import definitions as vms
 Report = Callable[[int, int, str, float], None] | None
 
 
-@dataclass(frozen=True, kw_only=True)
-class VmStore(Params):
+class VmStore(Params, frozen=True, kw_only=True):
     """VM ``vm_id`` (``name``) moved into ``library``: its rows go at commit, then the
     ``finish`` steps delete its local files (journaled at commit: :class:`VmStoreFinish`)."""
 
@@ -85,16 +82,14 @@ class VmStore(Params):
     vm_id: str
     name: str
     library: str
-    finish: Sequence[StepBase]
+    finish: Sequence[Step]
 
 
-@dataclass(frozen=True, kw_only=True)
-class VmStoreFinish(Params):
+class VmStoreFinish(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "vm_store_finish"
 
 
-@dataclass(frozen=True, kw_only=True)
-class VmDeploy(Params):
+class VmDeploy(Params, frozen=True, kw_only=True):
     """A stored VM deployed here: its catalog rows (``vm``, ``images`` parents first, ``disks``,
     ``checkpoints``, ``frozen``) as the manifest lists them, its paths made local; the
     ``finish`` steps clear the library (journaled at commit: :class:`VmDeployFinish`)."""
@@ -105,11 +100,10 @@ class VmDeploy(Params):
     disks: list[dict[str, Any]]
     frozen: list[dict[str, Any]]
     checkpoints: list[dict[str, Any]]
-    finish: Sequence[StepBase]
+    finish: Sequence[Step]
 
 
-@dataclass(frozen=True, kw_only=True)
-class VmDeployFinish(Params):
+class VmDeployFinish(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "vm_deploy_finish"
 
 

@@ -49,8 +49,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True, kw_only=True)
-class VmCreate(Params):
+class VmCreate(Params, frozen=True, kw_only=True):
     """A new VM: its catalog rows (``vm``, ``disks``, ``images``, parents first)."""
 
     kind: ClassVar[str] = "vm_create"
@@ -59,8 +58,7 @@ class VmCreate(Params):
     images: list[dict[str, Any]]
 
 
-@dataclass(frozen=True, kw_only=True)
-class DiskAdd(Params):
+class DiskAdd(Params, frozen=True, kw_only=True):
     """A disk attached to a VM: its catalog rows."""
 
     kind: ClassVar[str] = "disk_add"
@@ -68,8 +66,7 @@ class DiskAdd(Params):
     images: list[dict[str, Any]]
 
 
-@dataclass(frozen=True, kw_only=True)
-class VmDelete(Params):
+class VmDelete(Params, frozen=True, kw_only=True):
     """A deleted VM's files (its rows went in the transaction that wrote the intent)."""
 
     kind: ClassVar[str] = "vm_delete"
