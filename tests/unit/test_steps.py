@@ -139,6 +139,7 @@ def test_a_malformed_step_is_refused_saying_what_is_wrong(data: dict[str, Any],
         steps.from_json(data)
     assert caught.value.exit_code == UnknownKind.exit_code  # the same family: exit 70
     assert caught.value.hint
+    assert "msgspec: " in str(caught.value)  # its own words too (the place as `$.field`)
 
 
 @pytest.mark.parametrize("data", [None, "make_dir", ["op", "make_dir"]])

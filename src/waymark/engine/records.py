@@ -68,8 +68,8 @@ def unknown_step(op: Any, data: Any) -> UnknownKind:
 
 
 def refusal(message: str, data: Any, what: str) -> MalformedRecord | UnknownKind:
-    """msgspec's ``message`` (``... - at `$.field[0]` ``) about ``data`` said in Waymark's words:
-    the record, the place in it (a step held in it by its op), what is wrong."""
+    """msgspec's ``message`` (``... - at `$.field[0]` ``) about ``data`` said in Waymark's words
+    (the record, the place in it, a step held in it by its op, what is wrong), then as is."""
     problem, _, at = message.partition(" - at `")
     keys = [name or (int(index) if index else None)
             for name, index in _SEGMENT.findall(at.rstrip("`").removeprefix("$"))]
@@ -85,8 +85,8 @@ def refusal(message: str, data: Any, what: str) -> MalformedRecord | UnknownKind
     if problem == f"Object missing required field `{TAG}`":  # only steps have an op
         return unknown_step(None, _at_path(data, keys))
     said = _said(problem, _at_path(data, keys))
-    return MalformedRecord(f"{subject}{': field ' + place if place else ''} {said} ({data!r}).",
-                           hint=HINT)
+    return MalformedRecord(f"{subject}{': field ' + place if place else ''} {said} ({data!r}; "
+                           f"msgspec: {message}).", hint=HINT)
 
 
 def _said(problem: str, value: Any) -> str:
