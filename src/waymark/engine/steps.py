@@ -50,7 +50,7 @@ class StepBase(Record, frozen=True, kw_only=True, tag_field=records.TAG):
 
     @classmethod
     def from_json(cls, data: Any) -> StepBase:
-        """Any step (:func:`from_json`): how a record that holds steps reads them."""
+        """Any step (:func:`from_json`); a record holding steps has msgspec read them."""
         return from_json(data)
 
 
