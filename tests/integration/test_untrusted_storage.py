@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -434,6 +435,58 @@ def test_a_share_manifest_leading_outside_is_not_deployed(wm: Waymark, tmp_path:
         sha256=file_sha256(disk), size=disk.stat().st_size))
     refused(wm, (library,), ("vm", "deploy", "kept", "--library", str(library)), EXIT_IMAGE,
             base["file"], "must stand alone")
+
+
+SHAPES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "missing": lambda m: m["checkpoints"][0].pop("memory_file"),
+    "ill-typed": lambda m: next(iter(m["files"].values())).update(size="1"),
+    "unknown": lambda m: m["vm"].update(vm_id="another", name_key="x"),
+    "not a list": lambda m: m.update(images={"id": "x"}),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_share_manifest_of_another_shape_is_listed_as_damaged_and_not_deployed(
+        wm: Waymark, tmp_path: Path, shape: str) -> None:
+    """Its fields become catalog rows: a missing, ill-typed or unknown one is refused before
+    any is read (never a KeyError or a row built from a stranger's keys)."""
+    library, manifest = stored(wm, tmp_path)
+    vm_id = manifest.parent.name
+    rewrite(manifest, SHAPES[shape])
+    listed = wm.json("library", "list", "--library", str(library))
+    assert [(v["id"], v["status"]) for v in listed["vms"]] == [(vm_id, "damaged")]
+    refused(wm, (library,), ("vm", "deploy", vm_id, "--library", str(library)), EXIT_IMAGE,
+            str(manifest), "not a stored VM's manifest", "Nothing was changed")
+
+
+def test_a_deployed_vm_goes_back_to_the_owner_this_host_stored_it_for_not_the_manifests(
+        wm: Waymark, tmp_path: Path) -> None:
+    """Whoever writes the share could name any user as the owner and hand them a VM (or take
+    one): the owner comes from this host's record of the store, else the administrators."""
+    for name in ("alice", "mallory"):
+        wm.run("user", "add", name, "--role", "self-service", "--password-stdin",
+               input="a long enough password\n").ok()
+    users = dict(query(wm.home, "SELECT name, id FROM users"))
+    library = tmp_path / "lib"
+    wm("library", "init", str(library))
+    for vm, owner in (("hers", users["alice"]), ("nobodys", None)):
+        vm_id = wm.json("vm", "create", vm, "--disk", "1M", "--memory", "128M")["id"]
+        con = sqlite3.connect(wm.home / "catalog.db")
+        with con:
+            con.execute("UPDATE vms SET owner_id = ? WHERE id = ?", (owner, vm_id))
+        con.close()
+        wm("vm", "store", vm, "--library", str(library))
+        rewrite(library / "vms" / vm_id / "manifest.json",
+                lambda m: m["vm"].update(owner_id=users["mallory"]))
+    wm("vm", "deploy", "hers", "--library", str(library))
+    assert query(wm.home, "SELECT owner_id FROM vms WHERE name = 'hers'") == [(users["alice"],)]
+    # stored by another host (this one has no record of it): the administrators'
+    con = sqlite3.connect(wm.home / "catalog.db")
+    with con:
+        con.execute("DELETE FROM stored_vms WHERE name = 'nobodys'")
+    con.close()
+    wm("vm", "deploy", "nobodys", "--library", str(library))
+    assert query(wm.home, "SELECT owner_id FROM vms WHERE name = 'nobodys'") == [(None,)]
 
 
 # --- CLI input: the same rules --------------------------------------------------------------

@@ -258,6 +258,8 @@ class StoredVm(Base):
     name: Mapped[str] = mapped_column(String(99), index=True)
     library: Mapped[str] = mapped_column(Text)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # its owner when it was stored (None: the administrators'); a deploy gives it back from here
+    owner_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class User(Base):

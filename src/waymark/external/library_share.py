@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from waymark import durable
 from waymark.errors import Ambiguous, Busy, Conflict, ImageError, NotFound, StorageError
 from waymark.external import shares
@@ -45,13 +47,119 @@ def claim_text(action: str, home: Path) -> str:
                        "at": now()}, indent=2)
 
 
+# --- what a stored VM's manifest must hold -----------------------------------------------------
+# The share is written by whoever can write its storage: a manifest is checked against this
+# shape (types, and no field Waymark does not know: the VM's, images', disks' and checkpoints'
+# fields become catalog rows) before anything reads it. Paths, ids and configurations in it are
+# checked again where they are used (``store_deploy._require_safe``).
+
+class _Shape(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _Source(_Shape):
+    host: str
+    home: str
+    checkpoint_dir: str
+
+
+class _Vm(_Shape):
+    id: str
+    name: str
+    state: str
+    created_at: str
+    config: dict[str, Any]
+    checkpoint_type: str
+    max_checkpoints: int
+    current_checkpoint_id: str | None
+    automatic_checkpoints: bool
+    automatic_checkpoint_id: str | None
+    origin: dict[str, Any] | None
+    owner_id: str | None = None  # only a record: a deploy never takes the owner from a share
+
+
+class _Image(_Shape):
+    id: str
+    file: str
+    parent_id: str | None
+    virtual_size: int
+    pinned_from: str | None
+
+
+class _Disk(_Shape):
+    id: str
+    active_image_id: str | None
+    created_at: str
+
+
+class _Checkpoint(_Shape):
+    id: str
+    name: str
+    parent_id: str | None
+    created_at: str
+    kind: str
+    requested_type: str
+    fallback_reason: str | None
+    config: dict[str, Any]
+    memory_sha256: str | None
+    memory_file: str | None
+    skipped_disks: list[Any]
+    pause_seconds: float | None
+    freeze_seconds: float | None
+
+
+class _Frozen(_Shape):
+    checkpoint_id: str
+    disk_id: str
+    image_id: str
+
+
+class _Saved(_Shape):
+    file: str
+    meta: dict[str, Any]
+
+
+class _File(_Shape):
+    sha256: str
+    size: int
+
+
+class _Manifest(_Shape):
+    format: str
+    version: int
+    stored_at: str
+    source: _Source
+    vm: _Vm
+    images: list[_Image]
+    disks: list[_Disk]
+    checkpoints: list[_Checkpoint]
+    frozen: list[_Frozen]
+    saved: _Saved | None
+    boot: dict[str, str]
+    files: dict[str, _File]
+
+
+def shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with a stored VM's manifest's shape (None: nothing); one of another format
+    or version is left to :meth:`Library.require_stored` to name."""
+    if manifest.get("format") != VM_FORMAT or manifest.get("version") != VERSION:
+        return None
+    try:
+        msgspec.convert(manifest, _Manifest, strict=True)
+    except msgspec.ValidationError as err:
+        return str(err)
+    return None
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One VM folder of the library: its manifest (None while incomplete) and claim."""
+    """One VM folder of the library: its manifest (None while incomplete or damaged: then
+    ``damaged`` says what is wrong with it) and claim."""
 
     vm_id: str
     manifest: dict[str, Any] | None
     claim: dict[str, Any] | None
+    damaged: str | None = None
 
     @property
     def name(self) -> str:
@@ -63,6 +171,8 @@ class Entry:
         killed store left on a share its host could not reach when it rolled back)."""
         if self.claim is not None:
             return "storing" if self.claim.get("action") == "store" else "deploying"
+        if self.damaged is not None:
+            return "damaged"
         return "stored" if self.manifest is not None else "incomplete"
 
 
@@ -101,8 +211,9 @@ class Library(shares.Share):
         return sorted(found, key=lambda e: (e.name, e.vm_id))
 
     def entry(self, vm_id: str) -> Entry:
-        return Entry(vm_id, _read_json(self.manifest_path(vm_id)),
-                     _read_json(self.claim_path(vm_id)))
+        manifest, claim = _read_json(self.manifest_path(vm_id)), _read_json(self.claim_path(vm_id))
+        problem = None if manifest is None else shape_problem(manifest)
+        return Entry(vm_id, None if problem else manifest, claim, problem)
 
     def find(self, ref: str) -> Entry:
         """The VM named ``ref`` (or whose id starts with it) in the library."""
@@ -127,6 +238,9 @@ class Library(shares.Share):
                        f"{claim.get('at')}.",
                        hint="Wait for it; if that command was killed, run any waymark command "
                             "on that host to settle it.")
+        if entry.damaged is not None:
+            raise shares.refused(str(self.manifest_path(entry.vm_id)),
+                                 f"it is not a stored VM's manifest ({entry.damaged})")
         if entry.manifest is None:
             raise NotFound(f"{self.folder(entry.vm_id)} holds no complete VM (no {MANIFEST}).",
                            hint="Store the VM again.")

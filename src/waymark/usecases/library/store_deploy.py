@@ -282,9 +282,10 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
 
 def commit_store(session: Session, params: VmStore) -> None:
     vm_id = params.vm_id
+    owner_id = session.get_one(Vm, vm_id).owner_id
     vms.delete_rows(session, vm_id)
     session.merge(StoredVm(vm_id=vm_id, name=params.name, library=params.library,
-                           stored_at=now()))
+                           stored_at=now(), owner_id=owner_id))
     journal.add(session, vm_id, VmStoreFinish(), params.finish)
 
 
@@ -302,7 +303,7 @@ def deploy(ctx: Context, ref: str, path: Path, report: Report = None) -> dict[st
         _require_absent(ctx, vm_id, vm_name)
         library.verify(vm_id, manifest)
         _require_safe(ctx, library, vm_id, manifest)
-        params, steps = _deploy_plan(ctx, library, manifest)
+        params, steps = _deploy_plan(ctx, library, manifest, _stored_owner(ctx, vm_id))
         ctx.journal.run(vm_id, params, steps, report=_describe(report))
         settle.settle_vm(ctx, vm_id)  # the commit's finish: the library copy goes
     return {"vm_name": vm_name, "vm_id": vm_id, "library": str(library.root),
@@ -316,6 +317,15 @@ def _check_names(manifest: dict[str, Any]) -> None:
     for c in manifest["checkpoints"]:
         names.clean(c["name"], what=f"name of its checkpoint {str(c['id'])[:12]}",
                     commas=True)
+
+
+def _stored_owner(ctx: Context, vm_id: str) -> str | None:
+    """Whom a deployed VM belongs to: its owner when this host stored it (the catalog's record),
+    else the administrators (None). Never the manifest's ``owner_id``: whoever can write the
+    share could name any user there, and hand them (or take from them) a VM."""
+    with ctx.catalog.session() as session:
+        row = session.get(StoredVm, vm_id)
+        return None if row is None else row.owner_id
 
 
 def _require_absent(ctx: Context, vm_id: str, vm_name: str) -> None:
@@ -389,8 +399,8 @@ def _deployed_boot(ctx: Context, manifest: dict[str, Any]) -> dict[str, str]:
     return {src: str(here / "boot" / Path(rel).name) for src, rel in manifest["boot"].items()}
 
 
-def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
-                 ) -> tuple[VmDeploy, list[Step]]:
+def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any],
+                 owner_id: str | None) -> tuple[VmDeploy, list[Step]]:
     vm_doc = manifest["vm"]
     vm_id, here, there = vm_doc["id"], ctx.vm_folder(vm_doc["id"]), library.folder(vm_doc["id"])
     ckpt_dir = here / "checkpoints"
@@ -415,7 +425,7 @@ def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any]
                                text=json.dumps(meta, indent=2)))
     params = VmDeploy(
         vm={**vm_doc, "config": _rebooted(vm_doc["config"], boot),
-            "checkpoint_dir": str(ckpt_dir)},
+            "checkpoint_dir": str(ckpt_dir), "owner_id": owner_id},
         images=[{"id": i["id"], "path": paths[i["id"]], "parent_id": i["parent_id"],
                  "virtual_size": i["virtual_size"]} for i in manifest["images"]],
         disks=manifest["disks"], frozen=manifest["frozen"],
