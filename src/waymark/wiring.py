@@ -9,9 +9,10 @@ registered here, explicitly, once per process (:func:`wire`):
   committed blindly;
 - the file steps done through a running QEMU (:func:`waymark.engine.executor.register_steps`);
 - every job kind's runner (:func:`waymark.engine.jobs.register`);
-- the hooks of a VM's power cycle (automatic checkpoints, :mod:`waymark.engine.running.power`);
 - the context's hooks: settling unfinished work when a context opens and when a VM's lock is
-  taken, and naming the job that holds a VM (:func:`waymark.engine.context.install`).
+  taken, naming the job that holds a VM, and a VM's power cycle (automatic checkpoints before a
+  boot and after a clean shutdown, :mod:`waymark.engine.running.power`)
+  (:func:`waymark.engine.context.install`).
 
 A use case's function is registered as a :class:`Deferred` reference (its module's name and
 the function's), and its module is imported the first time that function is called: when a job
@@ -30,14 +31,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from sqlalchemy.orm import Session
 
 from waymark.config import Settings
 from waymark.engine import compaction, context, executor, jobs, journal, settle
 from waymark.engine.context import Context
-from waymark.engine.running import live_checkpoint, live_merge, power
+from waymark.engine.running import live_merge
+
+if TYPE_CHECKING:  # its module is imported when the journal first needs the kind
+    from waymark.engine.running import live_checkpoint
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +74,7 @@ EXPORT = "waymark.usecases.vms.export_job"
 CHECKPOINTS = "waymark.usecases.checkpoints.lifecycle"
 AUTOMATIC = "waymark.usecases.checkpoints.automatic"
 DELETION = "waymark.usecases.checkpoints.deletion"
+LIVE_CHECKPOINT = "waymark.engine.running.live_checkpoint"
 BACKUPS = "waymark.usecases.backups.points"
 LIBRARY = "waymark.usecases.library.store_deploy"
 
@@ -90,6 +95,14 @@ def _loaded(kind: journal.Kind[Any]) -> tuple[str, journal.KindLoader]:
     return kind.params.kind, lambda: kind
 
 
+def _checkpoint_create() -> journal.Kind[Any]:
+    """A checkpoint's kind: its parameters and the resolver of a live one are the engine's
+    (:mod:`waymark.engine.running.live_checkpoint`), its commit the checkpoint use case's; all
+    imported when the journal first needs the kind, so a listing loads no code of a running VM."""
+    live = importlib.import_module(LIVE_CHECKPOINT)
+    return journal.intent_kind(live.CheckpointCreate, COMMIT_CHECKPOINT, live.resolve)
+
+
 COMMIT_CHECKPOINT: Deferred[[Session, live_checkpoint.CheckpointCreate], None] = Deferred(
     CHECKPOINTS, "commit_create")
 
@@ -102,8 +115,7 @@ INTENT_KINDS: dict[str, journal.KindLoader] = dict([
     ("disk_add", _deferred_kind(VMS, "DiskAdd", "commit_disk_add")),
     ("vm_delete", _deferred_kind(VMS, "VmDelete")),
     # checkpoints
-    _loaded(journal.intent_kind(live_checkpoint.CheckpointCreate, COMMIT_CHECKPOINT,
-                                live_checkpoint.resolve)),
+    ("checkpoint_create", _checkpoint_create),
     ("checkpoint_apply", _deferred_kind(CHECKPOINTS, "CheckpointApply", "commit_apply")),
     ("saved_state_discard", _deferred_kind(CHECKPOINTS, "SavedStateDiscard")),
     ("saved_state_install", _deferred_kind(CHECKPOINTS, "SavedStateInstall")),
@@ -144,10 +156,9 @@ def wire() -> None:
     executor.register_steps(live_merge.STEPS)
     for kind, run in JOB_KINDS.items():
         jobs.register(kind, run, restart=kind in RESTARTED_JOBS)
-    power.BOOT_HOOKS[:] = [BOOT_HOOK]
-    power.CLEAN_STOP_HOOKS[:] = [CLEAN_STOP_HOOK]
     context.install(context.Hooks(opened=settle.settle_all, locked=settle.settle_vm,
-                                  holder=_holder))
+                                  holder=_holder, before_boot=BOOT_HOOK,
+                                  after_clean_stop=CLEAN_STOP_HOOK))
 
 
 def open_context(settings: Settings) -> Context:

@@ -32,6 +32,11 @@ class Hooks:
     locked: Callable[[Context, str], None]
     # the job (id, kind, progress) whose live process holds the VM busy, if any
     holder: Callable[[Context, str], tuple[str, str, float] | None]
+    # under the VM's lock, before a VM that is off boots (automatic checkpoints); a returned
+    # text is a warning
+    before_boot: Callable[[Context, str], str | None]
+    # after a guest shut down cleanly (not a crash, not a forced power-off)
+    after_clean_stop: Callable[[Context, str], None]
 
 
 _hooks: list[Hooks] = []
@@ -42,7 +47,8 @@ def install(hooks: Hooks) -> None:
     _hooks[:] = [hooks]
 
 
-def _installed() -> Hooks:
+def installed() -> Hooks:
+    """The composition root's hooks (an error when the engine was not wired)."""
     if not _hooks:
         raise UnknownKind("the engine was not wired: no settle hooks are installed.",
                           hint="Open the context with waymark.wiring.open_context (a bug).")
@@ -58,7 +64,7 @@ class Context:
     @classmethod
     def open(cls, settings: Settings) -> Context:
         """Open the home folder (created if missing) and finish what dead commands left."""
-        hooks = _installed()
+        hooks = installed()
         home = settings.home
         try:
             home.mkdir(parents=True, exist_ok=True)
@@ -111,16 +117,16 @@ class Context:
                     timeout=self.settings.lock_timeout if timeout is None else timeout))
             except Busy as err:
                 raise self._busy(vm_id, vm_name, err) from None
-            _installed().locked(self, vm_id)
+            installed().locked(self, vm_id)
             yield
 
     def settle(self, vm_id: str) -> None:
         """Finish the VM's unfinished work now (the caller holds its lock): what
         :meth:`vm_locked` does when it takes the lock."""
-        _installed().locked(self, vm_id)
+        installed().locked(self, vm_id)
 
     def _busy(self, vm_id: str, vm_name: str, err: Busy) -> Busy:
-        job = _installed().holder(self, vm_id)
+        job = installed().holder(self, vm_id)
         if job is None:
             return err
         job_id, kind, progress = job

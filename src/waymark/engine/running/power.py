@@ -17,14 +17,14 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from waymark import durable
 from waymark.catalog.models import Image, Vm
-from waymark.engine import locks, lookup
+from waymark.engine import context, locks, lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
@@ -32,12 +32,6 @@ from waymark.guest import agent
 from waymark.images import qemu_img
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import accel, cmdline, confine, qmp
-
-# Hooks registered by the composition root (:mod:`waymark.wiring`: automatic checkpoints).
-# Called under the VM's lock before a VM that is off boots; a returned text is a warning.
-BOOT_HOOKS: list[Callable[[Context, str], str | None]] = []
-# Called when a guest shut down cleanly (not a crash, not a forced power-off).
-CLEAN_STOP_HOOKS: list[Callable[[Context, str], None]] = []
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
@@ -178,8 +172,7 @@ async def _kill(run: cmdline.RunFiles, label: str) -> None:
 
 
 def _clean_stop(ctx: Context, vm_id: str) -> None:
-    for hook in CLEAN_STOP_HOOKS:
-        hook(ctx, vm_id)
+    context.installed().after_clean_stop(ctx, vm_id)  # the root's: automatic checkpoints
 
 
 def _set_state(ctx: Context, vm_id: str, state: str) -> None:
@@ -205,9 +198,8 @@ async def start_locked(ctx: Context, vm_id: str, name: str, *, fresh: bool = Fal
         state = "off"
     if state == "saved":
         return await _resume_saved(ctx, vm_id, name)
-    for hook in BOOT_HOOKS:
-        if (warning := hook(ctx, vm_id)) is not None:
-            log.warning("%s", warning)
+    if (warning := context.installed().before_boot(ctx, vm_id)) is not None:
+        log.warning("%s", warning)  # the composition root's hook (automatic checkpoints)
     with ctx.catalog.session() as session:
         hardware = lookup.hardware(session.get_one(Vm, vm_id))
     async with _launched(ctx, vm_id, name, hardware, incoming=False) as (run, _greeted):
