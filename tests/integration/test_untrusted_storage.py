@@ -442,6 +442,7 @@ SHAPES: dict[str, Callable[[dict[str, Any]], None]] = {
     "ill-typed": lambda m: next(iter(m["files"].values())).update(size="1"),
     "unknown": lambda m: m["vm"].update(vm_id="another", name_key="x"),
     "not a list": lambda m: m.update(images={"id": "x"}),
+    "no time": lambda m: m["checkpoints"][0].update(created_at="yesterday"),
 }
 
 

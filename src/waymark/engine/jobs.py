@@ -35,7 +35,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import select
@@ -47,6 +46,7 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.kinds import Kinds
 from waymark.errors import Cancelled, NotFound, WaymarkError
+from waymark.model import timing
 from waymark.model.timing import rfc3339
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def orphaned(job: Job) -> bool:
     if job.status not in UNFINISHED:
         return False
     if job.worker_pid is None:
-        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=UTC)
+        created = timing.utc(job.created_at)
         return (now() - created).total_seconds() > WORKERLESS_GRACE
     return not worker_alive(job)
 

@@ -28,8 +28,17 @@ from typing import Any
 import msgspec
 
 from waymark import durable
-from waymark.errors import Ambiguous, Busy, Conflict, ImageError, NotFound, StorageError
+from waymark.errors import (
+    Ambiguous,
+    Busy,
+    Conflict,
+    ImageError,
+    InvalidInput,
+    NotFound,
+    StorageError,
+)
 from waymark.external import shares
+from waymark.model import timing
 
 FORMAT, VERSION = "waymark-library", 1
 MARKER = "waymark-library.json"
@@ -145,9 +154,14 @@ def shape_problem(manifest: dict[str, Any]) -> str | None:
     if manifest.get("format") != VM_FORMAT or manifest.get("version") != VERSION:
         return None
     try:
-        msgspec.convert(manifest, _Manifest, strict=True)
+        shape = msgspec.convert(manifest, _Manifest, strict=True)
+        for when in (shape.stored_at, shape.vm.created_at, *(d.created_at for d in shape.disks),
+                     *(c.created_at for c in shape.checkpoints)):
+            timing.parse_rfc3339(when)  # they become the catalog's times
     except msgspec.ValidationError as err:
         return str(err)
+    except InvalidInput as err:
+        return err.message
     return None
 
 

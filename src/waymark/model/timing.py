@@ -22,12 +22,15 @@ RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[
                      re.ASCII)
 
 
+def utc(when: datetime) -> datetime:
+    """``when`` as an aware UTC moment: SQLite hands back the naive UTC datetimes it stored."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
 def rfc3339(when: datetime) -> str:
     """A moment in the one form Waymark shows and returns (UTC, whole seconds, ``Z``:
     ``2026-12-07T03:12:21Z``; docs/api.md, "The JSON vocabulary")."""
-    if when.tzinfo is None:  # SQLite hands back naive UTC datetimes
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_rfc3339(text: object, *, what: str = "time stamp") -> datetime:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -22,7 +22,7 @@ from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.errors import Conflict, InvalidInput, NotFound, Unauthenticated
-from waymark.model import names, policy
+from waymark.model import names, policy, timing
 from waymark.model.timing import rfc3339
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.access import quotas
@@ -202,11 +202,11 @@ def by_token(ctx: Context, token: str) -> policy.Principal:
             raise Unauthenticated("the API token is not valid (revoked, or mistyped).",
                                   hint="Create a new one: waymark token create NAME")
         moment = now()
-        if row.expires_at is not None and _aware(row.expires_at) <= moment:
+        if row.expires_at is not None and timing.utc(row.expires_at) <= moment:
             raise Unauthenticated("the API token has expired.",
                                   hint="Create a new one: waymark token create NAME "
                                        "--expires-in 90d")
-        if row.last_used_at is None or moment - _aware(row.last_used_at) > LAST_USED_EVERY:
+        if row.last_used_at is None or moment - timing.utc(row.last_used_at) > LAST_USED_EVERY:
             row.last_used_at = moment  # (not a durable write on every request)
         return principal(session, session.get_one(User, row.user_id))
 
@@ -269,7 +269,7 @@ def by_session(ctx: Context, cookie: str) -> tuple[policy.Principal, str]:
     """(the signed-in user, the CSRF token their writes must carry)."""
     with ctx.catalog.session() as session:
         row = session.get(WebSession, secrets.digest(cookie))
-        if row is None or _aware(row.expires_at) < now():
+        if row is None or timing.utc(row.expires_at) < now():
             raise Unauthenticated("not signed in (the session ended or was signed out).",
                                   hint="Sign in again.")
         return principal(session, session.get_one(User, row.user_id)), row.csrf_token
@@ -280,6 +280,3 @@ def logout(ctx: Context, cookie: str) -> None:
         session.execute(delete(WebSession).where(
             WebSession.id_sha256 == secrets.digest(cookie)))
 
-
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=UTC)

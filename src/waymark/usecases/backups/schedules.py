@@ -135,12 +135,9 @@ def run_due(ctx: Context, report: backups.Report = None) -> list[dict[str, Any]]
     moment = datetime.now(UTC)
     with ctx.catalog.session() as session:
         due = [(r.name, r.next_due_at) for r in session.scalars(select(Schedule))
-               if _aware(r.next_due_at) <= moment]
+               if timing.utc(r.next_due_at) <= moment]
     return [_run_one(ctx, name, when, report) for name, when in due if _claim(ctx, name, when)]
 
-
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=UTC)  # SQLite keeps naive UTC
 
 
 def _run_one(ctx: Context, name: str, due: datetime, report: backups.Report) -> dict[str, Any]:

@@ -65,7 +65,7 @@ from waymark.external.library_share import (
     Library,
     claim_text,
 )
-from waymark.model import names
+from waymark.model import names, timing
 from waymark.model.hardware import HardwareConfig
 from waymark.model.timing import rfc3339
 from waymark.usecases.views import checkpoint_tree
@@ -508,7 +508,7 @@ def _parents_first(checkpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _when(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return timing.parse_rfc3339(text)  # checked with the manifest's shape before the deploy
 
 
 # --- list -------------------------------------------------------------------------------------
