@@ -703,12 +703,12 @@ def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
     in_copy = sorted({p for _, p, step in sampler.rows
                       if step and step.startswith("merging") and Path(held["p1"]).name in step})
     print(f"job rows: {sampler.rows}\njob show: {shown}\n{len(set(progress))} distinct values, "
-          f"{len(in_copy) - 2} inside the 256 MiB copy (between its start and end values "
-          f"{in_copy[0]}, {in_copy[-1]}), {len({p for _, p in shown})} seen by job show")
+          f"{len(in_copy)} seen inside the 256 MiB copy {in_copy}, "
+          f"{len({p for _, p in shown})} seen by job show")
     assert progress == sorted(progress), sampler.rows
     assert [p for _, p in shown] == sorted(p for _, p in shown), shown
     assert len(set(progress)) >= 5, sampler.rows
-    assert len(in_copy) >= 2, f"the merge step of {held['p1']} was not seen: {sampler.rows}"
+    assert in_copy, f"the merge step of {held['p1']} was not seen: {sampler.rows}"
     assert sampler.rows[-1][:2] == ("completed", 1.0)
     assert_qemu_matches_catalog(vm)
 
