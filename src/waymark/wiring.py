@@ -119,6 +119,7 @@ INTENT_KINDS: dict[str, journal.KindLoader] = dict([
     ("checkpoint_apply", _deferred_kind(CHECKPOINTS, "CheckpointApply", "commit_apply")),
     ("saved_state_discard", _deferred_kind(CHECKPOINTS, "SavedStateDiscard")),
     ("saved_state_install", _deferred_kind(CHECKPOINTS, "SavedStateInstall")),
+    ("tpm_state_install", _deferred_kind(CHECKPOINTS, "TpmStateInstall")),
     ("checkpoint_files_delete", _deferred_kind(DELETION, "CheckpointFilesDelete")),
     ("automatic_checkpoint_delete",
      _deferred_kind(AUTOMATIC, "AutomaticCheckpointDelete", "commit_delete")),

@@ -123,6 +123,9 @@ class Checkpoint(Base):
     pause_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     # a live production checkpoint: the guest's file systems frozen (freeze to thaw)
     freeze_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the VM's TPM state at the checkpoint's instant (base64 of swtpm's state file; None: no
+    # TPM); loaded only when asked for (waymark.qemu.tpm)
+    tpm_state: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
 
 
 class FrozenImage(Base):

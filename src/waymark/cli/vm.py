@@ -11,7 +11,7 @@ from waymark.cli import power
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.hardware import CHECKPOINT_TYPES, FIRMWARE_KINDS
 from waymark.model.units import human, parse_size
 from waymark.usecases import views
 from waymark.usecases.library import store_deploy as library
@@ -55,12 +55,18 @@ def vm() -> None:
 @click.option("--nic", "nics", multiple=True, metavar="user[,hostfwd=R]|bridge=BR|none",
               help="A virtio NIC (default: one user-mode NIC). Repeatable. BR: a Linux "
                    "interface name (1-15 of A-Za-z0-9_.-); R: [tcp|udp]:[ADDR]:PORT-[ADDR]:PORT.")
+@click.option("--firmware", type=click.Choice(FIRMWARE_KINDS), default="bios",
+              show_default=True, help="uefi: OVMF with the VM's own variable store (Hyper-V's "
+              "Generation 2); uefi-secure: with Secure Boot and Microsoft's keys.")
+@click.option("--tpm", type=click.Choice(["on", "off"]), default="off", show_default=True,
+              help="A TPM 2.0 whose state the VM owns (BitLocker, Windows 11).")
 @json_option
 def create(name: str, template: str | None, profile: str | None, full_copy: bool,
            memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,
            initrd: str | None, append: str | None, checkpoint_type: str | None,
            checkpoint_dir: str | None, max_checkpoints: int | None,
-           automatic_checkpoints: str | None, nics: tuple[str, ...], as_json: bool) -> None:
+           automatic_checkpoints: str | None, nics: tuple[str, ...], firmware: str, tpm: str,
+           as_json: bool) -> None:
     """Define a new VM (it is off). Each setting comes from its option, else the hardware
     profile, else the template, else the default; `vm show` says which."""
     if full_copy and template is None:
@@ -75,7 +81,8 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
                 else automatic_checkpoints == "on"}
     vm_id = templates.new_vm(ctx, name, explicit=explicit, template=template, profile=profile,
                              disks=specs, full_copy=full_copy, kernel=kernel, initrd=initrd,
-                             append=append, checkpoint_dir=checkpoint_dir, nics=nic_list)
+                             append=append, checkpoint_dir=checkpoint_dir, nics=nic_list,
+                             platform=vms.Platform(firmware=firmware, tpm=tpm == "on"))
     shown = views.vm_show(ctx, vm_id)
     source = f" from template {template}" if template else ""
     emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}){source} with "

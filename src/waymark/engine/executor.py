@@ -10,7 +10,9 @@ Dispatch is by the step's class through a table: the steps this module runs itse
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from waymark.engine import steps
 from waymark.errors import StorageError, UnknownKind
 from waymark.external import shares
 from waymark.images import qemu_img
-from waymark.qemu import bitmaps
+from waymark.qemu import bitmaps, tpm
 
 Step = steps.Step
 # A step's runner: the step (of the class it is registered for), the progress callback
@@ -89,6 +91,15 @@ def _claim_file(step: steps.ClaimFile, on_progress: qemu_img.Progress) -> None:
     Path(step.path).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _make_tpm(step: steps.MakeTpm, on_progress: qemu_img.Progress) -> None:
+    if not tpm.state_file(Path(step.path)).is_file():
+        tpm.manufacture(Path(step.path))
+
+
+def _write_tpm_state(step: steps.WriteTpmState, on_progress: qemu_img.Progress) -> None:
+    tpm.write_state(Path(step.path), base64.b64decode(step.state))
+
+
 def _write_file(step: steps.WriteFile, on_progress: qemu_img.Progress) -> None:
     path = Path(step.path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,13 +164,17 @@ BUILT_IN: dict[type[steps.StepBase], StepFn] = {
     steps.WriteFile: _write_file, steps.Convert: _convert, steps.CopyFile: _copy_file,
     steps.WriteManifest: _write_manifest, steps.DeleteFile: _delete_file,
     steps.PruneDirs: _prune_dirs, steps.Commit: _commit, steps.Rebase: _rebase,
-    steps.CarryBitmaps: _carry_bitmaps}
+    steps.CarryBitmaps: _carry_bitmaps, steps.MakeTpm: _make_tpm,
+    steps.WriteTpmState: _write_tpm_state}
 
 
 def undo(step: Step) -> None:
     """Remove what an undoable step made (it may have been only half made)."""
     if isinstance(step, steps.MakeDir):
         _prune_empty(Path(step.path))
+    elif isinstance(step, steps.MakeTpm):
+        for folder in (Path(step.path), Path(step.path + ".new")):
+            shutil.rmtree(folder, ignore_errors=True)
     elif isinstance(step, steps.NewFile):
         durable.remove(Path(step.path))
         durable.remove(durable.temp_path(Path(step.path)))

@@ -88,6 +88,19 @@ class CreateImage(NewFile, frozen=True, kw_only=True, tag="create_image"):
     bitmaps_from: str | None = None
 
 
+class MakeTpm(NewFile, frozen=True, kw_only=True, tag="make_tpm"):
+    """A new VM's TPM, manufactured into the folder ``path`` (undo: remove the folder)."""
+
+
+class WriteTpmState(StepBase, frozen=True, kw_only=True, tag="write_tpm_state"):
+    """Now's TPM state in the folder ``path`` replaced by ``state`` (base64; a checkpoint's,
+    on apply). Redone whole after a crash."""
+
+    files: ClassVar[tuple[str, ...]] = ("path",)
+    path: str
+    state: str
+
+
 class ClaimFile(NewFile, frozen=True, kw_only=True, tag="claim_file"):
     """Nothing yet: a file the operation's live part writes (QEMU's memory state), removed with
     its temporary file on undo."""
@@ -233,7 +246,7 @@ class QmpRelease(LiveStep, frozen=True, kw_only=True, tag="qmp_release"):
 
 
 Step = (MakeDir | CreateImage | ClaimFile | WriteFile | Convert | CopyFile | WriteManifest
-        | DeleteFile | PruneDirs | Commit | Rebase | CarryBitmaps
+        | DeleteFile | PruneDirs | Commit | Rebase | CarryBitmaps | MakeTpm | WriteTpmState
         | QmpCommit | QmpStream | QmpRelink | QmpRelease)
 ABANDONABLE = (MergeStep, LiveMergeStep)  # the classes with ``abandonable``
 

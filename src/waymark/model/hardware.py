@@ -20,6 +20,10 @@ CPU_MODEL = "qemu64"
 
 CHECKPOINT_TYPES = ("disabled", "production", "productiononly", "standard")
 
+# bios: SeaBIOS. uefi: OVMF with its own variable store. uefi-secure: OVMF with Secure Boot on
+# and Microsoft's keys enrolled (what a Hyper-V Generation 2 VM has). (waymark.qemu.firmware)
+FIRMWARE_KINDS = ("bios", "uefi", "uefi-secure")
+
 # What a configuration may hold, whoever wrote it (the CLI, or a bundle, backup point or library
 # share from storage others may write): these strings reach QEMU's command line.
 NIC_KINDS = ("user", "bridge")
@@ -97,6 +101,12 @@ class HardwareConfig:
     append: str | None = None
     disks: list[str] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
+    firmware: str = "bios"
+    # the disk (one of ``disks``) that holds a UEFI VM's variable store: a small image with its
+    # own chain, captured, applied, merged, backed up and carried exactly as a disk is; the
+    # guest sees it as the second flash chip, never as a disk (docs/firmware.md)
+    nvram: str | None = None
+    tpm: bool = False  # a TPM 2.0 (swtpm), its state owned by the VM (docs/firmware.md)
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> HardwareConfig:
@@ -142,6 +152,34 @@ class HardwareConfig:
                        "Use a configuration Waymark wrote.")
         for nic in self.nics:
             nic.check()
+        self._check_firmware()
+
+    def _check_firmware(self) -> None:
+        if self.firmware not in FIRMWARE_KINDS:
+            raise _bad(f"the firmware {self.firmware!r} is unknown",
+                       f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
+        if (self.firmware == "bios") != (self.nvram is None) or (
+                self.nvram is not None and self.nvram not in self.disks):
+            raise _bad("the UEFI variable store and the firmware disagree",
+                       "Use a configuration Waymark wrote.")
+        if type(self.tpm) is not bool:
+            raise _bad(f"the TPM setting {self.tpm!r} is not on or off",
+                       "Use a configuration Waymark wrote.")
+
+    @property
+    def uefi(self) -> bool:
+        return self.firmware != "bios"
+
+    @property
+    def guest_disks(self) -> list[str]:
+        """The disks the guest sees as disks, in bus order (not the UEFI variable store)."""
+        return [d for d in self.disks if d != self.nvram]
+
+    def rekeyed(self, keys: dict[str, str]) -> None:
+        """Disk ids renamed by ``keys`` (a copy's new disks); disks without a key are gone."""
+        self.disks = [keys[d] for d in self.disks if d in keys]
+        if self.nvram is not None:
+            self.nvram = keys.get(self.nvram)
 
     def dump(self) -> dict[str, Any]:
         return asdict(self)

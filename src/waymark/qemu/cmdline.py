@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from waymark.model.hardware import HardwareConfig, Nic
+from waymark.qemu import firmware
 
 AGENT_PORT = "org.qemu.guest_agent.0"
 # QEMU's seccomp sandbox (waymark.qemu.confine): the strictest that keeps every feature working
@@ -128,6 +129,8 @@ class Launch:
     # listening sockets (by path) and bridge NICs' tap devices (by NIC number) handed over open
     sockets: Mapping[str, int] = field(default_factory=dict)
     taps: Mapping[int, int] = field(default_factory=dict)
+    # one end of a socket pair whose other end is the VM's swtpm (waymark.qemu.tpm)
+    tpm: int | None = None
 
 
 def blockdevs(chain: DiskChain, files: Mapping[str, str] | None = None) -> list[str]:
@@ -165,6 +168,35 @@ def _disk_device(chain: DiskChain) -> list[str]:
                        f"serial={chain.disk_id[:20]}"]
 
 
+FIRMWARE_NODE = "fwcode"
+
+
+def _firmware(launch: Launch) -> tuple[list[str], list[str]]:
+    """A UEFI VM's ``-machine`` sub-options and arguments: the host's firmware code read-only
+    in the first flash chip, the VM's variable store (its own chain) in the second."""
+    hw = launch.hardware
+    if not hw.uefi:
+        return [], []
+    store = next(chain for chain in launch.disks if chain.disk_id == hw.nvram)
+    code = str(firmware.BUILDS[hw.firmware].code)
+    node = {"driver": "raw", "node-name": FIRMWARE_NODE, "read-only": True,
+            "file": {"driver": "file", "filename": launch.files.get(code, code),
+                     "read-only": True}}
+    options = firmware.machine_options(hw.firmware, FIRMWARE_NODE,
+                                       node_name(store.layers[0].image_id))
+    return options, ["-blockdev", json.dumps(node), *blockdevs(store, launch.files),
+                     *firmware.global_options(hw.firmware)]
+
+
+def _tpm(launch: Launch) -> list[str]:
+    """A TPM 2.0 (CRB interface, what Windows and Linux expect on q35) backed by the VM's swtpm
+    over the socket handed over open."""
+    if launch.tpm is None:
+        return []
+    return ["-chardev", f"socket,id=tpm0c,fd={launch.tpm}",
+            "-tpmdev", "emulator,id=tpm0,chardev=tpm0c", "-device", "tpm-crb,tpmdev=tpm0"]
+
+
 def _nic(number: int, nic: Nic, tap: int | None) -> list[str]:
     if nic.kind == "bridge" and tap is not None:
         netdev = f"tap,id=net{number},fd={tap}"
@@ -187,8 +219,10 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
     it in a session of its own (:func:`waymark.process.spawn`)."""
     hw, run, files = launch.hardware, launch.run, launch.files
     log = files.get(str(run.serial_log), str(run.serial_log))
+    flash, firmware_args = _firmware(launch)
+    machine = ",".join([hw.machine, f"accel={launch.accelerator}", *flash])
     args = [qemu, "-name", f"guest={escaped(launch.name)},debug-threads=on", "-uuid", launch.uuid,
-            "-machine", f"{hw.machine},accel={launch.accelerator}", "-cpu", hw.cpu_model,
+            "-machine", machine, "-cpu", hw.cpu_model,
             "-m", f"{hw.memory_mib}M", "-smp", str(hw.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-shutdown",
             "-sandbox", SANDBOX,
@@ -206,8 +240,10 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
         args += ["-initrd", files.get(hw.initrd, hw.initrd)]
     if hw.append:
         args += ["-append", hw.append]
+    args += firmware_args + _tpm(launch)
     for chain in launch.disks:
-        args += blockdevs(chain, files) + _disk_device(chain)
+        if chain.disk_id != hw.nvram:
+            args += blockdevs(chain, files) + _disk_device(chain)
     for number, nic in enumerate(hw.nics):
         args += _nic(number, nic, launch.taps.get(number))
     if launch.incoming:

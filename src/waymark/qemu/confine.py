@@ -44,7 +44,7 @@ from pathlib import Path
 from waymark import process
 from waymark.errors import InvalidInput, StorageError, ToolError
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import cmdline, qmp, sockets
+from waymark.qemu import cmdline, firmware, qmp, sockets
 
 DEFAULT_USER = "waymark-qemu"
 START_TIMEOUT = 60.0
@@ -182,6 +182,8 @@ def handoff(owner: Identity | None, run: cmdline.RunFiles, hardware: HardwareCon
                 given.image(chain.passthrough, writable=True)
             for layer in chain.layers:
                 given.image(layer.path, writable=not layer.pinned)
+        if hardware.uefi:  # the host's firmware code, never written
+            given.image(str(firmware.BUILDS[hardware.firmware].code), writable=False)
         for boot in (hardware.kernel, hardware.initrd):
             if boot:
                 given.boot_file(boot)
@@ -197,13 +199,15 @@ def handoff(owner: Identity | None, run: cmdline.RunFiles, hardware: HardwareCon
     return given
 
 
-def spawn(argv: list[str], handoff: Handoff, errors: Path, what: str
-          ) -> subprocess.Popen[bytes]:
-    """Start QEMU as ``handoff.owner`` with the handed-over descriptors; its stderr goes to
-    ``errors``. It outlives Waymark (a session of its own)."""
+def spawn(argv: list[str], handoff: Handoff, errors: Path, what: str,
+          more_fds: int | None = None) -> subprocess.Popen[bytes]:
+    """Start QEMU as ``handoff.owner`` with the handed-over descriptors (and ``more_fds``: its
+    end of the TPM's socket); its stderr goes to ``errors``. It outlives Waymark (a session of
+    its own)."""
     owner = handoff.owner
+    fds = [*handoff.fds, *([] if more_fds is None else [more_fds])]
     with open(errors, "ab") as stderr:
-        return process.spawn(argv, what=what, pass_fds=handoff.fds, stderr=stderr,
+        return process.spawn(argv, what=what, pass_fds=fds, stderr=stderr,
                              user=owner.uid if owner else None,
                              group=owner.gid if owner else None,
                              extra_groups=list(owner.groups) if owner else None)

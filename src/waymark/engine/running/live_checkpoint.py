@@ -38,6 +38,7 @@ resumes reuses it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
@@ -54,7 +55,7 @@ from waymark.errors import Conflict, ToolError, WaymarkError
 from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
-from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp
+from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, tpm
 
 MIGRATION_TIMEOUT = 600.0
 STREAM_END_TIMEOUT = 60.0
@@ -96,13 +97,16 @@ class Switch:
 
 
 def plan(run: cmdline.RunFiles, vm_name: str, state: str, frozen: list[dict[str, Any]],
-         overlays: list[dict[str, Any]], memory: Path) -> dict[str, Any]:
-    """The live part of a checkpoint's intent parameters."""
+         overlays: list[dict[str, Any]], memory: Path, tpm_folder: Path | None
+         ) -> dict[str, Any]:
+    """The live part of a checkpoint's intent parameters (``tpm_folder``: where the VM's TPM
+    keeps Now's state, when it has one)."""
     switches = [Switch(cmdline.node_name(f["image_id"]), cmdline.node_name(o["id"]),
                        cmdline.file_node_name(o["id"]), o["path"])
                 for f, o in zip(frozen, overlays, strict=True)]
     return {"run": str(run.folder), "name": vm_name, "paused": state == "paused",
-            "switch": [asdict(s) for s in switches], "memory": str(memory), "route": None}
+            "switch": [asdict(s) for s in switches], "memory": str(memory), "route": None,
+            "tpm": None if tpm_folder is None else str(tpm_folder)}
 
 
 def _switches(live: dict[str, Any]) -> list[Switch]:
@@ -158,7 +162,7 @@ async def _production(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFile
     switched = False
     try:
         async with guard.frozen(run.agent, live["name"]) as held:
-            await _switch(machine, live)
+            await _switch_with_tpm(intent, machine)
             switched = True
             failpoint("frozen-switched")
     except guard.FreezeFailed as err:
@@ -179,6 +183,7 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
     pause = None
     if _reuses_paused_state(live, run):  # memory unchanged since that migration
         durable.link_or_copy(run.paused_state, memory)
+        _keep_tpm_state(intent)
         # bitmaps of tops QEMU opened since that migration (active) follow in the transaction;
         # those of inactive tops were copied from their files before the overlays were opened
         await _switch(machine, live)
@@ -186,6 +191,7 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
         tracked = await bitmaps.on_nodes(machine)
         stopped = await _migrate(machine, memory, live["name"])
         failpoint("migrated")
+        _keep_tpm_state(intent)  # the guest is stopped: the stream's TPM state is this one
         await _switch(machine, live, carry=False)
         await _carry_inactive(machine, live, tracked)
         failpoint("switched")
@@ -210,6 +216,32 @@ async def _switch(machine: qmp.Qmp, live: dict[str, Any], carry: bool = True) ->
         for s in switches:
             actions += bitmaps.onto_overlay(tracked, s.top, s.overlay)
     await machine.command("transaction", actions=actions)
+
+
+async def _switch_with_tpm(intent: LiveIntent[CheckpointCreate], machine: qmp.Qmp) -> None:
+    """:func:`_switch`, and for a VM with a TPM its state copied at the same instant: the
+    guest's CPUs stop around both (a few milliseconds), so no TPM command completes between the
+    copy and the disks' switch."""
+    live = _live(intent.params)
+    if live.get("tpm") is None:
+        await _switch(machine, live)
+        return
+    await machine.command("stop")
+    try:
+        _keep_tpm_state(intent)
+        await _switch(machine, live)
+    finally:
+        await machine.command("cont")
+
+
+def _keep_tpm_state(intent: LiveIntent[CheckpointCreate]) -> None:
+    """Now's TPM state into the checkpoint's record, made durable before the disks switch (a
+    checkpoint recovery commits always has its TPM state); the guest is stopped."""
+    live = _live(intent.params)
+    if live.get("tpm") is not None:
+        state = tpm.read_state(Path(live["tpm"]))
+        intent.params.checkpoint["tpm_state"] = base64.b64encode(state).decode()
+        intent.save()
 
 
 def _reuses_paused_state(live: dict[str, Any], run: cmdline.RunFiles) -> bool:

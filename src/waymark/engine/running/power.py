@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkErr
 from waymark.guest import agent
 from waymark.images import qemu_img
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import accel, cmdline, confine, qmp
+from waymark.qemu import accel, cmdline, confine, firmware, qmp, tpm
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
@@ -120,18 +120,38 @@ def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incomi
     durable.remove(run.last_exit)
     owner = confine.identity(ctx.settings.qemu_user)
     chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
+    if hardware.uefi:
+        firmware.build(hardware.firmware)  # installed, or a clear error
     with open(run.serial_log, "ab") as log:
         log.write(f"\n--- waymark: starting {name} ({chosen}) ---\n".encode())
     given = confine.handoff(owner, run, hardware, chains)
     try:
-        launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run, chosen,
-                                incoming=incoming, extra=tuple(given.args), files=given.files,
-                                sockets=given.sockets, taps=given.taps)
-        daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
-                               what=f"starting VM {name!r}")
+        with _tpm(ctx, vm_id, hardware, owner) as tpm_end:
+            launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run,
+                                    chosen, incoming=incoming, extra=tuple(given.args),
+                                    files=given.files, sockets=given.sockets, taps=given.taps,
+                                    tpm=tpm_end)
+            daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
+                                   what=f"starting VM {name!r}", more_fds=tpm_end)
     finally:
         given.close()  # QEMU holds its own copies now
     return run, daemon, chosen
+
+
+def tpm_folder(ctx: Context, vm_id: str) -> Path:
+    """Where Now's TPM state lives (:mod:`waymark.qemu.tpm`)."""
+    return ctx.vm_folder(vm_id) / "tpm"
+
+
+@contextlib.contextmanager
+def _tpm(ctx: Context, vm_id: str, hardware: HardwareConfig, owner: confine.Identity | None
+         ) -> Iterator[int | None]:
+    """The VM's swtpm started (when it has a TPM): QEMU's end of their socket, or None."""
+    if not hardware.tpm:
+        yield None
+        return
+    with tpm.started(tpm_folder(ctx, vm_id), (owner.uid, owner.gid) if owner else None) as end:
+        yield end
 
 
 @contextlib.asynccontextmanager
@@ -144,7 +164,7 @@ async def _launched(ctx: Context, vm_id: str, name: str, hardware: HardwareConfi
         try:
             machine = await stack.enter_async_context(qmp.greeted(
                 daemon, run.qmp, name, timeout=confine.START_TIMEOUT,
-                exited=lambda: confine.exited(name, run.errors)))
+                exited=lambda: _exited(ctx, vm_id, name, hardware, run)))
         except WaymarkError:
             if daemon.poll() is None:
                 daemon.kill()
@@ -154,6 +174,15 @@ async def _launched(ctx: Context, vm_id: str, name: str, hardware: HardwareConfi
         durable.write_bytes(run.runtime, json.dumps(
             {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
         yield run, machine
+
+
+def _exited(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
+            run: cmdline.RunFiles) -> WaymarkError:
+    """Why QEMU exited before it greeted: a TPM state swtpm cannot load, or QEMU's last words."""
+    error = confine.exited(name, run.errors)
+    if hardware.tpm:
+        return tpm.damaged(tpm_folder(ctx, vm_id), error.message) or error
+    return error
 
 
 async def _kill(run: cmdline.RunFiles, label: str) -> None:

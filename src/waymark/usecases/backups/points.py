@@ -507,7 +507,7 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
         copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"],
                            confined_to=repo.root)
                   for d in point["disks"]]
-        hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
+        hardware.rekeyed({c.key: c.key for c in copies})
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
                                       _progress(report, "restoring"), owner_id=owner_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
 from collections.abc import Sequence
@@ -26,11 +27,12 @@ from waymark.engine.steps import (
     DeleteFile,
     Step,
     WriteFile,
+    WriteTpmState,
 )
 from waymark.errors import Conflict, LimitReached
 from waymark.model import names, tree
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import qmp
+from waymark.qemu import qmp, tpm
 from waymark.usecases.access import quotas
 from waymark.usecases.vms.definitions import new_id
 
@@ -122,7 +124,11 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
         memory = Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.state"
         steps.append(ClaimFile(path=str(memory)))
         live = live_checkpoint.plan(presence.run_files(ctx, vm_row.id), vm_row.name, state,
-                                    frozen, overlays, memory)
+                                    frozen, overlays, memory,
+                                    power.tpm_folder(ctx, vm_row.id) if hardware.tpm else None)
+    elif hardware.tpm:  # off or saved: the state swtpm left is the checkpoint's
+        record["tpm_state"] = base64.b64encode(
+            tpm.read_state(power.tpm_folder(ctx, vm_row.id))).decode()
     description = {"checkpoint": checkpoint_id, "vm": vm_row.id, "vm_name": vm_row.name,
                    "configuration": hardware.dump(), "frozen_images": frozen}
     steps.append(WriteFile(path=str(Path(vm_row.checkpoint_dir) / f"{checkpoint_id}.json"),
@@ -272,6 +278,7 @@ class CheckpointApply(Params, frozen=True, kw_only=True):
     state: str
     discard: Sequence[str] = ()
     install: Sequence[Step] = ()
+    tpm: WriteTpmState | None = None
 
 
 class SavedStateDiscard(Params, frozen=True, kw_only=True):
@@ -280,6 +287,12 @@ class SavedStateDiscard(Params, frozen=True, kw_only=True):
 
 class SavedStateInstall(Params, frozen=True, kw_only=True):
     kind: ClassVar[str] = "saved_state_install"
+
+
+class TpmStateInstall(Params, frozen=True, kw_only=True):
+    """Now's TPM state made the applied checkpoint's (its one step, redone after a crash)."""
+
+    kind: ClassVar[str] = "tpm_state_install"
 
 
 def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
@@ -308,7 +321,10 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
         if vm_row.state == "saved" and not target.memory_path else []
     params = CheckpointApply(vm=vm_id, checkpoint=target_id, config=target.config,
                              overlays=overlays, kept=kept, state=result.state, discard=discard,
-                             install=_install_memory(saved, target))
+                             install=_install_memory(saved, target),
+                             tpm=None if target.tpm_state is None else WriteTpmState(
+                                 path=str(power.tpm_folder(ctx, vm_id)),
+                                 state=target.tpm_state))
     return params, steps, result
 
 
@@ -325,6 +341,8 @@ def commit_apply(session: Session, params: CheckpointApply) -> None:
                     [DeleteFile(path=path) for path in params.discard])
     if params.install:
         journal.add(session, params.vm, SavedStateInstall(), params.install)
+    if params.tpm is not None:
+        journal.add(session, params.vm, TpmStateInstall(), [params.tpm])
     compaction.mark(session, params.vm)
 
 

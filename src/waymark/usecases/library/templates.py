@@ -197,21 +197,23 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            full_copy: bool = False, kernel: str | None = None, initrd: str | None = None,
            append: str | None = None, checkpoint_dir: str | None = None,
            nics: list[Nic] | None = None, owner_id: str | None = None,
-           visible: lookup.Visible = lookup.everything) -> str:
+           visible: lookup.Visible = lookup.everything,
+           platform: vms.Platform = vms.GENERATION_1) -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
-    ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`)."""
+    ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`);
+    ``platform``: its firmware and TPM."""
     with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
                        {"kernel": kernel, "initrd": initrd, "append": append},
-                       checkpoint_dir, nics, (owner_id, visible))
+                       checkpoint_dir, nics, (owner_id, visible), platform)
 
 
 def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | None,
             profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
             given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
-            owner: tuple[str | None, lookup.Visible]) -> str:
+            owner: tuple[str | None, lookup.Visible], platform: vms.Platform) -> str:
     explicit = profiles.checked(explicit)
     with ctx.catalog.session() as session:
         chosen = get(session, template) if template is not None else None
@@ -229,7 +231,7 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
                       checkpoint_type=values["checkpoint_type"],
                       checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
                       automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
-                      origin=origin, owner_id=owner[0], visible=owner[1])
+                      origin=origin, owner_id=owner[0], visible=owner[1], platform=platform)
 
 
 def _layers(session: Any, profile: str | None, template: Template | None

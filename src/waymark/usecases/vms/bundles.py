@@ -83,7 +83,7 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
         if row.memory_path:
             shutil.copyfile(row.memory_path, dest / "memory.state")
             durable.fsync_file(dest / "memory.state")
-        hardware.disks = [keys[d] for d in hardware.disks if d in keys]
+        hardware.rekeyed(keys)
         durable.write_bytes(dest / "configuration.json",
                             json.dumps(hardware.dump(), indent=2).encode())
         manifest = {

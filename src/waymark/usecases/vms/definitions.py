@@ -31,14 +31,29 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
 from waymark.engine.running import power, presence
-from waymark.engine.steps import Convert, CreateImage, DeleteFile, MakeDir, PruneDirs, Step
+from waymark.engine.steps import (
+    Convert,
+    CreateImage,
+    DeleteFile,
+    MakeDir,
+    MakeTpm,
+    PruneDirs,
+    Step,
+)
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
 from waymark.external import shares
 from waymark.images import qemu_img
 from waymark.model import names
-from waymark.model.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
+from waymark.model.hardware import (
+    CHECKPOINT_TYPES,
+    FIRMWARE_KINDS,
+    BootRule,
+    HardwareConfig,
+    Nic,
+)
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
+from waymark.qemu import firmware
 from waymark.usecases.access import quotas
 
 DEFAULT_MAX_CHECKPOINTS = 50
@@ -95,6 +110,18 @@ class DiskSpec:
         if not path:
             raise InvalidInput("a --disk is empty.", hint="Give a size (10G) or a file path.")
         return cls(path=Path(path).expanduser().absolute(), passthrough=passthrough)
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A new VM's firmware (:data:`waymark.model.hardware.FIRMWARE_KINDS`) and whether it has a
+    TPM: Hyper-V's generation and security settings."""
+
+    firmware: str = "bios"
+    tpm: bool = False
+
+
+GENERATION_1 = Platform()  # BIOS, no TPM: what a VM has unless asked otherwise
 
 
 def new_mac() -> str:
@@ -269,7 +296,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
            checkpoint_type: str = "production", checkpoint_dir: str | None = None,
            max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None,
            automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None,
-           owner_id: str | None = None, visible: lookup.Visible = lookup.everything) -> str:
+           owner_id: str | None = None, visible: lookup.Visible = lookup.everything,
+           platform: Platform = GENERATION_1) -> str:
     """Define a VM (it is off); returns its id. ``origin``: where its settings came from
     (:func:`waymark.usecases.library.templates.new_vm`); ``owner_id``: the user it belongs to, who
     may see
@@ -281,18 +309,24 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     hardware = HardwareConfig(memory_mib=check_memory(memory), cpus=cpus,
                               kernel=check_boot_file(kernel, "--kernel"),
                               initrd=check_boot_file(initrd, "--initrd"), append=append,
-                              nics=[Nic(mac=new_mac())] if nics is None else nics)
+                              nics=[Nic(mac=new_mac())] if nics is None else nics,
+                              firmware=platform.firmware, tpm=platform.tpm)
+    store = _variable_store(hardware)
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
     steps: list[Step] = []
     with ctx.catalog.session() as session:
         refuse_taken(session, name, owner_id, visible)
-        for spec in disks:
+        for spec in [*disks, *([store] if store else [])]:
             disk, images, disk_steps = plan_disk(ctx, session, vm_id, spec)
             disk_rows.append(disk)
             image_rows += images
             steps += disk_steps
     hardware.disks = [d["id"] for d in disk_rows]
+    if store is not None:
+        hardware.nvram = hardware.disks[-1]
+    if platform.tpm:
+        steps.append(MakeTpm(path=str(power.tpm_folder(ctx, vm_id))))
     hardware.check(given_by_admin)
     folder = checkpoint_dir or str(ctx.vm_folder(vm_id) / "checkpoints")
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
@@ -305,6 +339,17 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
             ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disk_rows, images=image_rows), steps)
     return vm_id
+
+
+def _variable_store(hardware: HardwareConfig) -> DiskSpec | None:
+    """A UEFI VM's own variable store: a copy of the firmware's template (ToolMissing when the
+    firmware is not installed), or None for BIOS."""
+    if hardware.firmware not in FIRMWARE_KINDS:
+        raise InvalidInput(f"the firmware {hardware.firmware!r} is unknown.",
+                           hint=f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
+    if not hardware.uefi:
+        return None
+    return DiskSpec(path=firmware.build(hardware.firmware).variables, copy=True)
 
 
 def refuse_taken(session: Session, name: str, owner_id: str | None,
@@ -572,7 +617,7 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
                              else str(copy.confined_to)))
     if set(hardware.disks) != set(keys):
         raise ImageError("the source's configuration and its disks disagree.")
-    hardware.disks = [keys[k] for k in hardware.disks]
+    hardware.rekeyed(keys)
     for nic in hardware.nics:  # a clone is a new machine on the network
         nic.mac = new_mac()
     with ctx.catalog.session() as session:
