@@ -226,6 +226,8 @@ class Vm(Body):
     initrd: str | None = Field(default=None, description=HOST_PATH)
     append: str | None
     nics: list[Nic]
+    firmware: str = Field(description="bios | uefi | uefi-secure")
+    tpm: bool = Field(description="A TPM 2.0 whose state the VM owns")
     checkpoint_type: str
     checkpoint_dir: str | None = Field(default=None, description=HOST_PATH)
     max_checkpoints: int | None
@@ -239,6 +241,8 @@ class Vm(Body):
     checkpoint_count: int
     checkpoint_space_bytes: int
     disks: list[VmDisk]
+    firmware_variables: VmDisk | None = Field(
+        description="A UEFI VM's variable store: captured by checkpoints as its disks are")
     detached_disks: list[VmDisk]
 
 

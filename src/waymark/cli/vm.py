@@ -120,6 +120,7 @@ def show(vm_ref: str, as_json: bool) -> None:
     lines = [f"VM {data['name']}  ({data['id']})", f"  state: {data['state']}",
              f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
              f"machine: {data['machine']}",
+             f"  firmware: {data['firmware']}   TPM: {'on' if data['tpm'] else 'off'}",
              f"  checkpoint type: {data['checkpoint_type']}{_from(data, 'checkpoint_type')}"
              f"   limit: {data['max_checkpoints']}"
              f"   automatic: {'on' if data['automatic_checkpoints'] else 'off'}"
@@ -131,6 +132,9 @@ def show(vm_ref: str, as_json: bool) -> None:
                      f"append: {data['append']}")
     lines.append("disks:")
     lines += [_disk_line(d) for d in data["disks"]] or ["  (none)"]
+    if data["firmware_variables"]:
+        lines += ["UEFI variable store (captured with the disks):",
+                  _disk_line(data["firmware_variables"])]
     if data["detached_disks"]:
         lines.append("detached disks (files kept):")
         lines += [_disk_line(d) for d in data["detached_disks"]]

@@ -92,7 +92,9 @@ def _claim_file(step: steps.ClaimFile, on_progress: qemu_img.Progress) -> None:
 
 
 def _make_tpm(step: steps.MakeTpm, on_progress: qemu_img.Progress) -> None:
-    if not tpm.state_file(Path(step.path)).is_file():
+    if step.state is not None:
+        tpm.write_state(Path(step.path), base64.b64decode(step.state))
+    elif not tpm.state_file(Path(step.path)).is_file():
         tpm.manufacture(Path(step.path))
 
 

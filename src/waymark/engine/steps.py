@@ -89,7 +89,10 @@ class CreateImage(NewFile, frozen=True, kw_only=True, tag="create_image"):
 
 
 class MakeTpm(NewFile, frozen=True, kw_only=True, tag="make_tpm"):
-    """A new VM's TPM, manufactured into the folder ``path`` (undo: remove the folder)."""
+    """A new VM's TPM in the folder ``path``: manufactured, or with ``state`` (base64: an
+    imported or restored VM's) (undo: remove the folder)."""
+
+    state: str | None = None
 
 
 class WriteTpmState(StepBase, frozen=True, kw_only=True, tag="write_tpm_state"):

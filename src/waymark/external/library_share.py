@@ -18,6 +18,8 @@ neither deployed nor stored again until that host's next ``waymark`` command set
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import socket
 from dataclasses import dataclass
@@ -39,11 +41,13 @@ from waymark.errors import (
 )
 from waymark.external import shares
 from waymark.model import timing
+from waymark.qemu import tpm
 
 FORMAT, VERSION = "waymark-library", 1
 MARKER = "waymark-library.json"
 VM_FORMAT = "waymark-library-vm"
 MANIFEST, CLAIM, FILES = "manifest.json", "claim.json", "files"
+TPM_FILE = f"{FILES}/tpm.state"  # Now's TPM state, for a VM with a TPM
 
 
 def now() -> str:
@@ -115,6 +119,7 @@ class _Checkpoint(_Shape):
     skipped_disks: list[Any]
     pause_seconds: float | None
     freeze_seconds: float | None
+    tpm_state: str | None = None  # base64 (waymark.qemu.tpm)
 
 
 class _Frozen(_Shape):
@@ -146,6 +151,25 @@ class _Manifest(_Shape):
     saved: _Saved | None
     boot: dict[str, str]
     files: dict[str, _File]
+    tpm: str | None = None
+
+
+def _check_tpm(shape: _Manifest) -> None:
+    """Now's TPM state is the one file it may be and of a TPM state's size; each checkpoint's
+    is base64 of one (InvalidInput names what is wrong)."""
+    now = shape.files.get(TPM_FILE)
+    if shape.tpm not in (None, TPM_FILE) or (shape.tpm and (now is None or not 0 < now.size
+                                                            <= tpm.MAX_STATE)):
+        raise InvalidInput(f"its TPM state {shape.tpm!r} is not a checksummed {TPM_FILE}")
+    for c in shape.checkpoints:
+        if c.tpm_state is None:
+            continue
+        try:
+            state = base64.b64decode(c.tpm_state, validate=True)
+        except binascii.Error:
+            state = b""
+        if not tpm.fits(state):
+            raise InvalidInput(f"checkpoint {c.id}'s TPM state is not one")
 
 
 def shape_problem(manifest: dict[str, Any]) -> str | None:
@@ -158,6 +182,7 @@ def shape_problem(manifest: dict[str, Any]) -> str | None:
         for when in (shape.stored_at, shape.vm.created_at, *(d.created_at for d in shape.disks),
                      *(c.created_at for c in shape.checkpoints)):
             timing.parse_rfc3339(when)  # they become the catalog's times
+        _check_tpm(shape)
     except msgspec.ValidationError as err:
         return str(err)
     except InvalidInput as err:

@@ -21,6 +21,8 @@ what a killed run left; the next run removes them under the lock.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import uuid
@@ -36,6 +38,7 @@ from waymark.external import shares
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 from waymark.model import timing
+from waymark.qemu import tpm
 
 FORMAT, VERSION = "waymark-backup-repository", 1
 MARKER = "waymark-repository.json"
@@ -47,6 +50,21 @@ def new_point_id() -> str:
     """Sorts by time, to the millisecond: ``20261130T021500123Z-1a2b3c4d``."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")[:-3]
     return f"{stamp}Z-{uuid.uuid4().hex[:8]}"
+
+
+def tpm_state(manifest: dict[str, Any], where: str) -> bytes | None:
+    """The TPM state a point holds (base64 in its manifest), or None; refused unless it can be
+    one (swtpm checks the rest when it loads it)."""
+    text = manifest.get("tpm_state")
+    if text is None:
+        return None
+    try:
+        state = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except binascii.Error:
+        state = b""
+    if not tpm.fits(state):
+        raise shares.refused(where, "its TPM state is not one")
+    return state
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,7 @@ class Repository(shares.Share):
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise shares.refused(where, f"a disk's virtual size is {size!r}, not a size "
                                             "in bytes")
+        tpm_state(manifest, where)
         return dict(manifest)
 
     def unreadable(self, vm_id: str | None = None) -> list[str]:

@@ -47,6 +47,11 @@ def _tool(name: str) -> str:
     return found
 
 
+def files(folder: Path) -> list[Path]:
+    """What a TPM folder holds: its state, swtpm's lock and log (a VM deleted deletes them)."""
+    return [folder / name for name in (STATE_FILE, ".lock", LOG_FILE)]
+
+
 def manufacture(folder: Path) -> None:
     """A new TPM's state in ``folder`` (which must not exist yet): made in a temporary folder
     beside it and renamed into place, so an interrupted run leaves nothing that looks made."""

@@ -156,9 +156,10 @@ def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Fi
     folders += [(v.id, Path(v.checkpoint_dir), True) for v in session.scalars(select(Vm))
                 if v.id in vm_ids]
     found: dict[str, Finding] = {}
-    # run/ (sockets, logs of a running QEMU) and saved/ (a saved memory state) are runtime
-    # files, checked by the commands that own them
-    runtime = {ctx.vm_folder(v) / sub for v in vm_ids for sub in ("run", "saved")}
+    # run/ (sockets, logs of a running QEMU), saved/ (a saved memory state) and tpm/ (Now's
+    # TPM state, waymark.qemu.tpm) are the VM's live files, checked by the commands that own
+    # them: repair never deletes them
+    runtime = {ctx.vm_folder(v) / sub for v in vm_ids for sub in ("run", "saved", "tpm")}
     for vm_id, folder, only_ours in folders:
         files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
         for path in (p for p in files if not runtime & set(p.parents)):

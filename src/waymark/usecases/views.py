@@ -130,7 +130,7 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
     held = sum(n.allocated for n in space.nodes.values() if not n.pinned and n.id not in active)
     return {
         "id": row.id, "name": row.name, "state": state, "created_at": rfc3339(row.created_at),
-        **{k: v for k, v in hardware.dump().items() if k != "disks"},
+        **{k: v for k, v in hardware.dump().items() if k not in ("disks", "nvram")},
         "checkpoint_type": row.checkpoint_type, "checkpoint_dir": row.checkpoint_dir,
         "max_checkpoints": row.max_checkpoints,
         "automatic_checkpoints": row.automatic_checkpoints,
@@ -142,7 +142,9 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
         "current_checkpoint_id": row.current_checkpoint_id,
         "checkpoint_count": lookup.checkpoint_count(session, row.id),
         "checkpoint_space_bytes": held,
-        "disks": [_disk(disks[d], space, True) for d in hardware.disks],
+        "disks": [_disk(disks[d], space, True) for d in hardware.guest_disks],
+        "firmware_variables": None if hardware.nvram is None
+        else _disk(disks[hardware.nvram], space, True),
         "detached_disks": [_disk(d, space, False) for d in disks.values()
                            if d.id not in hardware.disks],
     }

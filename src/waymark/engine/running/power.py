@@ -143,6 +143,11 @@ def tpm_folder(ctx: Context, vm_id: str) -> Path:
     return ctx.vm_folder(vm_id) / "tpm"
 
 
+def tpm_files(ctx: Context, vm_id: str) -> list[Path]:
+    """Every file of the VM's TPM folder (deleted with the VM)."""
+    return tpm.files(tpm_folder(ctx, vm_id))
+
+
 @contextlib.contextmanager
 def _tpm(ctx: Context, vm_id: str, hardware: HardwareConfig, owner: confine.Identity | None
          ) -> Iterator[int | None]:

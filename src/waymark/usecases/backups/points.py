@@ -22,6 +22,7 @@ same; otherwise the point is full and its ``reason`` says why (:func:`_full_reas
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -33,20 +34,21 @@ from sqlalchemy.orm import Session
 
 from waymark import durable
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, FrozenImage, Image, Vm
-from waymark.engine import compaction, lookup, settle
+from waymark.engine import compaction, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now as stamp
 from waymark.engine.params import Params
 from waymark.engine.running import live_merge, power, presence
-from waymark.engine.steps import Convert, CreateImage, Step, WriteFile
+from waymark.engine.steps import Convert, CreateImage, Step, WriteFile, WriteTpmState
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
+from waymark.external import repository
 from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
 from waymark.guest import guard
 from waymark.images import qemu_img
 from waymark.model import names, retention, timing
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, storage
+from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, storage, tpm
 from waymark.usecases.access import quotas
 from waymark.usecases.checkpoints import lifecycle as checkpoints
 from waymark.usecases.vms import definitions as vms
@@ -68,6 +70,7 @@ class BackupRestore(Params, frozen=True, kw_only=True):
     frozen: list[dict[str, Any]]
     new_disks: list[str]
     config: dict[str, Any]
+    tpm: WriteTpmState | None = None  # the point's TPM state made Now's (a finish intent)
 
 
 def init_repo(path: Path) -> Path:
@@ -126,6 +129,8 @@ class Run:
     parent: dict[str, Any] | None = None
     reason: str | None = None
     dirty: dict[str, int] = field(default_factory=dict)
+    tpm: Path | None = None  # the VM's TPM folder, when it has one
+    tpm_state: bytes | None = None  # its state at the instant the copies began
 
     @property
     def bitmap(self) -> str:
@@ -169,7 +174,8 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
         asked = "--full was asked" if full else None
         if latest is not None and full_every and len(repo.chain(latest)) >= full_every:
             asked = f"the schedule takes a full point every {full_every}"
-        job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report)
+        job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report,
+                  tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None)
         try:
             consistency = qmp.run_sync(_copy(job, hardware))
             disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
@@ -184,7 +190,8 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
                     "kind": "incremental" if parent else "full", "parent": parent,
                     "reason": job.reason or f"the changes since point {parent}",
                     "consistency": consistency, "vm_state": state, "vm": settings,
-                    "disks": disks}
+                    "disks": disks, "tpm_state": None if job.tpm_state is None
+                    else base64.b64encode(job.tpm_state).decode()}
         repo.write_manifest(manifest)
         _set_base(ctx, vm_id, repo.id, point_id)
         return manifest
@@ -358,27 +365,44 @@ def _actions(job: Run) -> list[dict[str, Any]]:
     return actions
 
 
+async def _begin(machine: qmp.Qmp, job: Run, actions: list[dict[str, Any]]) -> None:
+    """The backup jobs started at one instant, and the TPM's state copied at that instant: a
+    running guest's CPUs stop around both (a few milliseconds)."""
+    if job.tpm is None:
+        await machine.command("transaction", actions=actions)
+        return
+    running = job.state == "running"
+    if running:
+        await machine.command("stop")
+    try:
+        await machine.command("transaction", actions=actions)
+        job.tpm_state = tpm.read_state(job.tpm)
+    finally:
+        if running:
+            await machine.command("cont")
+
+
 async def _start(machine: qmp.Qmp, job: Run) -> str:
     """Start every disk's backup job at one instant, frozen for it when the agent answers."""
     actions = _actions(job)
     if job.state not in presence.LIVE_STATES:
-        await machine.command("transaction", actions=actions)
+        await _begin(machine, job, actions)
         if job.state == "saved":
             return "crash-consistent: the VM is saved (its memory is not in the backup)"
         return "consistent: the VM was off"
     if job.state == "paused":
-        await machine.command("transaction", actions=actions)
+        await _begin(machine, job, actions)
         return "crash-consistent: the VM was paused (its agent cannot quiesce it)"
     run = presence.run_files(job.ctx, job.vm_id)
     started = False
     try:
         async with guard.frozen(run.agent, job.name):
-            await machine.command("transaction", actions=actions)
+            await _begin(machine, job, actions)
             started = True
     except guard.FreezeFailed as err:
         if started:  # the guard thaws by itself; the jobs began while frozen
             return "application-consistent"
-        await machine.command("transaction", actions=actions)
+        await _begin(machine, job, actions)
         return f"crash-consistent: {err.message.rstrip('.')}"
     return "application-consistent: file systems frozen through the guest agent"
 
@@ -509,7 +533,8 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
                   for d in point["disks"]]
         hardware.rekeyed({c.key: c.key for c in copies})
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
-                                      _progress(report, "restoring"), owner_id=owner_id)
+                                      _progress(report, "restoring"), owner_id=owner_id,
+                                      tpm_state=repository.tpm_state(point, point["id"]))
 
 
 def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
@@ -574,13 +599,16 @@ def _plan_restore(ctx: Context, repo: Repository, vm_id: str, point: dict[str, A
     record: dict[str, Any] = {"id": checkpoint_id, "vm_id": vm_id, "name": label, "parent_id": None,
               "kind": checkpoints.DISK_ONLY, "requested_type": "backup", "fallback_reason": None,
               "config": hardware.dump(), "memory_path": None, "memory_sha256": None,
-              "skipped_disks": []}
+              "skipped_disks": [], "tpm_state": point.get("tpm_state")}
     steps.append(WriteFile(path=str(Path(checkpoint_dir) / f"{checkpoint_id}.json"),
                            text=json.dumps({"checkpoint": checkpoint_id, "vm": vm_id,
                                             "restored_from": point["id"],
                                             "configuration": point["vm"]["config"]}, indent=2)))
     params = BackupRestore(vm=vm_id, checkpoint=record, images=images, frozen=frozen,
-                           new_disks=new_disks, config=point["vm"]["config"])
+                           new_disks=new_disks, config=point["vm"]["config"],
+                           tpm=None if record["tpm_state"] is None else WriteTpmState(
+                               path=str(power.tpm_folder(ctx, vm_id)),
+                               state=record["tpm_state"]))
     return params, steps
 
 
@@ -600,5 +628,7 @@ def commit_restore(session: Session, params: BackupRestore) -> None:
     vm_row = session.get_one(Vm, params.vm)
     vm_row.config = params.config
     vm_row.current_checkpoint_id = params.checkpoint["id"]
+    if params.tpm is not None:
+        journal.add(session, params.vm, checkpoints.TpmStateInstall(), [params.tpm])
     compaction.mark(session, params.vm)
 

@@ -59,6 +59,7 @@ from waymark.external.library_share import (
     CLAIM,
     FILES,
     MANIFEST,
+    TPM_FILE,
     VERSION,
     VM_FORMAT,
     Entry,
@@ -68,6 +69,7 @@ from waymark.external.library_share import (
 from waymark.model import names, timing
 from waymark.model.hardware import HardwareConfig
 from waymark.model.timing import rfc3339
+from waymark.qemu import tpm
 from waymark.usecases.views import checkpoint_tree
 from waymark.usecases.vms import definitions as vms
 
@@ -184,6 +186,9 @@ def _store_plan(ctx: Context, session: Session, library: Library, vm_id: str
     if saved is not None:
         steps.append(CopyFile(path=str(folder / FILES / "saved.state"),
                               src=str(power.saved_state(ctx, vm_id).state)))
+    if lookup.hardware(vm_row).tpm:  # Now's TPM state
+        steps.append(CopyFile(path=str(folder / TPM_FILE),
+                              src=str(tpm.state_file(power.tpm_folder(ctx, vm_id)))))
     configs = [vm_row.config, *(c.config for c in checkpoints)]
     boot = _boot_files([*configs, *([saved["hardware"]] if saved else [])])
     steps += [CopyFile(path=str(folder / rel), src=src) for src, rel in boot.items()]
@@ -254,6 +259,7 @@ def _document(ctx: Context, session: Session, vm_row: Vm, images: list[Image],
                     "image_id": f.image_id} for f in frozen],
         "saved": None if saved is None else {"file": f"{FILES}/saved.state", "meta": saved},
         "boot": boot,
+        "tpm": TPM_FILE if lookup.hardware(vm_row).tpm else None,
     }
 
 
@@ -264,7 +270,7 @@ def _checkpoint_doc(row: Checkpoint) -> dict[str, Any]:
             "config": row.config, "memory_sha256": row.memory_sha256,
             "memory_file": _memory_file(row.id) if row.memory_path else None,
             "skipped_disks": row.skipped_disks, "pause_seconds": row.pause_seconds,
-            "freeze_seconds": row.freeze_seconds}
+            "freeze_seconds": row.freeze_seconds, "tpm_state": row.tpm_state}
 
 
 def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: list[Checkpoint],
@@ -276,6 +282,7 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
     here = ctx.vm_folder(vm_row.id)
     files += [str(here / "saved" / n) for n in ("state.bin", "saved.json")]
     files += [str(p) for p in presence.run_files(ctx, vm_row.id).kept()]
+    files += [str(p) for p in power.tpm_files(ctx, vm_row.id)]
     return [*(DeleteFile(path=f) for f in files), PruneDirs(path=str(here)),
             DeleteFile(path=str(folder / CLAIM))]
 
@@ -415,6 +422,8 @@ def _deploy_plan(ctx: Context, library: Library, manifest: dict[str, Any],
     copies += [(rel, boot[src]) for src, rel in manifest["boot"].items()]
     if manifest["saved"]:
         copies.append((manifest["saved"]["file"], str(power.saved_state(ctx, vm_id).state)))
+    if manifest.get("tpm"):
+        copies.append((manifest["tpm"], str(tpm.state_file(power.tpm_folder(ctx, vm_id)))))
     steps += [CopyFile(src=str(library.file(vm_id, rel)), path=dst, confined_to=str(there))
               for rel, dst in copies]
     steps += _descriptions(manifest, ckpt_dir, boot)

@@ -6,6 +6,9 @@ A bundle is a folder (Hyper-V's Export-VMSnapshot)::
     configuration.json    the VM's hardware as the checkpoint recorded it
     disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
     memory.state          the memory state, for a checkpoint that holds one
+    tpm.state             the TPM's state at the checkpoint, for a VM with a TPM
+
+A UEFI VM's variable store is one of its disks (``configuration.json`` names which).
 
 A bundle without a manifest is incomplete (an export was interrupted) and is refused, as is one
 whose files do not match their checksums: import verifies everything before it changes anything.
@@ -13,6 +16,7 @@ whose files do not match their checksums: import verifies everything before it c
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -30,9 +34,11 @@ from waymark.external import shares
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import HardwareConfig
+from waymark.qemu import tpm
 from waymark.usecases.vms import definitions as vms
 
 FORMAT, VERSION = "waymark-bundle", 1
+TPM_FILE = "tpm.state"  # the checkpoint's TPM state, when the VM has a TPM
 MANIFEST = "manifest.json"
 
 
@@ -42,7 +48,7 @@ def remove_partial(dest: Path) -> None:
     if not dest.is_dir() or (dest / MANIFEST).exists():
         return
     for path in [*(dest / "disks").glob("disk*.qcow2"), dest / "memory.state",
-                 dest / "configuration.json"]:
+                 dest / TPM_FILE, dest / "configuration.json"]:
         durable.remove(path)
         durable.remove(durable.temp_path(path))
     with contextlib.suppress(OSError):
@@ -83,6 +89,8 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
         if row.memory_path:
             shutil.copyfile(row.memory_path, dest / "memory.state")
             durable.fsync_file(dest / "memory.state")
+        if row.tpm_state is not None:
+            durable.write_bytes(dest / TPM_FILE, base64.b64decode(row.tpm_state))
         hardware.rekeyed(keys)
         durable.write_bytes(dest / "configuration.json",
                             json.dumps(hardware.dump(), indent=2).encode())
@@ -95,6 +103,7 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
                    "max_checkpoints": vm_row.max_checkpoints},
             "disks": disks, "skipped_disks": row.skipped_disks,
             "memory": "memory.state" if row.memory_path else None,
+            "tpm": TPM_FILE if row.tpm_state is not None else None,
             "files": {str(p.relative_to(dest)): durable.sha256(p)
                       for p in sorted(dest.rglob("*")) if p.is_file()},
         }
@@ -139,6 +148,21 @@ def _check_files(bundle: Path, manifest: dict[str, Any], where: str) -> None:
                            where=str(bundle / disk["file"]), backing="none")
     if manifest.get("memory") is not None and manifest["memory"] not in manifest["files"]:
         raise ImageError(f"the bundle's memory state {manifest['memory']} has no checksum.")
+    if manifest.get("tpm") not in (None, TPM_FILE) or (
+            manifest.get("tpm") is not None and TPM_FILE not in manifest["files"]):
+        raise ImageError(f"the bundle's TPM state {manifest.get('tpm')!r} is not its "
+                         f"checksummed {TPM_FILE}.", hint="Export it again.")
+
+
+def _tpm_state(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
+    """The TPM state a (verified) bundle holds, or None; ImageError if it cannot be one."""
+    if manifest.get("tpm") is None:
+        return None
+    state = (bundle / TPM_FILE).read_bytes()
+    if not tpm.fits(state):
+        raise ImageError(f"{bundle / TPM_FILE} is not a TPM state ({len(state)} bytes).",
+                         hint="Export it again.")
+    return state
 
 
 def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[str, Any],
@@ -173,4 +197,5 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
 
     return vms.create_from_copies(
         ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
-        on_progress, rename_hint="Import under another name with --name NEW_NAME.")
+        on_progress, rename_hint="Import under another name with --name NEW_NAME.",
+        tpm_state=_tpm_state(bundle, manifest))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import uuid
@@ -493,6 +494,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
         files += [str(p) for p in presence.run_files(ctx, vm_id).kept()]
+        files += [str(p) for p in power.tpm_files(ctx, vm_id)]
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
                                                 Grant.object_id == vm_id))
@@ -550,6 +552,9 @@ def _detach(ctx: Context, vm_id: str, vm_name: str, disk_ref: str) -> Disk:
         row = session.get_one(Vm, vm_id)
         disk = lookup.disk(session, row, disk_ref)
         hardware = lookup.hardware(row)
+        if disk.id == hardware.nvram:
+            raise Conflict(f"disk {disk.id[:12]} is {vm_name!r}'s UEFI variable store, not a "
+                           "disk the guest sees.", hint="It goes only with the VM.")
         if disk.id not in hardware.disks:
             raise Conflict(f"disk {disk.id[:12]} is already detached from {vm_name!r}.",
                            hint=f"See its disks with: waymark vm show {vm_name}")
@@ -595,12 +600,17 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
                        settings: dict[str, Any], extra: ExtraSteps | None = None,
                        on_progress: qemu_img.Progress = None,
                        rename_hint: str = "Choose another name.",
-                       owner_id: str | None = None) -> str:
+                       owner_id: str | None = None, tpm_state: bytes | None = None) -> str:
     """A new VM (new id, new MACs) whose disks are copies (an import, a restore as a new VM).
 
     ``settings`` gives checkpoint_type and max_checkpoints; ``extra(vm_id, hardware)`` may add
-    file steps (a saved memory state: the new VM is then saved). Returns the id.
+    file steps (a saved memory state: the new VM is then saved); ``tpm_state``: its TPM's
+    state, which a configuration with a TPM must come with. Returns the id.
     """
+    if hardware.tpm != (tpm_state is not None):
+        raise ImageError("the source's configuration and its TPM state disagree: "
+                         f"{'a TPM without its state' if hardware.tpm else 'a state, no TPM'}.",
+                         hint="Use a copy Waymark wrote whole.")
     vm_name = names.clean(name, what="VM name")
     vm_id = new_id()
     keys, disks, images = {}, [], []
@@ -630,6 +640,9 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
     more = extra(vm_id, hardware.dump()) if extra is not None else []
     if more:
         vm_row["state"] = "saved"
+    if tpm_state is not None:
+        more.append(MakeTpm(path=str(power.tpm_folder(ctx, vm_id)),
+                            state=base64.b64encode(tpm_state).decode()))
     steps = [MakeDir(path=str(ctx.vm_folder(vm_id))), *steps, *more]
     with ctx.vm_locked(vm_id, vm_name):
         ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disks, images=images), steps,
