@@ -51,6 +51,8 @@ STEPS: dict[str, StepOf] = {
                                           src=str(f / "memory.state")),
     "write_manifest": lambda f: steps.WriteManifest(path=str(f / "manifest.json"),
                                                     root=str(f / "disks"), doc={"point": "p1"}),
+    "make_tpm": lambda f: steps.MakeTpm(path=str(f / "new" / "tpm"), state="AAEC"),
+    "write_tpm_state": lambda f: steps.WriteTpmState(path=str(f / "tpm"), state="AAEC"),
     "delete_file": lambda f: steps.DeleteFile(path=str(f / "memory.state")),
     "prune_dirs": lambda f: steps.PruneDirs(path=str(f / "old")),
     "commit": lambda f: steps.Commit(top=str(f / "disks" / "top.qcow2"),
@@ -139,7 +141,7 @@ def test_undo_removes_what_a_step_made_even_half_made(op: str, tmp_path: Path,
     executor.run(step)
     half_made = durable.temp_path(Path(step.path))  # a killed write or copy leaves this
     half_made.parent.mkdir(parents=True, exist_ok=True)
-    if op != "make_dir":
+    if op not in ("make_dir", "make_tpm"):
         half_made.write_text("partial")
     executor.undo(step)
     executor.undo(step)  # undo is idempotent too

@@ -35,6 +35,11 @@ WRITTEN_BEFORE: list[tuple[dict[str, Any], steps.Step]] = [
       "backing_fmt": "qcow2", "bitmaps_from": f"{D}/disks/b.qcow2"},
      steps.CreateImage(path=f"{D}/disks/c.qcow2", backing=f"{D}/disks/b.qcow2",
                        backing_fmt="qcow2", bitmaps_from=f"{D}/disks/b.qcow2")),
+    ({"op": "make_tpm", "path": f"{D}/tpm"}, steps.MakeTpm(path=f"{D}/tpm")),
+    ({"op": "make_tpm", "path": f"{D}/tpm", "state": "AAEC"},
+     steps.MakeTpm(path=f"{D}/tpm", state="AAEC")),
+    ({"op": "write_tpm_state", "path": f"{D}/tpm", "state": "AAEC"},
+     steps.WriteTpmState(path=f"{D}/tpm", state="AAEC")),
     ({"op": "claim_file", "path": f"{D}/checkpoints/k.state"},
      steps.ClaimFile(path=f"{D}/checkpoints/k.state")),
     ({"op": "write_file", "path": f"{D}/checkpoints/k.json", "text": '{"checkpoint": "k"}'},
@@ -191,7 +196,7 @@ def test_every_file_field_of_a_step_is_in_its_files(cls: type[steps.StepBase]) -
 def test_a_step_undoable_is_one_that_only_makes_a_new_file() -> None:
     undoable = {op for op, cls in steps.KINDS.items() if cls.undoable}
     assert undoable == {"make_dir", "create_image", "claim_file", "write_file", "convert",
-                        "copy_file", "write_manifest"}
+                        "copy_file", "write_manifest", "make_tpm"}
     assert all(issubclass(steps.KINDS[op], steps.NewFile) for op in undoable)
 
 

@@ -1,0 +1,235 @@
+"""A UEFI VM's variable store and a VM's TPM are VM state like its disks, with no guest needed to
+show it: the variable store is changed with qemu-io, the TPM with the real tpm2-tools over a
+swtpm this test starts on the VM's TPM state (loopback only), as a guest would change them.
+Every checkpoint holds both as they were at its instant; apply, delete, export/import, backup
+and restore, store and deploy keep them exact. (The guest tests boot OVMF with swtpm and change
+both from inside the guest.)"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
+
+OVMF = Path("/usr/share/OVMF")
+NV = "0x1500016"  # an owner-defined NV index
+VM = "gen2"
+
+pytestmark = pytest.mark.skipif(not (OVMF / "OVMF_VARS_4M.fd").is_file(),
+                                reason="Debian's ovmf package is not installed")
+
+
+# --- changing the TPM and the variable store as a guest would --------------------------------
+
+def _free_pair() -> int:
+    """A loopback port P with P + 1 free too (the swtpm TCTI's data and control ports)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free loopback ports in a row")
+
+
+@contextmanager
+def tpm_session(folder: Path) -> Iterator[dict[str, str]]:
+    """swtpm on a VM's TPM state (the VM is off) on loopback; yields the environment for
+    tpm2-tools; shut down cleanly (its state written) at the end."""
+    port = _free_pair()
+    swtpm = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={folder}",
+                              "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                              "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                              "--flags", "startup-clear"])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port + 1), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and swtpm.poll() is None, "swtpm did not start"
+                time.sleep(0.05)
+        yield {**os.environ, "TPM2TOOLS_TCTI": f"swtpm:host=127.0.0.1,port={port}"}
+    finally:
+        subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{port + 1}", "-s"],
+                       capture_output=True, check=False)
+        try:
+            swtpm.wait(10)
+        except subprocess.TimeoutExpired:
+            swtpm.kill()
+            swtpm.wait()
+
+
+def _tpm2(env: dict[str, str], *args: str, data: bytes | None = None) -> str:
+    done = subprocess.run(["tpm2_" + args[0], *args[1:]], env=env, input=data,
+                          capture_output=True, check=True)
+    return done.stdout.decode(errors="replace")
+
+
+def nv_write(folder: Path, text: str) -> None:
+    """The NV index holds ``text`` (defined first when it is not)."""
+    with tpm_session(folder) as env:
+        if NV not in _tpm2(env, "nvreadpublic"):
+            _tpm2(env, "nvdefine", NV, "-C", "o", "-s", "16", "-a", "ownerread|ownerwrite")
+        _tpm2(env, "nvwrite", NV, "-C", "o", "-i", "-", data=text.ljust(16).encode())
+
+
+def nv_read(folder: Path) -> str:
+    with tpm_session(folder) as env:
+        return _tpm2(env, "nvread", NV, "-C", "o", "-s", "16").strip()
+
+
+def tpm_folder(wm: Waymark, vm: str = VM) -> Path:
+    return wm.home / "vms" / wm.json("vm", "show", vm)["id"] / "tpm"
+
+
+def variables(wm: Waymark, vm: str = VM) -> str:
+    """The VM's active variable-store image."""
+    store = wm.json("vm", "show", vm)["firmware_variables"]
+    assert store is not None
+    return str(store["active_image"])
+
+
+def set_state(wm: Waymark, pattern: int, value: str, vm: str = VM) -> tuple[str, str]:
+    """Now's variable store gets a block of ``pattern`` and the TPM's NV index ``value``;
+    returns (variable store content, NV value) as the guest would read them."""
+    qemu_io_write(Path(variables(wm, vm)), "qcow2", 0x1000, 0x1000, pattern)
+    nv_write(tpm_folder(wm, vm), value)
+    return observed(wm, vm)
+
+
+def observed(wm: Waymark, vm: str = VM) -> tuple[str, str]:
+    return content_sha256(variables(wm, vm)), nv_read(tpm_folder(wm, vm))
+
+
+def make(wm: Waymark, firmware: str = "uefi", vm: str = VM) -> dict[str, Any]:
+    return wm.json("vm", "create", vm, "--disk", "1M", "--memory", "256M",
+                   "--firmware", firmware, "--tpm", "on")
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("firmware", "template"), [("uefi", "OVMF_VARS_4M.fd"),
+                                                    ("uefi-secure", "OVMF_VARS_4M.ms.fd")])
+def test_a_uefi_vm_owns_a_copy_of_its_firmwares_variable_template_and_a_new_tpm(
+        wm: Waymark, firmware: str, template: str) -> None:
+    shown = make(wm, firmware)
+    assert (shown["firmware"], shown["tpm"]) == (firmware, True)
+    assert [d["virtual_size"] for d in shown["disks"]] == [1 << 20]  # the guest's one disk
+    store = shown["firmware_variables"]
+    assert store["virtual_size"] == (OVMF / template).stat().st_size
+    assert content_sha256(store["active_image"]) == file_sha256(OVMF / template)
+    assert nv_read_or_none(tpm_folder(wm)) is None  # a new TPM: manufactured, nothing defined
+    refused = wm.run("vm", "disk", "remove", VM, store["id"][:12])
+    assert refused.returncode == 5 and "UEFI variable store" in refused.stderr, refused
+    assert wm.json("check")["findings"] == []
+    wm("vm", "delete", VM, "--yes")
+    assert not (wm.home / "vms" / shown["id"]).exists()
+
+
+def nv_read_or_none(folder: Path) -> str | None:
+    with tpm_session(folder) as env:
+        return _tpm2(env, "nvread", NV, "-C", "o", "-s", "16").strip() \
+            if NV in _tpm2(env, "nvreadpublic") else None
+
+
+def test_each_checkpoint_holds_the_variables_and_tpm_of_its_instant_apply_and_delete_keep_them(
+        wm: Waymark) -> None:
+    make(wm)
+    held = {}
+    for n, name in enumerate(("c1", "c2", "c3"), start=1):
+        held[name] = set_state(wm, 0x10 * n, f"value-{name}")
+        wm("checkpoint", "create", VM, "--name", name)
+    now = set_state(wm, 0x44, "value-now")
+    assert len({*held.values(), now}) == 4
+    tpm_states = dict(query(wm.home, "SELECT name, tpm_state FROM checkpoints"))
+    assert all(base64.b64decode(s) for s in tpm_states.values())
+    for name in ("c1", "c3", "c2"):
+        wm("checkpoint", "apply", VM, name, "--discard-current")
+        assert observed(wm) == held[name], name
+    wm("checkpoint", "delete", VM, "c2")  # the middle one: its layer merges
+    for name in ("c3", "c1"):
+        wm("checkpoint", "apply", VM, name, "--discard-current")
+        assert observed(wm) == held[name], name
+    assert wm.json("check")["findings"] == []
+
+
+def test_export_import_backup_restore_and_store_deploy_carry_the_variables_and_the_tpm(
+        wm: Waymark, tmp_path: Path) -> None:
+    make(wm)
+    first = set_state(wm, 0x21, "first")
+    wm("checkpoint", "create", VM, "--name", "first")
+    second = set_state(wm, 0x22, "second")
+
+    wm("checkpoint", "export", VM, "first", str(tmp_path / "bundle"))
+    assert (tmp_path / "bundle" / "tpm.state").is_file()
+    wm("vm", "import", str(tmp_path / "bundle"), "--name", "imported")
+    assert observed(wm, "imported") == first
+
+    repo = tmp_path / "repo"
+    wm("backup", "repo", "init", str(repo))
+    wm("backup", "run", VM, "--repo", str(repo))
+    wm("backup", "restore", VM, "--repo", str(repo), "--as-new", "restored")
+    assert observed(wm, "restored") == second
+    set_state(wm, 0x23, "third")
+    wm("backup", "restore", VM, "--repo", str(repo), "--discard-current")
+    assert observed(wm) == second
+
+    library = tmp_path / "library"
+    wm("library", "init", str(library))
+    wm("vm", "store", VM, "--library", str(library))
+    wm("vm", "deploy", VM, "--library", str(library))
+    assert observed(wm) == second
+    wm("checkpoint", "apply", VM, "first", "--discard-current")
+    assert observed(wm) == first
+    assert wm.json("check")["findings"] == []
+
+
+def test_a_vm_whose_tpm_state_is_missing_or_damaged_refuses_to_start(wm: Waymark) -> None:
+    """Never a new, empty TPM in place of the VM's own (sealed keys would be lost)."""
+    make(wm)
+    state = tpm_folder(wm) / "tpm2-00.permall"
+    kept = state.read_bytes()
+    state.unlink()
+    missing = wm.run("vm", "start", VM)
+    assert missing.returncode == 3 and "TPM state" in missing.stderr \
+        and "missing" in missing.stderr, missing
+    assert wm.json("vm", "show", VM)["state"] == "off" and not state.exists()
+    state.write_bytes(kept[:100])
+    damaged = wm.run("vm", "start", VM)
+    assert damaged.returncode == 3 and "damaged" in damaged.stderr, damaged
+    assert wm.json("vm", "show", VM)["state"] == "off"
+    assert state.read_bytes() == kept[:100]  # left as it was, for whoever looks into it
+
+
+def test_a_tpm_state_read_from_outside_must_be_one(wm: Waymark, tmp_path: Path) -> None:
+    """A backup point's manifest (others may write the repository) whose TPM state is not
+    base64 of a TPM state is refused, naming it, and nothing is restored."""
+    make(wm)
+    repo = tmp_path / "repo"
+    wm("backup", "repo", "init", str(repo))
+    point = wm.json("backup", "run", VM, "--repo", str(repo))[0]
+    manifest = next(repo.rglob(f"{point['point']['id']}.json"))
+    doc = json.loads(manifest.read_text())
+    for bad in ("not base64 !", base64.b64encode(b"").decode(),
+                base64.b64encode(b"x" * (2 << 20)).decode()):
+        manifest.write_text(json.dumps({**doc, "tpm_state": bad}))
+        refused = wm.run("backup", "restore", VM, "--repo", str(repo), "--as-new", "copy")
+        assert refused.returncode == 8 and "TPM state" in refused.stderr, refused
+    assert [v["name"] for v in wm.json("vm", "list")] == [VM]
