@@ -10,6 +10,7 @@ absolute path) before each run.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
+from tests.tpm_host import nv_write
 
 MIB = 1 << 20
 KILLED = -9
@@ -49,6 +51,7 @@ class Ckpt:
     parent_id: str | None
     name: str
     content: dict[str, str]  # disk id -> sha256 of the frozen chain
+    tpm: str | None = None  # sha256 of its TPM state (a VM with a TPM)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class VmState:
     current: str | None
     active: dict[str, str]  # attached disk id -> sha256 of the active chain
     checkpoints: dict[str, Ckpt] = field(default_factory=dict)
+    tpm: str | None = None  # sha256 of Now's TPM state (a VM with a TPM)
 
 
 def vm_ids(home: Path) -> dict[str, str]:
@@ -72,15 +76,20 @@ def read_state(home: Path, vm_id: str) -> VmState:
     attached = json.loads(config)["disks"]
     active = dict(query(home, "SELECT d.id, i.path FROM disks d JOIN images i "
                               "ON i.id = d.active_image_id WHERE d.vm_id = ?", vm_id))
-    state = VmState(vm_id, name, current, {d: content_sha256(active[d]) for d in attached})
+    now_tpm = home / "vms" / vm_id / "tpm" / "tpm2-00.permall"
+    state = VmState(vm_id, name, current, {d: content_sha256(active[d]) for d in attached},
+                    tpm=file_sha256(now_tpm) if now_tpm.is_file() else None)
     frozen: dict[str, dict[str, str]] = {}
     for ckpt_id, disk_id, path in query(
             home, "SELECT f.checkpoint_id, f.disk_id, i.path FROM frozen_images f "
                   "JOIN images i ON i.id = f.image_id WHERE i.vm_id = ?", vm_id):
         frozen.setdefault(ckpt_id, {})[disk_id] = content_sha256(path)
-    for ckpt_id, parent, ckpt_name in query(
-            home, "SELECT id, parent_id, name FROM checkpoints WHERE vm_id = ?", vm_id):
-        state.checkpoints[ckpt_id] = Ckpt(parent, ckpt_name, frozen.get(ckpt_id, {}))
+    for ckpt_id, parent, ckpt_name, tpm in query(
+            home, "SELECT id, parent_id, name, tpm_state FROM checkpoints WHERE vm_id = ?",
+            vm_id):
+        state.checkpoints[ckpt_id] = Ckpt(parent, ckpt_name, frozen.get(ckpt_id, {}),
+                                          tpm and hashlib.sha256(base64.b64decode(tpm))
+                                          .hexdigest())
     return state
 
 
@@ -175,13 +184,17 @@ def active_paths(home: Path, vm_name: str) -> list[Path]:
 
 
 def build_vm_with_history(wm: Waymark, disks: int = 2) -> tuple[str, str]:
-    """VM ``v`` with 1 or 2 disks: A, then B (current), then unsaved writes. Returns (A, B)."""
-    wm("vm", "create", "v", *["--disk", "1M", "--disk", "2M"][:2 * disks])
+    """VM ``v`` with 1 or 2 disks: A, then B (current), then unsaved writes. Returns (A, B).
+    ``disks=0``: a UEFI VM with a TPM and one disk, whose variable store and TPM change too."""
+    platform = ["--firmware", "uefi", "--tpm", "on"] if disks == 0 else []
+    wm("vm", "create", "v", *["--disk", "1M", "--disk", "2M"][:2 * max(disks, 1)], *platform)
     ids = []
     for name, patterns in (("A", (0x0A, 0x1A)), ("B", (0x0B, 0x1B)), (None, (0x0C, 0x1C))):
         for index, path in enumerate(active_paths(wm.home, "v")):
-            offset = (len(ids) * 65536) + index * MIB
+            offset = (len(ids) * 65536) + (index * MIB if disks else 0)
             qemu_io_write(path, "qcow2", offset, 65536, patterns[index])
+        if platform:
+            nv_write(wm.home / "vms" / vm_ids(wm.home)["v"] / "tpm", f"tpm-{name}")
         if name is not None:
             ids.append(wm.json("checkpoint", "create", "v", "--name", name)["id"])
     return ids[0], ids[1]
@@ -212,7 +225,8 @@ def recover_and_read(wm: Waymark, vm_id: str, problems: list[str] | None = None)
         shown = wm.json("vm", "show", "v")
         assert_settled(wm.home)
         assert shown["current_checkpoint_id"] == state.current
-        assert [Path(d["active_image"]) for d in shown["disks"]] == active_paths(wm.home, "v")
+        disks = [*shown["disks"], *filter(None, [shown["firmware_variables"]])]
+        assert [Path(d["active_image"]) for d in disks] == active_paths(wm.home, "v")
         assert read_state(wm.home, vm_id) == state
     return state
 
@@ -232,11 +246,13 @@ def new_checkpoint(pre: VmState, post: VmState) -> str | None:
 def outcome_create(pre: VmState, post: VmState) -> str:
     assert_kept(pre, post)
     assert post.active == pre.active, "checkpoint create changed the active disks' content"
+    assert post.tpm == pre.tpm, "checkpoint create changed Now's TPM state"
     added = new_checkpoint(pre, post)
     if added is None:
         assert post.current == pre.current
         return "not done"
     assert post.checkpoints[added].content == pre.active
+    assert post.checkpoints[added].tpm == pre.tpm
     assert post.checkpoints[added].parent_id == pre.current
     assert post.current == added
     return "done"
@@ -249,9 +265,12 @@ def outcome_apply(pre: VmState, post: VmState, target: str, *, safety: bool) -> 
     if added is not None:
         assert safety, "apply --discard-current made a checkpoint"
         assert post.checkpoints[added].content == pre.active
+        assert post.checkpoints[added].tpm == pre.tpm
         assert post.checkpoints[added].parent_id == pre.current
-    applied = post.current == target and post.active == pre.checkpoints[target].content
-    unchanged = post.active == pre.active and post.current == (added or pre.current)
+    applied = post.current == target and post.active == pre.checkpoints[target].content \
+        and post.tpm == pre.checkpoints[target].tpm
+    unchanged = post.active == pre.active and post.current == (added or pre.current) \
+        and post.tpm == pre.tpm
     assert applied != unchanged, f"half-applied: current {post.current}, target {target}"
     if applied:
         assert added is not None or not safety, "applied without the safety checkpoint"
@@ -329,6 +348,38 @@ def test_kill_apply_checkpoint_first_at_every_point(wm: Waymark, tmp_path: Path)
     assert seen == (["not done"] * points[0] + ["safety checkpoint only"] * points[1]
                     + ["done"] * points[2])
     assert_recovery_finished(problems)
+
+
+def test_kill_at_every_point_of_a_uefi_vm_with_a_tpm_loses_neither(
+        wm: Waymark, tmp_path: Path) -> None:
+    """Checkpoint create, apply and delete of a VM whose UEFI variable store and TPM state
+    change between checkpoints: killed at each journal point, the next command leaves each
+    whole, variables and TPM state of every checkpoint and of Now included."""
+    def applied(pre: VmState, post: VmState) -> str:
+        return outcome_apply(pre, post, target_a(pre), safety=False)
+
+    points, seen, problems = sweep(wm, tmp_path, ["checkpoint", "create", "v", "--name", "C"],
+                                   outcome_create, disks=0)
+    assert seen == ["not done"] * sum(points)
+    for command, outcome in ((["checkpoint", "apply", "v", "A", "--discard-current"], applied),
+                             (["checkpoint", "delete", "v", "A"], outcome_delete)):
+        shutil.rmtree(wm.home)
+        shutil.rmtree(tmp_path / "template")
+        points, seen, more = sweep(wm, tmp_path, command, outcome, disks=0)
+        assert set(seen) <= {"not done", "done"} and seen[-1] == "done", seen
+        problems += more
+    assert_recovery_finished(problems)
+
+
+def outcome_delete(pre: VmState, post: VmState) -> str:
+    """Deleting A: every other checkpoint and Now exact, A there or gone."""
+    target = target_a(pre)
+    assert post.active == pre.active and post.tpm == pre.tpm
+    for ckpt_id, ckpt in pre.checkpoints.items():
+        if ckpt_id != target:
+            assert post.checkpoints[ckpt_id].content == ckpt.content, ckpt.name
+            assert post.checkpoints[ckpt_id].tpm == ckpt.tpm, ckpt.name
+    return "not done" if target in post.checkpoints else "done"
 
 
 def test_kill_vm_create_at_every_point(wm: Waymark, tmp_path: Path) -> None:

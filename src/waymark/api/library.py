@@ -20,6 +20,7 @@ from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases.access import locations
 from waymark.usecases.library import profiles, templates
 from waymark.usecases.library import store_deploy as library
+from waymark.usecases.vms import definitions as vms
 
 router = APIRouter(tags=["library"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
@@ -103,6 +104,8 @@ class NewTemplate(BaseModel):
     initrd: str | None = Field(default=None, max_length=4096)
     append: str | None = Field(default=None, max_length=4096)
     checkpoint_type: CheckpointType | None = None
+    firmware: Literal["bios", "uefi", "uefi-secure"] = "bios"
+    tpm: bool = False
 
 
 @router.post("/templates", status_code=201, response_model=schemas.Template)
@@ -111,7 +114,8 @@ def template_create(body: NewTemplate, caller: CallerDep, ctx: ContextDep) -> di
     return templates.create(ctx, body.name, profile=body.profile,
                             disks=[Path(d) for d in body.disks], kernel=body.kernel,
                             initrd=body.initrd, append=body.append,
-                            checkpoint_type=body.checkpoint_type)
+                            checkpoint_type=body.checkpoint_type,
+                            platform=vms.Platform(firmware=body.firmware, tpm=body.tpm))
 
 
 class TemplateSettings(BaseModel):

@@ -467,6 +467,8 @@ class Template(Body):
     append: str | None = None
     folder: str | None = Field(default=None, description=HOST_PATH)
     disks: list[TemplateDisk]
+    firmware: str = Field(description="bios | uefi | uefi-secure: of the VMs made from it")
+    tpm: bool = Field(description="VMs made from it get a TPM of their own")
     vm_names: list[str] | None = Field(default=None, description="The VMs made from it "
                                                                  "(administrators)")
 

@@ -248,6 +248,10 @@ class Template(Base):
     folder: Mapped[str] = mapped_column(Text)
     disks: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # the platform of VMs made from it (None: bios, no TPM); each VM gets its own new variable
+    # store and TPM, never a copy of another machine's
+    firmware: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    tpm: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class StoredVm(Base):

@@ -14,10 +14,11 @@ import click
 
 from waymark.cli.main import face
 from waymark.cli.output import emit, fraction_progress, json_option
-from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.hardware import CHECKPOINT_TYPES, FIRMWARE_KINDS
 from waymark.model.units import human, parse_size
 from waymark.usecases.library import profiles, templates
 from waymark.usecases.library import store_deploy as library_ops
+from waymark.usecases.vms import definitions as vms
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -125,16 +126,22 @@ def _template_lines(t: dict[str, Any]) -> list[str]:
 @click.option("--initrd", metavar="FILE")
 @click.option("--append", metavar="CMDLINE")
 @click.option("--checkpoint-type", type=TYPES)
+@click.option("--firmware", type=click.Choice(FIRMWARE_KINDS), default="bios",
+              show_default=True, help="The firmware of VMs made from it (each gets its own "
+                                      "new UEFI variable store).")
+@click.option("--tpm", type=click.Choice(["on", "off"]), default="off", show_default=True,
+              help="VMs made from it get a TPM (each its own new one).")
 @json_option
 def template_create(name: str, profile: str | None, disks: tuple[Path, ...], kernel: str | None,
                     initrd: str | None, append: str | None, checkpoint_type: str | None,
-                    as_json: bool) -> None:
+                    firmware: str, tpm: str, as_json: bool) -> None:
     """A new template; its images are copied and made read-only."""
     line = fraction_progress(f"copying the disks of template {name}")
     t = templates.create(face().ctx, name, profile=profile,
                          disks=[p.expanduser().absolute() for p in disks], kernel=kernel,
                          initrd=initrd, append=append, checkpoint_type=checkpoint_type,
-                         report=lambda _what, fraction: line(fraction))
+                         report=lambda _what, fraction: line(fraction),
+                         platform=vms.Platform(firmware=firmware, tpm=tpm == "on"))
     emit(as_json, t, [f"Created template {t['name']}. Make a VM from it with: "
                       f"waymark vm create NAME --template {t['name']}"])
 

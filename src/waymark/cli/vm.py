@@ -55,18 +55,20 @@ def vm() -> None:
 @click.option("--nic", "nics", multiple=True, metavar="user[,hostfwd=R]|bridge=BR|none",
               help="A virtio NIC (default: one user-mode NIC). Repeatable. BR: a Linux "
                    "interface name (1-15 of A-Za-z0-9_.-); R: [tcp|udp]:[ADDR]:PORT-[ADDR]:PORT.")
-@click.option("--firmware", type=click.Choice(FIRMWARE_KINDS), default="bios",
-              show_default=True, help="uefi: OVMF with the VM's own variable store (Hyper-V's "
-              "Generation 2); uefi-secure: with Secure Boot and Microsoft's keys.")
-@click.option("--tpm", type=click.Choice(["on", "off"]), default="off", show_default=True,
-              help="A TPM 2.0 whose state the VM owns (BitLocker, Windows 11).")
+@click.option("--firmware", type=click.Choice(FIRMWARE_KINDS),
+              help="uefi: OVMF with the VM's own variable store (Hyper-V's Generation 2); "
+                   "uefi-secure: with Secure Boot and Microsoft's keys.  [default: the "
+                   "template's, else bios]")
+@click.option("--tpm", type=click.Choice(["on", "off"]),
+              help="A TPM 2.0 whose state the VM owns (BitLocker, Windows 11).  [default: the "
+                   "template's, else off]")
 @json_option
 def create(name: str, template: str | None, profile: str | None, full_copy: bool,
            memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,
            initrd: str | None, append: str | None, checkpoint_type: str | None,
            checkpoint_dir: str | None, max_checkpoints: int | None,
-           automatic_checkpoints: str | None, nics: tuple[str, ...], firmware: str, tpm: str,
-           as_json: bool) -> None:
+           automatic_checkpoints: str | None, nics: tuple[str, ...], firmware: str | None,
+           tpm: str | None, as_json: bool) -> None:
     """Define a new VM (it is off). Each setting comes from its option, else the hardware
     profile, else the template, else the default; `vm show` says which."""
     if full_copy and template is None:
@@ -82,11 +84,22 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
     vm_id = templates.new_vm(ctx, name, explicit=explicit, template=template, profile=profile,
                              disks=specs, full_copy=full_copy, kernel=kernel, initrd=initrd,
                              append=append, checkpoint_dir=checkpoint_dir, nics=nic_list,
-                             platform=vms.Platform(firmware=firmware, tpm=tpm == "on"))
+                             platform=platform(firmware, tpm, template))
     shown = views.vm_show(ctx, vm_id)
     source = f" from template {template}" if template else ""
     emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}){source} with "
                           f"{len(shown['disks'])} disk(s)."])
+
+
+def platform(firmware: str | None, tpm: str | None, template: str | None) -> vms.Platform | None:
+    """The firmware and TPM asked for (None: the template's); one alone keeps the other's
+    default."""
+    if firmware is None and tpm is None and template is not None:
+        return None
+    if template is not None:
+        raise InvalidInput("--firmware and --tpm come from the template.",
+                           hint="Leave them out, or make a template with the platform you want.")
+    return vms.Platform(firmware=firmware or "bios", tpm=tpm == "on")
 
 
 @vm.command("list")

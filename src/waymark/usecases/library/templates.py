@@ -54,7 +54,8 @@ def get(session: Session, name: str) -> Template:
 def view(row: Template, users: list[str] | None = None) -> dict[str, Any]:
     data = {"name": row.name, "profile": row.profile_name, "checkpoint_type": row.checkpoint_type,
             "kernel": row.kernel, "initrd": row.initrd, "append": row.append,
-            "folder": row.folder, "disks": row.disks}
+            "folder": row.folder, "disks": row.disks, "firmware": row.firmware or "bios",
+            "tpm": bool(row.tpm)}
     return data if users is None else {**data, "vm_names": users}
 
 
@@ -75,8 +76,11 @@ def _clean_leftovers(ctx: Context, session: Any) -> None:
 
 def create(ctx: Context, name: str, *, profile: str | None, disks: list[Path],
            kernel: str | None = None, initrd: str | None = None, append: str | None = None,
-           checkpoint_type: str | None = None, report: Report = None) -> dict[str, Any]:
+           checkpoint_type: str | None = None, report: Report = None,
+           platform: vms.Platform = vms.GENERATION_1) -> dict[str, Any]:
+    """A new template (``platform``: the firmware and TPM of the VMs made from it)."""
     name = names.clean(name, what="template name")
+    vms.check_firmware(platform.firmware)
     if checkpoint_type is not None:
         vms.check_type(checkpoint_type)
     kernel = vms.check_boot_file(kernel, "--kernel")
@@ -97,7 +101,7 @@ def create(ctx: Context, name: str, *, profile: str | None, disks: list[Path],
         with ctx.catalog.session() as session:
             row = Template(name=name, profile_name=profile, checkpoint_type=checkpoint_type,
                            append=append, folder=str(folder), disks=files, created_at=now(),
-                           **boot)
+                           firmware=platform.firmware, tpm=platform.tpm, **boot)
             session.add(row)
             return view(row, [])
 
@@ -198,12 +202,12 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            append: str | None = None, checkpoint_dir: str | None = None,
            nics: list[Nic] | None = None, owner_id: str | None = None,
            visible: lookup.Visible = lookup.everything,
-           platform: vms.Platform = vms.GENERATION_1) -> str:
+           platform: vms.Platform | None = None) -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
     ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`);
-    ``platform``: its firmware and TPM."""
+    ``platform``: its firmware and TPM (None: the template's, else BIOS without a TPM)."""
     with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
                        {"kernel": kernel, "initrd": initrd, "append": append},
@@ -213,7 +217,7 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
 def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | None,
             profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
             given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
-            owner: tuple[str | None, lookup.Visible], platform: vms.Platform) -> str:
+            owner: tuple[str | None, lookup.Visible], platform: vms.Platform | None) -> str:
     explicit = profiles.checked(explicit)
     with ctx.catalog.session() as session:
         chosen = get(session, template) if template is not None else None
@@ -223,6 +227,9 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
             if chosen else {}
         template_disks = [vms.DiskSpec(path=Path(chosen.folder) / d["file"], copy=full_copy)
                           for d in chosen.disks] if chosen else []
+        if platform is None:
+            platform = vms.Platform(firmware=chosen.firmware or "bios", tpm=bool(chosen.tpm)) \
+                if chosen else vms.GENERATION_1
     values, sources = setting_sources.resolve(explicit, *layers)
     origin = {"template": template, "profile": profile, "sources": sources}
     boot = {key: given[key] or boot.get(key) for key in ("kernel", "initrd", "append")}

@@ -342,12 +342,17 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     return vm_id
 
 
+def check_firmware(kind: str) -> str:
+    if kind not in FIRMWARE_KINDS:
+        raise InvalidInput(f"the firmware {kind!r} is unknown.",
+                           hint=f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
+    return kind
+
+
 def _variable_store(hardware: HardwareConfig) -> DiskSpec | None:
     """A UEFI VM's own variable store: a copy of the firmware's template (ToolMissing when the
     firmware is not installed), or None for BIOS."""
-    if hardware.firmware not in FIRMWARE_KINDS:
-        raise InvalidInput(f"the firmware {hardware.firmware!r} is unknown.",
-                           hint=f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
+    check_firmware(hardware.firmware)
     if not hardware.uefi:
         return None
     return DiskSpec(path=firmware.build(hardware.firmware).variables, copy=True)
