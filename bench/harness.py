@@ -148,11 +148,12 @@ class Guest(SerialLog):
     further ``--disk`` values after the guest's own data disk."""
 
     def __init__(self, home: Home, memory: str, image: dict[str, Any], *disks: str,
-                 name: str = VM) -> None:
+                 name: str = VM, options: tuple[str, ...] = ()) -> None:
         self.home = home
         self.name = name
         home.create_vm(name, image, "--disk", image["disk"],
-                       *(arg for disk in disks for arg in ("--disk", disk)), "--memory", memory)
+                       *(arg for disk in disks for arg in ("--disk", disk)), "--memory", memory,
+                       *options)
         self.memory_mib = int(home.json("vm", "show", name)["memory_mib"])
         self.serial = Path(home.json("vm", "status", name)["serial_log"])
         self.accelerator = "?"

@@ -1,0 +1,73 @@
+"""Checkpoints of a Generation 2 VM (UEFI variable store + TPM) against the same guest without
+them, on the real test guest (TCG), in the same run:
+
+    .venv/bin/python bench/firmware.py [--runs N] [--memory 256M]
+
+- standard pause: the guest's pause (`pause_seconds`, QEMU's STOP to RESUME) of
+  `checkpoint create VM --type standard` of a `--firmware uefi --tpm on` VM against the same
+  guest booted with SeaBIOS and no TPM; ratio of the medians; target <= 1.3 (the TPM's state
+  rides in the memory stream and its copy is taken while the guest is stopped anyway; the
+  variable store is one more node in the switch transaction).
+- production freeze: `freeze_seconds` of `checkpoint create VM --type production` of the
+  UEFI + TPM VM (freeze to thaw, the CPUs stopped inside it while the TPM state is copied and
+  the disks switch); target median < 200 ms; the plain VM's beside it.
+
+The two VMs run one after the other (one guest at a time). Medians of N runs (default 5); the
+machine is shared and noisy: compare the ratio, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from harness import Guest, Home, median, reporter, row, scratch_root, table, test_guest_image
+from live import production_checkpoint, standard_checkpoint
+
+PAUSE_RATIO_TARGET = 1.3
+FREEZE_TARGET = 0.200  # seconds
+GEN2 = ("--firmware", "uefi", "--tpm", "on")
+
+progress = reporter("firmware")
+
+
+def measure(root: Path, label: str, image: dict[str, Any], memory: str, runs: int,
+            options: tuple[str, ...]) -> tuple[list[float], list[float]]:
+    """(standard pauses, production freezes) of ``runs`` checkpoints each of one VM."""
+    home = Home(root / f"home-{label}")
+    try:
+        guest = Guest(home, memory, image, options=options)
+        progress(f"{label}: booting; {runs} standard, {runs} production checkpoints")
+        guest.boot()
+        pauses = [standard_checkpoint(guest, False).pause for _ in range(runs)]
+        guest.wait_agent()
+        freezes = [production_checkpoint(guest)[0] for _ in range(runs)]
+        return pauses, freezes
+    finally:
+        home.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--memory", default="256M")
+    args = parser.parse_args()
+    image = test_guest_image()
+    with scratch_root() as root:
+        plain = measure(root, "bios", image, args.memory, args.runs, ())
+        gen2 = measure(root, "uefi-tpm", image, args.memory, args.runs, GEN2)
+    ratio = median(gen2[0]) / median(plain[0])
+    rows = [row("standard: guest pause", f"{args.memory} uefi+tpm", gen2[0],
+                f"{median(plain[0]) * 1000:.0f} ms bios", ratio, f"<= {PAUSE_RATIO_TARGET}",
+                ratio <= PAUSE_RATIO_TARGET),
+            row("production: freeze window", f"{args.memory} uefi+tpm", gen2[1],
+                f"{median(plain[1]) * 1000:.0f} ms bios", median(gen2[1]) / median(plain[1]),
+                f"< {FREEZE_TARGET * 1000:.0f} ms", median(gen2[1]) < FREEZE_TARGET)]
+    print(f"Generation 2 checkpoint benchmarks, medians of {args.runs}:")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
