@@ -10,6 +10,9 @@ from waymark.errors import InvalidInput
 
 DEFAULT_LOCK_TIMEOUT = 10.0
 DEFAULT_QEMU_USER = "waymark-qemu"
+# How a VM's QEMU accelerates: ``auto`` probes (waymark.qemu.accel), ``kvm`` and ``tcg`` are
+# asked for. A VM's own setting wins; its ``auto`` takes this host's (``WAYMARK_ACCEL``).
+ACCELERATORS = ("auto", "kvm", "tcg")
 
 
 def default_home() -> Path:
@@ -24,6 +27,10 @@ class Settings:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     # the unprivileged user QEMU runs as when Waymark runs as root (waymark.qemu.confine)
     qemu_user: str = DEFAULT_QEMU_USER
+    # what a VM whose --accel is auto runs under on this host: auto (the probe), kvm or tcg
+    accel: str = "auto"
+    # a Linux kernel the KVM probe boots for a VM that boots none itself (else /boot/vmlinuz-*)
+    probe_kernel: str | None = None
 
     @classmethod
     def from_env(cls, home: str | None = None) -> Settings:
@@ -33,5 +40,10 @@ class Settings:
             timeout = float(raw)
         except ValueError as err:
             raise InvalidInput(f"WAYMARK_LOCK_TIMEOUT={raw!r} is not a number of seconds.") from err
+        accel = os.environ.get("WAYMARK_ACCEL") or "auto"
+        if accel not in ACCELERATORS:
+            raise InvalidInput(f"WAYMARK_ACCEL={accel!r} is not an accelerator.",
+                               hint=f"Use one of: {', '.join(ACCELERATORS)}.")
         return cls(home=Path(chosen).expanduser().absolute(), lock_timeout=timeout,
-                   qemu_user=os.environ.get("WAYMARK_QEMU_USER") or DEFAULT_QEMU_USER)
+                   qemu_user=os.environ.get("WAYMARK_QEMU_USER") or DEFAULT_QEMU_USER,
+                   accel=accel, probe_kernel=os.environ.get("WAYMARK_PROBE_KERNEL") or None)

@@ -91,6 +91,10 @@ def status(vm_ref: str, as_json: bool) -> None:
     if d["pid"]:
         lines.append(f"  pid {d['pid']}, {d['accelerator']}, up {d['uptime_seconds']} s, "
                      f"guest agent {'answers' if d['agent'] else 'does not answer'}")
+        if d["accelerator_reason"]:
+            lines.append(f"  accelerator: {d['accelerator']} ({d['accelerator_reason']})")
+    if d["silence"]:
+        lines += [f"  warning: {d['silence']['message']}", f"  hint: {d['silence']['hint']}"]
     if d.get("last_exit"):
         lines.append(f"  last stop: {d['last_exit']['reason']} at {d['last_exit']['at']}")
         # the guest wrote these: shown, never obeyed (escape sequences, bidi controls)

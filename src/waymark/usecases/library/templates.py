@@ -197,14 +197,16 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            full_copy: bool = False, kernel: str | None = None, initrd: str | None = None,
            append: str | None = None, checkpoint_dir: str | None = None,
            nics: list[Nic] | None = None, owner_id: str | None = None,
-           visible: lookup.Visible = lookup.everything) -> str:
+           visible: lookup.Visible = lookup.everything, cpu_model: str | None = None,
+           accel: str = "auto") -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
     ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`)."""
     with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
-                       {"kernel": kernel, "initrd": initrd, "append": append},
+                       {"kernel": kernel, "initrd": initrd, "append": append,
+                        "cpu_model": cpu_model, "accel": accel},
                        checkpoint_dir, nics, (owner_id, visible))
 
 
@@ -229,7 +231,8 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
                       checkpoint_type=values["checkpoint_type"],
                       checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
                       automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
-                      origin=origin, owner_id=owner[0], visible=owner[1])
+                      origin=origin, owner_id=owner[0], visible=owner[1],
+                      cpu_model=given["cpu_model"], accel=given["accel"] or "auto")
 
 
 def _layers(session: Any, profile: str | None, template: Template | None
