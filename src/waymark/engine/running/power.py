@@ -36,9 +36,6 @@ from waymark.qemu import accel, cmdline, confine, cpus, qmp
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
 QUIT_TIMEOUT = 10.0
-# A running guest that wrote nothing to its serial console and whose agent did not answer for
-# this long is reported silent by vm status (a Linux kernel hung under KVM looks like this).
-SILENT_SECONDS = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -452,7 +449,7 @@ async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[st
                    uptime_seconds=round(time.time() - started, 1) if started else None)
         out["agent"] = state == "running" and ask_agent and await _agent_answers(run, name)
         if state == "running" and ask_agent and not out["agent"]:
-            out["silence"] = silence(run, found.runtime, name)
+            out["silence"] = silence(run, found.runtime, name, ctx.settings.silent_seconds)
     elif state == "off":
         out["last_exit"] = presence.last_exit(run)
     if state == "saved":
@@ -460,10 +457,11 @@ async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[st
     return out
 
 
-def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str,
+def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str, after: float,
             now: float | None = None) -> dict[str, Any] | None:
     """A running guest whose agent does not answer: how long its serial console has been
-    quiet, when that is :data:`SILENT_SECONDS` or more since its start or its last output
+    quiet, when that is ``after`` seconds (``WAYMARK_SILENT_SECONDS``, default 60) or more
+    since its start or its last output
     (the serial log's mtime; Waymark's own start line is written before ``started_at``). What
     is cheap to measure: no QMP, no guest cooperation. A guest that prints nowhere but its own
     screen and runs no agent is reported too: the answer says what is seen, not a verdict."""
@@ -475,7 +473,7 @@ def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str,
     except OSError:
         last = started
     quiet = (time.time() if now is None else now) - last
-    if quiet < SILENT_SECONDS:
+    if quiet < after:
         return None
     used = runtime.get("accelerator")
     said = "nothing since it started" if last == started else "nothing new"

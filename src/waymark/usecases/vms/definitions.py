@@ -301,7 +301,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                               kernel=check_boot_file(kernel, "--kernel"),
                               initrd=check_boot_file(initrd, "--initrd"), append=append,
                               nics=[Nic(mac=new_mac())] if nics is None else nics,
-                              cpu_model=check_cpu(ctx, cpu_model or DEFAULT_CPU_MODEL),
+                              cpu_model=check_cpu(ctx, DEFAULT_CPU_MODEL if cpu_model is None
+                                                  else cpu_model),
                               accel=check_accel(accel))
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
