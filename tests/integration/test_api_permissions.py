@@ -1352,7 +1352,8 @@ TABLE = [
     row("POST", "/api/vms",                           "ok   ok  404  404  403  403  404",
         vm_create, ok=201),
     row("GET", V,                                     "ok   ok   ok   ok   ok   ok  404", vm_show),
-    row("GET", f"{V}/status",                         "ok   ok   ok   ok   ok   ok  404", vm_status),
+    row("GET", f"{V}/status",                         "ok   ok   ok   ok   ok   ok  404",
+        vm_status),
     # a VM's settings and deletion: its owner's and administrators' (no grant gives them)
     row("PATCH", V,                                   "ok   ok  403  403  403  403  404", vm_set),
     row("DELETE", V,                                  "ok   ok  403  403  403  403  404",

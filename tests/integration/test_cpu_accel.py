@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +97,31 @@ def test_applying_a_checkpoint_restores_the_cpu_model_and_accelerator_it_was_tak
     assert (shown["cpu_model"], shown["accel"]) == ("qemu64", "auto")
 
 
+def test_the_api_sets_the_cpu_model_and_accelerator_and_refuses_other_names(
+        wm: Waymark, admin_token: str) -> None:
+    wm("vm", "create", "web")
+    with serve_process(wm) as url:
+        def patch(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            request = urllib.request.Request(
+                f"{url}/api/vms/web", data=json.dumps(body).encode(), method="PATCH",
+                headers={"Authorization": f"Bearer {admin_token}",
+                         "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status, json.loads(answer.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        status, shown = patch({"cpu_model": "qemu64", "accel": "tcg"})
+        assert status == 200 and (shown["cpu_model"], shown["accel"]) == ("qemu64", "tcg")
+        assert shown["accelerator"] is None
+        for bad in ({"cpu_model": "qemu64,+vmx"}, {"accel": "xen"}):
+            status, error = patch(bad)
+            assert status in (400, 422), (bad, status, error)
+    assert (config_of(wm, "web")["cpu_model"], config_of(wm, "web")["accel"]) == ("qemu64",
+                                                                                  "tcg")
+
+
 @pytest.mark.guest  # asks qemu-system-x86_64 -cpu help (no guest runs)
 def test_a_cpu_model_this_qemu_does_not_offer_is_refused_naming_some_it_does(
         wm: Waymark) -> None:
@@ -158,8 +184,11 @@ def test_a_silent_guest_is_named_by_vm_status_with_its_accelerator_and_serial_lo
     assert "accelerator: tcg (asked for by WAYMARK_ACCEL)" in text, text
     with serve_process(wm, env={"WAYMARK_ACCEL": "tcg", "WAYMARK_SILENT_SECONDS": "2"}) as url:
         answer = _status(url, admin_token, "quiet")
+        remote = wm.run("vm", "status", "quiet", env=wm.env(WAYMARK_SERVER=url,
+                                                              WAYMARK_TOKEN=admin_token)).ok()
     assert answer["silence"]["message"].startswith("no sign of life"), answer
     assert answer["accelerator"] == "tcg"
+    assert "warning: no sign of life from the guest" in remote.stdout, remote
     with serve_process(wm) as url:  # the default: 60 s of silence, not reached yet
         assert _status(url, admin_token, "quiet")["silence"] is None
     # the hardware changes only while it is off
