@@ -23,8 +23,8 @@ CPU_MODEL = "qemu64"
 # x86-64-v2-AES), which current distributions and Windows 11 24H2 need (qemu64 lacks SSSE3,
 # SSE4.1/4.2 and POPCNT). KVM runs it on any Intel or AMD host since about 2011, and TCG
 # emulates every feature of it (QEMU 7.2 warns for none), so the VM and its memory states move
-# between such hosts (docs/runtime.md, "CPU model"). ``host`` and ``max`` are faster on one host, but a
-# memory state taken with them restores only on a host with the same CPU (and QEMU).
+# between such hosts (docs/runtime.md, "CPU model"). ``host`` and ``max`` are faster on one
+# host, but a memory state taken with them restores only on a host with the same CPU (and QEMU).
 DEFAULT_CPU_MODEL = "Westmere"
 # What a CPU model name may be, whoever wrote it (it reaches QEMU's -cpu): QEMU's names are
 # letters, digits, '-', '_' and '.' ("Skylake-Client-IBRS", "EPYC-Rome-v2", "qemu64", "max");
