@@ -461,10 +461,10 @@ def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str, after: fl
             now: float | None = None) -> dict[str, Any] | None:
     """A running guest whose agent does not answer: how long its serial console has been
     quiet, when that is ``after`` seconds (``WAYMARK_SILENT_SECONDS``, default 60) or more
-    since its start or its last output
-    (the serial log's mtime; Waymark's own start line is written before ``started_at``). What
-    is cheap to measure: no QMP, no guest cooperation. A guest that prints nowhere but its own
-    screen and runs no agent is reported too: the answer says what is seen, not a verdict."""
+    since its start or its last output (the serial log's mtime; Waymark's own start line is
+    written before ``started_at``). Cheap to measure: no QMP, nothing asked of the guest. A
+    guest that prints only to a screen and runs no agent is reported too: the answer says what
+    is seen, not a verdict."""
     started = runtime.get("started_at")
     if not isinstance(started, (int, float)):
         return None
