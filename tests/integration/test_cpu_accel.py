@@ -8,6 +8,7 @@ real silent guest (no QEMU behaviour is faked)."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import urllib.error
@@ -223,3 +224,22 @@ def test_a_vm_whose_cpu_model_cannot_run_here_does_not_start(
             says=("'host', which runs only under KVM, and it would run under tcg",
                   "--cpu Westmere"))
     assert wm.json("vm", "status", "quiet")["pid"] is None
+
+
+@pytest.mark.guest  # starts qemu-system-x86_64 under KVM (SeaBIOS only, no guest OS)
+def test_a_silent_guest_under_kvm_is_told_to_try_tcg(wm: Waymark, quiet: dict[str, str]) -> None:
+    """A VM asked to run under KVM, silent: the hint is ``vm set --accel tcg``. (Here no
+    kernel file exists to probe with, so ``--accel kvm`` runs unprobed and SeaBIOS, which runs
+    under KVM on this host, finds nothing to boot and prints nothing.)"""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is absent or not usable here: nothing runs under KVM")
+    wm("vm", "set", "quiet", "--accel", "kvm")
+    started = wm.run("vm", "start", "quiet", "--json", env=quiet)
+    if started.returncode == 5 and "KVM does not work on this host" in started.stderr:
+        pytest.skip("this host has a kernel to probe KVM with, and KVM does not run it")
+    assert started.ok().json()["accelerator"] == "kvm"
+    time.sleep(2.5)
+    silence = wm.run("vm", "status", "quiet", "--json", env=quiet).ok().json()["silence"]
+    assert silence is not None and "under kvm" in silence["message"], silence
+    assert "waymark vm stop quiet --force, then waymark vm set quiet --accel tcg" \
+        in silence["hint"], silence
