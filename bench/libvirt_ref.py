@@ -14,7 +14,7 @@ same kind of state. The memory file is measured (``state_bytes``) and then remov
 
 The guest is the one our runtime benchmark boots (:func:`waymark.testguest.build.build`, in
 $WAYMARK_TEST_GUEST or /var/tmp/waymark-test-guest), defined the way Waymark starts its VMs:
-``<domain type='qemu'>`` (TCG), machine pc-q35-7.2, CPU qemu64, 1 vCPU, direct kernel boot with
+``<domain type='qemu'>`` (TCG), machine pc-q35-7.2, CPU Westmere, 1 vCPU, direct kernel boot with
 the guest's command line (``console=ttyS0``), a qcow2 overlay of the data disk as virtio vda, a
 user-mode virtio NIC, the guest agent's virtio-serial port, and the serial console into a file
 that is polled for ``READY`` and ``COUNTER n``. libvirt's extras that Waymark VMs lack are
@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from waymark.model.hardware import CPU_MODEL, MACHINE
+from waymark.model.hardware import DEFAULT_CPU_MODEL, MACHINE
 from waymark.testguest.build import GuestImage, build
 
 URI = "qemu:///system"
@@ -131,7 +131,7 @@ def domain_xml(name: str, memory_mib: int, image: GuestImage, disk: Path, serial
   </os>
   <features><acpi/></features>
   <cpu mode='custom' match='exact' check='none'>
-    <model fallback='forbid'>{escape(CPU_MODEL)}</model>
+    <model fallback='forbid'>{escape(DEFAULT_CPU_MODEL)}</model>
   </cpu>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>

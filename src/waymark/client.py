@@ -59,6 +59,9 @@ class Client:
     def vm_power(self, vm: str, action: str, **options: Any) -> dict[str, Any]:
         return dict(self.call("POST", f"/vms/{_p(vm)}/{action}", options or None))
 
+    def vm_status(self, vm: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/vms/{_p(vm)}/status"))
+
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_list(self, vm: str) -> dict[str, Any]:

@@ -10,6 +10,12 @@ from waymark.errors import InvalidInput
 
 DEFAULT_LOCK_TIMEOUT = 10.0
 DEFAULT_QEMU_USER = "waymark-qemu"
+# seconds a running guest may show no sign of life (no serial output, no agent answer) before
+# vm status says so (a Linux kernel hung under KVM shows nothing at all)
+DEFAULT_SILENT_SECONDS = 60.0
+# How a VM's QEMU accelerates: ``auto`` probes (waymark.qemu.accel), ``kvm`` and ``tcg`` are
+# asked for. A VM's own setting wins; its ``auto`` takes this host's (``WAYMARK_ACCEL``).
+ACCELERATORS = ("auto", "kvm", "tcg")
 
 
 def default_home() -> Path:
@@ -24,14 +30,29 @@ class Settings:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     # the unprivileged user QEMU runs as when Waymark runs as root (waymark.qemu.confine)
     qemu_user: str = DEFAULT_QEMU_USER
+    # what a VM whose --accel is auto runs under on this host: auto (the probe), kvm or tcg
+    accel: str = "auto"
+    # a Linux kernel the KVM probe boots for a VM that boots none itself (else /boot/vmlinuz-*)
+    probe_kernel: str | None = None
+    silent_seconds: float = DEFAULT_SILENT_SECONDS
+
+    @staticmethod
+    def _seconds(name: str, default: float) -> float:
+        raw = os.environ.get(name, str(default))
+        try:
+            return float(raw)
+        except ValueError as err:
+            raise InvalidInput(f"{name}={raw!r} is not a number of seconds.") from err
 
     @classmethod
     def from_env(cls, home: str | None = None) -> Settings:
         chosen = home or os.environ.get("WAYMARK_HOME") or str(default_home())
-        raw = os.environ.get("WAYMARK_LOCK_TIMEOUT", str(DEFAULT_LOCK_TIMEOUT))
-        try:
-            timeout = float(raw)
-        except ValueError as err:
-            raise InvalidInput(f"WAYMARK_LOCK_TIMEOUT={raw!r} is not a number of seconds.") from err
+        timeout = cls._seconds("WAYMARK_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT)
+        accel = os.environ.get("WAYMARK_ACCEL") or "auto"
+        if accel not in ACCELERATORS:
+            raise InvalidInput(f"WAYMARK_ACCEL={accel!r} is not an accelerator.",
+                               hint=f"Use one of: {', '.join(ACCELERATORS)}.")
         return cls(home=Path(chosen).expanduser().absolute(), lock_timeout=timeout,
-                   qemu_user=os.environ.get("WAYMARK_QEMU_USER") or DEFAULT_QEMU_USER)
+                   qemu_user=os.environ.get("WAYMARK_QEMU_USER") or DEFAULT_QEMU_USER,
+                   accel=accel, probe_kernel=os.environ.get("WAYMARK_PROBE_KERNEL") or None,
+                   silent_seconds=cls._seconds("WAYMARK_SILENT_SECONDS", DEFAULT_SILENT_SECONDS))

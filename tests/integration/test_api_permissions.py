@@ -609,6 +609,15 @@ def vm_show(env: Env, caller: str, allowed: bool) -> Req:
     return Req(f"/api/vms/{vm}", check=check, ref=vm)
 
 
+def vm_status(env: Env, caller: str, allowed: bool) -> Req:
+    vm = env.target(caller)
+
+    def check(resp: httpx.Response) -> None:
+        assert resp.json()["id"] == env.vm_ids[vm] and resp.json()["silence"] is None
+
+    return Req(f"/api/vms/{vm}/status", check=check, ref=vm)
+
+
 def vm_set(env: Env, caller: str, allowed: bool) -> Req:
     vm = env.target(caller)
     cpus = 2 if env.admin("GET", f"/api/vms/{vm}")["cpus"] == 1 else 1
@@ -1343,6 +1352,8 @@ TABLE = [
     row("POST", "/api/vms",                           "ok   ok  404  404  403  403  404",
         vm_create, ok=201),
     row("GET", V,                                     "ok   ok   ok   ok   ok   ok  404", vm_show),
+    row("GET", f"{V}/status",                         "ok   ok   ok   ok   ok   ok  404",
+        vm_status),
     # a VM's settings and deletion: its owner's and administrators' (no grant gives them)
     row("PATCH", V,                                   "ok   ok  403  403  403  403  404", vm_set),
     row("DELETE", V,                                  "ok   ok  403  403  403  403  404",

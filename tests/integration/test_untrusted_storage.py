@@ -306,12 +306,16 @@ CONFIGS: dict[str, Callable[[dict[str, Any]], None]] = {
     "mac": lambda config: config["nics"][0].update(mac="52:54:00:00:00:01,romfile=/etc/shadow"),
     "machine": lambda config: config.update(machine="pc-q35-7.2,dumpdtb=/etc/passwd"),
     "unknown": lambda config: config.update(helper="/bin/sh"),
+    # a CPU model reaches QEMU's -cpu: no property may ride along
+    "cpu": lambda config: config.update(cpu_model="qemu64,+vmx,hv-passthrough=on"),
+    "accel": lambda config: config.update(accel="kvm,kernel-irqchip=off"),
 }
 SAYS = {"initrd": SHADOW, "kernel": "id_ed25519", "bridge": HELPER_BRIDGE, "forward": "guestfwd",
-        "mac": "romfile", "machine": "dumpdtb", "unknown": "helper"}
+        "mac": "romfile", "machine": "dumpdtb", "unknown": "helper", "cpu": "hv-passthrough",
+        "accel": "kernel-irqchip"}
 
 
-@pytest.mark.parametrize("what", ["initrd", "bridge"])
+@pytest.mark.parametrize("what", ["initrd", "bridge", "cpu"])
 def test_a_point_carrying_a_hostile_configuration_is_not_restored(
         wm: Waymark, tmp_path: Path, what: str) -> None:
     repo, (point,) = backed_up(wm, tmp_path)
@@ -348,6 +352,36 @@ def test_a_bundle_carrying_a_hostile_configuration_is_not_imported(
     reseal(bundle, "configuration.json")
     refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_IMAGE,
             str(bundle / "configuration.json"), SAYS[what], "Nothing was changed")
+
+
+@pytest.mark.guest  # asks qemu-system-x86_64 which CPU models it offers (no guest runs)
+def test_a_bundle_naming_a_cpu_model_this_qemu_lacks_is_not_imported(
+        wm: Waymark, tmp_path: Path) -> None:
+    """A well-formed name this host's QEMU does not offer (a bundle from a newer QEMU, or a
+    made-up one) is refused at import, naming it, not when the VM first starts."""
+    bundle = bundle_of(wm, tmp_path)
+    rewrite(bundle / "configuration.json", lambda c: c.update(cpu_model="Pentium9000-v7"))
+    reseal(bundle, "configuration.json")
+    refused(wm, (bundle,), ("vm", "import", str(bundle), "--name", "clone"), EXIT_IMAGE,
+            str(bundle / "configuration.json"), "no CPU model 'Pentium9000-v7'",
+            "Nothing was changed")
+
+
+def test_a_bundle_written_before_cpu_models_and_accelerators_imports_unchanged(
+        wm: Waymark, tmp_path: Path) -> None:
+    """A configuration an earlier Waymark wrote (qemu64, no ``accel`` key) still imports: the
+    VM keeps qemu64 (its memory states need it) and gets ``auto``."""
+    bundle = bundle_of(wm, tmp_path)
+
+    def earlier(config: dict[str, Any]) -> None:
+        config.update(cpu_model="qemu64")
+        del config["accel"]
+
+    rewrite(bundle / "configuration.json", earlier)
+    reseal(bundle, "configuration.json")
+    wm("vm", "import", str(bundle), "--name", "clone")
+    shown = wm.json("vm", "show", "clone")
+    assert (shown["cpu_model"], shown["accel"], shown["accelerator"]) == ("qemu64", "auto", None)
 
 
 @pytest.mark.parametrize("how", ["absolute", "relative", "json", "data-file"])
@@ -402,7 +436,7 @@ def stored(wm: Waymark, tmp_path: Path) -> tuple[Path, Path]:
     return library, library / "vms" / vm_id / "manifest.json"
 
 
-@pytest.mark.parametrize("what", ["initrd", "bridge", "forward", "mac"])
+@pytest.mark.parametrize("what", ["initrd", "bridge", "forward", "mac", "cpu"])
 @pytest.mark.parametrize("where", ["vm", "checkpoint"])
 def test_a_share_carrying_a_hostile_configuration_is_not_deployed(
         wm: Waymark, tmp_path: Path, what: str, where: str) -> None:

@@ -221,7 +221,11 @@ class Vm(Body):
     memory_mib: int
     cpus: int
     machine: str
-    cpu_model: str
+    cpu_model: str = Field(description="The QEMU CPU model, pinned (a memory state restores "
+                                       "only on it)")
+    accel: str = Field(description="The accelerator asked for: auto, kvm or tcg")
+    accelerator: str | None = Field(description="The accelerator its QEMU runs under (kvm or "
+                                                "tcg); null when it does not run")
     kernel: str | None = Field(default=None, description=HOST_PATH)
     initrd: str | None = Field(default=None, description=HOST_PATH)
     append: str | None
@@ -256,8 +260,16 @@ class VmRow(Body):
     checkpoint_count: int = Field(description="How many checkpoints it has")
 
 
+class Silence(Body):
+    """A running guest that shows no sign of life (no serial output, no agent answer)."""
+
+    seconds: float = Field(description="Since its start or its last serial output")
+    message: str = Field(description="What is seen, with the accelerator in use")
+    hint: str = Field(description="What to do (under KVM: vm set --accel tcg)")
+
+
 class VmStatus(Body):
-    """The VM after a start."""
+    """The VM as it runs (the answer of a start, and of GET /api/vms/{vm}/status)."""
 
     name: str
     id: str
@@ -265,8 +277,12 @@ class VmStatus(Body):
     serial_log: str | None = Field(default=None, description=HOST_PATH)
     pid: int | None
     accelerator: str | None
+    accelerator_reason: str | None = Field(default=None, description="Why that accelerator "
+                                           "(asked for, or what the KVM probe found)")
     uptime_seconds: float | None
     agent: bool
+    silence: Silence | None = Field(default=None, description="Set when the running guest "
+                                    "has shown no sign of life for 60 s or more")
     last_exit: dict[str, Any] | None = None
     saved_state: str | None = Field(default=None, description=HOST_PATH)
 

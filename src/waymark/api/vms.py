@@ -22,6 +22,7 @@ from waymark.http.security import (
     vm_for,
 )
 from waymark.model import policy
+from waymark.model.hardware import CPU_MODEL_NAME
 from waymark.model.policy import Decision
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer
@@ -31,6 +32,10 @@ from waymark.usecases.vms import definitions as vm_ops
 
 router = APIRouter(tags=["vms"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
+Accelerator = Literal["auto", "kvm", "tcg"]
+CPU_MODEL = Field(default=None, max_length=64, pattern=CPU_MODEL_NAME.pattern,
+                  description="A CPU model this host's QEMU offers (qemu-system-x86_64 -cpu "
+                              "help); pinned: a memory state restores only on it")
 
 
 @router.get("/vms", response_model=list[schemas.VmRow])
@@ -52,6 +57,8 @@ class NewVm(BaseModel):
     checkpoint_type: CheckpointType | None = None
     max_checkpoints: int | None = Field(default=None, ge=1, le=1000)
     automatic_checkpoints: bool | None = None
+    cpu_model: str | None = CPU_MODEL
+    accel: Accelerator = "auto"
 
 
 @router.post("/vms", status_code=201, response_model=schemas.Vm)
@@ -74,7 +81,8 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
                 "automatic_checkpoints": body.automatic_checkpoints}
     vm_id = templates.new_vm(ctx, body.name, explicit=explicit, template=body.template,
                              profile=body.profile, disks=[], full_copy=body.full_copy,
-                             owner_id=caller.who.user_id, visible=in_scope(caller.who))
+                             owner_id=caller.who.user_id, visible=in_scope(caller.who),
+                             cpu_model=body.cpu_model, accel=body.accel)
     return redact(caller.who, views.vm_show(ctx, vm_id))
 
 
@@ -92,6 +100,8 @@ class VmSettings(BaseModel):
     automatic_checkpoints: bool | None = None
     checkpoint_dir: str | None = Field(default=None, max_length=4096,
                                        description="Administrators only: a host folder.")
+    cpu_model: str | None = CPU_MODEL
+    accel: Accelerator | None = None
     discard_saved_state: bool = False
 
 
@@ -106,8 +116,17 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
                         checkpoint_dir=body.checkpoint_dir,
                         max_checkpoints=body.max_checkpoints,
                         discard_saved=body.discard_saved_state,
-                        automatic_checkpoints=body.automatic_checkpoints)
+                        automatic_checkpoints=body.automatic_checkpoints,
+                        cpu_model=body.cpu_model, accel=body.accel)
     return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+@router.get("/vms/{vm}/status", response_model=schemas.VmStatus)
+def vm_status(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """State, process, accelerator in use (and why), uptime, whether the guest agent answers,
+    and ``silence`` when a running guest shows no sign of life."""
+    row = vm_for(ctx, caller.who, "vm.view", vm)
+    return redact(caller.who, asyncio.run(power.status(ctx, row.id)))
 
 
 @router.delete("/vms/{vm}", response_model=schemas.Deleted)

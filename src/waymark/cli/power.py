@@ -86,16 +86,23 @@ def resume(vm_ref: str, as_json: bool) -> None:
 @json_option
 def status(vm_ref: str, as_json: bool) -> None:
     """State, process, accelerator, uptime, and whether the guest agent answers."""
-    d = asyncio.run(power.status(face().ctx, face().vm_id(vm_ref)))
+    remote = face().remote
+    d = remote.vm_status(vm_ref) if remote is not None \
+        else asyncio.run(power.status(face().ctx, face().vm_id(vm_ref)))
     lines = [f"{d['name']}: {d['state']}"]
     if d["pid"]:
         lines.append(f"  pid {d['pid']}, {d['accelerator']}, up {d['uptime_seconds']} s, "
                      f"guest agent {'answers' if d['agent'] else 'does not answer'}")
+        if d["accelerator_reason"]:
+            lines.append(f"  accelerator: {d['accelerator']} ({d['accelerator_reason']})")
+    if d["silence"]:
+        lines += [f"  warning: {d['silence']['message']}", f"  hint: {d['silence']['hint']}"]
     if d.get("last_exit"):
         lines.append(f"  last stop: {d['last_exit']['reason']} at {d['last_exit']['at']}")
         # the guest wrote these: shown, never obeyed (escape sequences, bidi controls)
         lines += [f"    | {printable(line)}" for line in d["last_exit"]["log"]]
-    lines.append(f"  serial log: {d['serial_log']}")
+    if d.get("serial_log"):  # a host path: the API shows it to administrators only
+        lines.append(f"  serial log: {d['serial_log']}")
     emit(as_json, d, lines)
 
 

@@ -10,8 +10,9 @@ import click
 from waymark.cli import power
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
+from waymark.config import ACCELERATORS
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.model.hardware import CHECKPOINT_TYPES, FIRMWARE_KINDS
+from waymark.model.hardware import CHECKPOINT_TYPES, DEFAULT_CPU_MODEL, FIRMWARE_KINDS
 from waymark.model.units import human, parse_size
 from waymark.usecases import views
 from waymark.usecases.library import store_deploy as library
@@ -20,6 +21,10 @@ from waymark.usecases.vms import bundles
 from waymark.usecases.vms import definitions as vms
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
+CPU_HELP = ("A CPU model this host's QEMU offers (qemu-system-x86_64 -cpu help), pinned: a "
+            "memory state restores only on the model it was taken on.")
+ACCEL_HELP = ("kvm, tcg, or auto: this host's WAYMARK_ACCEL, else KVM when a Linux kernel "
+              "boots under it (probed), else TCG.")
 
 
 def _memory(value: str | None) -> int | None:
@@ -62,13 +67,18 @@ def vm() -> None:
 @click.option("--tpm", type=click.Choice(["on", "off"]),
               help="A TPM 2.0 whose state the VM owns (BitLocker, Windows 11).  [default: the "
                    "template's, else off]")
+@click.option("--cpu", "cpu_model", metavar="MODEL",
+              help=f"{CPU_HELP}  [default: {DEFAULT_CPU_MODEL}]")
+@click.option("--accel", type=click.Choice(ACCELERATORS), default="auto", show_default=True,
+              help=ACCEL_HELP)
 @json_option
 def create(name: str, template: str | None, profile: str | None, full_copy: bool,
            memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,
            initrd: str | None, append: str | None, checkpoint_type: str | None,
            checkpoint_dir: str | None, max_checkpoints: int | None,
            automatic_checkpoints: str | None, nics: tuple[str, ...], firmware: str | None,
-           tpm: str | None, as_json: bool) -> None:
+           tpm: str | None, cpu_model: str | None, accel: str,
+           as_json: bool) -> None:
     """Define a new VM (it is off). Each setting comes from its option, else the hardware
     profile, else the template, else the default; `vm show` says which."""
     if full_copy and template is None:
@@ -84,7 +94,8 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
     vm_id = templates.new_vm(ctx, name, explicit=explicit, template=template, profile=profile,
                              disks=specs, full_copy=full_copy, kernel=kernel, initrd=initrd,
                              append=append, checkpoint_dir=checkpoint_dir, nics=nic_list,
-                             platform=platform(firmware, tpm, template))
+                             platform=platform(firmware, tpm, template),
+                             cpu_model=cpu_model, accel=accel)
     shown = views.vm_show(ctx, vm_id)
     source = f" from template {template}" if template else ""
     emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}){source} with "
@@ -132,7 +143,9 @@ def show(vm_ref: str, as_json: bool) -> None:
         else views.vm_show(face().ctx, face().vm_id(vm_ref))
     lines = [f"VM {data['name']}  ({data['id']})", f"  state: {data['state']}",
              f"  memory: {data['memory_mib']} MiB   cpus: {data['cpus']}   "
-             f"machine: {data['machine']}",
+             f"machine: {data['machine']}   CPU model: {data['cpu_model']}",
+             f"  accelerator: {data['accel']}"
+             f"{'' if data['accelerator'] is None else ', in use: ' + data['accelerator']}",
              f"  firmware: {data['firmware']}   TPM: {'on' if data['tpm'] else 'off'}",
              f"  checkpoint type: {data['checkpoint_type']}{_from(data, 'checkpoint_type')}"
              f"   limit: {data['max_checkpoints']}"
@@ -173,18 +186,22 @@ DISCARD_SAVED = click.option(
 @click.option("--max-checkpoints", type=int)
 @click.option("--automatic-checkpoints", type=click.Choice(["on", "off"]),
               help="A checkpoint at each start, deleted after a clean shutdown.")
+@click.option("--cpu", "cpu_model", metavar="MODEL", help=CPU_HELP)
+@click.option("--accel", type=click.Choice(ACCELERATORS), help=ACCEL_HELP)
 @DISCARD_SAVED
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
          checkpoint_dir: str | None, max_checkpoints: int | None,
-         automatic_checkpoints: str | None, discard_saved_state: bool, as_json: bool) -> None:
-    """Change a VM's settings (memory and CPUs only while it is off)."""
+         automatic_checkpoints: str | None, cpu_model: str | None, accel: str | None,
+         discard_saved_state: bool, as_json: bool) -> None:
+    """Change a VM's settings (memory, CPUs, CPU model and accelerator only while it is
+    off)."""
     ctx, vm_id = face().ctx, face().vm_id(vm_ref)
     vms.set_settings(ctx, vm_id, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
                      max_checkpoints=max_checkpoints, discard_saved=discard_saved_state,
                      automatic_checkpoints=None if automatic_checkpoints is None
-                     else automatic_checkpoints == "on")
+                     else automatic_checkpoints == "on", cpu_model=cpu_model, accel=accel)
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 

@@ -11,12 +11,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from waymark.config import ACCELERATORS
 from waymark.errors import InvalidInput
 
 # Pinned, never an alias (q35, host): a saved memory state only restores on the machine it
 # was taken on.
 MACHINE = "pc-q35-7.2"
+# The CPU model of every configuration written before --cpu existed (they load unchanged).
 CPU_MODEL = "qemu64"
+# A new VM's CPU model: the x86-64-v2 baseline plus AES-NI and PCLMULQDQ (Proxmox's
+# x86-64-v2-AES), which current distributions and Windows 11 24H2 need (qemu64 lacks SSSE3,
+# SSE4.1/4.2 and POPCNT). KVM runs it on any Intel or AMD host since about 2011, and TCG
+# emulates every feature of it (QEMU 7.2 warns for none), so the VM and its memory states move
+# between such hosts (docs/runtime.md, "CPU model"). ``host`` and ``max`` are faster on one
+# host, but a memory state taken with them restores only on a host with the same CPU (and QEMU).
+DEFAULT_CPU_MODEL = "Westmere"
+# What a CPU model name may be, whoever wrote it (it reaches QEMU's -cpu): QEMU's names are
+# letters, digits, '-', '_' and '.' ("Skylake-Client-IBRS", "EPYC-Rome-v2", "qemu64", "max");
+# no ',' or '=' can ride along as a CPU property.
+CPU_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 CHECKPOINT_TYPES = ("disabled", "production", "productiononly", "standard")
 
@@ -58,6 +71,24 @@ def check_forward(rule: object) -> str:
         raise _bad(f"the port forward {rule!r} is not tcp|udp:[ADDR]:PORT-[ADDR]:PORT",
                    "For example: --nic user,hostfwd=tcp::2222-:22")
     return str(rule)
+
+
+def check_cpu_model(name: object) -> str:
+    """A CPU model's name of QEMU's shape (:data:`CPU_MODEL_NAME`); whether this host's QEMU
+    offers it is :mod:`waymark.qemu.cpus`'s question."""
+    if not isinstance(name, str) or not CPU_MODEL_NAME.fullmatch(name):
+        raise _bad(f"the CPU model {name!r} is not a QEMU CPU model name",
+                   f"Give a name that qemu-system-x86_64 -cpu help lists, e.g. "
+                   f"--cpu {DEFAULT_CPU_MODEL}.")
+    return name
+
+
+def check_accel(value: object) -> str:
+    """``auto`` (this host decides: WAYMARK_ACCEL, else the KVM probe), ``kvm`` or ``tcg``."""
+    if value not in ACCELERATORS:
+        raise _bad(f"the accelerator {value!r} is unknown",
+                   f"Use one of: {', '.join(ACCELERATORS)}.")
+    return str(value)
 
 
 @dataclass
@@ -107,6 +138,7 @@ class HardwareConfig:
     # guest sees it as the second flash chip, never as a disk (docs/firmware.md)
     nvram: str | None = None
     tpm: bool = False  # a TPM 2.0 (swtpm), its state owned by the VM (docs/firmware.md)
+    accel: str = "auto"  # auto | kvm | tcg (check_accel)
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> HardwareConfig:
@@ -129,12 +161,14 @@ class HardwareConfig:
 
     def check(self, boot: BootRule) -> None:
         """InvalidInput unless every field is what Waymark itself would write: the pinned
-        machine and CPU model, sizes in range, kernel and initrd files ``boot`` allows, plain
-        disk ids and NICs that pass :meth:`Nic.check`. The one check of CLI input and of
-        configurations read from storage."""
-        if self.machine != MACHINE or self.cpu_model != CPU_MODEL:
-            raise _bad(f"the machine {self.machine!r} / CPU {self.cpu_model!r} is not "
-                       f"{MACHINE} / {CPU_MODEL}", "Use a configuration Waymark wrote.")
+        machine, a CPU model of QEMU's name shape, an accelerator Waymark knows, sizes in
+        range, kernel and initrd files ``boot`` allows, plain disk ids and NICs that pass
+        :meth:`Nic.check`. The one check of CLI input and of configurations read from storage."""
+        if self.machine != MACHINE:
+            raise _bad(f"the machine {self.machine!r} is not {MACHINE}",
+                       "Use a configuration Waymark wrote.")
+        check_cpu_model(self.cpu_model)
+        check_accel(self.accel)
         for what, value, top in (("memory", self.memory_mib, MAX_MEMORY_MIB),
                                  ("CPU count", self.cpus, MAX_CPUS)):
             if type(value) is not int or not 1 <= value <= top:

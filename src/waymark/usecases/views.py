@@ -119,7 +119,13 @@ def vm_show(ctx: Context, vm_id: str) -> dict[str, Any]:
     for commands that hold the VM's lock: :func:`waymark.engine.running.presence.reconcile`)."""
     with ctx.catalog.snapshot() as session:
         row = lookup.vm_by_id(session, vm_id)
-        return _vm(session, row, presence.observed_state(ctx, row.id, row.state))
+        state = presence.observed_state(ctx, row.id, row.state)
+        shown = _vm(session, row, state)
+    # the accelerator its QEMU runs under (its configured one is ``accel``)
+    found = presence.find(presence.run_files(ctx, vm_id))
+    shown["accelerator"] = (found.runtime.get("accelerator")
+                            if found is not None and state in presence.LIVE_STATES else None)
+    return shown
 
 
 def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:

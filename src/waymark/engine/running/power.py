@@ -31,7 +31,7 @@ from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkErr
 from waymark.guest import agent
 from waymark.images import qemu_img
 from waymark.model.hardware import HardwareConfig
-from waymark.qemu import accel, cmdline, confine, firmware, qmp, tpm
+from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
@@ -109,8 +109,19 @@ def _check_boot_files(hardware: HardwareConfig) -> None:
                            hint=f"Restore it, or give it a new one (a later vm set {option}).")
 
 
+def _accelerator(ctx: Context, name: str, hardware: HardwareConfig,
+                 owner: confine.Identity | None) -> accel.Choice:
+    """What the VM runs under here (:func:`waymark.qemu.accel.choose`), its pinned CPU model
+    checked against this host's QEMU and that accelerator: a clear error, never QEMU's."""
+    chosen = accel.choose(ctx.home / "run", name, vm_accel=hardware.accel,
+                          host_accel=ctx.settings.accel, kernel=hardware.kernel,
+                          probe_kernel=ctx.settings.probe_kernel, owner=owner)
+    cpus.require(hardware.cpu_model, chosen.accelerator, ctx.home / "run", name)
+    return chosen
+
+
 def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incoming: bool
-           ) -> tuple[cmdline.RunFiles, subprocess.Popen[bytes], str]:
+           ) -> tuple[cmdline.RunFiles, subprocess.Popen[bytes], accel.Choice]:
     """QEMU started for the VM (its run files, its process, its accelerator)."""
     _check_boot_files(hardware)
     chains = disk_chains(ctx, vm_id, hardware)
@@ -119,16 +130,17 @@ def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incomi
     presence.clean(run)
     durable.remove(run.last_exit)
     owner = confine.identity(ctx.settings.qemu_user)
-    chosen = accel.accelerator(ctx.home / "run", hardware.kernel, owner)
+    chosen = _accelerator(ctx, name, hardware, owner)
     if hardware.uefi:
         firmware.build(hardware.firmware)  # installed, or a clear error
     with open(run.serial_log, "ab") as log:
-        log.write(f"\n--- waymark: starting {name} ({chosen}) ---\n".encode())
+        log.write(f"\n--- waymark: starting {name} ({chosen.accelerator}: {chosen.reason}; "
+                  f"CPU {hardware.cpu_model}) ---\n".encode())
     given = confine.handoff(owner, run, hardware, chains)
     try:
         with _tpm(ctx, vm_id, hardware, owner) as tpm_end:
             launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run,
-                                    chosen, incoming=incoming, extra=tuple(given.args),
+                                    chosen.accelerator, incoming=incoming, extra=tuple(given.args),
                                     files=given.files, sockets=given.sockets, taps=given.taps,
                                     tpm=tpm_end)
             daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
@@ -177,7 +189,8 @@ async def _launched(ctx: Context, vm_id: str, name: str, hardware: HardwareConfi
             raise
         durable.write_bytes(run.pidfile, str(daemon.pid).encode())
         durable.write_bytes(run.runtime, json.dumps(
-            {"pid": daemon.pid, "accelerator": chosen, "started_at": time.time()}).encode())
+            {"pid": daemon.pid, "accelerator": chosen.accelerator,
+             "accelerator_reason": chosen.reason, "started_at": time.time()}).encode())
         yield run, machine
 
 
@@ -460,17 +473,55 @@ async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[st
     found = presence.find(run)
     out: dict[str, Any] = {"name": name, "id": vm_id, "state": state,
                            "serial_log": str(run.serial_log), "pid": None,
-                           "accelerator": None, "uptime_seconds": None, "agent": False}
+                           "accelerator": None, "accelerator_reason": None,
+                           "uptime_seconds": None, "agent": False, "silence": None}
     if found is not None and state in presence.LIVE_STATES:
         started = found.runtime.get("started_at")
         out.update(pid=found.pid, accelerator=found.runtime.get("accelerator"),
+                   accelerator_reason=found.runtime.get("accelerator_reason"),
                    uptime_seconds=round(time.time() - started, 1) if started else None)
         out["agent"] = state == "running" and ask_agent and await _agent_answers(run, name)
+        if state == "running" and ask_agent and not out["agent"]:
+            out["silence"] = silence(run, found.runtime, name, ctx.settings.silent_seconds)
     elif state == "off":
         out["last_exit"] = presence.last_exit(run)
     if state == "saved":
         out["saved_state"] = str(saved_state(ctx, vm_id).state)
     return out
+
+
+def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str, after: float,
+            now: float | None = None) -> dict[str, Any] | None:
+    """A running guest whose agent does not answer: how long its serial console has been
+    quiet, when that is ``after`` seconds (``WAYMARK_SILENT_SECONDS``, default 60) or more
+    since its start or its last output (the serial log's mtime; Waymark's own start line is
+    written before ``started_at``). Cheap to measure: no QMP, nothing asked of the guest. A
+    guest that prints only to a screen and runs no agent is reported too: the answer says what
+    is seen, not a verdict."""
+    started = runtime.get("started_at")
+    if not isinstance(started, (int, float)):
+        return None
+    try:
+        last = max(started, run.serial_log.stat().st_mtime)
+    except OSError:
+        last = started
+    quiet = (time.time() if now is None else now) - last
+    if quiet < after:
+        return None
+    used = runtime.get("accelerator")
+    said = "nothing since it started" if last == started else "nothing new"
+    message = (f"no sign of life from the guest for {quiet:.0f} s: {said} on its serial "
+               f"console and its guest agent does not answer (it runs under {used}; serial "
+               f"log {run.serial_log}).")
+    if used == "kvm":
+        hint = (f"A guest that hangs under KVM (some hosts hang Linux kernels right after the "
+                f"boot loader) runs under TCG: waymark vm stop {name} --force, then "
+                f"waymark vm set {name} --accel tcg.")
+    else:
+        hint = (f"Look at the serial log (a guest whose console is not ttyS0 prints nothing "
+                f"there; a kernel needs console=ttyS0) and at {run.errors}; a hung guest: "
+                f"waymark vm stop {name} --force.")
+    return {"seconds": round(quiet, 1), "message": message, "hint": hint}
 
 
 async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:

@@ -202,7 +202,8 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            append: str | None = None, checkpoint_dir: str | None = None,
            nics: list[Nic] | None = None, owner_id: str | None = None,
            visible: lookup.Visible = lookup.everything,
-           platform: vms.Platform | None = None) -> str:
+           platform: vms.Platform | None = None, cpu_model: str | None = None,
+           accel: str = "auto") -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
@@ -210,7 +211,8 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
     ``platform``: its firmware and TPM (None: the template's, else BIOS without a TPM)."""
     with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
-                       {"kernel": kernel, "initrd": initrd, "append": append},
+                       {"kernel": kernel, "initrd": initrd, "append": append,
+                        "cpu_model": cpu_model, "accel": accel},
                        checkpoint_dir, nics, (owner_id, visible), platform)
 
 
@@ -238,7 +240,8 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
                       checkpoint_type=values["checkpoint_type"],
                       checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
                       automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
-                      origin=origin, owner_id=owner[0], visible=owner[1], platform=platform)
+                      origin=origin, owner_id=owner[0], visible=owner[1], platform=platform,
+                      cpu_model=given["cpu_model"], accel=given["accel"] or "auto")
 
 
 def _layers(session: Any, profile: str | None, template: Template | None

@@ -47,13 +47,17 @@ from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import (
     CHECKPOINT_TYPES,
+    DEFAULT_CPU_MODEL,
     FIRMWARE_KINDS,
     BootRule,
     HardwareConfig,
     Nic,
+    check_accel,
+    check_cpu_model,
 )
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
+from waymark.qemu import cpus as cpu_models
 from waymark.qemu import firmware
 from waymark.usecases.access import quotas
 
@@ -203,6 +207,11 @@ def check_boot_file(value: str | None, option: str) -> str | None:
     return str(path)
 
 
+def check_cpu(ctx: Context, model: str) -> str:
+    """A CPU model of QEMU's name shape that this host's QEMU offers (where one is installed)."""
+    return cpu_models.check_offered(check_cpu_model(model), ctx.home / "run")
+
+
 def given_by_admin(path: str) -> bool:
     """The boot rule of CLI input: an administrator may boot any file that exists
     (:func:`check_boot_file`)."""
@@ -234,9 +243,11 @@ def untrusted_hardware(ctx: Context, data: Any, *, vm_id: str | None, where: str
     """A configuration read from storage others may write, held to the checks of CLI input
     (:meth:`HardwareConfig.check`) with :func:`boot_rule`; refused naming ``where``."""
     try:
-        return HardwareConfig.load_checked(data, boot_rule(ctx, vm_id))
+        hardware = HardwareConfig.load_checked(data, boot_rule(ctx, vm_id))
+        check_cpu(ctx, hardware.cpu_model)
     except InvalidInput as err:
         raise shares.refused(where, err.message.rstrip(".")) from err
+    return hardware
 
 
 def _image_row(vm_id: str, path: Path, fmt: str, size: int, *, parent: str | None = None,
@@ -298,8 +309,11 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
            max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None,
            automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None,
            owner_id: str | None = None, visible: lookup.Visible = lookup.everything,
-           platform: Platform = GENERATION_1) -> str:
-    """Define a VM (it is off); returns its id. ``origin``: where its settings came from
+           platform: Platform = GENERATION_1, cpu_model: str | None = None,
+           accel: str = "auto") -> str:
+    """Define a VM (it is off); returns its id. ``cpu_model``: one this host's QEMU offers
+    (default :data:`~waymark.model.hardware.DEFAULT_CPU_MODEL`); ``accel``: auto, kvm or tcg.
+    ``origin``: where its settings came from
     (:func:`waymark.usecases.library.templates.new_vm`); ``owner_id``: the user it belongs to, who
     may see
     the VMs ``visible`` accepts (:func:`refuse_taken`)."""
@@ -311,6 +325,9 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                               kernel=check_boot_file(kernel, "--kernel"),
                               initrd=check_boot_file(initrd, "--initrd"), append=append,
                               nics=[Nic(mac=new_mac())] if nics is None else nics,
+                              cpu_model=check_cpu(ctx, DEFAULT_CPU_MODEL if cpu_model is None
+                                                  else cpu_model),
+                              accel=check_accel(accel),
                               firmware=platform.firmware, tpm=platform.tpm)
     store = _variable_store(hardware)
     disk_rows: list[dict[str, Any]] = []
@@ -390,13 +407,21 @@ def commit_vm_create(session: Session, params: VmCreate) -> None:
 def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None, discard_saved: bool = False,
-                 automatic_checkpoints: bool | None = None) -> None:
+                 automatic_checkpoints: bool | None = None, cpu_model: str | None = None,
+                 accel: str | None = None) -> None:
+    """Change a VM's settings; its hardware (memory, CPUs, CPU model, accelerator) only while
+    it is off (:func:`_hardware_change`)."""
     with ctx.locked(vm_id) as (_, vm_name):
         discard = False
-        if memory is not None or cpus is not None:
+        asked = (("--memory", memory), ("--cpus", cpus), ("--cpu", cpu_model), ("--accel", accel))
+        if any(v is not None for _, v in asked):
             if memory is not None:
                 check_memory(memory)
-            changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
+            if cpu_model is not None:
+                check_cpu(ctx, cpu_model)
+            if accel is not None:
+                check_accel(accel)
+            changed = [n for n, v in asked if v]
             discard = _hardware_change(ctx, vm_id, vm_name, " and ".join(changed),
                                        discard_saved)
         with quotas.vm_resized(ctx, vm_id, cpus=cpus, memory=memory):
@@ -406,11 +431,21 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:
                 row.automatic_checkpoints = automatic_checkpoints
+            if cpu_model is not None or accel is not None:
+                row.config = _with_processor(lookup.hardware(row), cpu_model, accel).dump()
             _own(row, {"memory_mib": memory, "cpus": cpus, "checkpoint_type": checkpoint_type,
                        "max_checkpoints": max_checkpoints,
                        "automatic_checkpoints": automatic_checkpoints})
         if discard:
             power.discard_saved(ctx, vm_id)
+
+
+def _with_processor(hardware: HardwareConfig, cpu_model: str | None, accel: str | None
+                    ) -> HardwareConfig:
+    """``hardware`` with the CPU model and accelerator that were given (checked already)."""
+    hardware.cpu_model = cpu_model or hardware.cpu_model
+    hardware.accel = accel or hardware.accel
+    return hardware
 
 
 def rename(ctx: Context, vm_id: str, new_name: str) -> str:
