@@ -1,0 +1,155 @@
+"""A Generation 2 VM (UEFI with Secure Boot, a TPM 2.0) booting the test guest from its own disk
+(Debian's signed shim and GRUB): from inside the guest an EFI variable and a TPM NV index are set,
+checkpoints taken, both changed, and every way back gives exactly the values of the instant it
+was taken: a production checkpoint applied (a cold boot), a standard one (the guest resumes, its
+counter continuing), a live delete of the middle checkpoint of three, a backup restored as a new
+VM, an export imported, a store and deploy. One VM boots for the module; each boot of UEFI under
+TCG costs 15-30 s on these machines, so the tests share boots where one proves several things.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.guest.firmware_guest import (
+    NV_INDEX,
+    define_nv_index,
+    nv_indices,
+    read_efi_variable,
+    read_nv,
+    set_efi_variable,
+    tpm_present,
+    write_nv,
+)
+from tests.guest.guests import Guest, readies
+from tests.helpers import Waymark, query
+
+GLOBAL_VARIABLES = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")  # EFI_GLOBAL_VARIABLE
+UEFI_BOOT = 240.0  # seconds: OVMF with SMM under TCG on a loaded 2-core machine
+VARIABLE = "WaymarkCheckpoint"
+SIZE = 8
+
+
+def values(vm: Guest) -> tuple[bytes, bytes]:
+    """What the guest reads now: the EFI variable's data and the TPM NV index."""
+    found = read_efi_variable(vm, VARIABLE)
+    assert found is not None, "the EFI variable is gone"
+    return found[1], read_nv(vm, SIZE)
+
+
+def set_values(vm: Guest, text: str) -> tuple[bytes, bytes]:
+    value = text.encode().ljust(SIZE, b".")
+    set_efi_variable(vm, VARIABLE, value)
+    write_nv(vm, value)
+    assert values(vm) == (value, value)
+    return value, value
+
+
+def boot(vm: Guest, *options: str) -> int:
+    mark = vm.mark()
+    vm.wm("vm", "start", vm.name, *options)
+    vm.wait_ready(mark, UEFI_BOOT)
+    return mark
+
+
+def apply(vm: Guest, checkpoint: str) -> int:
+    """Apply with --start; returns the serial log's mark before it."""
+    mark = vm.mark()
+    vm.wm("checkpoint", "apply", vm.name, checkpoint, "--discard-current", "--start")
+    return mark
+
+
+@pytest.fixture(scope="module")
+def gen2(home: Waymark, image: dict[str, str]) -> Iterator[Guest]:
+    """The test guest's boot disk as a Secure Boot VM with a TPM, booted; an NV index defined."""
+    home("vm", "create", "gen2", "--disk", image["boot_disk"], "--memory", "256M",
+         "--firmware", "uefi-secure", "--tpm", "on")
+    vm = Guest(home, "gen2")
+    boot(vm)
+    assert tpm_present(vm)
+    define_nv_index(vm, SIZE)
+    yield vm
+
+
+def test_a_secure_boot_vm_with_a_tpm_boots_its_own_disk_and_production_checkpoints_hold_both(
+        gen2: Guest) -> None:
+    vm = gen2
+    secure = read_efi_variable(vm, "SecureBoot", guid=GLOBAL_VARIABLES)
+    assert secure is not None and secure[1] == b"\x01", secure
+    held = set_values(vm, "prod")
+    made = vm.wm.json("checkpoint", "create", vm.name, "--name", "p", "--type", "production")
+    assert made["kind"] == "production" and made["freeze_seconds"] is not None, made
+    set_values(vm, "after-p")
+    mark = apply(vm, "p")
+    vm.wait_ready(mark, UEFI_BOOT)  # a production checkpoint applies as a cold boot
+    assert values(vm) == held
+    assert nv_indices(vm).count(NV_INDEX) == 1
+
+
+def test_a_standard_checkpoint_resumes_with_the_variable_and_tpm_value_of_its_instant(
+        gen2: Guest) -> None:
+    vm = gen2
+    held = set_values(vm, "standard")
+    made = vm.wm.json("checkpoint", "create", vm.name, "--name", "s", "--type", "standard")
+    assert made["kind"] == "standard", made
+    set_values(vm, "after-s")
+    mark = apply(vm, "s")
+    seen = vm.wait_counter_above(mark, 0)
+    assert readies(vm.since(mark)) == [] and min(seen) > 1, seen  # it resumed, not booted
+    assert values(vm) == held
+
+
+def test_a_live_delete_of_the_middle_of_three_keeps_the_other_two_exact(gen2: Guest) -> None:
+    vm = gen2
+    held = {}
+    for name in ("m1", "m2", "m3"):
+        held[name] = set_values(vm, name)
+        vm.wm("checkpoint", "create", vm.name, "--name", name, "--type", "production")
+    set_values(vm, "now")
+    vm.wm("checkpoint", "delete", vm.name, "m2")  # merged while the VM runs
+    assert vm.state() == "running" and values(vm) == set_values(vm, "now")
+    for name in ("m1", "m3"):
+        mark = apply(vm, name)
+        vm.wait_ready(mark, UEFI_BOOT)
+        assert values(vm) == held[name], name
+    assert vm.wm.json("check", vm.name)["findings"] == []
+
+
+def test_backup_export_and_store_carry_the_variable_and_the_tpm(gen2: Guest, tmp_path: Path
+                                                                ) -> None:
+    """A backup of the running VM restored as a new VM, the export of a checkpoint imported, and
+    the VM stored and deployed: each boots with the values of its instant."""
+    vm, wm = gen2, gen2.wm
+    backed = set_values(vm, "backup")
+    repo = tmp_path / "repo"
+    wm("backup", "repo", "init", str(repo))
+    point = wm.json("backup", "run", vm.name, "--repo", str(repo))[0]["point"]
+    assert point["consistency"].startswith("application-consistent"), point
+    exported = set_values(vm, "export")
+    wm("checkpoint", "create", vm.name, "--name", "x", "--type", "production")
+    wm("checkpoint", "export", vm.name, "x", str(tmp_path / "bundle"))
+    stored = set_values(vm, "stored")
+    wm("vm", "stop", vm.name)  # a clean shutdown: the TPM's state is written
+    for name, command, expected in (
+            ("restored", ["backup", "restore", vm.name, "--repo", str(repo), "--as-new",
+                          "restored"], backed),
+            ("imported", ["vm", "import", str(tmp_path / "bundle"), "--name", "imported"],
+             exported)):
+        wm(*command)
+        copy = Guest(wm, name)
+        boot(copy)
+        assert values(copy) == expected, name
+        wm("vm", "stop", name, "--force")
+    library = tmp_path / "library"
+    wm("library", "init", str(library))
+    wm("vm", "store", vm.name, "--library", str(library))
+    wm("vm", "deploy", vm.name, "--library", str(library))
+    boot(vm)
+    assert values(vm) == stored
+    tpm_rows = query(wm.home, "SELECT name, tpm_state IS NOT NULL FROM checkpoints c JOIN vms v "
+                              "ON v.id = c.vm_id WHERE v.name = ?", vm.name)
+    assert tpm_rows and all(has for _, has in tpm_rows), tpm_rows
