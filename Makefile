@@ -10,9 +10,13 @@ deps: $(STAMP) .qemu-user-stamp
 
 # Debian packages, installed only when one is missing: qemu-utils (qemu-img, qemu-io),
 # qemu-system-x86 (VMs), kmod + e2fsprogs + qemu-ga's libraries (building the test guest),
-# chromium (the portal's browser tests, driven by Playwright).
+# GRUB's BIOS and UEFI images + grub-mkrescue's xorriso and mtools + dosfstools (the test
+# guest's boot disk and ISO), tpm2-tools (its libraries go into the test guest), ovmf + swtpm
+# (UEFI firmware and a TPM for the guests), chromium (the portal's browser tests, driven by
+# Playwright).
 APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
-	libglib2.0-0 libnuma1 libudev1 liburing2 chromium
+	libglib2.0-0 libnuma1 libudev1 liburing2 chromium \
+	grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools tpm2-tools ovmf swtpm
 .apt-stamp:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
