@@ -18,7 +18,9 @@ boots under TCG in a few seconds and needs no root, no loop mounts and no networ
 * data disk: ``mkfs.ext4 -d`` of a small folder (label ``waymark-data``), converted to qcow2;
 * boot disk and ISO (:mod:`waymark.testguest.media`): the kernel and ``initrd-tools.img`` booted
   by GRUB from BIOS or UEFI without ``-kernel``; the boot disk carries the data file system as its
-  third partition, the ISO boots with the data disk attached.
+  third partition and boots by UEFI through Debian's signed ``shim-signed`` and
+  ``grub-efi-amd64-signed`` (so Secure Boot with Microsoft's keys accepts it), the ISO boots
+  with the data disk attached.
 
 Booted directly (``vm create --kernel --initrd --disk --append``), the guest is the same as
 before: without UEFI or a TPM, nothing new runs or waits.
@@ -69,8 +71,12 @@ TPM_PACKAGE = "tpm2-tools"
 TCTI_PACKAGE = "libtss2-tcti-device0"  # tpm2-tools load it (dlopen) for device:/dev/tpmrm0
 # chattr: efivarfs makes the variables it creates immutable (busybox has no chattr)
 E2FS_PACKAGE = "e2fsprogs"
+# The boot disk's UEFI boot loaders, which Secure Boot with Microsoft's keys accepts.
+SHIM_PACKAGE, SIGNED_GRUB_PACKAGE = "shim-signed", "grub-efi-amd64-signed"
+SHIM_PATH = "usr/lib/shim/shimx64.efi.signed"
+SIGNED_GRUB_PATH = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 PACKAGES = (KERNEL_PACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE, TPM_PACKAGE, TCTI_PACKAGE,
-            E2FS_PACKAGE)
+            E2FS_PACKAGE, SHIM_PACKAGE, SIGNED_GRUB_PACKAGE)
 
 # Loaded in the guest with their dependencies first. ext4, jbd2 and crc32c are built in, and so
 # are the TPM drivers (tpm_crb, tpm_tis).
@@ -233,7 +239,8 @@ def _build_into(dest: Path, work: Path, versions: Mapping[str, str], grub: Mappi
         say(f"Making the {DISK_SIZE} ext4 data disk.")
         _convert(data_fs, disk)
     files = media.GuestFiles(dest / KERNEL_NAME, dest / INITRD_TOOLS_NAME, APPEND, data_fs,
-                             disk_name())
+                             disk_name(), _unpacked(trees, SHIM_PACKAGE, SHIM_PATH),
+                             _unpacked(trees, SIGNED_GRUB_PACKAGE, SIGNED_GRUB_PATH))
     boot_name, iso_name = media.names(files, grub)
     if not (dest / boot_name).is_file():  # never replaced either: VMs boot from it in place
         say("Making the boot disk (GPT: BIOS boot, EFI system, data).")
@@ -500,6 +507,14 @@ def _libraries(binary: Path, deb: Path) -> list[Path]:
         raise ToolMissing(f"{binary.name} needs {', '.join(missing)}, which this host does "
                           "not have.",
                           hint=f"Install them with: apt-get install -y {' '.join(needs)}")
+    return found
+
+
+def _unpacked(trees: Mapping[str, Path], package: str, path: str) -> Path:
+    found = trees[package] / path
+    if not found.is_file():
+        raise ImageError(f"no {path} in the unpacked {package}.",
+                         hint="Delete the guest folder's debs/ and build the guest again.")
     return found
 
 

@@ -2,16 +2,23 @@
 
 Both carry the kernel and initramfs of :mod:`waymark.testguest.build` and boot them with the
 same command line; GRUB's configuration (:data:`waymark.testguest.scripts.GRUB_CFG`) boots at
-once and writes to the serial port too. GRUB comes from the host's ``grub-pc-bin`` (i386-pc)
-and ``grub-efi-amd64-bin`` (x86_64-efi) packages; nothing is mounted and nothing needs root.
+once and writes to the serial port too. GRUB's BIOS image comes from the host's
+``grub-pc-bin``, the ISO's UEFI image from ``grub-efi-amd64-bin``; nothing is mounted and
+nothing needs root.
 
 * **Boot disk** (``boot-<key>.qcow2``): one GPT disk (:mod:`waymark.testguest.disk`). SeaBIOS
   runs ``boot.img`` from the MBR, which loads GRUB's ``core.img`` from the BIOS boot partition;
   OVMF finds ``\\EFI\\BOOT\\BOOTX64.EFI`` on the EFI system partition (the removable-media
-  path: no boot entry needed). Both GRUBs read ``/boot/grub/grub.cfg`` and the kernel and
-  initramfs from the EFI system partition (FAT, made with ``mkfs.fat`` and filled with mtools).
-  The third partition is the guest's ext4 data file system (label ``waymark-data``), so the
-  guest writes its ``LINE`` records on the disk it boots from.
+  path: no boot entry needed): Debian's shim (``shim-signed``, signed by Microsoft's UEFI CA),
+  which starts Debian's signed GRUB (``grub-efi-amd64-signed``) next to it, which boots the
+  signed cloud kernel. So the disk also boots with Secure Boot on under OVMF's
+  Microsoft-enrolled variables (``OVMF_VARS_4M.ms.fd``, SMM on; with 256 MiB of memory the
+  kernel resets right after its EFI stub there, 512 MiB works), and its kernel then runs
+  locked down. GRUBs read
+  ``/boot/grub/grub.cfg`` and the kernel and initramfs from the EFI system partition (FAT, made
+  with ``mkfs.fat`` and filled with mtools; ``/.disk/info`` marks it for the signed GRUB's
+  search). The third partition is the guest's ext4 data file system (label ``waymark-data``),
+  so the guest writes its ``LINE`` records on the disk it boots from.
 * **ISO** (``guest-<key>.iso``): ``grub-mkrescue`` (xorriso): El Torito for BIOS and an EFI
   image for UEFI. It holds no data file system: boot it with the data disk attached as a
   separate (virtio) disk, which the guest finds by its label.
@@ -44,13 +51,11 @@ MEDIA_VERSION = 1
 GRUB_ROOT = Path("/usr/lib/grub")
 BIOS_PLATFORM, EFI_PLATFORM = "i386-pc", "x86_64-efi"
 GRUB_PACKAGES = {BIOS_PLATFORM: "grub-pc-bin", EFI_PLATFORM: "grub-efi-amd64-bin"}
-# Built into each GRUB image: the ESP carries no module folders.
-_COMMON_MODULES = ("part_gpt", "fat", "normal", "configfile", "linux", "echo", "serial",
-                   "terminal", "test", "boot")
-BIOS_MODULES = ("biosdisk", *_COMMON_MODULES)
-EFI_MODULES = ("efi_gop", *_COMMON_MODULES)
-# The BIOS GRUB's prefix: partition 2 of the disk it booted from; the EFI GRUB's: its own.
-BIOS_PREFIX, EFI_PREFIX = "(,gpt2)/boot/grub", "/boot/grub"
+# Built into the BIOS GRUB image: the ESP carries no module folders.
+BIOS_MODULES = ("biosdisk", "part_gpt", "fat", "normal", "configfile", "linux", "echo",
+                "serial", "terminal", "test", "boot")
+# The BIOS GRUB's prefix: partition 2 of the disk it booted from.
+BIOS_PREFIX = "(,gpt2)/boot/grub"
 ESP_LABEL = "WAYMARK-ESP"
 _ESP_SLACK = 4 * disk.MIB  # FAT's own tables and room to spare
 _CHUNK = disk.MIB
@@ -68,6 +73,8 @@ class GuestFiles:
     append: str
     data_fs: Path  # a raw ext4 file system, copied into the boot disk's third partition
     data_key: str  # what decides its content (the data disk's name)
+    shim: Path  # shimx64.efi, signed by Microsoft's UEFI CA
+    signed_grub: Path  # grubx64.efi, signed by Debian (shim trusts it)
 
 
 def grub_versions() -> dict[str, str]:
@@ -88,10 +95,11 @@ def names(files: GuestFiles, versions: Mapping[str, str]) -> tuple[str, str]:
     """``boot-<key>.qcow2`` and ``guest-<key>.iso``, keyed on what decides their content."""
     key = {"media_version": MEDIA_VERSION, "grub": dict(sorted(versions.items())),
            "kernel": durable.sha256(files.kernel), "initrd": durable.sha256(files.initrd),
-           "append": files.append, "grub_cfg": scripts.GRUB_CFG,
-           "modules": [BIOS_MODULES, EFI_MODULES]}
+           "append": files.append, "grub_cfg": scripts.GRUB_CFG}
     iso = _digest(key)
-    boot = _digest({**key, "data": files.data_key})
+    boot = _digest({**key, "data": files.data_key, "modules": BIOS_MODULES,
+                    "shim": durable.sha256(files.shim),
+                    "signed_grub": durable.sha256(files.signed_grub)})
     return f"boot-{boot[:12]}.qcow2", f"guest-{iso[:12]}.iso"
 
 
@@ -109,9 +117,8 @@ def make_boot_disk(files: GuestFiles, work: Path, out: Path) -> None:
     """The GPT boot disk as qcow2 at ``out`` (written to a temp name, then renamed)."""
     host.require_tools(*MEDIA_TOOLS)
     work.mkdir(parents=True, exist_ok=True)
-    efi_app = _grub_image(EFI_PLATFORM, EFI_PREFIX, EFI_MODULES, work / "BOOTX64.EFI")
     core = _grub_image(BIOS_PLATFORM, BIOS_PREFIX, BIOS_MODULES, work / "core.img")
-    esp = _make_esp(files, efi_app, work)
+    esp = _make_esp(files, work)
     layout = disk.boot_layout(esp.stat().st_size, files.data_fs.stat().st_size)
     raw = work / "boot.raw"
     _write_disk(raw, layout, core, esp, files.data_fs, uuid.UUID(_digest(out.name)[:32]))
@@ -135,19 +142,24 @@ def esp_size(payload: int) -> int:
     return -(-(payload + _ESP_SLACK) // disk.MIB) * disk.MIB
 
 
-def _make_esp(files: GuestFiles, efi_app: Path, work: Path) -> Path:
-    """A FAT file system holding GRUB at the removable-media path, its grub.cfg, the kernel
-    and the initramfs."""
+def _make_esp(files: GuestFiles, work: Path) -> Path:
+    """A FAT file system holding shim at the removable-media path and the signed GRUB next to
+    it, grub.cfg, the kernel and the initramfs."""
     cfg = work / "grub.cfg"
     cfg.write_text(grub_cfg(files.append))
-    placed = {efi_app: "::/EFI/BOOT/BOOTX64.EFI", cfg: "::/boot/grub/grub.cfg",
+    # The signed GRUB sets its root to the file system holding /.disk/info and reads
+    # /boot/grub/grub.cfg there.
+    marker = work / "info"
+    marker.write_text("Waymark test guest\n")
+    placed = {files.shim: "::/EFI/BOOT/BOOTX64.EFI", files.signed_grub: "::/EFI/BOOT/grubx64.efi",
+              cfg: "::/boot/grub/grub.cfg", marker: "::/.disk/info",
               files.kernel: "::/boot/vmlinuz", files.initrd: "::/boot/initrd.img"}
     esp = work / "esp.img"
     durable.remove(esp)
     size = esp_size(sum(path.stat().st_size for path in placed))
     host.run(["mkfs.fat", "-C", "-n", ESP_LABEL, "-i", "57a1e5b0", str(esp),
               str(size // 1024)], what="making the EFI system partition's FAT file system")
-    _mtools("mmd", esp, "::/EFI", "::/EFI/BOOT", "::/boot", "::/boot/grub")
+    _mtools("mmd", esp, "::/EFI", "::/EFI/BOOT", "::/boot", "::/boot/grub", "::/.disk")
     for source, target in placed.items():
         _mtools("mcopy", esp, str(source), target)
     return esp
