@@ -56,7 +56,6 @@ from typing import Any
 
 from waymark import durable
 from waymark.errors import ImageError, StorageError, ToolError, ToolMissing
-from waymark.images import qemu_img
 from waymark.testguest import cpio, host, media, scripts
 
 # Bump when the build code changes what it produces, so cached guests are rebuilt.
@@ -237,7 +236,7 @@ def _build_into(dest: Path, work: Path, versions: Mapping[str, str], grub: Mappi
     disk = dest / disk_name()
     if not disk.is_file():  # complete if present (temp + rename); VMs may use it as a base
         say(f"Making the {DISK_SIZE} ext4 data disk.")
-        _convert(data_fs, disk)
+        media.write_qcow2(data_fs, disk)
     files = media.GuestFiles(dest / KERNEL_NAME, dest / INITRD_TOOLS_NAME, APPEND, data_fs,
                              disk_name(), _unpacked(trees, SHIM_PACKAGE, SHIM_PATH),
                              _unpacked(trees, SIGNED_GRUB_PACKAGE, SIGNED_GRUB_PATH))
@@ -328,7 +327,7 @@ def _fetch(cache: Path, versions: Mapping[str, str], say: Log) -> dict[str, Path
         sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
         try:
             host.run(["env", "-C", str(cache), "apt-get", "download", "-q", *sandbox, *missing],
-                 what=f"downloading {', '.join(missing)}")
+                     what=f"downloading {', '.join(missing)}")
         except ToolError as err:  # reported as apt-get's failure, not env's
             detail = err.message.partition(": ")[2] or err.message
             raise _DownloadFailed(f"apt-get download failed: {detail}",
@@ -447,7 +446,7 @@ def _plain_module(path: Path, scratch: Path) -> Path:
     elif path.name.endswith(".ko.zst"):
         host.require_tools("zstd")
         host.run(["zstd", "-q", "-d", "-f", "-o", str(plain), str(path)],
-             what=f"decompressing {path.name}")
+                 what=f"decompressing {path.name}")
     else:
         raise ImageError(f"{path.name} is compressed in a way the guest build cannot read.",
                          hint="Report this with the kernel package version.")
@@ -539,15 +538,6 @@ def _make_data_fs(work: Path) -> Path:
               "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
               "-d", str(content), str(raw), DISK_SIZE], what="making the data disk's file system")
     return raw
-
-
-def _convert(raw: Path, out: Path) -> None:
-    staged = durable.temp_path(out)
-    durable.remove(staged)
-    qemu_img.convert(raw, "raw", staged)
-    durable.fsync_file(staged)
-    os.replace(staged, out)
-    durable.fsync_dir(out.parent)
 
 
 # --- host plumbing ---------------------------------------------------------------------------

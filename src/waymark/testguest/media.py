@@ -122,6 +122,11 @@ def make_boot_disk(files: GuestFiles, work: Path, out: Path) -> None:
     layout = disk.boot_layout(esp.stat().st_size, files.data_fs.stat().st_size)
     raw = work / "boot.raw"
     _write_disk(raw, layout, core, esp, files.data_fs, uuid.UUID(_digest(out.name)[:32]))
+    write_qcow2(raw, out)
+
+
+def write_qcow2(raw: Path, out: Path) -> None:
+    """The raw image ``raw`` as qcow2 at ``out``: written to a temp name, synced, renamed."""
     staged = durable.temp_path(out)
     durable.remove(staged)
     qemu_img.convert(raw, "raw", staged)
