@@ -14,8 +14,10 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from click.testing import CliRunner
 from waymark.cli.main import LazyGroup, cli
 from waymark.errors import ToolMissing
 from waymark.testguest import build as builder
-from waymark.testguest import media, scripts
+from waymark.testguest import disk, media, scripts
 from waymark.testguest.build import GuestImage
 
 GUEST_DIR = Path(os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest"))
@@ -84,6 +86,35 @@ def _qemu_img_info(image: Path) -> Any:
                                      capture_output=True, check=True).stdout)
 
 
+def test_boot_disk_holds_grub_the_boot_files_and_the_data_file_system(
+        guest: GuestImage, tmp_path: Path) -> None:
+    """The layout docs/architecture.md describes, read without booting (the boots:
+    tests/guest/test_guest_images.py)."""
+    raw = tmp_path / "boot.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest.boot_disk), str(raw)],
+                   check=True)
+    with raw.open("rb") as image:
+        head = image.read(34 * 512)
+        types = [uuid.UUID(bytes_le=head[1024 + 128 * i:1024 + 128 * i + 16]) for i in range(3)]
+        assert types == [disk.BIOS_BOOT, disk.EFI_SYSTEM, disk.LINUX_DATA]
+        esp, data = (struct.unpack_from("<Q", head, 1024 + 128 * i + 32)[0] * 512
+                     for i in (1, 2))
+        image.seek(data + 1024 + 0x78)
+        assert image.read(16).rstrip(b"\0") == b"waymark-data"  # the ext4 volume name
+    assert head[0x1FE:0x200] == b"\x55\xaa" and head[512:520] == b"EFI PART"
+
+    def mtools(*argv: str) -> str:
+        return subprocess.run([*argv[:1], "-i", f"{raw}@@{esp}", *argv[1:]], check=True,
+                              capture_output=True, text=True,
+                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+    assert set(mtools("mdir", "-b", "::/EFI/BOOT").split()) == {
+        "::/EFI/BOOT/BOOTX64.EFI", "::/EFI/BOOT/grubx64.efi"}
+    assert "linux /boot/vmlinuz console=ttyS0" in mtools("mtype", "::/boot/grub/grub.cfg")
+    for name, built in (("vmlinuz", guest.kernel), ("initrd.img", guest.initrd_tools)):
+        mtools("mcopy", f"::/boot/{name}", str(tmp_path / name))
+        assert (tmp_path / name).read_bytes() == built.read_bytes()
+
+
 def test_second_build_is_cached(guest: GuestImage) -> None:
     outputs = (guest.kernel, guest.initrd, guest.disk, guest.initrd_tools, guest.boot_disk,
                guest.iso)
@@ -124,12 +155,12 @@ def test_rebuild_keeps_the_data_disk_and_the_boot_disk(guest: GuestImage, tmp_pa
     dest = tmp_path / "guest"
     shutil.copytree(GUEST_DIR / "debs", dest / "debs")
     disks = (dest / builder.disk_name(), dest / guest.boot_disk.name)
-    for source, disk in zip((guest.disk, guest.boot_disk), disks, strict=True):
-        shutil.copyfile(source, disk)
-    before = [disk.stat().st_mtime_ns for disk in disks]
+    for source, copy in zip((guest.disk, guest.boot_disk), disks, strict=True):
+        shutil.copyfile(source, copy)
+    before = [copy.stat().st_mtime_ns for copy in disks]
     rebuilt = builder.build(dest, force=True)
     assert (rebuilt.disk, rebuilt.boot_disk) == disks
-    assert [disk.stat().st_mtime_ns for disk in disks] == before
+    assert [copy.stat().st_mtime_ns for copy in disks] == before
 
 
 def test_a_host_without_grub_images_is_told_which_packages_to_install(
