@@ -101,6 +101,11 @@ def delete_efi_variable(vm: Any, name: str, *, guid: uuid.UUID = WAYMARK_GUID) -
 
 # --- TPM NV indices --------------------------------------------------------------------------
 
+def tpm_present(vm: Any) -> bool:
+    """The guest has a TPM 2.0 behind the kernel's resource manager."""
+    return guest_sh(vm, "[ -c /dev/tpmrm0 ] && echo yes || true") == "yes"
+
+
 def _tpm2(vm: Any, tool: str, *args: str) -> str:
     return guest_sh(vm, f'{tool} -T {TCTI} "$@"', *args)
 
