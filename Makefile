@@ -10,11 +10,15 @@ deps: $(STAMP) .qemu-user-stamp
 
 # Debian packages, installed only when one is missing: qemu-utils (qemu-img, qemu-io),
 # qemu-system-x86 (VMs), kmod + e2fsprogs + qemu-ga's libraries (building the test guest),
-# chromium (the portal's browser tests, driven by Playwright), ovmf (UEFI firmware), swtpm and
-# swtpm-tools (a VM's TPM), tpm2-tools (the tests change a TPM as a guest would).
+# GRUB's BIOS and UEFI images + grub-mkrescue's xorriso and mtools + dosfstools (the test
+# guest's boot disk and ISO), tpm2-tools (its libraries go into the test guest; the tests also
+# change a TPM from the host as a guest would), ovmf (UEFI firmware), swtpm and swtpm-tools (a
+# VM's TPM), chromium (the portal's browser tests, driven by Playwright).
 APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
-	libglib2.0-0 libnuma1 libudev1 liburing2 chromium ovmf swtpm swtpm-tools tpm2-tools
-.apt-stamp:
+	libglib2.0-0 libnuma1 libudev1 liburing2 chromium \
+	grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools tpm2-tools ovmf \
+	swtpm swtpm-tools
+.apt-stamp: Makefile
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \

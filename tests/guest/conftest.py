@@ -42,7 +42,9 @@ def home() -> Iterator[Waymark]:
 
 @pytest.fixture(scope="module")
 def image(home: Waymark) -> dict[str, str]:
-    """kernel, initrd, disk and append of the test guest, built once and cached."""
+    """kernel, initrd, disk and append of the test guest, built once and cached; also
+    initrd_tools, boot_disk and iso (``waymark guest build --json``; docs/architecture.md,
+    "The test guest")."""
     # a first build downloads Debian packages: give it time
     built: dict[str, str] = home.run("guest", "build", "--dest", str(GUEST_DIR), "--json",
                                      timeout=1800).ok().json()

@@ -14,8 +14,10 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ import pytest
 from click.testing import CliRunner
 
 from waymark.cli.main import LazyGroup, cli
+from waymark.errors import ToolMissing
 from waymark.testguest import build as builder
-from waymark.testguest import scripts
+from waymark.testguest import disk, media, scripts
 from waymark.testguest.build import GuestImage
 
 GUEST_DIR = Path(os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest"))
@@ -38,20 +41,22 @@ def guest() -> GuestImage:
 
 
 def _initrd_names(initrd: Path) -> set[str]:
-    """Entry names of a gzipped newc cpio archive."""
+    """Entry names of gzipped newc cpio archives, concatenated (gzip reads every member)."""
     data, offset = gzip.decompress(initrd.read_bytes()), 0
     names: set[str] = set()
-    while True:
+    while offset < len(data):
         assert data[offset:offset + 6] == b"070701", f"bad cpio header at {offset}"
         size = int(data[offset + 54:offset + 62], 16)
         name_size = int(data[offset + 94:offset + 102], 16)
         name = data[offset + 110:offset + 110 + name_size - 1].decode()
-        if name == "TRAILER!!!":
-            return names
         names.add(name)
         offset += 110 + name_size
         offset += -offset % 4 + size
         offset += -offset % 4
+        if name == "TRAILER!!!":  # the next archive starts at the next gzip member's data
+            while data[offset:offset + 1] == b"\0":
+                offset += 1
+    return names - {"TRAILER!!!"}
 
 
 def test_build_outputs(guest: GuestImage) -> None:
@@ -61,18 +66,63 @@ def test_build_outputs(guest: GuestImage) -> None:
             "etc/modules", "etc/acpi/PWRF/00000080"} <= names
     assert any(name.endswith("libglib-2.0.so.0") for name in names)
     modules = {name for name in names if name.startswith("lib/modules/")}
-    assert {f"lib/modules/{m}.ko" for m in builder.MODULES} <= modules
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", "qcow2",
-                                      str(guest.disk)], capture_output=True, check=True).stdout)
-    assert info["virtual-size"] == 256 * 1024 * 1024
+    assert {f"lib/modules/{m}.ko" for m in builder.MODULES + builder.EFI_MODULES} <= modules
+    assert "usr/bin/tpm2" not in names  # the direct-kernel initramfs stays small
+    tools = _initrd_names(guest.initrd_tools)
+    assert names <= tools
+    assert {"usr/bin/tpm2", "usr/bin/tpm2_nvdefine", "usr/bin/tpm2_nvwrite", "usr/bin/tpm2_nvread",
+            "usr/bin/tpm2_nvundefine", "usr/bin/tpm2_pcrread", "usr/bin/tpm2_getrandom",
+            "usr/bin/chattr"} <= tools
+    assert any(name.endswith("/libtss2-tcti-device.so.0") for name in tools)
+    assert any(name.endswith("/libtss2-esys.so.0") for name in tools)
+    assert _qemu_img_info(guest.disk)["virtual-size"] == 256 * 1024 * 1024
+    boot = _qemu_img_info(guest.boot_disk)
+    assert boot["format"] == "qcow2" and boot["virtual-size"] > 256 * 1024 * 1024
+    assert guest.iso.read_bytes()[0x8001:0x8006] == b"CD001"  # an ISO 9660 volume descriptor
+
+
+def _qemu_img_info(image: Path) -> Any:
+    return json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                     capture_output=True, check=True).stdout)
+
+
+def test_boot_disk_holds_grub_the_boot_files_and_the_data_file_system(
+        guest: GuestImage, tmp_path: Path) -> None:
+    """The layout docs/architecture.md describes, read without booting (the boots:
+    tests/guest/test_guest_images.py)."""
+    raw = tmp_path / "boot.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest.boot_disk), str(raw)],
+                   check=True)
+    with raw.open("rb") as image:
+        head = image.read(34 * 512)
+        types = [uuid.UUID(bytes_le=head[1024 + 128 * i:1024 + 128 * i + 16]) for i in range(3)]
+        assert types == [disk.BIOS_BOOT, disk.EFI_SYSTEM, disk.LINUX_DATA]
+        esp, data = (struct.unpack_from("<Q", head, 1024 + 128 * i + 32)[0] * 512
+                     for i in (1, 2))
+        image.seek(data + 1024 + 0x78)
+        assert image.read(16).rstrip(b"\0") == b"waymark-data"  # the ext4 volume name
+    assert head[0x1FE:0x200] == b"\x55\xaa" and head[512:520] == b"EFI PART"
+
+    def mtools(*argv: str) -> str:
+        return subprocess.run([*argv[:1], "-i", f"{raw}@@{esp}", *argv[1:]], check=True,
+                              capture_output=True, text=True,
+                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+    assert set(mtools("mdir", "-b", "::/EFI/BOOT").split()) == {
+        "::/EFI/BOOT/BOOTX64.EFI", "::/EFI/BOOT/grubx64.efi"}
+    assert "linux /boot/vmlinuz console=ttyS0" in mtools("mtype", "::/boot/grub/grub.cfg")
+    for name, built in (("vmlinuz", guest.kernel), ("initrd.img", guest.initrd_tools)):
+        mtools("mcopy", f"::/boot/{name}", str(tmp_path / name))
+        assert (tmp_path / name).read_bytes() == built.read_bytes()
 
 
 def test_second_build_is_cached(guest: GuestImage) -> None:
-    outputs = (guest.kernel, guest.initrd, guest.disk)
+    outputs = (guest.kernel, guest.initrd, guest.disk, guest.initrd_tools, guest.boot_disk,
+               guest.iso)
     before = [path.stat().st_mtime_ns for path in outputs]
     again = builder.build(GUEST_DIR)
     assert not again.rebuilt
     assert again.inputs_hash == guest.inputs_hash
+    assert again == GuestImage(*outputs, inputs_hash=guest.inputs_hash)
     assert [path.stat().st_mtime_ns for path in outputs] == before
 
 
@@ -98,15 +148,32 @@ def test_inputs_hash_follows_the_guest_scripts(monkeypatch: pytest.MonkeyPatch) 
     assert builder.inputs_hash(versions) != first
 
 
-def test_rebuild_keeps_the_data_disk(guest: GuestImage, tmp_path: Path) -> None:
-    """VMs use the data disk in place as their base: a rebuild must not replace it."""
+def test_rebuild_keeps_the_data_disk_and_the_boot_disk(guest: GuestImage, tmp_path: Path
+                                                        ) -> None:
+    """VMs use the data disk and the boot disk in place as their base: a rebuild must not
+    replace them (the same inputs give the same names)."""
     dest = tmp_path / "guest"
     shutil.copytree(GUEST_DIR / "debs", dest / "debs")
-    disk = dest / builder.disk_name()
-    shutil.copyfile(guest.disk, disk)
-    before = disk.stat().st_mtime_ns
-    assert builder.build(dest, force=True).disk == disk
-    assert disk.stat().st_mtime_ns == before
+    disks = (dest / builder.disk_name(), dest / guest.boot_disk.name)
+    for source, copy in zip((guest.disk, guest.boot_disk), disks, strict=True):
+        shutil.copyfile(source, copy)
+    before = [copy.stat().st_mtime_ns for copy in disks]
+    rebuilt = builder.build(dest, force=True)
+    assert (rebuilt.disk, rebuilt.boot_disk) == disks
+    assert [copy.stat().st_mtime_ns for copy in disks] == before
+
+
+def test_a_host_without_grub_images_is_told_which_packages_to_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(media, "GRUB_ROOT", tmp_path)  # neither i386-pc nor x86_64-efi
+    (tmp_path / "i386-pc").mkdir()
+    dest = tmp_path / "guest"
+    with pytest.raises(ToolMissing) as caught:
+        builder.build(dest)
+    assert "grub-efi-amd64-bin" in caught.value.message
+    assert "grub-pc-bin" not in caught.value.message
+    assert caught.value.hint == "Install with: apt-get install -y grub-efi-amd64-bin"
+    assert not (dest / builder.INPUTS_NAME).exists()
 
 
 def test_compressed_modules_are_unpacked_for_busybox_insmod(tmp_path: Path) -> None:
@@ -126,8 +193,11 @@ def test_cli_prints_the_paths(guest: GuestImage, monkeypatch: pytest.MonkeyPatch
     data = json.loads(result.stdout)
     assert (data["kernel"], data["initrd"], data["disk"]) == (
         str(guest.kernel), str(guest.initrd), str(guest.disk))
+    assert (data["initrd_tools"], data["boot_disk"], data["iso"]) == (
+        str(guest.initrd_tools), str(guest.boot_disk), str(guest.iso))
     text = CliRunner().invoke(cli, ["guest", "build", "--dest", str(GUEST_DIR)])
     assert "waymark vm create NAME --kernel" in text.stdout
+    assert f"boot disk: {guest.boot_disk}" in text.stdout
 
 
 # --- booting it ------------------------------------------------------------------------------

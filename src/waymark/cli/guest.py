@@ -25,7 +25,8 @@ def guest() -> None:
 def build(dest: Path | None, rebuild: bool, as_json: bool) -> None:
     """Build the guest from Debian packages, or reuse the cached one.
 
-    Prints the kernel, initrd and data disk (qcow2) to give to: waymark vm create.
+    Prints the kernel, initrd and data disk (qcow2) to give to: waymark vm create, and the same
+    guest as a disk that boots by its own GRUB (BIOS or UEFI) and as an ISO.
     """
     from waymark.config import Settings
     from waymark.testguest import build as builder
@@ -37,4 +38,6 @@ def build(dest: Path | None, rebuild: bool, as_json: bool) -> None:
                "--disk", str(image.disk), "--memory", "256M"]
     emit(as_json, image.to_json(), [
         f"kernel: {image.kernel}", f"initrd: {image.initrd}", f"disk:   {image.disk}",
-        "Create a VM from it with:", "  " + shlex.join(command)])
+        "Create a VM from it with:", "  " + shlex.join(command),
+        f"boot disk: {image.boot_disk} (GRUB for BIOS and UEFI, its own data partition)",
+        f"ISO:       {image.iso} (BIOS and UEFI; attach the data disk)"])

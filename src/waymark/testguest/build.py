@@ -1,22 +1,41 @@
-"""Build the test/demo guest from Debian packages: a kernel, an initramfs and an ext4 data disk.
+"""Build the test/demo guest from Debian packages: a kernel, an initramfs, an ext4 data disk,
+and the same guest as a boot disk and an ISO.
 
 Any VM image works with Waymark; this guest only makes the demo and the tests self-contained. It
 boots under TCG in a few seconds and needs no root, no loop mounts and no network at run time.
 
 * kernel: ``linux-image-cloud-amd64``'s vmlinuz, unpacked with ``dpkg-deb -x`` (no install);
-* initramfs: ``busybox-static``, the virtio/ACPI button modules (dependencies resolved with
-  ``modinfo -F depends``), the real ``qemu-ga`` with the host's copies of its libraries, and the
-  scripts of :mod:`waymark.testguest.scripts`; a newc cpio written in Python, gzipped;
-* data disk: ``mkfs.ext4 -d`` of a small folder, converted to qcow2.
+* initramfs (``initrd.img``): ``busybox-static``, the virtio/ACPI button modules and, loaded
+  only when booted by UEFI, efivarfs (dependencies resolved with ``modinfo -F depends``; the TPM
+  drivers are built into the kernel), the real ``qemu-ga`` with the host's copies of its
+  libraries, and the scripts of :mod:`waymark.testguest.scripts`; a newc cpio written in
+  Python, gzipped;
+* ``initrd-tools.img``: the same with a second archive appended (the kernel unpacks both), the
+  firmware tools: ``tpm2-tools`` (the ``tpm2`` program and its ``tpm2_*`` names), the TCTI
+  library they load at run time for ``/dev/tpmrm0`` (``libtss2-tcti-device0``) and e2fsprogs'
+  ``chattr`` (efivarfs makes the variables it creates immutable), with the host's copies of
+  their libraries. Kept apart because it triples the initramfs;
+* data disk: ``mkfs.ext4 -d`` of a small folder (label ``waymark-data``), converted to qcow2;
+* boot disk and ISO (:mod:`waymark.testguest.media`): the kernel and ``initrd-tools.img`` booted
+  by GRUB from BIOS or UEFI without ``-kernel``; the boot disk carries the data file system as its
+  third partition and boots by UEFI through Debian's signed ``shim-signed`` and
+  ``grub-efi-amd64-signed`` (so Secure Boot with Microsoft's keys accepts it), the ISO boots
+  with the data disk attached.
+
+Booted directly (``vm create --kernel --initrd --disk --append``), the guest is the same as
+before: without UEFI or a TPM, nothing new runs or waits.
 
 VMs made with ``vm create --disk`` keep the data disk as their read-only base, in place, so a
 data disk file is never replaced: its name carries the key of its own inputs
 (``data-<key>.qcow2``), and package updates, which rebuild the kernel and initramfs, leave it alone.
+The boot disk and the ISO are named the same way (``boot-<key>.qcow2``, ``guest-<key>.iso``),
+their keys covering the kernel and initramfs they carry.
 
 Outputs are cached in ``dest``: a build is skipped when ``dest/inputs.json`` records the same
 inputs (package versions, scripts, :data:`BUILD_VERSION`). Each output is written to a temp name
 then renamed, and ``inputs.json`` is removed first and written last, so an interrupted build
 never looks done. Host library updates do not change the key: use ``force=True`` after one.
+GRUB's installed versions are part of the key (its images go onto the boot disk and the ISO).
 """
 
 from __future__ import annotations
@@ -35,57 +54,76 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, process
+from waymark import durable
 from waymark.errors import ImageError, StorageError, ToolError, ToolMissing
-from waymark.images import qemu_img
-from waymark.testguest import cpio, scripts
+from waymark.testguest import cpio, host, media, scripts
 
 # Bump when the build code changes what it produces, so cached guests are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 # Bump when the data disk's content or format changes: it then gets a new file name.
 DISK_VERSION = 1
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage naming the versioned image package
 BUSYBOX_PACKAGE = "busybox-static"
 AGENT_PACKAGE = "qemu-guest-agent"
-PACKAGES = (KERNEL_PACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE)
+TPM_PACKAGE = "tpm2-tools"
+TCTI_PACKAGE = "libtss2-tcti-device0"  # tpm2-tools load it (dlopen) for device:/dev/tpmrm0
+# chattr: efivarfs makes the variables it creates immutable (busybox has no chattr)
+E2FS_PACKAGE = "e2fsprogs"
+# The boot disk's UEFI boot loaders, which Secure Boot with Microsoft's keys accepts.
+SHIM_PACKAGE, SIGNED_GRUB_PACKAGE = "shim-signed", "grub-efi-amd64-signed"
+SHIM_PATH = "usr/lib/shim/shimx64.efi.signed"
+SIGNED_GRUB_PATH = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+PACKAGES = (KERNEL_PACKAGE, BUSYBOX_PACKAGE, AGENT_PACKAGE, TPM_PACKAGE, TCTI_PACKAGE,
+            E2FS_PACKAGE, SHIM_PACKAGE, SIGNED_GRUB_PACKAGE)
 
-# Loaded in the guest with their dependencies first. ext4, jbd2 and crc32c are built in.
+# Loaded in the guest with their dependencies first. ext4, jbd2 and crc32c are built in, and so
+# are the TPM drivers (tpm_crb, tpm_tis).
 MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "evdev", "button")
+# Loaded only when the guest booted by UEFI (/etc/modules.efi).
+EFI_MODULES = ("efivarfs",)
 
 DISK_SIZE = "256M"
+DATA_LABEL = "waymark-data"  # the guest's init finds its data file system by this label
 # The kernel command line the guest expects (its init also writes to ttyS0 without it).
 APPEND = "console=ttyS0"
 
-KERNEL_NAME, INITRD_NAME = "vmlinuz", "initrd.img"
+KERNEL_NAME, INITRD_NAME, INITRD_TOOLS_NAME = "vmlinuz", "initrd.img", "initrd-tools.img"
 INPUTS_NAME = "inputs.json"
 
-# Host programs the build runs -> the Debian package that ships each.
-TOOLS = {"apt-get": "apt", "apt-cache": "apt", "env": "coreutils", "dpkg-deb": "dpkg",
-         "modinfo": "kmod", "ldd": "libc-bin", "mkfs.ext4": "e2fsprogs",
-         "qemu-img": "qemu-utils", "zstd": "zstd"}
-# zstd only matters for a kernel whose modules are .ko.zst: checked when one is met.
-BUILD_TOOLS = tuple(name for name in TOOLS if name != "zstd")
-_SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
+# Host programs the build runs (host.TOOLS names their packages). zstd only matters for a
+# kernel whose modules are .ko.zst: checked when one is met.
+BUILD_TOOLS = ("apt-get", "apt-cache", "env", "dpkg-deb", "modinfo", "ldd", "mkfs.ext4",
+               "qemu-img", *media.MEDIA_TOOLS)
 
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class GuestImage:
-    """The built guest: boot ``kernel`` + ``initrd`` with ``append``; ``disk`` is /dev/vda."""
+    """The built guest: boot ``kernel`` + ``initrd`` with ``append``; ``disk`` is /dev/vda.
+
+    ``initrd_tools`` is ``initrd`` with the firmware tools added (tpm2-tools, chattr: boot it
+    instead for TPM or EFI variable tests with ``-kernel``); ``boot_disk`` boots the guest with
+    it by its own GRUB (BIOS or UEFI, no ``-kernel``) and holds its data file system; ``iso``
+    boots it from a CD, with ``disk`` attached for its data.
+    """
 
     kernel: Path
     initrd: Path
     disk: Path
+    initrd_tools: Path
+    boot_disk: Path
+    iso: Path
     inputs_hash: str
     append: str = APPEND
     rebuilt: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"kernel": str(self.kernel), "initrd": str(self.initrd), "disk": str(self.disk),
-                "append": self.append, "inputs_hash": self.inputs_hash, "rebuilt": self.rebuilt}
-
+                "initrd_tools": str(self.initrd_tools), "boot_disk": str(self.boot_disk),
+                "iso": str(self.iso), "append": self.append, "inputs_hash": self.inputs_hash,
+                "rebuilt": self.rebuilt}
 
 
 class _DownloadFailed(ToolError):
@@ -112,17 +150,18 @@ def build(dest: Path, *, log: Log | None = None, force: bool = False) -> GuestIm
 
 def _build_or_reuse(dest: Path, say: Log, force: bool) -> GuestImage:
     versions = package_versions(say)
-    digest = inputs_hash(versions)
-    image = GuestImage(dest / KERNEL_NAME, dest / INITRD_NAME, dest / disk_name(), digest)
-    if not force and _is_current(dest, digest):
+    grub = media.grub_versions()
+    digest = inputs_hash(versions, grub)
+    recorded = None if force else _current_media(dest, digest)
+    if recorded is not None:
         say(f"The guest in {dest} is up to date.")
-        return image
-    _require_tools(*BUILD_TOOLS)
+        return _image(dest, digest, recorded)
+    host.require_tools(*BUILD_TOOLS)
     durable.remove(dest / INPUTS_NAME)
     work = dest / ".work"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        _build_into(dest, work, versions, say)
+        made = _build_into(dest, work, versions, grub, say)
     except OSError as err:
         raise StorageError(f"could not build the guest in {dest}: {err}",
                            hint="Free space or fix permissions there, then build the guest "
@@ -130,16 +169,25 @@ def _build_or_reuse(dest: Path, say: Log, force: bool) -> GuestImage:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record = {"hash": digest, "build_version": BUILD_VERSION, "packages": versions,
-              "disk": disk_name()}
+              "grub": grub, "disk": disk_name(), "boot_disk": made[0], "iso": made[1]}
     durable.write_bytes(dest / INPUTS_NAME, json.dumps(record, indent=2).encode())
     say(f"Built the guest in {dest}.")
-    return GuestImage(image.kernel, image.initrd, image.disk, digest, rebuilt=True)
+    return _image(dest, digest, made, rebuilt=True)
 
 
-def inputs_hash(versions: Mapping[str, str]) -> str:
+def _image(dest: Path, digest: str, media_names: tuple[str, str], *, rebuilt: bool = False
+           ) -> GuestImage:
+    return GuestImage(dest / KERNEL_NAME, dest / INITRD_NAME, dest / disk_name(),
+                      dest / INITRD_TOOLS_NAME, dest / media_names[0], dest / media_names[1],
+                      digest, rebuilt=rebuilt)
+
+
+def inputs_hash(versions: Mapping[str, str], grub: Mapping[str, str] | None = None) -> str:
     """The cache key: everything that decides the outputs, except the host's own libraries."""
     key = {"build_version": BUILD_VERSION, "packages": dict(sorted(versions.items())),
-           "modules": MODULES, "scripts": scripts.SCRIPTS, "disk": disk_name()}
+           "grub": dict(sorted((grub or {}).items())), "modules": [MODULES, EFI_MODULES],
+           "scripts": scripts.SCRIPTS, "grub_cfg": scripts.GRUB_CFG, "disk": disk_name(),
+           "media_version": media.MEDIA_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -150,31 +198,56 @@ def disk_name() -> str:
     return f"data-{digest[:12]}.qcow2"
 
 
-def _is_current(dest: Path, digest: str) -> bool:
+def _current_media(dest: Path, digest: str) -> tuple[str, str] | None:
+    """The boot disk's and the ISO's names if ``dest`` holds the guest of ``digest``."""
     try:
         recorded = json.loads((dest / INPUTS_NAME).read_text())
     except (OSError, ValueError):
-        return False
-    outputs = (dest / KERNEL_NAME, dest / INITRD_NAME, dest / disk_name())
-    return isinstance(recorded, dict) and recorded.get("hash") == digest \
-        and all(path.is_file() for path in outputs)
+        return None
+    if not isinstance(recorded, dict) or recorded.get("hash") != digest:
+        return None
+    made = (recorded.get("boot_disk"), recorded.get("iso"))
+    if not all(isinstance(name, str) and name for name in made):
+        return None
+    names = (str(made[0]), str(made[1]))
+    outputs = (KERNEL_NAME, INITRD_NAME, INITRD_TOOLS_NAME, disk_name(), *names)
+    return names if all((dest / name).is_file() for name in outputs) else None
 
 
-def _build_into(dest: Path, work: Path, versions: Mapping[str, str], say: Log) -> None:
+def _build_into(dest: Path, work: Path, versions: Mapping[str, str], grub: Mapping[str, str],
+                say: Log) -> tuple[str, str]:
+    """Build everything into ``dest``; the boot disk's and the ISO's names."""
     debs = fetch_packages(dest / "debs", versions, say)
     trees = {name: _unpack(deb, work / name, say) for name, deb in debs.items()}
-    say("Collecting the modules and the guest agent's libraries.")
-    archive = cpio.Archive()
+    say("Collecting the modules, the guest agent, the firmware tools and their libraries.")
+    archive, tools = cpio.Archive(), cpio.Archive()
     _add_base(archive, trees[BUSYBOX_PACKAGE])
     _add_modules(archive, trees[KERNEL_PACKAGE], work / "modules")
-    _add_agent(archive, trees[AGENT_PACKAGE], debs[AGENT_PACKAGE])
-    say("Writing the kernel and the initramfs.")
+    _add_program(archive, trees[AGENT_PACKAGE], "usr/sbin/qemu-ga", debs[AGENT_PACKAGE])
+    _add_firmware_tools(tools, trees, debs, archive)
+    say("Writing the kernel and the initramfs (without and with the firmware tools).")
     durable.write_bytes(dest / KERNEL_NAME, _find_kernel(trees[KERNEL_PACKAGE]).read_bytes())
-    durable.write_bytes(dest / INITRD_NAME, gzip.compress(archive.pack(), compresslevel=6, mtime=0))
+    base = gzip.compress(archive.pack(), compresslevel=6, mtime=0)
+    durable.write_bytes(dest / INITRD_NAME, base)
+    # The kernel unpacks concatenated archives in turn: the second one adds the tools.
+    durable.write_bytes(dest / INITRD_TOOLS_NAME,
+                        base + gzip.compress(tools.pack(), compresslevel=6, mtime=0))
+    data_fs = _make_data_fs(work)
     disk = dest / disk_name()
     if not disk.is_file():  # complete if present (temp + rename); VMs may use it as a base
         say(f"Making the {DISK_SIZE} ext4 data disk.")
-        _make_disk(work, disk)
+        media.write_qcow2(data_fs, disk)
+    files = media.GuestFiles(dest / KERNEL_NAME, dest / INITRD_TOOLS_NAME, APPEND, data_fs,
+                             disk_name(), _unpacked(trees, SHIM_PACKAGE, SHIM_PATH),
+                             _unpacked(trees, SIGNED_GRUB_PACKAGE, SIGNED_GRUB_PATH))
+    boot_name, iso_name = media.names(files, grub)
+    if not (dest / boot_name).is_file():  # never replaced either: VMs boot from it in place
+        say("Making the boot disk (GPT: BIOS boot, EFI system, data).")
+        media.make_boot_disk(files, work / "boot", dest / boot_name)
+    if not (dest / iso_name).is_file():
+        say("Making the ISO (BIOS and UEFI).")
+        media.make_iso(files, work / "iso", dest / iso_name)
+    return boot_name, iso_name
 
 
 # --- Debian packages -------------------------------------------------------------------------
@@ -196,8 +269,8 @@ def package_versions(say: Log) -> dict[str, str]:
 
 def _candidates() -> dict[str, str]:
     """Parse ``apt-cache policy``: a ``name:`` line, then an indented ``Candidate: X`` line."""
-    _require_tools("apt-cache")
-    out = _run(["apt-cache", "policy", *PACKAGES], what="asking apt for package versions")
+    host.require_tools("apt-cache")
+    out = host.run(["apt-cache", "policy", *PACKAGES], what="asking apt for package versions")
     versions: dict[str, str] = {}
     name = None
     for line in out.splitlines():
@@ -214,8 +287,8 @@ def _apt_update() -> None:
     if os.geteuid() != 0:
         raise ToolError("apt's package lists are missing or out of date.",
                         hint="Run: sudo apt-get update, then build the guest again.")
-    _require_tools("apt-get")
-    _run(["apt-get", "update", "-q"], what="updating apt's package lists")
+    host.require_tools("apt-get")
+    host.run(["apt-get", "update", "-q"], what="updating apt's package lists")
 
 
 def fetch_packages(cache: Path, versions: Mapping[str, str], say: Log) -> dict[str, Path]:
@@ -253,8 +326,8 @@ def _fetch(cache: Path, versions: Mapping[str, str], say: Log) -> dict[str, Path
         say(f"Downloading {', '.join(missing)}.")
         sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
         try:
-            _run(["env", "-C", str(cache), "apt-get", "download", "-q", *sandbox, *missing],
-                 what=f"downloading {', '.join(missing)}")
+            host.run(["env", "-C", str(cache), "apt-get", "download", "-q", *sandbox, *missing],
+                     what=f"downloading {', '.join(missing)}")
         except ToolError as err:  # reported as apt-get's failure, not env's
             detail = err.message.partition(": ")[2] or err.message
             raise _DownloadFailed(f"apt-get download failed: {detail}",
@@ -276,13 +349,14 @@ def _cached_deb(cache: Path, name: str, version: str) -> Path | None:
 
 
 def _deb_field(deb: Path, field: str) -> str:
-    return _run(["dpkg-deb", "-f", str(deb), field], what=f"reading {field} of {deb.name}").strip()
+    return host.run(["dpkg-deb", "-f", str(deb), field],
+                    what=f"reading {field} of {deb.name}").strip()
 
 
 def _unpack(deb: Path, into: Path, say: Log) -> Path:
     say(f"Unpacking {deb.name}.")
     into.mkdir(parents=True)
-    _run(["dpkg-deb", "-x", str(deb), str(into)], what=f"unpacking {deb.name}")
+    host.run(["dpkg-deb", "-x", str(deb), str(into)], what=f"unpacking {deb.name}")
     return into
 
 
@@ -302,16 +376,22 @@ def _add_base(archive: cpio.Archive, busybox_tree: Path) -> None:
 
 
 def _add_modules(archive: cpio.Archive, kernel_tree: Path, scratch: Path) -> None:
-    """Each wanted module after its dependencies, uncompressed, listed in /etc/modules."""
+    """Each wanted module after its dependencies, uncompressed: those of :data:`MODULES` listed
+    in /etc/modules, the others :data:`EFI_MODULES` need in /etc/modules.efi."""
     root = _modules_root(kernel_tree)
     index = {_module_name(path): path for path in root.rglob("*.ko*")}
     builtin = _builtin_modules(root)
     order: list[str] = []
     for name in MODULES:
         _visit(name, index, builtin, scratch, order)
+    always = list(order)
+    for name in EFI_MODULES:
+        _visit(name, index, builtin, scratch, order)
     for name in order:
         archive.add_file(f"lib/modules/{name}.ko", _plain_module(index[name], scratch).read_bytes())
-    archive.add_file("etc/modules", "".join(f"{name}\n" for name in order).encode())
+    archive.add_file("etc/modules", "".join(f"{name}\n" for name in always).encode())
+    archive.add_file("etc/modules.efi",
+                     "".join(f"{name}\n" for name in order[len(always):]).encode())
 
 
 def _visit(name: str, index: Mapping[str, Path], builtin: set[str], scratch: Path,
@@ -321,9 +401,10 @@ def _visit(name: str, index: Mapping[str, Path], builtin: set[str], scratch: Pat
         return
     if name not in index:
         raise ImageError(f"the kernel in {KERNEL_PACKAGE} has no module {name}.",
-                         hint=f"Report this: the guest build expects {', '.join(MODULES)}.")
+                         hint="Report this: the guest build expects "
+                              f"{', '.join(MODULES + EFI_MODULES)}.")
     plain = _plain_module(index[name], scratch)
-    depends = _run(["modinfo", "-F", "depends", str(plain)], what=f"reading {name}'s depends")
+    depends = host.run(["modinfo", "-F", "depends", str(plain)], what=f"reading {name}'s depends")
     for dependency in filter(None, depends.strip().split(",")):
         _visit(dependency.replace("-", "_"), index, builtin, scratch, order)
     order.append(name)
@@ -363,26 +444,54 @@ def _plain_module(path: Path, scratch: Path) -> Path:
     elif path.name.endswith(".ko.gz"):
         plain.write_bytes(gzip.decompress(path.read_bytes()))
     elif path.name.endswith(".ko.zst"):
-        _require_tools("zstd")
-        _run(["zstd", "-q", "-d", "-f", "-o", str(plain), str(path)],
-             what=f"decompressing {path.name}")
+        host.require_tools("zstd")
+        host.run(["zstd", "-q", "-d", "-f", "-o", str(plain), str(path)],
+                 what=f"decompressing {path.name}")
     else:
         raise ImageError(f"{path.name} is compressed in a way the guest build cannot read.",
                          hint="Report this with the kernel package version.")
     return plain
 
 
-def _add_agent(archive: cpio.Archive, agent_tree: Path, agent_deb: Path) -> None:
-    """qemu-ga and, at the same paths, the host's copies of the libraries ``ldd`` finds."""
-    binary = agent_tree / "usr" / "sbin" / "qemu-ga"
-    archive.add_file("usr/sbin/qemu-ga", binary.read_bytes(), 0o755)
-    for library in _libraries(binary, agent_deb):
-        archive.add_file(str(library), library.resolve().read_bytes(), 0o755)
+def _add_program(archive: cpio.Archive, tree: Path, path: str, deb: Path,
+                 have: cpio.Archive | None = None) -> None:
+    """The file at ``path`` in the unpacked ``deb`` and, at the same paths, the host's copies of
+    the libraries ``ldd`` finds for it (those not already in ``have``)."""
+    binary = tree / path
+    archive.add_file(path, binary.read_bytes(), 0o755)
+    for library in _libraries(binary, deb):
+        if have is None or str(library) not in have:
+            archive.add_file(str(library), library.resolve().read_bytes(), 0o755)
+
+
+def _add_firmware_tools(archive: cpio.Archive, trees: Mapping[str, Path],
+                        debs: Mapping[str, Path], base: cpio.Archive) -> None:
+    """tpm2-tools' one program ``tpm2``, its ``tpm2_*`` names (symlinks in the package), the
+    device TCTI library it loads by name at run time, and ``chattr`` and ``lsattr`` (efivarfs
+    variables are immutable until ``chattr -i``), each with the libraries ``base`` lacks.
+
+    They are an archive of their own, appended to the initramfs for the boot disk and the ISO
+    (``initrd-tools.img``): the libraries (curl, OpenSSL, GnuTLS, Kerberos...) triple the
+    initramfs, which would slow every direct-kernel boot by about 0.3 s under TCG.
+    """
+    tools = trees[TPM_PACKAGE]
+    _add_program(archive, tools, "usr/bin/tpm2", debs[TPM_PACKAGE], base)
+    for link in sorted((tools / "usr" / "bin").glob("tpm2_*")):
+        if link.is_symlink():
+            archive.add_symlink(f"usr/bin/{link.name}", "tpm2")
+    tcti = sorted((trees[TCTI_PACKAGE] / "usr" / "lib").glob("*/libtss2-tcti-device.so.0"))
+    if not tcti:
+        raise ImageError(f"no libtss2-tcti-device.so.0 in the unpacked {TCTI_PACKAGE}.",
+                         hint="Delete the guest folder's debs/ and build the guest again.")
+    _add_program(archive, trees[TCTI_PACKAGE], str(tcti[0].relative_to(trees[TCTI_PACKAGE])),
+                 debs[TCTI_PACKAGE], base)
+    for program in ("usr/bin/chattr", "usr/bin/lsattr"):
+        _add_program(archive, trees[E2FS_PACKAGE], program, debs[E2FS_PACKAGE], base)
 
 
 def _libraries(binary: Path, deb: Path) -> list[Path]:
     """The paths ``ldd`` resolves; a library the host lacks names the packages to install."""
-    out = _run(["ldd", str(binary)], what=f"listing the libraries of {binary.name}")
+    out = host.run(["ldd", str(binary)], what=f"listing the libraries of {binary.name}")
     found: list[Path] = []
     missing: list[str] = []
     for line in out.splitlines():
@@ -394,8 +503,17 @@ def _libraries(binary: Path, deb: Path) -> list[Path]:
             found.append(Path(path))
     if missing:
         needs = re.findall(r"(?:^|,)\s*([a-z0-9][a-z0-9.+-]*)", _deb_field(deb, "Depends"))
-        raise ToolMissing(f"qemu-ga needs {', '.join(missing)}, which this host does not have.",
+        raise ToolMissing(f"{binary.name} needs {', '.join(missing)}, which this host does "
+                          "not have.",
                           hint=f"Install them with: apt-get install -y {' '.join(needs)}")
+    return found
+
+
+def _unpacked(trees: Mapping[str, Path], package: str, path: str) -> Path:
+    found = trees[package] / path
+    if not found.is_file():
+        raise ImageError(f"no {path} in the unpacked {package}.",
+                         hint="Delete the guest folder's debs/ and build the guest again.")
     return found
 
 
@@ -409,42 +527,20 @@ def _find_kernel(tree: Path) -> Path:
 
 # --- outputs ---------------------------------------------------------------------------------
 
-def _make_disk(work: Path, out: Path) -> None:
-    """``mkfs.ext4 -d`` fills the file system from a folder: no loop mount, no root needed."""
+def _make_data_fs(work: Path) -> Path:
+    """``mkfs.ext4 -d`` fills the file system from a folder: no loop mount, no root needed.
+    The raw file system: the data disk's content and the boot disk's third partition."""
     content = work / "disk-content"
     content.mkdir(parents=True)
     (content / "README").write_text(scripts.DATA_README)
     raw = work / "data.raw"
-    _run(["mkfs.ext4", "-q", "-F", "-L", "waymark-data",
-          "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
-          "-d", str(content), str(raw), DISK_SIZE], what="making the data disk's file system")
-    staged = durable.temp_path(out)
-    durable.remove(staged)
-    qemu_img.convert(raw, "raw", staged)
-    durable.fsync_file(staged)
-    os.replace(staged, out)
-    durable.fsync_dir(out.parent)
+    host.run(["mkfs.ext4", "-q", "-F", "-L", DATA_LABEL,
+              "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+              "-d", str(content), str(raw), DISK_SIZE], what="making the data disk's file system")
+    return raw
 
 
 # --- host plumbing ---------------------------------------------------------------------------
-
-def _run(argv: list[str], *, what: str) -> str:
-    """process.run with the program's full path: sbin folders are off a user's PATH."""
-    return process.run([_tool(argv[0]) or argv[0], *argv[1:]], what=what).stdout
-
-
-def _tool(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path=_SBIN)
-
-
-def _require_tools(*names: str) -> None:
-    missing = [name for name in names if _tool(name) is None]
-    if missing:
-        packages = sorted({TOOLS.get(name, name) for name in missing})
-        raise ToolMissing(f"Building the test guest needs {', '.join(missing)}, "
-                          f"which {'is' if len(missing) == 1 else 'are'} not installed.",
-                          hint=f"Install with: apt-get install -y {' '.join(packages)}")
-
 
 def _make_dir(path: Path) -> None:
     try:

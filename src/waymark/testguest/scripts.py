@@ -14,6 +14,13 @@ What the guest does, and which lines tests rely on (on the first serial port, ``
 
 ``waymark.agent=off`` on the kernel command line boots it without its guest agent (the
 fallbacks of production checkpoints are tested that way).
+
+However it was booted (``-kernel``, the boot disk's GRUB, the ISO's GRUB; SeaBIOS or OVMF), the
+init mounts the ext4 file system labelled ``waymark-data`` on ``/data`` (``/dev/vda`` itself, a
+partition of it, else any disk); booted by UEFI it mounts efivarfs on
+``/sys/firmware/efi/efivars``; with a TPM 2.0 (an ACPI ``TPM2`` table) it waits for
+``/dev/tpmrm0`` before ``READY``, and ``TPM2TOOLS_TCTI`` names it for ``tpm2-tools``. Without
+UEFI or a TPM it boots as it always did, with no extra wait.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 INIT = r"""#!/bin/sh
 # PID 1 of the Waymark test guest.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+# tpm2-tools (and programs the agent runs) find the TPM here.
+export TPM2TOOLS_TCTI=device:/dev/tpmrm0
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s
 mount -t sysfs sysfs /sys
@@ -45,10 +54,26 @@ wait_for() {
     done
 }
 
+# load_modules LIST: the modules named in LIST (a file the builder wrote in dependency order).
 load_modules() {
-    for module in $(cat /etc/modules); do
+    for module in $(cat "$1"); do
         insmod "/lib/modules/$module.ko" || echo "WARNING: could not load $module"
     done
+}
+
+# Booted by UEFI (the kernel then has /sys/firmware/efi): its variables in efivarfs.
+mount_efivars() {
+    [ -d /sys/firmware/efi ] || return 0
+    load_modules /etc/modules.efi
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars \
+        || echo "WARNING: could not mount efivarfs"
+}
+
+# A TPM 2.0 (the firmware's ACPI TPM2 table): tpm2-tools talk to it through the kernel's
+# resource manager. The TPM drivers are built into the kernel.
+wait_tpm() {
+    [ -e /sys/firmware/acpi/tables/TPM2 ] || return 0
+    wait_for 50 test -c /dev/tpmrm0 || echo "WARNING: a TPM2 table but no /dev/tpmrm0"
 }
 
 # No udev: name the virtio serial ports the way udev would.
@@ -82,11 +107,29 @@ start_agent() {
     ) &
 }
 
+# The data file system is labelled waymark-data: the whole /dev/vda (booted with -kernel, or
+# from the ISO), a partition of it (the boot disk), else any disk; an unlabelled /dev/vda as
+# before.
+# (busybox has no blkid: the ext4 superblock's volume name is 1144 bytes into the device.)
+data_device() {
+    for device in /dev/vda /dev/vda[0-9]*; do
+        if [ -b "$device" ] && \
+            [ "$(dd if="$device" bs=1 skip=1144 count=12 2>/dev/null)" = waymark-data ]; then
+            echo "$device"
+            return
+        fi
+    done
+    findfs LABEL=waymark-data 2>/dev/null || echo /dev/vda
+}
+
 mount_data() {
     if ! wait_for 20 test -b /dev/vda; then
         echo "NOTE: no /dev/vda; LINE records stay in memory"
-    elif ! mount -t ext4 /dev/vda /data; then
-        echo "WARNING: /dev/vda is not an ext4 file system; LINE records stay in memory"
+        return
+    fi
+    device=$(data_device)
+    if ! mount -t ext4 "$device" /data; then
+        echo "WARNING: $device is not an ext4 file system; LINE records stay in memory"
     fi
 }
 
@@ -128,8 +171,10 @@ workload() {
     done
 }
 
-load_modules
+load_modules /etc/modules
+mount_efivars
 mount_data
+wait_tpm
 start_agent
 start_acpid
 echo "READY $(cat /proc/sys/kernel/random/boot_id)"
@@ -193,4 +238,18 @@ SCRIPTS: dict[str, str] = {
 # The data disk's initial content.
 DATA_README = """Data disk of the Waymark test guest.
 The guest appends "LINE <n>" to log.txt about once a second, each followed by sync.
+"""
+
+# GRUB's configuration, on the boot disk's EFI system partition and on the ISO (their GRUBs
+# find it in /boot/grub): boot at once, GRUB's own output on the serial port too. @APPEND@ is
+# the kernel command line.
+GRUB_CFG = """serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=0
+menuentry "Waymark test guest" {
+    echo "GRUB: booting the Waymark test guest"
+    linux /boot/vmlinuz @APPEND@
+    initrd /boot/initrd.img
+}
 """
