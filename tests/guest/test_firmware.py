@@ -9,6 +9,8 @@ TCG costs 15-30 s on these machines, so the tests share boots where one proves s
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from tests.guest.firmware_guest import (
     write_nv,
 )
 from tests.guest.guests import Guest, readies
-from tests.helpers import Waymark, query
+from tests.helpers import Waymark, content_sha256, file_sha256, query
 
 GLOBAL_VARIABLES = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")  # EFI_GLOBAL_VARIABLE
 UEFI_BOOT = 240.0  # seconds: OVMF with SMM under TCG on a loaded 2-core machine
@@ -104,52 +106,69 @@ def test_a_standard_checkpoint_resumes_with_the_variable_and_tpm_value_of_its_in
 
 
 def test_a_live_delete_of_the_middle_of_three_keeps_the_other_two_exact(gen2: Guest) -> None:
+    """m2 is merged away while the VM runs; m3 (whose layer the merge touches) boots with its
+    values, and m1's frozen variable store and TPM state are the bytes they were."""
     vm = gen2
     held = {}
     for name in ("m1", "m2", "m3"):
         held[name] = set_values(vm, name)
         vm.wm("checkpoint", "create", vm.name, "--name", name, "--type", "production")
-    set_values(vm, "now")
+    now = set_values(vm, "now")
+    before = frozen_state(vm, "m1")
     vm.wm("checkpoint", "delete", vm.name, "m2")  # merged while the VM runs
-    assert vm.state() == "running" and values(vm) == set_values(vm, "now")
-    for name in ("m1", "m3"):
-        mark = apply(vm, name)
-        vm.wait_ready(mark, UEFI_BOOT)
-        assert values(vm) == held[name], name
+    assert vm.state() == "running" and values(vm) == now
+    assert frozen_state(vm, "m1") == before
+    mark = apply(vm, "m3")
+    vm.wait_ready(mark, UEFI_BOOT)
+    assert values(vm) == held["m3"]
     assert vm.wm.json("check", vm.name)["findings"] == []
+
+
+def frozen_state(vm: Guest, checkpoint: str) -> tuple[str, str]:
+    """A checkpoint's variable store (content of its frozen chain) and TPM state, as bytes'
+    digests."""
+    (vars_image, tpm_state), = query(
+        vm.wm.home, "SELECT i.path, c.tpm_state FROM checkpoints c JOIN vms v ON v.id = c.vm_id "
+        "JOIN frozen_images f ON f.checkpoint_id = c.id JOIN images i ON i.id = f.image_id "
+        "WHERE v.name = ? AND c.name = ? AND f.disk_id = json_extract(v.config, '$.nvram')",
+        vm.name, checkpoint)
+    return content_sha256(vars_image), hashlib.sha256(base64.b64decode(tpm_state)).hexdigest()
+
+
+def now_state(wm: Waymark, name: str) -> tuple[str, str]:
+    """Now's variable store (its chain's content) and TPM state file, as digests."""
+    shown = wm.json("vm", "show", name)
+    tpm = wm.home / "vms" / shown["id"] / "tpm" / "tpm2-00.permall"
+    return content_sha256(shown["firmware_variables"]["active_image"]), file_sha256(tpm)
 
 
 def test_backup_export_and_store_carry_the_variable_and_the_tpm(gen2: Guest, tmp_path: Path
                                                                 ) -> None:
-    """A backup of the running VM restored as a new VM, the export of a checkpoint imported, and
-    the VM stored and deployed: each boots with the values of its instant."""
+    """A backup of the running VM (its TPM state copied at the backup's instant) restored as a
+    new VM boots with the values of that instant; an imported export and a stored and deployed
+    VM hold exactly the bytes of the variable store and TPM state they left with (those bytes
+    boot with the values: the tests above)."""
     vm, wm = gen2, gen2.wm
     backed = set_values(vm, "backup")
     repo = tmp_path / "repo"
     wm("backup", "repo", "init", str(repo))
     point = wm.json("backup", "run", vm.name, "--repo", str(repo))[0]["point"]
     assert point["consistency"].startswith("application-consistent"), point
-    exported = set_values(vm, "export")
+    set_values(vm, "export")
     wm("checkpoint", "create", vm.name, "--name", "x", "--type", "production")
     wm("checkpoint", "export", vm.name, "x", str(tmp_path / "bundle"))
-    stored = set_values(vm, "stored")
-    wm("vm", "stop", vm.name)  # a clean shutdown: the TPM's state is written
-    for name, command, expected in (
-            ("restored", ["backup", "restore", vm.name, "--repo", str(repo), "--as-new",
-                          "restored"], backed),
-            ("imported", ["vm", "import", str(tmp_path / "bundle"), "--name", "imported"],
-             exported)):
-        wm(*command)
-        copy = Guest(wm, name)
-        boot(copy)
-        assert values(copy) == expected, name
-        wm("vm", "stop", name, "--force")
+    wm("vm", "import", str(tmp_path / "bundle"), "--name", "imported")
+    assert now_state(wm, "imported") == frozen_state(vm, "x")
+    wm("backup", "restore", vm.name, "--repo", str(repo), "--as-new", "restored")
+    wm("vm", "stop", vm.name)  # a clean shutdown: the TPM's state is written; one guest at once
+    restored = Guest(wm, "restored")
+    boot(restored)
+    assert values(restored) == backed
+    wm("vm", "stop", "restored", "--force")
+    left = now_state(wm, vm.name)
     library = tmp_path / "library"
     wm("library", "init", str(library))
     wm("vm", "store", vm.name, "--library", str(library))
     wm("vm", "deploy", vm.name, "--library", str(library))
-    boot(vm)
-    assert values(vm) == stored
-    tpm_rows = query(wm.home, "SELECT name, tpm_state IS NOT NULL FROM checkpoints c JOIN vms v "
-                              "ON v.id = c.vm_id WHERE v.name = ?", vm.name)
-    assert tpm_rows and all(has for _, has in tpm_rows), tpm_rows
+    assert now_state(wm, vm.name) == left
+    assert frozen_state(vm, "x") == now_state(wm, "imported")
