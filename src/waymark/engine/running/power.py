@@ -102,17 +102,18 @@ def _user_chain(image: Image) -> list[cmdline.Layer]:
             for depth, (above, below) in enumerate(itertools.pairwise(chain), start=1)]
 
 
-def _check_boot_files(hardware: HardwareConfig) -> None:
+def _check_boot_files(hardware: HardwareConfig, name: str) -> None:
     for option, value in (("--kernel", hardware.kernel), ("--initrd", hardware.initrd)):
         if value and not Path(value).is_file():
             raise NotFound(f"the VM's {option} file {value} does not exist.",
-                           hint=f"Restore it, or give it a new one (a later vm set {option}).")
+                           hint=f"Restore it, or give it another: waymark vm set {name} "
+                                f"{option} FILE (--no-kernel: boot from its disk)")
 
 
 def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incoming: bool
            ) -> tuple[cmdline.RunFiles, subprocess.Popen[bytes], str]:
     """QEMU started for the VM (its run files, its process, its accelerator)."""
-    _check_boot_files(hardware)
+    _check_boot_files(hardware, name)
     chains = disk_chains(ctx, vm_id, hardware)
     run = presence.run_files(ctx, vm_id)
     run.folder.mkdir(parents=True, exist_ok=True)

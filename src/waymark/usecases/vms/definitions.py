@@ -336,21 +336,61 @@ def commit_vm_create(session: Session, params: VmCreate) -> None:
         session.add(Disk(**row, created_at=now()))
 
 
+@dataclass(frozen=True)
+class BootChange:
+    """What ``vm set`` changes of how a VM boots: ``kernel``, ``initrd``, ``append`` (None:
+    unchanged; ``""`` for initrd or append: dropped), or ``no_kernel``: drop all three, so the
+    VM boots from its disk (its firmware and bootloader). Kernel and initrd paths are host
+    files: only an administrator (the CLI, an administrator through the API) names them."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    no_kernel: bool = False
+
+    def asked(self) -> list[str]:
+        """The options given, as the CLI spells them."""
+        named = [f"--{k}" for k in ("kernel", "initrd", "append") if getattr(self, k) is not None]
+        return named + (["--no-kernel"] if self.no_kernel else [])
+
+    def apply(self, hardware: HardwareConfig) -> None:
+        """Change ``hardware``; InvalidInput when the options contradict themselves, a file
+        does not exist, or an initrd or command line would be left without a kernel."""
+        if self.no_kernel and (self.kernel or self.initrd or self.append):
+            raise InvalidInput("--no-kernel drops the kernel, initrd and command line; it "
+                               "cannot be given with --kernel, --initrd or --append.",
+                               hint="Give either --no-kernel or the boot files.")
+        if self.no_kernel or self.kernel == "":
+            hardware.kernel = hardware.initrd = hardware.append = None
+        elif self.kernel is not None:
+            hardware.kernel = check_boot_file(self.kernel, "--kernel")
+        if self.initrd is not None and not self.no_kernel:
+            hardware.initrd = check_boot_file(self.initrd or None, "--initrd")
+        if self.append is not None and not self.no_kernel:
+            hardware.append = self.append or None
+        if hardware.kernel is None and (hardware.initrd or hardware.append):
+            raise InvalidInput("an initrd and a kernel command line need a kernel to boot "
+                               "directly.", hint="Add --kernel FILE, or leave them out.")
+        hardware.check(given_by_admin)
+
+
 def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None, discard_saved: bool = False,
-                 automatic_checkpoints: bool | None = None) -> None:
+                 automatic_checkpoints: bool | None = None,
+                 boot: BootChange | None = None) -> None:
     with ctx.locked(vm_id) as (_, vm_name):
         discard = False
-        if memory is not None or cpus is not None:
+        changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
+        changed += boot.asked() if boot is not None else []
+        if changed:
             if memory is not None:
                 check_memory(memory)
-            changed = [n for n, v in (("--memory", memory), ("--cpus", cpus)) if v]
             discard = _hardware_change(ctx, vm_id, vm_name, " and ".join(changed),
                                        discard_saved)
         with quotas.vm_resized(ctx, vm_id, cpus=cpus, memory=memory):
             _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
-                        max_checkpoints)
+                        max_checkpoints, boot)
         with ctx.catalog.session() as session:
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:
@@ -402,7 +442,7 @@ def _hardware_change(ctx: Context, vm_id: str, vm_name: str, what: str,
 
 def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus: int | None,
                 checkpoint_type: str | None, checkpoint_dir: str | None,
-                max_checkpoints: int | None) -> None:
+                max_checkpoints: int | None, boot: BootChange | None) -> None:
     with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         hardware = lookup.hardware(row)
@@ -410,6 +450,8 @@ def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus
             hardware.memory_mib = check_memory(memory)
         if cpus is not None:
             hardware.cpus = cpus
+        if boot is not None:
+            boot.apply(hardware)
         row.config = hardware.dump()
         if checkpoint_type is not None:
             row.checkpoint_type = check_type(checkpoint_type)
