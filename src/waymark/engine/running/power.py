@@ -249,6 +249,7 @@ async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
     _set_state(ctx, vm_id, "running")
     for path in (saved.state, saved.meta):  # consumed: the VM runs on from here
         durable.remove(path)
+    await agent.set_clock(run.agent, name)  # its clock stood still since it was saved
     return str(json.loads(run.runtime.read_text())["accelerator"])
 
 
@@ -308,6 +309,8 @@ async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str)
         _set_state(ctx, vm_id, after)
         for path in (run.paused_state, run.paused_meta):  # the guest runs: its memory changes
             durable.remove(path)
+        if command == "cont":
+            await agent.set_clock(run.agent, name)  # its clock stood still while paused
 
 
 async def pause(ctx: Context, vm_id: str) -> None:

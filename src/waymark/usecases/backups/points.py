@@ -372,7 +372,7 @@ async def _start(machine: qmp.Qmp, job: Run) -> str:
     run = presence.run_files(job.ctx, job.vm_id)
     started = False
     try:
-        async with guard.frozen(run.agent, job.name):
+        async with guard.frozen(run.agent, job.name, machine=machine):
             await machine.command("transaction", actions=actions)
             started = True
     except guard.FreezeFailed as err:
