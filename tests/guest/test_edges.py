@@ -5,6 +5,7 @@ the boot files it carries when the host's are gone."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -83,3 +84,28 @@ def test_a_production_checkpoint_freezes_once_the_socket_is_free(vm: Guest) -> N
     vm.ensure_running()
     ckpt = vm.wm.json("checkpoint", "create", vm.name, "--type", "production")
     assert ckpt["kind"] == "production" and ckpt["fallback_reason"] is None, ckpt
+
+
+def test_a_vm_restored_or_imported_boots_its_carried_files_when_the_hosts_are_gone(
+        home: Waymark, image: dict[str, str], tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    own = {key: str(shutil.copy(image[key], host / key)) for key in ("kernel", "initrd")}
+    source = create(home, "carrier", image, **own)
+    repo, bundle = tmp_path / "repo", tmp_path / "bundle"
+    home("backup", "repo", "init", str(repo))
+    home("backup", "run", source.name, "--repo", str(repo))
+    home("checkpoint", "create", source.name, "--name", "off")
+    home("checkpoint", "export", source.name, "off", str(bundle))
+    for path in own.values():
+        Path(path).rename(f"{path}.gone")
+
+    assert_clear_error(home.run("vm", "start", source.name), "does not exist",
+                       f"waymark vm set {source.name} --kernel FILE")
+    home("backup", "restore", source.name, "--repo", str(repo), "--as-new", "restored")
+    home("vm", "import", str(bundle), "--name", "imported")
+    for name in ("restored", "imported"):
+        copy = Guest(home, name)
+        assert home.json("vm", "show", name)["kernel"].startswith(str(home.home / "vms"))
+        copy.boot()
+        home("vm", "stop", name, "--force")

@@ -40,6 +40,7 @@ from waymark.engine.params import Params
 from waymark.engine.running import live_merge, power, presence
 from waymark.engine.steps import Convert, CreateImage, Step, WriteFile
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
+from waymark.external import vm_files
 from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
 from waymark.guest import guard
@@ -184,7 +185,7 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
                     "kind": "incremental" if parent else "full", "parent": parent,
                     "reason": job.reason or f"the changes since point {parent}",
                     "consistency": consistency, "vm_state": state, "vm": settings,
-                    "disks": disks}
+                    "disks": disks, "vm_files": repo.carry(vm_id, vm_files.named(hardware))}
         repo.write_manifest(manifest)
         _set_base(ctx, vm_id, repo.id, point_id)
         return manifest
@@ -485,12 +486,14 @@ def _verified(repo: Repository, point: dict[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
-def _config(ctx: Context, repo: Repository, point: dict[str, Any], vm_id: str | None
-            ) -> HardwareConfig:
+def _config(ctx: Context, repo: Repository, point: dict[str, Any], vm_id: str | None,
+            carried: list[vm_files.Carried] | None = None) -> HardwareConfig:
     """The point's VM configuration, checked as strictly as CLI input (it comes from storage
-    others may write): refused naming the manifest."""
+    others may write): refused naming the manifest. ``carried``: the files the new VM gets
+    copies of (their host paths are then not checked: the copies replace them)."""
     where = repo.relative(repo.manifest_file(point["vm"]["id"], point["id"]))
-    return vms.untrusted_hardware(ctx, point["vm"].get("config"), vm_id=vm_id, where=where)
+    return vms.untrusted_hardware(ctx, point["vm"].get("config"), vm_id=vm_id, where=where,
+                                  carried=carried or [])
 
 
 def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
@@ -503,13 +506,15 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
         repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
-        hardware = _config(ctx, repo, point, None)
+        carried = repo.carried(point, repo.relative(repo.manifest_file(vm_id, point["id"])))
+        hardware = _config(ctx, repo, point, None, carried)
         copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"],
                            confined_to=repo.root)
                   for d in point["disks"]]
         hardware.disks = [d for d in hardware.disks if d in {c.key for c in copies}]
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
-                                      _progress(report, "restoring"), owner_id=owner_id)
+                                      _progress(report, "restoring"), owner_id=owner_id,
+                                      carried=carried)
 
 
 def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,

@@ -6,6 +6,8 @@ A bundle is a folder (Hyper-V's Export-VMSnapshot)::
     configuration.json    the VM's hardware as the checkpoint recorded it
     disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
     memory.state          the memory state, for a checkpoint that holds one
+    boot/<key>            the files the VM needs beyond its disks (kernel, initrd), named by
+                          the manifest's ``vm_files`` (:mod:`waymark.external.vm_files`)
 
 A bundle without a manifest is incomplete (an export was interrupted) and is refused, as is one
 whose files do not match their checksums: import verifies everything before it changes anything.
@@ -26,7 +28,7 @@ from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.steps import CopyFile, Step, WriteFile
 from waymark.errors import Conflict, ImageError, NotFound
-from waymark.external import shares
+from waymark.external import shares, vm_files
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import HardwareConfig
@@ -34,6 +36,7 @@ from waymark.usecases.vms import definitions as vms
 
 FORMAT, VERSION = "waymark-bundle", 1
 MANIFEST = "manifest.json"
+BOOT = "boot"  # the folder of the files the VM needs beyond its disks
 
 
 def remove_partial(dest: Path) -> None:
@@ -42,11 +45,13 @@ def remove_partial(dest: Path) -> None:
     if not dest.is_dir() or (dest / MANIFEST).exists():
         return
     for path in [*(dest / "disks").glob("disk*.qcow2"), dest / "memory.state",
-                 dest / "configuration.json"]:
+                 dest / "configuration.json", *(dest / BOOT).glob("*"),
+                 *(dest / BOOT).glob(".*")]:
         durable.remove(path)
         durable.remove(durable.temp_path(path))
-    with contextlib.suppress(OSError):
-        (dest / "disks").rmdir()
+    for folder in (dest / "disks", dest / BOOT):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def require_empty(dest: Path) -> None:
@@ -83,6 +88,7 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
         if row.memory_path:
             shutil.copyfile(row.memory_path, dest / "memory.state")
             durable.fsync_file(dest / "memory.state")
+        carried = vm_files.carry(vm_files.named(hardware), dest / BOOT, dest)
         hardware.disks = [keys[d] for d in hardware.disks if d in keys]
         durable.write_bytes(dest / "configuration.json",
                             json.dumps(hardware.dump(), indent=2).encode())
@@ -94,7 +100,7 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
             "vm": {"name": vm_name, "checkpoint_type": vm_row.checkpoint_type,
                    "max_checkpoints": vm_row.max_checkpoints},
             "disks": disks, "skipped_disks": row.skipped_disks,
-            "memory": "memory.state" if row.memory_path else None,
+            "memory": "memory.state" if row.memory_path else None, "vm_files": carried,
             "files": {str(p.relative_to(dest)): durable.sha256(p)
                       for p in sorted(dest.rglob("*")) if p.is_file()},
         }
@@ -139,6 +145,14 @@ def _check_files(bundle: Path, manifest: dict[str, Any], where: str) -> None:
                            where=str(bundle / disk["file"]), backing="none")
     if manifest.get("memory") is not None and manifest["memory"] not in manifest["files"]:
         raise ImageError(f"the bundle's memory state {manifest['memory']} has no checksum.")
+    if found := vm_files.problems(carried(bundle, manifest, where), bundle):
+        raise ImageError(f"{bundle} is damaged: {'; '.join(found)}. Nothing was imported.",
+                         hint="Export it again.")
+
+
+def carried(bundle: Path, manifest: dict[str, Any], where: str) -> list[vm_files.Carried]:
+    """The files the bundle carries beyond its disks, each inside its ``boot`` folder."""
+    return vm_files.read(manifest.get("vm_files"), bundle / BOOT, base=bundle, where=where)
 
 
 def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[str, Any],
@@ -161,7 +175,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
         data = json.loads(config.read_text())
     except (OSError, ValueError) as err:
         raise ImageError(f"cannot read {config}: {err}.", hint="Export it again.") from err
-    hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config))
+    boot = carried(bundle, manifest, str(bundle / MANIFEST))
+    hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config), carried=boot)
     copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"],
                        confined_to=bundle)
               for d in manifest["disks"]]
@@ -173,4 +188,5 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
 
     return vms.create_from_copies(
         ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
-        on_progress, rename_hint="Import under another name with --name NEW_NAME.")
+        on_progress, rename_hint="Import under another name with --name NEW_NAME.",
+        carried=boot)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,9 +31,17 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
 from waymark.engine.running import power, presence
-from waymark.engine.steps import Convert, CreateImage, DeleteFile, MakeDir, PruneDirs, Step
+from waymark.engine.steps import (
+    Convert,
+    CopyFile,
+    CreateImage,
+    DeleteFile,
+    MakeDir,
+    PruneDirs,
+    Step,
+)
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
-from waymark.external import shares
+from waymark.external import shares, vm_files
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
@@ -201,10 +209,18 @@ def boot_rule(ctx: Context, vm_id: str | None) -> BootRule:
     return allowed
 
 
-def untrusted_hardware(ctx: Context, data: Any, *, vm_id: str | None, where: str
-                       ) -> HardwareConfig:
+def untrusted_hardware(ctx: Context, data: Any, *, vm_id: str | None, where: str,
+                       carried: Sequence[vm_files.Carried] = ()) -> HardwareConfig:
     """A configuration read from storage others may write, held to the checks of CLI input
-    (:meth:`HardwareConfig.check`) with :func:`boot_rule`; refused naming ``where``."""
+    (:meth:`HardwareConfig.check`) with :func:`boot_rule`; refused naming ``where``. The
+    fields ``carried`` replaces (:func:`create_from_copies` installs the copies) are left
+    empty here: they must name a file, whichever."""
+    keys = [c.key for c in carried]
+    if keys and isinstance(data, dict):
+        if missing := [k for k in keys if not data.get(k)]:
+            raise shares.refused(where, f"it carries a {missing[0]} its configuration does "
+                                        "not boot")
+        data = {**data, **dict.fromkeys(keys)}
     try:
         return HardwareConfig.load_checked(data, boot_rule(ctx, vm_id))
     except InvalidInput as err:
@@ -489,6 +505,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         files += [c.memory_path for c in checkpoints if c.memory_path]
         folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
+        files += [str(p) for p in sorted((folder / "boot").glob("*"))]  # its own boot files
         files += [str(p) for p in presence.run_files(ctx, vm_id).kept()]
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
@@ -576,6 +593,18 @@ class Copy:
                              hint="Check who can write the storage it came from.")
 
 
+def own_copies(ctx: Context, vm_id: str, hardware: HardwareConfig,
+               carried: Sequence[vm_files.Carried]) -> list[Step]:
+    """Steps copying each carried file into the VM's ``boot`` folder (from the very file
+    opened inside its share); ``hardware`` names the copies."""
+    steps: list[Step] = []
+    for entry in carried:
+        own = ctx.vm_folder(vm_id) / "boot" / entry.key
+        steps.append(CopyFile(path=str(own), src=str(entry.path), confined_to=str(entry.root)))
+        setattr(hardware, entry.key, str(own))
+    return steps
+
+
 def _outside_limit(settings: dict[str, Any]) -> int:
     """The checkpoint limit a source (a bundle, a backup point) carries, checked as CLI input."""
     value = settings.get("max_checkpoints")
@@ -592,11 +621,14 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
                        settings: dict[str, Any], extra: ExtraSteps | None = None,
                        on_progress: qemu_img.Progress = None,
                        rename_hint: str = "Choose another name.",
-                       owner_id: str | None = None) -> str:
+                       owner_id: str | None = None,
+                       carried: Sequence[vm_files.Carried] = ()) -> str:
     """A new VM (new id, new MACs) whose disks are copies (an import, a restore as a new VM).
 
     ``settings`` gives checkpoint_type and max_checkpoints; ``extra(vm_id, hardware)`` may add
-    file steps (a saved memory state: the new VM is then saved). Returns the id.
+    file steps (a saved memory state: the new VM is then saved); ``carried``: files beyond
+    its disks (checked), copied into its folder, which its configuration then names. Returns
+    the id.
     """
     vm_name = names.clean(name, what="VM name")
     vm_id = new_id()
@@ -612,6 +644,7 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         steps.append(Convert(path=str(path), src=str(copy.src), src_fmt=copy.src_fmt,
                              confined_to=None if copy.confined_to is None
                              else str(copy.confined_to)))
+    steps += own_copies(ctx, vm_id, hardware, carried)
     if set(hardware.disks) != set(keys):
         raise ImageError("the source's configuration and its disks disagree.")
     hardware.disks = [keys[k] for k in hardware.disks]
