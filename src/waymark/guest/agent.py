@@ -27,7 +27,7 @@ from waymark.errors import ToolError
 from waymark.qemu import cmdline, qmp, sockets
 
 log = logging.getLogger(__name__)
-CLOCK_TIMEOUT = 3.0  # the whole of a clock correction: an agent slower than this is skipped
+CLOCK_TIMEOUT = 2.0  # the whole of a clock correction: an agent slower than this is skipped
 HELD_GRACE = 0.5  # a client that just left: QEMU notices its hang-up within this
 
 
