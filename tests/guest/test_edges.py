@@ -68,7 +68,7 @@ def held_agent(vm: Guest) -> Iterator[Path]:
 
 
 def test_a_production_checkpoint_names_the_program_holding_the_agent_socket(
-        vm: Guest, held_agent: Path) -> None:
+        vm: Guest, held_agent: Path, tmp_path: Path) -> None:
     says = f"another program is connected to the guest agent's socket {held_agent}"
     began = time.monotonic()
     ckpt = vm.wm.json("checkpoint", "create", vm.name, "--type", "production")
@@ -78,6 +78,10 @@ def test_a_production_checkpoint_names_the_program_holding_the_agent_socket(
     assert time.monotonic() - began < 30
     refused = vm.wm.run("checkpoint", "create", vm.name, "--type", "productiononly")
     assert_clear_error(refused, says, "Nothing was created")
+    vm.wm("backup", "repo", "init", str(tmp_path / "repo"))  # a backup says the same
+    point = vm.wm.json("backup", "run", vm.name, "--repo", str(tmp_path / "repo"))[0]["point"]
+    assert point["consistency"].startswith("crash-consistent: ") and \
+        says in point["consistency"], point
 
 
 def test_a_production_checkpoint_freezes_once_the_socket_is_free(vm: Guest) -> None:
