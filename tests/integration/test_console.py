@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +87,48 @@ def test_console_sends_keys_and_detaches_on_ctrl_close_bracket(deep_wm: Waymark)
     assert "Detached." in done.stderr
     server.join(10)  # (it has read all the client sent once the client is gone)
     assert b"".join(typed) == b"ls\n"
+
+
+def serve_like_qemu(path: Path, answer: bytes, typed: list[bytes]) -> threading.Thread:
+    """A serial console that reads as QEMU's does: a few bytes at a time (a UART, as fast as
+    the guest reads), everything it has not read dropped when the client hangs up; once a whole
+    line came, the guest answers ``answer`` a moment later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sockets.address(path) as where:
+        server.bind(where)
+    server.listen(1)
+
+    def guest() -> None:
+        with server, server.accept()[0] as client:
+            watch = select.poll()
+            watch.register(client, select.POLLIN | select.POLLRDHUP)
+            while not any(mask & (select.POLLRDHUP | select.POLLHUP)
+                          for _, mask in watch.poll(10_000)):
+                typed.append(client.recv(4))
+                if b"".join(typed).endswith(b"\n"):
+                    time.sleep(0.5)  # the guest's shell runs the command
+                    client.sendall(answer)
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=guest, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_piped_input_reaches_the_guest_whole_and_its_answer_is_printed(
+        deep_wm: Waymark) -> None:
+    wm = deep_wm
+    vm_id = wm.json("vm", "create", "con", "--disk", "1M")["id"]
+    typed: list[bytes] = []
+    guest = serve_like_qemu(wm.home / "vms" / vm_id / "run" / "console.sock",
+                            b"CONSOLE-OK\r\n$ ", typed)
+
+    began = time.monotonic()
+    done = wm.run("vm", "console", "con", "--linger", "1", input="echo CONSOLE-OK\n").ok()
+    took = time.monotonic() - began
+    guest.join(10)
+    assert b"".join(typed) == b"echo CONSOLE-OK\n", "the guest got only part of the input"
+    assert "CONSOLE-OK" in done.stdout, done
+    assert "Detached." in done.stderr
+    assert took < 10, f"the console lingered {took:.1f} s for a guest quiet after 0.5 s"

@@ -424,6 +424,92 @@ def test_a_bundle_manifest_with_a_size_or_limit_that_is_no_number_is_not_importe
             "checkpoint limit 'many' is not a number")
 
 
+# --- the files a VM needs beyond its disks (kernel, initrd) ----------------------------------
+
+def carrying(wm: Waymark, tmp_path: Path, kind: str) -> tuple[Path, Path, tuple[str, ...]]:
+    """VM ``web`` booting a kernel and an initrd, backed up (``repo``) or exported
+    (``bundle``): the share's folder, the manifest naming its carried files, and the command
+    that restores or imports it."""
+    host = tmp_path / "host"
+    host.mkdir()
+    for name in ("kernel", "initrd"):
+        (host / name).write_bytes(f"a {name}\n".encode() * 100)
+    wm("vm", "create", "web", "--disk", "1M", "--memory", "128M", "--kernel",
+       str(host / "kernel"), "--initrd", str(host / "initrd"))
+    if kind == "repo":
+        repo = tmp_path / "repo"
+        wm("backup", "repo", "init", str(repo))
+        point = wm.json("backup", "run", "web", "--repo", str(repo))[0]["point"]
+        return repo, manifest_of(repo, point["id"]), (
+            "backup", "restore", "web", "--repo", str(repo), "--as-new", "copy")
+    bundle = tmp_path / "bundle"
+    wm("checkpoint", "create", "web", "--name", "one")
+    wm("checkpoint", "export", "web", "one", str(bundle))
+    return bundle, bundle / "manifest.json", ("vm", "import", str(bundle), "--name", "copy")
+
+
+def _carried_elsewhere(root: Path, manifest: dict[str, Any], secret: Path) -> None:
+    """The kernel entry names a file of the share outside the carried files' folder."""
+    elsewhere = manifest["disks"][0]["file"]
+    manifest["vm_files"]["kernel"].update(file=elsewhere, bytes=(root / elsewhere).stat().st_size,
+                                          sha256=file_sha256(root / elsewhere))
+
+
+def _carried_link(root: Path, manifest: dict[str, Any], secret: Path) -> None:
+    """The carried kernel replaced by a link to a host file (its size and digest too)."""
+    kernel = root / manifest["vm_files"]["kernel"]["file"]
+    kernel.unlink()
+    kernel.symlink_to(secret)
+    manifest["vm_files"]["kernel"].update(bytes=secret.stat().st_size,
+                                          sha256=file_sha256(secret))
+
+
+def _carried_damaged(root: Path, manifest: dict[str, Any], secret: Path) -> None:
+    kernel = root / manifest["vm_files"]["kernel"]["file"]
+    os.chmod(kernel, 0o600)
+    kernel.write_bytes(kernel.read_bytes().replace(b"a", b"A"))
+    if "files" in manifest:  # a bundle's own checksums, rewritten by its writer too
+        manifest["files"][manifest["vm_files"]["kernel"]["file"]] = file_sha256(kernel)
+
+
+def _carried_unbooted(root: Path, manifest: dict[str, Any], secret: Path) -> None:
+    """The configuration boots no initrd, yet the share carries one."""
+    config = root / "configuration.json"
+    if config.is_file():
+        rewrite(config, lambda c: c.update(initrd=None))
+        manifest["files"]["configuration.json"] = file_sha256(config)
+    else:
+        manifest["vm"]["config"]["initrd"] = None
+
+
+CARRIED: dict[str, tuple[Callable[[Path, dict[str, Any], Path], None], str]] = {
+    "absolute": (lambda r, m, s: m["vm_files"]["kernel"].update(file=str(s)), "outside"),
+    "dotdot": (lambda r, m, s: m["vm_files"]["kernel"].update(
+        file=os.path.relpath(s, r)), "leads outside"),
+    "elsewhere": (_carried_elsewhere, "leads outside"),
+    "link": (_carried_link, "leads outside"),
+    "key": (lambda r, m, s: m["vm_files"].update(firmware=m["vm_files"].pop("kernel")),
+            "'firmware', not one of the files a VM has beyond its disks"),
+    "size": (lambda r, m, s: m["vm_files"]["kernel"].update(bytes="1M"), "has the size '1M'"),
+    "huge": (lambda r, m, s: m["vm_files"]["kernel"].update(bytes=1 << 40), "has the size"),
+    "digest": (lambda r, m, s: m["vm_files"]["kernel"].update(sha256="abc"), "not a sha256"),
+    "shape": (lambda r, m, s: m.update(vm_files=["kernel"]), "not a mapping"),
+    "damaged": (_carried_damaged, "does not match"),
+    "unbooted": (_carried_unbooted, "carries a initrd its configuration does not boot"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(CARRIED))
+@pytest.mark.parametrize("kind", ["repo", "bundle"])
+def test_a_share_carrying_hostile_boot_files_is_not_restored_or_imported(
+        wm: Waymark, tmp_path: Path, kind: str, what: str) -> None:
+    secret = host_secret(tmp_path)
+    root, manifest, command = carrying(wm, tmp_path, kind)
+    craft, says = CARRIED[what]
+    rewrite(manifest, lambda m: craft(root, m, secret))
+    refused(wm, (root, secret.parent), command, EXIT_IMAGE, says)
+
+
 # --- library shares ---------------------------------------------------------------------------
 
 def stored(wm: Waymark, tmp_path: Path) -> tuple[Path, Path]:

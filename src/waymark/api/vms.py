@@ -22,7 +22,7 @@ from waymark.http.security import (
     vm_for,
 )
 from waymark.model import policy
-from waymark.model.hardware import CPU_MODEL_NAME
+from waymark.model.hardware import CPU_MODEL_NAME, MAX_APPEND
 from waymark.model.policy import Decision
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer
@@ -102,6 +102,14 @@ class VmSettings(BaseModel):
                                        description="Administrators only: a host folder.")
     cpu_model: str | None = CPU_MODEL
     accel: Accelerator | None = None
+    kernel: str | None = Field(default=None, max_length=4096,
+                               description="Administrators only: a host file to boot directly.")
+    initrd: str | None = Field(default=None, max_length=4096,
+                               description="Administrators only: a host file ('' drops it).")
+    append: str | None = Field(default=None, max_length=MAX_APPEND,
+                               description="The kernel command line ('' drops it).")
+    no_kernel: bool = Field(default=False, description="Drop the kernel, initrd and command "
+                                                       "line: the VM boots from its disk.")
     discard_saved_state: bool = False
 
 
@@ -110,6 +118,10 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
     row = vm_for(ctx, caller.who, "vm.set", vm)
     if body.checkpoint_dir is not None and not caller.who.admin:
         raise Forbidden("only administrators choose host folders.")
+    if (body.kernel or body.initrd) and not caller.who.admin:
+        raise Forbidden("only administrators choose the host files a VM boots.",
+                        hint="Ask an administrator, or boot the VM from its disk (no_kernel).")
+    boot = vm_ops.BootChange(body.kernel, body.initrd, body.append, body.no_kernel)
     vm_ops.set_settings(ctx, row.id, memory=parse_size(body.memory, what="memory")
                         if body.memory else None, cpus=body.cpus,
                         checkpoint_type=body.checkpoint_type,
@@ -117,7 +129,8 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
                         max_checkpoints=body.max_checkpoints,
                         discard_saved=body.discard_saved_state,
                         automatic_checkpoints=body.automatic_checkpoints,
-                        cpu_model=body.cpu_model, accel=body.accel)
+                        cpu_model=body.cpu_model, accel=body.accel,
+                        boot=boot if boot.asked() else None)
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 

@@ -14,10 +14,10 @@ from waymark.engine.running import power, presence
 from waymark.text import printable
 
 
-def _console(vm_ref: str) -> None:
+def _console(vm_ref: str, linger: float = terminal.LINGER) -> None:
     ctx = face().ctx
     vm_id, name = ctx.identify(face().vm_id(vm_ref))
-    asyncio.run(terminal.attach(presence.run_files(ctx, vm_id).console, name))
+    asyncio.run(terminal.attach(presence.run_files(ctx, vm_id).console, name, linger))
 
 
 def _act(vm_ref: str, action: str, **options: Any) -> dict[str, Any]:
@@ -108,9 +108,14 @@ def status(vm_ref: str, as_json: bool) -> None:
 
 @click.command("console")
 @click.argument("vm_ref", metavar="VM")
-def console(vm_ref: str) -> None:
-    """Attach to the serial console; detach with Ctrl-]."""
-    _console(vm_ref)
+@click.option("--linger", type=click.FloatRange(0, terminal.LINGER_MAX),
+              default=terminal.LINGER, show_default=True, metavar="SECONDS",
+              help="When the input ends (a pipe): once the guest has read all of it, keep "
+                   f"printing its output until it is quiet this long (at most "
+                   f"{terminal.LINGER_MAX:g} s in all).")
+def console(vm_ref: str, linger: float) -> None:
+    """Attach to the serial console; detach with Ctrl-] (or end the input)."""
+    _console(vm_ref, linger)
 
 
 COMMANDS = (start, stop, save, pause, resume, status, console)

@@ -188,20 +188,28 @@ DISCARD_SAVED = click.option(
               help="A checkpoint at each start, deleted after a clean shutdown.")
 @click.option("--cpu", "cpu_model", metavar="MODEL", help=CPU_HELP)
 @click.option("--accel", type=click.Choice(ACCELERATORS), help=ACCEL_HELP)
+@click.option("--kernel", metavar="FILE", help="Boot this kernel directly.")
+@click.option("--initrd", metavar="FILE", help="Its initrd ('' drops it).")
+@click.option("--append", metavar="CMDLINE", help="Kernel command line ('' drops it).")
+@click.option("--no-kernel", is_flag=True,
+              help="Drop the kernel, initrd and command line: boot from the VM's disk.")
 @DISCARD_SAVED
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
          checkpoint_dir: str | None, max_checkpoints: int | None,
          automatic_checkpoints: str | None, cpu_model: str | None, accel: str | None,
+         kernel: str | None, initrd: str | None, append: str | None, no_kernel: bool,
          discard_saved_state: bool, as_json: bool) -> None:
-    """Change a VM's settings (memory, CPUs, CPU model and accelerator only while it is
-    off)."""
+    """Change a VM's settings (memory, CPUs, CPU model, accelerator and boot files only while
+    it is off)."""
     ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    boot = vms.BootChange(kernel, initrd, append, no_kernel)
     vms.set_settings(ctx, vm_id, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
                      max_checkpoints=max_checkpoints, discard_saved=discard_saved_state,
                      automatic_checkpoints=None if automatic_checkpoints is None
-                     else automatic_checkpoints == "on", cpu_model=cpu_model, accel=accel)
+                     else automatic_checkpoints == "on", cpu_model=cpu_model, accel=accel,
+                     boot=boot if boot.asked() else None)
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 

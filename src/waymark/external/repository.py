@@ -5,6 +5,9 @@ Layout (every path relative, so the folder can be moved or mounted elsewhere)::
     waymark-repository.json              what this folder is (format, version, id)
     lock                                 held by a run, so two runs never interleave
     vms/<vm-id>/disks/<disk-id>/<point-id>.qcow2
+    vms/<vm-id>/files/<sha256>           a file the VM needs beyond its disks (its kernel,
+                                         initrd: :mod:`waymark.external.vm_files`), one copy
+                                         per content, named by points' ``vm_files``
     vms/<vm-id>/points/<point-id>.json   the point's manifest
 
 A point's disk file is plain qcow2: a full backup has no backing file; an incremental's backing
@@ -34,7 +37,7 @@ from typing import Any
 
 from waymark import durable
 from waymark.errors import Ambiguous, InvalidInput, NotFound, StorageError, WaymarkError
-from waymark.external import shares
+from waymark.external import shares, vm_files
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 from waymark.model import timing
@@ -88,6 +91,9 @@ class Repository(shares.Share):
     def merge_file(self, vm_id: str) -> Path:
         return self.root / "vms" / vm_id / "merging.json"
 
+    def files_folder(self, vm_id: str) -> Path:
+        return self.root / "vms" / vm_id / "files"
+
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
@@ -138,7 +144,26 @@ class Repository(shares.Share):
                 raise shares.refused(where, f"a disk's virtual size is {size!r}, not a size "
                                             "in bytes")
         tpm_state(manifest, where)
+        self.carried(manifest, where)
         return dict(manifest)
+
+    def carried(self, manifest: dict[str, Any], where: str) -> list[vm_files.Carried]:
+        """The files the point carries beyond its disks, each inside its VM's ``files``
+        folder (:func:`waymark.external.vm_files.read`)."""
+        return vm_files.read(manifest.get("vm_files"), self.files_folder(manifest["vm"]["id"]),
+                             base=self.root, where=where)
+
+    def carry(self, vm_id: str, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """A point's ``vm_files``: each file stored once per content in the VM's folder."""
+        return vm_files.carry(files, self.files_folder(vm_id), self.root, by_content=True)
+
+    def _drop_uncarried(self, vm_id: str) -> list[Path]:
+        """Remove the VM's carried files no point names any more."""
+        kept = {c.path for m in self.points(vm_id) for c in self.carried(m, m["id"])}
+        gone = vm_files.unknown(self.files_folder(vm_id), kept)
+        for path in gone:
+            durable.remove(path)
+        return gone
 
     def unreadable(self, vm_id: str | None = None) -> list[str]:
         """Manifests that cannot be read (damaged storage): their points are lost."""
@@ -209,6 +234,8 @@ class Repository(shares.Share):
             if self.relative(path) not in named:
                 durable.remove(path)
                 removed.append(path)
+        for folder in sorted((self.root / "vms").glob("*/files")):
+            removed += self._drop_uncarried(folder.parent.name)
         return removed
 
     def _intent(self, path: Path) -> dict[str, Any]:
@@ -230,6 +257,7 @@ class Repository(shares.Share):
         durable.remove(self.manifest_file(manifest["vm"]["id"], manifest["id"]))
         for disk in manifest["disks"]:
             durable.remove(self.root / disk["file"])
+        self._drop_uncarried(manifest["vm"]["id"])
 
     def merge_away(self, gone: dict[str, Any], child: dict[str, Any]) -> None:
         """Remove point ``gone``, whose ``child`` (an incremental) needs it: the child's files
@@ -273,13 +301,14 @@ class Repository(shares.Share):
         self.write_manifest(merged)
         for leftover in below.values():
             durable.remove(leftover)
+        self._drop_uncarried(vm_id)
         durable.remove(self.merge_file(vm_id))
 
     # --- checking -----------------------------------------------------------------------------
 
     def problems(self, manifest: dict[str, Any]) -> list[str]:
         """What is wrong with a point's own files (its checksums, then qemu-img check)."""
-        found = []
+        found = vm_files.problems(self.carried(manifest, manifest["id"]), self.root)
         for disk in manifest["disks"]:
             path = self.root / disk["file"]
             if not path.is_file():

@@ -3,6 +3,11 @@
 The agent speaks QMP without a greeting or capabilities negotiation; a session starts with
 ``guest-sync-delimited`` so that a reply left over from an earlier client is never taken for
 ours.
+
+QEMU's agent socket takes one client at a time: while another program holds it, a connect
+still succeeds (the kernel queues it) but nothing ever answers. :func:`held_elsewhere` tells
+that apart from a silent agent through QMP (``query-chardev``: a chardev with a client has no
+``disconnected:`` prefix), so the reason given names the real cause.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -18,9 +24,11 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecuteError, Message, QMPClient, QMPError
 
 from waymark.errors import ToolError
-from waymark.qemu import sockets
+from waymark.qemu import cmdline, qmp, sockets
 
 log = logging.getLogger(__name__)
+CLOCK_TIMEOUT = 2.0  # the whole of a clock correction: an agent slower than this is skipped
+HELD_GRACE = 0.5  # a client that just left: QEMU notices its hang-up within this
 
 
 class _AgentClient(QMPClient):
@@ -87,3 +95,39 @@ async def connect(socket: Path, label: str, timeout: float = 3.0) -> AsyncIterat
         # powered off): the session is over either way
         with suppress(QMPError, EOFError, OSError):
             await client.disconnect()
+
+
+async def set_clock(socket: Path, label: str, timeout: float = CLOCK_TIMEOUT) -> bool:
+    """Set the guest's clock to the host's (``guest-set-time`` with the host's time in ns, as
+    libvirt's ``domtime --sync`` and Hyper-V's time synchronisation do), after the guest ran
+    from a memory state or stood paused: its clock stopped meanwhile. Best effort within
+    ``timeout`` in all: an agent that does not answer or refuses is skipped (False), logged,
+    and never fails what called it."""
+    try:
+        async with asyncio.timeout(timeout), connect(socket, label, timeout) as guest:
+            await guest.command("guest-set-time", timeout, time=time.time_ns())
+    except (ToolError, TimeoutError) as err:
+        log.info("the clock of %s was not set: %s", label,
+                 err.message if isinstance(err, ToolError) else f"no answer in {timeout:g} s")
+        return False
+    log.info("the clock of %s was set to the host's", label)
+    return True
+
+
+async def held_elsewhere(machine: qmp.Qmp) -> bool:
+    """Whether a client is connected to the VM's agent socket now (ask before connecting:
+    then it is another program), allowing a client that just left :data:`HELD_GRACE`."""
+    deadline = time.monotonic() + HELD_GRACE
+    while True:
+        chardevs = await machine.command("query-chardev")
+        found = next((c for c in chardevs if c.get("label") == cmdline.AGENT_CHARDEV), None)
+        if found is None or str(found.get("filename", "")).startswith("disconnected:"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        await asyncio.sleep(0.1)
+
+
+def held_reason(socket: Path) -> str:
+    return (f"another program is connected to the guest agent's socket {socket} (it takes one "
+            "client at a time); disconnect it")

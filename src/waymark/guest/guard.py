@@ -29,6 +29,7 @@ from pathlib import Path
 
 from waymark.errors import ToolError
 from waymark.guest import agent
+from waymark.qemu import qmp
 
 HOLD_LIMIT = 10.0  # the longest a guest stays frozen, whatever happens to Waymark
 FREEZE_TIMEOUT = 5.0  # the agent's answer to a freeze; a longer wait falls back
@@ -122,11 +123,15 @@ async def _expect(process: asyncio.subprocess.Process, word: str, timeout: float
 
 @asynccontextmanager
 async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
-                 freeze_timeout: float = FREEZE_TIMEOUT) -> AsyncIterator[Frozen]:
+                 freeze_timeout: float = FREEZE_TIMEOUT,
+                 machine: qmp.Qmp | None = None) -> AsyncIterator[Frozen]:
     """Freeze the guest's file systems for the body; thaw on the way out, whatever happens.
 
-    Raises :class:`FreezeFailed` (nothing frozen) when the agent is missing, slow or refuses.
+    Raises :class:`FreezeFailed` (nothing frozen) when the agent is missing, slow or refuses,
+    or (asked through ``machine``, the VM's QMP) another program holds its socket.
     """
+    if machine is not None and await agent.held_elsewhere(machine):
+        raise FreezeFailed(agent.held_reason(socket))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "waymark.guest.guard", str(socket), label, str(hold_limit),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

@@ -21,6 +21,7 @@ from waymark.model.hardware import HardwareConfig, Nic
 from waymark.qemu import firmware
 
 AGENT_PORT = "org.qemu.guest_agent.0"
+AGENT_CHARDEV = "qga0"  # the agent socket's chardev (query-chardev says who is connected)
 # QEMU's seccomp sandbox (waymark.qemu.confine): the strictest that keeps every feature working
 # (a bridge NIC's tap device is handed over open, so no helper program needs spawn)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -232,8 +233,9 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
                         f"wait=off,logfile={escaped(log)},logappend=on",
             "-serial", "chardev:serial0",
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=qga0,{_listening(launch, run.agent)},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
+            "-chardev", f"socket,id={AGENT_CHARDEV},{_listening(launch, run.agent)},server=on,"
+            "wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV},name={AGENT_PORT}"]
     if hw.kernel:
         args += ["-kernel", files.get(hw.kernel, hw.kernel)]
     if hw.initrd:

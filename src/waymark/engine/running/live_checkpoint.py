@@ -53,7 +53,7 @@ from waymark.engine.params import Params
 from waymark.engine.running import presence
 from waymark.errors import Conflict, ToolError, WaymarkError
 from waymark.failpoints import failpoint
-from waymark.guest import guard
+from waymark.guest import agent, guard
 from waymark.images import qemu_img
 from waymark.qemu import bitmaps, blockjobs, cmdline, confine, qmp, tpm
 
@@ -61,6 +61,7 @@ MIGRATION_TIMEOUT = 600.0
 STREAM_END_TIMEOUT = 60.0
 RESUME_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 10.0
+CLOCK_PAUSE = 1.0  # a standard checkpoint that paused the guest this long corrects its clock
 FD_NAME = "waymark-checkpoint"
 # the guest's final pause QEMU aims for (ms), raised every DOWNTIME_PATIENCE seconds of a
 # migration that does not converge (QEMU's own default is 300 ms)
@@ -161,7 +162,7 @@ async def _production(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFile
     intent.save()
     switched = False
     try:
-        async with guard.frozen(run.agent, live["name"]) as held:
+        async with guard.frozen(run.agent, live["name"], machine=machine) as held:
             await _switch_with_tpm(intent, machine)
             switched = True
             failpoint("frozen-switched")
@@ -197,6 +198,7 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
         failpoint("switched")
         if not live["paused"]:
             pause = await _resume(machine) - stopped
+            await _correct_clock(run, live["name"], pause)
     digest = _seal(memory)
     if live["paused"]:
         keep_paused_state(run, memory, digest)
@@ -275,6 +277,13 @@ async def _resume(machine: qmp.Qmp) -> float:
         await machine.command("cont")
         return qmp.event_time(await machine.wait_event(listener, RESUME_TIMEOUT,
                                                        "the guest's resume"))
+
+
+async def _correct_clock(run: cmdline.RunFiles, name: str, pause: float) -> None:
+    """A guest paused long enough for its clock to be visibly behind (its clock stands still
+    while it is paused) gets the host's time through its agent (best effort)."""
+    if pause >= CLOCK_PAUSE:
+        await agent.set_clock(run.agent, name)
 
 
 def _rounded(seconds: float | None) -> float | None:

@@ -102,11 +102,12 @@ def _user_chain(image: Image) -> list[cmdline.Layer]:
             for depth, (above, below) in enumerate(itertools.pairwise(chain), start=1)]
 
 
-def _check_boot_files(hardware: HardwareConfig) -> None:
+def _check_boot_files(hardware: HardwareConfig, name: str) -> None:
     for option, value in (("--kernel", hardware.kernel), ("--initrd", hardware.initrd)):
         if value and not Path(value).is_file():
             raise NotFound(f"the VM's {option} file {value} does not exist.",
-                           hint=f"Restore it, or give it a new one (a later vm set {option}).")
+                           hint=f"Restore it, or give it another: waymark vm set {name} "
+                                f"{option} FILE (--no-kernel: boot from its disk)")
 
 
 def _accelerator(ctx: Context, name: str, hardware: HardwareConfig,
@@ -123,7 +124,7 @@ def _accelerator(ctx: Context, name: str, hardware: HardwareConfig,
 def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incoming: bool
            ) -> tuple[cmdline.RunFiles, subprocess.Popen[bytes], accel.Choice]:
     """QEMU started for the VM (its run files, its process, its accelerator)."""
-    _check_boot_files(hardware)
+    _check_boot_files(hardware, name)
     chains = disk_chains(ctx, vm_id, hardware)
     run = presence.run_files(ctx, vm_id)
     run.folder.mkdir(parents=True, exist_ok=True)
@@ -295,6 +296,7 @@ async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
     _set_state(ctx, vm_id, "running")
     for path in (saved.state, saved.meta):  # consumed: the VM runs on from here
         durable.remove(path)
+    await agent.set_clock(run.agent, name)  # its clock stood still since it was saved
     return str(json.loads(run.runtime.read_text())["accelerator"])
 
 
@@ -354,6 +356,8 @@ async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str)
         _set_state(ctx, vm_id, after)
         for path in (run.paused_state, run.paused_meta):  # the guest runs: its memory changes
             durable.remove(path)
+        if command == "cont":
+            await agent.set_clock(run.agent, name)  # its clock stood still while paused
 
 
 async def pause(ctx: Context, vm_id: str) -> None:

@@ -41,7 +41,7 @@ from waymark.engine.params import Params
 from waymark.engine.running import live_merge, power, presence
 from waymark.engine.steps import Convert, CreateImage, Step, WriteFile, WriteTpmState
 from waymark.errors import Conflict, ImageError, InvalidInput, NotFound, WaymarkError
-from waymark.external import repository
+from waymark.external import repository, vm_files
 from waymark.external.repository import Repository, new_point_id, now
 from waymark.failpoints import failpoint
 from waymark.guest import guard
@@ -190,7 +190,8 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
                     "kind": "incremental" if parent else "full", "parent": parent,
                     "reason": job.reason or f"the changes since point {parent}",
                     "consistency": consistency, "vm_state": state, "vm": settings,
-                    "disks": disks, "tpm_state": None if job.tpm_state is None
+                    "disks": disks, "vm_files": repo.carry(vm_id, vm_files.named(hardware)),
+                    "tpm_state": None if job.tpm_state is None
                     else base64.b64encode(job.tpm_state).decode()}
         repo.write_manifest(manifest)
         _set_base(ctx, vm_id, repo.id, point_id)
@@ -396,7 +397,7 @@ async def _start(machine: qmp.Qmp, job: Run) -> str:
     run = presence.run_files(job.ctx, job.vm_id)
     started = False
     try:
-        async with guard.frozen(run.agent, job.name):
+        async with guard.frozen(run.agent, job.name, machine=machine):
             await _begin(machine, job, actions)
             started = True
     except guard.FreezeFailed as err:
@@ -509,12 +510,14 @@ def _verified(repo: Repository, point: dict[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
-def _config(ctx: Context, repo: Repository, point: dict[str, Any], vm_id: str | None
-            ) -> HardwareConfig:
+def _config(ctx: Context, repo: Repository, point: dict[str, Any], vm_id: str | None,
+            carried: list[vm_files.Carried] | None = None) -> HardwareConfig:
     """The point's VM configuration, checked as strictly as CLI input (it comes from storage
-    others may write): refused naming the manifest."""
+    others may write): refused naming the manifest. ``carried``: the files the new VM gets
+    copies of (their host paths are then not checked: the copies replace them)."""
     where = repo.relative(repo.manifest_file(point["vm"]["id"], point["id"]))
-    return vms.untrusted_hardware(ctx, point["vm"].get("config"), vm_id=vm_id, where=where)
+    return vms.untrusted_hardware(ctx, point["vm"].get("config"), vm_id=vm_id, where=where,
+                                  carried=carried or [])
 
 
 def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
@@ -527,13 +530,15 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
         repo.remove_partial()
         point = repo.point(point_ref or "latest", vm_id)
         _verified(repo, point)
-        hardware = _config(ctx, repo, point, None)
+        carried = repo.carried(point, repo.relative(repo.manifest_file(vm_id, point["id"])))
+        hardware = _config(ctx, repo, point, None, carried)
         copies = [vms.Copy(d["disk_id"], repo.root / d["file"], "qcow2", d["virtual_size"],
                            confined_to=repo.root)
                   for d in point["disks"]]
         hardware.rekeyed({c.key: c.key for c in copies})
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
                                       _progress(report, "restoring"), owner_id=owner_id,
+                                      carried=carried,
                                       tpm_state=repository.tpm_state(point, point["id"]))
 
 

@@ -31,6 +31,7 @@ from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.errors import Conflict
+from waymark.external import vm_files
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 from waymark.model import names, setting_sources
@@ -143,10 +144,7 @@ def _copy_boot(folder: Path, files: dict[str, str | None]) -> dict[str, str | No
         if source is None:
             copied[key] = None
             continue
-        target = folder / key
-        durable.write_bytes(target, Path(source).read_bytes())
-        os.chmod(target, stat.S_IRUSR)
-        copied[key] = str(target)
+        copied[key] = str(vm_files.store(Path(source), folder, key).path)
     return copied
 
 

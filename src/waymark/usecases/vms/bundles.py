@@ -6,6 +6,8 @@ A bundle is a folder (Hyper-V's Export-VMSnapshot)::
     configuration.json    the VM's hardware as the checkpoint recorded it
     disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
     memory.state          the memory state, for a checkpoint that holds one
+    boot/<key>            the files the VM needs beyond its disks (kernel, initrd), named by
+                          the manifest's ``vm_files`` (:mod:`waymark.external.vm_files`)
     tpm.state             the TPM's state at the checkpoint, for a VM with a TPM
 
 A UEFI VM's variable store is one of its disks (``configuration.json`` names which).
@@ -30,7 +32,7 @@ from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.steps import CopyFile, Step, WriteFile
 from waymark.errors import Conflict, ImageError, NotFound
-from waymark.external import shares
+from waymark.external import shares, vm_files
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import HardwareConfig
@@ -40,6 +42,7 @@ from waymark.usecases.vms import definitions as vms
 FORMAT, VERSION = "waymark-bundle", 1
 TPM_FILE = "tpm.state"  # the checkpoint's TPM state, when the VM has a TPM
 MANIFEST = "manifest.json"
+BOOT = "boot"  # the folder of the files the VM needs beyond its disks
 
 
 def remove_partial(dest: Path) -> None:
@@ -48,11 +51,13 @@ def remove_partial(dest: Path) -> None:
     if not dest.is_dir() or (dest / MANIFEST).exists():
         return
     for path in [*(dest / "disks").glob("disk*.qcow2"), dest / "memory.state",
-                 dest / TPM_FILE, dest / "configuration.json"]:
+                 dest / TPM_FILE, dest / "configuration.json", *(dest / BOOT).glob("*"),
+                 *(dest / BOOT).glob(".*")]:
         durable.remove(path)
         durable.remove(durable.temp_path(path))
-    with contextlib.suppress(OSError):
-        (dest / "disks").rmdir()
+    for folder in (dest / "disks", dest / BOOT):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def require_empty(dest: Path) -> None:
@@ -91,6 +96,7 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
             durable.fsync_file(dest / "memory.state")
         if row.tpm_state is not None:
             durable.write_bytes(dest / TPM_FILE, base64.b64decode(row.tpm_state))
+        carried = vm_files.carry(vm_files.named(hardware), dest / BOOT, dest)
         hardware.rekeyed(keys)
         durable.write_bytes(dest / "configuration.json",
                             json.dumps(hardware.dump(), indent=2).encode())
@@ -102,7 +108,7 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
             "vm": {"name": vm_name, "checkpoint_type": vm_row.checkpoint_type,
                    "max_checkpoints": vm_row.max_checkpoints},
             "disks": disks, "skipped_disks": row.skipped_disks,
-            "memory": "memory.state" if row.memory_path else None,
+            "memory": "memory.state" if row.memory_path else None, "vm_files": carried,
             "tpm": TPM_FILE if row.tpm_state is not None else None,
             "files": {str(p.relative_to(dest)): durable.sha256(p)
                       for p in sorted(dest.rglob("*")) if p.is_file()},
@@ -152,6 +158,14 @@ def _check_files(bundle: Path, manifest: dict[str, Any], where: str) -> None:
             manifest.get("tpm") is not None and TPM_FILE not in manifest["files"]):
         raise ImageError(f"the bundle's TPM state {manifest.get('tpm')!r} is not its "
                          f"checksummed {TPM_FILE}.", hint="Export it again.")
+    if found := vm_files.problems(carried(bundle, manifest, where), bundle):
+        raise ImageError(f"{bundle} is damaged: {'; '.join(found)}. Nothing was imported.",
+                         hint="Export it again.")
+
+
+def carried(bundle: Path, manifest: dict[str, Any], where: str) -> list[vm_files.Carried]:
+    """The files the bundle carries beyond its disks, each inside its ``boot`` folder."""
+    return vm_files.read(manifest.get("vm_files"), bundle / BOOT, base=bundle, where=where)
 
 
 def _tpm_state(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
@@ -185,7 +199,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
         data = json.loads(config.read_text())
     except (OSError, ValueError) as err:
         raise ImageError(f"cannot read {config}: {err}.", hint="Export it again.") from err
-    hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config))
+    boot = carried(bundle, manifest, str(bundle / MANIFEST))
+    hardware = vms.untrusted_hardware(ctx, data, vm_id=None, where=str(config), carried=boot)
     copies = [vms.Copy(d["key"], bundle / d["file"], "qcow2", d["virtual_size"],
                        confined_to=bundle)
               for d in manifest["disks"]]
@@ -198,4 +213,4 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
     return vms.create_from_copies(
         ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
         on_progress, rename_hint="Import under another name with --name NEW_NAME.",
-        tpm_state=_tpm_state(bundle, manifest))
+        carried=boot, tpm_state=_tpm_state(bundle, manifest))

@@ -6,7 +6,7 @@ import base64
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +34,7 @@ from waymark.engine.params import Params
 from waymark.engine.running import power, presence
 from waymark.engine.steps import (
     Convert,
+    CopyFile,
     CreateImage,
     DeleteFile,
     MakeDir,
@@ -42,7 +43,7 @@ from waymark.engine.steps import (
     Step,
 )
 from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, NotFound
-from waymark.external import shares
+from waymark.external import shares, vm_files
 from waymark.images import qemu_img
 from waymark.model import names
 from waymark.model.hardware import (
@@ -238,10 +239,18 @@ def boot_rule(ctx: Context, vm_id: str | None) -> BootRule:
     return allowed
 
 
-def untrusted_hardware(ctx: Context, data: Any, *, vm_id: str | None, where: str
-                       ) -> HardwareConfig:
+def untrusted_hardware(ctx: Context, data: Any, *, vm_id: str | None, where: str,
+                       carried: Sequence[vm_files.Carried] = ()) -> HardwareConfig:
     """A configuration read from storage others may write, held to the checks of CLI input
-    (:meth:`HardwareConfig.check`) with :func:`boot_rule`; refused naming ``where``."""
+    (:meth:`HardwareConfig.check`) with :func:`boot_rule`; refused naming ``where``. The
+    fields ``carried`` replaces (:func:`create_from_copies` installs the copies) are left
+    empty here: they must name a file, whichever."""
+    keys = [c.key for c in carried]
+    if keys and isinstance(data, dict):
+        if missing := [k for k in keys if not data.get(k)]:
+            raise shares.refused(where, f"it carries a {missing[0]} its configuration does "
+                                        "not boot")
+        data = {**data, **dict.fromkeys(keys)}
     try:
         hardware = HardwareConfig.load_checked(data, boot_rule(ctx, vm_id))
         check_cpu(ctx, hardware.cpu_model)
@@ -404,29 +413,67 @@ def commit_vm_create(session: Session, params: VmCreate) -> None:
         session.add(Disk(**row, created_at=now()))
 
 
+@dataclass(frozen=True)
+class BootChange:
+    """What ``vm set`` changes of how a VM boots: ``kernel``, ``initrd``, ``append`` (None:
+    unchanged; ``""`` for initrd or append: dropped), or ``no_kernel``: drop all three, so the
+    VM boots from its disk (its firmware and bootloader). Kernel and initrd paths are host
+    files: only an administrator (the CLI, an administrator through the API) names them."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    no_kernel: bool = False
+
+    def asked(self) -> list[str]:
+        """The options given, as the CLI spells them."""
+        named = [f"--{k}" for k in ("kernel", "initrd", "append") if getattr(self, k) is not None]
+        return named + (["--no-kernel"] if self.no_kernel else [])
+
+    def apply(self, hardware: HardwareConfig) -> None:
+        """Change ``hardware``; InvalidInput when the options contradict themselves, a file
+        does not exist, or an initrd or command line would be left without a kernel."""
+        if self.no_kernel and (self.kernel or self.initrd or self.append):
+            raise InvalidInput("--no-kernel drops the kernel, initrd and command line; it "
+                               "cannot be given with --kernel, --initrd or --append.",
+                               hint="Give either --no-kernel or the boot files.")
+        if self.no_kernel or self.kernel == "":
+            hardware.kernel = hardware.initrd = hardware.append = None
+        elif self.kernel is not None:
+            hardware.kernel = check_boot_file(self.kernel, "--kernel")
+        if self.initrd is not None and not self.no_kernel:
+            hardware.initrd = check_boot_file(self.initrd or None, "--initrd")
+        if self.append is not None and not self.no_kernel:
+            hardware.append = self.append or None
+        if hardware.kernel is None and (hardware.initrd or hardware.append):
+            raise InvalidInput("an initrd and a kernel command line need a kernel to boot "
+                               "directly.", hint="Add --kernel FILE, or leave them out.")
+        hardware.check(given_by_admin)
+
+
 def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None, discard_saved: bool = False,
                  automatic_checkpoints: bool | None = None, cpu_model: str | None = None,
-                 accel: str | None = None) -> None:
-    """Change a VM's settings; its hardware (memory, CPUs, CPU model, accelerator) only while
-    it is off (:func:`_hardware_change`)."""
+                 accel: str | None = None, boot: BootChange | None = None) -> None:
+    """Change a VM's settings; its hardware (memory, CPUs, CPU model, accelerator, boot files)
+    only while it is off (:func:`_hardware_change`)."""
     with ctx.locked(vm_id) as (_, vm_name):
         discard = False
         asked = (("--memory", memory), ("--cpus", cpus), ("--cpu", cpu_model), ("--accel", accel))
-        if any(v is not None for _, v in asked):
+        changed = [n for n, v in asked if v] + (boot.asked() if boot is not None else [])
+        if any(v is not None for _, v in asked) or changed:
             if memory is not None:
                 check_memory(memory)
             if cpu_model is not None:
                 check_cpu(ctx, cpu_model)
             if accel is not None:
                 check_accel(accel)
-            changed = [n for n, v in asked if v]
             discard = _hardware_change(ctx, vm_id, vm_name, " and ".join(changed),
                                        discard_saved)
         with quotas.vm_resized(ctx, vm_id, cpus=cpus, memory=memory):
             _set_locked(ctx, vm_id, vm_name, memory, cpus, checkpoint_type, checkpoint_dir,
-                        max_checkpoints)
+                        max_checkpoints, boot)
         with ctx.catalog.session() as session:
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:
@@ -488,7 +535,7 @@ def _hardware_change(ctx: Context, vm_id: str, vm_name: str, what: str,
 
 def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus: int | None,
                 checkpoint_type: str | None, checkpoint_dir: str | None,
-                max_checkpoints: int | None) -> None:
+                max_checkpoints: int | None, boot: BootChange | None) -> None:
     with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         hardware = lookup.hardware(row)
@@ -496,6 +543,8 @@ def _set_locked(ctx: Context, vm_id: str, vm_name: str, memory: int | None, cpus
             hardware.memory_mib = check_memory(memory)
         if cpus is not None:
             hardware.cpus = cpus
+        if boot is not None:
+            boot.apply(hardware)
         row.config = hardware.dump()
         if checkpoint_type is not None:
             row.checkpoint_type = check_type(checkpoint_type)
@@ -533,6 +582,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         files += [c.memory_path for c in checkpoints if c.memory_path]
         folder = ctx.vm_folder(vm_id)  # a saved state and the last run's logs go too
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
+        files += [str(p) for p in sorted((folder / "boot").glob("*"))]  # its own boot files
         files += [str(p) for p in presence.run_files(ctx, vm_id).kept()]
         files += [str(p) for p in power.tpm_files(ctx, vm_id)]
         delete_rows(session, vm_id)
@@ -624,6 +674,18 @@ class Copy:
                              hint="Check who can write the storage it came from.")
 
 
+def own_copies(ctx: Context, vm_id: str, hardware: HardwareConfig,
+               carried: Sequence[vm_files.Carried]) -> list[Step]:
+    """Steps copying each carried file into the VM's ``boot`` folder (from the very file
+    opened inside its share); ``hardware`` names the copies."""
+    steps: list[Step] = []
+    for entry in carried:
+        own = ctx.vm_folder(vm_id) / "boot" / entry.key
+        steps.append(CopyFile(path=str(own), src=str(entry.path), confined_to=str(entry.root)))
+        setattr(hardware, entry.key, str(own))
+    return steps
+
+
 def _outside_limit(settings: dict[str, Any]) -> int:
     """The checkpoint limit a source (a bundle, a backup point) carries, checked as CLI input."""
     value = settings.get("max_checkpoints")
@@ -640,12 +702,16 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
                        settings: dict[str, Any], extra: ExtraSteps | None = None,
                        on_progress: qemu_img.Progress = None,
                        rename_hint: str = "Choose another name.",
-                       owner_id: str | None = None, tpm_state: bytes | None = None) -> str:
+                       owner_id: str | None = None,
+                       carried: Sequence[vm_files.Carried] = (),
+                       tpm_state: bytes | None = None) -> str:
     """A new VM (new id, new MACs) whose disks are copies (an import, a restore as a new VM).
 
     ``settings`` gives checkpoint_type and max_checkpoints; ``extra(vm_id, hardware)`` may add
-    file steps (a saved memory state: the new VM is then saved); ``tpm_state``: its TPM's
-    state, which a configuration with a TPM must come with. Returns the id.
+    file steps (a saved memory state: the new VM is then saved); ``carried``: files beyond
+    its disks (checked), copied into its folder, which its configuration then names;
+    ``tpm_state``: its TPM's state, which a configuration with a TPM must come with. Returns
+    the id.
     """
     if hardware.tpm != (tpm_state is not None):
         raise ImageError("the source's configuration and its TPM state disagree: "
@@ -665,6 +731,7 @@ def create_from_copies(ctx: Context, name: str, hardware: HardwareConfig, copies
         steps.append(Convert(path=str(path), src=str(copy.src), src_fmt=copy.src_fmt,
                              confined_to=None if copy.confined_to is None
                              else str(copy.confined_to)))
+    steps += own_copies(ctx, vm_id, hardware, carried)
     if set(hardware.disks) != set(keys):
         raise ImageError("the source's configuration and its disks disagree.")
     hardware.rekeyed(keys)
