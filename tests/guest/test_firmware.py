@@ -67,8 +67,9 @@ def apply(vm: Guest, checkpoint: str) -> int:
 
 @pytest.fixture(scope="module")
 def gen2(home: Waymark, image: dict[str, str]) -> Iterator[Guest]:
-    """The test guest's boot disk as a Secure Boot VM with a TPM, booted; an NV index defined."""
-    home("vm", "create", "gen2", "--disk", image["boot_disk"], "--memory", "256M",
+    """The test guest's boot disk as a Secure Boot VM with a TPM, booted; an NV index defined.
+    (512 MiB: with Secure Boot and 256 MiB, this kernel resets after its EFI stub in some boots.)"""
+    home("vm", "create", "gen2", "--disk", image["boot_disk"], "--memory", "512M",
          "--firmware", "uefi-secure", "--tpm", "on")
     vm = Guest(home, "gen2")
     boot(vm)

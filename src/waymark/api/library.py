@@ -73,7 +73,7 @@ def _template_view(t: dict[str, Any], admin: bool) -> dict[str, Any]:
     """Non-administrators see a template's settings, not its host paths or users."""
     if admin:
         return t
-    return {k: t[k] for k in ("name", "profile", "checkpoint_type")} | {
+    return {k: t[k] for k in ("name", "profile", "checkpoint_type", "firmware", "tpm")} | {
         "disks": [{"virtual_size": d.get("virtual_size")} for d in t["disks"]]}
 
 

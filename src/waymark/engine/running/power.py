@@ -156,9 +156,9 @@ def tpm_folder(ctx: Context, vm_id: str) -> Path:
     return ctx.vm_folder(vm_id) / "tpm"
 
 
-def tpm_files(ctx: Context, vm_id: str) -> list[Path]:
-    """Every file of the VM's TPM folder (deleted with the VM)."""
-    return tpm.files(tpm_folder(ctx, vm_id))
+def tpm_files(ctx: Context, vm_id: str, hardware: HardwareConfig) -> list[Path]:
+    """Every file of the VM's TPM folder, when it has a TPM (deleted with the VM)."""
+    return tpm.files(tpm_folder(ctx, vm_id)) if hardware.tpm else []
 
 
 @contextlib.contextmanager

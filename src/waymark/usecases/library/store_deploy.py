@@ -282,7 +282,7 @@ def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: lis
     here = ctx.vm_folder(vm_row.id)
     files += [str(here / "saved" / n) for n in ("state.bin", "saved.json")]
     files += [str(p) for p in presence.run_files(ctx, vm_row.id).kept()]
-    files += [str(p) for p in power.tpm_files(ctx, vm_row.id)]
+    files += [str(p) for p in power.tpm_files(ctx, vm_row.id, lookup.hardware(vm_row))]
     return [*(DeleteFile(path=f) for f in files), PruneDirs(path=str(here)),
             DeleteFile(path=str(folder / CLAIM))]
 

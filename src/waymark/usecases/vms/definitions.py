@@ -584,7 +584,7 @@ def _delete_locked(ctx: Context, vm_id: str, vm_name: str, *, yes: bool) -> None
         files += [str(folder / "saved" / n) for n in ("state.bin", "saved.json")]
         files += [str(p) for p in sorted((folder / "boot").glob("*"))]  # its own boot files
         files += [str(p) for p in presence.run_files(ctx, vm_id).kept()]
-        files += [str(p) for p in power.tpm_files(ctx, vm_id)]
+        files += [str(p) for p in power.tpm_files(ctx, vm_id, lookup.hardware(row))]
         delete_rows(session, vm_id)
         session.execute(sql_delete(Grant).where(Grant.object_kind == "vm",
                                                 Grant.object_id == vm_id))
