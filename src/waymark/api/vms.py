@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from waymark.api import schemas
 from waymark.catalog.models import Vm
 from waymark.engine.running import power
-from waymark.errors import Forbidden, NotFound
+from waymark.errors import Forbidden, InvalidInput, NotFound
 from waymark.http.security import (
     CallerDep,
     ContextDep,
@@ -28,9 +28,11 @@ from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases import views
 from waymark.usecases.library import templates
 from waymark.usecases.vms import definitions as vm_ops
+from waymark.usecases.vms import media as media_ops
 
 router = APIRouter(tags=["vms"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
+BootDevice = Literal["disk", "cdrom", "network"]
 
 
 @router.get("/vms", response_model=list[schemas.VmRow])
@@ -92,6 +94,9 @@ class VmSettings(BaseModel):
     automatic_checkpoints: bool | None = None
     checkpoint_dir: str | None = Field(default=None, max_length=4096,
                                        description="Administrators only: a host folder.")
+    boot_order: list[BootDevice] | None = Field(
+        default=None, max_length=3, description="The devices to boot from, in order, each "
+                                                "once; takes effect at the next boot")
     discard_saved_state: bool = False
 
 
@@ -106,7 +111,50 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
                         checkpoint_dir=body.checkpoint_dir,
                         max_checkpoints=body.max_checkpoints,
                         discard_saved=body.discard_saved_state,
-                        automatic_checkpoints=body.automatic_checkpoints)
+                        automatic_checkpoints=body.automatic_checkpoints,
+                        boot_order=None if body.boot_order is None else list(body.boot_order))
+    return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+class Media(BaseModel):
+    """An ISO for the CD drive: a file of a ``media`` location (``location`` and ``file``), or
+    for administrators any ISO on the host (``path``)."""
+
+    location: str | None = Field(default=None, max_length=64, examples=["isos"])
+    file: str | None = Field(default=None, max_length=255, examples=["debian-12.iso"])
+    path: str | None = Field(default=None, max_length=4096,
+                             description="Administrators only: an ISO on the host.")
+
+
+def _media_path(ctx: ContextDep, caller: CallerDep, body: Media) -> str:
+    if body.path is not None:
+        if not caller.who.admin:
+            raise Forbidden("only administrators name host files; name an ISO of a media "
+                            "location (location and file).")
+        if body.location is not None or body.file is not None:
+            raise InvalidInput("give either path or location and file.")
+        return body.path
+    if body.location is None or body.file is None:
+        raise InvalidInput("name the ISO: location and file (administrators: or path).",
+                           hint="List the media locations: GET /api/locations")
+    return media_ops.in_location(ctx, body.location, body.file)
+
+
+@router.post("/vms/{vm}/media", response_model=schemas.Vm)
+def media_insert(vm: str, body: Media, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Put an ISO in the VM's CD drive (replacing what is in), whether it is off, running or
+    paused (a saved VM: 409). A change of the VM's settings: its owner's and administrators'.
+    A file that is not there is 404, one that is no ISO 422: nothing changes."""
+    row = vm_for(ctx, caller.who, "vm.set", vm)
+    media_ops.insert(ctx, row.id, _media_path(ctx, caller, body))
+    return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+@router.delete("/vms/{vm}/media", response_model=schemas.Vm)
+def media_eject(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Empty the VM's CD drive (a running guest's locked tray is opened by force)."""
+    row = vm_for(ctx, caller.who, "vm.set", vm)
+    media_ops.eject(ctx, row.id)
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 

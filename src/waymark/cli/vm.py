@@ -11,19 +11,30 @@ from waymark.cli import power
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.model.hardware import CHECKPOINT_TYPES
+from waymark.model.hardware import CHECKPOINT_TYPES, DEFAULT_BOOT_ORDER, parse_boot_order
 from waymark.model.units import human, parse_size
 from waymark.usecases import views
 from waymark.usecases.library import store_deploy as library
 from waymark.usecases.library import templates
 from waymark.usecases.vms import bundles
 from waymark.usecases.vms import definitions as vms
+from waymark.usecases.vms import media as media_ops
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 
 
 def _memory(value: str | None) -> int | None:
     return None if value is None else parse_size(value, what="memory size", default_unit="M")
+
+
+def _boot(value: str | None) -> list[str] | None:
+    return None if value is None else parse_boot_order(value)
+
+
+BOOT = click.option("--boot", metavar="DEV,DEV...",
+                    help="Boot order: disk (the first disk), cdrom (the CD drive), network (the "
+                         "first NIC); devices left out are never booted.  [default: "
+                         f"{','.join(DEFAULT_BOOT_ORDER)}]")
 
 
 @click.group()
@@ -55,18 +66,21 @@ def vm() -> None:
 @click.option("--nic", "nics", multiple=True, metavar="user[,hostfwd=R]|bridge=BR|none",
               help="A virtio NIC (default: one user-mode NIC). Repeatable. BR: a Linux "
                    "interface name (1-15 of A-Za-z0-9_.-); R: [tcp|udp]:[ADDR]:PORT-[ADDR]:PORT.")
+@BOOT
 @json_option
 def create(name: str, template: str | None, profile: str | None, full_copy: bool,
            memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,
            initrd: str | None, append: str | None, checkpoint_type: str | None,
            checkpoint_dir: str | None, max_checkpoints: int | None,
-           automatic_checkpoints: str | None, nics: tuple[str, ...], as_json: bool) -> None:
+           automatic_checkpoints: str | None, nics: tuple[str, ...], boot: str | None,
+           as_json: bool) -> None:
     """Define a new VM (it is off). Each setting comes from its option, else the hardware
     profile, else the template, else the default; `vm show` says which."""
     if full_copy and template is None:
         raise InvalidInput("--full-copy copies a template's disks.",
                            hint="Add --template T, or leave --full-copy out.")
     specs = [vms.DiskSpec.parse(d) for d in disks]
+    boot_order = _boot(boot)
     nic_list = None if not nics else [n for n in map(vms.parse_nic, nics) if n is not None]
     ctx = face().ctx
     explicit = {"memory": _memory(memory), "cpus": cpus, "checkpoint_type": checkpoint_type,
@@ -75,7 +89,8 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
                 else automatic_checkpoints == "on"}
     vm_id = templates.new_vm(ctx, name, explicit=explicit, template=template, profile=profile,
                              disks=specs, full_copy=full_copy, kernel=kernel, initrd=initrd,
-                             append=append, checkpoint_dir=checkpoint_dir, nics=nic_list)
+                             append=append, checkpoint_dir=checkpoint_dir, nics=nic_list,
+                             boot_order=boot_order)
     shown = views.vm_show(ctx, vm_id)
     source = f" from template {template}" if template else ""
     emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}){source} with "
@@ -122,6 +137,8 @@ def show(vm_ref: str, as_json: bool) -> None:
     if data["kernel"]:
         lines.append(f"  kernel: {data['kernel']}  initrd: {data['initrd']}  "
                      f"append: {data['append']}")
+    lines.append(f"  cd drive: {data.get('media') or data['media_name'] or '(empty)'}   "
+                 f"boot order: {','.join(data['boot_order'])}")
     lines.append("disks:")
     lines += [_disk_line(d) for d in data["disks"]] or ["  (none)"]
     if data["detached_disks"]:
@@ -149,18 +166,21 @@ DISCARD_SAVED = click.option(
 @click.option("--max-checkpoints", type=int)
 @click.option("--automatic-checkpoints", type=click.Choice(["on", "off"]),
               help="A checkpoint at each start, deleted after a clean shutdown.")
+@BOOT
 @DISCARD_SAVED
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
          checkpoint_dir: str | None, max_checkpoints: int | None,
-         automatic_checkpoints: str | None, discard_saved_state: bool, as_json: bool) -> None:
-    """Change a VM's settings (memory and CPUs only while it is off)."""
+         automatic_checkpoints: str | None, boot: str | None, discard_saved_state: bool,
+         as_json: bool) -> None:
+    """Change a VM's settings (memory and CPUs only while it is off; the boot order at any
+    time, for its next boot)."""
     ctx, vm_id = face().ctx, face().vm_id(vm_ref)
     vms.set_settings(ctx, vm_id, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
                      max_checkpoints=max_checkpoints, discard_saved=discard_saved_state,
                      automatic_checkpoints=None if automatic_checkpoints is None
-                     else automatic_checkpoints == "on")
+                     else automatic_checkpoints == "on", boot_order=_boot(boot))
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 
@@ -222,6 +242,34 @@ def disk_remove(vm_ref: str, disk_ref: str, discard_saved_state: bool, as_json: 
     removed = vms.remove_disk(ctx, vm_id, disk_ref, discard_saved_state)
     shown = next(d for d in views.vm_show(ctx, vm_id)["detached_disks"] if d["id"] == removed.id)
     emit(as_json, shown, [f"Detached disk {removed.id[:12]}; its files are kept."])
+
+
+@vm.group("media")
+def media() -> None:
+    """The CD drive: insert and eject an ISO (off, running or paused; never written)."""
+
+
+@media.command("insert")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("iso", metavar="ISO")
+@json_option
+def media_insert(vm_ref: str, iso: str, as_json: bool) -> None:
+    """Put the ISO file ISO in the VM's CD drive (replacing what is in)."""
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    path = media_ops.insert(ctx, vm_id, iso)
+    data = views.vm_show(ctx, vm_id)
+    emit(as_json, data, [f"Inserted {path} into the CD drive of {data['name']}."])
+
+
+@media.command("eject")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def media_eject(vm_ref: str, as_json: bool) -> None:
+    """Empty the VM's CD drive."""
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    media_ops.eject(ctx, vm_id)
+    data = views.vm_show(ctx, vm_id)
+    emit(as_json, data, [f"Ejected the CD drive of {data['name']}; it is empty."])
 
 
 @vm.command("import")

@@ -197,20 +197,22 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            full_copy: bool = False, kernel: str | None = None, initrd: str | None = None,
            append: str | None = None, checkpoint_dir: str | None = None,
            nics: list[Nic] | None = None, owner_id: str | None = None,
-           visible: lookup.Visible = lookup.everything) -> str:
+           visible: lookup.Visible = lookup.everything,
+           boot_order: list[str] | None = None) -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
     ``owner_id``, ``visible``: whose it is, and which VMs they see (:func:`vms.create`)."""
     with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
-                       {"kernel": kernel, "initrd": initrd, "append": append},
+                       {"kernel": kernel, "initrd": initrd, "append": append,
+                        "boot_order": boot_order},
                        checkpoint_dir, nics, (owner_id, visible))
 
 
 def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | None,
             profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
-            given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
+            given: dict[str, Any], checkpoint_dir: str | None, nics: list[Nic] | None,
             owner: tuple[str | None, lookup.Visible]) -> str:
     explicit = profiles.checked(explicit)
     with ctx.catalog.session() as session:
@@ -229,7 +231,8 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
                       checkpoint_type=values["checkpoint_type"],
                       checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
                       automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
-                      origin=origin, owner_id=owner[0], visible=owner[1])
+                      origin=origin, owner_id=owner[0], visible=owner[1],
+                      boot_order=given["boot_order"])
 
 
 def _layers(session: Any, profile: str | None, template: Template | None

@@ -36,10 +36,16 @@ from waymark.errors import Conflict, ConsentRequired, ImageError, InvalidInput, 
 from waymark.external import shares
 from waymark.images import qemu_img
 from waymark.model import names
-from waymark.model.hardware import CHECKPOINT_TYPES, BootRule, HardwareConfig, Nic
+from waymark.model.hardware import (
+    CHECKPOINT_TYPES,
+    BootRule,
+    HardwareConfig,
+    Nic,
+    check_boot_order,
+)
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
-from waymark.usecases.access import quotas
+from waymark.usecases.access import locations, quotas
 
 DEFAULT_MAX_CHECKPOINTS = 50
 MAX_CHECKPOINTS_CEILING = 1000
@@ -183,13 +189,14 @@ def given_by_admin(path: str) -> bool:
 
 def boot_rule(ctx: Context, vm_id: str | None) -> BootRule:
     """The boot rule of a configuration read from storage (a bundle, a backup point, a library
-    share): a kernel or initrd in the VM's own folder or a template's folder, or one an
-    administrator gave to ``vm create`` (a VM or checkpoint in the catalog names it)."""
+    share): a kernel, initrd or ISO in the VM's own folder, a template's folder or a ``media``
+    location, or one an administrator gave to a VM (a VM or checkpoint in the catalog names
+    it)."""
     with ctx.catalog.session() as session:
         folders = [Path(f) for f in session.scalars(select(Template.folder))]
         configs = [*session.scalars(select(Vm.config)), *session.scalars(select(Checkpoint.config))]
-    given = {c.get(key) for c in configs for key in ("kernel", "initrd")} - {None}
-    roots = [f.resolve() for f in folders]
+    given = {c.get(key) for c in configs for key in ("kernel", "initrd", "media")} - {None}
+    roots = [f.resolve() for f in folders + locations.folders(ctx, locations.MEDIA)]
     if vm_id is not None:
         roots.append(ctx.vm_folder(vm_id).resolve())
 
@@ -269,11 +276,13 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
            checkpoint_type: str = "production", checkpoint_dir: str | None = None,
            max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS, nics: list[Nic] | None = None,
            automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None,
-           owner_id: str | None = None, visible: lookup.Visible = lookup.everything) -> str:
+           owner_id: str | None = None, visible: lookup.Visible = lookup.everything,
+           boot_order: list[str] | None = None) -> str:
     """Define a VM (it is off); returns its id. ``origin``: where its settings came from
     (:func:`waymark.usecases.library.templates.new_vm`); ``owner_id``: the user it belongs to, who
     may see
-    the VMs ``visible`` accepts (:func:`refuse_taken`)."""
+    the VMs ``visible`` accepts (:func:`refuse_taken`); ``boot_order``: the devices it boots
+    from, in order (default :data:`waymark.model.hardware.DEFAULT_BOOT_ORDER`)."""
     name = names.clean(name, what="VM name")
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
@@ -282,6 +291,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                               kernel=check_boot_file(kernel, "--kernel"),
                               initrd=check_boot_file(initrd, "--initrd"), append=append,
                               nics=[Nic(mac=new_mac())] if nics is None else nics)
+    if boot_order is not None:
+        hardware.boot_order = boot_order
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
     steps: list[Step] = []
@@ -339,7 +350,12 @@ def commit_vm_create(session: Session, params: VmCreate) -> None:
 def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: int | None = None,
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None, discard_saved: bool = False,
-                 automatic_checkpoints: bool | None = None) -> None:
+                 automatic_checkpoints: bool | None = None,
+                 boot_order: list[str] | None = None) -> None:
+    """Change a VM's settings. Memory and CPUs change only while it is off; the boot order in
+    any state, taking effect at its next boot (a running firmware already chose)."""
+    if boot_order is not None:
+        check_boot_order(boot_order)
     with ctx.locked(vm_id) as (_, vm_name):
         discard = False
         if memory is not None or cpus is not None:
@@ -355,6 +371,10 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:
                 row.automatic_checkpoints = automatic_checkpoints
+            if boot_order is not None:
+                hardware = lookup.hardware(row)
+                hardware.boot_order = boot_order
+                row.config = hardware.dump()
             _own(row, {"memory_mib": memory, "cpus": cpus, "checkpoint_type": checkpoint_type,
                        "max_checkpoints": max_checkpoints,
                        "automatic_checkpoints": automatic_checkpoints})
