@@ -306,9 +306,14 @@ CONFIGS: dict[str, Callable[[dict[str, Any]], None]] = {
     "mac": lambda config: config["nics"][0].update(mac="52:54:00:00:00:01,romfile=/etc/shadow"),
     "machine": lambda config: config.update(machine="pc-q35-7.2,dumpdtb=/etc/passwd"),
     "unknown": lambda config: config.update(helper="/bin/sh"),
+    "media": lambda config: config.update(media="disc.iso,driver=host_device"),
+    "media-line": lambda config: config.update(media="/srv/a.iso\n-device x"),
+    "boot": lambda config: config.update(boot_order=["disk", "cdrom,bootindex=0"]),
+    "boot-twice": lambda config: config.update(boot_order=["disk", "disk"]),
 }
 SAYS = {"initrd": SHADOW, "kernel": "id_ed25519", "bridge": HELPER_BRIDGE, "forward": "guestfwd",
-        "mac": "romfile", "machine": "dumpdtb", "unknown": "helper"}
+        "mac": "romfile", "machine": "dumpdtb", "unknown": "helper", "media": "host_device",
+        "media-line": "not an absolute path", "boot": "bootindex", "boot-twice": "twice"}
 
 
 @pytest.mark.parametrize("what", ["initrd", "bridge"])

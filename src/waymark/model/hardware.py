@@ -88,17 +88,22 @@ def check_boot_order(order: object) -> None:
                "them, e.g. --boot cdrom,disk.")
 
 
+def plain_path(path: object) -> bool:
+    """An absolute path of printable text (no newline, no NUL), not too long."""
+    return (isinstance(path, str) and path.startswith("/") and len(path) <= MAX_PATH
+            and path.isprintable())
+
+
 def check_media(path: object, boot: BootRule) -> None:
-    """The ISO in the CD drive: an absolute path of plain text that ``boot`` allows. Waymark
-    opens it and hands QEMU the open file (:mod:`waymark.qemu.confine`), but it is also the
-    fd set's text on QEMU's command line (escaped there)."""
+    """The ISO in the CD drive: a :func:`plain_path` that ``boot`` allows. Waymark opens it and
+    hands QEMU the open file (:mod:`waymark.qemu.confine`); the path itself is only the fd set's
+    text on QEMU's command line (escaped there)."""
     if path is None:
         return
-    if not (isinstance(path, str) and path.startswith("/") and len(path) <= MAX_PATH
-            and path.isprintable()):
+    if not plain_path(path):
         raise _bad(f"the CD drive's media {path!r} is not an absolute path",
                    "Use a configuration Waymark wrote.")
-    if not boot(path):
+    if not boot(str(path)):
         raise _bad(f"the ISO {path!r} is not one this VM may boot",
                    "A VM boots only files in its own folder, in a template's folder, in a "
                    "media location or that an administrator gave it.")
@@ -161,13 +166,14 @@ class HardwareConfig:
         """A configuration from outside the catalog (a bundle, a backup point, a library
         share), held to :meth:`check`; InvalidInput says what is wrong. An ISO in its CD drive
         that ``boot`` does not allow (another host's, or one this host no longer offers) is
-        taken out: the drive comes back empty, as Hyper-V imports a VM whose ISO is missing."""
+        taken out (one that is no plain path is refused): the drive comes back empty, as
+        Hyper-V imports a VM whose ISO is missing."""
         try:
             hardware = cls.load(data)
         except (TypeError, ValueError, AttributeError) as err:
             raise _bad(f"it is not a Waymark VM configuration ({err})",
                        "Use a configuration Waymark wrote.") from err
-        if isinstance(hardware.media, str) and not boot(hardware.media):
+        if plain_path(hardware.media) and not boot(str(hardware.media)):
             hardware.media = None
         hardware.check(boot)
         return hardware
