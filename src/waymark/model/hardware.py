@@ -75,7 +75,9 @@ def check_boot_order(order: object) -> None:
     """InvalidInput unless ``order`` is a list of :data:`BOOT_DEVICES`, each at most once."""
     words = order if isinstance(order, list) else [order]
     unknown = [w for w in words if w not in BOOT_DEVICES]
-    if unknown:
+    if not isinstance(order, list):
+        problem = f"{order!r}, which is no list of devices"
+    elif unknown:
         problem = f"{unknown[0]!r}, which is no boot device"
     elif len(set(words)) != len(words):
         problem = "a device twice"
@@ -158,7 +160,8 @@ class HardwareConfig:
         fields = dict(data)
         fields["nics"] = [Nic(**nic) for nic in fields.get("nics", [])]
         fields["disks"] = list(fields.get("disks", []))
-        fields["boot_order"] = list(fields.get("boot_order", DEFAULT_BOOT_ORDER))
+        order = fields.get("boot_order", DEFAULT_BOOT_ORDER)
+        fields["boot_order"] = list(order) if isinstance(order, list | tuple) else order
         return cls(**fields)
 
     @classmethod
