@@ -10,9 +10,10 @@ deps: $(STAMP) .qemu-user-stamp
 
 # Debian packages, installed only when one is missing: qemu-utils (qemu-img, qemu-io),
 # qemu-system-x86 (VMs), kmod + e2fsprogs + qemu-ga's libraries (building the test guest),
-# chromium (the portal's browser tests, driven by Playwright).
+# chromium (the portal's browser tests, driven by Playwright), xorriso + grub-pc-bin (the CD
+# drive's guest tests make their ISOs with xorriso and grub-mkrescue).
 APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
-	libglib2.0-0 libnuma1 libudev1 liburing2 chromium
+	libglib2.0-0 libnuma1 libudev1 liburing2 chromium xorriso grub-pc-bin
 .apt-stamp:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
