@@ -11,6 +11,7 @@ the ISO's GRUB gives.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ menuentry "waymark test guest from its ISO" {{
 def isos(home: Waymark, image: dict[str, str], tmp_path_factory: pytest.TempPathFactory
          ) -> dict[str, Path]:
     """``boot``: the test guest on a BIOS-bootable ISO; ``tools``: an ISO of one text file."""
+    for tool, package in (("grub-mkrescue", "grub-pc-bin"), ("xorriso", "xorriso")):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"missing {tool} (apt-get install -y {package})")
     folder = tmp_path_factory.mktemp("isos")
     root = folder / "boot-root"
     (root / "boot" / "grub").mkdir(parents=True)
