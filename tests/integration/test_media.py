@@ -4,6 +4,7 @@ what a running VM does with them is tests/guest/test_media.py's)."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ import pytest
 from tests.helpers import Waymark, file_sha256, query, served
 from tests.integration.test_untrusted_storage import bundle_of, reseal, rewrite
 
-EXIT_INVALID, EXIT_NOT_FOUND, EXIT_IMAGE = 2, 3, 8
+EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_IMAGE = 2, 3, 5, 8
 
 
 def fake_iso(path: Path) -> Path:
@@ -74,6 +75,18 @@ def test_an_iso_that_is_not_there_or_is_no_iso_is_refused_and_nothing_changes(
         refused(wm, EXIT_IMAGE, "vm", "media", "insert", "web", str(not_iso),
                 says="is not an ISO image")
     assert wm.json("vm", "show", "web")["media_name"] == "kept.iso"
+
+
+def test_a_saved_vms_drive_does_not_change(wm: Waymark, tmp_path: Path) -> None:
+    """Its saved memory resumes with the drive it was saved with (a real save is
+    tests/guest's: the catalog's state is enough here, nothing else is read)."""
+    iso = fake_iso(tmp_path / "a.iso")
+    wm("vm", "create", "web", "--disk", "1M", "--memory", "128M")
+    with sqlite3.connect(wm.home / "catalog.db") as con:
+        con.execute("UPDATE vms SET state = 'saved'")
+    con.close()
+    for args in (("insert", "web", str(iso)), ("eject", "web")):
+        refused(wm, EXIT_CONFLICT, "vm", "media", *args, says="is saved")
 
 
 def test_the_boot_order_is_set_at_creation_and_changed_and_checked(wm: Waymark) -> None:
