@@ -235,3 +235,16 @@ def test_the_api_inserts_a_media_locations_iso_for_owners_and_any_host_iso_for_a
         status, answer = call(url, admin, "POST", "/api/vms/mine/media",
                               {"path": str(tmp_path / "secret.iso"), "location": "isos"})
         assert status == 400, answer
+
+
+def test_an_iso_kept_in_the_vms_own_folder_is_no_stray_file(wm: Waymark) -> None:
+    """``waymark check --repair`` moves away files nothing references: the ISO in a VM's
+    drive (or in one of its checkpoints') is referenced."""
+    vm_id = wm.json("vm", "create", "web", "--disk", "1M", "--memory", "128M")["id"]
+    iso = fake_iso(wm.home / "vms" / vm_id / "install.iso")
+    wm("vm", "media", "insert", "web", str(iso))
+    wm("checkpoint", "create", "web", "--name", "with-iso")
+    wm("vm", "media", "eject", "web")
+    result = wm.run("check", "--repair", "--json")
+    assert result.returncode == 0 and result.json()["findings"] == [], result.stdout
+    assert iso.exists()
