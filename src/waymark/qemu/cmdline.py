@@ -32,7 +32,7 @@ AGENT_PORT = "org.qemu.guest_agent.0"
 # (a bridge NIC's tap device is handed over open, so no helper program needs spawn)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 CD_DRIVE = "cd0"  # the CD drive's device id (QMP's blockdev-open-tray, -insert-medium ...)
-MEDIA_NODE = "cdmedia"  # the inserted medium's block node
+MEDIA_NODE = "cdmedia"  # the block node of the medium a VM starts with
 
 
 def escaped(value: str) -> str:
@@ -183,10 +183,10 @@ def bootindex(hardware: HardwareConfig, device: str) -> str:
     return f",bootindex={hardware.boot_order.index(device) + 1}"
 
 
-def media_node(filename: str) -> dict[str, object]:
+def media_node(filename: str, node: str = MEDIA_NODE) -> dict[str, object]:
     """The ``-blockdev``/``blockdev-add`` of an inserted ISO: raw, read-only, over a file
     opened read-only (``filename``: what QEMU opens, ``/dev/fdset/N``)."""
-    return {"driver": "raw", "node-name": MEDIA_NODE, "read-only": True,
+    return {"driver": "raw", "node-name": node, "read-only": True,
             "file": {"driver": "file", "filename": filename, "read-only": True}}
 
 

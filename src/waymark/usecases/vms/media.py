@@ -35,6 +35,7 @@ def insert(ctx: Context, vm_id: str, path: str) -> str:
     path. A path that is not there is NotFound, a file that is no ISO ImageError: nothing
     changes."""
     checked = iso.checked(path)
+    check_media(checked, given_by_admin)
     with ctx.locked(vm_id) as (_, name):
         if _live(ctx, vm_id, name):
             qmp.run_sync(_in_running(ctx, vm_id, name, checked))
@@ -83,7 +84,6 @@ def _record(ctx: Context, vm_id: str, path: str | None) -> None:
     with ctx.catalog.session() as session:
         row = session.get_one(Vm, vm_id)
         hardware = lookup.hardware(row)
-        check_media(path, given_by_admin)
         hardware.media = path
         row.config = hardware.dump()
 
