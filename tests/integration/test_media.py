@@ -127,6 +127,29 @@ def test_a_checkpoint_records_the_iso_and_apply_puts_it_back_or_empties_a_gone_o
     assert f"Warning: The ISO {iso} that was in the CD drive is gone" in printed
 
 
+def test_backups_and_exports_record_the_iso_by_path_and_never_copy_it(
+        wm: Waymark, tmp_path: Path) -> None:
+    iso = fake_iso(tmp_path / "install.iso")
+    with iso.open("ab") as grow:  # a content no disk image of a 1 MiB VM could hold
+        grow.write(b"waymark-iso-content" * 4096)
+    wm("vm", "create", "web", "--disk", "1M", "--memory", "128M")
+    wm("vm", "media", "insert", "web", str(iso))
+    wm("checkpoint", "create", "web", "--name", "with-iso")
+    repo, bundle = tmp_path / "repo", tmp_path / "bundle"
+    wm("backup", "repo", "init", str(repo))
+    wm("backup", "run", "web", "--repo", str(repo), "--full")
+    wm("checkpoint", "export", "web", "with-iso", str(bundle))
+    for folder in (repo, bundle):
+        copies = [p for p in folder.rglob("*") if p.is_file()
+                  and b"waymark-iso-content" in p.read_bytes()]
+        assert copies == [], f"the ISO was copied into {folder}"
+    assert json.loads((bundle / "configuration.json").read_text())["media"] == str(iso)
+    wm("vm", "import", str(bundle), "--name", "clone")  # an ISO this host offers stays in
+    assert wm.json("vm", "show", "clone")["media"] == str(iso)
+    restored = wm.json("backup", "restore", "web", "--repo", str(repo), "--as-new", "copy")
+    assert wm.json("vm", "show", "copy")["media"] == str(iso), restored
+
+
 def test_a_vm_whose_iso_is_gone_does_not_start_and_says_so(wm: Waymark,
                                                              tmp_path: Path) -> None:
     iso = fake_iso(tmp_path / "install.iso")
@@ -204,6 +227,9 @@ def test_the_api_inserts_a_media_locations_iso_for_owners_and_any_host_iso_for_a
         status, made = call(url, sam, "POST", "/api/vms", {"name": "mine", "template": "tpl"})
         assert status == 201, made
         assert made["boot_order"] == ["disk", "cdrom"] and made["media_name"] is None
+        status, made = call(url, sam, "POST", "/api/vms", {"name": "net", "template": "tpl",
+                                                           "boot_order": ["network", "disk"]})
+        assert (status, made["boot_order"]) == (201, ["network", "disk"])
         status, shown = call(url, sam, "POST", "/api/vms/mine/media",
                              {"location": "isos", "file": "tools.iso"})
         assert status == 200, shown

@@ -54,6 +54,9 @@ class NewVm(BaseModel):
     checkpoint_type: CheckpointType | None = None
     max_checkpoints: int | None = Field(default=None, ge=1, le=1000)
     automatic_checkpoints: bool | None = None
+    boot_order: list[BootDevice] | None = Field(
+        default=None, max_length=3, description="The devices to boot from, in order, each "
+                                                "once (default: disk, cdrom)")
 
 
 @router.post("/vms", status_code=201, response_model=schemas.Vm)
@@ -76,7 +79,8 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
                 "automatic_checkpoints": body.automatic_checkpoints}
     vm_id = templates.new_vm(ctx, body.name, explicit=explicit, template=body.template,
                              profile=body.profile, disks=[], full_copy=body.full_copy,
-                             owner_id=caller.who.user_id, visible=in_scope(caller.who))
+                             owner_id=caller.who.user_id, visible=in_scope(caller.who),
+                             boot_order=_order(body.boot_order))
     return redact(caller.who, views.vm_show(ctx, vm_id))
 
 
@@ -84,6 +88,10 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
 def vm_show(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "vm.view", vm)
     return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+def _order(devices: list[BootDevice] | None) -> list[str] | None:
+    return None if devices is None else list(devices)
 
 
 class VmSettings(BaseModel):
@@ -112,7 +120,7 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
                         max_checkpoints=body.max_checkpoints,
                         discard_saved=body.discard_saved_state,
                         automatic_checkpoints=body.automatic_checkpoints,
-                        boot_order=None if body.boot_order is None else list(body.boot_order))
+                        boot_order=_order(body.boot_order))
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 
