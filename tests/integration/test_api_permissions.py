@@ -271,10 +271,12 @@ def _cli_home(base: Path, wm: Waymark) -> tuple[dict[str, str], dict[str, str], 
     wm("checkpoint", "create", "vm-x", "--name", "c2")
     wm("backup", "repo", "init", str(base / "repo"))
     wm("library", "init", str(base / "lib"))
-    for folder in ("exports", "spare"):
+    for folder in ("exports", "spare", "isos"):
         (base / folder).mkdir()
+    (base / "isos" / "disc.iso").write_bytes(bytes(32769) + b"CD001" + bytes(2042))
     for name, path, kind in (("repo", "repo", "repository"), ("exports", "exports", "export"),
-                             ("lib", "lib", "library"), ("spare-loc", "spare", "export")):
+                             ("lib", "lib", "library"), ("spare-loc", "spare", "export"),
+                             ("isos", "isos", "media")):
         wm("location", "add", name, str(base / path), "--kind", kind)
     passwords = {name: f"{name}-password-1" for name in ROLES}
     user_ids = {}
@@ -626,6 +628,27 @@ def vm_set(env: Env, caller: str, allowed: bool) -> Req:
         assert env.admin("GET", f"/api/vms/{vm}")["cpus"] == cpus
 
     return Req(f"/api/vms/{vm}", {"cpus": cpus}, check=check, ref=vm)
+
+
+def media_insert(env: Env, caller: str, allowed: bool) -> Req:
+    vm = env.target(caller)
+    env.admin("DELETE", f"/api/vms/{vm}/media")
+
+    def check(resp: httpx.Response) -> None:
+        assert env.admin("GET", f"/api/vms/{vm}")["media"] == str(env.base / "isos/disc.iso")
+
+    return Req(f"/api/vms/{vm}/media", {"location": "isos", "file": "disc.iso"}, check=check,
+               ref=vm)
+
+
+def media_eject(env: Env, caller: str, allowed: bool) -> Req:
+    vm = env.target(caller)
+    env.admin("POST", f"/api/vms/{vm}/media", {"path": str(env.base / "isos/disc.iso")})
+
+    def check(resp: httpx.Response) -> None:
+        assert env.admin("GET", f"/api/vms/{vm}")["media"] is None
+
+    return Req(f"/api/vms/{vm}/media", check=check, ref=vm)
 
 
 def vm_delete(env: Env, caller: str, allowed: bool) -> Req:
@@ -1358,6 +1381,11 @@ TABLE = [
     row("PATCH", V,                                   "ok   ok  403  403  403  403  404", vm_set),
     row("DELETE", V,                                  "ok   ok  403  403  403  403  404",
         vm_delete),
+    # the CD drive's media: a change of the VM's settings (a media location's ISO)
+    row("POST", V + "/media",                         "ok   ok  403  403  403  403  404",
+        media_insert),
+    row("DELETE", V + "/media",                       "ok   ok  403  403  403  403  404",
+        media_eject),
     # power: start-stop (the VMs are off: start cannot find its kernel, the rest are 409)
     row("POST", V + "/start",                      "start start start 403 403 403 404",
         power("start")),

@@ -130,7 +130,7 @@ def test_apply_restores_disks_and_configuration(wm: Waymark, tmp_path: Path) -> 
     applied = wm.json("checkpoint", "apply", "web", "before", "--discard-current")
     assert applied == {"checkpoint_id": ckpt["id"], "state": "off",
                        "safety_checkpoint_id": None, "detached_disk_ids": [added["id"]],
-                       "kept_disk_ids": []}
+                       "kept_disk_ids": [], "warnings": []}
 
     after = wm.json("vm", "show", "web")
     assert (after["memory_mib"], after["cpus"]) == (512, 1)

@@ -309,10 +309,15 @@ CONFIGS: dict[str, Callable[[dict[str, Any]], None]] = {
     # a CPU model reaches QEMU's -cpu: no property may ride along
     "cpu": lambda config: config.update(cpu_model="qemu64,+vmx,hv-passthrough=on"),
     "accel": lambda config: config.update(accel="kvm,kernel-irqchip=off"),
+    "media": lambda config: config.update(media="disc.iso,driver=host_device"),
+    "media-line": lambda config: config.update(media="/srv/a.iso\n-device x"),
+    "boot": lambda config: config.update(boot_order=["disk", "cdrom,bootindex=0"]),
+    "boot-twice": lambda config: config.update(boot_order=["disk", "disk"]),
 }
 SAYS = {"initrd": SHADOW, "kernel": "id_ed25519", "bridge": HELPER_BRIDGE, "forward": "guestfwd",
         "mac": "romfile", "machine": "dumpdtb", "unknown": "helper", "cpu": "hv-passthrough",
-        "accel": "kernel-irqchip"}
+        "accel": "kernel-irqchip", "media": "host_device",
+        "media-line": "not an absolute path", "boot": "bootindex", "boot-twice": "twice"}
 
 
 @pytest.mark.parametrize("what", ["initrd", "bridge", "cpu"])

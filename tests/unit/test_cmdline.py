@@ -148,7 +148,7 @@ def test_each_disk_is_a_virtio_device_on_its_active_node() -> None:
     args = cmdline.argv(with_hardware(HardwareConfig(memory_mib=64, cpus=1),
                                       disks=(chain, passthrough)))
     assert option(args, "-device", 2) == (f"virtio-blk-pci,drive={cmdline.node_name(TOP)},"
-                                          f"id=d{'d' * 12},serial={'d' * 20}")
+                                          f"id=d{'d' * 12},serial={'d' * 20},bootindex=1")
     assert option(args, "-device", 3) == f"virtio-blk-pci,drive={'p' * 25},id=d{'p' * 12}," \
                                          f"serial={'p' * 20}"
 
@@ -235,3 +235,59 @@ def test_run_files_live_in_the_run_folder_and_logs_outlive_a_run() -> None:
         "last_exit.json", "runtime.json", "paused.state", "paused.json"]
     assert {p.parent for p in run.kept()} == {Path("/r")}
     assert run.kept() == [run.serial_log, run.errors, run.last_exit]
+
+
+# --- the CD drive and the boot order ------------------------------------------------------------
+
+def devices(args: list[str], kind: str) -> list[dict[str, str]]:
+    """The ``-device`` options of driver ``kind``, as QEMU reads them."""
+    found = [dict(qemu_opts(a)) for i, a in enumerate(args) if args[i - 1] == "-device"]
+    return [d for d in found if d[""] == kind]
+
+
+def test_every_vm_has_an_empty_cd_drive_on_the_ahci_bus_by_default() -> None:
+    args = cmdline.argv(launch())
+    (drive,) = devices(args, "ide-cd")
+    assert drive == {"": "ide-cd", "bus": "ide.0", "id": cmdline.CD_DRIVE, "bootindex": "2"}
+    assert all(json.loads(b)["node-name"] != cmdline.MEDIA_NODE
+               for b in (args[i + 1] for i, a in enumerate(args) if a == "-blockdev"))
+    assert option(args, "-boot") == "strict=on"  # only the devices of the order are tried
+
+
+def test_an_inserted_iso_is_a_read_only_raw_node_on_a_read_only_file() -> None:
+    iso = "/srv/isos,x=y/debian,file=/etc/shadow.iso"
+    hardware = HardwareConfig(memory_mib=64, cpus=1, media=iso)
+    for files, filename in (({}, iso), ({iso: "/dev/fdset/9"}, "/dev/fdset/9")):
+        args = cmdline.argv(with_hardware(hardware, files=files))
+        nodes = [json.loads(args[i + 1]) for i, a in enumerate(args) if a == "-blockdev"]
+        (medium,) = [n for n in nodes if n["node-name"] == cmdline.MEDIA_NODE]
+        assert medium == {"driver": "raw", "node-name": cmdline.MEDIA_NODE, "read-only": True,
+                          "file": {"driver": "file", "filename": filename, "read-only": True}}
+        assert devices(args, "ide-cd")[0]["drive"] == cmdline.MEDIA_NODE
+
+
+@pytest.mark.parametrize(("order", "disk", "cdrom", "nic"), [
+    (["disk", "cdrom"], "1", "2", None),
+    (["cdrom", "disk"], "2", "1", None),
+    (["network", "cdrom", "disk"], "3", "2", "1"),
+    (["cdrom"], None, "1", None)])
+def test_the_boot_order_is_bootindex_on_the_first_disk_cd_drive_and_first_nic(
+        order: list[str], disk: str | None, cdrom: str | None, nic: str | None) -> None:
+    hardware = HardwareConfig(memory_mib=64, cpus=1, boot_order=order, nics=[
+        Nic(mac="52:54:00:12:34:56"), Nic(mac="52:54:00:12:34:57")])
+    second = cmdline.DiskChain("e" * 32, (cmdline.Layer("j" * 32, "/v/2.qcow2", "qcow2"),))
+    args = cmdline.argv(with_hardware(hardware, disks=(*launch().disks, second)))
+    disks, nics = devices(args, "virtio-blk-pci"), devices(args, "virtio-net-pci")
+    assert [d.get("bootindex") for d in disks] == [disk, None]
+    assert devices(args, "ide-cd")[0].get("bootindex") == cdrom
+    assert [n.get("bootindex") for n in nics] == [nic, None]
+
+
+def test_a_direct_kernel_keeps_booting_first() -> None:
+    """QEMU gives a -kernel's loader bootindex 0: Waymark's indexes start at 1 below it."""
+    hardware = HardwareConfig(memory_mib=64, cpus=1, kernel="/k/vmlinuz",
+                              boot_order=["cdrom", "disk"])
+    args = cmdline.argv(with_hardware(hardware))
+    indexes = [int(d["bootindex"]) for kind in ("virtio-blk-pci", "ide-cd")
+               for d in devices(args, kind) if "bootindex" in d]
+    assert sorted(indexes) == [1, 2]

@@ -95,3 +95,24 @@ def test_a_path_with_commas_stays_one_opaque_value_and_the_log_is_append_only(
                             f"opaque={str(disk).replace(',', ',,')}"
     assert len(given.args) == 4 and given.fds == []
     assert flags[1] & os.O_ACCMODE == os.O_WRONLY and flags[1] & os.O_APPEND
+
+
+def test_the_cd_drives_iso_is_handed_over_read_only(tmp_path: Path) -> None:
+    iso = tmp_path / "install,x.iso"
+    iso.write_bytes(b"x")
+    hardware = HardwareConfig(memory_mib=256, cpus=1, media=str(iso))
+    run = cmdline.RunFiles(tmp_path / "run")
+    run.folder.mkdir()
+    given = confine.handoff(None, run, hardware, ())
+    try:
+        argv = _launch(tmp_path, given, (), hardware)
+        first = given.args[1]  # disks (none here), boot files (none), then the ISO
+        assert first.endswith("opaque=" + str(iso).replace(",", ",,"))
+        mode = fcntl.fcntl(given_fd(first), fcntl.F_GETFL) & os.O_ACCMODE
+    finally:
+        given.close()
+    assert mode == os.O_RDONLY
+    (medium,) = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    assert medium["file"] == {"driver": "file", "filename": given.files[str(iso)],
+                              "read-only": True}
+    assert given.files[str(iso)].startswith("/dev/fdset/")

@@ -147,7 +147,7 @@ def location_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
 
 class NewLocation(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    kind: Literal["repository", "export", "library"]
+    kind: Literal["repository", "export", "library", "media"]
     path: str = Field(min_length=1, max_length=4096)
 
 

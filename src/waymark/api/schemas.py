@@ -20,7 +20,7 @@ checks it on the way out (:class:`Route`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
@@ -232,6 +232,11 @@ class Vm(Body):
     nics: list[Nic]
     firmware: str = Field(description="bios | uefi | uefi-secure")
     tpm: bool = Field(description="A TPM 2.0 whose state the VM owns")
+    media: str | None = Field(default=None, description="The ISO in the CD drive (null: "
+                                                        "empty). " + HOST_PATH)
+    media_name: str | None = Field(description="The ISO's file name (null: the drive is empty)")
+    boot_order: list[Literal["disk", "cdrom", "network"]] = Field(
+        description="The devices the VM boots from, in order")
     checkpoint_type: str
     checkpoint_dir: str | None = Field(default=None, description=HOST_PATH)
     max_checkpoints: int | None
@@ -367,6 +372,8 @@ class Applied(Body):
     detached_disk_ids: list[str] = Field(description="Disks the VM has now and had not then: "
                                                      "detached, their files kept")
     kept_disk_ids: list[str]
+    warnings: list[str] = Field(default=[], description="What was not as at the checkpoint "
+                                                        "(an ISO gone: the CD drive is empty)")
 
 
 class CheckpointsDeleted(Deleted):

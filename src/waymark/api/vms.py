@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from waymark.api import schemas
 from waymark.catalog.models import Vm
 from waymark.engine.running import power
-from waymark.errors import Forbidden, NotFound
+from waymark.errors import Forbidden, InvalidInput, NotFound
 from waymark.http.security import (
     CallerDep,
     ContextDep,
@@ -29,6 +29,7 @@ from waymark.model.vocabulary import DeleteAnswer
 from waymark.usecases import views
 from waymark.usecases.library import templates
 from waymark.usecases.vms import definitions as vm_ops
+from waymark.usecases.vms import media as media_ops
 
 router = APIRouter(tags=["vms"], route_class=schemas.Route)
 CheckpointType = Literal["disabled", "production", "productiononly", "standard"]
@@ -36,6 +37,7 @@ Accelerator = Literal["auto", "kvm", "tcg"]
 CPU_MODEL = Field(default=None, max_length=64, pattern=CPU_MODEL_NAME.pattern,
                   description="A CPU model this host's QEMU offers (qemu-system-x86_64 -cpu "
                               "help); pinned: a memory state restores only on it")
+BootDevice = Literal["disk", "cdrom", "network"]
 
 
 @router.get("/vms", response_model=list[schemas.VmRow])
@@ -59,6 +61,9 @@ class NewVm(BaseModel):
     automatic_checkpoints: bool | None = None
     cpu_model: str | None = CPU_MODEL
     accel: Accelerator = "auto"
+    boot_order: list[BootDevice] | None = Field(
+        default=None, max_length=3, description="The devices to boot from, in order, each "
+                                                "once (default: disk, cdrom)")
 
 
 @router.post("/vms", status_code=201, response_model=schemas.Vm)
@@ -82,7 +87,8 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
     vm_id = templates.new_vm(ctx, body.name, explicit=explicit, template=body.template,
                              profile=body.profile, disks=[], full_copy=body.full_copy,
                              owner_id=caller.who.user_id, visible=in_scope(caller.who),
-                             cpu_model=body.cpu_model, accel=body.accel)
+                             cpu_model=body.cpu_model, accel=body.accel,
+                             boot_order=_order(body.boot_order))
     return redact(caller.who, views.vm_show(ctx, vm_id))
 
 
@@ -90,6 +96,10 @@ def vm_create(body: NewVm, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]
 def vm_show(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "vm.view", vm)
     return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+def _order(devices: list[BootDevice] | None) -> list[str] | None:
+    return None if devices is None else list(devices)
 
 
 class VmSettings(BaseModel):
@@ -110,6 +120,9 @@ class VmSettings(BaseModel):
                                description="The kernel command line ('' drops it).")
     no_kernel: bool = Field(default=False, description="Drop the kernel, initrd and command "
                                                        "line: the VM boots from its disk.")
+    boot_order: list[BootDevice] | None = Field(
+        default=None, max_length=3, description="The devices to boot from, in order, each "
+                                                "once; takes effect at the next boot")
     discard_saved_state: bool = False
 
 
@@ -130,7 +143,50 @@ def vm_set(vm: str, body: VmSettings, caller: CallerDep, ctx: ContextDep) -> dic
                         discard_saved=body.discard_saved_state,
                         automatic_checkpoints=body.automatic_checkpoints,
                         cpu_model=body.cpu_model, accel=body.accel,
-                        boot=boot if boot.asked() else None)
+                        boot=boot if boot.asked() else None,
+                        boot_order=_order(body.boot_order))
+    return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+class Media(BaseModel):
+    """An ISO for the CD drive: a file of a ``media`` location (``location`` and ``file``), or
+    for administrators any ISO on the host (``path``)."""
+
+    location: str | None = Field(default=None, max_length=64, examples=["isos"])
+    file: str | None = Field(default=None, max_length=255, examples=["debian-12.iso"])
+    path: str | None = Field(default=None, max_length=4096,
+                             description="Administrators only: an ISO on the host.")
+
+
+def _media_path(ctx: ContextDep, caller: CallerDep, body: Media) -> str:
+    if body.path is not None:
+        if not caller.who.admin:
+            raise Forbidden("only administrators name host files; name an ISO of a media "
+                            "location (location and file).")
+        if body.location is not None or body.file is not None:
+            raise InvalidInput("give either path or location and file.")
+        return body.path
+    if body.location is None or body.file is None:
+        raise InvalidInput("name the ISO: location and file (administrators: or path).",
+                           hint="List the media locations: GET /api/locations")
+    return media_ops.in_location(ctx, body.location, body.file)
+
+
+@router.post("/vms/{vm}/media", response_model=schemas.Vm)
+def media_insert(vm: str, body: Media, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Put an ISO in the VM's CD drive (replacing what is in), whether it is off, running or
+    paused (a saved VM: 409). A change of the VM's settings: its owner's and administrators'.
+    A file that is not there is 404, one that is no ISO 422: nothing changes."""
+    row = vm_for(ctx, caller.who, "vm.set", vm)
+    media_ops.insert(ctx, row.id, _media_path(ctx, caller, body))
+    return redact(caller.who, views.vm_show(ctx, row.id))
+
+
+@router.delete("/vms/{vm}/media", response_model=schemas.Vm)
+def media_eject(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Empty the VM's CD drive (a running guest's locked tray is opened by force)."""
+    row = vm_for(ctx, caller.who, "vm.set", vm)
+    media_ops.eject(ctx, row.id)
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 

@@ -332,7 +332,7 @@ class Location(Base):
     __tablename__ = "locations"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # repository | export | library
+    kind: Mapped[str] = mapped_column(String(16))  # repository | export | library | media
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -101,6 +101,7 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
               for d in data["detached_disk_ids"]]
     lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
               for d in data["kept_disk_ids"]]
+    lines += [f"Warning: {w}" for w in data.get("warnings", [])]
     emit(as_json, data, lines)
 
 

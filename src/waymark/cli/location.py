@@ -14,7 +14,7 @@ from waymark.usecases.access import locations
 
 @click.group()
 def location() -> None:
-    """Named folders (backup repositories, export folders, libraries) for API users."""
+    """Named folders (backup repositories, export folders, libraries, ISOs) for API users."""
 
 
 @location.command("add")

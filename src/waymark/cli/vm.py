@@ -12,13 +12,20 @@ from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.config import ACCELERATORS
 from waymark.errors import ConsentRequired, InvalidInput
-from waymark.model.hardware import CHECKPOINT_TYPES, DEFAULT_CPU_MODEL, FIRMWARE_KINDS
+from waymark.model.hardware import (
+    CHECKPOINT_TYPES,
+    DEFAULT_BOOT_ORDER,
+    DEFAULT_CPU_MODEL,
+    FIRMWARE_KINDS,
+    parse_boot_order,
+)
 from waymark.model.units import human, parse_size
 from waymark.usecases import views
 from waymark.usecases.library import store_deploy as library
 from waymark.usecases.library import templates
 from waymark.usecases.vms import bundles
 from waymark.usecases.vms import definitions as vms
+from waymark.usecases.vms import media as media_ops
 
 TYPES = click.Choice(CHECKPOINT_TYPES)
 CPU_HELP = ("A CPU model this host's QEMU offers (qemu-system-x86_64 -cpu help), pinned: a "
@@ -29,6 +36,16 @@ ACCEL_HELP = ("kvm, tcg, or auto: this host's WAYMARK_ACCEL, else KVM when a Lin
 
 def _memory(value: str | None) -> int | None:
     return None if value is None else parse_size(value, what="memory size", default_unit="M")
+
+
+def _boot(value: str | None) -> list[str] | None:
+    return None if value is None else parse_boot_order(value)
+
+
+BOOT = click.option("--boot", metavar="DEV,DEV...",
+                    help="Boot order: disk (the first disk), cdrom (the CD drive), network (the "
+                         "first NIC); devices left out are never booted.  [default: "
+                         f"{','.join(DEFAULT_BOOT_ORDER)}]")
 
 
 @click.group()
@@ -71,13 +88,14 @@ def vm() -> None:
               help=f"{CPU_HELP}  [default: {DEFAULT_CPU_MODEL}]")
 @click.option("--accel", type=click.Choice(ACCELERATORS), default="auto", show_default=True,
               help=ACCEL_HELP)
+@BOOT
 @json_option
 def create(name: str, template: str | None, profile: str | None, full_copy: bool,
            memory: str | None, cpus: int | None, disks: tuple[str, ...], kernel: str | None,
            initrd: str | None, append: str | None, checkpoint_type: str | None,
            checkpoint_dir: str | None, max_checkpoints: int | None,
            automatic_checkpoints: str | None, nics: tuple[str, ...], firmware: str | None,
-           tpm: str | None, cpu_model: str | None, accel: str,
+           tpm: str | None, cpu_model: str | None, accel: str, boot: str | None,
            as_json: bool) -> None:
     """Define a new VM (it is off). Each setting comes from its option, else the hardware
     profile, else the template, else the default; `vm show` says which."""
@@ -85,6 +103,7 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
         raise InvalidInput("--full-copy copies a template's disks.",
                            hint="Add --template T, or leave --full-copy out.")
     specs = [vms.DiskSpec.parse(d) for d in disks]
+    boot_order = _boot(boot)
     nic_list = None if not nics else [n for n in map(vms.parse_nic, nics) if n is not None]
     ctx = face().ctx
     explicit = {"memory": _memory(memory), "cpus": cpus, "checkpoint_type": checkpoint_type,
@@ -95,7 +114,7 @@ def create(name: str, template: str | None, profile: str | None, full_copy: bool
                              disks=specs, full_copy=full_copy, kernel=kernel, initrd=initrd,
                              append=append, checkpoint_dir=checkpoint_dir, nics=nic_list,
                              platform=platform(firmware, tpm, template),
-                             cpu_model=cpu_model, accel=accel)
+                             cpu_model=cpu_model, accel=accel, boot_order=boot_order)
     shown = views.vm_show(ctx, vm_id)
     source = f" from template {template}" if template else ""
     emit(as_json, shown, [f"Created VM {name} ({vm_id[:12]}){source} with "
@@ -156,6 +175,8 @@ def show(vm_ref: str, as_json: bool) -> None:
     if data["kernel"]:
         lines.append(f"  kernel: {data['kernel']}  initrd: {data['initrd']}  "
                      f"append: {data['append']}")
+    lines.append(f"  cd drive: {data.get('media') or data['media_name'] or '(empty)'}   "
+                 f"boot order: {','.join(data['boot_order'])}")
     lines.append("disks:")
     lines += [_disk_line(d) for d in data["disks"]] or ["  (none)"]
     if data["firmware_variables"]:
@@ -193,23 +214,24 @@ DISCARD_SAVED = click.option(
 @click.option("--append", metavar="CMDLINE", help="Kernel command line ('' drops it).")
 @click.option("--no-kernel", is_flag=True,
               help="Drop the kernel, initrd and command line: boot from the VM's disk.")
+@BOOT
 @DISCARD_SAVED
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
          checkpoint_dir: str | None, max_checkpoints: int | None,
          automatic_checkpoints: str | None, cpu_model: str | None, accel: str | None,
          kernel: str | None, initrd: str | None, append: str | None, no_kernel: bool,
-         discard_saved_state: bool, as_json: bool) -> None:
+         boot: str | None, discard_saved_state: bool, as_json: bool) -> None:
     """Change a VM's settings (memory, CPUs, CPU model, accelerator and boot files only while
-    it is off)."""
+    it is off; the boot order at any time, for its next boot)."""
     ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-    boot = vms.BootChange(kernel, initrd, append, no_kernel)
+    boot_files = vms.BootChange(kernel, initrd, append, no_kernel)
     vms.set_settings(ctx, vm_id, memory=_memory(memory), cpus=cpus,
                      checkpoint_type=checkpoint_type, checkpoint_dir=checkpoint_dir,
                      max_checkpoints=max_checkpoints, discard_saved=discard_saved_state,
                      automatic_checkpoints=None if automatic_checkpoints is None
                      else automatic_checkpoints == "on", cpu_model=cpu_model, accel=accel,
-                     boot=boot if boot.asked() else None)
+                     boot=boot_files if boot_files.asked() else None, boot_order=_boot(boot))
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Updated VM {data['name']}."])
 
@@ -271,6 +293,34 @@ def disk_remove(vm_ref: str, disk_ref: str, discard_saved_state: bool, as_json: 
     removed = vms.remove_disk(ctx, vm_id, disk_ref, discard_saved_state)
     shown = next(d for d in views.vm_show(ctx, vm_id)["detached_disks"] if d["id"] == removed.id)
     emit(as_json, shown, [f"Detached disk {removed.id[:12]}; its files are kept."])
+
+
+@vm.group("media")
+def media() -> None:
+    """The CD drive: insert and eject an ISO (off, running or paused; never written)."""
+
+
+@media.command("insert")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("iso", metavar="ISO")
+@json_option
+def media_insert(vm_ref: str, iso: str, as_json: bool) -> None:
+    """Put the ISO file ISO in the VM's CD drive (replacing what is in)."""
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    path = media_ops.insert(ctx, vm_id, iso)
+    data = views.vm_show(ctx, vm_id)
+    emit(as_json, data, [f"Inserted {path} into the CD drive of {data['name']}."])
+
+
+@media.command("eject")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def media_eject(vm_ref: str, as_json: bool) -> None:
+    """Empty the VM's CD drive."""
+    ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+    media_ops.eject(ctx, vm_id)
+    data = views.vm_show(ctx, vm_id)
+    emit(as_json, data, [f"Ejected the CD drive of {data['name']}; it is empty."])
 
 
 @vm.command("import")

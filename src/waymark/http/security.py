@@ -90,7 +90,7 @@ ContextDep = Annotated[Context, Depends(context)]
 # who are not administrators never deal in host paths).
 HOST_PATHS = frozenset({"kernel", "initrd", "checkpoint_dir", "active_image", "base_image",
                         "path", "frozen_image", "memory_state", "bundle", "dest", "serial_log",
-                        "saved_state", "state_file", "folder"})
+                        "saved_state", "state_file", "folder", "media"})
 
 
 # Keys whose values are sentences that may quote host paths (a failed job's error).

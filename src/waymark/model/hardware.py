@@ -47,8 +47,16 @@ _IPV4 = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3})?"
 FORWARD = re.compile(rf"(?:tcp|udp)?:{_IPV4}:{_PORT}-{_IPV4}:{_PORT}")
 DISK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_CPUS, MAX_MEMORY_MIB, MAX_APPEND = 1024, 16 << 20, 4096
+MAX_PATH = 4096
+# The devices a VM boots from, in the order ``--boot`` names them (the first disk, the CD drive,
+# the first NIC). The default tries the VM's own disk first and falls through to the CD drive:
+# a new VM with an empty disk boots the installation ISO, an installed one its own bootloader,
+# and nobody has to change the order or eject the ISO in between; the network (PXE) only when
+# asked, since a VM that has neither would otherwise wait on a DHCP server first.
+BOOT_DEVICES = ("disk", "cdrom", "network")
+DEFAULT_BOOT_ORDER = ("disk", "cdrom")
 
-BootRule = Callable[[str], bool]  # may the VM boot this kernel or initrd file?
+BootRule = Callable[[str], bool]  # may the VM boot this kernel, initrd or ISO file?
 
 
 def _bad(what: str, hint: str) -> InvalidInput:
@@ -89,6 +97,53 @@ def check_accel(value: object) -> str:
         raise _bad(f"the accelerator {value!r} is unknown",
                    f"Use one of: {', '.join(ACCELERATORS)}.")
     return str(value)
+
+
+def parse_boot_order(text: str) -> list[str]:
+    """``--boot disk,cdrom,network``: known device words, each at most once, at least one."""
+    order = [word.strip() for word in text.split(",")]
+    check_boot_order(order)
+    return order
+
+
+def check_boot_order(order: object) -> None:
+    """InvalidInput unless ``order`` is a list of :data:`BOOT_DEVICES`, each at most once."""
+    words = order if isinstance(order, list) else [order]
+    unknown = [w for w in words if w not in BOOT_DEVICES]
+    if not isinstance(order, list):
+        problem = f"{order!r}, which is no list of devices"
+    elif unknown:
+        problem = f"{unknown[0]!r}, which is no boot device"
+    elif len(set(words)) != len(words):
+        problem = "a device twice"
+    elif not words:
+        problem = "no device"
+    else:
+        return
+    raise _bad(f"the boot order {','.join(map(str, words))!r} names {problem}",
+               f"Name each of {', '.join(BOOT_DEVICES)} at most once, in the order to try "
+               "them, e.g. --boot cdrom,disk.")
+
+
+def plain_path(path: object) -> bool:
+    """An absolute path of printable text (no newline, no NUL), not too long."""
+    return (isinstance(path, str) and path.startswith("/") and len(path) <= MAX_PATH
+            and path.isprintable())
+
+
+def check_media(path: object, boot: BootRule) -> None:
+    """The ISO in the CD drive: a :func:`plain_path` that ``boot`` allows. Waymark opens it and
+    hands QEMU the open file (:mod:`waymark.qemu.confine`); the path itself is only the fd set's
+    text on QEMU's command line (escaped there)."""
+    if path is None:
+        return
+    if not plain_path(path):
+        raise _bad(f"the CD drive's media {path!r} is not an absolute path",
+                   "Use a configuration Waymark wrote.")
+    if not boot(str(path)):
+        raise _bad(f"the ISO {path!r} is not one this VM may boot",
+                   "A VM boots only files in its own folder, in a template's folder, in a "
+                   "media location or that an administrator gave it.")
 
 
 @dataclass
@@ -139,23 +194,32 @@ class HardwareConfig:
     nvram: str | None = None
     tpm: bool = False  # a TPM 2.0 (swtpm), its state owned by the VM (docs/firmware.md)
     accel: str = "auto"  # auto | kvm | tcg (check_accel)
+    media: str | None = None  # the ISO in the CD drive (never written; not one of the disks)
+    boot_order: list[str] = field(default_factory=lambda: list(DEFAULT_BOOT_ORDER))
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> HardwareConfig:
         fields = dict(data)
         fields["nics"] = [Nic(**nic) for nic in fields.get("nics", [])]
         fields["disks"] = list(fields.get("disks", []))
+        order = fields.get("boot_order", DEFAULT_BOOT_ORDER)
+        fields["boot_order"] = list(order) if isinstance(order, list | tuple) else order
         return cls(**fields)
 
     @classmethod
     def load_checked(cls, data: Any, boot: BootRule) -> HardwareConfig:
         """A configuration from outside the catalog (a bundle, a backup point, a library
-        share), held to :meth:`check`; InvalidInput says what is wrong."""
+        share), held to :meth:`check`; InvalidInput says what is wrong. An ISO in its CD drive
+        that ``boot`` does not allow (another host's, or one this host no longer offers) is
+        taken out (one that is no plain path is refused): the drive comes back empty, as
+        Hyper-V imports a VM whose ISO is missing."""
         try:
             hardware = cls.load(data)
         except (TypeError, ValueError, AttributeError) as err:
             raise _bad(f"it is not a Waymark VM configuration ({err})",
                        "Use a configuration Waymark wrote.") from err
+        if plain_path(hardware.media) and not boot(str(hardware.media)):
+            hardware.media = None
         hardware.check(boot)
         return hardware
 
@@ -186,6 +250,8 @@ class HardwareConfig:
                        "Use a configuration Waymark wrote.")
         for nic in self.nics:
             nic.check()
+        check_media(self.media, boot)
+        check_boot_order(self.boot_order)
         self._check_firmware()
 
     def _check_firmware(self) -> None:

@@ -5,6 +5,14 @@ characters, QEMU's limit), so later block jobs can name any layer. The machine t
 model come from the VM's configuration, pinned, so a memory state restores on the machine it was
 taken on.
 
+Every VM has one CD drive (:func:`cd_drive`): an ``ide-cd`` on q35's built-in AHCI controller
+(the SATA drive every OS installer reads without extra drivers, Windows' included), addressed
+by its id :data:`CD_DRIVE`; its medium, when one is inserted, is a read-only raw node over a
+read-only file. The boot order becomes ``bootindex`` properties on the first disk, the CD
+drive and the first NIC (SeaBIOS and OVMF both honour them), counted from 1 so a ``-kernel``
+(QEMU gives its loader bootindex 0) still comes first; ``-boot strict=on`` keeps the firmware
+to the devices listed.
+
 ``-blockdev`` takes JSON; every other option value built from a name, path or setting goes
 through :func:`escaped`, so a comma in it cannot start another QEMU sub-option. (``-kernel``,
 ``-initrd``, ``-append`` and ``-pidfile`` take their argument whole: nothing to escape.)
@@ -25,6 +33,8 @@ AGENT_CHARDEV = "qga0"  # the agent socket's chardev (query-chardev says who is 
 # QEMU's seccomp sandbox (waymark.qemu.confine): the strictest that keeps every feature working
 # (a bridge NIC's tap device is handed over open, so no helper program needs spawn)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+CD_DRIVE = "cd0"  # the CD drive's device id (QMP's blockdev-open-tray, -insert-medium ...)
+MEDIA_NODE = "cdmedia"  # the block node of the medium a VM starts with
 
 
 def escaped(value: str) -> str:
@@ -162,11 +172,11 @@ def blockdevs(chain: DiskChain, files: Mapping[str, str] | None = None) -> list[
     return args
 
 
-def _disk_device(chain: DiskChain) -> list[str]:
+def _disk_device(chain: DiskChain, boot: str = "") -> list[str]:
     drive = (f"p{chain.disk_id[:24]}" if chain.passthrough is not None
              else node_name(chain.layers[0].image_id))
     return ["-device", f"virtio-blk-pci,drive={drive},id=d{chain.disk_id[:12]},"
-                       f"serial={chain.disk_id[:20]}"]
+                       f"serial={chain.disk_id[:20]}{boot}"]
 
 
 FIRMWARE_NODE = "fwcode"
@@ -198,7 +208,34 @@ def _tpm(launch: Launch) -> list[str]:
             "-tpmdev", "emulator,id=tpm0,chardev=tpm0c", "-device", "tpm-crb,tpmdev=tpm0"]
 
 
-def _nic(number: int, nic: Nic, tap: int | None) -> list[str]:
+def bootindex(hardware: HardwareConfig, device: str) -> str:
+    """The ``,bootindex=N`` property of boot device ``device`` (a word of the VM's boot
+    order), or nothing when the order leaves it out."""
+    if device not in hardware.boot_order:
+        return ""
+    return f",bootindex={hardware.boot_order.index(device) + 1}"
+
+
+def media_node(filename: str, node: str = MEDIA_NODE) -> dict[str, object]:
+    """The ``-blockdev``/``blockdev-add`` of an inserted ISO: raw, read-only, over a file
+    opened read-only (``filename``: what QEMU opens, ``/dev/fdset/N``)."""
+    return {"driver": "raw", "node-name": node, "read-only": True,
+            "file": {"driver": "file", "filename": filename, "read-only": True}}
+
+
+def cd_drive(hardware: HardwareConfig, files: Mapping[str, str]) -> list[str]:
+    """The VM's CD drive, with its medium when one is inserted, and the firmware kept to the
+    boot order's devices."""
+    medium: list[str] = []
+    drive = ""
+    if hardware.media:
+        medium = ["-blockdev", json.dumps(media_node(files.get(hardware.media, hardware.media)))]
+        drive = f",drive={MEDIA_NODE}"
+    return [*medium, "-device", f"ide-cd,bus=ide.0,id={CD_DRIVE}{drive}"
+                                f"{bootindex(hardware, 'cdrom')}", "-boot", "strict=on"]
+
+
+def _nic(number: int, nic: Nic, tap: int | None, boot: str = "") -> list[str]:
     if nic.kind == "bridge" and tap is not None:
         netdev = f"tap,id=net{number},fd={tap}"
     elif nic.kind == "bridge":
@@ -207,7 +244,7 @@ def _nic(number: int, nic: Nic, tap: int | None) -> list[str]:
         forwards = (f"hostfwd={escaped(f)}" for f in nic.forwards)
         netdev = ",".join([f"user,id=net{number}", *forwards])
     return ["-netdev", netdev,
-            "-device", f"virtio-net-pci,netdev=net{number},mac={escaped(nic.mac)}"]
+            "-device", f"virtio-net-pci,netdev=net{number},mac={escaped(nic.mac)}{boot}"]
 
 
 def _listening(launch: Launch, path: Path) -> str:
@@ -243,11 +280,14 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
     if hw.append:
         args += ["-append", hw.append]
     args += firmware_args + _tpm(launch)
-    for chain in launch.disks:
-        if chain.disk_id != hw.nvram:
-            args += blockdevs(chain, files) + _disk_device(chain)
+    guest_disks = [chain for chain in launch.disks if chain.disk_id != hw.nvram]
+    for number, chain in enumerate(guest_disks):
+        args += blockdevs(chain, files) + _disk_device(
+            chain, bootindex(hw, "disk") if number == 0 else "")
+    args += cd_drive(hw, files)
     for number, nic in enumerate(hw.nics):
-        args += _nic(number, nic, launch.taps.get(number))
+        args += _nic(number, nic, launch.taps.get(number),
+                     bootindex(hw, "network") if number == 0 else "")
     if launch.incoming:
         args += ["-incoming", "defer"]
     return args + list(launch.extra)

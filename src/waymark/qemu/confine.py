@@ -20,6 +20,8 @@ own images, and everything stays owner-only for root:
   and the image locks QEMU took through one would outlive a switch to another ("Failed to get
   shared 'write' lock" at the next ``cont``). The set's *opaque* text is the file's path, which
   maps QEMU's filenames back (:func:`real_paths`) and names the home in the command line;
+- an ISO in the CD drive: an fd set holding one read-only descriptor (its node is read-only
+  too: a medium is never written), also when it is inserted into a running VM (:func:`open_image`);
 - the serial log: an fd set opened for appending;
 - QMP, agent and console sockets: listening sockets Waymark binds, passed as ``fd=N``;
 - kernel and initrd: copied into a memory file (memfd) QEMU reads as ``/proc/self/fd/N``;
@@ -174,7 +176,8 @@ class Handoff:
 def handoff(owner: Identity | None, run: cmdline.RunFiles, hardware: HardwareConfig,
             chains: tuple[cmdline.DiskChain, ...]) -> Handoff:
     """Everything a VM's QEMU opens at its start, opened by Waymark: Waymark's own images
-    writable (read-write and read-only, for block jobs), a user's pinned images read-only."""
+    writable (read-write and read-only, for block jobs), a user's pinned images and the CD
+    drive's ISO read-only."""
     given = Handoff(owner)
     try:
         for chain in chains:
@@ -187,6 +190,8 @@ def handoff(owner: Identity | None, run: cmdline.RunFiles, hardware: HardwareCon
         for boot in (hardware.kernel, hardware.initrd):
             if boot:
                 given.boot_file(boot)
+        if hardware.media:
+            given.image(hardware.media, writable=False)
         given.log(str(run.serial_log))
         for path in (run.qmp, run.console, run.agent):
             given.listener(path)

@@ -144,7 +144,8 @@ def _known_paths(session: Session) -> set[str]:
     memory = {c.memory_path for c in session.scalars(select(Checkpoint)) if c.memory_path}
     hardware = [v.config for v in session.scalars(select(Vm))]
     hardware += [c.config for c in session.scalars(select(Checkpoint))]
-    boot = {path for h in hardware for path in (h.get("kernel"), h.get("initrd")) if path}
+    boot = {path for h in hardware for path in (h.get("kernel"), h.get("initrd"), h.get("media"))
+            if path}
     return images | configs | memory | boot
 
 

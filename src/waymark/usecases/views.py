@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -137,6 +138,7 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
     return {
         "id": row.id, "name": row.name, "state": state, "created_at": rfc3339(row.created_at),
         **{k: v for k, v in hardware.dump().items() if k not in ("disks", "nvram")},
+        "media_name": Path(hardware.media).name if hardware.media else None,
         "checkpoint_type": row.checkpoint_type, "checkpoint_dir": row.checkpoint_dir,
         "max_checkpoints": row.max_checkpoints,
         "automatic_checkpoints": row.automatic_checkpoints,

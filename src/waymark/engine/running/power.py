@@ -29,7 +29,7 @@ from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
-from waymark.images import qemu_img
+from waymark.images import iso, qemu_img
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 
@@ -108,6 +108,11 @@ def _check_boot_files(hardware: HardwareConfig, name: str) -> None:
             raise NotFound(f"the VM's {option} file {value} does not exist.",
                            hint=f"Restore it, or give it another: waymark vm set {name} "
                                 f"{option} FILE (--no-kernel: boot from its disk)")
+    if hardware.media and not iso.is_iso(hardware.media):
+        raise NotFound(f"the ISO {hardware.media} in the VM's CD drive is gone (or is no ISO "
+                       "any more).", hint="Put it back, or empty the drive: waymark vm media "
+                                          "eject VM (a saved VM: after discarding its saved "
+                                          "state, waymark vm stop VM --force).")
 
 
 def _accelerator(ctx: Context, name: str, hardware: HardwareConfig,

@@ -1,6 +1,6 @@
 """Registered locations: folders an administrator names (``waymark location add``), so that
-API users choose a backup repository, an export folder or a library by name and never name a
-host path (the issue's rule for non-administrators)."""
+API users choose a backup repository, an export folder, a library or an ISO folder (``media``)
+by name and never name a host path (the issue's rule for non-administrators)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from waymark.errors import Conflict, InvalidInput, NotFound
 from waymark.model import names
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 
-KINDS = ("repository", "export", "library")
+MEDIA = "media"  # ISOs API users may put in their VMs' CD drives (waymark.usecases.vms.media)
+KINDS = ("repository", "export", "library", MEDIA)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -64,6 +65,13 @@ def get(session: Any, name: str, kind: str | None = None) -> Location:
 def path(ctx: Context, name: str, kind: str) -> Path:
     with ctx.catalog.session() as session:
         return Path(get(session, name, kind).path)
+
+
+def folders(ctx: Context, kind: str) -> list[Path]:
+    """The folders of every location of ``kind``."""
+    with ctx.catalog.session() as session:
+        return [Path(p) for p in session.scalars(select(Location.path)
+                                                 .where(Location.kind == kind))]
 
 
 def listing(ctx: Context) -> list[dict[str, Any]]:

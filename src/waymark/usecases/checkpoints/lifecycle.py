@@ -30,6 +30,7 @@ from waymark.engine.steps import (
     WriteTpmState,
 )
 from waymark.errors import Conflict, LimitReached
+from waymark.images import iso
 from waymark.model import names, tree
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import qmp, tpm
@@ -193,12 +194,14 @@ class ApplyResult:
     detached_disks: list[str] = field(default_factory=list)
     kept_disks: list[str] = field(default_factory=list)
     state: str = "off"
+    warnings: list[str] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
         """What ``checkpoint apply --json`` and the API answer."""
         return {"checkpoint_id": self.checkpoint_id, "state": self.state,
                 "safety_checkpoint_id": self.safety_checkpoint_id,
-                "detached_disk_ids": self.detached_disks, "kept_disk_ids": self.kept_disks}
+                "detached_disk_ids": self.detached_disks, "kept_disk_ids": self.kept_disks,
+                "warnings": self.warnings}
 
 
 def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
@@ -234,14 +237,27 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         return result
 
 
-def _install_memory(saved: power.SavedState, target: Checkpoint) -> list[Step]:
-    """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it)."""
+def _install_memory(saved: power.SavedState, target: Checkpoint, config: dict[str, Any]
+                    ) -> list[Step]:
+    """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it
+    on the hardware ``config``)."""
     if not target.memory_path:
         return []
-    meta = {"sha256": target.memory_sha256, "hardware": target.config,
+    meta = {"sha256": target.memory_sha256, "hardware": config,
             "from_checkpoint": target.id}
     return [CopyFile(src=target.memory_path, path=str(saved.state)),
             WriteFile(path=str(saved.meta), text=json.dumps(meta, indent=2))]
+
+
+def _media_present(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint's configuration with its ISO in the CD drive, or with the drive empty
+    and a warning when that ISO is gone (Hyper-V's apply does the same: never a failed apply
+    for a missing ISO)."""
+    media = config.get("media")
+    if not media or iso.is_iso(media):
+        return config, []
+    return {**config, "media": None}, [f"The ISO {media} that was in the CD drive is gone (or "
+                                       "is no ISO any more): the drive is empty."]
 
 
 def _can_checkpoint_first(session: Session, vm_row: Vm) -> None:
@@ -319,9 +335,10 @@ def _plan_apply(ctx: Context, session: Session, vm_id: str, target_id: str
     saved = power.saved_state(ctx, vm_id)  # Now's saved memory no longer fits its disks
     discard = [str(saved.state), str(saved.meta)] \
         if vm_row.state == "saved" and not target.memory_path else []
-    params = CheckpointApply(vm=vm_id, checkpoint=target_id, config=target.config,
+    config, result.warnings = _media_present(target.config)
+    params = CheckpointApply(vm=vm_id, checkpoint=target_id, config=config,
                              overlays=overlays, kept=kept, state=result.state, discard=discard,
-                             install=_install_memory(saved, target),
+                             install=_install_memory(saved, target, config),
                              tpm=None if target.tpm_state is None else WriteTpmState(
                                  path=str(power.tpm_folder(ctx, vm_id)),
                                  state=target.tpm_state))

@@ -201,7 +201,7 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
            nics: list[Nic] | None = None, owner_id: str | None = None,
            visible: lookup.Visible = lookup.everything,
            platform: vms.Platform | None = None, cpu_model: str | None = None,
-           accel: str = "auto") -> str:
+           accel: str = "auto", boot_order: list[str] | None = None) -> str:
     """Create a VM: its settings resolved VM > profile > template > default (their sources
     recorded), the template's disks first as linked clones (or copies), then ``disks``. Holds
     the lock of templates throughout: a template is not deleted under a VM being made.
@@ -210,13 +210,13 @@ def new_vm(ctx: Context, name: str, *, explicit: dict[str, Any], template: str |
     with profiles.locked(ctx):
         return _new_vm(ctx, name, explicit, template, profile, disks or [], full_copy,
                        {"kernel": kernel, "initrd": initrd, "append": append,
-                        "cpu_model": cpu_model, "accel": accel},
+                        "cpu_model": cpu_model, "accel": accel, "boot_order": boot_order},
                        checkpoint_dir, nics, (owner_id, visible), platform)
 
 
 def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | None,
             profile: str | None, disks: list[vms.DiskSpec], full_copy: bool,
-            given: dict[str, str | None], checkpoint_dir: str | None, nics: list[Nic] | None,
+            given: dict[str, Any], checkpoint_dir: str | None, nics: list[Nic] | None,
             owner: tuple[str | None, lookup.Visible], platform: vms.Platform | None) -> str:
     explicit = profiles.checked(explicit)
     with ctx.catalog.session() as session:
@@ -239,7 +239,8 @@ def _new_vm(ctx: Context, name: str, explicit: dict[str, Any], template: str | N
                       checkpoint_dir=checkpoint_dir, max_checkpoints=values["max_checkpoints"],
                       automatic_checkpoints=values["automatic_checkpoints"], nics=nics,
                       origin=origin, owner_id=owner[0], visible=owner[1], platform=platform,
-                      cpu_model=given["cpu_model"], accel=given["accel"] or "auto")
+                      cpu_model=given["cpu_model"], accel=given["accel"] or "auto",
+                      boot_order=given["boot_order"])
 
 
 def _layers(session: Any, profile: str | None, template: Template | None

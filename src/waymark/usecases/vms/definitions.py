@@ -54,13 +54,14 @@ from waymark.model.hardware import (
     HardwareConfig,
     Nic,
     check_accel,
+    check_boot_order,
     check_cpu_model,
 )
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.qemu import cpus as cpu_models
 from waymark.qemu import firmware
-from waymark.usecases.access import quotas
+from waymark.usecases.access import locations, quotas
 
 DEFAULT_MAX_CHECKPOINTS = 50
 MAX_CHECKPOINTS_CEILING = 1000
@@ -221,13 +222,14 @@ def given_by_admin(path: str) -> bool:
 
 def boot_rule(ctx: Context, vm_id: str | None) -> BootRule:
     """The boot rule of a configuration read from storage (a bundle, a backup point, a library
-    share): a kernel or initrd in the VM's own folder or a template's folder, or one an
-    administrator gave to ``vm create`` (a VM or checkpoint in the catalog names it)."""
+    share): a kernel, initrd or ISO in the VM's own folder, a template's folder or a ``media``
+    location, or one an administrator gave to a VM (a VM or checkpoint in the catalog names
+    it)."""
     with ctx.catalog.session() as session:
         folders = [Path(f) for f in session.scalars(select(Template.folder))]
         configs = [*session.scalars(select(Vm.config)), *session.scalars(select(Checkpoint.config))]
-    given = {c.get(key) for c in configs for key in ("kernel", "initrd")} - {None}
-    roots = [f.resolve() for f in folders]
+    given = {c.get(key) for c in configs for key in ("kernel", "initrd", "media")} - {None}
+    roots = [f.resolve() for f in folders + locations.folders(ctx, locations.MEDIA)]
     if vm_id is not None:
         roots.append(ctx.vm_folder(vm_id).resolve())
 
@@ -319,13 +321,14 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
            automatic_checkpoints: bool = False, origin: dict[str, Any] | None = None,
            owner_id: str | None = None, visible: lookup.Visible = lookup.everything,
            platform: Platform = GENERATION_1, cpu_model: str | None = None,
-           accel: str = "auto") -> str:
+           accel: str = "auto", boot_order: list[str] | None = None) -> str:
     """Define a VM (it is off); returns its id. ``cpu_model``: one this host's QEMU offers
     (default :data:`~waymark.model.hardware.DEFAULT_CPU_MODEL`); ``accel``: auto, kvm or tcg.
     ``origin``: where its settings came from
     (:func:`waymark.usecases.library.templates.new_vm`); ``owner_id``: the user it belongs to, who
     may see
-    the VMs ``visible`` accepts (:func:`refuse_taken`)."""
+    the VMs ``visible`` accepts (:func:`refuse_taken`); ``boot_order``: the devices it boots
+    from, in order (default :data:`waymark.model.hardware.DEFAULT_BOOT_ORDER`)."""
     name = names.clean(name, what="VM name")
     check_type(checkpoint_type)
     check_limit(max_checkpoints)
@@ -338,6 +341,8 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                                                   else cpu_model),
                               accel=check_accel(accel),
                               firmware=platform.firmware, tpm=platform.tpm)
+    if boot_order is not None:
+        hardware.boot_order = boot_order
     store = _variable_store(hardware)
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
@@ -455,9 +460,13 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
                  checkpoint_type: str | None = None, checkpoint_dir: str | None = None,
                  max_checkpoints: int | None = None, discard_saved: bool = False,
                  automatic_checkpoints: bool | None = None, cpu_model: str | None = None,
-                 accel: str | None = None, boot: BootChange | None = None) -> None:
+                 accel: str | None = None, boot: BootChange | None = None,
+                 boot_order: list[str] | None = None) -> None:
     """Change a VM's settings; its hardware (memory, CPUs, CPU model, accelerator, boot files)
-    only while it is off (:func:`_hardware_change`)."""
+    only while it is off (:func:`_hardware_change`); the boot order in any state, taking effect
+    at its next boot (a running firmware already chose)."""
+    if boot_order is not None:
+        check_boot_order(boot_order)
     with ctx.locked(vm_id) as (_, vm_name):
         discard = False
         asked = (("--memory", memory), ("--cpus", cpus), ("--cpu", cpu_model), ("--accel", accel))
@@ -478,8 +487,10 @@ def set_settings(ctx: Context, vm_id: str, *, memory: int | None = None, cpus: i
             row = session.get_one(Vm, vm_id)
             if automatic_checkpoints is not None:
                 row.automatic_checkpoints = automatic_checkpoints
-            if cpu_model is not None or accel is not None:
-                row.config = _with_processor(lookup.hardware(row), cpu_model, accel).dump()
+            if cpu_model is not None or accel is not None or boot_order is not None:
+                hardware = _with_processor(lookup.hardware(row), cpu_model, accel)
+                hardware.boot_order = boot_order or hardware.boot_order
+                row.config = hardware.dump()
             _own(row, {"memory_mib": memory, "cpus": cpus, "checkpoint_type": checkpoint_type,
                        "max_checkpoints": max_checkpoints,
                        "automatic_checkpoints": automatic_checkpoints})
