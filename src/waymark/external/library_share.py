@@ -18,8 +18,6 @@ neither deployed nor stored again until that host's next ``waymark`` command set
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import socket
 from dataclasses import dataclass
@@ -162,13 +160,7 @@ def _check_tpm(shape: _Manifest) -> None:
                                                             <= tpm.MAX_STATE)):
         raise InvalidInput(f"its TPM state {shape.tpm!r} is not a checksummed {TPM_FILE}")
     for c in shape.checkpoints:
-        if c.tpm_state is None:
-            continue
-        try:
-            state = base64.b64decode(c.tpm_state, validate=True)
-        except binascii.Error:
-            state = b""
-        if not tpm.fits(state):
+        if c.tpm_state is not None and tpm.decoded(c.tpm_state) is None:
             raise InvalidInput(f"checkpoint {c.id}'s TPM state is not one")
 
 

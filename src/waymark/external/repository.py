@@ -24,8 +24,6 @@ what a killed run left; the next run removes them under the lock.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import uuid
@@ -61,11 +59,8 @@ def tpm_state(manifest: dict[str, Any], where: str) -> bytes | None:
     text = manifest.get("tpm_state")
     if text is None:
         return None
-    try:
-        state = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-    except binascii.Error:
-        state = b""
-    if not tpm.fits(state):
+    state = tpm.decoded(text)
+    if state is None:
         raise shares.refused(where, "its TPM state is not one")
     return state
 

@@ -19,6 +19,8 @@ belongs to QEMU's user while it runs (swtpm replaces the file by renaming a new 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import os
 import shutil
@@ -138,3 +140,13 @@ def fits(data: bytes) -> bool:
     """Whether ``data`` read from outside (a bundle, a backup point, a library share) may be a
     TPM state: not empty, not larger than any TPM's (swtpm checks the rest when it loads it)."""
     return 0 < len(data) <= MAX_STATE
+
+
+def decoded(text: object) -> bytes | None:
+    """A TPM state written as base64 in a manifest read from outside, or None when ``text`` is
+    no base64 of something that :func:`fits`."""
+    try:
+        state = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+    except binascii.Error:
+        return None
+    return state if fits(state) else None
