@@ -7,6 +7,7 @@ host file it aimed at all unchanged. The same configuration rules hold CLI input
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -568,6 +569,11 @@ SHAPES: dict[str, Callable[[dict[str, Any]], None]] = {
     "unknown": lambda m: m["vm"].update(vm_id="another", name_key="x"),
     "not a list": lambda m: m.update(images={"id": "x"}),
     "no time": lambda m: m["checkpoints"][0].update(created_at="yesterday"),
+    # a TPM state swtpm would be handed: base64 of something a TPM state's size, or nothing
+    "no tpm state": lambda m: m["checkpoints"][0].update(tpm_state="not base64 !"),
+    "huge tpm state": lambda m: m["checkpoints"][0].update(
+        tpm_state=base64.b64encode(b"x" * (2 << 20)).decode()),
+    "tpm elsewhere": lambda m: m.update(tpm="files/disks/x.qcow2"),
 }
 
 
