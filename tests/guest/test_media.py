@@ -121,5 +121,6 @@ def test_the_test_guests_iso_boots_a_uefi_vm(home: Waymark, image: dict[str, str
     mark = vm.mark()
     home("vm", "start", "cd-uefi")
     vm.wait_ready(mark, 240.0)  # OVMF under TCG
+    assert "GRUB: booting the Waymark test guest" in vm.since(mark)  # the ISO's GRUB, by UEFI
     assert vm.status()["state"] == "running"
     home("vm", "stop", "cd-uefi", "--force")

@@ -231,6 +231,7 @@ async def _switch_with_tpm(intent: LiveIntent[CheckpointCreate], machine: qmp.Qm
     await machine.command("stop")
     try:
         _keep_tpm_state(intent)
+        failpoint("tpm-copied")  # killed here, recovery continues the guest (_settle_qemu)
         await _switch(machine, live)
     finally:
         await machine.command("cont")
@@ -443,7 +444,11 @@ async def _settle_qemu(run: cmdline.RunFiles, live: dict[str, Any]) -> bool:
         if not switched:
             await blockjobs.delete_nodes(machine, [s.overlay for s in switches])
         status = (await machine.command("query-status"))["status"]
-        if status == "postmigrate" and not live["paused"]:
+        # postmigrate: a standard checkpoint's stream ended; paused: a production checkpoint
+        # of a VM with a TPM stopped its CPUs around the switch (_switch_with_tpm)
+        stopped_here = status == "postmigrate" or (
+            status == "paused" and live.get("route") == "production" and live.get("tpm"))
+        if stopped_here and not live["paused"]:
             await machine.command("cont")
     return switched
 
