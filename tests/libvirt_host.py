@@ -6,8 +6,9 @@ made where libvirt keeps them (:meth:`Libvirt.give_state`), as its first start w
 
 libvirtd runs as root with the system qemu driver (its state folders, such as
 ``/run/libvirt/qemu``, are host-wide, and it holds their pid files), so one instance runs at a
-time: a file lock serializes the test files that use it. Every domain defined is undefined at
-the end with its NVRAM and TPM state, and the daemon is stopped.
+time: a file lock serializes the test files that use it (and where the host's own libvirtd
+runs, its socket ``/run/libvirt/libvirt-sock`` is used instead). Every domain defined is
+undefined at the end with its NVRAM and TPM state, and the daemon is stopped.
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ class Libvirt:
 
     folder: Path
     defined: list[str] = field(default_factory=list)
+    uri: str = ""
+
+    def __post_init__(self) -> None:
+        self.uri = self.uri or f"qemu:///system?socket={self.folder}/libvirt-sock"
 
     def virsh(self, *args: str, check: bool = True) -> str:
-        done = subprocess.run(["virsh", "-c", f"qemu:///system?socket={self.folder}/libvirt-sock",
-                               *args], capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
+                              timeout=60, check=False)
         if check and done.returncode != 0:
             raise AssertionError(f"virsh {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
@@ -94,6 +99,10 @@ def private_libvirtd() -> Iterator[Libvirt]:
         raise RuntimeError("the libvirt tests run libvirt's system qemu driver: run them as root")
     with LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if Path("/run/libvirt/libvirt-sock").exists():  # the host's own libvirtd runs
+            with _undefining(Libvirt(Path("/run/libvirt"), uri="qemu:///system")) as libvirt:
+                yield libvirt
+            return
         folder = Path(tempfile.mkdtemp(prefix="wm-libvirt-"))
         (folder / "libvirtd.conf").write_text(CONF.format(folder=folder))
         log = (folder / "libvirtd.log").open("wb")
@@ -103,10 +112,9 @@ def private_libvirtd() -> Iterator[Libvirt]:
         libvirt = Libvirt(folder)
         try:
             _wait_ready(libvirt, daemon)
-            yield libvirt
+            with _undefining(libvirt):
+                yield libvirt
         finally:
-            for name in libvirt.defined:
-                libvirt.virsh("undefine", name, "--nvram", "--tpm", check=False)
             daemon.terminate()
             try:
                 daemon.wait(30)
@@ -115,6 +123,17 @@ def private_libvirtd() -> Iterator[Libvirt]:
                 daemon.wait()
             log.close()
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _undefining(libvirt: Libvirt) -> Iterator[Libvirt]:
+    """``libvirt``; the domains defined through it undefined at the end, NVRAM and TPM state
+    with them."""
+    try:
+        yield libvirt
+    finally:
+        for name in libvirt.defined:
+            libvirt.virsh("undefine", name, "--nvram", "--tpm", check=False)
 
 
 def _wait_ready(libvirt: Libvirt, daemon: subprocess.Popen[bytes]) -> None:
