@@ -9,6 +9,7 @@ domain: tests/guest/test_libvirt_import.py.)"""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,19 @@ def test_a_domain_name_waymark_refuses_asks_for_name(wm: Waymark, tmp_path: Path
     refused = wm.run("vm", "import-libvirt", "-", input=xml)
     assert refused.returncode == 2 and "--name" in refused.stderr, refused
     assert imported(wm, xml, "--name", "good")["name"] == "good"
+
+
+def test_a_domain_still_running_is_refused(wm: Waymark, tmp_path: Path) -> None:
+    """A QEMU that holds a disk open for writing (qemu-io here, as a running domain's QEMU)."""
+    held = qcow2(tmp_path / "held.qcow2")
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", str(held)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # qemu-io has the image open once it waits for a command
+        refused = wm.run("vm", "import-libvirt", "-", input=domain_xml("running", disk(held)))
+    finally:
+        holder.communicate(b"quit\n", timeout=10)
+    assert refused.returncode == 5, refused
+    assert "in use by a running QEMU" in refused.stderr and "virsh shutdown" in refused.stderr
+    nothing_created(wm)
+    assert imported(wm, domain_xml("running", disk(held)))["name"] == "running"  # once shut down

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from waymark.engine.context import Context
-from waymark.errors import ImageError, InvalidInput, NotFound
+from waymark.errors import Conflict, ImageError, InvalidInput, NotFound
 from waymark.external import libvirt_domain
 from waymark.external.libvirt_domain import Domain, DomainDisk
 from waymark.images import qemu_img
@@ -79,6 +79,8 @@ def _disk(disk: DomainDisk, copy: bool) -> vms.DiskSpec:
     """The disk as ``vm create --disk PATH`` takes it; its file must be of the format libvirt
     opens it with (a raw disk whose content is a qcow2 header would name any host file as its
     backing file: never probed into one)."""
+    if disk.path.is_file():
+        refuse_in_use(disk.path, disk.fmt, f"disk {disk.target}")
     found = qemu_img.probe_format(disk.path)
     if found != disk.fmt:
         raise ImageError(f"the domain's disk {disk.target} ({disk.path}) is declared {disk.fmt} "
@@ -87,6 +89,17 @@ def _disk(disk: DomainDisk, copy: bool) -> vms.DiskSpec:
                               "never opened as qcow2. Fix the domain's <driver type> if it is "
                               "wrong.")
     return vms.DiskSpec(path=disk.path, copy=copy)
+
+
+def refuse_in_use(path: Path, fmt: str, what: str) -> None:
+    """Conflict when a running QEMU writes the qcow2 image ``path`` (the domain still runs):
+    it would change under the new VM's overlays. (A raw file's writer lets others read it, so a
+    raw disk in use is not seen here: docs/libvirt.md asks to shut the domain down first.)"""
+    if qemu_img.in_use(path, fmt):
+        raise Conflict(f"the domain's {what} ({path}) is in use by a running QEMU: is the "
+                       "libvirt domain still running? Nothing was created.",
+                       hint="Shut it down first (virsh shutdown DOMAIN; virsh domstate DOMAIN "
+                            "says shut off), then import again.")
 
 
 def _variables(domain: Domain, given: Path | None, notes: list[str]) -> Path | None:
