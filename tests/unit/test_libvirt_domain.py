@@ -212,3 +212,12 @@ def test_read_is_bounded(tmp_path: Path) -> None:
     big.write_bytes(b" " * MAX_XML)
     with big.open("rb") as file:
         assert len(read(file, str(big))) == MAX_XML
+
+
+def test_a_balloon_and_offline_cpus_are_noted_a_uuid_is_checked() -> None:
+    domain = parse(xml(memory="<memory unit='MiB'>512</memory><currentMemory unit='MiB'>256"
+                              "</currentMemory>").replace(b"placement='static'",
+                                                          b"current='1'"))
+    assert "all its 512 MiB" in notes(domain) and "all 2 CPUs online" in notes(domain)
+    assert parse(xml().replace(UUID.encode(), UUID.upper().encode())).uuid == UUID
+    assert "not a UUID" in refused(xml().replace(UUID.encode(), b"../../etc"))

@@ -35,6 +35,7 @@ console, controllers, a balloon, ...) are listed as not carried (:class:`Skipped
 from __future__ import annotations
 
 import re
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,13 +229,9 @@ def _domain(root: ET.Element) -> Domain:
     if root.get("type") not in ("kvm", "qemu"):
         raise refused("domain", f"the hypervisor type {root.get('type')!r}",
                       "Waymark imports QEMU/KVM domains (type='kvm' or 'qemu').")
-    uuid = root.findtext("uuid")
-    domain = Domain(name=_text(root.find("name"), "name"),
-                    uuid=uuid.strip().lower() if uuid else None,
+    domain = Domain(name=_text(root.find("name"), "name"), uuid=_uuid(root.findtext("uuid")),
                     memory=_memory(root), cpus=_cpus(root), cpu_model=None, machine="")
-    if domain.uuid is not None and not re.fullmatch(r"[0-9a-f-]{32,36}", domain.uuid):
-        raise InvalidInput(f"the domain's <uuid> {domain.uuid!r} is not a UUID.",
-                           hint="Give the output of virsh dumpxml DOMAIN.")
+    _partial(root, domain)
     for child in root:
         if child.tag in IGNORED_TOP:
             domain.not_carried.append(Skipped(child.tag, IGNORED_TOP[child.tag]))
@@ -244,6 +241,30 @@ def _domain(root: ET.Element) -> Domain:
     _os(root.find("os"), domain)
     _devices(root.find("devices"), domain)
     return domain
+
+
+def _uuid(text: str | None) -> str | None:
+    """The domain's UUID in libvirt's form (it names the TPM state's folder), or None."""
+    if text is None:
+        return None
+    try:
+        return str(uuid.UUID(text.strip()))
+    except ValueError as err:
+        raise InvalidInput(f"the domain's <uuid> {text!r} is not a UUID.",
+                           hint="Give the output of virsh dumpxml DOMAIN.") from err
+
+
+def _partial(root: ET.Element, domain: Domain) -> None:
+    """Notes for a balloon below the memory and CPUs offline at boot: the VM has all of both."""
+    current = root.find("currentMemory")
+    if current is not None and _size(current, "currentMemory") < domain.memory:
+        domain.notes.append(f"the balloon's target (<currentMemory>) is not carried: the VM "
+                            f"has all its {domain.memory >> 20} MiB.")
+    vcpu = root.find("vcpu")
+    online = vcpu.get("current") if vcpu is not None else None
+    if online is not None and online != str(domain.cpus):
+        domain.notes.append(f"the VM has all {domain.cpus} CPUs online at boot, not "
+                            f"<vcpu current='{online}'>.")
 
 
 def _size(element: ET.Element, what: str) -> int:

@@ -137,6 +137,8 @@ def _tpm_state(domain: Domain, given: Path | None) -> bytes | None:
                            hint="Give its state with --tpm-state FILE (libvirt keeps it in "
                                 f"{libvirt_domain.SWTPM_DIR}/UUID/{libvirt_domain.TPM_STATE}).")
     try:
+        if not path.is_file():
+            raise FileNotFoundError(2, "no such file")
         with path.open("rb") as file:
             data = file.read(swtpm.MAX_STATE + 1)
     except OSError as err:
