@@ -244,3 +244,26 @@ def test_a_domain_still_running_is_refused(wm: Waymark, tmp_path: Path) -> None:
     assert "in use by a running QEMU" in refused.stderr and "virsh shutdown" in refused.stderr
     nothing_created(wm)
     assert imported(wm, domain_xml("running", disk(held)))["name"] == "running"  # once shut down
+
+
+def test_state_kept_elsewhere_is_named_with_nvram_and_tpm_state(wm: Waymark,
+                                                                tmp_path: Path) -> None:
+    """A session libvirt's files, or files handed over with the XML."""
+    tpm = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+    xml = domain_xml("handed", tpm, os_="firmware='efi'").replace(
+        "<name>", "<uuid>9172370c-4de9-4adb-9870-b729d672455f</uuid><name>")
+    variables = tmp_path / "handed_VARS.fd"
+    variables.write_bytes((OVMF / "OVMF_VARS_4M.fd").read_bytes()[::-1])  # not the template
+    state = tmp_path / "tpm2-00.permall"
+    state.write_bytes(b"a TPM state, as swtpm keeps it")
+    no_tpm = domain_xml("plain", "")
+    refused = wm.run("vm", "import-libvirt", "-", "--tpm-state", str(state), input=no_tpm)
+    assert refused.returncode == 2 and "no TPM" in refused.stderr, refused
+    missing = wm.run("vm", "import-libvirt", "-", "--nvram", str(tmp_path / "gone.fd"),
+                     "--tpm-state", str(state), input=xml)
+    assert missing.returncode == 3 and "gone.fd does not exist" in missing.stderr, missing
+    nothing_created(wm)
+    vm = imported(wm, xml, "--nvram", str(variables), "--tpm-state", str(state))
+    assert content_sha256(vm["firmware_variables"]["active_image"]) == file_sha256(variables)
+    assert (wm.home / "vms" / vm["id"] / "tpm" / "tpm2-00.permall").read_bytes() == \
+        state.read_bytes()

@@ -308,8 +308,8 @@ def import_libvirt(xml: str, name: str | None, copy: bool, nvram: Path | None,
     with its variables, TPM state, NICs and kernel come along; what Waymark cannot represent is
     refused, naming it, and nothing is created. Shut the domain down first and do not start it
     again: its disks become the bases of the new VM's."""
+    ctx = face().ctx  # (refused through --server before stdin is read)
     data = _read_xml(xml)
-    ctx = face().ctx
     sources = from_libvirt.Sources(nvram=None if nvram is None else nvram.absolute(),
                                    tpm_state=None if tpm_state is None else tpm_state.absolute())
     done = from_libvirt.import_xml(ctx, data, name=name, copy=copy, sources=sources)
