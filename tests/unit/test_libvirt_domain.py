@@ -87,6 +87,13 @@ def test_the_firmware_and_secure_boot(os_: str, body: str, firmware: str) -> Non
     assert parse(xml(os_=os_, os_body=body)).firmware == firmware
 
 
+def test_a_firmware_other_than_ovmfs_4_mib_build_is_named_in_a_note() -> None:
+    ovmf = "<loader type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>"
+    assert parse(xml(os_body=ovmf)).notes == []
+    other = parse(xml(os_body="<loader type='pflash'>/opt/fw/CODE.fd</loader>"))
+    assert "CODE.fd becomes this host's OVMF" in notes(other)
+
+
 def test_the_nvram_is_the_domains_own_file_or_where_libvirt_keeps_it() -> None:
     assert parse(xml()).nvram is None
     assert parse(xml(os_="firmware='efi'")).nvram == NVRAM_DIR / "dom_VARS.fd"

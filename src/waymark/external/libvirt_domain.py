@@ -361,6 +361,9 @@ def _firmware(os_: ET.Element, domain: Domain) -> None:
     if loader is not None and (loader.text or "").strip():
         name = Path((loader.text or "").strip()).name
         secure = loader.get("secure") == "yes" or any(s in name for s in SECURE_LOADERS)
+        if not name.startswith("OVMF_CODE_4M."):
+            domain.notes.append(f"the firmware {name} becomes this host's OVMF 4 MiB build "
+                                "(Waymark's UEFI firmware; its variables must fit it).")
     else:  # libvirt chooses: the Secure Boot build first, unless the feature is off
         feature = os_.find("firmware/feature[@name='secure-boot']")
         secure = feature is None or feature.get("enabled") != "no"
