@@ -13,11 +13,12 @@ deps: $(STAMP) .qemu-user-stamp
 # GRUB's BIOS and UEFI images + grub-mkrescue's xorriso and mtools + dosfstools (the test
 # guest's boot disk and ISO), tpm2-tools (its libraries go into the test guest; the tests also
 # change a TPM from the host as a guest would), ovmf (UEFI firmware), swtpm and swtpm-tools (a
-# VM's TPM), chromium (the portal's browser tests, driven by Playwright).
+# VM's TPM), chromium (the portal's browser tests, driven by Playwright), libvirt-daemon-system
+# and libvirt-clients (the tests of vm import-libvirt define domains in a real libvirtd).
 APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
 	libglib2.0-0 libnuma1 libudev1 liburing2 chromium \
 	grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools tpm2-tools ovmf \
-	swtpm swtpm-tools
+	swtpm swtpm-tools libvirt-daemon-system libvirt-clients
 .apt-stamp: Makefile
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \

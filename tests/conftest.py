@@ -32,7 +32,8 @@ FILE_MARKS = {"guest/test_portal.py": ("browser",)}
 # fixtures that make a test need something: the test guest (tests/integration/test_guest_build.py
 # builds and boots it), a tmpfs mounted by the test (test_full_fs.py, test_backups.py)
 FIXTURE_MARKS = {"guest": ("guest",), "machine": ("guest",),
-                 "small_home": ("root",), "small_repo": ("root",)}
+                 "small_home": ("root",), "small_repo": ("root",),
+                 "libvirt": ("root",)}  # a private libvirtd (tests/libvirt_host.py)
 CHROMIUM = "/usr/bin/chromium"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from waymark.cli import power
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option
 from waymark.config import ACCELERATORS
-from waymark.errors import ConsentRequired, InvalidInput
+from waymark.errors import ConsentRequired, InvalidInput, NotFound
+from waymark.external import libvirt_domain
 from waymark.model.hardware import (
     CHECKPOINT_TYPES,
     DEFAULT_BOOT_ORDER,
@@ -23,7 +25,7 @@ from waymark.model.units import human, parse_size
 from waymark.usecases import views
 from waymark.usecases.library import store_deploy as library
 from waymark.usecases.library import templates
-from waymark.usecases.vms import bundles
+from waymark.usecases.vms import bundles, from_libvirt
 from waymark.usecases.vms import definitions as vms
 from waymark.usecases.vms import media as media_ops
 
@@ -334,6 +336,52 @@ def import_(bundle: Path, name: str | None, as_json: bool) -> None:
                                   on_progress=fraction_progress("importing"))
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."])
+
+
+@vm.command("import-libvirt")
+@click.argument("xml", metavar="XML")
+@click.option("--name", help="Name of the new VM (default: the domain's name).")
+@click.option("--copy", is_flag=True,
+              help="Copy the disks into standalone images (default: they become the read-only "
+                   "bases of overlays, as vm create --disk PATH makes them).")
+@click.option("--nvram", type=click.Path(path_type=Path), metavar="FILE",
+              help="The domain's UEFI variables file, when not where libvirt keeps it on this "
+                   "host (/var/lib/libvirt/qemu/nvram/NAME_VARS.fd or its <nvram>).")
+@click.option("--tpm-state", type=click.Path(path_type=Path), metavar="FILE",
+              help="The domain's TPM state (swtpm's tpm2-00.permall), when not in "
+                   "/var/lib/libvirt/swtpm/UUID/tpm2/.")
+@json_option
+def import_libvirt(xml: str, name: str | None, copy: bool, nvram: Path | None,
+                   tpm_state: Path | None, as_json: bool) -> None:
+    """Create a VM (off) from a libvirt domain's XML: a file, or - for stdin
+    (virsh dumpxml DOMAIN | waymark vm import-libvirt -). Its disks, memory, CPUs, firmware
+    with its variables, TPM state, NICs and kernel come along; what Waymark cannot represent is
+    refused, naming it, and nothing is created. Shut the domain down first and do not start it
+    again: its disks become the bases of the new VM's."""
+    ctx = face().ctx  # (refused through --server before stdin is read)
+    data = _read_xml(xml)
+    sources = from_libvirt.Sources(nvram=None if nvram is None else nvram.absolute(),
+                                   tpm_state=None if tpm_state is None else tpm_state.absolute())
+    done = from_libvirt.import_xml(ctx, data, name=name, copy=copy, sources=sources)
+    shown = views.vm_show(ctx, done.vm_id)
+    lines = [f"Imported libvirt domain {done.domain} as VM {shown['name']} "
+             f"({done.vm_id[:12]}) with {len(shown['disks'])} disk(s); it is off."]
+    lines += [f"  note: {note}" for note in done.notes]
+    lines += [f"  not carried: <{s['element']}>" + (f": {s['why']}" if s["why"] else "")
+              for s in done.not_carried]
+    emit(as_json, from_libvirt.answer(done, shown), lines)
+
+
+def _read_xml(xml: str) -> bytes:
+    if xml == "-":
+        return libvirt_domain.read(sys.stdin.buffer, "stdin")
+    path = Path(xml).expanduser().absolute()
+    try:
+        with path.open("rb") as file:
+            return libvirt_domain.read(file, str(path))
+    except OSError as err:
+        raise NotFound(f"the domain XML {path} cannot be read ({err.strerror}).",
+                       hint="Give the file virsh dumpxml DOMAIN wrote, or - for stdin.") from err
 
 
 for _command in power.COMMANDS:  # start, stop, ...: `waymark vm start`

@@ -129,6 +129,19 @@ def probe_format(path: Path) -> str:
     return fmt
 
 
+def in_use(path: Path, fmt: str) -> bool:
+    """Whether another process (a running QEMU) holds ``path`` open for writing: ``qemu-img
+    info`` without ``-U`` asks for a consistent read of the ``fmt`` image, which a writer of a
+    qcow2 image refuses (a lock on the file; a raw image's writer shares reads, so it is not
+    seen). Any other failure is not this question's: False (the checks of the file say what is
+    wrong with it)."""
+    try:
+        _qemu_img("info", "-f", fmt, "--output=json", str(path), what=f"reading {path}")
+    except ToolError as err:
+        return 'get shared "write" lock' in err.message
+    return False
+
+
 def check_disk_size(path: Path, fmt: str, size: int) -> None:
     """A disk holds at least one sector: an empty or 12-byte file is no disk image."""
     if size < SECTOR:

@@ -61,6 +61,7 @@ from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.qemu import cpus as cpu_models
 from waymark.qemu import firmware
+from waymark.qemu import tpm as swtpm
 from waymark.usecases.access import locations, quotas
 
 DEFAULT_MAX_CHECKPOINTS = 50
@@ -122,10 +123,21 @@ class DiskSpec:
 @dataclass(frozen=True)
 class Platform:
     """A new VM's firmware (:data:`waymark.model.hardware.FIRMWARE_KINDS`) and whether it has a
-    TPM: Hyper-V's generation and security settings."""
+    TPM: Hyper-V's generation and security settings. A VM brought from elsewhere (a libvirt
+    domain) keeps its own: ``variables_from``, a raw variable store (its boot entries and keys)
+    copied instead of the firmware's template; ``tpm_state``, its TPM's state (swtpm's
+    ``tpm2-00.permall``) instead of a new TPM."""
 
     firmware: str = "bios"
     tpm: bool = False
+    variables_from: Path | None = None
+    tpm_state: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.tpm_state is not None and not (self.tpm and swtpm.fits(self.tpm_state)):
+            raise InvalidInput("a TPM state is given for a VM without a TPM, or it is empty or "
+                               f"larger than {swtpm.MAX_STATE} bytes.",
+                               hint="Give the TPM's state file (tpm2-00.permall).")
 
 
 GENERATION_1 = Platform()  # BIOS, no TPM: what a VM has unless asked otherwise
@@ -343,7 +355,7 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
                               firmware=platform.firmware, tpm=platform.tpm)
     if boot_order is not None:
         hardware.boot_order = boot_order
-    store = _variable_store(hardware)
+    store = _variable_store(hardware, platform.variables_from)
     disk_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
     steps: list[Step] = []
@@ -358,7 +370,9 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
     if store is not None:
         hardware.nvram = hardware.disks[-1]
     if platform.tpm:
-        steps.append(MakeTpm(path=str(power.tpm_folder(ctx, vm_id))))
+        steps.append(MakeTpm(path=str(power.tpm_folder(ctx, vm_id)),
+                             state=None if platform.tpm_state is None
+                             else base64.b64encode(platform.tpm_state).decode()))
     hardware.check(given_by_admin)
     folder = checkpoint_dir or str(ctx.vm_folder(vm_id) / "checkpoints")
     vm_row = {"id": vm_id, "name": name, "state": "off", "config": hardware.dump(),
@@ -380,13 +394,28 @@ def check_firmware(kind: str) -> str:
     return kind
 
 
-def _variable_store(hardware: HardwareConfig) -> DiskSpec | None:
+def _variable_store(hardware: HardwareConfig, variables_from: Path | None) -> DiskSpec | None:
     """A UEFI VM's own variable store: a copy of the firmware's template (ToolMissing when the
-    firmware is not installed), or None for BIOS."""
+    firmware is not installed) or of ``variables_from``, which must be a raw store of the
+    template's size (the firmware's flash chip); None for BIOS."""
     check_firmware(hardware.firmware)
     if not hardware.uefi:
+        if variables_from is not None:
+            raise InvalidInput("a UEFI variable store is given for a BIOS VM.",
+                               hint="Give --firmware uefi or uefi-secure.")
         return None
-    return DiskSpec(path=firmware.build(hardware.firmware).variables, copy=True)
+    template = firmware.build(hardware.firmware).variables
+    if variables_from is None:
+        return DiskSpec(path=template, copy=True)
+    fmt, size = qemu_img.probe_format(variables_from), variables_from.stat().st_size
+    if fmt != "raw" or size != template.stat().st_size:
+        raise ImageError(f"{variables_from} is not a variable store of this firmware: it is a "
+                         f"{size}-byte {fmt} file, and {template.name}'s flash holds "
+                         f"{template.stat().st_size} raw bytes.",
+                         hint="Give the variables of a VM that ran OVMF's 4 MiB build (Debian's "
+                              "OVMF_CODE_4M.fd), or leave them out to start from the "
+                              "firmware's template.")
+    return DiskSpec(path=variables_from, copy=True)
 
 
 def refuse_taken(session: Session, name: str, owner_id: str | None,
