@@ -192,12 +192,14 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
         tracked = await bitmaps.on_nodes(machine)
         stopped = await _migrate(machine, memory, live["name"])
         failpoint("migrated")
-        _keep_tpm_state(intent)  # the guest is stopped: the stream's TPM state is this one
+        state = _tpm_copy(live)  # the guest is stopped: the stream's TPM state is this one
         await _switch(machine, live, carry=False)
         await _carry_inactive(machine, live, tracked)
         failpoint("switched")
         if not live["paused"]:
             pause = await _resume(machine) - stopped
+        _keep(intent, state)  # durable after the guest runs again: not inside its pause
+        if pause is not None:
             await _correct_clock(run, live["name"], pause)
     digest = _seal(memory)
     if live["paused"]:
@@ -240,9 +242,17 @@ async def _switch_with_tpm(intent: LiveIntent[CheckpointCreate], machine: qmp.Qm
 def _keep_tpm_state(intent: LiveIntent[CheckpointCreate]) -> None:
     """Now's TPM state into the checkpoint's record, made durable before the disks switch (a
     checkpoint recovery commits always has its TPM state); the guest is stopped."""
-    live = _live(intent.params)
-    if live.get("tpm") is not None:
-        state = tpm.read_state(Path(live["tpm"]))
+    _keep(intent, _tpm_copy(_live(intent.params)))
+
+
+def _tpm_copy(live: dict[str, Any]) -> bytes | None:
+    """Now's TPM state, for a VM with a TPM (read while the guest is stopped)."""
+    return None if live.get("tpm") is None else tpm.read_state(Path(live["tpm"]))
+
+
+def _keep(intent: LiveIntent[CheckpointCreate], state: bytes | None) -> None:
+    """``state`` into the checkpoint's record, made durable in the journal."""
+    if state is not None:
         intent.params.checkpoint["tpm_state"] = base64.b64encode(state).decode()
         intent.save()
 
@@ -471,6 +481,10 @@ def _forward(params: CheckpointCreate, run: cmdline.RunFiles) -> CheckpointCreat
     elif live.get("route") == "standard" and memory.is_file():
         digest = _seal(memory)
         record.update(kind="standard", memory_path=str(memory), memory_sha256=digest)
+        if record.get("tpm_state") is None and live.get("tpm") is not None:
+            # killed before the copy taken in its pause was saved: the memory state restores
+            # the TPM's state whenever it is applied, so Now's state serves the other uses
+            record["tpm_state"] = base64.b64encode(tpm.read_state(Path(live["tpm"]))).decode()
         if live["paused"] and presence.find(run) is not None:
             keep_paused_state(run, memory, digest)
     else:
