@@ -91,6 +91,13 @@ def check_cpu_model(name: object) -> str:
     return name
 
 
+def check_firmware(kind: object) -> str:
+    """A firmware Waymark knows (:data:`FIRMWARE_KINDS`)."""
+    if kind not in FIRMWARE_KINDS:
+        raise _bad(f"the firmware {kind!r} is unknown", f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
+    return str(kind)
+
+
 def check_accel(value: object) -> str:
     """``auto`` (this host decides: WAYMARK_ACCEL, else the KVM probe), ``kvm`` or ``tcg``."""
     if value not in ACCELERATORS:
@@ -255,9 +262,7 @@ class HardwareConfig:
         self._check_firmware()
 
     def _check_firmware(self) -> None:
-        if self.firmware not in FIRMWARE_KINDS:
-            raise _bad(f"the firmware {self.firmware!r} is unknown",
-                       f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
+        check_firmware(self.firmware)
         if (self.firmware == "bios") != (self.nvram is None) or (
                 self.nvram is not None and self.nvram not in self.disks):
             raise _bad("the UEFI variable store and the firmware disagree",

@@ -35,7 +35,7 @@ from waymark.external import vm_files
 from waymark.failpoints import failpoint
 from waymark.images import qemu_img
 from waymark.model import names, setting_sources
-from waymark.model.hardware import Nic
+from waymark.model.hardware import Nic, check_firmware
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
 from waymark.usecases.library import profiles
 from waymark.usecases.vms import definitions as vms
@@ -81,7 +81,7 @@ def create(ctx: Context, name: str, *, profile: str | None, disks: list[Path],
            platform: vms.Platform = vms.GENERATION_1) -> dict[str, Any]:
     """A new template (``platform``: the firmware and TPM of the VMs made from it)."""
     name = names.clean(name, what="template name")
-    vms.check_firmware(platform.firmware)
+    check_firmware(platform.firmware)
     if checkpoint_type is not None:
         vms.check_type(checkpoint_type)
     kernel = vms.check_boot_file(kernel, "--kernel")

@@ -49,13 +49,13 @@ from waymark.model import names
 from waymark.model.hardware import (
     CHECKPOINT_TYPES,
     DEFAULT_CPU_MODEL,
-    FIRMWARE_KINDS,
     BootRule,
     HardwareConfig,
     Nic,
     check_accel,
     check_boot_order,
     check_cpu_model,
+    check_firmware,
 )
 from waymark.model.units import parse_size
 from waymark.model.vocabulary import DeleteAnswer, deleted, gone
@@ -385,13 +385,6 @@ def create(ctx: Context, name: str, *, memory: int, cpus: int, disks: list[DiskS
             ctx.vm_locked(vm_id, name):
         ctx.journal.run(vm_id, VmCreate(vm=vm_row, disks=disk_rows, images=image_rows), steps)
     return vm_id
-
-
-def check_firmware(kind: str) -> str:
-    if kind not in FIRMWARE_KINDS:
-        raise InvalidInput(f"the firmware {kind!r} is unknown.",
-                           hint=f"Use one of: {', '.join(FIRMWARE_KINDS)}.")
-    return kind
 
 
 def _variable_store(hardware: HardwareConfig, variables_from: Path | None) -> DiskSpec | None:
