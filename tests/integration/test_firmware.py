@@ -159,3 +159,37 @@ def test_a_tpm_state_read_from_outside_must_be_one(wm: Waymark, tmp_path: Path) 
         refused = wm.run("backup", "restore", VM, "--repo", str(repo), "--as-new", "copy")
         assert refused.returncode == 8 and "TPM state" in refused.stderr, refused
     assert [v["name"] for v in wm.json("vm", "list")] == [VM]
+
+
+def test_links_left_in_the_tpm_folder_are_never_followed(wm: Waymark, tmp_path: Path) -> None:
+    """The TPM folder belongs to QEMU's user while the VM runs, and a guest may take swtpm over:
+    a link it leaves in place of the state or the log is never read, written or chowned
+    through (a root-only file stays as it was), and the VM refuses to start or checkpoint."""
+    make(wm)
+    folder = tpm_folder(wm)
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"root's secret")
+    secret.chmod(0o600)
+    owner = secret.stat()
+    state = folder / "tpm2-00.permall"
+    kept = state.read_bytes()
+    state.unlink()
+    state.symlink_to(secret)
+    for command in (("vm", "start", VM), ("checkpoint", "create", VM, "--name", "x"),
+                    ("vm", "store", VM, "--library", str(tmp_path / "lib"))):
+        if command[1] == "store":
+            wm("library", "init", str(tmp_path / "lib"))
+        refused = wm.run(*command)
+        assert refused.returncode == 3 and "not a plain TPM state file" in refused.stderr, refused
+    state.unlink()
+    state.write_bytes(kept)
+    (folder / "swtpm.log").unlink(missing_ok=True)
+    (folder / "swtpm.log").symlink_to(secret)
+    started = wm.run("vm", "start", VM)  # QEMU cannot boot a 1 MiB empty disk; swtpm still runs
+    wm.run("vm", "stop", VM, "--force")
+    assert secret.read_bytes() == b"root's secret", started
+    assert (secret.stat().st_uid, secret.stat().st_mode) == (owner.st_uid, owner.st_mode)
+    wm("checkpoint", "create", VM, "--name", "y")
+    wm("checkpoint", "apply", VM, "y", "--discard-current")  # a new folder, links gone
+    assert not (folder / "swtpm.log").is_symlink()
+    assert query(wm.home, "SELECT count(*) FROM checkpoints")[0][0] == 1

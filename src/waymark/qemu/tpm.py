@@ -25,6 +25,7 @@ import contextlib
 import os
 import shutil
 import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,12 +76,23 @@ def manufacture(folder: Path) -> None:
 
 
 def read_state(folder: Path) -> bytes:
-    """Now's TPM state; NotFound when it is missing or empty (never a new TPM in its place)."""
+    """Now's TPM state; NotFound when it is missing or empty (never a new TPM in its place).
+    The folder is written by swtpm as QEMU's user, whom a guest may have taken over: only a
+    regular file is read (never through a link it put there), and only a TPM state's size."""
     path = state_file(folder)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         data = b""
+    except OSError as err:  # ELOOP: a link in its place
+        raise _not_plain(path) from err
+    else:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise _not_plain(path)
+            data = handle.read(MAX_STATE + 1)
+    if len(data) > MAX_STATE:
+        raise _not_plain(path)
     if not data:
         raise NotFound(f"the VM's TPM state {path} is missing: starting it would give the guest "
                        "a new, empty TPM and lose every key sealed to its own.",
@@ -89,10 +101,27 @@ def read_state(folder: Path) -> bytes:
     return data
 
 
+def _not_plain(path: Path) -> NotFound:
+    return NotFound(f"the VM's TPM state {path} is not a plain TPM state file (a link, a folder "
+                    "or too large: something other than swtpm put it there).",
+                    hint="Apply one of its checkpoints or restore a backup of it: their TPM "
+                         "state comes back with them.")
+
+
 def write_state(folder: Path, data: bytes) -> None:
-    """Now's TPM state replaced by ``data`` at once (a checkpoint's, on apply)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    durable.write_bytes(state_file(folder), data)
+    """Now's TPM state replaced by ``data`` (a checkpoint's, on apply): written into a new
+    folder of root's, which then takes the old one's place (whatever QEMU's user left in the
+    old folder is never opened); redone whole after a crash."""
+    fresh, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    fresh.mkdir(mode=0o700, parents=True)
+    durable.write_bytes(state_file(fresh), data)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(fresh, folder)
+    durable.fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -103,13 +132,17 @@ def started(folder: Path, owner: tuple[int, int] | None) -> Iterator[int]:
     swtpm gets its folder and log open (``/proc/self/fd/N``, as QEMU gets its files): the VM's
     folder stays root's alone, only the TPM folder itself belongs to ``owner``."""
     read_state(folder)
-    if owner is not None:
+    if owner is not None:  # (never through a link QEMU's user may have put there)
         for path in (folder, *folder.iterdir()):
-            os.chown(path, *owner)
+            os.chown(path, *owner, follow_symlinks=False)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     state_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(folder / LOG_FILE, "ab") as errors:
+        if (folder / LOG_FILE).is_symlink():  # not swtpm's log: a link left in its place
+            (folder / LOG_FILE).unlink()
+        log = os.open(folder / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, 0o600)
+        with os.fdopen(log, "ab") as errors:
             argv = [_tool("swtpm"), "socket", "--tpm2", "--terminate",
                     "--tpmstate", f"dir=/proc/self/fd/{state_fd},mode=0600",
                     "--ctrl", f"type=unixio,clientfd={theirs.fileno()}",

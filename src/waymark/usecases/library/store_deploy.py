@@ -186,7 +186,8 @@ def _store_plan(ctx: Context, session: Session, library: Library, vm_id: str
     if saved is not None:
         steps.append(CopyFile(path=str(folder / FILES / "saved.state"),
                               src=str(power.saved_state(ctx, vm_id).state)))
-    if lookup.hardware(vm_row).tpm:  # Now's TPM state
+    if lookup.hardware(vm_row).tpm:  # Now's TPM state, a plain file (never a link) it is
+        tpm.read_state(power.tpm_folder(ctx, vm_id))  # off: nothing changes it until the copy
         steps.append(CopyFile(path=str(folder / TPM_FILE),
                               src=str(tpm.state_file(power.tpm_folder(ctx, vm_id)))))
     configs = [vm_row.config, *(c.config for c in checkpoints)]
