@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import NotFound, StorageError
 
-HEAD = "0015"
+HEAD = "0016"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

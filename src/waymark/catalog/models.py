@@ -126,6 +126,8 @@ class Checkpoint(Base):
     # the VM's TPM state at the checkpoint's instant (base64 of swtpm's state file; None: no
     # TPM); loaded only when asked for (waymark.qemu.tpm)
     tpm_state: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
+    # what an administrator wrote about it (Hyper-V's Notes); None: nothing
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class FrozenImage(Base):
@@ -178,6 +180,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # the Waymark user who started it (API/portal), or the host's user for the CLI; None: older
+    user: Mapped[str | None] = mapped_column(String(99), nullable=True)
 
 
 class Schedule(Base):
