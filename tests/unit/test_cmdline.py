@@ -103,7 +103,9 @@ def test_a_chain_is_one_node_per_layer_active_writable_each_backed_by_the_next()
     assert middle["backing"] == cmdline.node_name(BASE)
     assert top["backing"] == cmdline.node_name(MIDDLE)
     assert top["file"] == {"driver": "file", "filename": "/v/top.qcow2",
-                           "node-name": cmdline.file_node_name(TOP), "read-only": False}
+                           "node-name": cmdline.file_node_name(TOP), "read-only": False,
+                           # the page cache survives reactivation: see cmdline.file_node
+                           "drop-cache": False}
 
 
 def test_a_users_pinned_base_is_opened_read_only_with_its_own_backing_rules() -> None:
@@ -136,7 +138,8 @@ def test_a_passthrough_disk_is_one_raw_node_on_its_path(path: str, driver: str) 
     flag, node = cmdline.blockdevs(chain)
     assert flag == "-blockdev"
     assert json.loads(node) == {"driver": "raw", "node-name": "p" * 25,
-                                "file": {"driver": driver, "filename": path}}
+                                "file": {"driver": driver, "filename": path,
+                                         "read-only": False, "drop-cache": False}}
     handed = json.loads(cmdline.blockdevs(chain, {path: "/dev/fdset/4"})[1])
     assert handed["file"]["filename"] == "/dev/fdset/4"
 
@@ -262,7 +265,8 @@ def test_an_inserted_iso_is_a_read_only_raw_node_on_a_read_only_file() -> None:
         nodes = [json.loads(args[i + 1]) for i, a in enumerate(args) if a == "-blockdev"]
         (medium,) = [n for n in nodes if n["node-name"] == cmdline.MEDIA_NODE]
         assert medium == {"driver": "raw", "node-name": cmdline.MEDIA_NODE, "read-only": True,
-                          "file": {"driver": "file", "filename": filename, "read-only": True}}
+                          "file": {"driver": "file", "filename": filename, "read-only": True,
+                                   "drop-cache": False}}
         assert devices(args, "ide-cd")[0]["drive"] == cmdline.MEDIA_NODE
 
 

@@ -114,5 +114,5 @@ def test_the_cd_drives_iso_is_handed_over_read_only(tmp_path: Path) -> None:
     assert mode == os.O_RDONLY
     (medium,) = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
     assert medium["file"] == {"driver": "file", "filename": given.files[str(iso)],
-                              "read-only": True}
+                              "read-only": True, "drop-cache": False}
     assert given.files[str(iso)].startswith("/dev/fdset/")

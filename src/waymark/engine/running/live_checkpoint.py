@@ -133,8 +133,7 @@ async def capture(intent: LiveIntent[CheckpointCreate], wanted: str) -> None:
             opened = await confine.open_image(machine, switch.path, writable=True)
             await machine.command("blockdev-add", driver="qcow2", backing=None, **{
                 "node-name": switch.overlay,
-                "file": {"driver": "file", "filename": opened, "read-only": False,
-                         "node-name": switch.file_node}})
+                "file": cmdline.file_node(opened, False, **{"node-name": switch.file_node})})
         failpoint("nodes-added")
         reason = None
         if wanted in PRODUCTION:

@@ -291,8 +291,8 @@ async def _copy(job: Run, hardware: HardwareConfig) -> str:
             for target in job.targets:
                 await machine.command("blockdev-add", driver="qcow2", backing=None, **{
                     "node-name": target.node,
-                    "file": {"driver": "file", "read-only": False,
-                             "filename": await _target_file(job, machine, target.tmp)}})
+                    "file": cmdline.file_node(await _target_file(job, machine, target.tmp),
+                                              False)})
             _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
             if job.parent is None:
                 await _drop_bitmaps(machine, job, tracked)
