@@ -13,8 +13,9 @@ them, on the real test guest (TCG), in the same run:
   UEFI + TPM VM (freeze to thaw, the CPUs stopped inside it while the TPM state is copied and
   the disks switch); target median < 200 ms; the plain VM's beside it.
 
-The two VMs run one after the other (one guest at a time). Medians of N runs (default 5); the
-machine is shared and noisy: compare the ratio, not the seconds.
+The three VMs run at once and take their checkpoints in turn, so the shared machine's changing
+load falls on each alike. Medians of N runs (default 5); the machine is shared and noisy:
+compare the ratio, not the seconds.
 """
 
 from __future__ import annotations
@@ -34,20 +35,38 @@ UEFI_ONLY = ("--firmware", "uefi")
 progress = reporter("firmware")
 
 
-def measure(root: Path, label: str, image: dict[str, Any], memory: str, runs: int,
-            options: tuple[str, ...]) -> tuple[list[float], list[float]]:
-    """(standard pauses, production freezes) of ``runs`` checkpoints each of one VM."""
-    home = Home(root / f"home-{label}")
+KINDS = (("bios", ()), ("uefi", UEFI_ONLY), ("uefi-tpm", GEN2))
+
+
+def measure(root: Path, image: dict[str, Any], memory: str, runs: int
+            ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per kind of VM, (standard pauses, production freezes) of ``runs`` checkpoints each.
+
+    The three guests run at once and take their checkpoints in turn (bios, uefi, uefi-tpm,
+    bios, ...), so a change of the shared machine's load falls on all three alike; the two
+    idle guests cost little while the third is measured."""
+    homes = {label: Home(root / f"home-{label}") for label, _ in KINDS}
     try:
-        guest = Guest(home, memory, image, options=options)
-        progress(f"{label}: booting; {runs} standard, {runs} production checkpoints")
-        guest.boot()
-        pauses = [standard_checkpoint(guest, False).pause for _ in range(runs)]
-        guest.wait_agent()
-        freezes = [production_checkpoint(guest)[0] for _ in range(runs)]
-        return pauses, freezes
+        guests = {label: Guest(homes[label], memory, image, options=options)
+                  for label, options in KINDS}
+        for label, guest in guests.items():
+            progress(f"{label}: booting")
+            guest.boot()
+        progress(f"{runs} rounds of standard, then of production checkpoints, in turn")
+        pauses: dict[str, list[float]] = {label: [] for label in guests}
+        freezes: dict[str, list[float]] = {label: [] for label in guests}
+        for _ in range(runs):
+            for label, guest in guests.items():
+                pauses[label].append(standard_checkpoint(guest, False).pause)
+        for guest in guests.values():
+            guest.wait_agent()
+        for _ in range(runs):
+            for label, guest in guests.items():
+                freezes[label].append(production_checkpoint(guest)[0])
+        return {label: (pauses[label], freezes[label]) for label in guests}
     finally:
-        home.close()
+        for home in homes.values():
+            home.close()
 
 
 def main() -> None:
@@ -58,9 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     image = test_guest_image()
     with scratch_root() as root:
-        plain = measure(root, "bios", image, args.memory, args.runs, ())
-        uefi = measure(root, "uefi", image, args.memory, args.runs, UEFI_ONLY)
-        gen2 = measure(root, "uefi-tpm", image, args.memory, args.runs, GEN2)
+        measured = measure(root, image, args.memory, args.runs)
+    plain, uefi, gen2 = measured["bios"], measured["uefi"], measured["uefi-tpm"]
     ratio = median(gen2[0]) / median(plain[0])
     rows = [row("standard: guest pause", f"{args.memory} uefi+tpm", gen2[0],
                 f"{median(plain[0]) * 1000:.0f} ms bios", ratio, f"<= {PAUSE_RATIO_TARGET}",

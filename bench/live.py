@@ -172,8 +172,11 @@ def libvirt_reference(guest: Guest, runs: int, workdir: Path, image: dict[str, A
 
 
 def guest_image(image: dict[str, Any]) -> GuestImage:
-    return GuestImage(Path(image["kernel"]), Path(image["initrd"]), Path(image["disk"]),
-                      image["inputs_hash"], image["append"])
+    def path(key: str) -> Path:
+        return Path(image[key])
+
+    return GuestImage(path("kernel"), path("initrd"), path("disk"), path("initrd_tools"),
+                      path("boot_disk"), path("iso"), image["inputs_hash"], image["append"])
 
 
 @dataclass
