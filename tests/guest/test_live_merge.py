@@ -396,15 +396,57 @@ class Held:
     """QEMU stopped (SIGSTOP) for the block: its block job does not move, and the Waymark worker
     that follows it waits on QMP, holding the VM. Always continued afterwards."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pid: int, already: bool = False) -> None:
+        self.pid, self.already = pid, already
 
     def __enter__(self) -> Held:
-        os.kill(self.pid, signal.SIGSTOP)
+        if not self.already:
+            os.kill(self.pid, signal.SIGSTOP)
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.kill(self.pid, signal.SIGCONT)
+
+
+class Throttled(threading.Thread):
+    """QEMU run in short bursts (``burst`` seconds of every ``burst + rest``) from SIGSTOP and
+    SIGCONT, so a 256 MiB copy of 0.2-0.5 s lasts seconds and a poller surely sees a value
+    inside it however loaded the host is; :meth:`hold` ends the bursts with QEMU stopped."""
+
+    def __init__(self, pid: int, burst: float = 0.02, rest: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.burst, self.rest = pid, burst, rest
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            os.kill(self.pid, signal.SIGSTOP)
+            if self.done.wait(self.rest):
+                return  # left stopped: hold() continues from here
+            os.kill(self.pid, signal.SIGCONT)
+            time.sleep(self.burst)
+
+    def hold(self) -> Held:
+        """Stop the bursts, QEMU stopped (as :class:`Held`, which continues it at the end)."""
+        self.done.set()
+        self.join(10.0)
+        os.kill(self.pid, signal.SIGSTOP)
+        return Held(self.pid, already=True)
+
+
+def held_mid_merge(vm: Guest, checkpoint: str, image: str) -> tuple[str, Held]:
+    """``delete --no-wait`` of ``checkpoint``, its job id and QEMU stopped (a :class:`Held`)
+    once the job reported progress inside its merge of ``image`` (QEMU run in bursts until
+    then: :class:`Throttled`)."""
+    throttle = Throttled(qemu_pid(vm))
+    throttle.start()
+    try:
+        job = delete(vm, checkpoint, no_wait=True)
+        wait_mid_step(vm, job, image)
+    except BaseException:
+        with throttle.hold():
+            raise
+    return job, throttle.hold()
 
 
 def assert_nothing_lost(vm: Guest, record: dict[str, Shas], now_scratch: str) -> None:
@@ -674,8 +716,9 @@ def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
     """``delete --no-wait`` of a checkpoint whose 256 MiB child layer is committed into it:
     progress only increases, through at least five values; ``job wait`` ends ``completed``.
     Then ``job cancel`` in the middle of another 256 MiB commit, after the job reported a value
-    fed by QEMU's job offsets inside that copy (:func:`wait_mid_step`; the cancel landing
-    mid-copy proves the value was not the copy's end): every checkpoint exact, ``check``
+    fed by QEMU's job offsets inside that copy (:func:`wait_mid_step`, QEMU run in bursts by
+    :class:`Throttled` so the copy lasts long enough on any host; the cancel landing mid-copy
+    proves the value was not the copy's end): every checkpoint exact, ``check``
     reports ``uncompacted``, ``check --repair`` merges (live).
 
     The values are counted by a reader of the job's row (what ``job show`` prints) every few
@@ -713,9 +756,8 @@ def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
     assert_qemu_matches_catalog(vm)
 
     since = last_intent(vm)
-    job = delete(vm, "p3", no_wait=True)
-    wait_mid_step(vm, job, held["p3"])
-    with Held(qemu_pid(vm)):  # its worker waits on QMP: the cancel lands inside the copy
+    job, stopped = held_mid_merge(vm, "p3", held["p3"])
+    with stopped:  # its worker waits on QMP: the cancel lands inside the copy
         asked = vm.wm.json("job", "cancel", job)
     assert asked["status"] == "running", asked
     waited = vm.wm.run("job", "wait", job)
