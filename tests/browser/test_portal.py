@@ -12,8 +12,9 @@ What is checked, as a user sees it:
   reach 100% and the tree redrawn without a reload; the VM page and its space chart (in the
   tree's order, with Now) are saved as screenshots and checked for what must be visible;
 - a self-service user with ``checkpoint-restore-only`` on one VM sees only that VM, no
-  Checkpoint button, and a menu with Apply but no Delete entries; a forged POST of a checkpoint
-  (an action the page does not offer) from their signed-in page gets 403 and creates nothing;
+  Checkpoint or Delete VM button, and a menu with Apply but no Delete entries; a forged POST
+  of a checkpoint (an action the page does not offer) from their signed-in page gets 403 and
+  creates nothing;
 - a sign-in form posted from a page of another site is refused (login CSRF) and sets no
   cookie; the portal's own form still signs in;
 - no console errors and no failed network requests, other than that forged 403 (a violation
@@ -107,6 +108,19 @@ def reloaded(page: Any, act: Any) -> None:
         act()
 
 
+def merged_and_redrawn(page: Any, rows: list[tuple[int, str]], timeout: float) -> None:
+    """After a delete: its merge reached 100%, the job stream ended, and the tree was redrawn
+    from the server (no reload) with ``rows``."""
+    from playwright.sync_api import expect
+
+    status = page.locator("p.job-status")
+    expect(status).to_contain_text("100%", timeout=timeout)
+    expect(status).to_have_attribute("data-job-status", "completed")
+    expect(page.locator("body")).to_have_attribute("data-streaming", "0")  # stream ended
+    expect(page.locator("#vm")).to_have_attribute("data-redrawn", "1")  # no reload
+    assert tree_rows(page) == rows
+
+
 def check_space_chart(space: Any, expect: Any, rows: list[str]) -> None:
     """The chart's rows are ``rows`` (the tree's order, Now among them), each with its own
     space, and the checkpoints' with the shared space below them."""
@@ -163,12 +177,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         # the answer's merge job (job_id) is named
         expect(page.locator("#notice")).to_have_text(
             re.compile(rf"Deleted {re.escape(safety)}; merging in job [0-9a-f]{{12}}\."))
-        status = page.locator("p.job-status")
-        expect(status).to_contain_text("100%", timeout=30000)
-        expect(status).to_have_attribute("data-job-status", "completed")
-        expect(page.locator("body")).to_have_attribute("data-streaming", "0")  # stream ended
-        expect(page.locator("#vm")).to_have_attribute("data-redrawn", "1")  # no reload
-        assert tree_rows(page) == [(1, first), (2, "known good"), (2, "Now")]
+        merged_and_redrawn(page, [(1, first), (2, "known good"), (2, "Now")], 30000)
         assert [c["name"] for c in wm.json("checkpoint", "list", "web")["checkpoints"]] == \
             [first, "known good"]
 
@@ -199,6 +208,7 @@ def test_a_restore_only_user_sees_one_vm_and_no_delete(site: tuple[Waymark, str]
         expect(page.get_by_role("link", name="db")).to_have_count(0)
         page.get_by_role("link", name="web").click()
         expect(page.get_by_role("button", name="Checkpoint")).to_have_count(0)
+        expect(page.get_by_role("button", name="Delete VM…")).to_have_count(0)  # not theirs
         page.locator('[data-name="for-restore"] > .row .label').click(button="right")
         menu = page.get_by_role("menu")
         expect(menu.get_by_role("menuitem", name="Apply…")).to_be_visible()

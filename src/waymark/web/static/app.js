@@ -202,6 +202,7 @@ function setupMenu(menu, run) {
     const entry = event.target.closest('[role="menuitem"]');
     if (!entry) return;
     menu.hidden = true;
+    current.focus();  // the checkpoint, not the hidden entry: a dialog gives the focus back to it
     run(entry.dataset.act, current);
   });
   document.addEventListener("click", (event) => {

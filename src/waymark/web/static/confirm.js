@@ -59,9 +59,11 @@ function confirmAction({ title, message, items = [], actions }) {
   const cancel = button("Cancel", "cancel", false);
   cancel.autofocus = true;
   document.body.appendChild(dialog);
+  const before = document.activeElement;
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => {
       dialog.remove();
+      if (before && before.isConnected && before !== document.body) before.focus();
       resolve(dialog.returnValue || "cancel");
     });
     dialog.showModal();
