@@ -459,3 +459,21 @@ def test_the_tree_menu_and_a_dialog_work_by_keyboard_alone(
         assert page.evaluate("document.activeElement.dataset.ckpt") == made["k2"]
         assert wm.json("checkpoint", "list", "keys") == before
         finish(browser, watch)
+
+
+def test_a_vm_without_checkpoints_says_so(site: tuple[Waymark, str, Path]) -> None:
+    """No checkpoints: the tree holds Now alone, the space chart says how to take one and what
+    Now's disks hold, not an empty table."""
+    from playwright.sync_api import expect, sync_playwright
+
+    wm, url, _ = site
+    chain(wm, "fresh")
+    with sync_playwright() as playwright:
+        browser, page, watch = admin_on(playwright, url, "/vms/fresh")
+        assert tree_rows(page) == [(1, "Now")]
+        space = page.locator("section.space")
+        expect(space.get_by_role("table")).to_have_count(0)
+        text = " ".join(space.locator("p.empty").inner_text().split())
+        assert re.fullmatch(r"No checkpoints yet: take one with the Checkpoint button above .* "
+                            r"beside Now's \(now [0-9.]+ \w+ on its disks\)\..*", text), text
+        finish(browser, watch)
