@@ -419,16 +419,17 @@ function formBody(form) {
 // A destructive form asks first (confirmAction): when it, or the option chosen in one of its
 // selects, carries data-confirm (confirmFrom reads the words); data-api-preview="LABEL" sends it
 // with dry_run: true first and lists the points its answer's "removed" names (a prune), then
-// LABEL does it. A button asks the same way when it carries data-confirm.
+// LABEL does it, for those points only. A button asks the same way when it carries
+// data-confirm. The answer: null (cancelled), or what to add to the form's fields.
 async function formConfirmed(form, method, path, body) {
   const asker = form.dataset.confirm !== undefined ? form
     : form.querySelector("option[data-confirm]:checked");
-  if (asker) return confirmFrom(asker);
-  if (!form.dataset.apiPreview) return true;
+  if (asker) return (await confirmFrom(asker)) ? {} : null;
+  if (!form.dataset.apiPreview) return {};
   const { removed } = await api(method, path, { ...body, dry_run: true });
   if (!removed.length) {
     notice("Nothing to prune: the keep rules keep every point.", false);
-    return false;
+    return null;
   }
   const answer = await confirmAction({
     title: "Prune Backup Points",
@@ -437,7 +438,7 @@ async function formConfirmed(form, method, path, body) {
     items: removed.map((p) => `${p.vm_name}: ${p.kind} point of ${localTime(p.created_at)}, ${human(p.bytes)}`),
     actions: [{ label: form.dataset.apiPreview, value: "confirm", danger: true }],
   });
-  return answer === "confirm";
+  return answer === "confirm" ? { points: removed.map((p) => p.id) } : null;
 }
 
 function apiForms() {
@@ -451,11 +452,12 @@ function apiForms() {
         const path = form.dataset.apiPath.replace(/\{(_\w+)\}/g,
           (_, name) => enc(form.elements[name].value));
         const method = form.dataset.apiMethod || "POST";
-        if (!(await formConfirmed(form, method, path, formBody(form)))) {
+        const confirmed = await formConfirmed(form, method, path, formBody(form));
+        if (confirmed === null) {
           if (submit) submit.disabled = false;
           return;
         }
-        const done = await api(method, path, formBody(form));
+        const done = await api(method, path, { ...formBody(form), ...confirmed });
         if (form.dataset.apiShow) {
           notice(`${form.dataset.apiShow}: ${done[form.dataset.apiShowKey || "token"]}`, false);
           if (submit) submit.disabled = false;
