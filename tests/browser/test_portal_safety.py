@@ -274,7 +274,8 @@ def test_delete_subtree_lists_what_goes(site: tuple[Waymark, str, Path]) -> None
 def test_restore_into_the_vm_asks_first(site: tuple[Waymark, str, Path]) -> None:
     """Both in-place restores ask (naming Now as lost, or kept in a checkpoint first); Cancel
     restores nothing; each confirmed mode does what it said: "Now is lost" adds only the
-    restored checkpoint, "checkpoint Now first" a checkpoint of Now too."""
+    restored checkpoint, "checkpoint Now first" a checkpoint of Now too. A restore as a new VM
+    loses nothing and asks nothing."""
     from playwright.sync_api import sync_playwright
 
     wm, url, _ = site
@@ -300,6 +301,12 @@ def test_restore_into_the_vm_asks_first(site: tuple[Waymark, str, Path]) -> None
                    if c["id"] not in {b["id"] for b in before["checkpoints"]}]
             assert len(new) == added, new
             assert any(n.startswith("Restored from") for n in new), new
+        before = wm.json("checkpoint", "list", "restored")
+        page.get_by_label("Restore", exact=True).select_option("as_new")  # loses nothing:
+        page.get_by_label("New VM name").fill("restored-copy")  # no dialog
+        reloaded(page, page.get_by_role("button", name="Restore", exact=True).click)
+        assert wm.json("vm", "show", "restored-copy")["name"] == "restored-copy"
+        assert wm.json("checkpoint", "list", "restored") == before
         finish(browser, watch)
 
 
