@@ -227,6 +227,8 @@ def test_a_delete_keeps_the_children_and_now_until_the_tree_is_redrawn(
         rows = page.locator("section.space tbody th[scope=row]").all_inner_texts()
         assert [r.strip() for r in rows] == ["t1", "t3", "➤ Now"]
         assert page.evaluate("window.notReloaded") is True
+        # the deleted checkpoint had the focus: Now has it (the keyboard goes on in the tree)
+        assert page.evaluate("document.activeElement.dataset.now") == "1"
         expect(page.locator("body")).to_have_attribute("data-streaming", "0")
         menu_action(page, made["t3"], "Rename…")  # the redrawn tree still has its menus
         page.keyboard.press("Escape")

@@ -293,9 +293,15 @@ async function redrawCheckpoints(page, tree) {
   const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
   const newTree = fresh.querySelector('#vm [role="tree"]');
   if (newTree) {
+    const focused = tree.contains(document.activeElement) ? document.activeElement : null;
     tree.innerHTML = newTree.innerHTML;
-    const first = tree.querySelector('[role="treeitem"]');
-    if (first) first.tabIndex = 0;
+    // the same checkpoint if it is still there, else Now, takes the tree's tab stop (and the
+    // focus, if the tree had it)
+    const again = (focused && focused.dataset.ckpt
+                   && tree.querySelector(`[data-ckpt="${CSS.escape(focused.dataset.ckpt)}"]`))
+      || tree.querySelector("[data-now]") || tree.querySelector('[role="treeitem"]');
+    if (again && focused) focusItem(tree, again);
+    else if (again) again.tabIndex = 0;
   }
   const space = page.querySelector("section.space");
   const newSpace = fresh.querySelector("#vm section.space");
