@@ -278,11 +278,12 @@ def test_restore_into_the_vm_asks_first(site: tuple[Waymark, str, Path]) -> None
     restores nothing; each confirmed mode does what it said: "Now is lost" adds only the
     restored checkpoint, "checkpoint Now first" a checkpoint of Now too. A restore as a new VM
     loses nothing and asks nothing."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     wm, url, _ = site
     chain(wm, "restored", "r1")
-    wm("backup", "run", "restored", "--repo", str(site[2] / "usb"))
+    [point] = [o["point"] for o in wm.json("backup", "run", "restored", "--repo",
+                                          str(site[2] / "usb"))]
     wm("checkpoint", "create", "restored", "--name", "r2")
     with sync_playwright() as playwright:
         browser, page, watch = admin_on(playwright, url, "/vms/restored")
@@ -293,6 +294,8 @@ def test_restore_into_the_vm_asks_first(site: tuple[Waymark, str, Path]) -> None
             page.get_by_role("button", name="Restore", exact=True).click()
             dialog = confirmation(page, "Restore into restored")
             assert dialog.locator("button.danger").inner_text() == action
+            assert point["created_at"] not in dialog.inner_text()  # a local time instead
+            expect(dialog).to_contain_text(f"backup point of {local_of(page, point)}")
             cancel(page, dialog)
             assert wm.json("checkpoint", "list", "restored") == before
             page.get_by_role("button", name="Restore", exact=True).click()
@@ -310,6 +313,11 @@ def test_restore_into_the_vm_asks_first(site: tuple[Waymark, str, Path]) -> None
         assert wm.json("vm", "show", "restored-copy")["name"] == "restored-copy"
         assert wm.json("checkpoint", "list", "restored") == before
         finish(browser, watch)
+
+
+def local_of(page: Any, point: dict[str, Any]) -> str:
+    """The point's time as the page's script shows it (localTime)."""
+    return str(page.evaluate("(iso) => localTime(iso)", point["created_at"]))
 
 
 def test_prune_shows_what_it_would_remove_first(site: tuple[Waymark, str, Path]) -> None:
@@ -385,7 +393,8 @@ def test_a_user_and_a_token_are_removed_only_after_their_dialogs(
     wm, url, _ = site
     wm.run("user", "add", "leaver", "--role", "self-service", "--password-stdin",
            input="leaver-pass\n").ok()
-    wm("user", "grant", "leaver", "--vm", "trunk", "--permission", "start-stop")
+    chain(wm, "granted")
+    wm("user", "grant", "leaver", "--vm", "granted", "--permission", "start-stop")
     wm("token", "create", "laptop", "--user", "leaver")
     wm("token", "create", "ci", "--user", ADMIN)
     users = lambda: {u["name"] for u in wm.json("user", "list")}  # noqa: E731
@@ -407,7 +416,7 @@ def test_a_user_and_a_token_are_removed_only_after_their_dialogs(
             has_text="leaver").get_by_role("button", name="Remove").click()
         dialog = confirmation(page, "Remove User")
         assert dialog.locator("ul.lost li").all_inner_texts() == [
-            "Grant: vm trunk: start-stop", f"API token laptop ({tokens_of(wm, 'leaver')})"]
+            "Grant: vm granted: start-stop", f"API token laptop ({tokens_of(wm, 'leaver')})"]
         cancel(page, dialog, escape=True)
         assert "leaver" in users()
         page.get_by_role("table", name="Users").get_by_role("row").filter(

@@ -76,15 +76,15 @@ function confirmAction({ title, message, items = [], actions }) {
  * (a button, a form or a select's option): data-confirm (the question), data-confirm-title
  * (default: the element's text), data-confirm-action (the red button's label; default: its
  * text), data-confirm-items (what is lost, one line each, separated by newlines). True when
- * the user chose the action.
+ * the user chose the action. An ISO time in these words shows as local time (localTime).
  */
 async function confirmFrom(element) {
   const data = element.dataset;
   const label = data.confirmAction || element.textContent.trim();
   const answer = await confirmAction({
     title: data.confirmTitle || label,
-    message: data.confirm,
-    items: (data.confirmItems || "").split("\n").filter((line) => line.trim()),
+    message: localIn(data.confirm),
+    items: localIn(data.confirmItems || "").split("\n").filter((line) => line.trim()),
     actions: [{ label, value: "confirm", danger: true }],
   });
   return answer === "confirm";
@@ -97,6 +97,13 @@ const LOCAL_TIME = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", tim
 function localTime(iso) {
   const when = new Date(iso);
   return Number.isNaN(when.getTime()) ? iso : LOCAL_TIME.format(when);
+}
+
+const ISO_TIME = /\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)/g;
+
+/** localIn(text) -> string: `text` with every ISO 8601 time in it as local time. */
+function localIn(text) {
+  return text.replace(ISO_TIME, localTime);
 }
 
 /**
