@@ -9,11 +9,12 @@ What is checked, as a user sees it:
   disk-only icon); applies the first with "Create Checkpoint and Apply" (the safety checkpoint
   appears under the second, Now moves under the first); renames through the menu; deletes the
   safety checkpoint through the menu (the dialog says how much it frees) and sees its merge
-  reach 100%; the VM page and its space chart are saved as screenshots and checked for what
-  must be visible;
+  reach 100% and the tree redrawn without a reload; the VM page and its space chart (in the
+  tree's order, with Now) are saved as screenshots and checked for what must be visible;
 - a self-service user with ``checkpoint-restore-only`` on one VM sees only that VM, no
-  Checkpoint button, and a menu with Apply but no Delete entries; a forged POST of a checkpoint
-  (an action the page does not offer) from their signed-in page gets 403 and creates nothing;
+  Checkpoint or Delete VM button, and a menu with Apply but no Delete entries; a forged POST
+  of a checkpoint (an action the page does not offer) from their signed-in page gets 403 and
+  creates nothing;
 - a sign-in form posted from a page of another site is refused (login CSRF) and sets no
   cookie; the portal's own form still signs in;
 - no console errors and no failed network requests, other than that forged 403 (a violation
@@ -107,10 +108,27 @@ def reloaded(page: Any, act: Any) -> None:
         act()
 
 
-def check_space_chart(space: Any, expect: Any) -> None:
+def merged_and_redrawn(page: Any, rows: list[tuple[int, str]], timeout: float) -> None:
+    """After a delete: its merge reached 100%, the job stream ended, and the tree was redrawn
+    from the server (no reload) with ``rows``."""
+    from playwright.sync_api import expect
+
+    status = page.locator("p.job-status")
+    expect(status).to_contain_text("100%", timeout=timeout)
+    expect(status).to_have_attribute("data-job-status", "completed")
+    expect(page.locator("body")).to_have_attribute("data-streaming", "0")  # stream ended
+    expect(page.locator("#vm")).to_have_attribute("data-redrawn", "1")  # no reload
+    assert tree_rows(page) == rows
+
+
+def check_space_chart(space: Any, expect: Any, rows: list[str]) -> None:
+    """The chart's rows are ``rows`` (the tree's order, Now among them), each with its own
+    space, and the checkpoints' with the shared space below them."""
     expect(space.get_by_role("table", name="Space held by each checkpoint")).to_be_visible()
-    expect(space.locator(".bar:not(.shared)")).to_have_count(2)  # own space, per checkpoint
-    expect(space.locator(".bar.shared")).to_have_count(2)  # and the shared space below it
+    assert [t.strip() for t in space.locator("tbody th[scope=row]").all_inner_texts()] == \
+        [r if r != "Now" else "➤ Now" for r in rows]
+    expect(space.locator(".bar:not(.shared)")).to_have_count(len(rows))  # own space, each
+    expect(space.locator(".bar.shared")).to_have_count(len(rows) - 1)  # shared: not Now
     widths = space.locator(".bar").evaluate_all("bars => bars.map(b => b.style.width)")
     assert all(w.endswith("%") for w in widths), widths  # set from data-width (CSP)
 
@@ -159,10 +177,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         # the answer's merge job (job_id) is named
         expect(page.locator("#notice")).to_have_text(
             re.compile(rf"Deleted {re.escape(safety)}; merging in job [0-9a-f]{{12}}\."))
-        status = page.locator("p.job-status")
-        expect(status).to_contain_text("100%", timeout=30000)
-        expect(status).to_have_attribute("data-job-status", "completed")
-        expect(page.locator("body")).to_have_attribute("data-streaming", "0")  # stream ended
+        merged_and_redrawn(page, [(1, first), (2, "known good"), (2, "Now")], 30000)
         assert [c["name"] for c in wm.json("checkpoint", "list", "web")["checkpoints"]] == \
             [first, "known good"]
 
@@ -170,7 +185,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "vm-page.png"), full_page=True)
         space = page.locator("section.space")
-        check_space_chart(space, expect)
+        check_space_chart(space, expect, [first, "known good", "Now"])
         space.screenshot(path=str(ARTIFACTS / "space-chart.png"))
         expect(page.get_by_role("tree")).to_be_visible()
         assert (ARTIFACTS / "vm-page.png").stat().st_size > 0
@@ -193,6 +208,7 @@ def test_a_restore_only_user_sees_one_vm_and_no_delete(site: tuple[Waymark, str]
         expect(page.get_by_role("link", name="db")).to_have_count(0)
         page.get_by_role("link", name="web").click()
         expect(page.get_by_role("button", name="Checkpoint")).to_have_count(0)
+        expect(page.get_by_role("button", name="Delete VM…")).to_have_count(0)  # not theirs
         page.locator('[data-name="for-restore"] > .row .label').click(button="right")
         menu = page.get_by_role("menu")
         expect(menu.get_by_role("menuitem", name="Apply…")).to_be_visible()
@@ -311,8 +327,9 @@ def test_backup_schedules_are_made_edited_and_removed(site: tuple[Waymark, str])
         reloaded(page, edit.get_by_role("button", name="Save nightly").click)
         [edited] = wm.json("backup", "schedule", "list")
         assert (edited["vm_ids"], edited["at"]) == ([web_id], "04:45")
-        page.once("dialog", lambda dialog: dialog.accept())
-        reloaded(page, page.get_by_role("button", name="Remove nightly").click)
+        page.get_by_role("button", name="Remove nightly").click()
+        reloaded(page, page.get_by_role("dialog", name="Remove Schedule").get_by_role(
+            "button", name="Remove nightly").click)
         assert wm.json("backup", "schedule", "list") == []
         expect(page.get_by_text("No schedules.")).to_be_visible()
         browser.close()

@@ -6,8 +6,9 @@ An administrator signs in, opens the running guest's serial console (its counter
 live) and, on the VM's page: takes a checkpoint (live), then
 (after something is written in the guest) applies it with "Create Checkpoint and Apply" and
 sees both checkpoints and Now in their places; deletes the safety checkpoint and watches the
-merge reach 100%; renames the first; backs the VM up to a registered repository and restores
-the point as a new VM, whose disk holds exactly what the VM's held at the backup. A
+merge reach 100% and the tree redrawn; renames the first; backs the VM up to a registered
+repository and restores the point as a new VM, whose disk holds exactly what the VM's held at
+the backup. A
 self-service user with ``checkpoint-restore-only`` then sees only that VM, and no Delete
 entries. No console errors and no failed requests along the way.
 """
@@ -24,6 +25,7 @@ from tests.browser.test_portal import (
     Watch,
     browser_page,
     menu_action,
+    merged_and_redrawn,
     reloaded,
     sign_in,
     tree_rows,
@@ -103,10 +105,7 @@ def checkpoint_apply_delete_rename(page: Any, vm: Guest) -> str:
     menu_action(page, safety["id"], "Delete Checkpoint…")
     page.get_by_role("dialog", name="Delete Checkpoint").get_by_role(
         "button", name="Delete").click()
-    status = page.locator("p.job-status")
-    expect(status).to_contain_text("100%", timeout=120000)
-    expect(status).to_have_attribute("data-job-status", "completed")
-    expect(page.locator("body")).to_have_attribute("data-streaming", "0")
+    merged_and_redrawn(page, [(1, first["name"]), (2, "Now")], 120000)
 
     page.reload()
     menu_action(page, first["id"], "Rename…")

@@ -205,7 +205,8 @@ def test_the_portal_shows_what_the_answers_name(served: Served) -> None:
         http.delete("/api/schedules/portal-nightly", headers={**jar, "X-CSRF-Token": csrf})
     assert f'<td>{row["checkpoint_count"]}</td>' in vms, vms
     assert f"<tr><td>{token['id']}</td><td>reader</td><td>tests</td>" in admin_page, admin_page
-    assert re.search(r'<td>[0-9TZ:-]{20}</td><td>admin</td><td>127\.0\.0\.1</td>', admin_page)
+    assert re.search(r'<td><time datetime="([0-9TZ:-]{20})">\1</time></td><td>admin</td>'
+                     r'<td>127\.0\.0\.1</td>', admin_page), admin_page  # local time: the JS
     assert "<option selected>repo</option>" in backups, backups
 
 

@@ -102,7 +102,11 @@ class Prune(BaseModel):
     keep_daily: int = Field(default=0, ge=0, le=10000)
     keep_weekly: int = Field(default=0, ge=0, le=10000)
     keep_monthly: int = Field(default=0, ge=0, le=10000)
-    dry_run: bool = False
+    dry_run: bool = Field(default=False, description="Remove nothing: answer what would go")
+    points: list[str] | None = Field(
+        default=None, max_length=100000,
+        description="Remove none but these (the ids a dry run answered, confirmed): a point "
+                    "the rules would remove only since then stays")
 
 
 @router.post("/backups/prune", response_model=schemas.Pruned)
@@ -111,7 +115,8 @@ def prune(body: Prune, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     require(caller.who, "backup.prune")
     policy = retention.Policy(body.keep_last, body.keep_daily, body.keep_weekly,
                               body.keep_monthly)
-    removed = backups.prune(ctx, _repo(ctx, body.repository), policy, None, body.dry_run)
+    only = None if body.points is None else set(body.points)
+    removed = backups.prune(ctx, _repo(ctx, body.repository), policy, None, body.dry_run, only)
     return {"removed": removed, "dry_run": body.dry_run}
 
 

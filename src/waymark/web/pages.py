@@ -187,11 +187,13 @@ def vm_list(request: Request) -> Response:
 
 def _allowed(who: Principal, vm_id: str, owner: str | None) -> dict[str, bool]:
     """What the page may offer: ``create`` ... ``delete`` (checkpoints), ``power``, ``set``,
-    ``backup_view``, ``backup_run``, ``backup_restore``."""
+    ``backup_view``, ``backup_run``, ``backup_restore``, ``vm_delete``."""
     actions = (*CHECKPOINT_ACTIONS, "vm.power", "vm.set", "backup.view", "backup.run",
                "backup.restore")
-    return {a.split(".")[1] if a.startswith(("checkpoint.", "vm.")) else a.replace(".", "_"):
-            policy.decide_vm(who, a, vm_id, owner) is Decision.ALLOW for a in actions}
+    may = {a.split(".")[1] if a.startswith(("checkpoint.", "vm.")) else a.replace(".", "_"):
+           policy.decide_vm(who, a, vm_id, owner) is Decision.ALLOW for a in actions}
+    may["vm_delete"] = policy.decide_vm(who, "vm.delete", vm_id, owner) is Decision.ALLOW
+    return may
 
 
 def _points(ctx: Context, vm_id: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -209,20 +211,32 @@ def _points(ctx: Context, vm_id: str) -> tuple[list[str], list[dict[str, Any]]]:
     return names, sorted(points, key=lambda p: p["created_at"], reverse=True)
 
 
-def _tree(listing: dict[str, Any]) -> list[dict[str, Any]]:
+def _tree(listing: dict[str, Any], now_bytes: int | None = None) -> list[dict[str, Any]]:
     """Nested nodes, oldest first at each level (newest at the bottom), Now last under the
-    current checkpoint (or at the top level when there is none)."""
+    current checkpoint (or at the top level when there is none; ``now_bytes``: the space its
+    disks' own layers hold), that checkpoint marked ``current``."""
     kids: dict[str | None, list[dict[str, Any]]] = {}
     for c in listing["checkpoints"]:
         kids.setdefault(c["parent_id"], []).append(c)
+    current = listing["current_checkpoint_id"]
 
     def build(parent: str | None) -> list[dict[str, Any]]:
-        nodes = [{**c, "now": False, "children": build(c["id"])} for c in kids.get(parent, [])]
-        if parent == listing["current_checkpoint_id"]:
-            nodes.append({"now": True, "children": []})
+        nodes = [{**c, "now": False, "current": c["id"] == current, "children": build(c["id"])}
+                 for c in kids.get(parent, [])]
+        if parent == current:
+            nodes.append({"now": True, "allocated_bytes": now_bytes, "children": []})
         return nodes
 
     return build(None)
+
+
+def _in_tree_order(nodes: list[dict[str, Any]], level: int = 1) -> list[dict[str, Any]]:
+    """The tree's nodes depth-first (the order the tree shows them, Now among them), each
+    with its ``level``: the rows of the space chart."""
+    rows: list[dict[str, Any]] = []
+    for n in nodes:
+        rows += [{**n, "level": level}, *_in_tree_order(n["children"], level + 1)]
+    return rows
 
 
 def _vm_page(request: Request, vm: str, action: str) -> tuple[Principal, str, Vm] | Response:
@@ -251,12 +265,14 @@ def vm_page(vm: str, request: Request) -> Response:
     repositories, points = _points(ctx, row.id) if may["backup_view"] else ([], [])
     exports = [loc["name"] for loc in locations.listing(ctx) if loc["kind"] == "export"]
     depth = max((d["chain_depth"] for d in shown["disks"]), default=0)
+    now_bytes = sum(d.get("allocated_bytes", 0) for d in shown["disks"])
     biggest = max([c["allocated_bytes"] for c in listing["checkpoints"]]
-                  + [c["shared_bytes"] for c in listing["checkpoints"]] + [1])
-    return _page(request, "vm.html", who, csrf, vm=shown, tree=_tree(listing),
+                  + [c["shared_bytes"] for c in listing["checkpoints"]] + [now_bytes, 1])
+    tree = _tree(listing, now_bytes)
+    return _page(request, "vm.html", who, csrf, vm=shown, tree=tree,
                  checkpoints=listing["checkpoints"], may=may, exports=exports, depth=depth,
                  deep=depth >= DEEP_CHAIN, biggest=biggest, repositories=repositories,
-                 points=points, types=CHECKPOINT_TYPES)
+                 points=points, types=CHECKPOINT_TYPES, space_rows=_in_tree_order(tree))
 
 
 def _admin_page(request: Request) -> tuple[Principal, str] | Response:

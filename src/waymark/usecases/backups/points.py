@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -460,8 +460,10 @@ def verify(repo_path: Path, vm_id: str | None = None, point_ref: str | None = No
 # --- retention --------------------------------------------------------------------------------
 
 def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_id: str | None = None,
-          dry_run: bool = False) -> list[dict[str, Any]]:
-    """Remove the points ``policy`` does not keep (per VM), oldest first.
+          dry_run: bool = False, only: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Remove the points ``policy`` does not keep (per VM), oldest first; with ``only`` (the
+    ids a dry run listed, which a user confirmed), none outside it: a point the rules would
+    remove only since then (a newer point was made) stays.
 
     A point no other point needs goes at once (its manifest first, then its files). One whose
     child needs it is merged into the child (:meth:`Repository.merge_away`): the child becomes
@@ -481,7 +483,8 @@ def prune(ctx: Context, repo_path: Path, policy: retention.Policy, vm_id: str | 
             kept = retention.keep([retention.Point(
                 p["id"], timing.parse_rfc3339(p["created_at"], what="point's time"))
                 for p in points], policy)
-            for point_id in [p["id"] for p in points if p["id"] not in kept]:
+            for point_id in [p["id"] for p in points if p["id"] not in kept
+                             and (only is None or p["id"] in only)]:
                 point = repo.point(point_id, one)  # as earlier merges left it
                 removed.append(summary(point))
                 if not dry_run:

@@ -33,15 +33,26 @@ const WORDS = { merge: "Merging", export: "Exporting", backup: "Backing up" };
 
 // --- live job status (server-sent events) ----------------------------------------------------
 // The stream is open while jobs run (the page says so when it is drawn, or it just started
-// one); the server ends it once none is unfinished, so nothing is left hanging.
+// one); the server ends it once none is unfinished, so nothing is left hanging. Each job's
+// news is also a "waymark:job" DOM event on the document (its detail: the job as the API
+// shows it), and the stream's end one with the detail {idle: true}: other code waits for a
+// job there. Asked to follow while an ended stream is still closing, it opens a new one then.
 let source = null;
+let sourceEnded = false;
+let rejoin = false;
 
 function followJobs() {
-  if (source || !csrf() || !window.EventSource) return;
+  if (source) {
+    rejoin = rejoin || sourceEnded;
+    return;
+  }
+  if (!csrf() || !window.EventSource) return;
+  sourceEnded = false;
   source = new EventSource("/api/jobs/events?until_idle=true");
   document.body.dataset.streaming = "1";
   source.addEventListener("job", (event) => {
     const job = JSON.parse(event.data);
+    document.dispatchEvent(new CustomEvent("waymark:job", { detail: job }));
     if (!job.vm_id) return;
     const word = WORDS[job.kind] || job.kind;
     const text = job.status === "running" || job.status === "queued"
@@ -57,14 +68,20 @@ function followJobs() {
   // reconnect): only then is the stream closed here, so no request is cut short. "revoked"
   // (signed out, access removed) ends it too; after "expired" (the streams' lifetime) the
   // browser reconnects by itself, and gives up when that is refused (signed out meanwhile).
-  let ended = false;
-  source.addEventListener("end", () => { ended = true; });
-  source.addEventListener("revoked", () => { ended = true; });
+  source.addEventListener("end", () => {
+    sourceEnded = true;
+    document.dispatchEvent(new CustomEvent("waymark:job", { detail: { idle: true } }));
+  });
+  source.addEventListener("revoked", () => { sourceEnded = true; });
   source.addEventListener("error", () => {
-    if (!ended && source.readyState !== EventSource.CLOSED) return;
+    if (!sourceEnded && source.readyState !== EventSource.CLOSED) return;
     source.close();
     source = null;
     document.body.dataset.streaming = "0";
+    if (rejoin) {
+      rejoin = false;
+      followJobs();
+    }
   });
 }
 
@@ -121,7 +138,7 @@ function setupTree(tree, openMenu) {
       if (parent) focusItem(tree, parent);
     } else if ((key === "Enter" || key === "ContextMenu" || (key === "F10" && event.shiftKey))
                && item.dataset.ckpt) {
-      openMenu(item, item);
+      openMenu(item, rowPoint(item));
     } else return;
     event.preventDefault();
   });
@@ -129,14 +146,25 @@ function setupTree(tree, openMenu) {
     const item = event.target.closest('[role="treeitem"][data-ckpt]');
     if (!item) return;
     event.preventDefault();
-    openMenu(item, item);
+    openMenu(item, { left: event.clientX, top: event.clientY });
   });
-  tree.querySelectorAll(".menu-button").forEach((button) => {
-    button.addEventListener("click", (event) => {
-      event.stopPropagation();
-      openMenu(button.closest('[role="treeitem"]'), button);
-    });
+  // delegated (not one listener a button): the tree's items are redrawn after a delete
+  tree.addEventListener("click", (event) => {
+    const button = event.target.closest(".menu-button");
+    if (!button) return;
+    event.stopPropagation();
+    const box = button.getBoundingClientRect();
+    openMenu(button.closest('[role="treeitem"]'), { left: box.right, top: box.top + box.height / 2 });
   });
+}
+
+// The point a menu opens at for a checkpoint chosen by keyboard: inside its own row (the item
+// also holds its subtree, whose box may reach far below), beside its label.
+function rowPoint(item) {
+  const row = item.querySelector(":scope > .row") || item;
+  const label = row.querySelector(".label") || row;
+  const box = row.getBoundingClientRect();
+  return { left: label.getBoundingClientRect().left, top: box.top + box.height / 2 };
 }
 
 function setupMenu(menu, run) {
@@ -147,14 +175,18 @@ function setupMenu(menu, run) {
     menu.hidden = true;
     if (returnTo) returnTo.focus();
   };
-  const open = (item, anchor) => {
-    if (!entries().length) return;
+  // ``at``: the point (viewport coordinates) in the clicked row the menu's corner goes to; a
+  // menu that would run off the bottom of the window opens upwards from there instead
+  const open = (item, at) => {
+    if (!entries().length || item.classList.contains("deleting")) return;
     current = item;
     returnTo = item;
-    const box = anchor.getBoundingClientRect();
-    menu.style.left = `${box.left + window.scrollX}px`;
-    menu.style.top = `${box.bottom + window.scrollY}px`;
     menu.hidden = false;
+    const { height, width } = menu.getBoundingClientRect();
+    const top = at.top + height > window.innerHeight ? Math.max(0, at.top - height) : at.top;
+    const left = Math.min(at.left, Math.max(0, document.documentElement.clientWidth - width));
+    menu.style.left = `${left + window.scrollX}px`;
+    menu.style.top = `${top + window.scrollY}px`;
     entries()[0].focus();
   };
   menu.addEventListener("keydown", (event) => {
@@ -170,6 +202,7 @@ function setupMenu(menu, run) {
     const entry = event.target.closest('[role="menuitem"]');
     if (!entry) return;
     menu.hidden = true;
+    current.focus();  // the checkpoint, not the hidden entry: a dialog gives the focus back to it
     run(entry.dataset.act, current);
   });
   document.addEventListener("click", (event) => {
@@ -207,16 +240,113 @@ function subtreeBytes(item) {
     .reduce((sum, el) => sum + Number(el.dataset.bytes || 0), 0);
 }
 
+// One checkpoint as a dialog names it: its name, local time and own space.
+function describe(item) {
+  const when = item.querySelector(":scope > .row time");
+  return `${item.dataset.name}${when ? ` (${when.textContent})` : ""}: ${human(item.dataset.bytes)}`;
+}
+
+// The words of the Delete dialogs: what goes, what stays, the space freed.
+function deletion(item, subtree, tree) {
+  const now = tree.querySelector('[role="treeitem"][data-now]');
+  const nowBelow = subtree && item.contains(now);
+  const parent = item.parentElement.closest("[data-ckpt]");
+  const nowMoves = nowBelow ? `: it moves under "${parent ? parent.dataset.name : "the top of the tree"}"` : "";
+  if (!subtree) {
+    return {
+      title: "Delete Checkpoint",
+      message: [`Delete the checkpoint "${item.dataset.name}"? This frees about ${human(item.dataset.bytes)}.`,
+                "Its children and Now stay: its disk layers are merged into them in the background."],
+      items: [describe(item)],
+      actions: [{ label: "Delete", value: "delete", danger: true }],
+    };
+  }
+  const doomed = [item, ...item.querySelectorAll("[data-ckpt]")];
+  return {
+    title: "Delete Checkpoint Subtree",
+    message: [`Delete "${item.dataset.name}" and every checkpoint below it? This removes ${doomed.length} `
+              + `checkpoint${doomed.length === 1 ? "" : "s"} and frees about ${human(subtreeBytes(item))}; `
+              + `Now stays${nowMoves}.`, "These checkpoints go:"],
+    items: doomed.map(describe),
+    actions: [{ label: "Delete Subtree", value: "delete", danger: true }],
+  };
+}
+
+// A deleted checkpoint's row (with its subtree's, for a subtree) says "Deleting…" and offers no
+// menu while its merge runs; its children and Now stay where they were until the tree is redrawn.
+function markDeleting(item, subtree) {
+  for (const doomed of subtree ? [item, ...item.querySelectorAll("[data-ckpt]")] : [item]) {
+    doomed.classList.add("deleting");
+    doomed.setAttribute("aria-disabled", "true");
+    const row = doomed.querySelector(":scope > .row");
+    row.querySelector(".menu-button")?.remove();
+    const note = row.appendChild(document.createElement("span"));
+    note.className = "deleting-note";
+    note.textContent = "Deleting…";
+  }
+}
+
+// Redraw the tree and the space chart from the server (the page as it is now), without a reload.
+async function redrawCheckpoints(page, tree) {
+  const response = await fetch(location.href, { credentials: "same-origin" });
+  if (!response.ok) return;
+  const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+  const newTree = fresh.querySelector('#vm [role="tree"]');
+  if (newTree) {
+    const focused = tree.contains(document.activeElement) ? document.activeElement : null;
+    tree.innerHTML = newTree.innerHTML;
+    // the same checkpoint if it is still there, else Now, takes the tree's tab stop (and the
+    // focus, if the tree had it)
+    const again = (focused && focused.dataset.ckpt
+                   && tree.querySelector(`[data-ckpt="${CSS.escape(focused.dataset.ckpt)}"]`))
+      || tree.querySelector("[data-now]") || tree.querySelector('[role="treeitem"]');
+    if (again && focused) focusItem(tree, again);
+    else if (again) again.tabIndex = 0;
+  }
+  const space = page.querySelector("section.space");
+  const newSpace = fresh.querySelector("#vm section.space");
+  if (space && newSpace) space.innerHTML = newSpace.innerHTML;
+  bars();
+  indents();
+  localTimes(page);
+  page.dataset.redrawn = String(Number(page.dataset.redrawn || 0) + 1);
+}
+
+// Call ``then`` once the job ``jobId`` ended (the job stream reports it, or ends: idle).
+function whenJobEnds(jobId, then) {
+  const finished = (event) => {
+    const job = event.detail;
+    if (job.idle || (job.id === jobId && !["queued", "running"].includes(job.status))) {
+      document.removeEventListener("waymark:job", finished);
+      then();
+    }
+  };
+  document.addEventListener("waymark:job", finished);
+  followJobs();
+}
+
 function vmPage() {
   const page = document.getElementById("vm");
   if (!page) return;
   const vm = enc(page.dataset.vm);
   const base = `/api/vms/${vm}/checkpoints`;
+  const menu = document.getElementById("ckpt-menu");
+  const tree = page.querySelector('[role="tree"]');
   const after = (message) => { notice(message, false); setTimeout(() => location.reload(), 300); };
   const actions = {
     async apply(item) {
-      const mode = await ask(document.getElementById("apply-dialog"), (d) => {
-        d.querySelector(".target").textContent = item.dataset.name;
+      const now = tree.querySelector("[data-now]");
+      const current = now.parentElement.closest("[data-ckpt]");
+      const mode = await confirmAction({
+        title: "Apply Checkpoint",
+        message: `Do you want to apply the selected checkpoint "${item.dataset.name}"? The VM's `
+                 + "current state will be lost unless you create a checkpoint first.",
+        items: [`Now: the VM's current state${current ? `, changed since "${current.dataset.name}"` : ""}`
+                + ` (${human(now.dataset.bytes || 0)} on its disks)`],
+        actions: [
+          ...(menu.dataset.checkpointFirst ? [{ label: "Create Checkpoint and Apply", value: "checkpoint_first" }] : []),
+          { label: "Apply", value: "discard_current", danger: true },
+        ],
       });
       if (mode === "cancel") return;
       await api("POST", `${base}/${enc(item.dataset.ckpt)}/apply`, { mode });
@@ -241,23 +371,19 @@ function vmPage() {
       followJobs();
     },
     async delete(item, subtree) {
-      const answer = await ask(document.getElementById("delete-dialog"), (d) => {
-        d.querySelector(".target").textContent = item.dataset.name;
-        d.querySelector(".subtree-note").textContent = subtree ? " and every checkpoint below it" : "";
-        d.querySelector(".frees").textContent = human(subtree ? subtreeBytes(item) : item.dataset.bytes);
-      });
+      const answer = await confirmAction(deletion(item, subtree, tree));
       if (answer !== "delete") return;
       const done = await api("DELETE", `${base}/${enc(item.dataset.ckpt)}${subtree ? "?subtree=true" : ""}`);
       notice(`Deleted ${item.dataset.name}; merging in job ${done.job_id.slice(0, 12)}.`, false);
-      item.remove();
-      followJobs();
+      markDeleting(item, subtree);
+      whenJobEnds(done.job_id, () => redrawCheckpoints(page, tree)
+        .catch(() => notice("The checkpoint tree could not be redrawn: reload the page.", true)));
     },
   };
-  const open = setupMenu(document.getElementById("ckpt-menu"), (act, item) => {
+  const open = setupMenu(menu, (act, item) => {
     const task = act === "delete-subtree" ? actions.delete(item, true) : actions[act](item);
     task.catch(() => {});
   });
-  const tree = page.querySelector('[role="tree"]');
   if (tree) setupTree(tree, open);
   const take = document.getElementById("checkpoint");
   if (take) {
@@ -277,7 +403,8 @@ function vmPage() {
 // <form data-api-method="POST" data-api-path="/api/users"> sends its fields as JSON (numbers
 // from number inputs, booleans from checkboxes, arrays from multiple selects and repeated
 // checkboxes, empty fields left out), then reloads the page (or goes to data-api-next).
-// <button data-api-method="DELETE" data-api-path="..." data-confirm="..."> does one call.
+// <button data-api-method="DELETE" data-api-path="..." data-confirm="..."> does one call (then
+// reloads, or goes to data-api-next).
 function formBody(form) {
   const body = {};
   for (const el of form.elements) {
@@ -295,6 +422,31 @@ function formBody(form) {
   return body;
 }
 
+// A destructive form asks first (confirmAction): when it, or the option chosen in one of its
+// selects, carries data-confirm (confirmFrom reads the words); data-api-preview="LABEL" sends it
+// with dry_run: true first and lists the points its answer's "removed" names (a prune), then
+// LABEL does it, for those points only. A button asks the same way when it carries
+// data-confirm. The answer: null (cancelled), or what to add to the form's fields.
+async function formConfirmed(form, method, path, body) {
+  const asker = form.dataset.confirm !== undefined ? form
+    : form.querySelector("option[data-confirm]:checked");
+  if (asker) return (await confirmFrom(asker)) ? {} : null;
+  if (!form.dataset.apiPreview) return {};
+  const { removed } = await api(method, path, { ...body, dry_run: true });
+  if (!removed.length) {
+    notice("Nothing to prune: the keep rules keep every point.", false);
+    return null;
+  }
+  const answer = await confirmAction({
+    title: "Prune Backup Points",
+    message: `These ${removed.length} backup point${removed.length === 1 ? "" : "s"} no keep rule keeps `
+             + "will be removed (a later point that needs one keeps its data: it is merged in first):",
+    items: removed.map((p) => `${p.vm_name}: ${p.kind} point of ${localTime(p.created_at)}, ${human(p.bytes)}`),
+    actions: [{ label: form.dataset.apiPreview, value: "confirm", danger: true }],
+  });
+  return answer === "confirm" ? { points: removed.map((p) => p.id) } : null;
+}
+
 function apiForms() {
   document.querySelectorAll("form[data-api-path]").forEach((form) => {
     form.addEventListener("submit", async (event) => {
@@ -305,7 +457,13 @@ function apiForms() {
         // "{_field}" in the path is the value of the form's field "_field" (not sent)
         const path = form.dataset.apiPath.replace(/\{(_\w+)\}/g,
           (_, name) => enc(form.elements[name].value));
-        const done = await api(form.dataset.apiMethod || "POST", path, formBody(form));
+        const method = form.dataset.apiMethod || "POST";
+        const confirmed = await formConfirmed(form, method, path, formBody(form));
+        if (confirmed === null) {
+          if (submit) submit.disabled = false;
+          return;
+        }
+        const done = await api(method, path, { ...formBody(form), ...confirmed });
         if (form.dataset.apiShow) {
           notice(`${form.dataset.apiShow}: ${done[form.dataset.apiShowKey || "token"]}`, false);
           if (submit) submit.disabled = false;
@@ -320,12 +478,12 @@ function apiForms() {
   });
   document.querySelectorAll("button[data-api-path]").forEach((button) => {
     button.addEventListener("click", async () => {
-      if (button.dataset.confirm && !window.confirm(button.dataset.confirm)) return;
+      if (button.dataset.confirm !== undefined && !(await confirmFrom(button))) return;
       button.disabled = true;
       try {
         await api(button.dataset.apiMethod || "POST", button.dataset.apiPath,
                   button.dataset.apiBody ? JSON.parse(button.dataset.apiBody) : undefined);
-        setTimeout(() => location.reload(), 200);
+        setTimeout(() => { location.href = button.dataset.apiNext || location.href; }, 200);
       } catch (err) {
         button.disabled = false;
       }
@@ -391,8 +549,16 @@ function bars() {
   }
 }
 
+// The space chart's rows are indented as the tree is (data-level; no style attributes either).
+function indents() {
+  for (const cell of document.querySelectorAll(".indent[data-level]")) {
+    cell.style.paddingLeft = `${0.6 + 1.1 * (Number(cell.dataset.level) - 1)}rem`;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   bars();
+  indents();
   consolePage();
   apiForms();
   powerButtons();
