@@ -12,7 +12,9 @@ What the guest does, and which lines tests rely on (on the first serial port, ``
   (the numbering continues from the file's last line, so a restored disk continues its own);
 * ``SHUTDOWN <action>`` when the agent's ``guest-shutdown`` or the ACPI power button stops it;
 * ``TYPED <line>`` for each line typed on the screen's console (``tty1``: the VGA text screen a
-  graphical console shows, which says ``WAYMARK SCREEN <boot-id>`` and echoes what it read).
+  graphical console shows, which says ``WAYMARK SCREEN <boot-id>`` and echoes what it read);
+* ``CTRL-ALT-DEL`` when Ctrl+Alt+Del is pressed on the screen's keyboard (the kernel signals
+  PID 1, which only says so).
 
 ``waymark.agent=off`` on the kernel command line boots it without its guest agent (the
 fallbacks of production checkpoints are tested that way).
@@ -199,6 +201,8 @@ start_screen
 echo "READY $(cat /proc/sys/kernel/random/boot_id)"
 workload &
 echo $! >/run/workload.pid
+# Ctrl+Alt+Del on the keyboard: the kernel sends PID 1 SIGINT (kernel.ctrl-alt-del is 0).
+trap 'echo "CTRL-ALT-DEL"' INT
 # PID 1 must never exit (the kernel panics) and reaps orphans.
 while :; do
     wait
