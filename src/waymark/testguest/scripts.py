@@ -14,7 +14,7 @@ What the guest does, and which lines tests rely on (on the first serial port, ``
 * ``TYPED <line>`` for each line typed on the screen's console (``tty1``: the VGA text screen a
   graphical console shows, which says ``WAYMARK SCREEN <boot-id>`` and echoes what it read);
 * ``CTRL-ALT-DEL`` when Ctrl+Alt+Del is pressed on the screen's keyboard (the kernel signals
-  PID 1, which only says so).
+  PID 1, ``kernel.ctrl-alt-del`` being 0, and PID 1 only says so: no reboot).
 
 ``waymark.agent=off`` on the kernel command line boots it without its guest agent (the
 fallbacks of production checkpoints are tested that way).
@@ -201,8 +201,9 @@ start_screen
 echo "READY $(cat /proc/sys/kernel/random/boot_id)"
 workload &
 echo $! >/run/workload.pid
-# Ctrl+Alt+Del on the keyboard: the kernel sends PID 1 SIGINT (kernel.ctrl-alt-del is 0).
+# Ctrl+Alt+Del on the keyboard: the kernel sends PID 1 SIGINT instead of rebooting at once.
 trap 'echo "CTRL-ALT-DEL"' INT
+echo 0 >/proc/sys/kernel/ctrl-alt-del
 # PID 1 must never exit (the kernel panics) and reaps orphans.
 while :; do
     wait
