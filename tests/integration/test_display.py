@@ -1,20 +1,29 @@
 """The graphical console without a guest: the refusals of ``vm screenshot`` and
 ``vm console --vnc`` (a VM that is off), and of the display WebSocket against a real
 ``waymark serve`` (no ``start-stop``: 403; another site's page: 403; a VM that is off: 409),
-each in the audit log; the portal's console page without noVNC says what to install.
+each in the audit log; the page's policy and noVNC's files. With a stand-in for QEMU's VNC
+server (an echo): bytes both ways, closed when the VM stops (1000), on a message over 64 KiB
+(1009) and when the session is signed out (1008); a socket that is not the VM's QEMU's is
+never used.
 (The console working end to end, with a booted guest: tests/guest/test_display.py; its
 command line: tests/unit/test_cmdline.py.)"""
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from tests.guest.guests import wait_for
 from tests.helpers import Waymark, served
 
 USER, PASSWORD = "viewer", "viewer-password-1"
@@ -116,3 +125,108 @@ def test_the_display_page_needs_start_stop_and_names_the_websocket_origin(site: 
         pako = http.get("/static/novnc/vendor/pako/lib/zlib/inflate.js")
         assert pako.status_code == 200
         assert http.get("/static/novnc/vnc.html").status_code == 404  # only what the page uses
+
+
+# --- the relay, with a stand-in for QEMU's VNC server (no guest) ------------------------------
+
+FAKE_VNC = """
+import os, socket, sys, threading
+path = sys.argv[1] + "display/vnc.sock"
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+def echo(conn):
+    conn.sendall(b"RFB 003.008\\n")
+    while data := conn.recv(65536):
+        conn.sendall(data)
+while True:
+    threading.Thread(target=echo, args=(server.accept()[0],), daemon=True).start()
+"""
+
+
+@contextmanager
+def pretend_running(wm: Waymark, vm: str, *, qemu_is_the_listener: bool = True
+                    ) -> Iterator[subprocess.Popen[bytes]]:
+    """The VM recorded running, its "QEMU" a process naming its run folder (as QEMU's command
+    line does) that answers on the display socket by echoing; ``qemu_is_the_listener=False``:
+    the socket is another process's (what a link planted in the folder would give)."""
+    vm_id = wm.json("vm", "show", vm)["id"]
+    run = wm.home / "vms" / vm_id / "run"
+    (run / "display").mkdir(parents=True, exist_ok=True)
+    listener = subprocess.Popen([sys.executable, "-c", FAKE_VNC, f"{run}/"])
+    stand_in = listener if qemu_is_the_listener else subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", f"{run}/"])
+    (run / "qemu.pid").write_text(str(stand_in.pid))
+    _set_state(wm, vm_id, "running")
+    try:
+        wait_for("the stand-in's socket", (run / "display" / "vnc.sock").exists, 20)
+        yield listener
+    finally:
+        for process in {listener, stand_in}:
+            process.kill()
+            process.wait()
+        _set_state(wm, vm_id, "off")
+        (run / "qemu.pid").unlink()
+        shutil.rmtree(run / "display")
+
+
+def _set_state(wm: Waymark, vm_id: str, state: str) -> None:
+    with closing(sqlite3.connect(wm.home / "catalog.db")) as con, con:
+        con.execute("UPDATE vms SET state = ? WHERE id = ?", (state, vm_id))
+
+
+def _admin_socket(url: str) -> tuple[Any, str]:
+    admin = _session(url, "root-admin", "test-password")
+    return _websocket(url, Cookie=f"waymark_session={admin}", Origin=url), admin
+
+
+def test_the_display_relays_bytes_both_ways_and_closes_when_the_vm_stops(site: Any) -> None:
+    wm, url, token = site
+    with pretend_running(wm, "box") as qemu:
+        shown = wm.json("vm", "console", "--vnc", "box")
+        assert shown["vnc_socket"].endswith("/run/display/vnc.sock")
+        screen, _ = _admin_socket(url)
+        with screen:
+            assert screen.subprotocol is None  # (not asked for)
+            assert screen.recv(timeout=20) == b"RFB 003.008\n"
+            screen.send(b"\x00" * 20 + b"keys")
+            assert screen.recv(timeout=20) == b"\x00" * 20 + b"keys"
+            entry = _audit(url, token)[0]
+            assert (entry["user_name"], entry["status"], entry["outcome"]) == \
+                ("root-admin", 101, "ok")
+            qemu.kill()  # the VM stops: its VNC server goes away
+            with pytest.raises(ConnectionClosed) as closed:
+                screen.recv(timeout=20)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+
+
+def test_the_display_closes_a_message_too_large_and_a_signed_out_session(site: Any) -> None:
+    wm, url, _ = site
+    with pretend_running(wm, "box"):
+        screen, _ = _admin_socket(url)
+        with screen:
+            screen.recv(timeout=20)
+            screen.send(b"x" * (64 * 1024 + 1))
+            with pytest.raises(ConnectionClosed) as closed:
+                screen.recv(timeout=20)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        screen, cookie = _admin_socket(url)
+        with screen, httpx.Client(base_url=url, cookies={"waymark_session": cookie}) as http:
+            screen.recv(timeout=20)
+            csrf = http.get("/api/auth/me").json()["csrf_token"]
+            signed_out = http.post("/api/auth/logout", headers={"X-CSRF-Token": csrf})
+            assert signed_out.status_code == 200, signed_out.text
+            with pytest.raises(ConnectionClosed) as closed:  # at the next check, within 5 s
+                while True:
+                    screen.recv(timeout=20)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+def test_a_display_socket_that_is_not_the_vms_qemus_is_never_used(site: Any) -> None:
+    """What answers on the socket is another process (a link QEMU's user planted would give
+    that): Waymark connects, sees the peer is not the VM's QEMU, and sends nothing."""
+    wm, url, token = site
+    with pretend_running(wm, "box", qemu_is_the_listener=False):
+        assert _refused(url, Authorization=f"Bearer {token}") == 409
+        entry = _audit(url, token)[0]
+        assert "is not its QEMU's" in entry["message"]
