@@ -230,3 +230,9 @@ def test_a_display_socket_that_is_not_the_vms_qemus_is_never_used(site: Any) -> 
         assert _refused(url, Authorization=f"Bearer {token}") == 409
         entry = _audit(url, token)[0]
         assert "is not its QEMU's" in entry["message"]
+
+
+def test_the_serial_console_takes_no_json(site: Any) -> None:
+    wm, _, _ = site
+    result = wm.run("vm", "console", "box", "--json")
+    assert result.returncode == 2 and "--json goes with --vnc" in result.stderr

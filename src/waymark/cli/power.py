@@ -125,6 +125,9 @@ def console(vm_ref: str, vnc: bool, linger: float, as_json: bool) -> None:
     """Attach to the serial console; detach with Ctrl-] (or end the input). With --vnc:
     where a viewer reaches the graphical console."""
     if not vnc:
+        if as_json:
+            raise InvalidInput("--json goes with --vnc: the serial console is a terminal.",
+                               hint=f"waymark vm console --vnc {vm_ref} --json")
         _console(vm_ref, linger)
         return
     _local_only("vm console --vnc")
