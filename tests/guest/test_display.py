@@ -15,6 +15,7 @@ requests. The page is saved under test-artifacts/.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.browser.test_portal import (
@@ -107,6 +108,25 @@ def vnc_listens_on_its_unix_socket_only(wm: Waymark, vm: Guest) -> None:
     vnc = vm.qmp_command("query-vnc")
     assert (vnc["enabled"], vnc["family"]) == (True, "unix"), vnc
     assert vnc["service"].endswith("/vnc.sock"), vnc
+    pid = vm.status()["pid"]
+    assert tcp_listeners(pid) == [], "QEMU listens on TCP"
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The TCP sockets process ``pid`` listens on (its descriptors' socket inodes in the
+    LISTEN state of /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(f"{table} {fields[1]}")
+    return found
 
 
 def _banner(wm: Waymark, folder: Path) -> tuple[int, int, list[int]] | None:
