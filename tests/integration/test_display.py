@@ -4,7 +4,7 @@
 each in the audit log; the page's policy and noVNC's files. With a stand-in for QEMU's VNC
 server (an echo): bytes both ways, closed when the VM stops (1000), on a message over 64 KiB
 (1009) and when the session is signed out (1008); a socket that is not the VM's QEMU's is
-never used.
+never used; without Debian's novnc the page says what to install.
 (The console working end to end, with a booted guest: tests/guest/test_display.py; its
 command line: tests/unit/test_cmdline.py.)"""
 
@@ -20,11 +20,16 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.guest.guests import wait_for
 from tests.helpers import Waymark, served
+from waymark.api.app import create_app
+from waymark.config import Settings
+from waymark.web import pages
+from waymark.wiring import open_context
 
 USER, PASSWORD = "viewer", "viewer-password-1"
 
@@ -236,3 +241,20 @@ def test_the_serial_console_takes_no_json(site: Any) -> None:
     wm, _, _ = site
     result = wm.run("vm", "console", "box", "--json")
     assert result.returncode == 2 and "--json goes with --vnc" in result.stderr
+
+
+def test_without_novnc_the_page_says_what_to_install(site: Any, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """A server without Debian's novnc package: the page names it and loads no viewer (and
+    nothing is mounted under /static/novnc/)."""
+    wm, _, _ = site
+    monkeypatch.setattr(pages, "NOVNC", wm.home / "no-novnc-here")
+    app = create_app(open_context(Settings(home=wm.home, lock_timeout=10.0)))
+    with TestClient(app) as http:
+        signed = http.post("/api/auth/login", json={"name": "root-admin",
+                                                    "password": "test-password"})
+        assert signed.status_code == 200, signed.text
+        page = http.get("/vms/box/display")
+        assert page.status_code == 200
+        assert "apt-get install novnc" in page.text and "display.js" not in page.text
+        assert http.get("/static/novnc/core/rfb.js").status_code == 404
