@@ -18,7 +18,7 @@ deps: $(STAMP) .qemu-user-stamp
 APT_PACKAGES := qemu-utils qemu-system-x86 python3-venv kmod e2fsprogs \
 	libglib2.0-0 libnuma1 libudev1 liburing2 chromium \
 	grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools tpm2-tools ovmf \
-	swtpm swtpm-tools libvirt-daemon-system libvirt-clients
+	swtpm swtpm-tools libvirt-daemon-system libvirt-clients novnc
 .apt-stamp: Makefile
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \

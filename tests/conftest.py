@@ -6,7 +6,7 @@ here from the test's folder or fixtures, so a new test in the right folder needs
 - ``guest``: boots QEMU guests with ``qemu-system-x86_64`` (tests/guest, and the guest builder's
   boot test), or builds the test guest from Debian packages; a test elsewhere that starts
   ``qemu-system-x86_64`` is marked by hand (tests/integration/test_names.py);
-- ``browser``: drives Chromium (tests/browser, tests/guest/test_portal.py);
+- ``browser``: drives Chromium (tests/browser, tests/guest/test_portal.py, test_display.py);
 - ``root``: needs root (mounts a tmpfs, makes the QEMU user, a tap device);
 - ``slow``: long fault-injection sweeps (marked by hand).
 
@@ -28,7 +28,7 @@ from tests.helpers import RemoteWaymark, Waymark, require_tools, served
 
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKS = {"guest": ("guest",), "browser": ("browser",)}
-FILE_MARKS = {"guest/test_portal.py": ("browser",)}
+FILE_MARKS = {"guest/test_portal.py": ("browser",), "guest/test_display.py": ("browser",)}
 # fixtures that make a test need something: the test guest (tests/integration/test_guest_build.py
 # builds and boots it), a tmpfs mounted by the test (test_full_fs.py, test_backups.py)
 FIXTURE_MARKS = {"guest": ("guest",), "machine": ("guest",),

@@ -102,6 +102,14 @@ def test_qemu_runs_unprivileged_in_its_sandbox(vm: Guest, private_disk: str) -> 
     for path in (folder, *folder.iterdir()):
         assert path.stat().st_uid == os.geteuid(), path
     assert folder.stat().st_mode & 0o077 == 0
+    # the run folder is root's alone but for the VNC socket's folder, QEMU's user's (QEMU binds
+    # the socket itself), owner-only
+    display = vm.run_dir / "display"
+    qemu_uid = pwd.getpwnam("waymark-qemu").pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert display.stat().st_uid == qemu_uid
+    assert display.stat().st_mode & 0o777 == 0o700 and (display / "vnc.sock").is_socket()
+    others = [p for p in vm.run_dir.iterdir() if p != display]
+    assert others and all(p.stat().st_uid == os.geteuid() for p in others), others
 
 
 def test_live_checkpoint_merge_and_backup_still_work(vm: Guest, repo: Path) -> None:

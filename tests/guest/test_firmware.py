@@ -27,7 +27,8 @@ from tests.guest.firmware_guest import (
     tpm_present,
     write_nv,
 )
-from tests.guest.guests import Guest, readies
+from tests.guest.guests import Guest, readies, wait_for
+from tests.guest.screens import lit_rows, png_pixels
 from tests.helpers import Waymark, content_sha256, file_sha256, query
 
 GLOBAL_VARIABLES = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")  # EFI_GLOBAL_VARIABLE
@@ -192,3 +193,17 @@ def test_backup_export_and_store_carry_the_variable_and_the_tpm(gen2: Guest, tmp
     wm("vm", "deploy", vm.name, "--library", str(library))
     assert now_state(wm, vm.name) == left
     assert frozen_state(vm, "x") == now_state(wm, "imported")
+
+
+def test_the_screen_of_a_uefi_vm_is_drawn_through_ovmf(gen2: Guest, tmp_path: Path) -> None:
+    """The standard VGA under OVMF: the guest's console on the UEFI frame buffer, in a PNG."""
+    shot = tmp_path / "gen2.png"
+    lit = wait_for("text on the UEFI screen", lambda: lit_rows(png_pixels(
+        screenshot_bytes(gen2, shot))[2]), 60)
+    width, height, _ = png_pixels(shot.read_bytes())
+    assert width >= 640 and height >= 400 and lit, (width, height)
+
+
+def screenshot_bytes(vm: Guest, dest: Path) -> bytes:
+    vm.wm("vm", "screenshot", vm.name, str(dest))
+    return dest.read_bytes()

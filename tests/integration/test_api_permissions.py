@@ -68,6 +68,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
 
 from tests.helpers import ERROR_KEYS, Waymark, query
 from waymark.api.app import create_app
@@ -97,7 +98,9 @@ MISSING = "zz-missing"  # what a 404 cell's object is replaced with: a name noth
 # the docs and the OpenAPI document are no routes of the table; the portal's static files
 # (a mount) are public
 NOT_API = {"/api/openapi.json", "/api/docs", "/api/docs/oauth2-redirect", "/docs/oauth2-redirect"}
-PUBLIC_MOUNTS = {"/static"}
+PUBLIC_MOUNTS = {"/static", "/static/novnc/core", "/static/novnc/vendor"}  # (Debian's noVNC)
+# WebSocket routes: no HTTP method, so no row of the table; each has its own test below
+WEBSOCKETS = {("*", "/api/vms/{vm}/display")}
 # web sessions come with each sign-in; the audit log records every refused request, by design
 SKIPPED_TABLES = {"alembic_version", "web_sessions", "audit"}
 VOLATILE = {("api_tokens", "last_used_at")}
@@ -958,6 +961,15 @@ def page_console(env: Env, caller: str, allowed: bool) -> Req:
     return Req(f"/vms/{vm}/console", cookie=env.session(caller), check=check, ref=vm)
 
 
+def page_display(env: Env, caller: str, allowed: bool) -> Req:
+    vm = env.target(caller)
+
+    def check(resp: httpx.Response) -> None:  # (the VM is off: no viewer, the reason why)
+        assert "start it to see its screen" in resp.text
+
+    return Req(f"/vms/{vm}/display", cookie=env.session(caller), check=check, ref=vm)
+
+
 def job_list(env: Env, caller: str, allowed: bool) -> Req:
     def check(resp: httpx.Response) -> None:
         shown = {j["id"] for j in resp.json()}
@@ -1518,6 +1530,8 @@ TABLE = [
         admin_page("/backups", "nightly")),
     row("GET", "/vms/{vm}/console",                   "ok   ok   ok  403  403  403  404",
         page_console),
+    row("GET", "/vms/{vm}/display",                   "ok   ok   ok  403  403  403  404",
+        page_display),
 ]
 CELLS = [pytest.param(r, c, id=f"{r.label()} as {c}", marks=[
     pytest.mark.xfail(strict=True, reason=f"server bug: {r.bugs[c]}")] if c in r.bugs else [])
@@ -1550,7 +1564,7 @@ def app_routes(app: FastAPI) -> set[tuple[str, str]]:
 def test_every_route_is_in_the_table(env: Env) -> None:
     served = app_routes(env.app)
     assert len(served) > 40, served
-    table = {(r.method, r.path) for r in TABLE}
+    table = {(r.method, r.path) for r in TABLE} | WEBSOCKETS
     assert sorted(served - table) == [], "routes the permission table lacks"
     assert sorted(table - served) == [], "table rows for routes the app does not serve"
 
@@ -1620,6 +1634,27 @@ def test_cell(env: Env, spec: Row, caller: str) -> None:
     assert not changes, f"{where}\nchanged:\n{changes}"
     if expect == "404" and req.ref is not None:
         assert_like_missing(env, caller, spec.method, req, resp)
+
+
+# the graphical console's WebSocket: start-stop, as the serial console (the VMs are off: 409)
+DISPLAY = dict(zip(CALLERS, (409, 409, 409, 403, 403, 403, 404), strict=True))
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_the_display_websocket(env: Env, caller: str) -> None:
+    """Refused before it opens, with the error envelope; a VM out of scope is a 404 like a VM
+    that does not exist."""
+    vm = env.target(caller)
+    answers = []
+    for name in (vm, MISSING):
+        with pytest.raises(WebSocketDenialResponse) as refused:
+            env.client.websocket_connect(f"/api/vms/{name}/display", headers={
+                "Authorization": f"Bearer {env.tokens[caller]}"}).__enter__()
+        answers.append(refused.value)
+    assert answers[0].status_code == DISPLAY[caller], answers[0].text
+    assert error_of(answers[0])["exit_code"] > 0
+    if DISPLAY[caller] == 404:
+        assert answers[0].text.replace(vm, "<ref>") == answers[1].text.replace(MISSING, "<ref>")
 
 
 # --- host paths -------------------------------------------------------------------------------

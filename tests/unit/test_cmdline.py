@@ -209,7 +209,8 @@ def test_a_user_nic_forwards_each_rule_as_one_value() -> None:
     assert qemu_opts(option(args, "-netdev")) == [
         ("", "user"), ("id", "net0"), ("hostfwd", "tcp::2222-:22"),
         ("hostfwd", "udp:127.0.0.1:53-:53")]
-    assert option(args, "-device", -1) == "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"
+    # (the last device before the display, which comes last)
+    assert option(args, "-device", -2) == "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"
 
 
 def test_a_bridge_nic_uses_its_tap_device_when_handed_one_else_the_bridge_helper() -> None:
@@ -220,7 +221,7 @@ def test_a_bridge_nic_uses_its_tap_device_when_handed_one_else_the_bridge_helper
     assert option(helper, "-netdev", 1) == "bridge,id=net1,br=br0"
     tapped = cmdline.argv(with_hardware(hardware, taps={1: 9}))
     assert option(tapped, "-netdev", 1) == "tap,id=net1,fd=9"
-    assert option(tapped, "-device", -1) == "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02"
+    assert option(tapped, "-device", -2) == "virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02"
 
 
 def test_an_incoming_vm_waits_for_its_state_and_extra_arguments_come_last() -> None:
@@ -295,3 +296,25 @@ def test_a_direct_kernel_keeps_booting_first() -> None:
     indexes = [int(d["bootindex"]) for kind in ("virtio-blk-pci", "ide-cd")
                for d in devices(args, kind) if "bootindex" in d]
     assert sorted(indexes) == [1, 2]
+
+
+@pytest.mark.parametrize("machine", ["pc-q35-7.2", "pc-i440fx-7.2"])
+def test_a_standard_vga_and_vnc_on_a_unix_socket_only(machine: str) -> None:
+    """The graphical console: one std VGA (SeaBIOS and OVMF drive it, q35 and i440fx alike),
+    added after every other device (their PCI addresses stay those an older memory state
+    knows), and VNC on the Unix socket in the handed-over display folder: no TCP address, no
+    WebSocket port, no second display."""
+    hardware = HardwareConfig(memory_mib=64, cpus=1, machine=machine)
+    args = cmdline.argv(with_hardware(hardware, display=7, incoming=True))
+    assert option(args, "-display") == "none"
+    devices = [a for a in args if a.startswith(("virtio-", "ide-cd", "VGA"))]
+    assert devices[-1] == "VGA,id=video0" and args.count("VGA,id=video0") == 1
+    assert [a for a in args if a == "-vnc"] == ["-vnc"]
+    assert option(args, "-vnc") == "unix:/proc/self/fd/7/vnc.sock"
+    assert args.index("-vnc") < args.index("-incoming")
+    # without a handed-over folder (not used by Waymark's start): the folder's own path
+    plain = cmdline.argv(with_hardware(HardwareConfig(memory_mib=64, cpus=1, machine=machine)))
+    path = cmdline.escaped(str(FOLDER / "display" / "vnc.sock"))  # (its commas: one value)
+    assert option(plain, "-vnc") == f"unix:{path}"
+    for text in (option(args, "-vnc"), option(plain, "-vnc")):
+        assert len(qemu_opts(text)) == 1, text  # no websocket=, to=, password ... option

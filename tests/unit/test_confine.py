@@ -16,7 +16,7 @@ def _launch(tmp_path: Path, given: confine.Handoff, chains: tuple[cmdline.DiskCh
     run = cmdline.RunFiles(tmp_path / "run")
     launch = cmdline.Launch("vm", "0" * 32, hardware, chains, run, "tcg",
                             extra=tuple(given.args), files=given.files,
-                            sockets=given.sockets, taps=given.taps)
+                            sockets=given.sockets, taps=given.taps, display=given.display)
     return cmdline.argv(launch)
 
 
@@ -44,6 +44,9 @@ def test_the_command_line_names_no_file_qemu_would_open(tmp_path: Path) -> None:
     assert str(tmp_path) not in text.replace(f"opaque={tmp_path}", "")
     assert argv[argv.index("-kernel") + 1].startswith("/proc/self/fd/")
     assert "logfile=/dev/fdset/" in text and "socket,id=qmp0,fd=" in text
+    # the VNC socket: bound by QEMU in its own folder, reached through the folder's descriptor
+    assert argv[argv.index("-vnc") + 1] == f"unix:/proc/self/fd/{given.display}/vnc.sock"
+    assert run.display.is_dir() and run.display.stat().st_mode & 0o777 == 0o700
 
 
 def test_one_descriptor_per_image_in_the_mode_qemu_keeps(tmp_path: Path) -> None:

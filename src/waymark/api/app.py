@@ -31,6 +31,7 @@ from waymark.api import (
     backups,
     checkpoints,
     console,
+    display,
     headers,
     jobs,
     library,
@@ -233,10 +234,15 @@ def create_app(ctx: Context, chosen: limits.Limits | None = None) -> FastAPI:
     app.middleware("http")(_audited)
     app.add_middleware(headers.SecurityHeaders)
     app.middleware("http")(_quota_scope)
-    for module in (accounts, quota_api, vms, checkpoints, backups, jobs, library, console):
+    for module in (accounts, quota_api, vms, checkpoints, backups, jobs, library, console,
+                   display):
         app.include_router(module.router, prefix=PREFIX)
     app.include_router(pages.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
+    for part in pages.NOVNC_PARTS:  # (before /static, which would take their paths)
+        if (pages.NOVNC / part).is_dir():
+            app.mount(f"/static/novnc/{part}", StaticFiles(directory=str(pages.NOVNC / part)),
+                      name=f"novnc-{part}")
     app.mount("/static", StaticFiles(directory=str(pages.HERE / "static")), name="static")
     _limited(app, ctx, chosen or limits.Limits())
     return app

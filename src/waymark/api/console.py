@@ -75,10 +75,10 @@ def console_events(vm: str, request: Request, caller: CallerDep, ctx: ContextDep
     row = vm_for(ctx, caller.who, "vm.power", vm)
     log = str(presence.run_files(ctx, row.id).serial_log)
     return streams.open_stream(request, caller.who, lambda watch: _output(watch, log, offset),
-                               scope=lambda who: _may_still(ctx, who, row.id))
+                               scope=lambda who: may_still(ctx, who, row.id))
 
 
-def _may_still(ctx: Context, who: Principal, vm_id: str) -> None:
+def may_still(ctx: Context, who: Principal, vm_id: str) -> None:
     """The console's check, again: the VM is still there and the caller may still use it."""
     with ctx.catalog.session() as session:
         row = session.get(Vm, vm_id)

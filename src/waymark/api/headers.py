@@ -7,17 +7,24 @@ framed (clickjacking), no response is sniffed into another type, no path leaves 
 Referer; ``Strict-Transport-Security`` only on HTTPS (``--cert``, or a trusted proxy saying
 ``X-Forwarded-Proto: https``): a browser remembers it, so sending it over plain HTTP would
 break a later plain-HTTP server on the same name.
+
+``connect-src`` names this server's own WebSocket origin besides ``'self'`` (the graphical
+console's ``ws://HOST``/``wss://HOST``: browsers that follow CSP level 2 do not count a
+``ws:`` URL as ``'self'``), taken from the request's ``Host`` when it is a plain host name or
+address and port (anything else: ``'self'`` alone).
 """
 
 from __future__ import annotations
+
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 ALWAYS = (
-    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
@@ -26,8 +33,19 @@ ALWAYS = (
 HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
+def content_security_policy(scope: Scope) -> bytes:
+    """:data:`CONTENT_SECURITY_POLICY` with this server's WebSocket origin in ``connect-src``."""
+    host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+    if not _HOST.fullmatch(host):
+        return CONTENT_SECURITY_POLICY.encode()
+    websocket = "wss" if scope.get("scheme") == "https" else "ws"
+    return CONTENT_SECURITY_POLICY.replace(
+        "connect-src 'self'", f"connect-src 'self' {websocket}://{host}").encode()
+
+
 class SecurityHeaders:
-    """ASGI middleware: :data:`ALWAYS` on every HTTP response, and :data:`HSTS` on HTTPS."""
+    """ASGI middleware: the Content-Security-Policy and :data:`ALWAYS` on every HTTP response,
+    and :data:`HSTS` on HTTPS."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -36,7 +54,8 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        added = ALWAYS + ((HSTS,) if scope.get("scheme") == "https" else ())
+        added = ((b"content-security-policy", content_security_policy(scope)), *ALWAYS,
+                 *((HSTS,) if scope.get("scheme") == "https" else ()))
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -1,17 +1,21 @@
-"""``waymark vm start|stop|save|pause|resume|status|console``: running VMs."""
+"""``waymark vm start|stop|save|pause|resume|status|console|screenshot``: running VMs."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import click
 
+from waymark import durable
 from waymark.cli import console as terminal
 from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
 from waymark.engine.running import power, presence
+from waymark.errors import InvalidInput, StorageError
 from waymark.text import printable
+from waymark.usecases.vms import display
 
 
 def _console(vm_ref: str, linger: float = terminal.LINGER) -> None:
@@ -108,14 +112,61 @@ def status(vm_ref: str, as_json: bool) -> None:
 
 @click.command("console")
 @click.argument("vm_ref", metavar="VM")
+@click.option("--vnc", "vnc", is_flag=True,
+              help="Do not attach: say where the graphical console (VNC) listens, for a "
+                   "local viewer.")
 @click.option("--linger", type=click.FloatRange(0, terminal.LINGER_MAX),
               default=terminal.LINGER, show_default=True, metavar="SECONDS",
               help="When the input ends (a pipe): once the guest has read all of it, keep "
                    f"printing its output until it is quiet this long (at most "
                    f"{terminal.LINGER_MAX:g} s in all).")
-def console(vm_ref: str, linger: float) -> None:
-    """Attach to the serial console; detach with Ctrl-] (or end the input)."""
-    _console(vm_ref, linger)
+@json_option
+def console(vm_ref: str, vnc: bool, linger: float, as_json: bool) -> None:
+    """Attach to the serial console; detach with Ctrl-] (or end the input). With --vnc:
+    where a viewer reaches the graphical console."""
+    if not vnc:
+        if as_json:
+            raise InvalidInput("--json goes with --vnc: the serial console is a terminal.",
+                               hint=f"waymark vm console --vnc {vm_ref} --json")
+        _console(vm_ref, linger)
+        return
+    _local_only("vm console --vnc")
+    ctx = face().ctx
+    vm_id, name = ctx.identify(face().vm_id(vm_ref))
+    path = display.vnc_socket(ctx, vm_id)
+    emit(as_json, {"name": name, "vnc_socket": str(path)}, [
+        f"The graphical console of {name} listens on the Unix socket {path}",
+        "(no password: only root and QEMU's user can reach it; it is never on TCP).",
+        f"  Connect here:   vncviewer {path}    or: remote-viewer vnc+unix://{path}",
+        f"  From elsewhere: ssh -L 5901:{path} root@THIS-HOST, then vncviewer localhost:5901",
+        "  Or in the portal: the VM's Console page."])
 
 
-COMMANDS = (start, stop, save, pause, resume, status, console)
+def _local_only(command: str) -> None:
+    if face().remote is not None:
+        raise InvalidInput(f"{command} works on this host only, not with --server.",
+                           hint="Run it on the host the VM runs on, or use the portal's "
+                                "console page.")
+
+
+@click.command("screenshot")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def screenshot(vm_ref: str, file: Path, as_json: bool) -> None:
+    """Save a picture of the running VM's screen as a PNG file."""
+    _local_only("vm screenshot")
+    ctx = face().ctx
+    vm_id, name = ctx.identify(face().vm_id(vm_ref))
+    picture = asyncio.run(display.screenshot(ctx, vm_id))
+    target = file.expanduser().absolute()
+    try:
+        durable.write_bytes(target, picture)
+    except OSError as err:
+        raise StorageError(f"cannot write the screenshot to {target}: {err.strerror}.",
+                           hint="Name a file in a folder you can write to.") from err
+    emit(as_json, {"name": name, "file": str(target), "bytes": len(picture)},
+         [f"Saved the screen of {name} to {target} ({len(picture)} bytes)."])
+
+
+COMMANDS = (start, stop, save, pause, resume, status, console, screenshot)

@@ -18,7 +18,13 @@ import click
 from waymark import failpoints, modes
 from waymark.cli.main import face
 from waymark.errors import Conflict, InvalidInput, WaymarkError
-from waymark.http.limits import MAX_CONNECTIONS, MAX_STREAMS, STREAM_LIFETIME, Limits
+from waymark.http.limits import (
+    MAX_CONNECTIONS,
+    MAX_STREAMS,
+    MAX_WEBSOCKET_MESSAGE,
+    STREAM_LIFETIME,
+    Limits,
+)
 from waymark.model.units import parse_size
 
 if TYPE_CHECKING:
@@ -177,6 +183,7 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
         uvicorn.run(create_app(ctx, limits), host=host, port=port, log_level="warning",
                     proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
                     limit_concurrency=limits.max_connections,
+                    ws_max_size=MAX_WEBSOCKET_MESSAGE,
                     ssl_certfile=str(cert) if cert else None,
                     ssl_keyfile=str(key) if key else None)
     finally:

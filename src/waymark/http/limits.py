@@ -23,6 +23,9 @@ MAX_BODY = 1024 * 1024
 MAX_CONNECTIONS = 256
 MAX_STREAMS = 8
 STREAM_LIFETIME = 300.0
+# bytes of one WebSocket message from a client (uvicorn's ws_max_size: it refuses a larger one
+# before reading it whole); a VNC viewer's messages are a few bytes each (keys, the mouse)
+MAX_WEBSOCKET_MESSAGE = 64 * 1024
 
 
 @dataclass(frozen=True)

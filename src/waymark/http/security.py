@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from waymark.catalog.models import Vm
 from waymark.engine import lookup
@@ -43,14 +44,37 @@ def context(request: Request) -> Context:
 def caller(request: Request) -> Caller:
     """The authenticated caller, or 401; a cookie-authenticated write without the session's
     CSRF token is 403 (a page on another site can send the cookie, not the header)."""
+    return connection_caller(request)
+
+
+def connection_caller(request: HTTPConnection) -> Caller:
+    """:func:`caller` of a request or a WebSocket (whose handshake is a GET: a WebSocket
+    checks its Origin instead of a CSRF token, :func:`same_origin`)."""
     found = _authenticate(request)
     request.state.caller = found  # for the audit log
     quotas.acting(found.who)  # administrators are not limited by quotas
     return found
 
 
-def _authenticate(request: Request) -> Caller:
-    ctx = context(request)
+def same_origin(connection: HTTPConnection, found: Caller) -> None:
+    """403 unless a WebSocket comes from a page of this server (cross-site WebSocket
+    hijacking: a browser sends the session cookie with a WebSocket any site opens, and
+    checks no CORS rule for it). A browser always sends ``Origin``; a client without one
+    must authenticate with a token, never with the cookie."""
+    origin = connection.headers.get("origin")
+    secure = connection.url.scheme in ("wss", "https")
+    own = f"{'https' if secure else 'http'}://{connection.headers.get('host', '')}"
+    if origin is None and found.via == "token":
+        return
+    if origin != own:
+        raise Forbidden(f"this WebSocket comes from another site ({origin or 'no Origin'}, "
+                        f"this server is {own}).",
+                        hint="Open the console from the portal's own pages, or connect with "
+                             "an API token.")
+
+
+def _authenticate(request: HTTPConnection) -> Caller:
+    ctx: Context = request.app.state.ctx
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return Caller(users.by_token(ctx, header[7:].strip()), "token")
@@ -59,7 +83,8 @@ def _authenticate(request: Request) -> Caller:
         raise Unauthenticated("sign in, or send an API token (Authorization: Bearer ...).",
                               hint="POST /api/auth/login, or: waymark token create NAME --user U")
     who, csrf = users.by_session(ctx, cookie)
-    if request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
+    method = request.scope.get("method", "GET")  # (a WebSocket's handshake is a GET)
+    if method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != csrf:
         request.state.caller = Caller(who, "session", csrf)  # (a refusal names who)
         raise Forbidden(f"this request needs the session's CSRF token in {CSRF_HEADER}.",
                         hint="Read it from GET /api/auth/me (csrf_token) after signing in.")

@@ -93,6 +93,17 @@ class RunFiles:
         return self.folder / "console.sock"
 
     @property
+    def display(self) -> Path:
+        """The folder of the VNC socket: QEMU's user's own (QEMU binds the socket itself, its
+        VNC server takes no listening descriptor); everything else in ``run/`` is root's."""
+        return self.folder / "display"
+
+    @property
+    def vnc(self) -> Path:
+        """The graphical console: QEMU's VNC server, on this Unix socket only (never TCP)."""
+        return self.display / "vnc.sock"
+
+    @property
     def serial_log(self) -> Path:
         return self.folder / "serial.log"
 
@@ -146,6 +157,8 @@ class Launch:
     taps: Mapping[int, int] = field(default_factory=dict)
     # one end of a socket pair whose other end is the VM's swtpm (waymark.qemu.tpm)
     tpm: int | None = None
+    # the display folder (RunFiles.display) handed over open: QEMU binds its VNC socket there
+    display: int | None = None
 
 
 def blockdevs(chain: DiskChain, files: Mapping[str, str] | None = None) -> list[str]:
@@ -266,6 +279,17 @@ def _nic(number: int, nic: Nic, tap: int | None, boot: str = "") -> list[str]:
             "-device", f"virtio-net-pci,netdev=net{number},mac={escaped(nic.mac)}{boot}"]
 
 
+def display(launch: Launch) -> list[str]:
+    """The graphical console: a standard VGA (SeaBIOS and OVMF both drive it, on q35 and on
+    i440fx) and QEMU's VNC server on a Unix socket only, no password (only root and QEMU's
+    user reach the socket: docs/security.md). The folder's open descriptor stands for its path
+    (QEMU's user cannot walk to it: ``run/`` is root's alone). Added last, so the devices
+    before it keep the PCI addresses a memory state taken before VMs had a display knows."""
+    folder = launch.run.display if launch.display is None else f"/proc/self/fd/{launch.display}"
+    return ["-device", "VGA,id=video0",
+            "-vnc", f"unix:{escaped(str(Path(folder) / launch.run.vnc.name))}"]
+
+
 def _listening(launch: Launch, path: Path) -> str:
     fd = launch.sockets.get(str(path))
     return f"path={escaped(str(path))}" if fd is None else f"fd={fd}"
@@ -307,6 +331,7 @@ def argv(launch: Launch, qemu: str = "qemu-system-x86_64") -> list[str]:
     for number, nic in enumerate(hw.nics):
         args += _nic(number, nic, launch.taps.get(number),
                      bootindex(hw, "network") if number == 0 else "")
+    args += display(launch)
     if launch.incoming:
         args += ["-incoming", "defer"]
     return args + list(launch.extra)

@@ -24,6 +24,10 @@ own images, and everything stays owner-only for root:
   too: a medium is never written), also when it is inserted into a running VM (:func:`open_image`);
 - the serial log: an fd set opened for appending;
 - QMP, agent and console sockets: listening sockets Waymark binds, passed as ``fd=N``;
+- the VNC socket: QEMU's VNC server takes no descriptor, so QEMU binds it itself, in the one
+  folder of ``run/`` that is QEMU's user's (``run/display``, made anew at every start), reached
+  through that folder's descriptor (``unix:/proc/self/fd/N/vnc.sock``); who connects to it
+  checks that QEMU is at the other end (:mod:`waymark.qemu.display`);
 - kernel and initrd: copied into a memory file (memfd) QEMU reads as ``/proc/self/fd/N``;
 - memory states: ``fd:`` migrations (already so);
 - a bridge NIC: a tap device Waymark creates and plugs into the bridge, passed as ``fd=N``.
@@ -37,6 +41,7 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import socket
 import struct
 import subprocess
@@ -112,6 +117,7 @@ class Handoff:
     files: dict[str, str] = field(default_factory=dict)
     sockets: dict[str, int] = field(default_factory=dict)
     taps: dict[int, int] = field(default_factory=dict)
+    display: int | None = None
 
     def _keep(self, fd: int) -> int:
         self.fds.append(fd)
@@ -152,6 +158,16 @@ class Handoff:
                                hint="Check that the Waymark home is writable.") from err
         sock.listen()
         self.sockets[str(path)] = self._keep(sock.detach())
+
+    def display_folder(self, path: Path) -> None:
+        """The folder QEMU binds its VNC socket in: made anew (what QEMU's user left in the old
+        one goes; :func:`shutil.rmtree` follows no link), its user's own, owner-only, handed
+        over open."""
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+        if self.owner is not None:
+            os.chown(path, self.owner.uid, self.owner.gid, follow_symlinks=False)
+        self.display = self._keep(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
 
     def tap(self, number: int, bridge: str) -> None:
         """NIC ``number``'s tap device on ``bridge`` (QEMU, unprivileged, cannot make one)."""
@@ -195,6 +211,7 @@ def handoff(owner: Identity | None, run: cmdline.RunFiles, hardware: HardwareCon
         given.log(str(run.serial_log))
         for path in (run.qmp, run.console, run.agent):
             given.listener(path)
+        given.display_folder(run.display)
         for number, nic in enumerate(hardware.nics):
             if nic.kind == "bridge" and nic.bridge:
                 given.tap(number, nic.bridge)

@@ -10,7 +10,11 @@ What the guest does, and which lines tests rely on (on the first serial port, ``
   checkpoint continues at saved + 1, a fresh boot starts at 1);
 * ``LINE <n>`` appended to ``/data/log.txt`` about once a second, each followed by ``sync``
   (the numbering continues from the file's last line, so a restored disk continues its own);
-* ``SHUTDOWN <action>`` when the agent's ``guest-shutdown`` or the ACPI power button stops it.
+* ``SHUTDOWN <action>`` when the agent's ``guest-shutdown`` or the ACPI power button stops it;
+* ``TYPED <line>`` for each line typed on the screen's console (``tty1``: the VGA text screen a
+  graphical console shows, which says ``WAYMARK SCREEN <boot-id>`` and echoes what it read);
+* ``CTRL-ALT-DEL`` when Ctrl+Alt+Del is pressed on the screen's keyboard (the kernel signals
+  PID 1, ``kernel.ctrl-alt-del`` being 0, and PID 1 only says so: no reboot).
 
 ``waymark.agent=off`` on the kernel command line boots it without its guest agent (the
 fallbacks of production checkpoints are tested that way).
@@ -142,6 +146,22 @@ start_acpid() {
     fi
 }
 
+# The screen (tty1: VGA text, or the UEFI frame buffer): a banner, then each line typed there
+# goes to the serial port, so a test proves that the graphical console's keys reached the guest.
+start_screen() {
+    [ -c /dev/tty1 ] || return 0
+    (
+        exec </dev/tty1 >/dev/tty1 2>&1
+        printf '\033[2J\033[H'
+        echo "WAYMARK SCREEN $(cat /proc/sys/kernel/random/boot_id)"
+        echo "Type a line and press Enter:"
+        while read -r typed; do
+            echo "TYPED $typed" >/dev/ttyS0
+            echo "read: $typed"
+        done
+    ) &
+}
+
 last_line() {
     last=$(tail -n 1 /data/log.txt 2>/dev/null)
     last=${last#LINE }
@@ -177,9 +197,13 @@ mount_data
 wait_tpm
 start_agent
 start_acpid
+start_screen
 echo "READY $(cat /proc/sys/kernel/random/boot_id)"
 workload &
 echo $! >/run/workload.pid
+# Ctrl+Alt+Del on the keyboard: the kernel sends PID 1 SIGINT instead of rebooting at once.
+trap 'echo "CTRL-ALT-DEL"' INT
+echo 0 >/proc/sys/kernel/ctrl-alt-del
 # PID 1 must never exit (the kernel panics) and reaps orphans.
 while :; do
     wait

@@ -38,6 +38,10 @@ router = APIRouter(include_in_schema=False)
 CHECKPOINT_ACTIONS = ("checkpoint.create", "checkpoint.apply", "checkpoint.rename",
                       "checkpoint.export", "checkpoint.delete")
 DEEP_CHAIN = 8  # reads go through every layer: warn from this depth on
+# noVNC, the graphical console's viewer: Debian's novnc package, its ES modules served as they
+# are under /static/novnc/ (its core/ and the vendor/ they import), no CDN and no build step
+NOVNC = Path("/usr/share/novnc")
+NOVNC_PARTS = ("core", "vendor")
 
 
 def segment(value: object) -> str:
@@ -336,6 +340,17 @@ def console_page(vm: str, request: Request) -> Response:
         return found
     who, csrf, row = found
     return _page(request, "console.html", who, csrf, vm=views.vm_show(_ctx(request), row.id))
+
+
+@router.get("/vms/{vm}/display")
+def display_page(vm: str, request: Request) -> Response:
+    """The graphical console (VMConnect): noVNC over ``/api/vms/{vm}/display``."""
+    found = _vm_page(request, vm, "vm.power")
+    if isinstance(found, Response):
+        return found
+    who, csrf, row = found
+    return _page(request, "display.html", who, csrf, vm=views.vm_show(_ctx(request), row.id),
+                 novnc=(NOVNC / "core" / "rfb.js").is_file())
 
 
 @router.get("/backups")

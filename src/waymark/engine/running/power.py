@@ -148,7 +148,7 @@ def _spawn(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig, incomi
             launch = cmdline.Launch(name, str(uuid.UUID(hex=vm_id)), hardware, chains, run,
                                     chosen.accelerator, incoming=incoming, extra=tuple(given.args),
                                     files=given.files, sockets=given.sockets, taps=given.taps,
-                                    tpm=tpm_end)
+                                    tpm=tpm_end, display=given.display)
             daemon = confine.spawn(cmdline.argv(launch), given, run.errors,
                                    what=f"starting VM {name!r}", more_fds=tpm_end)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def clean(run: RunFiles) -> None:
     for path in (run.qmp, run.agent, run.console, run.pidfile, run.runtime, run.paused_state,
                  run.paused_meta):
         durable.remove(path)
+    shutil.rmtree(run.display, ignore_errors=True)  # QEMU's user's: never followed into
 
 
 def record_exit(run: RunFiles, reason: str) -> None:
