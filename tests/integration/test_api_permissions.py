@@ -207,7 +207,7 @@ class Env:
         return jobs.submit(self.ctx, self.vm_ids[vm], "export",
                            {"vm_id": self.vm_ids[vm], "checkpoint_id": first,
                             "dest": str(self.base / "never" / self.unique("job"))},
-                           run_here=True)
+                           run_here=True, user="tests")
 
     def watched(self) -> dict[str, Path]:
         return {"home": self.home, "repo": self.base / "repo", "exports": self.base / "exports",
