@@ -66,16 +66,15 @@ def _check_transport(host: str, tls: bool, insecure_http: bool) -> None:
 
 
 def _bound(host: str, port: int, listen: str) -> socket.socket:
-    """The listening socket the server serves on, bound here before anything starts (uvicorn
-    would only log why it cannot and exit 3, the exit code of NotFound): IPv6 when the host has
-    a colon, SO_REUSEADDR as uvicorn sets it. Port 0 takes a free port (the URL printed names
-    it)."""
+    """The socket the server serves on, bound here before anything starts (uvicorn would only
+    log why it cannot and exit 3, the exit code of NotFound), listening only once the home is
+    open (:func:`serve`): IPv6 when the host has a colon, SO_REUSEADDR as uvicorn sets it.
+    Port 0 takes a free port (the URL printed names it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
     except OSError as err:
         sock.close()
         raise Conflict(f"cannot listen on {listen}: {err.strerror}.",
@@ -84,8 +83,8 @@ def _bound(host: str, port: int, listen: str) -> socket.socket:
 
 
 def _bound_unix(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path`` (owner-only, as every file the server makes); a
-    socket file nobody listens on any more (a server that died) is replaced."""
+    """A Unix socket bound at ``path`` (owner-only, as every file the server makes); a socket
+    file nobody listens on any more (a server that died) is replaced."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if path.is_socket() and sock.connect_ex(str(path)) != 0:
@@ -93,7 +92,6 @@ def _bound_unix(path: Path) -> socket.socket:
         sock.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))
-        sock.listen(BACKLOG)
     except OSError as err:
         sock.close()
         raise Conflict(f"cannot listen on {UNIX}{path}: {err.strerror}.",
@@ -104,14 +102,15 @@ def _bound_unix(path: Path) -> socket.socket:
 
 def _url(sock: socket.socket, tls: bool) -> str:
     """The portal's address as a browser (or curl) reaches it."""
+    scheme = "https" if tls else "http"
     if sock.family == socket.AF_UNIX:
         return f"unix socket {sock.getsockname()} (curl --unix-socket {sock.getsockname()} " \
-               "http://localhost/)"
+               f"{scheme}://localhost/)"
     host, port = sock.getsockname()[:2]
     if ipaddress.ip_address(host).is_unspecified:  # every address of this host
         host = socket.gethostname()
     shown = f"[{host}]" if ":" in host else host
-    return f"{'https' if tls else 'http'}://{shown}:{port}/"
+    return f"{scheme}://{shown}:{port}/"
 
 
 def _listen_hint(errno_: int | None, port: int) -> str:
@@ -217,8 +216,8 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
                             limit_concurrency=limits.max_connections,
                             ssl_certfile=str(cert) if cert else None,
                             ssl_keyfile=str(key) if key else None)
-    # the socket listens already: a browser pointed at the URL now is answered once the app
-    # has started (a moment later), not refused
+    sock.listen(BACKLOG)  # the home is open and settled: a browser pointed at the URL now is
+    # answered once the app has started (a moment later), not refused
     click.echo(f"Waymark portal on {_url(sock, cert is not None)} (the API under /api; "
                f"home {ctx.home})", err=True)
     try:
