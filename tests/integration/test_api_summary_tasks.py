@@ -10,7 +10,9 @@ against a real ``waymark serve``:
   (``NAME (host)``) through the CLI; ``GET /api/jobs`` shows it with the job's duration;
 - ``waymark serve`` prints the portal's URL once it listens (port 0: the port it got), and on
   a Unix socket says how to reach it; a socket file left by a dead server is replaced, a file
-  that is no socket is refused (exit 5) and left alone.
+  that is no socket is refused (exit 5) and left alone;
+- the task history page shows 50 jobs a page, newest first, with links to the next and
+  previous pages.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ import httpx
 import pytest
 
 from tests.helpers import ERROR_KEYS, Waymark, served
+from waymark.config import Settings
+from waymark.engine import jobs
+from waymark.web.pages import TASKS_PER_PAGE
+from waymark.wiring import open_context
 
 SELF, SELF_PASSWORD = "selfie", "selfie-password"
 
@@ -120,6 +126,28 @@ def test_jobs_record_who_started_them(site: tuple[Waymark, str, str, str]) -> No
         assert job["status"] == "completed"
         assert job["duration_seconds"] is not None and 0 <= job["duration_seconds"] < 60
     assert wm.json("job", "show", by_cli)["user"] == host
+
+
+def test_the_task_history_is_paged_newest_first(wm: Waymark) -> None:
+    wm("vm", "create", "busy", "--disk", "1M")
+    vm_id = wm.json("vm", "show", "busy")["id"]
+    ctx = open_context(Settings(home=wm.home))
+    made = [jobs.submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": "none",
+                                               "dest": f"/nowhere/{n}"}, run_here=True,
+                        user=f"user-{n}") for n in range(TASKS_PER_PAGE + 5)]
+    ctx.catalog.engine.dispose()
+    with served(wm) as (url, _), httpx.Client(base_url=url, timeout=30,
+                                             follow_redirects=True) as http:
+        signed = http.post("/login", data={"name": "root-admin", "password": "test-password"})
+        assert signed.status_code == 200 and signed.url.path == "/vms", signed
+        first, second = http.get("/tasks"), http.get("/tasks", params={"page": 2})
+        beyond = http.get("/tasks", params={"page": 9})
+    shown = [re.findall(r'data-job="([0-9a-f]+)"', page.text) for page in (first, second)]
+    assert shown == [made[::-1][:TASKS_PER_PAGE], made[::-1][TASKS_PER_PAGE:]]
+    assert "Page 1 of 2" in first.text and 'href="/tasks?page=2"' in first.text
+    assert "Page 2 of 2" in second.text and 'href="/tasks?page=1"' in second.text
+    assert f'data-cell="user">user-{TASKS_PER_PAGE + 4}<' in first.text
+    assert beyond.status_code == 200 and "data-job=" not in beyond.text
 
 
 # --- waymark serve's URL ----------------------------------------------------------------------

@@ -351,12 +351,12 @@ def tasks_page(request: Request, page: int = 1) -> Response:
     rows, total = job_scope.history_for(_ctx(request), who, offset=(page - 1) * TASKS_PER_PAGE,
                                         limit=TASKS_PER_PAGE)
     if not who.admin:
-        rows = [hide_job_paths(j) for j in rows]
+        rows = [_without_host_paths(j) for j in rows]
     pages = max(1, -(-total // TASKS_PER_PAGE))
     return _page(request, "tasks.html", who, csrf, tasks=rows, page=page, pages=pages,
                  total=total)
 
 
-def hide_job_paths(job: dict[str, Any]) -> dict[str, Any]:
+def _without_host_paths(job: dict[str, Any]) -> dict[str, Any]:
     """A job as someone who is no administrator sees it: host paths left out of its error."""
     return {**job, "error": hide_host_paths(job["error"]) if job["error"] else None}
