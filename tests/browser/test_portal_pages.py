@@ -215,7 +215,7 @@ def settings_by_mouse(page: Any, made: dict[str, Any]) -> None:
 
 
 def settings_by_keyboard(page: Any, second: dict[str, Any]) -> None:
-    """Enter on the row, down to Settings…, Enter; Escape closes the dialog."""
+    """Enter on the row opens the menu on Settings…; Enter; Escape closes the dialog."""
     from playwright.sync_api import expect
 
     item = page.locator(f'[data-ckpt="{second["id"]}"]')
@@ -223,11 +223,13 @@ def settings_by_keyboard(page: Any, second: dict[str, Any]) -> None:
     page.keyboard.press("Enter")
     menu = page.get_by_role("menu")
     expect(menu).to_be_visible()
-    for _ in range(5):
-        if menu.get_by_role("menuitem", name="Settings…").evaluate(
-                "e => e === document.activeElement"):
-            break
-        page.keyboard.press("ArrowDown")
+    # Hyper-V's order: Settings… first (so it has the focus), then Apply…, Rename…
+    assert menu.get_by_role("menuitem").all_inner_texts()[:3] == \
+        ["Settings…", "Apply…", "Rename…"]
+    expect(menu.get_by_role("menuitem", name="Settings…")).to_be_focused()
+    page.keyboard.press("ArrowDown")
+    expect(menu.get_by_role("menuitem", name="Apply…")).to_be_focused()
+    page.keyboard.press("ArrowUp")
     page.keyboard.press("Enter")
     named = page.get_by_role("dialog", name=f"Settings of {second['name']}")
     expect(named).to_be_visible()
