@@ -16,7 +16,7 @@ What is checked, as a user sees it:
   started by the CLI (the host's user), with their duration and status, newest first; a
   self-service user sees only their VM's task;
 - the backup overview lists the repository's usage, each VM's last success and last failure
-  (a schedule's run whose VM lost its disk), and every point;
+  (a schedule's run whose VM lost its disk), the schedule's last run, and every point;
 - screenshots of the Summary, the task history and the overview under test-artifacts/; no
   console errors and no failed requests.
 """
@@ -312,11 +312,16 @@ def test_the_backup_overview_shows_usage_and_last_results(
         expect(lost.locator('[data-cell="success"]')).to_have_text("never")
         expect(lost.locator('[data-cell="failure"]')).to_contain_text("schedule nightly")
         expect(lost.locator('[data-cell="failure"] .error')).to_have_text(failure)
+        runs = page.get_by_role("table", name="Last runs of the schedules")
+        nightly = runs.locator('tr[data-schedule-run="nightly"]')
+        expect(nightly.locator("time")).to_have_attribute("datetime", schedule["last_run_at"])
+        expect(nightly.locator('[data-cell="result"]')).to_have_text("1 of 2 VMs failed")
         points = page.get_by_role("table", name="Backup points").locator("tbody tr")
         expect(points).to_have_count(1)
         expect(points.first).to_have_attribute("data-point", point["id"])
         expect(points.first).to_contain_text("web")
-        expect(page.get_by_role("heading", name="Schedules")).to_be_visible()  # still there
+        schedules = page.get_by_role("heading", name="Schedules", exact=True)
+        expect(schedules).to_be_visible()  # still there, below
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "backups-overview.png"), full_page=True)
         browser.close()
