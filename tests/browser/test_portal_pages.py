@@ -23,6 +23,7 @@ What is checked, as a user sees it:
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +175,8 @@ def test_a_checkpoint_with_a_name_and_a_type_and_its_settings(
         expect(dialog.get_by_label("Type")).to_have_value("")
         dialog.get_by_label("Name").fill("before upgrade")
         dialog.get_by_label("Type").select_option("standard")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "checkpoint-dialog.png"))
         reloaded(page, dialog.get_by_role("button", name="Create").click)
         [made] = wm.json("checkpoint", "list", "db")["checkpoints"]
         assert (made["name"], made["requested_type"]) == ("before upgrade", "standard")
@@ -203,13 +206,17 @@ def settings_by_mouse(page: Any, made: dict[str, Any]) -> None:
     for term, value in (("Memory", "512 MiB"), ("Processors", "1 virtual CPU"),
                         ("Firmware", "BIOS (SeaBIOS)"), ("TPM", "none"),
                         ("Boot order", "disk, cdrom"), ("DVD drive", "empty"),
-                        ("CPU model", "Westmere")):
+                        ("CPU model", "Westmere"),
+                        ("Type", re.compile(r"^standard, taken as disk-only.*; disks only: "
+                                            r"applying it leaves the VM off$"))):
         expect(facts.locator(f'dt:text-is("{term}") + dd')).to_have_text(value)
     expect(facts.locator('dt:text-is("Taken") + dd time')).to_have_attribute(
         "datetime", made["created_at"])
     expect(settings.locator("tbody tr td").nth(1)).to_have_text("8.0 MiB")
     expect(settings.locator("input, select, textarea")).to_have_count(0)  # read-only
     expect(settings.get_by_role("button", name="Close")).to_be_focused()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "checkpoint-settings.png"))
     settings.get_by_role("button", name="Close").click()
     expect(settings).to_be_hidden()
 

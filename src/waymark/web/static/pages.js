@@ -103,13 +103,23 @@ function moment(iso) {
   return time;
 }
 
+// "standard, taken as disk-only (the VM was off)": what was asked, what it is, what applying does
+function checkpointType(ckpt) {
+  const asked = ckpt.requested_type || ckpt.kind;
+  const taken = asked === ckpt.kind ? asked : `${asked}, taken as ${ckpt.kind}`;
+  const why = ckpt.fallback_reason ? ` (${ckpt.fallback_reason})` : "";
+  const effect = ckpt.has_memory ? "holds memory: applying it resumes the VM"
+    : "disks only: applying it leaves the VM off";
+  return `${taken}${why}; ${effect}`;
+}
+
 function fillSettings(dialog, ckpt) {
   const hw = ckpt.configuration || {};
   dialog.querySelector(".target").textContent = ckpt.name;
   const list = dialog.querySelector("dl");
   list.replaceChildren();
   fact(list, "Taken", moment(ckpt.created_at));
-  fact(list, "Type", `${ckpt.kind}${ckpt.has_memory ? " (with memory: applying resumes the VM)" : " (disks only)"}`);
+  fact(list, "Type", checkpointType(ckpt));
   fact(list, "Memory", `${hw.memory_mib} MiB`);
   fact(list, "Processors", `${hw.cpus} virtual CPU${hw.cpus === 1 ? "" : "s"}`);
   fact(list, "CPU model", hw.cpu_model || "—");
