@@ -507,8 +507,8 @@ class Job(Body):
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
-    duration_seconds: float | None = Field(description="From its start to its end (or to now "
-                                                       "while it runs)")
+    duration_seconds: float | None = Field(description="From its start to its end (null "
+                                                       "until it ended)")
     user: str | None = Field(description="Who started it: a Waymark user (API, portal), or "
                                          "the host's user for the CLI (\"root (host)\"); null "
                                          "for jobs made before this was recorded")

@@ -131,11 +131,12 @@ def describe(session: Session, job: Job) -> dict[str, Any]:
 
 
 def _duration(job: Job) -> float | None:
-    """Seconds from the job's start to its end, or to now while it is unfinished."""
-    if job.started_at is None:
+    """Seconds from the job's start to its end; None until it ended (a description of an
+    unfinished job stays the same while nothing about it changes: the event streams compare
+    them)."""
+    if job.started_at is None or job.finished_at is None:
         return None
-    end = timing.utc(job.finished_at) if job.finished_at else now()
-    return round((end - timing.utc(job.started_at)).total_seconds(), 1)
+    return round((timing.utc(job.finished_at) - timing.utc(job.started_at)).total_seconds(), 1)
 
 
 def host_user() -> str:
