@@ -174,20 +174,23 @@ def vm_summary(ctx: Context, vm_id: str, sample: float = presence.USAGE_INTERVAL
     (``vm``: the VM's own, also for a VM made without a template; ``template T``, ``profile
     P``, ``default``), the disks with size, space used and chain depth, the CD drive, and for
     a running VM its uptime and what its QEMU uses (CPU measured over ``sample`` seconds)."""
-    shown = vm_show(ctx, vm_id)
+    with ctx.catalog.snapshot() as session:  # one state of the catalog
+        row = lookup.vm_by_id(session, vm_id)
+        shown = _vm(session, row, presence.observed_state(ctx, row.id, row.state))
+        current = (session.get(Checkpoint, row.current_checkpoint_id)
+                   if row.current_checkpoint_id else None)
+        current_name = current.name if current is not None else None
     found = presence.find(presence.run_files(ctx, vm_id))
     live = found is not None and shown["state"] in presence.LIVE_STATES
-    with ctx.catalog.snapshot() as session:
-        current = (session.get(Checkpoint, shown["current_checkpoint_id"])
-                   if shown["current_checkpoint_id"] else None)
     return {
         **{k: shown[k] for k in ("id", "name", "state", "memory_mib", "cpus", "firmware",
-                                 "tpm", "cpu_model", "accel", "accelerator", "media_name",
-                                 "boot_order", "checkpoint_type", "checkpoint_count",
+                                 "tpm", "cpu_model", "accel", "media_name", "boot_order",
+                                 "checkpoint_type", "checkpoint_count",
                                  "checkpoint_space_bytes")},
+        "accelerator": found.runtime.get("accelerator") if live and found else None,
         "secure_boot": shown["firmware"] == "uefi-secure",
         "checkpoint_type_source": shown["settings_source"].get("checkpoint_type", "vm"),
-        "current_checkpoint": current.name if current is not None else None,
+        "current_checkpoint": current_name,
         "disks": [{k: d.get(k) for k in SUMMARY_DISK_KEYS} for d in shown["disks"]],
         "uptime_seconds": presence.uptime(found) if live and found else None,
         "usage": presence.usage(found, sample) if live and found else None,
