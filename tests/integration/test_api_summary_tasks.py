@@ -7,7 +7,8 @@ against a real ``waymark serve``:
   may not see (the same answer as one that does not exist);
 - ``GET`` of a checkpoint carries the hardware it recorded, its disks' sizes and its ISO's name;
 - every job records who started it: the signed-in user through the API, the host's user
-  (``NAME (host)``) through the CLI; ``GET /api/jobs`` shows it with the job's duration;
+  (``NAME (host)``) through the CLI; ``GET /api/jobs`` and ``job show`` show it with the
+  job's duration;
 - ``waymark serve`` prints the portal's URL once it listens (port 0: the port it got), and on
   a Unix socket says how to reach it; a socket file left by a dead server is replaced, a file
   that is no socket is refused (exit 5) and left alone;
@@ -126,6 +127,8 @@ def test_jobs_record_who_started_them(site: tuple[Waymark, str, str, str]) -> No
         assert job["status"] == "completed"
         assert job["duration_seconds"] is not None and 0 <= job["duration_seconds"] < 60
     assert wm.json("job", "show", by_cli)["user"] == host
+    shown = wm("job", "show", by_cli).stdout
+    assert f"started by: {host}   duration: {listed[by_cli]['duration_seconds']} s" in shown
 
 
 def test_the_task_history_is_paged_newest_first(wm: Waymark) -> None:
