@@ -126,7 +126,7 @@ def _delete_in_process(home: Home) -> None:
     ctx = open_context(Settings(home=home.path))
     with ctx.catalog.session() as session:
         vm_id = lookup.vm(session, "b").id  # as the CLI resolves it (use cases take ids)
-    deletion.delete_checkpoints(ctx, vm_id, "C", subtree=False, yes=True)
+    deletion.delete_checkpoints(ctx, vm_id, "C", subtree=False, yes=True, user="bench")
     ctx.catalog.engine.dispose()
 
 

@@ -160,6 +160,30 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 and fields[0] != "Z" else None
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a process has used: CPU time (user + system, seconds since it started) and its
+    resident memory (bytes), as ``/proc/PID/stat`` and ``/proc/PID/statm`` tell."""
+
+    cpu_seconds: float
+    rss_bytes: int
+
+
+def usage(pid: int) -> Usage | None:
+    """The process's :class:`Usage` now, or None when it is gone (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        statm = Path(f"/proc/{pid}/statm").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 13 or fields[0] == "Z":
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return Usage(ticks / os.sysconf("SC_CLK_TCK"),
+                 int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
 def identity() -> tuple[int, int | None]:
     """This process, as (pid, start time)."""
     return os.getpid(), start_time(os.getpid())

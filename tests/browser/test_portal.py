@@ -5,12 +5,13 @@ guest comes with the guest tests).
 What is checked, as a user sees it:
 
 - an administrator signs in, sees the VM list, opens a VM, takes two checkpoints with the
-  Checkpoint button and sees the tree (newest at the bottom, Now under the current one, the
-  disk-only icon); applies the first with "Create Checkpoint and Apply" (the safety checkpoint
-  appears under the second, Now moves under the first); renames through the menu; deletes the
-  safety checkpoint through the menu (the dialog says how much it frees) and sees its merge
-  reach 100% and the tree redrawn without a reload; the VM page and its space chart (in the
-  tree's order, with Now) are saved as screenshots and checked for what must be visible;
+  Checkpoint button (its dialog's Create: the VM's default name and type) and sees the tree
+  (newest at the bottom, Now under the current one, the disk-only icon); applies the first
+  with "Create Checkpoint and Apply" (the safety checkpoint appears under the second, Now
+  moves under the first); renames through the menu; deletes the safety checkpoint through
+  the menu (the dialog says how much it frees) and sees its merge reach 100% and the tree
+  redrawn without a reload; the VM page and its space chart (in the tree's order, with Now)
+  are saved as screenshots and checked for what must be visible;
 - a self-service user with ``checkpoint-restore-only`` on one VM sees only that VM, no
   Checkpoint or Delete VM button, and a menu with Apply but no Delete entries; a forged POST
   of a checkpoint (an action the page does not offer) from their signed-in page gets 403 and
@@ -108,6 +109,13 @@ def reloaded(page: Any, act: Any) -> None:
         act()
 
 
+def take_checkpoint(page: Any) -> None:
+    """The Checkpoint button, then Create in its dialog (the VM's default name and type)."""
+    page.get_by_role("button", name="Checkpoint", exact=True).click()
+    reloaded(page, page.get_by_role("dialog", name="Create Checkpoint").get_by_role(
+        "button", name="Create", exact=True).click)
+
+
 def merged_and_redrawn(page: Any, rows: list[tuple[int, str]], timeout: float) -> None:
     """After a delete: its merge reached 100%, the job stream ended, and the tree was redrawn
     from the server (no reload) with ``rows``."""
@@ -146,7 +154,7 @@ def test_an_administrator_checkpoints_applies_renames_and_deletes(
         expect(page.get_by_role("link", name="db")).to_be_visible()
         page.get_by_role("link", name="web").click()
         for expected in (1, 2):
-            reloaded(page, page.get_by_role("button", name="Checkpoint").click)
+            take_checkpoint(page)
             expect(page.locator("[data-ckpt]")).to_have_count(expected)
         made = wm.json("checkpoint", "list", "web")["checkpoints"]
         (first, first_id), (second, second_id) = [(c["name"], c["id"]) for c in made]

@@ -70,6 +70,7 @@ def test_names_with_url_characters_are_reachable_and_posted_to(
         page.wait_for_url(page_url)
         expect(page.locator(f'[data-name="{CKPT}"]')).to_have_count(1)
 
+        page.get_by_role("tab", name="Settings").click()
         page.get_by_label("Checkpoint limit").fill("77")
         with page.expect_request(lambda r: r.method == "PATCH") as sent:
             reloaded(page, page.get_by_role("button", name="Save settings").click)
@@ -77,6 +78,7 @@ def test_names_with_url_characters_are_reachable_and_posted_to(
         assert wm.json("vm", "show", NAME)["max_checkpoints"] == 77
 
         [ckpt] = wm.json("checkpoint", "list", NAME)["checkpoints"]
+        page.get_by_role("tab", name="Checkpoints").click()
         menu_action(page, ckpt["id"], "Rename…")
         page.get_by_label("New name").fill("after? #2 100%")
         with page.expect_request(lambda r: r.method == "PATCH") as sent:
@@ -105,6 +107,7 @@ def test_a_slash_in_an_old_name_cannot_redirect_save_settings(
         page.wait_for_url(f"{url}/vms")
         page.goto(f"{url}/vms/{legacy_id}")
         expect(page.get_by_role("heading", level=1)).to_contain_text(LEGACY)
+        page.get_by_role("tab", name="Settings").click()
         page.get_by_label("Checkpoint limit").fill("99")
         watch.allowed.add(f"{url}/api/vms/{segment(LEGACY)}")  # no such VM path: refused
         with page.expect_response(lambda r: r.request.method == "PATCH") as answer:

@@ -35,7 +35,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     users.add(ctx, ADMIN, "administrator", PASSWORD)
     vm_id = wm.json("vm", "show", "web")["id"]
     jobs.submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": "none",
-                                       "dest": str(base / "never")}, run_here=True)
+                                       "dest": str(base / "never")}, run_here=True,
+                user="tests")
     with serve_process(wm, options=("--stream-lifetime", "2")) as url:
         yield url, vm_id
 

@@ -3,7 +3,8 @@ Chromium against ``waymark serve`` on a free loopback port, over a home where th
 runs under QEMU.
 
 An administrator signs in, opens the running guest's serial console (its counter lines arrive
-live) and, on the VM's page: takes a checkpoint (live), then
+live) and, on the VM's page: sees its uptime and its CPU and memory use in the Summary,
+takes a checkpoint (live), then
 (after something is written in the guest) applies it with "Create Checkpoint and Apply" and
 sees both checkpoints and Now in their places; deletes the safety checkpoint and watches the
 merge reach 100% and the tree redrawn; renames the first; backs the VM up to a registered
@@ -28,6 +29,7 @@ from tests.browser.test_portal import (
     merged_and_redrawn,
     reloaded,
     sign_in,
+    take_checkpoint,
     tree_rows,
 )
 from tests.guest.guests import Guest, agent_exec, create
@@ -89,7 +91,8 @@ def checkpoint_apply_delete_rename(page: Any, vm: Guest) -> str:
     wm = vm.wm
     page.get_by_role("link", name="portal", exact=True).click()
     expect(page.locator("[data-vm-state]")).to_have_text("running")
-    reloaded(page, page.get_by_role("button", name="Checkpoint").click)
+    running_summary(page, wm)
+    take_checkpoint(page)
     [first] = wm.json("checkpoint", "list", "portal")["checkpoints"]
     assert tree_rows(page) == [(1, first["name"]), (2, "Now")]
     agent_exec(vm, "/bin/sh", "-c", "echo after-the-checkpoint > /data/after.txt; sync")
@@ -116,12 +119,26 @@ def checkpoint_apply_delete_rename(page: Any, vm: Guest) -> str:
     return str(first["id"])
 
 
+def running_summary(page: Any, wm: Waymark) -> None:
+    """The Summary of the running guest: its uptime, and its QEMU's CPU and memory use (read
+    from /proc); the page then goes back to the Checkpoints tab."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Summary").click()
+    summary = page.get_by_role("tabpanel", name="Summary")
+    expect(summary.locator('[data-summary="memory"]')).to_contain_text("in use")
+    expect(summary.locator('[data-summary="cpus"]')).to_contain_text("CPU use")
+    expect(summary.locator('[data-summary="uptime"]')).to_contain_text(" s")
+    page.get_by_role("tab", name="Checkpoints").click()
+
+
 def backup_and_restore_as_new(page: Any, wm: Waymark) -> None:
     """Back up now, restore the point as a new VM: its disk is what the VM's was."""
     from playwright.sync_api import expect
 
     disk = wm.json("vm", "show", "portal")["disks"][0]["active_image"]
     at_backup = content_sha256(disk)
+    page.get_by_role("tab", name="Backups").click()
     reloaded(page, page.get_by_role("button", name="Back up now").click)
     expect(page.locator("tr[data-point]")).to_have_count(1)
     page.get_by_label("Restore").select_option("as_new")

@@ -72,7 +72,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             users.grant(ctx, name, vm="*")
     users.grant(ctx, "gina", vm="v", permissions=["start-stop"])
     job = jobs.submit(ctx, vm_id, "export", {"vm_id": vm_id, "checkpoint_id": "none",
-                                             "dest": str(base / "never")}, run_here=True)
+                                             "dest": str(base / "never")}, run_here=True,
+                      user="tests")
     yield Site(wm, base, tokens, token_ids, job)
 
 

@@ -210,7 +210,7 @@ class Env:
         return jobs.submit(self.ctx, self.vm_ids[vm], "export",
                            {"vm_id": self.vm_ids[vm], "checkpoint_id": first,
                             "dest": str(self.base / "never" / self.unique("job"))},
-                           run_here=True)
+                           run_here=True, user="tests")
 
     def watched(self) -> dict[str, Path]:
         return {"home": self.home, "repo": self.base / "repo", "exports": self.base / "exports",
@@ -621,6 +621,16 @@ def vm_status(env: Env, caller: str, allowed: bool) -> Req:
         assert resp.json()["id"] == env.vm_ids[vm] and resp.json()["silence"] is None
 
     return Req(f"/api/vms/{vm}/status", check=check, ref=vm)
+
+
+def vm_summary(env: Env, caller: str, allowed: bool) -> Req:
+    vm = env.target(caller)
+
+    def check(resp: httpx.Response) -> None:
+        summary = resp.json()
+        assert summary["id"] == env.vm_ids[vm] and summary["disks"], summary
+
+    return Req(f"/api/vms/{vm}/summary", check=check, ref=vm)
 
 
 def vm_set(env: Env, caller: str, allowed: bool) -> Req:
@@ -1281,6 +1291,15 @@ def page_vms(env: Env, caller: str, allowed: bool) -> Req:
     return Req("/vms", cookie=env.session(caller), check=check)
 
 
+def page_tasks(env: Env, caller: str, allowed: bool) -> Req:
+    """The task history: the jobs of the VMs the caller may see, as GET /api/jobs."""
+    def check(resp: httpx.Response) -> None:
+        shown = {job for job in env.jobs.values() if f'data-job="{job}"' in resp.text}
+        assert shown == {env.jobs[vm] for vm in VISIBLE_VMS[caller]}
+
+    return Req("/tasks", cookie=env.session(caller), check=check)
+
+
 def page_vm(env: Env, caller: str, allowed: bool) -> Req:
     vm = env.target(caller)
 
@@ -1389,6 +1408,8 @@ TABLE = [
     row("GET", V,                                     "ok   ok   ok   ok   ok   ok  404", vm_show),
     row("GET", f"{V}/status",                         "ok   ok   ok   ok   ok   ok  404",
         vm_status),
+    row("GET", f"{V}/summary",                        "ok   ok   ok   ok   ok   ok  404",
+        vm_summary),
     # a VM's settings and deletion: its owner's and administrators' (no grant gives them)
     row("PATCH", V,                                   "ok   ok  403  403  403  403  404", vm_set),
     row("DELETE", V,                                  "ok   ok  403  403  403  403  404",
@@ -1519,6 +1540,8 @@ TABLE = [
         page_vms),
     row("GET", "/vms/{vm}",                           "ok   ok   ok   ok   ok   ok  404",
         page_vm),
+    row("GET", "/tasks",                              "ok   ok   ok   ok   ok   ok   ok",
+        page_tasks),
     # administration (users, grants, tokens, the audit log) and the library: administrators
     row("GET", "/admin",                              "ok  403  403  403  403  403  403",
         admin_page("/admin", "victim")),

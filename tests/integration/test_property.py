@@ -296,7 +296,7 @@ class Model:
                 measured[number] = self.sizes()
 
         done = deletion.delete_checkpoints(self.ctx, self.vm_id, ref, subtree=subtree, yes=True,
-                                           report=report)
+                                           user="tests", report=report)
         self.check_merges(measured, {})
         return {m.id for m in done.checkpoints}
 
@@ -304,13 +304,15 @@ class Model:
         exact = {c for c, name in self.names.items() if name == pattern}  # wins over the glob
         if len(exact) > 1:
             with pytest.raises(Ambiguous):
-                deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True)
+                deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True,
+                                           user="tests")
             return
         doomed = exact or {c for c, name in self.names.items()
                            if fnmatch.fnmatchcase(name, pattern)}
         if not doomed:
             with pytest.raises(NotFound):
-                deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True)
+                deletion.delete_checkpoints(self.ctx, self.vm_id, pattern, subtree=False, yes=True,
+                                           user="tests")
             return
         assert self.delete(pattern, subtree=False) == doomed
         self.forget(doomed)

@@ -105,7 +105,7 @@ def delete(vm: str, ckpt: str, caller: CallerDep, ctx: ContextDep, subtree: bool
     row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
     target = views.checkpoint_show(ctx, row.id, ckpt)["id"]
     done = deletion.delete_checkpoints(ctx, row.id, target, subtree=subtree, yes=True,
-                                       wait=False)
+                                       wait=False, user=caller.who.name)
     jobs.spawn(ctx, done.job)
     return done.answer()
 
@@ -118,7 +118,8 @@ def delete_matching(vm: str, match: str, caller: CallerDep, ctx: ContextDep,
     ``match`` wins over the glob); several matches need ``yes``
     (409 lists them otherwise). Their merges run in the returned job."""
     row = vm_for(ctx, caller.who, "checkpoint.delete", vm)
-    done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False)
+    done = deletion.delete_checkpoints(ctx, row.id, match, subtree=subtree, yes=yes, wait=False,
+                                       user=caller.who.name)
     jobs.spawn(ctx, done.job)
     return done.answer()
 
@@ -146,6 +147,7 @@ def export(vm: str, ckpt: str, body: Export, caller: CallerDep, ctx: ContextDep
     if not caller.who.admin:
         folder = f"{caller.who.name}/{folder}"
     dest = locations.path(ctx, body.location, "export") / folder
-    job_id = export_job.submit_export(ctx, row.id, target["id"], dest, run_here=False)
+    job_id = export_job.submit_export(ctx, row.id, target["id"], dest, run_here=False,
+                                      user=caller.who.name)
     jobs.spawn(ctx, job_id)
     return {"job_id": job_id, "location": body.location, "folder": folder}

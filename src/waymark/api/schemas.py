@@ -265,6 +265,51 @@ class VmRow(Body):
     checkpoint_count: int = Field(description="How many checkpoints it has")
 
 
+class SummaryDisk(Body):
+    id: str
+    passthrough: bool
+    virtual_size: int | None = Field(description="The size the guest sees (null: a "
+                                                  "passthrough device)")
+    allocated_bytes: int | None = Field(description="Space its active layer uses")
+    chain_depth: int | None = Field(description="Layers a read may pass through")
+
+
+class VmUsage(Body):
+    """What a running VM's QEMU process uses (read from /proc)."""
+
+    cpu_percent: float = Field(description="CPU use over the last quarter second, in percent "
+                                           "of one host CPU (200: two CPUs busy)")
+    cpu_seconds: float = Field(description="CPU time since it started")
+    rss_bytes: int = Field(description="Resident memory: guest memory touched, and QEMU's own")
+
+
+class VmSummary(Body):
+    """Hyper-V Manager's Summary pane (GET /api/vms/{vm}/summary)."""
+
+    id: str
+    name: str
+    state: str
+    memory_mib: int
+    cpus: int
+    firmware: Literal["bios", "uefi", "uefi-secure"]
+    secure_boot: bool
+    tpm: bool
+    cpu_model: str
+    accel: str = Field(description="The accelerator asked for: auto, kvm or tcg")
+    accelerator: str | None = Field(description="The one its QEMU runs under (null: off)")
+    media_name: str | None = Field(description="The ISO in the CD drive (null: empty)")
+    boot_order: list[Literal["disk", "cdrom", "network"]]
+    checkpoint_type: str
+    checkpoint_type_source: str = Field(description="Where the checkpoint type comes from: vm "
+                                        "(the VM's own), template T, profile P or default")
+    checkpoint_count: int
+    checkpoint_space_bytes: int
+    current_checkpoint: str | None = Field(description="Now's parent checkpoint's name")
+    disks: list[SummaryDisk]
+    uptime_seconds: float | None = Field(description="Since its QEMU started (null: off)")
+    usage: VmUsage | None = Field(description="Null when its QEMU does not run")
+
+
 class Silence(Body):
     """A running guest that shows no sign of life (no serial output, no agent answer)."""
 
@@ -346,6 +391,7 @@ class CheckpointTree(Body):
 class FrozenDisk(Body):
     disk_id: str
     frozen_image: str | None = Field(default=None, description=HOST_PATH)
+    virtual_size: int = Field(description="The size the guest saw")
     allocated_bytes: int
     chain_depth: int
 
@@ -355,6 +401,7 @@ class CheckpointDetail(Checkpoint):
     vm_name: str
     is_current: bool
     configuration: dict[str, Any] = Field(description="The VM's hardware as it was")
+    media_name: str | None = Field(description="The ISO its CD drive held (null: empty)")
     memory_state: str | None = Field(default=None, description=HOST_PATH)
     disks: list[FrozenDisk]
     child_ids: list[str]
@@ -460,6 +507,11 @@ class Job(Body):
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
+    duration_seconds: float | None = Field(description="From its start to its end (null "
+                                                       "until it ended)")
+    user: str | None = Field(description="Who started it: a Waymark user (API, portal), or "
+                                         "the host's user for the CLI (\"root (host)\"); null "
+                                         "for jobs made before this was recorded")
 
 
 # --- profiles, templates, locations, libraries ------------------------------------------------

@@ -98,6 +98,16 @@ def vm_show(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     return redact(caller.who, views.vm_show(ctx, row.id))
 
 
+@router.get("/vms/{vm}/summary", response_model=schemas.VmSummary)
+def vm_summary(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Hyper-V Manager's Summary: memory, CPUs, firmware and TPM, CPU model and accelerator,
+    the checkpoint type and where it comes from, disks (size, space used, chain depth), the CD
+    drive, and for a running VM its uptime and its QEMU's CPU and memory use (CPU measured
+    over a quarter second: the answer takes that long)."""
+    row = vm_for(ctx, caller.who, "vm.view", vm)
+    return redact(caller.who, views.vm_summary(ctx, row.id))
+
+
 def _order(devices: list[BootDevice] | None) -> list[str] | None:
     return None if devices is None else list(devices)
 

@@ -156,7 +156,8 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
                       abort=True)
         yes = True
     done = deletion.delete_checkpoints(ctx, vm_id, pattern, subtree=subtree, yes=yes,
-                                       report=StepProgress(), wait=not no_wait)
+                                       user=jobs.host_user(), report=StepProgress(),
+                                       wait=not no_wait)
     if no_wait:
         jobs.spawn(ctx, done.job)
     data = done.answer()
@@ -200,7 +201,7 @@ def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool)
     """Export a checkpoint as a standalone VM bundle (Hyper-V's Export-VMSnapshot)."""
     ctx = face().ctx
     job_id = export_job.submit_export(ctx, face().vm_id(vm_ref), ckpt_ref, dest.absolute(),
-                                      run_here=not no_wait)
+                                      run_here=not no_wait, user=jobs.host_user())
     if no_wait:
         jobs.spawn(ctx, job_id)
         emit(as_json, {"bundle": str(dest.absolute()), "job_id": job_id},

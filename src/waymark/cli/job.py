@@ -65,7 +65,9 @@ def show(job_ref: str, as_json: bool) -> None:
     lines = [f"Job {d['id']}  ({d['kind']}{', VM ' + d['vm_name'] if d['vm_name'] else ''})",
              f"  status: {_status(d)}   progress: {d['progress']:.0%}   step: {d['step'] or '-'}",
              f"  created: {d['created_at']}   started: {d['started_at'] or '-'}   "
-             f"finished: {d['finished_at'] or '-'}"]
+             f"finished: {d['finished_at'] or '-'}",
+             f"  started by: {d.get('user') or '-'}   duration: "
+             f"{'-' if d.get('duration_seconds') is None else str(d['duration_seconds']) + ' s'}"]
     if d["error"]:
         lines.append(f"  error: {d['error']}")
     emit(as_json, d, lines)

@@ -35,13 +35,18 @@ SCHEDULE_EVERY = 30.0
 # an API request waits this long for a VM another request or command holds, then gets 409
 API_LOCK_TIMEOUT = 2.0
 MIN_BODY = 64 * 1024
+BACKLOG = 2048  # uvicorn's own
+
+
+UNIX = "unix:"  # --listen unix:PATH: a Unix socket (for a reverse proxy on this host)
 
 
 def _address(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise InvalidInput(f"--listen {listen!r} is not HOST:PORT.",
-                           hint="For example --listen 127.0.0.1:8080 (or [::1]:8080).")
+                           hint="For example --listen 127.0.0.1:8080 (or [::1]:8080, or "
+                                "unix:/run/waymark.sock).")
     return host.strip("[]"), int(port)
 
 
@@ -66,18 +71,52 @@ def _check_transport(host: str, tls: bool, insecure_http: bool) -> None:
                             "proxy (--trusted-proxy 127.0.0.1); --insecure-http if you must.")
 
 
-def _check_free(host: str, port: int, listen: str) -> None:
-    """Refuse an address this host cannot listen on now, before anything starts: uvicorn would
-    only log why and exit 3, the exit code of NotFound. Bound as uvicorn binds (IPv6 when the
-    host has a colon, SO_REUSEADDR), then released for it."""
+def _bound(host: str, port: int, listen: str) -> socket.socket:
+    """The socket the server serves on, bound here before anything starts (uvicorn would only
+    log why it cannot and exit 3, the exit code of NotFound), listening only once the home is
+    open (:func:`serve`): IPv6 when the host has a colon, SO_REUSEADDR as uvicorn sets it.
+    Port 0 takes a free port (the URL printed names it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as err:
+        sock.close()
         raise Conflict(f"cannot listen on {listen}: {err.strerror}.",
                        hint=_listen_hint(err.errno, port)) from err
+    return sock
+
+
+def _bound_unix(path: Path) -> socket.socket:
+    """A Unix socket bound at ``path`` (owner-only, as every file the server makes); a socket
+    file nobody listens on any more (a server that died) is replaced."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path.is_socket() and sock.connect_ex(str(path)) != 0:
+            path.unlink()  # stale: its server is gone
+        sock.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+    except OSError as err:
+        sock.close()
+        raise Conflict(f"cannot listen on {UNIX}{path}: {err.strerror}.",
+                       hint="Another waymark serve may listen there, or the file is no "
+                            "socket: choose another path, or remove it.") from err
+    return sock
+
+
+def _url(sock: socket.socket, tls: bool) -> str:
+    """The portal's address as a browser (or curl) reaches it."""
+    scheme = "https" if tls else "http"
+    if sock.family == socket.AF_UNIX:
+        return f"unix socket {sock.getsockname()} (curl --unix-socket {sock.getsockname()} " \
+               f"{scheme}://localhost/)"
+    host, port = sock.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:  # every address of this host
+        host = socket.gethostname()
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}/"
 
 
 def _listen_hint(errno_: int | None, port: int) -> str:
@@ -159,17 +198,18 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
     from waymark.api.app import create_app
 
     modes.restrict_process()  # the server's files (and QEMU's) are owner-only too
-    host, port = _address(listen)
+    unix = Path(listen.removeprefix(UNIX)) if listen.startswith(UNIX) else None
+    host, port = _address(listen) if unix is None else ("localhost", 0)
     if (cert is None) != (key is None):
         raise InvalidInput("--cert and --key go together.", hint="Give both, or neither.")
-    _check_transport(host, cert is not None, insecure_http)
+    _check_transport(host, cert is not None, insecure_http)  # a Unix socket: this host only
     proxies = _proxies(trusted_proxies)
     if failpoints.armed():
         raise InvalidInput(f"a server never runs with test failpoints, and {failpoints.KILL} or "
                            f"{failpoints.TRACE} arms them.",
                            hint=f"Unset them (and {failpoints.SUITE_KEY}), then serve again.")
     limits = Limits(_body_limit(max_body), max_connections, max_streams, stream_lifetime)
-    _check_free(host, port, listen)
+    sock = _bound(host, port, listen) if unix is None else _bound_unix(unix.absolute())
     ctx = face().ctx
     if "WAYMARK_LOCK_TIMEOUT" not in os.environ:
         ctx.settings = dataclasses.replace(ctx.settings, lock_timeout=API_LOCK_TIMEOUT)
@@ -177,14 +217,20 @@ def serve(listen: str, cert: Path | None, key: Path | None, insecure_http: bool,
     if not no_schedules:
         threading.Thread(target=_schedules, args=(ctx, stop, schedule_every), name="schedules",
                          daemon=True).start()
-    click.echo(f"Waymark API on {'https' if cert else 'http'}://{listen}/api "
-               f"(home {ctx.home})", err=True)
+    config = uvicorn.Config(create_app(ctx, limits), log_level="warning",
+                            proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
+                            limit_concurrency=limits.max_connections,
+                            ws_max_size=MAX_WEBSOCKET_MESSAGE,
+                            ssl_certfile=str(cert) if cert else None,
+                            ssl_keyfile=str(key) if key else None)
+    sock.listen(BACKLOG)  # the home is open and settled: a browser pointed at the URL now is
+    # answered once the app has started (a moment later), not refused
+    click.echo(f"Waymark portal on {_url(sock, cert is not None)} (the API under /api; "
+               f"home {ctx.home})", err=True)
     try:
-        uvicorn.run(create_app(ctx, limits), host=host, port=port, log_level="warning",
-                    proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
-                    limit_concurrency=limits.max_connections,
-                    ws_max_size=MAX_WEBSOCKET_MESSAGE,
-                    ssl_certfile=str(cert) if cert else None,
-                    ssl_keyfile=str(key) if key else None)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         stop.set()
+        sock.close()
+        if unix is not None:
+            unix.absolute().unlink(missing_ok=True)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pwd
 import subprocess
 import sys
 import time
@@ -82,14 +84,16 @@ def mine(job: Job) -> bool:
 # --- rows -------------------------------------------------------------------------------------
 
 def submit(ctx: Context, vm_id: str | None, kind: str, params: dict[str, Any],
-           *, run_here: bool) -> str:
-    """A new queued job; ``run_here``: this process will run it (a waiting command)."""
+           *, run_here: bool, user: str) -> str:
+    """A new queued job; ``run_here``: this process will run it (a waiting command); ``user``:
+    who asked for it, for the task history (a Waymark user's name through the API or the
+    portal, :func:`host_user` for the CLI)."""
     job_id = uuid.uuid4().hex
     pid, start = process.identity() if run_here else (None, None)
     with ctx.catalog.session() as session:
         session.add(Job(id=job_id, vm_id=vm_id, kind=kind, params=params, status="queued",
                         progress=0.0, worker_pid=pid, worker_start=start,
-                        cancel_requested=False, created_at=now()))
+                        cancel_requested=False, created_at=now(), user=user[:99]))
     return job_id
 
 
@@ -122,7 +126,37 @@ def describe(session: Session, job: Job) -> dict[str, Any]:
             "error": job.error, "result": job.result, "params": job.params,
             "created_at": rfc3339(job.created_at),
             "started_at": rfc3339(job.started_at) if job.started_at else None,
-            "finished_at": rfc3339(job.finished_at) if job.finished_at else None}
+            "finished_at": rfc3339(job.finished_at) if job.finished_at else None,
+            "duration_seconds": _duration(job), "user": job.user}
+
+
+def _duration(job: Job) -> float | None:
+    """Seconds from the job's start to its end; None until it ended (a description of an
+    unfinished job stays the same while nothing about it changes: the event streams compare
+    them)."""
+    if job.started_at is None or job.finished_at is None:
+        return None
+    return round((timing.utc(job.finished_at) - timing.utc(job.started_at)).total_seconds(), 1)
+
+
+def host_user() -> str:
+    """Who runs a CLI command, as the task history names them: the host account and
+    ``(host)``, e.g. ``root (host)`` (not a Waymark user: the CLI is the host's own face)."""
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        name = f"uid {os.geteuid()}"
+    return f"{name} (host)"
+
+
+def history(ctx: Context, visible: Callable[[Job], bool], *, offset: int, limit: int
+            ) -> tuple[list[dict[str, Any]], int]:
+    """The task history: the jobs ``visible`` accepts, newest first, ``limit`` of them from
+    ``offset``; and how many there are in all."""
+    with ctx.catalog.session() as session:
+        rows = [j for j in session.scalars(select(Job).order_by(Job.created_at.desc()))
+                if visible(j)]
+        return [describe(session, r) for r in rows[offset:offset + limit]], len(rows)
 
 
 def listing(ctx: Context, vm_id: str | None = None, *, everything: bool = False

@@ -90,7 +90,9 @@ def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
         out["is_current"] = vm_row.current_checkpoint_id == row.id
         out["configuration"] = row.config
         out["memory_state"] = row.memory_path
+        out["media_name"] = _media_name(row.config.get("media"))
         out["disks"] = [{"disk_id": disk_id, "frozen_image": space.images[image_id].path,
+                         "virtual_size": space.images[image_id].virtual_size,
                          "allocated_bytes": space.allocated(image_id),
                          "chain_depth": space.depth(image_id)}
                         for disk_id, image_id in lookup.frozen(session, row.id).items()]
@@ -138,7 +140,7 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
     return {
         "id": row.id, "name": row.name, "state": state, "created_at": rfc3339(row.created_at),
         **{k: v for k, v in hardware.dump().items() if k not in ("disks", "nvram")},
-        "media_name": Path(hardware.media).name if hardware.media else None,
+        "media_name": _media_name(hardware.media),
         "checkpoint_type": row.checkpoint_type, "checkpoint_dir": row.checkpoint_dir,
         "max_checkpoints": row.max_checkpoints,
         "automatic_checkpoints": row.automatic_checkpoints,
@@ -155,6 +157,43 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
         else _disk(disks[hardware.nvram], space, True),
         "detached_disks": [_disk(d, space, False) for d in disks.values()
                            if d.id not in hardware.disks],
+    }
+
+
+def _media_name(media: object) -> str | None:
+    """The ISO's file name (no host path), or None for an empty CD drive."""
+    return Path(media).name if isinstance(media, str) and media else None
+
+
+SUMMARY_DISK_KEYS = ("id", "passthrough", "virtual_size", "allocated_bytes", "chain_depth")
+
+
+def vm_summary(ctx: Context, vm_id: str, sample: float = presence.USAGE_INTERVAL
+               ) -> dict[str, Any]:
+    """Hyper-V Manager's Summary pane: the hardware, where the checkpoint type comes from
+    (``vm``: the VM's own, also for a VM made without a template; ``template T``, ``profile
+    P``, ``default``), the disks with size, space used and chain depth, the CD drive, and for
+    a running VM its uptime and what its QEMU uses (CPU measured over ``sample`` seconds)."""
+    with ctx.catalog.snapshot() as session:  # one state of the catalog
+        row = lookup.vm_by_id(session, vm_id)
+        shown = _vm(session, row, presence.observed_state(ctx, row.id, row.state))
+        current = (session.get(Checkpoint, row.current_checkpoint_id)
+                   if row.current_checkpoint_id else None)
+        current_name = current.name if current is not None else None
+    found = presence.find(presence.run_files(ctx, vm_id))
+    live = found is not None and shown["state"] in presence.LIVE_STATES
+    return {
+        **{k: shown[k] for k in ("id", "name", "state", "memory_mib", "cpus", "firmware",
+                                 "tpm", "cpu_model", "accel", "media_name", "boot_order",
+                                 "checkpoint_type", "checkpoint_count",
+                                 "checkpoint_space_bytes")},
+        "accelerator": found.runtime.get("accelerator") if live and found else None,
+        "secure_boot": shown["firmware"] == "uefi-secure",
+        "checkpoint_type_source": shown["settings_source"].get("checkpoint_type", "vm"),
+        "current_checkpoint": current_name,
+        "disks": [{k: d.get(k) for k in SUMMARY_DISK_KEYS} for d in shown["disks"]],
+        "uptime_seconds": presence.uptime(found) if live and found else None,
+        "usage": presence.usage(found, sample) if live and found else None,
     }
 
 

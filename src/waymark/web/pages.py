@@ -26,6 +26,7 @@ from waymark.model.policy import Decision, Principal
 from waymark.text import printable
 from waymark.usecases import views
 from waymark.usecases.access import audit, job_scope, locations, users
+from waymark.usecases.backups import overview as backup_overview
 from waymark.usecases.backups import points as backups
 from waymark.usecases.backups import schedules
 from waymark.usecases.library import profiles
@@ -276,7 +277,8 @@ def vm_page(vm: str, request: Request) -> Response:
     return _page(request, "vm.html", who, csrf, vm=shown, tree=tree,
                  checkpoints=listing["checkpoints"], may=may, exports=exports, depth=depth,
                  deep=depth >= DEEP_CHAIN, biggest=biggest, repositories=repositories,
-                 points=points, types=CHECKPOINT_TYPES, space_rows=_in_tree_order(tree))
+                 points=points, types=CHECKPOINT_TYPES, space_rows=_in_tree_order(tree),
+                 summary=views.vm_summary(ctx, row.id))
 
 
 def _admin_page(request: Request) -> tuple[Principal, str] | Response:
@@ -361,5 +363,32 @@ def backups_page(request: Request) -> Response:
     who, csrf = signed
     ctx = _ctx(request)
     return _page(request, "backups.html", who, csrf, schedules=schedules.listing(ctx),
+                 overview=backup_overview.overview(ctx),
                  vms=views.vm_list(ctx), repositories=[
                      loc for loc in locations.listing(ctx) if loc["kind"] == "repository"])
+
+
+TASKS_PER_PAGE = 50
+
+
+@router.get("/tasks")
+def tasks_page(request: Request, page: int = 1) -> Response:
+    """The task history (Proxmox's task log): the jobs the user may see, newest first, one
+    page of :data:`TASKS_PER_PAGE`."""
+    signed = _signed_in(request)
+    if signed is None:
+        return _to_login(request)
+    who, csrf = signed
+    page = max(page, 1)
+    rows, total = job_scope.history_for(_ctx(request), who, offset=(page - 1) * TASKS_PER_PAGE,
+                                        limit=TASKS_PER_PAGE)
+    if not who.admin:
+        rows = [_without_host_paths(j) for j in rows]
+    pages = max(1, -(-total // TASKS_PER_PAGE))
+    return _page(request, "tasks.html", who, csrf, tasks=rows, page=page, pages=pages,
+                 total=total)
+
+
+def _without_host_paths(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as someone who is no administrator sees it: host paths left out of its error."""
+    return {**job, "error": hide_host_paths(job["error"]) if job["error"] else None}

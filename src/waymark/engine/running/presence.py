@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from waymark import durable
+from waymark import durable, process
 from waymark.catalog.models import Vm
 from waymark.engine.context import Context
 from waymark.errors import Conflict
@@ -31,6 +31,7 @@ from waymark.qemu.cmdline import RunFiles
 
 LIVE_STATES = ("running", "paused")
 LOG_TAIL = 5
+USAGE_INTERVAL = 0.25  # s between the two readings a CPU use is measured over
 
 
 def run_files(ctx: Context, vm_id: str) -> RunFiles:
@@ -57,6 +58,26 @@ def find(run: RunFiles) -> Process | None:
     except (OSError, ValueError):
         runtime = {}
     return Process(pid, runtime)
+
+
+def uptime(found: Process) -> float | None:
+    """Seconds since the VM's QEMU started (None: its runtime file does not say)."""
+    started = found.runtime.get("started_at")
+    return round(time.time() - started, 1) if started else None
+
+
+def usage(found: Process, interval: float = USAGE_INTERVAL) -> dict[str, Any] | None:
+    """What the VM's QEMU uses: ``cpu_percent`` over ``interval`` seconds (of one host CPU, as
+    ``top`` shows it: 200 is two CPUs busy), ``cpu_seconds`` since it started and ``rss_bytes``
+    (the guest's memory it touched, and QEMU's own); None when it is gone."""
+    first, began = process.usage(found.pid), time.monotonic()
+    time.sleep(interval)
+    second, elapsed = process.usage(found.pid), time.monotonic() - began
+    if first is None or second is None:
+        return None
+    busy = second.cpu_seconds - first.cpu_seconds
+    return {"cpu_percent": round(100 * busy / elapsed, 1),
+            "cpu_seconds": round(second.cpu_seconds, 2), "rss_bytes": second.rss_bytes}
 
 
 def alive(pid: int) -> bool:

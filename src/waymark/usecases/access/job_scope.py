@@ -31,3 +31,12 @@ def in_scope(who: Principal, listed: list[dict[str, Any]], owners: dict[str, str
              ) -> list[dict[str, Any]]:
     """The jobs of ``listed`` the caller may see (``owners``: each VM's owner)."""
     return [j for j in listed if visible(who, j["vm_id"], owners)]
+
+
+def history_for(ctx: Context, who: Principal, *, offset: int, limit: int
+                ) -> tuple[list[dict[str, Any]], int]:
+    """The task history the caller may see (their VMs' jobs; an administrator: every job),
+    newest first, one page of it; and how many jobs it holds."""
+    known = owners(ctx)
+    return jobs.history(ctx, lambda job: visible(who, job.vm_id, known),
+                        offset=offset, limit=limit)

@@ -75,7 +75,8 @@ class Deleted:
 
 
 def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool, yes: bool,
-                       report: compaction.Reporter | None = None, wait: bool = True) -> Deleted:
+                       user: str, report: compaction.Reporter | None = None,
+                       wait: bool = True) -> Deleted:
     """Delete what ``pattern`` matches (with their descendants if ``subtree``), then compact,
     as a merge job (``Deleted.job``) that this call runs, or, without ``wait``, leaves to a
     worker the caller starts (:func:`waymark.engine.jobs.spawn`).
@@ -86,7 +87,8 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
     (:mod:`waymark.model.planner`) and runs each as journal steps
     (:mod:`waymark.engine.executor`).
 
-    Several matches need ``yes``: the caller shows them and asks first.
+    Several matches need ``yes``: the caller shows them and asks first. ``user``: who asked
+    (the merge job records it, :func:`waymark.engine.jobs.submit`).
     """
     targets = matching(ctx, vm_id, pattern)
     if len(targets) > 1 and not yes:
@@ -99,7 +101,7 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
             removed = remove_from_tree(session, session.get_one(Vm, vm_id),
                                         [m.id for m in targets], subtree=subtree)
         job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
-                          run_here=wait)
+                          run_here=wait, user=user)
         ctx.journal.finish_pending(vm_id, skip=compaction.MARKER)  # their own files go
         if wait:
             compaction.compact_if_marked(ctx, vm_id, report)

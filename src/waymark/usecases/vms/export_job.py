@@ -19,14 +19,14 @@ KIND = "export"
 
 
 def submit_export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path, *,
-                  run_here: bool) -> str:
+                  run_here: bool, user: str) -> str:
     """An export job, once the VM, the checkpoint and the empty destination are known good."""
     with ctx.catalog.session() as session:
         vm_row = lookup.vm_by_id(session, vm_id)
         checkpoint_id = lookup.checkpoint(session, vm_row, ckpt_ref).id
     bundles.require_empty(dest)
     return jobs.submit(ctx, vm_id, KIND, {"vm_id": vm_id, "checkpoint_id": checkpoint_id,
-                                          "dest": str(dest)}, run_here=run_here)
+                                          "dest": str(dest)}, run_here=run_here, user=user)
 
 
 def run_export(ctx: Context, job_id: str, echo: Callable[[float], None] | None = None
