@@ -384,19 +384,7 @@ function vmPage() {
     const task = act === "delete-subtree" ? actions.delete(item, true) : actions[act](item);
     task.catch(() => {});
   });
-  if (tree) setupTree(tree, open);
-  const take = document.getElementById("checkpoint");
-  if (take) {
-    take.addEventListener("click", async () => {
-      take.disabled = true;
-      try {
-        const made = await api("POST", base, {});
-        after(`Created checkpoint ${made.name}.`);
-      } catch (err) {
-        take.disabled = false;
-      }
-    });
-  }
+  if (tree) setupTree(tree, open);  // the Checkpoint button's dialog: pages.js
 }
 
 // --- forms and buttons that call the API ------------------------------------------------------
