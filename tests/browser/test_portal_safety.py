@@ -287,6 +287,7 @@ def test_restore_into_the_vm_asks_first(site: tuple[Waymark, str, Path]) -> None
     wm("checkpoint", "create", "restored", "--name", "r2")
     with sync_playwright() as playwright:
         browser, page, watch = admin_on(playwright, url, "/vms/restored")
+        page.get_by_role("tab", name="Backups", exact=True).click()  # kept across reloads
         for mode, action, added in (("discard_current", "Restore (Now is lost)", 1),
                                     ("checkpoint_first", "Checkpoint and Restore", 2)):
             before = wm.json("checkpoint", "list", "restored")
@@ -469,7 +470,7 @@ def test_the_tree_menu_and_a_dialog_work_by_keyboard_alone(
         assert page.evaluate("document.activeElement.dataset.ckpt") == made["k2"]
         page.keyboard.press("Shift+F10")
         expect(page.get_by_role("menu")).to_be_visible()
-        for _ in range(2):  # Apply, Rename (Export: no export folder), Delete Checkpoint
+        for _ in range(3):  # Settings, Apply, Rename (Export: no export folder), Delete
             page.keyboard.press("ArrowDown")
         assert page.evaluate("document.activeElement.textContent") == "Delete Checkpoint…"
         page.keyboard.press("Enter")
