@@ -335,7 +335,11 @@ def import_(bundle: Path, name: str | None, as_json: bool) -> None:
     vm_id = bundles.import_bundle(ctx, bundle.absolute(), name,
                                   on_progress=fraction_progress("importing"))
     data = views.vm_show(ctx, vm_id)
-    emit(as_json, data, [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."])
+    lines = [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."]
+    exported = bundles.exported_notes(bundle.absolute())
+    if exported:  # the exported checkpoint's, kept in the bundle
+        lines += ["The exported checkpoint's notes:", *(f"  {n}" for n in exported.split("\n"))]
+    emit(as_json, {**data, "checkpoint_notes": exported}, lines)
 
 
 @vm.command("import-libvirt")

@@ -28,7 +28,7 @@ from waymark.model.names import code_point
 
 MAX_NOTES = 4000
 KEPT = frozenset("\n\t\u200c\u200d")  # line breaks, tabs, zero-width (non-)joiners
-HINT = (f"Write printable text (line breaks and tabs are kept), at most {MAX_NOTES:,} "
+HINT = (f"Write printable text (line breaks and tabs are kept), at most {MAX_NOTES} "
         "characters.")
 ELLIPSIS = "…"
 
@@ -40,8 +40,8 @@ def clean(text: str | None, *, what: str = "checkpoint notes") -> str | None:
         return None
     normal = unicodedata.normalize("NFC", text.replace("\r\n", "\n")).strip()
     if len(normal) > MAX_NOTES:
-        raise InvalidInput(f"the {what} have {len(normal):,} characters; at most "
-                           f"{MAX_NOTES:,} fit.", hint="Shorten them.")
+        raise InvalidInput(f"the {what} have {len(normal)} characters, at most {MAX_NOTES} "
+                           "fit.", hint="Shorten them.")
     for number, line in enumerate(normal.split("\n"), start=1):
         for char in line:
             if char not in KEPT and _hidden(char):

@@ -2,7 +2,9 @@
 
 A bundle is a folder (Hyper-V's Export-VMSnapshot)::
 
-    manifest.json         what is in it, with the sha256 of every other file (written last)
+    manifest.json         what is in it, with the sha256 of every other file (written last);
+                          its ``source`` names the VM and checkpoint, with the checkpoint's
+                          notes (``checkpoint_notes``), which ``vm import`` shows
     configuration.json    the VM's hardware as the checkpoint recorded it
     disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
     memory.state          the memory state, for a checkpoint that holds one
@@ -31,10 +33,10 @@ from waymark.catalog.models import Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.steps import CopyFile, Step, WriteFile
-from waymark.errors import Conflict, ImageError, NotFound
+from waymark.errors import Conflict, ImageError, InvalidInput, NotFound
 from waymark.external import shares, vm_files
 from waymark.images import qemu_img
-from waymark.model import names
+from waymark.model import names, notes
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import tpm
 from waymark.usecases.vms import definitions as vms
@@ -104,7 +106,8 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
             "format": FORMAT, "version": VERSION,
             "exported_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "source": {"vm_id": vm_id, "vm_name": vm_name, "checkpoint_id": row.id,
-                       "checkpoint_name": row.name, "kind": row.kind},
+                       "checkpoint_name": row.name, "kind": row.kind,
+                       "checkpoint_notes": row.notes},
             "vm": {"name": vm_name, "checkpoint_type": vm_row.checkpoint_type,
                    "max_checkpoints": vm_row.max_checkpoints},
             "disks": disks, "skipped_disks": row.skipped_disks,
@@ -168,6 +171,33 @@ def carried(bundle: Path, manifest: dict[str, Any], where: str) -> list[vm_files
     return vm_files.read(manifest.get("vm_files"), bundle / BOOT, base=bundle, where=where)
 
 
+def source_notes(bundle: Path, manifest: dict[str, Any]) -> str | None:
+    """The exported checkpoint's notes, checked as typed notes are (a bundle is outside
+    storage, and a terminal shows them): ImageError when they are not what Waymark writes."""
+    source = manifest.get("source")
+    given = source.get("checkpoint_notes") if isinstance(source, dict) else None
+    if given is None:
+        return None
+    try:
+        if isinstance(given, str) and notes.clean(given) == given:
+            return given
+        problem = "they are not as Waymark writes them"
+    except InvalidInput as err:
+        problem = err.message
+    raise ImageError(f"{bundle / MANIFEST}: the exported checkpoint's notes are refused "
+                     f"({problem}). Nothing was imported.", hint="Export it again.")
+
+
+def exported_notes(bundle: Path) -> str | None:
+    """The notes of the checkpoint a bundle was exported from (after :func:`import_bundle`
+    checked the bundle; checked again, as its manifest is read again)."""
+    try:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise ImageError(f"cannot read {bundle / MANIFEST}: {err}.") from err
+    return source_notes(bundle, manifest) if isinstance(manifest, dict) else None
+
+
 def _tpm_state(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
     """The TPM state a (verified) bundle holds, or None; ImageError if it cannot be one."""
     if manifest.get("tpm") is None:
@@ -194,6 +224,7 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
     """A new VM (new id, new file names) from a verified bundle; returns its id."""
     name = names.clean(name, what="VM name") if name is not None else None  # before reading
     manifest = read_bundle(bundle)
+    source_notes(bundle, manifest)
     config = bundle / "configuration.json"
     try:
         data = json.loads(config.read_text())
