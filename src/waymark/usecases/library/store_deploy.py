@@ -560,8 +560,9 @@ def _entry_view(entry: Entry, here: set[tuple[str, str]]) -> dict[str, Any]:
                             for c in manifest["checkpoints"]]}
 
 
-def tree_lines(view: dict[str, Any]) -> list[str]:
-    return checkpoint_tree(view) if "checkpoints" in view else []
+def tree_lines(view: dict[str, Any], columns: int = 100) -> list[str]:
+    """A stored VM's checkpoint tree as text lines within ``columns``."""
+    return checkpoint_tree(view, columns) if "checkpoints" in view else []
 
 
 def _describe(report: Report) -> StepReport | None:
