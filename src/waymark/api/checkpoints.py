@@ -34,14 +34,15 @@ def tree(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
 
 
 NOTES = ("Its notes (Hyper-V's Notes): free text, several lines, at most 4,000 characters; "
-         "control and invisible formatting characters are refused (400). Empty: none.")
+         "control and invisible formatting characters are refused (400).")
 
 
 class NewCheckpoint(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=99)
     type: Literal["production", "productiononly", "standard"] | None = Field(
         default=None, description="This checkpoint's type (default: the VM's).")
-    notes: str | None = Field(default=None, max_length=MAX_NOTES, description=NOTES)
+    notes: str | None = Field(default=None, max_length=MAX_NOTES,
+                              description=f"{NOTES} Empty: none.")
 
 
 @router.post("/vms/{vm}/checkpoints", status_code=201, response_model=schemas.CheckpointDetail)
@@ -91,8 +92,8 @@ class Change(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=99,
                              description="Its new name (absent: unchanged)")
     notes: str | None = Field(default=None, max_length=MAX_NOTES,
-                              description=NOTES.replace("Empty: none.", "Empty or null: "
-                                                        "cleared; absent: unchanged."))
+                              description=f"{NOTES} Empty or null: cleared; absent: "
+                                          "unchanged.")
 
 
 @router.patch("/vms/{vm}/checkpoints/{ckpt}", response_model=schemas.CheckpointRenamed)

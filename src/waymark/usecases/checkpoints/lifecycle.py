@@ -60,11 +60,10 @@ def create(ctx: Context, vm_id: str, name: str | None = None,
            wanted: str | None = None, *, text: str | None = None) -> str:
     """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes.
 
-    ``wanted`` overrides the VM's checkpoint type for this one checkpoint; ``text``: its
-    notes (:mod:`waymark.model.notes`). A running or paused
+    ``wanted`` overrides the VM's checkpoint type for this one checkpoint; ``text`` gives it
+    notes (:mod:`waymark.model.notes`, checked before anything changes). A running or paused
     VM is checkpointed live (:mod:`waymark.engine.running.live_checkpoint`); an off one gets its
-    disks; a saved one
-    its disks and its saved memory.
+    disks; a saved one its disks and its saved memory.
     """
     with ctx.locked(vm_id):
         return create_locked(ctx, vm_id, name, wanted, text=text)

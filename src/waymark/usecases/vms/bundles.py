@@ -24,6 +24,7 @@ import base64
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -188,14 +189,13 @@ def source_notes(bundle: Path, manifest: dict[str, Any]) -> str | None:
                      f"({problem}). Nothing was imported.", hint="Export it again.")
 
 
-def exported_notes(bundle: Path) -> str | None:
-    """The notes of the checkpoint a bundle was exported from (after :func:`import_bundle`
-    checked the bundle; checked again, as its manifest is read again)."""
-    try:
-        manifest = json.loads((bundle / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        raise ImageError(f"cannot read {bundle / MANIFEST}: {err}.") from err
-    return source_notes(bundle, manifest) if isinstance(manifest, dict) else None
+@dataclass(frozen=True)
+class Imported:
+    """A VM made from a bundle: its id, and the exported checkpoint's notes (the new VM has no
+    checkpoint to hold them: ``vm import`` shows them)."""
+
+    vm_id: str
+    checkpoint_notes: str | None
 
 
 def _tpm_state(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
@@ -220,11 +220,11 @@ def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[st
 
 
 def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
-                  on_progress: qemu_img.Progress = None) -> str:
-    """A new VM (new id, new file names) from a verified bundle; returns its id."""
+                  on_progress: qemu_img.Progress = None) -> Imported:
+    """A new VM (new id, new file names) from a verified bundle."""
     name = names.clean(name, what="VM name") if name is not None else None  # before reading
     manifest = read_bundle(bundle)
-    source_notes(bundle, manifest)
+    exported = source_notes(bundle, manifest)
     config = bundle / "configuration.json"
     try:
         data = json.loads(config.read_text())
@@ -241,7 +241,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
             return []
         return _saved_state_steps(ctx, vm_id, bundle, manifest, dumped)
 
-    return vms.create_from_copies(
+    vm_id = vms.create_from_copies(
         ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
         on_progress, rename_hint="Import under another name with --name NEW_NAME.",
         carried=boot, tpm_state=_tpm_state(bundle, manifest))
+    return Imported(vm_id, exported)
