@@ -167,7 +167,8 @@ def test_store_and_deploy_keep_the_notes(wm: Waymark, tmp_path: Path) -> None:
     wm("vm", "store", "web", "--library", str(library))
     [stored] = wm.json("library", "list", "--library", str(library))["vms"]
     assert [c["notes"] for c in stored["checkpoints"]] == [NOTES, None]
-    listed = wm("library", "list", "--library", str(library)).stdout
+    listed = wm.run("library", "list", "--library", str(library),
+                    env=wm.env(COLUMNS="120")).ok().stdout
     assert "— Before the 4.2 upgrade…" in listed
     wm("vm", "deploy", "web", "--library", str(library))
     assert wm.json("checkpoint", "show", "web", "first")["notes"] == NOTES
