@@ -67,10 +67,10 @@ class Client:
     def checkpoint_list(self, vm: str) -> dict[str, Any]:
         return dict(self.call("GET", f"/vms/{_p(vm)}/checkpoints"))
 
-    def checkpoint_create(self, vm: str, name: str | None = None, kind: str | None = None
-                          ) -> dict[str, Any]:
+    def checkpoint_create(self, vm: str, name: str | None = None, kind: str | None = None,
+                          notes: str | None = None) -> dict[str, Any]:
         return dict(self.call("POST", f"/vms/{_p(vm)}/checkpoints",
-                              {"name": name, "type": kind}))
+                              {"name": name, "type": kind, "notes": notes}))
 
     def checkpoint_show(self, vm: str, ckpt: str) -> dict[str, Any]:
         return dict(self.call("GET", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}"))
@@ -83,6 +83,11 @@ class Client:
     def checkpoint_rename(self, vm: str, ckpt: str, name: str) -> dict[str, Any]:
         return dict(self.call("PATCH", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}",
                               {"name": name}))
+
+    def checkpoint_notes(self, vm: str, ckpt: str, notes: str) -> dict[str, Any]:
+        """Set a checkpoint's notes ("" clears them)."""
+        return dict(self.call("PATCH", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}",
+                              {"notes": notes}))
 
     def checkpoint_delete(self, vm: str, match: str, subtree: bool = False, yes: bool = False
                           ) -> dict[str, Any]:

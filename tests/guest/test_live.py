@@ -132,9 +132,11 @@ def test_standard_checkpoint_resumes_exactly_where_it_was_taken(vm: Guest, tmp_p
     start = vm.mark()
     vm.wait_counter_above(start, 11)  # two LINE records at least
     last_before = latest(vm, start)
-    ckpt = vm.wm.json("checkpoint", "create", vm.name, "--type", "standard", "--name", "here")
+    ckpt = vm.wm.json("checkpoint", "create", vm.name, "--type", "standard", "--name", "here",
+                      "--notes", "taken live\nwhile it counts")
     last_after = latest(vm, start)
     assert ckpt["kind"] == "standard" and ckpt["requested_type"] == "standard", ckpt
+    assert ckpt["notes"] == "taken live\nwhile it counts", ckpt  # kept by the live part
     assert ckpt["has_memory"] and Path(ckpt["memory_state"]).is_file(), ckpt
     for private in (ckpt["memory_state"], ckpt["disks"][0]["frozen_image"],  # guest RAM, data
                     vm.active_image(), vm.run_dir / "serial.log"):

@@ -574,6 +574,10 @@ SHAPES: dict[str, Callable[[dict[str, Any]], None]] = {
     "huge tpm state": lambda m: m["checkpoints"][0].update(
         tpm_state=base64.b64encode(b"x" * (2 << 20)).decode()),
     "tpm elsewhere": lambda m: m.update(tpm="files/disks/x.qcow2"),
+    # notes a terminal or page would act on, or more than fit (waymark.model.notes)
+    "hostile notes": lambda m: m["checkpoints"][0].update(notes="ok\x1b[2J\u202e"),
+    "huge notes": lambda m: m["checkpoints"][0].update(notes="x" * 4001),
+    "notes no text": lambda m: m["checkpoints"][0].update(notes=["a list"]),
 }
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints of one VM: tree, create, show, apply, rename, delete (a merge job)."""
+"""Checkpoints of one VM: tree, create, show, apply, rename and notes, delete (a merge
+job)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.http.security import CallerDep, ContextDep, redact, require_vm, vm_for
+from waymark.model.notes import MAX_NOTES
 from waymark.usecases import views
 from waymark.usecases.access import locations
 from waymark.usecases.checkpoints import deletion
@@ -31,10 +33,16 @@ def tree(vm: str, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
     return views.checkpoint_list(ctx, row.id)
 
 
+NOTES = ("Its notes (Hyper-V's Notes): free text, several lines, at most 4,000 characters; "
+         "control and invisible formatting characters are refused (400).")
+
+
 class NewCheckpoint(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=99)
     type: Literal["production", "productiononly", "standard"] | None = Field(
         default=None, description="This checkpoint's type (default: the VM's).")
+    notes: str | None = Field(default=None, max_length=MAX_NOTES,
+                              description=f"{NOTES} Empty: none.")
 
 
 @router.post("/vms/{vm}/checkpoints", status_code=201, response_model=schemas.CheckpointDetail)
@@ -42,7 +50,7 @@ def create(vm: str, caller: CallerDep, ctx: ContextDep, body: NewCheckpoint | No
            ) -> dict[str, Any]:
     row = vm_for(ctx, caller.who, "checkpoint.create", vm)
     wanted = body or NewCheckpoint()
-    ckpt_id = checkpoints.create(ctx, row.id, wanted.name, wanted.type)
+    ckpt_id = checkpoints.create(ctx, row.id, wanted.name, wanted.type, text=wanted.notes)
     return redact(caller.who, views.checkpoint_show(ctx, row.id, ckpt_id))
 
 
@@ -80,17 +88,24 @@ def _apply_effects(ctx: Context, row: Vm, body: Apply) -> list[str]:
     return effects
 
 
-class Rename(BaseModel):
-    name: str = Field(min_length=1, max_length=99)
+class Change(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=99,
+                             description="Its new name (absent: unchanged)")
+    notes: str | None = Field(default=None, max_length=MAX_NOTES,
+                              description=f"{NOTES} Empty or null: cleared; absent: "
+                                          "unchanged.")
 
 
 @router.patch("/vms/{vm}/checkpoints/{ckpt}", response_model=schemas.CheckpointRenamed)
-def rename(vm: str, ckpt: str, body: Rename, caller: CallerDep, ctx: ContextDep
+def rename(vm: str, ckpt: str, body: Change, caller: CallerDep, ctx: ContextDep
            ) -> dict[str, Any]:
-    """Rename a checkpoint. Names need not be unique (as in Hyper-V): a name another
-    checkpoint of the VM has is taken, with a warning in ``warnings`` (empty otherwise)."""
+    """Rename a checkpoint and/or set its notes (at least one of them; both are checked before
+    either changes; the ``checkpoint.rename`` permission). Names need not be unique (as in
+    Hyper-V): a name another checkpoint of the VM has is taken, with a warning in
+    ``warnings`` (empty otherwise)."""
     row = vm_for(ctx, caller.who, "checkpoint.rename", vm)
-    renamed = checkpoints.rename(ctx, row.id, ckpt, body.name)
+    text = (body.notes or "") if "notes" in body.model_fields_set else None
+    renamed = checkpoints.change(ctx, row.id, ckpt, name=body.name, text=text)
     return {**redact(caller.who, views.checkpoint_show(ctx, row.id, renamed.id)),
             "warnings": renamed.warnings}
 

@@ -368,6 +368,9 @@ class CheckpointSummary(Body):
     created_at: Timestamp
     kind: str
     has_memory: bool
+    notes: str | None = Field(description="What an administrator wrote about it (Hyper-V's "
+                                          "Notes): free text, several lines, at most 4,000 "
+                                          "characters, printable; null: none")
 
 
 class Checkpoint(CheckpointSummary):

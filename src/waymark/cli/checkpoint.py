@@ -4,6 +4,7 @@ runs; listing and showing need only the read models."""
 
 from __future__ import annotations
 
+import shutil
 from typing import Any, ClassVar
 
 import click
@@ -24,6 +25,7 @@ class CheckpointCommands(LazyGroup):
         "create": (CHANGE, "create", "Take a checkpoint of a VM, live if it runs."),
         "apply": (CHANGE, "apply", "Return the VM to a checkpoint (Restore-VMSnapshot)."),
         "rename": (CHANGE, "rename", "Rename a checkpoint (1-99 characters)."),
+        "notes": (CHANGE, "notes", "Show, set or clear a checkpoint's notes."),
         "delete": (CHANGE, "delete", "Delete checkpoints; their disk layers are merged away."),
         "export": (CHANGE, "export", "Export a checkpoint as a standalone VM bundle."),
     }
@@ -43,7 +45,8 @@ def list_(vm_ref: str, as_json: bool) -> None:
     data = remote.checkpoint_list(vm_ref) if remote is not None \
         else views.checkpoint_list(face().ctx, face().vm_id(vm_ref))
     lines = [f"Checkpoints of {data['vm_name']}:"]
-    lines += views.checkpoint_tree(data) if data["checkpoints"] else ["Now  (no checkpoints)"]
+    lines += views.checkpoint_tree(data, shutil.get_terminal_size().columns) \
+        if data["checkpoints"] else ["Now  (no checkpoints)"]
     lines += ["", tree.LEGEND]
     emit(as_json, data, lines)
 
@@ -66,7 +69,15 @@ def _show_lines(d: dict[str, Any]) -> list[str]:
         lines.append(f"  file systems frozen: {d['freeze_seconds'] * 1000:.0f} ms")
     lines += [f"  disk {x['disk_id'][:12]}: {x['frozen_image']}" for x in d["disks"]]
     lines += [f"  not captured: {s['path']} ({s['reason']})" for s in d["skipped_disks"]]
+    if d.get("notes"):
+        lines += ["  notes:", *notes_lines(d["notes"], "    ")]
     return lines
+
+
+def notes_lines(notes: str, indent: str) -> list[str]:
+    """Notes whole, each line indented (made printable by ``emit``: notes from a server are
+    another's text)."""
+    return [f"{indent}{line}".rstrip() for line in notes.split("\n")]
 
 
 @checkpoint.command("show")

@@ -1,14 +1,16 @@
-"""``waymark checkpoint``'s commands that change checkpoints: take, apply, rename, delete and
-export. Their module is loaded only when one of them runs (:class:`waymark.cli.checkpoint.
-CheckpointCommands`): the use cases they need are no cost to ``waymark checkpoint list``."""
+"""``waymark checkpoint``'s commands that change checkpoints: take, apply, rename, notes,
+delete and export. Their module is loaded only when one of them runs
+(:class:`waymark.cli.checkpoint.CheckpointCommands`): the use cases they need are no cost to
+``waymark checkpoint list``."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
-from waymark.cli.checkpoint import shown
+from waymark.cli.checkpoint import notes_lines, shown
 from waymark.cli.job import ended, follow
 from waymark.cli.main import face
 from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option, warn
@@ -26,20 +28,26 @@ from waymark.usecases.vms import export_job
 @click.option("--name", help="1-99 characters (default: 'VM - (date - time)').")
 @click.option("--type", "wanted", type=click.Choice(["standard", "production", "productiononly"]),
               help="This checkpoint's type, instead of the VM's checkpoint type.")
+@click.option("--notes", "text", metavar="TEXT",
+              help="Its notes: free text, several lines, at most 4,000 characters ('-': read "
+                   "them from stdin).")
 @json_option
-def create(vm_ref: str, name: str | None, wanted: str | None, as_json: bool) -> None:
+def create(vm_ref: str, name: str | None, wanted: str | None, text: str | None,
+           as_json: bool) -> None:
     """Take a checkpoint of a VM (Hyper-V's Checkpoint-VM), live if it runs.
 
     standard: memory, devices and disks (applying it resumes the VM there). production: disks
     only, the guest's file systems quiesced through its agent (falls back to standard when
     that fails; productiononly fails instead). A VM that is off gets its disks.
     """
+    text = _given(text)
     remote = face().remote
     if remote is not None:
-        data = remote.checkpoint_create(vm_ref, name, wanted)
+        data = remote.checkpoint_create(vm_ref, name, wanted, text)
     else:
         ctx, vm_id = face().ctx, face().vm_id(vm_ref)
-        data = views.checkpoint_show(ctx, vm_id, checkpoints.create(ctx, vm_id, name, wanted))
+        data = views.checkpoint_show(ctx, vm_id, checkpoints.create(ctx, vm_id, name, wanted,
+                                                                    text=text))
     lines = [f"Created checkpoint {data['name']!r} ({data['id'][:12]}, {data['kind']})."]
     if data["fallback_reason"]:
         lines.append(f"It is {data['kind']}, not {data['requested_type']}: "
@@ -122,6 +130,44 @@ def rename(vm_ref: str, ckpt_ref: str, new_name: str, as_json: bool) -> None:
     for message in data["warnings"]:
         warn(message)
     emit(as_json, data, [f"Renamed checkpoint {data['id'][:12]} to {data['name']!r}."])
+
+
+def _given(text: str | None) -> str | None:
+    """Notes as given: ``-`` reads them from stdin (several lines, as a file holds them)."""
+    return sys.stdin.read() if text == "-" else text
+
+
+@click.command("notes")
+@click.argument("vm_ref", metavar="VM")
+@click.argument("ckpt_ref", metavar="CKPT")
+@click.argument("text", required=False)
+@click.option("--clear", is_flag=True, help="Remove the notes.")
+@json_option
+def notes(vm_ref: str, ckpt_ref: str, text: str | None, clear: bool, as_json: bool) -> None:
+    """Show, set or clear a checkpoint's notes (Hyper-V's Notes, SCVMM's Set-SCVMCheckpoint
+    -Description).
+
+    TEXT: free text, several lines (line breaks and tabs kept), at most 4,000 characters,
+    no control characters; '-' reads it from stdin. Without TEXT or --clear the notes are
+    printed. Needs what rename needs.
+    """
+    if clear and text is not None:
+        raise InvalidInput("give the notes or --clear, not both.",
+                           hint="Drop --clear to set them, or TEXT to clear them.")
+    if text is None and not clear:
+        data = shown(vm_ref, ckpt_ref)
+        emit(as_json, data, notes_lines(data["notes"], "") if data.get("notes") else [])
+        return
+    written = "" if clear else _given(text) or ""
+    remote = face().remote
+    if remote is not None:
+        data = remote.checkpoint_notes(vm_ref, ckpt_ref, written)
+    else:
+        ctx, vm_id = face().ctx, face().vm_id(vm_ref)
+        changed = checkpoints.change(ctx, vm_id, ckpt_ref, text=written)
+        data = {**views.checkpoint_show(ctx, vm_id, changed.id), "warnings": changed.warnings}
+    said = "Set the notes of" if data["notes"] else "Cleared the notes of"
+    emit(as_json, data, [f"{said} checkpoint {data['name']!r} ({data['id'][:12]})."])
 
 
 NO_WAIT = click.option("--no-wait", is_flag=True,

@@ -6,6 +6,7 @@ templates and library shares (:mod:`waymark.usecases.library.profiles`,
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -214,5 +215,6 @@ def library_list(library_path: Path, as_json: bool) -> None:
         lines.append(f"{v['name']}  {v['state']}  {len(v['checkpoints'])} checkpoint(s)  "
                      f"{human(v['bytes'])}  stored {v['stored_at']} from "
                      f"{v['source']['host']}  [{v['id'][:12]}]{clash}")
-        lines += [f"    {line}" for line in library_ops.tree_lines(v)]
+        lines += [f"    {line}" for line in library_ops.tree_lines(
+            v, shutil.get_terminal_size().columns - 4)]
     emit(as_json, held, lines or [f"The library {held['library']} is empty."])

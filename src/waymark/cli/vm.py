@@ -332,10 +332,14 @@ def media_eject(vm_ref: str, as_json: bool) -> None:
 def import_(bundle: Path, name: str | None, as_json: bool) -> None:
     """Create a new VM (new id, new files) from an exported bundle, after verifying it."""
     ctx = face().ctx
-    vm_id = bundles.import_bundle(ctx, bundle.absolute(), name,
-                                  on_progress=fraction_progress("importing"))
-    data = views.vm_show(ctx, vm_id)
-    emit(as_json, data, [f"Imported VM {data['name']} ({vm_id[:12]}) from {bundle}."])
+    done = bundles.import_bundle(ctx, bundle.absolute(), name,
+                                 on_progress=fraction_progress("importing"))
+    data = views.vm_show(ctx, done.vm_id)
+    lines = [f"Imported VM {data['name']} ({done.vm_id[:12]}) from {bundle}."]
+    if done.checkpoint_notes:
+        lines += ["The exported checkpoint's notes:",
+                  *(f"  {line}" for line in done.checkpoint_notes.split("\n"))]
+    emit(as_json, {**data, "checkpoint_notes": done.checkpoint_notes}, lines)
 
 
 @vm.command("import-libvirt")

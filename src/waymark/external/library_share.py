@@ -38,7 +38,7 @@ from waymark.errors import (
     StorageError,
 )
 from waymark.external import shares
-from waymark.model import timing
+from waymark.model import notes, timing
 from waymark.qemu import tpm
 
 FORMAT, VERSION = "waymark-library", 1
@@ -118,6 +118,7 @@ class _Checkpoint(_Shape):
     pause_seconds: float | None
     freeze_seconds: float | None
     tpm_state: str | None = None  # base64 (waymark.qemu.tpm)
+    notes: str | None = None  # checked as typed notes are (waymark.model.notes)
 
 
 class _Frozen(_Shape):
@@ -164,6 +165,15 @@ def _check_tpm(shape: _Manifest) -> None:
             raise InvalidInput(f"checkpoint {c.id}'s TPM state is not one")
 
 
+def _check_notes(shape: _Manifest) -> None:
+    """Each checkpoint's notes are what a user could have typed, unchanged by the check
+    (InvalidInput names what is wrong): a terminal or page shows them."""
+    for c in shape.checkpoints:
+        if c.notes is not None and notes.clean(c.notes, what=f"checkpoint {c.id}'s notes"
+                                               ) != c.notes:
+            raise InvalidInput(f"checkpoint {c.id}'s notes are not as Waymark writes them")
+
+
 def shape_problem(manifest: dict[str, Any]) -> str | None:
     """What is wrong with a stored VM's manifest's shape (None: nothing); one of another format
     or version is left to :meth:`Library.require_stored` to name."""
@@ -175,6 +185,7 @@ def shape_problem(manifest: dict[str, Any]) -> str | None:
                      *(c.created_at for c in shape.checkpoints)):
             timing.parse_rfc3339(when)  # they become the catalog's times
         _check_tpm(shape)
+        _check_notes(shape)
     except msgspec.ValidationError as err:
         return str(err)
     except InvalidInput as err:

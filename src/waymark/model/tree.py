@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from waymark.errors import Ambiguous, NotFound
+from waymark.model import notes as notes_text
 from waymark.model.names import MAX_NAME
 
 
@@ -17,6 +18,7 @@ class Node:
     parent_id: str | None
     created_at: datetime
     has_memory: bool = False
+    notes: str | None = None
 
 
 def default_name(vm_name: str, when: datetime) -> str:
@@ -77,8 +79,13 @@ MEMORY, DISK_ONLY = "▶", "■"
 LEGEND = f"{MEMORY} holds memory (resumes running)   {DISK_ONLY} disks only (starts off)"
 
 
-def draw(nodes: Sequence[Node], current_id: str | None) -> list[str]:
-    """The tree as text lines, ``Now`` drawn as the last child of the current checkpoint."""
+NOTES_GAP, NOTES_ROOM = "  — ", 8  # before a checkpoint's notes; the fewest columns shown
+
+
+def draw(nodes: Sequence[Node], current_id: str | None, columns: int = 100) -> list[str]:
+    """The tree as text lines, ``Now`` drawn as the last child of the current checkpoint; a
+    checkpoint's notes follow it as their first line, cut to end within ``columns`` (left out
+    when fewer than ``NOTES_ROOM`` columns are left)."""
     kids = children(nodes)
     lines: list[str] = []
 
@@ -94,9 +101,18 @@ def draw(nodes: Sequence[Node], current_id: str | None) -> list[str]:
                 continue
             mark = MEMORY if entry.has_memory else DISK_ONLY
             stamp = entry.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-            lines.append(f"{prefix}{branch}{mark} {entry.name}  [{entry.id[:8]}  {stamp}]")
+            line = f"{prefix}{branch}{mark} {entry.name}  [{entry.id[:8]}  {stamp}]"
+            lines.append(line + _notes(entry.notes, columns - notes_text.width(line)))
             child_prefix = prefix + ("   " if last else "│  ") if branch else prefix
             walk(entry.id, child_prefix)
 
     walk(None, "")
     return lines
+
+
+def _notes(notes: str | None, room: int) -> str:
+    """A checkpoint's notes as its tree line ends them: their first line in ``room`` columns."""
+    room -= notes_text.width(NOTES_GAP)
+    if not notes or room < NOTES_ROOM:
+        return ""
+    return NOTES_GAP + notes_text.first_line(notes, room)

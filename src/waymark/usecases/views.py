@@ -56,6 +56,7 @@ def _checkpoint(row: Checkpoint, space: Space) -> dict[str, Any]:
         "created_at": rfc3339(row.created_at), "kind": row.kind,
         "has_memory": row.memory_path is not None, "requested_type": row.requested_type,
         "fallback_reason": row.fallback_reason, "skipped_disks": row.skipped_disks,
+        "notes": row.notes,
         "pause_seconds": row.pause_seconds, "freeze_seconds": row.freeze_seconds,
         "allocated_bytes": sum(space.allocated(i) for i in frozen.values()),
         "shared_bytes": sum(space.shared_below(i) for i in frozen.values()),
@@ -73,11 +74,12 @@ def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
                 "checkpoints": [_checkpoint(c, space) for c in rows]}
 
 
-def checkpoint_tree(listing: dict[str, Any]) -> list[str]:
+def checkpoint_tree(listing: dict[str, Any], columns: int = 100) -> list[str]:
+    """The listing's tree as text lines within ``columns`` (the terminal's width)."""
     nodes = [tree.Node(c["id"], c["name"], c["parent_id"],
                        timing.parse_rfc3339(c["created_at"], what="checkpoint's time"),
-                       c["has_memory"]) for c in listing["checkpoints"]]
-    return tree.draw(nodes, listing["current_checkpoint_id"])
+                       c["has_memory"], c.get("notes")) for c in listing["checkpoints"]]
+    return tree.draw(nodes, listing["current_checkpoint_id"], columns)
 
 
 def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:

@@ -570,7 +570,10 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
                 session, vm_row, hardware,
                 {d["disk_id"]: int(d["virtual_size"]) for d in point["disks"]}, checkpoints=1)
         change.check_before(ctx, safety_checkpoint=first)
-        safety = checkpoints.create_locked(ctx, vm_id, None, None) if first else None
+        safety = checkpoints.create_locked(
+            ctx, vm_id, None, None,
+            text=checkpoints.safety_notes(f"restoring backup point {point['id']}")) \
+            if first else None
         params, steps = _plan_restore(ctx, repo, vm_id, point, hardware)
         with change.admitted(ctx):
             ctx.journal.run(vm_id, params, steps, _progress(report, "restoring"))

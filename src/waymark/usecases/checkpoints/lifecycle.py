@@ -1,4 +1,4 @@
-"""Checkpoint use cases: create, apply, rename (this issue: VMs that are off)."""
+"""Checkpoint use cases: create, apply, rename and notes (this issue: VMs that are off)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from waymark.engine.steps import (
     WriteFile,
     WriteTpmState,
 )
-from waymark.errors import Conflict, LimitReached
+from waymark.errors import Conflict, InvalidInput, LimitReached
 from waymark.images import iso
-from waymark.model import names, tree
+from waymark.model import names, notes, tree
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import qmp, tpm
 from waymark.usecases.access import quotas
@@ -57,21 +57,23 @@ def require_room(session: Session, vm_row: Vm, adding: int = 1) -> None:
 
 
 def create(ctx: Context, vm_id: str, name: str | None = None,
-           wanted: str | None = None) -> str:
+           wanted: str | None = None, *, text: str | None = None) -> str:
     """Checkpoint the VM; returns the checkpoint id. Costs O(1) whatever the disk sizes.
 
-    ``wanted`` overrides the VM's checkpoint type for this one checkpoint. A running or paused
+    ``wanted`` overrides the VM's checkpoint type for this one checkpoint; ``text`` gives it
+    notes (:mod:`waymark.model.notes`, checked before anything changes). A running or paused
     VM is checkpointed live (:mod:`waymark.engine.running.live_checkpoint`); an off one gets its
-    disks; a saved one
-    its disks and its saved memory.
+    disks; a saved one its disks and its saved memory.
     """
     with ctx.locked(vm_id):
-        return create_locked(ctx, vm_id, name, wanted)
+        return create_locked(ctx, vm_id, name, wanted, text=text)
 
 
-def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None) -> str:
+def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None, *,
+                  text: str | None = None) -> str:
     """:func:`create`, for a caller that holds the VM's lock."""
     given = names.clean(name, what="checkpoint name", commas=True) if name is not None else None
+    written = notes.clean(text)
     state = qmp.run_sync(power.settle(ctx, vm_id, ctx.identify(vm_id)[1]))
     created = now()
     with ctx.catalog.session() as session:
@@ -82,6 +84,7 @@ def create_locked(ctx: Context, vm_id: str, name: str | None, wanted: str | None
         wanted = wanted or vm_row.checkpoint_type
         params, steps = _plan_create(ctx, session, vm_row, label, state)
         params.checkpoint["requested_type"] = wanted
+        params.checkpoint["notes"] = written
     with quotas.checkpoint_added(ctx, vm_id):
         if state not in presence.LIVE_STATES:
             ctx.journal.run(vm_id, params, steps)
@@ -216,12 +219,14 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
         state = qmp.run_sync(power.settle(ctx, vm_id, name))
         with ctx.catalog.session() as session:
             vm_row = session.get_one(Vm, vm_id)
-            target = lookup.checkpoint(session, vm_row, ckpt_ref).id
+            target_row = lookup.checkpoint(session, vm_row, ckpt_ref)
+            target, target_name = target_row.id, target_row.name
             if mode is ApplyMode.CHECKPOINT_FIRST:
                 _can_checkpoint_first(session, vm_row)
             change = _quota_change(session, vm_row, target)
         change.check_before(ctx, safety_checkpoint=mode is ApplyMode.CHECKPOINT_FIRST)
-        safety = create_locked(ctx, vm_id, None, None) \
+        safety = create_locked(ctx, vm_id, None, None, text=safety_notes(
+            f"applying checkpoint {target_name!r}")) \
             if mode is ApplyMode.CHECKPOINT_FIRST else None
         if state in presence.LIVE_STATES:
             qmp.run_sync(power.power_off(ctx, vm_id, name, "turned off to apply a checkpoint"))
@@ -235,6 +240,12 @@ def apply(ctx: Context, vm_id: str, ckpt_ref: str, mode: ApplyMode,
             qmp.run_sync(power.start_locked(ctx, vm_id, name))
             result.state = "running"
         return result
+
+
+def safety_notes(before: str) -> str:
+    """The notes of a checkpoint of Now taken first (Hyper-V's "Create Checkpoint and Apply"),
+    which say what it was taken before: ``before`` ("applying checkpoint 'X'")."""
+    return f"Now as it was before {before} (taken first, to go back to)."
 
 
 def _install_memory(saved: power.SavedState, target: Checkpoint, config: dict[str, Any]
@@ -370,13 +381,29 @@ class Renamed:
 
 
 def rename(ctx: Context, vm_id: str, ckpt_ref: str, new_name: str) -> Renamed:
-    """A name is one row: renaming needs no VM lock, so it never waits for a merge. As in
-    Hyper-V, names need not be unique; a name another checkpoint of the VM has is taken with a
-    warning (a reference by that name is then ambiguous)."""
-    label = names.clean(new_name, what="checkpoint name", commas=True)
+    """Rename a checkpoint (:func:`change`)."""
+    return change(ctx, vm_id, ckpt_ref, name=new_name)
+
+
+def change(ctx: Context, vm_id: str, ckpt_ref: str, *, name: str | None = None,
+           text: str | None = None) -> Renamed:
+    """Rename a checkpoint and/or set its notes (``text``; "" clears them, None keeps them),
+    both checked before either changes. A name and notes are one row: changing them needs no
+    VM lock, so it never waits for a merge. As in Hyper-V, names need not be unique; a name
+    another checkpoint of the VM has is taken with a warning (a reference by that name is then
+    ambiguous)."""
+    label = names.clean(name, what="checkpoint name", commas=True) if name is not None else None
+    written = notes.clean(text) if text is not None else None
+    if label is None and text is None:
+        raise InvalidInput("nothing to change: give a new name or notes.",
+                           hint="Give the checkpoint's new name, its notes, or both.")
     with ctx.catalog.session() as session:
         vm_row = lookup.vm_by_id(session, vm_id)
         row = lookup.checkpoint(session, vm_row, ckpt_ref)
+        if text is not None:
+            row.notes = written
+        if label is None:
+            return Renamed(row.id, [])
         row.name = label
         return Renamed(row.id, _same_name(session, vm_row, row))
 

@@ -271,7 +271,8 @@ def _checkpoint_doc(row: Checkpoint) -> dict[str, Any]:
             "config": row.config, "memory_sha256": row.memory_sha256,
             "memory_file": _memory_file(row.id) if row.memory_path else None,
             "skipped_disks": row.skipped_disks, "pause_seconds": row.pause_seconds,
-            "freeze_seconds": row.freeze_seconds, "tpm_state": row.tpm_state}
+            "freeze_seconds": row.freeze_seconds, "tpm_state": row.tpm_state,
+            "notes": row.notes}
 
 
 def _local_files(ctx: Context, vm_row: Vm, images: list[Image], checkpoints: list[Checkpoint],
@@ -555,11 +556,13 @@ def _entry_view(entry: Entry, here: set[tuple[str, str]]) -> dict[str, Any]:
             "current_checkpoint_id": manifest["vm"]["current_checkpoint_id"],
             "checkpoints": [{"id": c["id"], "name": c["name"], "parent_id": c["parent_id"],
                              "created_at": c["created_at"], "kind": c["kind"],
-                             "has_memory": c["id"] in memory} for c in manifest["checkpoints"]]}
+                             "has_memory": c["id"] in memory, "notes": c.get("notes")}
+                            for c in manifest["checkpoints"]]}
 
 
-def tree_lines(view: dict[str, Any]) -> list[str]:
-    return checkpoint_tree(view) if "checkpoints" in view else []
+def tree_lines(view: dict[str, Any], columns: int = 100) -> list[str]:
+    """A stored VM's checkpoint tree as text lines within ``columns``."""
+    return checkpoint_tree(view, columns) if "checkpoints" in view else []
 
 
 def _describe(report: Report) -> StepReport | None:

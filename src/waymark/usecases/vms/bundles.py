@@ -2,7 +2,9 @@
 
 A bundle is a folder (Hyper-V's Export-VMSnapshot)::
 
-    manifest.json         what is in it, with the sha256 of every other file (written last)
+    manifest.json         what is in it, with the sha256 of every other file (written last);
+                          its ``source`` names the VM and checkpoint, with the checkpoint's
+                          notes (``checkpoint_notes``), which ``vm import`` shows
     configuration.json    the VM's hardware as the checkpoint recorded it
     disks/disk<N>.qcow2   each disk flattened to one standalone qcow2 (no backing file)
     memory.state          the memory state, for a checkpoint that holds one
@@ -22,6 +24,7 @@ import base64
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,10 @@ from waymark.catalog.models import Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.engine.steps import CopyFile, Step, WriteFile
-from waymark.errors import Conflict, ImageError, NotFound
+from waymark.errors import Conflict, ImageError, InvalidInput, NotFound
 from waymark.external import shares, vm_files
 from waymark.images import qemu_img
-from waymark.model import names
+from waymark.model import names, notes
 from waymark.model.hardware import HardwareConfig
 from waymark.qemu import tpm
 from waymark.usecases.vms import definitions as vms
@@ -104,7 +107,8 @@ def export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path,
             "format": FORMAT, "version": VERSION,
             "exported_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "source": {"vm_id": vm_id, "vm_name": vm_name, "checkpoint_id": row.id,
-                       "checkpoint_name": row.name, "kind": row.kind},
+                       "checkpoint_name": row.name, "kind": row.kind,
+                       "checkpoint_notes": row.notes},
             "vm": {"name": vm_name, "checkpoint_type": vm_row.checkpoint_type,
                    "max_checkpoints": vm_row.max_checkpoints},
             "disks": disks, "skipped_disks": row.skipped_disks,
@@ -168,6 +172,32 @@ def carried(bundle: Path, manifest: dict[str, Any], where: str) -> list[vm_files
     return vm_files.read(manifest.get("vm_files"), bundle / BOOT, base=bundle, where=where)
 
 
+def source_notes(bundle: Path, manifest: dict[str, Any]) -> str | None:
+    """The exported checkpoint's notes, checked as typed notes are (a bundle is outside
+    storage, and a terminal shows them): ImageError when they are not what Waymark writes."""
+    source = manifest.get("source")
+    given = source.get("checkpoint_notes") if isinstance(source, dict) else None
+    if given is None:
+        return None
+    try:
+        if isinstance(given, str) and notes.clean(given) == given:
+            return given
+        problem = "they are not as Waymark writes them"
+    except InvalidInput as err:
+        problem = err.message
+    raise ImageError(f"{bundle / MANIFEST}: the exported checkpoint's notes are refused "
+                     f"({problem}). Nothing was imported.", hint="Export it again.")
+
+
+@dataclass(frozen=True)
+class Imported:
+    """A VM made from a bundle: its id, and the exported checkpoint's notes (the new VM has no
+    checkpoint to hold them: ``vm import`` shows them)."""
+
+    vm_id: str
+    checkpoint_notes: str | None
+
+
 def _tpm_state(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
     """The TPM state a (verified) bundle holds, or None; ImageError if it cannot be one."""
     if manifest.get("tpm") is None:
@@ -190,10 +220,11 @@ def _saved_state_steps(ctx: Context, vm_id: str, bundle: Path, manifest: dict[st
 
 
 def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
-                  on_progress: qemu_img.Progress = None) -> str:
-    """A new VM (new id, new file names) from a verified bundle; returns its id."""
+                  on_progress: qemu_img.Progress = None) -> Imported:
+    """A new VM (new id, new file names) from a verified bundle."""
     name = names.clean(name, what="VM name") if name is not None else None  # before reading
     manifest = read_bundle(bundle)
+    exported = source_notes(bundle, manifest)
     config = bundle / "configuration.json"
     try:
         data = json.loads(config.read_text())
@@ -210,7 +241,8 @@ def import_bundle(ctx: Context, bundle: Path, name: str | None = None,
             return []
         return _saved_state_steps(ctx, vm_id, bundle, manifest, dumped)
 
-    return vms.create_from_copies(
+    vm_id = vms.create_from_copies(
         ctx, name or manifest["vm"]["name"], hardware, copies, manifest["vm"], memory,
         on_progress, rename_hint="Import under another name with --name NEW_NAME.",
         carried=boot, tpm_state=_tpm_state(bundle, manifest))
+    return Imported(vm_id, exported)
