@@ -136,9 +136,9 @@ def test_the_display_page_needs_start_stop_and_names_the_websocket_origin(site: 
 
 FAKE_VNC = """
 import os, socket, sys, threading
-path = sys.argv[1] + "display/vnc.sock"
+os.chdir(sys.argv[1] + "display")  # a relative name: the full path may pass 108 bytes
 server = socket.socket(socket.AF_UNIX)
-server.bind(path)
+server.bind("vnc.sock")
 server.listen()
 def echo(conn):
     conn.sendall(b"RFB 003.008\\n")
