@@ -5,13 +5,22 @@ CheckpointCommands`): the use cases they need are no cost to ``waymark checkpoin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from waymark.cli.checkpoint import shown
 from waymark.cli.job import ended, follow
 from waymark.cli.main import face
-from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option, warn
+from waymark.cli.output import (
+    F,
+    StepProgress,
+    emit,
+    fraction_progress,
+    interactive,
+    json_option,
+    warn,
+)
 from waymark.engine import jobs
 from waymark.errors import ConsentRequired, InvalidInput
 from waymark.text import printable
@@ -70,14 +79,25 @@ def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
             else checkpoints.ApplyMode.DISCARD_CURRENT)
 
 
+APPLY_OPTIONS = (
+    click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply."),
+    click.option("--discard-current", is_flag=True, help="Apply; the current state is lost."),
+    click.option("--start", is_flag=True, help="Start the VM afterwards (a standard checkpoint "
+                                                "resumes where it was taken)."),
+    json_option)
+
+
+def apply_options(fn: F) -> F:
+    """The options apply and revert share: Hyper-V's choice, --start, --json."""
+    for option in reversed(APPLY_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @click.command("apply")
 @click.argument("vm_ref", metavar="VM")
 @click.argument("ckpt_ref", metavar="CKPT")
-@click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply.")
-@click.option("--discard-current", is_flag=True, help="Apply; the current state is lost.")
-@click.option("--start", is_flag=True,
-              help="Start the VM afterwards (a standard checkpoint resumes where it was taken).")
-@json_option
+@apply_options
 def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: bool,
           start: bool, as_json: bool) -> None:
     """Return the VM to a checkpoint (Hyper-V's Restore-VMSnapshot).
@@ -86,7 +106,34 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     Applying a standard checkpoint leaves the VM saved (vm start resumes it exactly there);
     any other leaves it off.
     """
-    target = shown(vm_ref, ckpt_ref)
+    _apply(shown(vm_ref, ckpt_ref), checkpoint_first, discard_current, start, as_json)
+
+
+@click.command("revert")
+@click.argument("vm_ref", metavar="VM")
+@apply_options
+def revert(vm_ref: str, checkpoint_first: bool, discard_current: bool, start: bool,
+           as_json: bool) -> None:
+    """Apply the VM's current checkpoint, Now's parent (Hyper-V's Revert-VMCheckpoint).
+
+    The same choice, options and answer as apply; a VM without a current checkpoint is refused.
+    """
+    remote = face().remote
+    if remote is not None:
+        listing = remote.checkpoint_list(vm_ref)
+        if listing["current_checkpoint_id"] is None:
+            raise checkpoints.no_current(listing["vm_name"], bool(listing["checkpoints"]))
+        target = remote.checkpoint_show(listing["vm_id"], listing["current_checkpoint_id"])
+    else:
+        vm_id = face().vm_id(vm_ref)
+        target = views.checkpoint_show(face().ctx, vm_id,
+                                       checkpoints.revert_target(face().ctx, vm_id))
+    _apply(target, checkpoint_first, discard_current, start, as_json)
+
+
+def _apply(target: dict[str, Any], checkpoint_first: bool, discard_current: bool, start: bool,
+           as_json: bool) -> None:
+    """Apply the checkpoint ``target`` shows, after Hyper-V's choice; print the answer."""
     mode = _choose_mode(checkpoint_first, discard_current, target["name"])
     remote = face().remote
     if remote is not None:
