@@ -23,6 +23,7 @@ from waymark.cli.output import (
 )
 from waymark.engine import jobs
 from waymark.errors import ConsentRequired, InvalidInput
+from waymark.model.units import human
 from waymark.text import printable
 from waymark.usecases import views
 from waymark.usecases.checkpoints import deletion
@@ -203,14 +204,36 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
                       abort=True)
         yes = True
     done = deletion.delete_checkpoints(ctx, vm_id, pattern, subtree=subtree, yes=yes,
-                                       report=StepProgress(), wait=not no_wait)
+                                       report=StepProgress(plain=as_json), wait=not no_wait)
     if no_wait:
         jobs.spawn(ctx, done.job)
     data = done.answer()
-    lines = [f"Deleted checkpoint {m.name!r} ({m.id[:12]})." for m in done.checkpoints]
+    if not no_wait:
+        data.update(_freed(jobs.show(ctx, done.job)))
+    lines = _deleted_lines(data, ctx.identify(vm_id)[1])
     if no_wait:
         lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")
     emit(as_json, data, lines)
+
+
+def _freed(job: dict[str, Any]) -> dict[str, int]:
+    """``freed_bytes``: the space the delete's merge job freed, when it measured it."""
+    freed = (job["result"] or {}).get("freed_bytes")
+    return {"freed_bytes": freed} if isinstance(freed, int) else {}
+
+
+def _deleted_lines(data: dict[str, Any], vm_name: str) -> list[str]:
+    """``Deleted checkpoint 'X' (id) of VM Y; freed 1.2 GiB.`` (with several, one line each
+    and the space freed last)."""
+    lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]}) of VM {vm_name}."
+             for m in data["deleted"]]
+    if "freed_bytes" in data:
+        freed = human(data["freed_bytes"])
+        if len(lines) == 1:
+            lines[0] = f"{lines[0][:-1]}; freed {freed}."
+        else:
+            lines.append(f"Freed {freed}.")
+    return lines
 
 
 def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
@@ -226,14 +249,14 @@ def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait:
             raise
         click.confirm(f"{err.message}\nDelete them all?", abort=True)
         data = remote.checkpoint_delete(vm_ref, pattern, subtree, True)
-    lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]})." for m in data["deleted"]]
     if no_wait:
         job = data["job_id"][:12]
-        lines.append(f"Merging in job {job}: waymark job wait {job}")
+        lines = [*_deleted_lines(data, vm_ref), f"Merging in job {job}: waymark job wait {job}"]
         emit(as_json, data, lines)
         return
-    done = follow(data["job_id"])
-    emit(as_json, data, lines)
+    done = follow(data["job_id"], plain=as_json)
+    data.update(_freed(done))
+    emit(as_json, data, _deleted_lines(data, done["vm_name"] or vm_ref))
     ended(done)
 
 
