@@ -43,14 +43,15 @@ def repo_init(path: Path, as_json: bool) -> None:
           f"waymark backup run VM --repo {root}"])
 
 
-def _reporter() -> backups.Report:
-    """A progress line per disk (``[2/2] disk 1a2b3c  40%``): each new disk is one more step."""
-    line, seen = StepProgress(), []
+def _reporter(plain: bool = False) -> backups.Reporter:
+    """A progress line per VM and disk (``[2/2] Backing up web01 disk 1/2 (1a2b3c4d5e6f)  40%
+    340 MiB of 1.0 GiB, ...``): each new disk is one more step."""
+    line, seen = StepProgress(plain), []
 
-    def report(what: str, fraction: float) -> None:
+    def report(what: str, fraction: float, size: int | None = None) -> None:
         if what not in seen:
             seen.append(what)
-        line(seen.index(what) + 1, len(seen), what, fraction)
+        line(seen.index(what) + 1, len(seen), what, fraction, size)
 
     return report
 
