@@ -249,7 +249,8 @@ class RemoteWaymark(Waymark):
     REMOTE = frozenset({
         ("vm", "list"), ("vm", "show"), ("vm", "start"), ("vm", "stop"), ("vm", "save"),
         ("vm", "pause"), ("vm", "resume"), ("checkpoint", "create"), ("checkpoint", "list"),
-        ("checkpoint", "show"), ("checkpoint", "apply"), ("checkpoint", "rename"),
+        ("checkpoint", "show"), ("checkpoint", "apply"), ("checkpoint", "revert"),
+        ("checkpoint", "rename"),
         ("checkpoint", "delete"), ("job", "list"), ("job", "show"), ("job", "wait"),
         ("job", "cancel")})
 

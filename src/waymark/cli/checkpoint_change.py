@@ -120,15 +120,18 @@ def revert(vm_ref: str, checkpoint_first: bool, discard_current: bool, start: bo
     The same choice, options and answer as apply; a VM without a current checkpoint is refused.
     """
     remote = face().remote
-    if remote is not None:
+    if remote is not None:  # the server's POST /api/vms/{vm}/revert
         listing = remote.checkpoint_list(vm_ref)
-        if listing["current_checkpoint_id"] is None:
+        current = next((c for c in listing["checkpoints"]
+                        if c["id"] == listing["current_checkpoint_id"]), None)
+        if current is None:
             raise checkpoints.no_current(listing["vm_name"], bool(listing["checkpoints"]))
-        target = remote.checkpoint_show(listing["vm_id"], listing["current_checkpoint_id"])
-    else:
-        vm_id = face().vm_id(vm_ref)
-        target = views.checkpoint_show(face().ctx, vm_id,
-                                       checkpoints.revert_target(face().ctx, vm_id))
+        mode = _choose_mode(checkpoint_first, discard_current, current["name"])
+        data = remote.checkpoint_revert(listing["vm_id"], mode.name.lower(), start)
+        emit(as_json, data, _applied_lines(current["name"], data))
+        return
+    vm_id = face().vm_id(vm_ref)
+    target = views.checkpoint_show(face().ctx, vm_id, checkpoints.revert_target(face().ctx, vm_id))
     _apply(target, checkpoint_first, discard_current, start, as_json)
 
 
@@ -142,7 +145,12 @@ def _apply(target: dict[str, Any], checkpoint_first: bool, discard_current: bool
     else:
         data = checkpoints.apply(face().ctx, target["vm_id"], target["id"], mode,
                                  start=start).view()
-    lines = [f"Applied checkpoint {target['name']!r}; the VM is {data['state']}."]
+    emit(as_json, data, _applied_lines(target["name"], data))
+
+
+def _applied_lines(name: str, data: dict[str, Any]) -> list[str]:
+    """What an apply (or revert) did, as ``checkpoint apply`` prints it."""
+    lines = [f"Applied checkpoint {name!r}; the VM is {data['state']}."]
     if data["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
     lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
@@ -150,7 +158,7 @@ def _apply(target: dict[str, Any], checkpoint_first: bool, discard_current: bool
     lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
               for d in data["kept_disk_ids"]]
     lines += [f"Warning: {w}" for w in data.get("warnings", [])]
-    emit(as_json, data, lines)
+    return lines
 
 
 @click.command("rename")

@@ -90,26 +90,32 @@ class Measure:
         return out
 
 
-def progress_line(head: str, what: str, measure: Measure, width: int) -> str:
+# How a line too narrow for everything gives way, in turn: (the figure it drops, how much of
+# the label must then fit): the rate goes before the label is cut at all, the bytes before it is
+# cut below LABEL_MIN characters, the time left last.
+_GIVING_WAY = (("", "all"), ("rate", "all"), ("", "some"), ("bytes", "some"), ("left", "any"))
+
+
+def progress_line(head: str, what: str, measure: Measure, width: int, *, bar: bool = True
+                  ) -> str:
     """A progress line of at most ``width`` characters: ``head`` (``[1/2] ``), ``what`` (cut in
-    its middle when it must be), a bar when there is room, the percentage, the bytes done and
-    total, the rate and the time left. A narrow line drops the rate, then the bytes, then the
-    time left before it cuts ``what`` below :data:`LABEL_MIN` characters."""
+    its middle when it must be), a bar when there is room (and ``bar``), the percentage, the
+    bytes done and total, the rate and the time left (see :data:`_GIVING_WAY`)."""
     figures = measure.figures()
     percent = f"{int(measure.fraction * 100):3d}%"
-    for dropped in ("", "rate", "bytes", "left"):
+    for dropped, label_fits in _GIVING_WAY:
         figures.pop(dropped, None)
         stats = "  ".join([percent, ", ".join(figures.values())]).rstrip()
         room = width - len(head) - len(stats) - 1
-        if room >= min(LABEL_MIN, len(what)):
+        needed = {"all": len(what), "some": min(LABEL_MIN, len(what)), "any": 0}[label_fits]
+        if room >= needed:
             break
     label = shortened(what, max(room, 0))
     spare = room - len(label) - 1
-    bar = ""
-    if spare >= BAR_MIN + 2:
+    if bar and spare >= BAR_MIN + 2:
         cells = min(BAR_MAX, spare - 2)
-        bar = "[" + ("#" * int(measure.fraction * cells)).ljust(cells) + "] "
-    return f"{head}{label} {bar}{stats}"[:width]
+        label += " [" + ("#" * int(measure.fraction * cells)).ljust(cells) + "]"
+    return f"{head}{label} {stats}"[:width]
 
 
 class StepProgress:
@@ -151,7 +157,8 @@ class StepProgress:
             click.echo(f"{head}{printable(what)}{sized}", err=True)
         elif now - self.printed >= PLAIN_EVERY and fraction < 1.0:
             self.printed = now
-            click.echo(progress_line(head, printable(what), measure, 1 << 16), err=True)
+            click.echo(progress_line(head, printable(what), measure, 1 << 16, bar=False),
+                       err=True)
 
     def measure(self, fraction: float, size: int | None, now: float) -> Measure:
         """Where the step is: the rate and time left from its pace since it began."""
