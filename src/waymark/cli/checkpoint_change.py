@@ -16,7 +16,6 @@ from waymark.cli.output import (
     F,
     StepProgress,
     emit,
-    fraction_progress,
     interactive,
     json_option,
     warn,
@@ -284,7 +283,7 @@ def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool)
         emit(as_json, {"bundle": str(dest.absolute()), "job_id": job_id},
              [f"Exporting in job {job_id[:12]}: waymark job wait {job_id[:12]}"])
         return
-    manifest = export_job.run_export(ctx, job_id, fraction_progress("exporting"))
+    manifest = export_job.run_export(ctx, job_id, StepProgress(plain=as_json))
     emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job_id": job_id},
          [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
           f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

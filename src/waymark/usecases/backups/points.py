@@ -556,8 +556,9 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
                            confined_to=repo.root)
                   for d in point["disks"]]
         hardware.rekeyed({c.key: c.key for c in copies})
+        what = f"Restoring point {point['id']} as new VM {new_name}"
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
-                                      _progress(report, "restoring"), owner_id=owner_id,
+                                      _progress(report, what), owner_id=owner_id,
                                       carried=carried,
                                       tpm_state=repository.tpm_state(point, point["id"]))
 
@@ -590,7 +591,8 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
         safety = checkpoints.create_locked(ctx, vm_id, None, None) if first else None
         params, steps = _plan_restore(ctx, repo, vm_id, point, hardware)
         with change.admitted(ctx):
-            ctx.journal.run(vm_id, params, steps, _progress(report, "restoring"))
+            ctx.journal.run(vm_id, params, steps,
+                            _progress(report, f"Restoring {name} from point {point['id']}"))
         settle.settle_vm(ctx, vm_id)
         return {"point_id": point["id"], "checkpoint_id": params.checkpoint["id"],
                 "safety_checkpoint_id": safety}
