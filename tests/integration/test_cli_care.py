@@ -173,7 +173,8 @@ def test_list_without_a_vm_with_type_and_most_recent(wm: Waymark) -> None:
     assert wm.json("checkpoint", "list", "--type", "production") == every
     assert wm.json("checkpoint", "list", "--type", "disk-only") == every
     assert wm.json("checkpoint", "list", "--type", "standard") == []
-    assert wm("checkpoint", "list", "--type", "standard").stdout == "No checkpoints.\n"
+    assert wm("checkpoint", "list", "--type", "standard").stdout == \
+        "No checkpoints match --type standard.\n"
     # with a VM, the filters keep to it
     assert [r["name"] for r in wm.json("checkpoint", "list", "web01", "--most-recent")] == ["two"]
     refused = wm.run("checkpoint", "list", "--type", "checkpointy")

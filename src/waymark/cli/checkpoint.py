@@ -87,7 +87,9 @@ def _row_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _list_rows(vm_ref: str | None, wanted: str | None, most_recent: bool,
                as_json: bool) -> None:
     rows = views.checkpoint_rows(_listings(vm_ref), wanted, most_recent)
-    emit(as_json, rows, _row_lines(rows) if rows else ["No checkpoints."])
+    asked = [f"--type {wanted}"] * bool(wanted) + ["--most-recent"] * most_recent
+    empty = f"No checkpoints match {', '.join(asked)}." if asked else "No checkpoints."
+    emit(as_json, rows, _row_lines(rows) if rows else [empty])
 
 
 def _show_lines(d: dict[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
 QUIT_TIMEOUT = 10.0
+ALREADY_OFF = "already off"  # stop's answer for a VM that was off: nothing was done
 log = logging.getLogger(__name__)
 
 
@@ -553,7 +554,6 @@ async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:
 
 
 POWER_ACTIONS = ("start", "stop", "save", "pause", "resume")
-ALREADY_OFF = "already off"  # stop's answer for a VM that was off: nothing was done
 
 
 async def act(ctx: Context, vm_id: str, action: str, *, force: bool = False,
