@@ -249,9 +249,9 @@ class RemoteWaymark(Waymark):
     REMOTE = frozenset({
         ("vm", "list"), ("vm", "show"), ("vm", "start"), ("vm", "stop"), ("vm", "save"),
         ("vm", "pause"), ("vm", "resume"), ("checkpoint", "create"), ("checkpoint", "list"),
-        ("checkpoint", "show"), ("checkpoint", "apply"), ("checkpoint", "rename"),
-        ("checkpoint", "notes"), ("checkpoint", "delete"), ("job", "list"), ("job", "show"),
-        ("job", "wait"), ("job", "cancel")})
+        ("checkpoint", "show"), ("checkpoint", "apply"), ("checkpoint", "revert"),
+        ("checkpoint", "rename"), ("checkpoint", "notes"), ("checkpoint", "delete"),
+        ("job", "list"), ("job", "show"), ("job", "wait"), ("job", "cancel")})
 
     def __init__(self, home: Path, url: str, token: str) -> None:
         super().__init__(home)

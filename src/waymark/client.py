@@ -80,6 +80,10 @@ class Client:
         return dict(self.call("POST", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}/apply",
                               {"mode": mode, "start": start}))
 
+    def checkpoint_revert(self, vm: str, mode: str, start: bool = False) -> dict[str, Any]:
+        """Apply the VM's current checkpoint (Hyper-V's Revert)."""
+        return dict(self.call("POST", f"/vms/{_p(vm)}/revert", {"mode": mode, "start": start}))
+
     def checkpoint_rename(self, vm: str, ckpt: str, name: str) -> dict[str, Any]:
         return dict(self.call("PATCH", f"/vms/{_p(vm)}/checkpoints/{_p(ckpt)}",
                               {"name": name}))

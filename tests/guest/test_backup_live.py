@@ -174,7 +174,7 @@ def test_a_paused_guest_is_backed_up_crash_consistent_and_stays_paused(vm: Guest
     vm.ensure_running()
     vm.wait_counter_above(vm.mark(), 0)
     count = checkpoint_count(vm)
-    assert vm.wm.json("vm", "pause", vm.name) == {"state": "paused"}
+    assert vm.wm.json("vm", "pause", vm.name) == {"state": "paused", "changed": True}
     frozen = vm.since()
 
     point = backup(vm, repo)

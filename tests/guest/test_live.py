@@ -171,7 +171,7 @@ def test_a_paused_vm_is_checkpointed_without_running(vm: Guest) -> None:
     exactly."""
     vm.ensure_running()
     vm.wait_counter_above(vm.mark(), 0)
-    assert vm.wm.json("vm", "pause", vm.name) == {"state": "paused"}
+    assert vm.wm.json("vm", "pause", vm.name) == {"state": "paused", "changed": True}
     frozen = vm.since()
     expected = resumes_at(frozen)
 

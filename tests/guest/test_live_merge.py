@@ -367,16 +367,25 @@ def wait_job(vm: Guest, job_id: str) -> dict[str, Any]:
     return shown
 
 
-def wait_mid_step(vm: Guest, job_id: str, image: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Until the job reports progress inside its merge step of ``image`` (QEMU's job copies):
-    a progress value above the one the step started with."""
-    needle, start = Path(image).name, None
+def merges_scratch_of(step: str | None, checkpoint: str) -> bool:
+    """Whether a merge job's step merges the scratch disk's (the second's) layer of the deleted
+    ``checkpoint``: ``VM disk 2/2: merging 'x' into deleted 'p1'`` (steps name the VM, its disk
+    and the checkpoints, never an image file)."""
+    return bool(step) and " disk 2/" in str(step) and ": merging " in str(step) \
+        and f"deleted {checkpoint!r}" in str(step)
+
+
+def wait_mid_step(vm: Guest, job_id: str, checkpoint: str, timeout: float = 60.0
+                  ) -> dict[str, Any]:
+    """Until the job reports progress inside its merge step of the scratch disk's layer of the
+    deleted ``checkpoint`` (QEMU's job copies): a progress value above the one the step
+    started with."""
+    needle, start = checkpoint, None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = job_row(vm, job_id)
         assert row["status"] not in FINISHED, f"the job ended before its merge of {needle}: {row}"
-        step = row["step"] or ""
-        if row["status"] == "running" and step.startswith("merging") and needle in step:
+        if row["status"] == "running" and merges_scratch_of(row["step"], checkpoint):
             if start is None:
                 start = row["progress"]
             elif row["progress"] > start:
@@ -434,15 +443,15 @@ class Throttled(threading.Thread):
         return Held(self.pid, already=True)
 
 
-def held_mid_merge(vm: Guest, checkpoint: str, image: str) -> tuple[str, Held]:
+def held_mid_merge(vm: Guest, checkpoint: str) -> tuple[str, Held]:
     """``delete --no-wait`` of ``checkpoint``, its job id and QEMU stopped (a :class:`Held`)
-    once the job reported progress inside its merge of ``image`` (QEMU run in bursts until
-    then: :class:`Throttled`)."""
+    once the job reported progress inside its merge (:func:`wait_mid_step`; QEMU run in bursts
+    until then: :class:`Throttled`)."""
     throttle = Throttled(qemu_pid(vm))
     throttle.start()
     try:
         job = delete(vm, checkpoint, no_wait=True)
-        wait_mid_step(vm, job, image)
+        wait_mid_step(vm, job, checkpoint)
     except BaseException:
         with throttle.hold():
             raise
@@ -581,7 +590,7 @@ def test_waymark_killed_mid_merge_is_carried_on_by_the_next_command(vm: Guest, t
     active = actives(vm)[scratch]
 
     job = delete(vm, "w3", no_wait=True)  # Now's 240 MiB committed into w3's 256 MiB
-    wait_mid_step(vm, job, held[made[3]])
+    wait_mid_step(vm, job, "w3")
     worker = worker_of(vm, job)
     with Held(qemu_pid(vm)):
         os.kill(worker, signal.SIGKILL)
@@ -659,10 +668,9 @@ def test_qemu_killed_mid_merge_the_merge_is_redone_offline(vm: Guest) -> None:
     leaked clusters in the image QEMU was writing (it does in some runs): ``check`` reports
     them as a notice, not an error, and ``check --repair`` frees them."""
     record: dict[str, Shas] = {}
-    made, now_scratch = big_chain(vm, "k", record)
-    k3 = frozen(vm)[made[3]][scratch_disk(vm)]
+    _, now_scratch = big_chain(vm, "k", record)
     job = delete(vm, "k3", no_wait=True)
-    wait_mid_step(vm, job, k3)
+    wait_mid_step(vm, job, "k3")
     crash(vm)
     assert_job_completes_losing_nothing(vm, job, record, now_scratch, {"k0", "k1", "k2"})
     repaired = vm.wm.json("check", vm.name, "--repair")["findings"]
@@ -744,7 +752,7 @@ def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
         sampler.join(10.0)
     progress = [p for _, p, _ in sampler.rows]
     in_copy = sorted({p for _, p, step in sampler.rows
-                      if step and step.startswith("merging") and Path(held["p1"]).name in step})
+                      if merges_scratch_of(step, "p1")})
     print(f"job rows: {sampler.rows}\njob show: {shown}\n{len(set(progress))} distinct values, "
           f"{len(in_copy)} seen inside the 256 MiB copy {in_copy}, "
           f"{len({p for _, p in shown})} seen by job show")
@@ -756,7 +764,7 @@ def test_merge_job_progress_wait_and_cancel(vm: Guest) -> None:
     assert_qemu_matches_catalog(vm)
 
     since = last_intent(vm)
-    job, stopped = held_mid_merge(vm, "p3", held["p3"])
+    job, stopped = held_mid_merge(vm, "p3")
     with stopped:  # its worker waits on QMP: the cancel lands inside the copy
         asked = vm.wm.json("job", "cancel", job)
     assert asked["status"] == "running", asked
@@ -788,9 +796,9 @@ def test_a_running_merge_holds_the_vm_but_not_reads_or_renames(vm: Guest) -> Non
     ``checkpoint rename`` and ``job list`` answer at once. Once the job ends, a live
     checkpoint is taken."""
     record: dict[str, Shas] = {}
-    held, now_scratch = pairs(vm, "b", 2, record)
+    _, now_scratch = pairs(vm, "b", 2, record)
     job = delete(vm, "b1", no_wait=True)
-    wait_mid_step(vm, job, held["b1"])
+    wait_mid_step(vm, job, "b1")
     env = vm.wm.env(WAYMARK_LOCK_TIMEOUT=LOCK_TIMEOUT)
     with Held(qemu_pid(vm)):
         started = time.monotonic()

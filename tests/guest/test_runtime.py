@@ -66,7 +66,9 @@ def test_pause_stops_the_counter_and_resume_restarts_it(vm: Guest) -> None:
     vm.ensure_running()
     mark = vm.mark()
     vm.wait_counter_above(mark, 0)  # it is counting
-    assert vm.wm.json("vm", "pause", vm.name) == {"state": "paused"}
+    assert vm.wm.json("vm", "pause", vm.name) == {"state": "paused", "changed": True}
+    # pausing a paused VM does nothing, with a notice (exit 0)
+    assert vm.wm("vm", "pause", vm.name).stdout == f"{vm.name} is already paused: nothing to do.\n"
     status = vm.status()
     assert status["state"] == "paused" and status["agent"] is False
     assert vm.qemus() == [status["pid"]]
@@ -75,7 +77,8 @@ def test_pause_stops_the_counter_and_resume_restarts_it(vm: Guest) -> None:
     assert vm.since() == frozen, "the serial log grew while the VM was paused"
     last = max(counters(vm.since(mark)))
 
-    assert vm.wm.json("vm", "resume", vm.name) == {"state": "running"}
+    assert vm.wm.json("vm", "resume", vm.name) == {"state": "running", "changed": True}
+    assert vm.wm.json("vm", "resume", vm.name) == {"state": "running", "changed": False}
     seen = vm.wait_counter_above(mark, last + 2)
     assert seen == list(range(seen[0], seen[0] + len(seen))), f"paused at {last}: {seen}"
     assert vm.state() == "running"
@@ -192,7 +195,7 @@ def test_stop_force_powers_off(vm: Guest) -> None:
     vm.ensure_running()
     pid = vm.status()["pid"]
     out = vm.wm.json("vm", "stop", vm.name, "--force")
-    assert out == {"state": "off", "how": "powered off"}
+    assert out == {"state": "off", "how": "powered off", "changed": True}
     assert gone(pid) and vm.qemus() == []
     status = vm.status()
     assert status["state"] == "off" and status["pid"] is None
@@ -204,7 +207,7 @@ def test_stop_force_on_a_saved_vm_discards_its_state(vm: Guest) -> None:
     vm.ensure_running()
     vm.wm("vm", "save", vm.name)
     out = vm.wm.json("vm", "stop", vm.name, "--force")
-    assert out == {"state": "off", "how": "saved state discarded"}
+    assert out == {"state": "off", "how": "saved state discarded", "changed": True}
     assert vm.status()["state"] == "off" and "saved_state" not in vm.status()
     assert not list((vm.wm.home / "vms").glob("*/saved/state.bin"))
     mark = vm.mark()

@@ -17,9 +17,10 @@ Checked, events: ``DELETE /api/vms/v/checkpoints/b`` answers 202 with its merge 
 stream ``/api/jobs/{id}/events`` (read with ``waymark.client.Client.job_events``) sends ``job``
 events in order, each a change of status, progress or step, statuses never going back, progress
 never decreasing, at least 3 distinct progress values with some strictly between 0 and 1 while
-the step says ``merging``, the last ``job`` event completed at 1.0, then ``end``; meanwhile the
-all-jobs stream ``/api/jobs/events`` (opened before the delete, read in a thread) shows the same
-job reaching completed. For ``alice`` that job does not exist: 404 on its events, on the job and
+the step says ``v: merging ...`` (the VM and checkpoints, not image files), the last
+``job`` event completed at 1.0, then ``end``; meanwhile the all-jobs stream
+``/api/jobs/events`` (opened before the delete, read in a thread) shows the same job reaching
+completed. For ``alice`` that job does not exist: 404 on its events, on the job and
 the same answer as for a job id nobody has, and her job list and her all-jobs stream (with
 ``until_idle``: it ends at once) never mention it; ``gina``, granted on ``v``, follows it.
 
@@ -233,7 +234,7 @@ def test_job_events_follow_a_merge(home: Home) -> None:
     assert progress == sorted(progress), changes
     assert len(set(progress)) >= 3, changes
     merging = [p for s, p in zip(states, progress, strict=True)
-               if 0.0 < p < 1.0 and (s["step"] or "").startswith("merging ")]
+               if 0.0 < p < 1.0 and (s["step"] or "").startswith("v: merging ")]
     assert merging, f"the merge's progress was never seen between 0 and 1: {changes}"
     assert (states[-1]["status"], states[-1]["progress"]) == ("completed", 1.0), changes
     assert states[-1]["error"] is None and states[-1]["finished_at"]

@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import sqlite3
 import subprocess
 import time
@@ -95,6 +96,7 @@ VISIBLE_TEMPLATES: dict[str, set[str]] = {
     "backupop": set(), "reader": FIXED_TEMPLATES, "outsider": set()}
 FINISHED = ("completed", "failed", "cancelled")
 MISSING = "zz-missing"  # what a 404 cell's object is replaced with: a name nothing has
+SUGGESTION = re.compile(r"Did you mean [^?]*\? ")  # a 404's hint: names close to the one typed
 # the docs and the OpenAPI document are no routes of the table; the portal's static files
 # (a mount) are public
 NOT_API = {"/api/openapi.json", "/api/docs", "/api/docs/oauth2-redirect", "/docs/oauth2-redirect"}
@@ -724,6 +726,18 @@ def ckpt_apply(env: Env, caller: str, allowed: bool) -> Req:
 
     return Req(f"/api/vms/{vm}/checkpoints/{ckpt}/apply", {"mode": "discard_current"},
                check=check, ref=vm)
+
+
+def ckpt_revert(env: Env, caller: str, allowed: bool) -> Req:
+    """Hyper-V's Revert: apply the current checkpoint (Now's parent), as an apply is allowed."""
+    vm = env.target(caller)
+    current = env.tree(vm)["current_checkpoint_id"]
+
+    def check(resp: httpx.Response) -> None:
+        assert resp.json()["checkpoint_id"] == current
+        assert env.tree(vm)["current_checkpoint_id"] == current
+
+    return Req(f"/api/vms/{vm}/revert", {"mode": "discard_current"}, check=check, ref=vm)
 
 
 def ckpt_apply_start(env: Env, caller: str, allowed: bool) -> Req:
@@ -1419,10 +1433,11 @@ TABLE = [
         media_insert),
     row("DELETE", V + "/media",                       "ok   ok  403  403  403  403  404",
         media_eject),
-    # power: start-stop (the VMs are off: start cannot find its kernel, the rest are 409)
+    # power: start-stop (the VMs are off: start cannot find its kernel, stop is a no-op, the
+    # rest are 409)
     row("POST", V + "/start",                      "start start start 403 403 403 404",
         power("start")),
-    row("POST", V + "/stop",                          "409  409  409  403  403  403  404",
+    row("POST", V + "/stop",                          "ok   ok   ok  403  403  403  404",
         power("stop")),
     row("POST", V + "/save",                          "409  409  409  403  403  403  404",
         power("save")),
@@ -1438,6 +1453,8 @@ TABLE = [
         ckpt_show),
     row("POST", C + "/apply",                         "ok   ok   ok   ok  403  403  404",
         ckpt_apply, variant="discard Now"),
+    row("POST", V + "/revert",                        "ok   ok   ok   ok  403  403  404",
+        ckpt_revert),
     # "Create Checkpoint and Apply" creates a checkpoint: not restore-only's
     row("POST", C + "/apply",                         "ok   ok   ok  403  403  403  404",
         ckpt_apply_first, variant="checkpoint first"),
@@ -1618,7 +1635,14 @@ def assert_like_missing(env: Env, caller: str, method: str, req: Req,
     missing = env.call(caller, method, url, swapped(req.body, req.ref, MISSING), req.params,
                        cookie=req.cookie)
     assert missing.status_code == 404, missing.text
-    assert hidden.text.replace(req.ref, "<ref>") == missing.text.replace(MISSING, "<ref>")
+    # a "did you mean" depends on the name typed, among the names the caller may see (never
+    # others): the rest of the answer is word for word the same
+    assert SUGGESTION.sub("", hidden.text).replace(req.ref, "<ref>") == \
+        SUGGESTION.sub("", missing.text).replace(MISSING, "<ref>")
+    offered = re.findall(r"'([^']*)'", " ".join(SUGGESTION.findall(hidden.text)))
+    if offered:
+        seen = {vm["name"] for vm in env.call(caller, "GET", "/api/vms").json()}
+        assert set(offered) <= seen, (offered, seen)
 
 
 def diff(before: dict[str, list[str]], after: dict[str, list[str]]) -> str:

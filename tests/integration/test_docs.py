@@ -31,9 +31,11 @@ TROUBLESHOOTING = DOCS / "troubleshooting.md"
 RUNNABLE = ("waymark", "qemu-img")
 # the guide's output was taken as root, whose $HOME is /root
 DOC_HOME = "/root"
-# what differs from run to run: ids (hex), times (a checkpoint's default name and its stamp)
+# what differs from run to run: ids (hex), times (a checkpoint's default name and its stamp),
+# sizes on disk (the file system's allocation)
 VOLATILE = [(re.compile(r"[0-9a-f]{8,}"), "<id>"),
-            (re.compile(r"\d{4}-\d\d-\d\d( - |[ T])\d\d:\d\d:\d\dZ?"), "<time>")]
+            (re.compile(r"\d{4}-\d\d-\d\d( - |[ T])\d\d:\d\d:\d\dZ?"), "<time>"),
+            (re.compile(r"\b\d+(\.\d)? (B|KiB|MiB|GiB|TiB)\b"), "<size>")]
 
 
 @dataclass

@@ -291,7 +291,8 @@ class Model:
     def delete(self, ref: str, *, subtree: bool) -> set[str]:
         measured: dict[int, dict[str, int]] = {}
 
-        def report(number: int, _total: int, _what: str, _fraction: float) -> None:
+        def report(number: int, _total: int, _what: str, _fraction: float,
+                   size: int | None = None) -> None:
             if number not in measured:  # first called (0.0) before step ``number`` is journaled
                 measured[number] = self.sizes()
 

@@ -75,7 +75,10 @@ def test_the_checkpoint_group_lists_every_command_and_runs_the_ones_loaded_later
         wm: Waymark) -> None:
     helped = wm("checkpoint", "--help").stdout
     listed = {line.split()[0] for line in helped.split("Commands:")[1].splitlines() if line}
-    assert listed == {"create", "list", "show", "apply", "rename", "notes", "delete", "export"}
+    assert listed == {"create", "list", "show", "apply", "revert", "rename", "notes", "delete",
+                      "export"}
+    assert "Usage: waymark checkpoint revert [OPTIONS] VM" in wm("checkpoint", "revert",
+                                                                  "--help").stdout
     assert "Usage: waymark checkpoint create [OPTIONS] VM" in wm("checkpoint", "create",
                                                                   "--help").stdout
     assert wm.run("checkpoint", "nosuch").returncode == 2

@@ -150,9 +150,9 @@ def _api_owner(home: Home) -> dict[str, Any]:
     made = home.ok("owner", "POST", f"/api/vms/{x}/checkpoints", {"name": "by-owner"})
     assert made["vm_id"] == x
     assert home.ok("owner", "PATCH", f"/api/vms/{x}", {"max_checkpoints": 7})["id"] == x
-    stop = home.call("owner", "POST", f"/api/vms/{x}/stop")
-    assert stop.status_code == 409, stop.text  # X is off: the refusal is about X
-    _names_x(stop.json()["error"]["message"], home)
+    resume = home.call("owner", "POST", f"/api/vms/{x}/resume")
+    assert resume.status_code == 409, resume.text  # X is off: the refusal is about X
+    _names_x(resume.json()["error"]["message"], home)
     point: dict[str, Any] = home.ok("owner", "POST", f"/api/vms/{x}/backups",
                                     {"repository": "repo"})
     assert point["vm_id"] == x and point["vm_name"] == "vm-x"
@@ -183,9 +183,9 @@ def _cli(home: Home) -> None:
     x, wm = home.x, home.wm
     assert wm.json("checkpoint", "create", x, "--name", "by-cli")["vm_id"] == x
     assert wm.json("vm", "set", x, "--max-checkpoints", "9")["id"] == x
-    stopped = wm.run("vm", "stop", x)
-    assert stopped.returncode != 0
-    _names_x(stopped.stderr, home)
+    resumed = wm.run("vm", "resume", x)  # X is off: the refusal is about X
+    assert resumed.returncode != 0
+    _names_x(resumed.stderr, home)
     [ran] = wm.json("backup", "run", x, "--repo", str(home.repo))
     assert ran["ok"] and ran["point"]["vm_id"] == x, ran
     assert wm.json("vm", "show", x)["name"] == "vm-x"

@@ -25,7 +25,10 @@ def test_every_cli_delete_answers_what_went_in_one_shape(wm: Waymark, tmp_path: 
     wm("profile", "create", "small", "--cpus", "1")
 
     checkpoint = wm.json("checkpoint", "delete", "web", "one")
-    assert checkpoint == {**gone("checkpoint", "one", ckpt_id), "job_id": checkpoint["job_id"]}
+    # the CLI waited for the merge job: it adds the space freed
+    assert checkpoint == {**gone("checkpoint", "one", ckpt_id), "job_id": checkpoint["job_id"],
+                          "freed_bytes": checkpoint["freed_bytes"]}
+    assert isinstance(checkpoint["freed_bytes"], int)
     assert wm.json("token", "revoke", token_id) == gone("token", "script", token_id)
     assert wm.json("user", "remove", "ada") == gone("user", "ada", user_id)
     assert wm.json("backup", "schedule", "remove", "nightly") == gone("schedule", "nightly")

@@ -78,6 +78,19 @@ def apply(vm: str, ckpt: str, body: Apply, caller: CallerDep, ctx: ContextDep
     return checkpoints.apply(ctx, row.id, target, mode, start=body.start).view()
 
 
+@router.post("/vms/{vm}/revert", response_model=schemas.Applied)
+def revert(vm: str, body: Apply, caller: CallerDep, ctx: ContextDep) -> dict[str, Any]:
+    """Hyper-V's Revert (Revert-VMCheckpoint): apply the VM's current checkpoint, Now's
+    parent, with the same choice, permissions and answer as its apply; 409 when it has
+    none."""
+    row = vm_for(ctx, caller.who, "checkpoint.apply", vm)
+    require_vm(caller.who, row, *_apply_effects(ctx, row, body))
+    target = checkpoints.revert_target(ctx, row.id)
+    mode = checkpoints.ApplyMode.CHECKPOINT_FIRST if body.mode == "checkpoint_first" \
+        else checkpoints.ApplyMode.DISCARD_CURRENT
+    return checkpoints.apply(ctx, row.id, target, mode, start=body.start).view()
+
+
 def _apply_effects(ctx: Context, row: Vm, body: Apply) -> list[str]:
     """What an apply does besides the apply, each needing its own permission: the checkpoint
     of Now (``checkpoint_first``), and powering the VM off (it is running or paused) or on

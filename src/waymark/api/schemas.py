@@ -337,9 +337,13 @@ class VmStatus(Body):
     saved_state: str | None = Field(default=None, description=HOST_PATH)
 
 
+CHANGED = "False: the VM already was in that state and nothing was done (an idempotent action)."
+
+
 class VmStopped(Body):
     state: str
-    how: str
+    how: str = Field(description="How it stopped; 'already off' when it was (nothing done).")
+    changed: bool = Field(description=CHANGED)
 
 
 class VmSaved(Body):
@@ -351,6 +355,7 @@ class VmSaved(Body):
 
 class VmState(Body):
     state: str
+    changed: bool = Field(description=CHANGED)
 
 
 class ConsoleSent(Body):

@@ -43,14 +43,15 @@ def repo_init(path: Path, as_json: bool) -> None:
           f"waymark backup run VM --repo {root}"])
 
 
-def _reporter() -> backups.Report:
-    """A progress line per disk (``[2/2] disk 1a2b3c  40%``): each new disk is one more step."""
-    line, seen = StepProgress(), []
+def _reporter(plain: bool = False) -> backups.Reporter:
+    """A progress line per VM and disk (``[2/2] Backing up web01 disk 1/2 (1a2b3c4d5e6f)  40%
+    340 MiB of 1.0 GiB, ...``): each new disk is one more step."""
+    line, seen = StepProgress(plain), []
 
-    def report(what: str, fraction: float) -> None:
+    def report(what: str, fraction: float, size: int | None = None) -> None:
         if what not in seen:
             seen.append(what)
-        line(seen.index(what) + 1, len(seen), what, fraction)
+        line(seen.index(what) + 1, len(seen), what, fraction, size)
 
     return report
 
@@ -64,7 +65,7 @@ def _reporter() -> backups.Report:
 def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None:
     """Back up VMs (running ones live, application-consistent when their agent answers):
     incremental when it can be proven correct, else full, saying why."""
-    outcomes = _run(vm_refs, repo, full)
+    outcomes = _run(vm_refs, repo, full, as_json)
     data = [{"vm": o.vm, "ok": o.error is None, "error": o.error,
              "point": backups.summary(o.point) if o.point else None} for o in outcomes]
     lines = []
@@ -86,7 +87,8 @@ def run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool) -> None
                                "points are safe."))
 
 
-def _run(vm_refs: tuple[str, ...], repo: Path, full: bool) -> list[backups.Outcome]:
+def _run(vm_refs: tuple[str, ...], repo: Path, full: bool, as_json: bool
+         ) -> list[backups.Outcome]:
     """Each VM resolved once (a VM no name or id matches is one failed outcome), then backed
     up by id; the outcomes name the VMs as they were typed, in order."""
     resolved: list[tuple[str, str | WaymarkError]] = []
@@ -96,7 +98,7 @@ def _run(vm_refs: tuple[str, ...], repo: Path, full: bool) -> list[backups.Outco
         except WaymarkError as err:
             resolved.append((ref, err))
     ids = [found for _, found in resolved if isinstance(found, str)]
-    done = iter(backups.run(face().ctx, ids, repo, _reporter(), full=full))
+    done = iter(backups.run(face().ctx, ids, repo, _reporter(plain=as_json), full=full))
     return [backups.Outcome(ref, failure=found) if isinstance(found, WaymarkError)
             else replace(next(done), vm=ref) for ref, found in resolved]
 
@@ -149,7 +151,7 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
             raise InvalidInput("--as-new leaves the original VM alone: drop --checkpoint-first "
                                "and --discard-current.")
         vm_id = backups.restore_as_new(ctx, repo, backups.repo_vm(repo, vm_ref), point_ref,
-                                       new_name, _reporter())
+                                       new_name, _reporter(plain=as_json))
         emit(as_json, {"restored_as": views.vm_show(ctx, vm_id)},
              [f"Restored as new VM {new_name} ({vm_id[:12]}). Start it with: "
               f"waymark vm start {new_name}"])
@@ -161,7 +163,7 @@ def restore(vm_ref: str, repo: Path, point_ref: str | None, checkpoint_first: bo
     mode = (checkpoints.ApplyMode.CHECKPOINT_FIRST if checkpoint_first
             else checkpoints.ApplyMode.DISCARD_CURRENT)
     done: dict[str, Any] = backups.restore(ctx, repo, face().vm_id(vm_ref), point_ref, mode,
-                                           _reporter())
+                                           _reporter(plain=as_json))
     lines = [f"Restored point {done['point_id']} into {vm_ref}; Now is under the new checkpoint "
              f"'Restored from {done['point_id']}'."]
     if done["safety_checkpoint_id"]:
@@ -280,7 +282,7 @@ def schedule_remove(name: str, as_json: bool) -> None:
 @json_option
 def run_due(as_json: bool) -> None:
     """Run the schedules that are due (a missed slot runs once); for cron or systemd timers."""
-    runs = schedules.run_due(face().ctx, _reporter())
+    runs = schedules.run_due(face().ctx, _reporter(plain=as_json))
     lines = []
     for r in runs:
         lines += [f"{r['schedule_name']}: {v['vm_name']}: "

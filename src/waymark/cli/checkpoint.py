@@ -11,7 +11,7 @@ import click
 
 from waymark.cli.main import LazyGroup, face
 from waymark.cli.output import emit, json_option
-from waymark.model import tree
+from waymark.model import timing, tree
 from waymark.model.units import human
 from waymark.usecases import views
 
@@ -24,6 +24,7 @@ class CheckpointCommands(LazyGroup):
     COMMANDS: ClassVar[dict[str, tuple[str, str, str]]] = {
         "create": (CHANGE, "create", "Take a checkpoint of a VM, live if it runs."),
         "apply": (CHANGE, "apply", "Return the VM to a checkpoint (Restore-VMSnapshot)."),
+        "revert": (CHANGE, "revert", "Apply the current checkpoint, Now's parent (Revert)."),
         "rename": (CHANGE, "rename", "Rename a checkpoint (1-99 characters)."),
         "notes": (CHANGE, "notes", "Show, set or clear a checkpoint's notes."),
         "delete": (CHANGE, "delete", "Delete checkpoints; their disk layers are merged away."),
@@ -36,11 +37,22 @@ def checkpoint() -> None:
     """Checkpoints: a VM's disks and configuration at a point in time."""
 
 
+TYPE_HELP = "; ".join(f"{kind}: {what}" for kind, what in views.CHECKPOINT_TYPES.items())
+
+
 @checkpoint.command("list")
-@click.argument("vm_ref", metavar="VM")
+@click.argument("vm_ref", metavar="[VM]", required=False)
+@click.option("--type", "wanted", type=click.Choice(list(views.CHECKPOINT_TYPES)),
+              help=f"Only checkpoints that hold this ({TYPE_HELP}).")
+@click.option("--most-recent", is_flag=True,
+              help="Only each VM's current checkpoint, Now's parent (SCVMM's -MostRecent).")
 @json_option
-def list_(vm_ref: str, as_json: bool) -> None:
-    """The checkpoint tree, with Now under the current checkpoint."""
+def list_(vm_ref: str | None, wanted: str | None, most_recent: bool, as_json: bool) -> None:
+    """The checkpoint tree of VM, with Now under the current checkpoint; without VM, or with
+    --type or --most-recent, a table of the checkpoints with their VM (every VM's without VM)."""
+    if vm_ref is None or wanted is not None or most_recent:
+        _list_rows(vm_ref, wanted, most_recent, as_json)
+        return
     remote = face().remote
     data = remote.checkpoint_list(vm_ref) if remote is not None \
         else views.checkpoint_list(face().ctx, face().vm_id(vm_ref))
@@ -49,6 +61,38 @@ def list_(vm_ref: str, as_json: bool) -> None:
         if data["checkpoints"] else ["Now  (no checkpoints)"]
     lines += ["", tree.LEGEND]
     emit(as_json, data, lines)
+
+
+def _listings(vm_ref: str | None) -> list[dict[str, Any]]:
+    """The checkpoint listings of VM, or of every VM (the caller may see, with --server)."""
+    remote = face().remote
+    if remote is not None:
+        refs = [vm_ref] if vm_ref is not None else [v["id"] for v in remote.vm_list()]
+        return [remote.checkpoint_list(ref) for ref in refs]
+    if vm_ref is not None:
+        return [views.checkpoint_list(face().ctx, face().vm_id(vm_ref))]
+    return views.checkpoint_lists(face().ctx)
+
+
+def _row_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A table: VM, checkpoint, what it holds, when (local time), id; the current marked."""
+    table = [("VM", "CHECKPOINT", "TYPE", "TAKEN", "ID")] + [
+        (r["vm_name"], r["name"],
+         f"{tree.MEMORY if r['has_memory'] else tree.DISK_ONLY} {r['kind']}",
+         timing.parse_rfc3339(r["created_at"], what="checkpoint's time").astimezone()
+         .strftime("%Y-%m-%d %H:%M:%S"),
+         r["id"][:12] + ("  (current)" if r["is_current"] else "")) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)),
+                       row[4]]) for row in table]
+
+
+def _list_rows(vm_ref: str | None, wanted: str | None, most_recent: bool,
+               as_json: bool) -> None:
+    rows = views.checkpoint_rows(_listings(vm_ref), wanted, most_recent)
+    asked = [f"--type {wanted}"] * bool(wanted) + ["--most-recent"] * most_recent
+    empty = f"No checkpoints match {', '.join(asked)}." if asked else "No checkpoints."
+    emit(as_json, rows, _row_lines(rows) if rows else [empty])
 
 
 def _show_lines(d: dict[str, Any]) -> list[str]:

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from waymark.cli.checkpoint import notes_lines, shown
 from waymark.cli.job import ended, follow
 from waymark.cli.main import face
-from waymark.cli.output import StepProgress, emit, fraction_progress, interactive, json_option, warn
+from waymark.cli.output import (
+    F,
+    StepProgress,
+    emit,
+    interactive,
+    json_option,
+    warn,
+)
 from waymark.engine import jobs
 from waymark.errors import ConsentRequired, InvalidInput
+from waymark.model.units import human
 from waymark.text import printable
 from waymark.usecases import views
 from waymark.usecases.checkpoints import deletion
@@ -78,14 +87,25 @@ def _choose_mode(checkpoint_first: bool, discard_current: bool, target: str
             else checkpoints.ApplyMode.DISCARD_CURRENT)
 
 
+APPLY_OPTIONS = (
+    click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply."),
+    click.option("--discard-current", is_flag=True, help="Apply; the current state is lost."),
+    click.option("--start", is_flag=True, help="Start the VM afterwards (a standard checkpoint "
+                                                "resumes where it was taken)."),
+    json_option)
+
+
+def apply_options(fn: F) -> F:
+    """The options apply and revert share: Hyper-V's choice, --start, --json."""
+    for option in reversed(APPLY_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
 @click.command("apply")
 @click.argument("vm_ref", metavar="VM")
 @click.argument("ckpt_ref", metavar="CKPT")
-@click.option("--checkpoint-first", is_flag=True, help="Checkpoint Now first, then apply.")
-@click.option("--discard-current", is_flag=True, help="Apply; the current state is lost.")
-@click.option("--start", is_flag=True,
-              help="Start the VM afterwards (a standard checkpoint resumes where it was taken).")
-@json_option
+@apply_options
 def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: bool,
           start: bool, as_json: bool) -> None:
     """Return the VM to a checkpoint (Hyper-V's Restore-VMSnapshot).
@@ -94,7 +114,37 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     Applying a standard checkpoint leaves the VM saved (vm start resumes it exactly there);
     any other leaves it off.
     """
-    target = shown(vm_ref, ckpt_ref)
+    _apply(shown(vm_ref, ckpt_ref), checkpoint_first, discard_current, start, as_json)
+
+
+@click.command("revert")
+@click.argument("vm_ref", metavar="VM")
+@apply_options
+def revert(vm_ref: str, checkpoint_first: bool, discard_current: bool, start: bool,
+           as_json: bool) -> None:
+    """Apply the VM's current checkpoint, Now's parent (Hyper-V's Revert-VMCheckpoint).
+
+    The same choice, options and answer as apply; a VM without a current checkpoint is refused.
+    """
+    remote = face().remote
+    if remote is not None:  # the server's POST /api/vms/{vm}/revert
+        listing = remote.checkpoint_list(vm_ref)
+        current = next((c for c in listing["checkpoints"]
+                        if c["id"] == listing["current_checkpoint_id"]), None)
+        if current is None:
+            raise checkpoints.no_current(listing["vm_name"], bool(listing["checkpoints"]))
+        mode = _choose_mode(checkpoint_first, discard_current, current["name"])
+        data = remote.checkpoint_revert(listing["vm_id"], mode.name.lower(), start)
+        emit(as_json, data, _applied_lines(current["name"], data))
+        return
+    vm_id = face().vm_id(vm_ref)
+    target = views.checkpoint_show(face().ctx, vm_id, checkpoints.revert_target(face().ctx, vm_id))
+    _apply(target, checkpoint_first, discard_current, start, as_json)
+
+
+def _apply(target: dict[str, Any], checkpoint_first: bool, discard_current: bool, start: bool,
+           as_json: bool) -> None:
+    """Apply the checkpoint ``target`` shows, after Hyper-V's choice; print the answer."""
     mode = _choose_mode(checkpoint_first, discard_current, target["name"])
     remote = face().remote
     if remote is not None:
@@ -102,7 +152,12 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     else:
         data = checkpoints.apply(face().ctx, target["vm_id"], target["id"], mode,
                                  start=start).view()
-    lines = [f"Applied checkpoint {target['name']!r}; the VM is {data['state']}."]
+    emit(as_json, data, _applied_lines(target["name"], data))
+
+
+def _applied_lines(name: str, data: dict[str, Any]) -> list[str]:
+    """What an apply (or revert) did, as ``checkpoint apply`` prints it."""
+    lines = [f"Applied checkpoint {name!r}; the VM is {data['state']}."]
     if data["safety_checkpoint_id"]:
         lines.insert(0, f"Checkpointed Now first ({data['safety_checkpoint_id'][:12]}).")
     lines += [f"Detached disk {d[:12]} (not in the checkpoint); its files are kept."
@@ -110,7 +165,7 @@ def apply(vm_ref: str, ckpt_ref: str, checkpoint_first: bool, discard_current: b
     lines += [f"The re-attached disk's previous image is kept as detached disk {d[:12]}."
               for d in data["kept_disk_ids"]]
     lines += [f"Warning: {w}" for w in data.get("warnings", [])]
-    emit(as_json, data, lines)
+    return lines
 
 
 @click.command("rename")
@@ -202,15 +257,37 @@ def delete(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
                       abort=True)
         yes = True
     done = deletion.delete_checkpoints(ctx, vm_id, pattern, subtree=subtree, yes=yes,
-                                       user=jobs.host_user(), report=StepProgress(),
-                                       wait=not no_wait)
+                                       user=jobs.host_user(),
+                                       report=StepProgress(plain=as_json), wait=not no_wait)
     if no_wait:
         jobs.spawn(ctx, done.job)
     data = done.answer()
-    lines = [f"Deleted checkpoint {m.name!r} ({m.id[:12]})." for m in done.checkpoints]
+    if not no_wait:
+        data.update(_freed(jobs.show(ctx, done.job)))
+    lines = _deleted_lines(data, ctx.identify(vm_id)[1])
     if no_wait:
         lines.append(f"Merging in job {done.job[:12]}: waymark job wait {done.job[:12]}")
     emit(as_json, data, lines)
+
+
+def _freed(job: dict[str, Any]) -> dict[str, int]:
+    """``freed_bytes``: the space the delete's merge job freed, when it measured it."""
+    freed = (job["result"] or {}).get("freed_bytes")
+    return {"freed_bytes": freed} if isinstance(freed, int) else {}
+
+
+def _deleted_lines(data: dict[str, Any], vm_name: str) -> list[str]:
+    """``Deleted checkpoint 'X' (id) of VM Y; freed 1.2 GiB.`` (with several, one line each
+    and the space freed last)."""
+    lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]}) of VM {vm_name}."
+             for m in data["deleted"]]
+    if "freed_bytes" in data:
+        freed = human(data["freed_bytes"])
+        if len(lines) == 1:
+            lines[0] = f"{lines[0][:-1]}; freed {freed}."
+        else:
+            lines.append(f"Freed {freed}.")
+    return lines
 
 
 def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait: bool,
@@ -226,14 +303,14 @@ def _delete_remote(vm_ref: str, pattern: str, subtree: bool, yes: bool, no_wait:
             raise
         click.confirm(f"{err.message}\nDelete them all?", abort=True)
         data = remote.checkpoint_delete(vm_ref, pattern, subtree, True)
-    lines = [f"Deleted checkpoint {m['name']!r} ({m['id'][:12]})." for m in data["deleted"]]
     if no_wait:
         job = data["job_id"][:12]
-        lines.append(f"Merging in job {job}: waymark job wait {job}")
+        lines = [*_deleted_lines(data, vm_ref), f"Merging in job {job}: waymark job wait {job}"]
         emit(as_json, data, lines)
         return
-    done = follow(data["job_id"])
-    emit(as_json, data, lines)
+    done = follow(data["job_id"], plain=as_json)
+    data.update(_freed(done))
+    emit(as_json, data, _deleted_lines(data, done["vm_name"] or vm_ref))
     ended(done)
 
 
@@ -253,7 +330,7 @@ def export(vm_ref: str, ckpt_ref: str, dest: Path, no_wait: bool, as_json: bool)
         emit(as_json, {"bundle": str(dest.absolute()), "job_id": job_id},
              [f"Exporting in job {job_id[:12]}: waymark job wait {job_id[:12]}"])
         return
-    manifest = export_job.run_export(ctx, job_id, fraction_progress("exporting"))
+    manifest = export_job.run_export(ctx, job_id, StepProgress(plain=as_json))
     emit(as_json, {"bundle": str(dest.absolute()), "manifest": manifest, "job_id": job_id},
          [f"Exported {manifest['source']['checkpoint_name']!r} to {dest.absolute()} "
           f"({len(manifest['disks'])} disk(s)). Import it with: waymark vm import {dest}"])

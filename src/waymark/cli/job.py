@@ -73,10 +73,10 @@ def show(job_ref: str, as_json: bool) -> None:
     emit(as_json, d, lines)
 
 
-def follow(job_id: str) -> dict[str, Any]:
-    """Wait for a job (here, or on the --server) with a progress bar; its final
-    description."""
-    bar = StepProgress()
+def follow(job_id: str, plain: bool = False) -> dict[str, Any]:
+    """Wait for a job (here, or on the --server) with a progress bar (``plain``: lines, as
+    for ``--json``); its final description."""
+    bar = StepProgress(plain)
 
     def draw(d: dict[str, Any]) -> None:
         if d["status"] == "running":
@@ -106,7 +106,7 @@ def ended(d: dict[str, Any]) -> None:
 @json_option
 def wait(job_ref: str, as_json: bool) -> None:
     """Wait for a job to end, with its progress (carries on a job whose process died)."""
-    d = follow(job_ref)
+    d = follow(job_ref, plain=as_json)
     emit(as_json, d, [f"Job {d['id'][:12]} {d['status']}."])
     ended(d)
 

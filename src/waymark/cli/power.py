@@ -56,7 +56,8 @@ def start(vm_ref: str, attach: bool, discard_saved_state: bool, as_json: bool) -
 def stop(vm_ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Shut the guest down cleanly (guest agent, else ACPI power button)."""
     data = _act(vm_ref, "stop", force=force, timeout=timeout)
-    emit(as_json, data, [f"Stopped {vm_ref}: {data['how']}."])
+    emit(as_json, data, [f"Stopped {vm_ref}: {data['how']}." if data["changed"]
+                         else f"{vm_ref} is already off: nothing to do."])
 
 
 @click.command("save")
@@ -74,7 +75,9 @@ def save(vm_ref: str, as_json: bool) -> None:
 @json_option
 def pause(vm_ref: str, as_json: bool) -> None:
     """Pause the guest's CPUs (it keeps its memory)."""
-    emit(as_json, _act(vm_ref, "pause"), [f"Paused {vm_ref}."])
+    data = _act(vm_ref, "pause")
+    emit(as_json, data, [f"Paused {vm_ref}." if data["changed"]
+                         else f"{vm_ref} is already paused: nothing to do."])
 
 
 @click.command("resume")
@@ -82,7 +85,9 @@ def pause(vm_ref: str, as_json: bool) -> None:
 @json_option
 def resume(vm_ref: str, as_json: bool) -> None:
     """Resume a paused guest."""
-    emit(as_json, _act(vm_ref, "resume"), [f"Resumed {vm_ref}."])
+    data = _act(vm_ref, "resume")
+    emit(as_json, data, [f"Resumed {vm_ref}." if data["changed"]
+                         else f"{vm_ref} is already running: nothing to do."])
 
 
 @click.command("status")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from waymark import process
-from waymark.catalog.models import Disk, FrozenImage, Image, Intent, Job, Vm
+from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Job, Vm
 from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
@@ -181,22 +182,94 @@ Reporter = jobs.StepsReport
 """Progress of a compaction: (step number from 1, steps planned, what, fraction of that step)."""
 
 
-def _describe(session: Session, step: planner.Step) -> str:
-    name = Path(session.get_one(Image, step.image).path).name
+Gone = Mapping[str, str]
+"""The frozen images of checkpoints a delete removed -> the checkpoint's name (the merge job's
+``layers``): a step's description names the deleted checkpoint, not an image file."""
+
+
+class Names:
+    """How a step's description names a VM's images: by the checkpoints that freeze them,
+    ``Now`` for a disk's active image, the deleted checkpoint whose layer it was; and the disk
+    they belong to (its place among the VM's disks)."""
+
+    def __init__(self, session: Session, vm_id: str, gone: Gone) -> None:
+        self.vm = lookup.vm_name(session, vm_id)
+        self.gone = gone
+        self.images = lookup.images(session, vm_id)
+        self.frozen: dict[str, list[str]] = {}
+        query = select(FrozenImage.image_id, Checkpoint.name).join(
+            Checkpoint, FrozenImage.checkpoint_id == Checkpoint.id).where(
+            Checkpoint.vm_id == vm_id).order_by(Checkpoint.created_at)
+        for image_id, name in session.execute(query):
+            self.frozen.setdefault(image_id, []).append(name)
+        disks = lookup.disks(session, vm_id)
+        vm_row = session.get(Vm, vm_id)
+        attached = lookup.hardware(vm_row).guest_disks if vm_row is not None else []
+        self.active = {d.active_image_id for d in disks.values()}
+        self.disk_of_base: dict[str, str] = {}
+        for disk_id in [*attached, *(d for d in disks if d not in attached)]:
+            active = disks[disk_id].active_image_id if disk_id in disks else None
+            if active is not None and active in self.images:
+                self.disk_of_base.setdefault(self._base(active), self._disk(disk_id, attached))
+
+    def _base(self, image_id: str) -> str:
+        image = self.images[image_id]
+        while image.parent_id is not None and image.parent_id in self.images:
+            image = self.images[image.parent_id]
+        return image.id
+
+    @staticmethod
+    def _disk(disk_id: str, attached: list[str]) -> str:
+        """``disk 2/3`` (none for a VM's only disk), ``detached disk ID``."""
+        if disk_id not in attached:
+            return f"detached disk {disk_id[:12]}"
+        return f"disk {attached.index(disk_id) + 1}/{len(attached)}" if len(attached) > 1 else ""
+
+    def of(self, image_id: str) -> str:
+        """The image as a person knows it."""
+        if image_id in self.frozen:
+            return " and ".join(repr(n) for n in self.frozen[image_id])
+        if image_id in self.active:
+            return "Now"
+        if image_id in self.gone:
+            return f"deleted {self.gone[image_id]!r}"
+        return "a merged layer"  # a file whose content a merge moved (its role with it)
+
+    def where(self, image_id: str) -> str:
+        """``VM disk 1/2:`` (``VM:`` for its only disk), the prefix of the step's
+        description."""
+        disk = self.disk_of_base.get(self._base(image_id)) if image_id in self.images else None
+        return f"{self.vm} {disk}:" if disk else f"{self.vm}:"
+
+
+def _describe(names: Names, step: planner.Step) -> str:
+    """The step in words: the VM, the disk and the checkpoints, never an image file."""
+    image = names.of(step.image)
     if isinstance(step, planner.Drop):
-        return f"removing {name}"
-    child = Path(session.get_one(Image, step.child).path).name
+        return f"{names.where(step.image)} removing {image}"
+    child = names.of(step.child)
     if isinstance(step, planner.CommitDown):
-        return f"merging {child} into {name}"
-    return f"merging {name} into {child}"
+        return f"{names.where(step.image)} merging {child} into {image}"
+    return f"{names.where(step.image)} merging {image} into {child}"
 
 
-def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
+def _moved(nodes: list[planner.ImageNode], step: planner.Step) -> int | None:
+    """The bytes a step copies (the allocated bytes of the file whose clusters move; a drop
+    copies none)."""
+    if isinstance(step, planner.Drop):
+        return None
+    moving = step.child if isinstance(step, planner.CommitDown) else step.image
+    return next((n.allocated for n in nodes if n.id == moving), None)
+
+
+def run(ctx: Context, vm_id: str, report: Reporter | None = None, gone: Gone | None = None
+        ) -> int:
     """Compact until nothing is left to do; returns the number of steps taken.
 
     A running VM's live chains are merged by its QEMU (:mod:`waymark.engine.running.live_merge`);
     when its
-    block layer is inactive the marker stays for a later command.
+    block layer is inactive the marker stays for a later command. ``gone``: the names of
+    deleted checkpoints by their frozen images, for the steps' descriptions.
     """
     taken = 0
     while True:
@@ -213,10 +286,11 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None) -> int:
             params = merge(image=step.image, child=getattr(step, "child", None),
                            direction=merge.kind)
             steps = _steps(session, step, live)
-            what = _describe(session, step)
+            what = _describe(Names(session, vm_id, gone or {}), step)
+            size = _moved(nodes, step)
         log.info("compaction: %s", what)
         number = taken + 1
-        progress = None if report is None else partial(report, number, total, what)
+        progress = None if report is None else partial(report, number, total, what, size=size)
         # a merge only removes or merges what nothing needs: always finished, never undone,
         # except that a cancelled job abandons it mid-copy (see ``abandonable``)
         try:
@@ -271,6 +345,26 @@ def owned_files(session: Session, vm_id: str) -> list[Path]:
     return [Path(i.path) for i in lookup.images(session, vm_id).values() if not i.pinned]
 
 
+def held(session: Session, vm_id: str) -> int:
+    """The bytes a VM's own images and its checkpoints' memory states take on disk: measured
+    before a delete (the merge job's ``held_bytes``) and after its merges, the space it freed
+    (the job's result ``freed_bytes``)."""
+    memory = session.scalars(select(Checkpoint.memory_path).where(
+        Checkpoint.vm_id == vm_id, Checkpoint.memory_path.is_not(None)))
+    return sum(allocated(str(p)) for p in owned_files(session, vm_id)) + \
+        sum(allocated(p) for p in memory if p is not None)
+
+
+def _freed(ctx: Context, vm_id: str, params: dict[str, object]) -> dict[str, int]:
+    """The space a delete freed (its merge job's ``held_bytes`` less what is held now; never
+    below 0: a running guest may write meanwhile), when the job measured it first."""
+    before = params.get("held_bytes")
+    if not isinstance(before, int):
+        return {}
+    with ctx.catalog.session() as session:
+        return {"freed_bytes": max(0, before - held(session, vm_id))}
+
+
 # --- the merge job ----------------------------------------------------------------------------
 
 WORKER_LOCK_TIMEOUT = 24 * 3600.0  # a detached worker waits for the VM as long as it takes
@@ -294,6 +388,8 @@ def compact_as_job(ctx: Context, vm_id: str, echo: Reporter | None = None) -> No
             .order_by(Job.created_at.desc())).first()
         job_id = job.id if job else None
         elsewhere = job is not None and jobs.worker_alive(job) and not jobs.mine(job)
+        params = dict(job.params or {}) if job is not None else {}
+        gone = dict(params.get("layers", {}))
     if job_id is None:
         run(ctx, vm_id, echo)
         return
@@ -301,8 +397,9 @@ def compact_as_job(ctx: Context, vm_id: str, echo: Reporter | None = None) -> No
         return
     reporter = jobs.Reporter(ctx, job_id, echo)
     with jobs.running(ctx, job_id):
-        steps = run(ctx, vm_id, reporter.steps)
-    jobs.finish(ctx, job_id, "completed", result={"merge_steps": steps})
+        steps = run(ctx, vm_id, reporter.steps, gone)
+    jobs.finish(ctx, job_id, "completed",
+                result={"merge_steps": steps, **_freed(ctx, vm_id, params)})
 
 
 def run_merge_job(ctx: Context, job_id: str) -> None:

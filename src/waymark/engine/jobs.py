@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -211,8 +211,13 @@ def finish(ctx: Context, job_id: str, status: str, *, error: str | None = None,
     _update(ctx, job_id, **fields)
 
 
-StepsReport = Callable[[int, int, str, float], None]
-"""Progress of a job in steps: (step number from 1, steps planned, what, fraction of that step)."""
+class StepsReport(Protocol):
+    """Progress of a job in steps: (step number from 1, steps planned, what, fraction of that
+    step, and the bytes the step moves when known: a progress line shows bytes, rate and time
+    left). ``what`` names the VM and its checkpoints, never image files."""
+
+    def __call__(self, number: int, total: int, what: str, fraction: float,
+                 size: int | None = None) -> None: ...
 
 
 class Reporter:
@@ -222,9 +227,10 @@ class Reporter:
         self.ctx, self.job_id, self.echo = ctx, job_id, echo
         self.last = 0.0
 
-    def steps(self, number: int, total: int, what: str, fraction: float) -> None:
+    def steps(self, number: int, total: int, what: str, fraction: float,
+              size: int | None = None) -> None:
         if self.echo is not None:
-            self.echo(number, total, what, fraction)
+            self.echo(number, total, what, fraction, size)
         self._write(((number - 1) + fraction) / max(total, 1), what, force=fraction in (0, 1))
 
     def fraction(self, what: str) -> Callable[[float], None]:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from waymark.catalog import db
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
 from waymark.errors import Ambiguous, NotFound
-from waymark.model import tree
+from waymark.model import names, tree
 from waymark.model.hardware import HardwareConfig
 
 ID_LENGTH = 32  # a VM's id: uuid4().hex
@@ -44,10 +44,16 @@ def vm(session: Session, ref: str, visible: Visible = everything) -> Vm:
     if not matches:
         raise _stored(session, ref) or NotFound(
             f"no VM is named {ref!r} or has an id starting with it.",
-            hint="List them with: waymark vm list")
+            hint=names.did_you_mean(ref, visible_names(session, visible),
+                                    "List them with: waymark vm list"))
     if len(matches) > 1:
         raise _ambiguous(ref, matches, "Name one by its name or a longer id prefix.")
     return matches[0]
+
+
+def visible_names(session: Session, visible: Visible = everything) -> list[str]:
+    """The names of the VMs ``visible`` accepts (what a "did you mean" may offer)."""
+    return [v.name for v in session.scalars(select(Vm)) if visible(v)]
 
 
 def _ambiguous(ref: str, rows: Sequence[Vm], hint: str) -> Ambiguous:

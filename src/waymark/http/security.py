@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -20,7 +20,7 @@ from waymark.catalog.models import Vm
 from waymark.engine import lookup
 from waymark.engine.context import Context
 from waymark.errors import Forbidden, NotFound, TooManyAttempts, Unauthenticated
-from waymark.model import policy
+from waymark.model import names, policy
 from waymark.model.policy import Decision, Principal
 from waymark.usecases.access import quotas, users
 
@@ -166,9 +166,10 @@ class OutOfScope(NotFound):
     code = "not_found"
 
 
-def no_vm(ref: str) -> NotFound:
+def no_vm(ref: str, seen: Iterable[str] = ()) -> NotFound:
+    """The 404 for a VM the caller may not see; ``seen``: names they may (a "did you mean")."""
     return OutOfScope(f"no VM is named {ref!r} or has an id starting with it.",
-                    hint="List the VMs you may see: GET /api/vms")
+                      hint=names.did_you_mean(ref, seen, "List the VMs you may see: GET /api/vms"))
 
 
 def in_scope(who: Principal) -> lookup.Visible:
@@ -185,7 +186,9 @@ def vm_for(ctx: Context, who: Principal, action: str, ref: str) -> Vm:
         try:
             row = lookup.vm(session, ref, in_scope(who))
         except NotFound:
-            raise no_vm(ref) if lookup.vm_matches(session, ref) else _missing(ref) from None
+            seen = lookup.visible_names(session, in_scope(who))  # never a name out of scope
+            raise (no_vm(ref, seen) if lookup.vm_matches(session, ref)
+                   else _missing(ref, seen)) from None
         session.expunge(row)
     decision = policy.decide_vm(who, action, row.id, row.owner_id)
     if decision is Decision.HIDE:
@@ -207,9 +210,9 @@ def require_vm(who: Principal, row: Vm, *actions: str) -> None:
                                  "what needs it.")
 
 
-def _missing(ref: str) -> NotFound:
+def _missing(ref: str, seen: Iterable[str]) -> NotFound:
     """The 404 for a VM that does not exist (word for word :func:`no_vm`'s)."""
-    hidden = no_vm(ref)
+    hidden = no_vm(ref, seen)
     return NotFound(hidden.message, hint=hidden.hint)
 
 

@@ -31,8 +31,10 @@ Every refusal is an :class:`~waymark.errors.InvalidInput` naming the character b
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
+from collections.abc import Iterable
 
 from waymark.errors import InvalidInput
 
@@ -110,3 +112,18 @@ def _check_scripts(text: str, what: str) -> None:
         shown = " and ".join(f"{s.title()} ({code_point(c)})" for s, c in first.items())
         raise _refuse(text, what, f"mixes letters of {shown} that can look alike",
                       hint="Write the name's letters in one script.")
+
+
+def did_you_mean(ref: str, names: Iterable[str], then: str) -> str:
+    """A hint for a name that matched nothing: up to three of ``names`` that look like ``ref``
+    (:func:`difflib.get_close_matches`, case-insensitively), then ``then`` (what to do
+    otherwise). ``names`` must be only those the reader may see: an API caller's scope, never
+    every name on the host."""
+    by_folded: dict[str, str] = {}
+    for name in sorted(names):
+        by_folded.setdefault(name.casefold(), name)
+    close = difflib.get_close_matches(ref.casefold(), list(by_folded), n=3, cutoff=0.6)
+    if not close:
+        return then
+    quoted = " or ".join(repr(by_folded[c]) for c in close)
+    return f"Did you mean {quoted}? {then}"

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from waymark.errors import Ambiguous, NotFound
 from waymark.model import notes as notes_text
-from waymark.model.names import MAX_NAME
+from waymark.model.names import MAX_NAME, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ def resolve(nodes: Sequence[Node], ref: str, *, what: str = "checkpoint",
     where = f" of {owner}" if owner else ""
     if not matches:
         raise NotFound(f"no {what}{where} is named {ref!r} or has an id starting with it.",
-                       hint=f"List them with: waymark {what} list {owner}".rstrip())
+                       hint=did_you_mean(ref, (n.name for n in nodes),
+                                         f"List them with: waymark {what} list {owner}".rstrip()))
     if len(matches) > 1:
         listing = "\n".join(f"  {n.id[:12]}  {n.name}" for n in matches)
         raise Ambiguous(f"{len(matches)} {what}s{where} match {ref!r}:\n{listing}",

@@ -17,6 +17,7 @@ from waymark.qemu import qmp
 POLL = 0.05
 JOB_TIMEOUT = 24 * 3600.0
 Progress = Callable[[float], None] | None
+Bytes = Callable[[int, int], None] | None  # (bytes done, bytes in all) of a job, as QEMU counts
 BeforeComplete = Callable[[], Awaitable[None]] | None
 
 
@@ -28,29 +29,33 @@ async def find(machine: qmp.Qmp, job: str) -> dict[str, Any] | None:
 
 
 async def follow(machine: qmp.Qmp, job: str, on_progress: Progress,
-                 before_complete: BeforeComplete = None) -> dict[str, Any]:
+                 before_complete: BeforeComplete = None, on_bytes: Bytes = None
+                 ) -> dict[str, Any]:
     """Until the job concludes: complete it when READY (``before_complete`` first), dismiss
     it, raise its error; the job as it concluded (``total-progress``: the bytes it had to
-    copy). If ``on_progress`` raises (a cancelled Waymark job), QEMU's job is cancelled
-    first."""
+    copy). Its progress goes to ``on_progress`` (a fraction) and ``on_bytes`` (done, total).
+    If either raises (a cancelled Waymark job), QEMU's job is cancelled first."""
     try:
-        return await _follow(machine, job, on_progress, before_complete)
+        return await _follow(machine, job, on_progress, before_complete, on_bytes)
     except BaseException:
         await abandon(machine, job)
         raise
 
 
 async def _follow(machine: qmp.Qmp, job: str, on_progress: Progress,
-                  before_complete: BeforeComplete) -> dict[str, Any]:
+                  before_complete: BeforeComplete, on_bytes: Bytes = None) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + JOB_TIMEOUT
     while loop.time() < deadline:
         found = await find(machine, job)
         if found is None:
             raise ToolError(f"QEMU's job {job} of {machine.label} vanished.")
-        if found["status"] != "concluded" and found.get("total-progress") \
-                and on_progress is not None:  # (a concluded job is done: no cancel point)
-            on_progress(found["current-progress"] / found["total-progress"])
+        if found["status"] != "concluded" and found.get("total-progress"):
+            # (a concluded job is done: no cancel point)
+            if on_progress is not None:
+                on_progress(found["current-progress"] / found["total-progress"])
+            if on_bytes is not None:
+                on_bytes(int(found["current-progress"]), int(found["total-progress"]))
         if found["status"] == "ready":
             if before_complete is not None:
                 await before_complete()

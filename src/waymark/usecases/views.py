@@ -221,3 +221,47 @@ def last_backups(ctx: Context) -> dict[str, str]:
             stamp = rfc3339(row.updated_at)
             latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
         return latest
+
+
+# --- checkpoints across VMs (``checkpoint list`` without a VM, --type, --most-recent) ----------
+
+CHECKPOINT_TYPES = {
+    "standard": "holds the memory state (▶): applying it resumes the VM running",
+    "production": "holds the disks only (■): production checkpoints and disk-only ones",
+    "disk-only": "disks only, taken while the VM was off (or its memory was not stored)",
+}
+"""What ``--type`` matches, by what a checkpoint holds (Get-VMSnapshot's -SnapshotType)."""
+
+
+def checkpoint_lists(ctx: Context) -> list[dict[str, Any]]:
+    """:func:`checkpoint_list` of every VM, by name."""
+    with ctx.catalog.snapshot() as session:
+        ids = list(session.scalars(select(Vm.id).order_by(Vm.name)))
+    return [checkpoint_list(ctx, vm_id) for vm_id in ids]
+
+
+def of_type(entry: dict[str, Any], wanted: str) -> bool:
+    """Whether a checkpoint's view matches ``--type wanted`` (:data:`CHECKPOINT_TYPES`)."""
+    if wanted == "standard":
+        return bool(entry["has_memory"])
+    if wanted == "production":
+        return not entry["has_memory"]
+    return str(entry["kind"]) == wanted
+
+
+def checkpoint_rows(listings: list[dict[str, Any]], wanted: str | None = None,
+                    most_recent: bool = False) -> list[dict[str, Any]]:
+    """The checkpoints of ``listings`` (:func:`checkpoint_list`'s, here or from a server) as
+    one flat list, each with its VM and whether it is current (Now's parent); only those of
+    type ``wanted``, and with ``most_recent`` only each VM's current one (SCVMM's
+    ``Get-SCVMCheckpoint -MostRecent``)."""
+    rows = []
+    for listing in listings:
+        current = listing["current_checkpoint_id"]
+        for entry in listing["checkpoints"]:
+            if (most_recent and entry["id"] != current) or \
+                    (wanted is not None and not of_type(entry, wanted)):
+                continue
+            rows.append({**entry, "vm_id": listing["vm_id"], "vm_name": listing["vm_name"],
+                         "is_current": entry["id"] == current})
+    return rows

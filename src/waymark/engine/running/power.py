@@ -36,6 +36,7 @@ from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
 QUIT_TIMEOUT = 10.0
+ALREADY_OFF = "already off"  # stop's answer for a VM that was off: nothing was done
 log = logging.getLogger(__name__)
 
 
@@ -352,9 +353,12 @@ async def _live(ctx: Context, vm_id: str, *allowed: str) -> tuple[str, str, cmdl
     return vm_id, name, presence.run_files(ctx, vm_id)
 
 
-async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str) -> None:
-    """Stop or restart the guest's CPUs (QMP ``stop``/``cont``); memory stays in QEMU."""
+async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str) -> bool:
+    """Stop or restart the guest's CPUs (QMP ``stop``/``cont``); memory stays in QEMU. False:
+    the VM already was ``after`` (pausing a paused VM, resuming a running one), nothing done."""
     with ctx.locked(vm_id) as (_, name):
+        if await settle(ctx, vm_id, name) == after:
+            return False
         _, _, run = await _live(ctx, vm_id, before)
         async with qmp.connect(run.qmp, name) as machine:
             await machine.command(command)
@@ -363,14 +367,17 @@ async def _cpus(ctx: Context, vm_id: str, before: str, command: str, after: str)
             durable.remove(path)
         if command == "cont":
             await agent.set_clock(run.agent, name)  # its clock stood still while paused
+        return True
 
 
-async def pause(ctx: Context, vm_id: str) -> None:
-    await _cpus(ctx, vm_id, "running", "stop", "paused")
+async def pause(ctx: Context, vm_id: str) -> bool:
+    """Pause the guest's CPUs; False: it already was paused (nothing done)."""
+    return await _cpus(ctx, vm_id, "running", "stop", "paused")
 
 
-async def resume(ctx: Context, vm_id: str) -> None:
-    await _cpus(ctx, vm_id, "paused", "cont", "running")
+async def resume(ctx: Context, vm_id: str) -> bool:
+    """Resume a paused guest; False: it already ran (nothing done)."""
+    return await _cpus(ctx, vm_id, "paused", "cont", "running")
 
 
 async def save(ctx: Context, vm_id: str) -> dict[str, Any]:
@@ -425,11 +432,15 @@ def _commit_state(saved: SavedState, hardware: HardwareConfig) -> str:
 
 
 async def stop(ctx: Context, vm_id: str, *, force: bool, timeout: float = 60.0) -> str:
-    """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off."""
+    """Shut the guest down (agent, else ACPI power button) or, with ``force``, power off. A VM
+    that is already off is left alone (:data:`ALREADY_OFF`): stopping is idempotent, as
+    Hyper-V's Stop-VM."""
     with ctx.locked(vm_id) as (_, name):
         if force and presence.reconcile(ctx, vm_id) == "saved":
             discard_saved(ctx, vm_id)  # Hyper-V's "Delete Saved State"
             return "saved state discarded"
+        if await settle(ctx, vm_id, name) == "off":
+            return ALREADY_OFF
         _, _, run = await _live(ctx, vm_id, "running", "paused")
         how = "powered off"
         if not force:
@@ -552,13 +563,12 @@ async def act(ctx: Context, vm_id: str, action: str, *, force: bool = False,
         await start(ctx, vm_id, fresh=fresh)
         return await status(ctx, vm_id, ask_agent=False)
     if action == "stop":
-        return {"state": "off", "how": await stop(ctx, vm_id, force=force, timeout=timeout)}
+        how = await stop(ctx, vm_id, force=force, timeout=timeout)
+        return {"state": "off", "how": how, "changed": how != ALREADY_OFF}
     if action == "save":
         return await save(ctx, vm_id)
     if action == "pause":
-        await pause(ctx, vm_id)
-        return {"state": "paused"}
+        return {"state": "paused", "changed": await pause(ctx, vm_id)}
     if action == "resume":
-        await resume(ctx, vm_id)
-        return {"state": "running"}
+        return {"state": "running", "changed": await resume(ctx, vm_id)}
     raise ValueError(f"unknown power action {action!r}")

@@ -28,7 +28,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -53,7 +53,15 @@ from waymark.usecases.access import quotas
 from waymark.usecases.checkpoints import lifecycle as checkpoints
 from waymark.usecases.vms import definitions as vms
 
-Report = Callable[[str, float], None] | None  # (what, fraction of it done)
+
+class Reporter(Protocol):
+    """Progress of a backup or restore: what (``Backing up web01 disk 1/2 (0a1b2c3d4e5f)``),
+    the fraction of it done, and its bytes in all when known."""
+
+    def __call__(self, what: str, fraction: float, size: int | None = None) -> None: ...
+
+
+Report = Reporter | None
 JOB_PREFIX, NODE_PREFIX = "wm-backup-", "wb"
 
 
@@ -259,6 +267,16 @@ def _progress(report: Report, what: str) -> qemu_img.Progress:
     return None if report is None else (lambda fraction: report(what, fraction))
 
 
+def _counter(job: Run, number: int, target: Target) -> blockjobs.Bytes:
+    """The counter of one disk's copy: ``Backing up web01 disk 1/2 (0a1b2c3d4e5f)``, its bytes
+    as QEMU counts them (a full point's whole disk, an incremental one's changed clusters)."""
+    report = job.report
+    if report is None:
+        return None
+    what = f"Backing up {job.name} disk {number}/{len(job.targets)} ({target.disk_id[:12]})"
+    return lambda done, total: report(what, done / total if total else 1.0, total)
+
+
 @contextlib.asynccontextmanager
 async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
     """The QEMU that reads the disks: the VM's own, or a storage daemon when it is off."""
@@ -298,9 +316,11 @@ async def _copy(job: Run, hardware: HardwareConfig) -> str:
                 await _drop_bitmaps(machine, job, tracked)
             consistency = await _start(machine, job)
             failpoint("backup-started")
-            for target in job.targets:
-                done = await blockjobs.follow(
-                    machine, target.job, _progress(job.report, f"disk {target.disk_id[:12]}"))
+            for number, target in enumerate(job.targets, 1):
+                counter = _counter(job, number, target)
+                done = await blockjobs.follow(machine, target.job, None, on_bytes=counter)
+                if counter is not None:  # its end (a small copy may end before a poll)
+                    counter(int(done.get("total-progress", 0)), int(done.get("total-progress", 0)))
                 # an incremental job's total: its bitmap as the job froze it
                 job.dirty[target.disk_id] = int(done.get("total-progress", 0))
         finally:
@@ -539,8 +559,9 @@ def restore_as_new(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | N
                            confined_to=repo.root)
                   for d in point["disks"]]
         hardware.rekeyed({c.key: c.key for c in copies})
+        what = f"Restoring point {point['id']} as new VM {new_name}"
         return vms.create_from_copies(ctx, new_name, hardware, copies, point["vm"], None,
-                                      _progress(report, "restoring"), owner_id=owner_id,
+                                      _progress(report, what), owner_id=owner_id,
                                       carried=carried,
                                       tpm_state=repository.tpm_state(point, point["id"]))
 
@@ -576,7 +597,8 @@ def restore(ctx: Context, repo_path: Path, vm_id: str, point_ref: str | None,
             if first else None
         params, steps = _plan_restore(ctx, repo, vm_id, point, hardware)
         with change.admitted(ctx):
-            ctx.journal.run(vm_id, params, steps, _progress(report, "restoring"))
+            ctx.journal.run(vm_id, params, steps,
+                            _progress(report, f"Restoring {name} from point {point['id']}"))
         settle.settle_vm(ctx, vm_id)
         return {"point_id": point["id"], "checkpoint_id": params.checkpoint["id"],
                 "safety_checkpoint_id": safety}

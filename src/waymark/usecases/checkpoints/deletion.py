@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, FrozenImage, Vm
@@ -98,18 +98,29 @@ def delete_checkpoints(ctx: Context, vm_id: str, pattern: str, *, subtree: bool,
     with ctx.locked(vm_id):
         presence.reconcile(ctx, vm_id)  # a running VM merges live, through its QEMU
         with ctx.catalog.session() as session:
+            before = compaction.held(session, vm_id)
             removed = remove_from_tree(session, session.get_one(Vm, vm_id),
                                         [m.id for m in targets], subtree=subtree)
-        job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed]},
+        job = jobs.submit(ctx, vm_id, "merge", {"checkpoints": [m.id for m in removed.matches],
+                                                "layers": removed.layers, "held_bytes": before},
                           run_here=wait, user=user)
         ctx.journal.finish_pending(vm_id, skip=compaction.MARKER)  # their own files go
         if wait:
             compaction.compact_if_marked(ctx, vm_id, report)
-    return Deleted(removed, job)
+    return Deleted(removed.matches, job)
+
+
+@dataclass(frozen=True)
+class Removed:
+    """The checkpoints a tree change removed, and the images they froze -> their names (the
+    merge job's ``layers``: its steps name the deleted checkpoint, not an image file)."""
+
+    matches: list[Match]
+    layers: dict[str, str]
 
 
 def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: bool
-                     ) -> list[Match]:
+                     ) -> Removed:
     """The tree change of a delete, in the caller's transaction (files and merges follow as
     journal intents)."""
     rows = lookup.checkpoints(session, vm_row.id)
@@ -127,12 +138,14 @@ def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: b
         files.append(DeleteFile(path=str(Path(vm_row.checkpoint_dir) / f"{row.id}.json")))
         if row.memory_path:
             files.append(DeleteFile(path=row.memory_path))
+    layers = {f.image_id: by_id[f.checkpoint_id].name for f in session.scalars(
+        select(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))}
     session.execute(delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))
     session.execute(update(Checkpoint).where(Checkpoint.id.in_(doomed)).values(parent_id=None))
     session.execute(delete(Checkpoint).where(Checkpoint.id.in_(doomed)))
     journal.add(session, vm_row.id, CheckpointFilesDelete(checkpoints=doomed), files)
     compaction.mark(session, vm_row.id)
-    return [Match(c, by_id[c].name) for c in doomed]
+    return Removed([Match(c, by_id[c].name) for c in doomed], layers)
 
 
 def _unlink(session: Session, vm_row: Vm, by_id: dict[str, Checkpoint], checkpoint_id: str,

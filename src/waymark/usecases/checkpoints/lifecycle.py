@@ -248,6 +248,24 @@ def safety_notes(before: str) -> str:
     return f"Now as it was before {before} (taken first, to go back to)."
 
 
+def revert_target(ctx: Context, vm_id: str) -> str:
+    """The checkpoint a revert applies (Hyper-V's Revert-VMCheckpoint): the VM's current one,
+    Now's parent; a VM without one is refused (:func:`no_current`)."""
+    with ctx.catalog.snapshot() as session:
+        vm_row = lookup.vm_by_id(session, vm_id)
+        if vm_row.current_checkpoint_id is None:
+            raise no_current(vm_row.name, lookup.checkpoint_count(session, vm_id) > 0)
+        return vm_row.current_checkpoint_id
+
+
+def no_current(vm_name: str, has_checkpoints: bool) -> Conflict:
+    """The refusal of a revert: Now has no parent to go back to."""
+    hint = (f"Apply one of its checkpoints instead: waymark checkpoint list {vm_name}"
+            if has_checkpoints else f"Take one first: waymark checkpoint create {vm_name}")
+    return Conflict(f"VM {vm_name!r} has no current checkpoint (Now has no parent): there is "
+                    "nothing to revert to.", hint=hint)
+
+
 def _install_memory(saved: power.SavedState, target: Checkpoint, config: dict[str, Any]
                     ) -> list[Step]:
     """Steps that make a standard checkpoint's memory the VM's saved state (start resumes it

@@ -5,11 +5,10 @@ runner)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from waymark.catalog.models import Job
+from waymark.catalog.models import Checkpoint, Job
 from waymark.engine import jobs, lookup
 from waymark.engine.context import Context
 from waymark.errors import Cancelled
@@ -29,20 +28,19 @@ def submit_export(ctx: Context, vm_id: str, ckpt_ref: str, dest: Path, *,
                                           "dest": str(dest)}, run_here=run_here, user=user)
 
 
-def run_export(ctx: Context, job_id: str, echo: Callable[[float], None] | None = None
+def run_export(ctx: Context, job_id: str, echo: jobs.StepsReport | None = None
                ) -> dict[str, Any]:
-    """Run the export job here; the bundle's manifest."""
+    """Run the export job here; the bundle's manifest. Its step (and ``echo``'s line) names the
+    VM and the checkpoint: ``Exporting checkpoint 'X' of VM Y``."""
     with ctx.catalog.session() as session:
         params = dict(session.get_one(Job, job_id).params)
+        checkpoint = session.get(Checkpoint, params["checkpoint_id"])
+        what = (f"Exporting checkpoint {checkpoint.name if checkpoint else '?'!r} of VM "
+                f"{lookup.vm_name(session, params['vm_id'])}")
     dest = Path(params["dest"])
     bundles.remove_partial(dest)  # a dead worker's half-written bundle
-    reporter = jobs.Reporter(ctx, job_id)
-    write = reporter.fraction("exporting")
-
-    def progress(fraction: float) -> None:
-        if echo is not None:
-            echo(fraction)
-        write(fraction)
+    reporter = jobs.Reporter(ctx, job_id, echo)
+    progress = reporter.fraction(what)
 
     with jobs.running(ctx, job_id):
         try:
