@@ -81,6 +81,16 @@ def gen2(home: Waymark, image: dict[str, str]) -> Iterator[Guest]:
     yield vm
 
 
+def test_the_screen_of_a_uefi_vm_is_drawn_through_ovmf(gen2: Guest, tmp_path: Path) -> None:
+    """The standard VGA under OVMF: the guest's console on the UEFI frame buffer, in a PNG.
+    First of the file: the VM as its fixture booted it (later tests stop and apply it)."""
+    shot = tmp_path / "gen2.png"
+    lit = wait_for("text on the UEFI screen", lambda: lit_rows(png_pixels(
+        screenshot_bytes(gen2, shot))[2]), 60)
+    width, height, _ = png_pixels(shot.read_bytes())
+    assert width >= 640 and height >= 400 and lit, (width, height)
+
+
 def test_a_secure_boot_vm_with_a_tpm_boots_its_own_disk_and_production_checkpoints_hold_both(
         gen2: Guest) -> None:
     vm = gen2
@@ -193,15 +203,6 @@ def test_backup_export_and_store_carry_the_variable_and_the_tpm(gen2: Guest, tmp
     wm("vm", "deploy", vm.name, "--library", str(library))
     assert now_state(wm, vm.name) == left
     assert frozen_state(vm, "x") == now_state(wm, "imported")
-
-
-def test_the_screen_of_a_uefi_vm_is_drawn_through_ovmf(gen2: Guest, tmp_path: Path) -> None:
-    """The standard VGA under OVMF: the guest's console on the UEFI frame buffer, in a PNG."""
-    shot = tmp_path / "gen2.png"
-    lit = wait_for("text on the UEFI screen", lambda: lit_rows(png_pixels(
-        screenshot_bytes(gen2, shot))[2]), 60)
-    width, height, _ = png_pixels(shot.read_bytes())
-    assert width >= 640 and height >= 400 and lit, (width, height)
 
 
 def screenshot_bytes(vm: Guest, dest: Path) -> bytes:

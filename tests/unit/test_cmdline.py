@@ -310,11 +310,11 @@ def test_a_standard_vga_and_vnc_on_a_unix_socket_only(machine: str) -> None:
     devices = [a for a in args if a.startswith(("virtio-", "ide-cd", "VGA"))]
     assert devices[-1] == "VGA,id=video0" and args.count("VGA,id=video0") == 1
     assert [a for a in args if a == "-vnc"] == ["-vnc"]
-    assert option(args, "-vnc") == "unix:/proc/self/fd/7/vnc.sock"
+    assert option(args, "-vnc") == "vnc=unix:/proc/self/fd/7/vnc.sock"
     assert args.index("-vnc") < args.index("-incoming")
     # without a handed-over folder (not used by Waymark's start): the folder's own path
     plain = cmdline.argv(with_hardware(HardwareConfig(memory_mib=64, cpus=1, machine=machine)))
     path = cmdline.escaped(str(FOLDER / "display" / "vnc.sock"))  # (its commas: one value)
-    assert option(plain, "-vnc") == f"unix:{path}"
+    assert option(plain, "-vnc") == f"vnc=unix:{path}"
     for text in (option(args, "-vnc"), option(plain, "-vnc")):
         assert len(qemu_opts(text)) == 1, text  # no websocket=, to=, password ... option

@@ -45,7 +45,7 @@ def test_the_command_line_names_no_file_qemu_would_open(tmp_path: Path) -> None:
     assert argv[argv.index("-kernel") + 1].startswith("/proc/self/fd/")
     assert "logfile=/dev/fdset/" in text and "socket,id=qmp0,fd=" in text
     # the VNC socket: bound by QEMU in its own folder, reached through the folder's descriptor
-    assert argv[argv.index("-vnc") + 1] == f"unix:/proc/self/fd/{given.display}/vnc.sock"
+    assert argv[argv.index("-vnc") + 1] == f"vnc=unix:/proc/self/fd/{given.display}/vnc.sock"
     assert run.display.is_dir() and run.display.stat().st_mode & 0o777 == 0o700
 
 

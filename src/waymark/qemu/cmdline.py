@@ -286,8 +286,9 @@ def display(launch: Launch) -> list[str]:
     (QEMU's user cannot walk to it: ``run/`` is root's alone). Added last, so the devices
     before it keep the PCI addresses a memory state taken before VMs had a display knows."""
     folder = launch.run.display if launch.display is None else f"/proc/self/fd/{launch.display}"
+    # the option's name given: without it an "=" in the path makes QEMU read a name there
     return ["-device", "VGA,id=video0",
-            "-vnc", f"unix:{escaped(str(Path(folder) / launch.run.vnc.name))}"]
+            "-vnc", f"vnc=unix:{escaped(str(Path(folder) / launch.run.vnc.name))}"]
 
 
 def _listening(launch: Launch, path: Path) -> str:
