@@ -197,7 +197,7 @@ def qmp(path: Path, *commands: str) -> list[Any]:
 def test_real_qemu_keeps_commas_in_a_name_and_paths_one_value(tmp_path: Path) -> None:
     folder = tmp_path / "x=y,a,b=c"  # '=' before a comma, then commas: both must stay path
     run = cmdline.RunFiles(folder / "run")
-    run.folder.mkdir(parents=True)
+    run.display.mkdir(parents=True)  # the VNC server's folder (its socket's path: one value too)
     disk = folder / "disk,file=evil.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
     chain = cmdline.DiskChain("d" * 32, (cmdline.Layer("1" * 32, str(disk), "qcow2"),))
@@ -215,6 +215,7 @@ def test_real_qemu_keeps_commas_in_a_name_and_paths_one_value(tmp_path: Path) ->
             else qemu.returncode
         assert {p.name for p in run.folder.iterdir()} >= {"qmp.sock", "qga.sock",
                                                           "console.sock", "serial.log"}
+        assert run.vnc.exists()
         got_name, blocks = qmp(run.qmp, "query-name", "query-named-block-nodes")
         assert got_name == {"name": name}
         assert str(disk) in {b["file"] for b in blocks}
