@@ -11,7 +11,9 @@ function notice(text, isError) {
   box.className = isError ? "error" : "ok";
 }
 
-async function api(method, path, body) {
+// A refusal throws an Error with the server's message (and its ``hint``), shown in the page's
+// notice unless ``quiet`` (a dialog that shows it itself).
+async function api(method, path, body, quiet = false) {
   const options = { method, headers: { "X-CSRF-Token": csrf() }, credentials: "same-origin" };
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
@@ -21,8 +23,8 @@ async function api(method, path, body) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const message = data.error ? data.error.message : `HTTP ${response.status}`;
-    notice(message, true);
-    throw new Error(message);
+    if (!quiet) notice(message, true);
+    throw Object.assign(new Error(message), { hint: data.error?.hint || "" });
   }
   return data;
 }

@@ -15,29 +15,7 @@
   const count = document.getElementById("notes-count");
   const problem = document.getElementById("notes-error");
   const base = `/api/vms/${encodeURIComponent(page.dataset.vm)}/checkpoints`;
-  const token = () => document.querySelector('meta[name="csrf-token"]')?.content || "";
-
-  async function call(method, path, body) {
-    const options = { method, credentials: "same-origin", headers: { "X-CSRF-Token": token() } };
-    if (body !== undefined) {
-      options.headers["Content-Type"] = "application/json";
-      options.body = JSON.stringify(body);
-    }
-    const response = await fetch(path, options);
-    const data = await response.json().catch(() => ({}));
-    if (!response.ok) {
-      const error = data.error || {};
-      throw new Error([error.message || `HTTP ${response.status}`, error.hint].filter(Boolean).join(" "));
-    }
-    return data;
-  }
-
-  function notice(text, isError) {
-    const box = document.getElementById("notice");
-    if (!box) return;
-    box.textContent = text;
-    box.className = isError ? "error" : "ok";
-  }
+  // api() and notice() are app.js's (loaded before this file)
 
   // The checkpoint the menu was opened for: the tree item last clicked, right-clicked or
   // keyed on (seen before the tree's own handlers, which open the menu).
@@ -77,12 +55,12 @@
       counted();
       const save = async () => {
         try {
-          const done = await call("PATCH", `${base}/${encodeURIComponent(item.dataset.ckpt)}`,
-                                  { notes: input.value });
+          const done = await api("PATCH", `${base}/${encodeURIComponent(item.dataset.ckpt)}`,
+                                 { notes: input.value }, true);
           dialog.close();
           resolve(done);
         } catch (err) {  // the dialog stays open: the user fixes what the server names
-          problem.textContent = err.message;
+          problem.textContent = [err.message, err.hint].filter(Boolean).join(" ");
           problem.hidden = false;
           input.focus();
         }
@@ -102,7 +80,7 @@
   }
 
   async function edit(item) {
-    const shown = await call("GET", `${base}/${encodeURIComponent(item.dataset.ckpt)}`);
+    const shown = await api("GET", `${base}/${encodeURIComponent(item.dataset.ckpt)}`);
     const done = await ask(item, shown.notes);
     item.focus();
     if (!done) return;
