@@ -335,24 +335,25 @@ def library_share(name: str, request: Request) -> Response:
     return _page(request, "share.html", who, csrf, share=name, held=held)
 
 
-@router.get("/vms/{vm}/console")
-def console_page(vm: str, request: Request) -> Response:
+def _running_vm_page(request: Request, vm: str, template: str, **extra: Any) -> Response:
+    """A page about a VM's consoles (``vm.power``, as their streams): ``template`` with it."""
     found = _vm_page(request, vm, "vm.power")
     if isinstance(found, Response):
         return found
     who, csrf, row = found
-    return _page(request, "console.html", who, csrf, vm=views.vm_show(_ctx(request), row.id))
+    return _page(request, template, who, csrf, vm=views.vm_show(_ctx(request), row.id), **extra)
+
+
+@router.get("/vms/{vm}/console")
+def console_page(vm: str, request: Request) -> Response:
+    return _running_vm_page(request, vm, "console.html")
 
 
 @router.get("/vms/{vm}/display")
 def display_page(vm: str, request: Request) -> Response:
     """The graphical console (VMConnect): noVNC over ``/api/vms/{vm}/display``."""
-    found = _vm_page(request, vm, "vm.power")
-    if isinstance(found, Response):
-        return found
-    who, csrf, row = found
-    return _page(request, "display.html", who, csrf, vm=views.vm_show(_ctx(request), row.id),
-                 novnc=(NOVNC / "core" / "rfb.js").is_file())
+    return _running_vm_page(request, vm, "display.html",
+                            novnc=(NOVNC / "core" / "rfb.js").is_file())
 
 
 @router.get("/backups")
