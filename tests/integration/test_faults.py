@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write, query
 from tests.tpm_host import nv_write
 
@@ -493,14 +495,22 @@ def vm_files(home: Path) -> list[Path]:
     return sorted(p for p in (home / "vms").rglob("*") if p.is_file())
 
 
+def _garble(path: Path) -> Callable[[], None]:
+    """Put a file that is no image where an image was (the image aside); returns the function
+    that restores it."""
+    restore = _break(path)
+    path.write_bytes(b"not an image\n" * 64)
+    return restore
+
+
 def test_failing_checkpoint_create_is_rolled_back(wm: Waymark) -> None:
     build_vm_with_history(wm)
     vm_id = vm_ids(wm.home)["v"]
     pre = read_state(wm.home, vm_id)
     files = vm_files(wm.home)
-    # the second disk's active image is missing: its new overlay cannot be made, after the first
-    # disk's overlay already was
-    restore = _break(active_paths(wm.home, "v")[1])
+    # the second disk's active image is no image any more: its new overlay cannot take over its
+    # change tracking (qemu-img reads its header), after the first disk's overlay already was made
+    restore = _garble(active_paths(wm.home, "v")[1])
     before = intents(wm.home)
     result = wm.run("checkpoint", "create", "v", "--name", "C")
     assert result.returncode == 9, result  # ToolError: qemu-img failed
@@ -513,6 +523,30 @@ def test_failing_checkpoint_create_is_rolled_back(wm: Waymark) -> None:
     # nothing is left half-done: the same command now succeeds
     wm("checkpoint", "create", "v", "--name", "C")
     assert outcome_create(pre, recover_and_read(wm, vm_id)) == "done"
+
+
+@pytest.mark.parametrize("layer", ["active", "deepest"])
+def test_a_checkpoint_of_a_chain_with_a_missing_file_is_refused_before_anything(
+        wm: Waymark, layer: str) -> None:
+    """The overlay's qemu-img does not open the chain below it (O(1) whatever its depth): the
+    catalog's chain is checked for missing files first, as a start checks it."""
+    build_vm_with_history(wm)
+    vm_id = vm_ids(wm.home)["v"]
+    pre = read_state(wm.home, vm_id)
+    files = vm_files(wm.home)
+    active = active_paths(wm.home, "v")[1]
+    deepest = query(wm.home, "SELECT path FROM images WHERE vm_id = ? AND parent_id IS NULL "
+                    "AND id IN (SELECT image_id FROM frozen_images)", vm_id)
+    gone = active if layer == "active" else Path(sorted(p for (p,) in deepest)[0])
+    restore = _break(gone)
+    before = intents(wm.home)
+    result = wm.run("checkpoint", "create", "v", "--name", "C")
+    restore()
+    assert result.returncode == 3, result  # NotFound
+    assert f"disk image {gone} is missing." in result.stderr and "waymark check" in result.stderr
+    assert new_intents(wm.home, before) == []
+    assert vm_files(wm.home) == files
+    assert recover_and_read(wm, vm_id) == pre
 
 
 def test_failing_apply_is_rolled_back(wm: Waymark) -> None:

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import msgspec
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from tests.unit.fake_images import FakeImages, Killed, read, view, write
@@ -281,10 +281,27 @@ def test_a_prepare_intent_killed_at_any_step_is_rolled_back_by_recovery(
     images.kill_at = None
     recover(catalog)
 
-    assert status(catalog, intent.id) == ("rolled_back", kill_at[0] + 1)
+    # a prepare intent records no progress between its steps: its rollback undoes them all
+    assert status(catalog, intent.id) == ("rolled_back", 0)
     assert Journal(catalog).intent(intent.id).error == "interrupted before it committed"
     assert sorted(p.name for p in chain.folder.iterdir()) == sorted(before)  # no "new" folder
     assert files(chain.folder) == before and committed == []
+
+
+def test_a_prepare_intent_writes_the_catalog_twice_whatever_its_steps(
+        tmp_path: Path, catalog: Catalog, images: FakeImages,
+        committed: list[tuple[str, Params]]) -> None:
+    """Written before any file is made, committed after the last: no fsynced transaction
+    between its steps (a finish intent records each one, see the merge tests above)."""
+    chain = Chain(tmp_path / "vm").make()
+    statements: list[str] = []
+    event.listen(catalog.engine, "before_cursor_execute",
+                 lambda _conn, _cursor, statement, *_rest: statements.append(statement))
+    intent_id = Journal(catalog).run(VM, CreateParams(name="n"),
+                                     create_steps(chain.folder, chain.top))
+    writes = [s.split()[:3] for s in statements if not s.startswith(("SELECT", "PRAGMA"))]
+    assert writes == [["INSERT", "INTO", "intents"], ["UPDATE", "intents", "SET"]]
+    assert status(catalog, intent_id) == ("committed", 4)
 
 
 def test_a_prepare_intent_commits_after_its_last_step(

@@ -250,16 +250,23 @@ class Journal:
 
     def drive(self, intent_id: int, on_progress: qemu_img.Progress = None,
               commit: bool = True, report: StepReport | None = None) -> None:
-        """Run the intent's remaining steps, then its commit."""
+        """Run the intent's remaining steps, then its commit.
+
+        A *commit, then finish* intent records each step done (``next_step``, one catalog
+        transaction each), so recovery resumes after it. A *prepare* intent records none: its
+        recovery undoes every step whatever ran (:meth:`roll_back`; a live one's resolver is
+        asked only once :meth:`prepared` recorded them all), so its steps cost no transaction
+        between the one that writes it and the one that commits it."""
         with self.catalog.session() as session:
             intent = session.get_one(Intent, intent_id)
             params, steps, done = params_of(intent), steps_of(intent), intent.next_step
+            resumable = intent.shape != "prepare"
         index = done
         try:
             for index in range(done, len(steps)):
                 failpoint(f"step:{steps[index].op}")
                 executor.run(steps[index], _step_progress(report, index, steps) or on_progress)
-                if index + 1 < len(steps):  # the commit records the last one
+                if resumable and index + 1 < len(steps):  # the commit records the last one
                     self._advance(intent_id, index + 1)
             if commit:
                 failpoint("commit")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import msgspec
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
@@ -29,7 +31,7 @@ from waymark.engine.steps import (
     WriteFile,
     WriteTpmState,
 )
-from waymark.errors import Conflict, InvalidInput, LimitReached
+from waymark.errors import Conflict, InvalidInput, LimitReached, NotFound
 from waymark.images import iso
 from waymark.model import names, notes, tree
 from waymark.model.hardware import HardwareConfig
@@ -99,7 +101,6 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
     checkpoint_id = new_id()
     hardware = lookup.hardware(vm_row)
     disks = lookup.disks(session, vm_row.id)
-    images = lookup.images(session, vm_row.id)
     frozen, overlays, skipped = [], [], []
     steps: list[Step] = []
     for disk_id in hardware.disks:
@@ -108,14 +109,16 @@ def _plan_create(ctx: Context, session: Session, vm_row: Vm, label: str, state: 
             skipped.append({"id": disk.id, "path": disk.passthrough_path,
                             "reason": "pass-through disks are not captured"})
             continue
-        active = images[disk.active_image_id]
+        active = session.get_one(Image, disk.active_image_id)
         frozen.append({"disk_id": disk_id, "image_id": active.id})
-        row, step = _overlay(ctx, disk_id, active, unsafe=state in presence.LIVE_STATES)
+        row, step = _overlay(ctx, disk_id, active, shallow=True)
         overlays.append(row)
         if state not in presence.LIVE_STATES:  # (live: in QEMU's switch transaction)
             # backup change tracking follows Now
             step = msgspec.structs.replace(step, bitmaps_from=active.path)
         steps.append(step)
+    if state not in presence.LIVE_STATES:  # (live: QEMU holds every file of them open)
+        _require_chains(session, vm_row.id, [f["image_id"] for f in frozen])
     record = {"id": checkpoint_id, "vm_id": vm_row.id, "name": label,
               "parent_id": vm_row.current_checkpoint_id, "kind": DISK_ONLY,
               "requested_type": vm_row.checkpoint_type, "fallback_reason": None,
@@ -153,17 +156,35 @@ def _keep_saved_memory(ctx: Context, vm_row: Vm, record: dict[str, Any]) -> Copy
     return CopyFile(src=str(power.saved_state(ctx, vm_row.id).state), path=str(memory))
 
 
-def _overlay(ctx: Context, disk_id: str, base: Image, unsafe: bool = False
+def _require_chains(session: Session, vm_id: str, tops: list[str]) -> None:
+    """Refuse, before anything changes, when a file of the chains under the images ``tops``
+    is missing (one catalog query and a ``stat`` per layer: qemu-img does not open them, see
+    :func:`_overlay`)."""
+    layers = {image_id: (parent_id, path) for image_id, parent_id, path in session.execute(
+        select(Image.id, Image.parent_id, Image.path).where(Image.vm_id == vm_id))}
+    for top in tops:
+        image: str | None = top
+        while image is not None:
+            parent_id, path = layers[image]
+            if not os.path.exists(path):
+                raise NotFound(f"disk image {path} is missing.",
+                               hint="Run: waymark check (it says what needs the file)")
+            image = parent_id
+
+
+def _overlay(ctx: Context, disk_id: str, base: Image, shallow: bool = False
              ) -> tuple[dict[str, Any], CreateImage]:
-    """A new active image for ``disk_id`` on ``base``: its catalog row and its file step
-    (``unsafe`` when a running QEMU holds ``base`` locked: qemu-img must not open it)."""
+    """A new active image for ``disk_id`` on ``base``: its catalog row and its file step.
+    ``shallow``: qemu-img does not open ``base``'s chain (``-u``, with the size the catalog
+    holds), so the overlay costs the same whatever the chain's depth, and a running QEMU may
+    hold ``base`` locked; otherwise qemu-img opens the whole chain (a missing layer fails)."""
     overlay_id = new_id()
     path = ctx.disk_folder(base.vm_id) / f"{overlay_id}.qcow2"
     row = {"id": overlay_id, "vm_id": base.vm_id, "path": str(path), "format": "qcow2",
            "parent_id": base.id, "pinned": False, "virtual_size": base.virtual_size,
            "chain_length": 1, "disk_id": disk_id}
     return row, CreateImage(path=str(path), backing=base.path, backing_fmt=base.format,
-                            unsafe=unsafe, size=base.virtual_size if unsafe else None)
+                            unsafe=shallow, size=base.virtual_size if shallow else None)
 
 
 def _add_overlays(session: Session, overlays: list[dict[str, Any]]) -> None:
