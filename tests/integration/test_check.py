@@ -4,14 +4,17 @@ what is safe (stray files) and never invents data (missing files, broken backing
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import Waymark, content_sha256, file_sha256, qemu_io_write
-from waymark import wiring
+from waymark import process, wiring
 from waymark.catalog.db import Catalog
 from waymark.engine import journal, steps
 from waymark.usecases.vms import definitions
@@ -126,6 +129,55 @@ def test_repair_never_invents_missing_or_relinked_images(wm: Waymark, tmp_path: 
     assert kinds(findings) == {vm["active"]: "missing-file", broken: "broken-backing"}
     for finding in findings:
         assert finding["fix"], finding
+
+
+def test_every_image_above_a_broken_layer_is_reported_once_each(wm: Waymark,
+                                                                tmp_path: Path) -> None:
+    """B's frozen image gone, then instead no image at all: the images above it (C's, Now's)
+    cannot be opened whole, each an image-error naming where its chain breaks, as every
+    layer's chain is read once (not once per image above it); A's, below, is clean."""
+    vm = build(wm)
+    b, above = Path(vm["frozen"]["B"]), [vm["frozen"]["C"], vm["active"]]
+    aside = tmp_path / "aside.qcow2"
+    shutil.move(b, aside)
+    code, findings = check(wm)
+    assert code == 1
+    assert kinds(findings) == {str(b): "missing-file", **{p: "image-error" for p in above}}
+    for finding in findings:
+        if finding["path"] in above:
+            assert str(b) in finding["detail"] and "backing chain" in finding["detail"], finding
+
+    b.write_bytes(b"no image\n" * 100)
+    code, findings = check(wm)
+    assert code == 1
+    assert kinds(findings) == {p: "image-error" for p in (str(b), *above)}
+    shutil.move(aside, b)
+    assert check(wm) == (0, [])
+
+
+def test_check_reads_each_layer_once_whatever_the_depth(wm: Waymark,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM with 8 checkpoints: one ``qemu-img info --backing-chain`` (of Now's image, which
+    reads every layer below it) and one ``qemu-img check`` per image, of that image alone
+    (its backing chain not opened): linear in the images, never one chain per image."""
+    build(wm)
+    for number in range(5):
+        wm("checkpoint", "create", VM, "--name", f"more {number}")
+    ran: list[list[str]] = []
+    real = process.run
+
+    def recording(argv: list[str], **kwargs: Any) -> process.Completed:
+        ran.append(list(argv))
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(process, "run", recording)
+    assert check(wm, VM) == (0, [])
+    images = len(wm.json("checkpoint", "list", VM)["checkpoints"]) + 1
+    infos = [argv for argv in ran if argv[1] == "info"]
+    checks = [argv for argv in ran if argv[1] == "check"]
+    assert len(infos) == 1 and "--backing-chain" in infos[0], infos
+    assert len(checks) == images == 9, checks
+    assert all('"backing": null' in argv[-1] for argv in checks), checks
 
 
 # --- a stray file an image still names as its backing file (fail closed) ---------------------

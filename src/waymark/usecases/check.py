@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,10 +48,11 @@ from waymark.catalog.models import Checkpoint, Image, Template, Vm
 from waymark.engine import compaction, journal, locks, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.running import presence
-from waymark.errors import Busy, WaymarkError
+from waymark.errors import Busy, ImageError, WaymarkError
 from waymark.images import qemu_img
 from waymark.usecases.library import profiles
 
+CHECKS_AT_ONCE = max(2, os.cpu_count() or 1)  # qemu-img checks run side by side
 OURS = re.compile(r"^\.?[0-9a-f]{32}\.(qcow2|json|state)(\.tmp)?$")
 ERROR, NOTICE = "error", "notice"  # a notice (leaked clusters) leaves the state clean
 LEAKS = "leaked-clusters"
@@ -67,17 +69,65 @@ class Finding:
     severity: str = ERROR
 
 
+@dataclass(frozen=True)
+class _Break:
+    """Why an image's backing chain does not open: the file ``at`` which it breaks, and why
+    (``cause``), said once for every image above it."""
+
+    at: str
+    cause: str
+
+    def detail(self, path: str) -> str:
+        return self.cause if path == self.at else \
+            f"the backing chain of {path} is broken at {self.at}: {self.cause}"
+
+
+# what an image's own header says, read while its whole backing chain opened; or where that
+# chain breaks (see :func:`_chain_infos`)
+Opened = qemu_img.ImageInfo | _Break
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What qemu-img said of a VM's images, each read once: ``opened`` (:func:`_chain_infos`)
+    and the ``qemu-img check`` of each image whose chain opened (:func:`_check_reports`)."""
+
+    opened: dict[str, Opened]
+    reports: dict[str, qemu_img.CheckReport | WaymarkError]
+
+
+def _read_images(examined: list[Image]) -> _Read:
+    opened = _chain_infos(examined)
+    return _Read(opened, _check_reports(
+        [i for i in examined if isinstance(opened.get(i.path), qemu_img.ImageInfo)]))
+
+
+def _check_reports(images: list[Image]) -> dict[str, qemu_img.CheckReport | WaymarkError]:
+    """``qemu-img check`` of each image (its own tables: one short run each, whatever lies
+    below it), ``CHECKS_AT_ONCE`` runs at a time."""
+    with ThreadPoolExecutor(CHECKS_AT_ONCE) as pool:
+        return dict(zip([i.path for i in images], pool.map(_check_report, images), strict=True))
+
+
+def _check_report(image: Image) -> qemu_img.CheckReport | WaymarkError:
+    try:
+        return qemu_img.check_report(Path(image.path), image.format)
+    except WaymarkError as err:
+        return err
+
+
 def _image_findings(vm_name: str, image: Image, images: dict[str, Image],
-                    in_use: bool = False) -> list[Finding]:
-    """What is wrong with one image; ``in_use``: a running QEMU writes it, so only its
-    existence can be checked (its content is QEMU's until the VM stops)."""
+                    read: _Read | None) -> list[Finding]:
+    """What is wrong with one image; ``read`` (:func:`_read_images`) is None when a running
+    QEMU writes it, so only its existence can be checked (its content is QEMU's until the VM
+    stops)."""
     path = Path(image.path)
     if not path.exists():
         return [Finding(vm_name, "missing-file", image.path,
                         "the catalog needs this image but the file is gone",
                         "restore the file from a backup (Waymark will not invent its data), or "
                         f"delete the checkpoints that need it: waymark checkpoint list {vm_name}")]
-    if in_use:
+    if read is None:
         return []
     if image.pinned:
         try:
@@ -87,14 +137,83 @@ def _image_findings(vm_name: str, image: Image, images: dict[str, Image],
                             "repair your image's backing chain (it is yours; Waymark never "
                             "writes it)")]
         return []
+    info = read.opened.get(image.path) or _chain_head(path, image.format, read.opened)
     try:
-        info = qemu_img.info(path, image.format)
-        report = qemu_img.check_report(path, image.format)
+        if isinstance(info, _Break):
+            raise ImageError(info.detail(image.path))
+        report = read.reports.get(image.path) or qemu_img.check_report(path, image.format)
+        if isinstance(report, WaymarkError):
+            raise report
     except WaymarkError as err:
         return [Finding(vm_name, "image-error", image.path, err.message,
                         f"inspect it: qemu-img check -f {image.format} {image.path}")]
     return _health_findings(vm_name, image, report) + _backing_findings(vm_name, image, images,
                                                                         info)
+
+
+def _chain_infos(examined: list[Image]) -> dict[str, Opened]:
+    """Path -> what each image's own header says, read while its whole backing chain opened,
+    or why that chain does not open (``ImageError``), for a VM's images that are there, not
+    pinned, and no QEMU writes (``examined``).
+
+    ``qemu-img info --backing-chain`` of each top (an image no other examined image sits on)
+    reads every layer below it in one run, so a chain of N images costs one run, not N runs
+    that each open the whole chain (quadratic). Only an image no top's run opened whole is
+    read on its own (:func:`_on_its_own`), bottom up: one run each."""
+    opened: dict[str, Opened] = {}
+    below = {image.parent_id for image in examined}
+    for top in (image for image in examined if image.id not in below):
+        with contextlib.suppress(WaymarkError):  # then read layer by layer, below
+            for entry in qemu_img.chain(Path(top.path), top.format):
+                opened.setdefault(entry.filename, entry)
+    for image in _bottom_up([i for i in examined if i.path not in opened]):
+        opened[image.path] = _on_its_own(image, opened)
+    return opened
+
+
+def _bottom_up(images: list[Image]) -> list[Image]:
+    """``images``, each after those of them below it in the catalog."""
+    by_id = {image.id: image for image in images}
+    depth: dict[str, int] = {}
+    for image in images:
+        walk = [image]
+        while walk[-1].parent_id in by_id and walk[-1].parent_id not in depth:
+            walk.append(by_id[str(walk[-1].parent_id)])
+        base = depth.get(str(walk[-1].parent_id), -1)
+        for step in reversed(walk):
+            base = depth[step.id] = base + 1
+    return sorted(images, key=lambda image: depth[image.id])
+
+
+def _on_its_own(image: Image, opened: dict[str, Opened]) -> Opened:
+    """An image whose chain no top's run opened whole: its own header, then its backing file's
+    chain as ``opened`` knows it (the layers below were read first) or as one run reads it."""
+    path = Path(image.path)
+    if image.format != "qcow2":
+        return _chain_head(path, image.format, opened)
+    try:
+        own = qemu_img.header(path)
+    except ImageError as err:
+        return _Break(image.path, err.message)
+    backing = own.full_backing_filename or own.backing_filename
+    if backing is None:
+        return own
+    below = opened.get(backing) or _chain_head(Path(backing), own.backing_format or "qcow2",
+                                               opened)
+    return below if isinstance(below, _Break) else own
+
+
+def _chain_head(path: Path, fmt: str, opened: dict[str, Opened]) -> Opened:
+    """``path``'s entry of its own chain, read in one run (every layer of it goes into
+    ``opened``), or where that chain breaks (kept in ``opened`` too)."""
+    try:
+        chain = qemu_img.chain(path, fmt)
+    except WaymarkError as err:
+        opened[str(path)] = _Break(str(path), err.message)
+        return opened[str(path)]
+    for entry in chain:
+        opened.setdefault(entry.filename, entry)
+    return chain[0]
 
 
 def _health_findings(vm_name: str, image: Image, report: qemu_img.CheckReport
@@ -292,8 +411,11 @@ def _vm_findings(ctx: Context, session: Session, vm_row: Vm, held: set[str]) -> 
     in_use = _written_by_qemu(session, vm_row.id) if running else set()
     if running:
         held |= {image.path for image in images.values()}
+    read = _read_images([image for image in images.values() if image.id not in in_use
+                         and not image.pinned and Path(image.path).exists()])
     findings = [f for image in images.values()
-                for f in _image_findings(vm_row.name, image, images, image.id in in_use)]
+                for f in _image_findings(vm_row.name, image, images,
+                                         None if image.id in in_use else read)]
     findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
     return findings + _compaction_findings(ctx, session, vm_row)
 
