@@ -9,11 +9,14 @@ Every stream (all jobs, one job, a VM's console):
 - ends after ``lifetime`` s with ``expired`` (``{"reconnect": true}``); an EventSource reconnects
   by itself (after the ``retry`` it was sent), other clients ask again.
 
-The jobs' streams share one reader of the catalog (:class:`JobFeed`): a thread reads the jobs
-and the VMs' owners every :data:`POLL` s while any stream listens and wakes the streams when
-that changed; each stream filters the latest reading by its caller's scope, so a stream costs
-the server no catalog reads of its own between re-checks, and little else while nothing
-changes.
+The jobs' streams share one reader of the catalog (:class:`JobFeed`): while any stream listens,
+a thread reads the jobs and the VMs' owners when they may have changed, and wakes the streams
+when what it read did change; each stream filters the latest reading by its caller's scope, so
+a stream costs the server no catalog reads of its own between re-checks. The server's own job
+writes (a job submitted or cancelled through the API: :data:`waymark.engine.jobs.CHANGES`) wake
+the reader at once; writes of other processes (a job's worker, the CLI) are noticed by a look
+every :data:`POLL` s that reads no table (:meth:`waymark.catalog.db.Catalog.watch`): the
+catalog is read again only after something was committed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from waymark.catalog.models import Vm
 from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.errors import TooManyStreams, WaymarkError
@@ -42,7 +44,7 @@ from waymark.http import security
 from waymark.model.policy import Principal
 
 log = logging.getLogger(__name__)
-POLL = 0.2  # s between two readings of the jobs (one reader for every stream)
+POLL = 0.2  # s between two looks for other processes' writes (one reader for every stream)
 RECHECK = 5.0  # s between two checks of a stream's caller
 RETRY_MS = 1000  # how soon an EventSource reconnects after ``expired``
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -76,8 +78,9 @@ class Reading:
 
 
 class JobFeed:
-    """One thread that reads the jobs every :data:`POLL` s while any stream listens, and wakes
-    the listening streams when what it read changed (between changes they sleep)."""
+    """One thread that reads the jobs while any stream listens, when this process wrote a job
+    or the catalog changed (looked at every ``poll`` s), and wakes the listening streams when
+    what it read changed (between changes they sleep)."""
 
     def __init__(self, ctx: Context, poll: float = POLL) -> None:
         self.ctx, self.poll = ctx, poll
@@ -99,22 +102,29 @@ class JobFeed:
             self._listeners.pop(wake, None)
 
     def _run(self) -> None:
-        number, last = 0, None
-        while True:
-            with self._lock:
-                if not self._listeners:
-                    self._reader, self.latest = None, None
-                    return
-            now = self._read()
-            if now is not None and now != last:
-                number, last = number + 1, now
-                self.latest = Reading(number, *now)
-                self._wake()
-            time.sleep(self.poll)
+        number, last, stale, seen = 0, None, True, jobs.CHANGES.count
+        with contextlib.closing(self.ctx.catalog.watch()) as catalog:
+            while self._listening():
+                if catalog.changed() or stale:  # (this process's writes change it too)
+                    now = self._read()
+                    stale = now is None  # a failed reading is tried again at the next look
+                    if now is not None and now != last:
+                        number, last = number + 1, now
+                        self.latest = Reading(number, *now)
+                        self._wake()
+                seen = jobs.CHANGES.wait(seen, self.poll)
+
+    def _listening(self) -> bool:
+        """Whether any stream listens; when none does, the reader ends (the next listener
+        starts another)."""
+        with self._lock:
+            if not self._listeners:
+                self._reader, self.latest = None, None
+            return bool(self._listeners)
 
     def _read(self) -> tuple[list[dict[str, Any]], dict[str, str | None]] | None:
         try:
-            return jobs.listing(self.ctx), _owners(self.ctx)
+            return jobs.listing(self.ctx), jobs.vm_owners(self.ctx)
         except Exception as err:  # (the one reader must outlive a bad reading)
             log.warning("reading the jobs for the event streams failed: %s", err)
             return None
@@ -125,11 +135,6 @@ class JobFeed:
         for wake, loop in listening:
             with contextlib.suppress(RuntimeError):  # its loop is closed: it is leaving
                 loop.call_soon_threadsafe(wake.set)
-
-
-def _owners(ctx: Context) -> dict[str, str | None]:
-    with ctx.catalog.session() as session:
-        return {v.id: v.owner_id for v in session.query(Vm)}
 
 
 class Streams:

@@ -98,6 +98,12 @@ class Catalog:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
+    def watch(self) -> CatalogWatch:
+        """A cheap way to learn that something changed before reading it again (the API's
+        event streams look every fraction of a second); close it when done."""
+        sqlite = self.engine.url.get_backend_name() == "sqlite"
+        return CatalogWatch(self.engine.url.database if sqlite else None)
+
     @contextmanager
     def snapshot(self) -> Iterator[Session]:
         """A session for reading only, whose reads all see one committed state. (pysqlite
@@ -128,6 +134,29 @@ class Catalog:
                                hint="Free space on the file system of the Waymark home, then "
                                     "run the command again: an interrupted operation resumes "
                                     "where it stopped.") from err
+
+
+class CatalogWatch:
+    """Whether anything was committed to the catalog, by any connection of any process, since
+    the last look (:meth:`Catalog.watch`)."""
+
+    def __init__(self, database: str | None) -> None:
+        self._conn = None if database is None else \
+            sqlite3.connect(database, check_same_thread=False)
+        self._version: int | None = None
+
+    def changed(self) -> bool:
+        """SQLite's ``PRAGMA data_version`` on a connection of the watch's own, which reads no
+        table (microseconds); the first look, and every look without SQLite, says yes."""
+        if self._conn is None:
+            return True
+        version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        changed, self._version = version != self._version, version
+        return changed
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 Row = TypeVar("Row")

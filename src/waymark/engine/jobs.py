@@ -33,6 +33,7 @@ import os
 import pwd
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -58,6 +59,36 @@ UNFINISHED = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled")
 WORKERLESS_GRACE = 60.0  # a --no-wait command starts its worker within milliseconds
 ORPHANED_NOTE = "nobody runs it; the next command on the VM carries it on"  # a job's note
+
+
+# --- this process's own writes ----------------------------------------------------------------
+
+class Changes:
+    """This process's own writes to the jobs (a new job, its worker, claim, progress, end, a
+    cancel request): each one is counted and wakes whoever :meth:`wait` s, so a reader in this
+    process (the API's event streams, :class:`waymark.api.streams.JobFeed`) learns of them at
+    once, without reading the catalog to find out. The catalog stays the truth, and other
+    processes' writes (a CLI command, a job's worker) are not counted here: such a reader still
+    looks at the catalog now and then (:meth:`waymark.catalog.db.Catalog.watch`)."""
+
+    def __init__(self) -> None:
+        self._written = threading.Condition()
+        self.count = 0
+
+    def notify(self) -> None:
+        with self._written:
+            self.count += 1
+            self._written.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """The count once it is no longer ``seen`` (at once if a write came since), or after
+        ``timeout`` s."""
+        with self._written:
+            self._written.wait_for(lambda: self.count != seen, timeout)
+            return self.count
+
+
+CHANGES = Changes()
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -94,6 +125,7 @@ def submit(ctx: Context, vm_id: str | None, kind: str, params: dict[str, Any],
         session.add(Job(id=job_id, vm_id=vm_id, kind=kind, params=params, status="queued",
                         progress=0.0, worker_pid=pid, worker_start=start,
                         cancel_requested=False, created_at=now(), user=user[:99]))
+    CHANGES.notify()
     return job_id
 
 
@@ -173,6 +205,12 @@ def listing(ctx: Context, vm_id: str | None = None, *, everything: bool = False
         return [describe(session, r) for r in rows]
 
 
+def vm_owners(ctx: Context) -> dict[str, str | None]:
+    """Each VM's owner (what a caller's scope of jobs is decided by), in one query."""
+    with ctx.catalog.session() as session:
+        return {vm_id: owner for vm_id, owner in session.execute(select(Vm.id, Vm.owner_id))}
+
+
 def holding(ctx: Context, vm_id: str) -> Job | None:
     """The unfinished job of a VM whose process is alive (the one that holds it busy)."""
     with ctx.catalog.session() as session:
@@ -188,6 +226,7 @@ def _update(ctx: Context, job_id: str, **fields: Any) -> None:
         job = session.get_one(Job, job_id)
         for key, value in fields.items():
             setattr(job, key, value)
+    CHANGES.notify()
 
 
 def record_worker(ctx: Context, job_id: str, pid: int, start: int | None) -> None:
@@ -246,6 +285,7 @@ class Reporter:
             job.progress, job.step = max(job.progress, min(progress, 1.0)), what
             if job.cancel_requested:
                 raise Cancelled(f"job {self.job_id[:12]} was cancelled.")
+        CHANGES.notify()
 
 
 @contextlib.contextmanager
@@ -334,7 +374,9 @@ def cancel(ctx: Context, job_ref: str) -> dict[str, Any]:
             job.status, job.finished_at = "cancelled", now()
         elif job.status in UNFINISHED:
             job.cancel_requested = True
-        return describe(session, job)
+        shown = describe(session, job)
+    CHANGES.notify()
+    return shown
 
 
 def wait(ctx: Context, job_ref: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
