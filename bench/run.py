@@ -9,6 +9,11 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
            `qemu-img commit` of K into U (target <= 1.2x) and `qemu-img rebase -b base K`
            (target: at least 10x faster).
 - list:    `checkpoint list` with 50 checkpoints, and `waymark --help` (target < 300 ms).
+- create-depth: `checkpoint create` of a VM that is off (whole process) with 50 and with 400
+           checkpoints on Now's path: the ratio 400/50 (target ~1) and the ms (target <= 300).
+- check:   `waymark check VM` (whole process) with 0, 50 and 200 checkpoints: the ms (target
+           <= 2 s with 200) and the cost per image above the empty VM's, 200 against 50
+           (target ~1: linear).
 - api:     the REST API on loopback (bench/api.py, which has more options): requests per second
            and p99 latency of 16 clients for 10 s, for `GET /api/vms/{vm}/checkpoints` of a VM
            with 50 checkpoints and `GET /api/vms` with 1,000 VMs, against `GET /api/auth/me`.
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -149,7 +155,10 @@ def bench_api(root: Path, runs: int) -> None:
     api.run_bench(root, runs)
 
 
-BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api}
+BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
+           # (defined at the end of the file: looked up when they run)
+           "create-depth": lambda root, runs: bench_create_depth(root, runs),  # noqa: PLW0108
+           "check": lambda root, runs: bench_check(root, runs)}  # noqa: PLW0108
 
 
 def main() -> None:
@@ -162,6 +171,66 @@ def main() -> None:
         for name, bench in BENCHES.items():
             if args.only in (None, name):
                 bench(Path(tmp), args.runs)
+
+
+
+def _grow(home: Home, count: int) -> None:
+    """Give VM ``b`` checkpoints until it has ``count``, through the library in this process
+    (one context, no interpreter per checkpoint: the build is not what is measured)."""
+    from waymark.config import Settings
+    from waymark.engine import lookup
+    from waymark.usecases.checkpoints import lifecycle
+    from waymark.wiring import open_context
+
+    ctx = open_context(Settings(home=home.path))
+    with ctx.catalog.session() as session:
+        vm_id = lookup.vm(session, "b").id
+        have = lookup.checkpoint_count(session, vm_id)
+    for number in range(have, count):
+        lifecycle.create(ctx, vm_id, f"c{number}")
+    ctx.catalog.close()
+
+
+def _deep_vm(home: Home) -> None:
+    home.reset()
+    home.wm("vm", "create", "b", "--disk", "64M", "--max-checkpoints", "1000")
+
+
+def bench_create_depth(root: Path, runs: int) -> None:
+    home = Home(root)
+    _deep_vm(home)
+    took = {}
+    for count in (50, 400):
+        _grow(home, count)
+        took[count] = median_of(runs, lambda: None,
+                                lambda: home.wm("checkpoint", "create", "b"))
+    print(f"create-depth: checkpoint create of a VM that is off, 50 checkpoints "
+          f"{took[50] * 1000:.0f} ms, 400 {took[400] * 1000:.0f} ms (target <= 300 ms), "
+          f"ratio 400/50 {took[400] / took[50]:.2f} (target ~1)")
+
+
+def _images(home: Home) -> int:
+    """The images in the catalog (read directly)."""
+    con = sqlite3.connect(home.path / "catalog.db")
+    try:
+        return int(con.execute("SELECT count(*) FROM images").fetchone()[0])
+    finally:
+        con.close()
+
+
+def bench_check(root: Path, runs: int) -> None:
+    home = Home(root)
+    _deep_vm(home)
+    took, images = {}, {}
+    for count in (0, 50, 200):
+        _grow(home, count)
+        images[count] = _images(home)
+        took[count] = median_of(runs, lambda: None, lambda: home.wm("check", "b"))
+    per = {n: (took[n] - took[0]) / (images[n] - images[0]) for n in (50, 200)}
+    print(f"check: one VM, 0 checkpoints {took[0] * 1000:.0f} ms, 50 {took[50] * 1000:.0f} ms, "
+          f"200 {took[200] * 1000:.0f} ms (target <= 2000 ms); per image above the empty VM: "
+          f"{per[50] * 1000:.1f} ms at 50, {per[200] * 1000:.1f} ms at 200, ratio "
+          f"{per[200] / per[50]:.2f} (target ~1: linear)")
 
 
 if __name__ == "__main__":
