@@ -26,7 +26,7 @@ PATIENCE = 60.0  # s a reading may take on a loaded machine (never near the hour
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Waymark, Context, str]]:
+def opened(tmp_path: Path) -> Iterator[tuple[Waymark, Context, str]]:
     wm = Waymark(tmp_path / "home")
     vm_id = wm.json("vm", "create", "v", "--disk", "1M")["id"]
     ctx = wiring.open_context(Settings(home=wm.home))
@@ -48,8 +48,8 @@ async def next_reading(feed: JobFeed, wake: asyncio.Event) -> dict[str, dict[str
 
 
 def test_a_job_the_server_writes_wakes_the_streams_at_once(
-        served: tuple[Waymark, Context, str]) -> None:
-    _, ctx, vm_id = served
+        opened: tuple[Waymark, Context, str]) -> None:
+    _, ctx, vm_id = opened
     feed = JobFeed(ctx, poll=HOUR)
 
     async def scenario() -> dict[str, dict[str, Any]]:
@@ -71,8 +71,8 @@ def test_a_job_the_server_writes_wakes_the_streams_at_once(
 
 
 def test_another_process_s_change_is_seen_and_nothing_is_read_while_nothing_changes(
-        served: tuple[Waymark, Context, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    wm, ctx, vm_id = served
+        opened: tuple[Waymark, Context, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    wm, ctx, vm_id = opened
     job_id = jobs.submit(ctx, vm_id, "merge", {}, run_here=False, user="test")
     feed = JobFeed(ctx, poll=0.05)
     readings: list[int] = []

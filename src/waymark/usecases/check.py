@@ -153,7 +153,7 @@ def _image_findings(vm_name: str, image: Image, images: dict[str, Image],
 
 def _chain_infos(examined: list[Image]) -> dict[str, Opened]:
     """Path -> what each image's own header says, read while its whole backing chain opened,
-    or why that chain does not open (``ImageError``), for a VM's images that are there, not
+    or where that chain breaks (:class:`_Break`), for a VM's images that are there, not
     pinned, and no QEMU writes (``examined``).
 
     ``qemu-img info --backing-chain`` of each top (an image no other examined image sits on)
@@ -177,7 +177,8 @@ def _bottom_up(images: list[Image]) -> list[Image]:
     depth: dict[str, int] = {}
     for image in images:
         walk = [image]
-        while walk[-1].parent_id in by_id and walk[-1].parent_id not in depth:
+        while walk[-1].parent_id in by_id and walk[-1].parent_id not in depth \
+                and len(walk) <= len(by_id):  # (a loop of parents in the catalog ends too)
             walk.append(by_id[str(walk[-1].parent_id)])
         base = depth.get(str(walk[-1].parent_id), -1)
         for step in reversed(walk):
