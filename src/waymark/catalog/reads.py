@@ -21,6 +21,7 @@ checks that every column read here exists there).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from waymark.errors import StorageError
 HEAD = "0016"  # the schema revision these queries (and catalog/db.py's migrations) are at
 FILE_NAME = "catalog.db"
 UNFINISHED_JOBS = ("queued", "running")
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 class Cursor(Protocol):
@@ -58,6 +60,7 @@ class Reader:
                                hint="Run the command again.")
         self._conn = conn
         self._format = paramstyle in ("format", "pyformat")
+        self._sqlite = isinstance(conn, sqlite3.Connection)
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
         cursor = self._conn.cursor()
@@ -66,6 +69,15 @@ class Reader:
             return [tuple(row) for row in cursor.fetchall()]
         finally:
             cursor.close()
+
+    def json_number(self, column: str, key: str) -> str:
+        """The SQL of one number in a JSON column (so a listing needs not decode the whole
+        document of every row): SQLite's ``json_extract``, PostgreSQL's ``->>``."""
+        if not (_NAME.fullmatch(column) and _NAME.fullmatch(key)):
+            raise ValueError(f"not a column or key name: {column!r}, {key!r}")
+        if self._sqlite:
+            return f"json_extract({column}, '$.{key}')"
+        return f"CAST({column} ->> '{key}' AS BIGINT)"
 
     def begin(self) -> None:
         """Start the read transaction every later query sees (on SQLite an explicit deferred
@@ -192,18 +204,22 @@ class VmEntry:
     id: str
     name: str
     state: str
-    config: dict[str, Any]
+    memory_mib: int
+    cpus: int
     checkpoint_type: str
     owner_id: str | None
     checkpoint_count: int
 
 
 def vm_entries(reader: Reader) -> list[VmEntry]:
-    """Every VM by name, with its checkpoints counted: two queries whatever the number."""
+    """Every VM by name, with its checkpoints counted: two queries whatever the number, and
+    of each VM's configuration only the two numbers shown."""
     counts = dict(reader.rows("SELECT vm_id, COUNT(*) FROM checkpoints GROUP BY vm_id"))
-    return [VmEntry(vm_id, name, state, decoded(config), kind, owner, counts.get(vm_id, 0))
-            for vm_id, name, state, config, kind, owner in reader.rows(
-                "SELECT id, name, state, config, checkpoint_type, owner_id FROM vms "
+    memory, cpus = reader.json_number("config", "memory_mib"), reader.json_number("config", "cpus")
+    return [VmEntry(vm_id, name, state, int(mib), int(count), kind, owner,
+                    counts.get(vm_id, 0))
+            for vm_id, name, state, mib, count, kind, owner in reader.rows(
+                f"SELECT id, name, state, {memory}, {cpus}, checkpoint_type, owner_id FROM vms "
                 "ORDER BY name, id")]
 
 

@@ -232,7 +232,7 @@ def vm_list(source: Source, visible: reading.Visible = reading.everything
         rows = reads.vm_entries(reader)
     return [{"id": r.id, "name": r.name,
              "state": observe.observed_state(source.home, r.id, r.state),
-             "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
+             "memory_mib": r.memory_mib, "cpus": r.cpus,
              "checkpoint_type": r.checkpoint_type, "checkpoint_count": r.checkpoint_count}
             for r in rows if visible(r)]
 
