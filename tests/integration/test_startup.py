@@ -11,10 +11,12 @@ import subprocess
 import sys
 from contextlib import closing
 
+import click
 from sqlalchemy import text
 
 from tests.helpers import Waymark
 from waymark import wiring
+from waymark.cli import power, vm, vm_change
 from waymark.catalog.db import Catalog
 from waymark.engine import journal
 from waymark.usecases.checkpoints.automatic import AutomaticCheckpointDelete
@@ -135,3 +137,25 @@ def test_the_checkpoint_group_lists_every_command_and_runs_the_ones_loaded_later
     assert "Usage: waymark checkpoint create [OPTIONS] VM" in wm("checkpoint", "create",
                                                                   "--help").stdout
     assert wm.run("checkpoint", "nosuch").returncode == 2
+
+
+def test_vm_list_and_show_read_without_the_orm_and_vm_runs_every_command(wm: Waymark) -> None:
+    """``waymark vm``'s group loads the commands that change VMs (:mod:`waymark.cli.vm_change`)
+    and the power commands (:mod:`waymark.cli.power`) only when one runs; its table names
+    every one of them, and each name loads the command of that name."""
+    wm("vm", "create", "b", "--disk", "16M")
+    for command in (("vm", "list"), ("vm", "show", "b")):
+        loaded = loaded_by(wm, *command)
+        assert not heavy(loaded) and "waymark.cli.vm_change" not in loaded, heavy(loaded)
+    assert wm.json("vm", "list")[0]["checkpoint_count"] == 0
+    helped = wm("vm", "--help").stdout
+    listed = {line.split()[0] for line in helped.split("Commands:")[1].splitlines() if line}
+    commands = {c.name for c in power.COMMANDS} | {
+        c.name for c in vars(vm_change).values() if isinstance(c, click.Command)} - {
+        c for g in (vm_change.disk, vm_change.media) for c in g.commands}
+    assert listed == commands | {"list", "show"} == {*vm.VmCommands.COMMANDS, "list", "show"}
+    group = vm.VmCommands()
+    for name in vm.VmCommands.COMMANDS:
+        found = group.get_command(click.Context(group), name)
+        assert found is not None and found.name == name
+    assert "Usage: waymark vm disk add [OPTIONS] VM" in wm("vm", "disk", "add", "--help").stdout

@@ -9,7 +9,6 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.catalog.models import Vm
 from waymark.engine.running import power
 from waymark.errors import Forbidden, InvalidInput, NotFound
 from waymark.http.security import (
