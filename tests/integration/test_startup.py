@@ -16,8 +16,8 @@ from sqlalchemy import text
 
 from tests.helpers import Waymark
 from waymark import wiring
-from waymark.cli import power, vm, vm_change
 from waymark.catalog.db import Catalog
+from waymark.cli import power, vm, vm_change
 from waymark.engine import journal
 from waymark.usecases.checkpoints.automatic import AutomaticCheckpointDelete
 

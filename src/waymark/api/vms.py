@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
@@ -40,9 +40,9 @@ BootDevice = Literal["disk", "cdrom", "network"]
 
 
 @router.get("/vms", response_model=list[schemas.VmRow])
-def vm_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+def vm_list(caller: CallerDep, ctx: ContextDep) -> Response:
     """The VMs the caller may see."""
-    return views.vm_list(ctx, in_scope(caller.who))
+    return schemas.listing(views.vm_list(ctx, in_scope(caller.who)))
 
 
 class NewVm(BaseModel):

@@ -66,7 +66,7 @@ class Reader:
         cursor = self._conn.cursor()
         try:
             cursor.execute(sql.replace("?", "%s") if self._format else sql, params)
-            return [tuple(row) for row in cursor.fetchall()]
+            return cursor.fetchall()  # tuples: sqlite3's and psycopg's default rows
         finally:
             cursor.close()
 

@@ -230,10 +230,10 @@ def vm_list(source: Source, visible: reading.Visible = reading.everything
     Two queries whatever the number of VMs."""
     with source.reading() as reader:
         rows = reads.vm_entries(reader)
-    return [{"id": r.id, "name": r.name,
-             "state": observe.observed_state(source.home, r.id, r.state),
-             "memory_mib": r.memory_mib, "cpus": r.cpus,
-             "checkpoint_type": r.checkpoint_type, "checkpoint_count": r.checkpoint_count}
+    home = source.home
+    return [{"id": r.id, "name": r.name, "state": observe.observed_state(home, r.id, r.state),
+             "memory_mib": r.memory_mib, "cpus": r.cpus, "checkpoint_type": r.checkpoint_type,
+             "checkpoint_count": r.checkpoint_count}
             for r in rows if visible(r)]
 
 
