@@ -58,7 +58,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
 
 from tests.helpers import Waymark, serve_process
 
@@ -342,11 +341,12 @@ def test_check_passes_afterwards(run: Run) -> None:
 
 # --- the race the load found, made deterministic ----------------------------------------------
 
-def test_a_view_reads_one_state(tmp_path: Path) -> None:
+def test_a_view_reads_one_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``GET /api/vms/{vm}`` (the app in process) while, right after the view's first read of
-    the ``images`` table, another process's ``checkpoint create`` commits: the answer must be
-    the VM as it was (or as it is), never a 500."""
+    the ``images`` table (:func:`waymark.catalog.reads.images`), another process's ``checkpoint
+    create`` commits: the answer must be the VM as it was (or as it is), never a 500."""
     from waymark.api.app import create_app
+    from waymark.catalog import reads
     from waymark.config import Settings
     from waymark.usecases.access import users
     from waymark.usecases.checkpoints import lifecycle as checkpoints
@@ -361,13 +361,16 @@ def test_a_view_reads_one_state(tmp_path: Path) -> None:
     token = users.create_token(served, "admin", "t")["token"]
     armed = threading.Event()
 
-    def between_reads(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if armed.is_set() and statement.lstrip().upper().startswith("SELECT") \
-                and "FROM images" in statement:
+    read_images = reads.images
+
+    def between_reads(reader: reads.Reader, of_vm: str) -> dict[str, reads.ImageRow]:
+        found = read_images(reader, of_vm)
+        if armed.is_set():
             armed.clear()
             checkpoints.create(other, vm_id, "between")
+        return found
 
-    event.listen(served.catalog.engine, "after_cursor_execute", between_reads)
+    monkeypatch.setattr(reads, "images", between_reads)
     with TestClient(create_app(served), raise_server_exceptions=False) as client:
         before = client.get("/api/vms/r", headers={"Authorization": f"Bearer {token}"})
         assert before.status_code == 200, before.text

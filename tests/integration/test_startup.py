@@ -6,12 +6,18 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
+
+import click
+from sqlalchemy import text
 
 from tests.helpers import Waymark
 from waymark import wiring
 from waymark.catalog.db import Catalog
+from waymark.cli import power, vm, vm_change
 from waymark.engine import journal
 from waymark.usecases.checkpoints.automatic import AutomaticCheckpointDelete
 
@@ -20,7 +26,8 @@ LOADED = """
 import json, sys
 from waymark.cli.main import run
 code = run(sys.argv[1:])
-print(json.dumps([code, sorted(m for m in sys.modules if m.startswith("waymark."))]))
+print(json.dumps([code, sorted(m for m in sys.modules if m.startswith(("waymark.", "sqlalchemy",
+                                                                         "alembic")))]))
 """
 # Use case modules only an intent, a job or a VM's power cycle of their own kind needs
 PLUGGED_IN = {"waymark.usecases.backups.points", "waymark.usecases.library.store_deploy",
@@ -32,6 +39,11 @@ CHANGING = {"waymark.cli.checkpoint_change", "waymark.usecases.checkpoints.lifec
 # The code of a running VM's power cycle and live checkpoints: a listing only reads
 RUNNING = {"waymark.engine.running.power", "waymark.engine.running.live_checkpoint",
            "waymark.guest.agent"}
+# What only a full context needs (docs/architecture.md, "The read path"): the ORM, the
+# migrations, the journal and what settles, the QMP stack
+HEAVY = ("sqlalchemy", "alembic", "waymark.catalog.models", "waymark.catalog.db",
+         "waymark.engine.context", "waymark.engine.journal", "waymark.engine.settle",
+         "waymark.wiring", "waymark.qemu.qmp")
 
 
 def loaded_by(wm: Waymark, *args: str) -> set[str]:
@@ -50,6 +62,49 @@ def test_listing_checkpoints_loads_no_use_case_it_does_not_run(wm: Waymark) -> N
     unneeded = PLUGGED_IN | CHANGING | RUNNING
     assert not loaded & unneeded, loaded & unneeded
     assert not {m for m in loaded if m.startswith(("waymark.api", "waymark.web"))}
+
+
+def heavy(loaded: set[str]) -> set[str]:
+    """What of :data:`HEAVY` (or of the packages it names) was loaded."""
+    return {m for m in loaded if m in HEAVY or m.split(".")[0] in HEAVY}
+
+
+def test_commands_that_only_read_load_no_orm_migrations_or_qmp(wm: Waymark) -> None:
+    """The read path (waymark.engine.reading): a home at the schema's head with nothing
+    unfinished is read through the stdlib's sqlite3, so these load neither SQLAlchemy nor
+    alembic, the engine's context, the journal, or the QMP stack; and they answer as before."""
+    wm("vm", "create", "b", "--disk", "16M")
+    wm("checkpoint", "create", "b", "--name", "one")
+    wm("checkpoint", "create", "b", "--name", "two")
+    for command in (("checkpoint", "list", "b"), ("checkpoint", "show", "b", "one"),
+                    ("checkpoint", "list", "--most-recent"), ("checkpoint", "list")):
+        loaded = loaded_by(wm, *command)
+        assert "waymark.catalog.reads" in loaded, command
+        assert not heavy(loaded), (command, heavy(loaded))
+    listing = wm.json("checkpoint", "list", "b")
+    assert [(c["name"], c["chain_depth"]) for c in listing["checkpoints"]] == [("one", 1),
+                                                                               ("two", 2)]
+    shown = wm.json("checkpoint", "show", "b", "one")
+    assert shown["child_ids"] == [listing["checkpoints"][1]["id"]]
+    assert not shown["is_current"] and shown["disks"][0]["chain_depth"] == 1
+
+
+def test_a_home_that_needs_settling_or_migrating_is_opened_in_full(wm: Waymark) -> None:
+    """A home without a catalog yet, or with unfinished work (here a job that did not end),
+    makes even a listing open the full context, which migrates or settles first."""
+    assert "alembic" in loaded_by(wm, "checkpoint", "list")  # the catalog is made
+    assert not heavy(loaded_by(wm, "checkpoint", "list"))
+    wm("vm", "create", "b", "--disk", "16M")
+    catalog = Catalog.open(wm.home)
+    with catalog.session() as session:
+        session.execute(text("INSERT INTO jobs (id, kind, params, status, progress, "
+                             "cancel_requested, created_at) VALUES ('j1', 'merge', '{}', "
+                             "'queued', 0, 0, '2026-01-01 00:00:00')"))
+    catalog.close()
+    assert "waymark.engine.settle" in loaded_by(wm, "checkpoint", "list", "b")
+    with closing(sqlite3.connect(wm.home / "catalog.db")) as db, db:
+        db.execute("DELETE FROM jobs")
+    assert not heavy(loaded_by(wm, "checkpoint", "list", "b"))
 
 
 def test_a_kind_plugged_in_by_name_loads_its_use_case_when_one_is_settled(wm: Waymark) -> None:
@@ -82,3 +137,25 @@ def test_the_checkpoint_group_lists_every_command_and_runs_the_ones_loaded_later
     assert "Usage: waymark checkpoint create [OPTIONS] VM" in wm("checkpoint", "create",
                                                                   "--help").stdout
     assert wm.run("checkpoint", "nosuch").returncode == 2
+
+
+def test_vm_list_and_show_read_without_the_orm_and_vm_runs_every_command(wm: Waymark) -> None:
+    """``waymark vm``'s group loads the commands that change VMs (:mod:`waymark.cli.vm_change`)
+    and the power commands (:mod:`waymark.cli.power`) only when one runs; its table names
+    every one of them, and each name loads the command of that name."""
+    wm("vm", "create", "b", "--disk", "16M")
+    for command in (("vm", "list"), ("vm", "show", "b")):
+        loaded = loaded_by(wm, *command)
+        assert not heavy(loaded) and "waymark.cli.vm_change" not in loaded, heavy(loaded)
+    assert wm.json("vm", "list")[0]["checkpoint_count"] == 0
+    helped = wm("vm", "--help").stdout
+    listed = {line.split()[0] for line in helped.split("Commands:")[1].splitlines() if line}
+    commands = {c.name for c in power.COMMANDS} | {
+        c.name for c in vars(vm_change).values() if isinstance(c, click.Command)} - {
+        c for g in (vm_change.disk, vm_change.media) for c in g.commands}
+    assert listed == commands | {"list", "show"} == {*vm.VmCommands.COMMANDS, "list", "show"}
+    group = vm.VmCommands()
+    for name in vm.VmCommands.COMMANDS:
+        found = group.get_command(click.Context(group), name)
+        assert found is not None and found.name == name
+    assert "Usage: waymark vm disk add [OPTIONS] VM" in wm("vm", "disk", "add", "--help").stdout

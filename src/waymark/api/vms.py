@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
-from waymark.catalog.models import Vm
 from waymark.engine.running import power
 from waymark.errors import Forbidden, InvalidInput, NotFound
 from waymark.http.security import (
@@ -41,12 +40,9 @@ BootDevice = Literal["disk", "cdrom", "network"]
 
 
 @router.get("/vms", response_model=list[schemas.VmRow])
-def vm_list(caller: CallerDep, ctx: ContextDep) -> list[dict[str, Any]]:
+def vm_list(caller: CallerDep, ctx: ContextDep) -> Response:
     """The VMs the caller may see."""
-    with ctx.catalog.session() as session:
-        owners = {v.id: v.owner_id for v in session.query(Vm)}
-    return [row for row in views.vm_list(ctx)
-            if row["id"] in owners and policy.in_scope(caller.who, row["id"], owners[row["id"]])]
+    return schemas.listing(views.vm_list(ctx, in_scope(caller.who)))
 
 
 class NewVm(BaseModel):

@@ -17,9 +17,11 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from waymark.catalog import reads
+from waymark.catalog.reads import FILE_NAME, Reader, snapshot
 from waymark.errors import NotFound, StorageError
 
-HEAD = "0016"
+HEAD = reads.HEAD  # the schema's head revision (kept in catalog/reads.py, which reads it too)
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -54,7 +56,7 @@ class Catalog:
 
     @classmethod
     def open(cls, home: Path) -> Catalog:
-        catalog = cls(f"sqlite:///{home / 'catalog.db'}")
+        catalog = cls(f"sqlite:///{home / FILE_NAME}")
         catalog.home = home
         try:
             catalog.migrate()
@@ -117,6 +119,17 @@ class Catalog:
             if isinstance(dbapi, sqlite3.Connection) and not dbapi.in_transaction:
                 conn.exec_driver_sql("BEGIN")
             yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Reader]:
+        """A snapshot for the read path (:mod:`waymark.catalog.reads`: plain SQL, no ORM
+        object per row) on a connection borrowed from the pool."""
+        pooled = self.engine.raw_connection()
+        try:
+            with snapshot(pooled.driver_connection, self.engine.dialect.paramstyle) as reader:
+                yield reader
+        finally:
+            pooled.close()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

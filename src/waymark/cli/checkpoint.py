@@ -55,7 +55,7 @@ def list_(vm_ref: str | None, wanted: str | None, most_recent: bool, as_json: bo
         return
     remote = face().remote
     data = remote.checkpoint_list(vm_ref) if remote is not None \
-        else views.checkpoint_list(face().ctx, face().vm_id(vm_ref))
+        else views.checkpoint_list(face().reading, face().vm_id(vm_ref))
     lines = [f"Checkpoints of {data['vm_name']}:"]
     lines += views.checkpoint_tree(data, shutil.get_terminal_size().columns) \
         if data["checkpoints"] else ["Now  (no checkpoints)"]
@@ -70,8 +70,8 @@ def _listings(vm_ref: str | None) -> list[dict[str, Any]]:
         refs = [vm_ref] if vm_ref is not None else [v["id"] for v in remote.vm_list()]
         return [remote.checkpoint_list(ref) for ref in refs]
     if vm_ref is not None:
-        return [views.checkpoint_list(face().ctx, face().vm_id(vm_ref))]
-    return views.checkpoint_lists(face().ctx)
+        return [views.checkpoint_list(face().reading, face().vm_id(vm_ref))]
+    return views.checkpoint_lists(face().reading)
 
 
 def _row_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -138,6 +138,6 @@ def shown(vm_ref: str, ckpt_ref: str) -> dict[str, Any]:
     remote = face().remote
     if remote is not None:
         return remote.checkpoint_show(vm_ref, ckpt_ref)
-    return views.checkpoint_show(face().ctx, face().vm_id(vm_ref), ckpt_ref)
+    return views.checkpoint_show(face().reading, face().vm_id(vm_ref), ckpt_ref)
 
 

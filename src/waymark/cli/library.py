@@ -2,7 +2,7 @@
 templates and library shares (:mod:`waymark.usecases.library.profiles`,
 :mod:`waymark.usecases.library.templates`,
 :mod:`waymark.usecases.library.store_deploy`; ``vm store`` and ``vm deploy`` are in
-:mod:`waymark.cli.vm`)."""
+:mod:`waymark.cli.vm_change`)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ The only imports inside functions in ``src/`` are the CLI's lazy loading, which 
 ``waymark --help`` and the light commands fast (docs/architecture.md, "Lazy imports"):
 :class:`LazyGroup` imports a command group's module when that group runs; :class:`Face` imports
 the composition root (and with it the engine) when a command first needs the context, the
-HTTP client only with ``--server``, and the VM lookup (SQLAlchemy) when a VM is named;
+HTTP client only with ``--server``, and the read path (:mod:`waymark.engine.reading`: the stdlib's
+sqlite3, no ORM) when a command only reads or a VM is named;
 ``waymark serve`` imports the HTTP server and the schedules when it serves, and
 ``waymark guest`` the test guest builder when it builds.
 """
@@ -27,6 +28,7 @@ from waymark.text import printable
 if TYPE_CHECKING:
     from waymark.client import Client
     from waymark.engine.context import Context
+    from waymark.engine.reading import Home, Source
 
 
 class Face:
@@ -37,6 +39,7 @@ class Face:
                  token: str | None = None) -> None:
         self._home = home
         self._ctx: Context | None = None
+        self._home_read: Home | None = None
         self.server, self.token = server, token
         self._client: Client | None = None
 
@@ -64,19 +67,37 @@ class Face:
             self._ctx = wiring.open_context(Settings.from_env(self._home))
         return self._ctx
 
+    @property
+    def reading(self) -> Source:
+        """What a command that only reads reads from: the home opened for reading
+        (:func:`waymark.engine.reading.open_home`: no ORM, no engine), or the full context when
+        one is open or the home needs one first (a migration, unfinished work to settle)."""
+        if self._ctx is not None or self.server is not None:
+            return self.ctx
+        if self._home_read is None:
+            from waymark.config import Settings
+            from waymark.engine import reading
+
+            self._home_read = reading.open_home(Settings.from_env(self._home))
+        return self._home_read if self._home_read is not None else self.ctx
+
     def close(self) -> None:
         """Let go of the catalog's connections when the command ends."""
+        if self._home_read is not None:
+            self._home_read.close()
+            self._home_read = None
         if self._ctx is not None:
             self._ctx.catalog.close()
             self._ctx = None
 
     def vm_id(self, ref: str) -> str:
         """The id of the VM ``ref`` names (a full id, else a name, else an id prefix:
-        :func:`waymark.engine.lookup.vm`), resolved once here, as root; the use cases take it."""
-        from waymark.engine import lookup
+        :func:`waymark.engine.reading.vm`), resolved once here, as root; the use cases take
+        it."""
+        from waymark.engine import reading
 
-        with self.ctx.catalog.session() as session:
-            return lookup.vm(session, ref).id
+        with self.reading.reading() as reader:
+            return reading.vm(reader, ref).id
 
 
 def face() -> Face:

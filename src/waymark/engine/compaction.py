@@ -13,7 +13,6 @@ next command on the VM continues from there (:mod:`waymark.engine.settle`).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +31,7 @@ from waymark.engine.params import Params
 from waymark.engine.running import live_merge, presence
 from waymark.engine.steps import CarryBitmaps, Commit, DeleteFile, Rebase, Step
 from waymark.errors import Cancelled
+from waymark.images import qemu_img
 from waymark.model import planner
 from waymark.qemu import cmdline
 from waymark.qemu.cmdline import RunFiles
@@ -41,12 +41,7 @@ log = logging.getLogger(__name__)
 MARKER = "compact"
 
 
-def allocated(path: str) -> int:
-    """Bytes the file itself holds on disk (qemu-img's ``actual-size``)."""
-    try:
-        return os.stat(path).st_blocks * 512
-    except FileNotFoundError:
-        return 0
+allocated = qemu_img.allocated
 
 
 def referenced_ids(session: Session, vm_id: str) -> set[str]:

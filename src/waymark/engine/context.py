@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from waymark import modes
 from waymark.catalog.db import Catalog
+from waymark.catalog.reads import Reader
 from waymark.config import Settings
 from waymark.engine import locks, lookup
 from waymark.engine.journal import Journal
@@ -83,6 +84,10 @@ class Context:
     @property
     def home(self) -> Path:
         return self.settings.home
+
+    def reading(self) -> AbstractContextManager[Reader]:
+        """A snapshot for the read path (a :class:`waymark.engine.reading.Source`)."""
+        return self.catalog.reading()
 
     def vm_folder(self, vm_id: str) -> Path:
         return self.home / "vms" / vm_id

@@ -2,80 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from waymark.catalog import db
-from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, StoredVm, Vm
+from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Vm
+from waymark.catalog.reads import Reader
+from waymark.engine import reading
 from waymark.errors import Ambiguous, NotFound
-from waymark.model import names, tree
+from waymark.model import tree
 from waymark.model.hardware import HardwareConfig
 
-ID_LENGTH = 32  # a VM's id: uuid4().hex
-
-Visible = Callable[[Vm], bool]
-
-
-def everything(_row: Vm) -> bool:
-    return True
+Visible = reading.Visible
+everything = reading.everything
 
 
 def vm(session: Session, ref: str, visible: Visible = everything) -> Vm:
-    """Resolve a reference a person typed (for a face: the CLI as root, the API with the
-    caller's scope as ``visible``), in this order, only among the VMs ``visible`` accepts:
-
-    1. an exact full id: always that VM, whatever any VM is named;
-    2. a name (names are unique per owner: several matches are ambiguous);
-    3. an id prefix matching one VM.
-
-    Use cases never resolve again: they take the id this returns (:func:`vm_by_id`)."""
-    exact = session.get(Vm, ref.lower()) if len(ref) == ID_LENGTH else None
-    if exact is not None and visible(exact):
-        return exact
-    named = [v for v in session.scalars(select(Vm).where(Vm.name == ref)) if visible(v)]
-    if len(named) == 1:
-        return named[0]
-    if len(named) > 1:
-        raise _ambiguous(ref, named, "Name one by its id.")
-    matches = [v for v in session.scalars(select(Vm).where(Vm.id.startswith(ref.lower())))
-               if visible(v)] if ref else []
-    if not matches:
-        raise _stored(session, ref) or NotFound(
-            f"no VM is named {ref!r} or has an id starting with it.",
-            hint=names.did_you_mean(ref, visible_names(session, visible),
-                                    "List them with: waymark vm list"))
-    if len(matches) > 1:
-        raise _ambiguous(ref, matches, "Name one by its name or a longer id prefix.")
-    return matches[0]
+    """:func:`waymark.engine.reading.vm` (the one resolution of what a person typed) in this
+    session's transaction, as the ORM's row."""
+    return session.get_one(Vm, reading.vm(reader_of(session), ref, visible).id)
 
 
 def visible_names(session: Session, visible: Visible = everything) -> list[str]:
     """The names of the VMs ``visible`` accepts (what a "did you mean" may offer)."""
-    return [v.name for v in session.scalars(select(Vm)) if visible(v)]
+    return reading.visible_names(reader_of(session), visible)
 
 
-def _ambiguous(ref: str, rows: Sequence[Vm], hint: str) -> Ambiguous:
-    listing = "\n".join(f"  {m.id[:12]}  {m.name}" for m in rows)
-    return Ambiguous(f"{len(rows)} VMs match {ref!r}:\n{listing}", hint=hint)
+def reader_of(session: Session) -> Reader:
+    """The read path's reader on this session's own connection (and transaction)."""
+    session.flush()  # what the session changed is visible to its own reads, as to its queries
+    bind = session.connection()
+    return Reader(bind.connection.driver_connection, bind.dialect.paramstyle)
 
 
 def vm_by_id(session: Session, vm_id: str) -> Vm:
     """The VM with this id (a face resolved the reference once, :func:`vm`); never a name."""
     return db.required(session, Vm, vm_id, f"no VM has the id {vm_id!r} (it was deleted "
                        "meanwhile).", hint="List them with: waymark vm list")
-
-
-def _stored(session: Session, ref: str) -> NotFound | None:
-    """The error for a VM this host stored in a library: it cannot be used until deployed."""
-    row = session.scalars(select(StoredVm).where(
-        (StoredVm.name == ref) | StoredVm.vm_id.startswith(ref.lower() or "-"))).first()
-    if row is None:
-        return None
-    return NotFound(f"VM {row.name!r} is stored in the library {row.library}: it cannot be "
-                    "started, changed or checkpointed until it is deployed.",
-                    hint=f"Deploy it: waymark vm deploy {row.name} --library {row.library}")
 
 
 def vm_name(session: Session, vm_id: str) -> str:

@@ -8,6 +8,7 @@ on an image a running QEMU has open (a later issue routes those through QMP bloc
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,14 @@ class MapExtent:
 
 
 Progress = Callable[[float], None] | None
+
+
+def allocated(path: str) -> int:
+    """Bytes the file itself holds on disk (qemu-img's ``actual-size``; 0: it is gone)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 def _qemu_img(*args: str, what: str, pass_fds: Sequence[int] = (),

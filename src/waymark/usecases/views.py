@@ -1,18 +1,26 @@
-"""Read models: what ``list``/``show`` print and ``--json`` returns. Read-only."""
+"""Read models: what ``list``/``show`` print and ``--json`` returns. Read-only.
+
+They read through the read path (:mod:`waymark.engine.reading`, :mod:`waymark.catalog.reads`):
+a few set-based queries per view (a VM's checkpoints, images, disks and frozen images: one
+query each, whatever their number), no ORM object per row, so a command that only reads
+imports neither the ORM nor the engine, and a server's listing of 1,000 VMs costs two queries.
+Every function takes a :class:`~waymark.engine.reading.Source`: a full context, or a home
+opened for reading (:func:`waymark.engine.reading.open_home`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
-from waymark.engine import compaction, lookup
-from waymark.engine.context import Context
-from waymark.engine.running import presence
+from waymark.catalog import reads
+from waymark.catalog.reads import CheckpointRow, DiskRow, Reader, VmRow
+from waymark.engine import reading
+from waymark.engine.reading import Source
+from waymark.engine.running import observe
+from waymark.images.qemu_img import allocated
 from waymark.model import planner, timing, tree
+from waymark.model.hardware import HardwareConfig
 from waymark.model.timing import rfc3339
 
 KIND_HAS_MEMORY = "standard"
@@ -22,20 +30,35 @@ class Space:
     """Per-image sizes and chain depths of one VM's image graph, and the images each of its
     checkpoints froze (read once for the VM, not once a checkpoint)."""
 
-    def __init__(self, session: Session, vm_id: str) -> None:
-        self.images = lookup.images(session, vm_id)
-        self.nodes = {n.id: n for n in compaction.graph(session, vm_id)}
+    def __init__(self, reader: Reader, vm_id: str) -> None:
+        self.images = reads.images(reader, vm_id)
+        self.disks = reads.disks(reader, vm_id)
+        self.frozen = reads.frozen_by_checkpoint(reader, vm_id)
+        referenced = {d.active_image_id for d in self.disks.values()} | {
+            image for disks in self.frozen.values() for image in disks.values()}
+        self.nodes = {i.id: planner.ImageNode(i.id, i.parent_id, i.id in referenced or i.pinned,
+                                              i.pinned, 0 if i.pinned else allocated(i.path))
+                      for i in self.images.values()}
         self.shared = planner.shared(list(self.nodes.values()))
-        self.frozen = lookup.frozen_by_checkpoint(session, vm_id)
+        self._depths: dict[str, int] = {}
 
     def depth(self, image_id: str) -> int:
-        count, current = 0, self.images.get(image_id)
+        """Layers a read of this image may cross (down to a pinned image: its own chain's
+        length). Each image's depth is worked out once for the whole view."""
+        path: list[str] = []  # the images above the first one whose depth is known
+        below, current = 0, self.images.get(image_id)
         while current is not None:
+            if current.id in self._depths:
+                below = self._depths[current.id]
+                break
             if current.pinned:
-                return count + current.chain_length
-            count += 1
+                below = self._depths[current.id] = current.chain_length
+                break
+            path.append(current.id)
             current = self.images.get(current.parent_id) if current.parent_id else None
-        return count
+        for above in reversed(path):
+            below = self._depths[above] = below + 1
+        return below
 
     def allocated(self, image_id: str) -> int:
         return self.nodes[image_id].allocated
@@ -49,7 +72,7 @@ class Space:
         return total
 
 
-def _checkpoint(row: Checkpoint, space: Space) -> dict[str, Any]:
+def _checkpoint(row: CheckpointRow, space: Space) -> dict[str, Any]:
     frozen = space.frozen.get(row.id, {})
     return {
         "id": row.id, "name": row.name, "parent_id": row.parent_id,
@@ -64,11 +87,11 @@ def _checkpoint(row: Checkpoint, space: Space) -> dict[str, Any]:
     }
 
 
-def checkpoint_list(ctx: Context, vm_id: str) -> dict[str, Any]:
-    with ctx.catalog.snapshot() as session:
-        vm_row = lookup.vm_by_id(session, vm_id)
-        space = Space(session, vm_row.id)
-        rows = lookup.checkpoints(session, vm_row.id)
+def checkpoint_list(source: Source, vm_id: str) -> dict[str, Any]:
+    with source.reading() as reader:
+        vm_row = reading.vm_by_id(reader, vm_id)
+        space = Space(reader, vm_row.id)
+        rows = reads.checkpoints(reader, vm_row.id)
         return {"vm_id": vm_row.id, "vm_name": vm_row.name,
                 "current_checkpoint_id": vm_row.current_checkpoint_id,
                 "checkpoints": [_checkpoint(c, space) for c in rows]}
@@ -82,34 +105,37 @@ def checkpoint_tree(listing: dict[str, Any], columns: int = 100) -> list[str]:
     return tree.draw(nodes, listing["current_checkpoint_id"], columns)
 
 
-def checkpoint_show(ctx: Context, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
-    with ctx.catalog.snapshot() as session:
-        vm_row = lookup.vm_by_id(session, vm_id)
-        row = lookup.checkpoint(session, vm_row, ckpt_ref)
-        space = Space(session, vm_row.id)
-        out = _checkpoint(row, space)
-        out["vm_id"], out["vm_name"] = vm_row.id, vm_row.name
-        out["is_current"] = vm_row.current_checkpoint_id == row.id
-        out["configuration"] = row.config
-        out["memory_state"] = row.memory_path
-        out["media_name"] = _media_name(row.config.get("media"))
-        out["disks"] = [{"disk_id": disk_id, "frozen_image": space.images[image_id].path,
-                         "virtual_size": space.images[image_id].virtual_size,
-                         "allocated_bytes": space.allocated(image_id),
-                         "chain_depth": space.depth(image_id)}
-                        for disk_id, image_id in lookup.frozen(session, row.id).items()]
-        children = session.scalars(select(Checkpoint.id).where(Checkpoint.parent_id == row.id))
-        out["child_ids"] = list(children)
-        return out
+def checkpoint_show(source: Source, vm_id: str, ckpt_ref: str) -> dict[str, Any]:
+    with source.reading() as reader:
+        vm_row = reading.vm_by_id(reader, vm_id)
+        rows = reads.checkpoints(reader, vm_row.id)
+        nodes = [tree.Node(c.id, c.name, c.parent_id, c.created_at, c.memory_path is not None)
+                 for c in rows]
+        found = tree.resolve(nodes, ckpt_ref, owner=vm_row.name)
+        row = next(c for c in rows if c.id == found.id)
+        space = Space(reader, vm_row.id)
+    out = _checkpoint(row, space)
+    out["vm_id"], out["vm_name"] = vm_row.id, vm_row.name
+    out["is_current"] = vm_row.current_checkpoint_id == row.id
+    out["configuration"] = row.config
+    out["memory_state"] = row.memory_path
+    out["media_name"] = _media_name(row.config.get("media"))
+    out["disks"] = [{"disk_id": disk_id, "frozen_image": space.images[image_id].path,
+                     "virtual_size": space.images[image_id].virtual_size,
+                     "allocated_bytes": space.allocated(image_id),
+                     "chain_depth": space.depth(image_id)}
+                    for disk_id, image_id in space.frozen.get(row.id, {}).items()]
+    out["child_ids"] = [c.id for c in rows if c.parent_id == row.id]
+    return out
 
 
-def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
+def _disk(disk: DiskRow, space: Space, attached: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"id": disk.id, "attached": attached,
                            "passthrough": disk.passthrough_path is not None}
     if disk.active_image_id is None:
         out.update(active_image=None, path=disk.passthrough_path)
         return out
-    image: Image = space.images[disk.active_image_id]
+    image = space.images[disk.active_image_id]
     base = image
     while base.parent_id is not None:
         base = space.images[base.parent_id]
@@ -119,24 +145,24 @@ def _disk(disk: Disk, space: Space, attached: bool) -> dict[str, Any]:
     return out
 
 
-def vm_show(ctx: Context, vm_id: str) -> dict[str, Any]:
+def vm_show(source: Source, vm_id: str) -> dict[str, Any]:
     """The VM as it is: a QEMU that died shows as off, with nothing written (reconciling is
     for commands that hold the VM's lock: :func:`waymark.engine.running.presence.reconcile`)."""
-    with ctx.catalog.snapshot() as session:
-        row = lookup.vm_by_id(session, vm_id)
-        state = presence.observed_state(ctx, row.id, row.state)
-        shown = _vm(session, row, state)
+    with source.reading() as reader:
+        row = reading.vm_by_id(reader, vm_id)
+        state = observe.observed_state(source.home, row.id, row.state)
+        shown = _vm(reader, row, state)
     # the accelerator its QEMU runs under (its configured one is ``accel``)
-    found = presence.find(presence.run_files(ctx, vm_id))
+    found = observe.find(observe.run_files(source.home, vm_id))
     shown["accelerator"] = (found.runtime.get("accelerator")
-                            if found is not None and state in presence.LIVE_STATES else None)
+                            if found is not None and state in observe.LIVE_STATES else None)
     return shown
 
 
-def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
-    space = Space(session, row.id)
-    hardware = lookup.hardware(row)
-    disks = lookup.disks(session, row.id)
+def _vm(reader: Reader, row: VmRow, state: str) -> dict[str, Any]:
+    space = Space(reader, row.id)
+    hardware = HardwareConfig.load(row.config)
+    disks = space.disks
     active = {d.active_image_id for d in disks.values()}
     held = sum(n.allocated for n in space.nodes.values() if not n.pinned and n.id not in active)
     return {
@@ -152,7 +178,7 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
         # where each setting came from at creation: vm | profile P | template T | default
         "settings_source": (row.origin or {}).get("sources", {}),
         "current_checkpoint_id": row.current_checkpoint_id,
-        "checkpoint_count": lookup.checkpoint_count(session, row.id),
+        "checkpoint_count": reads.checkpoint_count(reader, row.id),
         "checkpoint_space_bytes": held,
         "disks": [_disk(disks[d], space, True) for d in hardware.guest_disks],
         "firmware_variables": None if hardware.nvram is None
@@ -170,20 +196,19 @@ def _media_name(media: object) -> str | None:
 SUMMARY_DISK_KEYS = ("id", "passthrough", "virtual_size", "allocated_bytes", "chain_depth")
 
 
-def vm_summary(ctx: Context, vm_id: str, sample: float = presence.USAGE_INTERVAL
+def vm_summary(source: Source, vm_id: str, sample: float = observe.USAGE_INTERVAL
                ) -> dict[str, Any]:
     """Hyper-V Manager's Summary pane: the hardware, where the checkpoint type comes from
     (``vm``: the VM's own, also for a VM made without a template; ``template T``, ``profile
     P``, ``default``), the disks with size, space used and chain depth, the CD drive, and for
     a running VM its uptime and what its QEMU uses (CPU measured over ``sample`` seconds)."""
-    with ctx.catalog.snapshot() as session:  # one state of the catalog
-        row = lookup.vm_by_id(session, vm_id)
-        shown = _vm(session, row, presence.observed_state(ctx, row.id, row.state))
-        current = (session.get(Checkpoint, row.current_checkpoint_id)
-                   if row.current_checkpoint_id else None)
-        current_name = current.name if current is not None else None
-    found = presence.find(presence.run_files(ctx, vm_id))
-    live = found is not None and shown["state"] in presence.LIVE_STATES
+    with source.reading() as reader:  # one state of the catalog
+        row = reading.vm_by_id(reader, vm_id)
+        shown = _vm(reader, row, observe.observed_state(source.home, row.id, row.state))
+        current_name = reads.checkpoint_name(reader, row.current_checkpoint_id) \
+            if row.current_checkpoint_id else None
+    found = observe.find(observe.run_files(source.home, vm_id))
+    live = found is not None and shown["state"] in observe.LIVE_STATES
     return {
         **{k: shown[k] for k in ("id", "name", "state", "memory_mib", "cpus", "firmware",
                                  "tpm", "cpu_model", "accel", "media_name", "boot_order",
@@ -194,33 +219,31 @@ def vm_summary(ctx: Context, vm_id: str, sample: float = presence.USAGE_INTERVAL
         "checkpoint_type_source": shown["settings_source"].get("checkpoint_type", "vm"),
         "current_checkpoint": current_name,
         "disks": [{k: d.get(k) for k in SUMMARY_DISK_KEYS} for d in shown["disks"]],
-        "uptime_seconds": presence.uptime(found) if live and found else None,
-        "usage": presence.usage(found, sample) if live and found else None,
+        "uptime_seconds": observe.uptime(found) if live and found else None,
+        "usage": observe.usage(found, sample) if live and found else None,
     }
 
 
-def vm_list(ctx: Context) -> list[dict[str, Any]]:
-    """Every VM as it is (see :func:`vm_show`); writes nothing."""
-    with ctx.catalog.snapshot() as session:
-        rows = session.scalars(select(Vm).order_by(Vm.name))
-        counted = select(Checkpoint.vm_id, func.count()).group_by(Checkpoint.vm_id)
-        counts = {vm_id: n for vm_id, n in session.execute(counted)}  # one query for all
-        return [{"id": r.id, "name": r.name,
-                 "state": presence.observed_state(ctx, r.id, r.state),
-                 "memory_mib": r.config["memory_mib"], "cpus": r.config["cpus"],
-                 "checkpoint_type": r.checkpoint_type, "checkpoint_count": counts.get(r.id, 0)}
-                for r in rows]
+def vm_list(source: Source, visible: reading.Visible = reading.everything
+            ) -> list[dict[str, Any]]:
+    """Every VM ``visible`` accepts, as it is (see :func:`vm_show`), by name; writes nothing.
+    Two queries whatever the number of VMs."""
+    with source.reading() as reader:
+        rows = reads.vm_entries(reader)
+    home = source.home
+    return [{"id": r.id, "name": r.name, "state": observe.observed_state(home, r.id, r.state),
+             "memory_mib": r.memory_mib, "cpus": r.cpus, "checkpoint_type": r.checkpoint_type,
+             "checkpoint_count": r.checkpoint_count}
+            for r in rows if visible(r)]
 
 
-def last_backups(ctx: Context) -> dict[str, str]:
+def last_backups(source: Source) -> dict[str, str]:
     """Each VM's newest backup point time (VMs with none are left out)."""
-    with ctx.catalog.session() as session:
-        rows = session.scalars(select(BackupBase).where(BackupBase.point_id.is_not(None)))
-        latest: dict[str, str] = {}
-        for row in rows:
-            stamp = rfc3339(row.updated_at)
-            latest[row.vm_id] = max(latest.get(row.vm_id, ""), stamp)
-        return latest
+    latest: dict[str, str] = {}
+    with source.reading() as reader:
+        for vm_id, updated in reads.backup_bases(reader):
+            latest[vm_id] = max(latest.get(vm_id, ""), rfc3339(updated))
+    return latest
 
 
 # --- checkpoints across VMs (``checkpoint list`` without a VM, --type, --most-recent) ----------
@@ -233,11 +256,11 @@ CHECKPOINT_TYPES = {
 """What ``--type`` matches, by what a checkpoint holds (Get-VMSnapshot's -SnapshotType)."""
 
 
-def checkpoint_lists(ctx: Context) -> list[dict[str, Any]]:
+def checkpoint_lists(source: Source) -> list[dict[str, Any]]:
     """:func:`checkpoint_list` of every VM, by name."""
-    with ctx.catalog.snapshot() as session:
-        ids = list(session.scalars(select(Vm.id).order_by(Vm.name)))
-    return [checkpoint_list(ctx, vm_id) for vm_id in ids]
+    with source.reading() as reader:
+        ids = reads.vm_ids_by_name(reader)
+    return [checkpoint_list(source, vm_id) for vm_id in ids]
 
 
 def of_type(entry: dict[str, Any], wanted: str) -> bool:

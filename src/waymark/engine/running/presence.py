@@ -19,65 +19,28 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from waymark import durable, process
+from waymark import durable
 from waymark.catalog.models import Vm
 from waymark.engine.context import Context
+from waymark.engine.running import observe
 from waymark.errors import Conflict
 from waymark.qemu.cmdline import RunFiles
 
-LIVE_STATES = ("running", "paused")
+# what the read models see (waymark.engine.running.observe), named here for the engine's users
+LIVE_STATES = observe.LIVE_STATES
+USAGE_INTERVAL = observe.USAGE_INTERVAL
+Process = observe.Process
+find = observe.find
+uptime = observe.uptime
+usage = observe.usage
 LOG_TAIL = 5
-USAGE_INTERVAL = 0.25  # s between the two readings a CPU use is measured over
 
 
 def run_files(ctx: Context, vm_id: str) -> RunFiles:
-    return RunFiles(ctx.vm_folder(vm_id) / "run")
-
-
-@dataclass(frozen=True)
-class Process:
-    pid: int
-    runtime: dict[str, Any]
-
-
-def find(run: RunFiles) -> Process | None:
-    """The VM's live QEMU process, or None."""
-    try:
-        pid = int(run.pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    if f"{run.folder}/".encode() not in cmdline:  # the serial log's fd set names it
-        return None
-    try:
-        runtime = json.loads(run.runtime.read_text())
-    except (OSError, ValueError):
-        runtime = {}
-    return Process(pid, runtime)
-
-
-def uptime(found: Process) -> float | None:
-    """Seconds since the VM's QEMU started (None: its runtime file does not say)."""
-    started = found.runtime.get("started_at")
-    return round(time.time() - started, 1) if started else None
-
-
-def usage(found: Process, interval: float = USAGE_INTERVAL) -> dict[str, Any] | None:
-    """What the VM's QEMU uses: ``cpu_percent`` over ``interval`` seconds (of one host CPU, as
-    ``top`` shows it: 200 is two CPUs busy), ``cpu_seconds`` since it started and ``rss_bytes``
-    (the guest's memory it touched, and QEMU's own); None when it is gone."""
-    first, began = process.usage(found.pid), time.monotonic()
-    time.sleep(interval)
-    second, elapsed = process.usage(found.pid), time.monotonic() - began
-    if first is None or second is None:
-        return None
-    busy = second.cpu_seconds - first.cpu_seconds
-    return {"cpu_percent": round(100 * busy / elapsed, 1),
-            "cpu_seconds": round(second.cpu_seconds, 2), "rss_bytes": second.rss_bytes}
+    return observe.run_files(ctx.home, vm_id)
 
 
 def alive(pid: int) -> bool:
@@ -135,12 +98,8 @@ def last_exit(run: RunFiles) -> dict[str, Any] | None:
 
 
 def observed_state(ctx: Context, vm_id: str, recorded: str) -> str:
-    """The VM's state as it is, from the catalog's ``recorded`` state, changing nothing: a
-    live state whose QEMU is gone reads as off (the next command under the VM's lock
-    reconciles it)."""
-    if recorded in LIVE_STATES and find(run_files(ctx, vm_id)) is None:
-        return "off"
-    return recorded
+    """:func:`waymark.engine.running.observe.observed_state` in ``ctx``'s home."""
+    return observe.observed_state(ctx.home, vm_id, recorded)
 
 
 def reconcile(ctx: Context, vm_id: str) -> str:
