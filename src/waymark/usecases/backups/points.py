@@ -185,10 +185,12 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
         job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report,
                   tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None)
         try:
-            consistency = qmp.run_sync(_copy(job, hardware))
+            with repo.sealing() as sealing:
+                consistency = qmp.run_sync(_copy(job, hardware, sealing))
+                sealed = sealing.finish()
             disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
                       **({"dirty_bytes": job.dirty[t.disk_id]} if job.parent else {}),
-                      **repo.seal(t.tmp, t.final)} for t in targets]
+                      **sealed[t.tmp]} for t in targets]
         except BaseException:
             for target in targets:
                 durable.remove(target.tmp)
@@ -267,14 +269,36 @@ def _progress(report: Report, what: str) -> qemu_img.Progress:
     return None if report is None else (lambda fraction: report(what, fraction))
 
 
-def _counter(job: Run, number: int, target: Target) -> blockjobs.Bytes:
-    """The counter of one disk's copy: ``Backing up web01 disk 1/2 (0a1b2c3d4e5f)``, its bytes
-    as QEMU counts them (a full point's whole disk, an incremental one's changed clusters)."""
-    report = job.report
-    if report is None:
-        return None
-    what = f"Backing up {job.name} disk {number}/{len(job.targets)} ({target.disk_id[:12]})"
-    return lambda done, total: report(what, done / total if total else 1.0, total)
+class _Counters:
+    """The counters of the disks' copies, which QEMU runs at once, shown one disk after the
+    other (``Backing up web01 disk 1/2 (0a1b2c3d4e5f)``, its bytes as QEMU counts them: a full
+    point's whole disk, an incremental one's changed clusters): the progress of the first disk
+    not ended yet, and each disk's end once the disks before it have ended."""
+
+    def __init__(self, job: Run) -> None:
+        self.job = job
+        self.ended: dict[str, int] = {}  # by QEMU's job id: the bytes it copied
+        self.shown = 0  # the disks whose end was reported
+
+    def _report(self, target: Target, done: int, total: int) -> None:
+        if self.job.report is None:
+            return
+        what = (f"Backing up {self.job.name} disk {self.job.targets.index(target) + 1}/"
+                f"{len(self.job.targets)} ({target.disk_id[:12]})")
+        self.job.report(what, done / total if total else 1.0, total)
+
+    def progress(self, job_id: str, done: int, total: int) -> None:
+        if self.shown < len(self.job.targets) and self.job.targets[self.shown].job == job_id:
+            self._report(self.job.targets[self.shown], done, total)
+
+    def end(self, job_id: str, copied: int) -> None:
+        """(a small copy may end before any progress was seen)"""
+        self.ended[job_id] = copied
+        targets = self.job.targets
+        while self.shown < len(targets) and targets[self.shown].job in self.ended:
+            total = self.ended[targets[self.shown].job]
+            self._report(targets[self.shown], total, total)
+            self.shown += 1
 
 
 @contextlib.asynccontextmanager
@@ -297,8 +321,9 @@ async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
         yield machine
 
 
-async def _copy(job: Run, hardware: HardwareConfig) -> str:
-    """Decide full or incremental, then copy every disk; the point's consistency."""
+async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing) -> str:
+    """Decide full or incremental, then copy every disk, each file sealed as its copy ends;
+    the point's consistency."""
     async with _qemu(job, hardware) as machine:
         await _clear_leftovers(machine)
         tracked = await bitmaps.on_nodes(machine)
@@ -307,27 +332,46 @@ async def _copy(job: Run, hardware: HardwareConfig) -> str:
         _create_targets(job)
         try:
             for target in job.targets:
-                await machine.command("blockdev-add", driver="qcow2", backing=None, **{
-                    "node-name": target.node,
-                    "file": cmdline.file_node(await _target_file(job, machine, target.tmp),
-                                              False)})
+                await _add_target(job, machine, target)
             _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
             if job.parent is None:
                 await _drop_bitmaps(machine, job, tracked)
-            consistency = await _start(machine, job)
-            failpoint("backup-started")
-            for number, target in enumerate(job.targets, 1):
-                counter = _counter(job, number, target)
-                done = await blockjobs.follow(machine, target.job, None, on_bytes=counter)
-                if counter is not None:  # its end (a small copy may end before a poll)
-                    counter(int(done.get("total-progress", 0)), int(done.get("total-progress", 0)))
-                # an incremental job's total: its bitmap as the job froze it
-                job.dirty[target.disk_id] = int(done.get("total-progress", 0))
+            async with machine.events("JOB_STATUS_CHANGE") as listener:
+                consistency = await _start(machine, job)
+                failpoint("backup-started")
+                counters = _Counters(job)
+                await blockjobs.follow_each(
+                    machine, listener, [t.job for t in job.targets],
+                    lambda done: _concluded(machine, job, sealing, counters, done),
+                    on_bytes=counters.progress)
         finally:
             for target in job.targets:
                 await blockjobs.abandon(machine, target.job)
             await blockjobs.delete_nodes(machine, [t.node for t in job.targets])
     return consistency
+
+
+async def _add_target(job: Run, machine: qmp.Qmp, target: Target) -> None:
+    """The target's node, written without flushes (``cache.no-flush``, as ``qemu-img
+    convert`` writes): :class:`~waymark.external.repository.Sealing` makes it durable once,
+    when it is whole."""
+    unflushed = {"no-flush": True}
+    await machine.command("blockdev-add", driver="qcow2", backing=None, cache=unflushed, **{
+        "node-name": target.node,
+        "file": cmdline.file_node(await _target_file(job, machine, target.tmp), False,
+                                  cache=unflushed)})
+
+
+async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
+                     counters: _Counters, done: dict[str, Any]) -> None:
+    """One disk's copy ended: its node closed (QEMU writes the image's tables as it closes
+    it), its file sealed while the others are still copied."""
+    target = next(t for t in job.targets if t.job == done["id"])
+    # an incremental job's total: its bitmap as the job froze it
+    job.dirty[target.disk_id] = int(done.get("total-progress", 0))
+    counters.end(target.job, job.dirty[target.disk_id])
+    await blockjobs.delete_nodes(machine, [target.node])
+    sealing.add(target.tmp, target.final)
 
 
 async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
