@@ -12,6 +12,9 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 - api:     the REST API on loopback (bench/api.py, which has more options): requests per second
            and p99 latency of 16 clients for 10 s, for `GET /api/vms/{vm}/checkpoints` of a VM
            with 50 checkpoints and `GET /api/vms` with 1,000 VMs, against `GET /api/auth/me`.
+- backup:  bench/backup.py with its defaults (it has more options; the test guest under TCG): a
+           full backup, VM off and running, against `qemu-img convert` (+ fsync + sha256) of the
+           same disks; an incremental one after 16 MiB written on a 1 GiB disk, against the full.
 """
 
 from __future__ import annotations
@@ -149,7 +152,14 @@ def bench_api(root: Path, runs: int) -> None:
     api.run_bench(root, runs)
 
 
-BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api}
+def bench_backup(root: Path, runs: int) -> None:
+    import backup  # bench/backup.py (it makes its own scratch home in $BENCH_DIR)
+
+    backup.run_bench(runs)
+
+
+BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
+           "backup": bench_backup}
 
 
 def main() -> None:
