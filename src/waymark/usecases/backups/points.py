@@ -22,10 +22,12 @@ same; otherwise the point is full and its ``reason`` says why (:func:`_full_reas
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -184,28 +186,39 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
             asked = f"the schedule takes a full point every {full_every}"
         job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report,
                   tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None)
-        try:
-            with repo.sealing() as sealing:
-                consistency = qmp.run_sync(_copy(job, hardware, sealing))
-                sealed = sealing.finish()
-            disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
-                      **({"dirty_bytes": job.dirty[t.disk_id]} if job.parent else {}),
-                      **sealed[t.tmp]} for t in targets]
-        except BaseException:
-            for target in targets:
-                durable.remove(target.tmp)
-            raise
+        consistency, disks, carried = _copied(job, hardware)
         parent = job.parent["id"] if job.parent else None
         manifest = {"id": point_id, "created_at": now(),
                     "kind": "incremental" if parent else "full", "parent": parent,
                     "reason": job.reason or f"the changes since point {parent}",
                     "consistency": consistency, "vm_state": state, "vm": settings,
-                    "disks": disks, "vm_files": repo.carry(vm_id, vm_files.named(hardware)),
+                    "disks": disks, "vm_files": carried,
                     "tpm_state": None if job.tpm_state is None
                     else base64.b64encode(job.tpm_state).decode()}
         repo.write_manifest(manifest)
         _set_base(ctx, vm_id, repo.id, point_id)
         return manifest
+
+
+def _copied(job: Run, hardware: HardwareConfig
+            ) -> tuple[str, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every disk copied and sealed, and the files the VM needs beyond its disks carried
+    meanwhile (on a thread of their own, while QEMU copies): the point's consistency, its
+    disks' and its files' manifest entries. A disk file left unsealed is removed."""
+    try:
+        with ThreadPoolExecutor(1, "carry") as side, job.repo.sealing() as sealing:
+            carried = side.submit(job.repo.carry, job.vm_id, vm_files.named(hardware))
+            consistency = qmp.run_sync(_copy(job, hardware, sealing))
+            sealed = sealing.finish()
+            files = carried.result()
+    except BaseException:
+        for target in job.targets:
+            durable.remove(target.tmp)
+        raise
+    disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
+              **({"dirty_bytes": job.dirty[t.disk_id]} if job.parent else {}),
+              **sealed[t.tmp]} for t in job.targets]
+    return consistency, disks, files
 
 
 def _set_base(ctx: Context, vm_id: str, repo_id: str, point_id: str | None) -> None:
@@ -329,7 +342,7 @@ async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing)
         tracked = await bitmaps.on_nodes(machine)
         job.reason = _full_reason(job, tracked)
         job.parent = None if job.reason else job.latest
-        _create_targets(job)
+        await _create_targets(job)
         try:
             for target in job.targets:
                 await _add_target(job, machine, target)
@@ -382,17 +395,19 @@ async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
     return str(path)
 
 
-def _create_targets(job: Run) -> None:
-    """Each disk's new file: standalone for a full point, on the parent's file otherwise
-    (named relatively: the repository can move)."""
-    for target in job.targets:
-        if job.parent is None:
-            qemu_img.create(target.tmp, size=target.image.virtual_size)
-            continue
-        below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
-        qemu_img.create(target.tmp, size=target.image.virtual_size,
-                        backing=Path(Path(below["file"]).name), backing_fmt="qcow2",
-                        unsafe=True)
+async def _create_targets(job: Run) -> None:
+    """Each disk's new file, all at once: standalone for a full point, on the parent's file
+    otherwise (named relatively: the repository can move)."""
+    await asyncio.gather(*(asyncio.to_thread(_create_target, job, t) for t in job.targets))
+
+
+def _create_target(job: Run, target: Target) -> None:
+    if job.parent is None:
+        qemu_img.create(target.tmp, size=target.image.virtual_size)
+        return
+    below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
+    qemu_img.create(target.tmp, size=target.image.virtual_size,
+                    backing=Path(Path(below["file"]).name), backing_fmt="qcow2", unsafe=True)
 
 
 async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitmaps.Bitmap]]
