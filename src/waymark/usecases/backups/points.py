@@ -141,6 +141,7 @@ class Run:
     dirty: dict[str, int] = field(default_factory=dict)
     tpm: Path | None = None  # the VM's TPM folder, when it has one
     tpm_state: bytes | None = None  # its state at the instant the copies began
+    closed: set[str] = field(default_factory=set)  # the jobs ended, their target nodes gone
 
     @property
     def bitmap(self) -> str:
@@ -338,7 +339,7 @@ async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing)
     """Decide full or incremental, then copy every disk, each file sealed as its copy ends;
     the point's consistency."""
     async with _qemu(job, hardware) as machine:
-        await _clear_leftovers(machine)
+        await _clear_leftovers(job, machine)
         tracked = await bitmaps.on_nodes(machine)
         job.reason = _full_reason(job, tracked)
         job.parent = None if job.reason else job.latest
@@ -358,9 +359,11 @@ async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing)
                     lambda done: _concluded(machine, job, sealing, counters, done),
                     on_bytes=counters.progress)
         finally:
-            for target in job.targets:
+            left = [t for t in job.targets if t.job not in job.closed]
+            for target in left:
                 await blockjobs.abandon(machine, target.job)
-            await blockjobs.delete_nodes(machine, [t.node for t in job.targets])
+            if left:
+                await blockjobs.delete_nodes(machine, [t.node for t in left])
     return consistency
 
 
@@ -383,7 +386,8 @@ async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
     # an incremental job's total: its bitmap as the job froze it
     job.dirty[target.disk_id] = int(done.get("total-progress", 0))
     counters.end(target.job, job.dirty[target.disk_id])
-    await blockjobs.delete_nodes(machine, [target.node])
+    await machine.command("blockdev-del", **{"node-name": target.node})
+    job.closed.add(target.job)
     sealing.add(target.tmp, target.final)
 
 
@@ -419,15 +423,19 @@ async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitm
                                   name=job.bitmap)
 
 
-async def _clear_leftovers(machine: qmp.Qmp) -> None:
-    """A killed run's jobs and target nodes (its files are gone already)."""
-    for job in await machine.command("query-jobs"):
-        if job["id"].startswith(JOB_PREFIX):
-            await blockjobs.abandon(machine, job["id"])
+async def _clear_leftovers(job: Run, machine: qmp.Qmp) -> None:
+    """A killed run's jobs and target nodes in the VM's QEMU (its files are gone already; a
+    storage daemon, started for this run, has none)."""
+    if job.state not in presence.LIVE_STATES:
+        return
+    for found in await machine.command("query-jobs"):
+        if found["id"].startswith(JOB_PREFIX):
+            await blockjobs.abandon(machine, found["id"])
     nodes = await machine.command("query-named-block-nodes", flat=True)
-    await blockjobs.delete_nodes(machine, [n["node-name"] for n in nodes
-                                           if n["node-name"].startswith(NODE_PREFIX)
-                                           and n["drv"] == "qcow2"])
+    left = [n["node-name"] for n in nodes
+            if n["node-name"].startswith(NODE_PREFIX) and n["drv"] == "qcow2"]
+    if left:
+        await blockjobs.delete_nodes(machine, left)
 
 
 def _actions(job: Run) -> list[dict[str, Any]]:
