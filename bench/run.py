@@ -18,6 +18,9 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 - api:     the REST API on loopback (bench/api.py, which has more options): requests per second
            and p99 latency of 16 clients for 10 s, for `GET /api/vms/{vm}/checkpoints` of a VM
            with 50 checkpoints and `GET /api/vms` with 1,000 VMs, against `GET /api/auth/me`.
+- backup:  bench/backup.py with its defaults (it has more options; the test guest under TCG): a
+           full backup, VM off and running, against `qemu-img convert` (+ fsync + sha256) of the
+           same disks; an incremental one after 16 MiB written on a 1 GiB disk, against the full.
 """
 
 from __future__ import annotations
@@ -177,23 +180,10 @@ def bench_api(root: Path, runs: int) -> None:
     api.run_bench(root, runs)
 
 
-BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
-           # (defined at the end of the file: looked up when they run)
-           "create-depth": lambda root, runs: bench_create_depth(root, runs),  # noqa: PLW0108
-           "check": lambda root, runs: bench_check(root, runs)}  # noqa: PLW0108
+def bench_backup(root: Path, runs: int) -> None:
+    import backup  # bench/backup.py (it makes its own scratch home in $BENCH_DIR)
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", choices=sorted(BENCHES))
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
-        for name, bench in BENCHES.items():
-            if args.only in (None, name):
-                bench(Path(tmp), args.runs)
-
+    backup.run_bench(runs)
 
 
 def _grow(home: Home, count: int) -> None:
@@ -255,6 +245,8 @@ def bench_check(root: Path, runs: int) -> None:
           f"200 {took[200] * 1000:.0f} ms (target <= 2000 ms); per image above the empty VM: "
           f"{per[50] * 1000:.1f} ms at 50, {per[200] * 1000:.1f} ms at 200, ratio "
           f"{per[200] / per[50]:.2f} (target ~1: linear)")
+
+
 def cpu_median(runs: int, command: Callable[[], object]) -> float:
     """The median CPU time (user + system) of the child processes ``command`` runs."""
     samples = []
@@ -266,6 +258,21 @@ def cpu_median(runs: int, command: Callable[[], object]) -> float:
     return statistics.median(samples)
 
 
+BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
+           "backup": bench_backup, "create-depth": bench_create_depth, "check": bench_check}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", choices=sorted(BENCHES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as tmp:
+        for name, bench in BENCHES.items():
+            if args.only in (None, name):
+                bench(Path(tmp), args.runs)
+
+
 if __name__ == "__main__":
     main()
-

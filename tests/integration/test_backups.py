@@ -524,6 +524,36 @@ def test_a_damaged_point_is_named_by_verify_and_refused_by_restore(
     assert_clean(wm)
 
 
+def test_a_carried_kernel_is_stored_once_and_a_damaged_copy_is_replaced(
+        wm: Waymark, tmp_path: Path) -> None:
+    """Each point carries the VM's kernel and initrd: a second point finds the copies already
+    there (by content) and leaves them as they are, not written again; a copy damaged on the
+    storage is not taken for the file, the next point stores a good one in its place."""
+    host = tmp_path / "host"
+    host.mkdir()
+    for name in ("kernel", "initrd"):
+        (host / name).write_bytes(f"a {name}\n".encode() * 1000)
+    wm("vm", "create", VM, "--disk", "1M", "--kernel", str(host / "kernel"), "--initrd",
+       str(host / "initrd"))
+    repo = init_repo(wm, tmp_path / "repo")
+    first = backup(wm, repo, VM)[0]
+    carried = manifests(repo)[first["id"]]["vm_files"]
+    kernel = repo / carried["kernel"]["file"]
+    before = kernel.stat()
+
+    second = backup(wm, repo, VM)[0]
+    assert manifests(repo)[second["id"]]["vm_files"] == carried
+    after = kernel.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    os.chmod(kernel, 0o600)
+    flip_middle_byte(kernel)
+    third = backup(wm, repo, VM)[0]
+    assert manifests(repo)[third["id"]]["vm_files"] == carried
+    assert file_sha256(kernel) == carried["kernel"]["sha256"]
+    verify_ok(wm, repo)
+
+
 # --- 5. several VMs in one run ----------------------------------------------------------------
 
 def test_one_failing_vm_does_not_stop_the_others(wm: Waymark, tmp_path: Path) -> None:

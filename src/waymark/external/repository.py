@@ -17,9 +17,9 @@ same folder). So a disk restores with stock qemu-img and no Waymark::
     qemu-img convert -O qcow2 vms/<vm-id>/disks/<disk-id>/<point-id>.qcow2 restored.qcow2
 
 A point exists once its manifest does: its files are written under temporary names, fsynced,
-checksummed and renamed first, and the manifest (sha256 of every file, the VM's configuration,
-consistency, why a full backup was taken) is written last, durably. Files no manifest names are
-what a killed run left; the next run removes them under the lock.
+checksummed and renamed first (:class:`Sealing`), and the manifest (sha256 of every file, the
+VM's configuration, consistency, why a full backup was taken) is written last, durably. Files
+no manifest names are what a killed run left; the next run removes them under the lock.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ FORMAT, VERSION = "waymark-backup-repository", 1
 MARKER = "waymark-repository.json"
 POINT_FORMAT = "waymark-backup-point"
 LOCK_POLL = 0.1
+SEAL_THREADS = 4  # a file's fsync and its sha256 at once, a second file's meanwhile
 
 
 def new_point_id() -> str:
@@ -210,13 +212,9 @@ class Repository(shares.Share):
         durable.write_bytes(path, json.dumps({"format": POINT_FORMAT, **manifest},
                                              indent=2).encode())
 
-    def seal(self, tmp: Path, final: Path) -> dict[str, Any]:
-        """Make a written disk file durable under its final name; its size and sha256."""
-        durable.fsync_file(tmp)
-        digest = durable.sha256(tmp)
-        os.replace(tmp, final)
-        durable.fsync_dir(final.parent)
-        return {"file": self.relative(final), "bytes": final.stat().st_size, "sha256": digest}
+    def sealing(self) -> Sealing:
+        """Seal a point's disk files as each is written (:class:`Sealing`)."""
+        return Sealing(self)
 
     def remove_partial(self) -> list[Path]:
         """Finish an interrupted merge, then remove disk files no manifest names (a killed
@@ -322,6 +320,66 @@ class Repository(shares.Share):
             except WaymarkError as err:
                 found.append(f"{disk['file']}: {err.message}")
         return found
+
+
+@dataclass
+class _Sealed:
+    tmp: Path
+    final: Path
+    synced: Future[None]
+    digest: Future[str]
+
+
+@dataclass
+class Sealing:
+    """A point's disk files made durable under their final names, each started as soon as it
+    is written (:meth:`add`), while the copy of the others goes on: its ``fsync`` on one thread
+    and its sha256 on another, at once, so the hash reads the data from the page cache the
+    copy just filled (no second read from the disk) while the disk writes it. :meth:`finish`
+    renames them, then fsyncs each folder once. A context manager: on leaving, nothing still
+    reads or syncs a file (the caller may remove them).
+
+    QEMU writes the files without flushing them (``cache.no-flush``): this one ``fsync`` per
+    file is what makes them durable, before the manifest names them."""
+
+    repo: Repository
+    _pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(SEAL_THREADS, "seal"))
+    _files: list[_Sealed] = field(default_factory=list)
+
+    def __enter__(self) -> Sealing:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def add(self, tmp: Path, final: Path) -> None:
+        """Start sealing ``tmp`` (written completely, closed by its writer), to become
+        ``final``."""
+        self._files.append(_Sealed(tmp, final, self._pool.submit(_fsync, tmp),
+                                   self._pool.submit(durable.sha256, tmp)))
+
+    def finish(self) -> dict[Path, dict[str, Any]]:
+        """Every file added, durable under its final name: by its temporary path, its
+        manifest entry (``file``, ``bytes``, ``sha256``)."""
+        sealed = {}
+        for one in self._files:
+            one.synced.result()
+            digest = one.digest.result()
+            os.replace(one.tmp, one.final)
+            sealed[one.tmp] = {"file": self.repo.relative(one.final),
+                               "bytes": one.final.stat().st_size, "sha256": digest}
+        for folder in sorted({one.final.parent for one in self._files}):
+            durable.fsync_dir(folder)
+        return sealed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_moment(value: object) -> bool:

@@ -60,7 +60,13 @@ def named(hardware: HardwareConfig) -> dict[str, Path]:
 def store(source: Path, folder: Path, name: str | None = None) -> Carried:
     """A durable, read-only copy of ``source`` in ``folder`` under ``name`` (None: its
     sha256, so points that carry the same file share one copy; an identical file already
-    there is kept)."""
+    there is kept, and then nothing is copied: a backup run carries the same kernel each
+    time)."""
+    if name is None:
+        digest = durable.sha256(source)
+        kept = folder / digest
+        if kept.is_file() and durable.sha256(kept) == digest:
+            return Carried("", kept, kept.stat().st_size, digest, folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{uuid.uuid4().hex}.tmp"
     try:

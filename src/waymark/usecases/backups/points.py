@@ -22,10 +22,12 @@ same; otherwise the point is full and its ``reason`` says why (:func:`_full_reas
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -139,6 +141,7 @@ class Run:
     dirty: dict[str, int] = field(default_factory=dict)
     tpm: Path | None = None  # the VM's TPM folder, when it has one
     tpm_state: bytes | None = None  # its state at the instant the copies began
+    closed: set[str] = field(default_factory=set)  # the jobs ended, their target nodes gone
 
     @property
     def bitmap(self) -> str:
@@ -184,26 +187,39 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
             asked = f"the schedule takes a full point every {full_every}"
         job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report,
                   tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None)
-        try:
-            consistency = qmp.run_sync(_copy(job, hardware))
-            disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
-                      **({"dirty_bytes": job.dirty[t.disk_id]} if job.parent else {}),
-                      **repo.seal(t.tmp, t.final)} for t in targets]
-        except BaseException:
-            for target in targets:
-                durable.remove(target.tmp)
-            raise
+        consistency, disks, carried = _copied(job, hardware)
         parent = job.parent["id"] if job.parent else None
         manifest = {"id": point_id, "created_at": now(),
                     "kind": "incremental" if parent else "full", "parent": parent,
                     "reason": job.reason or f"the changes since point {parent}",
                     "consistency": consistency, "vm_state": state, "vm": settings,
-                    "disks": disks, "vm_files": repo.carry(vm_id, vm_files.named(hardware)),
+                    "disks": disks, "vm_files": carried,
                     "tpm_state": None if job.tpm_state is None
                     else base64.b64encode(job.tpm_state).decode()}
         repo.write_manifest(manifest)
         _set_base(ctx, vm_id, repo.id, point_id)
         return manifest
+
+
+def _copied(job: Run, hardware: HardwareConfig
+            ) -> tuple[str, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every disk copied and sealed, and the files the VM needs beyond its disks carried
+    meanwhile (on a thread of their own, while QEMU copies): the point's consistency, its
+    disks' and its files' manifest entries. A disk file left unsealed is removed."""
+    try:
+        with ThreadPoolExecutor(1, "carry") as side, job.repo.sealing() as sealing:
+            carried = side.submit(job.repo.carry, job.vm_id, vm_files.named(hardware))
+            consistency = qmp.run_sync(_copy(job, hardware, sealing))
+            sealed = sealing.finish()
+            files = carried.result()
+    except BaseException:
+        for target in job.targets:
+            durable.remove(target.tmp)
+        raise
+    disks = [{"disk_id": t.disk_id, "virtual_size": t.image.virtual_size,
+              **({"dirty_bytes": job.dirty[t.disk_id]} if job.parent else {}),
+              **sealed[t.tmp]} for t in job.targets]
+    return consistency, disks, files
 
 
 def _set_base(ctx: Context, vm_id: str, repo_id: str, point_id: str | None) -> None:
@@ -267,14 +283,36 @@ def _progress(report: Report, what: str) -> qemu_img.Progress:
     return None if report is None else (lambda fraction: report(what, fraction))
 
 
-def _counter(job: Run, number: int, target: Target) -> blockjobs.Bytes:
-    """The counter of one disk's copy: ``Backing up web01 disk 1/2 (0a1b2c3d4e5f)``, its bytes
-    as QEMU counts them (a full point's whole disk, an incremental one's changed clusters)."""
-    report = job.report
-    if report is None:
-        return None
-    what = f"Backing up {job.name} disk {number}/{len(job.targets)} ({target.disk_id[:12]})"
-    return lambda done, total: report(what, done / total if total else 1.0, total)
+class _Counters:
+    """The counters of the disks' copies, which QEMU runs at once, shown one disk after the
+    other (``Backing up web01 disk 1/2 (0a1b2c3d4e5f)``, its bytes as QEMU counts them: a full
+    point's whole disk, an incremental one's changed clusters): the progress of the first disk
+    not ended yet, and each disk's end once the disks before it have ended."""
+
+    def __init__(self, job: Run) -> None:
+        self.job = job
+        self.ended: dict[str, int] = {}  # by QEMU's job id: the bytes it copied
+        self.shown = 0  # the disks whose end was reported
+
+    def _report(self, target: Target, done: int, total: int) -> None:
+        if self.job.report is None:
+            return
+        what = (f"Backing up {self.job.name} disk {self.job.targets.index(target) + 1}/"
+                f"{len(self.job.targets)} ({target.disk_id[:12]})")
+        self.job.report(what, done / total if total else 1.0, total)
+
+    def progress(self, job_id: str, done: int, total: int) -> None:
+        if self.shown < len(self.job.targets) and self.job.targets[self.shown].job == job_id:
+            self._report(self.job.targets[self.shown], done, total)
+
+    def end(self, job_id: str, copied: int) -> None:
+        """(a small copy may end before any progress was seen)"""
+        self.ended[job_id] = copied
+        targets = self.job.targets
+        while self.shown < len(targets) and targets[self.shown].job in self.ended:
+            total = self.ended[targets[self.shown].job]
+            self._report(targets[self.shown], total, total)
+            self.shown += 1
 
 
 @contextlib.asynccontextmanager
@@ -297,37 +335,60 @@ async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
         yield machine
 
 
-async def _copy(job: Run, hardware: HardwareConfig) -> str:
-    """Decide full or incremental, then copy every disk; the point's consistency."""
+async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing) -> str:
+    """Decide full or incremental, then copy every disk, each file sealed as its copy ends;
+    the point's consistency."""
     async with _qemu(job, hardware) as machine:
-        await _clear_leftovers(machine)
+        await _clear_leftovers(job, machine)
         tracked = await bitmaps.on_nodes(machine)
         job.reason = _full_reason(job, tracked)
         job.parent = None if job.reason else job.latest
-        _create_targets(job)
+        await _create_targets(job)
         try:
             for target in job.targets:
-                await machine.command("blockdev-add", driver="qcow2", backing=None, **{
-                    "node-name": target.node,
-                    "file": cmdline.file_node(await _target_file(job, machine, target.tmp),
-                                              False)})
+                await _add_target(job, machine, target)
             _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
             if job.parent is None:
                 await _drop_bitmaps(machine, job, tracked)
-            consistency = await _start(machine, job)
-            failpoint("backup-started")
-            for number, target in enumerate(job.targets, 1):
-                counter = _counter(job, number, target)
-                done = await blockjobs.follow(machine, target.job, None, on_bytes=counter)
-                if counter is not None:  # its end (a small copy may end before a poll)
-                    counter(int(done.get("total-progress", 0)), int(done.get("total-progress", 0)))
-                # an incremental job's total: its bitmap as the job froze it
-                job.dirty[target.disk_id] = int(done.get("total-progress", 0))
+            async with machine.events("JOB_STATUS_CHANGE") as listener:
+                consistency = await _start(machine, job)
+                failpoint("backup-started")
+                counters = _Counters(job)
+                await blockjobs.follow_each(
+                    machine, listener, [t.job for t in job.targets],
+                    lambda done: _concluded(machine, job, sealing, counters, done),
+                    on_bytes=counters.progress)
         finally:
-            for target in job.targets:
+            left = [t for t in job.targets if t.job not in job.closed]
+            for target in left:
                 await blockjobs.abandon(machine, target.job)
-            await blockjobs.delete_nodes(machine, [t.node for t in job.targets])
+            if left:
+                await blockjobs.delete_nodes(machine, [t.node for t in left])
     return consistency
+
+
+async def _add_target(job: Run, machine: qmp.Qmp, target: Target) -> None:
+    """The target's node, written without flushes (``cache.no-flush``, as ``qemu-img
+    convert`` writes): :class:`~waymark.external.repository.Sealing` makes it durable once,
+    when it is whole."""
+    unflushed = {"no-flush": True}
+    await machine.command("blockdev-add", driver="qcow2", backing=None, cache=unflushed, **{
+        "node-name": target.node,
+        "file": cmdline.file_node(await _target_file(job, machine, target.tmp), False,
+                                  cache=unflushed)})
+
+
+async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
+                     counters: _Counters, done: dict[str, Any]) -> None:
+    """One disk's copy ended: its node closed (QEMU writes the image's tables as it closes
+    it), its file sealed while the others are still copied."""
+    target = next(t for t in job.targets if t.job == done["id"])
+    # an incremental job's total: its bitmap as the job froze it
+    job.dirty[target.disk_id] = int(done.get("total-progress", 0))
+    counters.end(target.job, job.dirty[target.disk_id])
+    await machine.command("blockdev-del", **{"node-name": target.node})
+    job.closed.add(target.job)
+    sealing.add(target.tmp, target.final)
 
 
 async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
@@ -338,17 +399,19 @@ async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
     return str(path)
 
 
-def _create_targets(job: Run) -> None:
-    """Each disk's new file: standalone for a full point, on the parent's file otherwise
-    (named relatively: the repository can move)."""
-    for target in job.targets:
-        if job.parent is None:
-            qemu_img.create(target.tmp, size=target.image.virtual_size)
-            continue
-        below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
-        qemu_img.create(target.tmp, size=target.image.virtual_size,
-                        backing=Path(Path(below["file"]).name), backing_fmt="qcow2",
-                        unsafe=True)
+async def _create_targets(job: Run) -> None:
+    """Each disk's new file, all at once: standalone for a full point, on the parent's file
+    otherwise (named relatively: the repository can move)."""
+    await asyncio.gather(*(asyncio.to_thread(_create_target, job, t) for t in job.targets))
+
+
+def _create_target(job: Run, target: Target) -> None:
+    if job.parent is None:
+        qemu_img.create(target.tmp, size=target.image.virtual_size)
+        return
+    below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
+    qemu_img.create(target.tmp, size=target.image.virtual_size,
+                    backing=Path(Path(below["file"]).name), backing_fmt="qcow2", unsafe=True)
 
 
 async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitmaps.Bitmap]]
@@ -360,15 +423,19 @@ async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitm
                                   name=job.bitmap)
 
 
-async def _clear_leftovers(machine: qmp.Qmp) -> None:
-    """A killed run's jobs and target nodes (its files are gone already)."""
-    for job in await machine.command("query-jobs"):
-        if job["id"].startswith(JOB_PREFIX):
-            await blockjobs.abandon(machine, job["id"])
+async def _clear_leftovers(job: Run, machine: qmp.Qmp) -> None:
+    """A killed run's jobs and target nodes in the VM's QEMU (its files are gone already; a
+    storage daemon, started for this run, has none)."""
+    if job.state not in presence.LIVE_STATES:
+        return
+    for found in await machine.command("query-jobs"):
+        if found["id"].startswith(JOB_PREFIX):
+            await blockjobs.abandon(machine, found["id"])
     nodes = await machine.command("query-named-block-nodes", flat=True)
-    await blockjobs.delete_nodes(machine, [n["node-name"] for n in nodes
-                                           if n["node-name"].startswith(NODE_PREFIX)
-                                           and n["drv"] == "qcow2"])
+    left = [n["node-name"] for n in nodes
+            if n["node-name"].startswith(NODE_PREFIX) and n["drv"] == "qcow2"]
+    if left:
+        await blockjobs.delete_nodes(machine, left)
 
 
 def _actions(job: Run) -> list[dict[str, Any]]:
