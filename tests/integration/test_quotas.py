@@ -172,7 +172,7 @@ def test_parallel_creates_never_pass_the_quota_together(served: Served) -> None:
     codes = sorted(r.status_code for r in answers)
     assert codes == [201] * 3 + [409] * 7, [r.text for r in answers]
     assert all(r.json()["error"]["code"] == "quota_exceeded" for r in answers
-               if r.status_code == 409)
+               if r.status_code == 409), [r.text for r in answers]
     assert len(owned(served, "carl")) == 3
     assert served.ok("admin", "GET", "/api/users/carl/quota")["usage"]["vms"] == 3
 
