@@ -545,12 +545,13 @@ def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str, after: fl
 
 
 async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:
+    """Whether the guest agent answers (:func:`waymark.guest.agent.answers`: no wait for a
+    guest that runs none, :data:`~waymark.guest.agent.PROBE_TIMEOUT` for one that does)."""
     try:
-        async with agent.connect(run.agent, name, timeout=2.0) as guest:
-            await guest.ping()
+        async with qmp.connect(run.qmp, name) as machine:
+            return await agent.answers(machine, run.agent, name)
     except WaymarkError:
         return False
-    return True
 
 
 POWER_ACTIONS = ("start", "stop", "save", "pause", "resume")
