@@ -41,8 +41,10 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -69,6 +71,7 @@ DOWNTIME_STEPS = (20, 100, 300, 1000, 5000)
 DOWNTIME_PATIENCE = 5.0
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
+WRITEBACK = 8 << 20  # the state file's write-back is started every this many bytes
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling")
 PRODUCTION = ("production", "productiononly")
 DISK_ONLY = "disk-only"
@@ -180,7 +183,7 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
     live["route"] = "standard"
     intent.save()
     memory = Path(live["memory"])
-    pause = None
+    pause = digest = None
     if _reuses_paused_state(live, run):  # memory unchanged since that migration
         durable.link_or_copy(run.paused_state, memory)
         _keep_tpm_state(intent)
@@ -189,18 +192,22 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
         await _switch(machine, live)
     else:
         tracked = await bitmaps.on_nodes(machine)
-        stopped = await _migrate(machine, memory, live["name"])
-        failpoint("migrated")
-        state = _tpm_copy(live)  # the guest is stopped: the stream's TPM state is this one
-        await _switch(machine, live, carry=False)
-        await _carry_inactive(machine, live, tracked)
-        failpoint("switched")
-        if not live["paused"]:
-            pause = await _resume(machine) - stopped
-        _keep(intent, state)  # durable after the guest runs again: not inside its pause
+        stopped, hasher = await _migrate(machine, memory, live["name"])
+        try:
+            failpoint("migrated")
+            state = _tpm_copy(live)  # the guest is stopped: the stream's TPM state is this one
+            await _switch(machine, live, carry=False)
+            await _carry_inactive(machine, live, tracked)
+            failpoint("switched")
+            if not live["paused"]:
+                pause = await _resume(machine) - stopped
+            _keep(intent, state)  # durable after the guest runs again: not inside its pause
+            digest = hasher.result()
+        finally:
+            hasher.close()
         if pause is not None:
             await _correct_clock(run, live["name"], pause)
-    digest = _seal(memory)
+    digest = _seal(memory, digest)
     if live["paused"]:
         keep_paused_state(run, memory, digest)
     record.update(kind="standard", memory_path=str(memory), memory_sha256=digest,
@@ -302,11 +309,70 @@ def _rounded(seconds: float | None) -> float | None:
 
 # --- the memory stream ------------------------------------------------------------------------
 
-class _Drain:
-    """Copies QEMU's migration stream from a pipe into a file, on the event loop (splice)."""
+class _Hasher(threading.Thread):
+    """Hashes the state file as the drain writes it, on a thread of its own (``pread`` and
+    hashlib let go of the GIL): when the stream ends, little of it is left to hash, where
+    hashing after the write took a second pass as long as the migration itself."""
 
-    def __init__(self, read_fd: int, out_fd: int) -> None:
-        self.read_fd, self.out_fd = read_fd, out_fd
+    def __init__(self, fd: int) -> None:
+        """``fd``: the state file open for reading (the hasher closes it)."""
+        super().__init__(name="state-sha256", daemon=True)
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.hashed = self.limit = 0
+        self.ended = False
+        self.changed = threading.Condition()
+
+    def advance(self, written: int, ended: bool = False) -> None:
+        """The file holds ``written`` bytes now; ``ended``: no more will come."""
+        with self.changed:
+            self.limit, self.ended = written, self.ended or ended
+            self.changed.notify()
+
+    def run(self) -> None:
+        # the lowest CPU priority (this thread only): on a busy host QEMU's final pass and the
+        # guest's resume come first, the hash waits (it is needed only for the commit)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while True:
+            with self.changed:
+                while self.hashed >= self.limit and not self.ended:
+                    self.changed.wait()
+                limit, ended = self.limit, self.ended
+            while self.hashed < limit:
+                chunk = os.pread(self.fd, min(CHUNK, limit - self.hashed), self.hashed)
+                if not chunk:
+                    return  # shorter than written: the digest is refused below
+                self.digest.update(chunk)
+                self.hashed += len(chunk)
+            if ended:
+                return
+
+    def result(self) -> str:
+        """The sha256 of the whole stream, once it has ended (call it after the guest runs
+        again: what is left to hash is not worth a longer pause)."""
+        self.join()
+        if self.hashed != self.limit:
+            raise ToolError(f"the memory state was {self.limit} bytes but {self.hashed} were "
+                            "read back to hash it.")
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        self.advance(self.limit, ended=True)
+        self.join()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Drain:
+    """Copies QEMU's migration stream from a pipe into a file, on the event loop (splice). The
+    file's write-back is started every :data:`WRITEBACK` bytes (``posix_fadvise`` DONTNEED
+    starts it for dirty pages and drops none of them), so the fsync before the commit waits
+    for the tail only; ``hasher`` is told how far the file is written."""
+
+    def __init__(self, read_fd: int, out_fd: int, hasher: _Hasher) -> None:
+        self.read_fd, self.out_fd, self.hasher = read_fd, out_fd, hasher
+        self.written = self.started = 0  # bytes written; bytes whose write-back was started
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         os.set_blocking(read_fd, False)
@@ -314,14 +380,24 @@ class _Drain:
 
     def _ready(self) -> None:
         try:
-            while os.splice(self.read_fd, self.out_fd, CHUNK, flags=os.SPLICE_F_MOVE):
-                pass
+            while moved := os.splice(self.read_fd, self.out_fd, CHUNK, flags=os.SPLICE_F_MOVE):
+                self.written += moved
         except BlockingIOError:
+            self._progress()
             return
         except OSError as err:
             self._finish(err)
             return
+        self._progress()
+        self.hasher.advance(self.written, ended=True)
         self._finish(None)  # end of stream: QEMU closed its end
+
+    def _progress(self) -> None:
+        if self.written - self.started >= WRITEBACK:
+            os.posix_fadvise(self.out_fd, self.started, self.written - self.started,
+                             os.POSIX_FADV_DONTNEED)
+            self.started = self.written
+        self.hasher.advance(self.written)
 
     def _finish(self, err: OSError | None) -> None:
         self.loop.remove_reader(self.read_fd)
@@ -341,8 +417,10 @@ def _migration_done(event: dict[str, Any]) -> bool:
         event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
 
 
-async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> float:
-    """Migrate the guest into ``memory`` (complete when this returns); the STOP event's time."""
+async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> tuple[float, _Hasher]:
+    """Migrate the guest into ``memory`` (complete when this returns, not yet durable): the
+    STOP event's time and the hasher of the state, still hashing its tail (the caller closes
+    it)."""
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
     await machine.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40,
@@ -351,18 +429,23 @@ async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> float:
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(OSError):
         fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    with open(tmp, "wb") as out:
-        drain = _Drain(read_fd, out.fileno())
+    with open(tmp, "w+b") as out:
+        hasher = _Hasher(os.dup(out.fileno()))
+        hasher.start()
+        drain = _Drain(read_fd, out.fileno(), hasher)
         try:
             try:
                 await machine.send_fd(FD_NAME, write_fd)
             finally:
                 os.close(write_fd)
             stopped = await _stream(machine, drain, name)
+        except BaseException:
+            hasher.close()
+            raise
         finally:
             drain.close()
     os.replace(tmp, memory)  # the whole stream is in (durable later, before the commit)
-    return stopped
+    return stopped, hasher
 
 
 async def _stream(machine: qmp.Qmp, drain: _Drain, name: str) -> float:
@@ -402,10 +485,11 @@ async def _converge(machine: qmp.Qmp) -> None:
             await machine.command("migrate-set-parameters", **{"downtime-limit": limit})
 
 
-def _seal(memory: Path) -> str:
+def _seal(memory: Path, digest: str | None = None) -> str:
+    """Make the memory state durable (with its folder); its sha256 (``digest`` when it was
+    hashed as it was written)."""
     durable.fsync_file(memory)
-    durable.fsync_dir(memory.parent)
-    return durable.sha256(memory)
+    return durable.sha256(memory) if digest is None else digest
 
 
 def keep_paused_state(run: cmdline.RunFiles, memory: Path, digest: str) -> None:
