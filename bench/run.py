@@ -12,6 +12,10 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 - api:     the REST API on loopback (bench/api.py, which has more options): requests per second
            and p99 latency of 16 clients for 10 s, for `GET /api/vms/{vm}/checkpoints` of a VM
            with 50 checkpoints and `GET /api/vms` with 1,000 VMs, against `GET /api/auth/me`.
+- live:    a running 256 MiB test guest under TCG (bench/live.py, which has more options): live
+           standard checkpoint (pause and wall time against libvirt's `virsh snapshot-create-as
+           --live`), production checkpoint (freeze, wall), apply --start of a standard
+           checkpoint, `vm status` of a running VM without a guest agent.
 """
 
 from __future__ import annotations
@@ -149,7 +153,14 @@ def bench_api(root: Path, runs: int) -> None:
     api.run_bench(root, runs)
 
 
-BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api}
+def bench_live(root: Path, runs: int) -> None:
+    import live  # bench/live.py
+
+    live.run_bench(root, runs, ["256M"], disk_only=False)
+
+
+BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
+           "live": bench_live}
 
 
 def main() -> None:

@@ -201,6 +201,7 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
             failpoint("switched")
             if not live["paused"]:
                 pause = await _resume(machine) - stopped
+            hasher.hold(False)  # the guest runs: hash the tail while the rest is stored
             _keep(intent, state)  # durable after the guest runs again: not inside its pause
             digest = hasher.result()
         finally:
@@ -312,7 +313,8 @@ def _rounded(seconds: float | None) -> float | None:
 class _Hasher(threading.Thread):
     """Hashes the state file as the drain writes it, on a thread of its own (``pread`` and
     hashlib let go of the GIL): when the stream ends, little of it is left to hash, where
-    hashing after the write took a second pass as long as the migration itself."""
+    hashing after the write took a second pass as long as the migration itself. It is held
+    from the guest's STOP until its resume, so it never competes with the guest's pause."""
 
     def __init__(self, fd: int) -> None:
         """``fd``: the state file open for reading (the hasher closes it)."""
@@ -320,8 +322,14 @@ class _Hasher(threading.Thread):
         self.fd = fd
         self.digest = hashlib.sha256()
         self.hashed = self.limit = 0
-        self.ended = False
+        self.ended = self.held = False
         self.changed = threading.Condition()
+
+    def hold(self, held: bool = True) -> None:
+        """Stop hashing (``held``) until called again with False."""
+        with self.changed:
+            self.held = held
+            self.changed.notify()
 
     def advance(self, written: int, ended: bool = False) -> None:
         """The file holds ``written`` bytes now; ``ended``: no more will come."""
@@ -330,27 +338,24 @@ class _Hasher(threading.Thread):
             self.changed.notify()
 
     def run(self) -> None:
-        # the lowest CPU priority (this thread only): on a busy host QEMU's final pass and the
-        # guest's resume come first, the hash waits (it is needed only for the commit)
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             with self.changed:
-                while self.hashed >= self.limit and not self.ended:
+                while self.held or (self.hashed >= self.limit and not self.ended):
                     self.changed.wait()
-                limit, ended = self.limit, self.ended
-            while self.hashed < limit:
-                chunk = os.pread(self.fd, min(CHUNK, limit - self.hashed), self.hashed)
+                limit, ended = min(self.limit, self.hashed + CHUNK), self.ended
+            if self.hashed < limit:
+                chunk = os.pread(self.fd, limit - self.hashed, self.hashed)
                 if not chunk:
                     return  # shorter than written: the digest is refused below
                 self.digest.update(chunk)
                 self.hashed += len(chunk)
-            if ended:
+            elif ended:
                 return
 
     def result(self) -> str:
         """The sha256 of the whole stream, once it has ended (call it after the guest runs
         again: what is left to hash is not worth a longer pause)."""
+        self.hold(False)
         self.join()
         if self.hashed != self.limit:
             raise ToolError(f"the memory state was {self.limit} bytes but {self.hashed} were "
@@ -359,6 +364,7 @@ class _Hasher(threading.Thread):
 
     def close(self) -> None:
         self.advance(self.limit, ended=True)
+        self.hold(False)
         self.join()
         with contextlib.suppress(OSError):
             os.close(self.fd)
@@ -453,6 +459,8 @@ async def _stream(machine: qmp.Qmp, drain: _Drain, name: str) -> float:
 
     def note(event: dict[str, Any]) -> bool:
         seen.append(event)
+        if event["event"] == "STOP":
+            drain.hasher.hold()  # until the guest runs again (result)
         return _migration_done(event)
 
     try:

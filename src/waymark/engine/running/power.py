@@ -8,13 +8,18 @@ written durably before the catalog says ``saved`` and before QEMU quits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
+import hashlib
 import itertools
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +40,9 @@ from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
+FEED_CHUNK = 4 << 20  # reads of a saved state fed to QEMU
+FEED_PIPE = 1 << 20
+FEED_POLL = 0.1  # s: how soon a feeder that was stopped hears it
 QUIT_TIMEOUT = 10.0
 ALREADY_OFF = "already off"  # stop's answer for a VM that was off: nothing was done
 log = logging.getLogger(__name__)
@@ -278,23 +286,23 @@ def discard_saved(ctx: Context, vm_id: str) -> None:
         durable.remove(path)
 
 
-def _verified_saved(ctx: Context, vm_id: str, name: str) -> tuple[SavedState, HardwareConfig]:
+def _saved_for_resume(ctx: Context, vm_id: str, name: str
+                      ) -> tuple[SavedState, str, HardwareConfig]:
+    """The saved state to resume, its sha256 (checked while QEMU loads it: :func:`_incoming`)
+    and the hardware it needs."""
     saved = saved_state(ctx, vm_id)
     meta = saved.load(name)
     if not saved.state.is_file():
         raise ImageError(f"the saved memory state {saved.state} is missing.",
                          hint=discard_hint(name))
-    if durable.sha256(saved.state) != meta.get("sha256"):
-        raise ImageError(f"the saved memory state {saved.state} is damaged (its checksum does "
-                         "not match).", hint=discard_hint(name))
-    return saved, HardwareConfig.load(meta["hardware"])
+    return saved, str(meta.get("sha256")), HardwareConfig.load(meta["hardware"])
 
 
 async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
-    saved, hardware = _verified_saved(ctx, vm_id, name)
+    saved, digest, hardware = _saved_for_resume(ctx, vm_id, name)
     try:
         async with _launched(ctx, vm_id, name, hardware, incoming=True) as (run, machine):
-            await _incoming(machine, saved.state, name)
+            await _incoming(machine, saved.state, digest, name)
             await machine.command("cont")
     except WaymarkError:
         await _kill(presence.run_files(ctx, vm_id), name)  # its session closed: quit it
@@ -310,15 +318,93 @@ def _migration_done(event: dict[str, Any]) -> bool:
     return event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
 
 
-async def _incoming(machine: qmp.Qmp, state: Path, name: str) -> None:
+class _Feeder(threading.Thread):
+    """Feeds a saved state into the pipe QEMU loads it from, hashing it on the way: the file is
+    read once (in large reads, read-ahead doubled), where checking its sha256 first read all of
+    it before QEMU could start. When QEMU stops reading (its load failed, it exited) or is given
+    up on (:meth:`stop`), the rest is still hashed, so a damaged file is told apart from a QEMU
+    that failed."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__(name="state-feeder", daemon=True)
+        self.source = os.open(state, os.O_RDONLY)
+        self.read_end, self.pipe = os.pipe()
+        os.set_blocking(self.pipe, False)  # polled, so that :meth:`stop` is heard
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.pipe, fcntl.F_SETPIPE_SZ, FEED_PIPE)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.source, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.digest = hashlib.sha256()
+        self.stopped = threading.Event()
+        self.pipe_open = True
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.source, FEED_CHUNK):
+                self.digest.update(chunk)
+                if self.pipe_open and (not self._write(memoryview(chunk))
+                                       or len(chunk) < FEED_CHUNK):
+                    self._end_stream()  # all in (QEMU sees its end at once), or given up
+        finally:
+            self.close()
+
+    def _end_stream(self) -> None:
+        self.pipe_open = False
+        os.close(self.pipe)
+
+    def _write(self, view: memoryview) -> bool:
+        """``view`` into the pipe; False when QEMU stopped reading or :meth:`stop` was called."""
+        while view:
+            if self.stopped.is_set():
+                return False
+            select.select([], [self.pipe], [], FEED_POLL)
+            try:
+                view = view[os.write(self.pipe, view):]
+            except BlockingIOError:
+                continue
+            except OSError:  # QEMU closed its end: it stopped loading
+                return False
+        return True
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def close(self) -> None:
+        os.close(self.source)
+        if self.pipe_open:
+            self._end_stream()
+
+    def sha256(self) -> str:
+        """The file's sha256, once all of it was read."""
+        self.join()
+        return self.digest.hexdigest()
+
+
+async def _incoming(machine: qmp.Qmp, state: Path, digest: str, name: str) -> None:
+    """Load the saved ``state`` into QEMU (started with ``-incoming defer``) through a pipe,
+    checking its sha256 (``digest``) on the way; the guest does not run before it matched."""
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
-    with open(state, "rb") as handle:
-        await machine.send_fd("waymark-state", handle.fileno())
-    async with machine.events("MIGRATION") as listener:
-        await machine.command("migrate-incoming", uri="fd:waymark-state")
-        event = await machine.wait_event(listener, INCOMING_TIMEOUT, "loading the saved state",
-                                         _migration_done)
+    feeder = _Feeder(state)
+    try:
+        await machine.send_fd("waymark-state", feeder.read_end)
+    except BaseException:
+        feeder.close()
+        raise
+    finally:
+        os.close(feeder.read_end)  # QEMU holds its own copy
+    feeder.start()
+    try:
+        async with machine.events("MIGRATION") as listener:
+            await machine.command("migrate-incoming", uri="fd:waymark-state")
+            event = await machine.wait_event(listener, INCOMING_TIMEOUT,
+                                             "loading the saved state", _migration_done)
+    finally:
+        feeder.stop()  # after a complete load the whole stream went in: nothing is cut
+        matches = await asyncio.to_thread(feeder.sha256) == digest
+        if not matches:  # before any other error: a damaged file is the cause
+            raise ImageError(f"the saved memory state {state} is damaged (its checksum does "
+                             "not match).", hint=discard_hint(name))
     if event["data"]["status"] != "completed":
         raise ImageError(f"QEMU could not load the saved state {state} "
                          f"({event['data']['status']}).", hint=discard_hint(name))
