@@ -307,11 +307,17 @@ async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
     except WaymarkError:
         await _kill(presence.run_files(ctx, vm_id), name)  # its session closed: quit it
         raise
+    # its clock stood still since it was saved: set while the state is recorded (the agent of
+    # a guest just resumed under TCG may take a few hundred ms to answer)
+    await asyncio.gather(agent.set_clock(run.agent, name),
+                         asyncio.to_thread(_resumed, ctx, vm_id, saved))
+    return str(json.loads(run.runtime.read_text())["accelerator"])
+
+
+def _resumed(ctx: Context, vm_id: str, saved: SavedState) -> None:
     _set_state(ctx, vm_id, "running")
     for path in (saved.state, saved.meta):  # consumed: the VM runs on from here
         durable.remove(path)
-    await agent.set_clock(run.agent, name)  # its clock stood still since it was saved
-    return str(json.loads(run.runtime.read_text())["accelerator"])
 
 
 def _migration_done(event: dict[str, Any]) -> bool:
