@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +64,10 @@ async def _expect(process: asyncio.subprocess.Process, word: str, timeout: float
 @asynccontextmanager
 async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
                  freeze_timeout: float = FREEZE_TIMEOUT,
-                 machine: qmp.Qmp | None = None) -> AsyncIterator[Frozen]:
+                 machine: qmp.Qmp | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> AsyncIterator[Frozen]:
     """Freeze the guest's file systems for the body; thaw on the way out, whatever happens.
+    ``meanwhile`` runs while the guard process starts (before anything is frozen).
 
     Raises :class:`FreezeFailed` (nothing frozen) when the agent is missing, slow or refuses,
     or (asked through ``machine``, the VM's QMP) another program holds its socket.
@@ -78,6 +80,8 @@ async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
     assert process.stdin is not None
     try:
+        if meanwhile is not None:
+            meanwhile()
         await _expect(process, "ready", START_TIMEOUT, label)
         state = Frozen(time.monotonic())
         process.stdin.write(b"freeze\n")
