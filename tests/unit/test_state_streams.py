@@ -1,7 +1,7 @@
-"""The memory state's streams, without QEMU: a saved state fed to a loader through a pipe while
-it is hashed (``power._Feeder``), and a migration stream drained into a file while a thread
-hashes what was written (``live_checkpoint._Drain`` and ``_Hasher``). The digest is the file's
-sha256 whatever the reader does: it reads all, stops early, or the hasher is held meanwhile."""
+"""The memory state's streams, without QEMU: a saved state hashed by a thread while QEMU
+would load it (``power._Checker``), and a migration stream drained into a file while a thread
+hashes what was written (``live_checkpoint._Drain`` and ``_Hasher``, also when the hasher is
+held meanwhile, as from the guest's STOP to its resume)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from waymark.engine.running import live_checkpoint, power
 
-SIZE = 9 * (1 << 20) + 12345  # more than two feeder reads, and not a multiple of one
+SIZE = 9 * (1 << 20) + 12345  # more than two reads of 4 MiB, and not a multiple of one
 
 
 @pytest.fixture
@@ -25,45 +25,10 @@ def state(tmp_path: Path) -> Path:
     return path
 
 
-def _read(fd: int, limit: int | None = None) -> bytes:
-    """What a loader reads from the pipe: all of it, or ``limit`` bytes before it gives up."""
-    got = bytearray()
-    while limit is None or len(got) < limit:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        got += chunk
-    os.close(fd)
-    return bytes(got)
-
-
-def test_the_feeder_streams_the_whole_file_and_its_sha256(state: Path) -> None:
-    feeder = power._Feeder(state)
-    loader = os.dup(feeder.read_end)
-    os.close(feeder.read_end)
-    feeder.start()
-    assert _read(loader) == state.read_bytes()
-    assert feeder.sha256() == hashlib.sha256(state.read_bytes()).hexdigest()
-
-
-def test_a_loader_that_stops_reading_still_gets_the_files_digest(state: Path) -> None:
-    """QEMU failed halfway and closed its end: the rest is hashed all the same (a damaged file
-    is then told from a failed load)."""
-    feeder = power._Feeder(state)
-    loader = os.dup(feeder.read_end)
-    os.close(feeder.read_end)
-    feeder.start()
-    assert len(_read(loader, limit=1 << 20)) >= 1 << 20
-    assert feeder.sha256() == hashlib.sha256(state.read_bytes()).hexdigest()
-
-
-def test_a_stopped_feeder_hashes_the_rest_without_a_reader(state: Path) -> None:
-    """Given up on (a load that timed out, QEMU alive but not reading): no write blocks."""
-    feeder = power._Feeder(state)
-    feeder.start()
-    feeder.stop()
-    assert feeder.sha256() == hashlib.sha256(state.read_bytes()).hexdigest()
-    os.close(feeder.read_end)
+def test_the_checker_hashes_the_whole_file(state: Path) -> None:
+    checker = power._Checker(state)
+    checker.start()
+    assert checker.sha256() == hashlib.sha256(state.read_bytes()).hexdigest()
 
 
 async def _drain(state: Path, out: Path, hold_midway: bool) -> tuple[str, int]:

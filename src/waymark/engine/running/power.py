@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
-import select
 import signal
 import subprocess
 import threading
@@ -40,9 +38,7 @@ from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
-FEED_CHUNK = 4 << 20  # reads of a saved state fed to QEMU
-FEED_PIPE = 1 << 20
-FEED_POLL = 0.1  # s: how soon a feeder that was stopped hears it
+CHECK_CHUNK = 4 << 20  # reads of a saved state hashed while QEMU loads it
 QUIT_TIMEOUT = 10.0
 ALREADY_OFF = "already off"  # stop's answer for a VM that was off: nothing was done
 log = logging.getLogger(__name__)
@@ -324,91 +320,47 @@ def _migration_done(event: dict[str, Any]) -> bool:
     return event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
 
 
-class _Feeder(threading.Thread):
-    """Feeds a saved state into the pipe QEMU loads it from, hashing it on the way: the file is
-    read once (in large reads, read-ahead doubled), where checking its sha256 first read all of
-    it before QEMU could start. When QEMU stops reading (its load failed, it exited) or is given
-    up on (:meth:`stop`), the rest is still hashed, so a damaged file is told apart from a QEMU
-    that failed."""
+class _Checker(threading.Thread):
+    """Hashes a saved state on a thread of its own while QEMU loads the same file (the page
+    cache serves whichever of the two reads a part second): the check costs no time of its own
+    where it used to read the whole file before QEMU could start."""
 
     def __init__(self, state: Path) -> None:
-        super().__init__(name="state-feeder", daemon=True)
+        super().__init__(name="state-sha256", daemon=True)
         self.source = os.open(state, os.O_RDONLY)
-        self.read_end, self.pipe = os.pipe()
-        os.set_blocking(self.pipe, False)  # polled, so that :meth:`stop` is heard
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self.pipe, fcntl.F_SETPIPE_SZ, FEED_PIPE)
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.source, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.digest = hashlib.sha256()
-        self.stopped = threading.Event()
-        self.pipe_open = True
 
     def run(self) -> None:
         try:
-            while chunk := os.read(self.source, FEED_CHUNK):
+            while chunk := os.read(self.source, CHECK_CHUNK):
                 self.digest.update(chunk)
-                if self.pipe_open and (not self._write(memoryview(chunk))
-                                       or len(chunk) < FEED_CHUNK):
-                    self._end_stream()  # all in (QEMU sees its end at once), or given up
         finally:
-            self.close()
-
-    def _end_stream(self) -> None:
-        self.pipe_open = False
-        os.close(self.pipe)
-
-    def _write(self, view: memoryview) -> bool:
-        """``view`` into the pipe; False when QEMU stopped reading or :meth:`stop` was called."""
-        while view:
-            if self.stopped.is_set():
-                return False
-            select.select([], [self.pipe], [], FEED_POLL)
-            try:
-                view = view[os.write(self.pipe, view):]
-            except BlockingIOError:
-                continue
-            except OSError:  # QEMU closed its end: it stopped loading
-                return False
-        return True
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-    def close(self) -> None:
-        os.close(self.source)
-        if self.pipe_open:
-            self._end_stream()
+            os.close(self.source)
 
     def sha256(self) -> str:
-        """The file's sha256, once all of it was read."""
         self.join()
         return self.digest.hexdigest()
 
 
 async def _incoming(machine: qmp.Qmp, state: Path, digest: str, name: str) -> None:
-    """Load the saved ``state`` into QEMU (started with ``-incoming defer``) through a pipe,
-    checking its sha256 (``digest``) on the way; the guest does not run before it matched."""
+    """Load the saved ``state`` into QEMU (started with ``-incoming defer``), checking its
+    sha256 (``digest``) meanwhile; the guest does not run before it matched, and a damaged file
+    is named as the cause also when QEMU failed to load it."""
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
-    feeder = _Feeder(state)
+    checker = _Checker(state)
+    checker.start()
     try:
-        await machine.send_fd("waymark-state", feeder.read_end)
-    except BaseException:
-        feeder.close()
-        raise
-    finally:
-        os.close(feeder.read_end)  # QEMU holds its own copy
-    feeder.start()
-    try:
+        with open(state, "rb") as handle:
+            await machine.send_fd("waymark-state", handle.fileno())
         async with machine.events("MIGRATION") as listener:
             await machine.command("migrate-incoming", uri="fd:waymark-state")
             event = await machine.wait_event(listener, INCOMING_TIMEOUT,
                                              "loading the saved state", _migration_done)
     finally:
-        feeder.stop()  # after a complete load the whole stream went in: nothing is cut
-        matches = await asyncio.to_thread(feeder.sha256) == digest
-        if not matches:  # before any other error: a damaged file is the cause
+        if await asyncio.to_thread(checker.sha256) != digest:
             raise ImageError(f"the saved memory state {state} is damaged (its checksum does "
                              "not match).", hint=discard_hint(name))
     if event["data"]["status"] != "completed":
