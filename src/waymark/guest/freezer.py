@@ -22,6 +22,7 @@ whichever comes first, and retries the thaw until the agent confirms it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import select
 import socket
@@ -114,9 +115,18 @@ def _say(line: str) -> None:
 
 
 def _line(timeout: float | None) -> bytes:
-    """Waymark's next line ("" when the pipe closed, or nothing came within ``timeout``)."""
-    ready, _, _ = select.select([sys.stdin.buffer], [], [], timeout)
-    return sys.stdin.buffer.readline().strip() if ready else b""
+    """Waymark's next line ("" when the pipe closed, or nothing came within ``timeout``); read
+    unbuffered, a byte at a time, so nothing after the line waits in a buffer select cannot
+    see."""
+    fd = sys.stdin.fileno()
+    ready, _, _ = select.select([fd], [], [], timeout)
+    line = b""
+    while ready and not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.strip()
 
 
 def _thaw(agent: AgentLine, deadline: float) -> None:
