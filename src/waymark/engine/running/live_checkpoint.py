@@ -41,10 +41,8 @@ import asyncio
 import base64
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,7 +69,6 @@ DOWNTIME_STEPS = (20, 100, 300, 1000, 5000)
 DOWNTIME_PATIENCE = 5.0
 PIPE_SIZE = 1 << 20
 CHUNK = 1 << 20
-WRITEBACK = 8 << 20  # the state file's write-back is started every this many bytes
 MIGRATING = ("setup", "active", "pre-switchover", "device", "cancelling")
 PRODUCTION = ("production", "productiononly")
 DISK_ONLY = "disk-only"
@@ -185,7 +182,7 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
     # name for this route's, the only one that writes one (:func:`_forward`)
     live["route"] = "standard"
     memory = Path(live["memory"])
-    pause = digest = None
+    pause = None
     if _reuses_paused_state(live, run):  # memory unchanged since that migration
         durable.link_or_copy(run.paused_state, memory)
         _keep_tpm_state(intent)
@@ -194,23 +191,18 @@ async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
         await _switch(machine, live)
     else:
         tracked = await bitmaps.on_nodes(machine)
-        stopped, hasher = await _migrate(machine, memory, live["name"])
-        try:
-            failpoint("migrated")
-            state = _tpm_copy(live)  # the guest is stopped: the stream's TPM state is this one
-            await _switch(machine, live, carry=False)
-            await _carry_inactive(machine, live, tracked)
-            failpoint("switched")
-            if not live["paused"]:
-                pause = await _resume(machine) - stopped
-            hasher.hold(False)  # the guest runs: hash the tail while the rest is stored
-            _keep(intent, state)  # durable after the guest runs again: not inside its pause
-            digest = hasher.result()
-        finally:
-            hasher.close()
+        stopped = await _migrate(machine, memory, live["name"])
+        failpoint("migrated")
+        state = _tpm_copy(live)  # the guest is stopped: the stream's TPM state is this one
+        await _switch(machine, live, carry=False)
+        await _carry_inactive(machine, live, tracked)
+        failpoint("switched")
+        if not live["paused"]:
+            pause = await _resume(machine) - stopped
+        _keep(intent, state)  # durable after the guest runs again: not inside its pause
         if pause is not None:
             await _correct_clock(run, live["name"], pause)
-    digest = _seal(memory, digest)
+    digest = _seal(memory)
     if live["paused"]:
         keep_paused_state(run, memory, digest)
     record.update(kind="standard", memory_path=str(memory), memory_sha256=digest,
@@ -312,75 +304,11 @@ def _rounded(seconds: float | None) -> float | None:
 
 # --- the memory stream ------------------------------------------------------------------------
 
-class _Hasher(threading.Thread):
-    """Hashes the state file as the drain writes it, on a thread of its own (``pread`` and
-    hashlib let go of the GIL): when the stream ends, little of it is left to hash, where
-    hashing after the write took a second pass as long as the migration itself. It is held
-    from the guest's STOP until its resume, so it never competes with the guest's pause."""
-
-    def __init__(self, fd: int) -> None:
-        """``fd``: the state file open for reading (the hasher closes it)."""
-        super().__init__(name="state-sha256", daemon=True)
-        self.fd = fd
-        self.digest = hashlib.sha256()
-        self.hashed = self.limit = 0
-        self.ended = self.held = False
-        self.changed = threading.Condition()
-
-    def hold(self, held: bool = True) -> None:
-        """Stop hashing (``held``) until called again with False."""
-        with self.changed:
-            self.held = held
-            self.changed.notify()
-
-    def advance(self, written: int, ended: bool = False) -> None:
-        """The file holds ``written`` bytes now; ``ended``: no more will come."""
-        with self.changed:
-            self.limit, self.ended = written, self.ended or ended
-            self.changed.notify()
-
-    def run(self) -> None:
-        while True:
-            with self.changed:
-                while self.held or (self.hashed >= self.limit and not self.ended):
-                    self.changed.wait()
-                limit, ended = min(self.limit, self.hashed + CHUNK), self.ended
-            if self.hashed < limit:
-                chunk = os.pread(self.fd, limit - self.hashed, self.hashed)
-                if not chunk:
-                    return  # shorter than written: the digest is refused below
-                self.digest.update(chunk)
-                self.hashed += len(chunk)
-            elif ended:
-                return
-
-    def result(self) -> str:
-        """The sha256 of the whole stream, once it has ended (call it after the guest runs
-        again: what is left to hash is not worth a longer pause)."""
-        self.hold(False)
-        self.join()
-        if self.hashed != self.limit:
-            raise ToolError(f"the memory state was {self.limit} bytes but {self.hashed} were "
-                            "read back to hash it.")
-        return self.digest.hexdigest()
-
-    def close(self) -> None:
-        self.advance(self.limit, ended=True)
-        self.hold(False)
-        self.join()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
 class _Drain:
-    """Copies QEMU's migration stream from a pipe into a file, on the event loop (splice). The
-    file's write-back is started every :data:`WRITEBACK` bytes (``posix_fadvise`` DONTNEED
-    starts it for dirty pages and drops none of them), so the fsync before the commit waits
-    for the tail only; ``hasher`` is told how far the file is written."""
+    """Copies QEMU's migration stream from a pipe into a file, on the event loop (splice)."""
 
-    def __init__(self, read_fd: int, out_fd: int, hasher: _Hasher) -> None:
-        self.read_fd, self.out_fd, self.hasher = read_fd, out_fd, hasher
-        self.written = self.started = 0  # bytes written; bytes whose write-back was started
+    def __init__(self, read_fd: int, out_fd: int) -> None:
+        self.read_fd, self.out_fd = read_fd, out_fd
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         os.set_blocking(read_fd, False)
@@ -388,24 +316,14 @@ class _Drain:
 
     def _ready(self) -> None:
         try:
-            while moved := os.splice(self.read_fd, self.out_fd, CHUNK, flags=os.SPLICE_F_MOVE):
-                self.written += moved
+            while os.splice(self.read_fd, self.out_fd, CHUNK, flags=os.SPLICE_F_MOVE):
+                pass
         except BlockingIOError:
-            self._progress()
             return
         except OSError as err:
             self._finish(err)
             return
-        self._progress()
-        self.hasher.advance(self.written, ended=True)
         self._finish(None)  # end of stream: QEMU closed its end
-
-    def _progress(self) -> None:
-        if self.written - self.started >= WRITEBACK:
-            os.posix_fadvise(self.out_fd, self.started, self.written - self.started,
-                             os.POSIX_FADV_DONTNEED)
-            self.started = self.written
-        self.hasher.advance(self.written)
 
     def _finish(self, err: OSError | None) -> None:
         self.loop.remove_reader(self.read_fd)
@@ -425,10 +343,8 @@ def _migration_done(event: dict[str, Any]) -> bool:
         event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
 
 
-async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> tuple[float, _Hasher]:
-    """Migrate the guest into ``memory`` (complete when this returns, not yet durable): the
-    STOP event's time and the hasher of the state, still hashing its tail (the caller closes
-    it)."""
+async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> float:
+    """Migrate the guest into ``memory`` (complete when this returns); the STOP event's time."""
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
     await machine.command("migrate-set-parameters", **{"max-bandwidth": 1 << 40,
@@ -437,23 +353,18 @@ async def _migrate(machine: qmp.Qmp, memory: Path, name: str) -> tuple[float, _H
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(OSError):
         fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    with open(tmp, "w+b") as out:
-        hasher = _Hasher(os.dup(out.fileno()))
-        hasher.start()
-        drain = _Drain(read_fd, out.fileno(), hasher)
+    with open(tmp, "wb") as out:
+        drain = _Drain(read_fd, out.fileno())
         try:
             try:
                 await machine.send_fd(FD_NAME, write_fd)
             finally:
                 os.close(write_fd)
             stopped = await _stream(machine, drain, name)
-        except BaseException:
-            hasher.close()
-            raise
         finally:
             drain.close()
     os.replace(tmp, memory)  # the whole stream is in (durable later, before the commit)
-    return stopped, hasher
+    return stopped
 
 
 async def _stream(machine: qmp.Qmp, drain: _Drain, name: str) -> float:
@@ -461,8 +372,6 @@ async def _stream(machine: qmp.Qmp, drain: _Drain, name: str) -> float:
 
     def note(event: dict[str, Any]) -> bool:
         seen.append(event)
-        if event["event"] == "STOP":
-            drain.hasher.hold()  # until the guest runs again (result)
         return _migration_done(event)
 
     try:
@@ -495,11 +404,10 @@ async def _converge(machine: qmp.Qmp) -> None:
             await machine.command("migrate-set-parameters", **{"downtime-limit": limit})
 
 
-def _seal(memory: Path, digest: str | None = None) -> str:
-    """Make the memory state durable (with its folder); its sha256 (``digest`` when it was
-    hashed as it was written)."""
+def _seal(memory: Path) -> str:
     durable.fsync_file(memory)
-    return durable.sha256(memory) if digest is None else digest
+    durable.fsync_dir(memory.parent)
+    return durable.sha256(memory)
 
 
 def keep_paused_state(run: cmdline.RunFiles, memory: Path, digest: str) -> None:
