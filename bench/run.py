@@ -21,6 +21,10 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 - backup:  bench/backup.py with its defaults (it has more options; the test guest under TCG): a
            full backup, VM off and running, against `qemu-img convert` (+ fsync + sha256) of the
            same disks; an incremental one after 16 MiB written on a 1 GiB disk, against the full.
+- live:    a running 256 MiB test guest under TCG (bench/live.py, which has more options): live
+           standard checkpoint (pause and wall time against libvirt's `virsh snapshot-create-as
+           --live`), production checkpoint (freeze, wall), apply --start of a standard
+           checkpoint, `vm status` of a running VM without a guest agent.
 """
 
 from __future__ import annotations
@@ -258,8 +262,15 @@ def cpu_median(runs: int, command: Callable[[], object]) -> float:
     return statistics.median(samples)
 
 
+def bench_live(root: Path, runs: int) -> None:
+    import live  # bench/live.py
+
+    live.run_bench(root, runs, ["256M"], disk_only=False)
+
+
 BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
-           "backup": bench_backup, "create-depth": bench_create_depth, "check": bench_check}
+           "backup": bench_backup, "create-depth": bench_create_depth, "check": bench_check,
+           "live": bench_live}
 
 
 def main() -> None:

@@ -243,7 +243,7 @@ def test_sigkill_while_frozen_thaws_the_guest_and_settles_the_checkpoint(vm: Gue
     vm.ensure_running()
     wait_agent(vm)
     count = checkpoint_count(vm)
-    guard = f"waymark.guest.guard\0{vm.run_dir / 'qga.sock'}"
+    guard = f"waymark/guest/freezer.py\0{vm.run_dir / 'qga.sock'}"
     killed = vm.wm.run("checkpoint", "create", vm.name, "--type", "production", "--name",
                        "killed", env=vm.wm.env(WAYMARK_FAILPOINT="frozen-switched"))
     assert killed.returncode == -signal.SIGKILL, killed

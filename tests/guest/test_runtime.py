@@ -173,6 +173,29 @@ def test_truncated_saved_state_is_refused_then_discarded(vm: Guest) -> None:
     assert not state_file.exists()
 
 
+def test_a_saved_state_damaged_inside_never_runs(vm: Guest) -> None:
+    """A few bytes changed in the middle of the saved memory (QEMU may well load them: they are
+    just guest RAM): the sha256 checked while QEMU loads the stream refuses it before the
+    guest's CPUs run, and the VM stays saved with its state untouched."""
+    vm.ensure_running()
+    saved = vm.wm.json("vm", "save", vm.name)
+    state_file = Path(saved["state_file"])
+    fd = os.open(state_file, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(os.pread(fd, 3, saved["bytes"] // 2)[i] ^ 0xFF for i in range(3)),
+                  saved["bytes"] // 2)
+    finally:
+        os.close(fd)
+
+    mark = vm.mark()
+    failed = vm.wm.run("vm", "start", vm.name)
+    assert_clear_error(failed, "checksum", "--discard-saved-state")
+    assert vm.state() == "saved" and vm.qemus() == []
+    assert counters(vm.since(mark)) == [], "the damaged memory ran"
+    assert state_file.stat().st_size == saved["bytes"]
+    vm.wm.json("vm", "start", vm.name, "--discard-saved-state")
+
+
 def test_kill_9_is_reported_and_the_vm_starts_again(vm: Guest) -> None:
     vm.ensure_running()
     pid = vm.status()["pid"]

@@ -28,6 +28,10 @@ from waymark.qemu import cmdline, qmp, sockets
 
 log = logging.getLogger(__name__)
 CLOCK_TIMEOUT = 2.0  # the whole of a clock correction: an agent slower than this is skipped
+# The whole of a status probe (connect, sync, ping). A running agent answers in a few ms; under
+# TCG on a loaded 2-core host its first sync after a reconnect was seen to take up to ~110 ms:
+# 0.5 s leaves it ~5x that. A guest without an agent costs no wait at all (:func:`port_open`).
+PROBE_TIMEOUT = 0.5
 HELD_GRACE = 0.5  # a client that just left: QEMU notices its hang-up within this
 
 
@@ -111,6 +115,31 @@ async def set_clock(socket: Path, label: str, timeout: float = CLOCK_TIMEOUT) ->
                  err.message if isinstance(err, ToolError) else f"no answer in {timeout:g} s")
         return False
     log.info("the clock of %s was set to the host's", label)
+    return True
+
+
+async def port_open(machine: qmp.Qmp) -> bool:
+    """Whether a program in the guest holds the agent's virtio-serial port open
+    (``query-chardev``'s ``frontend-open``, which QEMU sets when the guest opens the port and
+    clears when it closes it): False for a guest that runs no agent, so nobody waits for an
+    answer that cannot come. A VM whose QEMU lists no agent chardev is given the benefit of the
+    doubt (True: ask the agent)."""
+    chardevs = await machine.command("query-chardev")
+    found = next((c for c in chardevs if c.get("label") == cmdline.AGENT_CHARDEV), None)
+    return found is None or bool(found.get("frontend-open", True))
+
+
+async def answers(machine: qmp.Qmp, socket: Path, label: str,
+                  timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether the guest agent answers a ping within ``timeout`` seconds in all (connect, sync,
+    ping); at once False when no program in the guest has its port open (:func:`port_open`)."""
+    if not await port_open(machine):
+        return False
+    try:
+        async with asyncio.timeout(timeout), connect(socket, label, timeout) as guest:
+            await guest.ping(timeout)
+    except (ToolError, TimeoutError):
+        return False
     return True
 
 

@@ -2,18 +2,12 @@
 
 A frozen guest stalls every write: Waymark must thaw it whatever happens to Waymark itself. So
 the agent session that freezes is not Waymark's but a small guard process's
-(``python -m waymark.guest.guard SOCKET LABEL HOLD_LIMIT``), in its own session so a Ctrl-C or
-a SIGKILL of Waymark does not reach it. It talks to Waymark through a pipe, one line each way::
-
-    guard: ready | unavailable <why>          (it reached the agent, or not)
-    waymark: freeze
-    guard: frozen <count> | failed <why>
-    waymark: thaw          (or the pipe closes: Waymark died)
-    guard: thawed
-
-The guard thaws when told, when its pipe closes, or ``HOLD_LIMIT`` seconds after the freeze
-began, whichever comes first, and retries the thaw until the agent confirms it. (The agent
-socket takes one client at a time, which is why the guard, not Waymark, holds the session.)
+(:mod:`waymark.guest.freezer`, a standard-library script: it starts in the time of a bare
+interpreter), in its own session so a Ctrl-C or a SIGKILL of Waymark does not reach it. It
+talks to Waymark through a pipe, one line each way (its docstring has the protocol); it thaws
+when told, when its pipe closes, or ``HOLD_LIMIT`` seconds after the freeze began, whichever
+comes first, and retries the thaw until the agent confirms it. (The agent socket takes one
+client at a time, which is why the guard, not Waymark, holds the session.)
 """
 
 from __future__ import annotations
@@ -22,79 +16,25 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from waymark.errors import ToolError
-from waymark.guest import agent
+from waymark.guest import agent, freezer
 from waymark.qemu import qmp
 
 HOLD_LIMIT = 10.0  # the longest a guest stays frozen, whatever happens to Waymark
 FREEZE_TIMEOUT = 5.0  # the agent's answer to a freeze; a longer wait falls back
 START_TIMEOUT = 10.0  # the guard's Python start-up and agent handshake, on a busy host
-THAW_RETRY = 0.5
+# the guard: the script alone, isolated (-I: no user site, no PYTHON* variables, not the
+# caller's folder) and without site packages (-S): it needs none
+GUARD = (sys.executable, "-I", "-S", str(Path(freezer.__file__)))
 
 
 class FreezeFailed(ToolError):
     """The guest could not be frozen (no agent, no answer in time, or the freeze failed)."""
-
-
-# --- the guard process ------------------------------------------------------------------------
-
-async def _stdin() -> asyncio.StreamReader:
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-async def _thaw(guest: agent.Agent, deadline: float) -> None:
-    """Thaw until the agent confirms (a thaw of a thawed guest is harmless)."""
-    while True:
-        try:
-            await guest.command("guest-fsfreeze-thaw", 5.0)
-            return
-        except ToolError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(THAW_RETRY)
-
-
-async def _guard(socket: Path, label: str, hold_limit: float) -> int:
-    commands = await _stdin()
-    try:
-        async with agent.connect(socket, label) as guest:
-            _say("ready")
-            if (await commands.readline()).strip() != b"freeze":
-                return 0  # Waymark changed its mind, or died before asking
-            began = time.monotonic()
-            try:
-                count = await guest.command("guest-fsfreeze-freeze", hold_limit)
-            except ToolError as err:
-                _say(f"failed {err.message}")
-                await _thaw(guest, began + 2 * hold_limit)  # a half-done freeze
-                return 0
-            _say(f"frozen {count}")
-            left = max(0.0, hold_limit - (time.monotonic() - began))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(commands.readline(), left)  # "thaw", or EOF
-            await _thaw(guest, began + 2 * hold_limit)
-            _say("thawed")
-    except agent.AgentUnavailable as err:
-        _say(f"unavailable {err.message}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    socket, label, hold_limit = Path(argv[0]), argv[1], float(argv[2])
-    return asyncio.run(_guard(socket, label, hold_limit))
 
 
 # --- Waymark's side ---------------------------------------------------------------------------
@@ -124,8 +64,10 @@ async def _expect(process: asyncio.subprocess.Process, word: str, timeout: float
 @asynccontextmanager
 async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
                  freeze_timeout: float = FREEZE_TIMEOUT,
-                 machine: qmp.Qmp | None = None) -> AsyncIterator[Frozen]:
+                 machine: qmp.Qmp | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> AsyncIterator[Frozen]:
     """Freeze the guest's file systems for the body; thaw on the way out, whatever happens.
+    ``meanwhile`` runs while the guard process starts (before anything is frozen).
 
     Raises :class:`FreezeFailed` (nothing frozen) when the agent is missing, slow or refuses,
     or (asked through ``machine``, the VM's QMP) another program holds its socket.
@@ -133,11 +75,13 @@ async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
     if machine is not None and await agent.held_elsewhere(machine):
         raise FreezeFailed(agent.held_reason(socket))
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "waymark.guest.guard", str(socket), label, str(hold_limit),
+        *GUARD, str(socket), label, str(hold_limit),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
     assert process.stdin is not None
     try:
+        if meanwhile is not None:
+            meanwhile()
         await _expect(process, "ready", START_TIMEOUT, label)
         state = Frozen(time.monotonic())
         process.stdin.write(b"freeze\n")
@@ -153,7 +97,3 @@ async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
             process.stdin.close()  # the guard thaws on its own if anything above failed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(process.wait(), 2 * hold_limit)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -102,6 +102,9 @@ def event_time(event: dict[str, Any]) -> float:
 
 # How long one connection to a QEMU just started waits for its greeting before it is made again
 GREETING_TIMEOUT = 1.0
+# How often the QMP socket of a QEMU just started is looked for (it appears 30-100 ms after the
+# start: a coarser poll adds half of itself to every start on average)
+SOCKET_POLL = 0.005
 
 
 @asynccontextmanager
@@ -134,7 +137,7 @@ async def _first_session(stack: AsyncExitStack, started: subprocess.Popen[bytes]
                                     f"{timeout:g} s: {err.message}") from None
         elif loop.time() > deadline:
             raise ToolError(f"QEMU of {label} did not open its QMP socket within {timeout:g} s.")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(SOCKET_POLL)
 
 
 @asynccontextmanager

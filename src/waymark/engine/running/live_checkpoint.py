@@ -157,17 +157,18 @@ async def _production(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFile
                       machine: qmp.Qmp) -> str | None:
     """Freeze, switch, thaw; the reason it could not freeze (nothing changed), or None."""
     live, record = _live(intent.params), intent.params.checkpoint
-    live["route"] = "production"
-    intent.save()
+    live["route"] = "production"  # stored while the guard process starts
     switched = False
     try:
-        async with guard.frozen(run.agent, live["name"], machine=machine) as held:
+        async with guard.frozen(run.agent, live["name"], machine=machine,
+                                meanwhile=intent.save) as held:
             await _switch_with_tpm(intent, machine)
             switched = True
             failpoint("frozen-switched")
     except guard.FreezeFailed as err:
         if not switched:
             live["route"] = None
+            intent.save()  # (a standard checkpoint follows: see _standard)
             return err.message
         held.seconds = None  # switched while frozen; the guard thaws by itself
     record.update(kind="production", freeze_seconds=_rounded(held.seconds))
@@ -177,8 +178,9 @@ async def _production(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFile
 async def _standard(intent: LiveIntent[CheckpointCreate], run: cmdline.RunFiles,
                     machine: qmp.Qmp) -> None:
     live, record = _live(intent.params), intent.params.checkpoint
+    # not stored (a catalog transaction less): recovery takes a memory state under its final
+    # name for this route's, the only one that writes one (:func:`_forward`)
     live["route"] = "standard"
-    intent.save()
     memory = Path(live["memory"])
     pause = None
     if _reuses_paused_state(live, run):  # memory unchanged since that migration
@@ -477,7 +479,7 @@ def _forward(params: CheckpointCreate, run: cmdline.RunFiles) -> CheckpointCreat
     memory = Path(live["memory"])
     if live.get("route") == "production":
         record.update(kind="production")
-    elif live.get("route") == "standard" and memory.is_file():
+    elif memory.is_file():  # the standard route's (not stored), complete: see _standard
         digest = _seal(memory)
         record.update(kind="standard", memory_path=str(memory), memory_sha256=digest)
         if record.get("tpm_state") is None and live.get("tpm") is not None:

@@ -8,13 +8,16 @@ written durably before the catalog says ``saved`` and before QEMU quits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +38,7 @@ from waymark.qemu import accel, cmdline, confine, cpus, firmware, qmp, tpm
 
 MIGRATION_TIMEOUT = 600.0
 INCOMING_TIMEOUT = 60.0
+CHECK_CHUNK = 4 << 20  # reads of a saved state hashed while QEMU loads it
 QUIT_TIMEOUT = 10.0
 ALREADY_OFF = "already off"  # stop's answer for a VM that was off: nothing was done
 log = logging.getLogger(__name__)
@@ -278,47 +282,87 @@ def discard_saved(ctx: Context, vm_id: str) -> None:
         durable.remove(path)
 
 
-def _verified_saved(ctx: Context, vm_id: str, name: str) -> tuple[SavedState, HardwareConfig]:
+def _saved_for_resume(ctx: Context, vm_id: str, name: str
+                      ) -> tuple[SavedState, str, HardwareConfig]:
+    """The saved state to resume, its sha256 (checked while QEMU loads it: :func:`_incoming`)
+    and the hardware it needs."""
     saved = saved_state(ctx, vm_id)
     meta = saved.load(name)
     if not saved.state.is_file():
         raise ImageError(f"the saved memory state {saved.state} is missing.",
                          hint=discard_hint(name))
-    if durable.sha256(saved.state) != meta.get("sha256"):
-        raise ImageError(f"the saved memory state {saved.state} is damaged (its checksum does "
-                         "not match).", hint=discard_hint(name))
-    return saved, HardwareConfig.load(meta["hardware"])
+    return saved, str(meta.get("sha256")), HardwareConfig.load(meta["hardware"])
 
 
 async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
-    saved, hardware = _verified_saved(ctx, vm_id, name)
+    saved, digest, hardware = _saved_for_resume(ctx, vm_id, name)
     try:
         async with _launched(ctx, vm_id, name, hardware, incoming=True) as (run, machine):
-            await _incoming(machine, saved.state, name)
+            await _incoming(machine, saved.state, digest, name)
             await machine.command("cont")
     except WaymarkError:
         await _kill(presence.run_files(ctx, vm_id), name)  # its session closed: quit it
         raise
+    # its clock stood still since it was saved: set while the state is recorded (the agent of
+    # a guest just resumed under TCG may take a few hundred ms to answer)
+    await asyncio.gather(agent.set_clock(run.agent, name),
+                         asyncio.to_thread(_resumed, ctx, vm_id, saved))
+    return str(json.loads(run.runtime.read_text())["accelerator"])
+
+
+def _resumed(ctx: Context, vm_id: str, saved: SavedState) -> None:
     _set_state(ctx, vm_id, "running")
     for path in (saved.state, saved.meta):  # consumed: the VM runs on from here
         durable.remove(path)
-    await agent.set_clock(run.agent, name)  # its clock stood still since it was saved
-    return str(json.loads(run.runtime.read_text())["accelerator"])
 
 
 def _migration_done(event: dict[str, Any]) -> bool:
     return event.get("data", {}).get("status") in ("completed", "failed", "cancelled")
 
 
-async def _incoming(machine: qmp.Qmp, state: Path, name: str) -> None:
+class _Checker(threading.Thread):
+    """Hashes a saved state on a thread of its own while QEMU loads the same file (the page
+    cache serves whichever of the two reads a part second): the check costs no time of its own
+    where it used to read the whole file before QEMU could start."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__(name="state-sha256", daemon=True)
+        self.source = os.open(state, os.O_RDONLY)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.source, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.digest = hashlib.sha256()
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.source, CHECK_CHUNK):
+                self.digest.update(chunk)
+        finally:
+            os.close(self.source)
+
+    def sha256(self) -> str:
+        self.join()
+        return self.digest.hexdigest()
+
+
+async def _incoming(machine: qmp.Qmp, state: Path, digest: str, name: str) -> None:
+    """Load the saved ``state`` into QEMU (started with ``-incoming defer``), checking its
+    sha256 (``digest``) meanwhile; the guest does not run before it matched, and a damaged file
+    is named as the cause also when QEMU failed to load it."""
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
-    with open(state, "rb") as handle:
-        await machine.send_fd("waymark-state", handle.fileno())
-    async with machine.events("MIGRATION") as listener:
-        await machine.command("migrate-incoming", uri="fd:waymark-state")
-        event = await machine.wait_event(listener, INCOMING_TIMEOUT, "loading the saved state",
-                                         _migration_done)
+    checker = _Checker(state)
+    checker.start()
+    try:
+        with open(state, "rb") as handle:
+            await machine.send_fd("waymark-state", handle.fileno())
+        async with machine.events("MIGRATION") as listener:
+            await machine.command("migrate-incoming", uri="fd:waymark-state")
+            event = await machine.wait_event(listener, INCOMING_TIMEOUT,
+                                             "loading the saved state", _migration_done)
+    finally:
+        if await asyncio.to_thread(checker.sha256) != digest:
+            raise ImageError(f"the saved memory state {state} is damaged (its checksum does "
+                             "not match).", hint=discard_hint(name))
     if event["data"]["status"] != "completed":
         raise ImageError(f"QEMU could not load the saved state {state} "
                          f"({event['data']['status']}).", hint=discard_hint(name))
@@ -545,12 +589,13 @@ def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str, after: fl
 
 
 async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:
+    """Whether the guest agent answers (:func:`waymark.guest.agent.answers`: no wait for a
+    guest that runs none, :data:`~waymark.guest.agent.PROBE_TIMEOUT` for one that does)."""
     try:
-        async with agent.connect(run.agent, name, timeout=2.0) as guest:
-            await guest.ping()
+        async with qmp.connect(run.qmp, name) as machine:
+            return await agent.answers(machine, run.agent, name)
     except WaymarkError:
         return False
-    return True
 
 
 POWER_ACTIONS = ("start", "stop", "save", "pause", "resume")
