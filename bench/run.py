@@ -12,6 +12,8 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 - api:     the REST API on loopback (bench/api.py, which has more options): requests per second
            and p99 latency of 16 clients for 10 s, for `GET /api/vms/{vm}/checkpoints` of a VM
            with 50 checkpoints and `GET /api/vms` with 1,000 VMs, against `GET /api/auth/me`.
+- subtree: `checkpoint delete --subtree` of 200 checkpoints on Now's path (their layers nearly
+           empty), the whole command (target <= 5 s); its journal steps and the cost per layer.
 """
 
 from __future__ import annotations
@@ -149,7 +151,14 @@ def bench_api(root: Path, runs: int) -> None:
     api.run_bench(root, runs)
 
 
-BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api}
+def bench_subtree(root: Path, runs: int) -> None:
+    import subtree  # bench/subtree.py
+
+    subtree.run_bench(root, runs)
+
+
+BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
+           "subtree": bench_subtree}
 
 
 def main() -> None:
@@ -166,3 +175,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -11,6 +11,7 @@ Dispatch is by the step's class through a table: the steps this module runs itse
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
@@ -112,6 +113,18 @@ def _delete_file(step: steps.DeleteFile, on_progress: qemu_img.Progress) -> None
     durable.remove(Path(step.path))
 
 
+def _delete_files(step: steps.DeleteFiles, on_progress: qemu_img.Progress) -> None:
+    targets = [Path(target) for target in step.targets]
+    for target in targets:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            target.unlink()
+    # the removals made durable once per folder (also on a re-run that found them gone: the
+    # first run may have been killed before its fsync)
+    for folder in dict.fromkeys(target.parent for target in targets):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            durable.fsync_dir(folder)
+
+
 def _prune_dirs(step: steps.PruneDirs, on_progress: qemu_img.Progress) -> None:
     _prune_empty(Path(step.path))
 
@@ -165,6 +178,7 @@ BUILT_IN: dict[type[steps.StepBase], StepFn] = {
     steps.MakeDir: _make_dir, steps.CreateImage: _create_image, steps.ClaimFile: _claim_file,
     steps.WriteFile: _write_file, steps.Convert: _convert, steps.CopyFile: _copy_file,
     steps.WriteManifest: _write_manifest, steps.DeleteFile: _delete_file,
+    steps.DeleteFiles: _delete_files,
     steps.PruneDirs: _prune_dirs, steps.Commit: _commit, steps.Rebase: _rebase,
     steps.CarryBitmaps: _carry_bitmaps, steps.MakeTpm: _make_tpm,
     steps.WriteTpmState: _write_tpm_state}
