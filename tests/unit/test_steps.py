@@ -207,3 +207,8 @@ def test_steps_are_frozen() -> None:
     step = steps.DeleteFile(path="/a")
     with pytest.raises(AttributeError, match="immutable"):
         step.path = "/b"  # type: ignore[misc]
+
+
+def test_one_file_is_removed_in_the_form_the_journal_always_stored() -> None:
+    assert steps.removal(["/a"]) == steps.DeleteFile(path="/a")
+    assert steps.removal(["/a", "/b"]) == steps.DeleteFiles(targets=["/a", "/b"])

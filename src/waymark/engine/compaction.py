@@ -33,7 +33,7 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
 from waymark.engine.running import live_merge, presence
-from waymark.engine.steps import CarryBitmaps, Commit, DeleteFiles, Rebase, Step
+from waymark.engine.steps import CarryBitmaps, Commit, Rebase, Step, removal
 from waymark.errors import Cancelled
 from waymark.model import planner
 from waymark.qemu import cmdline
@@ -103,7 +103,7 @@ def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[St
         images = [rows[i] for i in step.images]
         release = [live_merge.release_step(live.run, live.name, i.id) for i in images] \
             if live else []
-        return [*release, DeleteFiles(targets=[i.path for i in images])]
+        return [*release, removal([i.path for i in images])]
     # a run's layers between ``image`` and ``child`` go with it: ``qemu-img commit -b`` and
     # QEMU's block-commit take every layer from the child down to the base, a safe rebase and
     # block-stream every layer down to the new backing

@@ -161,6 +161,12 @@ class DeleteFiles(StepBase, frozen=True, kw_only=True, tag="delete_files"):
         return tuple(self.targets)
 
 
+def removal(targets: list[str]) -> DeleteFile | DeleteFiles:
+    """The step that removes ``targets`` (at least one): one file keeps the ``delete_file``
+    form the journal has always stored, several are one ``delete_files``."""
+    return DeleteFile(path=targets[0]) if len(targets) == 1 else DeleteFiles(targets=targets)
+
+
 class PruneDirs(StepBase, frozen=True, kw_only=True, tag="prune_dirs"):
     """Remove the empty folders of a tree."""
 

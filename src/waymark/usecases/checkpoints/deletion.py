@@ -21,7 +21,7 @@ from waymark.engine import compaction, jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.params import Params
 from waymark.engine.running import presence
-from waymark.engine.steps import DeleteFiles, Step
+from waymark.engine.steps import Step, removal
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
 from waymark.model.vocabulary import deleted, gone
@@ -138,7 +138,7 @@ def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: b
         targets.append(str(Path(vm_row.checkpoint_dir) / f"{row.id}.json"))
         if row.memory_path:
             targets.append(row.memory_path)
-    files: list[Step] = [DeleteFiles(targets=targets)]  # one journal point, not one a file
+    files: list[Step] = [removal(targets)]  # one journal point, not one a file
     layers = {f.image_id: by_id[f.checkpoint_id].name for f in session.scalars(
         select(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))}
     session.execute(delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))
