@@ -25,6 +25,8 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
            standard checkpoint (pause and wall time against libvirt's `virsh snapshot-create-as
            --live`), production checkpoint (freeze, wall), apply --start of a standard
            checkpoint, `vm status` of a running VM without a guest agent.
+- subtree: `checkpoint delete --subtree` of 200 checkpoints on Now's path (their layers nearly
+           empty), the whole command (target <= 5 s); its journal steps and the cost per layer.
 """
 
 from __future__ import annotations
@@ -268,9 +270,15 @@ def bench_live(root: Path, runs: int) -> None:
     live.run_bench(root, runs, ["256M"], disk_only=False)
 
 
+def bench_subtree(root: Path, runs: int) -> None:
+    import subtree  # bench/subtree.py
+
+    subtree.run_bench(root, runs)
+
+
 BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
            "backup": bench_backup, "create-depth": bench_create_depth, "check": bench_check,
-           "live": bench_live}
+           "live": bench_live, "subtree": bench_subtree}
 
 
 def main() -> None:
@@ -287,3 +295,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

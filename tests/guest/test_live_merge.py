@@ -63,7 +63,8 @@ NAME = "lm"
 SCRATCH_MIB = 300
 LOCK_TIMEOUT = "2"  # WAYMARK_LOCK_TIMEOUT of the commands that must not wait long
 FINISHED = ("completed", "failed", "cancelled")
-LIVE_STEP_OPS = {"qmp_commit", "qmp_stream", "qmp_relink", "qmp_release", "delete_file"}
+LIVE_STEP_OPS = {"qmp_commit", "qmp_stream", "qmp_relink", "qmp_release", "delete_file",
+                 "delete_files"}
 MERGE_KINDS = ("commit_down", "pull_up", "drop")
 GUEST_ERRORS = ("I/O error", "EXT4-fs error", "Buffer I/O", "Read-only file system",
                 "EXT4-fs warning", "blk_update_request")
@@ -557,6 +558,62 @@ def test_live_deletes_of_branch_point_middle_and_current_checkpoints(vm: Guest, 
     vm.ensure_off()
     assert_clean(vm)
     assert_exact(vm, record)
+
+
+def test_live_deletes_of_runs_of_layers_take_one_block_job_a_run(vm: Guest, tmp_path: Path
+                                                                 ) -> None:
+    """Off, from no checkpoint (scratch-disk layers in MiB)::
+
+        k0 [256,288) ─ r1 [0,64) ─ r2 [64,72) ─ r3 [72,80) ─ k4 [80,88) ─ s5 [0,8) ─ s6 [8,16)
+        ─ k7 [0,96) ─ t8 [96,160) ─ t9 [160,168) ─ Now [168,176)
+
+    then, the guest running and writing, one delete of r*, s* and t* leaves three runs of
+    layers, each merged by one QEMU block job into its largest file: k4's layer with r3's and
+    r2's into r1's (an intermediate block-commit across three layers), s5's and s6's into k7's
+    (one block-stream whose base is two layers down), Now with t9's into t8's (an active
+    block-commit across two layers: QEMU pivots onto t8's file). Every remaining checkpoint
+    and Now are exact, the guest saw no I/O error, the files match the catalog."""
+    record: dict[str, Shas] = {}
+    reset(vm)
+    layout = [("k0", 256, 32), ("r1", 0, 64), ("r2", 64, 8), ("r3", 72, 8), ("k4", 80, 8),
+              ("s5", 0, 8), ("s6", 8, 8), ("k7", 0, 96), ("t8", 96, 64), ("t9", 160, 8)]
+    for number, (ckpt, offset, length) in enumerate(layout):
+        write(vm, offset, length, 0x40 + number)
+        take(vm, ckpt, record)
+    write(vm, 168, 8, 0x4f)
+    scratch = scratch_disk(vm)
+    ids = {c["name"]: c["id"] for c in vm.wm.json("checkpoint", "list", vm.name)["checkpoints"]}
+    held = {name: frozen(vm)[ids[name]][scratch] for name, _, _ in layout}
+    now = actives(vm)[scratch]
+    now_scratch = content_sha256(now)
+    mark = vm.boot()
+    assert_qemu_matches_catalog(vm)
+
+    since = last_intent(vm)
+    vm.wm.run("checkpoint", "delete", vm.name, "[rst]*", "--yes", "--json", timeout=600).ok()
+    steps = merge_steps(vm, since)
+    assert_only_live_steps(steps)
+    assert_qemu_matches_catalog(vm)
+    ours = set(held.values()) | {now}
+    jobs = [s for s in steps if s["op"] in ("qmp_commit", "qmp_stream")
+            and {s.get("top"), s.get("path")} & ours]
+    assert len(jobs) == 3, jobs  # one block job a run, not one a layer
+    assert any(s["op"] == "qmp_commit" and not s["active"] and s["top"] == held["k4"]
+               and s["base"] == held["r1"] for s in jobs), jobs
+    assert any(s["op"] == "qmp_stream" and s["path"] == held["k7"] and s["gone"] == held["s5"]
+               and s["backing"] in (held["k4"], held["r1"]) for s in jobs), jobs  # (k4's role
+    # is r1's file once its run is merged: the runs are merged in either order)
+    assert any(s["op"] == "qmp_commit" and s["active"] and s["top"] == now
+               and s["base"] == held["t8"] for s in jobs), jobs
+    assert actives(vm)[scratch] == held["t8"], "QEMU pivoted onto the run's largest file"
+    assert names(vm) == {"k0", "k4", "k7"}
+
+    vm.wait_counter_above(mark, counters(vm.since(mark))[-1] + 10)  # two more LINE records
+    assert vm.state() == "running"
+    assert_guest_without_io_errors(vm, mark)
+    clean_stop(vm)
+    assert_nothing_lost(vm, record, now_scratch)
+    assert_numbered(data_disk_lines(vm, tmp_path))
 
 
 # --- 2. Waymark or QEMU killed in the middle of a merge ----------------------------------------

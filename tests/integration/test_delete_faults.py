@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,32 @@ def test_delete_survives_a_kill_at_every_journal_point(wm: Waymark, tmp_path: Pa
     now = content_sha256(active_path(wm.home))
     doomed = {exp1, exp2, exp3}
     parents: dict[str, str | None] = {a: None, b: a, b2: b}
+    rows = sweep(wm, tmp_path, ["checkpoint", "delete", VM, "Exp*", "--yes"], doomed,
+                 Expected(expected, parents, a, now), least=10)
+    kinds = [kind for kind, _ in rows]
+    assert {"checkpoint_files_delete", "commit_down", "pull_up", "drop"} <= set(kinds), kinds
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What must hold once a delete (killed or not) is finished: every kept checkpoint's
+    content, the tree (id -> parent), the current checkpoint and Now's content."""
+
+    content: dict[str, str]
+    parents: dict[str, str | None]
+    current: str
+    now: str
+
+    def hold(self, wm: Waymark, label: str) -> None:
+        assert_recovered(wm, self.content, self.parents, self.current, self.now, label)
+
+
+def sweep(wm: Waymark, tmp_path: Path, argv: list[str], doomed: set[str], expected: Expected,
+          least: int) -> list[tuple[str, str]]:
+    """Run the delete ``argv`` once to count its journal points, then kill a fresh copy of the
+    starting state at every one of them and check that the next command finishes the work;
+    returns the (kind, steps) of the intents the reference run journaled (at least ``least``
+    journal points)."""
     saved = tmp_path / "saved"
     shutil.copytree(wm.home, saved)
 
@@ -113,20 +140,17 @@ def test_delete_survives_a_kill_at_every_journal_point(wm: Waymark, tmp_path: Pa
 
     # the reference run: count the journal points the delete goes through
     ((last_intent,),) = query(wm.home, "SELECT max(id) FROM intents")
-    done = wm.run("checkpoint", "delete", VM, "Exp*", "--yes", "--json", timeout=60).ok()
+    done = wm.run(*argv, "--json", timeout=60).ok()
     assert {d["id"] for d in done.json()["deleted"]} == doomed
     rows = query(wm.home, "SELECT kind, steps FROM intents WHERE id > ?", last_intent)
-    kinds = [kind for kind, _ in rows]
-    assert {"checkpoint_files_delete", "commit_down", "pull_up", "drop"} <= set(kinds), kinds
     points = sum(len(sqlite_json(steps)) + 1 for kind, steps in rows if kind != "compact")
-    assert points >= 10, rows  # several merges, each a few points
-    assert_recovered(wm, expected, parents, a, now, "reference run")
+    assert points >= least, rows  # several merges, each a few points
+    expected.hold(wm, "reference run")
     files_after = len(list((wm.home / "vms" / vm_id(wm.home) / "disks").iterdir()))
 
     for n in itertools.count():
         restore()
-        killed = wm.run("checkpoint", "delete", VM, "Exp*", "--yes",
-                        env=wm.env(WAYMARK_FAILPOINT=str(n)), timeout=60)
+        killed = wm.run(*argv, env=wm.env(WAYMARK_FAILPOINT=str(n)), timeout=60)
         if killed.returncode == 0:
             break
         label = f"killed at journal point {n}"
@@ -134,13 +158,49 @@ def test_delete_survives_a_kill_at_every_journal_point(wm: Waymark, tmp_path: Pa
         assert n < points, f"{label}: the delete has more journal points than it journals"
         # the tree changed in one transaction before any file step
         left = {c for (c,) in query(wm.home, "SELECT id FROM checkpoints")}
-        assert left == set(parents), label
+        assert left == set(expected.parents), label
         assert query(wm.home, "SELECT count(*) FROM intents WHERE status = 'pending' "
                               "AND kind = 'compact'") == [(1,)], label
-        assert_recovered(wm, expected, parents, a, now, label)
+        expected.hold(wm, label)
         assert len(list((wm.home / "vms" / vm_id(wm.home) / "disks").iterdir())) == files_after
     assert n == points, f"the delete exited 0 after {n} kill points, its journal counts {points}"
-    assert_recovered(wm, expected, parents, a, now, f"failpoint {n} not reached")
+    expected.hold(wm, f"failpoint {n} not reached")
+    return [(str(kind), str(steps)) for kind, steps in rows]
+
+
+def test_multi_layer_merges_survive_a_kill_at_every_journal_point(wm: Waymark,
+                                                                  tmp_path: Path) -> None:
+    """A <- x1 <- x2 <- x3 <- B <- x4 <- x5 <- x6 <- Now, x1's and x5's layers the large ones:
+    deleting 'x*' commits B's layer with x3's and x2's into x1's in one ``qemu-img commit -b``
+    (B's role moves there, x4's layer is relinked), pulls x4's layer up into x5's, then commits
+    Now's layer with x6's into x5's (Now's role moves there, with its bitmaps); each emptied
+    line of files goes in one drop."""
+    expected: dict[str, str] = {}
+    wm("vm", "create", VM, "--disk", "4M")
+    write(wm, 0, 64 * KIB, 0x01)
+    a = checkpoint(wm, "A", expected)
+    layers: dict[str, str] = {}
+    for number, (name, size) in enumerate([("x1", 512), ("x2", 64), ("x3", 64), ("B", 64),
+                                           ("x4", 64), ("x5", 512), ("x6", 64)]):
+        write(wm, number * 256 * KIB + 64 * KIB, size * KIB, 0x10 + number)
+        layers[name] = checkpoint(wm, name, expected)
+    write(wm, 3 * MIB + 64 * KIB, 64 * KIB, 0x20)
+    write(wm, 128 * KIB, 64 * KIB, 0x21)  # over x1's data: Now's own clusters win
+    now = content_sha256(active_path(wm.home))
+    b = layers["B"]
+    doomed = {c for name, c in layers.items() if name != "B"}
+
+    rows = sweep(wm, tmp_path, ["checkpoint", "delete", VM, "x*", "--yes"], doomed,
+                 Expected(expected, {a: None, b: a}, b, now), least=12)
+    merges = [(kind, sqlite_json(steps)) for kind, steps in rows
+              if kind in ("commit_down", "pull_up", "drop")]
+    assert sorted(kind for kind, _ in merges) == ["commit_down", "commit_down", "drop", "drop",
+                                                  "drop", "pull_up"], merges
+    commits = [step for _, steps in merges for step in steps if step["op"] == "commit"]
+    assert len(commits) == 2, merges  # one qemu-img commit a run, not one a layer
+    removed = [len(step.get("targets", [step.get("path")])) for _, steps in merges
+               for step in steps if step["op"] in ("delete_file", "delete_files")]
+    assert sorted(removed) == [1, 2, 3], merges  # x4's; Now's and x6's; B's, x3's and x2's
 
 
 def sqlite_json(text: str) -> list[Any]:

@@ -381,3 +381,55 @@ def test_random_operations_keep_every_invariant(tmp_path: Path, mib: int, ops: l
     finally:
         model.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+# -- lines of layers: deletes that leave multi-layer runs ------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    """One checkpoint of a line: what is written before it, and whether the delete takes it."""
+
+    write: Write
+    doomed: bool
+
+
+LINES = st.lists(st.builds(Layer, BUILD["write"], st.booleans()),
+                 min_size=3, max_size=10)
+
+
+def runs_of(layers: list[Layer]) -> int:
+    """The runs of consecutive doomed checkpoints on the line (each a run of loose layers)."""
+    return sum(1 for i, layer in enumerate(layers)
+               if layer.doomed and (i == 0 or not layers[i - 1].doomed))
+
+
+@settings(parent=settings.get_profile("ci"), max_examples=15)
+@given(mib=st.integers(1, 2), layers=LINES, last=BUILD["write"], subtree=_pick)
+def test_deletes_of_runs_of_layers_keep_every_checkpoint_exact(
+        tmp_path: Path, mib: int, layers: list[Layer], last: Op, subtree: int) -> None:
+    """A line of checkpoints c0 <- c1 <- ... <- Now, each layer with its own random write (so
+    the largest file of a run, into which the run merges, falls anywhere in it); one delete by
+    pattern takes every doomed one, leaving runs of several loose layers, each merged by at
+    most two merges (a pull-up into its largest file, a commit into it) and two drops, whatever
+    its length; then a subtree delete. Every invariant of the model holds after each."""
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=tmp_path))
+    model = Model(home, mib)
+    try:
+        for number, layer in enumerate(layers):
+            model.run(layer.write)
+            model.run(Create(f"{'x' if layer.doomed else 'keep'}-{number}"))
+        model.run(last)
+        model.check()
+        model.run(DeleteMatching("x-*"))
+        model.check()
+        merges = [kind for kind, _ in query(home, "SELECT kind, params FROM intents WHERE "
+                                                  "kind IN ('commit_down', 'pull_up', 'drop')")]
+        runs = runs_of(layers)
+        assert len([k for k in merges if k != "drop"]) <= 2 * runs, (runs, merges)
+        assert len([k for k in merges if k == "drop"]) <= 2 * runs, (runs, merges)
+        event(f"runs: {runs}, merges: {len(merges)}")
+        model.run(DeleteSubtree(subtree))
+        model.check()
+    finally:
+        model.close()
+        shutil.rmtree(home, ignore_errors=True)

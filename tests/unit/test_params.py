@@ -185,6 +185,9 @@ def test_the_catalog_holds_the_parameters_json_form(catalog: Catalog) -> None:
     intent = Journal(catalog).intent(intent_id)
     assert (intent.kind, intent.params) == ("drop", WRITTEN_BEFORE["drop"] | {"image": "i"})
     assert journal.params_of(intent) == drop
+    run = compaction.DropIntent(image="i", child=None, direction="drop", then=("p", "q"))
+    assert run.to_json()["then"] == ["p", "q"]
+    assert compaction.DropIntent.from_json(run.to_json()) == run
 
 
 def test_a_pending_intent_with_malformed_parameters_stays_pending(catalog: Catalog,

@@ -59,6 +59,8 @@ WRITTEN_BEFORE: list[tuple[dict[str, Any], steps.Step]] = [
                          doc={"vm": {"id": "v", "name": "web"}, "images": [], "saved": None})),
     ({"op": "delete_file", "path": f"{D}/disks/a.qcow2"},
      steps.DeleteFile(path=f"{D}/disks/a.qcow2")),
+    ({"op": "delete_files", "targets": [f"{D}/disks/b.qcow2", f"{D}/disks/a.qcow2"]},
+     steps.DeleteFiles(targets=[f"{D}/disks/b.qcow2", f"{D}/disks/a.qcow2"])),
     ({"op": "prune_dirs", "path": D}, steps.PruneDirs(path=D)),
     ({"op": "commit", "top": f"{D}/disks/b.qcow2", "base": f"{D}/disks/a.qcow2",
       "abandonable": True},
@@ -164,6 +166,7 @@ def test_paths_name_every_file_a_step_makes_reads_or_names() -> None:
         "/n", "/b", "/m")
     assert by_op["write_manifest"].paths() == ("/lib/v/manifest.json", "/lib/v/files")
     assert by_op["rebase"].paths() == (f"{D}/disks/c.qcow2", f"{D}/disks/a.qcow2")
+    assert by_op["delete_files"].paths() == (f"{D}/disks/b.qcow2", f"{D}/disks/a.qcow2")
     assert steps.Rebase(path="/c").paths() == ("/c",)  # no backing: standalone
     stream = steps.QmpStream(run=RUN, name="web", path="/c", node="n", gone="/g",
                              base_node="m", backing="/a", backing_fmt="qcow2", job="j")
@@ -204,3 +207,8 @@ def test_steps_are_frozen() -> None:
     step = steps.DeleteFile(path="/a")
     with pytest.raises(AttributeError, match="immutable"):
         step.path = "/b"  # type: ignore[misc]
+
+
+def test_one_file_is_removed_in_the_form_the_journal_always_stored() -> None:
+    assert steps.removal(["/a"]) == steps.DeleteFile(path="/a")
+    assert steps.removal(["/a", "/b"]) == steps.DeleteFiles(targets=["/a", "/b"])

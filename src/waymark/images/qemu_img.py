@@ -281,10 +281,45 @@ def allocation_map(path: Path, fmt: str) -> list[MapExtent]:
     return [MapExtent.parse(e) for e in json.loads(out)]
 
 
+# qcow2 (docs/interop/qcow2.txt): a version 3 header is at least 104 bytes; its length is the
+# big-endian u32 at offset 100; header extensions follow it (type u32, length u32, data padded
+# to 8 bytes; type 0 ends them), all within the first cluster (at least 512 bytes).
+_V3_HEADER, _HEADER_LENGTH_AT, _BITMAPS_EXTENSION, _FIRST_BYTES = 104, 100, 0x23852875, 65536
+
+
+def has_bitmaps_extension(path: Path) -> bool:
+    """Whether the qcow2 file's header carries the bitmaps extension, read from the header
+    itself (no qemu-img process): a file without it has no persistent bitmap, which is most
+    files, so :func:`bitmaps` need not ask qemu-img. True when unsure (not a readable version
+    3 qcow2 header): qemu-img then answers."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(_FIRST_BYTES)
+    except OSError:
+        return True
+    if len(head) < _V3_HEADER or head[:4] != QCOW2_MAGIC:
+        return True
+    if int.from_bytes(head[4:8], "big") < 3:
+        return False  # bitmaps need a version 3 image
+    at = int.from_bytes(head[_HEADER_LENGTH_AT:_HEADER_LENGTH_AT + 4], "big")
+    while at + 8 <= len(head):
+        kind = int.from_bytes(head[at:at + 4], "big")
+        length = int.from_bytes(head[at + 4:at + 8], "big")
+        if kind == 0:
+            return False
+        if kind == _BITMAPS_EXTENSION:
+            return True
+        at += 8 + (length + 7) // 8 * 8
+    return True  # no end found: let qemu-img read it
+
+
 def bitmaps(path: Path, *, shared: bool = False) -> list[dict[str, Any]]:
     """The persistent dirty bitmaps of a qcow2 image: ``name``, ``granularity`` and ``flags``
     (``in-use``: a QEMU has the image open, or was killed while it had). ``shared`` (``-U``)
-    reads an image a QEMU may hold open."""
+    reads an image a QEMU may hold open. A file whose header has no bitmaps extension has none
+    (:func:`has_bitmaps_extension`: no qemu-img run, a merge's or a checkpoint's usual case)."""
+    if not has_bitmaps_extension(path):
+        return []
     out = _qemu_img("info", *(["-U"] if shared else []), "--output=json", "-f", "qcow2",
                     str(path), what=f"reading the bitmaps of {path}")
     data = json.loads(out).get("format-specific", {}).get("data", {})

@@ -4,13 +4,21 @@ Pure code. The graph is given as :class:`ImageNode` values; the planner returns 
 time (the executor journals and runs it, then asks again), so a crash between steps leaves a
 graph the planner simply continues from.
 
-For every image U that no checkpoint freezes, that is not active and not pinned:
+An image U is *loose* when no checkpoint freezes it, it is not active and not pinned. A *run*
+is a line of loose images U1 <- U2 <- ... <- Un each of which has exactly one child, the next
+one, and Un's only child K (which is not such an image: referenced, or with no or several
+children). A step takes a whole run at once, so a delete of 200 checkpoints in a line is one
+merge and one removal, not 200 of each:
 
-- no child: :class:`Drop` U;
-- one child K: merge in the cheaper direction by allocated bytes: :class:`CommitDown` (K's
-  clusters into U, K's role moves to U's file, K is then dropped) when K holds fewer bytes,
-  else :class:`PullUp` (U's clusters into K, K's backing becomes U's backing, U is dropped);
-- two or more children: keep U as shared space.
+- a loose image with no child: :class:`Drop` it, with its loose ancestors that had only it
+  below them (the dead branch it ends), child first;
+- a run: everything moves into its largest file by allocated bytes (the fewest bytes copied;
+  a tie goes to the lowest): :class:`CommitDown` into U1 (K's and the run's clusters into U1,
+  in one ``qemu-img commit -b`` or ``block-commit``; K's role moves to U1's file) when U1 is
+  the largest, else :class:`PullUp` of U1..Ui-1 into the largest, Ui or K (one safe rebase or
+  ``block-stream`` from the base below U1; Ui's backing becomes U1's). A run whose largest
+  file is in its middle takes a pull-up, a drop, then a commit;
+- an image with two or more children: keep it as shared space.
 
 Every step keeps the content of each referenced image's whole chain unchanged.
 """
@@ -32,25 +40,37 @@ class ImageNode:
 
 @dataclass(frozen=True)
 class Drop:
-    """Delete unreferenced, childless ``image``."""
+    """Delete unreferenced, childless ``image``, then ``then``: its unreferenced ancestors that
+    had only it (and each other) below them, each child before its parent."""
 
     image: str
+    then: tuple[str, ...] = ()
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """Every image the step removes, child first."""
+        return (self.image, *self.then)
 
 
 @dataclass(frozen=True)
 class CommitDown:
-    """Commit ``child`` into its unreferenced parent ``image``; the child's role moves to it."""
+    """Commit ``child`` and ``between`` (the run above ``image``, bottom first) into their
+    unreferenced base ``image``; the child's role moves to it (``between`` and the child are
+    dropped next)."""
 
     image: str
     child: str
+    between: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class PullUp:
-    """Pull unreferenced ``image`` into its only ``child``; the child skips over it."""
+    """Pull unreferenced ``image`` and ``between`` (the run above it, bottom first) into their
+    only ``child``; the child skips over them, onto ``image``'s backing."""
 
     image: str
     child: str
+    between: tuple[str, ...] = ()
 
 
 Step = Drop | CommitDown | PullUp
@@ -64,6 +84,42 @@ def children_of(nodes: Sequence[ImageNode]) -> dict[str, list[ImageNode]]:
     return kids
 
 
+def _loose(node: ImageNode) -> bool:
+    return not node.referenced and not node.pinned
+
+
+def _dead_branch(node: ImageNode, by_id: dict[str, ImageNode],
+                 kids: dict[str, list[ImageNode]]) -> Drop:
+    """Childless ``node`` and its loose ancestors that have only the branch below them."""
+    then: list[str] = []
+    parent = by_id.get(node.parent_id) if node.parent_id else None
+    while parent is not None and _loose(parent) and len(kids[parent.id]) == 1:
+        then.append(parent.id)
+        parent = by_id.get(parent.parent_id) if parent.parent_id else None
+    return Drop(node.id, tuple(then))
+
+
+def _run(first: ImageNode, kids: dict[str, list[ImageNode]]) -> tuple[list[ImageNode],
+                                                                     ImageNode]:
+    """The run that starts at ``first`` (bottom first) and the child K below its top."""
+    run = [first]
+    below = kids[first.id][0]
+    while _loose(below) and len(kids[below.id]) == 1:
+        run.append(below)
+        below = kids[below.id][0]
+    return run, below
+
+
+def _merge(run: list[ImageNode], child: ImageNode) -> Step:
+    """Everything into the run's largest file (a tie: the lowest), in one step or the first of
+    a pull-up and a commit."""
+    line = [*run, child]
+    into = max(range(len(line)), key=lambda i: (line[i].allocated, -i))
+    if into == 0:
+        return CommitDown(run[0].id, child.id, tuple(n.id for n in run[1:]))
+    return PullUp(run[0].id, line[into].id, tuple(n.id for n in run[1:into]))
+
+
 def next_step(nodes: Sequence[ImageNode]) -> Step | None:
     """The next compaction step, or None when the graph is compact. Deterministic.
 
@@ -71,17 +127,16 @@ def next_step(nodes: Sequence[ImageNode]) -> Step | None:
     would leave the same shape behind).
     """
     kids = children_of(nodes)
-    loose = sorted((n for n in nodes if not n.referenced and not n.pinned), key=lambda n: n.id)
+    by_id = {n.id: n for n in nodes}
+    loose = sorted((n for n in nodes if _loose(n)), key=lambda n: n.id)
     for node in loose:
         if not kids[node.id]:
-            return Drop(node.id)
+            return _dead_branch(node, by_id, kids)
     for node in loose:
-        below = kids[node.id]
-        if len(below) == 1:
-            child = below[0]
-            if child.allocated <= node.allocated:
-                return CommitDown(node.id, child.id)
-            return PullUp(node.id, child.id)
+        parent = by_id.get(node.parent_id) if node.parent_id else None
+        starts = parent is None or not _loose(parent) or len(kids[parent.id]) != 1
+        if len(kids[node.id]) == 1 and starts:
+            return _merge(*_run(node, kids))
     return None
 
 
@@ -91,16 +146,27 @@ def shared(nodes: Sequence[ImageNode]) -> set[str]:
     return {n.id for n in nodes if not n.referenced and not n.pinned and len(kids[n.id]) > 1}
 
 
+def moved(nodes: Sequence[ImageNode], step: Step) -> int:
+    """The bytes a step copies: the allocated bytes of the files whose clusters move (a drop
+    copies none)."""
+    if isinstance(step, Drop):
+        return 0
+    by_id = {n.id: n for n in nodes}
+    moving = [step.child, *step.between] if isinstance(step, CommitDown) \
+        else [step.image, *step.between]
+    return sum(by_id[i].allocated for i in moving if i in by_id)
+
+
 def after(nodes: Sequence[ImageNode], step: Step) -> list[ImageNode]:
     """The graph as it will be once ``step`` is done (sizes estimated: a merge adds up)."""
     by_id = {n.id: n for n in nodes}
-    image = by_id[step.image]
     if isinstance(step, Drop):
-        return [n for n in nodes if n.id != step.image]
-    child = by_id[step.child]
-    merged = image.allocated + child.allocated
+        return [n for n in nodes if n.id not in step.images]
+    image, child = by_id[step.image], by_id[step.child]
+    merged = child.allocated + moved(nodes, step) if isinstance(step, PullUp) \
+        else image.allocated + moved(nodes, step)
 
-    def moved(node: ImageNode) -> ImageNode:
+    def changed(node: ImageNode) -> ImageNode:
         if isinstance(step, PullUp):
             if node.id == child.id:
                 return replace(node, parent_id=image.parent_id, allocated=merged)
@@ -113,7 +179,7 @@ def after(nodes: Sequence[ImageNode], step: Step) -> list[ImageNode]:
             return replace(node, parent_id=image.id)
         return node
 
-    return [moved(n) for n in nodes]
+    return [changed(n) for n in nodes]
 
 
 def plan(nodes: Sequence[ImageNode]) -> list[Step]:

@@ -15,6 +15,11 @@ everything below it) becomes:
   link.
 - ``Drop(U)``: ``blockdev-del`` of U's node if QEMU still holds it, then the file.
 
+A step on a run of layers (``between``: U1 <- ... <- Un above U, each the only child of the one
+below) is the same one job: ``block-commit`` with base U and top K takes every layer between
+them, ``block-stream`` with U's parent as base every layer above it; QEMU drops the whole run
+from the chain at once (the files go in the drop that follows, one node released each).
+
 Images outside every live chain (other branches) are merged with qemu-img as offline: QEMU does
 not have them open.
 

@@ -21,7 +21,7 @@ from waymark.engine import compaction, jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.params import Params
 from waymark.engine.running import presence
-from waymark.engine.steps import DeleteFile, Step
+from waymark.engine.steps import Step, removal
 from waymark.errors import ConsentRequired, NotFound
 from waymark.model import tree
 from waymark.model.vocabulary import deleted, gone
@@ -132,12 +132,13 @@ def remove_from_tree(session: Session, vm_row: Vm, ids: list[str], *, subtree: b
     by_id = {c.id: c for c in rows}
     for checkpoint_id in doomed:
         _unlink(session, vm_row, by_id, checkpoint_id, set(doomed))
-    files: list[Step] = []
+    targets: list[str] = []
     for checkpoint_id in doomed:
         row = by_id[checkpoint_id]
-        files.append(DeleteFile(path=str(Path(vm_row.checkpoint_dir) / f"{row.id}.json")))
+        targets.append(str(Path(vm_row.checkpoint_dir) / f"{row.id}.json"))
         if row.memory_path:
-            files.append(DeleteFile(path=row.memory_path))
+            targets.append(row.memory_path)
+    files: list[Step] = [removal(targets)]  # one journal point, not one a file
     layers = {f.image_id: by_id[f.checkpoint_id].name for f in session.scalars(
         select(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))}
     session.execute(delete(FrozenImage).where(FrozenImage.checkpoint_id.in_(doomed)))
