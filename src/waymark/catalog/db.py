@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from waymark.errors import NotFound, StorageError
 
-HEAD = "0016"
+HEAD = "0017"
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 

@@ -21,6 +21,10 @@ Findings (each names the command that fixes it):
 - ``missing-config``: a checkpoint's configuration file is gone; repair rewrites it from the
   catalog.
 - ``unfinished-intent``: a journal intent that recovery could not finish; repair drives it again.
+- ``missing-consolidation``/``stale-consolidation``: a disk's consolidation
+  (:mod:`waymark.engine.consolidation`) whose file is gone, whose image is gone, or linked
+  where it does not belong; repair relinks Now onto its real chain and forgets it (an active
+  image linked to its sound consolidation is no ``broken-backing``).
 - ``uncompacted``: merges left undone (a cancelled merge job): no data is at risk, the images
   only take space and depth; repair runs them.
 - Templates (``templates/``, :mod:`waymark.usecases.library.templates`): a template image that is
@@ -44,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Template, Vm
-from waymark.engine import compaction, journal, locks, lookup, settle
+from waymark.engine import compaction, consolidation, journal, locks, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import Busy, WaymarkError
@@ -150,7 +154,7 @@ def _known_paths(session: Session) -> set[str]:
 
 
 def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Finding]:
-    known = _known_paths(session) | _intent_paths(ctx)
+    known = _known_paths(session) | _intent_paths(ctx) | consolidation.paths(session)
     names = {v.id: v.name for v in session.scalars(select(Vm))}
     # the VM's own folder is all ours; a checkpoint folder may be shared: only our names count
     folders = [(vm_id, ctx.vm_folder(vm_id), False) for vm_id in sorted(vm_ids)]
@@ -295,6 +299,7 @@ def _vm_findings(ctx: Context, session: Session, vm_row: Vm, held: set[str]) -> 
     findings = [f for image in images.values()
                 for f in _image_findings(vm_row.name, image, images, image.id in in_use)]
     findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
+    findings = _consolidation_findings(session, vm_row, findings)
     return findings + _compaction_findings(ctx, session, vm_row)
 
 
@@ -309,6 +314,9 @@ def _repair(ctx: Context, session: Session, findings: list[Finding], held: set[s
             _repair_config(session, finding)
         elif finding.kind == LEAKS and finding.path not in held:
             _repair_leaks(finding)
+        elif finding.kind in consolidation.PROBLEMS:
+            consolidation.repair(ctx.journal, finding.path)
+            finding.repaired = "Now relinked onto its real chain; the consolidation forgotten"
 
 
 def _repair_leaks(finding: Finding) -> None:
@@ -364,6 +372,30 @@ def _template_findings(ctx: Context, session: Session) -> list[Finding]:
                                  "a folder no template names (an interrupted template create)",
                                  "waymark check --repair removes it"))
     return found
+
+
+def _consolidation_findings(session: Session, vm_row: Vm, findings: list[Finding]
+                            ) -> list[Finding]:
+    """``findings`` with the VM's consolidations known (:mod:`waymark.engine.consolidation`):
+    an active image linked to its sound consolidation (its header names it) has no broken
+    backing; a consolidation whose file or image is gone, or linked where it does not belong,
+    is a finding repair falls back from (Now relinked onto its real chain)."""
+    links = consolidation.links(session, vm_row.id)
+    kept = [f for f in findings if not (f.kind == "broken-backing" and f.path in links
+                                        and _names(f.path, links[f.path]))]
+    return kept + [Finding(vm_row.name, p.kind, p.path, p.detail, "waymark check --repair "
+                           "(relinks Now onto its real chain and forgets the consolidation; "
+                           "the next consolidation builds a new one)")
+                   for p in consolidation.problems(session, vm_row.id)]
+
+
+def _names(image: str, backing: str) -> bool:
+    """Whether ``image``'s header names ``backing`` as its backing file."""
+    try:
+        header = qemu_img.header(Path(image))
+    except WaymarkError:
+        return False
+    return (header.full_backing_filename or header.backing_filename) == backing
 
 
 def _compaction_findings(ctx: Context, session: Session, vm_row: Vm) -> list[Finding]:

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import BackupBase, Checkpoint, Disk, Image, Vm
-from waymark.engine import compaction, lookup
+from waymark.engine import compaction, consolidation, lookup
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.model import planner, timing, tree
@@ -154,6 +154,7 @@ def _vm(session: Session, row: Vm, state: str) -> dict[str, Any]:
         "current_checkpoint_id": row.current_checkpoint_id,
         "checkpoint_count": lookup.checkpoint_count(session, row.id),
         "checkpoint_space_bytes": held,
+        "consolidation": consolidation.space(session, row.id),
         "disks": [_disk(disks[d], space, True) for d in hardware.guest_disks],
         "firmware_variables": None if hardware.nvram is None
         else _disk(disks[hardware.nvram], space, True),

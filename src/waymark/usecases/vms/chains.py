@@ -1,0 +1,44 @@
+"""Keeping Now's chain shallow (:mod:`waymark.engine.consolidation`): turn it on or off per VM
+(``vm set --consolidate``), consolidate now (``vm consolidate``), and the background
+``consolidate`` job a command leaves when the chain grew deeper than the threshold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from waymark.catalog.models import Job, Vm
+from waymark.engine import consolidation, jobs
+from waymark.engine.context import Context
+
+KIND = "consolidate"
+WORKER_LOCK_TIMEOUT = 600.0  # a background worker waits for the commands ahead of it
+
+
+def set_enabled(ctx: Context, vm_id: str, enabled: bool) -> None:
+    """Turn consolidation on or off for the VM; off unlinks it and deletes its files now."""
+    with ctx.locked(vm_id):
+        with ctx.catalog.session() as session:
+            session.get_one(Vm, vm_id).consolidation = enabled
+        if not enabled:
+            consolidation.disable(ctx, vm_id)
+
+
+def consolidate(ctx: Context, vm_id: str) -> list[dict[str, Any]]:
+    """Consolidate the VM now (waiting for its lock): what was done to each disk."""
+    with ctx.locked(vm_id):
+        return [outcome.view() for outcome in consolidation.consolidate(ctx, vm_id)]
+
+
+def run_job(ctx: Context, job_id: str) -> None:
+    """The ``consolidate`` job's runner (a detached worker): the VM's lock, then
+    :func:`waymark.engine.consolidation.consolidate`."""
+    with ctx.catalog.session() as session:
+        vm_id = session.get_one(Job, job_id).vm_id
+        gone = vm_id is None or session.get(Vm, vm_id) is None
+    if gone or vm_id is None:
+        jobs.finish(ctx, job_id, "completed", result={"disks": []})
+        return
+    with jobs.running(ctx, job_id), ctx.vm_locked(vm_id, vm_id[:12],
+                                                  timeout=WORKER_LOCK_TIMEOUT):
+        done = [outcome.view() for outcome in consolidation.consolidate(ctx, vm_id)]
+    jobs.finish(ctx, job_id, "completed", result={"disks": done})
