@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from waymark import process
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Job, Vm
-from waymark.engine import jobs, journal, lookup
+from waymark.engine import consolidation, jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
@@ -320,6 +320,7 @@ def pending_steps(session: Session, vm_id: str) -> int:
 
 
 def commit_drop(session: Session, params: DropIntent) -> None:
+    consolidation.removed(session, params.image)
     image = session.get(Image, params.image)
     if image is not None:
         session.delete(image)
@@ -328,6 +329,7 @@ def commit_drop(session: Session, params: DropIntent) -> None:
 def commit_down(session: Session, params: CommitDownIntent) -> None:
     """The child's roles (active, frozen, backing of its children) move to the merged file."""
     into, child = params.image, params.child
+    consolidation.merged(session, into, str(child))
     session.execute(update(Disk).where(Disk.active_image_id == child)
                     .values(active_image_id=into))
     session.execute(update(FrozenImage).where(FrozenImage.image_id == child)
@@ -337,6 +339,7 @@ def commit_down(session: Session, params: CommitDownIntent) -> None:
 
 
 def commit_pull_up(session: Session, params: PullUpIntent) -> None:
+    consolidation.removed(session, params.image)
     image = session.get_one(Image, params.image)
     session.get_one(Image, params.child).parent_id = image.parent_id
 

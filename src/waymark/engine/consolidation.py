@@ -17,7 +17,10 @@ create and apply, merges, VM store, backup restore: every :meth:`Journal.run
 <waymark.engine.journal.Journal.run>` but consolidation's own), :func:`unlink` relinks ``A``
 onto its real parent (O(1), journaled): the composition root hooks it in
 (:data:`waymark.engine.journal.BEFORE_INTENT`). A VM's deletion forgets its consolidations
-(:func:`forget`, in the transaction that deletes its rows).
+(:func:`forget`, in the transaction that deletes its rows); a merge that changes the view of
+the image a consolidation holds (a commit into it) or removes that image forgets that one
+(:func:`merged`, :func:`removed`, in the merge's commit), and a merge of its child into it
+moves the record to the merged file, whose view it then is.
 
 :func:`consolidate` (the VM off, its lock held; run by the ``consolidate`` job or ``waymark vm
 consolidate``) brings each disk back to two hops when ``A``'s real chain is deeper than
@@ -193,6 +196,29 @@ def forget(session: Session, vm_id: str) -> None:
         return
     session.execute(delete(Consolidation).where(Consolidation.vm_id == vm_id))
     journal.add(session, vm_id, ConsolidationDrop(), [DeleteFile(path=r.path) for r in rows])
+
+
+def _forget_rows(session: Session, rows: list[Consolidation]) -> None:
+    for row in rows:
+        session.delete(row)
+        journal.add(session, row.vm_id, ConsolidationDrop(), [DeleteFile(path=row.path)])
+
+
+def merged(session: Session, into: str, child: str) -> None:
+    """In a merge's commit (the child's clusters committed into ``into``, its roles moved
+    there): a consolidation of ``into``'s old view is no image's view any more (forgotten,
+    its file dropped); one of the child's view is now ``into``'s."""
+    _forget_rows(session, list(session.scalars(select(Consolidation).where(
+        Consolidation.image_id == into))))
+    for row in session.scalars(select(Consolidation).where(Consolidation.image_id == child)):
+        row.image_id, row.updated_at = into, now()
+
+
+def removed(session: Session, image_id: str) -> None:
+    """In a merge's commit (an image dropped, or pulled up into its child): a consolidation of
+    its view is forgotten, its file dropped."""
+    _forget_rows(session, list(session.scalars(select(Consolidation).where(
+        Consolidation.image_id == image_id))))
 
 
 def disable(ctx: Context, vm_id: str) -> None:
@@ -383,7 +409,12 @@ JOB = "consolidate"
 def schedule(ctx: Context, vm_id: str) -> None:
     """After a command on the VM (its lock still held): when its chain needs consolidating
     and no ``consolidate`` job is queued or running for it, hand one to a detached worker
-    (:func:`waymark.engine.jobs.spawn`). The command itself never waits for it."""
+    (:func:`waymark.engine.jobs.spawn`). The command itself never waits for it. Off with
+    ``WAYMARK_BACKGROUND_CONSOLIDATION=off`` (:attr:`waymark.config.Settings
+    .background_consolidation`)."""
+    _drop_files(ctx.journal, vm_id)  # the files merges forgot (:func:`merged`, :func:`removed`)
+    if not ctx.settings.background_consolidation:
+        return
     with ctx.catalog.session() as session:
         if not needed(ctx, session, vm_id) or session.scalars(select(Job.id).where(
                 Job.vm_id == vm_id, Job.kind == JOB, Job.status.in_(jobs.UNFINISHED))).first():

@@ -381,12 +381,23 @@ def _consolidation_findings(session: Session, vm_row: Vm, findings: list[Finding
     backing; a consolidation whose file or image is gone, or linked where it does not belong,
     is a finding repair falls back from (Now relinked onto its real chain)."""
     links = consolidation.links(session, vm_row.id)
-    kept = [f for f in findings if not (f.kind == "broken-backing" and f.path in links
-                                        and _names(f.path, links[f.path]))]
+    kept = [f for f in findings if not _linked(f, links)]
     return kept + [Finding(vm_row.name, p.kind, p.path, p.detail, "waymark check --repair "
                            "(relinks Now onto its real chain and forgets the consolidation; "
                            "the next consolidation builds a new one)")
                    for p in consolidation.problems(session, vm_row.id)]
+
+
+def _linked(finding: Finding, links: dict[str, str]) -> bool:
+    """Whether ``finding`` on an active image is its consolidation's doing: a backing file
+    that is the consolidation it is linked to, or an unreadable chain because that
+    consolidation's file is gone (its own finding says so, and repair relinks the image)."""
+    backing = links.get(finding.path)
+    if backing is None:
+        return False
+    if finding.kind == "broken-backing":
+        return _names(finding.path, backing)
+    return finding.kind == "image-error" and not Path(backing).is_file()
 
 
 def _names(image: str, backing: str) -> bool:
