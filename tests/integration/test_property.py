@@ -126,9 +126,10 @@ BUILD: dict[str, st.SearchStrategy[Op]] = {
     "rename": st.builds(Rename, _pick, _names),
     "consolidate": st.builds(Consolidate),
 }
-# the kind first, weighted by repetition: 4 writes : 3 creates : 2 applies : 1 of each other
-KINDS = ["write"] * 4 + ["create"] * 3 + ["apply"] * 2 + ["delete", "subtree", "matching",
-                                                          "rename", "consolidate"]
+# the kind first, weighted by repetition: 4 writes : 3 creates : 2 applies : 2 consolidations :
+# 1 of each other
+KINDS = ["write"] * 4 + ["create"] * 3 + ["apply"] * 2 + ["consolidate"] * 2 + [
+    "delete", "subtree", "matching", "rename"]
 OPS = st.sampled_from(KINDS).flatmap(BUILD.__getitem__)
 
 

@@ -34,11 +34,11 @@ def run_job(ctx: Context, job_id: str) -> None:
     :func:`waymark.engine.consolidation.consolidate`."""
     with ctx.catalog.session() as session:
         vm_id = session.get_one(Job, job_id).vm_id
-        gone = vm_id is None or session.get(Vm, vm_id) is None
-    if gone or vm_id is None:
+        vm_row = session.get(Vm, vm_id) if vm_id is not None else None
+        name = vm_row.name if vm_row is not None else None
+    if vm_id is None or name is None:
         jobs.finish(ctx, job_id, "completed", result={"disks": []})
         return
-    with jobs.running(ctx, job_id), ctx.vm_locked(vm_id, vm_id[:12],
-                                                  timeout=WORKER_LOCK_TIMEOUT):
+    with jobs.running(ctx, job_id), ctx.vm_locked(vm_id, name, timeout=WORKER_LOCK_TIMEOUT):
         done = [outcome.view() for outcome in consolidation.consolidate(ctx, vm_id)]
     jobs.finish(ctx, job_id, "completed", result={"disks": done})
