@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from waymark.catalog.models import Consolidation, Disk, Image, Job, Vm
@@ -68,6 +69,8 @@ from waymark.engine.context import Context
 from waymark.engine.journal import Journal, now
 from waymark.engine.params import Params
 from waymark.engine.steps import CommitOnto, Convert, DeleteFile, Rebase, Step
+from waymark.errors import WaymarkError
+from waymark.images.qemu_img import Progress
 
 log = logging.getLogger(__name__)
 
@@ -307,23 +310,25 @@ def _needed(layers: list[Image]) -> int:
 
 
 def _advance(ctx: Context, vm_id: str, plan: _Plan, record: Consolidation,
-             layers: list[Image]) -> None:
+             layers: list[Image], progress: Progress = None) -> None:
     """Commit ``layers`` (bottom first) into the disk's ``S``, then link the active image."""
     steps: list[Step] = [CommitOnto(into=record.path, top=layer.path) for layer in layers]
     steps.append(Rebase(path=plan.active.path, backing=record.path, backing_fmt="qcow2",
                         unsafe=True))
     ctx.journal.run(vm_id, ConsolidationAdvance(disk=plan.disk, image=plan.parent.id,
-                                                active=plan.active.id), steps, shape="finish")
+                                                active=plan.active.id), steps, progress,
+                    shape="finish")
 
 
-def _build(ctx: Context, vm_id: str, plan: _Plan) -> Consolidation:
+def _build(ctx: Context, vm_id: str, plan: _Plan, progress: Progress = None
+           ) -> Consolidation:
     """A new ``S`` holding the view of the active image's parent (the old one's drop is
     journaled at its commit)."""
     path = ctx.disk_folder(vm_id) / f"{plan.disk}.consolidated-{uuid.uuid4().hex[:8]}.qcow2"
     params = ConsolidationBuild(vm=vm_id, disk=plan.disk, path=str(path), image=plan.parent.id,
                                 old=plan.record.path if plan.record is not None else None)
     ctx.journal.run(vm_id, params, [Convert(path=str(path), src=plan.parent.path,
-                                            src_fmt=plan.parent.format)])
+                                            src_fmt=plan.parent.format)], progress)
     with ctx.catalog.session() as session:
         return session.get_one(Consolidation, plan.disk)
 
@@ -357,12 +362,12 @@ def _decide(folder: Path, plan: _Plan) -> _Decision:
     return _Decision("built", [])
 
 
-def _one(ctx: Context, vm_id: str, plan: _Plan) -> Outcome:
+def _one(ctx: Context, vm_id: str, plan: _Plan, progress: Progress) -> Outcome:
     decision = _decide(ctx.disk_folder(vm_id), plan)
     if decision.action in ("advanced", "linked") and plan.record is not None:
-        _advance(ctx, vm_id, plan, plan.record, decision.layers)
+        _advance(ctx, vm_id, plan, plan.record, decision.layers, progress)
     elif decision.action == "built":
-        _advance(ctx, vm_id, plan, _build(ctx, vm_id, plan), [])
+        _advance(ctx, vm_id, plan, _build(ctx, vm_id, plan, progress), [])
         _drop_files(ctx.journal, vm_id)  # the old file, once nothing names it
     layers = len(plan.chain) if decision.action == "built" else len(decision.layers)
     return Outcome(plan.disk, decision.action, layers, decision.reason)
@@ -378,9 +383,12 @@ def _state(session: Session, vm_id: str) -> str | None:
     return f"the VM is {vm_row.state}" if vm_row.state in LIVE_STATES else None
 
 
-def consolidate(ctx: Context, vm_id: str) -> list[Outcome]:
+def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Outcome]:
     """Bring each disk's active image back to two hops (see the module's docstring). The
-    caller holds the VM's lock; a running VM, or one turned off for consolidation, is left."""
+    caller holds the VM's lock; a running VM, or one turned off for consolidation, is left.
+    ``progress``: each copy's fraction (a job's reporter, which raises
+    :class:`~waymark.errors.Cancelled` when the job is cancelled: a build is then rolled
+    back, an advance finished by the next command)."""
     with ctx.catalog.session() as session:
         reason = _state(session, vm_id)
         plans = _plans(session, vm_id)
@@ -389,7 +397,7 @@ def consolidate(ctx: Context, vm_id: str) -> list[Outcome]:
         return [Outcome(plan.disk, "skipped", reason=reason) for plan in plans]
     outcomes = []
     for plan in plans:
-        outcomes.append(_one(ctx, vm_id, plan))
+        outcomes.append(_one(ctx, vm_id, plan, progress))
         log.info("consolidation of disk %s: %s", plan.disk, outcomes[-1])
     return outcomes
 
@@ -415,12 +423,16 @@ def schedule(ctx: Context, vm_id: str) -> None:
     _drop_files(ctx.journal, vm_id)  # the files merges forgot (:func:`merged`, :func:`removed`)
     if not ctx.settings.background_consolidation:
         return
-    with ctx.catalog.session() as session:
-        if not needed(ctx, session, vm_id) or session.scalars(select(Job.id).where(
-                Job.vm_id == vm_id, Job.kind == JOB, Job.status.in_(jobs.UNFINISHED))).first():
-            return
-    job_id = jobs.submit(ctx, vm_id, JOB, {}, run_here=False, user=jobs.host_user())
-    jobs.spawn(ctx, job_id)
+    try:
+        with ctx.catalog.session() as session:
+            if not needed(ctx, session, vm_id) or session.scalars(select(Job.id).where(
+                    Job.vm_id == vm_id, Job.kind == JOB, Job.status.in_(jobs.UNFINISHED))
+            ).first():
+                return
+        job_id = jobs.submit(ctx, vm_id, JOB, {}, run_here=False, user=jobs.host_user())
+        jobs.spawn(ctx, job_id)
+    except (WaymarkError, OSError, SQLAlchemyError) as err:  # the command itself succeeded
+        log.warning("could not start a consolidation of VM %s: %s", vm_id, err)
 
 
 # --- what it costs ----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def run_job(ctx: Context, job_id: str) -> None:
     if vm_id is None or name is None:
         jobs.finish(ctx, job_id, "completed", result={"disks": []})
         return
+    progress = jobs.Reporter(ctx, job_id).fraction(f"consolidating {name}")
     with jobs.running(ctx, job_id), ctx.vm_locked(vm_id, name, timeout=WORKER_LOCK_TIMEOUT):
-        done = [outcome.view() for outcome in consolidation.consolidate(ctx, vm_id)]
+        done = [o.view() for o in consolidation.consolidate(ctx, vm_id, progress)]
     jobs.finish(ctx, job_id, "completed", result={"disks": done})
