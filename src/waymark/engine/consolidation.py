@@ -45,7 +45,9 @@ would leave less than :data:`MARGIN` free. An administrator turns it off per VM 
 --consolidate off``: unlinked and its files deleted, :func:`disable`).
 
 Running VMs (this step): a VM boots unlinked (:func:`unlink` before each boot), so every live
-operation finds the real chain, and consolidation waits until the VM is off. Consolidating a
+operation finds the real chain, and consolidation waits until the VM is off (a saved VM too:
+it resumes without that unlink; it can only have been saved running, or by an apply, both of
+which unlinked it). Consolidating a
 running VM's chain live (``blockdev-add`` of ``S``, ``blockdev-reopen`` of ``A`` onto it,
 ``change-backing-file``) is the next step (docs/engine.md, "Consolidation").
 """
@@ -76,7 +78,6 @@ log = logging.getLogger(__name__)
 
 DEPTH = 4  # layers under the active image tolerated before consolidating
 MARGIN = 1 << 30  # free bytes a consolidation must leave on its file system
-LIVE_STATES = ("running", "paused")  # (engine.running.presence's; no import of a running VM)
 
 
 def allocated(path: str) -> int:
@@ -380,7 +381,8 @@ def _state(session: Session, vm_id: str) -> str | None:
         return "the VM is gone"
     if not vm_row.consolidation:
         return "turned off for this VM"
-    return f"the VM is {vm_row.state}" if vm_row.state in LIVE_STATES else None
+    # a saved VM resumes without the boot hook's unlink: it is left as it is, as a running one
+    return f"the VM is {vm_row.state}" if vm_row.state != "off" else None
 
 
 def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Outcome]:
