@@ -170,3 +170,27 @@ def test_deleting_the_vm_deletes_its_consolidation(wm: Waymark) -> None:
     assert not (wm.home / "vms" / vm.id).exists()
     assert query(wm.home, "SELECT count(*) FROM consolidations") == [(0,)]
     assert_clean(wm)
+
+
+def test_a_merge_into_the_image_whose_view_the_copy_holds_forgets_the_copy(wm: Waymark
+                                                                           ) -> None:
+    """Deleting the checkpoint whose frozen image the consolidation holds lets the merge
+    change that image's view (its child committed into it) or remove it: the copy is
+    forgotten and its file deleted, never advanced from a view no image has any more."""
+    vm = deep_vm(wm, "merged")
+    consolidated(wm, vm)
+    held = record(wm, vm)
+    assert held is not None
+    holder = vm.current
+    assert holder is not None
+    vm.write(0, 12 * CLUSTER, CLUSTER, 0x61)
+    vm.checkpoint("child")
+    wm("checkpoint", "delete", vm.name, holder, "--yes")
+    vm.checkpoints.pop(holder)
+    vm.parents = {c: (vm.parents[holder] if p == holder else p) for c, p in vm.parents.items()
+                  if c != holder}
+    assert record(wm, vm) is None and not Path(held[0]).exists()
+    vm.verify()
+    assert consolidated(wm, vm)[0]["action"] == "built"
+    vm.verify()
+    assert_clean(wm)
