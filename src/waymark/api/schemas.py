@@ -315,6 +315,8 @@ class VmSummary(Body):
                                         "(the VM's own), template T, profile P or default")
     checkpoint_count: int
     checkpoint_space_bytes: int
+    consolidation: VmConsolidation = Field(description="What keeping Now's chain shallow "
+                                                       "costs")
     current_checkpoint: str | None = Field(description="Now's parent checkpoint's name")
     disks: list[SummaryDisk]
     uptime_seconds: float | None = Field(description="Since its QEMU started (null: off)")

@@ -189,7 +189,7 @@ def vm_summary(ctx: Context, vm_id: str, sample: float = presence.USAGE_INTERVAL
         **{k: shown[k] for k in ("id", "name", "state", "memory_mib", "cpus", "firmware",
                                  "tpm", "cpu_model", "accel", "media_name", "boot_order",
                                  "checkpoint_type", "checkpoint_count",
-                                 "checkpoint_space_bytes")},
+                                 "checkpoint_space_bytes", "consolidation")},
         "accelerator": found.runtime.get("accelerator") if live and found else None,
         "secure_boot": shown["firmware"] == "uefi-secure",
         "checkpoint_type_source": shown["settings_source"].get("checkpoint_type", "vm"),
