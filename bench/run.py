@@ -27,6 +27,9 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
            checkpoint, `vm status` of a running VM without a guest agent.
 - subtree: `checkpoint delete --subtree` of 200 checkpoints on Now's path (their layers nearly
            empty), the whole command (target <= 5 s); its journal steps and the cost per layer.
+- chain:   random 4 KiB reads of Now with 50 checkpoints on its path, deep and consolidated,
+           against the same data in one qcow2 (bench/chain.py; target >= 0.9x), the
+           consolidation's time and space, create and apply of a consolidated VM (O(1)).
 """
 
 from __future__ import annotations
@@ -276,9 +279,15 @@ def bench_subtree(root: Path, runs: int) -> None:
     subtree.run_bench(root, runs)
 
 
+def bench_chain(root: Path, runs: int) -> None:
+    import chain  # bench/chain.py (this folder is on sys.path when run.py runs)
+
+    chain.run_bench(root, runs)
+
+
 BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
            "backup": bench_backup, "create-depth": bench_create_depth, "check": bench_check,
-           "live": bench_live, "subtree": bench_subtree}
+           "live": bench_live, "subtree": bench_subtree, "chain": bench_chain}
 
 
 def main() -> None:

@@ -73,6 +73,9 @@ class Waymark:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WAYMARK_")}
         env["WAYMARK_HOME"] = str(self.home)
         env["WAYMARK_TEST_SUITE"] = "1"  # the key that lets WAYMARK_FAILPOINT* arm failpoints
+        # no consolidate job left behind by a command (a background process would race the
+        # test's own reads of the files); tests/integration/test_consolidation.py turns it on
+        env["WAYMARK_BACKGROUND_CONSOLIDATION"] = "off"
         env.update(extra)
         return env
 

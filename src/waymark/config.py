@@ -35,6 +35,11 @@ class Settings:
     # a Linux kernel the KVM probe boots for a VM that boots none itself (else /boot/vmlinuz-*)
     probe_kernel: str | None = None
     silent_seconds: float = DEFAULT_SILENT_SECONDS
+    # whether a command whose VM's chain grew deep leaves a ``consolidate`` job behind
+    # (waymark.engine.consolidation.schedule); off: only ``waymark vm consolidate`` does it.
+    # The faces read it from the environment (on unless ``WAYMARK_BACKGROUND_CONSOLIDATION=
+    # off``, the test suite's default, for determinism); a library caller asks for it.
+    background_consolidation: bool = False
 
     @staticmethod
     def _seconds(name: str, default: float) -> float:
@@ -52,7 +57,12 @@ class Settings:
         if accel not in ACCELERATORS:
             raise InvalidInput(f"WAYMARK_ACCEL={accel!r} is not an accelerator.",
                                hint=f"Use one of: {', '.join(ACCELERATORS)}.")
+        background = os.environ.get("WAYMARK_BACKGROUND_CONSOLIDATION") or "on"
+        if background not in ("on", "off"):
+            raise InvalidInput(f"WAYMARK_BACKGROUND_CONSOLIDATION={background!r} is not on or "
+                               "off.", hint="Use on (the default) or off.")
         return cls(home=Path(chosen).expanduser().absolute(), lock_timeout=timeout,
                    qemu_user=os.environ.get("WAYMARK_QEMU_USER") or DEFAULT_QEMU_USER,
                    accel=accel, probe_kernel=os.environ.get("WAYMARK_PROBE_KERNEL") or None,
-                   silent_seconds=cls._seconds("WAYMARK_SILENT_SECONDS", DEFAULT_SILENT_SECONDS))
+                   silent_seconds=cls._seconds("WAYMARK_SILENT_SECONDS", DEFAULT_SILENT_SECONDS),
+                   background_consolidation=background == "on")

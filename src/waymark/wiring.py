@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 from sqlalchemy.orm import Session
 
 from waymark.config import Settings
-from waymark.engine import compaction, context, executor, jobs, journal, settle
+from waymark.engine import compaction, consolidation, context, executor, jobs, journal, settle
 from waymark.engine.context import Context
 from waymark.engine.running import live_merge
 
@@ -77,6 +77,7 @@ DELETION = "waymark.usecases.checkpoints.deletion"
 LIVE_CHECKPOINT = "waymark.engine.running.live_checkpoint"
 BACKUPS = "waymark.usecases.backups.points"
 LIBRARY = "waymark.usecases.library.store_deploy"
+CHAINS = "waymark.usecases.vms.chains"
 
 
 def _deferred_kind(module: str, params: str, commit: str | None = None) -> journal.KindLoader:
@@ -135,14 +136,25 @@ INTENT_KINDS: dict[str, journal.KindLoader] = dict([
     ("vm_store_finish", _deferred_kind(LIBRARY, "VmStoreFinish")),
     ("vm_deploy", _deferred_kind(LIBRARY, "VmDeploy", "commit_deploy")),
     ("vm_deploy_finish", _deferred_kind(LIBRARY, "VmDeployFinish")),
+    # consolidation (Now's chain kept shallow)
+    *(_loaded(kind) for kind in consolidation.KINDS),
 ])
 # Every job kind ("export": export_job.KIND) and its runner; an export whose worker died
 # restarts in a new worker, a merge is adopted by the next command on its VM
 RUN_EXPORT: Deferred[[Context, str], object] = Deferred(EXPORT, "run_export")
-JOB_KINDS: dict[str, jobs.Runner] = {"merge": compaction.run_merge_job, "export": RUN_EXPORT}
+RUN_CONSOLIDATE: Deferred[[Context, str], None] = Deferred(CHAINS, "run_job")
+JOB_KINDS: dict[str, jobs.Runner] = {"merge": compaction.run_merge_job, "export": RUN_EXPORT,
+                                     consolidation.JOB: RUN_CONSOLIDATE}
 RESTARTED_JOBS = frozenset({"export"})
 BOOT_HOOK: Deferred[[Context, str], str | None] = Deferred(AUTOMATIC, "before_boot")
 CLEAN_STOP_HOOK: Deferred[[Context, str], None] = Deferred(AUTOMATIC, "after_clean_stop")
+
+
+def _before_boot(ctx: Context, vm_id: str) -> str | None:
+    """A VM boots on its real chains (consolidation is offline only, for now), then
+    automatic checkpoints' hook."""
+    consolidation.unlink(ctx.journal, vm_id)
+    return BOOT_HOOK(ctx, vm_id)
 
 
 def _holder(ctx: Context, vm_id: str) -> tuple[str, str, float] | None:
@@ -155,11 +167,13 @@ def wire() -> None:
     for name, load in INTENT_KINDS.items():
         journal.register_deferred(name, load)
     executor.register_steps(live_merge.STEPS)
+    journal.BEFORE_INTENT[:] = [consolidation.before_intent]
     for kind, run in JOB_KINDS.items():
         jobs.register(kind, run, restart=kind in RESTARTED_JOBS)
     context.install(context.Hooks(opened=settle.settle_all, locked=settle.settle_vm,
-                                  holder=_holder, before_boot=BOOT_HOOK,
-                                  after_clean_stop=CLEAN_STOP_HOOK))
+                                  holder=_holder, before_boot=_before_boot,
+                                  after_clean_stop=CLEAN_STOP_HOOK,
+                                  released=consolidation.schedule))
 
 
 def open_context(settings: Settings) -> Context:

@@ -46,9 +46,11 @@ def own_clusters(path: str) -> set[int]:
 
 
 def assert_no_orphans(home: Path, vm_id: str) -> None:
-    """Files on disk and image rows match, and every owned image is still needed."""
+    """Files on disk and image rows (and consolidation rows) match, and every owned image is
+    still needed."""
     rows = query(home, "SELECT id, path, pinned, parent_id FROM images WHERE vm_id = ?", vm_id)
     owned = {path for _, path, pinned, _ in rows if not pinned}
+    owned |= {p for (p,) in query(home, "SELECT path FROM consolidations WHERE vm_id = ?", vm_id)}
     on_disk = {str(p) for p in (home / "vms" / vm_id / "disks").glob("*.qcow2")}
     assert on_disk == owned, f"stray files {on_disk - owned}, missing files {owned - on_disk}"
     for _, path, _, _ in rows:

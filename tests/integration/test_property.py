@@ -1,5 +1,6 @@
 """Property: random sequences of write / create / apply / delete / delete-subtree /
-delete-by-pattern / rename on one VM keep every invariant of the engine, after every step.
+delete-by-pattern / rename / consolidate on one VM keep every invariant of the engine, after
+every step.
 
 The ops layer runs in-process (real catalog, real journal, real qemu-img); the test keeps a model
 of the checkpoint tree and of the guest-visible bytes of Now and of each checkpoint, and checks:
@@ -8,6 +9,10 @@ of the checkpoint tree and of the guest-visible bytes of Now and of each checkpo
 (b) the active disk holds exactly what was written since the last apply;
 (c) every image file is active, frozen, pinned or shared by two or more children; files on disk
     and catalog rows match one to one (and each file's backing file is its catalog parent);
+(e) after a consolidation (waymark.engine.consolidation, its threshold at 0 layers here so
+    that every one does something), Now reads through at most two files: itself and its
+    parent or the consolidation holding that parent's view; consolidation files are the
+    catalog's (``consolidations``) and nothing else's backing file;
 (d) each merge copied the smaller side: for ``commit_down`` the child's own data is at most the
     parent's (+10% and one cluster of slack, as Waymark sizes files by st_blocks), for
     ``pull_up`` the other way round. Sizes are measured with ``qemu-img map`` just before each
@@ -36,11 +41,13 @@ from hypothesis import strategies as st
 
 from tests.helpers import content_sha256, qemu_io_write, query
 from waymark.config import Settings
+from waymark.engine import consolidation
 from waymark.errors import Ambiguous, NotFound
 from waymark.usecases import views
 from waymark.usecases.checkpoints import deletion
 from waymark.usecases.checkpoints import lifecycle as checkpoints
 from waymark.usecases.checkpoints.lifecycle import ApplyMode
+from waymark.usecases.vms import chains
 from waymark.usecases.vms import definitions as vms
 from waymark.wiring import open_context
 
@@ -100,7 +107,12 @@ class Rename:
     name: str
 
 
-Op = Write | Create | Apply | Delete | DeleteSubtree | DeleteMatching | Rename
+@dataclass(frozen=True)
+class Consolidate:
+    pass
+
+
+Op = Write | Create | Apply | Delete | DeleteSubtree | DeleteMatching | Rename | Consolidate
 
 _pick = st.integers(0, 15)
 _names = st.sampled_from(NAMES)
@@ -112,10 +124,12 @@ BUILD: dict[str, st.SearchStrategy[Op]] = {
     "subtree": st.builds(DeleteSubtree, _pick),
     "matching": st.builds(DeleteMatching, st.sampled_from(PATTERNS)),
     "rename": st.builds(Rename, _pick, _names),
+    "consolidate": st.builds(Consolidate),
 }
-# the kind first, weighted by repetition: 4 writes : 3 creates : 2 applies : 1 of each other
-KINDS = ["write"] * 4 + ["create"] * 3 + ["apply"] * 2 + ["delete", "subtree", "matching",
-                                                          "rename"]
+# the kind first, weighted by repetition: 4 writes : 3 creates : 2 applies : 2 consolidations :
+# 1 of each other
+KINDS = ["write"] * 4 + ["create"] * 3 + ["apply"] * 2 + ["consolidate"] * 2 + [
+    "delete", "subtree", "matching", "rename"]
 OPS = st.sampled_from(KINDS).flatmap(BUILD.__getitem__)
 
 
@@ -249,6 +263,8 @@ class Model:
             self.new_intents()
         elif isinstance(op, DeleteMatching):
             self.delete_matching(op.pattern)
+        elif isinstance(op, Consolidate):
+            self.consolidate()
         elif not self.content:
             event("skipped: no checkpoint to pick")
         elif isinstance(op, Apply):
@@ -287,6 +303,15 @@ class Model:
         self.now = bytearray(self.content[target])
         self.current = target
         self.check_merges({}, before)
+
+    def consolidate(self) -> None:
+        done = chains.consolidate(self.ctx, self.vm_id)
+        event(f"consolidation: {done[0]['action'] if done else 'no disk'}")
+        chain = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                                str(self.active_path())], check=True, capture_output=True,
+                               text=True).stdout
+        layers = len(json.loads(chain))
+        assert layers <= 2 or done[0]["action"] == "skipped", f"{done}: {layers} layers"  # (e)
 
     def delete(self, ref: str, *, subtree: bool) -> set[str]:
         measured: dict[int, dict[str, int]] = {}
@@ -350,6 +375,11 @@ class Model:
                      self.vm_id)
         paths = {image_id: path for image_id, path, _, _ in rows}
         owned = {path for _, path, _, pinned in rows if not pinned}
+        linked = dict(query(self.home, "SELECT i.id, c.path FROM consolidations c JOIN disks d "
+                                       "ON d.id = c.disk_id JOIN images i ON i.id = "
+                                       "d.active_image_id WHERE c.linked AND c.vm_id = ?",
+                            self.vm_id))
+        owned |= {p for (p,) in query(self.home, "SELECT path FROM consolidations")}  # (e)
         on_disk = {str(p) for p in self.disks_dir.iterdir()}
         assert on_disk == owned, \
             f"stray files {on_disk - owned}, catalog files missing {owned - on_disk}"
@@ -363,13 +393,14 @@ class Model:
         for image_id, path, parent, pinned in rows:
             needed = pinned or image_id in active | frozen or children.get(image_id, 0) >= 2
             assert needed, f"image {path} is neither active, frozen, pinned nor shared"
-            expected = paths[parent] if parent is not None else None
+            expected = linked.get(image_id) or (paths[parent] if parent is not None else None)
             assert backing_of(path) == expected, f"{path}: backing file is not its catalog parent"
 
 
 @settings(parent=settings.get_profile("ci"))
 @given(mib=st.integers(1, 4), ops=st.lists(OPS, min_size=MIN_STEPS, max_size=MAX_STEPS))
 def test_random_operations_keep_every_invariant(tmp_path: Path, mib: int, ops: list[Op]) -> None:
+    depth, consolidation.DEPTH = consolidation.DEPTH, 0  # (e): every one does something
     home = Path(tempfile.mkdtemp(prefix="home-", dir=tmp_path))
     model = Model(home, mib)
     try:
@@ -379,6 +410,7 @@ def test_random_operations_keep_every_invariant(tmp_path: Path, mib: int, ops: l
             model.check()
         event(f"checkpoints left: {len(model.content)}")
     finally:
+        consolidation.DEPTH = depth
         model.close()
         shutil.rmtree(home, ignore_errors=True)
 

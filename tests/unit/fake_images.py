@@ -79,6 +79,15 @@ class FakeImages:
                 on_progress(1.0)
         self._call("commit", top, work)
 
+    def commit_onto(self, top: Path, into: Path, on_progress: qemu_img.Progress = None
+                    ) -> None:
+        """``top``'s own clusters into ``into`` (``top``'s header is not read); ``top`` kept."""
+        def work() -> None:
+            merged = read(into)
+            merged["data"].update(read(top)["data"])
+            write(into, merged)
+        self._call("commit_onto", top, work)
+
     def rebase(self, path: Path, backing: Path | None, backing_fmt: str | None, *,
                unsafe: bool, on_progress: qemu_img.Progress = None) -> None:
         assert unsafe, "a merge rebases onto a base that already holds the merged clusters"
@@ -104,7 +113,7 @@ class FakeImages:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeImages:
         """Replace the tool functions the executor calls with this fake's, for one test."""
-        for name in ("create", "commit", "rebase", "convert"):
+        for name in ("create", "commit", "commit_onto", "rebase", "convert"):
             monkeypatch.setattr(qemu_img, name, getattr(self, name))
         monkeypatch.setattr(bitmaps, "carry_files", self.carry_bitmaps)
         monkeypatch.setattr(bitmaps, "onto_new_file", self.onto_new_file)

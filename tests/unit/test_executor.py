@@ -64,6 +64,8 @@ STEPS: dict[str, StepOf] = {
                                      backing_fmt=None, unsafe=True),
     "carry_bitmaps": lambda f: steps.CarryBitmaps(src=str(f / "disks" / "base.qcow2"),
                                                   path=str(f / "disks" / "top.qcow2")),
+    "commit_onto": lambda f: steps.CommitOnto(into=str(f / "disks" / "base.qcow2"),
+                                              top=str(f / "disks" / "top.qcow2")),
 }
 # the steps a running QEMU does (qmp_*: engine.running.live_merge) are not the executor's own
 BUILT_IN = {cls.op for cls in executor.BUILT_IN}
@@ -110,6 +112,20 @@ def test_the_image_steps_do_what_they_say(tmp_path: Path, images: FakeImages) ->
     assert images.calls == [("create", "next.qcow2"), ("onto_new_file", "next.qcow2"),
                             ("convert", "copy.qcow2"), ("commit", "top.qcow2"),
                             ("rebase", "top.qcow2")]
+
+
+def test_commit_onto_gives_the_target_the_layers_view_and_leaves_the_layer(
+        tmp_path: Path, images: FakeImages) -> None:
+    """A consolidation advancing by one layer: ``into`` (a copy of the layer's backing view)
+    ends with the layer's view, the layer (a frozen image) unchanged."""
+    given(tmp_path)
+    disks = tmp_path / "disks"
+    executor.run(steps.Convert(path=str(disks / "s.qcow2"), src=str(disks / "base.qcow2"),
+                               src_fmt="qcow2"))
+    layer = read(disks / "top.qcow2")
+    executor.run(steps.CommitOnto(into=str(disks / "s.qcow2"), top=str(disks / "top.qcow2")))
+    assert view(disks / "s.qcow2") == view(disks / "top.qcow2") == {"0": "a", "1": "b"}
+    assert read(disks / "top.qcow2") == layer and read(disks / "s.qcow2")["backing"] is None
 
 
 def test_a_manifest_lists_the_files_under_its_root_with_their_hashes(tmp_path: Path) -> None:

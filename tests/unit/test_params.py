@@ -83,6 +83,12 @@ WRITTEN_BEFORE: dict[str, dict[str, Any]] = {
                               "backing": f"{D}/disks/a.qcow2", "backing_fmt": "qcow2",
                               "unsafe": True}, PRUNE]},
     "vm_deploy_finish": {},
+    "consolidation_unlink": {"disks": ["d" * 32]},
+    "consolidation_advance": {"disk": "d" * 32, "image": "i" * 32, "active": "o" * 32},
+    "consolidation_build": {"vm": V, "disk": "d" * 32,
+                            "path": f"{D}/disks/{'d' * 32}.consolidated-0a1b2c3d.qcow2",
+                            "image": "i" * 32, "old": None},
+    "consolidation_drop": {},
 }
 
 

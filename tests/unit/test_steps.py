@@ -92,6 +92,9 @@ WRITTEN_BEFORE: list[tuple[dict[str, Any], steps.Step]] = [
                      backing=f"{D}/disks/a.qcow2", backing_fmt="qcow2")),
     ({"op": "qmp_release", "run": RUN, "name": "web", "node": "wm-bbbb"},
      steps.QmpRelease(run=RUN, name="web", node="wm-bbbb")),
+    ({"op": "commit_onto", "into": f"{D}/disks/d.consolidated-1.qcow2",
+      "top": f"{D}/disks/b.qcow2"},
+     steps.CommitOnto(into=f"{D}/disks/d.consolidated-1.qcow2", top=f"{D}/disks/b.qcow2")),
 ]
 
 
@@ -183,7 +186,7 @@ def test_paths_name_every_file_a_step_makes_reads_or_names() -> None:
 
 
 FILE_NAMES = {"path", "top", "base", "src", "backing", "gone", "bitmaps_from", "confined_to",
-              "root", "run"}  # the names a step's file (or folder) fields have
+              "root", "run", "into"}  # the names a step's file (or folder) fields have
 NOT_FILES = {(steps.QmpCommit, "root")}  # a QEMU node name
 
 

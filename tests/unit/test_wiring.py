@@ -86,7 +86,7 @@ def test_every_intent_kind_the_code_writes_has_a_handler() -> None:
 
 def test_every_job_kind_and_step_the_code_writes_has_a_runner() -> None:
     wiring.wire()
-    assert _written_job_kinds() == {"merge", "export"} == jobs.kinds()
+    assert _written_job_kinds() == {"merge", "export", "consolidate"} == jobs.kinds()
     # every step class the journal can hold has a runner (the qmp_* ones registered)
     assert {"create_image", "commit", "qmp_commit", "qmp_stream"} <= set(steps.KINDS)
     assert set(steps.KINDS) == executor.kinds()
@@ -146,7 +146,7 @@ def test_every_use_case_function_the_root_names_exists_and_takes_the_engines_arg
     named = [ref for ref in [*wiring.JOB_KINDS.values(), wiring.BOOT_HOOK,
                              wiring.CLEAN_STOP_HOOK, wiring.COMMIT_CHECKPOINT]
              if isinstance(ref, wiring.Deferred)]
-    assert len(named) == 4
+    assert len(named) == 5
     for ref in named:
         target = ref.target()
         assert target.__module__ == ref.module and target.__name__ == ref.name, ref

@@ -225,6 +225,14 @@ class VmDisk(Body):
     base_pinned: bool | None = None
 
 
+class VmConsolidation(Body):
+    """What keeping Now's chain shallow costs (docs/engine.md, "Consolidation")."""
+
+    enabled: bool = Field(description="On for this VM (vm set --consolidate)")
+    bytes: int = Field(description="Space its consolidation files take on disk")
+    linked_disks: int = Field(description="Disks whose Now reads through one")
+
+
 class Vm(Body):
     id: str
     name: str
@@ -261,6 +269,9 @@ class Vm(Body):
     current_checkpoint_id: str | None
     checkpoint_count: int
     checkpoint_space_bytes: int
+    consolidation: VmConsolidation = Field(
+        description="Now's chain kept consolidated (two hops whatever the number of "
+                    "checkpoints) and the space that costs")
     disks: list[VmDisk]
     firmware_variables: VmDisk | None = Field(
         description="A UEFI VM's variable store: captured by checkpoints as its disks are")
@@ -316,6 +327,8 @@ class VmSummary(Body):
                                         "(the VM's own), template T, profile P or default")
     checkpoint_count: int
     checkpoint_space_bytes: int
+    consolidation: VmConsolidation = Field(description="What keeping Now's chain shallow "
+                                                       "costs")
     current_checkpoint: str | None = Field(description="Now's parent checkpoint's name")
     disks: list[SummaryDisk]
     uptime_seconds: float | None = Field(description="Since its QEMU started (null: off)")

@@ -26,6 +26,8 @@ from sqlalchemy import (
     String,
     Text,
     event,
+    false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -64,6 +66,9 @@ class Vm(Base):
     # the user who created it through the API (a self-service user's own VM); None: an
     # administrator's or the CLI's (no foreign key: users may be removed)
     owner_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # whether Now's chain is kept consolidated (waymark.engine.consolidation); an
+    # administrator turns it off per VM (``vm set --consolidate off``)
+    consolidation: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 def name_key(owner_id: str | None, name: str) -> str:
@@ -136,6 +141,23 @@ class FrozenImage(Base):
     checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"), primary_key=True)
     disk_id: Mapped[str] = mapped_column(ForeignKey("disks.id"), primary_key=True)
     image_id: Mapped[str] = mapped_column(ForeignKey("images.id"), index=True)
+
+
+class Consolidation(Base):
+    """A disk's consolidation (:mod:`waymark.engine.consolidation`): ``path``, a qcow2 with no
+    backing file whose content is the view of the frozen image ``image_id``; while ``linked``,
+    the disk's active image (whose catalog parent is that image) names it as its backing file.
+    No part of the image graph: the planner never sees it. ``bytes``: what it takes on disk."""
+
+    __tablename__ = "consolidations"
+
+    disk_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(String(32), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    image_id: Mapped[str] = mapped_column(String(32))
+    linked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Intent(Base):

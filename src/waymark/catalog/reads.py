@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from waymark.errors import StorageError
 
-HEAD = "0016"  # the schema revision these queries (and catalog/db.py's migrations) are at
+HEAD = "0017"  # the schema revision these queries (and catalog/db.py's migrations) are at
 FILE_NAME = "catalog.db"
 UNFINISHED_JOBS = ("queued", "running")
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
@@ -319,6 +319,22 @@ def frozen_by_checkpoint(reader: Reader, vm_id: str) -> dict[str, dict[str, str]
             "JOIN checkpoints c ON f.checkpoint_id = c.id WHERE c.vm_id = ?", vm_id):
         found.setdefault(checkpoint_id, {})[disk_id] = image_id
     return found
+
+
+@dataclass(frozen=True)
+class Consolidations:
+    """A VM's consolidation switch and its disks' consolidated copies (path, whether Now reads
+    through it): engine/consolidation.py keeps them."""
+
+    enabled: bool
+    copies: list[tuple[str, bool]]
+
+
+def consolidations(reader: Reader, vm_id: str) -> Consolidations:
+    switch = reader.rows("SELECT consolidation FROM vms WHERE id = ?", vm_id)
+    return Consolidations(bool(switch[0][0]) if switch else False, [
+        (str(path), bool(linked)) for path, linked in reader.rows(
+            "SELECT path, linked FROM consolidations WHERE vm_id = ?", vm_id)])
 
 
 # --- backups ----------------------------------------------------------------------------------

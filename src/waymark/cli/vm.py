@@ -25,6 +25,8 @@ class VmCommands(LazyGroup):
     COMMANDS: ClassVar[dict[str, tuple[str, str, str]]] = {
         "create": (CHANGE, "create", "Define a new VM (it is off)."),
         "set": (CHANGE, "set_", "Change a VM's settings (memory, CPUs, boot order, ...)."),
+        "consolidate": (CHANGE, "consolidate", "Consolidate Now's chain now: reads of Now "
+                                               "stop after two hops."),
         "rename": (CHANGE, "rename", "Give a VM a new name (its id, files and checkpoints stay)."),
         "delete": (CHANGE, "delete", "Delete a VM with its checkpoints and Waymark's files."),
         "disk": (CHANGE, "disk", "Attach and detach disks."),
@@ -89,7 +91,8 @@ def show(vm_ref: str, as_json: bool) -> None:
              f"   automatic: {'on' if data['automatic_checkpoints'] else 'off'}"
              f"   folder: {data['checkpoint_dir']}",
              f"  checkpoints: {data['checkpoint_count']}, holding "
-             f"{human(data['checkpoint_space_bytes'])}"]
+             f"{human(data['checkpoint_space_bytes'])}",
+             _consolidation_line(data["consolidation"])]
     if data["kernel"]:
         lines.append(f"  kernel: {data['kernel']}  initrd: {data['initrd']}  "
                      f"append: {data['append']}")
@@ -104,6 +107,13 @@ def show(vm_ref: str, as_json: bool) -> None:
         lines.append("detached disks (files kept):")
         lines += [_disk_line(d) for d in data["detached_disks"]]
     emit(as_json, data, lines)
+
+
+def _consolidation_line(shown: dict[str, Any]) -> str:
+    if not shown["enabled"]:
+        return "  consolidation: off"
+    return (f"  consolidation: on, {shown['linked_disks']} disk(s) read through one, "
+            f"holding {human(shown['bytes'])}")
 
 
 def _from(data: dict[str, Any], key: str) -> str:

@@ -25,7 +25,7 @@ from waymark.model.units import human, parse_size
 from waymark.usecases import views
 from waymark.usecases.library import store_deploy as library
 from waymark.usecases.library import templates
-from waymark.usecases.vms import bundles, from_libvirt
+from waymark.usecases.vms import bundles, chains, from_libvirt
 from waymark.usecases.vms import definitions as vms
 from waymark.usecases.vms import media as media_ops
 
@@ -152,12 +152,17 @@ DISCARD_SAVED = click.option(
               help="Drop the kernel, initrd and command line: boot from the VM's disk.")
 @BOOT
 @DISCARD_SAVED
+@click.option("--consolidate", type=click.Choice(["on", "off"]),
+              help="Keep Now's chain consolidated, two hops whatever the number of "
+                   "checkpoints, at the cost of about one copy of the disk's data (off: "
+                   "that copy is deleted).")
 @json_option
 def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str | None,
          checkpoint_dir: str | None, max_checkpoints: int | None,
          automatic_checkpoints: str | None, cpu_model: str | None, accel: str | None,
          kernel: str | None, initrd: str | None, append: str | None, no_kernel: bool,
-         boot: str | None, discard_saved_state: bool, as_json: bool) -> None:
+         boot: str | None, discard_saved_state: bool, consolidate: str | None,
+         as_json: bool) -> None:
     """Change a VM's settings (memory, CPUs, CPU model, accelerator and boot files only while
     it is off; the boot order at any time, for its next boot)."""
     ctx, vm_id = face().ctx, face().vm_id(vm_ref)
@@ -168,8 +173,23 @@ def set_(vm_ref: str, memory: str | None, cpus: int | None, checkpoint_type: str
                      automatic_checkpoints=None if automatic_checkpoints is None
                      else automatic_checkpoints == "on", cpu_model=cpu_model, accel=accel,
                      boot=boot_files if boot_files.asked() else None, boot_order=_boot(boot))
+    if consolidate is not None:
+        chains.set_enabled(ctx, vm_id, consolidate == "on")
     data = views.vm_show(ctx, vm_id)
     emit(as_json, data, [f"Updated VM {data['name']}."])
+
+
+@click.command("consolidate")
+@click.argument("vm_ref", metavar="VM")
+@json_option
+def consolidate(vm_ref: str, as_json: bool) -> None:
+    """Consolidate Now's chain now (a VM that is off): reads of Now then stop after two
+    hops, whatever the number of checkpoints. Waymark also does it in the background."""
+    done = chains.consolidate(face().ctx, face().vm_id(vm_ref))
+    emit(as_json, {"disks": done},
+         [f"disk {d['disk_id'][:12]}: {d['action']}"
+          + (f" ({d['layers']} layer(s))" if d["layers"] else "")
+          + (f": {d['reason']}" if d["reason"] else "") for d in done] or ["No disk to do."])
 
 
 @click.command("rename")

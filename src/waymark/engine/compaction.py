@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from waymark import process
 from waymark.catalog.models import Checkpoint, Disk, FrozenImage, Image, Intent, Job, Vm
-from waymark.engine import jobs, journal, lookup
+from waymark.engine import consolidation, jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
@@ -357,13 +357,19 @@ def pending_steps(session: Session, vm_id: str) -> int:
 
 
 def commit_drop(session: Session, params: DropIntent) -> None:
-    """The dropped images' rows go, in one statement (each row's parent goes with it)."""
+    """The dropped images' rows go, in one statement (each row's parent goes with it); a
+    consolidation of their view is forgotten."""
+    consolidation.removed(session, params.image, *params.then)
     session.execute(delete(Image).where(Image.id.in_([params.image, *params.then])))
 
 
 def commit_down(session: Session, params: CommitDownIntent) -> None:
     """The child's roles (active, frozen, backing of its children) move to the merged file."""
-    into, child = params.image, params.child
+    into, child = params.image, str(params.child)
+    consolidation.merged(session, into, child)
+    # the layers a run's commit went through now read ``into``'s new clusters: a copy of one's
+    # view is stale (they are dropped next, unreferenced)
+    consolidation.removed(session, *_between(session, child, into))
     session.execute(update(Disk).where(Disk.active_image_id == child)
                     .values(active_image_id=into))
     session.execute(update(FrozenImage).where(FrozenImage.image_id == child)
@@ -372,7 +378,18 @@ def commit_down(session: Session, params: CommitDownIntent) -> None:
                     .values(parent_id=into))
 
 
+def _between(session: Session, top: str, base: str) -> list[str]:
+    """The images strictly between ``top`` and its ancestor ``base``, top down."""
+    found: list[str] = []
+    parent = session.get_one(Image, top).parent_id
+    while parent is not None and parent != base:
+        found.append(parent)
+        parent = session.get_one(Image, parent).parent_id
+    return found
+
+
 def commit_pull_up(session: Session, params: PullUpIntent) -> None:
+    consolidation.removed(session, params.image)
     image = session.get_one(Image, params.image)
     session.get_one(Image, params.child).parent_id = image.parent_id
 

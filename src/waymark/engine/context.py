@@ -38,6 +38,9 @@ class Hooks:
     before_boot: Callable[[Context, str], str | None]
     # after a guest shut down cleanly (not a crash, not a forced power-off)
     after_clean_stop: Callable[[Context, str], None]
+    # when a command that held a VM's lock ends well, the lock still held (consolidation's
+    # background job, waymark.engine.consolidation.schedule)
+    released: Callable[[Context, str], None] = lambda _ctx, _vm_id: None
 
 
 _hooks: list[Hooks] = []
@@ -124,6 +127,7 @@ class Context:
                 raise self._busy(vm_id, vm_name, err) from None
             installed().locked(self, vm_id)
             yield
+            installed().released(self, vm_id)
 
     def settle(self, vm_id: str) -> None:
         """Finish the VM's unfinished work now (the caller holds its lock): what

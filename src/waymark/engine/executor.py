@@ -184,6 +184,11 @@ def _copy_file(step: steps.CopyFile, on_progress: qemu_img.Progress) -> None:
         durable.link_or_copy(src, path, on_progress, fd=fd)
 
 
+def _commit_onto(step: steps.CommitOnto, on_progress: qemu_img.Progress) -> None:
+    qemu_img.commit_onto(Path(step.top), Path(step.into), on_progress)
+    durable.fsync_file(Path(step.into))
+
+
 # The steps this module runs itself (the live ones are registered: :data:`LIVE`)
 BUILT_IN: dict[type[steps.StepBase], StepFn] = {
     steps.MakeDir: _make_dir, steps.CreateImage: _create_image, steps.ClaimFile: _claim_file,
@@ -192,7 +197,7 @@ BUILT_IN: dict[type[steps.StepBase], StepFn] = {
     steps.DeleteFiles: _delete_files,
     steps.PruneDirs: _prune_dirs, steps.Commit: _commit, steps.Rebase: _rebase,
     steps.CarryBitmaps: _carry_bitmaps, steps.MakeTpm: _make_tpm,
-    steps.WriteTpmState: _write_tpm_state}
+    steps.WriteTpmState: _write_tpm_state, steps.CommitOnto: _commit_onto}
 
 
 def undo(step: Step) -> None:

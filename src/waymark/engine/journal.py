@@ -122,6 +122,13 @@ def params_of(intent: Intent) -> Params:
     return params
 
 
+BeforeIntent = Callable[["Journal", str, Params], None]
+# Called before :meth:`Journal.run` writes an intent (the journal, the VM's id, its parameters):
+# the composition root adds consolidation's unlink here (waymark.engine.consolidation), so
+# every operation that changes a VM's images finds its active images on their real parents.
+BEFORE_INTENT: list[BeforeIntent] = []
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -184,6 +191,8 @@ class Journal:
         step's fraction) or ``report`` (which step, and its fraction)."""
         if shape == "prepare" and not all(step.undoable for step in steps):
             raise ValueError(f"{params.kind}: a prepare intent may only make new files")
+        for hook in BEFORE_INTENT:
+            hook(self, vm_id, params)
         try:
             with self.catalog.session() as session:
                 intent_id = add(session, vm_id, params, steps, shape).id

@@ -266,9 +266,22 @@ class QmpRelease(LiveStep, frozen=True, kw_only=True, tag="qmp_release"):
     node: str
 
 
+# --- consolidation (waymark.engine.consolidation) ---------------------------------------------
+
+class CommitOnto(StepBase, frozen=True, kw_only=True, tag="commit_onto"):
+    """``top``'s own clusters into ``into``, a consolidation holding the view of ``top``'s real
+    backing file (:func:`waymark.images.qemu_img.commit_onto`): ``into`` then holds ``top``'s
+    view; ``top`` (a frozen image) is unchanged. Redone whole after a crash (``top``'s clusters
+    win, so a second run writes the same)."""
+
+    files: ClassVar[tuple[str, ...]] = ("into", "top")  # (first: the file it changes)
+    into: str
+    top: str
+
+
 Step = (MakeDir | CreateImage | ClaimFile | WriteFile | Convert | CopyFile | WriteManifest
         | DeleteFile | DeleteFiles | PruneDirs | Commit | Rebase | CarryBitmaps | MakeTpm
-        | WriteTpmState | QmpCommit | QmpStream | QmpRelink | QmpRelease)
+        | WriteTpmState | QmpCommit | QmpStream | QmpRelink | QmpRelease | CommitOnto)
 ABANDONABLE = (MergeStep, LiveMergeStep)  # the classes with ``abandonable``
 
 
@@ -301,3 +314,4 @@ def from_json_list(data: Any) -> list[Step]:
     if not isinstance(data, list):
         raise MalformedRecord(f"a journal's steps are {data!r}, not a list.", hint=records.HINT)
     return [from_json(item) for item in data]
+

@@ -409,3 +409,15 @@ def check(path: Path, fmt: str) -> None:
         raise ImageError(f"{path} failed its consistency check: {report.corruptions} "
                          f"corruption(s), {report.leaks} leaked cluster(s)",
                          hint=f"Inspect it with: qemu-img check -f {fmt} {path}")
+
+
+def commit_onto(top: Path, into: Path, on_progress: Progress = None) -> None:
+    """Write ``top``'s own clusters into ``into`` as if ``into`` were its backing file, whatever
+    file ``top``'s header names: ``top`` is opened with its backing overridden to ``into``
+    (``-d``: kept as it is; its header is never written). ``into`` then holds ``top``'s view
+    when it held the view of ``top``'s real backing file (a consolidation advancing by one
+    layer, :mod:`waymark.engine.consolidation`). Both must be qcow2."""
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(top)},
+            "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": str(into)}}}
+    _qemu_img_p(["commit", "-d", "json:" + json.dumps(spec)],
+                what=f"merging {top} into {into}", on_progress=on_progress)

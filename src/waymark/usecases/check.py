@@ -21,6 +21,10 @@ Findings (each names the command that fixes it):
 - ``missing-config``: a checkpoint's configuration file is gone; repair rewrites it from the
   catalog.
 - ``unfinished-intent``: a journal intent that recovery could not finish; repair drives it again.
+- ``missing-consolidation``/``stale-consolidation``: a disk's consolidation
+  (:mod:`waymark.engine.consolidation`) whose file is gone, whose image is gone, or linked
+  where it does not belong; repair relinks Now onto its real chain and forgets it (an active
+  image linked to its sound consolidation is no ``broken-backing``).
 - ``uncompacted``: merges left undone (a cancelled merge job): no data is at risk, the images
   only take space and depth; repair runs them.
 - Templates (``templates/``, :mod:`waymark.usecases.library.templates`): a template image that is
@@ -45,7 +49,7 @@ from sqlalchemy.orm import Session
 
 from waymark import durable
 from waymark.catalog.models import Checkpoint, Image, Template, Vm
-from waymark.engine import compaction, journal, locks, lookup, settle
+from waymark.engine import compaction, consolidation, journal, locks, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.running import presence
 from waymark.errors import Busy, ImageError, WaymarkError
@@ -270,7 +274,7 @@ def _known_paths(session: Session) -> set[str]:
 
 
 def _stray_findings(ctx: Context, session: Session, vm_ids: set[str]) -> list[Finding]:
-    known = _known_paths(session) | _intent_paths(ctx)
+    known = _known_paths(session) | _intent_paths(ctx) | consolidation.paths(session)
     names = {v.id: v.name for v in session.scalars(select(Vm))}
     # the VM's own folder is all ours; a checkpoint folder may be shared: only our names count
     folders = [(vm_id, ctx.vm_folder(vm_id), False) for vm_id in sorted(vm_ids)]
@@ -418,6 +422,7 @@ def _vm_findings(ctx: Context, session: Session, vm_row: Vm, held: set[str]) -> 
                 for f in _image_findings(vm_row.name, image, images,
                                          None if image.id in in_use else read)]
     findings += _config_findings(vm_row, lookup.checkpoints(session, vm_row.id))
+    findings = _consolidation_findings(session, vm_row, findings)
     return findings + _compaction_findings(ctx, session, vm_row)
 
 
@@ -432,6 +437,9 @@ def _repair(ctx: Context, session: Session, findings: list[Finding], held: set[s
             _repair_config(session, finding)
         elif finding.kind == LEAKS and finding.path not in held:
             _repair_leaks(finding)
+        elif finding.kind in consolidation.PROBLEMS:
+            consolidation.repair(ctx.journal, finding.path)
+            finding.repaired = "Now relinked onto its real chain; the consolidation forgotten"
 
 
 def _repair_leaks(finding: Finding) -> None:
@@ -487,6 +495,41 @@ def _template_findings(ctx: Context, session: Session) -> list[Finding]:
                                  "a folder no template names (an interrupted template create)",
                                  "waymark check --repair removes it"))
     return found
+
+
+def _consolidation_findings(session: Session, vm_row: Vm, findings: list[Finding]
+                            ) -> list[Finding]:
+    """``findings`` with the VM's consolidations known (:mod:`waymark.engine.consolidation`):
+    an active image linked to its sound consolidation (its header names it) has no broken
+    backing; a consolidation whose file or image is gone, or linked where it does not belong,
+    is a finding repair falls back from (Now relinked onto its real chain)."""
+    links = consolidation.links(session, vm_row.id)
+    kept = [f for f in findings if not _linked(f, links)]
+    return kept + [Finding(vm_row.name, p.kind, p.path, p.detail, "waymark check --repair "
+                           "(relinks Now onto its real chain and forgets the consolidation; "
+                           "the next consolidation builds a new one)")
+                   for p in consolidation.problems(session, vm_row.id)]
+
+
+def _linked(finding: Finding, links: dict[str, str]) -> bool:
+    """Whether ``finding`` on an active image is its consolidation's doing: a backing file
+    that is the consolidation it is linked to, or an unreadable chain because that
+    consolidation's file is gone (its own finding says so, and repair relinks the image)."""
+    backing = links.get(finding.path)
+    if backing is None:
+        return False
+    if finding.kind == "broken-backing":
+        return _names(finding.path, backing)
+    return finding.kind == "image-error" and not Path(backing).is_file()
+
+
+def _names(image: str, backing: str) -> bool:
+    """Whether ``image``'s header names ``backing`` as its backing file."""
+    try:
+        header = qemu_img.header(Path(image))
+    except WaymarkError:
+        return False
+    return (header.full_backing_filename or header.backing_filename) == backing
 
 
 def _compaction_findings(ctx: Context, session: Session, vm_row: Vm) -> list[Finding]:

@@ -180,12 +180,20 @@ def _vm(reader: Reader, row: VmRow, state: str) -> dict[str, Any]:
         "current_checkpoint_id": row.current_checkpoint_id,
         "checkpoint_count": reads.checkpoint_count(reader, row.id),
         "checkpoint_space_bytes": held,
+        "consolidation": _consolidation(reads.consolidations(reader, row.id)),
         "disks": [_disk(disks[d], space, True) for d in hardware.guest_disks],
         "firmware_variables": None if hardware.nvram is None
         else _disk(disks[hardware.nvram], space, True),
         "detached_disks": [_disk(d, space, False) for d in disks.values()
                            if d.id not in hardware.disks],
     }
+
+
+def _consolidation(found: reads.Consolidations) -> dict[str, Any]:
+    """Whether it is on, the bytes its copies take on disk and how many disks read through
+    one (engine/consolidation.py)."""
+    return {"enabled": found.enabled, "bytes": sum(allocated(p) for p, _ in found.copies),
+            "linked_disks": sum(1 for _, linked in found.copies if linked)}
 
 
 def _media_name(media: object) -> str | None:
@@ -213,7 +221,7 @@ def vm_summary(source: Source, vm_id: str, sample: float = observe.USAGE_INTERVA
         **{k: shown[k] for k in ("id", "name", "state", "memory_mib", "cpus", "firmware",
                                  "tpm", "cpu_model", "accel", "media_name", "boot_order",
                                  "checkpoint_type", "checkpoint_count",
-                                 "checkpoint_space_bytes")},
+                                 "checkpoint_space_bytes", "consolidation")},
         "accelerator": found.runtime.get("accelerator") if live and found else None,
         "secure_boot": shown["firmware"] == "uefi-secure",
         "checkpoint_type_source": shown["settings_source"].get("checkpoint_type", "vm"),

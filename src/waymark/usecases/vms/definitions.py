@@ -27,7 +27,7 @@ from waymark.catalog.models import (
     Template,
     Vm,
 )
-from waymark.engine import compaction, journal, lookup, settle
+from waymark.engine import compaction, consolidation, journal, lookup, settle
 from waymark.engine.context import Context
 from waymark.engine.journal import now
 from waymark.engine.params import Params
@@ -636,6 +636,7 @@ def delete_rows(session: Session, vm_id: str) -> None:
     session.execute(sql_delete(Image).where(Image.vm_id == vm_id))
     session.execute(sql_delete(Intent).where(Intent.vm_id == vm_id, Intent.status != "pending"))
     session.execute(sql_delete(BackupBase).where(BackupBase.vm_id == vm_id))
+    consolidation.forget(session, vm_id)
     session.execute(sql_delete(Vm).where(Vm.id == vm_id))
 
 
