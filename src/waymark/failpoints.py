@@ -17,10 +17,13 @@ command's, pass points concurrently).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import stat
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -74,9 +77,31 @@ def failpoint(label: str = "step") -> None:
         index = _points_passed
         _points_passed += 1
         if plan.trace:
-            with open(plan.trace, "a") as out:
-                out.write(f"{index} {label}\n")
+            _trace(plan.trace, f"{index} {label}\n")
     if plan.kill_at in (str(index), label):
         os.kill(os.getpid(), signal.SIGKILL)
     if plan.raise_at == label:
         raise RuntimeError(f"failpoint {label!r} raised, as {RAISE} asked")
+
+
+def _trace(path: str, line: str) -> None:
+    with open(path, "a") as out:
+        out.write(line)
+    if stat.S_ISFIFO(os.stat(path).st_mode):
+        _until_read(path)
+
+
+def _until_read(fifo: str) -> None:
+    """A test that reads the trace through a FIFO holds the run at each point (the point's
+    open() waits for a reader): wait until the reader has closed its end after this line, so
+    that the next point's open() waits again instead of joining a read still under way (two
+    points would pass as one, the run not held at the second)."""
+    while True:
+        try:
+            probe = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # no reader: the line was read and its end closed
+                return
+            raise
+        os.close(probe)
+        time.sleep(0.001)
