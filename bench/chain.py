@@ -30,23 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from harness import sh, timed
 
 WAYMARK = [sys.executable, "-m", "waymark"]
 CLUSTER = 64 * 1024
 BENCH = ["qemu-img", "bench", "-U", "-c", "100000", "-d", "16", "-s", "4096", "-S", "65536",
          "-t", "none"]
-
-
-def sh(*argv: str, env: dict[str, str] | None = None) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 class Home:
@@ -123,13 +114,13 @@ def bench_reads(root: Path, runs: int, layers: int, mib: int, mode: str) -> None
     flat = str(root / "flat.qcow2")
     sh("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", now, flat)
     deep, flat_deep = side_by_side(runs, now, flat, mode)
-    build = timed(lambda: home.wm("vm", "consolidate", "deep"))
+    build, _ = timed(lambda: home.wm("vm", "consolidate", "deep"))
     shown = home.show("deep")["consolidation"]
     assert isinstance(shown, dict) and shown["linked_disks"] == 1, shown
     ours, flat_ours = side_by_side(runs, home.active("deep"), flat, mode)
     sh("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {CLUSTER * 16}", home.active("deep"))
-    create = timed(lambda: home.wm("checkpoint", "create", "deep", "--name", "one-more"))
-    advance = timed(lambda: home.wm("vm", "consolidate", "deep"))
+    create, _ = timed(lambda: home.wm("checkpoint", "create", "deep", "--name", "one-more"))
+    advance, _ = timed(lambda: home.wm("vm", "consolidate", "deep"))
     print(f"chain: {layers} checkpoints on a {mib} MiB disk (made in {made:.0f} s), "
           f"qemu-img bench -i {mode}, medians of {runs}:")
     print(f"  deep (no consolidation): {deep:.2f} s vs one qcow2 {flat_deep:.2f} s: "
@@ -161,7 +152,7 @@ def bench_o1(root: Path, runs: int) -> None:
                 home.wm("vm", "consolidate", "b")
                 argv = (("checkpoint", "create", "b") if what == "create"
                         else ("checkpoint", "apply", "b", "c4", "--discard-current"))
-                samples.append(timed(lambda argv=argv: home.wm(*argv)))
+                samples.append(timed(lambda argv=argv: home.wm(*argv))[0])
             results[size, what] = statistics.median(samples)
     home.reset()
     for what in ("create", "apply"):

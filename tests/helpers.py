@@ -168,6 +168,19 @@ def query(home: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         con.close()
 
 
+def vm_id_named(home: Path, name: str) -> str:
+    ((found,),) = query(home, "SELECT id FROM vms WHERE name = ?", name)
+    return str(found)
+
+
+def active_image_of(home: Path, name: str) -> str:
+    """The path of the active image of the VM's one disk, from the catalog."""
+    ((path,),) = query(home, "SELECT i.path FROM disks d JOIN images i "
+                             "ON i.id = d.active_image_id JOIN vms v ON v.id = d.vm_id "
+                             "WHERE v.name = ?", name)
+    return str(path)
+
+
 @contextmanager
 def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     """A small tmpfs mounted on ``folder`` (a full file system on demand), unmounted after."""

@@ -15,21 +15,17 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.helpers import Waymark, content_sha256, qemu_io_write, query
+from tests.helpers import (
+    Waymark,
+    active_image_of,
+    content_sha256,
+    qemu_io_write,
+    query,
+    vm_id_named,
+)
 
 KIB = 1 << 10
 VM = "faulty"
-
-
-def vm_id(home: Path) -> str:
-    ((found,),) = query(home, "SELECT id FROM vms WHERE name = ?", VM)
-    return str(found)
-
-
-def active_path(home: Path) -> str:
-    ((path,),) = query(home, "SELECT i.path FROM disks d JOIN images i "
-                             "ON i.id = d.active_image_id WHERE d.vm_id = ?", vm_id(home))
-    return str(path)
 
 
 def contents(home: Path) -> dict[str, str]:
@@ -37,7 +33,7 @@ def contents(home: Path) -> dict[str, str]:
     rows = query(home, "SELECT f.checkpoint_id, i.path FROM frozen_images f "
                        "JOIN images i ON i.id = f.image_id")
     found = {ckpt: content_sha256(path) for ckpt, path in rows}
-    found["now"] = content_sha256(active_path(home))
+    found["now"] = content_sha256(active_image_of(home, VM))
     return found
 
 
@@ -51,7 +47,7 @@ def assert_recovered(wm: Waymark, expected: dict[str, str], label: str) -> None:
     wm("checkpoint", "list", VM)  # any command settles what the killed one left
     assert contents(wm.home) == expected, label
     assert query(wm.home, "SELECT kind FROM intents WHERE status = 'pending'") == [], label
-    vid = vm_id(wm.home)
+    vid = vm_id_named(wm.home, VM)
     owned = {p for (p,) in query(wm.home, "SELECT path FROM images WHERE vm_id = ? AND "
                                           "pinned = 0", vid)}
     owned |= {p for (p,) in query(wm.home, "SELECT path FROM consolidations")}
@@ -90,7 +86,7 @@ def sweep(wm: Waymark, tmp_path: Path, args: tuple[str, ...], kinds: set[str],
         assert n < points, f"{label}: more journal points than it journals ({points})"
         assert_recovered(wm, want, label)
         wm("vm", "consolidate", VM)
-        assert chain_length(active_path(wm.home)) == 2, label
+        assert chain_length(active_image_of(wm.home, VM)) == 2, label
         assert_recovered(wm, want, f"{label}, consolidated again")
     assert n == points, f"{' '.join(args)} exited 0 after {n} kill points, journals {points}"
     restore()
@@ -100,9 +96,9 @@ def test_consolidation_survives_a_kill_at_every_journal_point(wm: Waymark,
                                                               tmp_path: Path) -> None:
     wm("vm", "create", VM, "--disk", "4M")
     for i in range(6):
-        qemu_io_write(Path(active_path(wm.home)), "qcow2", i * 64 * KIB, 64 * KIB, 0x20 + i)
+        qemu_io_write(Path(active_image_of(wm.home, VM)), "qcow2", i * 64 * KIB, 64 * KIB, 0x20 + i)
         wm("checkpoint", "create", VM, "--name", f"c{i}")
-    qemu_io_write(Path(active_path(wm.home)), "qcow2", 1 << 20, 64 * KIB, 0x30)
+    qemu_io_write(Path(active_image_of(wm.home, VM)), "qcow2", 1 << 20, 64 * KIB, 0x30)
 
     # built from scratch, then linked
     sweep(wm, tmp_path, ("vm", "consolidate", VM), {"consolidation_build",
@@ -114,7 +110,7 @@ def test_consolidation_survives_a_kill_at_every_journal_point(wm: Waymark,
     sweep(wm, tmp_path, ("checkpoint", "create", VM, "--name", "next"),
           {"consolidation_unlink", "checkpoint_create"}, rolled_back=True)
     wm("checkpoint", "create", VM, "--name", "next")
-    qemu_io_write(Path(active_path(wm.home)), "qcow2", 2 << 20, 64 * KIB, 0x31)
+    qemu_io_write(Path(active_image_of(wm.home, VM)), "qcow2", 2 << 20, 64 * KIB, 0x31)
 
     # advanced in place by one layer
     sweep(wm, tmp_path, ("vm", "consolidate", VM), {"consolidation_advance"})

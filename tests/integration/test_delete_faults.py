@@ -22,22 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, content_sha256, qemu_io_write, query
+from tests.helpers import (
+    Waymark,
+    active_image_of,
+    content_sha256,
+    qemu_io_write,
+    query,
+    vm_id_named,
+)
 
 KIB, MIB = 1 << 10, 1 << 20
 VM = "faulty"
-
-
-def vm_id(home: Path) -> str:
-    ((found,),) = query(home, "SELECT id FROM vms WHERE name = ?", VM)
-    return str(found)
-
-
-def active_path(home: Path) -> str:
-    ((path,),) = query(home, "SELECT i.path FROM disks d JOIN images i "
-                             "ON i.id = d.active_image_id JOIN vms v ON v.id = d.vm_id "
-                             "WHERE v.name = ?", VM)
-    return str(path)
 
 
 def frozen_paths(home: Path) -> dict[str, str]:
@@ -47,7 +42,7 @@ def frozen_paths(home: Path) -> dict[str, str]:
 
 
 def write(wm: Waymark, offset: int, length: int, pattern: int) -> None:
-    qemu_io_write(Path(active_path(wm.home)), "qcow2", offset, length, pattern)
+    qemu_io_write(Path(active_image_of(wm.home, VM)), "qcow2", offset, length, pattern)
 
 
 def checkpoint(wm: Waymark, name: str, expected: dict[str, str]) -> str:
@@ -66,10 +61,10 @@ def assert_recovered(wm: Waymark, expected: dict[str, str], parents: dict[str, s
     assert set(frozen) == set(parents), label
     for ckpt, path in frozen.items():
         assert content_sha256(path) == expected[ckpt], f"{label}: checkpoint {ckpt} changed"
-    assert content_sha256(active_path(wm.home)) == now, f"{label}: Now's disk changed"
+    assert content_sha256(active_image_of(wm.home, VM)) == now, f"{label}: Now's disk changed"
     assert query(wm.home, "SELECT kind, next_step FROM intents WHERE status = 'pending'") == [], \
         label
-    home, vid = wm.home, vm_id(wm.home)
+    home, vid = wm.home, vm_id_named(wm.home, VM)
     owned = {p for (p,) in query(home, "SELECT path FROM images WHERE vm_id = ? AND pinned = 0",
                                  vid)}
     files = {str(p) for p in (home / "vms" / vid / "disks").iterdir()}
@@ -102,7 +97,7 @@ def test_delete_survives_a_kill_at_every_journal_point(wm: Waymark, tmp_path: Pa
     exp3 = checkpoint(wm, "Exp3", expected)
     write(wm, 2 * MIB, 192 * KIB, 0x07)
     write(wm, 64 * KIB, 64 * KIB, 0x08)
-    now = content_sha256(active_path(wm.home))
+    now = content_sha256(active_image_of(wm.home, VM))
     doomed = {exp1, exp2, exp3}
     parents: dict[str, str | None] = {a: None, b: a, b2: b}
     rows = sweep(wm, tmp_path, ["checkpoint", "delete", VM, "Exp*", "--yes"], doomed,
@@ -146,7 +141,7 @@ def sweep(wm: Waymark, tmp_path: Path, argv: list[str], doomed: set[str], expect
     points = sum(len(sqlite_json(steps)) + 1 for kind, steps in rows if kind != "compact")
     assert points >= least, rows  # several merges, each a few points
     expected.hold(wm, "reference run")
-    files_after = len(list((wm.home / "vms" / vm_id(wm.home) / "disks").iterdir()))
+    files_after = len(list((wm.home / "vms" / vm_id_named(wm.home, VM) / "disks").iterdir()))
 
     for n in itertools.count():
         restore()
@@ -162,7 +157,8 @@ def sweep(wm: Waymark, tmp_path: Path, argv: list[str], doomed: set[str], expect
         assert query(wm.home, "SELECT count(*) FROM intents WHERE status = 'pending' "
                               "AND kind = 'compact'") == [(1,)], label
         expected.hold(wm, label)
-        assert len(list((wm.home / "vms" / vm_id(wm.home) / "disks").iterdir())) == files_after
+        disks = wm.home / "vms" / vm_id_named(wm.home, VM) / "disks"
+        assert len(list(disks.iterdir())) == files_after
     assert n == points, f"the delete exited 0 after {n} kill points, its journal counts {points}"
     expected.hold(wm, f"failpoint {n} not reached")
     return [(str(kind), str(steps)) for kind, steps in rows]
@@ -186,7 +182,7 @@ def test_multi_layer_merges_survive_a_kill_at_every_journal_point(wm: Waymark,
         layers[name] = checkpoint(wm, name, expected)
     write(wm, 3 * MIB + 64 * KIB, 64 * KIB, 0x20)
     write(wm, 128 * KIB, 64 * KIB, 0x21)  # over x1's data: Now's own clusters win
-    now = content_sha256(active_path(wm.home))
+    now = content_sha256(active_image_of(wm.home, VM))
     b = layers["B"]
     doomed = {c for name, c in layers.items() if name != "B"}
 
@@ -251,7 +247,7 @@ def test_kill_during_a_long_qemu_img_commit(wm: Waymark, tmp_path: Path) -> None
         c = checkpoint(wm, "C", expected)
         u = frozen_paths(wm.home)[c]
         write(wm, 136 * MIB, 120 * MIB, 0x0C)
-        k = active_path(wm.home)
+        k = active_image_of(wm.home, VM)
         now = content_sha256(k)
         u_size = Path(u).stat().st_size
 
@@ -275,7 +271,7 @@ def test_kill_during_a_long_qemu_img_commit(wm: Waymark, tmp_path: Path) -> None
                               "ORDER BY id") == [("compact",), ("commit_down",)]
 
         assert_recovered(wm, expected, {a: None}, a, now, "after the kill during a commit")
-        assert active_path(wm.home) == u  # the merged file took K's role
+        assert active_image_of(wm.home, VM) == u  # the merged file took K's role
         assert not Path(k).exists()
     finally:
         shutil.rmtree(wm.home, ignore_errors=True)  # 256 MiB of data: not left in /tmp

@@ -39,8 +39,8 @@ A crash anywhere: every step is idempotent (a commit's layer wins over what ``S`
 relink between two equal views), every intent is finished or rolled back by the next command
 on the VM, and ``waymark check`` knows ``S`` (:func:`findings`).
 
-Space: ``S`` costs about the data of the chain it replaces (reported per VM:
-:func:`space`). It is bounded by the free space: no consolidation is built or advanced when it
+Space: ``S`` costs about the data of the chain it replaces (reported per VM: ``vm show``'s
+``consolidation``, read without the ORM by ``catalog/reads.py``'s ``consolidations``). It is bounded by the free space: no consolidation is built or advanced when it
 would leave less than :data:`MARGIN` free. An administrator turns it off per VM (``vm set
 --consolidate off``: unlinked and its files deleted, :func:`disable`).
 
