@@ -40,9 +40,10 @@ relink between two equal views), every intent is finished or rolled back by the 
 on the VM, and ``waymark check`` knows ``S`` (:func:`findings`).
 
 Space: ``S`` costs about the data of the chain it replaces (reported per VM: ``vm show``'s
-``consolidation``, read without the ORM by ``catalog/reads.py``'s ``consolidations``). It is bounded by the free space: no consolidation is built or advanced when it
-would leave less than :data:`MARGIN` free. An administrator turns it off per VM (``vm set
---consolidate off``: unlinked and its files deleted, :func:`disable`).
+``consolidation``, read without the ORM by ``catalog/reads.py``'s ``consolidations``). It is
+bounded by the free space: no consolidation is built or advanced when it would leave less than
+:data:`MARGIN` free. An administrator turns it off per VM (``vm set --consolidate off``:
+unlinked and its files deleted, :func:`disable`).
 
 Running VMs (this step): a VM boots unlinked (:func:`unlink` before each boot), so every live
 operation finds the real chain, and consolidation waits until the VM is off (a saved VM too:
