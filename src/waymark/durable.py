@@ -17,13 +17,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    """Make a file written by someone else (qemu-img, a copy) durable, with its directory."""
+def fsync_data(path: Path) -> None:
+    """Make a file's data written by someone else durable (not its name: see fsync_file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file written by someone else (qemu-img, a copy) durable, with its directory."""
+    fsync_data(path)
     fsync_dir(path.parent)
 
 

@@ -356,7 +356,7 @@ class Sealing:
     def add(self, tmp: Path, final: Path) -> None:
         """Start sealing ``tmp`` (written completely, closed by its writer), to become
         ``final``."""
-        self._files.append(_Sealed(tmp, final, self._pool.submit(_fsync, tmp),
+        self._files.append(_Sealed(tmp, final, self._pool.submit(durable.fsync_data, tmp),
                                    self._pool.submit(durable.sha256, tmp)))
 
     def finish(self) -> dict[Path, dict[str, Any]]:
@@ -372,14 +372,6 @@ class Sealing:
         for folder in sorted({one.final.parent for one in self._files}):
             durable.fsync_dir(folder)
         return sealed
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_moment(value: object) -> bool:
