@@ -554,6 +554,32 @@ def test_a_carried_kernel_is_stored_once_and_a_damaged_copy_is_replaced(
     verify_ok(wm, repo)
 
 
+def test_a_link_planted_at_a_carried_kernels_name_is_refused_never_followed(
+        wm: Waymark, tmp_path: Path) -> None:
+    """A repository is untrusted: a symbolic link where the kernel's copy is (to a host file
+    of the same content) is neither taken for the copy nor written through: the next run is
+    refused, naming the file, and changes nothing; the host file is untouched."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "kernel").write_bytes(b"a kernel\n" * 1000)
+    wm("vm", "create", VM, "--disk", "1M", "--kernel", str(host / "kernel"))
+    repo = init_repo(wm, tmp_path / "repo")
+    first = backup(wm, repo, VM)[0]
+    kernel = repo / manifests(repo)[first["id"]]["vm_files"]["kernel"]["file"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"a kernel\n" * 1000)
+    before = elsewhere.stat()
+    kernel.unlink()
+    kernel.symlink_to(elsewhere)
+
+    refused = wm.run("backup", "run", VM, "--repo", str(repo), "--json")
+    assert refused.returncode == 8 and "leads outside" in refused.stderr, refused
+    assert list(manifests(repo)) == [first["id"]] and kernel.is_symlink()
+    after = elsewhere.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode) == \
+        (before.st_ino, before.st_mtime_ns, before.st_mode)
+
+
 # --- 5. several VMs in one run ----------------------------------------------------------------
 
 def test_one_failing_vm_does_not_stop_the_others(wm: Waymark, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ does not match the files. Nothing is copied before both pass.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -65,7 +66,7 @@ def store(source: Path, folder: Path, name: str | None = None) -> Carried:
     if name is None:
         digest = durable.sha256(source)
         kept = folder / digest
-        if kept.is_file() and durable.sha256(kept) == digest:
+        if _holds(kept, digest):
             return Carried("", kept, kept.stat().st_size, digest, folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{uuid.uuid4().hex}.tmp"
@@ -75,12 +76,24 @@ def store(source: Path, folder: Path, name: str | None = None) -> Carried:
         durable.fsync_file(tmp)
         digest = durable.sha256(tmp)
         target = folder / (name or digest)
-        if not (target.is_file() and durable.sha256(target) == digest):
+        if not _holds(target, digest):
             os.replace(tmp, target)
             durable.fsync_dir(folder)
     finally:
         durable.remove(tmp)
     return Carried(name or "", target, target.stat().st_size, digest, folder)
+
+
+def _holds(target: Path, digest: str) -> bool:
+    """Whether ``target`` is a plain file holding ``digest``; a symbolic link is not followed
+    (the folder may be on untrusted storage: a link planted there is replaced, never read)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and \
+            hashlib.file_digest(handle, "sha256").hexdigest() == digest
 
 
 def carry(files: dict[str, Path], folder: Path, root: Path, *, by_content: bool = False
