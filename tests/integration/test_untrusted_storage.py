@@ -23,8 +23,10 @@ from tests.helpers import Result, Waymark, file_sha256, query
 from waymark import durable
 from waymark.engine import executor, steps
 from waymark.errors import ImageError
+from waymark.external import shares
 from waymark.external.shares import opened_inside, pinned_chain
 from waymark.images import qemu_img as engine
+from waymark.usecases.vms import bundles
 
 EXIT_INVALID, EXIT_IMAGE = 2, 8
 SHADOW = "/etc/shadow"
@@ -273,6 +275,67 @@ def test_a_manifest_filed_under_another_name_or_a_crafted_merge_intent_is_refuse
     refused(wm, (repo, tmp_path), ("backup", "run", "web", "--repo", str(repo)),
             EXIT_IMAGE, "merging.json", str(victim))
     assert victim.read_text() == "{}\n"
+
+
+def _plant(repo: Path, where: str, target: Path) -> str:
+    """A symbolic link to ``target`` planted in the repository at ``where``; its name there."""
+    (vm,) = (repo / "vms").iterdir()
+    disk_folder = next((vm / "disks").iterdir())
+    place = {"disk-folder": disk_folder / "evil", "vm-folder": repo / "vms" / "evil",
+             "points": vm / "points" / "evil",
+             "file": disk_folder / "20990101T000000000000Z-00000000.qcow2"}[where]
+    place.symlink_to(target)
+    return str(place.relative_to(repo))
+
+
+LINK_COMMANDS = {"run": ("backup", "run", "web"), "prune": ("backup", "prune", "--keep-last", "1"),
+                 "restore": ("backup", "restore", "web", "--as-new", "copy")}
+
+
+@pytest.mark.parametrize(("where", "command"), [
+    ("disk-folder", "run"), ("disk-folder", "prune"), ("disk-folder", "restore"),
+    ("vm-folder", "run"), ("points", "prune"), ("file", "run")])
+def test_a_symbolic_link_planted_in_a_repository_stops_every_command_that_cleans_it(
+        wm: Waymark, tmp_path: Path, where: str, command: str) -> None:
+    """A run, a prune and a restore first remove what a killed run left, by pattern: a link
+    planted in the repository would lead that removal (as root) into a host folder and delete
+    what is there. The command is refused naming the link, and nothing anywhere changes."""
+    repo, _ = backed_up(wm, tmp_path, points=2)
+    host = tmp_path / "host-folder"
+    host.mkdir()
+    (host / "precious.qcow2").write_text("a host file\n")
+    name = _plant(repo, where, host / "precious.qcow2" if where == "file" else host)
+    refused(wm, (repo, host), (*LINK_COMMANDS[command], "--repo", str(repo)),
+            EXIT_IMAGE, name, "a symbolic link", str(host))
+    assert (host / "precious.qcow2").read_text() == "a host file\n"
+
+
+def test_a_folder_swapped_for_a_link_after_the_clean_up_is_not_written_through(
+        tmp_path: Path) -> None:
+    """A link made after the clean-up's check (a writer racing the run) is caught where the run
+    writes: the folder is made and checked one level at a time, and nothing is written out."""
+    root, host = tmp_path / "repo", tmp_path / "host"
+    (root / "vms" / "vm1").mkdir(parents=True)
+    host.mkdir()
+    (root / "vms" / "vm1" / "disks").symlink_to(host)
+    with pytest.raises(ImageError, match="vms/vm1/disks is no folder but a symbolic link"):
+        shares.plain_folder(root, root / "vms" / "vm1" / "disks" / "d1", where="vms/vm1/disks/d1")
+    assert list(host.iterdir()) == []
+    assert shares.plain_folder(root, root / "vms" / "vm2" / "points", where="x").is_dir()
+
+
+def test_an_export_bundle_holding_a_planted_link_is_not_cleaned_through_it(
+        tmp_path: Path) -> None:
+    """A re-run export first removes what an interrupted one wrote, by name: a link where its
+    disks folder was would lead that into a host folder."""
+    dest, host = tmp_path / "bundle", tmp_path / "host"
+    dest.mkdir()
+    host.mkdir()
+    (host / "disk0.qcow2").write_text("a host file\n")
+    (dest / "disks").symlink_to(host)
+    with pytest.raises(ImageError, match="a symbolic link"):
+        bundles.remove_partial(dest)
+    assert (host / "disk0.qcow2").read_text() == "a host file\n"
 
 
 def test_a_point_time_in_any_rfc_3339_form_is_shown_in_seconds_and_garbage_is_refused(

@@ -94,6 +94,11 @@ class Repository(shares.Share):
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
+    def writable(self, folder: Path) -> Path:
+        """``folder``, made where missing and checked to be no symbolic link, nor any folder on
+        the way down from the root (:func:`shares.plain_folder`): call before writing in it."""
+        return shares.plain_folder(self.root, folder, where=self.relative(folder))
+
     # --- points -------------------------------------------------------------------------------
 
     def _manifests(self, vm_id: str | None) -> Iterator[Path]:
@@ -152,7 +157,8 @@ class Repository(shares.Share):
 
     def carry(self, vm_id: str, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """A point's ``vm_files``: each file stored once per content in the VM's folder."""
-        return vm_files.carry(files, self.files_folder(vm_id), self.root, by_content=True)
+        folder = self.writable(self.files_folder(vm_id))
+        return vm_files.carry(files, folder, self.root, by_content=True)
 
     def _drop_uncarried(self, vm_id: str) -> list[Path]:
         """Remove the VM's carried files no point names any more."""
@@ -208,7 +214,7 @@ class Repository(shares.Share):
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         path = self.manifest_file(manifest["vm"]["id"], manifest["id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writable(path.parent)
         durable.write_bytes(path, json.dumps({"format": POINT_FORMAT, **manifest},
                                              indent=2).encode())
 
@@ -218,7 +224,9 @@ class Repository(shares.Share):
 
     def remove_partial(self) -> list[Path]:
         """Finish an interrupted merge, then remove disk files no manifest names (a killed
-        run's); call under the lock."""
+        run's); call under the lock. A symbolic link anywhere in the repository stops it first:
+        these walks delete by pattern, and a planted link would lead them into a host folder."""
+        shares.no_links(self.root / "vms", what="backup repository")
         for intent in sorted((self.root / "vms").glob("*/merging.json")):
             self._merge(self._intent(intent))
         named = {p_file["file"] for m in self.points() for p_file in m["disks"]}

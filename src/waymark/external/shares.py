@@ -10,7 +10,7 @@ import re
 import stat
 import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -121,6 +121,34 @@ def refused(where: str, what: str) -> ImageError:
     return ImageError(f"{where}: {what}. Nothing was changed.",
                       hint="The storage may have been altered by someone else: check who can "
                            "write it, and use another copy.")
+
+
+def no_links(root: Path, *, what: str) -> None:
+    """Refuse a ``what`` at ``root`` that holds a symbolic link anywhere below it. Waymark makes
+    none there, and its clean-ups walk and delete by pattern: a planted link to a host folder
+    would have them delete or write host files. Call it under the folder's lock, before such a
+    walk or write (os.walk follows no link)."""
+    for top, folders, files in os.walk(root):
+        for name in (*folders, *files):
+            path = Path(top) / name
+            if path.is_symlink():
+                raise refused(str(path.relative_to(root.parent)),
+                              f"a symbolic link (to {os.readlink(path)!r}); Waymark makes none "
+                              f"in a {what}, so someone else did: remove it")
+
+
+def plain_folder(root: Path, folder: Path, *, where: str) -> Path:
+    """``folder`` (inside ``root``) made where missing, every folder from ``root`` down to it
+    checked to be a folder and no symbolic link, so a write into it stays inside ``root``."""
+    path = root
+    for part in folder.relative_to(root).parts:
+        path = path / part
+        with suppress(FileExistsError):
+            os.mkdir(path, modes.FOLDER_MODE)
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise refused(where, f"{path.relative_to(root)} is no folder but a "
+                                 f"{'symbolic link' if path.is_symlink() else 'file'}")
+    return folder
 
 
 def component(value: object, *, where: str, what: str) -> str:

@@ -241,7 +241,7 @@ def _targets(session: Any, repo: Repository, vm_row: Vm, hardware: HardwareConfi
         if active is None:
             continue  # a pass-through disk: not Waymark's to copy
         final = repo.disk_file(vm_row.id, disk_id, point_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        repo.writable(final.parent)
         targets.append(Target(disk_id, images[active], durable.temp_path(final), final))
     if not targets:
         raise Conflict(f"VM {vm_row.name!r} has no disk Waymark can back up.",

@@ -53,6 +53,7 @@ def remove_partial(dest: Path) -> None:
     the folder was empty when the export began), so it can be redone."""
     if not dest.is_dir() or (dest / MANIFEST).exists():
         return
+    shares.no_links(dest, what="export bundle")  # a planted link would lead the removal out
     for path in [*(dest / "disks").glob("disk*.qcow2"), dest / "memory.state",
                  dest / TPM_FILE, dest / "configuration.json", *(dest / BOOT).glob("*"),
                  *(dest / BOOT).glob(".*")]:
