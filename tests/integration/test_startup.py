@@ -217,11 +217,11 @@ def test_the_entry_point_ends_with_the_commands_code_and_all_of_its_output(
     (:func:`waymark.cli.main.ended`): the exit code is the command's, and everything it
     printed to a pipe arrives, on stdout and on stderr."""
     wm("vm", "create", "b", "--disk", "16M")
-    for number in range(30):
+    for number in range(12):
         wm("checkpoint", "create", "b", "--name", f"c{number}")
     listed = wm.run("checkpoint", "list", "b", "--json", separate=True)
     assert listed.returncode == 0, listed.stderr
-    assert len(listed.json()["checkpoints"]) == 30
+    assert len(listed.json()["checkpoints"]) == 12
     missing = wm.run("vm", "show", "nosuch", separate=True)
     assert missing.returncode == 3, missing
     assert missing.stderr.startswith("error: no VM is named 'nosuch'"), missing.stderr
