@@ -5,20 +5,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
 import sys
 from contextlib import closing
+from typing import Any
 
 import click
+import pytest
 from sqlalchemy import text
 
 from tests.helpers import Waymark
 from waymark import wiring
 from waymark.catalog.db import Catalog
-from waymark.cli import power, vm, vm_change
+from waymark.cli import power, status, vm, vm_change
+from waymark.config import Settings
 from waymark.engine import journal
+from waymark.engine.running import power as machines
 from waymark.usecases.checkpoints.automatic import AutomaticCheckpointDelete
 
 # Run one command line as the entry point does, then print the waymark modules it imported
@@ -27,7 +32,8 @@ import json, sys
 from waymark.cli.main import run
 code = run(sys.argv[1:])
 print(json.dumps([code, sorted(m for m in sys.modules if m.startswith(("waymark.", "sqlalchemy",
-                                                                         "alembic")))]))
+                                                                         "alembic", "qemu",
+                                                                         "asyncio")))]))
 """
 # Use case modules only an intent, a job or a VM's power cycle of their own kind needs
 PLUGGED_IN = {"waymark.usecases.backups.points", "waymark.usecases.library.store_deploy",
@@ -43,7 +49,7 @@ RUNNING = {"waymark.engine.running.power", "waymark.engine.running.live_checkpoi
 # migrations, the journal and what settles, the QMP stack
 HEAVY = ("sqlalchemy", "alembic", "waymark.catalog.models", "waymark.catalog.db",
          "waymark.engine.context", "waymark.engine.journal", "waymark.engine.settle",
-         "waymark.wiring", "waymark.qemu.qmp")
+         "waymark.wiring", "waymark.qemu.qmp", "qemu", "asyncio")
 
 
 def loaded_by(wm: Waymark, *args: str) -> set[str]:
@@ -150,7 +156,7 @@ def test_vm_list_and_show_read_without_the_orm_and_vm_runs_every_command(wm: Way
     assert wm.json("vm", "list")[0]["checkpoint_count"] == 0
     helped = wm("vm", "--help").stdout
     listed = {line.split()[0] for line in helped.split("Commands:")[1].splitlines() if line}
-    commands = {c.name for c in power.COMMANDS} | {
+    commands = {c.name for c in power.COMMANDS} | {status.status.name} | {
         c.name for c in vars(vm_change).values() if isinstance(c, click.Command)} - {
         c for g in (vm_change.disk, vm_change.media) for c in g.commands}
     assert listed == commands | {"list", "show"} == {*vm.VmCommands.COMMANDS, "list", "show"}
@@ -159,3 +165,67 @@ def test_vm_list_and_show_read_without_the_orm_and_vm_runs_every_command(wm: Way
         found = group.get_command(click.Context(group), name)
         assert found is not None and found.name == name
     assert "Usage: waymark vm disk add [OPTIONS] VM" in wm("vm", "disk", "add", "--help").stdout
+
+
+def settled_status(wm: Waymark, vm: str) -> dict[str, Any]:
+    """``vm status`` as the full path answers it (settled under the VM's lock, the agent
+    asked: what the API answers), in this process."""
+    ctx = wiring.open_context(Settings(home=wm.home))
+    try:
+        vm_id = next(row["id"] for row in wm.json("vm", "list") if row["name"] == vm)
+        answer: dict[str, Any] = asyncio.run(machines.status(ctx, vm_id))
+        return answer
+    finally:
+        ctx.catalog.close()
+
+
+def test_vm_status_of_a_vm_that_is_off_reads_without_the_orm_or_the_power_commands(
+        wm: Waymark) -> None:
+    """``vm status`` of a VM that is off answers through the read path (no ORM, no asyncio,
+    not the power commands' module), exactly as the full path does."""
+    wm("vm", "create", "b", "--disk", "16M")
+    loaded = loaded_by(wm, "vm", "status", "b")
+    assert "waymark.engine.running.observe" in loaded
+    assert not heavy(loaded) and "waymark.cli.power" not in loaded, heavy(loaded)
+    assert wm.json("vm", "status", "b") == settled_status(wm, "b")
+
+
+@pytest.mark.guest  # starts qemu-system-x86_64 (SeaBIOS only, no guest OS)
+def test_vm_status_of_a_running_vm_without_an_agent_reads_without_the_orm_or_qmp_stack(
+        wm: Waymark) -> None:
+    """A running VM whose guest holds no agent port open (SeaBIOS, nothing booted): its status
+    comes from the read path, two QMP queries on a plain socket, none of the ORM, asyncio or
+    ``qemu.qmp``, and says what the full path says (the uptime moves on in between)."""
+    wm("vm", "create", "quiet", "--memory", "64M", "--nic", "none")
+    try:
+        wm.run("vm", "start", "quiet", env=wm.env(WAYMARK_ACCEL="tcg")).ok()
+        loaded = loaded_by(wm, "vm", "status", "quiet")
+        assert "waymark.qemu.monitor" in loaded
+        assert not heavy(loaded) and "waymark.cli.power" not in loaded, heavy(loaded)
+        seen = wm.json("vm", "status", "quiet")
+        settled = settled_status(wm, "quiet")
+        assert seen["state"] == "running" and seen["pid"] and seen["agent"] is False, seen
+        assert abs(seen.pop("uptime_seconds") - settled.pop("uptime_seconds")) < 30
+        assert seen == settled
+    finally:
+        wm.run("vm", "stop", "quiet", "--force")
+
+
+def test_the_entry_point_ends_with_the_commands_code_and_all_of_its_output(
+        wm: Waymark) -> None:
+    """The real entry point (``python -m waymark``) ends the process without Python's teardown
+    (:func:`waymark.cli.main.ended`): the exit code is the command's, and everything it
+    printed to a pipe arrives, on stdout and on stderr."""
+    wm("vm", "create", "b", "--disk", "16M")
+    for number in range(12):
+        wm("checkpoint", "create", "b", "--name", f"c{number}")
+    listed = wm.run("checkpoint", "list", "b", "--json", separate=True)
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.json()["checkpoints"]) == 12
+    missing = wm.run("vm", "show", "nosuch", separate=True)
+    assert missing.returncode == 3, missing
+    assert missing.stderr.startswith("error: no VM is named 'nosuch'"), missing.stderr
+    assert missing.stderr.rstrip().endswith("List them with: waymark vm list"), missing.stderr
+    created = wm.run("checkpoint", "create", "b", "--name", "last", separate=True)
+    assert created.returncode == 0 and "Created checkpoint 'last'" in created.stdout, created
+    assert wm.json("checkpoint", "show", "b", "last")["name"] == "last"

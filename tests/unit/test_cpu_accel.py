@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from waymark.engine.running import power
+from waymark.engine.running import observe
 from waymark.errors import Conflict, InvalidInput
 from waymark.model.hardware import DEFAULT_CPU_MODEL, HardwareConfig
 from waymark.qemu import accel, cmdline, cpus
@@ -123,14 +123,14 @@ def test_a_guest_is_silent_only_after_the_threshold_without_serial_output(
     started = time.time() - 100
     run.serial_log.write_text("--- waymark: starting vm ---\n")
     os.utime(run.serial_log, (started - 1, started - 1))  # written before the start
-    seen = power.silence(run, {"started_at": started, "accelerator": "kvm"}, "vm", 60.0)
+    seen = observe.silence(run, {"started_at": started, "accelerator": "kvm"}, "vm", 60.0)
     assert seen is not None and seen["seconds"] >= 100
     assert "nothing since it started" in seen["message"] and "under kvm" in seen["message"]
     assert str(run.serial_log) in seen["message"]
     assert "waymark vm set vm --accel tcg" in seen["hint"]
     os.utime(run.serial_log, (started + 90, started + 90))  # it printed 10 s ago
-    assert power.silence(run, {"started_at": started, "accelerator": "kvm"}, "vm", 60.0) is None
-    seen = power.silence(run, {"started_at": started, "accelerator": "tcg"}, "vm", 5.0)
+    assert observe.silence(run, {"started_at": started, "accelerator": "kvm"}, "vm", 60.0) is None
+    seen = observe.silence(run, {"started_at": started, "accelerator": "tcg"}, "vm", 5.0)
     assert seen is not None and "nothing new" in seen["message"]
     assert "console=ttyS0" in seen["hint"] and "--accel tcg" not in seen["hint"]
-    assert power.silence(run, {}, "vm", 0.0) is None  # a runtime file from before: no start
+    assert observe.silence(run, {}, "vm", 0.0) is None  # a runtime file from before: no start

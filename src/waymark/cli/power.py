@@ -14,7 +14,6 @@ from waymark.cli.main import face
 from waymark.cli.output import emit, json_option
 from waymark.engine.running import power, presence
 from waymark.errors import InvalidInput, StorageError
-from waymark.text import printable
 from waymark.usecases.vms import display
 
 
@@ -90,29 +89,11 @@ def resume(vm_ref: str, as_json: bool) -> None:
                          else f"{vm_ref} is already running: nothing to do."])
 
 
-@click.command("status")
-@click.argument("vm_ref", metavar="VM")
-@json_option
-def status(vm_ref: str, as_json: bool) -> None:
-    """State, process, accelerator, uptime, and whether the guest agent answers."""
-    remote = face().remote
-    d = remote.vm_status(vm_ref) if remote is not None \
-        else asyncio.run(power.status(face().ctx, face().vm_id(vm_ref)))
-    lines = [f"{d['name']}: {d['state']}"]
-    if d["pid"]:
-        lines.append(f"  pid {d['pid']}, {d['accelerator']}, up {d['uptime_seconds']} s, "
-                     f"guest agent {'answers' if d['agent'] else 'does not answer'}")
-        if d["accelerator_reason"]:
-            lines.append(f"  accelerator: {d['accelerator']} ({d['accelerator_reason']})")
-    if d["silence"]:
-        lines += [f"  warning: {d['silence']['message']}", f"  hint: {d['silence']['hint']}"]
-    if d.get("last_exit"):
-        lines.append(f"  last stop: {d['last_exit']['reason']} at {d['last_exit']['at']}")
-        # the guest wrote these: shown, never obeyed (escape sequences, bidi controls)
-        lines += [f"    | {printable(line)}" for line in d["last_exit"]["log"]]
-    if d.get("serial_log"):  # a host path: the API shows it to administrators only
-        lines.append(f"  serial log: {d['serial_log']}")
-    emit(as_json, d, lines)
+def settled_status(vm_id: str) -> dict[str, Any]:
+    """``vm status`` after settling what is seen and asking the guest agent
+    (:func:`waymark.engine.running.power.status`): what :mod:`waymark.cli.status` answers with
+    when the read path cannot."""
+    return asyncio.run(power.status(face().ctx, vm_id))
 
 
 @click.command("console")
@@ -174,4 +155,4 @@ def screenshot(vm_ref: str, file: Path, as_json: bool) -> None:
          [f"Saved the screen of {name} to {target} ({len(picture)} bytes)."])
 
 
-COMMANDS = (start, stop, save, pause, resume, status, console, screenshot)
+COMMANDS = (start, stop, save, pause, resume, console, screenshot)

@@ -1,7 +1,8 @@
 """``waymark vm``: define, inspect, change and delete VMs. The commands that change VMs are in
-:mod:`waymark.cli.vm_change`, and the power commands (start, stop, status, ...) in
-:mod:`waymark.cli.power`, each loaded only when one of its commands runs; listing and showing
-need only the read models (:mod:`waymark.engine.reading`: no ORM, no engine)."""
+:mod:`waymark.cli.vm_change`, the power commands (start, stop, ...) in :mod:`waymark.cli.power`
+and ``vm status`` in :mod:`waymark.cli.status`, each loaded only when one of its commands runs;
+listing, showing and a status that needs nothing settled need only the read models
+(:mod:`waymark.engine.reading`: no ORM, no engine)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from waymark.usecases import views
 
 CHANGE = "waymark.cli.vm_change"
 POWER = "waymark.cli.power"
+STATUS = "waymark.cli.status"
 
 
 class VmCommands(LazyGroup):
@@ -41,7 +43,7 @@ class VmCommands(LazyGroup):
         "save": (POWER, "save", "Save memory and device state to a file; the VM stops."),
         "pause": (POWER, "pause", "Pause the guest's CPUs (it keeps its memory)."),
         "resume": (POWER, "resume", "Resume a paused guest."),
-        "status": (POWER, "status", "State, process, accelerator, uptime, the guest agent."),
+        "status": (STATUS, "status", "State, process, accelerator, uptime, the guest agent."),
         "console": (POWER, "console", "Attach to the serial console; detach with Ctrl-]."),
         "screenshot": (POWER, "screenshot", "Save a picture of the running VM's screen (PNG)."),
     }

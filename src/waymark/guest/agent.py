@@ -124,9 +124,7 @@ async def port_open(machine: qmp.Qmp) -> bool:
     clears when it closes it): False for a guest that runs no agent, so nobody waits for an
     answer that cannot come. A VM whose QEMU lists no agent chardev is given the benefit of the
     doubt (True: ask the agent)."""
-    chardevs = await machine.command("query-chardev")
-    found = next((c for c in chardevs if c.get("label") == cmdline.AGENT_CHARDEV), None)
-    return found is None or bool(found.get("frontend-open", True))
+    return cmdline.agent_port_open(await machine.command("query-chardev"))
 
 
 async def answers(machine: qmp.Qmp, socket: Path, label: str,

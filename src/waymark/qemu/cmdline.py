@@ -28,6 +28,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from waymark.model.hardware import HardwareConfig, Nic
 from waymark.qemu import firmware
@@ -73,6 +74,14 @@ class DiskChain:
     layers: tuple[Layer, ...] = ()
     passthrough: str | None = None
 
+
+def agent_port_open(chardevs: list[dict[str, Any]]) -> bool:
+    """Whether a program in the guest holds the agent's virtio-serial port open, from QMP's
+    ``query-chardev`` answer (its ``frontend-open``, which QEMU sets when the guest opens the
+    port and clears when it closes it). A QEMU that lists no agent chardev is given the benefit
+    of the doubt (True: ask the agent)."""
+    found = next((c for c in chardevs if c.get("label") == AGENT_CHARDEV), None)
+    return found is None or bool(found.get("frontend-open", True))
 
 @dataclass(frozen=True)
 class RunFiles:

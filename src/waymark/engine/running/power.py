@@ -29,7 +29,7 @@ from waymark import durable
 from waymark.catalog.models import Image, Vm
 from waymark.engine import context, locks, lookup
 from waymark.engine.context import Context
-from waymark.engine.running import presence
+from waymark.engine.running import observe, presence
 from waymark.errors import Conflict, ImageError, NotFound, ToolError, WaymarkError
 from waymark.guest import agent
 from waymark.images import iso, qemu_img
@@ -531,61 +531,19 @@ async def _settle_if_free(ctx: Context, vm_id: str, name: str) -> str:
 
 
 async def status(ctx: Context, vm_id: str, *, ask_agent: bool = True) -> dict[str, Any]:
+    """``vm status`` after settling what it sees (the read path's
+    :func:`waymark.engine.running.observe.status` answers alone when nothing needs settling and
+    no agent needs asking)."""
     _, name = ctx.identify(vm_id)
     state = await _settle_if_free(ctx, vm_id, name)
     run = presence.run_files(ctx, vm_id)
     found = presence.find(run)
-    out: dict[str, Any] = {"name": name, "id": vm_id, "state": state,
-                           "serial_log": str(run.serial_log), "pid": None,
-                           "accelerator": None, "accelerator_reason": None,
-                           "uptime_seconds": None, "agent": False, "silence": None}
-    if found is not None and state in presence.LIVE_STATES:
-        started = found.runtime.get("started_at")
-        out.update(pid=found.pid, accelerator=found.runtime.get("accelerator"),
-                   accelerator_reason=found.runtime.get("accelerator_reason"),
-                   uptime_seconds=round(time.time() - started, 1) if started else None)
-        out["agent"] = state == "running" and ask_agent and await _agent_answers(run, name)
-        if state == "running" and ask_agent and not out["agent"]:
-            out["silence"] = silence(run, found.runtime, name, ctx.settings.silent_seconds)
-    elif state == "off":
-        out["last_exit"] = presence.last_exit(run)
+    agent = await _agent_answers(run, name) if found is not None and state == "running" \
+        and ask_agent else None
+    out = observe.described(run, vm_id, name, state, found, agent, ctx.settings.silent_seconds)
     if state == "saved":
         out["saved_state"] = str(saved_state(ctx, vm_id).state)
     return out
-
-
-def silence(run: cmdline.RunFiles, runtime: dict[str, Any], name: str, after: float,
-            now: float | None = None) -> dict[str, Any] | None:
-    """A running guest whose agent does not answer: how long its serial console has been
-    quiet, when that is ``after`` seconds (``WAYMARK_SILENT_SECONDS``, default 60) or more
-    since its start or its last output (the serial log's mtime; Waymark's own start line is
-    written before ``started_at``). Cheap to measure: no QMP, nothing asked of the guest. A
-    guest that prints only to a screen and runs no agent is reported too: the answer says what
-    is seen, not a verdict."""
-    started = runtime.get("started_at")
-    if not isinstance(started, (int, float)):
-        return None
-    try:
-        last = max(started, run.serial_log.stat().st_mtime)
-    except OSError:
-        last = started
-    quiet = (time.time() if now is None else now) - last
-    if quiet < after:
-        return None
-    used = runtime.get("accelerator")
-    said = "nothing since it started" if last == started else "nothing new"
-    message = (f"no sign of life from the guest for {quiet:.0f} s: {said} on its serial "
-               f"console and its guest agent does not answer (it runs under {used}; serial "
-               f"log {run.serial_log}).")
-    if used == "kvm":
-        hint = (f"A guest that hangs under KVM (some hosts hang Linux kernels right after the "
-                f"boot loader) runs under TCG: waymark vm stop {name} --force, then "
-                f"waymark vm set {name} --accel tcg.")
-    else:
-        hint = (f"Look at the serial log (a guest whose console is not ttyS0 prints nothing "
-                f"there; a kernel needs console=ttyS0) and at {run.errors}; a hung guest: "
-                f"waymark vm stop {name} --force.")
-    return {"seconds": round(quiet, 1), "message": message, "hint": hint}
 
 
 async def _agent_answers(run: cmdline.RunFiles, name: str) -> bool:

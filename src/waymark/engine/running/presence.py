@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from waymark import durable
 from waymark.catalog.models import Vm
@@ -36,6 +35,7 @@ Process = observe.Process
 find = observe.find
 uptime = observe.uptime
 usage = observe.usage
+last_exit = observe.last_exit
 LOG_TAIL = 5
 
 
@@ -87,14 +87,6 @@ def record_exit(run: RunFiles, reason: str) -> None:
     note = {"reason": reason, "log": log_tail(run),
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     durable.write_bytes(run.last_exit, json.dumps(note).encode())
-
-
-def last_exit(run: RunFiles) -> dict[str, Any] | None:
-    try:
-        note: dict[str, Any] = json.loads(run.last_exit.read_text())
-    except (OSError, ValueError):
-        return None
-    return note
 
 
 def observed_state(ctx: Context, vm_id: str, recorded: str) -> str:
