@@ -22,10 +22,10 @@ same; otherwise the point is full and its ``reason`` says why (:func:`_full_reas
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -118,8 +118,19 @@ class Target:
         return f"{NODE_PREFIX}{self.final.stem[-8:]}{self.disk_id[:12]}"
 
     @property
+    def file_node(self) -> str:
+        """The node of the target's file, under :attr:`node` (added apart from it: the file is
+        formatted through it first)."""
+        return f"{NODE_PREFIX}f{self.final.stem[-8:]}{self.disk_id[:12]}"
+
+    @property
     def job(self) -> str:
         return f"{JOB_PREFIX}{self.disk_id[:12]}"
+
+    @property
+    def creation(self) -> str:
+        """The ``blockdev-create`` job formatting the target's file."""
+        return f"{JOB_PREFIX}new-{self.disk_id[:12]}"
 
 
 @dataclass
@@ -343,10 +354,8 @@ async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing)
         tracked = await bitmaps.on_nodes(machine)
         job.reason = _full_reason(job, tracked)
         job.parent = None if job.reason else job.latest
-        await _create_targets(job)
         try:
-            for target in job.targets:
-                await _add_target(job, machine, target)
+            await _add_targets(job, machine)
             _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
             if job.parent is None:
                 await _drop_bitmaps(machine, job, tracked)
@@ -361,21 +370,60 @@ async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing)
         finally:
             left = [t for t in job.targets if t.job not in job.closed]
             for target in left:
+                await blockjobs.abandon(machine, target.creation)
                 await blockjobs.abandon(machine, target.job)
             if left:
-                await blockjobs.delete_nodes(machine, [t.node for t in left])
+                await blockjobs.delete_nodes(machine, [t.node for t in left]
+                                             + [t.file_node for t in left])
     return consistency
 
 
-async def _add_target(job: Run, machine: qmp.Qmp, target: Target) -> None:
-    """The target's node, written without flushes (``cache.no-flush``, as ``qemu-img
-    convert`` writes): :class:`~waymark.external.repository.Sealing` makes it durable once,
-    when it is whole."""
-    unflushed = {"no-flush": True}
-    await machine.command("blockdev-add", driver="qcow2", backing=None, cache=unflushed, **{
-        "node-name": target.node,
-        "file": cmdline.file_node(await _target_file(job, machine, target.tmp), False,
-                                  cache=unflushed)})
+UNFLUSHED = {"no-flush": True}
+
+
+async def _add_targets(job: Run, machine: qmp.Qmp) -> None:
+    """Each disk's target made by the QEMU that copies into it, all at once: its file created
+    empty, opened by QEMU (:func:`_target_file`), formatted by ``blockdev-create`` (standalone
+    for a full point, on the parent's file otherwise, named relatively: the repository can
+    move), then opened as the qcow2 node the copy writes. No ``qemu-img`` process, and nothing
+    flushed: the file is written without flushes (``cache.no-flush``, as ``qemu-img convert``
+    writes), and :class:`~waymark.external.repository.Sealing` makes it durable once, when it
+    is whole."""
+    for target in job.targets:
+        _new_file(target.tmp)
+        filename = await _target_file(job, machine, target.tmp)
+        await machine.command("blockdev-add", **cmdline.file_node(
+            filename, False, cache=UNFLUSHED, **{"node-name": target.file_node}))
+    async with machine.events("JOB_STATUS_CHANGE") as listener:
+        for target in job.targets:
+            await machine.command("blockdev-create", **{
+                "job-id": target.creation, "options": _format(job, target)})
+        await blockjobs.follow_each(machine, listener, [t.creation for t in job.targets],
+                                    _formatted)
+    for target in job.targets:
+        await machine.command("blockdev-add", driver="qcow2", backing=None, cache=UNFLUSHED,
+                              file=target.file_node, **{"node-name": target.node})
+
+
+def _new_file(path: Path) -> None:
+    """An empty file at ``path`` (a killed run's leftover emptied), never through a symbolic
+    link: the repository is on storage others may write."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644))
+
+
+def _format(job: Run, target: Target) -> dict[str, Any]:
+    """``blockdev-create``'s qcow2 options for the target (as ``qemu-img create`` makes it;
+    an incremental's backing file not opened, as ``-u``)."""
+    options: dict[str, Any] = {"driver": "qcow2", "file": target.file_node,
+                               "size": target.image.virtual_size}
+    if job.parent is not None:
+        below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
+        options |= {"backing-file": Path(below["file"]).name, "backing-fmt": "qcow2"}
+    return options
+
+
+async def _formatted(done: dict[str, Any]) -> None:
+    """(a target's file is formatted: nothing to do until all are)"""
 
 
 async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
@@ -387,6 +435,7 @@ async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
     job.dirty[target.disk_id] = int(done.get("total-progress", 0))
     counters.end(target.job, job.dirty[target.disk_id])
     await machine.command("blockdev-del", **{"node-name": target.node})
+    await machine.command("blockdev-del", **{"node-name": target.file_node})
     job.closed.add(target.job)
     sealing.add(target.tmp, target.final)
 
@@ -397,21 +446,6 @@ async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
     if job.state in presence.LIVE_STATES:
         return await confine.open_image(machine, str(path), writable=True)
     return str(path)
-
-
-async def _create_targets(job: Run) -> None:
-    """Each disk's new file, all at once: standalone for a full point, on the parent's file
-    otherwise (named relatively: the repository can move)."""
-    await asyncio.gather(*(asyncio.to_thread(_create_target, job, t) for t in job.targets))
-
-
-def _create_target(job: Run, target: Target) -> None:
-    if job.parent is None:
-        qemu_img.create(target.tmp, size=target.image.virtual_size)
-        return
-    below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
-    qemu_img.create(target.tmp, size=target.image.virtual_size,
-                    backing=Path(Path(below["file"]).name), backing_fmt="qcow2", unsafe=True)
 
 
 async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitmaps.Bitmap]]
@@ -432,8 +466,9 @@ async def _clear_leftovers(job: Run, machine: qmp.Qmp) -> None:
         if found["id"].startswith(JOB_PREFIX):
             await blockjobs.abandon(machine, found["id"])
     nodes = await machine.command("query-named-block-nodes", flat=True)
-    left = [n["node-name"] for n in nodes
-            if n["node-name"].startswith(NODE_PREFIX) and n["drv"] == "qcow2"]
+    ours = [n for n in nodes if n["node-name"].startswith(NODE_PREFIX)]
+    left = ([n["node-name"] for n in ours if n["drv"] == "qcow2"]  # then the files under them
+            + [n["node-name"] for n in ours if n["drv"] != "qcow2"])
     if left:
         await blockjobs.delete_nodes(machine, left)
 
