@@ -580,6 +580,28 @@ def test_a_link_planted_at_a_carried_kernels_name_is_refused_never_followed(
         (before.st_ino, before.st_mtime_ns, before.st_mode)
 
 
+def test_a_link_planted_as_a_disks_folder_is_refused_nothing_written_through_it(
+        wm: Waymark, tmp_path: Path) -> None:
+    """The folder a disk's point files go to, planted as a symbolic link to a host folder: the
+    run is refused naming it (exit 8), writes nothing there and records no point; the next run,
+    the link gone, is a full point as if none was tried."""
+    vm_id = make_vm(wm, VM, "2M", (0, 256 * KIB, 0x5A))
+    disk_id = wm.json("vm", "show", VM)["disks"][0]["id"]
+    repo = init_repo(wm, tmp_path / "repo")
+    host = tmp_path / "host"
+    host.mkdir()
+    folder = repo / "vms" / vm_id / "disks" / disk_id
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(host)
+
+    refused = wm.run("backup", "run", VM, "--repo", str(repo), "--json")
+    assert refused.returncode == EXIT_IMAGE and "leads outside" in refused.stderr, refused
+    assert list(host.iterdir()) == [] and manifests(repo) == {}
+    folder.unlink()
+    point = backup(wm, repo, VM)[0]
+    assert point["kind"] == "full" and list(host.iterdir()) == []
+
+
 # --- 5. several VMs in one run ----------------------------------------------------------------
 
 def test_one_failing_vm_does_not_stop_the_others(wm: Waymark, tmp_path: Path) -> None:

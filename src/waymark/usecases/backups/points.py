@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -383,14 +382,15 @@ UNFLUSHED = {"no-flush": True}
 
 async def _add_targets(job: Run, machine: qmp.Qmp) -> None:
     """Each disk's target made by the QEMU that copies into it, all at once: its file created
-    empty, opened by QEMU (:func:`_target_file`), formatted by ``blockdev-create`` (standalone
+    empty (inside the repository: :meth:`~waymark.external.repository.Repository.new_file`),
+    opened by QEMU (:func:`_target_file`), formatted by ``blockdev-create`` (standalone
     for a full point, on the parent's file otherwise, named relatively: the repository can
     move), then opened as the qcow2 node the copy writes. No ``qemu-img`` process, and nothing
     flushed: the file is written without flushes (``cache.no-flush``, as ``qemu-img convert``
     writes), and :class:`~waymark.external.repository.Sealing` makes it durable once, when it
     is whole."""
     for target in job.targets:
-        _new_file(target.tmp)
+        job.repo.new_file(target.tmp)
         filename = await _target_file(job, machine, target.tmp)
         await machine.command("blockdev-add", **cmdline.file_node(
             filename, False, cache=UNFLUSHED, **{"node-name": target.file_node}))
@@ -403,12 +403,6 @@ async def _add_targets(job: Run, machine: qmp.Qmp) -> None:
     for target in job.targets:
         await machine.command("blockdev-add", driver="qcow2", backing=None, cache=UNFLUSHED,
                               file=target.file_node, **{"node-name": target.node})
-
-
-def _new_file(path: Path) -> None:
-    """An empty file at ``path`` (a killed run's leftover emptied), never through a symbolic
-    link: the repository is on storage others may write."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644))
 
 
 def _format(job: Run, target: Target) -> dict[str, Any]:
