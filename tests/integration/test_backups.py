@@ -602,6 +602,27 @@ def test_a_link_planted_as_a_disks_folder_is_refused_nothing_written_through_it(
     assert point["kind"] == "full" and list(host.iterdir()) == []
 
 
+def test_a_run_failing_in_its_storage_daemon_leaves_the_change_tracking_saved(
+        wm: Waymark, tmp_path: Path) -> None:
+    """A run of a VM that is off failing once its copy began (an unexpected error there) stops
+    its storage daemon with SIGTERM, not SIGKILL: the daemon saves the disk's bitmap (not left
+    in use, as a kill leaves it), its temporary file is gone and no point is recorded."""
+    make_vm(wm, VM, "2M", (0, 256 * KIB, 0x3C))
+    repo = init_repo(wm, tmp_path / "repo")
+    first = backup(wm, repo, VM)[0]
+
+    failed = wm.run("backup", "run", VM, "--repo", str(repo), "--json",
+                    env=wm.env(WAYMARK_FAILPOINT_RAISE="backup-started"))
+    assert failed.returncode != 0 and "RuntimeError" in failed.stderr, failed
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(active(wm))], check=True,
+        capture_output=True, text=True).stdout)
+    (bitmap,) = info["format-specific"]["data"]["bitmaps"]
+    assert "in-use" not in bitmap["flags"], bitmap
+    assert list(manifests(repo)) == [first["id"]]
+    assert not list(repo.rglob("*.tmp")), list(repo.rglob("*"))
+
+
 # --- 5. several VMs in one run ----------------------------------------------------------------
 
 def test_one_failing_vm_does_not_stop_the_others(wm: Waymark, tmp_path: Path) -> None:

@@ -152,6 +152,7 @@ class Run:
     tpm: Path | None = None  # the VM's TPM folder, when it has one
     tpm_state: bytes | None = None  # its state at the instant the copies began
     closed: set[str] = field(default_factory=set)  # the jobs ended, their target nodes gone
+    daemon: storage.Started | None = None  # the storage daemon reading a VM that is off
 
     @property
     def bitmap(self) -> str:
@@ -177,7 +178,7 @@ def run(ctx: Context, vm_ids: list[str], repo_path: Path, report: Report = None,
 
 def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bool,
             full_every: int | None) -> dict[str, Any]:
-    with ctx.locked(vm_id) as (_, name):
+    with ctx.locked(vm_id) as (_, name), contextlib.ExitStack() as stack:
         state = qmp.run_sync(power.settle(ctx, vm_id, name))
         point_id = new_point_id()
         with ctx.catalog.session() as session:
@@ -190,13 +191,15 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
             base = session.get(BackupBase, (vm_id, repo.id))
             if base is not None:
                 session.expunge(base)
+        daemon = None if state in presence.LIVE_STATES else stack.enter_context(
+            _daemon(ctx, vm_id, name, hardware, targets))
         earlier = repo.points(vm_id) if (repo.root / "vms" / vm_id).is_dir() else []
         latest = earlier[-1] if earlier else None
         asked = "--full was asked" if full else None
         if latest is not None and full_every and len(repo.chain(latest)) >= full_every:
             asked = f"the schedule takes a full point every {full_every}"
         job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report,
-                  tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None)
+                  tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None, daemon=daemon)
         consistency, disks, carried = _copied(job, hardware)
         parent = job.parent["id"] if job.parent else None
         manifest = {"id": point_id, "created_at": now(),
@@ -219,7 +222,7 @@ def _copied(job: Run, hardware: HardwareConfig
     try:
         with ThreadPoolExecutor(1, "carry") as side, job.repo.sealing() as sealing:
             carried = side.submit(job.repo.carry, job.vm_id, vm_files.named(hardware))
-            consistency = qmp.run_sync(_copy(job, hardware, sealing))
+            consistency = qmp.run_sync(_copy(job, sealing))
             sealed = sealing.finish()
             files = carried.result()
     except BaseException:
@@ -326,7 +329,7 @@ class _Counters:
 
 
 @contextlib.asynccontextmanager
-async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
+async def _qemu(job: Run) -> AsyncIterator[qmp.Qmp]:
     """The QEMU that reads the disks: the VM's own, or a storage daemon when it is off."""
     if job.state in presence.LIVE_STATES:
         run = presence.run_files(job.ctx, job.vm_id)
@@ -338,17 +341,24 @@ async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
         async with qmp.connect(run.qmp, job.name) as machine:
             yield machine
         return
-    wanted = {t.disk_id for t in job.targets}
-    chains = [c for c in power.disk_chains(job.ctx, job.vm_id, hardware)
-              if c.disk_id in wanted]
-    async with storage.serving(chains, job.name) as machine:
+    assert job.daemon is not None  # started by _backup for a VM that is not running
+    async with storage.session(job.daemon) as machine:
         yield machine
 
 
-async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing) -> str:
+def _daemon(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
+            targets: list[Target]) -> contextlib.AbstractContextManager[storage.Started]:
+    """The storage daemon of a VM that is off or saved, started as soon as its disks are
+    known: it opens them while the repository's points are read."""
+    wanted = {t.disk_id for t in targets}
+    chains = [c for c in power.disk_chains(ctx, vm_id, hardware) if c.disk_id in wanted]
+    return storage.started(chains, name)
+
+
+async def _copy(job: Run, sealing: repository.Sealing) -> str:
     """Decide full or incremental, then copy every disk, each file sealed as its copy ends;
     the point's consistency."""
-    async with _qemu(job, hardware) as machine:
+    async with _qemu(job) as machine:
         await _clear_leftovers(job, machine)
         tracked = await bitmaps.on_nodes(machine)
         job.reason = _full_reason(job, tracked)
