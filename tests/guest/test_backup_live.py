@@ -15,6 +15,7 @@ the guest never stops counting, and no checkpoint appears.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,25 @@ def test_a_paused_guest_is_backed_up_crash_consistent_and_stays_paused(vm: Guest
     vm.wm("vm", "resume", vm.name)
     kept_running(vm, mark, counters(frozen)[-1] + 3)
     assert_clean(vm.wm)
+
+
+def test_a_run_killed_as_its_copy_began_leaves_nodes_the_next_run_clears(
+        vm: Guest, repo: Path) -> None:
+    """Waymark killed once the live copy began leaves its job and its target's two nodes (the
+    qcow2 node and the file node ``blockdev-create`` formatted through) in the VM's QEMU: the
+    next run clears them all and takes a whole point; the VM runs on."""
+    vm.ensure_running()
+    killed = vm.wm.run("backup", "run", vm.name, "--repo", str(repo), "--json",
+                       env=vm.wm.env(WAYMARK_FAILPOINT="backup-started"))
+    assert killed.returncode == -signal.SIGKILL, killed
+    nodes = [n["node-name"] for n in vm.qmp_command("query-named-block-nodes", flat=True)]
+    assert [n for n in nodes if n.startswith("wbf")] and \
+        [n for n in nodes if n.startswith("wb") and not n.startswith("wbf")], nodes
+
+    point = backup(vm, repo)
+    assert point["kind"] == "full", point  # the killed run's start proved nothing
+    assert_backed_up_whole(vm, repo)
+    assert vm.state() == "running"
 
 
 # --- bare: the guest without its agent --------------------------------------------------------

@@ -580,6 +580,49 @@ def test_a_link_planted_at_a_carried_kernels_name_is_refused_never_followed(
         (before.st_ino, before.st_mtime_ns, before.st_mode)
 
 
+def test_a_link_planted_as_a_disks_folder_is_refused_nothing_written_through_it(
+        wm: Waymark, tmp_path: Path) -> None:
+    """The folder a disk's point files go to, planted as a symbolic link to a host folder: the
+    run is refused naming it (exit 8), writes nothing there and records no point; the next run,
+    the link gone, is a full point as if none was tried."""
+    vm_id = make_vm(wm, VM, "2M", (0, 256 * KIB, 0x5A))
+    disk_id = wm.json("vm", "show", VM)["disks"][0]["id"]
+    repo = init_repo(wm, tmp_path / "repo")
+    host = tmp_path / "host"
+    host.mkdir()
+    folder = repo / "vms" / vm_id / "disks" / disk_id
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(host)
+
+    refused = wm.run("backup", "run", VM, "--repo", str(repo), "--json")
+    assert refused.returncode == EXIT_IMAGE and "leads outside" in refused.stderr, refused
+    assert list(host.iterdir()) == [] and manifests(repo) == {}
+    folder.unlink()
+    point = backup(wm, repo, VM)[0]
+    assert point["kind"] == "full" and list(host.iterdir()) == []
+
+
+def test_a_run_failing_in_its_storage_daemon_leaves_the_change_tracking_saved(
+        wm: Waymark, tmp_path: Path) -> None:
+    """A run of a VM that is off failing once its copy began (an unexpected error there) stops
+    its storage daemon with SIGTERM, not SIGKILL: the daemon saves the disk's bitmap (not left
+    in use, as a kill leaves it), its temporary file is gone and no point is recorded."""
+    make_vm(wm, VM, "2M", (0, 256 * KIB, 0x3C))
+    repo = init_repo(wm, tmp_path / "repo")
+    first = backup(wm, repo, VM)[0]
+
+    failed = wm.run("backup", "run", VM, "--repo", str(repo), "--json",
+                    env=wm.env(WAYMARK_FAILPOINT_RAISE="backup-started"))
+    assert failed.returncode != 0 and "RuntimeError" in failed.stderr, failed
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(active(wm))], check=True,
+        capture_output=True, text=True).stdout)
+    (bitmap,) = info["format-specific"]["data"]["bitmaps"]
+    assert "in-use" not in bitmap["flags"], bitmap
+    assert list(manifests(repo)) == [first["id"]]
+    assert not list(repo.rglob("*.tmp")), list(repo.rglob("*"))
+
+
 # --- 5. several VMs in one run ----------------------------------------------------------------
 
 def test_one_failing_vm_does_not_stop_the_others(wm: Waymark, tmp_path: Path) -> None:

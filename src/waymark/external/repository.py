@@ -98,6 +98,25 @@ class Repository(shares.Share):
         """``folder``, made where missing and checked to be no symbolic link, nor any folder on
         the way down from the root (:func:`shares.plain_folder`): call before writing in it."""
         return shares.plain_folder(self.root, folder, where=self.relative(folder))
+    def new_file(self, path: Path) -> None:
+        """An empty new file at ``path`` (a name no one used: a new point's), for a writer to
+        fill. Refused (:func:`~waymark.external.shares.refused`) unless it really is inside the
+        repository: neither it nor a folder on its way may lead elsewhere (a symbolic link
+        planted by whoever else writes the storage); a file made outside is removed at once."""
+        where = self.relative(path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
+        except OSError as err:
+            raise shares.refused(where, f"cannot create it as a new file ({err.strerror})"
+                                 ) from err
+        try:
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        finally:
+            os.close(fd)
+        if self.root.resolve() not in real.parents:
+            durable.remove(real)
+            raise shares.refused(where, f"it leads outside {self.root}, to {real}")
 
     # --- points -------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """A QEMU with no guest for the disks of a VM that is off: ``qemu-storage-daemon`` with the VM's
 chains as block nodes (named as in the VM's own QEMU, the active image writable) and a QMP
 monitor. Backups of stopped VMs then use QEMU's block jobs and dirty bitmaps exactly as for
-running ones. Nothing writes the disks' content; on ``quit`` the daemon writes its persistent
-bitmaps back into the images. Killed (with Waymark), it leaves them marked in-use, which only
-makes the next backup full.
+running ones. Nothing writes the disks' content; on ``quit`` (or SIGTERM, when its caller
+failed) the daemon writes its persistent bitmaps back into the images. Killed (with Waymark),
+it leaves them marked in-use, which only makes the next backup full.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from waymark import process
@@ -32,33 +33,56 @@ def argv(chains: Sequence[cmdline.DiskChain], socket: Path) -> list[str]:
             "--monitor", "chardev=qmp0"]
 
 
-@contextlib.asynccontextmanager
-async def serving(chains: Sequence[cmdline.DiskChain], label: str) -> AsyncIterator[qmp.Qmp]:
-    """A QMP session to a storage daemon holding ``chains``; it quits cleanly on exit. Its
-    socket lives in a private temporary folder (a socket path must stay under 108 bytes)."""
+@dataclass(frozen=True)
+class Started:
+    """A storage daemon's process, started: it opens the images while its caller does other
+    work; :func:`session` greets it."""
+
+    process: subprocess.Popen[bytes]
+    socket: Path
+    label: str
+
+
+@contextlib.contextmanager
+def started(chains: Sequence[cmdline.DiskChain], label: str) -> Iterator[Started]:
+    """A storage daemon holding ``chains``, started now; stopped on leaving unless it has quit
+    (:func:`session`). Its socket lives in a private temporary folder (a socket path must stay
+    under 108 bytes)."""
     with tempfile.TemporaryDirectory(prefix="waymark-") as folder:
-        async with _serving(chains, Path(folder) / "qmp.sock", label) as machine:
-            yield machine
+        socket = Path(folder) / "qmp.sock"
+        daemon = process.start(argv(chains, socket), what=f"opening the disks of {label}")
+        try:
+            yield Started(daemon, socket, label)
+        finally:
+            _stop(daemon)
 
 
 @contextlib.asynccontextmanager
-async def _serving(chains: Sequence[cmdline.DiskChain], socket: Path, label: str
-                   ) -> AsyncIterator[qmp.Qmp]:
-    daemon = process.start(argv(chains, socket), what=f"opening the disks of {label}")
+async def session(daemon: Started) -> AsyncIterator[qmp.Qmp]:
+    """The QMP session to a daemon :func:`started`, which quits cleanly on exit."""
+    label = daemon.label
+    async with qmp.greeted(daemon.process, daemon.socket, label, timeout=START_TIMEOUT,
+                           exited=lambda: _failed(daemon.process, label)) as machine:
+        yield machine
+        with contextlib.suppress(ToolError):  # the reply may be lost as it exits
+            await machine.command("quit")
+    code = await asyncio.to_thread(daemon.process.wait, QUIT_TIMEOUT)
+    if code != 0:
+        raise ToolError(f"qemu-storage-daemon for {label} exited with {code}: "
+                        f"{_stderr(daemon.process)}")
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    """A daemon that has not quit (its caller failed) stopped: asked first (SIGTERM: it closes
+    its images as on ``quit``, its bitmaps saved, not left in use), killed if it does not."""
+    if daemon.poll() is not None:
+        return
+    daemon.terminate()
     try:
-        async with qmp.greeted(daemon, socket, label, timeout=START_TIMEOUT,
-                               exited=lambda: _failed(daemon, label)) as machine:
-            yield machine
-            with contextlib.suppress(ToolError):  # the reply may be lost as it exits
-                await machine.command("quit")
-        code = await asyncio.to_thread(daemon.wait, QUIT_TIMEOUT)
-        if code != 0:
-            raise ToolError(f"qemu-storage-daemon for {label} exited with {code}: "
-                            f"{_stderr(daemon)}")
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        daemon.wait(QUIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
 
 
 def _failed(daemon: subprocess.Popen[bytes], label: str) -> ToolError:

@@ -22,7 +22,6 @@ same; otherwise the point is full and its ``reason`` says why (:func:`_full_reas
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -118,8 +117,19 @@ class Target:
         return f"{NODE_PREFIX}{self.final.stem[-8:]}{self.disk_id[:12]}"
 
     @property
+    def file_node(self) -> str:
+        """The node of the target's file, under :attr:`node` (added apart from it: the file is
+        formatted through it first)."""
+        return f"{NODE_PREFIX}f{self.final.stem[-8:]}{self.disk_id[:12]}"
+
+    @property
     def job(self) -> str:
         return f"{JOB_PREFIX}{self.disk_id[:12]}"
+
+    @property
+    def creation(self) -> str:
+        """The ``blockdev-create`` job formatting the target's file."""
+        return f"{JOB_PREFIX}new-{self.disk_id[:12]}"
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Run:
     tpm: Path | None = None  # the VM's TPM folder, when it has one
     tpm_state: bytes | None = None  # its state at the instant the copies began
     closed: set[str] = field(default_factory=set)  # the jobs ended, their target nodes gone
+    daemon: storage.Started | None = None  # the storage daemon reading a VM that is off
 
     @property
     def bitmap(self) -> str:
@@ -167,7 +178,7 @@ def run(ctx: Context, vm_ids: list[str], repo_path: Path, report: Report = None,
 
 def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bool,
             full_every: int | None) -> dict[str, Any]:
-    with ctx.locked(vm_id) as (_, name):
+    with ctx.locked(vm_id) as (_, name), contextlib.ExitStack() as stack:
         state = qmp.run_sync(power.settle(ctx, vm_id, name))
         point_id = new_point_id()
         with ctx.catalog.session() as session:
@@ -180,13 +191,15 @@ def _backup(ctx: Context, repo: Repository, vm_id: str, report: Report, full: bo
             base = session.get(BackupBase, (vm_id, repo.id))
             if base is not None:
                 session.expunge(base)
+        daemon = None if state in presence.LIVE_STATES else stack.enter_context(
+            _daemon(ctx, vm_id, name, hardware, targets))
         earlier = repo.points(vm_id) if (repo.root / "vms" / vm_id).is_dir() else []
         latest = earlier[-1] if earlier else None
         asked = "--full was asked" if full else None
         if latest is not None and full_every and len(repo.chain(latest)) >= full_every:
             asked = f"the schedule takes a full point every {full_every}"
         job = Run(ctx, repo, vm_id, name, state, targets, latest, base, asked, report,
-                  tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None)
+                  tpm=power.tpm_folder(ctx, vm_id) if hardware.tpm else None, daemon=daemon)
         consistency, disks, carried = _copied(job, hardware)
         parent = job.parent["id"] if job.parent else None
         manifest = {"id": point_id, "created_at": now(),
@@ -209,7 +222,7 @@ def _copied(job: Run, hardware: HardwareConfig
     try:
         with ThreadPoolExecutor(1, "carry") as side, job.repo.sealing() as sealing:
             carried = side.submit(job.repo.carry, job.vm_id, vm_files.named(hardware))
-            consistency = qmp.run_sync(_copy(job, hardware, sealing))
+            consistency = qmp.run_sync(_copy(job, sealing))
             sealed = sealing.finish()
             files = carried.result()
     except BaseException:
@@ -316,7 +329,7 @@ class _Counters:
 
 
 @contextlib.asynccontextmanager
-async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
+async def _qemu(job: Run) -> AsyncIterator[qmp.Qmp]:
     """The QEMU that reads the disks: the VM's own, or a storage daemon when it is off."""
     if job.state in presence.LIVE_STATES:
         run = presence.run_files(job.ctx, job.vm_id)
@@ -328,25 +341,30 @@ async def _qemu(job: Run, hardware: HardwareConfig) -> AsyncIterator[qmp.Qmp]:
         async with qmp.connect(run.qmp, job.name) as machine:
             yield machine
         return
-    wanted = {t.disk_id for t in job.targets}
-    chains = [c for c in power.disk_chains(job.ctx, job.vm_id, hardware)
-              if c.disk_id in wanted]
-    async with storage.serving(chains, job.name) as machine:
+    assert job.daemon is not None  # started by _backup for a VM that is not running
+    async with storage.session(job.daemon) as machine:
         yield machine
 
 
-async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing) -> str:
+def _daemon(ctx: Context, vm_id: str, name: str, hardware: HardwareConfig,
+            targets: list[Target]) -> contextlib.AbstractContextManager[storage.Started]:
+    """The storage daemon of a VM that is off or saved, started as soon as its disks are
+    known: it opens them while the repository's points are read."""
+    wanted = {t.disk_id for t in targets}
+    chains = [c for c in power.disk_chains(ctx, vm_id, hardware) if c.disk_id in wanted]
+    return storage.started(chains, name)
+
+
+async def _copy(job: Run, sealing: repository.Sealing) -> str:
     """Decide full or incremental, then copy every disk, each file sealed as its copy ends;
     the point's consistency."""
-    async with _qemu(job, hardware) as machine:
+    async with _qemu(job) as machine:
         await _clear_leftovers(job, machine)
         tracked = await bitmaps.on_nodes(machine)
         job.reason = _full_reason(job, tracked)
         job.parent = None if job.reason else job.latest
-        await _create_targets(job)
         try:
-            for target in job.targets:
-                await _add_target(job, machine, target)
+            await _add_targets(job, machine)
             _set_base(job.ctx, job.vm_id, job.repo.id, None)  # unproven until the manifest
             if job.parent is None:
                 await _drop_bitmaps(machine, job, tracked)
@@ -361,21 +379,55 @@ async def _copy(job: Run, hardware: HardwareConfig, sealing: repository.Sealing)
         finally:
             left = [t for t in job.targets if t.job not in job.closed]
             for target in left:
+                await blockjobs.abandon(machine, target.creation)
                 await blockjobs.abandon(machine, target.job)
             if left:
-                await blockjobs.delete_nodes(machine, [t.node for t in left])
+                await blockjobs.delete_nodes(machine, [t.node for t in left]
+                                             + [t.file_node for t in left])
     return consistency
 
 
-async def _add_target(job: Run, machine: qmp.Qmp, target: Target) -> None:
-    """The target's node, written without flushes (``cache.no-flush``, as ``qemu-img
-    convert`` writes): :class:`~waymark.external.repository.Sealing` makes it durable once,
-    when it is whole."""
-    unflushed = {"no-flush": True}
-    await machine.command("blockdev-add", driver="qcow2", backing=None, cache=unflushed, **{
-        "node-name": target.node,
-        "file": cmdline.file_node(await _target_file(job, machine, target.tmp), False,
-                                  cache=unflushed)})
+UNFLUSHED = {"no-flush": True}
+
+
+async def _add_targets(job: Run, machine: qmp.Qmp) -> None:
+    """Each disk's target made by the QEMU that copies into it, all at once: its file created
+    empty (inside the repository: :meth:`~waymark.external.repository.Repository.new_file`),
+    opened by QEMU (:func:`_target_file`), formatted by ``blockdev-create`` (standalone
+    for a full point, on the parent's file otherwise, named relatively: the repository can
+    move), then opened as the qcow2 node the copy writes. No ``qemu-img`` process, and nothing
+    flushed: the file is written without flushes (``cache.no-flush``, as ``qemu-img convert``
+    writes), and :class:`~waymark.external.repository.Sealing` makes it durable once, when it
+    is whole."""
+    for target in job.targets:
+        job.repo.new_file(target.tmp)
+        filename = await _target_file(job, machine, target.tmp)
+        await machine.command("blockdev-add", **cmdline.file_node(
+            filename, False, cache=UNFLUSHED, **{"node-name": target.file_node}))
+    async with machine.events("JOB_STATUS_CHANGE") as listener:
+        for target in job.targets:
+            await machine.command("blockdev-create", **{
+                "job-id": target.creation, "options": _format(job, target)})
+        await blockjobs.follow_each(machine, listener, [t.creation for t in job.targets],
+                                    _formatted)
+    for target in job.targets:
+        await machine.command("blockdev-add", driver="qcow2", backing=None, cache=UNFLUSHED,
+                              file=target.file_node, **{"node-name": target.node})
+
+
+def _format(job: Run, target: Target) -> dict[str, Any]:
+    """``blockdev-create``'s qcow2 options for the target (as ``qemu-img create`` makes it;
+    an incremental's backing file not opened, as ``-u``)."""
+    options: dict[str, Any] = {"driver": "qcow2", "file": target.file_node,
+                               "size": target.image.virtual_size}
+    if job.parent is not None:
+        below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
+        options |= {"backing-file": Path(below["file"]).name, "backing-fmt": "qcow2"}
+    return options
+
+
+async def _formatted(done: dict[str, Any]) -> None:
+    """(a target's file is formatted: nothing to do until all are)"""
 
 
 async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
@@ -387,6 +439,7 @@ async def _concluded(machine: qmp.Qmp, job: Run, sealing: repository.Sealing,
     job.dirty[target.disk_id] = int(done.get("total-progress", 0))
     counters.end(target.job, job.dirty[target.disk_id])
     await machine.command("blockdev-del", **{"node-name": target.node})
+    await machine.command("blockdev-del", **{"node-name": target.file_node})
     job.closed.add(target.job)
     sealing.add(target.tmp, target.final)
 
@@ -397,21 +450,6 @@ async def _target_file(job: Run, machine: qmp.Qmp, path: Path) -> str:
     if job.state in presence.LIVE_STATES:
         return await confine.open_image(machine, str(path), writable=True)
     return str(path)
-
-
-async def _create_targets(job: Run) -> None:
-    """Each disk's new file, all at once: standalone for a full point, on the parent's file
-    otherwise (named relatively: the repository can move)."""
-    await asyncio.gather(*(asyncio.to_thread(_create_target, job, t) for t in job.targets))
-
-
-def _create_target(job: Run, target: Target) -> None:
-    if job.parent is None:
-        qemu_img.create(target.tmp, size=target.image.virtual_size)
-        return
-    below = next(d for d in job.parent["disks"] if d["disk_id"] == target.disk_id)
-    qemu_img.create(target.tmp, size=target.image.virtual_size,
-                    backing=Path(Path(below["file"]).name), backing_fmt="qcow2", unsafe=True)
 
 
 async def _drop_bitmaps(machine: qmp.Qmp, job: Run, tracked: dict[str, list[bitmaps.Bitmap]]
@@ -432,8 +470,9 @@ async def _clear_leftovers(job: Run, machine: qmp.Qmp) -> None:
         if found["id"].startswith(JOB_PREFIX):
             await blockjobs.abandon(machine, found["id"])
     nodes = await machine.command("query-named-block-nodes", flat=True)
-    left = [n["node-name"] for n in nodes
-            if n["node-name"].startswith(NODE_PREFIX) and n["drv"] == "qcow2"]
+    ours = [n for n in nodes if n["node-name"].startswith(NODE_PREFIX)]
+    left = ([n["node-name"] for n in ours if n["drv"] == "qcow2"]  # then the files under them
+            + [n["node-name"] for n in ours if n["drv"] != "qcow2"])
     if left:
         await blockjobs.delete_nodes(machine, left)
 
