@@ -39,6 +39,8 @@ from tests.helpers import (
     serve_process,
     tmpfs,
 )
+from waymark.errors import ImageError
+from waymark.external.repository import Repository
 
 KIB, MIB = 1 << 10, 1 << 20
 EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_IMAGE, EXIT_STORAGE = 2, 3, 5, 8, 73
@@ -595,8 +597,12 @@ def test_a_link_planted_as_a_disks_folder_is_refused_nothing_written_through_it(
     folder.symlink_to(host)
 
     refused = wm.run("backup", "run", VM, "--repo", str(repo), "--json")
-    assert refused.returncode == EXIT_IMAGE and "leads outside" in refused.stderr, refused
+    assert refused.returncode == EXIT_IMAGE and "a symbolic link" in refused.stderr, refused
     assert list(host.iterdir()) == [] and manifests(repo) == {}
+    # planted after the run's checks of its folders, the link is caught as the file is made
+    with pytest.raises(ImageError, match="leads outside"):
+        Repository.open(repo).new_file(folder / "point.qcow2.tmp")
+    assert list(host.iterdir()) == []
     folder.unlink()
     point = backup(wm, repo, VM)[0]
     assert point["kind"] == "full" and list(host.iterdir()) == []
