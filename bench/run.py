@@ -6,7 +6,7 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 
 - create:  `checkpoint create` with a 100 GiB (sparse) disk vs a 1 GiB disk (ratio ~1: O(1)).
 - delete:  delete C in base <- U (1 GiB written, frozen by C) <- K (16 MiB, active), against
-           `qemu-img commit` of K into U (target <= 1.2x) and `qemu-img rebase -b base K`
+           `qemu-img commit` of K into U (target <= 1.5x, issue 21) and `qemu-img rebase -b base K`
            (target: at least 10x faster).
 - list:    the commands that only read (`checkpoint list` with 50 checkpoints: target <= 150 ms,
            whole process; `checkpoint show`, `vm list`, `vm show`, `--help`), and bare python.
@@ -134,7 +134,7 @@ def bench_delete(root: Path, runs: int) -> None:
     print(f"delete: qemu-img commit {commit * 1000:.0f} ms, qemu-img rebase "
           f"{rebase * 1000:.0f} ms (references)")
     for label, took in (("waymark CLI", ours), ("waymark library", library)):
-        print(f"  {label} {took * 1000:.0f} ms: {took / commit:.2f}x the commit (target <= 1.2),"
+        print(f"  {label} {took * 1000:.0f} ms: {took / commit:.2f}x the commit (target <= 1.5),"
               f" {rebase / took:.1f}x faster than the rebase (target >= 10)")
 
 

@@ -11,9 +11,11 @@ and each uses the catalog through its own short sessions, as the CLI does.
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +44,7 @@ from waymark.api import quotas as quota_api
 from waymark.engine.context import Context
 from waymark.errors import InvalidInput, NotFound, WaymarkError, envelope
 from waymark.http import limits, security
+from waymark.usecases import views
 from waymark.usecases.access import audit, quotas
 from waymark.web import pages
 
@@ -221,9 +224,32 @@ def _limited(app: FastAPI, ctx: Context, chosen: limits.Limits) -> None:
     app.add_middleware(limits.BodyLimit, max_body=chosen.max_body, render=envelope)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the server runs: the VM listing's catalog rows kept between requests
+    (:class:`waymark.usecases.views.VmEntries`: read again only after a commit), and what
+    start-up made (routes, models, the ORM's mappers: hundreds of thousands of objects that
+    live as long as the server) frozen out of the garbage collector's reach, so a full
+    collection, which stops every request, no longer walks them (``gc.freeze``; undone at
+    shutdown)."""
+    ctx: Context | None = app.state.ctx  # (None: an app made for its OpenAPI document only)
+    watch = ctx.catalog.watch() if ctx is not None else None
+    if ctx is not None and watch is not None:
+        app.state.vm_entries = views.VmEntries(ctx, watch.changed)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if watch is not None:
+            watch.close()
+
+
 def create_app(ctx: Context, chosen: limits.Limits | None = None) -> FastAPI:
     app = FastAPI(title="Waymark", version=__version__, openapi_url="/api/openapi.json",
                   docs_url=None, redoc_url=None,  # (no explorer: docs/api.md says why)
+                  lifespan=_lifespan,
                   description="Hyper-V style checkpoints and backups for QEMU/KVM VMs.")
     app.state.ctx = ctx
     app.state.limiter = security.LoginLimiter()

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from waymark.api import schemas, streams
+from waymark.api import logfeed, schemas, streams
 from waymark.catalog.models import Vm
 from waymark.engine.context import Context
 from waymark.engine.running import presence
@@ -26,44 +26,44 @@ from waymark.qemu import sockets
 
 router = APIRouter(tags=["console"], route_class=schemas.Route)
 TAIL = 8192  # bytes of earlier output a new reader gets
-QUIET, LONGEST, POLL = 3.0, 20.0, 0.2
+QUIET, LONGEST = 3.0, 20.0
+WAKE = 1.0  # s at most between two checks of the caller while the log is quiet
 
 
-async def _output(watch: streams.Watch, path: str, offset: int | None
-                  ) -> AsyncIterator[str]:
+async def _output(watch: streams.Watch, feeds: logfeed.LogFeeds, path: Path,
+                  offset: int | None) -> AsyncIterator[str]:
     """``output`` events with the log's new text; ``end`` (with the offset to go on from)
     after :data:`QUIET` s without output or :data:`LONGEST` s in all, so no stream is left
-    open: the page asks again from that offset. The caller is checked again as every
-    stream's is (:mod:`waymark.api.streams`)."""
-    size = await asyncio.to_thread(_size, path)
-    at = max(size - TAIL, 0) if offset is None else min(offset, size)
-    started = last = time.monotonic()
-    while time.monotonic() - last < QUIET and time.monotonic() - started < LONGEST:
-        await watch.current()
-        chunk = await asyncio.to_thread(_read, path, at)
-        if chunk:
-            at += len(chunk)
-            last = time.monotonic()
-            text = chunk.decode(errors="replace").replace("\r", "")
-            yield f"event: output\ndata: {json.dumps({'text': text, 'offset': at})}\n\n"
-        await asyncio.sleep(POLL)
-    yield f"event: end\ndata: {json.dumps({'offset': at})}\n\n"
-
-
-def _size(path: str) -> int:
+    open: the page asks again from that offset. The text comes from the log's one reader
+    (:class:`waymark.api.logfeed.LogFeeds`, woken by the kernel when the log is written);
+    the stream reads the file itself only to catch up to where that reader had got. The
+    caller is checked again as every stream's is (:mod:`waymark.api.streams`)."""
+    sub = feeds.subscribe(path)
     try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
+        at = max(sub.start - TAIL, 0) if offset is None else min(offset, sub.start)
+        for piece in await asyncio.to_thread(list, logfeed.read(path, at, sub.start)):
+            at += len(piece)
+            yield _text(piece, at)
+        started = last = time.monotonic()
+        while (left := min(QUIET - (time.monotonic() - last),
+                           LONGEST - (time.monotonic() - started))) > 0:
+            await watch.current()
+            try:
+                begin, piece = await asyncio.wait_for(sub.queue.get(), min(left, WAKE))
+            except TimeoutError:
+                continue
+            fresh = piece[max(at - begin, 0):]
+            if fresh:
+                at, last = begin + len(piece), time.monotonic()
+                yield _text(fresh, at)
+        yield f"event: end\ndata: {json.dumps({'offset': at})}\n\n"
+    finally:
+        feeds.leave(sub)
 
 
-def _read(path: str, at: int) -> bytes:
-    try:
-        with open(path, "rb") as log:
-            log.seek(at)
-            return log.read(65536)
-    except OSError:
-        return b""
+def _text(piece: bytes, at: int) -> str:
+    text = piece.decode(errors="replace").replace("\r", "")
+    return f"event: output\ndata: {json.dumps({'text': text, 'offset': at})}\n\n"
 
 
 @router.get("/vms/{vm}/console/events", response_class=StreamingResponse,
@@ -73,8 +73,10 @@ def console_events(vm: str, request: Request, caller: CallerDep, ctx: ContextDep
     """The serial console's output from ``offset`` (default: its last 8 KiB); ``revoked``
     ends it when the caller may no longer use the console."""
     row = vm_for(ctx, caller.who, "vm.power", vm)
-    log = str(presence.run_files(ctx, row.id).serial_log)
-    return streams.open_stream(request, caller.who, lambda watch: _output(watch, log, offset),
+    log = presence.run_files(ctx, row.id).serial_log
+    feeds = request.app.state.streams.consoles
+    return streams.open_stream(request, caller.who,
+                               lambda watch: _output(watch, feeds, log, offset),
                                scope=lambda who: may_still(ctx, who, row.id))
 
 

@@ -9,10 +9,12 @@ Every stream (all jobs, one job, a VM's console):
 - ends after ``lifetime`` s with ``expired`` (``{"reconnect": true}``); an EventSource reconnects
   by itself (after the ``retry`` it was sent), other clients ask again.
 
-The jobs' streams share one reader of the catalog (:class:`JobFeed`): while any stream listens,
-a thread reads the jobs and the VMs' owners when they may have changed, and wakes the streams
-when what it read did change; each stream filters the latest reading by its caller's scope, so
-a stream costs the server no catalog reads of its own between re-checks. The server's own job
+The consoles' streams share one reader per serial log, woken by the kernel when it is written
+(:class:`waymark.api.logfeed.LogFeeds`). The jobs' streams share one reader of the catalog
+(:class:`JobFeed`): while any stream listens, a thread reads the jobs and the VMs' owners
+when they may have changed, and wakes the streams when what it read did change; each stream
+filters the latest reading by its caller's scope, so a stream costs the server no catalog
+reads of its own between re-checks. The server's own job
 writes (a job submitted or cancelled through the API: :data:`waymark.engine.jobs.CHANGES`) wake
 the reader at once; writes of other processes (a job's worker, the CLI) are noticed by a look
 every :data:`POLL` s that reads no table (:meth:`waymark.catalog.db.Catalog.watch`): the
@@ -37,6 +39,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from waymark.api import logfeed
 from waymark.engine import jobs
 from waymark.engine.context import Context
 from waymark.errors import TooManyStreams, WaymarkError
@@ -143,6 +146,7 @@ class Streams:
     def __init__(self, ctx: Context, max_streams: int, lifetime: float) -> None:
         self.max_streams, self.lifetime = max_streams, lifetime
         self.feed = JobFeed(ctx)
+        self.consoles = logfeed.LogFeeds()
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from waymark.api import schemas
@@ -40,9 +40,12 @@ BootDevice = Literal["disk", "cdrom", "network"]
 
 
 @router.get("/vms", response_model=list[schemas.VmRow])
-def vm_list(caller: CallerDep, ctx: ContextDep) -> Response:
+def vm_list(request: Request, caller: CallerDep, ctx: ContextDep) -> Response:
     """The VMs the caller may see."""
-    return schemas.listing(views.vm_list(ctx, in_scope(caller.who)))
+    # the server's catalog rows, kept until a commit (none without the app's lifespan: a
+    # test's client that never started it)
+    entries = getattr(request.app.state, "vm_entries", None)
+    return schemas.listing(views.vm_list(ctx, in_scope(caller.who), entries))
 
 
 class NewVm(BaseModel):

@@ -10,6 +10,8 @@ opened for reading (:func:`waymark.engine.reading.open_home`).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,17 +234,43 @@ def vm_summary(source: Source, vm_id: str, sample: float = observe.USAGE_INTERVA
     }
 
 
-def vm_list(source: Source, visible: reading.Visible = reading.everything
-            ) -> list[dict[str, Any]]:
+def vm_list(source: Source, visible: reading.Visible = reading.everything,
+            entries: VmEntries | None = None) -> list[dict[str, Any]]:
     """Every VM ``visible`` accepts, as it is (see :func:`vm_show`), by name; writes nothing.
-    Two queries whatever the number of VMs."""
-    with source.reading() as reader:
-        rows = reads.vm_entries(reader)
+    Two queries whatever the number of VMs, or none when ``entries`` still holds them."""
+    rows = entries() if entries is not None else _vm_entries(source)
     home = source.home
     return [{"id": r.id, "name": r.name, "state": observe.observed_state(home, r.id, r.state),
              "memory_mib": r.memory_mib, "cpus": r.cpus, "checkpoint_type": r.checkpoint_type,
              "checkpoint_count": r.checkpoint_count}
             for r in rows if visible(r)]
+
+
+def _vm_entries(source: Source) -> list[reads.VmEntry]:
+    with source.reading() as reader:
+        return reads.vm_entries(reader)
+
+
+class VmEntries:
+    """The catalog's part of :func:`vm_list` (every VM's row, whoever asks), read again only
+    when something was committed to the catalog since (``changed``: a
+    :class:`waymark.catalog.db.CatalogWatch`'s, SQLite's ``PRAGMA data_version``, which any
+    commit of any connection or process moves). A server keeps one: a listing of 1,000 VMs
+    then costs no query while nothing changes. What is not in the catalog (whether a live
+    VM's QEMU still runs) and the caller's scope are applied on every call by
+    :func:`vm_list`. Thread-safe: callers that find it stale at once read it once."""
+
+    def __init__(self, source: Source, changed: Callable[[], bool]) -> None:
+        self.source, self.changed = source, changed
+        self._lock = threading.Lock()
+        self._rows: list[reads.VmEntry] | None = None
+
+    def __call__(self) -> list[reads.VmEntry]:
+        with self._lock:
+            # the look comes first: rows read after it are at least that new
+            if self.changed() or self._rows is None:
+                self._rows = _vm_entries(self.source)
+            return self._rows
 
 
 def last_backups(source: Source) -> dict[str, str]:
