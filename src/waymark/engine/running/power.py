@@ -296,9 +296,13 @@ def _saved_for_resume(ctx: Context, vm_id: str, name: str
 
 async def _resume_saved(ctx: Context, vm_id: str, name: str) -> str:
     saved, digest, hardware = _saved_for_resume(ctx, vm_id, name)
+    # read and hashed from now on, while QEMU starts: the file is in the page cache when QEMU
+    # loads it (a state written long ago is read from the disk once, not after QEMU's start)
+    checker = _Checker(saved.state)
+    checker.start()
     try:
         async with _launched(ctx, vm_id, name, hardware, incoming=True) as (run, machine):
-            await _incoming(machine, saved.state, digest, name)
+            await _incoming(machine, checker, digest, name)
             await machine.command("cont")
     except WaymarkError:
         await _kill(presence.run_files(ctx, vm_id), name)  # its session closed: quit it
@@ -327,6 +331,7 @@ class _Checker(threading.Thread):
 
     def __init__(self, state: Path) -> None:
         super().__init__(name="state-sha256", daemon=True)
+        self.state = state
         self.source = os.open(state, os.O_RDONLY)
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.source, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -344,14 +349,13 @@ class _Checker(threading.Thread):
         return self.digest.hexdigest()
 
 
-async def _incoming(machine: qmp.Qmp, state: Path, digest: str, name: str) -> None:
-    """Load the saved ``state`` into QEMU (started with ``-incoming defer``), checking its
-    sha256 (``digest``) meanwhile; the guest does not run before it matched, and a damaged file
-    is named as the cause also when QEMU failed to load it."""
+async def _incoming(machine: qmp.Qmp, checker: _Checker, digest: str, name: str) -> None:
+    """Load the saved state into QEMU (started with ``-incoming defer``) while ``checker``
+    (started) checks its sha256 against ``digest``; the guest does not run before it matched,
+    and a damaged file is named as the cause also when QEMU failed to load it."""
+    state = checker.state
     await machine.command("migrate-set-capabilities",
                           capabilities=[{"capability": "events", "state": True}])
-    checker = _Checker(state)
-    checker.start()
     try:
         with open(state, "rb") as handle:
             await machine.send_fd("waymark-state", handle.fileno())
