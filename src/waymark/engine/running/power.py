@@ -221,7 +221,7 @@ async def _kill(run: cmdline.RunFiles, label: str) -> None:
         presence.clean(run)
         return
     with contextlib.suppress(ToolError):
-        async with qmp.connect(run.qmp, label) as machine:
+        async with qmp.connect(run.qmp, label, may_be_exiting=True) as machine:
             await machine.command("quit")
     if not presence.wait_gone(found.pid, QUIT_TIMEOUT):
         os.kill(found.pid, signal.SIGKILL)
