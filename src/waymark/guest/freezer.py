@@ -122,7 +122,7 @@ class AgentLine:
             reply = json.loads(line)
             if "error" in reply:
                 raise Refused(f"the guest agent of {self.label} refused {name}: "
-                                  f"{reply['error'].get('desc', reply['error'])}")
+                              f"{reply['error'].get('desc', reply['error'])}")
             if "return" in reply:
                 return reply["return"]
 
