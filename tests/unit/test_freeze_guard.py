@@ -16,17 +16,12 @@ from waymark.guest import freezer, guard
 
 class FakeAgent:
     """Answers the agent's sync (after 0xFF and a stale line, as a real agent may leave one),
-    the guest's ``sync`` program (done at once, or guest-exec refused without
-    ``runs_programs``), freeze (``frozen`` file systems, or an error with ``refuse``) and thaw;
-    remembers what it was asked, in order."""
+    freeze (``frozen`` file systems, or an error with ``refuse``) and thaw; remembers what it
+    was asked, in order."""
 
-    def __init__(self, refuse: bool = False, runs_programs: bool = True) -> None:
+    def __init__(self, refuse: bool = False) -> None:
         self.refuse = refuse
-        self.runs_programs = runs_programs
         self.asked: list[str] = []
-        # the guest's `sync` before the freeze: started and done at once
-        self.programs = {"guest-exec": {"pid": 7},
-                         "guest-exec-status": {"exited": True, "exitcode": 0}}
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b'{"return": "stale"}\n')
@@ -39,41 +34,24 @@ class FakeAgent:
                              + b"\n")
             elif name == "guest-fsfreeze-freeze" and self.refuse:
                 writer.write(b'{"error": {"class": "GenericError", "desc": "no way"}}\n')
-            elif name == "guest-exec" and not self.runs_programs:
-                writer.write(b'{"error": {"class": "GenericError", "desc": "disabled"}}\n')
-            elif name in self.programs:
-                writer.write(json.dumps({"return": self.programs[name]}).encode() + b"\n")
             else:
                 writer.write(b'{"return": 2}\n')
         writer.close()
 
 
-# the session before a freeze: in step, then the guest writes its dirty data back
-FLUSHED = ["guest-sync-delimited", "guest-exec", "guest-exec-status"]
-
-
-async def _freeze_and_thaw(agent: FakeAgent, socket: Path, flushed: list[str] = FLUSHED
-                          ) -> guard.Frozen:
+async def _freeze_and_thaw(agent: FakeAgent, socket: Path) -> guard.Frozen:
     async with await asyncio.start_unix_server(agent.serve, str(socket)), \
             guard.frozen(socket, "vm") as held:
-        assert agent.asked == [*flushed, "guest-fsfreeze-freeze"]
+        assert agent.asked == ["guest-sync-delimited", "guest-fsfreeze-freeze"]
     return held
 
 
 def test_freezes_for_the_body_and_thaws_after_it(tmp_path: Path) -> None:
     agent = FakeAgent()
     held = asyncio.run(_freeze_and_thaw(agent, tmp_path / "qga.sock"))
-    assert agent.asked == [*FLUSHED, "guest-fsfreeze-freeze",
+    assert agent.asked == ["guest-sync-delimited", "guest-fsfreeze-freeze",
                            "guest-fsfreeze-thaw"]
     assert held.seconds is not None and held.seconds > 0
-
-
-def test_a_guest_that_runs_no_programs_is_frozen_all_the_same(tmp_path: Path) -> None:
-    agent = FakeAgent(runs_programs=False)
-    held = asyncio.run(_freeze_and_thaw(agent, tmp_path / "qga.sock", FLUSHED[:2]))
-    assert agent.asked == ["guest-sync-delimited", "guest-exec", "guest-fsfreeze-freeze",
-                           "guest-fsfreeze-thaw"]
-    assert held.seconds is not None
 
 
 def test_a_refused_freeze_fails_and_is_thawed(tmp_path: Path) -> None:

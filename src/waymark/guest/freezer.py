@@ -9,8 +9,7 @@ client left unread), then one JSON command and one JSON reply a line.
 
 Its pipe to Waymark carries one line each way::
 
-    guard: ready | unavailable <why>          (it reached the agent and had the guest write
-                                              its dirty data back, or not)
+    guard: ready | unavailable <why>          (it reached the agent, or not)
     waymark: freeze
     guard: frozen <count> | failed <why>
     waymark: thaw          (or the pipe closes: Waymark died)
@@ -42,16 +41,10 @@ from typing import Any
 CONNECT_TIMEOUT = 3.0  # connect and sync: the agent of a busy guest
 THAW_TIMEOUT = 5.0
 THAW_RETRY = 0.5
-FLUSH_LIMIT = 2.0  # the longest the guest's write-back before a freeze is waited for
-FLUSH_POLL = 0.01
 
 
 class Unavailable(Exception):
     """The agent did not answer, or refused (the message says which)."""
-
-
-class Refused(Unavailable):
-    """The agent answered with an error."""
 
 
 class AgentLine:
@@ -121,8 +114,8 @@ class AgentLine:
                 continue
             reply = json.loads(line)
             if "error" in reply:
-                raise Refused(f"the guest agent of {self.label} refused {name}: "
-                              f"{reply['error'].get('desc', reply['error'])}")
+                raise Unavailable(f"the guest agent of {self.label} refused {name}: "
+                                  f"{reply['error'].get('desc', reply['error'])}")
             if "return" in reply:
                 return reply["return"]
 
@@ -163,33 +156,10 @@ def _thaw(agent: AgentLine, deadline: float) -> None:
             time.sleep(THAW_RETRY)
 
 
-def flush_first(agent: AgentLine) -> bool:
-    """Have the guest write its dirty data back before the freeze (its ``sync`` program, run
-    through the agent, waited for at most :data:`FLUSH_LIMIT`): a freeze writes back all the
-    data dirty at that moment with every writer stalled, so a guest that keeps writing would
-    otherwise be frozen for as long as that takes (366 ms on a real Debian guest). Best
-    effort: a guest without ``sync`` or an agent that refuses ``guest-exec`` is frozen as
-    it is. Whether the session is still in step (False: a reply may be late, sync again)."""
-    deadline = time.monotonic() + FLUSH_LIMIT
-    try:
-        pid = agent.command("guest-exec", FLUSH_LIMIT, {"path": "sync"})["pid"]
-        while not agent.command("guest-exec-status", FLUSH_LIMIT, {"pid": pid})["exited"]:
-            if time.monotonic() > deadline:
-                return True
-            time.sleep(FLUSH_POLL)
-    except (KeyError, TypeError, Refused):
-        return True  # answered (an error, or another shape): nothing is pending
-    except Unavailable:
-        return False
-    return True
-
-
 def guard(path: str, label: str, hold_limit: float) -> int:
     try:
         agent = AgentLine(path, label)
         agent.sync(CONNECT_TIMEOUT)
-        if not flush_first(agent):
-            agent.sync(CONNECT_TIMEOUT)
     except Unavailable as err:
         _say(f"unavailable {err}")
         return 0
