@@ -9,6 +9,7 @@ clean-up in ``finally`` blocks also runs when a benchmark is stopped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,6 +26,9 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from guestlog import SerialLog
+
+from waymark.guest import agent
+from waymark.qemu.cmdline import RunFiles
 
 T = TypeVar("T")
 
@@ -177,6 +181,15 @@ class Guest(SerialLog):
 
     def stop(self) -> None:
         self.home.stop(self.name)
+
+    def start_program(self, path: str, *args: str) -> int:
+        """Start a program in the guest through its agent (`guest-exec`, not waited for); its
+        pid in the guest. The agent's socket is free again when this returns."""
+        async def run() -> int:
+            async with agent.connect(RunFiles(self.serial.parent).agent, self.name) as guest:
+                started = await guest.command("guest-exec", 10.0, path=path, arg=list(args))
+            return int(started["pid"])
+        return asyncio.run(run())
 
 
 @contextmanager

@@ -38,9 +38,16 @@ What is measured, per run:
 - ``state_bytes``: the size of the memory file (pages the guest never touched are not written,
   so it is well below the guest's memory size).
 
-Set-up (Debian 12, as root, no systemd): ``apt-get install libvirt-daemon-system``; in
-/etc/libvirt/qemu.conf ``user = "root"``, ``group = "root"``, ``dynamic_ownership = 0`` (libvirt
-then leaves the shared guest files' owners alone); then ``virtlogd -d; libvirtd -d``.
+Set-up: none beyond the Debian packages (``libvirt-daemon-system``, ``libvirt-clients``) and root.
+:func:`own_daemon` starts a libvirtd of its own for the measurement and stops it at the end: in a
+private mount namespace (``unshare -m``) whose /etc/libvirt, /run/libvirt, /var/lib/libvirt,
+/var/cache/libvirt and /var/log/libvirt are folders of a temporary directory, so the host's
+libvirt configuration and state are neither read nor written (no systemd, no system libvirtd
+needed). Its qemu.conf runs QEMU as root with ``dynamic_ownership = 0`` and no security driver
+(libvirt leaves the shared guest files' owners and labels alone) and QEMU's output in plain
+files (no virtlogd); its sockets are in that directory too, and virsh connects with
+``qemu:///system?socket=DIR/libvirt-sock``. The daemon's first connection probes QEMU's
+capabilities (5-10 s under load), which is done before anything is timed.
 :func:`available` says why libvirt cannot be used, so a caller can fall back.
 """
 
@@ -59,14 +66,16 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from waymark.model.hardware import DEFAULT_CPU_MODEL, MACHINE
 from waymark.testguest.build import GuestImage, build
 
-URI = "qemu:///system"
-VIRSH = ["virsh", "--quiet", "--connect", URI]
+LIBVIRT_FOLDERS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt",
+                   "/var/log/libvirt")  # bound to the daemon's own folders in its namespace
+DAEMON_START = 60.0  # seconds for the daemon's socket to appear
 GUEST_DIR = os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest")
 AGENT_PORT = "org.qemu.guest_agent.0"
 READY = re.compile(rb"^READY [0-9a-f-]{36}\r?$", re.MULTILINE)
@@ -85,34 +94,102 @@ class LibvirtError(RuntimeError):
     """A virsh command failed, or the events of a snapshot did not give a pause."""
 
 
-# --- virsh -----------------------------------------------------------------------------------
+# --- virsh and the daemon --------------------------------------------------------------------
 
-def virsh(*args: str, timeout: float = COMMAND_TIMEOUT) -> str:
-    """stdout of ``virsh ARGS``; LibvirtError with virsh's message when it fails."""
-    try:
-        done = subprocess.run([*VIRSH, *args], capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except subprocess.TimeoutExpired as err:
-        raise LibvirtError(f"virsh {' '.join(args)}: no answer within {timeout:g} s") from err
-    if done.returncode != 0:
-        message = (done.stderr.strip() or done.stdout.strip()).replace("\n", " ")
-        raise LibvirtError(f"virsh {' '.join(args)}: {message}")
-    return done.stdout
+@dataclass(frozen=True)
+class Virsh:
+    """virsh connected to one libvirt daemon."""
+
+    uri: str
+
+    @property
+    def argv(self) -> list[str]:
+        return ["virsh", "--quiet", "--connect", self.uri]
+
+    def __call__(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """stdout of ``virsh ARGS``; LibvirtError with virsh's message when it fails."""
+        try:
+            done = subprocess.run([*self.argv, *args], capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as err:
+            raise LibvirtError(f"virsh {' '.join(args)}: no answer within {timeout:g} s") from err
+        if done.returncode != 0:
+            message = (done.stderr.strip() or done.stdout.strip()).replace("\n", " ")
+            raise LibvirtError(f"virsh {' '.join(args)}: {message}")
+        return done.stdout
 
 
 def available() -> str | None:
-    """None when libvirt can run the test guest under TCG here, else the reason it cannot."""
-    if shutil.which("virsh") is None:
-        return "virsh is not installed (apt-get install libvirt-daemon-system)"
-    try:
-        version = virsh("version", timeout=30.0)
-        virsh("domcapabilities", "--virttype", "qemu", "--arch", "x86_64", "--machine", MACHINE,
-              timeout=30.0)
-    except LibvirtError as err:
-        return f"{err} (is libvirtd running? start it with: virtlogd -d; libvirtd -d)"
-    if "hypervisor: QEMU" not in version:
-        return f"libvirt at {URI} runs no QEMU hypervisor: {version.strip()!r}"
+    """None when this script can start a libvirt daemon of its own here, else the reason."""
+    for program, package in (("virsh", "libvirt-clients"), ("libvirtd", "libvirt-daemon"),
+                             ("unshare", "util-linux")):
+        if shutil.which(program) is None:
+            return f"{program} is not installed (apt-get install {package})"
+    if os.geteuid() != 0:
+        return "the libvirt daemon of the reference needs root (its own mount namespace)"
+    missing = [folder for folder in LIBVIRT_FOLDERS[:3] if not Path(folder).is_dir()]
+    if missing:
+        return f"{', '.join(missing)} missing: is libvirt-daemon-system installed?"
     return None
+
+
+def bound(folder: Path, target: str) -> Path:
+    """The daemon's own folder that stands for the host's ``target`` in its namespace."""
+    return folder / target.strip("/").replace("/", "-")
+
+
+def daemon_files(folder: Path) -> str:
+    """The daemon's folders and configuration in ``folder``; the shell line that starts it."""
+    for target in LIBVIRT_FOLDERS:
+        bound(folder, target).mkdir()
+    (folder / "sock").mkdir()
+    etc = bound(folder, "/etc/libvirt")
+    (etc / "libvirtd.conf").write_text(
+        f'unix_sock_dir = "{folder / "sock"}"\nunix_sock_rw_perms = "0700"\n'
+        'auth_unix_rw = "none"\nauth_unix_ro = "none"\n')
+    (etc / "qemu.conf").write_text(
+        'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nsecurity_driver = "none"\n'
+        'stdio_handler = "file"\n')
+    binds = [f"mount --bind {bound(folder, target)} {target}" for target in LIBVIRT_FOLDERS
+             if Path(target).is_dir()]
+    return " && ".join([*binds, "exec libvirtd -f /etc/libvirt/libvirtd.conf"])
+
+
+@contextlib.contextmanager
+def own_daemon(workdir: Path) -> Iterator[Virsh]:
+    """A libvirtd of its own (see the module docstring), stopped and its folder removed at the
+    end; yields virsh connected to it, its capabilities already probed."""
+    folder = Path(tempfile.mkdtemp(prefix="libvirtd-", dir=workdir)).absolute()
+    log = folder / "libvirtd.log"
+    try:
+        script = daemon_files(folder)
+        with log.open("wb") as out:
+            daemon = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                       "sh", "-c", script], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            socket = folder / "sock" / "libvirt-sock"
+            wait_for("the libvirt daemon's socket",
+                     lambda: socket.exists() or daemon.poll() is not None, DAEMON_START)
+            if daemon.poll() is not None:
+                raise LibvirtError(f"libvirtd exited ({daemon.returncode}): "
+                                   f"{read_log(log).decode(errors='replace')[-2000:]}")
+            virsh = Virsh(f"qemu:///system?socket={socket}")
+            probe(virsh)
+            yield virsh
+        finally:
+            stop(daemon, signal.SIGTERM)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def probe(virsh: Virsh) -> None:
+    """The daemon runs QEMU and can run the test guest's machine under TCG."""
+    version = virsh("version", timeout=120.0)
+    if "hypervisor: QEMU" not in version:
+        raise LibvirtError(f"libvirt at {virsh.uri} runs no QEMU hypervisor: "
+                           f"{version.strip()!r}")
+    virsh("domcapabilities", "--virttype", "qemu", "--arch", "x86_64", "--machine", MACHINE,
+          timeout=120.0)
 
 
 # --- the domain ------------------------------------------------------------------------------
@@ -155,16 +232,16 @@ def domain_xml(name: str, memory_mib: int, image: GuestImage, disk: Path, serial
 
 
 @contextlib.contextmanager
-def defined_domain(xml: Path, name: str) -> Iterator[str]:
+def defined_domain(virsh: Virsh, xml: Path, name: str) -> Iterator[str]:
     """Define the domain from ``xml``; on the way out destroy and undefine it, come what may."""
     virsh("define", str(xml))
     try:
         yield name
     finally:
-        remove_domain(name)
+        remove_domain(virsh, name)
 
 
-def remove_domain(name: str) -> None:
+def remove_domain(virsh: Virsh, name: str) -> None:
     """Destroy (if running) and undefine ``name`` with any snapshot metadata left."""
     with contextlib.suppress(LibvirtError):
         virsh("destroy", name)
@@ -198,7 +275,7 @@ def last_counter(serial: Path) -> int:
     return int(found[-1]) if found else 0
 
 
-def boot(name: str, serial: Path) -> None:
+def boot(virsh: Virsh, name: str, serial: Path) -> None:
     """Start the domain and wait until the guest has booted and counts."""
     virsh("start", name)
     wait_for("READY on the serial console", lambda: READY.search(read_log(serial)) is not None,
@@ -236,10 +313,10 @@ def has_resumed(log: Path) -> bool:
 
 
 @contextlib.contextmanager
-def listening(name: str, log: Path) -> Iterator[None]:
+def listening(virsh: Virsh, name: str, log: Path) -> Iterator[None]:
     """``virsh qemu-monitor-event NAME --loop`` into ``log`` for the duration of the block."""
     with log.open("wb") as out:
-        listener = subprocess.Popen([*VIRSH, "qemu-monitor-event", name, "--loop"],
+        listener = subprocess.Popen([*virsh.argv, "qemu-monitor-event", name, "--loop"],
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
             time.sleep(LISTENER_START)
@@ -253,10 +330,11 @@ def listening(name: str, log: Path) -> Iterator[None]:
             stop(listener)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT ends ``--loop`` cleanly (output flushed); kill it if it does not go."""
+def stop(process: subprocess.Popen[bytes], how: signal.Signals = signal.SIGINT) -> None:
+    """Signal ``how`` (SIGINT ends ``--loop`` cleanly, output flushed); kill it if it does not
+    go."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(how)
     try:
         process.wait(timeout=10.0)
     except subprocess.TimeoutExpired:
@@ -266,12 +344,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 # --- the measurement -------------------------------------------------------------------------
 
-def snapshot_once(name: str, folder: Path, index: int, serial: Path) -> Run:
+def snapshot_once(virsh: Virsh, name: str, folder: Path, index: int, serial: Path) -> Run:
     """One live external snapshot of the running domain: its pause, wall time and state size."""
     snapshot = f"ref{index}"
     memory, disk = folder / f"{snapshot}.mem", folder / f"{snapshot}.qcow2"
     events = folder / f"{snapshot}.events"
-    with listening(name, events):
+    with listening(virsh, name, events):
         start = time.perf_counter()
         virsh("snapshot-create-as", name, "--name", snapshot, "--live",
               "--memspec", f"file={memory},snapshot=external",
@@ -291,8 +369,9 @@ def libvirt_snapshot_pause(memory_mib: int, runs: int, workdir: Path,
                            image: GuestImage | None = None) -> list[Run]:
     """``runs`` live memory snapshots of the test guest with ``memory_mib`` MiB under libvirt.
 
-    Files go to a temporary folder in ``workdir``, removed at the end; the domain is destroyed
-    and undefined even when a run fails.
+    A libvirt daemon of its own runs for the duration (:func:`own_daemon`). Files go to a
+    temporary folder in ``workdir``, removed at the end; the domain is destroyed and undefined
+    and the daemon stopped even when a run fails.
     """
     guest = image or build(Path(GUEST_DIR))
     folder = Path(tempfile.mkdtemp(prefix="libvirt-ref-", dir=workdir)).absolute()
@@ -302,9 +381,9 @@ def libvirt_snapshot_pause(memory_mib: int, runs: int, workdir: Path,
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
                         "-b", str(guest.disk), str(disk)], check=True, capture_output=True)
         xml.write_text(domain_xml(name, memory_mib, guest, disk, serial))
-        with defined_domain(xml, name):
-            boot(name, serial)
-            return [snapshot_once(name, folder, index, serial) for index in range(runs)]
+        with own_daemon(workdir) as virsh, defined_domain(virsh, xml, name):
+            boot(virsh, name, serial)
+            return [snapshot_once(virsh, name, folder, index, serial) for index in range(runs)]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

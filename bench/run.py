@@ -24,7 +24,8 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
            same disks; an incremental one after 16 MiB written on a 1 GiB disk, against the full.
 - live:    a running 256 MiB test guest under TCG (bench/live.py, which has more options): live
            standard checkpoint (pause and wall time against libvirt's `virsh snapshot-create-as
-           --live`), production checkpoint (freeze, wall), apply --start of a standard
+           --live`, its libvirtd started by bench/libvirt_ref.py), production checkpoint
+           (freeze, wall; freeze also while the guest writes), apply --start of a standard
            checkpoint, `vm status` of a running VM without a guest agent.
 - subtree: `checkpoint delete --subtree` of 200 checkpoints on Now's path (their layers nearly
            empty), the whole command (target <= 5 s); its journal steps and the cost per layer.

@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket as stdlib_socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -24,6 +27,7 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecuteError, Message, QMPClient, QMPError
 
 from waymark.errors import ToolError
+from waymark.guest import freezer
 from waymark.qemu import cmdline, qmp, sockets
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,9 @@ CLOCK_TIMEOUT = 2.0  # the whole of a clock correction: an agent slower than thi
 # 0.5 s leaves it ~5x that. A guest without an agent costs no wait at all (:func:`port_open`).
 PROBE_TIMEOUT = 0.5
 HELD_GRACE = 0.5  # a client that just left: QEMU notices its hang-up within this
+# the detached clock setter: the freeze guard's script (standard library only, isolated)
+CLOCK_SETTER = (sys.executable, "-I", "-S", str(Path(freezer.__file__)), "--set-clock")
+SETTER_POLL = 0.02
 
 
 class _AgentClient(QMPClient):
@@ -81,7 +88,9 @@ class Agent:
 
 @asynccontextmanager
 async def connect(socket: Path, label: str, timeout: float = 3.0) -> AsyncIterator[Agent]:
-    """An agent session, synchronised; AgentUnavailable when nothing answers in time."""
+    """An agent session, synchronised; AgentUnavailable when nothing answers in time. A clock
+    setter still at work is waited for first (:func:`set_clock`)."""
+    await after_clock_setter(socket)
     client = _AgentClient(f"{label}-agent")
     client.await_greeting = False
     client.negotiate = False
@@ -104,18 +113,57 @@ async def connect(socket: Path, label: str, timeout: float = 3.0) -> AsyncIterat
 async def set_clock(socket: Path, label: str, timeout: float = CLOCK_TIMEOUT) -> bool:
     """Set the guest's clock to the host's (``guest-set-time`` with the host's time in ns, as
     libvirt's ``domtime --sync`` and Hyper-V's time synchronisation do), after the guest ran
-    from a memory state or stood paused: its clock stopped meanwhile. Best effort within
-    ``timeout`` in all: an agent that does not answer or refuses is skipped (False), logged,
-    and never fails what called it."""
+    from a memory state or stood paused: its clock stopped meanwhile.
+
+    Without waiting for the guest's answer (a guest just resumed under TCG took 0.2-0.9 s to
+    answer): the connection to the agent's socket is made here, so every later client of the
+    socket (which takes one at a time) is served after it, and handed to a process of its own
+    (:data:`CLOCK_SETTER`) that sets the clock and exits; Waymark's own clients wait for it to
+    end first (:func:`after_clock_setter`). Best effort: False (logged) when the socket takes
+    no connection; the setter gives up after ``timeout`` a step (an agent that does not answer
+    or refuses is skipped), and nothing fails what called it."""
+    await after_clock_setter(socket)
+    line = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        async with asyncio.timeout(timeout), connect(socket, label, timeout) as guest:
-            await guest.command("guest-set-time", timeout, time=time.time_ns())
-    except (ToolError, TimeoutError) as err:
-        log.info("the clock of %s was not set: %s", label,
-                 err.message if isinstance(err, ToolError) else f"no answer in {timeout:g} s")
+        line.settimeout(timeout)
+        with sockets.address(socket) as where:
+            line.connect(where)
+        line.setblocking(True)  # the setter sets its own timeouts
+        setter = subprocess.Popen([*CLOCK_SETTER, str(line.fileno()), label, f"{timeout:g}"],
+                                  pass_fds=(line.fileno(),), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+    except OSError as err:
+        log.info("the clock of %s was not set: %s", label, err)
         return False
-    log.info("the clock of %s was set to the host's", label)
+    finally:
+        line.close()  # the setter holds the connection now
+    _setter_marker(socket).write_text(str(setter.pid))
     return True
+
+
+def _setter_marker(socket: Path) -> Path:
+    """Where the pid of the clock setter of the agent's ``socket`` is noted (beside it)."""
+    return socket.with_name(f"{socket.name}.clock-setter")
+
+
+def _setter_running(socket: Path) -> bool:
+    """Whether the clock setter last started for ``socket`` still runs (a pid now used by
+    another program, or an exited setter, has another or an empty command line; a setter of
+    another VM that took this pid since is waited for at most its own few seconds)."""
+    try:
+        pid = int(_setter_marker(socket).read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"--set-clock" in command
+
+
+async def after_clock_setter(socket: Path, timeout: float = 2 * CLOCK_TIMEOUT + 1) -> None:
+    """Wait (at most ``timeout``) until no clock setter holds the agent's ``socket``."""
+    deadline = time.monotonic() + timeout
+    while _setter_running(socket) and time.monotonic() < deadline:
+        await asyncio.sleep(SETTER_POLL)
 
 
 async def port_open(machine: qmp.Qmp) -> bool:
@@ -133,6 +181,7 @@ async def answers(machine: qmp.Qmp, socket: Path, label: str,
     ping); at once False when no program in the guest has its port open (:func:`port_open`)."""
     if not await port_open(machine):
         return False
+    await after_clock_setter(socket)  # not counted in ``timeout``: it ends in seconds
     try:
         async with asyncio.timeout(timeout), connect(socket, label, timeout) as guest:
             await guest.ping(timeout)

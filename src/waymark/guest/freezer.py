@@ -17,6 +17,14 @@ Its pipe to Waymark carries one line each way::
 
 It thaws when told, when its pipe closes, or ``HOLD_LIMIT`` seconds after the freeze began,
 whichever comes first, and retries the thaw until the agent confirms it.
+
+The same script sets a guest's clock to the host's without Waymark waiting for the answer
+(``python -I -S freezer.py --set-clock FD LABEL TIMEOUT``, see
+:func:`waymark.guest.agent.set_clock`): Waymark connects to the agent's socket itself (so
+every later client of the socket is served after this one) and hands the connection over as
+descriptor FD; the script syncs and sends ``guest-set-time`` with the host's time at that
+moment, each answer awaited at most TIMEOUT seconds, and exits: 0 when the agent confirmed, 1
+otherwise.
 """
 
 from __future__ import annotations
@@ -42,10 +50,15 @@ class Unavailable(Exception):
 class AgentLine:
     """A session with the guest agent on its socket: one command, one reply."""
 
-    def __init__(self, path: str, label: str) -> None:
+    def __init__(self, path: str, label: str, connected: int | None = None) -> None:
+        """A session on the agent's socket ``path``, or on the descriptor ``connected`` (a
+        connection to it made by the caller)."""
         self.label = label
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pending = b""
+        if connected is not None:
+            self.sock = socket.socket(fileno=connected)
+            return
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(CONNECT_TIMEOUT)
             self.sock.connect(path)
@@ -62,8 +75,9 @@ class AgentLine:
         if self._reply("guest-sync-delimited", deadline, timeout) != token:
             raise Unavailable(f"the guest agent of {self.label} answered out of turn.")
 
-    def command(self, name: str, timeout: float) -> Any:
-        self._send(name, None)
+    def command(self, name: str, timeout: float, arguments: dict[str, Any] | None = None
+                ) -> Any:
+        self._send(name, arguments)
         return self._reply(name, time.monotonic() + timeout, timeout)
 
     def _send(self, name: str, arguments: dict[str, Any] | None) -> None:
@@ -166,5 +180,21 @@ def guard(path: str, label: str, hold_limit: float) -> int:
     return 0
 
 
+def set_clock(connected: int, label: str, timeout: float) -> int:
+    """The guest's clock set to the host's through the agent connection ``connected`` (the
+    module docstring says how); 0 when done."""
+    agent = AgentLine("", label, connected)
+    try:
+        agent.sync(timeout)
+        agent.command("guest-set-time", timeout, {"time": time.time_ns()})
+    except Unavailable:
+        return 1
+    finally:
+        agent.close()
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--set-clock":
+        sys.exit(set_clock(int(sys.argv[2]), sys.argv[3], float(sys.argv[4])))
     sys.exit(guard(sys.argv[1], sys.argv[2], float(sys.argv[3])))

@@ -72,6 +72,7 @@ async def frozen(socket: Path, label: str, hold_limit: float = HOLD_LIMIT,
     Raises :class:`FreezeFailed` (nothing frozen) when the agent is missing, slow or refuses,
     or (asked through ``machine``, the VM's QMP) another program holds its socket.
     """
+    await agent.after_clock_setter(socket)  # Waymark's own client: it ends in seconds
     if machine is not None and await agent.held_elsewhere(machine):
         raise FreezeFailed(agent.held_reason(socket))
     process = await asyncio.create_subprocess_exec(

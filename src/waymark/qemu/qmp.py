@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -140,12 +140,29 @@ async def _first_session(stack: AsyncExitStack, started: subprocess.Popen[bytes]
         await asyncio.sleep(SOCKET_POLL)
 
 
+@contextmanager
+def _library_silent(silent: bool) -> Iterator[None]:
+    """``qemu.qmp``'s own error log muted for the block, when ``silent``."""
+    library = logging.getLogger("qemu.qmp")
+    before = library.level
+    if silent:
+        library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library.setLevel(before)
+
+
 @asynccontextmanager
-async def connect(socket: Path, label: str, timeout: float = 5.0) -> AsyncIterator[Qmp]:
-    """A QMP session to the QEMU listening on ``socket``."""
+async def connect(socket: Path, label: str, timeout: float = 5.0, *,
+                  may_be_exiting: bool = False) -> AsyncIterator[Qmp]:
+    """A QMP session to the QEMU listening on ``socket``. ``may_be_exiting``: a QEMU that may
+    be exiting on its own (one whose incoming migration failed exits by itself), whose
+    refused connection is expected: the library logs nothing about it (the caller gets the
+    ToolError either way)."""
     client = QMPClient(label)
     try:
-        with sockets.address(socket) as where:
+        with sockets.address(socket) as where, _library_silent(may_be_exiting):
             await asyncio.wait_for(client.connect(where), timeout)
     except (ConnectError, OSError, TimeoutError) as err:
         raise ToolError(f"cannot reach QEMU of {label} at {socket}: {err}") from err
