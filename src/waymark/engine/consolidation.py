@@ -71,9 +71,11 @@ from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import Journal, now
 from waymark.engine.params import Params
+from waymark.engine.running import live_consolidation, observe, presence
 from waymark.engine.steps import CommitOnto, Convert, DeleteFile, Rebase, Step
 from waymark.errors import WaymarkError
 from waymark.images.qemu_img import Progress
+from waymark.qemu.cmdline import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +160,44 @@ KINDS = (journal.intent_kind(ConsolidationUnlink, commit_unlink),
          journal.intent_kind(ConsolidationDrop))
 
 
+# --- a running VM's QEMU -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Live:
+    """The QEMU running a VM (its run folder, the VM's name): links change its graph too."""
+
+    run: RunFiles
+    name: str
+
+
+def live(home: Path | None, session: Session, vm_id: str) -> Live | None:
+    """The VM's QEMU when the VM runs (or is paused) and its QEMU is there, else None."""
+    vm_row = session.get(Vm, vm_id)
+    if home is None or vm_row is None or vm_row.state not in observe.LIVE_STATES:
+        return None
+    run = observe.run_files(home, vm_id)
+    return Live(run, vm_row.name) if presence.find(run) is not None else None
+
+
+def _relink(qemu: Live | None, active: Image, backing: list[Image], *, release: list[str],
+            consolidation: tuple[str, str] | None = None) -> Step:
+    """The step that makes ``active`` read ``consolidation`` (its disk and file), else the
+    chain ``backing`` (its real parent first): a header write when QEMU is off; in QEMU's
+    graph and its header at once when it runs (``release``: the nodes QEMU then drops)."""
+    target = backing[0].path if consolidation is None else consolidation[1]
+    if qemu is None:
+        return Rebase(path=active.path, backing=target, unsafe=True,
+                      backing_fmt=backing[0].format if consolidation is None else "qcow2")
+    layers = ([live_consolidation.consolidation_layer(*consolidation)]
+              if consolidation is not None
+              else [live_consolidation.image_layer(image) for image in backing])
+    return live_consolidation.link_step(qemu.run, qemu.name, active, layers, release)
+
+
 # --- unlinking: before anything changes the chain ---------------------------------------------
 
-def _unlink_steps(session: Session, vm_id: str) -> tuple[list[str], list[Step]]:
+def _unlink_steps(session: Session, vm_id: str, qemu: Live | None
+                  ) -> tuple[list[str], list[Step]]:
     """The linked disks of the VM and the steps relinking their active images."""
     disks: list[str] = []
     steps: list[Step] = []
@@ -172,16 +209,18 @@ def _unlink_steps(session: Session, vm_id: str) -> tuple[list[str], list[Step]]:
         parent = images.get(active.parent_id or "") if active is not None else None
         disks.append(row.disk_id)
         if active is not None and parent is not None:
-            steps.append(Rebase(path=active.path, backing=parent.path,
-                                backing_fmt=parent.format, unsafe=True))
+            steps.append(_relink(qemu, active, _chain(images, parent), release=[
+                live_consolidation.consolidation_nodes(row.disk_id)[0]]))
     return disks, steps
 
 
 def unlink(jour: Journal, vm_id: str) -> None:
-    """Relink the VM's linked active images onto their real parents (each a header write), so
-    what follows sees the real chain. The caller holds the VM's lock, its QEMU is not running."""
+    """Relink the VM's linked active images onto their real parents, so what follows sees the
+    real chain: a header write each when the VM is off, live in QEMU's graph too when it runs
+    (:mod:`waymark.engine.running.live_consolidation`). The caller holds the VM's lock."""
     with jour.catalog.session() as session:
-        disks, steps = _unlink_steps(session, vm_id)
+        qemu = live(jour.catalog.home, session, vm_id)
+        disks, steps = _unlink_steps(session, vm_id, qemu)
     if disks:
         jour.run(vm_id, ConsolidationUnlink(disks=disks), steps, shape="finish")
 
@@ -312,11 +351,16 @@ def _needed(layers: list[Image]) -> int:
 
 
 def _advance(ctx: Context, vm_id: str, plan: _Plan, record: Consolidation,
-             layers: list[Image], progress: Progress = None) -> None:
-    """Commit ``layers`` (bottom first) into the disk's ``S``, then link the active image."""
+             layers: list[Image], qemu: Live | None, progress: Progress = None) -> None:
+    """Commit ``layers`` (bottom first) into the disk's ``S``, then link the active image (in
+    QEMU's graph too when it runs: QEMU then drops the real chain's nodes). ``S`` is open in no
+    QEMU meanwhile (an unlinked ``S`` is no node), and the layers are frozen: QEMU reads them,
+    never writes them, so they are read without their locks (:func:`waymark.images.qemu_img
+    .commit_onto`)."""
     steps: list[Step] = [CommitOnto(into=record.path, top=layer.path) for layer in layers]
-    steps.append(Rebase(path=plan.active.path, backing=record.path, backing_fmt="qcow2",
-                        unsafe=True))
+    steps.append(_relink(qemu, plan.active, plan.chain, consolidation=(plan.disk, record.path),
+                         release=[live_consolidation.image_layer(image)[0]
+                                  for image in plan.chain]))
     ctx.journal.run(vm_id, ConsolidationAdvance(disk=plan.disk, image=plan.parent.id,
                                                 active=plan.active.id), steps, progress,
                     shape="finish")
@@ -364,25 +408,30 @@ def _decide(folder: Path, plan: _Plan) -> _Decision:
     return _Decision("built", [])
 
 
-def _one(ctx: Context, vm_id: str, plan: _Plan, progress: Progress) -> Outcome:
+def _one(ctx: Context, vm_id: str, plan: _Plan, qemu: Live | None, progress: Progress
+         ) -> Outcome:
     decision = _decide(ctx.disk_folder(vm_id), plan)
     if decision.action in ("advanced", "linked") and plan.record is not None:
-        _advance(ctx, vm_id, plan, plan.record, decision.layers, progress)
+        _advance(ctx, vm_id, plan, plan.record, decision.layers, qemu, progress)
     elif decision.action == "built":
-        _advance(ctx, vm_id, plan, _build(ctx, vm_id, plan, progress), [])
+        _advance(ctx, vm_id, plan, _build(ctx, vm_id, plan, progress), [], qemu)
         _drop_files(ctx.journal, vm_id)  # the old file, once nothing names it
     layers = len(plan.chain) if decision.action == "built" else len(decision.layers)
     return Outcome(plan.disk, decision.action, layers, decision.reason)
 
 
-def _state(session: Session, vm_id: str) -> str | None:
-    """Why the VM is left as it is (None: it may be consolidated)."""
+def _state(session: Session, vm_id: str, qemu: Live | None) -> str | None:
+    """Why the VM is left as it is (None: it may be consolidated): off, or running (or paused)
+    in a QEMU whose block layer is active (not left ``postmigrate`` by a checkpoint)."""
     vm_row = session.get(Vm, vm_id)
     if vm_row is None:
         return "the VM is gone"
     if not vm_row.consolidation:
         return "turned off for this VM"
-    # a saved VM resumes without the boot hook's unlink: it is left as it is, as a running one
+    if vm_row.state in observe.LIVE_STATES and qemu is not None \
+            and live_consolidation.usable(qemu.run, qemu.name):
+        return None
+    # a saved VM resumes without the boot hook's unlink: it is left as it is
     return f"the VM is {vm_row.state}" if vm_row.state != "off" else None
 
 
@@ -393,21 +442,22 @@ def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Out
     :class:`~waymark.errors.Cancelled` when the job is cancelled: a build is then rolled
     back, an advance finished by the next command)."""
     with ctx.catalog.session() as session:
-        reason = _state(session, vm_id)
+        qemu = live(ctx.home, session, vm_id)
+        reason = _state(session, vm_id, qemu)
         plans = _plans(session, vm_id)
         session.expunge_all()
     if reason is not None:
         return [Outcome(plan.disk, "skipped", reason=reason) for plan in plans]
     outcomes = []
     for plan in plans:
-        outcomes.append(_one(ctx, vm_id, plan, progress))
+        outcomes.append(_one(ctx, vm_id, plan, qemu, progress))
         log.info("consolidation of disk %s: %s", plan.disk, outcomes[-1])
     return outcomes
 
 
 def needed(ctx: Context, session: Session, vm_id: str) -> bool:
     """Whether :func:`consolidate` has work on the VM now (the catalog and file sizes only)."""
-    if _state(session, vm_id) is not None:
+    if _state(session, vm_id, live(ctx.home, session, vm_id)) is not None:
         return False
     return any(_decide(ctx.disk_folder(vm_id), plan).work for plan in _plans(session, vm_id))
 
@@ -508,10 +558,12 @@ def repair(jour: Journal, path: str) -> None:
         images = lookup.images(session, vm_id)
         active = images.get(disk.active_image_id or "") if disk is not None else None
         parent = images.get(active.parent_id or "") if active is not None else None
+        qemu = live(jour.catalog.home, session, vm_id)
+        chain = _chain(images, parent)
     if active is not None and parent is not None and Path(active.path).is_file():
-        jour.run(vm_id, ConsolidationUnlink(disks=[disk_id]),
-                 [Rebase(path=active.path, backing=parent.path, backing_fmt=parent.format,
-                         unsafe=True)], shape="finish")
+        jour.run(vm_id, ConsolidationUnlink(disks=[disk_id]), [_relink(
+            qemu, active, chain,
+            release=[live_consolidation.consolidation_nodes(disk_id)[0]])], shape="finish")
     with jour.catalog.session() as session:
         session.execute(delete(Consolidation).where(Consolidation.disk_id == disk_id))
         journal.add(session, vm_id, ConsolidationDrop(), [DeleteFile(path=path)])
