@@ -224,3 +224,22 @@ def test_qemu_dead_after_a_killed_link_recovery_writes_the_header_and_the_vm_boo
     assert_runs_on(vm, mark)
     assert contents(vm) == exact
     assert_clean(wm)
+
+
+def test_a_linked_vm_saved_and_resumed_is_linked_again_live(vm: Guest) -> None:
+    """A save keeps A's header on S; the resumed QEMU reads the real chain (the command line
+    names it), so the consolidation links it again, live."""
+    wm = vm.wm
+    vm.ensure_running()
+    wm("vm", "consolidate", NAME)
+    record = consolidation(vm)
+    assert record is not None and record[1]
+    wm("vm", "save", NAME)
+    mark = vm.mark()
+    wm("vm", "start", NAME)
+    assert qemu_chain(vm) == catalog_chain(vm)  # resumed on the real chain
+    assert wm.json("vm", "consolidate", NAME)["disks"][0]["action"] == "linked"
+    assert qemu_chain(vm) == [vm.active_image(), record[0]]
+    assert_agrees(vm)
+    assert_runs_on(vm, mark)
+    assert_clean(wm)

@@ -73,8 +73,9 @@ from waymark.engine.journal import Journal, now
 from waymark.engine.params import Params
 from waymark.engine.running import live_consolidation, observe, presence
 from waymark.engine.steps import CommitOnto, Convert, DeleteFile, Rebase, Step
-from waymark.errors import WaymarkError
+from waymark.errors import ToolError, WaymarkError
 from waymark.images.qemu_img import Progress
+from waymark.qemu import qmp
 from waymark.qemu.cmdline import RunFiles
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,9 @@ class _Plan:
     active: Image
     chain: list[Image]  # the active image's real parent first, its base last
     record: Consolidation | None
+    # linked in the catalog and in the header, but the running QEMU reads the real chain (a
+    # saved VM resumed: the command line names the real chain): linked again, live
+    astray: bool = False
 
     @property
     def parent(self) -> Image:
@@ -326,7 +330,8 @@ def _chain(images: dict[str, Image], image: Image | None) -> list[Image]:
     return found
 
 
-def _plans(session: Session, vm_id: str) -> list[_Plan]:
+def _plans(session: Session, vm_id: str, qemu: Live | None = None) -> list[_Plan]:
+    """What each disk has; with ``qemu``, whether QEMU reads through the linked ``S``."""
     images = lookup.images(session, vm_id)
     records = {r.disk_id: r for r in session.scalars(
         select(Consolidation).where(Consolidation.vm_id == vm_id))}
@@ -335,9 +340,22 @@ def _plans(session: Session, vm_id: str) -> list[_Plan]:
         active = images.get(disk.active_image_id or "")
         if active is None or active.parent_id is None:
             continue
+        record = records.get(disk.id)
+        astray = qemu is not None and record is not None and record.linked and \
+            _reads(qemu, active) != record.path
         plans.append(_Plan(disk.id, active, _chain(images, images[active.parent_id]),
-                           records.get(disk.id)))
+                           record, astray))
     return plans
+
+
+def _reads(qemu: Live, active: Image) -> str | None:
+    """The file QEMU reads under the active image (None: none, or QEMU did not answer)."""
+    try:
+        files = qmp.run_sync(live_consolidation.backing_files(
+            qemu.run, qemu.name, live_consolidation.image_layer(active)[0]))
+    except (ToolError, KeyError):
+        return None
+    return files[0] if files else None
 
 
 def _room(folder: Path, needed: int) -> bool:
@@ -395,7 +413,7 @@ class _Decision:
 
 def _decide(folder: Path, plan: _Plan) -> _Decision:
     record, base = plan.record, plan.base_index()
-    if record is not None and record.linked and base == 0:
+    if record is not None and record.linked and base == 0 and not plan.astray:
         return _Decision("kept", [])
     if base is None and len(plan.chain) <= DEPTH:
         return _Decision("skipped", [], f"{len(plan.chain)} layer(s) under Now")
@@ -444,7 +462,7 @@ def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Out
     with ctx.catalog.session() as session:
         qemu = live(ctx.home, session, vm_id)
         reason = _state(session, vm_id, qemu)
-        plans = _plans(session, vm_id)
+        plans = _plans(session, vm_id, qemu if reason is None else None)
         session.expunge_all()
     if reason is not None:
         return [Outcome(plan.disk, "skipped", reason=reason) for plan in plans]
@@ -456,10 +474,13 @@ def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Out
 
 
 def needed(ctx: Context, session: Session, vm_id: str) -> bool:
-    """Whether :func:`consolidate` has work on the VM now (the catalog and file sizes only)."""
-    if _state(session, vm_id, live(ctx.home, session, vm_id)) is not None:
+    """Whether :func:`consolidate` has work on the VM now (the catalog and file sizes; for a
+    running VM also what its QEMU reads)."""
+    qemu = live(ctx.home, session, vm_id)
+    if _state(session, vm_id, qemu) is not None:
         return False
-    return any(_decide(ctx.disk_folder(vm_id), plan).work for plan in _plans(session, vm_id))
+    return any(_decide(ctx.disk_folder(vm_id), plan).work
+               for plan in _plans(session, vm_id, qemu))
 
 
 # --- the background job -----------------------------------------------------------------------
