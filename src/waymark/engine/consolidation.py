@@ -22,9 +22,9 @@ the image a consolidation holds (a commit into it) or removes that image forgets
 (:func:`merged`, :func:`removed`, in the merge's commit), and a merge of its child into it
 moves the record to the merged file, whose view it then is.
 
-:func:`consolidate` (the VM off, its lock held; run by the ``consolidate`` job or ``waymark vm
-consolidate``) brings each disk back to two hops when ``A``'s real chain is deeper than
-:data:`DEPTH`:
+:func:`consolidate` (the VM off or running, its lock held; run by the ``consolidate`` job or
+``waymark vm consolidate``) brings each disk back to two hops when ``A``'s real chain is deeper
+than :data:`DEPTH`:
 
 - ``S`` already holds the view of an image on ``A``'s path: each layer above that image, bottom
   up, is committed into ``S`` (:class:`~waymark.engine.steps.CommitOnto`: the layer opened with
@@ -45,12 +45,12 @@ bounded by the free space: no consolidation is built or advanced when it would l
 :data:`MARGIN` free. An administrator turns it off per VM (``vm set --consolidate off``:
 unlinked and its files deleted, :func:`disable`).
 
-Running VMs (this step): a VM boots unlinked (:func:`unlink` before each boot), so every live
-operation finds the real chain, and consolidation waits until the VM is off (a saved VM too:
-it resumes without that unlink; it can only have been saved running, or by an apply, both of
-which unlinked it). Consolidating a
-running VM's chain live (``blockdev-add`` of ``S``, ``blockdev-reopen`` of ``A`` onto it,
-``change-backing-file``) is the next step (docs/engine.md, "Consolidation").
+Running VMs: the same, live (:mod:`waymark.engine.running.live_consolidation`): linking and
+unlinking change QEMU's graph and ``A``'s header at once (the ``qmp_link`` step), never a
+header write under a running QEMU; ``S`` is only written (built, advanced) while no QEMU has it
+open, and the frozen layers it is made from are only read. A VM boots on its real chain (the
+boot hook unlinks it) and the ``consolidate`` job its start leaves links it live right after
+(docs/engine.md, "Consolidation").
 """
 
 from __future__ import annotations
@@ -220,6 +220,9 @@ def unlink(jour: Journal, vm_id: str) -> None:
     real chain: a header write each when the VM is off, live in QEMU's graph too when it runs
     (:mod:`waymark.engine.running.live_consolidation`). The caller holds the VM's lock."""
     with jour.catalog.session() as session:
+        if session.scalars(select(Consolidation.disk_id).where(
+                Consolidation.vm_id == vm_id, Consolidation.linked)).first() is None:
+            return  # nothing linked (most VMs): no look at their QEMU
         qemu = live(jour.catalog.home, session, vm_id)
         disks, steps = _unlink_steps(session, vm_id, qemu)
     if disks:
@@ -455,7 +458,8 @@ def _state(session: Session, vm_id: str, qemu: Live | None) -> str | None:
 
 def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Outcome]:
     """Bring each disk's active image back to two hops (see the module's docstring). The
-    caller holds the VM's lock; a running VM, or one turned off for consolidation, is left.
+    caller holds the VM's lock; a saved VM, one whose QEMU's block layer is inactive, or one
+    turned off for consolidation, is left.
     ``progress``: each copy's fraction (a job's reporter, which raises
     :class:`~waymark.errors.Cancelled` when the job is cancelled: a build is then rolled
     back, an advance finished by the next command)."""
