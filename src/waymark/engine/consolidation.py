@@ -374,14 +374,14 @@ def _needed(layers: list[Image]) -> int:
 def _advance(ctx: Context, vm_id: str, plan: _Plan, record: Consolidation,
              layers: list[Image], qemu: Live | None, progress: Progress = None) -> None:
     """Commit ``layers`` (bottom first) into the disk's ``S``, then link the active image (in
-    QEMU's graph too when it runs: QEMU then drops the real chain's nodes). ``S`` is open in no
-    QEMU meanwhile (an unlinked ``S`` is no node), and the layers are frozen: QEMU reads them,
-    never writes them, so they are read without their locks (:func:`waymark.images.qemu_img
-    .commit_onto`)."""
+    QEMU's graph too when it runs: the real chain's nodes stay open, unattached, so the unlink
+    before the next live checkpoint or merge is a reopen, not one ``blockdev-add`` a layer).
+    ``S`` is open in no QEMU meanwhile (an unlinked ``S`` is no node), and the layers are
+    frozen: QEMU reads them, never writes them, so they are read without their locks
+    (:func:`waymark.images.qemu_img.commit_onto`)."""
     steps: list[Step] = [CommitOnto(into=record.path, top=layer.path) for layer in layers]
     steps.append(_relink(qemu, plan.active, plan.chain, consolidation=(plan.disk, record.path),
-                         release=[live_consolidation.image_layer(image)[0]
-                                  for image in plan.chain]))
+                         release=[]))
     ctx.journal.run(vm_id, ConsolidationAdvance(disk=plan.disk, image=plan.parent.id,
                                                 active=plan.active.id), steps, progress,
                     shape="finish")

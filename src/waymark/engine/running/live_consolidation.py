@@ -6,13 +6,15 @@ One step, :class:`~waymark.engine.steps.QmpLink`, does both directions:
 - **link** (``A`` onto its consolidation ``S``): ``blockdev-add`` of ``S`` (read-only, no
   backing, handed over open like every image: :func:`waymark.qemu.confine.open_image`),
   ``blockdev-reopen`` of ``A``'s format node with ``backing`` = ``S``'s node, QEMU's own
-  ``change-backing-file`` so ``A``'s header names ``S`` as QEMU reads it, then ``blockdev-del``
-  of the real chain's nodes (top first), which nothing reads any more, and ``remove-fd`` of
-  their files' fd sets (else QEMU would keep a dropped ``S`` open, its space never freed);
+  ``change-backing-file`` so ``A``'s header names ``S`` as QEMU reads it; the real chain's
+  nodes stay open, unattached (:mod:`waymark.engine.consolidation` releases none), so the
+  unlink is a reopen, not one ``blockdev-add`` a layer;
 - **unlink** (``A`` back onto its real parent ``F``): the real chain's nodes added again
   bottom up under the names the command line gives them (:func:`waymark.qemu.cmdline
-  .node_name`), so live checkpoints and merges find the graph a boot makes; then the same
-  reopen, ``change-backing-file`` and ``blockdev-del`` of ``S``'s node.
+  .node_name`) where missing, so live checkpoints and merges find the graph a boot makes;
+  then the same reopen, ``change-backing-file``, ``blockdev-del`` of ``S``'s node and
+  ``remove-fd`` of its fd set (else QEMU would keep a dropped ``S`` open, its space never
+  freed).
 
 Verified on this machine's QEMU 7.2: ``blockdev-reopen {"options": [{"driver": "qcow2",
 "node-name": A, "read-only": false, "file": A's file node, "backing": NODE}]}`` (every option
