@@ -10,6 +10,9 @@ consolidation (waymark.engine.consolidation: Now reads through two files).
 - ``qemu-img bench -U -c 100000 -d 16 -s 4096 -S 65536 -t none -i io_uring`` on Now's file,
   deep (today) and consolidated, each against the flat copy in the same round (medians of N
   rounds): the ratio is the flat copy's time over ours (target >= 0.9);
+- the same reads of a *running* VM's Now after ``vm consolidate`` linked it live (QEMU's own
+  graph checked to be A's header chain, A -> S, with ``query-named-block-nodes``), against the
+  flat copy in the same rounds;
 - what the consolidation costs: its build (``vm consolidate``), one advance after a checkpoint
   (a layer committed into it), the extra space, and ``checkpoint create`` / ``checkpoint apply
   --discard-current`` of a consolidated VM (each unlinks Now first), with a 100 GiB disk
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -121,6 +125,7 @@ def bench_reads(root: Path, runs: int, layers: int, mib: int, mode: str) -> None
     sh("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {CLUSTER * 16}", home.active("deep"))
     create, _ = timed(lambda: home.wm("checkpoint", "create", "deep", "--name", "one-more"))
     advance, _ = timed(lambda: home.wm("vm", "consolidate", "deep"))
+    sh("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", home.active("deep"), flat)
     print(f"chain: {layers} checkpoints on a {mib} MiB disk (made in {made:.0f} s), "
           f"qemu-img bench -i {mode}, medians of {runs}:")
     print(f"  deep (no consolidation): {deep:.2f} s vs one qcow2 {flat_deep:.2f} s: "
@@ -130,8 +135,83 @@ def bench_reads(root: Path, runs: int, layers: int, mib: int, mode: str) -> None
     print(f"  consolidation: built in {build:.2f} s (vm consolidate, whole command), "
           f"{int(shown['bytes']) / (1 << 20):.0f} MiB extra on disk ({mib} MiB virtual); "
           f"then a checkpoint {create:.2f} s and its advance {advance:.2f} s")
+    bench_running(home, runs, flat, mode)
     os.unlink(flat)
     home.reset()
+
+
+def qmp(home: Home, vm: str, command: str, **arguments: object) -> object:
+    """One QMP command on the running VM's monitor (no Waymark command is connected)."""
+    vm_id = str(home.show(vm)["id"])
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10.0)
+        sock.connect(str(home.path / "vms" / vm_id / "run" / "qmp.sock"))
+        replies = sock.makefile("rb")
+        json.loads(replies.readline())  # the greeting
+        for name, args in (("qmp_capabilities", {}), (command, arguments)):
+            sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+            reply = json.loads(replies.readline())
+            while "return" not in reply and "error" not in reply:  # an event
+                reply = json.loads(replies.readline())
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+    return reply["return"]
+
+
+def qemu_chain(home: Home, vm: str) -> list[str]:
+    """The files QEMU reads for the VM's disk, top first: the backing chain of the format node
+    of Now's file in QEMU's node graph (``query-named-block-nodes``)."""
+    fdsets = {f"/dev/fdset/{s['fdset-id']}": fd["opaque"]
+              for s in qmp(home, vm, "query-fdsets") for fd in s["fds"]}  # type: ignore
+
+    def path(filename: str) -> str:
+        if filename.startswith("json:"):  # QEMU cuts these at 4 KiB in a deep chain
+            try:
+                filename = json.loads(filename[len("json:"):])["file"]["filename"]
+            except ValueError:
+                return filename
+        return str(fdsets.get(filename, filename))
+    nodes = qmp(home, vm, "query-named-block-nodes")
+    assert isinstance(nodes, list)
+    now = home.active(vm)
+    (file_node,) = [n["node-name"] for n in nodes if n["drv"] == "file"
+                    and path(n["file"]) == now]
+    (image,) = [n["image"] for n in nodes if n["node-name"] == "n" + file_node[1:]]
+    chain = []
+    while image:
+        chain.append(path(image["filename"]))
+        image = image.get("backing-image")
+    return chain
+
+
+def header_chain(path: str) -> list[str]:
+    out = sh("qemu-img", "info", "-U", "--backing-chain", "--output=json", path)
+    return [str(info["filename"]) for info in json.loads(out)]
+
+
+def bench_running(home: Home, runs: int, flat: str, mode: str) -> None:
+    """Reads of a running VM's Now once ``vm consolidate`` linked it live (QEMU's graph and
+    A's header both A -> S), against the flat copy in the same rounds; a live checkpoint of
+    the VM unlinked (before the link) and linked (it unlinks first), and the advance after."""
+    home.wm("vm", "start", "deep")
+    try:
+        deep = len(qemu_chain(home, "deep"))
+        unlinked, _ = timed(lambda: home.wm("checkpoint", "create", "deep", "--name", "ref"))
+        link, _ = timed(lambda: home.wm("vm", "consolidate", "deep"))
+        now = home.active("deep")
+        graph = qemu_chain(home, "deep")
+        assert graph == header_chain(now) and len(graph) == 2, (graph, header_chain(now))
+        ours, theirs = side_by_side(runs, now, flat, mode)
+        create, _ = timed(lambda: home.wm("checkpoint", "create", "deep", "--name", "live"))
+        advance, _ = timed(lambda: home.wm("vm", "consolidate", "deep"))
+        assert len(qemu_chain(home, "deep")) == 2
+    finally:
+        home.wm("vm", "stop", "deep", "--force")
+    print(f"  running, linked live ({link:.2f} s, vm consolidate; QEMU's graph {deep} -> "
+          f"{len(graph)} files, equal to A's header chain): {ours:.2f} s vs one qcow2 "
+          f"{theirs:.2f} s: {theirs / ours:.2f}x of one image (target >= 0.9); then a live "
+          f"checkpoint (unlinks first) {create:.2f} s (of a VM not linked: {unlinked:.2f} s) "
+          f"and its advance, linked live again, {advance:.2f} s")
 
 
 def bench_o1(root: Path, runs: int) -> None:

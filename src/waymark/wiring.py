@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from waymark.config import Settings
 from waymark.engine import compaction, consolidation, context, executor, jobs, journal, settle
 from waymark.engine.context import Context
-from waymark.engine.running import live_merge
+from waymark.engine.running import live_consolidation, live_merge
 
 if TYPE_CHECKING:  # its module is imported when the journal first needs the kind
     from waymark.engine.running import live_checkpoint
@@ -151,8 +151,8 @@ CLEAN_STOP_HOOK: Deferred[[Context, str], None] = Deferred(AUTOMATIC, "after_cle
 
 
 def _before_boot(ctx: Context, vm_id: str) -> str | None:
-    """A VM boots on its real chains (consolidation is offline only, for now), then
-    automatic checkpoints' hook."""
+    """A VM boots on its real chains (the consolidation job links it live right after the
+    start), then automatic checkpoints' hook."""
     consolidation.unlink(ctx.journal, vm_id)
     return BOOT_HOOK(ctx, vm_id)
 
@@ -167,6 +167,7 @@ def wire() -> None:
     for name, load in INTENT_KINDS.items():
         journal.register_deferred(name, load)
     executor.register_steps(live_merge.STEPS)
+    executor.register_steps(live_consolidation.STEPS)
     journal.BEFORE_INTENT[:] = [consolidation.before_intent]
     for kind, run in JOB_KINDS.items():
         jobs.register(kind, run, restart=kind in RESTARTED_JOBS)

@@ -11,7 +11,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Waymark, query
+import httpx
+
+from tests.helpers import Waymark, query, served
 from tests.integration.test_content import CLUSTER, Vm
 
 DEEP = 7  # checkpoints: deeper than the threshold (4 layers under Now)
@@ -194,3 +196,30 @@ def test_a_merge_into_the_image_whose_view_the_copy_holds_forgets_the_copy(wm: W
     assert consolidated(wm, vm)[0]["action"] == "built"
     vm.verify()
     assert_clean(wm)
+
+
+def test_the_portals_space_chart_shows_the_consolidation_and_whether_it_is_on(
+        wm: Waymark) -> None:
+    """The VM page's Space section (through a real ``waymark serve``): the consolidation's
+    extra bytes as a row of the chart and whether Now reads through it; off, it says so and
+    how to turn it on."""
+    vm = deep_vm(wm, "page", 8)  # 9 layers: the chart's depth warning, until consolidated
+    with served(wm) as (url, _), httpx.Client(base_url=url) as http:
+        http.post("/api/auth/login", json={"name": "root-admin", "password": "test-password"})
+        before = http.get("/vms/page").text
+        assert "deep enough to slow disk reads" in before
+        assert 'data-linked="0"' in before and "Consolidation (extra)" not in before
+        consolidated(wm, vm)
+        shown = wm.json("vm", "show", "page")["consolidation"]
+        page = http.get("/vms/page")
+        assert page.status_code == 200
+        space = page.text[page.text.index('id="panel-space"'):]
+        assert 'data-enabled="1" data-linked="1"' in space
+        assert "Now reads through two layers on 1" in space
+        assert "deep enough to slow disk reads" not in space
+        row = space[space.index("Consolidation (extra)"):]
+        assert shown["bytes"] > 0 and 'class="bar consolidation-bar"' in row
+        wm("vm", "set", "page", "--consolidate", "off")
+        off = http.get("/vms/page").text
+        assert 'data-enabled="0"' in off and "Consolidation (extra)" not in off
+        assert "waymark vm set page --consolidate on" in off

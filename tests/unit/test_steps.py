@@ -95,6 +95,17 @@ WRITTEN_BEFORE: list[tuple[dict[str, Any], steps.Step]] = [
     ({"op": "commit_onto", "into": f"{D}/disks/d.consolidated-1.qcow2",
       "top": f"{D}/disks/b.qcow2"},
      steps.CommitOnto(into=f"{D}/disks/d.consolidated-1.qcow2", top=f"{D}/disks/b.qcow2")),
+    ({"op": "qmp_link", "run": RUN, "name": "web", "path": f"{D}/disks/c.qcow2",
+      "node": "ncccc", "file_node": "fcccc", "backing": f"{D}/disks/d.consolidated-1.qcow2",
+      "backing_fmt": "qcow2",
+      "layers": [["cdddd", "gdddd", f"{D}/disks/d.consolidated-1.qcow2", "qcow2", False]],
+      "release": ["nbbbb", "naaaa"]},
+     steps.QmpLink(run=RUN, name="web", path=f"{D}/disks/c.qcow2", node="ncccc",
+                   file_node="fcccc", backing=f"{D}/disks/d.consolidated-1.qcow2",
+                   backing_fmt="qcow2",
+                   layers=[("cdddd", "gdddd", f"{D}/disks/d.consolidated-1.qcow2", "qcow2",
+                            False)],
+                   release=["nbbbb", "naaaa"])),
 ]
 
 

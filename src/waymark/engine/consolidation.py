@@ -22,9 +22,9 @@ the image a consolidation holds (a commit into it) or removes that image forgets
 (:func:`merged`, :func:`removed`, in the merge's commit), and a merge of its child into it
 moves the record to the merged file, whose view it then is.
 
-:func:`consolidate` (the VM off, its lock held; run by the ``consolidate`` job or ``waymark vm
-consolidate``) brings each disk back to two hops when ``A``'s real chain is deeper than
-:data:`DEPTH`:
+:func:`consolidate` (the VM off or running, its lock held; run by the ``consolidate`` job or
+``waymark vm consolidate``) brings each disk back to two hops when ``A``'s real chain is deeper
+than :data:`DEPTH`:
 
 - ``S`` already holds the view of an image on ``A``'s path: each layer above that image, bottom
   up, is committed into ``S`` (:class:`~waymark.engine.steps.CommitOnto`: the layer opened with
@@ -45,12 +45,12 @@ bounded by the free space: no consolidation is built or advanced when it would l
 :data:`MARGIN` free. An administrator turns it off per VM (``vm set --consolidate off``:
 unlinked and its files deleted, :func:`disable`).
 
-Running VMs (this step): a VM boots unlinked (:func:`unlink` before each boot), so every live
-operation finds the real chain, and consolidation waits until the VM is off (a saved VM too:
-it resumes without that unlink; it can only have been saved running, or by an apply, both of
-which unlinked it). Consolidating a
-running VM's chain live (``blockdev-add`` of ``S``, ``blockdev-reopen`` of ``A`` onto it,
-``change-backing-file``) is the next step (docs/engine.md, "Consolidation").
+Running VMs: the same, live (:mod:`waymark.engine.running.live_consolidation`): linking and
+unlinking change QEMU's graph and ``A``'s header at once (the ``qmp_link`` step), never a
+header write under a running QEMU; ``S`` is only written (built, advanced) while no QEMU has it
+open, and the frozen layers it is made from are only read. A VM boots on its real chain (the
+boot hook unlinks it) and the ``consolidate`` job its start leaves links it live right after
+(docs/engine.md, "Consolidation").
 """
 
 from __future__ import annotations
@@ -71,9 +71,12 @@ from waymark.engine import jobs, journal, lookup
 from waymark.engine.context import Context
 from waymark.engine.journal import Journal, now
 from waymark.engine.params import Params
+from waymark.engine.running import live_consolidation, observe, presence
 from waymark.engine.steps import CommitOnto, Convert, DeleteFile, Rebase, Step
-from waymark.errors import WaymarkError
+from waymark.errors import ToolError, WaymarkError
 from waymark.images.qemu_img import Progress
+from waymark.qemu import qmp
+from waymark.qemu.cmdline import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +161,44 @@ KINDS = (journal.intent_kind(ConsolidationUnlink, commit_unlink),
          journal.intent_kind(ConsolidationDrop))
 
 
+# --- a running VM's QEMU -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Live:
+    """The QEMU running a VM (its run folder, the VM's name): links change its graph too."""
+
+    run: RunFiles
+    name: str
+
+
+def live(home: Path | None, session: Session, vm_id: str) -> Live | None:
+    """The VM's QEMU when the VM runs (or is paused) and its QEMU is there, else None."""
+    vm_row = session.get(Vm, vm_id)
+    if home is None or vm_row is None or vm_row.state not in observe.LIVE_STATES:
+        return None
+    run = observe.run_files(home, vm_id)
+    return Live(run, vm_row.name) if presence.find(run) is not None else None
+
+
+def _relink(qemu: Live | None, active: Image, backing: list[Image], *, release: list[str],
+            consolidation: tuple[str, str] | None = None) -> Step:
+    """The step that makes ``active`` read ``consolidation`` (its disk and file), else the
+    chain ``backing`` (its real parent first): a header write when QEMU is off; in QEMU's
+    graph and its header at once when it runs (``release``: the nodes QEMU then drops)."""
+    target = backing[0].path if consolidation is None else consolidation[1]
+    if qemu is None:
+        return Rebase(path=active.path, backing=target, unsafe=True,
+                      backing_fmt=backing[0].format if consolidation is None else "qcow2")
+    layers = ([live_consolidation.consolidation_layer(*consolidation)]
+              if consolidation is not None
+              else [live_consolidation.image_layer(image) for image in backing])
+    return live_consolidation.link_step(qemu.run, qemu.name, active, layers, release)
+
+
 # --- unlinking: before anything changes the chain ---------------------------------------------
 
-def _unlink_steps(session: Session, vm_id: str) -> tuple[list[str], list[Step]]:
+def _unlink_steps(session: Session, vm_id: str, qemu: Live | None
+                  ) -> tuple[list[str], list[Step]]:
     """The linked disks of the VM and the steps relinking their active images."""
     disks: list[str] = []
     steps: list[Step] = []
@@ -172,16 +210,21 @@ def _unlink_steps(session: Session, vm_id: str) -> tuple[list[str], list[Step]]:
         parent = images.get(active.parent_id or "") if active is not None else None
         disks.append(row.disk_id)
         if active is not None and parent is not None:
-            steps.append(Rebase(path=active.path, backing=parent.path,
-                                backing_fmt=parent.format, unsafe=True))
+            steps.append(_relink(qemu, active, _chain(images, parent), release=[
+                live_consolidation.consolidation_nodes(row.disk_id)[0]]))
     return disks, steps
 
 
 def unlink(jour: Journal, vm_id: str) -> None:
-    """Relink the VM's linked active images onto their real parents (each a header write), so
-    what follows sees the real chain. The caller holds the VM's lock, its QEMU is not running."""
+    """Relink the VM's linked active images onto their real parents, so what follows sees the
+    real chain: a header write each when the VM is off, live in QEMU's graph too when it runs
+    (:mod:`waymark.engine.running.live_consolidation`). The caller holds the VM's lock."""
     with jour.catalog.session() as session:
-        disks, steps = _unlink_steps(session, vm_id)
+        if session.scalars(select(Consolidation.disk_id).where(
+                Consolidation.vm_id == vm_id, Consolidation.linked)).first() is None:
+            return  # nothing linked (most VMs): no look at their QEMU
+        qemu = live(jour.catalog.home, session, vm_id)
+        disks, steps = _unlink_steps(session, vm_id, qemu)
     if disks:
         jour.run(vm_id, ConsolidationUnlink(disks=disks), steps, shape="finish")
 
@@ -266,6 +309,9 @@ class _Plan:
     active: Image
     chain: list[Image]  # the active image's real parent first, its base last
     record: Consolidation | None
+    # linked in the catalog and in the header, but the running QEMU reads the real chain (a
+    # saved VM resumed: the command line names the real chain): linked again, live
+    astray: bool = False
 
     @property
     def parent(self) -> Image:
@@ -287,7 +333,8 @@ def _chain(images: dict[str, Image], image: Image | None) -> list[Image]:
     return found
 
 
-def _plans(session: Session, vm_id: str) -> list[_Plan]:
+def _plans(session: Session, vm_id: str, qemu: Live | None = None) -> list[_Plan]:
+    """What each disk has; with ``qemu``, whether QEMU reads through the linked ``S``."""
     images = lookup.images(session, vm_id)
     records = {r.disk_id: r for r in session.scalars(
         select(Consolidation).where(Consolidation.vm_id == vm_id))}
@@ -296,9 +343,22 @@ def _plans(session: Session, vm_id: str) -> list[_Plan]:
         active = images.get(disk.active_image_id or "")
         if active is None or active.parent_id is None:
             continue
+        record = records.get(disk.id)
+        astray = qemu is not None and record is not None and record.linked and \
+            _reads(qemu, active) != record.path
         plans.append(_Plan(disk.id, active, _chain(images, images[active.parent_id]),
-                           records.get(disk.id)))
+                           record, astray))
     return plans
+
+
+def _reads(qemu: Live, active: Image) -> str | None:
+    """The file QEMU reads under the active image (None: none, or QEMU did not answer)."""
+    try:
+        files = qmp.run_sync(live_consolidation.backing_files(
+            qemu.run, qemu.name, live_consolidation.image_layer(active)[0]))
+    except (ToolError, KeyError):
+        return None
+    return files[0] if files else None
 
 
 def _room(folder: Path, needed: int) -> bool:
@@ -312,11 +372,16 @@ def _needed(layers: list[Image]) -> int:
 
 
 def _advance(ctx: Context, vm_id: str, plan: _Plan, record: Consolidation,
-             layers: list[Image], progress: Progress = None) -> None:
-    """Commit ``layers`` (bottom first) into the disk's ``S``, then link the active image."""
+             layers: list[Image], qemu: Live | None, progress: Progress = None) -> None:
+    """Commit ``layers`` (bottom first) into the disk's ``S``, then link the active image (in
+    QEMU's graph too when it runs: the real chain's nodes stay open, unattached, so the unlink
+    before the next live checkpoint or merge is a reopen, not one ``blockdev-add`` a layer).
+    ``S`` is open in no QEMU meanwhile (an unlinked ``S`` is no node), and the layers are
+    frozen: QEMU reads them, never writes them, so they are read without their locks
+    (:func:`waymark.images.qemu_img.commit_onto`)."""
     steps: list[Step] = [CommitOnto(into=record.path, top=layer.path) for layer in layers]
-    steps.append(Rebase(path=plan.active.path, backing=record.path, backing_fmt="qcow2",
-                        unsafe=True))
+    steps.append(_relink(qemu, plan.active, plan.chain, consolidation=(plan.disk, record.path),
+                         release=[]))
     ctx.journal.run(vm_id, ConsolidationAdvance(disk=plan.disk, image=plan.parent.id,
                                                 active=plan.active.id), steps, progress,
                     shape="finish")
@@ -351,7 +416,7 @@ class _Decision:
 
 def _decide(folder: Path, plan: _Plan) -> _Decision:
     record, base = plan.record, plan.base_index()
-    if record is not None and record.linked and base == 0:
+    if record is not None and record.linked and base == 0 and not plan.astray:
         return _Decision("kept", [])
     if base is None and len(plan.chain) <= DEPTH:
         return _Decision("skipped", [], f"{len(plan.chain)} layer(s) under Now")
@@ -364,52 +429,62 @@ def _decide(folder: Path, plan: _Plan) -> _Decision:
     return _Decision("built", [])
 
 
-def _one(ctx: Context, vm_id: str, plan: _Plan, progress: Progress) -> Outcome:
+def _one(ctx: Context, vm_id: str, plan: _Plan, qemu: Live | None, progress: Progress
+         ) -> Outcome:
     decision = _decide(ctx.disk_folder(vm_id), plan)
     if decision.action in ("advanced", "linked") and plan.record is not None:
-        _advance(ctx, vm_id, plan, plan.record, decision.layers, progress)
+        _advance(ctx, vm_id, plan, plan.record, decision.layers, qemu, progress)
     elif decision.action == "built":
-        _advance(ctx, vm_id, plan, _build(ctx, vm_id, plan, progress), [])
+        _advance(ctx, vm_id, plan, _build(ctx, vm_id, plan, progress), [], qemu)
         _drop_files(ctx.journal, vm_id)  # the old file, once nothing names it
     layers = len(plan.chain) if decision.action == "built" else len(decision.layers)
     return Outcome(plan.disk, decision.action, layers, decision.reason)
 
 
-def _state(session: Session, vm_id: str) -> str | None:
-    """Why the VM is left as it is (None: it may be consolidated)."""
+def _state(session: Session, vm_id: str, qemu: Live | None) -> str | None:
+    """Why the VM is left as it is (None: it may be consolidated): off, or running (or paused)
+    in a QEMU whose block layer is active (not left ``postmigrate`` by a checkpoint)."""
     vm_row = session.get(Vm, vm_id)
     if vm_row is None:
         return "the VM is gone"
     if not vm_row.consolidation:
         return "turned off for this VM"
-    # a saved VM resumes without the boot hook's unlink: it is left as it is, as a running one
+    if vm_row.state in observe.LIVE_STATES and qemu is not None \
+            and live_consolidation.usable(qemu.run, qemu.name):
+        return None
+    # a saved VM resumes without the boot hook's unlink: it is left as it is
     return f"the VM is {vm_row.state}" if vm_row.state != "off" else None
 
 
 def consolidate(ctx: Context, vm_id: str, progress: Progress = None) -> list[Outcome]:
     """Bring each disk's active image back to two hops (see the module's docstring). The
-    caller holds the VM's lock; a running VM, or one turned off for consolidation, is left.
+    caller holds the VM's lock; a saved VM, one whose QEMU's block layer is inactive, or one
+    turned off for consolidation, is left.
     ``progress``: each copy's fraction (a job's reporter, which raises
     :class:`~waymark.errors.Cancelled` when the job is cancelled: a build is then rolled
     back, an advance finished by the next command)."""
     with ctx.catalog.session() as session:
-        reason = _state(session, vm_id)
-        plans = _plans(session, vm_id)
+        qemu = live(ctx.home, session, vm_id)
+        reason = _state(session, vm_id, qemu)
+        plans = _plans(session, vm_id, qemu if reason is None else None)
         session.expunge_all()
     if reason is not None:
         return [Outcome(plan.disk, "skipped", reason=reason) for plan in plans]
     outcomes = []
     for plan in plans:
-        outcomes.append(_one(ctx, vm_id, plan, progress))
+        outcomes.append(_one(ctx, vm_id, plan, qemu, progress))
         log.info("consolidation of disk %s: %s", plan.disk, outcomes[-1])
     return outcomes
 
 
 def needed(ctx: Context, session: Session, vm_id: str) -> bool:
-    """Whether :func:`consolidate` has work on the VM now (the catalog and file sizes only)."""
-    if _state(session, vm_id) is not None:
+    """Whether :func:`consolidate` has work on the VM now (the catalog and file sizes; for a
+    running VM also what its QEMU reads)."""
+    qemu = live(ctx.home, session, vm_id)
+    if _state(session, vm_id, qemu) is not None:
         return False
-    return any(_decide(ctx.disk_folder(vm_id), plan).work for plan in _plans(session, vm_id))
+    return any(_decide(ctx.disk_folder(vm_id), plan).work
+               for plan in _plans(session, vm_id, qemu))
 
 
 # --- the background job -----------------------------------------------------------------------
@@ -508,10 +583,12 @@ def repair(jour: Journal, path: str) -> None:
         images = lookup.images(session, vm_id)
         active = images.get(disk.active_image_id or "") if disk is not None else None
         parent = images.get(active.parent_id or "") if active is not None else None
+        qemu = live(jour.catalog.home, session, vm_id)
+        chain = _chain(images, parent)
     if active is not None and parent is not None and Path(active.path).is_file():
-        jour.run(vm_id, ConsolidationUnlink(disks=[disk_id]),
-                 [Rebase(path=active.path, backing=parent.path, backing_fmt=parent.format,
-                         unsafe=True)], shape="finish")
+        jour.run(vm_id, ConsolidationUnlink(disks=[disk_id]), [_relink(
+            qemu, active, chain,
+            release=[live_consolidation.consolidation_nodes(disk_id)[0]])], shape="finish")
     with jour.catalog.session() as session:
         session.execute(delete(Consolidation).where(Consolidation.disk_id == disk_id))
         journal.add(session, vm_id, ConsolidationDrop(), [DeleteFile(path=path)])

@@ -279,9 +279,31 @@ class CommitOnto(StepBase, frozen=True, kw_only=True, tag="commit_onto"):
     top: str
 
 
+class QmpLink(LiveStep, frozen=True, kw_only=True, tag="qmp_link"):
+    """Active image ``path`` (QEMU's node ``node`` over file node ``file_node``) now backed by
+    ``backing`` (format ``backing_fmt``): its consolidation, or its real parent. While QEMU
+    runs, the backing's nodes (``layers``: node, file node, file, format, pinned; top first, the one
+    ``backing`` names first) are added where missing, ``node`` is reopened onto the top one,
+    its header rewritten by QEMU (``change-backing-file``) and the ``release`` nodes QEMU no
+    longer reads deleted; when QEMU is gone, the header only (``qemu-img rebase -u``). Each
+    part is idempotent (:mod:`waymark.engine.running.live_consolidation`)."""
+
+    files: ClassVar[tuple[str, ...]] = ("path", "backing", "run")
+    path: str
+    node: str
+    file_node: str
+    backing: str
+    backing_fmt: str
+    layers: list[tuple[str, str, str, str, bool]]
+    release: list[str]
+
+    def paths(self) -> tuple[str, ...]:
+        return (*super().paths(), *(layer[2] for layer in self.layers))
+
+
 Step = (MakeDir | CreateImage | ClaimFile | WriteFile | Convert | CopyFile | WriteManifest
         | DeleteFile | DeleteFiles | PruneDirs | Commit | Rebase | CarryBitmaps | MakeTpm
-        | WriteTpmState | QmpCommit | QmpStream | QmpRelink | QmpRelease | CommitOnto)
+        | WriteTpmState | QmpCommit | QmpStream | QmpRelink | QmpRelease | CommitOnto | QmpLink)
 ABANDONABLE = (MergeStep, LiveMergeStep)  # the classes with ``abandonable``
 
 

@@ -416,8 +416,12 @@ def commit_onto(top: Path, into: Path, on_progress: Progress = None) -> None:
     file ``top``'s header names: ``top`` is opened with its backing overridden to ``into``
     (``-d``: kept as it is; its header is never written). ``into`` then holds ``top``'s view
     when it held the view of ``top``'s real backing file (a consolidation advancing by one
-    layer, :mod:`waymark.engine.consolidation`). Both must be qcow2."""
-    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(top)},
+    layer, :mod:`waymark.engine.consolidation`). Both must be qcow2. ``top`` is read without
+    its lock: a running QEMU holds it as a read-only backing layer that no one writes (without
+    ``locking: off``, "Failed to get 'write' lock": commit opens its top read-write, writes
+    nothing to it with ``-d``)."""
+    spec = {"driver": "qcow2",
+            "file": {"driver": "file", "filename": str(top), "locking": "off"},
             "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": str(into)}}}
     _qemu_img_p(["commit", "-d", "json:" + json.dumps(spec)],
                 what=f"merging {top} into {into}", on_progress=on_progress)

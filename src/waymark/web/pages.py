@@ -271,13 +271,16 @@ def vm_page(vm: str, request: Request) -> Response:
     exports = [loc["name"] for loc in locations.listing(ctx) if loc["kind"] == "export"]
     depth = max((d["chain_depth"] for d in shown["disks"]), default=0)
     now_bytes = sum(d.get("allocated_bytes", 0) for d in shown["disks"])
+    linked = shown["consolidation"]["linked_disks"] == len(shown["disks"])  # two hops each
     biggest = max([c["allocated_bytes"] for c in listing["checkpoints"]]
-                  + [c["shared_bytes"] for c in listing["checkpoints"]] + [now_bytes, 1])
+                  + [c["shared_bytes"] for c in listing["checkpoints"]]
+                  + [now_bytes, shown["consolidation"]["bytes"], 1])
     tree = _tree(listing, now_bytes)
     return _page(request, "vm.html", who, csrf, vm=shown, tree=tree,
                  checkpoints=listing["checkpoints"], may=may, exports=exports, depth=depth,
-                 deep=depth >= DEEP_CHAIN, biggest=biggest, repositories=repositories,
-                 points=points, types=CHECKPOINT_TYPES, space_rows=_in_tree_order(tree),
+                 deep=depth >= DEEP_CHAIN and not linked, biggest=biggest,
+                 repositories=repositories, points=points, types=CHECKPOINT_TYPES,
+                 space_rows=_in_tree_order(tree),
                  summary=views.vm_summary(ctx, row.id))
 
 
