@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 from harness import sh, timed
+
+from waymark.qemu import monitor
 
 WAYMARK = [sys.executable, "-m", "waymark"]
 CLUSTER = 64 * 1024
@@ -141,21 +142,10 @@ def bench_reads(root: Path, runs: int, layers: int, mib: int, mode: str) -> None
 
 
 def qmp(home: Home, vm: str, command: str, **arguments: object) -> object:
-    """One QMP command on the running VM's monitor (no Waymark command is connected)."""
+    """One QMP query on the running VM's monitor (no Waymark command is connected)."""
     vm_id = str(home.show(vm)["id"])
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(10.0)
-        sock.connect(str(home.path / "vms" / vm_id / "run" / "qmp.sock"))
-        replies = sock.makefile("rb")
-        json.loads(replies.readline())  # the greeting
-        for name, args in (("qmp_capabilities", {}), (command, arguments)):
-            sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-            reply = json.loads(replies.readline())
-            while "return" not in reply and "error" not in reply:  # an event
-                reply = json.loads(replies.readline())
-            if "error" in reply:
-                raise RuntimeError(f"QMP {name}: {reply['error']}")
-    return reply["return"]
+    return monitor.query(home.path / "vms" / vm_id / "run" / "qmp.sock", vm, command,
+                         timeout=10.0, **arguments)
 
 
 def qemu_chain(home: Home, vm: str) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.helpers import Result, Waymark
+from waymark.qemu import monitor
 
 GUEST_DIR = Path(os.environ.get("WAYMARK_TEST_GUEST", "/var/tmp/waymark-test-guest"))
 BOOT_TIMEOUT = 60.0  # TCG on a busy 2-core machine; a boot normally takes a few seconds
@@ -123,21 +124,9 @@ class Guest:
         return str(self.wm.json("vm", "show", self.name)["disks"][0]["active_image"])
 
     def qmp_command(self, command: str, **arguments: Any) -> Any:
-        """One QMP command on the running QEMU's monitor, for what the CLI does not show (run
+        """One QMP query on the running QEMU's monitor, for what the CLI does not show (run
         it only while no Waymark command talks to the VM: the monitor takes one client)."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10.0)
-            sock.connect(str(self.qmp))
-            replies = sock.makefile("rb")
-            json.loads(replies.readline())  # the greeting
-            for name, args in (("qmp_capabilities", {}), (command, arguments)):
-                sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-                reply = json.loads(replies.readline())
-                while "return" not in reply and "error" not in reply:  # an event
-                    reply = json.loads(replies.readline())
-                if "error" in reply:
-                    raise AssertionError(f"QMP {name} of {self.name}: {reply['error']}")
-            return reply["return"]
+        return monitor.query(self.qmp, self.name, command, timeout=10.0, **arguments)
 
     def qemu_file(self) -> Callable[[str], str]:
         """Maps a filename the running QEMU reports to the file's path: QEMU is handed its images

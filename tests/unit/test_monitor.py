@@ -1,6 +1,7 @@
-"""``qemu.monitor.ask``, the synchronous QMP queries of ``vm status``'s read path, against a fake
-QEMU monitor on a Unix socket: answers in order with events in between, QEMU's refusal, a
-monitor that never greets, closes or speaks no QMP; each failure a ToolError naming the VM."""
+"""``qemu.monitor.ask`` and ``query``, the synchronous QMP queries of ``vm status``'s read path
+(and of the guest tests and benches), against a fake QEMU monitor on a Unix socket: answers in
+order with events in between, arguments sent, QEMU's refusal, a monitor that never greets,
+closes or speaks no QMP; each failure a ToolError naming the VM."""
 
 from __future__ import annotations
 
@@ -88,6 +89,23 @@ def test_queries_are_answered_in_order_with_events_between(tmp_path: Path) -> No
         answers = monitor.ask(tmp_path / "qmp.sock", "vm1", "query-status", "query-chardev")
     assert answers == [status, chardevs]
     assert asked == ["qmp_capabilities", "query-status", "query-chardev"]
+
+
+def test_a_query_with_arguments_sends_them_and_a_refusal_of_any_shape_is_an_error(
+        tmp_path: Path) -> None:
+    def echo(client: Client) -> None:  # answers each command with the arguments it was sent
+        client.send(GREETING)
+        while line := client.lines.readline():
+            message = json.loads(line)
+            reply = {"return": message.get("arguments", {})} if message["execute"] != "bad" \
+                else {"error": "no object"}
+            client.send(json.dumps(reply).encode() + b"\r\n")
+    with fake_qemu(tmp_path / "qmp.sock", echo):
+        assert monitor.query(tmp_path / "qmp.sock", "vm1", "query-named-block-nodes",
+                             flat=True) == {"flat": True}
+    with fake_qemu(tmp_path / "qmp2.sock", echo), \
+            pytest.raises(ToolError, match="QEMU refused bad for vm1: no object"):
+        monitor.query(tmp_path / "qmp2.sock", "vm1", "bad")
 
 
 def test_a_refused_query_is_an_error_with_qemus_reason(tmp_path: Path) -> None:

@@ -25,6 +25,18 @@ def ask(path: Path, label: str, *commands: str, timeout: float = TIMEOUT) -> lis
     """The answers of QEMU listening on ``path`` to ``commands`` (argument-less queries, in
     order), within ``timeout`` seconds in all; :class:`~waymark.errors.ToolError` when it
     cannot be reached, refuses one or does not answer in time."""
+    return _exchange(path, label, [(name, {}) for name in commands], timeout)
+
+
+def query(path: Path, label: str, name: str, *, timeout: float = TIMEOUT,
+          **arguments: Any) -> Any:
+    """The answer of QEMU listening on ``path`` to the query ``name`` with ``arguments`` (as
+    :func:`ask`)."""
+    return _exchange(path, label, [(name, arguments)], timeout)[0]
+
+
+def _exchange(path: Path, label: str, commands: list[tuple[str, dict[str, Any]]],
+              timeout: float) -> list[Any]:
     deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -33,21 +45,26 @@ def ask(path: Path, label: str, *commands: str, timeout: float = TIMEOUT) -> lis
                 conn.connect(where)
             lines = _Lines(conn, deadline)
             lines.next_object()  # the greeting
-            return [_answer(lines, conn, name, label)
-                    for name in ("qmp_capabilities", *commands)][1:]
+            return [_answer(lines, conn, name, arguments, label)
+                    for name, arguments in [("qmp_capabilities", {}), *commands]][1:]
     except (OSError, ValueError) as err:
         raise ToolError(f"cannot ask QEMU of {label} at {path}: {err}") from err
 
 
-def _answer(lines: _Lines, conn: socket.socket, name: str, label: str) -> Any:
-    conn.sendall(json.dumps({"execute": name}).encode() + b"\n")
+def _answer(lines: _Lines, conn: socket.socket, name: str, arguments: dict[str, Any],
+            label: str) -> Any:
+    message: dict[str, Any] = {"execute": name}
+    if arguments:
+        message["arguments"] = arguments
+    conn.sendall(json.dumps(message).encode() + b"\n")
     while True:
-        message = lines.next_object()
-        if "return" in message:
-            return message["return"]
-        if "error" in message:
+        answer = lines.next_object()
+        if "return" in answer:
+            return answer["return"]
+        if "error" in answer:
+            error = answer["error"]
             raise ToolError(f"QEMU refused {name} for {label}: "
-                            f"{message['error'].get('desc', message['error'])}")
+                            f"{error.get('desc', error) if isinstance(error, dict) else error}")
         # anything else is an event: not an answer
 
 
