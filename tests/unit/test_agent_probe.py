@@ -12,24 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit import json_stream
 from waymark.guest import agent
 from waymark.qemu import cmdline, qmp
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                     "capabilities": []}}
-
-
-def _messages(pending: str) -> tuple[list[dict[str, object]], str]:
-    """The complete JSON messages at the start of ``pending`` and what is left of it."""
-    found = []
-    while pending.strip():
-        try:
-            message, end = json.JSONDecoder().raw_decode(pending.lstrip())
-        except ValueError:
-            break
-        pending = pending.lstrip()[end:]
-        found.append(message)
-    return found, pending
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -39,7 +27,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     writer.write(greeting)
     pending = ""
     while chunk := await reader.read(4096):
-        messages, pending = _messages(pending + chunk.decode())
+        messages, pending = json_stream.messages(pending + chunk.decode())
         for message in messages:
             await asyncio.sleep(delay)
             name = str(message["execute"])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.unit import json_stream
 from waymark.guest import agent
 
 SLOW = 1.0  # seconds the fake agent takes to answer a sync (a guest just resumed under TCG)
@@ -26,14 +27,9 @@ class SlowAgent:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pending = ""
-        while chunk := await reader.read(4096):  # a QMP client ends no message with a newline
-            pending += chunk.decode()
-            while pending.strip():
-                try:
-                    message, end = json.JSONDecoder().raw_decode(pending.lstrip())
-                except ValueError:
-                    break
-                pending = pending.lstrip()[end:]
+        while chunk := await reader.read(4096):
+            messages, pending = json_stream.messages(pending + chunk.decode())
+            for message in messages:
                 await self.answer(message, writer)
         writer.close()
 
