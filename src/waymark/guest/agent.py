@@ -138,13 +138,8 @@ async def set_clock(socket: Path, label: str, timeout: float = CLOCK_TIMEOUT) ->
         return False
     finally:
         line.close()  # the setter holds the connection now
-    _setter_marker(socket).write_text(str(setter.pid))
+    cmdline.clock_setter_of(socket).write_text(str(setter.pid))
     return True
-
-
-def _setter_marker(socket: Path) -> Path:
-    """Where the pid of the clock setter of the agent's ``socket`` is noted (beside it)."""
-    return socket.with_name(f"{socket.name}.clock-setter")
 
 
 def _setter_running(socket: Path) -> bool:
@@ -152,7 +147,7 @@ def _setter_running(socket: Path) -> bool:
     another program, or an exited setter, has another or an empty command line; a setter of
     another VM that took this pid since is waited for at most its own few seconds)."""
     try:
-        pid = int(_setter_marker(socket).read_text())
+        pid = int(cmdline.clock_setter_of(socket).read_text())
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return False

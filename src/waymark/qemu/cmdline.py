@@ -83,6 +83,12 @@ def agent_port_open(chardevs: list[dict[str, Any]]) -> bool:
     found = next((c for c in chardevs if c.get("label") == AGENT_CHARDEV), None)
     return found is None or bool(found.get("frontend-open", True))
 
+def clock_setter_of(agent_socket: Path) -> Path:
+    """Where the pid of the clock setter of the agent's socket is noted (beside it:
+    :func:`waymark.guest.agent.set_clock`)."""
+    return agent_socket.with_name(f"{agent_socket.name}.clock-setter")
+
+
 @dataclass(frozen=True)
 class RunFiles:
     """Where a running VM keeps its sockets, pid file and logs."""
@@ -96,6 +102,11 @@ class RunFiles:
     @property
     def agent(self) -> Path:
         return self.folder / "qga.sock"
+
+    @property
+    def clock_setter(self) -> Path:
+        """The pid of the process setting the guest's clock (:func:`clock_setter_of`)."""
+        return clock_setter_of(self.agent)
 
     @property
     def console(self) -> Path:

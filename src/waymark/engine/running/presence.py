@@ -76,8 +76,8 @@ def log_tail(run: RunFiles, lines: int = LOG_TAIL) -> list[str]:
 
 def clean(run: RunFiles) -> None:
     """Remove a stopped VM's sockets and pid file (the serial log stays)."""
-    for path in (run.qmp, run.agent, run.console, run.pidfile, run.runtime, run.paused_state,
-                 run.paused_meta):
+    for path in (run.qmp, run.agent, run.clock_setter, run.console, run.pidfile, run.runtime,
+                 run.paused_state, run.paused_meta):
         durable.remove(path)
     shutil.rmtree(run.display, ignore_errors=True)  # QEMU's user's: never followed into
 
