@@ -16,7 +16,6 @@ intents plus the marker, and the next command on the VM continues from there
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -278,58 +277,6 @@ def _moved(nodes: list[planner.ImageNode], step: planner.Step) -> int | None:
     return None if isinstance(step, planner.Drop) else planner.moved(nodes, step)
 
 
-@dataclass(frozen=True)
-class _Planned:
-    """The next merge step: its intent, file steps, words, the bytes it moves, and how many
-    steps the compaction now counts in all."""
-
-    params: MergeIntent
-    steps: list[Step]
-    what: str
-    size: int | None
-    total: int
-
-
-def _plan(session: Session, vm_id: str, live: LiveVm | None, gone: Gone, taken: int
-          ) -> _Planned | None:
-    """The planner's next step on the graph as the session sees it (None: compact); ``live``'s
-    chains are read again, since each merge changes them."""
-    nodes = graph(session, vm_id)
-    step = planner.next_step(nodes)
-    if step is None:
-        return None
-    live = LiveVm(live.run, live.name, live_chains(session, vm_id)) if live else None
-    return _Planned(_params(step), _steps(session, step, live),
-                    _describe(Names(session, vm_id, gone), step), _moved(nodes, step),
-                    taken + len(planner.plan(nodes)))
-
-
-class _Ahead:
-    """The journal's ``then`` of each merge intent: in that intent's commit transaction, plan
-    the next step and write its intent, or, when the graph is compact, clear the marker. A
-    compaction of n steps so commits n + 1 transactions in all, not 2n + 1.
-
-    The journal's :data:`~waymark.engine.journal.BEFORE_INTENT` hooks ran before the first
-    intent (:meth:`waymark.engine.journal.Journal.run`): a merge's commit relinks no active
-    image, so what they ensured still holds for the intents written here."""
-
-    def __init__(self, vm_id: str, live: LiveVm | None, gone: Gone) -> None:
-        self.vm_id, self.live, self.gone = vm_id, live, gone
-        self.taken = 0
-        self.planned: _Planned | None = None
-        self.intent: int | None = None
-
-    def __call__(self, session: Session) -> None:
-        self.taken += 1
-        self.planned = _plan(session, self.vm_id, self.live, self.gone, self.taken)
-        if self.planned is None:
-            self.intent = None
-            _unmark_in(session, self.vm_id)
-            return
-        self.intent = journal.add(session, self.vm_id, self.planned.params,
-                                  self.planned.steps).id
-
-
 def run(ctx: Context, vm_id: str, report: Reporter | None = None, gone: Gone | None = None
         ) -> int:
     """Compact until nothing is left to do; returns the number of steps taken.
@@ -338,60 +285,40 @@ def run(ctx: Context, vm_id: str, report: Reporter | None = None, gone: Gone | N
     when its
     block layer is inactive the marker stays for a later command. ``gone``: the names of
     deleted checkpoints by their frozen images, for the steps' descriptions.
-
-    The first step's intent is written on its own; each next one in the commit of the one
-    before it (:class:`_Ahead`), and the marker is cleared in the last one's.
     """
-    ready, live = _live(ctx, vm_id)
-    if not ready:
-        return 0
-    ahead = _Ahead(vm_id, live, gone or {})
-    with ctx.catalog.session() as session:
-        planned = _plan(session, vm_id, live, ahead.gone, 0)
-    if planned is None:
-        _unmark(ctx, vm_id)
-        return 0
-    intent: int | None = None
-    while planned is not None:
-        _take(ctx, vm_id, planned, ahead, intent, report)
-        planned, intent = ahead.planned, ahead.intent
-    return ahead.taken
-
-
-def _take(ctx: Context, vm_id: str, planned: _Planned, ahead: _Ahead, intent: int | None,
-          report: Reporter | None) -> None:
-    """Run one planned step: its intent written now (``intent`` None) or already (by the step
-    before it), driven to its commit, which plans the next."""
-    log.info("compaction: %s", planned.what)
-    number = ahead.taken + 1
-    progress = None if report is None else \
-        _Changes(partial(report, number, planned.total, planned.what, size=planned.size))
-    # a merge only removes or merges what nothing needs: always finished, never undone,
-    # except that a cancelled job abandons it mid-copy (see ``abandonable``)
-    try:
-        if progress is not None:
-            _started(ctx, intent, progress)
-        if intent is None:
-            ctx.journal.run(vm_id, planned.params, planned.steps, progress, shape="finish",
-                            then=ahead)
-        else:
-            ctx.journal.drive(intent, progress, then=ahead)
-        if progress is not None:
-            progress(1.0)
-    except Cancelled:
-        _unmark(ctx, vm_id)  # the rest waits for the next delete or check --repair
-        raise
-
-
-def _started(ctx: Context, intent: int | None, progress: Callable[[float], None]) -> None:
-    """Report a step's start; a job cancelled just then leaves an intent written ahead
-    unstarted (abandoned: it changed nothing)."""
-    try:
-        progress(0.0)
-    except Cancelled as err:
-        if intent is not None:
-            ctx.journal.abandon(intent, err.message)
-        raise
+    taken = 0
+    while True:
+        ready, live = _live(ctx, vm_id)
+        if not ready:
+            return taken
+        with ctx.catalog.session() as session:
+            nodes = graph(session, vm_id)
+            step = planner.next_step(nodes)
+            if step is None:
+                break
+            total = taken + len(planner.plan(nodes))
+            params = _params(step)
+            steps = _steps(session, step, live)
+            what = _describe(Names(session, vm_id, gone or {}), step)
+            size = _moved(nodes, step)
+        log.info("compaction: %s", what)
+        number = taken + 1
+        progress = None if report is None else \
+            _Changes(partial(report, number, total, what, size=size))
+        # a merge only removes or merges what nothing needs: always finished, never undone,
+        # except that a cancelled job abandons it mid-copy (see ``abandonable``)
+        try:
+            if progress is not None:
+                progress(0.0)
+            ctx.journal.run(vm_id, params, steps, progress, shape="finish")
+            if progress is not None:
+                progress(1.0)
+        except Cancelled:
+            _unmark(ctx, vm_id)  # the rest waits for the next delete or check --repair
+            raise
+        taken = number
+    _unmark(ctx, vm_id)
+    return taken
 
 
 class _Changes:
@@ -419,13 +346,9 @@ def _params(step: planner.Step) -> MergeIntent:
 
 def _unmark(ctx: Context, vm_id: str) -> None:
     with ctx.catalog.session() as session:
-        _unmark_in(session, vm_id)
-
-
-def _unmark_in(session: Session, vm_id: str) -> None:
-    session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
-                                         Intent.status == "pending")
-                    .values(status="committed", updated_at=now()))
+        session.execute(update(Intent).where(Intent.vm_id == vm_id, Intent.kind == MARKER,
+                                             Intent.status == "pending")
+                        .values(status="committed", updated_at=now()))
 
 
 def pending_steps(session: Session, vm_id: str) -> int:
@@ -525,38 +448,11 @@ def compact_as_job(ctx: Context, vm_id: str, echo: Reporter | None = None) -> No
         return
     if elsewhere:
         return
+    reporter = jobs.Reporter(ctx, job_id, echo)
     with jobs.running(ctx, job_id):
-        steps = run(ctx, vm_id, _JobProgress(jobs.Reporter(ctx, job_id), echo), gone)
+        steps = run(ctx, vm_id, reporter.steps, gone)
     jobs.finish(ctx, job_id, "completed",
                 result={"merge_steps": steps, **_freed(ctx, vm_id, params)})
-
-
-class _JobProgress:
-    """A merge job's progress: every report goes to ``echo`` (a command's progress bar), but
-    the job's row (``writer``) is written only where it tells a reader something: once between
-    two steps (the next one's start, which is the last one's end: the fraction of the whole is
-    the same) and within a step that has run :data:`~waymark.engine.jobs.PROGRESS_EVERY`
-    seconds (throttled by the writer). The first step's start is the job's claim, the last
-    one's end the job's finish: a merge of one short step writes no progress at all. A cancel
-    request is seen at each write."""
-
-    def __init__(self, writer: jobs.Reporter, echo: Reporter | None) -> None:
-        self.writer, self.echo = writer, echo
-        self.began = time.monotonic()
-
-    def __call__(self, number: int, total: int, what: str, fraction: float,
-                 size: int | None = None) -> None:
-        if self.echo is not None:
-            self.echo(number, total, what, fraction, size)
-        if fraction == 0.0:
-            self.began = time.monotonic()
-        if self._tells(number, fraction):
-            self.writer.steps(number, total, what, fraction, size)
-
-    def _tells(self, number: int, fraction: float) -> bool:
-        if fraction == 0.0:
-            return number > 1
-        return fraction < 1.0 and time.monotonic() - self.began >= jobs.PROGRESS_EVERY
 
 
 def run_merge_job(ctx: Context, job_id: str) -> None:

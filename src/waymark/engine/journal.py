@@ -122,9 +122,6 @@ def params_of(intent: Intent) -> Params:
     return params
 
 
-Then = Callable[[Session], None]
-# Run in an intent's commit transaction, after its kind's handler (:meth:`Journal.drive`).
-
 BeforeIntent = Callable[["Journal", str, Params], None]
 # Called before :meth:`Journal.run` writes an intent (the journal, the VM's id, its parameters):
 # the composition root adds consolidation's unlink here (waymark.engine.consolidation), so
@@ -187,12 +184,11 @@ class Journal:
 
     def run(self, vm_id: str, params: Params,
             steps: Sequence[journal_steps.Step], on_progress: qemu_img.Progress = None,
-            shape: str = "prepare", commit: bool = True, report: StepReport | None = None,
-            then: Then | None = None) -> int:
+            shape: str = "prepare", commit: bool = True, report: StepReport | None = None
+            ) -> int:
         """Journal an intent (by default *prepare, then commit*) and drive it to the end (or,
         without ``commit``, through its steps only). Progress goes to ``on_progress`` (each
-        step's fraction) or ``report`` (which step, and its fraction); ``then``: see
-        :meth:`drive`."""
+        step's fraction) or ``report`` (which step, and its fraction)."""
         if shape == "prepare" and not all(step.undoable for step in steps):
             raise ValueError(f"{params.kind}: a prepare intent may only make new files")
         for hook in BEFORE_INTENT:
@@ -202,7 +198,7 @@ class Journal:
                 intent_id = add(session, vm_id, params, steps, shape).id
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
-        self.drive(intent_id, on_progress, commit, report, then)
+        self.drive(intent_id, on_progress, commit, report)
         return intent_id
 
     def store_params(self, intent_id: int, params: Params) -> None:
@@ -262,11 +258,8 @@ class Journal:
         return bool(pending)
 
     def drive(self, intent_id: int, on_progress: qemu_img.Progress = None,
-              commit: bool = True, report: StepReport | None = None,
-              then: Then | None = None) -> None:
-        """Run the intent's remaining steps, then its commit; ``then`` runs inside the commit's
-        transaction, after the kind's handler (an operation of several intents writes its next
-        one there: one fsynced transaction between two intents, not two).
+              commit: bool = True, report: StepReport | None = None) -> None:
+        """Run the intent's remaining steps, then its commit.
 
         A *commit, then finish* intent records each step done (``next_step``, one catalog
         transaction each), so recovery resumes after it. A *prepare* intent records none: its
@@ -286,7 +279,7 @@ class Journal:
                     self._advance(intent_id, index + 1)
             if commit:
                 failpoint("commit")
-                self._commit(intent_id, params, then)
+                self._commit(intent_id, params)
         except Cancelled as err:
             if index < len(steps) and _abandonable(steps[index]):
                 self._close(intent_id, "cancelled", err.message)
@@ -305,7 +298,7 @@ class Journal:
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
-    def _commit(self, intent_id: int, params: Params, then: Then | None = None) -> None:
+    def _commit(self, intent_id: int, params: Params) -> None:
         handler = kind_of(params.kind).commit
         try:
             with self.catalog.session() as session:
@@ -314,8 +307,6 @@ class Journal:
                 intent = session.get_one(Intent, intent_id)
                 intent.status, intent.next_step, intent.updated_at = "committed", \
                     len(intent.steps), now()
-                if then is not None:
-                    then(session)
         except SQLAlchemyError as err:
             raise StorageError(f"cannot write to the catalog: {err}") from err
 
@@ -341,12 +332,6 @@ class Journal:
             executor.undo(step)
         self._close(intent_id, "rolled_back", reason)
         log.info("rolled back intent %s (%s): %s", intent_id, kind, reason)
-
-    def abandon(self, intent_id: int, reason: str) -> None:
-        """Close an intent none of whose steps ran and whose catalog change is made at its
-        commit (a merge step written ahead, when its job is cancelled before it starts): it
-        changed nothing, and will not run."""
-        self._close(intent_id, "cancelled", reason)
 
     def _close(self, intent_id: int, status: str, reason: str) -> None:
         """End an intent that will not commit: ``rolled_back``, or ``cancelled`` (stopped in an
