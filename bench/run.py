@@ -32,6 +32,9 @@ Medians of N runs (default 3); the machine is shared and noisy, so compare ratio
 - chain:   random 4 KiB reads of Now with 50 checkpoints on its path, deep and consolidated,
            against the same data in one qcow2 (bench/chain.py; target >= 0.9x), the
            consolidation's time and space, create and apply of a consolidated VM (O(1)).
+- merge:   bench/merge.py with its defaults (the test guest under TCG): a live merge's step
+           against `qemu-img commit` (target >= 0.8x), a guest's `dd` 64 MiB `conv=fsync`
+           during a 2 GiB live merge against without (target <= 1.3x slower).
 """
 
 from __future__ import annotations
@@ -311,9 +314,16 @@ def bench_chain(root: Path, runs: int) -> None:
     chain.run_bench(root, runs)
 
 
+def bench_merge(root: Path, runs: int) -> None:
+    import merge  # bench/merge.py (it makes its own scratch home in $BENCH_DIR)
+
+    merge.run_bench(runs)
+
+
 BENCHES = {"create": bench_create, "delete": bench_delete, "list": bench_list, "api": bench_api,
            "backup": bench_backup, "create-depth": bench_create_depth, "check": bench_check,
-           "live": bench_live, "subtree": bench_subtree, "chain": bench_chain}
+           "live": bench_live, "subtree": bench_subtree, "chain": bench_chain,
+           "merge": bench_merge}
 
 
 def main() -> None:

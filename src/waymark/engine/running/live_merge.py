@@ -31,6 +31,9 @@ stream has copied U's clusters into K unchanged. When QEMU still runs after Waym
 may still be running (waited for), READY (completed), concluded (dismissed) or gone: the step is
 done once the image it takes out of the chain is no longer in any disk's chain.
 
+Every job yields to the guest's writes (:class:`waymark.qemu.blockjobs.GuestShare`): held to
+a share of the host's I/O while the guest writes, at full speed while it does not.
+
 Progress is the job's ``current-progress / total-progress``. A progress callback that raises
 (a cancelled Waymark job) cancels QEMU's job first, which leaves every image as it was.
 """
@@ -204,13 +207,16 @@ async def _job(run: cmdline.RunFiles, name: str, job: str, command: str,
     """Run (or resume) QEMU job ``job`` until ``leaves`` is out of every chain;
     ``before_complete`` runs before QEMU pivots an active commit."""
     async with qmp.connect(run.qmp, name) as machine:
+        speed: int | None = None  # a job found running: its speed is whatever it was left at
         if await blockjobs.find(machine, job) is None:
             if leaves not in await _chains(machine):
                 return  # QEMU finished it before Waymark died
             await machine.command(command, **{"job-id": job, **arguments})
+            speed = 0
         hook = None if before_complete is None else (lambda: before_complete(machine))
         try:
-            await blockjobs.follow(machine, job, on_progress, hook)
+            await blockjobs.follow(machine, job, on_progress, hook,
+                                   share=blockjobs.GuestShare(), speed=speed)
         except Cancelled:
             if leaves in await _chains(machine):
                 raise  # QEMU's job was cancelled: every image is as it was
