@@ -143,15 +143,18 @@ async def set_clock(socket: Path, label: str, timeout: float = CLOCK_TIMEOUT) ->
 
 
 def _setter_running(socket: Path) -> bool:
-    """Whether the clock setter last started for ``socket`` still runs (a pid now used by
-    another program, or an exited setter, has another or an empty command line; a setter of
-    another VM that took this pid since is waited for at most its own few seconds)."""
+    """Whether the clock setter last started for ``socket`` still runs: a process whose command
+    line is the setter's, or is still empty (the kernel shows none for a moment after
+    ``subprocess.Popen`` returns, while the new program is set up: seen on this machine), and
+    that is no zombie. A pid since taken by another program has another command line; one taken
+    by a kernel thread (empty too) is waited for at most :func:`after_clock_setter`'s bound."""
     try:
         pid = int(cmdline.clock_setter_of(socket).read_text())
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
         return False
-    return b"--set-clock" in command
+    return state not in ("Z", "X") and (not command or b"--set-clock" in command)
 
 
 async def after_clock_setter(socket: Path, timeout: float = 2 * CLOCK_TIMEOUT + 1) -> None:
