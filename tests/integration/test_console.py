@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -41,7 +42,10 @@ def serve_one_console(path: Path, greeting: bytes, typed: list[bytes] | None = N
 
     def answer() -> None:
         with server, server.accept()[0] as client:
-            client.sendall(greeting)
+            # a client that typed and detached at once may have left before the greeting:
+            # what it sent is still there to read
+            with contextlib.suppress(BrokenPipeError):
+                client.sendall(greeting)
             while typed is not None and (data := client.recv(1024)):
                 typed.append(data)
 
